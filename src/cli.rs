@@ -1,0 +1,371 @@
+//! The command line: the clap definitions of every subcommand and the code that runs each one and
+//! prints its result as a table or as JSON.
+//!
+//! This module owns presentation and exit codes. It must not contain sync, mapping or store logic
+//! of its own; it calls the library modules and formats what they return.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use unicode_width::UnicodeWidthStr;
+
+use crate::config::{Config, ConfigError, SourcePath, DEFAULT_CONFIG_PATH};
+use crate::deal::{Deal, Field};
+use crate::mapping::Severity;
+use crate::mirror;
+use crate::store::{CrmStore, DealFilter, Store};
+use crate::sync::{self, FileReport, FileStatus};
+
+/// Exit code: everything applied.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: some rows or files had errors and were not applied.
+pub const EXIT_ROW_ERRORS: u8 = 1;
+/// Exit code: the config or the command line is wrong.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit code: funnelsync could not run (store unreadable, disk full, …).
+pub const EXIT_FAILURE: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(name = "funnelsync", version, about = "Keeps sales pipeline spreadsheets and a CRM store in sync")]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "FUNNELSYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One pass over every source: read, clean, diff, apply.
+    Sync(FormatArgs),
+    /// Work with the deals in the store.
+    #[command(subcommand)]
+    Deals(DealsCommand),
+    /// List the row errors and warnings of the latest sync of each file.
+    Errors(FormatArgs),
+    /// Validate the config file and print a summary.
+    CheckConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DealsCommand {
+    /// List deals.
+    List(ListArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only deals in this stage (canonical name or alias).
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Only deals of this owner (case and surrounding spaces ignored).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Include archived deals.
+    #[arg(long)]
+    pub include_archived: bool,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Loads the config, printing every problem and mapping failure to exit code 2.
+pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
+    match Config::load(&cli.config) {
+        Ok(config) => Ok(config),
+        Err(error @ ConfigError::Read { .. }) => {
+            eprintln!("error: {error}");
+            if cli.config == std::path::Path::new(DEFAULT_CONFIG_PATH) {
+                eprintln!("hint: pass --config FILE or set FUNNELSYNC_CONFIG");
+            }
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "config {} is valid", config.path.display())?;
+    writeln!(out, "store: {}", config.store.path.display())?;
+    writeln!(out, "sources:")?;
+    for source in &config.sources {
+        let (kind, path) = match &source.path {
+            SourcePath::File(path) => ("file", path.display().to_string()),
+            SourcePath::Folder(path) => ("folder", path.display().to_string()),
+            SourcePath::Glob(pattern) => ("glob", pattern.clone()),
+        };
+        let n_files = crate::watch::source_files(source).map(|files| files.len().to_string()).unwrap_or_else(|error| error.message);
+        writeln!(
+            out,
+            "  {}: {kind} {path} (files now: {n_files}; sheet: {}; key column: \"{}\"; match on: {})",
+            source.name,
+            source.sheet.as_deref().unwrap_or("first visible"),
+            source.key_column,
+            source.match_on.iter().map(|field| field.name()).collect::<Vec<_>>().join(", "),
+        )?;
+    }
+    let stages: Vec<String> = config
+        .stages
+        .stages
+        .iter()
+        .map(|stage| match stage.terminal {
+            Some(crate::config::Terminal::Won) => format!("{} (won)", stage.name),
+            Some(crate::config::Terminal::Lost) => format!("{} (lost)", stage.name),
+            None => format!("{} ({:.0}%)", stage.name, stage.probability * 100.0),
+        })
+        .collect();
+    writeln!(out, "stages: {}", stages.join(" → "))?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(Store::open(&config.store.path)?)
+}
+
+pub fn sync(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
+    let mut store = open_store(config)?;
+    let reports = sync::sync_all(&mut store, config, chrono::Utc::now())?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => {
+            let document = json!({ "ok": !sync::has_problems(&reports), "files": reports });
+            writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
+        }
+        Format::Table => print_sync_table(&mut out, &reports)?,
+    }
+    Ok(ExitCode::from(if sync::has_problems(&reports) { EXIT_ROW_ERRORS } else { EXIT_OK }))
+}
+
+fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Result<()> {
+    if reports.is_empty() {
+        writeln!(out, "no source files found")?;
+        return Ok(());
+    }
+    let mut rows = vec![["source", "file", "status", "created", "updated", "archived", "unchanged", "errors"].map(String::from).to_vec()];
+    for report in reports {
+        let status = match report.status {
+            FileStatus::Synced => "synced",
+            FileStatus::Unchanged => "unchanged",
+            FileStatus::Failed => "FAILED",
+        };
+        let counts = &report.counts;
+        rows.push(vec![
+            report.source.clone(),
+            display_file(&report.file),
+            status.to_string(),
+            counts.created.to_string(),
+            counts.updated.to_string(),
+            (counts.archived + counts.deleted).to_string(),
+            counts.unchanged.to_string(),
+            report.n_row_errors().to_string(),
+        ]);
+    }
+    write_table(out, &rows, &[false, false, false, true, true, true, true, true])?;
+    for report in reports {
+        if let Some(error) = &report.error {
+            writeln!(out, "\nerror: {error}")?;
+            if report.retryable {
+                writeln!(out, "  (the file may still be being saved; it will be read again on the next sync)")?;
+            }
+        }
+        if !report.issues.is_empty() {
+            writeln!(out, "\n{} (sheet \"{}\"):", display_file(&report.file), report.sheet.as_deref().unwrap_or(""))?;
+            for issue in &report.issues {
+                let label = match issue.severity {
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                };
+                writeln!(out, "  {label}: {issue}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Shows a path relative to the working directory when it is below it.
+fn display_file(file: &str) -> String {
+    let path = std::path::Path::new(file);
+    std::env::current_dir()
+        .ok()
+        .and_then(|current| path.strip_prefix(&current).ok().map(|relative| relative.display().to_string()))
+        .unwrap_or_else(|| file.to_string())
+}
+
+pub fn deals_list(config: &Config, args: &ListArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(config)?;
+    // A stage given by alias ("成交") lists the canonical stage ("Won").
+    let stage = args.stage.as_ref().map(|stage| config.stages.resolve(stage).map(|stage| stage.name.clone()).unwrap_or_else(|| stage.clone()));
+    let filter = DealFilter { stage, owner: args.owner.clone(), include_archived: args.include_archived };
+    let deals = store.crm().list_deals(&filter)?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => {
+            let array: Vec<Value> = deals.iter().map(deal_json).collect();
+            writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
+        }
+        Format::Table => {
+            let mut rows = vec![["id", "company", "contact", "stage", "amount", "owner", "next step"].map(String::from).to_vec()];
+            for deal in &deals {
+                let text = |field: Field| deal.fields.get(&field).map(|value| value.to_string()).unwrap_or_default();
+                let amount = match (deal.fields.get(&Field::Amount), deal.text(Field::Currency)) {
+                    (Some(amount), Some(currency)) => format!("{} {currency}", group_thousands(&amount.to_string())),
+                    (Some(amount), None) => group_thousands(&amount.to_string()),
+                    _ => String::new(),
+                };
+                let mut stage = text(Field::Stage);
+                if deal.archived_at.is_some() {
+                    stage.push_str(" (archived)");
+                }
+                rows.push(vec![
+                    deal.id.to_string(),
+                    text(Field::Company),
+                    text(Field::Contact),
+                    stage,
+                    amount,
+                    text(Field::Owner),
+                    text(Field::NextStep),
+                ]);
+            }
+            write_table(&mut out, &rows, &[true, false, false, false, true, false, false])?;
+            writeln!(out, "{} deal(s)", deals.len())?;
+        }
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// A deal as JSON: every field by name (null when empty), dates as ISO strings, unmapped columns
+/// under `extra`.
+pub fn deal_json(deal: &Deal) -> Value {
+    let mut object = serde_json::Map::new();
+    object.insert("id".to_string(), json!(deal.id));
+    for field in Field::ALL {
+        let value = match deal.fields.get(&field) {
+            Some(crate::deal::FieldValue::Amount(amount)) => json!(amount),
+            Some(crate::deal::FieldValue::Text(text)) => json!(text),
+            None => Value::Null,
+        };
+        object.insert(field.name().to_string(), value);
+    }
+    object.insert("extra".to_string(), json!(deal.extra));
+    object.insert("created_at".to_string(), json!(crate::store::timestamp(deal.created_at)));
+    object.insert("updated_at".to_string(), json!(crate::store::timestamp(deal.updated_at)));
+    object.insert("stage_entered_at".to_string(), json!(deal.stage_entered_at.map(crate::store::timestamp)));
+    object.insert("archived_at".to_string(), json!(deal.archived_at.map(crate::store::timestamp)));
+    Value::Object(object)
+}
+
+pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(config)?;
+    let issues = mirror::current_issues(store.connection())?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&issues)?)?,
+        Format::Table => {
+            if issues.is_empty() {
+                writeln!(out, "no row errors")?;
+            }
+            for stored in &issues {
+                let label = match stored.issue.severity {
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                };
+                writeln!(
+                    out,
+                    "{label}: {}, sheet \"{}\", {}",
+                    display_file(&stored.file),
+                    stored.sheet.as_deref().unwrap_or(""),
+                    stored.issue
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// "1234567.5" → "1,234,567.5".
+pub fn group_thousands(number: &str) -> String {
+    let (sign, rest) = number.strip_prefix('-').map(|rest| ("-", rest)).unwrap_or(("", number));
+    let (integer, fraction) = rest.split_once('.').map(|(integer, fraction)| (integer, Some(fraction))).unwrap_or((rest, None));
+    let mut grouped = String::new();
+    for (position, digit) in integer.chars().enumerate() {
+        if position > 0 && (integer.len() - position) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    match fraction {
+        Some(fraction) => format!("{sign}{grouped}.{fraction}"),
+        None => format!("{sign}{grouped}"),
+    }
+}
+
+/// Prints rows as an aligned table, measuring text by terminal width (CJK characters take two
+/// columns). The first row is the header.
+pub fn write_table(out: &mut impl Write, rows: &[Vec<String>], right_aligned: &[bool]) -> std::io::Result<()> {
+    let n_columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; n_columns];
+    for row in rows {
+        for (column_idx, cell) in row.iter().enumerate() {
+            widths[column_idx] = widths[column_idx].max(UnicodeWidthStr::width(cell.as_str()));
+        }
+    }
+    for row in rows {
+        let mut line = String::new();
+        for (column_idx, cell) in row.iter().enumerate() {
+            let padding = " ".repeat(widths[column_idx] - UnicodeWidthStr::width(cell.as_str()));
+            if column_idx > 0 {
+                line.push_str("  ");
+            }
+            if right_aligned.get(column_idx).copied().unwrap_or(false) {
+                line.push_str(&padding);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&padding);
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        let cases = [("0", "0"), ("999", "999"), ("1000", "1,000"), ("1234567.5", "1,234,567.5"), ("-12000", "-12,000")];
+        for (input, expected) in cases {
+            assert_eq!(group_thousands(input), expected);
+        }
+    }
+
+    #[test]
+    fn tables_align_wide_characters() {
+        let rows = vec![vec!["公司".to_string(), "n".to_string()], vec!["Acme".to_string(), "10".to_string()]];
+        let mut out = Vec::new();
+        write_table(&mut out, &rows, &[false, true]).expect("write");
+        let text = String::from_utf8(out).expect("utf8");
+        assert_eq!(text, "公司   n\nAcme  10\n");
+    }
+}

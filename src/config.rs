@@ -1,0 +1,856 @@
+//! The configuration: one TOML file, read in two stages. [`RawConfig`] mirrors the file exactly
+//! (serde, unknown keys rejected); [`Config::from_raw`] validates it into a [`Config`] with resolved
+//! paths, durations and funnel stages, collecting every problem instead of stopping at the first.
+//!
+//! This module owns the file's shape, its defaults and its error messages. It must not touch the
+//! store or any spreadsheet; it only looks at the file system to resolve relative paths.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::deal::{normalize_label, Field};
+
+/// The config path used when neither `--config` nor `FUNNELSYNC_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/funnelsync/funnelsync.toml";
+
+/// One thing wrong with the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key the problem is about, as a path such as `sources[2].header_row`.
+    pub key: String,
+    /// The 1-based line in the file, where known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(formatter, "line {line}: `{}`: {}", self.key, self.message),
+            None => write!(formatter, "`{}`: {}", self.key, self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), format_problems(problems))]
+    Invalid { path: PathBuf, problems: Vec<ConfigProblem> },
+}
+
+fn format_problems(problems: &[ConfigProblem]) -> String {
+    problems.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage one: the file as written.
+
+/// The top level of the file. Each section is kept as a spanned TOML value so that every section
+/// (and every `[[sources]]` entry) is checked on its own and all their problems are reported.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopLevel {
+    store: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    sources: Vec<Spanned<toml::Value>>,
+    stages: Option<Vec<Spanned<toml::Value>>>,
+    watch: Option<Spanned<toml::Value>>,
+    log_level: Option<Spanned<String>>,
+}
+
+/// The whole file, as written, once every section has been read.
+#[derive(Debug, Default)]
+pub struct RawConfig {
+    pub store: Option<RawStore>,
+    pub sources: Vec<RawSource>,
+    pub stages: Option<Vec<RawStage>>,
+    pub watch: Option<RawWatch>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub name: String,
+    pub path: String,
+    pub sheet: Option<String>,
+    pub header_row: Option<RawHeaderRow>,
+    pub key_column: Option<String>,
+    pub match_on: Option<Vec<String>>,
+    pub on_row_removed: Option<String>,
+    pub date_order: Option<String>,
+    pub encoding: Option<String>,
+    pub columns: Option<BTreeMap<String, OneOrMany>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawHeaderRow {
+    Number(i64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    pub name: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    pub probability: Option<f64>,
+    pub stall_after_days: Option<i64>,
+    pub terminal: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatch {
+    pub mode: Option<String>,
+    pub poll_interval: Option<String>,
+    pub settle: Option<String>,
+    pub max_attempts: Option<i64>,
+    pub parallel: Option<i64>,
+}
+
+impl RawConfig {
+    /// Parses the text of a config file. Syntax errors stop here; every section is then read on
+    /// its own so that a mistake in one does not hide the mistakes in the others.
+    pub fn parse(text: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
+        let top: RawTopLevel = toml::from_str(text).map_err(|error| {
+            vec![ConfigProblem {
+                key: error_key(&error).unwrap_or_else(|| "(file)".to_string()),
+                line: error.span().map(|span| line_of(text, span.start)),
+                message: error.message().trim_end_matches('.').to_string(),
+            }]
+        })?;
+        let mut problems = Vec::new();
+        let mut raw = RawConfig {
+            log_level: top.log_level.map(Spanned::into_inner),
+            ..RawConfig::default()
+        };
+        raw.store = read_section(text, "store", top.store, &mut problems);
+        raw.watch = read_section(text, "watch", top.watch, &mut problems);
+        for (index, source) in top.sources.into_iter().enumerate() {
+            if let Some(source) = read_section(text, &format!("sources[{}]", index + 1), Some(source), &mut problems) {
+                raw.sources.push(source);
+            }
+        }
+        if let Some(stages) = top.stages {
+            let mut read = Vec::new();
+            for (index, stage) in stages.into_iter().enumerate() {
+                if let Some(stage) = read_section(text, &format!("stages[{}]", index + 1), Some(stage), &mut problems) {
+                    read.push(stage);
+                }
+            }
+            raw.stages = Some(read);
+        }
+        if problems.is_empty() {
+            Ok(raw)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn read_section<T: serde::de::DeserializeOwned>(
+    text: &str,
+    key: &str,
+    value: Option<Spanned<toml::Value>>,
+    problems: &mut Vec<ConfigProblem>,
+) -> Option<T> {
+    let value = value?;
+    let line = line_of(text, value.span().start);
+    match value.into_inner().try_into::<T>() {
+        Ok(section) => Some(section),
+        Err(error) => {
+            let message = error.message().trim_end_matches('.').to_string();
+            // Name the offending key inside the section where serde tells it.
+            let inner_key = unknown_field_name(&message)
+                .or_else(|| error_key(&error))
+                .map(|inner| format!("{key}.{inner}"))
+                .unwrap_or_else(|| key.to_string());
+            problems.push(ConfigProblem { key: inner_key, line: Some(line), message });
+            None
+        }
+    }
+}
+
+fn error_key(error: &toml::de::Error) -> Option<String> {
+    let message = error.message();
+    unknown_field_name(message)
+}
+
+fn unknown_field_name(message: &str) -> Option<String> {
+    for prefix in ["unknown field `", "missing field `"] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            return rest.split('`').next().map(str::to_string);
+        }
+    }
+    None
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes().iter().take(offset).filter(|byte| **byte == b'\n').count() + 1
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage two: the validated config.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this config was read from.
+    pub path: PathBuf,
+    pub store: StoreConfig,
+    pub sources: Vec<SourceConfig>,
+    pub stages: Stages,
+    pub watch: WatchConfig,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderRow {
+    Auto,
+    /// A 1-based row number, as Excel shows it.
+    Fixed(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowRemoved {
+    Archive,
+    Delete,
+    Ignore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateOrder {
+    YearMonthDay,
+    DayMonthYear,
+    MonthDayYear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsvEncoding {
+    /// UTF-8 (with or without BOM), UTF-16 with a BOM, else GB18030.
+    Auto,
+    Fixed(&'static encoding_rs::Encoding),
+}
+
+/// Where a source's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourcePath {
+    File(PathBuf),
+    Folder(PathBuf),
+    Glob(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub path: SourcePath,
+    pub sheet: Option<String>,
+    pub header_row: HeaderRow,
+    pub key_column: String,
+    pub match_on: Vec<Field>,
+    pub on_row_removed: RowRemoved,
+    pub date_order: DateOrder,
+    pub encoding: CsvEncoding,
+    /// Accepted header texts per field, already normalised with [`normalize_label`].
+    pub columns: BTreeMap<Field, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Terminal {
+    Won,
+    Lost,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub probability: f64,
+    pub stall_after_days: Option<u32>,
+    pub terminal: Option<Terminal>,
+}
+
+/// The funnel, in order, with a lookup from any accepted spelling to the canonical stage.
+#[derive(Debug, Clone)]
+pub struct Stages {
+    pub stages: Vec<Stage>,
+    by_label: HashMap<String, usize>,
+}
+
+impl Stages {
+    pub fn new(stages: Vec<Stage>) -> Stages {
+        let mut by_label = HashMap::new();
+        for (index, stage) in stages.iter().enumerate() {
+            by_label.entry(normalize_label(&stage.name)).or_insert(index);
+            for alias in &stage.aliases {
+                by_label.entry(normalize_label(alias)).or_insert(index);
+            }
+        }
+        Stages { stages, by_label }
+    }
+
+    /// The canonical stage for a name or alias as written in a sheet.
+    pub fn resolve(&self, written: &str) -> Option<&Stage> {
+        self.by_label.get(&normalize_label(written)).map(|index| &self.stages[*index])
+    }
+
+    pub fn first(&self) -> &Stage {
+        &self.stages[0]
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.stages.iter().map(|stage| stage.name.as_str()).collect()
+    }
+
+    pub fn built_in() -> Stages {
+        let stage = |name: &str, aliases: &[&str], probability: f64, stall: Option<u32>, terminal: Option<Terminal>| Stage {
+            name: name.to_string(),
+            aliases: aliases.iter().map(|alias| alias.to_string()).collect(),
+            probability,
+            stall_after_days: stall,
+            terminal,
+        };
+        Stages::new(vec![
+            stage("Lead", &["Leads", "New", "潜在客户", "线索"], 0.10, Some(7), None),
+            stage("Prospect", &["Prospects", "Qualified", "意向客户", "意向"], 0.30, Some(10), None),
+            stage("Opportunity", &["Opportunities", "Proposal", "Negotiation", "机会", "商机"], 0.60, Some(14), None),
+            stage("Won", &["Closed Won", "成交", "赢单"], 1.0, None, Some(Terminal::Won)),
+            stage("Lost", &["Closed Lost", "丢单", "失败"], 0.0, None, Some(Terminal::Lost)),
+        ])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    Auto,
+    Events,
+    Poll,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    pub mode: WatchMode,
+    pub poll_interval: Duration,
+    pub settle: Duration,
+    /// Failed reads of one file before it is reported as an error and left alone until it changes.
+    pub max_attempts: u32,
+    /// Files synced at the same time.
+    pub parallel: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            mode: WatchMode::Auto,
+            poll_interval: Duration::from_secs(10),
+            settle: Duration::from_secs(2),
+            max_attempts: 5,
+            parallel: 2,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_text(&text, path)
+    }
+
+    /// Validates the text of a config file that lives at `path` (relative paths in it are
+    /// resolved against that file's folder).
+    pub fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
+        let raw = RawConfig::parse(text).map_err(invalid)?;
+        let base = path
+            .parent()
+            .map(|parent| if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        Config::from_raw(raw, path, &base).map_err(invalid)
+    }
+
+    pub fn from_raw(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(ConfigProblem { key: key.to_string(), line: None, message })
+        };
+
+        let store = match raw.store {
+            Some(store) if store.path.trim().is_empty() => {
+                problem("store.path", "must name a SQLite file".to_string());
+                None
+            }
+            Some(store) => Some(StoreConfig { path: resolve(base, &store.path) }),
+            None => {
+                problem("store", "is missing: add a [store] section with `path = \"…/crm.db\"`".to_string());
+                None
+            }
+        };
+
+        let stages = match raw.stages {
+            None => Stages::built_in(),
+            Some(raw_stages) => validate_stages(raw_stages, &mut problem),
+        };
+
+        if raw.sources.is_empty() {
+            problem("sources", "no [[sources]] given: add at least one spreadsheet to sync".to_string());
+        }
+        let mut sources = Vec::new();
+        let mut seen_names: HashMap<String, usize> = HashMap::new();
+        for (index, raw_source) in raw.sources.into_iter().enumerate() {
+            let key = format!("sources[{}]", index + 1);
+            if let Some(previous) = seen_names.insert(raw_source.name.clone(), index + 1) {
+                problem(
+                    &format!("{key}.name"),
+                    format!("\"{}\" is already the name of sources[{previous}]", raw_source.name),
+                );
+            }
+            if let Some(source) = validate_source(raw_source, &key, base, &mut problem) {
+                sources.push(source);
+            }
+        }
+
+        let watch = validate_watch(raw.watch, &mut problem);
+
+        let log_level = raw.log_level;
+        if let Some(level) = &log_level {
+            if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+                problem("log_level", format!("\"{level}\" is not a log level (error, warn, info, debug, trace)"));
+            }
+        }
+
+        match (store, problems.is_empty()) {
+            (Some(store), true) => Ok(Config {
+                path: path.to_path_buf(),
+                store,
+                sources,
+                stages,
+                watch,
+                log_level,
+            }),
+            _ => Err(problems),
+        }
+    }
+
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|source| source.name == name)
+    }
+}
+
+fn resolve(base: &Path, written: &str) -> PathBuf {
+    let path = Path::new(written);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn parse_duration(key: &str, written: &str, problem: &mut impl FnMut(&str, String)) -> Option<Duration> {
+    match humantime::parse_duration(written) {
+        Ok(duration) => Some(duration),
+        Err(error) => {
+            problem(key, format!("\"{written}\" is not a duration like \"10s\" or \"2m\" ({error})"));
+            None
+        }
+    }
+}
+
+fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String)) -> WatchConfig {
+    let mut watch = WatchConfig::default();
+    let Some(raw) = raw else { return watch };
+    if let Some(mode) = raw.mode {
+        match mode.as_str() {
+            "auto" => watch.mode = WatchMode::Auto,
+            "events" => watch.mode = WatchMode::Events,
+            "poll" => watch.mode = WatchMode::Poll,
+            other => problem("watch.mode", format!("\"{other}\" is not one of auto, events, poll")),
+        }
+    }
+    if let Some(written) = raw.poll_interval {
+        if let Some(duration) = parse_duration("watch.poll_interval", &written, problem) {
+            if duration < Duration::from_millis(100) {
+                problem("watch.poll_interval", format!("\"{written}\" is too short: use at least 100ms"));
+            } else {
+                watch.poll_interval = duration;
+            }
+        }
+    }
+    if let Some(written) = raw.settle {
+        if let Some(duration) = parse_duration("watch.settle", &written, problem) {
+            watch.settle = duration;
+        }
+    }
+    if let Some(attempts) = raw.max_attempts {
+        match u32::try_from(attempts) {
+            Ok(attempts) if attempts >= 1 => watch.max_attempts = attempts,
+            _ => problem("watch.max_attempts", format!("{attempts} must be a whole number of at least 1")),
+        }
+    }
+    if let Some(parallel) = raw.parallel {
+        match usize::try_from(parallel) {
+            Ok(parallel) if (1..=64).contains(&parallel) => watch.parallel = parallel,
+            _ => problem("watch.parallel", format!("{parallel} must be between 1 and 64")),
+        }
+    }
+    watch
+}
+
+fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, String)) -> Stages {
+    let mut stages = Vec::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (index, raw) in raw_stages.into_iter().enumerate() {
+        let key = format!("stages[{}]", index + 1);
+        if raw.name.trim().is_empty() {
+            problem(&format!("{key}.name"), "must not be empty".to_string());
+        }
+        for label in std::iter::once(&raw.name).chain(raw.aliases.iter()) {
+            let normalized = normalize_label(label);
+            if let Some(owner) = seen.insert(normalized, raw.name.clone()) {
+                problem(&format!("{key}.aliases"), format!("\"{label}\" is already used by stage \"{owner}\""));
+            }
+        }
+        let terminal = match raw.terminal.as_deref() {
+            None => None,
+            Some("won") => Some(Terminal::Won),
+            Some("lost") => Some(Terminal::Lost),
+            Some(other) => {
+                problem(&format!("{key}.terminal"), format!("\"{other}\" is not one of won, lost"));
+                None
+            }
+        };
+        let default_probability = match terminal {
+            Some(Terminal::Won) => 1.0,
+            Some(Terminal::Lost) => 0.0,
+            None => 0.0,
+        };
+        let probability = raw.probability.unwrap_or(default_probability);
+        if !(0.0..=1.0).contains(&probability) {
+            problem(&format!("{key}.probability"), format!("{probability} must be between 0 and 1"));
+        }
+        let stall_after_days = match raw.stall_after_days {
+            None => None,
+            Some(days) => match u32::try_from(days) {
+                Ok(days) if days >= 1 => Some(days),
+                _ => {
+                    problem(&format!("{key}.stall_after_days"), format!("{days} must be a whole number of days, at least 1"));
+                    None
+                }
+            },
+        };
+        stages.push(Stage { name: raw.name.trim().to_string(), aliases: raw.aliases, probability, stall_after_days, terminal });
+    }
+    if !stages.iter().any(|stage| stage.terminal.is_none()) {
+        problem("stages", "the funnel needs at least one stage that is not terminal".to_string());
+    }
+    if !stages.iter().any(|stage| stage.terminal == Some(Terminal::Won)) {
+        problem("stages", "the funnel needs a stage with `terminal = \"won\"`".to_string());
+    }
+    if stages.is_empty() {
+        return Stages::built_in();
+    }
+    Stages::new(stages)
+}
+
+fn validate_source(
+    raw: RawSource,
+    key: &str,
+    base: &Path,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<SourceConfig> {
+    let mut ok = true;
+    let mut fail = |suffix: &str, message: String| {
+        problem(&format!("{key}.{suffix}"), message);
+        ok = false;
+    };
+    if raw.name.trim().is_empty() {
+        fail("name", "must not be empty".to_string());
+    }
+
+    let path = if raw.path.trim().is_empty() {
+        fail("path", "must name a file, a folder or a glob".to_string());
+        None
+    } else if raw.path.contains(['*', '?', '[']) {
+        let pattern = resolve(base, &raw.path).to_string_lossy().into_owned();
+        match glob::Pattern::new(&pattern) {
+            Ok(_) => Some(SourcePath::Glob(pattern)),
+            Err(error) => {
+                fail("path", format!("\"{}\" is not a valid glob: {error}", raw.path));
+                None
+            }
+        }
+    } else {
+        let resolved = resolve(base, &raw.path);
+        if resolved.is_dir() {
+            Some(SourcePath::Folder(resolved))
+        } else {
+            let extension = resolved.extension().and_then(|ext| ext.to_str()).unwrap_or("").to_lowercase();
+            if !crate::workbook::SUPPORTED_EXTENSIONS.contains(&extension.as_str()) {
+                fail(
+                    "path",
+                    format!(
+                        "\"{}\" is neither a folder nor a spreadsheet (.xlsx .xlsm .xls .ods .csv)",
+                        raw.path
+                    ),
+                );
+                None
+            } else {
+                Some(SourcePath::File(resolved))
+            }
+        }
+    };
+
+    let header_row = match raw.header_row {
+        None => HeaderRow::Auto,
+        Some(RawHeaderRow::Word(word)) if word == "auto" => HeaderRow::Auto,
+        Some(RawHeaderRow::Word(word)) => {
+            fail("header_row", format!("\"{word}\" must be \"auto\" or a row number such as 1"));
+            HeaderRow::Auto
+        }
+        Some(RawHeaderRow::Number(number)) => match u32::try_from(number) {
+            Ok(number) if (1..=1_048_576).contains(&number) => HeaderRow::Fixed(number),
+            _ => {
+                fail("header_row", format!("{number} is not a row number (1 to 1048576)"));
+                HeaderRow::Auto
+            }
+        },
+    };
+
+    let key_column = raw.key_column.unwrap_or_else(|| "CRM ID".to_string());
+    if key_column.trim().is_empty() {
+        fail("key_column", "must not be empty".to_string());
+    }
+
+    let mut match_on = Vec::new();
+    for name in raw.match_on.unwrap_or_else(|| vec!["email".to_string()]) {
+        match Field::from_name(&name) {
+            Some(field) => match_on.push(field),
+            None => fail("match_on", format!("\"{name}\" is not a field ({})", field_list())),
+        }
+    }
+
+    let on_row_removed = match raw.on_row_removed.as_deref() {
+        None | Some("archive") => RowRemoved::Archive,
+        Some("delete") => RowRemoved::Delete,
+        Some("ignore") => RowRemoved::Ignore,
+        Some(other) => {
+            fail("on_row_removed", format!("\"{other}\" is not one of archive, delete, ignore"));
+            RowRemoved::Archive
+        }
+    };
+
+    let date_order = match raw.date_order.as_deref() {
+        None | Some("ymd") => DateOrder::YearMonthDay,
+        Some("dmy") => DateOrder::DayMonthYear,
+        Some("mdy") => DateOrder::MonthDayYear,
+        Some(other) => {
+            fail("date_order", format!("\"{other}\" is not one of ymd, dmy, mdy"));
+            DateOrder::YearMonthDay
+        }
+    };
+
+    let encoding = match raw.encoding.as_deref() {
+        None | Some("auto") => CsvEncoding::Auto,
+        Some(label) => match encoding_rs::Encoding::for_label(label.as_bytes()) {
+            Some(encoding) => CsvEncoding::Fixed(encoding),
+            None => {
+                fail("encoding", format!("\"{label}\" is not an encoding label such as utf-8, gb18030 or windows-1252"));
+                CsvEncoding::Auto
+            }
+        },
+    };
+
+    // Aliases the config gives for a field replace the built-in ones for that field; a header
+    // text the config claims for one field is taken away from every other field's built-ins.
+    let mut configured: BTreeMap<Field, Vec<String>> = BTreeMap::new();
+    for (name, aliases) in raw.columns.unwrap_or_default() {
+        match Field::from_name(&name) {
+            Some(field) => {
+                let aliases: Vec<String> = aliases.into_vec().iter().map(|alias| normalize_label(alias)).collect();
+                if aliases.iter().any(String::is_empty) {
+                    fail(&format!("columns.{name}"), "a header text must not be empty".to_string());
+                }
+                configured.insert(field, aliases);
+            }
+            None => fail(&format!("columns.{name}"), format!("\"{name}\" is not a field ({})", field_list())),
+        }
+    }
+    let mut claimed: HashMap<String, Field> = HashMap::new();
+    for (field, aliases) in &configured {
+        for alias in aliases {
+            if let Some(other) = claimed.insert(alias.clone(), *field) {
+                if other != *field {
+                    fail(&format!("columns.{field}"), format!("header \"{alias}\" is also listed for {other}"));
+                }
+            }
+        }
+    }
+    let normalized_key = normalize_label(&key_column);
+    let mut columns = BTreeMap::new();
+    for field in Field::ALL {
+        let aliases = match configured.get(&field) {
+            Some(aliases) => aliases.clone(),
+            None => field
+                .default_aliases()
+                .iter()
+                .map(|alias| normalize_label(alias))
+                .filter(|alias| !claimed.contains_key(alias))
+                .collect(),
+        };
+        if aliases.contains(&normalized_key) {
+            fail("key_column", format!("\"{key_column}\" is also a header of the {field} field"));
+        }
+        columns.insert(field, aliases);
+    }
+
+    let source = SourceConfig {
+        name: raw.name.trim().to_string(),
+        path: path?,
+        sheet: raw.sheet.filter(|sheet| !sheet.trim().is_empty()),
+        header_row,
+        key_column,
+        match_on,
+        on_row_removed,
+        date_order,
+        encoding,
+        columns,
+    };
+    ok.then_some(source)
+}
+
+fn field_list() -> String {
+    Field::ALL.iter().map(|field| field.name()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        match Config::from_text(text, Path::new("/tmp/test.toml")) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let text = "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"sales/*.xlsx\"\n";
+        let config = Config::from_text(text, Path::new("/etc/funnelsync/funnelsync.toml")).expect("valid");
+        assert_eq!(config.store.path, PathBuf::from("/etc/funnelsync/crm.db"));
+        assert_eq!(config.sources[0].path, SourcePath::Glob("/etc/funnelsync/sales/*.xlsx".to_string()));
+        assert_eq!(config.sources[0].key_column, "CRM ID");
+        assert_eq!(config.sources[0].match_on, vec![Field::Email]);
+        assert_eq!(config.stages.names(), vec!["Lead", "Prospect", "Opportunity", "Won", "Lost"]);
+        assert_eq!(config.stages.resolve(" 意向客户 ").map(|stage| stage.name.as_str()), Some("Prospect"));
+        assert_eq!(config.watch.poll_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+[store]
+path = "crm.db"
+
+[[sources]]
+name = "a"
+path = "a.xlsx"
+header_row = 0
+on_row_removed = "shred"
+
+[[sources]]
+name = "b"
+pathh = "b.xlsx"
+
+[[stages]]
+name = "Lead"
+probability = 1.5
+
+[watch]
+poll_interval = "often"
+"#;
+        let found = problems(text);
+        let keys: Vec<&str> = found.iter().map(|problem| problem.key.as_str()).collect();
+        assert!(keys.contains(&"sources[2].pathh"), "{found:?}");
+        assert_eq!(found.iter().find(|problem| problem.key == "sources[2].pathh").and_then(|problem| problem.line), Some(11));
+        // The unknown key stops the rest of that section only; the rest is validated in stage two
+        // once the file parses, so here only the parse-stage problems show.
+        assert_eq!(found.len(), 1, "{found:?}");
+
+        let fixed = text.replace("pathh", "path");
+        let found = problems(&fixed);
+        let keys: Vec<&str> = found.iter().map(|problem| problem.key.as_str()).collect();
+        for expected in [
+            "sources[1].header_row",
+            "sources[1].on_row_removed",
+            "stages[1].probability",
+            "stages",
+            "watch.poll_interval",
+        ] {
+            assert!(keys.contains(&expected), "missing {expected} in {found:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_top_level_key_names_its_line() {
+        let found = problems("[store]\npath = \"x.db\"\n\n[stor]\npath = \"y\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "stor");
+        assert_eq!(found[0].line, Some(4));
+    }
+
+    #[test]
+    fn conflicting_column_aliases_are_errors() {
+        let text = "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"a.csv\"\n[sources.columns]\ncompany = \"Name\"\ncontact = [\"Name\"]\n";
+        let found = problems(text);
+        assert!(found.iter().any(|problem| problem.message.contains("also listed")), "{found:?}");
+    }
+
+    #[test]
+    fn configured_alias_is_taken_from_other_fields_defaults() {
+        let text = "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"a.csv\"\n[sources.columns]\ncompany = \"Name\"\n";
+        let config = Config::from_text(text, Path::new("/tmp/c.toml")).expect("valid");
+        let source = &config.sources[0];
+        assert_eq!(source.columns[&Field::Company], vec!["name".to_string()]);
+        assert!(!source.columns[&Field::Contact].contains(&"name".to_string()));
+    }
+}

@@ -1,0 +1,234 @@
+//! The plain data every stage of the flow talks in: CRM fields, cleaned field values, deal ids and
+//! deals as the store holds them.
+//!
+//! This module owns no behaviour beyond naming, formatting and comparing values. It must not know
+//! about files, SQLite or configuration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The id funnelsync gives a deal. It is what the key column ("CRM ID") of a sheet holds.
+pub type DealId = i64;
+
+/// A CRM field that a sheet column can map to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    Company,
+    Contact,
+    Email,
+    Phone,
+    Stage,
+    Amount,
+    Currency,
+    Owner,
+    NextStep,
+    LastContact,
+    ExpectedClose,
+}
+
+/// How a field's values are cleaned and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    Text,
+    Email,
+    Phone,
+    Stage,
+    Amount,
+    Currency,
+    Date,
+}
+
+impl Field {
+    pub const ALL: [Field; 11] = [
+        Field::Company,
+        Field::Contact,
+        Field::Email,
+        Field::Phone,
+        Field::Stage,
+        Field::Amount,
+        Field::Currency,
+        Field::Owner,
+        Field::NextStep,
+        Field::LastContact,
+        Field::ExpectedClose,
+    ];
+
+    /// The name used in the config file, in JSON and as the store's column name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Company => "company",
+            Field::Contact => "contact",
+            Field::Email => "email",
+            Field::Phone => "phone",
+            Field::Stage => "stage",
+            Field::Amount => "amount",
+            Field::Currency => "currency",
+            Field::Owner => "owner",
+            Field::NextStep => "next_step",
+            Field::LastContact => "last_contact",
+            Field::ExpectedClose => "expected_close",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Field> {
+        Field::ALL.into_iter().find(|field| field.name() == name)
+    }
+
+    pub fn kind(self) -> FieldKind {
+        match self {
+            Field::Company | Field::Contact | Field::Owner | Field::NextStep => FieldKind::Text,
+            Field::Email => FieldKind::Email,
+            Field::Phone => FieldKind::Phone,
+            Field::Stage => FieldKind::Stage,
+            Field::Amount => FieldKind::Amount,
+            Field::Currency => FieldKind::Currency,
+            Field::LastContact | Field::ExpectedClose => FieldKind::Date,
+        }
+    }
+
+    /// The header texts accepted for this field when the config does not list its own.
+    pub fn default_aliases(self) -> &'static [&'static str] {
+        match self {
+            Field::Company => &["Company", "Account", "Customer", "Client", "公司", "客户名称", "客户"],
+            Field::Contact => &["Contact", "Contact Name", "Name", "联系人"],
+            Field::Email => &["Email", "E-mail", "Email Address", "邮箱", "电子邮件"],
+            Field::Phone => &["Phone", "Mobile", "Tel", "Telephone", "电话", "手机"],
+            Field::Stage => &["Stage", "Status", "Pipeline Stage", "阶段", "状态"],
+            Field::Amount => &["Amount", "Deal Size", "Value", "Deal Value", "金额", "合同金额"],
+            Field::Currency => &["Currency", "币种", "货币"],
+            Field::Owner => &["Owner", "Rep", "Sales Rep", "负责人", "销售"],
+            Field::NextStep => &["Next Step", "Next Steps", "下一步"],
+            Field::LastContact => &["Last Contact", "Last Contacted", "最近联系", "最后联系"],
+            Field::ExpectedClose => &["Expected Close", "Close Date", "预计成交", "预计成交日期"],
+        }
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+/// A cleaned value of one field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FieldValue {
+    Amount(f64),
+    Text(String),
+}
+
+impl FieldValue {
+    pub fn date(date: NaiveDate) -> FieldValue {
+        FieldValue::Text(date.format("%Y-%m-%d").to_string())
+    }
+
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            FieldValue::Text(text) => Some(text),
+            FieldValue::Amount(_) => None,
+        }
+    }
+
+    pub fn as_amount(&self) -> Option<f64> {
+        match self {
+            FieldValue::Amount(amount) => Some(*amount),
+            FieldValue::Text(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for FieldValue {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldValue::Text(text) => formatter.write_str(text),
+            FieldValue::Amount(amount) => write!(formatter, "{}", format_amount(*amount)),
+        }
+    }
+}
+
+/// Formats an amount without a trailing ".0" and with at most two decimals.
+pub fn format_amount(amount: f64) -> String {
+    if amount.fract() == 0.0 && amount.abs() < 1e15 {
+        format!("{amount:.0}")
+    } else {
+        let text = format!("{amount:.2}");
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// The mapped fields of one row or deal. An absent field is an empty cell.
+pub type FieldMap = BTreeMap<Field, FieldValue>;
+
+/// Columns of a sheet that map to no field, by header text. They are kept so nothing is lost.
+pub type ExtraMap = BTreeMap<String, String>;
+
+/// A deal as the CRM store holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Deal {
+    pub id: DealId,
+    pub fields: FieldMap,
+    pub extra: ExtraMap,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub stage_entered_at: Option<DateTime<Utc>>,
+    pub archived_at: Option<DateTime<Utc>>,
+}
+
+impl Deal {
+    pub fn text(&self, field: Field) -> Option<&str> {
+        self.fields.get(&field).and_then(FieldValue::as_text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_format_without_noise() {
+        let cases = [(12000.0, "12000"), (12000.5, "12000.5"), (0.1, "0.1"), (-3.0, "-3"), (1.239, "1.24")];
+        for (amount, expected) in cases {
+            assert_eq!(format_amount(amount), expected, "amount {amount}");
+        }
+    }
+
+    #[test]
+    fn field_names_round_trip() {
+        for field in Field::ALL {
+            assert_eq!(Field::from_name(field.name()), Some(field));
+        }
+        assert_eq!(Field::from_name("nonsense"), None);
+    }
+}
+
+/// Folds a header text or stage name for matching: Unicode compatibility form (so full-width
+/// "ＡＢＣ" and half-width "ABC" agree), lower case, inner white space collapsed, ends trimmed.
+pub fn normalize_label(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let folded: String = text.nfkc().collect::<String>().to_lowercase();
+    folded.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::normalize_label;
+
+    #[test]
+    fn labels_fold_width_case_and_spaces() {
+        let cases = [
+            ("  Deal   Size ", "deal size"),
+            ("ＡＭＯＵＮＴ", "amount"),
+            ("阶段", "阶段"),
+            ("Ｅｍａｉｌ\u{3000}", "email"),
+            ("CRM ID", "crm id"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(normalize_label(input), expected, "input {input:?}");
+        }
+    }
+}

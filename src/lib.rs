@@ -1,0 +1,13 @@
+//! funnelsync keeps a sales team's pipeline spreadsheets (.xlsx, .csv, and .xls/.ods read-only) in
+//! sync with a CRM store in SQLite. The library holds every stage of the flow, one module each;
+//! the binary (`src/main.rs`) only parses the command line and dispatches. See ARCHITECTURE.md.
+
+pub mod cli;
+pub mod config;
+pub mod deal;
+pub mod mapping;
+pub mod mirror;
+pub mod store;
+pub mod sync;
+pub mod watch;
+pub mod workbook;

@@ -1,0 +1,41 @@
+//! The `funnelsync` binary: parse the command line, set up logging, dispatch to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use funnelsync::cli::{self, Cli, Command, DealsCommand};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(cli::EXIT_FAILURE)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let config = match cli::load_config(&cli) {
+        Ok(config) => config,
+        Err(code) => return Ok(code),
+    };
+    init_logging(config.log_level.as_deref());
+    match &cli.command {
+        Command::CheckConfig => cli::check_config(&config),
+        Command::Sync(args) => cli::sync(&config, args),
+        Command::Deals(DealsCommand::List(args)) => cli::deals_list(&config, args),
+        Command::Errors(args) => cli::errors(&config, args),
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` wins over the config's `log_level`; one-shot commands default to
+/// warnings only so their output stays readable.
+fn init_logging(config_level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .ok()
+        .or_else(|| config_level.and_then(|level| tracing_subscriber::EnvFilter::try_new(level).ok()))
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

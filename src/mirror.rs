@@ -1,0 +1,228 @@
+//! The mirror: for each source file, what it held at its last sync — every row's cleaned values by
+//! deal id, with a row hash — plus the row errors of its last sync. It is the "base" the next sync
+//! diffs against, and always local SQLite, even when the CRM store is not.
+//!
+//! This module owns the `mirror_files`, `mirror_rows` and `row_errors` tables. It must not decide
+//! anything: it stores and loads what the sync module tells it.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::deal::{DealId, ExtraMap, FieldMap};
+use crate::mapping::{RowIssue, Severity};
+use crate::store::{parse_timestamp, timestamp, StoreError};
+
+/// One row as the file held it at the last sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorRow {
+    pub deal_id: DealId,
+    pub row_number: u32,
+    pub row_hash: String,
+    pub fields: FieldMap,
+    pub extras: ExtraMap,
+}
+
+/// The file as a whole at the last sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorFile {
+    pub file: String,
+    pub source: String,
+    pub sheet: String,
+    pub content_hash: String,
+    pub header_row: u32,
+    pub headers: Vec<String>,
+    pub synced_at: DateTime<Utc>,
+    pub rows: Vec<MirrorRow>,
+}
+
+/// A row error as stored, with its context.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredIssue {
+    pub source: String,
+    pub file: String,
+    pub sheet: Option<String>,
+    #[serde(flatten)]
+    pub issue: RowIssue,
+    pub seen_at: DateTime<Utc>,
+}
+
+/// The hash of a row's cleaned content: equal hashes mean nothing in the row changed.
+pub fn row_hash(fields: &FieldMap, extras: &ExtraMap) -> String {
+    let mut hasher = Sha256::new();
+    // BTreeMaps serialise in key order, so equal content gives equal bytes.
+    hasher.update(serde_json::to_string(fields).unwrap_or_default().as_bytes());
+    hasher.update([0]);
+    hasher.update(serde_json::to_string(extras).unwrap_or_default().as_bytes());
+    hasher.finalize().iter().take(16).map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {error}"))
+}
+
+pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, StoreError> {
+    let header = connection
+        .prepare_cached("SELECT source, sheet, content_hash, header_row, headers, synced_at FROM mirror_files WHERE file = ?1")?
+        .query_row([file], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, u32>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, String>(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((source, sheet, content_hash, header_row, headers, synced_at)) = header else {
+        return Ok(None);
+    };
+    let mut statement = connection
+        .prepare_cached("SELECT deal_id, row_number, row_hash, fields, extras FROM mirror_rows WHERE file = ?1 ORDER BY row_number")?;
+    let raw_rows = statement.query_map([file], |row| {
+        Ok((row.get::<_, DealId>(0)?, row.get::<_, u32>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
+    })?;
+    let mut rows = Vec::new();
+    for raw in raw_rows {
+        let (deal_id, row_number, row_hash, fields, extras) = raw?;
+        rows.push(MirrorRow {
+            deal_id,
+            row_number,
+            row_hash,
+            fields: serde_json::from_str(&fields).map_err(|error| corrupt("mirror fields", error))?,
+            extras: serde_json::from_str(&extras).map_err(|error| corrupt("mirror extras", error))?,
+        });
+    }
+    Ok(Some(MirrorFile {
+        file: file.to_string(),
+        source,
+        sheet,
+        content_hash,
+        header_row,
+        headers: serde_json::from_str(&headers).map_err(|error| corrupt("mirror headers", error))?,
+        synced_at: parse_timestamp(&synced_at)?,
+        rows,
+    }))
+}
+
+/// Writes the new state of a file's mirror, touching only rows that differ from `previous`.
+/// Returns how many rows were written or removed.
+pub fn save(connection: &Connection, new: &MirrorFile, previous: Option<&MirrorFile>) -> Result<usize, StoreError> {
+    let headers = serde_json::to_string(&new.headers).map_err(|error| corrupt("mirror headers", error))?;
+    connection
+        .prepare_cached(
+            "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT(file) DO UPDATE SET source = ?2, sheet = ?3, content_hash = ?4, header_row = ?5, headers = ?6, synced_at = ?7",
+        )?
+        .execute(params![new.file, new.source, new.sheet, new.content_hash, new.header_row, headers, timestamp(new.synced_at)])?;
+    let old_rows: HashMap<DealId, &MirrorRow> =
+        previous.map(|previous| previous.rows.iter().map(|row| (row.deal_id, row)).collect()).unwrap_or_default();
+    let mut n_written = 0;
+    let mut upsert = connection.prepare_cached(
+        "INSERT INTO mirror_rows (file, deal_id, row_number, row_hash, fields, extras) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         ON CONFLICT(file, deal_id) DO UPDATE SET row_number = ?3, row_hash = ?4, fields = ?5, extras = ?6",
+    )?;
+    for row in &new.rows {
+        let unchanged = old_rows
+            .get(&row.deal_id)
+            .is_some_and(|old| old.row_hash == row.row_hash && old.row_number == row.row_number);
+        if unchanged {
+            continue;
+        }
+        let fields = serde_json::to_string(&row.fields).map_err(|error| corrupt("mirror fields", error))?;
+        let extras = serde_json::to_string(&row.extras).map_err(|error| corrupt("mirror extras", error))?;
+        upsert.execute(params![new.file, row.deal_id, row.row_number, row.row_hash, fields, extras])?;
+        n_written += 1;
+    }
+    let kept: std::collections::HashSet<DealId> = new.rows.iter().map(|row| row.deal_id).collect();
+    let mut delete = connection.prepare_cached("DELETE FROM mirror_rows WHERE file = ?1 AND deal_id = ?2")?;
+    for deal_id in old_rows.keys().filter(|deal_id| !kept.contains(deal_id)) {
+        delete.execute(params![new.file, deal_id])?;
+        n_written += 1;
+    }
+    Ok(n_written)
+}
+
+/// Replaces the stored row errors of one file with those of its latest sync.
+pub fn replace_issues(
+    connection: &Connection,
+    source: &str,
+    file: &str,
+    sheet: Option<&str>,
+    run_id: i64,
+    issues: &[RowIssue],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    connection.prepare_cached("DELETE FROM row_errors WHERE file = ?1")?.execute([file])?;
+    let mut insert = connection.prepare_cached(
+        "INSERT INTO row_errors (source, file, sheet, row_number, column_name, value, severity, message, run_id, seen_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    let now = timestamp(now);
+    for issue in issues {
+        let severity = match issue.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        insert.execute(params![source, file, sheet, issue.row_number, issue.column, issue.value, severity, issue.message, run_id, now])?;
+    }
+    Ok(())
+}
+
+/// Every stored row error and warning, by file and row.
+pub fn current_issues(connection: &Connection) -> Result<Vec<StoredIssue>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT source, file, sheet, row_number, column_name, value, severity, message, seen_at FROM row_errors \
+         ORDER BY file, row_number IS NOT NULL, row_number, id",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, Option<String>>(2)?,
+            row.get::<_, Option<u32>>(3)?,
+            row.get::<_, Option<String>>(4)?,
+            row.get::<_, Option<String>>(5)?,
+            row.get::<_, String>(6)?,
+            row.get::<_, String>(7)?,
+            row.get::<_, String>(8)?,
+        ))
+    })?;
+    let mut issues = Vec::new();
+    for row in rows {
+        let (source, file, sheet, row_number, column, value, severity, message, seen_at) = row?;
+        let severity = if severity == "warning" { Severity::Warning } else { Severity::Error };
+        issues.push(StoredIssue {
+            source,
+            file,
+            sheet,
+            issue: RowIssue { severity, row_number, column, value, message },
+            seen_at: parse_timestamp(&seen_at)?,
+        });
+    }
+    Ok(issues)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deal::{Field, FieldValue};
+
+    #[test]
+    fn row_hash_depends_on_content_only() {
+        let mut fields = FieldMap::new();
+        fields.insert(Field::Company, FieldValue::Text("Acme".to_string()));
+        let extras = ExtraMap::new();
+        let first = row_hash(&fields, &extras);
+        assert_eq!(first, row_hash(&fields.clone(), &extras));
+        fields.insert(Field::Amount, FieldValue::Amount(1.0));
+        assert_ne!(first, row_hash(&fields, &extras));
+        let moved = ExtraMap::from([("Company".to_string(), "Acme".to_string())]);
+        assert_ne!(row_hash(&FieldMap::new(), &moved), first);
+    }
+}

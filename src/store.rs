@@ -1,0 +1,609 @@
+//! The CRM store: deals, their stage history and the record of sync runs, in one SQLite file
+//! (WAL mode, foreign keys on, versioned migrations through `PRAGMA user_version`).
+//!
+//! The sync code talks to deals only through the [`CrmStore`] trait, so that a shared PostgreSQL
+//! store can stand in later; [`SqliteCrm`] implements it over a connection or a transaction. The
+//! same SQLite file also holds the local state of [`crate::mirror`], which is not part of the trait.
+//! This module must not know about spreadsheets, column headers or the config file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+
+use crate::deal::{Deal, DealId, ExtraMap, Field, FieldMap, FieldValue};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the folder for the store {path}: {source}")]
+    CreateFolder { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the store {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("the store {path} has schema version {found}, newer than this funnelsync understands ({supported}); upgrade funnelsync")]
+    TooNew { path: PathBuf, found: i64, supported: i64 },
+    #[error("store query failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+}
+
+/// Migrations, in order; `PRAGMA user_version` says how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deals (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    company          TEXT,
+    contact          TEXT,
+    email            TEXT,
+    phone            TEXT,
+    stage            TEXT,
+    amount           REAL,
+    currency         TEXT,
+    owner            TEXT,
+    next_step        TEXT,
+    last_contact     TEXT,
+    expected_close   TEXT,
+    extra            TEXT NOT NULL DEFAULT '{}',
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    stage_entered_at TEXT,
+    archived_at      TEXT
+);
+CREATE INDEX deals_email ON deals(email);
+CREATE INDEX deals_owner ON deals(owner);
+CREATE INDEX deals_stage ON deals(stage);
+
+CREATE TABLE stage_history (
+    id         INTEGER PRIMARY KEY,
+    deal_id    INTEGER NOT NULL REFERENCES deals(id) ON DELETE CASCADE,
+    from_stage TEXT,
+    to_stage   TEXT NOT NULL,
+    at         TEXT NOT NULL,
+    source     TEXT NOT NULL
+);
+CREATE INDEX stage_history_deal ON stage_history(deal_id, at);
+
+CREATE TABLE sync_runs (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    started_at  TEXT NOT NULL,
+    finished_at TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    n_created   INTEGER NOT NULL DEFAULT 0,
+    n_updated   INTEGER NOT NULL DEFAULT 0,
+    n_archived  INTEGER NOT NULL DEFAULT 0,
+    n_deleted   INTEGER NOT NULL DEFAULT 0,
+    n_unchanged INTEGER NOT NULL DEFAULT 0,
+    n_errors    INTEGER NOT NULL DEFAULT 0,
+    n_warnings  INTEGER NOT NULL DEFAULT 0,
+    message     TEXT
+);
+CREATE INDEX sync_runs_file ON sync_runs(file, id);
+
+CREATE TABLE mirror_files (
+    file         TEXT PRIMARY KEY,
+    source       TEXT NOT NULL,
+    sheet        TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    header_row   INTEGER NOT NULL,
+    headers      TEXT NOT NULL,
+    synced_at    TEXT NOT NULL
+);
+
+CREATE TABLE mirror_rows (
+    file       TEXT NOT NULL REFERENCES mirror_files(file) ON DELETE CASCADE,
+    deal_id    INTEGER NOT NULL,
+    row_number INTEGER NOT NULL,
+    row_hash   TEXT NOT NULL,
+    fields     TEXT NOT NULL,
+    extras     TEXT NOT NULL,
+    PRIMARY KEY (file, deal_id)
+);
+
+CREATE TABLE row_errors (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    sheet       TEXT,
+    row_number  INTEGER,
+    column_name TEXT,
+    value       TEXT,
+    severity    TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    run_id      INTEGER NOT NULL REFERENCES sync_runs(id) ON DELETE CASCADE,
+    seen_at     TEXT NOT NULL
+);
+CREATE INDEX row_errors_file ON row_errors(file);
+"#];
+
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|error| StoreError::Corrupt(format!("timestamp \"{text}\": {error}")))
+}
+
+/// The SQLite file: owns the connection and the schema.
+pub struct Store {
+    path: PathBuf,
+    connection: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|source| StoreError::CreateFolder { path: parent.to_path_buf(), source })?;
+        }
+        let open_error = |source| StoreError::Open { path: path.to_path_buf(), source };
+        let connection = Connection::open(path).map_err(open_error)?;
+        connection.busy_timeout(Duration::from_secs(10)).map_err(open_error)?;
+        connection
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
+            .map_err(open_error)?;
+        connection.pragma_update(None, "foreign_keys", "ON").map_err(open_error)?;
+        connection.pragma_update(None, "synchronous", "NORMAL").map_err(open_error)?;
+        let mut store = Store { path: path.to_path_buf(), connection };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self.connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(StoreError::TooNew { path: self.path.clone(), found: version, supported });
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let transaction = self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            transaction.execute_batch(migration)?;
+            transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+            transaction.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a write transaction. Writers take the lock up front so two processes never
+    /// deadlock upgrading a read lock.
+    pub fn transaction(&mut self) -> Result<rusqlite::Transaction<'_>, StoreError> {
+        Ok(self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    pub fn crm(&self) -> SqliteCrm<'_> {
+        SqliteCrm::new(&self.connection)
+    }
+}
+
+/// Which deals to list.
+#[derive(Debug, Clone, Default)]
+pub struct DealFilter {
+    pub stage: Option<String>,
+    pub owner: Option<String>,
+    pub include_archived: bool,
+}
+
+/// What a sync run did, as recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunCounts {
+    pub created: u64,
+    pub updated: u64,
+    pub archived: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+    pub errors: u64,
+    pub warnings: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncRun {
+    pub id: i64,
+    pub source: String,
+    pub file: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub status: String,
+    pub counts: RunCounts,
+    pub message: Option<String>,
+}
+
+/// One stage change of a deal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageChange {
+    pub deal_id: DealId,
+    pub from_stage: Option<String>,
+    pub to_stage: String,
+    pub at: DateTime<Utc>,
+    pub source: String,
+}
+
+/// The CRM store as the sync code sees it. `origin` names what made a change (a source name, or
+/// "cli"); it goes into the stage history.
+pub trait CrmStore {
+    /// The deals with these ids that exist (archived ones included).
+    fn deals_by_ids(&self, ids: &[DealId]) -> Result<HashMap<DealId, Deal>, StoreError>;
+    /// The deal whose field holds exactly this cleaned value, preferring live deals over archived
+    /// ones and older over newer.
+    fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError>;
+    fn create_deal(&self, fields: &FieldMap, extra: &ExtraMap, origin: &str, now: DateTime<Utc>) -> Result<DealId, StoreError>;
+    /// Sets the given fields (`None` clears one) and extra keys (`None` removes one).
+    fn update_deal(
+        &self,
+        id: DealId,
+        changes: &[(Field, Option<FieldValue>)],
+        extra_changes: &[(String, Option<String>)],
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    fn set_archived(&self, id: DealId, archived: bool, now: DateTime<Utc>) -> Result<bool, StoreError>;
+    fn delete_deal(&self, id: DealId) -> Result<bool, StoreError>;
+    fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError>;
+    fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError>;
+    fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError>;
+    fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError>;
+}
+
+/// [`CrmStore`] over a SQLite connection (or transaction, which derefs to one).
+pub struct SqliteCrm<'c> {
+    connection: &'c Connection,
+}
+
+const DEAL_COLUMNS: &str = "id, company, contact, email, phone, stage, amount, currency, owner, next_step, last_contact, \
+     expected_close, extra, created_at, updated_at, stage_entered_at, archived_at";
+
+impl<'c> SqliteCrm<'c> {
+    pub fn new(connection: &'c Connection) -> SqliteCrm<'c> {
+        SqliteCrm { connection }
+    }
+
+    fn deal_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Deal, StoreError>> {
+        let mut fields = FieldMap::new();
+        for (offset, field) in Field::ALL.iter().enumerate() {
+            let value: rusqlite::types::Value = row.get(offset + 1)?;
+            let value = match value {
+                rusqlite::types::Value::Text(text) => Some(FieldValue::Text(text)),
+                rusqlite::types::Value::Real(number) => Some(FieldValue::Amount(number)),
+                rusqlite::types::Value::Integer(number) => Some(FieldValue::Amount(number as f64)),
+                _ => None,
+            };
+            if let Some(value) = value {
+                fields.insert(*field, value);
+            }
+        }
+        let extra_text: String = row.get(12)?;
+        let created_at: String = row.get(13)?;
+        let updated_at: String = row.get(14)?;
+        let stage_entered_at: Option<String> = row.get(15)?;
+        let archived_at: Option<String> = row.get(16)?;
+        let id: DealId = row.get(0)?;
+        Ok((|| {
+            Ok(Deal {
+                id,
+                fields,
+                extra: serde_json::from_str(&extra_text)
+                    .map_err(|error| StoreError::Corrupt(format!("extra fields of deal {id}: {error}")))?,
+                created_at: parse_timestamp(&created_at)?,
+                updated_at: parse_timestamp(&updated_at)?,
+                stage_entered_at: stage_entered_at.as_deref().map(parse_timestamp).transpose()?,
+                archived_at: archived_at.as_deref().map(parse_timestamp).transpose()?,
+            })
+        })())
+    }
+
+    fn query_deals(&self, sql: &str, parameters: &[&dyn rusqlite::ToSql]) -> Result<Vec<Deal>, StoreError> {
+        let mut statement = self.connection.prepare_cached(sql)?;
+        let rows = statement.query_map(parameters, Self::deal_from_row)?;
+        let mut deals = Vec::new();
+        for row in rows {
+            deals.push(row??);
+        }
+        Ok(deals)
+    }
+
+    fn record_stage_change(&self, id: DealId, from: Option<&str>, to: &str, origin: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.connection
+            .prepare_cached("INSERT INTO stage_history (deal_id, from_stage, to_stage, at, source) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![id, from, to, timestamp(now), origin])?;
+        Ok(())
+    }
+}
+
+fn to_sql(value: Option<&FieldValue>) -> rusqlite::types::Value {
+    match value {
+        Some(FieldValue::Text(text)) => rusqlite::types::Value::Text(text.clone()),
+        Some(FieldValue::Amount(amount)) => rusqlite::types::Value::Real(*amount),
+        None => rusqlite::types::Value::Null,
+    }
+}
+
+impl CrmStore for SqliteCrm<'_> {
+    fn deals_by_ids(&self, ids: &[DealId]) -> Result<HashMap<DealId, Deal>, StoreError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        // Chunks keep each statement under SQLite's parameter limit.
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            let sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE id IN ({placeholders})");
+            let parameters: Vec<&dyn rusqlite::ToSql> = chunk.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
+            for deal in self.query_deals(&sql, &parameters)? {
+                found.insert(deal.id, deal);
+            }
+        }
+        Ok(found)
+    }
+
+    fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError> {
+        let sql = format!(
+            "SELECT {DEAL_COLUMNS} FROM deals WHERE {} = ?1 ORDER BY archived_at IS NOT NULL, id LIMIT 1",
+            field.name()
+        );
+        let value = to_sql(Some(value));
+        Ok(self.query_deals(&sql, &[&value])?.into_iter().next())
+    }
+
+    fn create_deal(&self, fields: &FieldMap, extra: &ExtraMap, origin: &str, now: DateTime<Utc>) -> Result<DealId, StoreError> {
+        let now_text = timestamp(now);
+        let extra_text = serde_json::to_string(extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let values: Vec<rusqlite::types::Value> = Field::ALL.iter().map(|field| to_sql(fields.get(field))).collect();
+        let stage = fields.get(&Field::Stage).and_then(FieldValue::as_text).map(str::to_string);
+        let stage_entered_at = stage.as_ref().map(|_| now_text.clone());
+        self.connection
+            .prepare_cached(
+                "INSERT INTO deals (company, contact, email, phone, stage, amount, currency, owner, next_step, \
+                 last_contact, expected_close, extra, created_at, updated_at, stage_entered_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14)",
+            )?
+            .execute(params![
+                values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7], values[8],
+                values[9], values[10], extra_text, now_text, stage_entered_at
+            ])?;
+        let id = self.connection.last_insert_rowid();
+        if let Some(stage) = stage {
+            self.record_stage_change(id, None, &stage, origin, now)?;
+        }
+        Ok(id)
+    }
+
+    fn update_deal(
+        &self,
+        id: DealId,
+        changes: &[(Field, Option<FieldValue>)],
+        extra_changes: &[(String, Option<String>)],
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if changes.is_empty() && extra_changes.is_empty() {
+            return Ok(());
+        }
+        let now_text = timestamp(now);
+        let old_stage: Option<String> = self
+            .connection
+            .prepare_cached("SELECT stage FROM deals WHERE id = ?1")?
+            .query_row([id], |row| row.get(0))
+            .optional()?
+            .flatten();
+        for (field, value) in changes {
+            // Column names come from the closed Field enum, never from input.
+            let sql = format!("UPDATE deals SET {} = ?1 WHERE id = ?2", field.name());
+            self.connection.prepare_cached(&sql)?.execute(params![to_sql(value.as_ref()), id])?;
+            if *field == Field::Stage {
+                let new_stage = value.as_ref().and_then(FieldValue::as_text);
+                if let Some(new_stage) = new_stage.filter(|new_stage| old_stage.as_deref() != Some(*new_stage)) {
+                    self.record_stage_change(id, old_stage.as_deref(), new_stage, origin, now)?;
+                    self.connection
+                        .prepare_cached("UPDATE deals SET stage_entered_at = ?1 WHERE id = ?2")?
+                        .execute(params![now_text, id])?;
+                }
+            }
+        }
+        if !extra_changes.is_empty() {
+            let extra_text: String = self
+                .connection
+                .prepare_cached("SELECT extra FROM deals WHERE id = ?1")?
+                .query_row([id], |row| row.get(0))?;
+            let mut extra: ExtraMap = serde_json::from_str(&extra_text)
+                .map_err(|error| StoreError::Corrupt(format!("extra fields of deal {id}: {error}")))?;
+            for (key, value) in extra_changes {
+                match value {
+                    Some(value) => extra.insert(key.clone(), value.clone()),
+                    None => extra.remove(key),
+                };
+            }
+            let extra_text = serde_json::to_string(&extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            self.connection
+                .prepare_cached("UPDATE deals SET extra = ?1 WHERE id = ?2")?
+                .execute(params![extra_text, id])?;
+        }
+        self.connection
+            .prepare_cached("UPDATE deals SET updated_at = ?1 WHERE id = ?2")?
+            .execute(params![now_text, id])?;
+        Ok(())
+    }
+
+    fn set_archived(&self, id: DealId, archived: bool, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let now_text = timestamp(now);
+        let changed = if archived {
+            self.connection
+                .prepare_cached("UPDATE deals SET archived_at = ?1, updated_at = ?1 WHERE id = ?2 AND archived_at IS NULL")?
+                .execute(params![now_text, id])?
+        } else {
+            self.connection
+                .prepare_cached("UPDATE deals SET archived_at = NULL, updated_at = ?1 WHERE id = ?2 AND archived_at IS NOT NULL")?
+                .execute(params![now_text, id])?
+        };
+        Ok(changed > 0)
+    }
+
+    fn delete_deal(&self, id: DealId) -> Result<bool, StoreError> {
+        Ok(self.connection.prepare_cached("DELETE FROM deals WHERE id = ?1")?.execute([id])? > 0)
+    }
+
+    fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError> {
+        let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE 1 = 1");
+        let mut parameters: Vec<String> = Vec::new();
+        if !filter.include_archived {
+            sql.push_str(" AND archived_at IS NULL");
+        }
+        if let Some(stage) = &filter.stage {
+            parameters.push(stage.clone());
+            sql.push_str(&format!(" AND stage = ?{} COLLATE NOCASE", parameters.len()));
+        }
+        if let Some(owner) = &filter.owner {
+            parameters.push(owner.trim().to_string());
+            sql.push_str(&format!(" AND trim(owner) = ?{} COLLATE NOCASE", parameters.len()));
+        }
+        sql.push_str(" ORDER BY id");
+        let parameters: Vec<&dyn rusqlite::ToSql> = parameters.iter().map(|value| value as &dyn rusqlite::ToSql).collect();
+        self.query_deals(&sql, &parameters)
+    }
+
+    fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
+        let rows = statement.query_map([id], |row| {
+            Ok((row.get::<_, DealId>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (deal_id, from_stage, to_stage, at, source) = row?;
+            changes.push(StageChange { deal_id, from_stage, to_stage, at: parse_timestamp(&at)?, source });
+        }
+        Ok(changes)
+    }
+
+    fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError> {
+        let counts = &run.counts;
+        self.connection
+            .prepare_cached(
+                "INSERT INTO sync_runs (source, file, started_at, finished_at, status, n_created, n_updated, n_archived, \
+                 n_deleted, n_unchanged, n_errors, n_warnings, message) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?
+            .execute(params![
+                run.source,
+                run.file,
+                timestamp(run.started_at),
+                timestamp(run.finished_at),
+                run.status,
+                counts.created as i64,
+                counts.updated as i64,
+                counts.archived as i64,
+                counts.deleted as i64,
+                counts.unchanged as i64,
+                counts.errors as i64,
+                counts.warnings as i64,
+                run.message,
+            ])?;
+        Ok(self.connection.last_insert_rowid())
+    }
+
+    fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT id, source, file, started_at, finished_at, status, n_created, n_updated, n_archived, n_deleted, \
+             n_unchanged, n_errors, n_warnings, message FROM sync_runs ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = statement.query_map([limit as i64], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, String>(5)?,
+                [row.get::<_, i64>(6)?, row.get(7)?, row.get(8)?, row.get(9)?, row.get(10)?, row.get(11)?, row.get(12)?],
+                row.get::<_, Option<String>>(13)?,
+            ))
+        })?;
+        let mut runs = Vec::new();
+        for row in rows {
+            let (id, source, file, started_at, finished_at, status, numbers, message) = row?;
+            let count = |index: usize| numbers[index].max(0) as u64;
+            runs.push(SyncRun {
+                id,
+                source,
+                file,
+                started_at: parse_timestamp(&started_at)?,
+                finished_at: parse_timestamp(&finished_at)?,
+                status,
+                counts: RunCounts {
+                    created: count(0),
+                    updated: count(1),
+                    archived: count(2),
+                    deleted: count(3),
+                    unchanged: count(4),
+                    errors: count(5),
+                    warnings: count(6),
+                },
+                message,
+            });
+        }
+        Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(hour: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 28, hour, 0, 0).single().expect("valid time")
+    }
+
+    #[test]
+    fn deals_round_trip_and_stage_changes_are_recorded() {
+        let folder = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&folder.path().join("nested/crm.db")).expect("open");
+        let crm = store.crm();
+        let mut fields = FieldMap::new();
+        fields.insert(Field::Company, FieldValue::Text("Acme".to_string()));
+        fields.insert(Field::Stage, FieldValue::Text("Lead".to_string()));
+        fields.insert(Field::Amount, FieldValue::Amount(1200.5));
+        let extra = ExtraMap::from([("Notes".to_string(), "VIP".to_string())]);
+        let id = crm.create_deal(&fields, &extra, "test", at(9)).expect("create");
+        crm.update_deal(
+            id,
+            &[(Field::Stage, Some(FieldValue::Text("Prospect".to_string())))],
+            &[("Notes".to_string(), None), ("Region".to_string(), Some("East".to_string()))],
+            "test",
+            at(10),
+        )
+        .expect("update");
+        let deal = crm.deals_by_ids(&[id]).expect("read").remove(&id).expect("exists");
+        assert_eq!(deal.text(Field::Stage), Some("Prospect"));
+        assert_eq!(deal.fields[&Field::Amount], FieldValue::Amount(1200.5));
+        assert_eq!(deal.extra, ExtraMap::from([("Region".to_string(), "East".to_string())]));
+        assert_eq!(deal.stage_entered_at, Some(at(10)));
+        let history = crm.stage_history(id).expect("history");
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1].from_stage.as_deref(), Some("Lead"));
+        assert_eq!(history[1].to_stage, "Prospect");
+    }
+
+    #[test]
+    fn reopening_keeps_schema_version() {
+        let folder = tempfile::tempdir().expect("temp dir");
+        let path = folder.path().join("crm.db");
+        drop(Store::open(&path).expect("first open"));
+        let store = Store::open(&path).expect("second open");
+        let version: i64 = store.connection().pragma_query_value(None, "user_version", |row| row.get(0)).expect("version");
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        store.connection().pragma_update(None, "user_version", 99).expect("set");
+        drop(store);
+        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
+    }
+}

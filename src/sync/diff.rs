@@ -1,0 +1,319 @@
+//! The diff: which deal each row of a sheet is, and what must change in the store. Pure logic —
+//! rows, the mirror and pre-fetched deals in; a [`Changeset`] and issues out. It does no I/O and
+//! never fails on a bad row.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::config::RowRemoved;
+use crate::deal::{normalize_label, Deal, DealId, Field, FieldMap, FieldValue};
+use crate::mapping::{CleanRow, RowIssue};
+use crate::mirror::{row_hash, MirrorRow};
+
+/// What the store is asked to look up before the diff: deals whose `match_on` field holds one of
+/// these values. Keyed by field and the value's text.
+pub type NaturalKey = (Field, String);
+
+pub fn natural_key(field: Field, value: &FieldValue) -> NaturalKey {
+    (field, value.to_string())
+}
+
+/// Everything the diff needs, already loaded.
+#[derive(Debug)]
+pub struct DiffInput<'a> {
+    pub rows: &'a [CleanRow],
+    /// What the file held at its last sync.
+    pub mirror: &'a [MirrorRow],
+    /// Current store state of every deal a row or mirror row refers to, and of natural-key matches.
+    pub deals: &'a HashMap<DealId, Deal>,
+    /// Deals found in the store by a `match_on` value.
+    pub natural_matches: &'a HashMap<NaturalKey, DealId>,
+    /// Deals that some other file's mirror also holds: leaving this file does not archive them.
+    pub deals_in_other_files: &'a HashSet<DealId>,
+    pub match_on: &'a [Field],
+    pub on_row_removed: RowRemoved,
+}
+
+/// What happens to one row of the sheet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowAction {
+    Create { row_idx: usize },
+    Update {
+        row_idx: usize,
+        deal_id: DealId,
+        changes: Vec<(Field, Option<FieldValue>)>,
+        extra_changes: Vec<(String, Option<String>)>,
+        unarchive: bool,
+    },
+    Unchanged { row_idx: usize, deal_id: DealId },
+    /// The row has errors and is not applied; its deal (if it was recognised) keeps its state and
+    /// its mirror row is kept as it was.
+    Skipped { row_idx: usize, deal_id: Option<DealId> },
+}
+
+/// What happens to a deal whose row is gone from the sheet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Archive(DealId),
+    Delete(DealId),
+    /// `on_row_removed = "ignore"`, or the deal is already archived: only the mirror forgets it.
+    Forget(DealId),
+    /// The deal now lives in another file; only this file's mirror forgets it.
+    MovedAway(DealId),
+    /// Not applied because some row with errors could not be recognised and may be this one.
+    Deferred(DealId),
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changeset {
+    pub actions: Vec<RowAction>,
+    pub removals: Vec<Removal>,
+}
+
+/// The natural-key values the store should be asked about before the diff: those of rows that
+/// cannot be recognised from their id or from an identical row in the mirror.
+pub fn lookups_needed(rows: &[CleanRow], mirror: &[MirrorRow], match_on: &[Field]) -> Vec<NaturalKey> {
+    let mirror_hashes: HashSet<&str> = mirror.iter().map(|row| row.row_hash.as_str()).collect();
+    let mut keys = Vec::new();
+    let mut seen = HashSet::new();
+    for row in rows {
+        if row.id.is_some() || mirror_hashes.contains(row_hash(&row.fields, &row.extras).as_str()) {
+            continue;
+        }
+        for field in match_on {
+            if let Some(value) = row.fields.get(field) {
+                let key = natural_key(*field, value);
+                if seen.insert(key.clone()) {
+                    keys.push(key);
+                }
+            }
+        }
+    }
+    keys
+}
+
+/// The fallback identity of a row without id or natural key: company and contact, folded.
+fn identity(fields: &FieldMap) -> Option<String> {
+    let company = fields.get(&Field::Company).map(|value| normalize_label(&value.to_string()));
+    let contact = fields.get(&Field::Contact).map(|value| normalize_label(&value.to_string()));
+    match (company, contact) {
+        (None, None) => None,
+        (company, contact) => Some(format!("{}\u{1f}{}", company.unwrap_or_default(), contact.unwrap_or_default())),
+    }
+}
+
+pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
+    let mut issues = Vec::new();
+    let mirror_by_deal: HashMap<DealId, &MirrorRow> = input.mirror.iter().map(|row| (row.deal_id, row)).collect();
+    let mut matched: Vec<Option<DealId>> = vec![None; input.rows.len()];
+    let mut claimed: HashSet<DealId> = HashSet::new();
+    // Rows whose id repeats an earlier row's: people copy rows, so these become new deals.
+    let mut forced_new: HashSet<usize> = HashSet::new();
+    let hashes: Vec<String> = input.rows.iter().map(|row| row_hash(&row.fields, &row.extras)).collect();
+
+    // Pass 1: the key column.
+    let mut first_row_of_id: HashMap<DealId, u32> = HashMap::new();
+    for (row_idx, row) in input.rows.iter().enumerate() {
+        let Some(id) = row.id else { continue };
+        if let Some(first_row) = first_row_of_id.get(&id) {
+            issues.push(RowIssue::warning(
+                Some(row.row_number),
+                format!("CRM ID {id} is also on row {first_row}; this row is treated as a new deal (a copied row?)"),
+            ));
+            forced_new.insert(row_idx);
+            continue;
+        }
+        first_row_of_id.insert(id, row.row_number);
+        if input.deals.contains_key(&id) {
+            matched[row_idx] = Some(id);
+            claimed.insert(id);
+        } else {
+            issues.push(RowIssue::warning(
+                Some(row.row_number),
+                format!("CRM ID {id} is not a deal in the store; the row is matched as if it had no id"),
+            ));
+        }
+    }
+
+    let unmatched_rows = |matched: &Vec<Option<DealId>>| -> Vec<usize> {
+        (0..input.rows.len()).filter(|row_idx| matched[*row_idx].is_none() && !forced_new.contains(row_idx)).collect()
+    };
+    let live_mirror = |claimed: &HashSet<DealId>| -> Vec<&MirrorRow> {
+        input
+            .mirror
+            .iter()
+            .filter(|mirror_row| !claimed.contains(&mirror_row.deal_id) && input.deals.contains_key(&mirror_row.deal_id))
+            .collect()
+    };
+
+    // Pass 2: a row identical to a mirror row is that row.
+    {
+        let mut by_hash: HashMap<&str, Vec<DealId>> = HashMap::new();
+        for mirror_row in live_mirror(&claimed).into_iter().rev() {
+            by_hash.entry(mirror_row.row_hash.as_str()).or_default().push(mirror_row.deal_id);
+        }
+        for row_idx in unmatched_rows(&matched) {
+            if let Some(deal_id) = by_hash.get_mut(hashes[row_idx].as_str()).and_then(Vec::pop) {
+                matched[row_idx] = Some(deal_id);
+                claimed.insert(deal_id);
+            }
+        }
+    }
+
+    // Pass 3: the natural key against the mirror; pass 4: company + contact against the mirror,
+    // only where that identity is unique on both sides.
+    for field in input.match_on {
+        let mut by_value: HashMap<String, Vec<DealId>> = HashMap::new();
+        for mirror_row in live_mirror(&claimed).into_iter().rev() {
+            if let Some(value) = mirror_row.fields.get(field) {
+                by_value.entry(value.to_string()).or_default().push(mirror_row.deal_id);
+            }
+        }
+        for row_idx in unmatched_rows(&matched) {
+            let Some(value) = input.rows[row_idx].fields.get(field) else { continue };
+            if let Some(deal_id) = by_value.get_mut(&value.to_string()).and_then(Vec::pop) {
+                matched[row_idx] = Some(deal_id);
+                claimed.insert(deal_id);
+            }
+        }
+    }
+    {
+        let mut mirror_by_identity: HashMap<String, Vec<DealId>> = HashMap::new();
+        for mirror_row in live_mirror(&claimed) {
+            if let Some(identity) = identity(&mirror_row.fields) {
+                mirror_by_identity.entry(identity).or_default().push(mirror_row.deal_id);
+            }
+        }
+        let mut rows_by_identity: HashMap<String, Vec<usize>> = HashMap::new();
+        for row_idx in unmatched_rows(&matched) {
+            if let Some(identity) = identity(&input.rows[row_idx].fields) {
+                rows_by_identity.entry(identity).or_default().push(row_idx);
+            }
+        }
+        for (identity, row_indexes) in rows_by_identity {
+            if let (Some(deal_ids), [row_idx]) = (mirror_by_identity.get(&identity), row_indexes.as_slice()) {
+                if let [deal_id] = deal_ids.as_slice() {
+                    matched[*row_idx] = Some(*deal_id);
+                    claimed.insert(*deal_id);
+                }
+            }
+        }
+    }
+
+    // Pass 5: the natural key against the whole store, so importing the same list twice (or in
+    // another file) does not duplicate deals.
+    for row_idx in unmatched_rows(&matched) {
+        for field in input.match_on {
+            let Some(value) = input.rows[row_idx].fields.get(field) else { continue };
+            if let Some(deal_id) = input.natural_matches.get(&natural_key(*field, value)) {
+                if input.deals.contains_key(deal_id) && !claimed.contains(deal_id) && !mirror_by_deal.contains_key(deal_id) {
+                    matched[row_idx] = Some(*deal_id);
+                    claimed.insert(*deal_id);
+                    break;
+                }
+            }
+        }
+    }
+
+    let mut changeset = Changeset::default();
+    let mut unrecognised_error_rows = 0;
+    for (row_idx, row) in input.rows.iter().enumerate() {
+        let deal_id = matched[row_idx];
+        if row.has_error {
+            if deal_id.is_none() {
+                unrecognised_error_rows += 1;
+            }
+            changeset.actions.push(RowAction::Skipped { row_idx, deal_id });
+            continue;
+        }
+        let Some(deal_id) = deal_id else {
+            changeset.actions.push(RowAction::Create { row_idx });
+            continue;
+        };
+        let Some(deal) = input.deals.get(&deal_id) else {
+            changeset.actions.push(RowAction::Create { row_idx });
+            continue;
+        };
+        let (changes, extra_changes) = match mirror_by_deal.get(&deal_id) {
+            Some(mirror_row) => changes_since_mirror(row, mirror_row, deal),
+            None => changes_against_store(row, deal),
+        };
+        let unarchive = deal.archived_at.is_some();
+        if changes.is_empty() && extra_changes.is_empty() && !unarchive {
+            changeset.actions.push(RowAction::Unchanged { row_idx, deal_id });
+        } else {
+            changeset.actions.push(RowAction::Update { row_idx, deal_id, changes, extra_changes, unarchive });
+        }
+    }
+
+    let removed: Vec<&MirrorRow> = input.mirror.iter().filter(|mirror_row| !claimed.contains(&mirror_row.deal_id)).collect();
+    if unrecognised_error_rows > 0 && !removed.is_empty() {
+        issues.push(RowIssue::warning(
+            None,
+            format!(
+                "{} row(s) missing from the sheet were not archived or deleted, because {unrecognised_error_rows} row(s) with errors could not be recognised and may be them; fix the errors and sync again",
+                removed.len()
+            ),
+        ));
+    }
+    for mirror_row in removed {
+        let deal_id = mirror_row.deal_id;
+        let removal = if unrecognised_error_rows > 0 {
+            Removal::Deferred(deal_id)
+        } else if input.deals_in_other_files.contains(&deal_id) {
+            Removal::MovedAway(deal_id)
+        } else {
+            match (input.on_row_removed, input.deals.get(&deal_id)) {
+                (_, None) => Removal::Forget(deal_id),
+                (RowRemoved::Ignore, _) => Removal::Forget(deal_id),
+                (RowRemoved::Archive, Some(deal)) if deal.archived_at.is_some() => Removal::Forget(deal_id),
+                (RowRemoved::Archive, Some(_)) => Removal::Archive(deal_id),
+                (RowRemoved::Delete, Some(_)) => Removal::Delete(deal_id),
+            }
+        };
+        changeset.removals.push(removal);
+    }
+    (changeset, issues)
+}
+
+/// Fields the sheet changed since the last sync (cleared cells included), leaving out those the
+/// store already holds.
+fn changes_since_mirror(
+    row: &CleanRow,
+    mirror_row: &MirrorRow,
+    deal: &Deal,
+) -> (Vec<(Field, Option<FieldValue>)>, Vec<(String, Option<String>)>) {
+    let mut changes = Vec::new();
+    for field in Field::ALL {
+        let now = row.fields.get(&field);
+        if now != mirror_row.fields.get(&field) && now != deal.fields.get(&field) {
+            changes.push((field, now.cloned()));
+        }
+    }
+    let mut extra_changes = Vec::new();
+    let keys: std::collections::BTreeSet<&String> = row.extras.keys().chain(mirror_row.extras.keys()).collect();
+    for key in keys {
+        let now = row.extras.get(key);
+        if now != mirror_row.extras.get(key) && now != deal.extra.get(key) {
+            extra_changes.push((key.clone(), now.cloned()));
+        }
+    }
+    (changes, extra_changes)
+}
+
+/// For a deal this file did not hold before: the row's non-empty values that differ from the
+/// store. Empty cells do not clear what the store knows from elsewhere.
+fn changes_against_store(row: &CleanRow, deal: &Deal) -> (Vec<(Field, Option<FieldValue>)>, Vec<(String, Option<String>)>) {
+    let changes = row
+        .fields
+        .iter()
+        .filter(|(field, value)| deal.fields.get(field) != Some(value))
+        .map(|(field, value)| (*field, Some(value.clone())))
+        .collect();
+    let extra_changes = row
+        .extras
+        .iter()
+        .filter(|(key, value)| deal.extra.get(*key) != Some(value))
+        .map(|(key, value)| (key.clone(), Some(value.clone())))
+        .collect();
+    (changes, extra_changes)
+}

@@ -1,0 +1,116 @@
+//! Which files are sources: expanding a source's file, folder or glob into spreadsheet paths, and
+//! telling Excel's and LibreOffice's lock and temp files apart from real spreadsheets.
+//!
+//! This module owns the file system view of the sources. It must not read spreadsheet contents or
+//! touch the store.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{SourceConfig, SourcePath};
+use crate::workbook::format_of;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list {}: {message}", path.display())]
+pub struct DiscoverError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// Whether a file name is one an office program writes while saving or while a file is open,
+/// never a source: `~$Name.xlsx` (Excel owner file), `.~lock.Name.xlsx#` (LibreOffice lock),
+/// Excel's extension-less temp files such as `A1B2C3D4`, `*.tmp`, and hidden files.
+pub fn is_office_temp_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|name| name.to_str()) else {
+        return true;
+    };
+    name.starts_with("~$")
+        || name.starts_with(".~lock.")
+        || name.starts_with('.')
+        || name.ends_with('#')
+        || name.ends_with('~')
+        || name.to_ascii_lowercase().ends_with(".tmp")
+}
+
+/// Whether a path is a spreadsheet this source would sync (ignoring whether it exists).
+pub fn is_candidate(path: &Path) -> bool {
+    !is_office_temp_file(path) && format_of(path).is_some()
+}
+
+/// The source's files that exist now, sorted. A single-file source whose file is missing is an
+/// error; a folder or glob matching nothing is an empty list.
+pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError> {
+    let mut files = match &source.path {
+        SourcePath::File(path) => {
+            if path.is_file() {
+                vec![path.clone()]
+            } else {
+                return Err(DiscoverError { path: path.clone(), message: "the file does not exist".to_string() });
+            }
+        }
+        SourcePath::Folder(folder) => {
+            let entries = std::fs::read_dir(folder).map_err(|error| DiscoverError { path: folder.clone(), message: error.to_string() })?;
+            let mut files = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|error| DiscoverError { path: folder.clone(), message: error.to_string() })?;
+                let path = entry.path();
+                if is_candidate(&path) && path.is_file() {
+                    files.push(path);
+                }
+            }
+            files
+        }
+        SourcePath::Glob(pattern) => {
+            let paths = glob::glob(pattern).map_err(|error| DiscoverError { path: PathBuf::from(pattern), message: error.to_string() })?;
+            paths.filter_map(Result::ok).filter(|path| is_candidate(path) && path.is_file()).collect()
+        }
+    };
+    files.sort();
+    Ok(files)
+}
+
+/// The folder a source lives in: where to watch for it.
+pub fn source_folder(source: &SourceConfig) -> PathBuf {
+    match &source.path {
+        SourcePath::File(path) => path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
+        SourcePath::Folder(folder) => folder.clone(),
+        SourcePath::Glob(pattern) => {
+            // The longest leading part of the pattern without wildcards.
+            let mut folder = PathBuf::new();
+            for component in Path::new(pattern).components() {
+                let text = component.as_os_str().to_string_lossy();
+                if text.contains(['*', '?', '[']) {
+                    break;
+                }
+                folder.push(component);
+            }
+            folder
+        }
+    }
+}
+
+/// Whether `path` belongs to the source (it may not exist any more).
+pub fn source_matches(source: &SourceConfig, path: &Path) -> bool {
+    if !is_candidate(path) {
+        return false;
+    }
+    match &source.path {
+        SourcePath::File(file) => file == path,
+        SourcePath::Folder(folder) => path.parent() == Some(folder.as_path()),
+        SourcePath::Glob(pattern) => glob::Pattern::new(pattern).is_ok_and(|pattern| pattern.matches_path(path)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn office_temp_files_are_not_sources() {
+        for name in ["~$Pipeline.xlsx", ".~lock.Pipeline.xlsx#", "A1B2C3D4", "Pipeline.xlsx.tmp", "~WRL0001.tmp", ".hidden.xlsx", "notes.txt"] {
+            assert!(!is_candidate(Path::new(name)), "{name} must be ignored");
+        }
+        for name in ["Pipeline.xlsx", "销售管道.XLSX", "leads.csv", "old.xls", "team.ods", "macro.xlsm"] {
+            assert!(is_candidate(Path::new(name)), "{name} must be a candidate");
+        }
+    }
+}
