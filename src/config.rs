@@ -30,9 +30,10 @@ pub struct ConfigProblem {
 
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(formatter, "line {line}: `{}`: {}", self.key, self.message),
-            None => write!(formatter, "`{}`: {}", self.key, self.message),
+        match (self.line, self.key.is_empty()) {
+            (Some(line), false) => write!(formatter, "line {line}: `{}`: {}", self.key, self.message),
+            (Some(line), true) => write!(formatter, "line {line}: {}", self.message),
+            (None, _) => write!(formatter, "`{}`: {}", self.key, self.message),
         }
     }
 }
@@ -55,7 +56,6 @@ fn format_problems(problems: &[ConfigProblem]) -> String {
 /// The top level of the file. Each section is kept as a spanned TOML value so that every section
 /// (and every `[[sources]]` entry) is checked on its own and all their problems are reported.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawTopLevel {
     store: Option<Spanned<toml::Value>>,
     #[serde(default)]
@@ -63,7 +63,13 @@ struct RawTopLevel {
     stages: Option<Vec<Spanned<toml::Value>>>,
     watch: Option<Spanned<toml::Value>>,
     log_level: Option<Spanned<String>>,
+    /// Keys funnelsync does not know. They are errors, collected here (rather than by serde's
+    /// `deny_unknown_fields`, which stops at the first) so all of them are reported at once.
+    #[serde(flatten)]
+    unknown: BTreeMap<String, toml::Value>,
 }
+
+const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, log_level";
 
 /// The whole file, as written, once every section has been read.
 #[derive(Debug, Default)]
@@ -84,6 +90,9 @@ pub struct RawStore {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
+    /// 1-based position among the file's `[[sources]]`, for messages.
+    #[serde(skip)]
+    pub position: usize,
     pub name: String,
     pub path: String,
     pub sheet: Option<String>,
@@ -122,6 +131,9 @@ impl OneOrMany {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStage {
+    /// 1-based position among the file's `[[stages]]`, for messages.
+    #[serde(skip)]
+    pub position: usize,
     pub name: String,
     #[serde(default)]
     pub aliases: Vec<String>,
@@ -144,14 +156,42 @@ impl RawConfig {
     /// Parses the text of a config file. Syntax errors stop here; every section is then read on
     /// its own so that a mistake in one does not hide the mistakes in the others.
     pub fn parse(text: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
-        let top: RawTopLevel = toml::from_str(text).map_err(|error| {
-            vec![ConfigProblem {
-                key: error_key(&error).unwrap_or_else(|| "(file)".to_string()),
-                line: error.span().map(|span| line_of(text, span.start)),
-                message: error.message().trim_end_matches('.').to_string(),
-            }]
-        })?;
+        let (raw, problems) = RawConfig::parse_partial(text);
+        match raw {
+            Some(raw) if problems.is_empty() => Ok(raw),
+            _ => Err(problems),
+        }
+    }
+
+    /// Parses what can be parsed: a file with a syntax error gives `None`; otherwise every section
+    /// that reads cleanly is kept, so that stage two can still check it, and the problems of the
+    /// others are returned beside it.
+    pub fn parse_partial(text: &str) -> (Option<RawConfig>, Vec<ConfigProblem>) {
+        let top: RawTopLevel = match toml::from_str(text) {
+            Ok(top) => top,
+            Err(error) => {
+                let problem = ConfigProblem {
+                    key: unknown_field_name(error.message()).unwrap_or_default(),
+                    line: error.span().map(|span| line_of(text, span.start)),
+                    message: error.message().trim().trim_end_matches('.').to_string(),
+                };
+                return (None, vec![problem]);
+            }
+        };
         let mut problems = Vec::new();
+        for key in top.unknown.keys() {
+            let line = text.lines().position(|line| {
+                let line = line.trim();
+                [format!("[{key}]"), format!("[[{key}]]")].contains(&line.to_string())
+                    || line.starts_with(&format!("[{key}."))
+                    || line.strip_prefix(key.as_str()).is_some_and(|rest| rest.trim_start().starts_with('='))
+            });
+            problems.push(ConfigProblem {
+                key: key.clone(),
+                line: line.map(|line_idx| line_idx + 1),
+                message: format!("unknown key `{key}`, expected one of {TOP_LEVEL_KEYS}"),
+            });
+        }
         let mut raw = RawConfig {
             log_level: top.log_level.map(Spanned::into_inner),
             ..RawConfig::default()
@@ -159,24 +199,22 @@ impl RawConfig {
         raw.store = read_section(text, "store", top.store, &mut problems);
         raw.watch = read_section(text, "watch", top.watch, &mut problems);
         for (index, source) in top.sources.into_iter().enumerate() {
-            if let Some(source) = read_section(text, &format!("sources[{}]", index + 1), Some(source), &mut problems) {
+            if let Some(mut source) = read_section::<RawSource>(text, &format!("sources[{}]", index + 1), Some(source), &mut problems) {
+                source.position = index + 1;
                 raw.sources.push(source);
             }
         }
         if let Some(stages) = top.stages {
             let mut read = Vec::new();
             for (index, stage) in stages.into_iter().enumerate() {
-                if let Some(stage) = read_section(text, &format!("stages[{}]", index + 1), Some(stage), &mut problems) {
+                if let Some(mut stage) = read_section::<RawStage>(text, &format!("stages[{}]", index + 1), Some(stage), &mut problems) {
+                    stage.position = index + 1;
                     read.push(stage);
                 }
             }
             raw.stages = Some(read);
         }
-        if problems.is_empty() {
-            Ok(raw)
-        } else {
-            Err(problems)
-        }
+        (Some(raw), problems)
     }
 }
 
@@ -193,19 +231,52 @@ fn read_section<T: serde::de::DeserializeOwned>(
         Err(error) => {
             let message = error.message().trim_end_matches('.').to_string();
             // Name the offending key inside the section where serde tells it.
-            let inner_key = unknown_field_name(&message)
-                .or_else(|| error_key(&error))
-                .map(|inner| format!("{key}.{inner}"))
-                .unwrap_or_else(|| key.to_string());
+            let inner = unknown_field_name(&message);
+            // Point at the key's own line when it can be found below the section's start.
+            let line = inner.as_deref().and_then(|inner| line_of_key(text, line, inner)).unwrap_or(line);
+            let inner_key = inner.map(|inner| format!("{key}.{inner}")).unwrap_or_else(|| key.to_string());
             problems.push(ConfigProblem { key: inner_key, line: Some(line), message });
             None
         }
     }
 }
 
-fn error_key(error: &toml::de::Error) -> Option<String> {
-    let message = error.message();
-    unknown_field_name(message)
+/// The line of a validated key such as `sources[2].header_row` or `watch.settle`: the line that
+/// assigns it inside its section, else the section's header line.
+fn locate_key(text: &str, key: &str) -> Option<usize> {
+    let (section, rest) = key.split_once('.').unwrap_or((key, ""));
+    let (name, index) = match section.split_once('[') {
+        Some((name, index)) => (name, index.trim_end_matches(']').parse::<usize>().ok()?),
+        None => (section, 1),
+    };
+    let headers = [format!("[[{name}]]"), format!("[{name}]")];
+    let header_line = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| headers.iter().any(|header| line.trim() == header.as_str()))
+        .nth(index - 1)
+        .map(|(line_idx, _)| line_idx + 1)?;
+    let field = rest.rsplit('.').next().unwrap_or("");
+    if field.is_empty() {
+        return Some(header_line);
+    }
+    let subtable = format!("[{name}.");
+    let end_line = text
+        .lines()
+        .enumerate()
+        .skip(header_line)
+        .find(|(_, line)| line.trim_start().starts_with('[') && !line.trim_start().starts_with(&subtable))
+        .map(|(line_idx, _)| line_idx + 1)
+        .unwrap_or(usize::MAX);
+    line_of_key(text, header_line, field).filter(|line| *line < end_line).or(Some(header_line))
+}
+
+/// The first line at or after `from_line` that assigns `key` (`key = …`).
+fn line_of_key(text: &str, from_line: usize, key: &str) -> Option<usize> {
+    text.lines().enumerate().skip(from_line.saturating_sub(1)).find_map(|(index, line)| {
+        let rest = line.trim_start().strip_prefix(key)?;
+        rest.trim_start().starts_with('=').then_some(index + 1)
+    })
 }
 
 fn unknown_field_name(message: &str) -> Option<String> {
@@ -398,13 +469,28 @@ impl Config {
     /// resolved against that file's folder).
     pub fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
-        let raw = RawConfig::parse(text).map_err(invalid)?;
+        let (raw, mut problems) = RawConfig::parse_partial(text);
+        let Some(raw) = raw else { return Err(invalid(problems)) };
         let base = path
             .parent()
             .map(|parent| if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
             .unwrap_or(Path::new("."));
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
-        Config::from_raw(raw, path, &base).map_err(invalid)
+        // A section that did not parse is missing from `raw`; do not also report it as missing.
+        let store_unreadable = problems.iter().any(|problem| problem.key.starts_with("store"));
+        match Config::from_raw(raw, path, &base) {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(invalid(problems)),
+            Err(more) => {
+                let located = more.into_iter().map(|mut problem| {
+                    problem.line = problem.line.or_else(|| locate_key(text, &problem.key));
+                    problem
+                });
+                problems.extend(located.filter(|problem| !(store_unreadable && problem.key == "store")));
+                problems.sort_by_key(|problem| problem.line.unwrap_or(usize::MAX));
+                Err(invalid(problems))
+            }
+        }
     }
 
     pub fn from_raw(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
@@ -435,9 +521,9 @@ impl Config {
         }
         let mut sources = Vec::new();
         let mut seen_names: HashMap<String, usize> = HashMap::new();
-        for (index, raw_source) in raw.sources.into_iter().enumerate() {
-            let key = format!("sources[{}]", index + 1);
-            if let Some(previous) = seen_names.insert(raw_source.name.clone(), index + 1) {
+        for raw_source in raw.sources {
+            let key = format!("sources[{}]", raw_source.position);
+            if let Some(previous) = seen_names.insert(raw_source.name.clone(), raw_source.position) {
                 problem(
                     &format!("{key}.name"),
                     format!("\"{}\" is already the name of sources[{previous}]", raw_source.name),
@@ -537,8 +623,8 @@ fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String))
 fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, String)) -> Stages {
     let mut stages = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
-    for (index, raw) in raw_stages.into_iter().enumerate() {
-        let key = format!("stages[{}]", index + 1);
+    for raw in raw_stages {
+        let key = format!("stages[{}]", raw.position);
         if raw.name.trim().is_empty() {
             problem(&format!("{key}.name"), "must not be empty".to_string());
         }
@@ -811,10 +897,11 @@ poll_interval = "often"
         let found = problems(text);
         let keys: Vec<&str> = found.iter().map(|problem| problem.key.as_str()).collect();
         assert!(keys.contains(&"sources[2].pathh"), "{found:?}");
-        assert_eq!(found.iter().find(|problem| problem.key == "sources[2].pathh").and_then(|problem| problem.line), Some(11));
-        // The unknown key stops the rest of that section only; the rest is validated in stage two
-        // once the file parses, so here only the parse-stage problems show.
-        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found.iter().find(|problem| problem.key == "sources[2].pathh").and_then(|problem| problem.line), Some(13));
+        // The unreadable source does not hide the problems of the sections that did read.
+        assert!(keys.contains(&"sources[1].header_row"), "{found:?}");
+        assert_eq!(found.iter().find(|problem| problem.key == "sources[1].header_row").and_then(|problem| problem.line), Some(8));
+        assert_eq!(found.iter().find(|problem| problem.key == "watch.poll_interval").and_then(|problem| problem.line), Some(20));
 
         let fixed = text.replace("pathh", "path");
         let found = problems(&fixed);
@@ -832,10 +919,12 @@ poll_interval = "often"
 
     #[test]
     fn unknown_top_level_key_names_its_line() {
-        let found = problems("[store]\npath = \"x.db\"\n\n[stor]\npath = \"y\"\n");
-        assert_eq!(found.len(), 1, "{found:?}");
+        let found = problems("[store]\npath = \"x.db\"\n\n[stor]\npath = \"y\"\n[[sources]]\nname = \"p\"\npath = \"p.txt\"\n");
+        assert_eq!(found.len(), 2, "{found:?}");
         assert_eq!(found[0].key, "stor");
         assert_eq!(found[0].line, Some(4));
+        assert_eq!(found[1].key, "sources[1].path");
+        assert_eq!(found[1].line, Some(8));
     }
 
     #[test]

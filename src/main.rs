@@ -8,11 +8,19 @@ use funnelsync::cli::{self, Cli, Command, DealsCommand};
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::from(cli::EXIT_FAILURE)
         }
     }
+}
+
+/// Output piped into `head` that stops reading is not an error worth a message.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io_error| io_error.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run() -> anyhow::Result<ExitCode> {

@@ -1,1 +1,6 @@
-fn main(){}
+//! The one integration test binary: user scenarios against the real `funnelsync` binary, real
+//! spreadsheets in temp folders and a real SQLite store.
+
+mod config_cli;
+mod harness;
+mod sync_cli;

@@ -1,0 +1,244 @@
+//! The test harness: a temp folder per test, builders for real workbooks, and a runner for the
+//! real `funnelsync` binary, so each test reads as a user scenario.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rust_xlsxwriter::{ExcelDateTime, Format, Formula, Workbook};
+use serde_json::Value;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_funnelsync");
+
+/// A cell for [`XlsxBuilder`].
+#[derive(Debug, Clone)]
+pub enum Cell {
+    Text(String),
+    Number(f64),
+    /// A date cell (a number formatted as a date), year, month, day.
+    Date(u16, u8, u8),
+    /// A formula with its cached result.
+    Formula(String, String),
+    Empty,
+}
+
+impl From<&str> for Cell {
+    fn from(text: &str) -> Cell {
+        if text.is_empty() {
+            Cell::Empty
+        } else {
+            Cell::Text(text.to_string())
+        }
+    }
+}
+
+impl From<f64> for Cell {
+    fn from(number: f64) -> Cell {
+        Cell::Number(number)
+    }
+}
+
+/// Builds a real .xlsx file with one or more sheets.
+#[derive(Debug, Default, Clone)]
+pub struct XlsxBuilder {
+    sheets: Vec<(String, Vec<(u32, Vec<Cell>)>)>,
+}
+
+impl XlsxBuilder {
+    pub fn new() -> XlsxBuilder {
+        XlsxBuilder::default()
+    }
+
+    /// Starts a sheet; following `row` calls add to it.
+    pub fn sheet(mut self, name: &str) -> XlsxBuilder {
+        self.sheets.push((name.to_string(), Vec::new()));
+        self
+    }
+
+    /// Adds a row of text cells ("" is an empty cell) below the previous row.
+    pub fn row(self, cells: &[&str]) -> XlsxBuilder {
+        self.cells(cells.iter().map(|text| Cell::from(*text)).collect())
+    }
+
+    pub fn cells(mut self, cells: Vec<Cell>) -> XlsxBuilder {
+        if self.sheets.is_empty() {
+            self.sheets.push(("Sheet1".to_string(), Vec::new()));
+        }
+        let rows = &mut self.sheets.last_mut().expect("a sheet").1;
+        let next = rows.last().map(|(row, _)| row + 1).unwrap_or(0);
+        rows.push((next, cells));
+        self
+    }
+
+    /// Leaves `n` empty rows.
+    pub fn skip_rows(mut self, n: u32) -> XlsxBuilder {
+        if self.sheets.is_empty() {
+            self.sheets.push(("Sheet1".to_string(), Vec::new()));
+        }
+        let rows = &mut self.sheets.last_mut().expect("a sheet").1;
+        let next = rows.last().map(|(row, _)| row + 1).unwrap_or(0);
+        rows.push((next + n - 1, Vec::new()));
+        self
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut workbook = Workbook::new();
+        let date_format = Format::new().set_num_format("yyyy-mm-dd");
+        for (name, rows) in &self.sheets {
+            let sheet = workbook.add_worksheet();
+            sheet.set_name(name).expect("sheet name");
+            for (row, cells) in rows {
+                for (column, cell) in cells.iter().enumerate() {
+                    let column = column as u16;
+                    match cell {
+                        Cell::Text(text) => {
+                            sheet.write_string(*row, column, text).expect("write");
+                        }
+                        Cell::Number(number) => {
+                            sheet.write_number(*row, column, *number).expect("write");
+                        }
+                        Cell::Date(year, month, day) => {
+                            let date = ExcelDateTime::from_ymd(*year, *month, *day).expect("date");
+                            sheet.write_datetime_with_format(*row, column, date, &date_format).expect("write");
+                        }
+                        Cell::Formula(formula, result) => {
+                            sheet.write_formula(*row, column, Formula::new(formula).set_result(result)).expect("write");
+                        }
+                        Cell::Empty => {}
+                    }
+                }
+            }
+        }
+        workbook.save_to_buffer().expect("xlsx bytes")
+    }
+
+    pub fn save(&self, path: &Path) {
+        std::fs::write(path, self.to_bytes()).expect("write xlsx");
+    }
+}
+
+/// The outcome of one run of the binary.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(output: Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|error| panic!("stdout is not JSON ({error}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, expected: i32) -> &Run {
+        assert_eq!(self.code, expected, "exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// A temp folder with a config file, a store and spreadsheets.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        TestDir { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("funnelsync.toml")
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.path("state/crm.db")
+    }
+
+    /// Writes the config: a `[store]` in the temp folder plus the given text.
+    pub fn config(&self, sources_and_more: &str) -> &TestDir {
+        let text = format!("[store]\npath = \"state/crm.db\"\n\n{sources_and_more}");
+        std::fs::write(self.config_path(), text).expect("write config");
+        self
+    }
+
+    /// A config with one source on one file.
+    pub fn single_source(&self, file: &str, extra: &str) -> &TestDir {
+        self.config(&format!("[[sources]]\nname = \"pipeline\"\npath = \"{file}\"\n{extra}\n"))
+    }
+
+    pub fn write(&self, name: &str, bytes: impl AsRef<[u8]>) {
+        let path = self.path(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create folder");
+        }
+        std::fs::write(path, bytes).expect("write file");
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BINARY);
+        command
+            .current_dir(self.dir.path())
+            .env_remove("FUNNELSYNC_CONFIG")
+            .env_remove("RUST_LOG")
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args);
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from_output(self.command(args).output().expect("run funnelsync"))
+    }
+
+    pub fn sync(&self) -> Run {
+        self.run(&["sync", "--format", "json"])
+    }
+
+    /// Every deal, archived ones included, as `deals list --format json` prints them.
+    pub fn deals(&self) -> Vec<Value> {
+        let run = self.run(&["deals", "list", "--include-archived", "--format", "json"]);
+        run.assert_code(0);
+        match run.json() {
+            Value::Array(deals) => deals,
+            other => panic!("deals list printed {other}"),
+        }
+    }
+
+    /// The deal whose `field` equals `value`.
+    #[track_caller]
+    pub fn deal_by(&self, field: &str, value: &str) -> Value {
+        let deals = self.deals();
+        let matching: Vec<&Value> = deals.iter().filter(|deal| deal[field] == value).collect();
+        assert_eq!(matching.len(), 1, "expected one deal with {field} = {value}, got {matching:?}");
+        matching[0].clone()
+    }
+
+    pub fn store(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.store_path()).expect("open store")
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.store().query_row(sql, [], |row| row.get(0)).expect("count query")
+    }
+}
+
+/// The report of the file whose path ends with `name` in `sync --format json` output.
+#[track_caller]
+pub fn file_report<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["files"]
+        .as_array()
+        .and_then(|files| files.iter().find(|file| file["file"].as_str().is_some_and(|path| path.ends_with(name))))
+        .unwrap_or_else(|| panic!("no report for {name} in {report}"))
+}
