@@ -705,7 +705,8 @@ fn validate_source(
         }
     } else {
         let resolved = resolve(base, &raw.path);
-        if resolved.is_dir() {
+        // A path without an extension is a folder even before it exists (a share not mounted yet).
+        if resolved.is_dir() || (resolved.extension().is_none() && !resolved.is_file()) {
             Some(SourcePath::Folder(resolved))
         } else {
             let extension = resolved.extension().and_then(|ext| ext.to_str()).unwrap_or("").to_lowercase();
@@ -925,6 +926,15 @@ poll_interval = "often"
         assert_eq!(found[0].line, Some(4));
         assert_eq!(found[1].key, "sources[1].path");
         assert_eq!(found[1].line, Some(8));
+    }
+
+    #[test]
+    fn the_shipped_configs_are_valid() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for name in ["config/funnelsync.example.toml", "config/demo.toml"] {
+            let config = Config::load(&repo.join(name)).unwrap_or_else(|error| panic!("{name}: {error}"));
+            assert!(!config.sources.is_empty(), "{name}");
+        }
     }
 
     #[test]

@@ -317,3 +317,276 @@ fn changes_against_store(row: &CleanRow, deal: &Deal) -> (Vec<(Field, Option<Fie
         .collect();
     (changes, extra_changes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+    use proptest::prelude::*;
+
+    use crate::deal::ExtraMap;
+
+    fn fields(pairs: &[(Field, &str)]) -> FieldMap {
+        pairs.iter().map(|(field, value)| (*field, FieldValue::Text(value.to_string()))).collect()
+    }
+
+    fn row(row_number: u32, id: Option<DealId>, pairs: &[(Field, &str)]) -> CleanRow {
+        CleanRow { row_number, id, fields: fields(pairs), extras: ExtraMap::new(), has_error: false }
+    }
+
+    fn mirror_row(deal_id: DealId, row_number: u32, pairs: &[(Field, &str)]) -> MirrorRow {
+        let fields = fields(pairs);
+        let extras = ExtraMap::new();
+        MirrorRow { deal_id, row_number, row_hash: row_hash(&fields, &extras), fields, extras }
+    }
+
+    fn deal(id: DealId, pairs: &[(Field, &str)]) -> Deal {
+        let at = Utc.with_ymd_and_hms(2026, 11, 1, 9, 0, 0).single().expect("time");
+        Deal { id, fields: fields(pairs), extra: ExtraMap::new(), created_at: at, updated_at: at, stage_entered_at: Some(at), archived_at: None }
+    }
+
+    struct Case {
+        name: &'static str,
+        rows: Vec<CleanRow>,
+        mirror: Vec<MirrorRow>,
+        deals: Vec<Deal>,
+        natural: Vec<(NaturalKey, DealId)>,
+        other_files: Vec<DealId>,
+        on_row_removed: RowRemoved,
+        expected_actions: Vec<RowAction>,
+        expected_removals: Vec<Removal>,
+        n_issues: usize,
+    }
+
+    impl Default for Case {
+        fn default() -> Case {
+            Case {
+                name: "",
+                rows: Vec::new(),
+                mirror: Vec::new(),
+                deals: Vec::new(),
+                natural: Vec::new(),
+                other_files: Vec::new(),
+                on_row_removed: RowRemoved::Archive,
+                expected_actions: Vec::new(),
+                expected_removals: Vec::new(),
+                n_issues: 0,
+            }
+        }
+    }
+
+    use Field::{Company, Contact, Email, Stage};
+
+    fn cases() -> Vec<Case> {
+        let acme = [(Company, "Acme"), (Email, "ann@acme.com"), (Stage, "Lead")];
+        let beta = [(Company, "Beta"), (Contact, "Ben"), (Stage, "Lead")];
+        vec![
+            Case {
+                name: "unchanged rows, even moved, are unchanged",
+                rows: vec![row(2, None, &beta), row(3, None, &acme)],
+                mirror: vec![mirror_row(1, 2, &acme), mirror_row(2, 3, &beta)],
+                deals: vec![deal(1, &acme), deal(2, &beta)],
+                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 2 }, RowAction::Unchanged { row_idx: 1, deal_id: 1 }],
+                ..Case::default()
+            },
+            Case {
+                name: "a changed field is the only change",
+                rows: vec![row(2, None, &[(Company, "Acme"), (Email, "ann@acme.com"), (Stage, "Won")])],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                expected_actions: vec![RowAction::Update {
+                    row_idx: 0,
+                    deal_id: 1,
+                    changes: vec![(Stage, Some(FieldValue::Text("Won".to_string())))],
+                    extra_changes: vec![],
+                    unarchive: false,
+                }],
+                ..Case::default()
+            },
+            Case {
+                name: "a cleared cell clears the field",
+                rows: vec![row(2, None, &[(Company, "Acme"), (Stage, "Lead")])],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                expected_actions: vec![RowAction::Update { row_idx: 0, deal_id: 1, changes: vec![(Email, None)], extra_changes: vec![], unarchive: false }],
+                ..Case::default()
+            },
+            Case {
+                name: "a renamed company is still recognised by email",
+                rows: vec![row(2, None, &[(Company, "Acme Inc"), (Email, "ann@acme.com"), (Stage, "Lead")])],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                expected_actions: vec![RowAction::Update {
+                    row_idx: 0,
+                    deal_id: 1,
+                    changes: vec![(Company, Some(FieldValue::Text("Acme Inc".to_string())))],
+                    extra_changes: vec![],
+                    unarchive: false,
+                }],
+                ..Case::default()
+            },
+            Case {
+                name: "a row without email is recognised by company and contact",
+                rows: vec![row(2, None, &[(Company, "Beta"), (Contact, "Ben"), (Stage, "Won")])],
+                mirror: vec![mirror_row(2, 2, &beta)],
+                deals: vec![deal(2, &beta)],
+                expected_actions: vec![RowAction::Update {
+                    row_idx: 0,
+                    deal_id: 2,
+                    changes: vec![(Stage, Some(FieldValue::Text("Won".to_string())))],
+                    extra_changes: vec![],
+                    unarchive: false,
+                }],
+                ..Case::default()
+            },
+            Case {
+                name: "a removed row is archived",
+                rows: vec![row(2, None, &acme)],
+                mirror: vec![mirror_row(1, 2, &acme), mirror_row(2, 3, &beta)],
+                deals: vec![deal(1, &acme), deal(2, &beta)],
+                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 1 }],
+                expected_removals: vec![Removal::Archive(2)],
+                ..Case::default()
+            },
+            Case {
+                name: "delete policy deletes",
+                rows: vec![],
+                mirror: vec![mirror_row(2, 3, &beta)],
+                deals: vec![deal(2, &beta)],
+                on_row_removed: RowRemoved::Delete,
+                expected_removals: vec![Removal::Delete(2)],
+                ..Case::default()
+            },
+            Case {
+                name: "ignore policy only forgets",
+                rows: vec![],
+                mirror: vec![mirror_row(2, 3, &beta)],
+                deals: vec![deal(2, &beta)],
+                on_row_removed: RowRemoved::Ignore,
+                expected_removals: vec![Removal::Forget(2)],
+                ..Case::default()
+            },
+            Case {
+                name: "a deal that moved to another file is not archived",
+                rows: vec![],
+                mirror: vec![mirror_row(2, 3, &beta)],
+                deals: vec![deal(2, &beta)],
+                other_files: vec![2],
+                expected_removals: vec![Removal::MovedAway(2)],
+                ..Case::default()
+            },
+            Case {
+                name: "an unrecognisable row with errors defers removals",
+                rows: vec![CleanRow { has_error: true, ..row(2, None, &[(Stage, "Lead")]) }],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                expected_actions: vec![RowAction::Skipped { row_idx: 0, deal_id: None }],
+                expected_removals: vec![Removal::Deferred(1)],
+                n_issues: 1,
+                ..Case::default()
+            },
+            Case {
+                name: "a recognised row with errors is skipped and not removed",
+                rows: vec![CleanRow { has_error: true, ..row(2, None, &[(Company, "Acme"), (Email, "ann@acme.com")]) }],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                expected_actions: vec![RowAction::Skipped { row_idx: 0, deal_id: Some(1) }],
+                ..Case::default()
+            },
+            Case {
+                name: "a repeated id makes a new deal with a warning",
+                rows: vec![row(2, Some(1), &acme), row(3, Some(1), &[(Company, "Acme East")])],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 1 }, RowAction::Create { row_idx: 1 }],
+                n_issues: 1,
+                ..Case::default()
+            },
+            Case {
+                name: "an unknown id is warned about and the row created",
+                rows: vec![row(2, Some(99), &[(Company, "Gamma")])],
+                expected_actions: vec![RowAction::Create { row_idx: 0 }],
+                n_issues: 1,
+                ..Case::default()
+            },
+            Case {
+                name: "a new row matching a store deal by email updates only what differs and is set",
+                rows: vec![row(2, None, &[(Email, "ann@acme.com"), (Stage, "Won")])],
+                deals: vec![deal(1, &acme)],
+                natural: vec![((Email, "ann@acme.com".to_string()), 1)],
+                expected_actions: vec![RowAction::Update {
+                    row_idx: 0,
+                    deal_id: 1,
+                    changes: vec![(Stage, Some(FieldValue::Text("Won".to_string())))],
+                    extra_changes: vec![],
+                    unarchive: false,
+                }],
+                ..Case::default()
+            },
+            Case {
+                name: "the id wins over the email",
+                rows: vec![row(2, Some(2), &beta)],
+                mirror: vec![mirror_row(2, 2, &beta)],
+                deals: vec![deal(1, &acme), deal(2, &beta)],
+                natural: vec![((Email, "ann@acme.com".to_string()), 1)],
+                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 2 }],
+                ..Case::default()
+            },
+        ]
+    }
+
+    fn run(case: &Case) -> (Changeset, Vec<RowIssue>) {
+        let deals: HashMap<DealId, Deal> = case.deals.iter().map(|deal| (deal.id, deal.clone())).collect();
+        let natural: HashMap<NaturalKey, DealId> = case.natural.iter().cloned().collect();
+        let other_files: HashSet<DealId> = case.other_files.iter().copied().collect();
+        diff(&DiffInput {
+            rows: &case.rows,
+            mirror: &case.mirror,
+            deals: &deals,
+            natural_matches: &natural,
+            deals_in_other_files: &other_files,
+            match_on: &[Email],
+            on_row_removed: case.on_row_removed,
+        })
+    }
+
+    #[test]
+    fn diff_cases() {
+        for case in cases() {
+            let (changeset, issues) = run(&case);
+            assert_eq!(changeset.actions, case.expected_actions, "{}", case.name);
+            assert_eq!(changeset.removals, case.expected_removals, "{}", case.name);
+            assert_eq!(issues.len(), case.n_issues, "{}: {:?}", case.name, issues);
+        }
+    }
+
+    #[test]
+    fn only_rows_not_recognised_otherwise_need_store_lookups() {
+        let acme = [(Company, "Acme"), (Email, "ann@acme.com")];
+        let rows = vec![row(2, None, &acme), row(3, Some(5), &[(Email, "x@y.com")]), row(4, None, &[(Email, "new@y.com")])];
+        let mirror = vec![mirror_row(1, 2, &acme)];
+        assert_eq!(lookups_needed(&rows, &mirror, &[Email]), vec![(Email, "new@y.com".to_string())]);
+    }
+
+    proptest! {
+        /// Whatever the rows, syncing a file against a mirror of exactly those rows changes nothing.
+        #[test]
+        fn a_file_equal_to_its_mirror_is_all_unchanged(companies in proptest::collection::vec("[a-z]{0,6}", 0..20)) {
+            let mut rows = Vec::new();
+            let mut mirror = Vec::new();
+            let mut deals = Vec::new();
+            for (index, company) in companies.iter().enumerate() {
+                let pairs = [(Company, company.as_str()), (Stage, "Lead")];
+                rows.push(row(index as u32 + 2, None, &pairs));
+                mirror.push(mirror_row(index as DealId + 1, index as u32 + 2, &pairs));
+                deals.push(deal(index as DealId + 1, &pairs));
+            }
+            let case = Case { rows, mirror, deals, ..Case::default() };
+            let (changeset, issues) = run(&case);
+            prop_assert!(issues.is_empty());
+            prop_assert!(changeset.removals.is_empty());
+            let all_unchanged = changeset.actions.iter().all(|action| matches!(action, RowAction::Unchanged { .. }));
+            prop_assert!(all_unchanged);
+        }
+    }
+}
