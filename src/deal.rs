@@ -167,6 +167,12 @@ pub type FieldMap = BTreeMap<Field, FieldValue>;
 /// Columns of a sheet that map to no field, by header text. They are kept so nothing is lost.
 pub type ExtraMap = BTreeMap<String, String>;
 
+/// Field-level changes to a deal: a new value, or `None` to clear the field.
+pub type FieldChanges = Vec<(Field, Option<FieldValue>)>;
+
+/// Changes to a deal's extra fields: a new value, or `None` to remove the key.
+pub type ExtraChanges = Vec<(String, Option<String>)>;
+
 /// A deal as the CRM store holds it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Deal {

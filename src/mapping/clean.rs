@@ -243,7 +243,7 @@ fn normalize_separators(digits: &str) -> Option<String> {
         _ => ',',
     };
     let mut out = String::with_capacity(digits.len());
-    let groups: Vec<&str> = digits.split(|c| c == thousands).collect();
+    let groups: Vec<&str> = digits.split(thousands).collect();
     if groups.len() > 1 {
         // Thousands groups after the first must have exactly three digits.
         for group in &groups[1..] {
@@ -391,7 +391,8 @@ mod tests {
 
     #[test]
     fn amounts() {
-        let cases: Vec<(Cell, Option<(f64, Option<&str>)>)> = vec![
+        type Expected = Option<(f64, Option<&'static str>)>;
+        let cases: Vec<(Cell, Expected)> = vec![
             (Cell::Number(12000.0), Some((12000.0, None))),
             (text_cell("12,000"), Some((12000.0, None))),
             (text_cell("¥12,000.50"), Some((12000.5, Some("CNY")))),

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::config::RowRemoved;
-use crate::deal::{normalize_label, Deal, DealId, Field, FieldMap, FieldValue};
+use crate::deal::{normalize_label, Deal, DealId, ExtraChanges, Field, FieldChanges, FieldMap, FieldValue};
 use crate::mapping::{CleanRow, RowIssue};
 use crate::mirror::{row_hash, MirrorRow};
 
@@ -40,8 +40,8 @@ pub enum RowAction {
     Update {
         row_idx: usize,
         deal_id: DealId,
-        changes: Vec<(Field, Option<FieldValue>)>,
-        extra_changes: Vec<(String, Option<String>)>,
+        changes: FieldChanges,
+        extra_changes: ExtraChanges,
         unarchive: bool,
     },
     Unchanged { row_idx: usize, deal_id: DealId },
@@ -281,7 +281,7 @@ fn changes_since_mirror(
     row: &CleanRow,
     mirror_row: &MirrorRow,
     deal: &Deal,
-) -> (Vec<(Field, Option<FieldValue>)>, Vec<(String, Option<String>)>) {
+) -> (FieldChanges, ExtraChanges) {
     let mut changes = Vec::new();
     for field in Field::ALL {
         let now = row.fields.get(&field);
@@ -302,7 +302,7 @@ fn changes_since_mirror(
 
 /// For a deal this file did not hold before: the row's non-empty values that differ from the
 /// store. Empty cells do not clear what the store knows from elsewhere.
-fn changes_against_store(row: &CleanRow, deal: &Deal) -> (Vec<(Field, Option<FieldValue>)>, Vec<(String, Option<String>)>) {
+fn changes_against_store(row: &CleanRow, deal: &Deal) -> (FieldChanges, ExtraChanges) {
     let changes = row
         .fields
         .iter()

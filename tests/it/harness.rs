@@ -38,9 +38,12 @@ impl From<f64> for Cell {
 }
 
 /// Builds a real .xlsx file with one or more sheets.
+/// A sheet being built: its name and its rows by 0-based row index.
+type SheetRows = (String, Vec<(u32, Vec<Cell>)>);
+
 #[derive(Debug, Default, Clone)]
 pub struct XlsxBuilder {
-    sheets: Vec<(String, Vec<(u32, Vec<Cell>)>)>,
+    sheets: Vec<SheetRows>,
 }
 
 impl XlsxBuilder {
