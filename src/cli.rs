@@ -49,6 +49,10 @@ pub enum Command {
     Errors(FormatArgs),
     /// Validate the config file and print a summary.
     CheckConfig,
+    /// Run the daemon in the foreground: sync every source now, then whenever a file changes.
+    Run,
+    /// Per source file: last sync and its result, row errors, pending retries.
+    Status(FormatArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -295,6 +299,49 @@ pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                     stored.sheet.as_deref().unwrap_or(""),
                     stored.issue
                 )?;
+            }
+        }
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(config)?;
+    let overview = mirror::file_overview(store.connection())?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&overview)?)?,
+        Format::Table => {
+            if overview.is_empty() {
+                writeln!(out, "no file has been synced yet")?;
+                return Ok(ExitCode::from(EXIT_OK));
+            }
+            let mut rows = vec![["source", "file", "last sync", "result", "rows", "errors", "state"].map(String::from).to_vec()];
+            for file in &overview {
+                let state = match (file.state, file.next_retry_at) {
+                    (Some(mirror::FileState::Retrying), Some(retry_at)) => {
+                        format!("retry {} at {}", file.attempts + 1, retry_at.with_timezone(&chrono::Local).format("%H:%M:%S"))
+                    }
+                    (Some(state), _) => state.name().to_string(),
+                    (None, _) => String::new(),
+                };
+                rows.push(vec![
+                    file.source.clone(),
+                    display_file(&file.file),
+                    file.last_run_at
+                        .map(|at| at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_default(),
+                    file.last_status.clone().unwrap_or_default(),
+                    file.n_rows.to_string(),
+                    file.n_row_errors.to_string(),
+                    state,
+                ]);
+            }
+            write_table(&mut out, &rows, &[false, false, false, false, true, true, false])?;
+            for file in overview.iter().filter(|file| file.last_status.as_deref() == Some("failed")) {
+                if let Some(message) = &file.last_message {
+                    writeln!(out, "\n{}: {message}", display_file(&file.file))?;
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod deal;
 pub mod mapping;
 pub mod mirror;

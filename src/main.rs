@@ -29,21 +29,34 @@ fn run() -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    init_logging(config.log_level.as_deref());
+    let default_level = if matches!(cli.command, Command::Run) { "info" } else { "warn" };
+    init_logging(config.log_level.as_deref(), default_level);
     match &cli.command {
         Command::CheckConfig => cli::check_config(&config),
         Command::Sync(args) => cli::sync(&config, args),
         Command::Deals(DealsCommand::List(args)) => cli::deals_list(&config, args),
         Command::Errors(args) => cli::errors(&config, args),
+        Command::Status(args) => cli::status(&config, args),
+        Command::Run => {
+            funnelsync::daemon::run(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` wins over the config's `log_level`; one-shot commands default to
-/// warnings only so their output stays readable.
-fn init_logging(config_level: Option<&str>) {
+/// Logs go to stderr; `RUST_LOG` wins over the config's `log_level`. Under systemd (stderr is the
+/// journal, as `JOURNAL_STREAM` says) lines carry no colours and no time stamps: the journal adds
+/// its own.
+fn init_logging(config_level: Option<&str>, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .ok()
         .or_else(|| config_level.and_then(|level| tracing_subscriber::EnvFilter::try_new(level).ok()))
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default_level));
+    let to_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if to_journal {
+        builder.with_ansi(false).without_time().with_target(false).try_init()
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+    };
 }

@@ -2,8 +2,8 @@
 //! deal id, with a row hash — plus the row errors of its last sync. It is the "base" the next sync
 //! diffs against, and always local SQLite, even when the CRM store is not.
 //!
-//! This module owns the `mirror_files`, `mirror_rows` and `row_errors` tables. It must not decide
-//! anything: it stores and loads what the sync module tells it.
+//! This module owns the `mirror_files`, `mirror_rows`, `row_errors` and `file_status` tables. It
+//! must not decide anything: it stores and loads what the sync module and the daemon tell it.
 
 use std::collections::HashMap;
 
@@ -206,6 +206,150 @@ pub fn current_issues(connection: &Connection) -> Result<Vec<StoredIssue>, Store
         });
     }
     Ok(issues)
+}
+
+/// Where the daemon stands with a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileState {
+    /// The last sync read the file.
+    Ok,
+    /// The last read failed in a way that may pass (half-saved, locked); another try is due.
+    Retrying,
+    /// Reading failed for good (or too often); left alone until the file changes.
+    Failed,
+    /// The file is gone from the folder; its deals stay.
+    Removed,
+}
+
+impl FileState {
+    pub fn name(self) -> &'static str {
+        match self {
+            FileState::Ok => "ok",
+            FileState::Retrying => "retrying",
+            FileState::Failed => "failed",
+            FileState::Removed => "removed",
+        }
+    }
+
+    fn from_name(name: &str) -> FileState {
+        match name {
+            "retrying" => FileState::Retrying,
+            "failed" => FileState::Failed,
+            "removed" => FileState::Removed,
+            _ => FileState::Ok,
+        }
+    }
+}
+
+/// The daemon's view of one file, as recorded for `funnelsync status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileStatusRecord {
+    pub file: String,
+    pub source: String,
+    pub state: FileState,
+    pub attempts: u32,
+    pub next_retry_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub fn record_file_status(connection: &Connection, record: &FileStatusRecord) -> Result<(), StoreError> {
+    connection
+        .prepare_cached(
+            "INSERT INTO file_status (file, source, state, attempts, next_retry_at, last_error, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(file) DO UPDATE SET source = ?2, state = ?3, \
+             attempts = ?4, next_retry_at = ?5, last_error = ?6, updated_at = ?7",
+        )?
+        .execute(params![
+            record.file,
+            record.source,
+            record.state.name(),
+            record.attempts,
+            record.next_retry_at.map(timestamp),
+            record.last_error,
+            timestamp(record.updated_at)
+        ])?;
+    Ok(())
+}
+
+/// One line of `funnelsync status`: a file with its latest run, daemon state and error count.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileOverview {
+    pub file: String,
+    pub source: String,
+    pub last_run_at: Option<DateTime<Utc>>,
+    pub last_status: Option<String>,
+    pub last_message: Option<String>,
+    pub last_synced_at: Option<DateTime<Utc>>,
+    pub n_rows: u64,
+    pub n_row_errors: u64,
+    pub n_warnings: u64,
+    pub state: Option<FileState>,
+    pub attempts: u32,
+    pub next_retry_at: Option<DateTime<Utc>>,
+}
+
+/// Every file the store knows of (synced, attempted, or tracked by the daemon).
+pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, StoreError> {
+    let mut statement = connection.prepare(
+        "WITH files AS (
+             SELECT file, source FROM mirror_files
+             UNION SELECT file, source FROM sync_runs
+             UNION SELECT file, source FROM file_status
+         ),
+         last_runs AS (
+             SELECT file, max(id) AS id FROM sync_runs GROUP BY file
+         )
+         SELECT files.file, files.source, runs.finished_at, runs.status, runs.message,
+                mirror_files.synced_at,
+                (SELECT count(*) FROM mirror_rows WHERE mirror_rows.file = files.file),
+                (SELECT count(*) FROM row_errors WHERE row_errors.file = files.file AND severity = 'error'),
+                (SELECT count(*) FROM row_errors WHERE row_errors.file = files.file AND severity = 'warning'),
+                file_status.state, file_status.attempts, file_status.next_retry_at
+         FROM files
+         LEFT JOIN last_runs ON last_runs.file = files.file
+         LEFT JOIN sync_runs AS runs ON runs.id = last_runs.id
+         LEFT JOIN mirror_files ON mirror_files.file = files.file
+         LEFT JOIN file_status ON file_status.file = files.file
+         GROUP BY files.file
+         ORDER BY files.source, files.file",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, Option<String>>(2)?,
+            row.get::<_, Option<String>>(3)?,
+            row.get::<_, Option<String>>(4)?,
+            row.get::<_, Option<String>>(5)?,
+            row.get::<_, i64>(6)?,
+            row.get::<_, i64>(7)?,
+            row.get::<_, i64>(8)?,
+            row.get::<_, Option<String>>(9)?,
+            row.get::<_, Option<i64>>(10)?,
+            row.get::<_, Option<String>>(11)?,
+        ))
+    })?;
+    let mut overview = Vec::new();
+    for row in rows {
+        let (file, source, last_run_at, last_status, last_message, synced_at, n_rows, n_errors, n_warnings, state, attempts, retry_at) = row?;
+        overview.push(FileOverview {
+            file,
+            source,
+            last_run_at: last_run_at.as_deref().map(parse_timestamp).transpose()?,
+            last_status,
+            last_message,
+            last_synced_at: synced_at.as_deref().map(parse_timestamp).transpose()?,
+            n_rows: n_rows.max(0) as u64,
+            n_row_errors: n_errors.max(0) as u64,
+            n_warnings: n_warnings.max(0) as u64,
+            state: state.as_deref().map(FileState::from_name),
+            attempts: attempts.unwrap_or(0).max(0) as u32,
+            next_retry_at: retry_at.as_deref().map(parse_timestamp).transpose()?,
+        });
+    }
+    Ok(overview)
 }
 
 #[cfg(test)]

@@ -117,6 +117,16 @@ CREATE TABLE row_errors (
     seen_at     TEXT NOT NULL
 );
 CREATE INDEX row_errors_file ON row_errors(file);
+"#, r#"
+CREATE TABLE file_status (
+    file          TEXT PRIMARY KEY,
+    source        TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_retry_at TEXT,
+    last_error    TEXT,
+    updated_at    TEXT NOT NULL
+);
 "#];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {

@@ -1,9 +1,12 @@
-//! Which files are sources: expanding a source's file, folder or glob into spreadsheet paths, and
-//! telling Excel's and LibreOffice's lock and temp files apart from real spreadsheets.
+//! Which files are sources and when they change: expanding a source's file, folder or glob into
+//! spreadsheet paths, telling Excel's and LibreOffice's lock and temp files apart from real
+//! spreadsheets, fingerprinting files by one `stat` each (size, modification time to the
+//! nanosecond, inode), and the file-system event watcher.
 //!
-//! This module owns the file system view of the sources. It must not read spreadsheet contents or
-//! touch the store.
+//! This module owns the file system view of the sources. It must not read spreadsheet contents,
+//! decide when a file has settled (that is the daemon's loop) or touch the store.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{SourceConfig, SourcePath};
@@ -98,6 +101,73 @@ pub fn source_matches(source: &SourceConfig, path: &Path) -> bool {
         SourcePath::Folder(folder) => path.parent() == Some(folder.as_path()),
         SourcePath::Glob(pattern) => glob::Pattern::new(pattern).is_ok_and(|pattern| pattern.matches_path(path)),
     }
+}
+
+/// What one `stat` says about a file: enough to tell that it changed without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub size: u64,
+    pub modified_seconds: i64,
+    pub modified_nanoseconds: i64,
+    pub inode: u64,
+}
+
+impl Fingerprint {
+    /// How long ago (by this machine's clock) the file was last modified; zero for a time in the
+    /// future, as a server with a skewed clock may report.
+    pub fn age(&self) -> std::time::Duration {
+        let modified = std::time::UNIX_EPOCH
+            + std::time::Duration::new(self.modified_seconds.max(0) as u64, self.modified_nanoseconds.clamp(0, 999_999_999) as u32);
+        std::time::SystemTime::now().duration_since(modified).unwrap_or_default()
+    }
+}
+
+/// The fingerprint of a file, or `None` when it is gone (or is not a regular file).
+pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let metadata = std::fs::metadata(path).ok()?;
+    if !metadata.is_file() {
+        return None;
+    }
+    Some(Fingerprint {
+        size: metadata.size(),
+        modified_seconds: metadata.mtime(),
+        modified_nanoseconds: metadata.mtime_nsec(),
+        inode: metadata.ino(),
+    })
+}
+
+/// Whether a file-system event may mean new content. Opening and reading (funnelsync's own reads
+/// among them) do not; closing after writing does.
+pub fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    use notify::EventKind;
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+/// The folders to watch for a set of sources, and whether each needs its subfolders too (a glob
+/// with a wildcard in a folder part).
+pub fn watch_roots(sources: &[SourceConfig]) -> Vec<(PathBuf, notify::RecursiveMode)> {
+    let mut roots: Vec<(PathBuf, notify::RecursiveMode)> = Vec::new();
+    for source in sources {
+        let folder = source_folder(source);
+        let recursive = match &source.path {
+            SourcePath::Glob(pattern) => Path::new(pattern)
+                .parent()
+                .is_some_and(|parent| parent.to_string_lossy().contains(['*', '?', '['])),
+            _ => false,
+        };
+        let mode = if recursive { notify::RecursiveMode::Recursive } else { notify::RecursiveMode::NonRecursive };
+        match roots.iter_mut().find(|(root, _)| *root == folder) {
+            Some(existing) if recursive => existing.1 = mode,
+            Some(_) => {}
+            None => roots.push((folder, mode)),
+        }
+    }
+    roots
 }
 
 #[cfg(test)]

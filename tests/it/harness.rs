@@ -245,3 +245,107 @@ pub fn file_report<'a>(report: &'a Value, name: &str) -> &'a Value {
         .and_then(|files| files.iter().find(|file| file["file"].as_str().is_some_and(|path| path.ends_with(name))))
         .unwrap_or_else(|| panic!("no report for {name} in {report}"))
 }
+
+/// Waits until `condition` holds, checking every 50 ms; panics with `what` after `timeout`.
+#[track_caller]
+pub fn wait_until(timeout: std::time::Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A running `funnelsync run`, with a real sd_notify socket to hear what it tells systemd. Killed
+/// when dropped.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub log_path: PathBuf,
+    notifications: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TestDir {
+    /// Starts the daemon on this folder's config.
+    pub fn start_daemon(&self) -> Daemon {
+        let socket_path = self.path(&format!("notify-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket_path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).expect("timeout");
+        let notifications = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let collected = std::sync::Arc::clone(&notifications);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            loop {
+                match socket.recv(&mut buffer) {
+                    Ok(n) => collected.lock().expect("lock").push(String::from_utf8_lossy(&buffer[..n]).into_owned()),
+                    Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        if std::sync::Arc::strong_count(&collected) == 1 {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        let log_path = self.path("daemon.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = self
+            .command(&["run"])
+            .env("RUST_LOG", "funnelsync=debug")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start daemon");
+        Daemon { child, log_path, notifications }
+    }
+}
+
+impl Daemon {
+    pub fn notifications(&self) -> Vec<String> {
+        self.notifications.lock().expect("lock").clone()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits for READY=1 (sent after the first scan's syncs), up to 20 s.
+    #[track_caller]
+    pub fn wait_ready(&self) {
+        wait_until(std::time::Duration::from_secs(20), "READY=1", || {
+            self.notifications().iter().any(|message| message.lines().any(|line| line == "READY=1"))
+        });
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -2,5 +2,6 @@
 //! spreadsheets in temp folders and a real SQLite store.
 
 mod config_cli;
+mod daemon;
 mod harness;
 mod sync_cli;

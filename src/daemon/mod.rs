@@ -1,0 +1,657 @@
+//! `funnelsync run`: the long-running daemon. Every source of events — the file-system watcher,
+//! the timers, the signals and the sync workers — is a worker task that sends one closed [`Event`]
+//! to a single loop, so every trigger is handled in one place.
+//!
+//! The loop owns the per-file state machine: a file is read only once it has been unchanged for
+//! `settle`; at most one sync per file runs at a time (changes during a sync cause exactly one more
+//! sync afterwards); failed reads are retried with backoff and then left alone until the file
+//! changes; a file gone from the folder archives nothing. Two classes of error: fatal ones (the
+//! store cannot be opened) stop the daemon; per-file and per-row ones are logged, recorded and the
+//! daemon goes on. This module must not know how a file is parsed or diffed (that is `sync`).
+
+pub mod systemd;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, WatchMode};
+use crate::mirror::{self, FileState, FileStatusRecord};
+use crate::store::Store;
+use crate::sync::{self, FileReport, FileStatus};
+use crate::watch::{self, Fingerprint};
+
+/// How often the loop looks at its timers (settling, retries, the watchdog).
+const TICK: Duration = Duration::from_millis(100);
+/// The longest wait between retries of a failing file.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How long a shutdown waits for syncs in progress to commit.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Everything that can make the loop act.
+#[derive(Debug)]
+pub enum Event {
+    /// The watcher saw something happen to this path.
+    FileChanged(PathBuf),
+    /// The watcher failed; the periodic rescan still covers every file.
+    WatcherFailed(String),
+    /// Time to stat every source file (poll mode, and the safety net in auto mode).
+    Rescan,
+    /// Time to look at timers.
+    Tick,
+    /// A sync worker finished.
+    SyncFinished { path: PathBuf, fingerprint: Option<Fingerprint>, outcome: Result<FileReport, String> },
+    /// SIGHUP: re-read the config.
+    Reload,
+    /// SIGTERM or SIGINT.
+    Shutdown,
+}
+
+/// The loop's knowledge of one file.
+#[derive(Debug, Clone)]
+struct Tracked {
+    source: String,
+    /// The fingerprint last seen by a stat.
+    seen: Option<Fingerprint>,
+    /// The fingerprint of the content last read successfully (or given up on).
+    done: Option<Fingerprint>,
+    /// When a change was last observed; the file is read once `settle` has passed since.
+    changed_at: Option<Instant>,
+    in_flight: bool,
+    /// A change came in while a sync was running.
+    dirty_again: bool,
+    attempts: u32,
+    retry_at: Option<Instant>,
+    /// Whether the first attempt after start (or after being added by a reload) is still to come.
+    initial: bool,
+}
+
+impl Tracked {
+    fn new(source: &str) -> Tracked {
+        Tracked {
+            source: source.to_string(),
+            seen: None,
+            done: None,
+            changed_at: None,
+            in_flight: false,
+            dirty_again: false,
+            attempts: 0,
+            retry_at: None,
+            initial: true,
+        }
+    }
+}
+
+/// The worker tasks that depend on the config; replaced on reload.
+struct Workers {
+    /// Held only to keep it alive: dropping the watcher stops its events.
+    _watcher: Option<notify::RecommendedWatcher>,
+    rescan: Option<JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        if let Some(rescan) = self.rescan.take() {
+            rescan.abort();
+        }
+    }
+}
+
+struct Daemon {
+    config: Arc<Config>,
+    sender: mpsc::UnboundedSender<Event>,
+    files: HashMap<PathBuf, Tracked>,
+    store: Store,
+    workers: Workers,
+    n_in_flight: usize,
+    ready_sent: bool,
+    shutting_down: bool,
+    last_sync_summary: Option<String>,
+    watchdog: Option<(Duration, Instant)>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns an error only for fatal problems.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(run_async(config))
+}
+
+async fn run_async(config: Config) -> Result<(), DaemonError> {
+    let store = Store::open(&config.store.path)?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    spawn_signal_workers(&sender);
+    spawn_tick_worker(&sender);
+    let config = Arc::new(config);
+    let workers = start_workers(&config, &sender);
+    let mut daemon = Daemon {
+        config,
+        sender,
+        files: HashMap::new(),
+        store,
+        workers,
+        n_in_flight: 0,
+        ready_sent: false,
+        shutting_down: false,
+        last_sync_summary: None,
+        watchdog: systemd::watchdog_interval().map(|interval| (interval, Instant::now())),
+    };
+    info!(
+        n_sources = daemon.config.sources.len(),
+        mode = ?daemon.config.watch.mode,
+        store = %daemon.config.store.path.display(),
+        "funnelsync daemon starting"
+    );
+    daemon.rescan(true);
+    daemon.start_due_syncs();
+    daemon.check_ready();
+
+    let mut shutdown_deadline: Option<Instant> = None;
+    while let Some(event) = receiver.recv().await {
+        match event {
+            Event::FileChanged(path) => daemon.on_file_changed(path),
+            Event::WatcherFailed(message) => warn!("file watcher error (the periodic rescan still covers every file): {message}"),
+            Event::Rescan => daemon.rescan(false),
+            Event::Tick => daemon.on_tick(),
+            Event::SyncFinished { path, fingerprint, outcome } => daemon.on_sync_finished(path, fingerprint, outcome),
+            Event::Reload => daemon.reload(),
+            Event::Shutdown => {
+                if !daemon.shutting_down {
+                    info!(n_in_flight = daemon.n_in_flight, "shutting down: no new syncs; waiting for syncs in progress");
+                    systemd::stopping();
+                    daemon.shutting_down = true;
+                    shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+                }
+            }
+        }
+        if daemon.shutting_down {
+            if daemon.n_in_flight == 0 {
+                break;
+            }
+            if shutdown_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                warn!(n_in_flight = daemon.n_in_flight, "syncs still running at shutdown; they will be rolled back");
+                break;
+            }
+            continue;
+        }
+        daemon.start_due_syncs();
+        daemon.check_ready();
+    }
+    info!("funnelsync daemon stopped");
+    Ok(())
+}
+
+fn spawn_signal_workers(sender: &mpsc::UnboundedSender<Event>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, make_event) in [
+        (SignalKind::hangup(), (|| Event::Reload) as fn() -> Event),
+        (SignalKind::terminate(), || Event::Shutdown),
+        (SignalKind::interrupt(), || Event::Shutdown),
+    ] {
+        let sender = sender.clone();
+        match signal(kind) {
+            Ok(mut stream) => {
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        if sender.send(make_event()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(error) => warn!("cannot listen for signal {kind:?}: {error}"),
+        }
+    }
+}
+
+fn spawn_tick_worker(sender: &mpsc::UnboundedSender<Event>) {
+    let sender = sender.clone();
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if sender.send(Event::Tick).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Starts the watcher (unless polling) and the rescan timer (unless events only).
+fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Workers {
+    let mode = config.watch.mode;
+    let watcher = if mode == WatchMode::Poll { None } else { start_watcher(config, sender) };
+    let rescan = if mode == WatchMode::Events && watcher.is_some() {
+        None
+    } else {
+        let sender = sender.clone();
+        let period = config.watch.poll_interval;
+        Some(tokio::spawn(async move {
+            let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if sender.send(Event::Rescan).is_err() {
+                    break;
+                }
+            }
+        }))
+    };
+    Workers { _watcher: watcher, rescan }
+}
+
+fn start_watcher(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let event_sender = sender.clone();
+    let handler = move |result: notify::Result<notify::Event>| {
+        let event = match result {
+            Ok(event) if watch::is_change(&event.kind) => event,
+            Ok(_) => return,
+            Err(error) => {
+                let _ = event_sender.send(Event::WatcherFailed(error.to_string()));
+                return;
+            }
+        };
+        for path in event.paths {
+            if watch::is_candidate(&path) {
+                let _ = event_sender.send(Event::FileChanged(path));
+            }
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            warn!("cannot start the file watcher, polling every {:?} instead: {error}", config.watch.poll_interval);
+            return None;
+        }
+    };
+    for (folder, mode) in watch::watch_roots(&config.sources) {
+        match watcher.watch(&folder, mode) {
+            Ok(()) => debug!(folder = %folder.display(), "watching"),
+            Err(error) => warn!(
+                folder = %folder.display(),
+                "cannot watch this folder for events; it is polled every {:?} instead: {error}",
+                config.watch.poll_interval
+            ),
+        }
+    }
+    Some(watcher)
+}
+
+impl Daemon {
+    /// Stats every source file: new and changed files start settling, vanished ones are removed.
+    fn rescan(&mut self, initial: bool) {
+        let mut present: HashSet<PathBuf> = HashSet::new();
+        let config = Arc::clone(&self.config);
+        for source in &config.sources {
+            let files = match watch::source_files(source) {
+                Ok(files) => files,
+                Err(error) => {
+                    warn!(source = %source.name, "{error}");
+                    // A folder we cannot list (share not mounted) says nothing about its files.
+                    present.extend(self.files.iter().filter(|(_, tracked)| tracked.source == source.name).map(|(path, _)| path.clone()));
+                    continue;
+                }
+            };
+            for path in files {
+                if !present.insert(path.clone()) {
+                    continue;
+                }
+                let fingerprint = watch::fingerprint(&path);
+                let tracked = self.files.entry(path.clone()).or_insert_with(|| {
+                    if !initial {
+                        info!(file = %path.display(), source = %source.name, "new file");
+                    }
+                    Tracked::new(&source.name)
+                });
+                tracked.source = source.name.clone();
+                if fingerprint != tracked.seen {
+                    tracked.seen = fingerprint;
+                    // A file untouched for longer than `settle` (by its own time stamp) needs no
+                    // further wait; otherwise settling starts now.
+                    let settled_already = fingerprint.is_some_and(|fingerprint| fingerprint.age() >= config.watch.settle);
+                    let now = Instant::now();
+                    tracked.changed_at = Some(if settled_already { now.checked_sub(config.watch.settle).unwrap_or(now) } else { now });
+                }
+            }
+        }
+        let gone: Vec<PathBuf> = self.files.keys().filter(|path| !present.contains(*path)).cloned().collect();
+        for path in gone {
+            self.on_file_gone(&path);
+        }
+    }
+
+    fn source_of(&self, path: &Path) -> Option<String> {
+        self.config.sources.iter().find(|source| watch::source_matches(source, path)).map(|source| source.name.clone())
+    }
+
+    fn on_file_changed(&mut self, path: PathBuf) {
+        if !self.files.contains_key(&path) {
+            let Some(source) = self.source_of(&path) else { return };
+            if watch::fingerprint(&path).is_none() {
+                return;
+            }
+            info!(file = %path.display(), source = %source, "new file");
+            let mut tracked = Tracked::new(&source);
+            tracked.initial = false;
+            self.files.insert(path.clone(), tracked);
+        }
+        let max_attempts = self.config.watch.max_attempts;
+        if let Some(tracked) = self.files.get_mut(&path) {
+            tracked.changed_at = Some(Instant::now());
+            // New content is read after `settle`, not after the retry backoff; a file that was
+            // given up on gets a fresh set of attempts.
+            tracked.retry_at = None;
+            if tracked.attempts >= max_attempts {
+                tracked.attempts = 0;
+            }
+            if tracked.in_flight {
+                tracked.dirty_again = true;
+            }
+        }
+    }
+
+    fn on_file_gone(&mut self, path: &Path) {
+        let Some(tracked) = self.files.remove(path) else { return };
+        if tracked.in_flight {
+            // Keep tracking until the sync finishes; the next rescan decides again.
+            self.files.insert(path.to_path_buf(), tracked);
+            return;
+        }
+        info!(file = %path.display(), source = %tracked.source, "file removed from the folder; its deals stay as they are");
+        self.record_status(path, &tracked.source, FileState::Removed, 0, None, Some("the file was removed from the folder".to_string()));
+    }
+
+    fn on_tick(&mut self) {
+        if let Some((interval, last)) = self.watchdog {
+            if last.elapsed() >= interval / 2 {
+                systemd::watchdog();
+                self.watchdog = Some((interval, Instant::now()));
+            }
+        }
+        if !self.ready_sent {
+            systemd::extend_start_timeout(Duration::from_secs(30));
+        }
+    }
+
+    /// Starts syncs for files that have settled, up to the parallel bound.
+    fn start_due_syncs(&mut self) {
+        let now = Instant::now();
+        let settle = self.config.watch.settle;
+        let mut due: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, tracked)| !tracked.in_flight)
+            .filter(|(_, tracked)| match (tracked.retry_at, tracked.changed_at) {
+                (Some(retry_at), _) => now >= retry_at,
+                (None, Some(changed_at)) => now.duration_since(changed_at) >= settle,
+                (None, None) => false,
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        due.sort();
+        for path in due {
+            if self.n_in_flight >= self.config.watch.parallel {
+                break;
+            }
+            // Settled means: still the same as when the change was last seen.
+            let fingerprint = watch::fingerprint(&path);
+            let Some(tracked) = self.files.get_mut(&path) else { continue };
+            if fingerprint.is_none() {
+                tracked.changed_at = None;
+                tracked.retry_at = None;
+                self.on_file_gone(&path);
+                continue;
+            }
+            if fingerprint != tracked.seen {
+                tracked.seen = fingerprint;
+                tracked.changed_at = Some(now);
+                continue;
+            }
+            if tracked.retry_at.is_none() && fingerprint == tracked.done {
+                // An event without new content (a touch of metadata, our own access).
+                tracked.changed_at = None;
+                if tracked.initial {
+                    tracked.initial = false;
+                }
+                continue;
+            }
+            tracked.changed_at = None;
+            tracked.retry_at = None;
+            tracked.in_flight = true;
+            tracked.dirty_again = false;
+            let source_name = tracked.source.clone();
+            self.n_in_flight += 1;
+            self.spawn_sync(path, source_name, fingerprint);
+        }
+    }
+
+    fn spawn_sync(&self, path: PathBuf, source_name: String, fingerprint: Option<Fingerprint>) {
+        let config = Arc::clone(&self.config);
+        let sender = self.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = match config.source(&source_name) {
+                None => Err(format!("source \"{source_name}\" is no longer in the config")),
+                Some(source) => Store::open(&config.store.path)
+                    .map_err(|error| error.to_string())
+                    .and_then(|mut store| {
+                        sync::sync_file(&mut store, &config, source, &path, Utc::now()).map_err(|error| error.to_string())
+                    }),
+            };
+            let _ = sender.send(Event::SyncFinished { path, fingerprint, outcome });
+        });
+    }
+
+    fn on_sync_finished(&mut self, path: PathBuf, fingerprint: Option<Fingerprint>, outcome: Result<FileReport, String>) {
+        self.n_in_flight = self.n_in_flight.saturating_sub(1);
+        let settle = self.config.watch.settle;
+        let max_attempts = self.config.watch.max_attempts;
+        let Some(tracked) = self.files.get_mut(&path) else { return };
+        tracked.in_flight = false;
+        tracked.initial = false;
+        let source = tracked.source.clone();
+        let file_name = path.display().to_string();
+        let (state, error_text) = match &outcome {
+            Ok(report) if report.status != FileStatus::Failed => {
+                let counts = &report.counts;
+                let n_errors = report.n_row_errors();
+                if report.status == FileStatus::Synced || n_errors > 0 {
+                    info!(
+                        file = %file_name,
+                        created = counts.created,
+                        updated = counts.updated,
+                        archived = counts.archived + counts.deleted,
+                        unchanged = counts.unchanged,
+                        row_errors = n_errors,
+                        "synced"
+                    );
+                } else {
+                    debug!(file = %file_name, unchanged = counts.unchanged, "no changes");
+                }
+                for issue in report.issues.iter().filter(|issue| issue.severity == crate::mapping::Severity::Error) {
+                    warn!(file = %file_name, sheet = report.sheet.as_deref().unwrap_or(""), "{issue}");
+                }
+                tracked.done = fingerprint;
+                tracked.attempts = 0;
+                (FileState::Ok, None)
+            }
+            Ok(report) if report.retryable => {
+                tracked.attempts += 1;
+                let message = report.error.clone().unwrap_or_default();
+                if tracked.attempts >= max_attempts {
+                    error!(file = %file_name, attempts = tracked.attempts, "cannot read the file; giving up until it changes: {message}");
+                    tracked.done = fingerprint;
+                    (FileState::Failed, Some(message))
+                } else {
+                    let backoff = backoff(settle, tracked.attempts);
+                    if tracked.attempts == 1 {
+                        warn!(file = %file_name, "cannot read the file yet, will retry (nothing applied): {message}");
+                    } else {
+                        debug!(file = %file_name, attempts = tracked.attempts, "still cannot read the file: {message}");
+                    }
+                    tracked.retry_at = Some(Instant::now() + backoff);
+                    (FileState::Retrying, Some(message))
+                }
+            }
+            Ok(report) => {
+                let message = report.error.clone().unwrap_or_default();
+                error!(file = %file_name, "cannot sync the file until it changes (nothing applied): {message}");
+                tracked.done = fingerprint;
+                tracked.attempts = 0;
+                (FileState::Failed, Some(message))
+            }
+            Err(message) => {
+                // The store failed (disk full, locked for too long): try the file again later.
+                tracked.attempts += 1;
+                error!(file = %file_name, "sync failed, will retry: {message}");
+                tracked.retry_at = Some(Instant::now() + backoff(settle, tracked.attempts));
+                (FileState::Retrying, Some(message.clone()))
+            }
+        };
+        if tracked.dirty_again {
+            tracked.dirty_again = false;
+            tracked.retry_at = None;
+            tracked.changed_at = Some(Instant::now());
+        }
+        let attempts = tracked.attempts;
+        let retry_at = tracked.retry_at.map(|retry_at| Utc::now() + (retry_at.saturating_duration_since(Instant::now())));
+        if let Ok(report) = &outcome {
+            self.last_sync_summary = Some(format!(
+                "last sync {} {} ({})",
+                Utc::now().format("%H:%M:%S"),
+                path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
+                match report.status {
+                    FileStatus::Synced => "synced",
+                    FileStatus::Unchanged => "unchanged",
+                    FileStatus::Failed => "failed",
+                }
+            ));
+        }
+        self.record_status(&path, &source, state, attempts, retry_at, error_text);
+        self.publish_status();
+    }
+
+    fn record_status(
+        &mut self,
+        path: &Path,
+        source: &str,
+        state: FileState,
+        attempts: u32,
+        next_retry_at: Option<chrono::DateTime<Utc>>,
+        last_error: Option<String>,
+    ) {
+        let record = FileStatusRecord {
+            file: sync::file_key(path),
+            source: source.to_string(),
+            state,
+            attempts,
+            next_retry_at,
+            last_error,
+            updated_at: Utc::now(),
+        };
+        let store = &self.store;
+        if let Err(error) = tokio::task::block_in_place(|| mirror::record_file_status(store.connection(), &record)) {
+            warn!(file = %path.display(), "cannot record the file's status: {error}");
+        }
+    }
+
+    fn publish_status(&self) {
+        let n_failing = self.files.values().filter(|tracked| tracked.attempts > 0).count();
+        let mut status = format!("watching {} file(s)", self.files.len());
+        if let Some(summary) = &self.last_sync_summary {
+            status.push_str("; ");
+            status.push_str(summary);
+        }
+        if n_failing > 0 {
+            status.push_str(&format!("; {n_failing} file(s) failing"));
+        }
+        systemd::status(&status);
+    }
+
+    /// READY=1 once every file found at start has had its first sync attempt.
+    fn check_ready(&mut self) {
+        if self.ready_sent {
+            return;
+        }
+        let waiting = self.files.values().any(|tracked| tracked.initial && (tracked.in_flight || tracked.changed_at.is_some()));
+        if !waiting {
+            self.ready_sent = true;
+            info!(n_files = self.files.len(), "initial scan done; ready");
+            systemd::ready();
+            self.publish_status();
+        }
+    }
+
+    fn reload(&mut self) {
+        info!(config = %self.config.path.display(), "reloading the config");
+        systemd::reloading();
+        match Config::load(&self.config.path) {
+            Err(error) => {
+                error!("the new config is not valid; still running on the old one: {error}");
+            }
+            Ok(new_config) => {
+                let old_names: HashSet<String> = self.config.sources.iter().map(|source| source.name.clone()).collect();
+                let new_names: HashSet<String> = new_config.sources.iter().map(|source| source.name.clone()).collect();
+                for added in new_names.difference(&old_names) {
+                    info!(source = %added, "source added");
+                }
+                for removed in old_names.difference(&new_names) {
+                    info!(source = %removed, "source removed; its files are no longer synced and their deals stay");
+                }
+                if new_config.store.path != self.config.store.path {
+                    warn!("a new [store] path takes effect only after a restart");
+                }
+                let mut new_config = new_config;
+                new_config.store = self.config.store.clone();
+                self.config = Arc::new(new_config);
+                // Forget files of removed sources without treating them as removed files.
+                self.files.retain(|_, tracked| new_names.contains(&tracked.source) || tracked.in_flight);
+                self.workers = start_workers(&self.config, &self.sender);
+                self.rescan(false);
+                info!("config reloaded");
+            }
+        }
+        systemd::ready();
+        self.publish_status();
+    }
+}
+
+/// The wait before retry number `attempts` (1-based): settle, 2×, 4×, … capped.
+fn backoff(settle: Duration, attempts: u32) -> Duration {
+    let base = settle.max(Duration::from_millis(200));
+    base.saturating_mul(1u32 << attempts.saturating_sub(1).min(16)).min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let settle = Duration::from_secs(2);
+        assert_eq!(backoff(settle, 1), Duration::from_secs(2));
+        assert_eq!(backoff(settle, 2), Duration::from_secs(4));
+        assert_eq!(backoff(settle, 4), Duration::from_secs(16));
+        assert_eq!(backoff(settle, 30), Duration::from_secs(300));
+        assert_eq!(backoff(Duration::ZERO, 1), Duration::from_millis(200));
+    }
+}
