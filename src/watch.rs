@@ -56,7 +56,9 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
             for entry in entries {
                 let entry = entry.map_err(|error| DiscoverError { path: folder.clone(), message: error.to_string() })?;
                 let path = entry.path();
-                if is_candidate(&path) && path.is_file() {
+                // The entry's type comes with the directory listing: no extra stat per file.
+                let is_file = entry.file_type().map(|file_type| file_type.is_file() || (file_type.is_symlink() && path.is_file()));
+                if is_candidate(&path) && is_file.unwrap_or(false) {
                     files.push(path);
                 }
             }
