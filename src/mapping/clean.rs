@@ -151,7 +151,8 @@ pub fn currency(cell: &Cell) -> Cleaned<FieldValue> {
 pub fn amount(cell: &Cell) -> Cleaned<(f64, Option<&'static str>)> {
     let not_a_number = || "is not a number".to_string();
     let written = match cell {
-        Cell::Number(number) => return Ok((round_cents(*number), None)),
+        Cell::Number(number) if number.is_finite() => return Ok((round_cents(*number), None)),
+        Cell::Number(_) => return Err(not_a_number()),
         Cell::Error(_) => return Err(error_value(cell).unwrap_or_else(not_a_number)),
         Cell::Bool(_) | Cell::DateTime(_) | Cell::Empty => return Err(not_a_number()),
         Cell::Text(text) => text.trim().to_string(),
@@ -451,5 +452,29 @@ mod tests {
         assert_eq!(deal_id(&Cell::Number(12.5)), None);
         assert_eq!(deal_id(&text_cell("abc")), None);
         assert_eq!(deal_id(&text_cell("0")), None);
+    }
+
+    proptest::proptest! {
+        /// Cleaning never panics, whatever a rep typed.
+        #[test]
+        fn cleaning_arbitrary_text_never_panics(text in "\\PC{0,40}") {
+            let cell = Cell::Text(text);
+            let _ = amount(&cell);
+            let _ = date(&cell, DateOrder::DayMonthYear);
+            let _ = date(&cell, DateOrder::YearMonthDay);
+            let _ = phone(&cell);
+            let _ = email(&cell);
+            let _ = currency(&cell);
+            let _ = deal_id(&cell);
+        }
+
+        #[test]
+        fn cleaning_arbitrary_numbers_never_panics(number in proptest::num::f64::ANY) {
+            let cell = Cell::Number(number);
+            let _ = amount(&cell);
+            let _ = date(&cell, DateOrder::YearMonthDay);
+            let _ = phone(&cell);
+            let _ = deal_id(&cell);
+        }
     }
 }
