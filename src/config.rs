@@ -103,6 +103,10 @@ pub struct RawSource {
     pub date_order: Option<String>,
     pub encoding: Option<String>,
     pub columns: Option<BTreeMap<String, OneOrMany>>,
+    pub write_back: Option<bool>,
+    pub conflict: Option<String>,
+    pub filter: Option<BTreeMap<String, OneOrMany>>,
+    pub backups: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,6 +364,48 @@ pub struct SourceConfig {
     pub encoding: CsvEncoding,
     /// Accepted header texts per field, already normalised with [`normalize_label`].
     pub columns: BTreeMap<Field, Vec<String>>,
+    /// Whether store changes are written back into the source's .xlsx/.xlsm/.csv files.
+    pub write_back: bool,
+    pub conflict: ConflictPolicy,
+    /// The deals the source's files show: every listed field must hold one of the listed values
+    /// (compared with [`normalize_label`]; stages by canonical name). Empty: every live deal. A new
+    /// row takes the first listed value of each field it leaves empty.
+    pub filter: BTreeMap<Field, Vec<String>>,
+    /// How many previous versions of a file to keep in `.funnelsync/backups/` beside it.
+    pub backups: usize,
+}
+
+impl SourceConfig {
+    /// Whether a deal with these fields belongs in this source's files.
+    pub fn filter_matches(&self, fields: &crate::deal::FieldMap) -> bool {
+        self.filter.iter().all(|(field, accepted)| {
+            fields
+                .get(field)
+                .map(|value| normalize_label(&value.to_string()))
+                .is_some_and(|value| accepted.iter().any(|accepted| normalize_label(accepted) == value))
+        })
+    }
+}
+
+/// Who wins when the sheet and the store changed the same field to different values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictPolicy {
+    /// The store's value wins (default).
+    Store,
+    /// The sheet's value wins.
+    Sheet,
+    /// The later of the file's modification time and the deal's `updated_at` wins.
+    Newest,
+}
+
+impl ConflictPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConflictPolicy::Store => "store",
+            ConflictPolicy::Sheet => "sheet",
+            ConflictPolicy::Newest => "newest",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,7 +575,7 @@ impl Config {
                     format!("\"{}\" is already the name of sources[{previous}]", raw_source.name),
                 );
             }
-            if let Some(source) = validate_source(raw_source, &key, base, &mut problem) {
+            if let Some(source) = validate_source(raw_source, &key, base, &stages, &mut problem) {
                 sources.push(source);
             }
         }
@@ -680,6 +726,7 @@ fn validate_source(
     raw: RawSource,
     key: &str,
     base: &Path,
+    stages: &Stages,
     problem: &mut impl FnMut(&str, String),
 ) -> Option<SourceConfig> {
     let mut ok = true;
@@ -828,6 +875,61 @@ fn validate_source(
         columns.insert(field, aliases);
     }
 
+    // .xls and .ods cannot be written; a source made only of them cannot write back.
+    let read_only = {
+        let written = raw.path.to_ascii_lowercase();
+        written.ends_with(".xls") || written.ends_with(".ods")
+    };
+    let write_back = match raw.write_back {
+        Some(true) if read_only => {
+            fail("write_back", format!("\"{}\" is a read-only format (.xls, .ods): funnelsync can read it but not write it; save it as .xlsx to sync both ways, or set write_back = false", raw.path));
+            false
+        }
+        Some(write_back) => write_back,
+        None => !read_only,
+    };
+    let conflict = match raw.conflict.as_deref() {
+        None | Some("store") => ConflictPolicy::Store,
+        Some("sheet") => ConflictPolicy::Sheet,
+        Some("newest") => ConflictPolicy::Newest,
+        Some(other) => {
+            fail("conflict", format!("\"{other}\" is not one of store, sheet, newest"));
+            ConflictPolicy::Store
+        }
+    };
+    let mut filter = BTreeMap::new();
+    for (name, values) in raw.filter.unwrap_or_default() {
+        let Some(field) = Field::from_name(&name) else {
+            fail(&format!("filter.{name}"), format!("\"{name}\" is not a field ({})", field_list()));
+            continue;
+        };
+        let mut accepted = Vec::new();
+        for value in values.into_vec() {
+            if field == Field::Stage {
+                match stages.resolve(&value) {
+                    Some(stage) => accepted.push(stage.name.clone()),
+                    None => fail(&format!("filter.{name}"), format!("\"{value}\" is not a stage ({})", stages.names().join(", "))),
+                }
+            } else {
+                accepted.push(value.trim().to_string());
+            }
+        }
+        if accepted.is_empty() {
+            fail(&format!("filter.{name}"), "needs at least one value".to_string());
+        }
+        filter.insert(field, accepted);
+    }
+    let backups = match raw.backups {
+        None => 5,
+        Some(count) => match usize::try_from(count) {
+            Ok(count) if count <= 1000 => count,
+            _ => {
+                fail("backups", format!("{count} must be between 0 and 1000"));
+                5
+            }
+        },
+    };
+
     let source = SourceConfig {
         name: raw.name.trim().to_string(),
         path: path?,
@@ -839,6 +941,10 @@ fn validate_source(
         date_order,
         encoding,
         columns,
+        write_back,
+        conflict,
+        filter,
+        backups,
     };
     ok.then_some(source)
 }

@@ -127,6 +127,29 @@ CREATE TABLE file_status (
     last_error    TEXT,
     updated_at    TEXT NOT NULL
 );
+"#, r#"
+CREATE TABLE conflicts (
+    id          INTEGER PRIMARY KEY,
+    deal_id     INTEGER NOT NULL,
+    field       TEXT NOT NULL,
+    base_value  TEXT,
+    sheet_value TEXT,
+    store_value TEXT,
+    winner      TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    at          TEXT NOT NULL
+);
+CREATE INDEX conflicts_deal ON conflicts(deal_id);
+
+-- A counter that every change to a deal moves on, whoever makes it (the daemon, the CLI, another
+-- process): the daemon polls it to learn that files need writing back.
+CREATE TABLE store_meta (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+INSERT INTO store_meta (id, version) VALUES (1, 0);
+CREATE TRIGGER deals_inserted AFTER INSERT ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
+CREATE TRIGGER deals_updated AFTER UPDATE ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
+CREATE TRIGGER deals_deleted AFTER DELETE ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
 "#];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {
@@ -241,6 +264,23 @@ pub struct StageChange {
     pub source: String,
 }
 
+/// A field changed on both sides since the last sync, and how it was decided.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConflictRecord {
+    pub id: i64,
+    pub deal_id: DealId,
+    pub field: String,
+    pub base_value: Option<String>,
+    pub sheet_value: Option<String>,
+    pub store_value: Option<String>,
+    /// "sheet" or "store".
+    pub winner: String,
+    pub policy: String,
+    pub source: String,
+    pub file: String,
+    pub at: DateTime<Utc>,
+}
+
 /// The CRM store as the sync code sees it. `origin` names what made a change (a source name, or
 /// "cli"); it goes into the stage history.
 pub trait CrmStore {
@@ -265,6 +305,10 @@ pub trait CrmStore {
     fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError>;
     fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError>;
     fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError>;
+    fn record_conflict(&self, conflict: &ConflictRecord) -> Result<(), StoreError>;
+    fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, StoreError>;
+    /// A number that changes whenever any deal changes.
+    fn version(&self) -> Result<i64, StoreError>;
 }
 
 /// [`CrmStore`] over a SQLite connection (or transaction, which derefs to one).
@@ -519,6 +563,63 @@ impl CrmStore for SqliteCrm<'_> {
                 run.message,
             ])?;
         Ok(self.connection.last_insert_rowid())
+    }
+
+    fn record_conflict(&self, conflict: &ConflictRecord) -> Result<(), StoreError> {
+        self.connection
+            .prepare_cached(
+                "INSERT INTO conflicts (deal_id, field, base_value, sheet_value, store_value, winner, policy, source, file, at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                conflict.deal_id,
+                conflict.field,
+                conflict.base_value,
+                conflict.sheet_value,
+                conflict.store_value,
+                conflict.winner,
+                conflict.policy,
+                conflict.source,
+                conflict.file,
+                timestamp(conflict.at)
+            ])?;
+        Ok(())
+    }
+
+    fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, StoreError> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT id, deal_id, field, base_value, sheet_value, store_value, winner, policy, source, file, at \
+             FROM conflicts ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = statement.query_map([limit as i64], |row| {
+            Ok((
+                ConflictRecord {
+                    id: row.get(0)?,
+                    deal_id: row.get(1)?,
+                    field: row.get(2)?,
+                    base_value: row.get(3)?,
+                    sheet_value: row.get(4)?,
+                    store_value: row.get(5)?,
+                    winner: row.get(6)?,
+                    policy: row.get(7)?,
+                    source: row.get(8)?,
+                    file: row.get(9)?,
+                    at: Utc::now(),
+                },
+                row.get::<_, String>(10)?,
+            ))
+        })?;
+        let mut conflicts = Vec::new();
+        for row in rows {
+            let (mut conflict, at) = row?;
+            conflict.at = parse_timestamp(&at)?;
+            conflicts.push(conflict);
+        }
+        Ok(conflicts)
+    }
+
+    fn version(&self) -> Result<i64, StoreError> {
+        Ok(self.connection.prepare_cached("SELECT version FROM store_meta WHERE id = 1")?.query_row([], |row| row.get(0))?)
     }
 
     fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError> {

@@ -101,6 +101,8 @@ pub struct SheetData {
     pub rows: Vec<SheetRow>,
     /// SHA-256 of the file's bytes, hex.
     pub content_hash: String,
+    /// The file's modification time.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
     pub csv_format: Option<CsvFormat>,
 }
 
@@ -147,6 +149,7 @@ pub fn format_of(path: &Path) -> Option<FileFormat> {
 pub fn read_sheet(path: &Path, sheet: Option<&str>, csv_encoding: crate::config::CsvEncoding) -> Result<SheetData, WorkbookError> {
     let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported { path: path.to_path_buf() })?;
     let bytes = std::fs::read(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })?;
+    let modified = std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok().map(chrono::DateTime::<chrono::Utc>::from);
     let content_hash = hash_bytes(&bytes);
     let (sheet_name, rows, csv_format) = match format {
         FileFormat::Csv => {
@@ -163,7 +166,7 @@ pub fn read_sheet(path: &Path, sheet: Option<&str>, csv_encoding: crate::config:
             (name, rows, None)
         }
     };
-    Ok(SheetData { path: path.to_path_buf(), format, sheet_name, rows, content_hash, csv_format })
+    Ok(SheetData { path: path.to_path_buf(), format, sheet_name, rows, content_hash, modified, csv_format })
 }
 
 pub fn hash_bytes(bytes: &[u8]) -> String {

@@ -4,7 +4,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::config::RowRemoved;
+use chrono::{DateTime, Utc};
+
+use super::merge::{merge_fields, FieldConflict};
+use crate::config::{ConflictPolicy, RowRemoved};
 use crate::deal::{normalize_label, Deal, DealId, ExtraChanges, Field, FieldChanges, FieldMap, FieldValue};
 use crate::mapping::{CleanRow, RowIssue};
 use crate::mirror::{row_hash, MirrorRow};
@@ -31,6 +34,11 @@ pub struct DiffInput<'a> {
     pub deals_in_other_files: &'a HashSet<DealId>,
     pub match_on: &'a [Field],
     pub on_row_removed: RowRemoved,
+    /// The fields the sheet has columns for: the only ones merged both ways.
+    pub sheet_fields: &'a [Field],
+    pub conflict_policy: ConflictPolicy,
+    /// When the file was last modified, for [`ConflictPolicy::Newest`].
+    pub file_modified: Option<DateTime<Utc>>,
 }
 
 /// What happens to one row of the sheet.
@@ -67,6 +75,10 @@ pub enum Removal {
 pub struct Changeset {
     pub actions: Vec<RowAction>,
     pub removals: Vec<Removal>,
+    /// For each recognised row (by index), what its mapped cells should show after the merge.
+    pub sheet_values: HashMap<usize, FieldMap>,
+    /// Fields both sides changed, by row index and deal.
+    pub conflicts: Vec<(usize, DealId, FieldConflict)>,
 }
 
 /// The natural-key values the store should be asked about before the diff: those of rows that
@@ -234,8 +246,32 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
             continue;
         };
         let (changes, extra_changes) = match mirror_by_deal.get(&deal_id) {
-            Some(mirror_row) => changes_since_mirror(row, mirror_row, deal),
-            None => changes_against_store(row, deal),
+            Some(mirror_row) => {
+                let sheet_is_newer = input.file_modified.is_some_and(|modified| modified > deal.updated_at);
+                let outcome =
+                    merge_fields(input.sheet_fields, &mirror_row.fields, &row.fields, &deal.fields, input.conflict_policy, sheet_is_newer);
+                let mut changes = outcome.to_store;
+                // Without a currency column the currency comes from the amount's symbol: it
+                // changes with the amount the sheet changed.
+                if !input.sheet_fields.contains(&Field::Currency)
+                    && changes.iter().any(|(field, _)| *field == Field::Amount)
+                {
+                    if let Some(currency) = row.fields.get(&Field::Currency).filter(|currency| deal.fields.get(&Field::Currency) != Some(*currency)) {
+                        changes.push((Field::Currency, Some(currency.clone())));
+                    }
+                }
+                changeset.conflicts.extend(outcome.conflicts.into_iter().map(|conflict| (row_idx, deal_id, conflict)));
+                changeset.sheet_values.insert(row_idx, outcome.merged);
+                (changes, extra_changes_since_mirror(row, mirror_row, deal))
+            }
+            None => {
+                let (changes, extra_changes) = changes_against_store(row, deal);
+                let mut shown: FieldMap = deal.fields.clone();
+                shown.extend(row.fields.iter().map(|(field, value)| (*field, value.clone())));
+                shown.retain(|field, _| input.sheet_fields.contains(field));
+                changeset.sheet_values.insert(row_idx, shown);
+                (changes, extra_changes)
+            }
         };
         let unarchive = deal.archived_at.is_some();
         if changes.is_empty() && extra_changes.is_empty() && !unarchive {
@@ -275,20 +311,9 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     (changeset, issues)
 }
 
-/// Fields the sheet changed since the last sync (cleared cells included), leaving out those the
-/// store already holds.
-fn changes_since_mirror(
-    row: &CleanRow,
-    mirror_row: &MirrorRow,
-    deal: &Deal,
-) -> (FieldChanges, ExtraChanges) {
-    let mut changes = Vec::new();
-    for field in Field::ALL {
-        let now = row.fields.get(&field);
-        if now != mirror_row.fields.get(&field) && now != deal.fields.get(&field) {
-            changes.push((field, now.cloned()));
-        }
-    }
+/// Extra fields the sheet changed since the last sync (cleared cells included), leaving out those
+/// the store already holds. Extra fields flow from sheets to the store only.
+fn extra_changes_since_mirror(row: &CleanRow, mirror_row: &MirrorRow, deal: &Deal) -> ExtraChanges {
     let mut extra_changes = Vec::new();
     let keys: std::collections::BTreeSet<&String> = row.extras.keys().chain(mirror_row.extras.keys()).collect();
     for key in keys {
@@ -297,7 +322,7 @@ fn changes_since_mirror(
             extra_changes.push((key.clone(), now.cloned()));
         }
     }
-    (changes, extra_changes)
+    extra_changes
 }
 
 /// For a deal this file did not hold before: the row's non-empty values that differ from the
@@ -547,6 +572,9 @@ mod tests {
             deals_in_other_files: &other_files,
             match_on: &[Email],
             on_row_removed: case.on_row_removed,
+            sheet_fields: &[Company, Contact, Email, Stage],
+            conflict_policy: ConflictPolicy::Store,
+            file_modified: None,
         })
     }
 

@@ -6,6 +6,7 @@
 //! [`crate::watch`]) nor how reports are printed (that is [`crate::cli`]).
 
 pub mod diff;
+pub mod merge;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -98,6 +99,8 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         }
     };
     let (rows, mut issues) = mapping::map_rows(&sheet.rows, &header, source, &config.stages);
+    let sheet_fields: Vec<crate::deal::Field> =
+        crate::deal::Field::ALL.into_iter().filter(|field| header.column_of(*field).is_some()).collect();
 
     let transaction = store.transaction()?;
     let previous = mirror::load(&transaction, &file)?;
@@ -132,6 +135,9 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         deals_in_other_files: &deals_in_other_files,
         match_on: &source.match_on,
         on_row_removed: source.on_row_removed,
+        sheet_fields: &sheet_fields,
+        conflict_policy: source.conflict,
+        file_modified: sheet.modified,
     });
     issues.extend(diff_issues);
     issues.sort_by_key(|issue| issue.row_number.unwrap_or(0));
