@@ -89,6 +89,8 @@ pub struct CsvFormat {
     pub delimiter: u8,
     pub encoding: &'static encoding_rs::Encoding,
     pub has_bom: bool,
+    /// Lines end with CR LF (as Excel writes them) rather than LF.
+    pub line_ending_crlf: bool,
 }
 
 /// The sheet of a file that funnelsync manages, read whole.
@@ -382,7 +384,17 @@ pub mod csv_reader {
             embedded_newlines += newlines_inside;
             let cells: Vec<Cell> = record
                 .iter()
-                .map(|field| if field.trim().is_empty() { Cell::Empty } else { Cell::Text(field.to_string()) })
+                .map(|field| {
+                    if field.trim().is_empty() {
+                        Cell::Empty
+                    } else if field.len() > 1 && field.starts_with('\'') && crate::writeback::looks_like_formula(&field[1..]) {
+                        // A leading apostrophe marks text that could be taken for a formula
+                        // (funnelsync writes values that way); the value is what follows it.
+                        Cell::Text(field[1..].to_string())
+                    } else {
+                        Cell::Text(field.to_string())
+                    }
+                })
                 .collect();
             if cells.iter().all(Cell::is_empty) {
                 continue;
@@ -393,7 +405,8 @@ pub mod csv_reader {
             }
             rows.push(SheetRow { row_number, cells });
         }
-        Ok((rows, CsvFormat { delimiter, encoding: used_encoding, has_bom }))
+        let line_ending_crlf = text.contains("\r\n") || !text.contains('\n');
+        Ok((rows, CsvFormat { delimiter, encoding: used_encoding, has_bom, line_ending_crlf }))
     }
 
     fn decode(

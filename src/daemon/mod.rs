@@ -31,6 +31,8 @@ use crate::watch::{self, Fingerprint};
 const TICK: Duration = Duration::from_millis(100);
 /// The longest wait between retries of a failing file.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often the store's change counter is checked.
+const STORE_POLL: Duration = Duration::from_millis(500);
 /// How long a shutdown waits for syncs in progress to commit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
@@ -78,6 +80,8 @@ struct Tracked {
     retry_at: Option<Instant>,
     /// Whether the first attempt after start (or after being added by a reload) is still to come.
     initial: bool,
+    /// The write-back waits for the file to be closed in Excel or LibreOffice.
+    write_deferred: bool,
 }
 
 impl Tracked {
@@ -92,6 +96,7 @@ impl Tracked {
             attempts: 0,
             retry_at: None,
             initial: true,
+            write_deferred: false,
         }
     }
 }
@@ -122,6 +127,9 @@ struct Daemon {
     shutting_down: bool,
     last_sync_summary: Option<String>,
     watchdog: Option<(Duration, Instant)>,
+    /// The store's change counter when last looked at, and when that was.
+    store_version: Option<i64>,
+    store_checked_at: Instant,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error only for fatal problems.
@@ -152,7 +160,10 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         shutting_down: false,
         last_sync_summary: None,
         watchdog: systemd::watchdog_interval().map(|interval| (interval, Instant::now())),
+        store_version: None,
+        store_checked_at: Instant::now(),
     };
+    daemon.store_version = daemon.current_store_version();
     info!(
         n_sources = daemon.config.sources.len(),
         mode = ?daemon.config.watch.mode,
@@ -390,6 +401,57 @@ impl Daemon {
         if !self.ready_sent {
             systemd::extend_start_timeout(Duration::from_secs(30));
         }
+        // A write-back waiting for Excel or LibreOffice to close the file goes ahead once the
+        // lock file is gone.
+        let settle = self.config.watch.settle;
+        for (path, tracked) in self.files.iter_mut().filter(|(_, tracked)| tracked.write_deferred && !tracked.in_flight) {
+            if crate::writeback::open_by(path).is_none() {
+                debug!(file = %path.display(), "closed; writing back");
+                tracked.write_deferred = false;
+                tracked.changed_at = Some(Instant::now().checked_sub(settle).unwrap_or_else(Instant::now));
+            }
+        }
+        // Deals changed by another process (the CLI) or by another file's sync must reach every
+        // file that writes back.
+        if self.store_checked_at.elapsed() >= STORE_POLL {
+            self.store_checked_at = Instant::now();
+            let version = self.current_store_version();
+            if version.is_some() && version != self.store_version {
+                self.store_version = version;
+                self.resync_writing_files(None);
+            }
+        }
+    }
+
+    /// Schedules a sync of every file that writes back (but `except`), so store changes reach it.
+    fn resync_writing_files(&mut self, except: Option<&Path>) {
+        let settle = self.config.watch.settle;
+        let writing: HashSet<String> =
+            self.config.sources.iter().filter(|source| source.write_back).map(|source| source.name.clone()).collect();
+        let now = Instant::now();
+        for (path, tracked) in self.files.iter_mut().filter(|(_, tracked)| writing.contains(&tracked.source)) {
+            if Some(path.as_path()) == except {
+                continue;
+            }
+            if tracked.in_flight {
+                tracked.dirty_again = true;
+            } else if tracked.retry_at.is_none() {
+                tracked.changed_at = Some(now.checked_sub(settle).unwrap_or(now));
+                // Same content on disk, new content in the store: sync even so.
+                tracked.done = None;
+            }
+        }
+    }
+
+    fn current_store_version(&self) -> Option<i64> {
+        use crate::store::CrmStore;
+        match tokio::task::block_in_place(|| self.store.crm().version()) {
+            Ok(version) => Some(version),
+            Err(error) => {
+                warn!("cannot read the store's change counter: {error}");
+                None
+            }
+        }
     }
 
     /// Starts syncs for files that have settled, up to the parallel bound.
@@ -456,6 +518,12 @@ impl Daemon {
                         sync::sync_file(&mut store, &config, source, &path, Utc::now()).map_err(|error| error.to_string())
                     }),
             };
+            // After writing the file back, its new fingerprint is what "already synced" means,
+            // so the daemon's own write does not trigger another sync.
+            let fingerprint = match &outcome {
+                Ok(report) if report.write_back == sync::WriteBack::Written => watch::fingerprint(&path),
+                _ => fingerprint,
+            };
             let _ = sender.send(Event::SyncFinished { path, fingerprint, outcome });
         });
     }
@@ -490,7 +558,17 @@ impl Daemon {
                     warn!(file = %file_name, sheet = report.sheet.as_deref().unwrap_or(""), "{issue}");
                 }
                 tracked.done = fingerprint;
+                tracked.seen = fingerprint;
                 tracked.attempts = 0;
+                match &report.write_back {
+                    sync::WriteBack::Written => info!(file = %file_name, "wrote the store's changes back into the file"),
+                    sync::WriteBack::Deferred(message) => {
+                        info!(file = %file_name, "{message}");
+                        tracked.write_deferred = true;
+                    }
+                    sync::WriteBack::Failed(message) => warn!(file = %file_name, "cannot write back: {message}"),
+                    sync::WriteBack::Off | sync::WriteBack::UpToDate => {}
+                }
                 (FileState::Ok, None)
             }
             Ok(report) if report.retryable => {
@@ -533,6 +611,14 @@ impl Daemon {
         }
         let attempts = tracked.attempts;
         let retry_at = tracked.retry_at.map(|retry_at| Utc::now() + (retry_at.saturating_duration_since(Instant::now())));
+        // The file now shows the store as of its sync; the other files that write back need a
+        // look if the store moved on.
+        if let Ok(FileReport { store_version: Some(version), .. }) = &outcome {
+            if Some(*version) != self.store_version {
+                self.store_version = Some(*version);
+                self.resync_writing_files(Some(&path));
+            }
+        }
         if let Ok(report) = &outcome {
             self.last_sync_summary = Some(format!(
                 "last sync {} {} ({})",

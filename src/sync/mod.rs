@@ -15,10 +15,11 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::{Config, SourceConfig};
-use crate::deal::{DealId, FieldValue};
+use crate::deal::{Deal, DealId, Field, FieldMap, FieldValue};
 use crate::mapping::{self, RowIssue, Severity};
 use crate::mirror::{self, MirrorFile, MirrorRow};
-use crate::store::{CrmStore, RunCounts, SqliteCrm, Store, StoreError, SyncRun};
+use crate::store::{ConflictRecord, CrmStore, DealFilter, RunCounts, SqliteCrm, Store, StoreError, SyncRun};
+use crate::writeback::RowOutcome;
 use crate::workbook;
 use diff::{DiffInput, Removal, RowAction};
 
@@ -48,6 +49,27 @@ pub struct FileReport {
     /// Whether reading the file again later may succeed (it may be half-saved or locked).
     pub retryable: bool,
     pub run_id: Option<i64>,
+    /// Fields both the sheet and the store changed since the last sync.
+    pub conflicts: u64,
+    pub write_back: WriteBack,
+    /// The store's change counter as this sync left it (the file shows the store as of then).
+    #[serde(skip)]
+    pub store_version: Option<i64>,
+}
+
+/// What happened to writing the store's view back into the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case", tag = "status", content = "message")]
+pub enum WriteBack {
+    /// The source does not write back (or the format is read-only).
+    #[default]
+    Off,
+    /// The file already shows the store's view.
+    UpToDate,
+    Written,
+    /// The file is open in Excel or LibreOffice, or changed meanwhile: tried again later.
+    Deferred(String),
+    Failed(String),
 }
 
 impl FileReport {
@@ -81,6 +103,9 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         error: None,
         retryable: false,
         run_id: None,
+        conflicts: 0,
+        write_back: WriteBack::Off,
+        store_version: None,
     };
 
     let sheet = match workbook::read_sheet(path, source.sheet.as_deref(), source.encoding) {
@@ -142,22 +167,30 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
     issues.extend(diff_issues);
     issues.sort_by_key(|issue| issue.row_number.unwrap_or(0));
 
-    // Apply, and build the mirror as the file now is.
+    // Apply to the store; remember, per row, which deal it is and what it should show.
     let previous_mirror: HashMap<DealId, &MirrorRow> = mirror_rows.iter().map(|row| (row.deal_id, row)).collect();
-    let mut new_rows = Vec::with_capacity(rows.len());
+    let mut row_deals: Vec<Option<DealId>> = vec![None; rows.len()];
+    let mut row_merged: Vec<Option<FieldMap>> = vec![None; rows.len()];
     let counts = &mut report.counts;
     for action in &changeset.actions {
-        let mirror_deal = match action {
+        match action {
             RowAction::Create { row_idx } => {
                 let row = &rows[*row_idx];
                 let mut fields = row.fields.clone();
+                // A new row in a filtered file belongs to that file's view: it takes the filter's
+                // values for the fields it leaves empty.
+                for (field, accepted) in &source.filter {
+                    if let (false, Some(first)) = (fields.contains_key(field), accepted.first()) {
+                        fields.insert(*field, FieldValue::Text(first.clone()));
+                    }
+                }
                 // A new deal without a stage starts at the top of the funnel.
-                fields
-                    .entry(crate::deal::Field::Stage)
-                    .or_insert_with(|| FieldValue::Text(config.stages.first().name.clone()));
+                fields.entry(Field::Stage).or_insert_with(|| FieldValue::Text(config.stages.first().name.clone()));
                 let deal_id = crm.create_deal(&fields, &row.extras, &source.name, now)?;
                 counts.created += 1;
-                Some((*row_idx, deal_id))
+                row_deals[*row_idx] = Some(deal_id);
+                fields.retain(|field, _| sheet_fields.contains(field));
+                row_merged[*row_idx] = Some(fields);
             }
             RowAction::Update { row_idx, deal_id, changes, extra_changes, unarchive } => {
                 if *unarchive {
@@ -165,65 +198,157 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
                 }
                 crm.update_deal(*deal_id, changes, extra_changes, &source.name, now)?;
                 counts.updated += 1;
-                Some((*row_idx, *deal_id))
+                row_deals[*row_idx] = Some(*deal_id);
+                row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
             }
             RowAction::Unchanged { row_idx, deal_id } => {
                 counts.unchanged += 1;
-                Some((*row_idx, *deal_id))
+                row_deals[*row_idx] = Some(*deal_id);
+                row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
             }
-            RowAction::Skipped { deal_id, .. } => {
+            RowAction::Skipped { row_idx, deal_id } => {
                 counts.errors += 1;
-                // The deal keeps its previous state, and so does its mirror row.
-                if let Some(old) = deal_id.and_then(|deal_id| previous_mirror.get(&deal_id)) {
-                    new_rows.push((*old).clone());
-                }
-                None
+                row_deals[*row_idx] = *deal_id;
             }
-        };
-        if let Some((row_idx, deal_id)) = mirror_deal {
-            let row = &rows[row_idx];
-            new_rows.push(MirrorRow {
-                deal_id,
-                row_number: row.row_number,
-                row_hash: mirror::row_hash(&row.fields, &row.extras),
-                fields: row.fields.clone(),
-                extras: row.extras.clone(),
-            });
         }
     }
+    for (row_idx, deal_id, conflict) in &changeset.conflicts {
+        let text = |value: &Option<FieldValue>| value.as_ref().map(FieldValue::to_string);
+        crm.record_conflict(&ConflictRecord {
+            id: 0,
+            deal_id: *deal_id,
+            field: conflict.field.name().to_string(),
+            base_value: text(&conflict.base),
+            sheet_value: text(&conflict.sheet),
+            store_value: text(&conflict.store),
+            winner: conflict.winner.name().to_string(),
+            policy: source.conflict.name().to_string(),
+            source: source.name.clone(),
+            file: file.clone(),
+            at: now,
+        })?;
+        issues.push(RowIssue::warning(
+            Some(rows[*row_idx].row_number),
+            format!(
+                "conflict on {}: the sheet says {}, the store says {} (was {}); the {} value was kept",
+                conflict.field,
+                quoted(&conflict.sheet),
+                quoted(&conflict.store),
+                quoted(&conflict.base),
+                conflict.winner.name()
+            ),
+        ));
+    }
+    report.conflicts = changeset.conflicts.len() as u64;
+    let mut archived_or_deleted: HashSet<DealId> = HashSet::new();
     for removal in &changeset.removals {
         match removal {
             Removal::Archive(deal_id) => {
                 if crm.set_archived(*deal_id, true, now)? {
-                    counts.archived += 1;
+                    report.counts.archived += 1;
                 }
+                archived_or_deleted.insert(*deal_id);
             }
             Removal::Delete(deal_id) => {
                 if crm.delete_deal(*deal_id)? {
-                    counts.deleted += 1;
+                    report.counts.deleted += 1;
                 }
+                archived_or_deleted.insert(*deal_id);
             }
-            Removal::Forget(_) | Removal::MovedAway(_) => {}
-            Removal::Deferred(deal_id) => {
-                if let Some(old) = previous_mirror.get(deal_id) {
-                    new_rows.push((*old).clone());
-                }
-            }
+            Removal::Forget(_) | Removal::MovedAway(_) | Removal::Deferred(_) => {}
         }
     }
-    counts.warnings = issues.iter().filter(|issue| issue.severity == Severity::Warning).count() as u64;
+    issues.sort_by_key(|issue| issue.row_number.unwrap_or(0));
+    report.counts.warnings = issues.iter().filter(|issue| issue.severity == Severity::Warning).count() as u64;
+
+    // The mirror as the file holds it now, unless the write-back below rewrites the file.
+    let mut new_rows: Vec<MirrorRow> = Vec::with_capacity(rows.len());
+    for (row_idx, row) in rows.iter().enumerate() {
+        match (row_deals[row_idx], row.has_error) {
+            (Some(deal_id), false) => new_rows.push(mirror_row(deal_id, row.row_number, &row.fields, &row.extras)),
+            // A row with errors keeps its previous mirror row: its deal keeps its state.
+            (Some(deal_id), true) => new_rows.extend(previous_mirror.get(&deal_id).map(|old| (*old).clone())),
+            (None, _) => {}
+        }
+    }
+    for removal in &changeset.removals {
+        if let Removal::Deferred(deal_id) = removal {
+            new_rows.extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
+        }
+    }
+    let mut content_hash = sheet.content_hash.clone();
+
+    if source.write_back && crate::writeback::is_writable(&sheet) {
+        let outcomes: Vec<RowOutcome> = rows
+            .iter()
+            .enumerate()
+            .map(|(row_idx, row)| RowOutcome {
+                row_number: row.row_number,
+                deal_id: row_deals[row_idx],
+                read: row.fields.clone(),
+                merged: if row.has_error { None } else { row_merged[row_idx].clone() },
+                extras: row.extras.clone(),
+                key_cell: row.id,
+            })
+            .collect();
+        let view: Vec<Deal> = crm
+            .list_deals(&DealFilter::default())?
+            .into_iter()
+            .filter(|deal| source.filter_matches(&deal.fields))
+            .collect();
+        let today = now.date_naive();
+        let stalled: HashSet<DealId> =
+            view.iter().filter(|deal| crate::remind::is_stalled(deal, &config.stages, today)).map(|deal| deal.id).collect();
+        let plan = crate::writeback::plan(&header, &outcomes, &view, &stalled);
+        if plan.changed {
+            let stage_names: Vec<String> = config.stages.stages.iter().map(|stage| stage.name.clone()).collect();
+            match crate::writeback::write(&sheet, &plan, &stage_names, source.backups) {
+                Ok(written) => {
+                    report.write_back = WriteBack::Written;
+                    content_hash = written.content_hash;
+                    let skipped_rows: HashMap<u32, DealId> = rows
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, row)| row.has_error)
+                        .filter_map(|(row_idx, row)| row_deals[row_idx].map(|deal_id| (row.row_number, deal_id)))
+                        .collect();
+                    new_rows.clear();
+                    for (planned, row_number) in plan.rows.iter().zip(written.row_numbers) {
+                        let Some(deal_id) = planned.deal_id else { continue };
+                        let was_skipped = planned.origin.is_some_and(|origin| skipped_rows.contains_key(&origin));
+                        if was_skipped {
+                            new_rows.extend(previous_mirror.get(&deal_id).map(|old| MirrorRow { row_number, ..(*old).clone() }));
+                        } else {
+                            new_rows.push(mirror_row(deal_id, row_number, &planned.fields, &planned.extras));
+                        }
+                    }
+                    for removal in &changeset.removals {
+                        if let Removal::Deferred(deal_id) = removal {
+                            new_rows.extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
+                        }
+                    }
+                }
+                Err(error) if error.is_deferred() => report.write_back = WriteBack::Deferred(error.to_string()),
+                Err(error) => report.write_back = WriteBack::Failed(error.to_string()),
+            }
+        } else {
+            report.write_back = WriteBack::UpToDate;
+        }
+    }
+    let _ = &archived_or_deleted;
 
     let new_mirror = MirrorFile {
         file: file.clone(),
         source: source.name.clone(),
         sheet: sheet.sheet_name.clone(),
-        content_hash: sheet.content_hash.clone(),
+        content_hash,
         header_row: header.row_number,
         headers: header.headers.clone(),
         synced_at: now,
         rows: new_rows,
     };
     mirror::save(&transaction, &new_mirror, previous.as_ref())?;
+    let counts = &report.counts;
     let changed = counts.created + counts.updated + counts.archived + counts.deleted > 0;
     report.status = if changed { FileStatus::Synced } else { FileStatus::Unchanged };
     let run_id = crm.record_run(&SyncRun {
@@ -234,13 +359,29 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         finished_at: Utc::now().max(now),
         status: status_name(report.status).to_string(),
         counts: report.counts.clone(),
-        message: None,
+        message: match &report.write_back {
+            WriteBack::Deferred(message) | WriteBack::Failed(message) => Some(message.clone()),
+            _ => None,
+        },
     })?;
     mirror::replace_issues(&transaction, &source.name, &file, Some(&sheet.sheet_name), run_id, &issues, now)?;
+    // Read under the write lock, so no other writer's change can hide between it and the commit.
+    report.store_version = Some(crm.version()?);
     transaction.commit().map_err(StoreError::from)?;
     report.run_id = Some(run_id);
     report.issues = issues;
     Ok(report)
+}
+
+fn quoted(value: &Option<FieldValue>) -> String {
+    match value {
+        Some(value) => format!("\"{value}\""),
+        None => "nothing".to_string(),
+    }
+}
+
+fn mirror_row(deal_id: DealId, row_number: u32, fields: &FieldMap, extras: &crate::deal::ExtraMap) -> MirrorRow {
+    MirrorRow { deal_id, row_number, row_hash: mirror::row_hash(fields, extras), fields: fields.clone(), extras: extras.clone() }
 }
 
 fn status_name(status: FileStatus) -> &'static str {
@@ -307,6 +448,9 @@ pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Resul
                     error: Some(error.to_string()),
                     retryable: true,
                     run_id: None,
+                    conflicts: 0,
+                    write_back: WriteBack::Off,
+                    store_version: None,
                 });
                 continue;
             }
@@ -324,6 +468,9 @@ pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Resul
                     error: Some(format!("{} is already synced by source \"{owner}\"; a file can belong to one source only", canonical.display())),
                     retryable: false,
                     run_id: None,
+                    conflicts: 0,
+                    write_back: WriteBack::Off,
+                    store_version: None,
                 });
                 continue;
             }
