@@ -53,12 +53,33 @@ pub enum Command {
     Run,
     /// Per source file: last sync and its result, row errors, pending retries.
     Status(FormatArgs),
+    /// Fields changed both in a sheet and in the store, and which value was kept.
+    Conflicts(ConflictArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConflictArgs {
+    /// How many of the latest conflicts to show.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DealsCommand {
     /// List deals.
     List(ListArgs),
+    /// Change fields of a deal: `deals set 42 amount=12000 owner="Alice Wang"` (an empty value
+    /// clears the field). Values are cleaned and checked like sheet cells.
+    Set {
+        id: i64,
+        /// FIELD=VALUE pairs.
+        #[arg(required = true)]
+        assignments: Vec<String>,
+    },
+    /// Move a deal to a stage (canonical name or alias).
+    Move { id: i64, stage: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,7 +185,8 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
         writeln!(out, "no source files found")?;
         return Ok(());
     }
-    let mut rows = vec![["source", "file", "status", "created", "updated", "archived", "unchanged", "errors"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["source", "file", "status", "created", "updated", "archived", "unchanged", "errors", "written back"].map(String::from).to_vec()];
     for report in reports {
         let status = match report.status {
             FileStatus::Synced => "synced",
@@ -181,10 +203,23 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
             (counts.archived + counts.deleted).to_string(),
             counts.unchanged.to_string(),
             report.n_row_errors().to_string(),
+            match &report.write_back {
+                sync::WriteBack::Off => "",
+                sync::WriteBack::UpToDate => "up to date",
+                sync::WriteBack::Written => "yes",
+                sync::WriteBack::Deferred(_) => "deferred",
+                sync::WriteBack::Failed(_) => "FAILED",
+            }
+            .to_string(),
         ]);
     }
-    write_table(out, &rows, &[false, false, false, true, true, true, true, true])?;
+    write_table(out, &rows, &[false, false, false, true, true, true, true, true, false])?;
     for report in reports {
+        match &report.write_back {
+            sync::WriteBack::Deferred(message) => writeln!(out, "\nwrite-back deferred: {message}")?,
+            sync::WriteBack::Failed(message) => writeln!(out, "\nwrite-back failed: {message}")?,
+            _ => {}
+        }
         if let Some(error) = &report.error {
             writeln!(out, "\nerror: {error}")?;
             if report.retryable {
@@ -343,6 +378,132 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                     writeln!(out, "\n{}: {message}", display_file(&file.file))?;
                 }
             }
+        }
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// Cleans a value given on the command line exactly as a sheet cell would be cleaned.
+fn clean_cli_value(config: &Config, field: Field, written: &str) -> Result<Vec<(Field, Option<crate::deal::FieldValue>)>, String> {
+    use crate::deal::{FieldKind, FieldValue};
+    use crate::mapping::clean;
+    let cell = crate::workbook::Cell::Text(written.to_string());
+    if cell.is_empty() {
+        return Ok(vec![(field, None)]);
+    }
+    let date_order = config.sources.first().map(|source| source.date_order).unwrap_or(crate::config::DateOrder::YearMonthDay);
+    let cleaned = match field.kind() {
+        FieldKind::Text => clean::text(&cell),
+        FieldKind::Email => clean::email(&cell),
+        FieldKind::Phone => clean::phone(&cell),
+        FieldKind::Stage => clean::stage(&cell, &config.stages),
+        FieldKind::Currency => clean::currency(&cell),
+        FieldKind::Date => clean::date(&cell, date_order).map(FieldValue::date),
+        FieldKind::Amount => {
+            return clean::amount(&cell)
+                .map(|(amount, currency)| {
+                    let mut changes = vec![(Field::Amount, Some(FieldValue::Amount(amount)))];
+                    if let Some(currency) = currency {
+                        changes.push((Field::Currency, Some(FieldValue::Text(currency.to_string()))));
+                    }
+                    changes
+                })
+                .map_err(|why| format!("{field}: \"{written}\" {why}"));
+        }
+    };
+    cleaned.map(|value| vec![(field, Some(value))]).map_err(|why| format!("{field}: \"{written}\" {why}"))
+}
+
+/// Applies field changes made on the command line, recorded with origin "cli".
+fn apply_cli_changes(config: &Config, id: i64, changes: Vec<(Field, Option<crate::deal::FieldValue>)>) -> anyhow::Result<ExitCode> {
+    let mut store = open_store(config)?;
+    let transaction = store.transaction()?;
+    let crm = crate::store::SqliteCrm::new(&transaction);
+    let Some(deal) = crm.deals_by_ids(&[id])?.remove(&id) else {
+        eprintln!("error: there is no deal {id}");
+        return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+    };
+    let changes: Vec<_> = changes.into_iter().filter(|(field, value)| deal.fields.get(field) != value.as_ref()).collect();
+    if changes.is_empty() {
+        println!("deal {id} already has these values");
+        return Ok(ExitCode::from(EXIT_OK));
+    }
+    crm.update_deal(id, &changes, &[], "cli", chrono::Utc::now())?;
+    transaction.commit()?;
+    for (field, value) in &changes {
+        let shown = value.as_ref().map(|value| format!("\"{value}\"")).unwrap_or_else(|| "(empty)".to_string());
+        println!("deal {id}: {field} = {shown}");
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+pub fn deals_set(config: &Config, id: i64, assignments: &[String]) -> anyhow::Result<ExitCode> {
+    let mut changes = Vec::new();
+    let mut problems = Vec::new();
+    for assignment in assignments {
+        let Some((name, value)) = assignment.split_once('=') else {
+            problems.push(format!("\"{assignment}\" is not FIELD=VALUE"));
+            continue;
+        };
+        let Some(field) = Field::from_name(name.trim()) else {
+            let fields: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+            problems.push(format!("\"{}\" is not a field ({})", name.trim(), fields.join(", ")));
+            continue;
+        };
+        match clean_cli_value(config, field, value) {
+            Ok(cleaned) => changes.extend(cleaned),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("error: {problem}");
+        }
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    apply_cli_changes(config, id, changes)
+}
+
+pub fn deals_move(config: &Config, id: i64, stage: &str) -> anyhow::Result<ExitCode> {
+    match clean_cli_value(config, Field::Stage, stage) {
+        Ok(changes) if changes.iter().all(|(_, value)| value.is_some()) => apply_cli_changes(config, id, changes),
+        Ok(_) => {
+            eprintln!("error: a stage is needed");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+        Err(problem) => {
+            eprintln!("error: {problem}");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(config)?;
+    let conflicts = store.crm().conflicts(args.limit)?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&conflicts)?)?,
+        Format::Table => {
+            if conflicts.is_empty() {
+                writeln!(out, "no conflicts")?;
+                return Ok(ExitCode::from(EXIT_OK));
+            }
+            let mut rows = vec![["when", "deal", "field", "was", "sheet", "store", "kept", "policy", "file"].map(String::from).to_vec()];
+            for conflict in &conflicts {
+                rows.push(vec![
+                    conflict.at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string(),
+                    conflict.deal_id.to_string(),
+                    conflict.field.clone(),
+                    conflict.base_value.clone().unwrap_or_default(),
+                    conflict.sheet_value.clone().unwrap_or_default(),
+                    conflict.store_value.clone().unwrap_or_default(),
+                    conflict.winner.clone(),
+                    conflict.policy.clone(),
+                    display_file(&conflict.file),
+                ]);
+            }
+            write_table(&mut out, &rows, &[false, true, false, false, false, false, false, false, false])?;
         }
     }
     Ok(ExitCode::from(EXIT_OK))

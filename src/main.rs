@@ -35,6 +35,9 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::CheckConfig => cli::check_config(&config),
         Command::Sync(args) => cli::sync(&config, args),
         Command::Deals(DealsCommand::List(args)) => cli::deals_list(&config, args),
+        Command::Deals(DealsCommand::Set { id, assignments }) => cli::deals_set(&config, *id, assignments),
+        Command::Deals(DealsCommand::Move { id, stage }) => cli::deals_move(&config, *id, stage),
+        Command::Conflicts(args) => cli::conflicts(&config, args),
         Command::Errors(args) => cli::errors(&config, args),
         Command::Status(args) => cli::status(&config, args),
         Command::Run => {

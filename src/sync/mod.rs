@@ -430,55 +430,98 @@ fn deals_in_other_files(connection: &rusqlite::Connection, file: &str, deal_ids:
 }
 
 /// One pass over every file of every source. A file claimed by two sources is synced by the
-/// first only; the second reports it.
+/// first only; the second reports it. When the pass changed the store and some source writes
+/// back, the files of those sources are synced once more, so that a change read from one file
+/// reaches the others in the same command.
 pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Result<Vec<FileReport>, SyncError> {
+    let version_before = store.crm().version()?;
+    let (mut reports, files) = sync_pass(store, config, now, None)?;
+    let writing: Vec<&SourceConfig> = config.sources.iter().filter(|source| source.write_back).collect();
+    if !writing.is_empty() && store.crm().version()? != version_before {
+        let (second, _) = sync_pass(store, config, now, Some(&files))?;
+        for later in second {
+            let Some(first) = reports.iter_mut().find(|report| report.file == later.file && report.source == later.source) else {
+                continue;
+            };
+            first.counts.created += later.counts.created;
+            first.counts.updated += later.counts.updated;
+            first.counts.archived += later.counts.archived;
+            first.counts.deleted += later.counts.deleted;
+            first.conflicts += later.conflicts;
+            if matches!(later.write_back, WriteBack::Written | WriteBack::Deferred(_) | WriteBack::Failed(_)) {
+                first.write_back = later.write_back;
+            }
+            if first.status == FileStatus::Unchanged && later.status == FileStatus::Synced {
+                first.status = FileStatus::Synced;
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// Syncs every file of every source (or, with `only`, the write-back sources' files among those
+/// given). Returns the reports and the files synced, by source name.
+fn sync_pass(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    only: Option<&[(String, PathBuf)]>,
+) -> Result<(Vec<FileReport>, Vec<(String, PathBuf)>), SyncError> {
     let mut reports = Vec::new();
+    let mut synced = Vec::new();
+    if let Some(files) = only {
+        for (source_name, path) in files {
+            let Some(source) = config.source(source_name).filter(|source| source.write_back) else { continue };
+            reports.push(sync_file(store, config, source, path, now)?);
+        }
+        return Ok((reports, synced));
+    }
     let mut claimed: HashMap<PathBuf, String> = HashMap::new();
     for source in &config.sources {
         let files = match crate::watch::source_files(source) {
             Ok(files) => files,
             Err(error) => {
-                reports.push(FileReport {
-                    source: source.name.clone(),
-                    file: error.path.display().to_string(),
-                    sheet: None,
-                    status: FileStatus::Failed,
-                    counts: RunCounts::default(),
-                    issues: Vec::new(),
-                    error: Some(error.to_string()),
-                    retryable: true,
-                    run_id: None,
-                    conflicts: 0,
-                    write_back: WriteBack::Off,
-                    store_version: None,
-                });
+                let mut report = FileReport::failed(&source.name, &error.path.display().to_string(), error.to_string());
+                report.retryable = true;
+                reports.push(report);
                 continue;
             }
         };
         for path in files {
             let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
             if let Some(owner) = claimed.get(&canonical) {
-                reports.push(FileReport {
-                    source: source.name.clone(),
-                    file: canonical.display().to_string(),
-                    sheet: None,
-                    status: FileStatus::Failed,
-                    counts: RunCounts::default(),
-                    issues: Vec::new(),
-                    error: Some(format!("{} is already synced by source \"{owner}\"; a file can belong to one source only", canonical.display())),
-                    retryable: false,
-                    run_id: None,
-                    conflicts: 0,
-                    write_back: WriteBack::Off,
-                    store_version: None,
-                });
+                reports.push(FileReport::failed(
+                    &source.name,
+                    &canonical.display().to_string(),
+                    format!("{} is already synced by source \"{owner}\"; a file can belong to one source only", canonical.display()),
+                ));
                 continue;
             }
             claimed.insert(canonical, source.name.clone());
             reports.push(sync_file(store, config, source, &path, now)?);
+            synced.push((source.name.clone(), path));
         }
     }
-    Ok(reports)
+    Ok((reports, synced))
+}
+
+impl FileReport {
+    fn failed(source: &str, file: &str, message: String) -> FileReport {
+        FileReport {
+            source: source.to_string(),
+            file: file.to_string(),
+            sheet: None,
+            status: FileStatus::Failed,
+            counts: RunCounts::default(),
+            issues: Vec::new(),
+            error: Some(message),
+            retryable: false,
+            run_id: None,
+            conflicts: 0,
+            write_back: WriteBack::Off,
+            store_version: None,
+        }
+    }
 }
 
 /// Whether a run-level problem is worth an error exit: any failed file or row error.

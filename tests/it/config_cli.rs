@@ -103,3 +103,14 @@ fn usage_errors_exit_2() {
     test.run(&["sync", "--format", "yaml"]).assert_code(2);
     test.run(&["frobnicate"]).assert_code(2);
 }
+
+#[test]
+fn write_back_on_a_read_only_format_is_a_config_error() {
+    let test = TestDir::new();
+    test.config("[[sources]]\nname = \"old\"\npath = \"old.xls\"\nwrite_back = true\n\n[[sources]]\nname = \"team\"\npath = \"team.ods\"\nfilter = { stage = [\"Negotiating\"] }\nconflict = \"loudest\"\n");
+    let run = test.run(&["check-config"]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("`sources[1].write_back`: \"old.xls\" is a read-only format"), "{}", run.stderr);
+    assert!(run.stderr.contains("`sources[2].filter.stage`: \"Negotiating\" is not a stage"), "{}", run.stderr);
+    assert!(run.stderr.contains("`sources[2].conflict`: \"loudest\" is not one of store, sheet, newest"), "{}", run.stderr);
+}

@@ -349,3 +349,51 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// The cells of a sheet of a real .xlsx file, read back with calamine, as text by (row, column)
+/// from 0, and the formulas by the same positions.
+pub struct ReadBack {
+    pub values: Vec<Vec<String>>,
+    pub formulas: std::collections::HashMap<(usize, usize), String>,
+    pub sheet_names: Vec<String>,
+}
+
+impl ReadBack {
+    /// The text of the cell in the column with this header (header on the first row that has it).
+    #[track_caller]
+    pub fn column(&self, header: &str) -> Vec<String> {
+        let (header_row, column) = self
+            .values
+            .iter()
+            .enumerate()
+            .find_map(|(row_idx, row)| row.iter().position(|cell| cell == header).map(|column| (row_idx, column)))
+            .unwrap_or_else(|| panic!("no column {header} in {:?}", self.values));
+        self.values.iter().skip(header_row + 1).map(|row| row.get(column).cloned().unwrap_or_default()).collect()
+    }
+}
+
+pub fn read_xlsx(path: &Path, sheet: &str) -> ReadBack {
+    use calamine::Reader;
+    let mut workbook: calamine::Xlsx<_> = calamine::open_workbook(path).expect("open xlsx");
+    let sheet_names = workbook.sheet_names();
+    let range = workbook.worksheet_range(sheet).expect("sheet");
+    let (start_row, start_column) = range.start().unwrap_or((0, 0));
+    let (end_row, end_column) = range.end().unwrap_or((0, 0));
+    let mut values = vec![vec![String::new(); end_column as usize + 1]; end_row as usize + 1];
+    for (row, column, value) in range.used_cells() {
+        let text = match value {
+            calamine::Data::DateTime(datetime) => datetime.as_datetime().map(|at| at.date().to_string()).unwrap_or_default(),
+            other => other.to_string(),
+        };
+        values[start_row as usize + row][start_column as usize + column] = text;
+    }
+    let formula_range = workbook.worksheet_formula(sheet).expect("formulas");
+    let (start_row, start_column) = formula_range.start().unwrap_or((0, 0));
+    let mut formulas = std::collections::HashMap::new();
+    for (row, column, formula) in formula_range.used_cells() {
+        if !formula.is_empty() {
+            formulas.insert((start_row as usize + row, start_column as usize + column), formula.clone());
+        }
+    }
+    ReadBack { values, formulas, sheet_names }
+}

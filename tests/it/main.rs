@@ -5,3 +5,4 @@ mod config_cli;
 mod daemon;
 mod harness;
 mod sync_cli;
+mod two_way;
