@@ -73,15 +73,21 @@ pub struct RowOutcome {
 
 /// Plans the new content of the managed sheet: rows keep their order; a row whose deal left the
 /// view goes; deals of the view not in the file yet are added at the end.
-pub fn plan(header: &HeaderMap, outcomes: &[RowOutcome], view: &[Deal], stalled: &HashSet<DealId>) -> SheetPlan {
+///
+/// `n_columns` is the width of the widest row of the sheet: a missing key column is added after
+/// it, so it never lands on data under an empty header.
+pub fn plan(header: &HeaderMap, n_columns: usize, outcomes: &[RowOutcome], view: &[Deal], stalled: &HashSet<DealId>) -> SheetPlan {
     let mut headers = header.headers.clone();
     let mut roles = header.roles.clone();
     let key_column_idx = match header.key_column() {
         Some(column_idx) => column_idx,
         None => {
+            let column_idx = n_columns.max(headers.len());
+            headers.resize(column_idx, String::new());
+            roles.resize(column_idx, None);
             headers.push(String::new());
             roles.push(Some(ColumnRole::Key));
-            headers.len() - 1
+            column_idx
         }
     };
     let mut changed = false;

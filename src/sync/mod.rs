@@ -299,7 +299,8 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         let today = now.date_naive();
         let stalled: HashSet<DealId> =
             view.iter().filter(|deal| crate::remind::is_stalled(deal, &config.stages, today)).map(|deal| deal.id).collect();
-        let plan = crate::writeback::plan(&header, &outcomes, &view, &stalled);
+        let n_columns = sheet.rows.iter().map(|row| row.cells.len()).max().unwrap_or(0);
+        let plan = crate::writeback::plan(&header, n_columns, &outcomes, &view, &stalled);
         if plan.changed {
             let stage_names: Vec<String> = config.stages.stages.iter().map(|stage| stage.name.clone()).collect();
             match crate::writeback::write(&sheet, &plan, &stage_names, source.backups) {
@@ -437,8 +438,20 @@ pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Resul
     let version_before = store.crm().version()?;
     let (mut reports, files) = sync_pass(store, config, now, None)?;
     let writing: Vec<&SourceConfig> = config.sources.iter().filter(|source| source.write_back).collect();
-    if !writing.is_empty() && store.crm().version()? != version_before {
-        let (second, _) = sync_pass(store, config, now, Some(&files))?;
+    let version_after = store.crm().version()?;
+    if !writing.is_empty() && version_after != version_before {
+        // Only files synced before the store last changed can be behind it.
+        let behind: Vec<(String, PathBuf)> = files
+            .into_iter()
+            .filter(|(source_name, path)| {
+                let key = file_key(path);
+                reports
+                    .iter()
+                    .find(|report| &report.source == source_name && report.file == key)
+                    .is_none_or(|report| report.store_version != Some(version_after))
+            })
+            .collect();
+        let (second, _) = sync_pass(store, config, now, Some(&behind))?;
         for later in second {
             let Some(first) = reports.iter_mut().find(|report| report.file == later.file && report.source == later.source) else {
                 continue;
