@@ -34,6 +34,10 @@ pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "FUNNELSYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+    /// Pretend it is this moment (RFC 3339), for `remind` and `deals list --stalled`: lets an
+    /// admin preview a future run, and tests use a fixed clock.
+    #[arg(long, global = true, hide = true, value_parser = parse_now)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,6 +59,22 @@ pub enum Command {
     Status(FormatArgs),
     /// Fields changed both in a sheet and in the store, and which value was kept.
     Conflicts(ConflictArgs),
+    /// Email each rep a digest of their stalled deals now (and the manager the escalations).
+    Remind(RemindArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RemindArgs {
+    /// Print each digest that would be sent, without sending or recording anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Ignore `repeat_every_days`: remind about every stalled deal.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_now(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text).map(|at| at.with_timezone(&chrono::Utc)).map_err(|error| error.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +125,9 @@ pub struct ListArgs {
     /// Include archived deals.
     #[arg(long)]
     pub include_archived: bool,
+    /// Only stalled deals, worst first, with the reason.
+    #[arg(long)]
+    pub stalled: bool,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -249,20 +272,42 @@ fn display_file(file: &str) -> String {
         .unwrap_or_else(|| file.to_string())
 }
 
-pub fn deals_list(config: &Config, args: &ListArgs) -> anyhow::Result<ExitCode> {
+pub fn deals_list(config: &Config, args: &ListArgs, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<ExitCode> {
     let store = open_store(config)?;
     // A stage given by alias ("成交") lists the canonical stage ("Won").
     let stage = args.stage.as_ref().map(|stage| config.stages.resolve(stage).map(|stage| stage.name.clone()).unwrap_or_else(|| stage.clone()));
     let filter = DealFilter { stage, owner: args.owner.clone(), include_archived: args.include_archived };
-    let deals = store.crm().list_deals(&filter)?;
+    let mut deals = store.crm().list_deals(&filter)?;
+    let mut reasons: std::collections::HashMap<i64, String> = std::collections::HashMap::new();
+    if args.stalled {
+        let calendar = crate::remind::Calendar::from_config(config.remind.as_ref());
+        let stalls = crate::remind::stalls(&deals, &config.stages, &calendar, calendar.day_of(now));
+        let order: Vec<i64> = stalls.iter().map(|stall| stall.deal_id).collect();
+        reasons = stalls.into_iter().map(|stall| (stall.deal_id, stall.reason)).collect();
+        deals.retain(|deal| reasons.contains_key(&deal.id));
+        deals.sort_by_key(|deal| order.iter().position(|id| *id == deal.id));
+    }
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {
-            let array: Vec<Value> = deals.iter().map(deal_json).collect();
+            let array: Vec<Value> = deals
+                .iter()
+                .map(|deal| {
+                    let mut value = deal_json(deal);
+                    if let Some(reason) = reasons.get(&deal.id) {
+                        value["stalled"] = json!(reason);
+                    }
+                    value
+                })
+                .collect();
             writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
         }
         Format::Table => {
-            let mut rows = vec![["id", "company", "contact", "stage", "amount", "owner", "next step"].map(String::from).to_vec()];
+            let mut header = ["id", "company", "contact", "stage", "amount", "owner", "next step"].map(String::from).to_vec();
+            if args.stalled {
+                header.push("stalled".to_string());
+            }
+            let mut rows = vec![header];
             for deal in &deals {
                 let text = |field: Field| deal.fields.get(&field).map(|value| value.to_string()).unwrap_or_default();
                 let amount = match (deal.fields.get(&Field::Amount), deal.text(Field::Currency)) {
@@ -274,7 +319,7 @@ pub fn deals_list(config: &Config, args: &ListArgs) -> anyhow::Result<ExitCode> 
                 if deal.archived_at.is_some() {
                     stage.push_str(" (archived)");
                 }
-                rows.push(vec![
+                let mut row = vec![
                     deal.id.to_string(),
                     text(Field::Company),
                     text(Field::Contact),
@@ -282,13 +327,49 @@ pub fn deals_list(config: &Config, args: &ListArgs) -> anyhow::Result<ExitCode> 
                     amount,
                     text(Field::Owner),
                     text(Field::NextStep),
-                ]);
+                ];
+                if let Some(reason) = reasons.get(&deal.id) {
+                    row.push(reason.clone());
+                }
+                rows.push(row);
             }
-            write_table(&mut out, &rows, &[true, false, false, false, true, false, false])?;
+            write_table(&mut out, &rows, &[true, false, false, false, true, false, false, false])?;
             writeln!(out, "{} deal(s)", deals.len())?;
         }
     }
     Ok(ExitCode::from(EXIT_OK))
+}
+
+pub fn remind(config: &Config, args: &RemindArgs, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<ExitCode> {
+    if config.remind.is_none() {
+        eprintln!("error: reminders are not configured: add [remind] and [smtp] sections (see config/funnelsync.example.toml)");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let mut store = open_store(config)?;
+    let report = crate::remind::outbox::run(&mut store, config, now, now, args.force, args.dry_run)?;
+    let mut out = std::io::stdout().lock();
+    if args.dry_run {
+        if report.messages.is_empty() {
+            writeln!(out, "no reminders due ({} stalled deal(s))", report.n_stalled)?;
+        }
+        for message in &report.messages {
+            writeln!(out, "To: {}\nSubject: {}\n\n{}\n----", message.recipient, message.subject, message.text)?;
+        }
+    } else {
+        writeln!(
+            out,
+            "{} stalled deal(s); {} message(s) sent, {} waiting to retry, {} given up",
+            report.n_stalled, report.delivery.sent, report.delivery.retrying, report.delivery.failed
+        )?;
+        for error in &report.delivery.errors {
+            writeln!(out, "mail error: {error}")?;
+        }
+    }
+    for deal_id in &report.unaddressed {
+        eprintln!("warning: deal {deal_id} is stalled but its owner has no address in [reps] and no fallback_to is set");
+    }
+    let failed = report.delivery.retrying + report.delivery.failed > 0;
+    Ok(ExitCode::from(if failed { EXIT_ROW_ERRORS } else { EXIT_OK }))
 }
 
 /// A deal as JSON: every field by name (null when empty), dates as ISO strings, unmapped columns

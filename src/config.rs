@@ -62,6 +62,9 @@ struct RawTopLevel {
     sources: Vec<Spanned<toml::Value>>,
     stages: Option<Vec<Spanned<toml::Value>>>,
     watch: Option<Spanned<toml::Value>>,
+    remind: Option<Spanned<toml::Value>>,
+    reps: Option<Spanned<toml::Value>>,
+    smtp: Option<Spanned<toml::Value>>,
     log_level: Option<Spanned<String>>,
     /// Keys funnelsync does not know. They are errors, collected here (rather than by serde's
     /// `deny_unknown_fields`, which stops at the first) so all of them are reported at once.
@@ -69,7 +72,7 @@ struct RawTopLevel {
     unknown: BTreeMap<String, toml::Value>,
 }
 
-const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, log_level";
+const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, remind, reps, smtp, log_level";
 
 /// The whole file, as written, once every section has been read.
 #[derive(Debug, Default)]
@@ -78,7 +81,37 @@ pub struct RawConfig {
     pub sources: Vec<RawSource>,
     pub stages: Option<Vec<RawStage>>,
     pub watch: Option<RawWatch>,
+    pub remind: Option<RawRemind>,
+    pub reps: Option<BTreeMap<String, String>>,
+    pub smtp: Option<RawSmtp>,
     pub log_level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRemind {
+    pub at: Option<String>,
+    pub timezone: Option<String>,
+    pub weekdays_only: Option<bool>,
+    pub repeat_every_days: Option<i64>,
+    pub escalate_after: Option<i64>,
+    pub manager: Option<String>,
+    pub fallback_to: Option<String>,
+    pub language: Option<String>,
+    pub business_days: Option<bool>,
+    pub holidays: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmtp {
+    pub host: String,
+    pub port: Option<i64>,
+    pub security: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<String>,
+    pub from: String,
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +235,9 @@ impl RawConfig {
         };
         raw.store = read_section(text, "store", top.store, &mut problems);
         raw.watch = read_section(text, "watch", top.watch, &mut problems);
+        raw.remind = read_section(text, "remind", top.remind, &mut problems);
+        raw.reps = read_section(text, "reps", top.reps, &mut problems);
+        raw.smtp = read_section(text, "smtp", top.smtp, &mut problems);
         for (index, source) in top.sources.into_iter().enumerate() {
             if let Some(mut source) = read_section::<RawSource>(text, &format!("sources[{}]", index + 1), Some(source), &mut problems) {
                 source.position = index + 1;
@@ -307,7 +343,75 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub stages: Stages,
     pub watch: WatchConfig,
+    pub remind: Option<RemindConfig>,
+    /// Owner names as written in sheets (folded with [`normalize_label`]) → email address.
+    pub reps: BTreeMap<String, String>,
+    pub smtp: Option<SmtpConfig>,
     pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    English,
+    Chinese,
+}
+
+#[derive(Debug, Clone)]
+pub struct RemindConfig {
+    pub at: chrono::NaiveTime,
+    pub timezone: chrono_tz::Tz,
+    pub weekdays_only: bool,
+    pub repeat_every_days: u32,
+    pub escalate_after: u32,
+    pub manager: Option<String>,
+    pub fallback_to: Option<String>,
+    pub language: Language,
+    pub business_days: bool,
+    pub holidays: Vec<chrono::NaiveDate>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    None,
+    StartTls,
+    Tls,
+}
+
+#[derive(Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: Option<String>,
+    /// Where the password is read from when mail is sent: this file, else the
+    /// `FUNNELSYNC_SMTP_PASSWORD` environment variable, else systemd's credential
+    /// `$CREDENTIALS_DIRECTORY/smtp-password`. The password itself is never kept in the config.
+    pub password_file: Option<PathBuf>,
+    /// The sender, "Name <address>".
+    pub from: String,
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for SmtpConfig {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .field("from", &self.from)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Config {
+    /// The email address for an owner as written in a sheet (case and spaces ignored).
+    pub fn rep_address(&self, owner: &str) -> Option<&str> {
+        self.reps.get(&normalize_label(owner)).map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -581,6 +685,18 @@ impl Config {
         }
 
         let watch = validate_watch(raw.watch, &mut problem);
+        let mut reps = BTreeMap::new();
+        for (owner, address) in raw.reps.unwrap_or_default() {
+            if address.parse::<lettre::Address>().is_err() {
+                problem(&format!("reps.{owner}"), format!("\"{address}\" is not an email address"));
+            }
+            reps.insert(normalize_label(&owner), address.trim().to_string());
+        }
+        let smtp = raw.smtp.and_then(|smtp| validate_smtp(smtp, base, &mut problem));
+        let remind = raw.remind.and_then(|remind| validate_remind(remind, &mut problem));
+        if remind.is_some() && smtp.is_none() {
+            problem("smtp", "[remind] needs an [smtp] section to send mail".to_string());
+        }
 
         let log_level = raw.log_level;
         if let Some(level) = &log_level {
@@ -596,6 +712,9 @@ impl Config {
                 sources,
                 stages,
                 watch,
+                remind,
+                reps,
+                smtp,
                 log_level,
             }),
             _ => Err(problems),
@@ -664,6 +783,139 @@ fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String))
         }
     }
     watch
+}
+
+fn check_address(key: &str, written: &str, problem: &mut impl FnMut(&str, String)) -> Option<String> {
+    match written.trim().parse::<lettre::Address>() {
+        Ok(_) => Some(written.trim().to_string()),
+        Err(_) => {
+            problem(key, format!("\"{written}\" is not an email address"));
+            None
+        }
+    }
+}
+
+fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Option<RemindConfig> {
+    let mut ok = true;
+    let mut fail = |key: &str, message: String| {
+        problem(key, message);
+        ok = false;
+    };
+    let at_text = raw.at.unwrap_or_else(|| "09:00".to_string());
+    let at = chrono::NaiveTime::parse_from_str(&at_text, "%H:%M")
+        .or_else(|_| chrono::NaiveTime::parse_from_str(&at_text, "%H:%M:%S"))
+        .unwrap_or_else(|_| {
+            fail("remind.at", format!("\"{at_text}\" is not a time of day like \"09:00\""));
+            chrono::NaiveTime::MIN
+        });
+    let timezone_text = raw.timezone.unwrap_or_else(|| "UTC".to_string());
+    let timezone = timezone_text.parse::<chrono_tz::Tz>().unwrap_or_else(|_| {
+        fail("remind.timezone", format!("\"{timezone_text}\" is not an IANA time zone such as \"Asia/Shanghai\""));
+        chrono_tz::UTC
+    });
+    let positive = |key: &str, value: Option<i64>, default: u32, fail: &mut dyn FnMut(&str, String)| match value {
+        None => default,
+        Some(value) => match u32::try_from(value) {
+            Ok(value) if value >= 1 => value,
+            _ => {
+                fail(key, format!("{value} must be a whole number of at least 1"));
+                default
+            }
+        },
+    };
+    let repeat_every_days = positive("remind.repeat_every_days", raw.repeat_every_days, 2, &mut fail);
+    let escalate_after = positive("remind.escalate_after", raw.escalate_after, 3, &mut fail);
+    let mut address = |key: &str, written: Option<String>| {
+        written.and_then(|written| {
+            let checked = check_address(key, &written, &mut |key, message| fail(key, message));
+            checked
+        })
+    };
+    let manager = address("remind.manager", raw.manager);
+    let fallback_to = address("remind.fallback_to", raw.fallback_to);
+    let language = match raw.language.as_deref() {
+        None | Some("en") => Language::English,
+        Some("zh") => Language::Chinese,
+        Some(other) => {
+            fail("remind.language", format!("\"{other}\" is not one of en, zh"));
+            Language::English
+        }
+    };
+    let mut holidays = Vec::new();
+    for day in raw.holidays.unwrap_or_default() {
+        match chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d") {
+            Ok(day) => holidays.push(day),
+            Err(_) => fail("remind.holidays", format!("\"{day}\" is not a date like \"2026-10-01\"")),
+        }
+    }
+    let remind = RemindConfig {
+        at,
+        timezone,
+        weekdays_only: raw.weekdays_only.unwrap_or(true),
+        repeat_every_days,
+        escalate_after,
+        manager,
+        fallback_to,
+        language,
+        business_days: raw.business_days.unwrap_or(false),
+        holidays,
+    };
+    ok.then_some(remind)
+}
+
+fn validate_smtp(raw: RawSmtp, base: &Path, problem: &mut impl FnMut(&str, String)) -> Option<SmtpConfig> {
+    let mut ok = true;
+    let mut fail = |key: &str, message: String| {
+        problem(key, message);
+        ok = false;
+    };
+    if raw.host.trim().is_empty() {
+        fail("smtp.host", "must name the mail server".to_string());
+    }
+    let security = match raw.security.as_deref() {
+        None | Some("starttls") => SmtpSecurity::StartTls,
+        Some("tls") => SmtpSecurity::Tls,
+        Some("none") => SmtpSecurity::None,
+        Some(other) => {
+            fail("smtp.security", format!("\"{other}\" is not one of none, starttls, tls"));
+            SmtpSecurity::StartTls
+        }
+    };
+    let default_port = match security {
+        SmtpSecurity::None => 25,
+        SmtpSecurity::StartTls => 587,
+        SmtpSecurity::Tls => 465,
+    };
+    let port = match raw.port {
+        None => default_port,
+        Some(port) => u16::try_from(port).ok().filter(|port| *port > 0).unwrap_or_else(|| {
+            fail("smtp.port", format!("{port} is not a port number"));
+            default_port
+        }),
+    };
+    if raw.from.parse::<lettre::message::Mailbox>().is_err() {
+        fail("smtp.from", format!("\"{}\" is not a sender such as \"Funnel Sync <funnelsync@example.com>\"", raw.from));
+    }
+    let timeout = match raw.timeout {
+        None => Duration::from_secs(30),
+        Some(written) => match humantime::parse_duration(&written) {
+            Ok(duration) => duration,
+            Err(_) => {
+                fail("smtp.timeout", format!("\"{written}\" is not a duration like \"30s\""));
+                Duration::from_secs(30)
+            }
+        },
+    };
+    let smtp = SmtpConfig {
+        host: raw.host.trim().to_string(),
+        port,
+        security,
+        username: raw.username.filter(|username| !username.is_empty()),
+        password_file: raw.password_file.map(|file| resolve(base, &file)),
+        from: raw.from,
+        timeout,
+    };
+    ok.then_some(smtp)
 }
 
 fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, String)) -> Stages {

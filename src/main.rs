@@ -31,13 +31,15 @@ fn run() -> anyhow::Result<ExitCode> {
     };
     let default_level = if matches!(cli.command, Command::Run) { "info" } else { "warn" };
     init_logging(config.log_level.as_deref(), default_level);
+    let now = cli.now.unwrap_or_else(chrono::Utc::now);
     match &cli.command {
         Command::CheckConfig => cli::check_config(&config),
         Command::Sync(args) => cli::sync(&config, args),
-        Command::Deals(DealsCommand::List(args)) => cli::deals_list(&config, args),
+        Command::Deals(DealsCommand::List(args)) => cli::deals_list(&config, args, now),
         Command::Deals(DealsCommand::Set { id, assignments }) => cli::deals_set(&config, *id, assignments),
         Command::Deals(DealsCommand::Move { id, stage }) => cli::deals_move(&config, *id, stage),
         Command::Conflicts(args) => cli::conflicts(&config, args),
+        Command::Remind(args) => cli::remind(&config, args, now),
         Command::Errors(args) => cli::errors(&config, args),
         Command::Status(args) => cli::status(&config, args),
         Command::Run => {

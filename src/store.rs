@@ -150,6 +150,42 @@ INSERT INTO store_meta (id, version) VALUES (1, 0);
 CREATE TRIGGER deals_inserted AFTER INSERT ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
 CREATE TRIGGER deals_updated AFTER UPDATE ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
 CREATE TRIGGER deals_deleted AFTER DELETE ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
+"#, r#"
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY,
+    recipient       TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    text_body       TEXT NOT NULL,
+    html_body       TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT,
+    give_up_at      TEXT NOT NULL,
+    sent_at         TEXT,
+    last_error      TEXT
+);
+CREATE INDEX outbox_status ON outbox(status);
+
+CREATE TABLE reminders (
+    id         INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES outbox(id) ON DELETE CASCADE,
+    deal_id    INTEGER NOT NULL,
+    stall_key  TEXT NOT NULL,
+    recipient  TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    day        TEXT NOT NULL,
+    at         TEXT NOT NULL
+);
+CREATE INDEX reminders_stall ON reminders(stall_key, kind);
+
+CREATE TABLE remind_runs (
+    id         INTEGER PRIMARY KEY,
+    due_at     TEXT NOT NULL,
+    ran_at     TEXT NOT NULL,
+    n_messages INTEGER NOT NULL
+);
 "#];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {

@@ -1,0 +1,320 @@
+//! Stalled deals and the reminders about them. This module is the pure core: the stall rule
+//! (calendar or business days, holidays), the reminder schedule (time zone and DST aware), and
+//! which stalls are due a reminder or an escalation. Time is always a parameter.
+//!
+//! `remind::digest` turns stalls into email text; `remind::outbox` records and sends them (the
+//! only part that does I/O). This module must not send mail, read files or touch the store.
+
+pub mod digest;
+pub mod outbox;
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
+use chrono_tz::Tz;
+
+use crate::config::{RemindConfig, Stages};
+use crate::deal::{Deal, DealId, Field};
+
+/// How days are counted.
+#[derive(Debug, Clone, Default)]
+pub struct Calendar {
+    /// Count Monday to Friday only.
+    pub business_days: bool,
+    /// Days that never count (with `business_days`).
+    pub holidays: Vec<NaiveDate>,
+    /// The time zone in which a time stamp becomes a day.
+    pub timezone: Option<Tz>,
+}
+
+impl Calendar {
+    pub fn from_config(remind: Option<&RemindConfig>) -> Calendar {
+        match remind {
+            Some(remind) => Calendar {
+                business_days: remind.business_days,
+                holidays: remind.holidays.clone(),
+                timezone: Some(remind.timezone),
+            },
+            None => Calendar::default(),
+        }
+    }
+
+    /// The day a time stamp falls on, in the calendar's time zone.
+    pub fn day_of(&self, at: DateTime<Utc>) -> NaiveDate {
+        match self.timezone {
+            Some(timezone) => at.with_timezone(&timezone).date_naive(),
+            None => at.date_naive(),
+        }
+    }
+
+    fn counts(&self, day: NaiveDate) -> bool {
+        !self.business_days || (!matches!(day.weekday(), Weekday::Sat | Weekday::Sun) && !self.holidays.contains(&day))
+    }
+
+    /// Days from `from` to `to`: calendar days, or the counted days after `from` up to and
+    /// including `to`.
+    pub fn days_between(&self, from: NaiveDate, to: NaiveDate) -> i64 {
+        if !self.business_days {
+            return (to - from).num_days();
+        }
+        if to <= from {
+            return 0;
+        }
+        from.iter_days().skip(1).take_while(|day| *day <= to).filter(|day| self.counts(*day)).count() as i64
+    }
+}
+
+/// One stall: a deal idle in a stage for longer than the stage allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stall {
+    pub deal_id: DealId,
+    pub stage: String,
+    /// Days (as counted) since the later of entering the stage and the last contact.
+    pub idle_days: i64,
+    pub days_in_stage: i64,
+    pub last_contact_days: Option<i64>,
+    pub limit: u32,
+    /// The day the idle time counts from. With the deal and stage it names the stall: a stage
+    /// change or a new contact ends it and any later stall is a new one.
+    pub since: NaiveDate,
+    pub reason: String,
+}
+
+impl Stall {
+    /// The key reminders about this stall are recorded under.
+    pub fn key(&self) -> String {
+        format!("{}:{}:{}", self.deal_id, self.stage, self.since)
+    }
+
+    /// How far over its limit the deal is; larger is worse.
+    pub fn overdue(&self) -> i64 {
+        self.idle_days - i64::from(self.limit)
+    }
+}
+
+/// The stall rule: a live deal in a non-terminal stage with `stall_after_days` is stalled when the
+/// days since the later of `stage_entered_at` and `last_contact` exceed that limit.
+pub fn stall_of(deal: &Deal, stages: &Stages, calendar: &Calendar, today: NaiveDate) -> Option<Stall> {
+    if deal.archived_at.is_some() {
+        return None;
+    }
+    let stage = stages.resolve(deal.text(Field::Stage)?)?;
+    if stage.terminal.is_some() {
+        return None;
+    }
+    let limit = stage.stall_after_days?;
+    let entered = deal.stage_entered_at.map(|at| calendar.day_of(at));
+    let last_contact = deal.text(Field::LastContact).and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok());
+    let since = match (entered, last_contact) {
+        (Some(entered), Some(contact)) => entered.max(contact),
+        (Some(day), None) | (None, Some(day)) => day,
+        (None, None) => return None,
+    };
+    let idle_days = calendar.days_between(since, today);
+    if idle_days <= i64::from(limit) {
+        return None;
+    }
+    let days_in_stage = entered.map(|entered| calendar.days_between(entered, today)).unwrap_or(idle_days);
+    let last_contact_days = last_contact.map(|contact| calendar.days_between(contact, today));
+    let unit = if calendar.business_days { "business days" } else { "days" };
+    let mut reason = format!("in {} for {days_in_stage} {unit}", stage.name);
+    match last_contact_days {
+        Some(days) => reason.push_str(&format!(", last contact {days} {unit} ago")),
+        None => reason.push_str(", no contact recorded"),
+    }
+    reason.push_str(&format!("; limit {limit}"));
+    Some(Stall { deal_id: deal.id, stage: stage.name.clone(), idle_days, days_in_stage, last_contact_days, limit, since, reason })
+}
+
+/// Whether a deal is stalled today (used for highlighting in written sheets).
+pub fn is_stalled(deal: &Deal, stages: &Stages, today: NaiveDate) -> bool {
+    stall_of(deal, stages, &Calendar::default(), today).is_some()
+}
+
+/// Every stalled deal, worst first.
+pub fn stalls(deals: &[Deal], stages: &Stages, calendar: &Calendar, today: NaiveDate) -> Vec<Stall> {
+    let mut found: Vec<Stall> = deals.iter().filter_map(|deal| stall_of(deal, stages, calendar, today)).collect();
+    found.sort_by(|left, right| right.overdue().cmp(&left.overdue()).then(left.deal_id.cmp(&right.deal_id)));
+    found
+}
+
+/// What was already sent (or is pending) about one stall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReminderHistory {
+    pub n_reminders: u32,
+    pub last_day: Option<NaiveDate>,
+}
+
+/// What a run does about one stall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Reminded too recently.
+    Skip,
+    Remind,
+    /// Remind the rep and copy the manager.
+    RemindAndEscalate,
+}
+
+/// Whether a stall is due a reminder today: not within `repeat_every_days` of the last one
+/// (unless forced); escalated once `escalate_after` reminders went out about it.
+pub fn decide(history: ReminderHistory, remind: &RemindConfig, today: NaiveDate, force: bool) -> Decision {
+    let recent = history.last_day.is_some_and(|last| (today - last).num_days() < i64::from(remind.repeat_every_days));
+    if recent && !force {
+        return Decision::Skip;
+    }
+    if history.n_reminders >= remind.escalate_after {
+        Decision::RemindAndEscalate
+    } else {
+        Decision::Remind
+    }
+}
+
+/// The moment `at` happens on `day` in `timezone`: the earlier one when the clock is set back, the
+/// first valid moment after a gap when it is set forward.
+pub(crate) fn moment(timezone: Tz, day: NaiveDate, at: NaiveTime) -> Option<DateTime<Utc>> {
+    let local = day.and_time(at);
+    match timezone.from_local_datetime(&local) {
+        chrono::LocalResult::Single(moment) => Some(moment.with_timezone(&Utc)),
+        chrono::LocalResult::Ambiguous(earlier, _) => Some(earlier.with_timezone(&Utc)),
+        chrono::LocalResult::None => {
+            // In a spring-forward gap: the same wall time an hour later exists.
+            let later = local + chrono::Duration::hours(1);
+            timezone.from_local_datetime(&later).earliest().map(|moment| moment.with_timezone(&Utc))
+        }
+    }
+}
+
+fn is_run_day(remind: &RemindConfig, day: NaiveDate) -> bool {
+    !remind.weekdays_only || !matches!(day.weekday(), Weekday::Sat | Weekday::Sun)
+}
+
+/// The first due time strictly after `after`.
+pub fn next_due(remind: &RemindConfig, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let today = after.with_timezone(&remind.timezone).date_naive();
+    today
+        .iter_days()
+        .take(15)
+        .filter(|day| is_run_day(remind, *day))
+        .filter_map(|day| moment(remind.timezone, day, remind.at))
+        .find(|due| *due > after)
+}
+
+/// The latest due time at or before `now`, for catching up after downtime.
+pub fn previous_due(remind: &RemindConfig, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let today = now.with_timezone(&remind.timezone).date_naive();
+    (0..15)
+        .filter_map(|back| today.checked_sub_days(chrono::Days::new(back)))
+        .filter(|day| is_run_day(remind, *day))
+        .filter_map(|day| moment(remind.timezone, day, remind.at))
+        .find(|due| *due <= now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Language, Stages};
+    use crate::deal::{ExtraMap, FieldMap, FieldValue};
+
+    fn day(text: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d").expect("date")
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).expect("time").with_timezone(&Utc)
+    }
+
+    fn deal(stage: &str, entered: &str, last_contact: Option<&str>) -> Deal {
+        let mut fields = FieldMap::new();
+        fields.insert(Field::Stage, FieldValue::Text(stage.to_string()));
+        if let Some(contact) = last_contact {
+            fields.insert(Field::LastContact, FieldValue::Text(contact.to_string()));
+        }
+        Deal {
+            id: 1,
+            fields,
+            extra: ExtraMap::new(),
+            created_at: at(entered),
+            updated_at: at(entered),
+            stage_entered_at: Some(at(entered)),
+            archived_at: None,
+        }
+    }
+
+    fn remind_config() -> RemindConfig {
+        RemindConfig {
+            at: NaiveTime::from_hms_opt(9, 0, 0).expect("time"),
+            timezone: chrono_tz::Asia::Shanghai,
+            weekdays_only: true,
+            repeat_every_days: 2,
+            escalate_after: 3,
+            manager: None,
+            fallback_to: None,
+            language: Language::English,
+            business_days: false,
+            holidays: vec![],
+        }
+    }
+
+    #[test]
+    fn stall_rule_cases() {
+        let stages = Stages::built_in();
+        let calendar_days = Calendar { timezone: Some(chrono_tz::Asia::Shanghai), ..Calendar::default() };
+        let business = Calendar { business_days: true, holidays: vec![day("2026-10-01")], timezone: Some(chrono_tz::Asia::Shanghai) };
+        // (stage, entered, last contact, today, calendar, stalled?, idle days)
+        let cases: Vec<(&str, &str, Option<&str>, &str, &Calendar, Option<i64>)> = vec![
+            // Prospect allows 10 days.
+            ("Prospect", "2026-11-01T02:00:00Z", None, "2026-11-11", &calendar_days, None),
+            ("Prospect", "2026-11-01T02:00:00Z", None, "2026-11-12", &calendar_days, Some(11)),
+            // A later contact restarts the count.
+            ("Prospect", "2026-11-01T02:00:00Z", Some("2026-11-05"), "2026-11-12", &calendar_days, None),
+            // Terminal stages never stall.
+            ("Won", "2026-01-01T02:00:00Z", None, "2026-11-12", &calendar_days, None),
+            // Late on the 31st in UTC is already the 1st in Shanghai.
+            ("Lead", "2026-10-31T20:00:00Z", None, "2026-11-08", &calendar_days, None),
+            ("Lead", "2026-10-31T20:00:00Z", None, "2026-11-09", &calendar_days, Some(8)),
+            // Business days: Fri 2026-11-20 to Tue 2026-12-01 is 7 business days (Lead allows 7).
+            ("Lead", "2026-11-20T02:00:00Z", None, "2026-12-01", &business, None),
+            ("Lead", "2026-11-20T02:00:00Z", None, "2026-12-02", &business, Some(8)),
+            // The holiday on Thu 2026-10-01 does not count: Wed 09-23 → Mon 10-05 is 7 business days.
+            ("Lead", "2026-09-23T02:00:00Z", None, "2026-10-05", &business, None),
+            ("Lead", "2026-09-23T02:00:00Z", None, "2026-10-06", &business, Some(8)),
+        ];
+        for (stage, entered, contact, today, calendar, expected) in cases {
+            let found = stall_of(&deal(stage, entered, contact), &stages, calendar, day(today));
+            assert_eq!(found.as_ref().map(|stall| stall.idle_days), expected, "{stage} entered {entered}, contact {contact:?}, today {today}");
+        }
+        let stall = stall_of(&deal("Prospect", "2026-11-01T02:00:00Z", Some("2026-10-30")), &stages, &calendar_days, day("2026-11-12"))
+            .expect("stalled");
+        assert_eq!(stall.reason, "in Prospect for 11 days, last contact 13 days ago; limit 10");
+    }
+
+    #[test]
+    fn reminders_repeat_and_escalate_as_configured() {
+        let remind = remind_config();
+        let today = day("2026-11-12");
+        let history = |n, last: Option<&str>| ReminderHistory { n_reminders: n, last_day: last.map(day) };
+        assert_eq!(decide(history(0, None), &remind, today, false), Decision::Remind);
+        assert_eq!(decide(history(1, Some("2026-11-12")), &remind, today, false), Decision::Skip);
+        assert_eq!(decide(history(1, Some("2026-11-11")), &remind, today, false), Decision::Skip);
+        assert_eq!(decide(history(1, Some("2026-11-10")), &remind, today, false), Decision::Remind);
+        assert_eq!(decide(history(1, Some("2026-11-12")), &remind, today, true), Decision::Remind);
+        assert_eq!(decide(history(3, Some("2026-11-10")), &remind, today, false), Decision::RemindAndEscalate);
+    }
+
+    #[test]
+    fn schedule_is_time_zone_and_dst_aware() {
+        let mut remind = remind_config();
+        // Friday 2026-11-27 10:00 in Shanghai: next run Monday 09:00 (weekdays only).
+        assert_eq!(next_due(&remind, at("2026-11-27T02:00:00Z")), Some(at("2026-11-30T01:00:00Z")));
+        assert_eq!(next_due(&remind, at("2026-11-27T00:59:00Z")), Some(at("2026-11-27T01:00:00Z")));
+        assert_eq!(previous_due(&remind, at("2026-11-29T12:00:00Z")), Some(at("2026-11-27T01:00:00Z")));
+        remind.weekdays_only = false;
+        assert_eq!(next_due(&remind, at("2026-11-27T02:00:00Z")), Some(at("2026-11-28T01:00:00Z")));
+        // New York springs forward on 2026-03-08: 02:30 does not exist that day, 03:30 EDT does.
+        remind.timezone = chrono_tz::America::New_York;
+        remind.at = NaiveTime::from_hms_opt(2, 30, 0).expect("time");
+        assert_eq!(next_due(&remind, at("2026-03-08T05:00:00Z")), Some(at("2026-03-08T07:30:00Z")));
+        // Before and after the change, 09:00 local is 14:00 and 13:00 UTC.
+        remind.at = NaiveTime::from_hms_opt(9, 0, 0).expect("time");
+        assert_eq!(next_due(&remind, at("2026-03-07T15:00:00Z")), Some(at("2026-03-08T13:00:00Z")));
+        assert_eq!(next_due(&remind, at("2026-03-06T15:00:00Z")), Some(at("2026-03-07T14:00:00Z")));
+    }
+}
