@@ -827,8 +827,7 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
     let escalate_after = positive("remind.escalate_after", raw.escalate_after, 3, &mut fail);
     let mut address = |key: &str, written: Option<String>| {
         written.and_then(|written| {
-            let checked = check_address(key, &written, &mut |key, message| fail(key, message));
-            checked
+            check_address(key, &written, &mut |key, message| fail(key, message))
         })
     };
     let manager = address("remind.manager", raw.manager);

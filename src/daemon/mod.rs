@@ -33,6 +33,8 @@ const TICK: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often the store's change counter is checked.
 const STORE_POLL: Duration = Duration::from_millis(500);
+/// How often pending mail is looked at for retries.
+const MAIL_RETRY: Duration = Duration::from_secs(20);
 /// How long a shutdown waits for syncs in progress to commit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
@@ -56,11 +58,15 @@ pub enum Event {
     /// Time to look at timers.
     Tick,
     /// A sync worker finished.
-    SyncFinished { path: PathBuf, fingerprint: Option<Fingerprint>, outcome: Result<FileReport, String> },
+    SyncFinished { path: PathBuf, fingerprint: Option<Fingerprint>, outcome: Box<Result<FileReport, String>> },
     /// SIGHUP: re-read the config.
     Reload,
     /// SIGTERM or SIGINT.
     Shutdown,
+    /// The daily reminder run is due (the due time it is for).
+    RemindDue(chrono::DateTime<Utc>),
+    /// A reminder run or a delivery of pending mail finished.
+    MailFinished(Result<String, String>),
 }
 
 /// The loop's knowledge of one file.
@@ -106,12 +112,13 @@ struct Workers {
     /// Held only to keep it alive: dropping the watcher stops its events.
     _watcher: Option<notify::RecommendedWatcher>,
     rescan: Option<JoinHandle<()>>,
+    remind: Option<JoinHandle<()>>,
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        if let Some(rescan) = self.rescan.take() {
-            rescan.abort();
+        for worker in [self.rescan.take(), self.remind.take()].into_iter().flatten() {
+            worker.abort();
         }
     }
 }
@@ -130,6 +137,10 @@ struct Daemon {
     /// The store's change counter when last looked at, and when that was.
     store_version: Option<i64>,
     store_checked_at: Instant,
+    /// A reminder run or mail delivery is in progress.
+    mail_busy: bool,
+    /// When pending mail was last looked at.
+    mail_checked_at: Instant,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error only for fatal problems.
@@ -162,6 +173,8 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         watchdog: systemd::watchdog_interval().map(|interval| (interval, Instant::now())),
         store_version: None,
         store_checked_at: Instant::now(),
+        mail_busy: false,
+        mail_checked_at: Instant::now(),
     };
     daemon.store_version = daemon.current_store_version();
     info!(
@@ -173,6 +186,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     daemon.rescan(true);
     daemon.start_due_syncs();
     daemon.check_ready();
+    daemon.catch_up_reminders();
 
     let mut shutdown_deadline: Option<Instant> = None;
     while let Some(event) = receiver.recv().await {
@@ -181,8 +195,16 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             Event::WatcherFailed(message) => warn!("file watcher error (the periodic rescan still covers every file): {message}"),
             Event::Rescan => daemon.rescan(false),
             Event::Tick => daemon.on_tick(),
-            Event::SyncFinished { path, fingerprint, outcome } => daemon.on_sync_finished(path, fingerprint, outcome),
+            Event::SyncFinished { path, fingerprint, outcome } => daemon.on_sync_finished(path, fingerprint, *outcome),
             Event::Reload => daemon.reload(),
+            Event::RemindDue(due) => daemon.start_reminders(due),
+            Event::MailFinished(result) => {
+                daemon.mail_busy = false;
+                match result {
+                    Ok(summary) => info!("{summary}"),
+                    Err(message) => error!("reminders: {message}"),
+                }
+            }
             Event::Shutdown => {
                 if !daemon.shutting_down {
                     info!(n_in_flight = daemon.n_in_flight, "shutting down: no new syncs; waiting for syncs in progress");
@@ -193,7 +215,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             }
         }
         if daemon.shutting_down {
-            if daemon.n_in_flight == 0 {
+            if daemon.n_in_flight == 0 && !daemon.mail_busy {
                 break;
             }
             if shutdown_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
@@ -266,7 +288,28 @@ fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Work
             }
         }))
     };
-    Workers { _watcher: watcher, rescan }
+    let remind = config.remind.clone().map(|remind| {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let mut after = Utc::now();
+            while let Some(due) = crate::remind::next_due(&remind, after) {
+                // Wake at least every minute and look at the wall clock again, so a clock change
+                // or a suspended machine does not push the run off.
+                loop {
+                    let left = (due - Utc::now()).to_std().unwrap_or_default();
+                    if left.is_zero() {
+                        break;
+                    }
+                    tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+                }
+                if sender.send(Event::RemindDue(due)).is_err() {
+                    break;
+                }
+                after = due;
+            }
+        })
+    });
+    Workers { _watcher: watcher, rescan, remind }
 }
 
 fn start_watcher(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Option<notify::RecommendedWatcher> {
@@ -411,6 +454,10 @@ impl Daemon {
                 tracked.changed_at = Some(Instant::now().checked_sub(settle).unwrap_or_else(Instant::now));
             }
         }
+        if self.mail_checked_at.elapsed() >= MAIL_RETRY {
+            self.mail_checked_at = Instant::now();
+            self.retry_mail();
+        }
         // Deals changed by another process (the CLI) or by another file's sync must reach every
         // file that writes back.
         if self.store_checked_at.elapsed() >= STORE_POLL {
@@ -441,6 +488,74 @@ impl Daemon {
                 tracked.done = None;
             }
         }
+    }
+
+    /// If the daemon was down when a run was due, run once now (not once per missed day).
+    fn catch_up_reminders(&mut self) {
+        let Some(remind) = self.config.remind.clone() else { return };
+        let Some(due) = crate::remind::previous_due(&remind, Utc::now()) else { return };
+        let last = tokio::task::block_in_place(|| crate::remind::outbox::last_run_due(&self.store));
+        match last {
+            Ok(Some(last)) if last >= due => {}
+            // A store that never ran reminders starts with the next due time: installing
+            // funnelsync does not send a burst of mail.
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                info!(due = %due, "the reminder run was missed while funnelsync was down; running it now");
+                self.start_reminders(due);
+            }
+            Err(error) => warn!("cannot read the reminder history: {error}"),
+        }
+    }
+
+    /// Runs the reminders due at `due` on a worker thread.
+    fn start_reminders(&mut self, due: chrono::DateTime<Utc>) {
+        if self.mail_busy || self.shutting_down {
+            // The run in progress covers it; a run about the same stalls would be deduplicated anyway.
+            return;
+        }
+        self.mail_busy = true;
+        let config = Arc::clone(&self.config);
+        let sender = self.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = Store::open(&config.store.path)
+                .map_err(|error| error.to_string())
+                .and_then(|mut store| {
+                    crate::remind::outbox::run(&mut store, &config, Utc::now(), due, false, false).map_err(|error| error.to_string())
+                })
+                .map(|report| {
+                    format!(
+                        "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} given up",
+                        report.n_stalled,
+                        report.messages.len(),
+                        report.delivery.sent,
+                        report.delivery.retrying,
+                        report.delivery.failed
+                    )
+                });
+            let _ = sender.send(Event::MailFinished(result));
+        });
+    }
+
+    /// Sends pending mail whose retry time has come, on a worker thread.
+    fn retry_mail(&mut self) {
+        if self.mail_busy || self.shutting_down || self.config.smtp.is_none() {
+            return;
+        }
+        let pending = tokio::task::block_in_place(|| crate::remind::outbox::n_pending(&self.store)).unwrap_or(0);
+        if pending == 0 {
+            return;
+        }
+        self.mail_busy = true;
+        let config = Arc::clone(&self.config);
+        let sender = self.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = Store::open(&config.store.path)
+                .map_err(|error| error.to_string())
+                .and_then(|mut store| crate::remind::outbox::deliver(&mut store, &config, Utc::now(), false).map_err(|error| error.to_string()))
+                .map(|report| format!("mail retry: {} sent, {} to retry, {} given up", report.sent, report.retrying, report.failed));
+            let _ = sender.send(Event::MailFinished(result));
+        });
     }
 
     fn current_store_version(&self) -> Option<i64> {
@@ -524,7 +639,7 @@ impl Daemon {
                 Ok(report) if report.write_back == sync::WriteBack::Written => watch::fingerprint(&path),
                 _ => fingerprint,
             };
-            let _ = sender.send(Event::SyncFinished { path, fingerprint, outcome });
+            let _ = sender.send(Event::SyncFinished { path, fingerprint, outcome: Box::new(outcome) });
         });
     }
 

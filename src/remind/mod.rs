@@ -259,7 +259,8 @@ mod tests {
         let calendar_days = Calendar { timezone: Some(chrono_tz::Asia::Shanghai), ..Calendar::default() };
         let business = Calendar { business_days: true, holidays: vec![day("2026-10-01")], timezone: Some(chrono_tz::Asia::Shanghai) };
         // (stage, entered, last contact, today, calendar, stalled?, idle days)
-        let cases: Vec<(&str, &str, Option<&str>, &str, &Calendar, Option<i64>)> = vec![
+        type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, &'a Calendar, Option<i64>);
+        let cases: Vec<Case> = vec![
             // Prospect allows 10 days.
             ("Prospect", "2026-11-01T02:00:00Z", None, "2026-11-11", &calendar_days, None),
             ("Prospect", "2026-11-01T02:00:00Z", None, "2026-11-12", &calendar_days, Some(11)),

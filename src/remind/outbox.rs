@@ -239,6 +239,8 @@ pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool
     }
     let smtp = config.smtp.as_ref().ok_or(RemindError::NotConfigured)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(RemindError::Runtime)?;
+    // The transport's connection pool lives in the runtime: build and drop it inside.
+    let _runtime_guard = runtime.enter();
     let mailer = match Mailer::new(smtp) {
         Ok(mailer) => Some(mailer),
         Err(error) => {

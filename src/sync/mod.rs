@@ -472,6 +472,9 @@ pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Resul
     Ok(reports)
 }
 
+/// Files by the name of the source they belong to.
+type SourceFiles = Vec<(String, PathBuf)>;
+
 /// Syncs every file of every source (or, with `only`, the write-back sources' files among those
 /// given). Returns the reports and the files synced, by source name.
 fn sync_pass(
@@ -479,7 +482,7 @@ fn sync_pass(
     config: &Config,
     now: DateTime<Utc>,
     only: Option<&[(String, PathBuf)]>,
-) -> Result<(Vec<FileReport>, Vec<(String, PathBuf)>), SyncError> {
+) -> Result<(Vec<FileReport>, SourceFiles), SyncError> {
     let mut reports = Vec::new();
     let mut synced = Vec::new();
     if let Some(files) = only {

@@ -397,3 +397,105 @@ pub fn read_xlsx(path: &Path, sheet: &str) -> ReadBack {
     }
     ReadBack { values, formulas, sheet_names }
 }
+
+/// A message the test SMTP server accepted.
+#[derive(Debug, Clone)]
+pub struct ReceivedMail {
+    pub to: Vec<String>,
+    pub raw: Vec<u8>,
+}
+
+impl ReceivedMail {
+    pub fn subject(&self) -> String {
+        let parsed = mailparse::parse_mail(&self.raw).expect("parse mail");
+        use mailparse::MailHeaderMap;
+        parsed.headers.get_first_value("Subject").unwrap_or_default()
+    }
+
+    /// The decoded text/plain and text/html parts.
+    pub fn bodies(&self) -> (String, String) {
+        let parsed = mailparse::parse_mail(&self.raw).expect("parse mail");
+        let mut text = String::new();
+        let mut html = String::new();
+        for part in parsed.subparts.iter().chain(std::iter::once(&parsed)) {
+            match part.ctype.mimetype.as_str() {
+                "text/plain" => text = part.get_body().unwrap_or_default(),
+                "text/html" => html = part.get_body().unwrap_or_default(),
+                _ => {}
+            }
+        }
+        (text, html)
+    }
+
+    pub fn header_names(&self) -> Vec<String> {
+        let parsed = mailparse::parse_mail(&self.raw).expect("parse mail");
+        parsed.headers.iter().map(|header| header.get_key().to_lowercase()).collect()
+    }
+}
+
+#[derive(Clone)]
+struct SmtpHandler {
+    messages: std::sync::Arc<std::sync::Mutex<Vec<ReceivedMail>>>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    to: Vec<String>,
+    data: Vec<u8>,
+}
+
+impl mailin_embedded::Handler for SmtpHandler {
+    fn data_start(&mut self, _domain: &str, _from: &str, _is8bit: bool, to: &[String]) -> mailin_embedded::Response {
+        self.to = to.to_vec();
+        self.data.clear();
+        mailin_embedded::response::OK
+    }
+
+    fn data(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.data.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn data_end(&mut self) -> mailin_embedded::Response {
+        use std::sync::atomic::Ordering;
+        let refused = self.refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1)).is_ok();
+        if refused {
+            return mailin_embedded::response::INTERNAL_ERROR;
+        }
+        self.messages.lock().expect("lock").push(ReceivedMail { to: self.to.clone(), raw: self.data.clone() });
+        mailin_embedded::response::OK
+    }
+}
+
+/// A real SMTP server on loopback, in this test process, that keeps what it receives and can
+/// refuse the first few messages with a temporary error.
+pub struct SmtpServer {
+    pub port: u16,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<ReceivedMail>>>,
+}
+
+impl SmtpServer {
+    pub fn start(refuse_first: usize) -> SmtpServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind smtp");
+        let port = listener.local_addr().expect("address").port();
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handler = SmtpHandler {
+            messages: std::sync::Arc::clone(&messages),
+            refuse: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(refuse_first)),
+            to: Vec::new(),
+            data: Vec::new(),
+        };
+        let mut server = mailin_embedded::Server::new(handler);
+        server.with_name("test.local").with_tcp_listener(listener);
+        // serve() never returns; the thread ends with the test process.
+        std::thread::spawn(move || {
+            let _ = server.serve();
+        });
+        SmtpServer { port, messages }
+    }
+
+    pub fn messages(&self) -> Vec<ReceivedMail> {
+        self.messages.lock().expect("lock").clone()
+    }
+
+    pub fn to(&self, address: &str) -> Vec<ReceivedMail> {
+        self.messages().into_iter().filter(|mail| mail.to.iter().any(|to| to.contains(address))).collect()
+    }
+}

@@ -4,5 +4,6 @@
 mod config_cli;
 mod daemon;
 mod harness;
+mod remind;
 mod sync_cli;
 mod two_way;
