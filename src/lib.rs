@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod deal;
+pub mod funnel;
 pub mod mail;
 pub mod mapping;
 pub mod mirror;
