@@ -61,6 +61,26 @@ pub enum Command {
     Conflicts(ConflictArgs),
     /// Email each rep a digest of their stalled deals now (and the manager the escalations).
     Remind(RemindArgs),
+    /// The sales funnel: open deals per stage, conversion, time in stage, forecast.
+    Funnel(FunnelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FunnelArgs {
+    /// First day of the period (YYYY-MM-DD); default 90 days before --until.
+    #[arg(long)]
+    pub since: Option<chrono::NaiveDate>,
+    /// Last day of the period (YYYY-MM-DD); default today.
+    #[arg(long)]
+    pub until: Option<chrono::NaiveDate>,
+    /// Only this owner's deals (case and surrounding spaces ignored).
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Also write the report as an Excel workbook with charts.
+    #[arg(long)]
+    pub xlsx: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -458,6 +478,41 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                 if let Some(message) = &file.last_message {
                     writeln!(out, "\n{}: {message}", display_file(&file.file))?;
                 }
+            }
+        }
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// The period of a funnel report: whole days, `until` included.
+pub fn funnel_period(since: Option<chrono::NaiveDate>, until: Option<chrono::NaiveDate>, now: chrono::DateTime<chrono::Utc>) -> crate::funnel::Period {
+    let until_day = until.unwrap_or_else(|| now.date_naive());
+    let since_day = since.unwrap_or_else(|| until_day - chrono::Duration::days(90));
+    let start = since_day.and_time(chrono::NaiveTime::MIN).and_utc();
+    let end = until_day.and_hms_opt(23, 59, 59).map(|end| end.and_utc()).unwrap_or(now);
+    crate::funnel::Period { since: start, until: end }
+}
+
+pub fn funnel(config: &Config, args: &FunnelArgs, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<ExitCode> {
+    if let (Some(since), Some(until)) = (args.since, args.until) {
+        if since > until {
+            eprintln!("error: --since {since} is after --until {until}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    }
+    let store = open_store(config)?;
+    let period = funnel_period(args.since, args.until, now);
+    let report = crate::report::load(&store, config, period, now, args.owner.as_deref())?;
+    if let Some(path) = &args.xlsx {
+        crate::report::write_file(path, &report)?;
+    }
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+        Format::Table => {
+            write!(out, "{}", crate::report::text_table(&report))?;
+            if let Some(path) = &args.xlsx {
+                writeln!(out, "\nwrote {}", path.display())?;
             }
         }
     }

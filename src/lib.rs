@@ -11,6 +11,7 @@ pub mod mail;
 pub mod mapping;
 pub mod mirror;
 pub mod remind;
+pub mod report;
 pub mod store;
 pub mod sync;
 pub mod watch;

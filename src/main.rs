@@ -40,6 +40,7 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Deals(DealsCommand::Move { id, stage }) => cli::deals_move(&config, *id, stage),
         Command::Conflicts(args) => cli::conflicts(&config, args),
         Command::Remind(args) => cli::remind(&config, args, now),
+        Command::Funnel(args) => cli::funnel(&config, args, now),
         Command::Errors(args) => cli::errors(&config, args),
         Command::Status(args) => cli::status(&config, args),
         Command::Run => {

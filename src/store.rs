@@ -339,6 +339,8 @@ pub trait CrmStore {
     fn delete_deal(&self, id: DealId) -> Result<bool, StoreError>;
     fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError>;
     fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError>;
+    /// Every stage change of every deal, oldest first.
+    fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError>;
     fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError>;
     fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError>;
     fn record_conflict(&self, conflict: &ConflictRecord) -> Result<(), StoreError>;
@@ -565,6 +567,20 @@ impl CrmStore for SqliteCrm<'_> {
             .connection
             .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
         let rows = statement.query_map([id], |row| {
+            Ok((row.get::<_, DealId>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (deal_id, from_stage, to_stage, at, source) = row?;
+            changes.push(StageChange { deal_id, from_stage, to_stage, at: parse_timestamp(&at)?, source });
+        }
+        Ok(changes)
+    }
+
+    fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError> {
+        let mut statement =
+            self.connection.prepare_cached("SELECT deal_id, from_stage, to_stage, at, source FROM stage_history ORDER BY at, id")?;
+        let rows = statement.query_map([], |row| {
             Ok((row.get::<_, DealId>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
         })?;
         let mut changes = Vec::new();

@@ -1,0 +1,358 @@
+//! The funnel as a sales manager reads it: loaded from the store ([`load`]), printed as a text
+//! table ([`text_table`]), and written as an Excel workbook with native charts ([`workbook_bytes`],
+//! [`write_file`]) — "Funnel" (table and bar chart, stages top to bottom), "Conversion" (rates and
+//! a column chart), "Forecast", "By rep" and "Stalled".
+//!
+//! The numbers come from [`crate::funnel`]; this module only loads and presents them. Writing the
+//! file is safe like write-back: never while the file is open, temp file and rename.
+
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use rust_xlsxwriter::{Chart, ChartType, Format, Workbook, Worksheet, XlsxError};
+
+use crate::config::Config;
+use crate::deal::normalize_label;
+use crate::funnel::{compute, FunnelReport, Period};
+use crate::remind::Calendar;
+use crate::store::{CrmStore, DealFilter, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot build the report: {0}")]
+    Build(#[from] XlsxError),
+    #[error("{path} is open in {program}; the report is written once it is closed")]
+    Open { path: PathBuf, program: &'static str },
+    #[error("cannot write {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Computes the funnel from the store for a period, optionally for one owner.
+pub fn load(store: &Store, config: &Config, period: Period, now: DateTime<Utc>, owner: Option<&str>) -> Result<FunnelReport, StoreError> {
+    let crm = store.crm();
+    let mut deals = crm.list_deals(&DealFilter { include_archived: true, ..DealFilter::default() })?;
+    if let Some(owner) = owner {
+        let wanted = normalize_label(owner);
+        deals.retain(|deal| deal.text(crate::deal::Field::Owner).is_some_and(|name| normalize_label(name) == wanted));
+    }
+    let ids: std::collections::HashSet<_> = deals.iter().map(|deal| deal.id).collect();
+    let mut history = crm.all_stage_history()?;
+    history.retain(|change| ids.contains(&change.deal_id));
+    let calendar = Calendar::from_config(config.remind.as_ref());
+    Ok(compute(&deals, &history, &config.stages, &calendar, period, now, owner.map(str::to_string)))
+}
+
+fn money(amount: f64) -> String {
+    crate::cli::group_thousands(&format!("{amount:.0}"))
+}
+
+fn percent(rate: Option<f64>) -> String {
+    rate.map(|rate| format!("{:.0}%", rate * 100.0)).unwrap_or_else(|| "–".to_string())
+}
+
+fn days(value: Option<f64>) -> String {
+    value.map(|value| format!("{value:.1}")).unwrap_or_else(|| "–".to_string())
+}
+
+/// The funnel for a terminal: aligned columns, thousands separators, a bar per stage.
+pub fn text_table(report: &FunnelReport) -> String {
+    let mut out = format!(
+        "Funnel {} → {}{}\n\n",
+        report.period.since.format("%Y-%m-%d"),
+        report.period.until.format("%Y-%m-%d"),
+        report.owner.as_ref().map(|owner| format!(" (owner: {owner})")).unwrap_or_default()
+    );
+    let widest = report.stages.iter().map(|stage| stage.open_count).max().unwrap_or(0).max(1);
+    let mut rows = vec![[
+        "stage", "", "open", "amount", "weighted", "reached", "moved on", "won", "median days", "oldest", "stalled",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for stage in &report.stages {
+        let bar_width = (stage.open_count * 20).div_ceil(widest) as usize;
+        rows.push(vec![
+            stage.stage.clone(),
+            "█".repeat(bar_width),
+            stage.open_count.to_string(),
+            money(stage.open_amount),
+            money(stage.weighted_amount),
+            stage.entered.to_string(),
+            percent(stage.conversion_rate),
+            percent(stage.win_rate),
+            days(stage.median_days),
+            stage.oldest_open_days.map(|days| format!("{days}d")).unwrap_or_default(),
+            stage.n_stalled.to_string(),
+        ]);
+    }
+    let mut table = Vec::new();
+    let _ = crate::cli::write_table(&mut table, &rows, &[false, false, true, true, true, true, true, true, true, true, true]);
+    out.push_str(&String::from_utf8_lossy(&table));
+    let totals = &report.totals;
+    out.push_str(&format!(
+        "\nwon: {} ({})   lost: {}   lead → won: {}   average days to won: {}\n",
+        totals.won_count,
+        money(totals.won_amount),
+        totals.lost_count,
+        percent(totals.lead_to_won_rate),
+        days(totals.average_days_to_won)
+    ));
+    out.push_str(&format!(
+        "forecast: weighted pipeline {}   history-based {}\n",
+        money(report.forecast.weighted_pipeline),
+        money(report.forecast.history_based)
+    ));
+    let closing: Vec<String> = report
+        .forecast
+        .deals
+        .iter()
+        .filter(|line| line.closes_in_period)
+        .map(|line| format!("  {} ({}, {}, closes {})", line.company.as_deref().unwrap_or("?"), line.stage, money(line.amount), line.expected_close.as_deref().unwrap_or("")))
+        .collect();
+    if !closing.is_empty() {
+        out.push_str("expected to close in the period:\n");
+        out.push_str(&closing.join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
+fn write_row(sheet: &mut Worksheet, row: u32, cells: &[Cell<'_>], formats: &Formats) -> Result<(), XlsxError> {
+    for (column, cell) in cells.iter().enumerate() {
+        let column = column as u16;
+        match cell {
+            Cell::Text(text) => {
+                sheet.write_string(row, column, *text)?;
+            }
+            Cell::Header(text) => {
+                sheet.write_string_with_format(row, column, *text, &formats.header)?;
+            }
+            Cell::Count(value) => {
+                sheet.write_number(row, column, *value as f64)?;
+            }
+            Cell::Money(value) => {
+                sheet.write_number_with_format(row, column, *value, &formats.money)?;
+            }
+            Cell::Rate(Some(value)) => {
+                sheet.write_number_with_format(row, column, *value, &formats.percent)?;
+            }
+            Cell::Days(Some(value)) => {
+                sheet.write_number_with_format(row, column, *value, &formats.days)?;
+            }
+            Cell::Rate(None) | Cell::Days(None) => {}
+        }
+    }
+    Ok(())
+}
+
+enum Cell<'a> {
+    Text(&'a str),
+    Header(&'a str),
+    Count(u64),
+    Money(f64),
+    Rate(Option<f64>),
+    Days(Option<f64>),
+}
+
+struct Formats {
+    header: Format,
+    money: Format,
+    percent: Format,
+    days: Format,
+}
+
+/// The report workbook's bytes.
+pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
+    let formats = Formats {
+        header: Format::new().set_bold(),
+        money: Format::new().set_num_format("#,##0"),
+        percent: Format::new().set_num_format("0%"),
+        days: Format::new().set_num_format("0.0"),
+    };
+    let mut workbook = Workbook::new();
+    let n_stages = report.stages.len() as u32;
+
+    // Funnel: the per-stage table and a bar chart, stages top to bottom.
+    let sheet = workbook.add_worksheet().set_name("Funnel")?;
+    let title = format!(
+        "Funnel {} to {}{}",
+        report.period.since.format("%Y-%m-%d"),
+        report.period.until.format("%Y-%m-%d"),
+        report.owner.as_ref().map(|owner| format!(", owner {owner}")).unwrap_or_default()
+    );
+    sheet.write_string_with_format(0, 0, &title, &formats.header)?;
+    let headers = [
+        "Stage", "Open deals", "Open amount", "Weighted amount", "Probability", "Reached in period", "Moved on", "Conversion",
+        "Won", "Win rate", "Median days", "Mean days", "Oldest open (days)", "Stalled",
+    ];
+    write_row(sheet, 2, &headers.map(Cell::Header), &formats)?;
+    for (index, stage) in report.stages.iter().enumerate() {
+        let row = 3 + index as u32;
+        write_row(
+            sheet,
+            row,
+            &[
+                Cell::Text(&stage.stage),
+                Cell::Count(stage.open_count),
+                Cell::Money(stage.open_amount),
+                Cell::Money(stage.weighted_amount),
+                Cell::Rate(Some(stage.probability)),
+                Cell::Count(stage.entered),
+                Cell::Count(stage.converted),
+                Cell::Rate(stage.conversion_rate),
+                Cell::Count(stage.won),
+                Cell::Rate(stage.win_rate),
+                Cell::Days(stage.median_days),
+                Cell::Days(stage.mean_days),
+                Cell::Days(stage.oldest_open_days.map(|days| days as f64)),
+                Cell::Count(stage.n_stalled),
+            ],
+            &formats,
+        )?;
+    }
+    let totals_row = 4 + n_stages;
+    let totals = &report.totals;
+    write_row(sheet, totals_row, &[Cell::Header("Won"), Cell::Count(totals.won_count), Cell::Money(totals.won_amount)], &formats)?;
+    write_row(sheet, totals_row + 1, &[Cell::Header("Lost"), Cell::Count(totals.lost_count)], &formats)?;
+    write_row(sheet, totals_row + 2, &[Cell::Header("Lead to won"), Cell::Rate(totals.lead_to_won_rate)], &formats)?;
+    write_row(sheet, totals_row + 3, &[Cell::Header("Average days to won"), Cell::Days(totals.average_days_to_won)], &formats)?;
+    write_row(sheet, totals_row + 4, &[Cell::Header("Weighted pipeline"), Cell::Money(report.forecast.weighted_pipeline)], &formats)?;
+    write_row(sheet, totals_row + 5, &[Cell::Header("History-based forecast"), Cell::Money(report.forecast.history_based)], &formats)?;
+    sheet.set_column_width(0, 22)?;
+    for column in 1..headers.len() as u16 {
+        sheet.set_column_width(column, 14)?;
+    }
+    if n_stages > 0 {
+        let mut chart = Chart::new(ChartType::Bar);
+        chart
+            .add_series()
+            .set_name("Reached in period")
+            .set_categories(("Funnel", 3, 0, 2 + n_stages, 0))
+            .set_values(("Funnel", 3, 5, 2 + n_stages, 5));
+        chart.title().set_name("Sales funnel");
+        // Bar charts draw the first category at the bottom; reversed, the funnel reads top down.
+        chart.x_axis().set_reverse();
+        chart.legend().set_hidden();
+        sheet.insert_chart(totals_row + 8, 0, &chart)?;
+    }
+
+    // Conversion: rates per stage and a column chart.
+    let sheet = workbook.add_worksheet().set_name("Conversion")?;
+    write_row(sheet, 0, &["Stage", "Conversion to a later stage", "Win rate"].map(Cell::Header), &formats)?;
+    for (index, stage) in report.stages.iter().enumerate() {
+        write_row(sheet, 1 + index as u32, &[Cell::Text(&stage.stage), Cell::Rate(stage.conversion_rate), Cell::Rate(stage.win_rate)], &formats)?;
+    }
+    sheet.set_column_width(0, 22)?;
+    sheet.set_column_width(1, 26)?;
+    sheet.set_column_width(2, 12)?;
+    if n_stages > 0 {
+        let mut chart = Chart::new(ChartType::Column);
+        chart.add_series().set_name("Conversion").set_categories(("Conversion", 1, 0, n_stages, 0)).set_values(("Conversion", 1, 1, n_stages, 1));
+        chart.add_series().set_name("Win rate").set_categories(("Conversion", 1, 0, n_stages, 0)).set_values(("Conversion", 1, 2, n_stages, 2));
+        chart.title().set_name("Conversion by stage");
+        chart.y_axis().set_num_format("0%");
+        sheet.insert_chart(1, 4, &chart)?;
+    }
+
+    // Forecast.
+    let sheet = workbook.add_worksheet().set_name("Forecast")?;
+    let forecast_headers = ["Company", "Owner", "Stage", "Amount", "Probability", "Weighted", "Historical win rate", "History-based", "Expected close", "Closes in period"];
+    write_row(sheet, 0, &forecast_headers.map(Cell::Header), &formats)?;
+    for (index, line) in report.forecast.deals.iter().enumerate() {
+        let row = 1 + index as u32;
+        write_row(
+            sheet,
+            row,
+            &[
+                Cell::Text(line.company.as_deref().unwrap_or("")),
+                Cell::Text(line.owner.as_deref().unwrap_or("")),
+                Cell::Text(&line.stage),
+                Cell::Money(line.amount),
+                Cell::Rate(Some(line.probability)),
+                Cell::Money(line.weighted),
+                Cell::Rate(line.historical_win_rate),
+                Cell::Money(line.history_based),
+                Cell::Text(line.expected_close.as_deref().unwrap_or("")),
+                Cell::Text(if line.closes_in_period { "yes" } else { "" }),
+            ],
+            &formats,
+        )?;
+    }
+    for column in 0..forecast_headers.len() as u16 {
+        sheet.set_column_width(column, if column < 2 { 24 } else { 15 })?;
+    }
+
+    // By rep.
+    let sheet = workbook.add_worksheet().set_name("By rep")?;
+    write_row(sheet, 0, &["Owner", "Open deals", "Weighted pipeline", "Won", "Won amount", "Stalled"].map(Cell::Header), &formats)?;
+    for (index, owner) in report.by_owner.iter().enumerate() {
+        write_row(
+            sheet,
+            1 + index as u32,
+            &[
+                Cell::Text(if owner.owner.is_empty() { "(no owner)" } else { &owner.owner }),
+                Cell::Count(owner.open_count),
+                Cell::Money(owner.weighted_pipeline),
+                Cell::Count(owner.won_count),
+                Cell::Money(owner.won_amount),
+                Cell::Count(owner.n_stalled),
+            ],
+            &formats,
+        )?;
+    }
+    sheet.set_column_width(0, 24)?;
+    for column in 1..6 {
+        sheet.set_column_width(column, 16)?;
+    }
+
+    // Stalled.
+    let sheet = workbook.add_worksheet().set_name("Stalled")?;
+    write_row(sheet, 0, &["Company", "Owner", "Stage", "Amount", "Why"].map(Cell::Header), &formats)?;
+    for (index, line) in report.stalled.iter().enumerate() {
+        let row = 1 + index as u32;
+        write_row(
+            sheet,
+            row,
+            &[
+                Cell::Text(line.company.as_deref().unwrap_or("")),
+                Cell::Text(line.owner.as_deref().unwrap_or("")),
+                Cell::Text(&line.stage),
+            ],
+            &formats,
+        )?;
+        if let Some(amount) = line.amount {
+            sheet.write_number_with_format(row, 3, amount, &formats.money)?;
+        }
+        sheet.write_string(row, 4, &line.reason)?;
+    }
+    sheet.set_column_width(0, 24)?;
+    sheet.set_column_width(1, 16)?;
+    sheet.set_column_width(4, 60)?;
+
+    workbook.save_to_buffer()
+}
+
+/// Writes the report to `path`: never while it is open in Excel or LibreOffice; through a temp
+/// file in the same folder, renamed into place.
+pub fn write_file(path: &Path, report: &FunnelReport) -> Result<(), ReportError> {
+    if let Some((program, _)) = crate::writeback::open_by(path) {
+        return Err(ReportError::Open { path: path.to_path_buf(), program });
+    }
+    let bytes = workbook_bytes(report)?;
+    let io_error = |source| ReportError::Io { path: path.to_path_buf(), source };
+    let folder = path.parent().filter(|folder| !folder.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(folder).map_err(io_error)?;
+    let mut temp = tempfile::Builder::new().prefix(".~funnelsync-").suffix(".tmp").tempfile_in(folder).map_err(io_error)?;
+    std::io::Write::write_all(&mut temp, &bytes).map_err(io_error)?;
+    // The report is for people on the share: keep the old file's permissions, or make a new one
+    // readable (the daemon's own umask is strict).
+    let permissions = match std::fs::metadata(path) {
+        Ok(metadata) => metadata.permissions(),
+        Err(_) => std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    };
+    std::fs::set_permissions(temp.path(), permissions).map_err(io_error)?;
+    temp.as_file().sync_all().map_err(io_error)?;
+    temp.persist(path).map_err(|error| io_error(error.error))?;
+    Ok(())
+}
