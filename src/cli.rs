@@ -81,6 +81,9 @@ pub struct FunnelArgs {
     /// Also write the report as an Excel workbook with charts.
     #[arg(long)]
     pub xlsx: Option<PathBuf>,
+    /// Email the manager the weekly digest now (what `[report] weekly_digest` sends on schedule).
+    #[arg(long)]
+    pub send_digest: bool,
 }
 
 #[derive(Debug, Args)]
@@ -181,7 +184,7 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             SourcePath::Folder(path) => ("folder", path.display().to_string()),
             SourcePath::Glob(pattern) => ("glob", pattern.clone()),
         };
-        let n_files = crate::watch::source_files(source).map(|files| files.len().to_string()).unwrap_or_else(|error| error.message);
+        let n_files = config.source_files(source).map(|files| files.len().to_string()).unwrap_or_else(|error| error.message);
         writeln!(
             out,
             "  {}: {kind} {path} (files now: {n_files}; sheet: {}; key column: \"{}\"; match on: {})",
@@ -505,6 +508,20 @@ pub fn funnel(config: &Config, args: &FunnelArgs, now: chrono::DateTime<chrono::
     let report = crate::report::load(&store, config, period, now, args.owner.as_deref())?;
     if let Some(path) = &args.xlsx {
         crate::report::write_file(path, &report)?;
+    }
+    if args.send_digest {
+        if config.remind.as_ref().and_then(|remind| remind.manager.as_ref()).is_none() || config.smtp.is_none() {
+            eprintln!("error: the digest goes to [remind] manager over [smtp]; configure both");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        let mut store = open_store(config)?;
+        let delivery = crate::report::send_weekly_digest(&mut store, config, now)?;
+        for error in &delivery.errors {
+            eprintln!("mail error: {error}");
+        }
+        if delivery.sent == 0 {
+            return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+        }
     }
     let mut out = std::io::stdout().lock();
     match args.format {

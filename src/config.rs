@@ -65,6 +65,7 @@ struct RawTopLevel {
     remind: Option<Spanned<toml::Value>>,
     reps: Option<Spanned<toml::Value>>,
     smtp: Option<Spanned<toml::Value>>,
+    report: Option<Spanned<toml::Value>>,
     log_level: Option<Spanned<String>>,
     /// Keys funnelsync does not know. They are errors, collected here (rather than by serde's
     /// `deny_unknown_fields`, which stops at the first) so all of them are reported at once.
@@ -72,7 +73,7 @@ struct RawTopLevel {
     unknown: BTreeMap<String, toml::Value>,
 }
 
-const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, remind, reps, smtp, log_level";
+const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, remind, reps, smtp, report, log_level";
 
 /// The whole file, as written, once every section has been read.
 #[derive(Debug, Default)]
@@ -84,7 +85,17 @@ pub struct RawConfig {
     pub remind: Option<RawRemind>,
     pub reps: Option<BTreeMap<String, String>>,
     pub smtp: Option<RawSmtp>,
+    pub report: Option<RawReport>,
     pub log_level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    pub path: String,
+    pub refresh: Option<String>,
+    pub period_days: Option<i64>,
+    pub weekly_digest: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +249,7 @@ impl RawConfig {
         raw.remind = read_section(text, "remind", top.remind, &mut problems);
         raw.reps = read_section(text, "reps", top.reps, &mut problems);
         raw.smtp = read_section(text, "smtp", top.smtp, &mut problems);
+        raw.report = read_section(text, "report", top.report, &mut problems);
         for (index, source) in top.sources.into_iter().enumerate() {
             if let Some(mut source) = read_section::<RawSource>(text, &format!("sources[{}]", index + 1), Some(source), &mut problems) {
                 source.position = index + 1;
@@ -347,7 +359,26 @@ pub struct Config {
     /// Owner names as written in sheets (folded with [`normalize_label`]) → email address.
     pub reps: BTreeMap<String, String>,
     pub smtp: Option<SmtpConfig>,
+    pub report: Option<ReportConfig>,
     pub log_level: Option<String>,
+}
+
+/// When the daemon rewrites the report file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportRefresh {
+    AfterSync,
+    Every(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct ReportConfig {
+    pub path: PathBuf,
+    pub refresh: ReportRefresh,
+    /// How many days back the report's period starts.
+    pub period_days: u32,
+    /// The weekly digest to the manager: the weekday and the local time (in [remind]'s time
+    /// zone, else UTC).
+    pub weekly_digest: Option<(chrono::Weekday, chrono::NaiveTime)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,6 +442,21 @@ impl Config {
     /// The email address for an owner as written in a sheet (case and spaces ignored).
     pub fn rep_address(&self, owner: &str) -> Option<&str> {
         self.reps.get(&normalize_label(owner)).map(String::as_str)
+    }
+
+    /// Whether a path is the funnel report file, which is never read as a source.
+    pub fn is_report(&self, path: &Path) -> bool {
+        self.report.as_ref().is_some_and(|report| {
+            report.path == path
+                || std::fs::canonicalize(path).ok().zip(std::fs::canonicalize(&report.path).ok()).is_some_and(|(left, right)| left == right)
+        })
+    }
+
+    /// A source's files as they are now, without the report file.
+    pub fn source_files(&self, source: &SourceConfig) -> Result<Vec<PathBuf>, crate::watch::DiscoverError> {
+        let mut files = crate::watch::source_files(source)?;
+        files.retain(|file| !self.is_report(file));
+        Ok(files)
     }
 }
 
@@ -694,6 +740,15 @@ impl Config {
         }
         let smtp = raw.smtp.and_then(|smtp| validate_smtp(smtp, base, &mut problem));
         let remind = raw.remind.and_then(|remind| validate_remind(remind, &mut problem));
+        let report = raw.report.and_then(|report| validate_report(report, base, &mut problem));
+        if report.as_ref().is_some_and(|report| report.weekly_digest.is_some()) {
+            if smtp.is_none() {
+                problem("report.weekly_digest", "needs an [smtp] section to send mail".to_string());
+            }
+            if remind.as_ref().and_then(|remind| remind.manager.as_ref()).is_none() {
+                problem("report.weekly_digest", "is sent to the manager: set `manager` in [remind]".to_string());
+            }
+        }
         if remind.is_some() && smtp.is_none() {
             problem("smtp", "[remind] needs an [smtp] section to send mail".to_string());
         }
@@ -715,6 +770,7 @@ impl Config {
                 remind,
                 reps,
                 smtp,
+                report,
                 log_level,
             }),
             _ => Err(problems),
@@ -860,6 +916,52 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
         holidays,
     };
     ok.then_some(remind)
+}
+
+fn validate_report(raw: RawReport, base: &Path, problem: &mut impl FnMut(&str, String)) -> Option<ReportConfig> {
+    let mut ok = true;
+    let mut fail = |key: &str, message: String| {
+        problem(key, message);
+        ok = false;
+    };
+    let path = resolve(base, &raw.path);
+    if path.extension().and_then(|extension| extension.to_str()).map(str::to_ascii_lowercase).as_deref() != Some("xlsx") {
+        fail("report.path", format!("\"{}\" must be an .xlsx file", raw.path));
+    }
+    let refresh = match raw.refresh.as_deref() {
+        None | Some("after-sync") => ReportRefresh::AfterSync,
+        Some(written) => match humantime::parse_duration(written) {
+            Ok(every) if every >= Duration::from_secs(10) => ReportRefresh::Every(every),
+            _ => {
+                fail("report.refresh", format!("\"{written}\" must be \"after-sync\" or an interval such as \"1h\" (at least 10s)"));
+                ReportRefresh::AfterSync
+            }
+        },
+    };
+    let period_days = match raw.period_days {
+        None => 90,
+        Some(days) => match u32::try_from(days) {
+            Ok(days) if (1..=3650).contains(&days) => days,
+            _ => {
+                fail("report.period_days", format!("{days} must be between 1 and 3650"));
+                90
+            }
+        },
+    };
+    let weekly_digest = raw.weekly_digest.and_then(|written| {
+        let mut parts = written.split_whitespace();
+        let weekday = parts.next().and_then(|day| day.parse::<chrono::Weekday>().ok());
+        let time = parts.next().and_then(|time| chrono::NaiveTime::parse_from_str(time, "%H:%M").ok());
+        match (weekday, time, parts.next()) {
+            (Some(weekday), Some(time), None) => Some((weekday, time)),
+            _ => {
+                fail("report.weekly_digest", format!("\"{written}\" must be a weekday and a time such as \"mon 08:30\""));
+                None
+            }
+        }
+    });
+    let report = ReportConfig { path, refresh, period_days, weekly_digest };
+    ok.then_some(report)
 }
 
 fn validate_smtp(raw: RawSmtp, base: &Path, problem: &mut impl FnMut(&str, String)) -> Option<SmtpConfig> {

@@ -340,11 +340,9 @@ pub fn compute(
                     ));
                 }
             }
-            Some(stage) if stage.terminal == Some(Terminal::Won) => {
-                if won_in_period.iter().any(|won| won.id == deal.id) {
-                    entry.won_count += 1;
-                    entry.won_amount += amount.unwrap_or(0.0);
-                }
+            Some(stage) if stage.terminal == Some(Terminal::Won) && won_in_period.iter().any(|won| won.id == deal.id) => {
+                entry.won_count += 1;
+                entry.won_amount += amount.unwrap_or(0.0);
             }
             _ => {}
         }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use lettre::message::{header::ContentType, Mailbox, MultiPart, SinglePart};
+use lettre::message::{header::ContentType, Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
@@ -86,8 +86,8 @@ impl Mailer {
         &self.host
     }
 
-    /// Sends one multipart (text + HTML) message.
-    pub async fn send(&self, recipient: &str, subject: &str, text: &str, html: &str) -> Result<(), MailError> {
+    /// Sends one multipart (text + HTML) message, with an optional .xlsx attachment.
+    pub async fn send(&self, recipient: &str, subject: &str, text: &str, html: &str, attachment: Option<(&str, &[u8])>) -> Result<(), MailError> {
         let to = recipient
             .parse::<Mailbox>()
             .map_err(|error| MailError::Address { address: recipient.to_string(), message: error.to_string() })?;
@@ -95,11 +95,19 @@ impl Mailer {
             .from(self.from.clone())
             .to(to)
             .subject(subject)
-            .multipart(
-                MultiPart::alternative()
+            .multipart({
+                let alternative = MultiPart::alternative()
                     .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(text.to_string()))
-                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.to_string())),
-            )
+                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.to_string()));
+                match attachment {
+                    None => alternative,
+                    Some((name, bytes)) => {
+                        let content_type = ContentType::parse("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+                            .map_err(|error| MailError::Build(error.to_string()))?;
+                        MultiPart::mixed().multipart(alternative).singlepart(Attachment::new(name.to_string()).body(bytes.to_vec(), content_type))
+                    }
+                }
+            })
             .map_err(|error| MailError::Build(error.to_string()))?;
         // lettre's own timeout covers connecting only; this one covers the whole exchange.
         match tokio::time::timeout(self.timeout, self.transport.send(message)).await {

@@ -356,3 +356,81 @@ pub fn write_file(path: &Path, report: &FunnelReport) -> Result<(), ReportError>
     temp.persist(path).map_err(|error| io_error(error.error))?;
     Ok(())
 }
+
+/// Open deals and amounts per stage, kept each week to say what changed.
+type Snapshot = std::collections::BTreeMap<String, (u64, f64)>;
+
+fn snapshot_of(report: &FunnelReport) -> Snapshot {
+    report.stages.iter().map(|stage| (stage.stage.clone(), (stage.open_count, stage.open_amount))).collect()
+}
+
+fn signed(value: f64) -> String {
+    if value >= 0.0 {
+        format!("+{}", money(value))
+    } else {
+        format!("-{}", money(-value))
+    }
+}
+
+/// The weekly digest for the manager: the funnel table over the last week, the change since the
+/// previous digest, the top stalled deals, and the Excel report attached. Recorded in the outbox
+/// as pending, then delivered like the reminders.
+pub fn send_weekly_digest(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Result<crate::remind::outbox::DeliveryReport, crate::remind::outbox::RemindError> {
+    use crate::remind::outbox::RemindError;
+    let manager = config.remind.as_ref().and_then(|remind| remind.manager.clone()).ok_or(RemindError::NotConfigured)?;
+    let period_days = config.report.as_ref().map(|report| report.period_days).unwrap_or(90);
+    let period = Period { since: now - chrono::Duration::days(i64::from(period_days)), until: now };
+    let report = load(store, config, period, now, None)?;
+    let previous: Option<Snapshot> = store
+        .connection()
+        .query_row("SELECT stages FROM report_snapshots ORDER BY id DESC LIMIT 1", [], |row| row.get::<_, String>(0))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok());
+    let current = snapshot_of(&report);
+    let mut text = text_table(&report);
+    text.push_str("\nchange since the last digest:\n");
+    match &previous {
+        None => text.push_str("  (this is the first digest)\n"),
+        Some(previous) => {
+            for (stage, (count, amount)) in &current {
+                let (old_count, old_amount) = previous.get(stage).copied().unwrap_or((0, 0.0));
+                text.push_str(&format!(
+                    "  {stage}: {:+} deal(s), {}\n",
+                    *count as i64 - old_count as i64,
+                    signed(amount - old_amount)
+                ));
+            }
+        }
+    }
+    if !report.stalled.is_empty() {
+        text.push_str("\ntop stalled deals:\n");
+        for line in report.stalled.iter().take(10) {
+            text.push_str(&format!(
+                "  {} ({}, {}): {}\n",
+                line.company.as_deref().unwrap_or("?"),
+                line.owner.as_deref().unwrap_or("no owner"),
+                line.stage,
+                line.reason
+            ));
+        }
+    }
+    let html = format!(
+        "<!DOCTYPE html><html><body><pre style=\"font-family:monospace\">{}</pre></body></html>",
+        html_escape::encode_safe(&text)
+    );
+    let digest = crate::remind::digest::Digest {
+        recipient: manager,
+        subject: format!("Weekly funnel report {}", now.format("%Y-%m-%d")),
+        text,
+        html,
+    };
+    let bytes = workbook_bytes(&report).map_err(|error| RemindError::Store(StoreError::Corrupt(error.to_string())))?;
+    let name = format!("Funnel report {}.xlsx", now.format("%Y-%m-%d"));
+    crate::remind::outbox::record_message(store, config, "weekly", &digest, Some((&name, &bytes)), now)?;
+    let snapshot = serde_json::to_string(&current).unwrap_or_default();
+    store
+        .connection()
+        .execute("INSERT INTO report_snapshots (at, stages) VALUES (?1, ?2)", rusqlite::params![crate::store::timestamp(now), snapshot])
+        .map_err(StoreError::from)?;
+    crate::remind::outbox::deliver(store, config, now, false)
+}

@@ -186,6 +186,14 @@ CREATE TABLE remind_runs (
     ran_at     TEXT NOT NULL,
     n_messages INTEGER NOT NULL
 );
+"#, r#"
+ALTER TABLE outbox ADD COLUMN attachment_name TEXT;
+ALTER TABLE outbox ADD COLUMN attachment BLOB;
+CREATE TABLE report_snapshots (
+    id     INTEGER PRIMARY KEY,
+    at     TEXT NOT NULL,
+    stages TEXT NOT NULL
+);
 "#];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {

@@ -67,6 +67,10 @@ pub enum Event {
     RemindDue(chrono::DateTime<Utc>),
     /// A reminder run or a delivery of pending mail finished.
     MailFinished(Result<String, String>),
+    /// The weekly digest to the manager is due.
+    WeeklyDigestDue,
+    /// The funnel report file was written (or could not be).
+    ReportWritten(Result<(), String>),
 }
 
 /// The loop's knowledge of one file.
@@ -113,11 +117,12 @@ struct Workers {
     _watcher: Option<notify::RecommendedWatcher>,
     rescan: Option<JoinHandle<()>>,
     remind: Option<JoinHandle<()>>,
+    weekly: Option<JoinHandle<()>>,
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for worker in [self.rescan.take(), self.remind.take()].into_iter().flatten() {
+        for worker in [self.rescan.take(), self.remind.take(), self.weekly.take()].into_iter().flatten() {
             worker.abort();
         }
     }
@@ -141,6 +146,11 @@ struct Daemon {
     mail_busy: bool,
     /// When pending mail was last looked at.
     mail_checked_at: Instant,
+    /// The report file needs writing (after a sync that changed the store).
+    report_dirty: bool,
+    report_busy: bool,
+    /// Not before this (the file was open, or the next interval).
+    report_next_at: Instant,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error only for fatal problems.
@@ -175,6 +185,9 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         store_checked_at: Instant::now(),
         mail_busy: false,
         mail_checked_at: Instant::now(),
+        report_dirty: true,
+        report_busy: false,
+        report_next_at: Instant::now(),
     };
     daemon.store_version = daemon.current_store_version();
     info!(
@@ -198,6 +211,8 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             Event::SyncFinished { path, fingerprint, outcome } => daemon.on_sync_finished(path, fingerprint, *outcome),
             Event::Reload => daemon.reload(),
             Event::RemindDue(due) => daemon.start_reminders(due),
+            Event::WeeklyDigestDue => daemon.start_weekly_digest(),
+            Event::ReportWritten(result) => daemon.on_report_written(result),
             Event::MailFinished(result) => {
                 daemon.mail_busy = false;
                 match result {
@@ -215,7 +230,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             }
         }
         if daemon.shutting_down {
-            if daemon.n_in_flight == 0 && !daemon.mail_busy {
+            if daemon.n_in_flight == 0 && !daemon.mail_busy && !daemon.report_busy {
                 break;
             }
             if shutdown_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
@@ -309,7 +324,27 @@ fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Work
             }
         })
     });
-    Workers { _watcher: watcher, rescan, remind }
+    let timezone = config.remind.as_ref().map(|remind| remind.timezone).unwrap_or(chrono_tz::UTC);
+    let weekly = config.report.as_ref().and_then(|report| report.weekly_digest).map(|(weekday, at)| {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let mut after = Utc::now();
+            while let Some(due) = crate::remind::next_weekly(timezone, weekday, at, after) {
+                loop {
+                    let left = (due - Utc::now()).to_std().unwrap_or_default();
+                    if left.is_zero() {
+                        break;
+                    }
+                    tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+                }
+                if sender.send(Event::WeeklyDigestDue).is_err() {
+                    break;
+                }
+                after = due;
+            }
+        })
+    });
+    Workers { _watcher: watcher, rescan, remind, weekly }
 }
 
 fn start_watcher(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Option<notify::RecommendedWatcher> {
@@ -356,7 +391,7 @@ impl Daemon {
         let mut present: HashSet<PathBuf> = HashSet::new();
         let config = Arc::clone(&self.config);
         for source in &config.sources {
-            let files = match watch::source_files(source) {
+            let files = match config.source_files(source) {
                 Ok(files) => files,
                 Err(error) => {
                     warn!(source = %source.name, "{error}");
@@ -394,6 +429,9 @@ impl Daemon {
     }
 
     fn source_of(&self, path: &Path) -> Option<String> {
+        if self.config.is_report(path) {
+            return None;
+        }
         self.config.sources.iter().find(|source| watch::source_matches(source, path)).map(|source| source.name.clone())
     }
 
@@ -454,6 +492,7 @@ impl Daemon {
                 tracked.changed_at = Some(Instant::now().checked_sub(settle).unwrap_or_else(Instant::now));
             }
         }
+        self.maybe_write_report();
         if self.mail_checked_at.elapsed() >= MAIL_RETRY {
             self.mail_checked_at = Instant::now();
             self.retry_mail();
@@ -533,6 +572,67 @@ impl Daemon {
                         report.delivery.failed
                     )
                 });
+            let _ = sender.send(Event::MailFinished(result));
+        });
+    }
+
+    /// Rewrites the funnel report when it is due: after syncs changed the store (once they are
+    /// done), or every interval.
+    fn maybe_write_report(&mut self) {
+        let Some(report) = self.config.report.clone() else { return };
+        if self.report_busy || self.shutting_down || self.n_in_flight > 0 || !self.ready_sent || Instant::now() < self.report_next_at {
+            return;
+        }
+        let due = match report.refresh {
+            crate::config::ReportRefresh::AfterSync => self.report_dirty,
+            crate::config::ReportRefresh::Every(_) => true,
+        };
+        if !due {
+            return;
+        }
+        self.report_busy = true;
+        self.report_dirty = false;
+        if let crate::config::ReportRefresh::Every(every) = report.refresh {
+            self.report_next_at = Instant::now() + every;
+        }
+        let config = Arc::clone(&self.config);
+        let sender = self.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            let now = Utc::now();
+            let period = crate::funnel::Period { since: now - chrono::Duration::days(i64::from(report.period_days)), until: now };
+            let result = Store::open(&config.store.path)
+                .map_err(|error| error.to_string())
+                .and_then(|store| crate::report::load(&store, &config, period, now, None).map_err(|error| error.to_string()))
+                .and_then(|funnel| crate::report::write_file(&report.path, &funnel).map_err(|error| error.to_string()));
+            let _ = sender.send(Event::ReportWritten(result));
+        });
+    }
+
+    fn on_report_written(&mut self, result: Result<(), String>) {
+        self.report_busy = false;
+        match result {
+            Ok(()) => debug!("funnel report written"),
+            Err(message) => {
+                // Open in Excel, or the share is away: try again in a while.
+                info!("funnel report not written yet: {message}");
+                self.report_dirty = true;
+                self.report_next_at = Instant::now() + Duration::from_secs(30);
+            }
+        }
+    }
+
+    fn start_weekly_digest(&mut self) {
+        if self.mail_busy || self.shutting_down {
+            return;
+        }
+        self.mail_busy = true;
+        let config = Arc::clone(&self.config);
+        let sender = self.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = Store::open(&config.store.path)
+                .map_err(|error| error.to_string())
+                .and_then(|mut store| crate::report::send_weekly_digest(&mut store, &config, Utc::now()).map_err(|error| error.to_string()))
+                .map(|delivery| format!("weekly digest: {} sent, {} to retry", delivery.sent, delivery.retrying));
             let _ = sender.send(Event::MailFinished(result));
         });
     }
@@ -735,6 +835,9 @@ impl Daemon {
             }
         }
         if let Ok(report) = &outcome {
+            if report.status == FileStatus::Synced {
+                self.report_dirty = true;
+            }
             self.last_sync_summary = Some(format!(
                 "last sync {} {} ({})",
                 Utc::now().format("%H:%M:%S"),

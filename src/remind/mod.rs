@@ -197,6 +197,17 @@ pub fn next_due(remind: &RemindConfig, after: DateTime<Utc>) -> Option<DateTime<
         .find(|due| *due > after)
 }
 
+/// The first moment strictly after `after` that is `weekday` at `at` in `timezone`.
+pub fn next_weekly(timezone: Tz, weekday: Weekday, at: NaiveTime, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let today = after.with_timezone(&timezone).date_naive();
+    today
+        .iter_days()
+        .take(15)
+        .filter(|day| day.weekday() == weekday)
+        .filter_map(|day| moment(timezone, day, at))
+        .find(|due| *due > after)
+}
+
 /// The latest due time at or before `now`, for catching up after downtime.
 pub fn previous_due(remind: &RemindConfig, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let today = now.with_timezone(&remind.timezone).date_naive();

@@ -32,6 +32,7 @@ pub enum RemindError {
     Runtime(std::io::Error),
 }
 
+
 impl From<rusqlite::Error> for RemindError {
     fn from(error: rusqlite::Error) -> RemindError {
         RemindError::Store(StoreError::Sqlite(error))
@@ -204,6 +205,41 @@ pub fn record(store: &mut Store, remind: &RemindConfig, report: &RunReport, due_
     Ok(())
 }
 
+/// Records one message (the weekly digest) as pending, with an attachment, to be given up at the
+/// end of the day like the reminders.
+pub fn record_message(
+    store: &mut Store,
+    config: &Config,
+    kind: &str,
+    digest: &Digest,
+    attachment: Option<(&str, &[u8])>,
+    now: DateTime<Utc>,
+) -> Result<(), RemindError> {
+    let calendar = Calendar::from_config(config.remind.as_ref());
+    let timezone = config.remind.as_ref().map(|remind| remind.timezone).unwrap_or(chrono_tz::UTC);
+    let give_up_at = calendar
+        .day_of(now)
+        .succ_opt()
+        .and_then(|tomorrow| super::moment(timezone, tomorrow, chrono::NaiveTime::MIN))
+        .unwrap_or(now + chrono::Duration::hours(24));
+    store.connection().execute(
+        "INSERT INTO outbox (recipient, kind, subject, text_body, html_body, created_at, status, attempts, give_up_at, attachment_name, attachment) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?8, ?9)",
+        params![
+            digest.recipient,
+            kind,
+            digest.subject,
+            digest.text,
+            digest.html,
+            timestamp(now),
+            timestamp(give_up_at),
+            attachment.map(|(name, _)| name),
+            attachment.map(|(_, bytes)| bytes)
+        ],
+    )?;
+    Ok(())
+}
+
 /// The due time of the latest run, for catching up after downtime.
 pub fn last_run_due(store: &Store) -> Result<Option<DateTime<Utc>>, StoreError> {
     let due: Option<String> = store.connection().query_row("SELECT max(due_at) FROM remind_runs", [], |row| row.get(0)).optional()?.flatten();
@@ -223,14 +259,14 @@ fn retry_backoff(attempts: u32) -> Duration {
 /// `funnelsync remind`). Each message is marked sent right after the server accepted it.
 pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool) -> Result<DeliveryReport, RemindError> {
     let mut report = DeliveryReport::default();
-    type Pending = (i64, String, String, String, String, i64, String);
+    type Pending = (i64, String, String, String, String, i64, String, Option<String>, Option<Vec<u8>>);
     let pending: Vec<Pending> = {
         let mut statement = store.connection().prepare(
-            "SELECT id, recipient, subject, text_body, html_body, attempts, give_up_at FROM outbox \
+            "SELECT id, recipient, subject, text_body, html_body, attempts, give_up_at, attachment_name, attachment FROM outbox \
              WHERE status = 'pending' AND (?1 OR next_attempt_at IS NULL OR next_attempt_at <= ?2) ORDER BY id",
         )?;
         let rows = statement.query_map(params![all, timestamp(now)], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?))
         })?;
         rows.collect::<Result<_, _>>()?
     };
@@ -250,9 +286,10 @@ pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool
             None
         }
     };
-    for (id, recipient, subject, text, html, attempts, give_up_at) in pending {
+    for (id, recipient, subject, text, html, attempts, give_up_at, attachment_name, attachment) in pending {
+        let attachment = attachment_name.as_deref().zip(attachment.as_deref());
         let result = match &mailer {
-            Some(mailer) => runtime.block_on(mailer.send(&recipient, &subject, &text, &html)).map_err(|error| error.to_string()),
+            Some(mailer) => runtime.block_on(mailer.send(&recipient, &subject, &text, &html, attachment)).map_err(|error| error.to_string()),
             None => Err(report.errors.last().cloned().unwrap_or_default()),
         };
         match result {

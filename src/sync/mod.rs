@@ -494,7 +494,7 @@ fn sync_pass(
     }
     let mut claimed: HashMap<PathBuf, String> = HashMap::new();
     for source in &config.sources {
-        let files = match crate::watch::source_files(source) {
+        let files = match config.source_files(source) {
             Ok(files) => files,
             Err(error) => {
                 let mut report = FileReport::failed(&source.name, &error.path.display().to_string(), error.to_string());

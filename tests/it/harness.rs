@@ -414,16 +414,20 @@ impl ReceivedMail {
 
     /// The decoded text/plain and text/html parts.
     pub fn bodies(&self) -> (String, String) {
+        fn walk(part: &mailparse::ParsedMail<'_>, text: &mut String, html: &mut String) {
+            match part.ctype.mimetype.as_str() {
+                "text/plain" => *text = part.get_body().unwrap_or_default(),
+                "text/html" => *html = part.get_body().unwrap_or_default(),
+                _ => {}
+            }
+            for subpart in &part.subparts {
+                walk(subpart, text, html);
+            }
+        }
         let parsed = mailparse::parse_mail(&self.raw).expect("parse mail");
         let mut text = String::new();
         let mut html = String::new();
-        for part in parsed.subparts.iter().chain(std::iter::once(&parsed)) {
-            match part.ctype.mimetype.as_str() {
-                "text/plain" => text = part.get_body().unwrap_or_default(),
-                "text/html" => html = part.get_body().unwrap_or_default(),
-                _ => {}
-            }
-        }
+        walk(&parsed, &mut text, &mut html);
         (text, html)
     }
 

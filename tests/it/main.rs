@@ -3,6 +3,7 @@
 
 mod config_cli;
 mod daemon;
+mod funnel;
 mod harness;
 mod remind;
 mod sync_cli;
