@@ -45,7 +45,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// One pass over every source: read, clean, diff, apply.
-    Sync(FormatArgs),
+    Sync(SyncArgs),
     /// Work with the deals in the store.
     #[command(subcommand)]
     Deals(DealsCommand),
@@ -63,6 +63,31 @@ pub enum Command {
     Remind(RemindArgs),
     /// The sales funnel: open deals per stage, conversion, time in stage, forecast.
     Funnel(FunnelArgs),
+    /// Sync runs with their counts, or with RUN, every change that run applied.
+    History(HistoryArgs),
+    /// Revert every change a run applied (recorded as a run of its own).
+    Undo(UndoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// A run's id: list its changes.
+    pub run: Option<i64>,
+    /// Only runs of this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct UndoArgs {
+    pub run: i64,
+    /// Also revert fields that later runs changed again.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +154,15 @@ pub enum DealsCommand {
 pub enum Format {
     Table,
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Apply this file's sync even if the mass-delete guard would hold it (repeatable).
+    #[arg(long = "force", value_name = "FILE")]
+    pub force: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -212,9 +246,10 @@ pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open(&config.store.path)?)
 }
 
-pub fn sync(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
+pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
     let mut store = open_store(config)?;
-    let reports = sync::sync_all(&mut store, config, chrono::Utc::now())?;
+    let forced: Vec<String> = args.force.iter().map(|path| sync::file_key(path)).collect();
+    let reports = sync::sync_all_forcing(&mut store, config, chrono::Utc::now(), &forced)?;
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {
@@ -238,6 +273,7 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
             FileStatus::Synced => "synced",
             FileStatus::Unchanged => "unchanged",
             FileStatus::Failed => "FAILED",
+            FileStatus::Held => "HELD",
         };
         let counts = &report.counts;
         rows.push(vec![
@@ -487,6 +523,95 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(EXIT_OK))
 }
 
+pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(config)?;
+    let crm = store.crm();
+    let mut out = std::io::stdout().lock();
+    if let Some(run_id) = args.run {
+        let Some(run) = crm.run(run_id)? else {
+            eprintln!("error: there is no run {run_id}");
+            return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+        };
+        let changes = crm.changes_of_run(run_id)?;
+        match args.format {
+            Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&json!({ "run": run, "changes": changes }))?)?,
+            Format::Table => {
+                writeln!(out, "run {} ({}, {}) at {}: {}", run.id, run.source, display_file(&run.file), run.started_at.format("%Y-%m-%d %H:%M:%S"), run.status)?;
+                let mut rows = vec![["deal", "change", "field", "old", "new"].map(String::from).to_vec()];
+                for change in &changes {
+                    rows.push(vec![
+                        change.deal_id.to_string(),
+                        change.kind.name().to_string(),
+                        change.field.clone().unwrap_or_default(),
+                        change.old_value.clone().unwrap_or_default().chars().take(40).collect(),
+                        change.new_value.clone().unwrap_or_default().chars().take(40).collect(),
+                    ]);
+                }
+                write_table(&mut out, &rows, &[true, false, false, false, false])?;
+            }
+        }
+        return Ok(ExitCode::from(EXIT_OK));
+    }
+    let mut runs = crm.last_runs(10_000)?;
+    if let Some(source) = &args.source {
+        runs.retain(|run| &run.source == source);
+    }
+    runs.truncate(args.limit);
+    match args.format {
+        Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&runs)?)?,
+        Format::Table => {
+            let mut rows = vec![["run", "when", "source", "file", "status", "created", "updated", "archived", "unchanged", "errors"].map(String::from).to_vec()];
+            for run in &runs {
+                rows.push(vec![
+                    run.id.to_string(),
+                    run.started_at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string(),
+                    run.source.clone(),
+                    display_file(&run.file),
+                    run.status.clone(),
+                    run.counts.created.to_string(),
+                    run.counts.updated.to_string(),
+                    (run.counts.archived + run.counts.deleted).to_string(),
+                    run.counts.unchanged.to_string(),
+                    run.counts.errors.to_string(),
+                ]);
+            }
+            write_table(&mut out, &rows, &[true, false, false, false, false, true, true, true, true, true])?;
+        }
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+pub fn undo(config: &Config, args: &UndoArgs) -> anyhow::Result<ExitCode> {
+    let mut store = open_store(config)?;
+    let report = match crate::history::undo(&mut store, args.run, args.force, chrono::Utc::now()) {
+        Ok(report) => report,
+        Err(crate::history::UndoError::NoSuchRun(run)) => {
+            eprintln!("error: there is no run {run}");
+            return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "undid run {}: {} change(s) reverted (recorded as run {})",
+        report.undone_run,
+        report.n_reverted,
+        report.run_id.map(|id| id.to_string()).unwrap_or_default()
+    )?;
+    for skipped in &report.skipped {
+        writeln!(
+            out,
+            "skipped: deal {} {} {}: {}",
+            skipped.change.deal_id,
+            skipped.change.kind.name(),
+            skipped.change.field.as_deref().unwrap_or(""),
+            skipped.reason
+        )?;
+    }
+    Ok(ExitCode::from(if report.skipped.is_empty() { EXIT_OK } else { EXIT_ROW_ERRORS }))
+}
+
 /// The period of a funnel report: whole days, `until` included.
 pub fn funnel_period(since: Option<chrono::NaiveDate>, until: Option<chrono::NaiveDate>, now: chrono::DateTime<chrono::Utc>) -> crate::funnel::Period {
     let until_day = until.unwrap_or_else(|| now.date_naive());
@@ -581,7 +706,32 @@ fn apply_cli_changes(config: &Config, id: i64, changes: Vec<(Field, Option<crate
         println!("deal {id} already has these values");
         return Ok(ExitCode::from(EXIT_OK));
     }
-    crm.update_deal(id, &changes, &[], "cli", chrono::Utc::now())?;
+    let now = chrono::Utc::now();
+    crm.update_deal(id, &changes, &[], "cli", now)?;
+    // The change is a run of its own in the history, so it can be undone like a sheet's.
+    let run_id = crm.record_run(&crate::store::SyncRun {
+        id: 0,
+        source: "cli".to_string(),
+        file: String::new(),
+        started_at: now,
+        finished_at: now,
+        status: "synced".to_string(),
+        counts: crate::store::RunCounts { updated: 1, ..crate::store::RunCounts::default() },
+        message: None,
+    })?;
+    let records: Vec<crate::store::ChangeRecord> = changes
+        .iter()
+        .map(|(field, value)| crate::store::ChangeRecord {
+            id: 0,
+            run_id,
+            deal_id: id,
+            kind: crate::store::ChangeKind::Update,
+            field: Some(field.name().to_string()),
+            old_value: deal.fields.get(field).map(|old| old.to_string()),
+            new_value: value.as_ref().map(|new| new.to_string()),
+        })
+        .collect();
+    crm.record_changes(run_id, &records)?;
     transaction.commit()?;
     for (field, value) in &changes {
         let shown = value.as_ref().map(|value| format!("\"{value}\"")).unwrap_or_else(|| "(empty)".to_string());

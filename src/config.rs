@@ -148,6 +148,7 @@ pub struct RawSource {
     pub encoding: Option<String>,
     pub columns: Option<BTreeMap<String, OneOrMany>>,
     pub write_back: Option<bool>,
+    pub max_delete: Option<RawMaxDelete>,
     pub conflict: Option<String>,
     pub filter: Option<BTreeMap<String, OneOrMany>>,
     pub backups: Option<i64>,
@@ -158,6 +159,13 @@ pub struct RawSource {
 pub enum RawHeaderRow {
     Number(i64),
     Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawMaxDelete {
+    Count(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -523,6 +531,26 @@ pub struct SourceConfig {
     pub filter: BTreeMap<Field, Vec<String>>,
     /// How many previous versions of a file to keep in `.funnelsync/backups/` beside it.
     pub backups: usize,
+    /// The most rows one sync of a file may archive or delete before it is held.
+    pub max_delete: MaxDelete,
+}
+
+/// The mass-delete guard's limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaxDelete {
+    /// A share of the rows the file held at its last sync.
+    Share(f64),
+    Count(u64),
+}
+
+impl MaxDelete {
+    /// Whether removing `n_removed` of `n_rows` rows goes past the limit.
+    pub fn exceeded(self, n_removed: usize, n_rows: usize) -> bool {
+        match self {
+            MaxDelete::Share(share) => n_removed > 0 && n_removed as f64 > share * n_rows as f64,
+            MaxDelete::Count(count) => n_removed as u64 > count,
+        }
+    }
 }
 
 impl SourceConfig {
@@ -1283,6 +1311,24 @@ fn validate_source(
         },
     };
 
+    let max_delete = match raw.max_delete {
+        None => MaxDelete::Share(0.5),
+        Some(RawMaxDelete::Count(count)) => match u64::try_from(count) {
+            Ok(count) => MaxDelete::Count(count),
+            Err(_) => {
+                fail("max_delete", format!("{count} must not be negative"));
+                MaxDelete::Share(0.5)
+            }
+        },
+        Some(RawMaxDelete::Text(text)) => match text.trim().strip_suffix('%').map(|number| number.trim().parse::<f64>()) {
+            Some(Ok(percent)) if (0.0..=100.0).contains(&percent) => MaxDelete::Share(percent / 100.0),
+            _ => {
+                fail("max_delete", format!("\"{text}\" must be a share such as \"50%\" or a count such as 200"));
+                MaxDelete::Share(0.5)
+            }
+        },
+    };
+
     let source = SourceConfig {
         name: raw.name.trim().to_string(),
         path: path?,
@@ -1298,6 +1344,7 @@ fn validate_source(
         conflict,
         filter,
         backups,
+        max_delete,
     };
     ok.then_some(source)
 }

@@ -174,7 +174,7 @@ pub type FieldChanges = Vec<(Field, Option<FieldValue>)>;
 pub type ExtraChanges = Vec<(String, Option<String>)>;
 
 /// A deal as the CRM store holds it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deal {
     pub id: DealId,
     pub fields: FieldMap,

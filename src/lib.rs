@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod deal;
 pub mod funnel;
+pub mod history;
 pub mod mail;
 pub mod mapping;
 pub mod mirror;

@@ -41,6 +41,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Conflicts(args) => cli::conflicts(&config, args),
         Command::Remind(args) => cli::remind(&config, args, now),
         Command::Funnel(args) => cli::funnel(&config, args, now),
+        Command::History(args) => cli::history(&config, args),
+        Command::Undo(args) => cli::undo(&config, args),
         Command::Errors(args) => cli::errors(&config, args),
         Command::Status(args) => cli::status(&config, args),
         Command::Run => {

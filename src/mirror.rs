@@ -220,6 +220,9 @@ pub enum FileState {
     Failed,
     /// The file is gone from the folder; its deals stay.
     Removed,
+    /// A sync would have removed too many rows (or the sheet is gone): nothing applied until
+    /// `sync --force` or the file changes.
+    Held,
 }
 
 impl FileState {
@@ -229,6 +232,7 @@ impl FileState {
             FileState::Retrying => "retrying",
             FileState::Failed => "failed",
             FileState::Removed => "removed",
+            FileState::Held => "held",
         }
     }
 
@@ -237,6 +241,7 @@ impl FileState {
             "retrying" => FileState::Retrying,
             "failed" => FileState::Failed,
             "removed" => FileState::Removed,
+            "held" => FileState::Held,
             _ => FileState::Ok,
         }
     }

@@ -194,6 +194,26 @@ CREATE TABLE report_snapshots (
     at     TEXT NOT NULL,
     stages TEXT NOT NULL
 );
+"#, r#"
+-- Every change a run applied, so it can be listed and undone.
+CREATE TABLE changes (
+    id        INTEGER PRIMARY KEY,
+    run_id    INTEGER NOT NULL REFERENCES sync_runs(id) ON DELETE CASCADE,
+    deal_id   INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    field     TEXT,
+    old_value TEXT,
+    new_value TEXT
+);
+CREATE INDEX changes_run ON changes(run_id);
+CREATE INDEX changes_deal ON changes(deal_id, field);
+CREATE TABLE alerts (
+    id      INTEGER PRIMARY KEY,
+    subject TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    at      TEXT NOT NULL
+);
+CREATE INDEX alerts_key ON alerts(key, at);
 "#];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {
@@ -308,6 +328,49 @@ pub struct StageChange {
     pub source: String,
 }
 
+/// What a change did to a deal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Create,
+    Update,
+    Archive,
+    Unarchive,
+    Delete,
+}
+
+impl ChangeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Create => "create",
+            ChangeKind::Update => "update",
+            ChangeKind::Archive => "archive",
+            ChangeKind::Unarchive => "unarchive",
+            ChangeKind::Delete => "delete",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ChangeKind> {
+        [ChangeKind::Create, ChangeKind::Update, ChangeKind::Archive, ChangeKind::Unarchive, ChangeKind::Delete]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+}
+
+/// One applied change. For `update`, a field's old and new value (as text, or JSON for extra
+/// fields under `extra.NAME`); for `create` and `delete`, the whole deal as JSON in `new_value` or
+/// `old_value`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChangeRecord {
+    pub id: i64,
+    pub run_id: i64,
+    pub deal_id: DealId,
+    pub kind: ChangeKind,
+    pub field: Option<String>,
+    pub old_value: Option<String>,
+    pub new_value: Option<String>,
+}
+
 /// A field changed on both sides since the last sync, and how it was decided.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ConflictRecord {
@@ -350,6 +413,13 @@ pub trait CrmStore {
     /// Every stage change of every deal, oldest first.
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError>;
     fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError>;
+    fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError>;
+    fn changes_of_run(&self, run_id: i64) -> Result<Vec<ChangeRecord>, StoreError>;
+    /// Changes to this deal's field (or of any kind when `field` is None) made by runs after `run_id`.
+    fn later_changes(&self, run_id: i64, deal_id: DealId, field: Option<&str>) -> Result<Vec<ChangeRecord>, StoreError>;
+    fn run(&self, run_id: i64) -> Result<Option<SyncRun>, StoreError>;
+    /// Creates a deal again under its old id (undoing a delete).
+    fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError>;
     fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError>;
     fn record_conflict(&self, conflict: &ConflictRecord) -> Result<(), StoreError>;
     fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, StoreError>;
@@ -412,6 +482,28 @@ impl<'c> SqliteCrm<'c> {
             deals.push(row??);
         }
         Ok(deals)
+    }
+
+    fn query_changes(&self, sql: &str, parameters: impl rusqlite::Params) -> Result<Vec<ChangeRecord>, StoreError> {
+        let mut statement = self.connection.prepare_cached(sql)?;
+        let rows = statement.query_map(parameters, |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, DealId>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, Option<String>>(4)?,
+                row.get::<_, Option<String>>(5)?,
+                row.get::<_, Option<String>>(6)?,
+            ))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (id, run_id, deal_id, kind, field, old_value, new_value) = row?;
+            let kind = ChangeKind::from_name(&kind).ok_or_else(|| StoreError::Corrupt(format!("change kind \"{kind}\"")))?;
+            changes.push(ChangeRecord { id, run_id, deal_id, kind, field, old_value, new_value });
+        }
+        Ok(changes)
     }
 
     fn record_stage_change(&self, id: DealId, from: Option<&str>, to: &str, origin: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
@@ -583,6 +675,48 @@ impl CrmStore for SqliteCrm<'_> {
             changes.push(StageChange { deal_id, from_stage, to_stage, at: parse_timestamp(&at)?, source });
         }
         Ok(changes)
+    }
+
+    fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError> {
+        let mut statement = self.connection.prepare_cached(
+            "INSERT INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for change in changes {
+            statement.execute(params![run_id, change.deal_id, change.kind.name(), change.field, change.old_value, change.new_value])?;
+        }
+        Ok(())
+    }
+
+    fn changes_of_run(&self, run_id: i64) -> Result<Vec<ChangeRecord>, StoreError> {
+        self.query_changes("SELECT id, run_id, deal_id, kind, field, old_value, new_value FROM changes WHERE run_id = ?1 ORDER BY id", params![run_id])
+    }
+
+    fn later_changes(&self, run_id: i64, deal_id: DealId, field: Option<&str>) -> Result<Vec<ChangeRecord>, StoreError> {
+        self.query_changes(
+            "SELECT id, run_id, deal_id, kind, field, old_value, new_value FROM changes \
+             WHERE run_id > ?1 AND deal_id = ?2 AND (?3 IS NULL OR field = ?3 OR field IS NULL) ORDER BY id",
+            params![run_id, deal_id, field],
+        )
+    }
+
+    fn run(&self, run_id: i64) -> Result<Option<SyncRun>, StoreError> {
+        Ok(self.last_runs(usize::MAX >> 1)?.into_iter().find(|run| run.id == run_id))
+    }
+
+    fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError> {
+        let values: Vec<rusqlite::types::Value> = Field::ALL.iter().map(|field| to_sql(deal.fields.get(field))).collect();
+        let extra = serde_json::to_string(&deal.extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        self.connection.execute(
+            "INSERT INTO deals (id, company, contact, email, phone, stage, amount, currency, owner, next_step, last_contact, \
+             expected_close, extra, created_at, updated_at, stage_entered_at, archived_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            params![
+                deal.id, values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7], values[8], values[9],
+                values[10], extra, timestamp(deal.created_at), timestamp(deal.updated_at), deal.stage_entered_at.map(timestamp),
+                deal.archived_at.map(timestamp)
+            ],
+        )?;
+        Ok(())
     }
 
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError> {

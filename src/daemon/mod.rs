@@ -753,6 +753,13 @@ impl Daemon {
         let source = tracked.source.clone();
         let file_name = path.display().to_string();
         let (state, error_text) = match &outcome {
+            Ok(report) if report.status == FileStatus::Held => {
+                let message = report.error.clone().unwrap_or_default();
+                error!(file = %file_name, "{message}");
+                tracked.done = fingerprint;
+                tracked.attempts = 0;
+                (FileState::Held, Some(message))
+            }
             Ok(report) if report.status != FileStatus::Failed => {
                 let counts = &report.counts;
                 let n_errors = report.n_row_errors();
@@ -846,6 +853,7 @@ impl Daemon {
                     FileStatus::Synced => "synced",
                     FileStatus::Unchanged => "unchanged",
                     FileStatus::Failed => "failed",
+                    FileStatus::Held => "held",
                 }
             ));
         }

@@ -18,7 +18,7 @@ use crate::config::{Config, SourceConfig};
 use crate::deal::{Deal, DealId, Field, FieldMap, FieldValue};
 use crate::mapping::{self, RowIssue, Severity};
 use crate::mirror::{self, MirrorFile, MirrorRow};
-use crate::store::{ConflictRecord, CrmStore, DealFilter, RunCounts, SqliteCrm, Store, StoreError, SyncRun};
+use crate::store::{ChangeKind, ChangeRecord, ConflictRecord, CrmStore, DealFilter, RunCounts, SqliteCrm, Store, StoreError, SyncRun};
 use crate::writeback::RowOutcome;
 use crate::workbook;
 use diff::{DiffInput, Removal, RowAction};
@@ -33,6 +33,9 @@ pub enum FileStatus {
     Unchanged,
     /// The file could not be read or understood; nothing was applied.
     Failed,
+    /// The sync would remove too many rows, or the sheet is gone, empty or without its header:
+    /// nothing was applied until someone looks.
+    Held,
 }
 
 /// The outcome of syncing one file.
@@ -92,6 +95,18 @@ pub fn file_key(path: &Path) -> String {
 /// Syncs one file of a source. Errors reading or understanding the file are part of the report
 /// (status `Failed`, nothing applied); only a failing store is an `Err`.
 pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path: &Path, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+    sync_file_with(store, config, source, path, now, false)
+}
+
+/// [`sync_file`], with `force` to apply a sync the mass-delete guard would hold.
+pub fn sync_file_with(
+    store: &mut Store,
+    config: &Config,
+    source: &SourceConfig,
+    path: &Path,
+    now: DateTime<Utc>,
+    force: bool,
+) -> Result<FileReport, SyncError> {
     let file = file_key(path);
     let mut report = FileReport {
         source: source.name.clone(),
@@ -108,8 +123,14 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         store_version: None,
     };
 
+    // A file synced before whose sheet or header is now gone is held, not just failed: that is
+    // how "all rows deleted" would look, and someone should look.
+    let synced_before = mirror::load(store.connection(), &file)?.is_some_and(|previous| !previous.rows.is_empty());
     let sheet = match workbook::read_sheet(path, source.sheet.as_deref(), source.encoding) {
         Ok(sheet) => sheet,
+        Err(error @ (workbook::WorkbookError::SheetNotFound { .. } | workbook::WorkbookError::NoVisibleSheet { .. })) if synced_before => {
+            return hold(store, report, format!("held: {error}; nothing was applied"), now);
+        }
         Err(error) => {
             report.retryable = error.is_retryable();
             return fail(store, report, error.to_string(), now);
@@ -120,6 +141,9 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         Ok(header) => header,
         Err(error) => {
             let message = format!("{}: sheet \"{}\": {error}", sheet.path.display(), sheet.sheet_name);
+            if synced_before {
+                return hold(store, report, format!("held: {message}; nothing was applied"), now);
+            }
             return fail(store, report, message, now);
         }
     };
@@ -165,9 +189,31 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
         file_modified: sheet.modified,
     });
     issues.extend(diff_issues);
+
+    // The mass-delete guard: a sync that would archive or delete too many of the file's rows is
+    // held — nothing of it is applied — until someone looks (`sync --force FILE`).
+    let n_removing = changeset.removals.iter().filter(|removal| matches!(removal, Removal::Archive(_) | Removal::Delete(_))).count();
+    if !force && source.max_delete.exceeded(n_removing, mirror_rows.len()) {
+        drop(transaction);
+        let message = format!(
+            "{}: held: this sync would remove {n_removing} of the {} rows the file had ({}); nothing was applied. \
+             If that is right, run `funnelsync sync --force {}`",
+            path.display(),
+            mirror_rows.len(),
+            match source.max_delete {
+                crate::config::MaxDelete::Share(share) => format!("max_delete = {:.0}%", share * 100.0),
+                crate::config::MaxDelete::Count(count) => format!("max_delete = {count}"),
+            },
+            path.display()
+        );
+        report.issues = issues;
+        return hold(store, report, message, now);
+    }
     issues.sort_by_key(|issue| issue.row_number.unwrap_or(0));
 
-    // Apply to the store; remember, per row, which deal it is and what it should show.
+    // Apply to the store; remember, per row, which deal it is and what it should show, and every
+    // change for the history.
+    let mut applied: Vec<ChangeRecord> = Vec::new();
     let previous_mirror: HashMap<DealId, &MirrorRow> = mirror_rows.iter().map(|row| (row.deal_id, row)).collect();
     let mut row_deals: Vec<Option<DealId>> = vec![None; rows.len()];
     let mut row_merged: Vec<Option<FieldMap>> = vec![None; rows.len()];
@@ -188,6 +234,15 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
                 fields.entry(Field::Stage).or_insert_with(|| FieldValue::Text(config.stages.first().name.clone()));
                 let deal_id = crm.create_deal(&fields, &row.extras, &source.name, now)?;
                 counts.created += 1;
+                applied.push(ChangeRecord {
+                    id: 0,
+                    run_id: 0,
+                    deal_id,
+                    kind: ChangeKind::Create,
+                    field: None,
+                    old_value: None,
+                    new_value: serde_json::to_string(&fields).ok(),
+                });
                 row_deals[*row_idx] = Some(deal_id);
                 fields.retain(|field, _| sheet_fields.contains(field));
                 row_merged[*row_idx] = Some(fields);
@@ -195,8 +250,18 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
             RowAction::Update { row_idx, deal_id, changes, extra_changes, unarchive } => {
                 if *unarchive {
                     crm.set_archived(*deal_id, false, now)?;
+                    applied.push(change_record(*deal_id, ChangeKind::Unarchive, None, None, None));
                 }
                 crm.update_deal(*deal_id, changes, extra_changes, &source.name, now)?;
+                let before = deals.get(deal_id);
+                for (field, value) in changes {
+                    let old = before.and_then(|deal| deal.fields.get(field)).map(FieldValue::to_string);
+                    applied.push(change_record(*deal_id, ChangeKind::Update, Some(field.name().to_string()), old, value.as_ref().map(FieldValue::to_string)));
+                }
+                for (key, value) in extra_changes {
+                    let old = before.and_then(|deal| deal.extra.get(key)).cloned();
+                    applied.push(change_record(*deal_id, ChangeKind::Update, Some(format!("extra.{key}")), old, value.clone()));
+                }
                 counts.updated += 1;
                 row_deals[*row_idx] = Some(*deal_id);
                 row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
@@ -246,12 +311,15 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
             Removal::Archive(deal_id) => {
                 if crm.set_archived(*deal_id, true, now)? {
                     report.counts.archived += 1;
+                    applied.push(change_record(*deal_id, ChangeKind::Archive, None, None, None));
                 }
                 archived_or_deleted.insert(*deal_id);
             }
             Removal::Delete(deal_id) => {
+                let snapshot = deals.get(deal_id).and_then(|deal| serde_json::to_string(deal).ok());
                 if crm.delete_deal(*deal_id)? {
                     report.counts.deleted += 1;
+                    applied.push(change_record(*deal_id, ChangeKind::Delete, None, snapshot, None));
                 }
                 archived_or_deleted.insert(*deal_id);
             }
@@ -365,12 +433,38 @@ pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path
             _ => None,
         },
     })?;
+    crm.record_changes(run_id, &applied)?;
     mirror::replace_issues(&transaction, &source.name, &file, Some(&sheet.sheet_name), run_id, &issues, now)?;
     // Read under the write lock, so no other writer's change can hide between it and the commit.
     report.store_version = Some(crm.version()?);
     transaction.commit().map_err(StoreError::from)?;
     report.run_id = Some(run_id);
     report.issues = issues;
+    Ok(report)
+}
+
+fn change_record(deal_id: DealId, kind: ChangeKind, field: Option<String>, old_value: Option<String>, new_value: Option<String>) -> ChangeRecord {
+    ChangeRecord { id: 0, run_id: 0, deal_id, kind, field, old_value, new_value }
+}
+
+/// Records a held run (nothing applied) and returns the held report.
+fn hold(store: &mut Store, mut report: FileReport, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+    let transaction = store.transaction()?;
+    let crm = SqliteCrm::new(&transaction);
+    let run_id = crm.record_run(&SyncRun {
+        id: 0,
+        source: report.source.clone(),
+        file: report.file.clone(),
+        started_at: now,
+        finished_at: Utc::now().max(now),
+        status: status_name(FileStatus::Held).to_string(),
+        counts: RunCounts::default(),
+        message: Some(message.clone()),
+    })?;
+    transaction.commit().map_err(StoreError::from)?;
+    report.status = FileStatus::Held;
+    report.error = Some(message);
+    report.run_id = Some(run_id);
     Ok(report)
 }
 
@@ -390,6 +484,7 @@ fn status_name(status: FileStatus) -> &'static str {
         FileStatus::Synced => "synced",
         FileStatus::Unchanged => "unchanged",
         FileStatus::Failed => "failed",
+        FileStatus::Held => "held",
     }
 }
 
@@ -435,8 +530,14 @@ fn deals_in_other_files(connection: &rusqlite::Connection, file: &str, deal_ids:
 /// back, the files of those sources are synced once more, so that a change read from one file
 /// reaches the others in the same command.
 pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Result<Vec<FileReport>, SyncError> {
+    sync_all_forcing(store, config, now, &[])
+}
+
+/// [`sync_all`], applying the files in `forced` (by [`file_key`]) even where the mass-delete
+/// guard would hold them.
+pub fn sync_all_forcing(store: &mut Store, config: &Config, now: DateTime<Utc>, forced: &[String]) -> Result<Vec<FileReport>, SyncError> {
     let version_before = store.crm().version()?;
-    let (mut reports, files) = sync_pass(store, config, now, None)?;
+    let (mut reports, files) = sync_pass(store, config, now, None, forced)?;
     let writing: Vec<&SourceConfig> = config.sources.iter().filter(|source| source.write_back).collect();
     let version_after = store.crm().version()?;
     if !writing.is_empty() && version_after != version_before {
@@ -451,7 +552,7 @@ pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Resul
                     .is_none_or(|report| report.store_version != Some(version_after))
             })
             .collect();
-        let (second, _) = sync_pass(store, config, now, Some(&behind))?;
+        let (second, _) = sync_pass(store, config, now, Some(&behind), forced)?;
         for later in second {
             let Some(first) = reports.iter_mut().find(|report| report.file == later.file && report.source == later.source) else {
                 continue;
@@ -482,13 +583,15 @@ fn sync_pass(
     config: &Config,
     now: DateTime<Utc>,
     only: Option<&[(String, PathBuf)]>,
+    forced: &[String],
 ) -> Result<(Vec<FileReport>, SourceFiles), SyncError> {
     let mut reports = Vec::new();
     let mut synced = Vec::new();
     if let Some(files) = only {
         for (source_name, path) in files {
             let Some(source) = config.source(source_name).filter(|source| source.write_back) else { continue };
-            reports.push(sync_file(store, config, source, path, now)?);
+            let force = forced.contains(&file_key(path));
+            reports.push(sync_file_with(store, config, source, path, now, force)?);
         }
         return Ok((reports, synced));
     }
@@ -514,7 +617,8 @@ fn sync_pass(
                 continue;
             }
             claimed.insert(canonical, source.name.clone());
-            reports.push(sync_file(store, config, source, &path, now)?);
+            let force = forced.contains(&file_key(&path));
+            reports.push(sync_file_with(store, config, source, &path, now, force)?);
             synced.push((source.name.clone(), path));
         }
     }
@@ -542,5 +646,5 @@ impl FileReport {
 
 /// Whether a run-level problem is worth an error exit: any failed file or row error.
 pub fn has_problems(reports: &[FileReport]) -> bool {
-    reports.iter().any(|report| report.status == FileStatus::Failed || report.n_row_errors() > 0)
+    reports.iter().any(|report| matches!(report.status, FileStatus::Failed | FileStatus::Held) || report.n_row_errors() > 0)
 }

@@ -149,7 +149,8 @@ fn chinese_digests_and_hostile_names() {
         .row(&HEADER)
         .row(&["<script>x</script>", "Ann\r\nBcc: evil@example.com", "Prospect", "12000", "Alice Wang"])
         .save(&test.path("p.xlsx"));
-    test.sync().assert_code(0);
+    // Four of five rows go: the mass-delete guard needs to be told.
+    test.run(&["sync", "--force", "p.xlsx"]).assert_code(0);
     test.run(&["--now", &later(30), "remind"]).assert_code(0);
     let alice = smtp.to("alice@example.com");
     assert_eq!(alice.len(), 1);

@@ -409,10 +409,16 @@ fn a_missing_sheet_or_header_changes_nothing() {
     run.assert_code(1);
     let report = run.json();
     let file = file_report(&report, "p.xlsx");
-    assert_eq!(file["status"], "failed");
+    assert_eq!(file["status"], "held", "a file synced before that lost its header is held");
     assert!(file["error"].as_str().is_some_and(|error| error.contains("no header row found")), "{file}");
     assert_eq!(test.deals(), before, "nothing archived, nothing changed");
-    assert_eq!(test.count("SELECT count(*) FROM sync_runs WHERE status = 'failed'"), 2);
+    assert_eq!(test.count("SELECT count(*) FROM sync_runs WHERE status = 'held'"), 2);
+
+    // A file never synced before with no header is an error, not held.
+    XlsxBuilder::new().sheet("Pipeline").row(&rows[0]).save(&test.path("new.xlsx"));
+    test.single_source("new.xlsx", "");
+    let report = test.sync().json();
+    assert_eq!(file_report(&report, "new.xlsx")["status"], "failed");
 }
 
 #[test]
