@@ -66,6 +66,8 @@ struct RawTopLevel {
     reps: Option<Spanned<toml::Value>>,
     smtp: Option<Spanned<toml::Value>>,
     report: Option<Spanned<toml::Value>>,
+    alerts: Option<Spanned<toml::Value>>,
+    limits: Option<Spanned<toml::Value>>,
     log_level: Option<Spanned<String>>,
     /// Keys funnelsync does not know. They are errors, collected here (rather than by serde's
     /// `deny_unknown_fields`, which stops at the first) so all of them are reported at once.
@@ -73,7 +75,7 @@ struct RawTopLevel {
     unknown: BTreeMap<String, toml::Value>,
 }
 
-const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, remind, reps, smtp, report, log_level";
+const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, remind, reps, smtp, report, alerts, limits, log_level";
 
 /// The whole file, as written, once every section has been read.
 #[derive(Debug, Default)]
@@ -86,7 +88,26 @@ pub struct RawConfig {
     pub reps: Option<BTreeMap<String, String>>,
     pub smtp: Option<RawSmtp>,
     pub report: Option<RawReport>,
+    pub alerts: Option<RawAlerts>,
+    pub limits: Option<RawLimits>,
     pub log_level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    pub to: String,
+    pub every: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_file_mb: Option<i64>,
+    pub max_unzipped_mb: Option<i64>,
+    pub max_rows: Option<i64>,
+    pub max_columns: Option<i64>,
+    pub max_cell_chars: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +279,8 @@ impl RawConfig {
         raw.reps = read_section(text, "reps", top.reps, &mut problems);
         raw.smtp = read_section(text, "smtp", top.smtp, &mut problems);
         raw.report = read_section(text, "report", top.report, &mut problems);
+        raw.alerts = read_section(text, "alerts", top.alerts, &mut problems);
+        raw.limits = read_section(text, "limits", top.limits, &mut problems);
         for (index, source) in top.sources.into_iter().enumerate() {
             if let Some(mut source) = read_section::<RawSource>(text, &format!("sources[{}]", index + 1), Some(source), &mut problems) {
                 source.position = index + 1;
@@ -368,7 +391,40 @@ pub struct Config {
     pub reps: BTreeMap<String, String>,
     pub smtp: Option<SmtpConfig>,
     pub report: Option<ReportConfig>,
+    pub alerts: Option<AlertsConfig>,
+    pub limits: Limits,
     pub log_level: Option<String>,
+}
+
+/// Where problems that need a person go.
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    pub to: String,
+    /// At most one alert per file (and kind) this often.
+    pub every: Duration,
+}
+
+/// Safe maximums against hostile or broken input. Beyond them a file is refused, nothing of it
+/// is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_file_bytes: u64,
+    pub max_unzipped_bytes: u64,
+    pub max_rows: usize,
+    pub max_columns: usize,
+    pub max_cell_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_file_bytes: 100 << 20,
+            max_unzipped_bytes: 1 << 30,
+            max_rows: 1_048_576,
+            max_columns: 1_000,
+            max_cell_chars: 32_767,
+        }
+    }
 }
 
 /// When the daemon rewrites the report file.
@@ -769,6 +825,45 @@ impl Config {
         let smtp = raw.smtp.and_then(|smtp| validate_smtp(smtp, base, &mut problem));
         let remind = raw.remind.and_then(|remind| validate_remind(remind, &mut problem));
         let report = raw.report.and_then(|report| validate_report(report, base, &mut problem));
+        let alerts = raw.alerts.and_then(|alerts| {
+            let to = check_address("alerts.to", &alerts.to, &mut problem)?;
+            let every = match alerts.every {
+                None => Duration::from_secs(3600),
+                Some(written) => parse_duration("alerts.every", &written, &mut problem)?,
+            };
+            Some(AlertsConfig { to, every })
+        });
+        if alerts.is_some() && smtp.is_none() {
+            problem("alerts", "[alerts] needs an [smtp] section to send mail".to_string());
+        }
+        let mut limits = Limits::default();
+        if let Some(raw_limits) = raw.limits {
+            let mut positive = |key: &str, value: Option<i64>| -> Option<u64> {
+                let value = value?;
+                match u64::try_from(value) {
+                    Ok(value) if value >= 1 => Some(value),
+                    _ => {
+                        problem(key, format!("{value} must be a whole number of at least 1"));
+                        None
+                    }
+                }
+            };
+            if let Some(megabytes) = positive("limits.max_file_mb", raw_limits.max_file_mb) {
+                limits.max_file_bytes = megabytes.saturating_mul(1 << 20);
+            }
+            if let Some(megabytes) = positive("limits.max_unzipped_mb", raw_limits.max_unzipped_mb) {
+                limits.max_unzipped_bytes = megabytes.saturating_mul(1 << 20);
+            }
+            if let Some(rows) = positive("limits.max_rows", raw_limits.max_rows) {
+                limits.max_rows = rows as usize;
+            }
+            if let Some(columns) = positive("limits.max_columns", raw_limits.max_columns) {
+                limits.max_columns = columns as usize;
+            }
+            if let Some(chars) = positive("limits.max_cell_chars", raw_limits.max_cell_chars) {
+                limits.max_cell_chars = chars as usize;
+            }
+        }
         if report.as_ref().is_some_and(|report| report.weekly_digest.is_some()) {
             if smtp.is_none() {
                 problem("report.weekly_digest", "needs an [smtp] section to send mail".to_string());
@@ -799,6 +894,8 @@ impl Config {
                 reps,
                 smtp,
                 report,
+                alerts,
+                limits,
                 log_level,
             }),
             _ => Err(problems),

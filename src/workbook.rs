@@ -124,6 +124,8 @@ pub enum WorkbookError {
     Malformed { path: PathBuf, expected: &'static str, detail: String },
     #[error("{path}: unsupported file type (funnelsync reads .xlsx .xlsm .xls .ods .csv)")]
     Unsupported { path: PathBuf },
+    #[error("{path}: {what} is over the limit of {limit}; nothing was read (raise [limits] if the file is genuine)")]
+    OverLimit { path: PathBuf, what: String, limit: String },
 }
 
 impl WorkbookError {
@@ -148,9 +150,37 @@ pub fn format_of(path: &Path) -> Option<FileFormat> {
 
 /// Reads the managed sheet of a file: the named sheet, or the first visible worksheet.
 /// The file is read into memory once so that its content hash and its rows describe the same bytes.
-pub fn read_sheet(path: &Path, sheet: Option<&str>, csv_encoding: crate::config::CsvEncoding) -> Result<SheetData, WorkbookError> {
+pub fn read_sheet(
+    path: &Path,
+    sheet: Option<&str>,
+    csv_encoding: crate::config::CsvEncoding,
+    limits: &crate::config::Limits,
+) -> Result<SheetData, WorkbookError> {
     let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported { path: path.to_path_buf() })?;
+    let over = |what: String, limit: String| WorkbookError::OverLimit { path: path.to_path_buf(), what, limit };
+    let size = std::fs::metadata(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })?.len();
+    if size > limits.max_file_bytes {
+        return Err(over(format!("the file size ({} MB)", size >> 20), format!("{} MB", limits.max_file_bytes >> 20)));
+    }
     let bytes = std::fs::read(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })?;
+    if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
+        // A zip bomb: a small file that unpacks to gigabytes. The sizes its directory declares are
+        // summed before anything is unpacked.
+        if let Ok(mut archive) = zip::ZipArchive::new(Cursor::new(&bytes)) {
+            let mut unzipped: u128 = 0;
+            for entry_idx in 0..archive.len() {
+                if let Ok(entry) = archive.by_index_raw(entry_idx) {
+                    unzipped += u128::from(entry.size());
+                }
+            }
+            if unzipped > u128::from(limits.max_unzipped_bytes) {
+                return Err(over(
+                    format!("the uncompressed size ({} MB)", unzipped >> 20),
+                    format!("{} MB", limits.max_unzipped_bytes >> 20),
+                ));
+            }
+        }
+    }
     let modified = std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok().map(chrono::DateTime::<chrono::Utc>::from);
     let content_hash = hash_bytes(&bytes);
     let (sheet_name, rows, csv_format) = match format {
@@ -168,7 +198,32 @@ pub fn read_sheet(path: &Path, sheet: Option<&str>, csv_encoding: crate::config:
             (name, rows, None)
         }
     };
+    check_limits(path, &rows, limits)?;
     Ok(SheetData { path: path.to_path_buf(), format, sheet_name, rows, content_hash, modified, csv_format })
+}
+
+fn check_limits(path: &Path, rows: &[SheetRow], limits: &crate::config::Limits) -> Result<(), WorkbookError> {
+    let over = |what: String, limit: String| WorkbookError::OverLimit { path: path.to_path_buf(), what, limit };
+    if rows.len() > limits.max_rows {
+        return Err(over(format!("the number of rows ({})", rows.len()), format!("{} rows", limits.max_rows)));
+    }
+    for row in rows {
+        if row.cells.len() > limits.max_columns {
+            return Err(over(format!("row {} with {} columns", row.row_number, row.cells.len()), format!("{} columns", limits.max_columns)));
+        }
+        for (column_idx, cell) in row.cells.iter().enumerate() {
+            if let Cell::Text(text) = cell {
+                let n_chars = text.chars().count();
+                if n_chars > limits.max_cell_chars {
+                    return Err(over(
+                        format!("the text in row {}, column {} ({n_chars} characters)", row.row_number, column_letters(column_idx)),
+                        format!("{} characters", limits.max_cell_chars),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn hash_bytes(bytes: &[u8]) -> String {

@@ -126,7 +126,7 @@ pub fn sync_file_with(
     // A file synced before whose sheet or header is now gone is held, not just failed: that is
     // how "all rows deleted" would look, and someone should look.
     let synced_before = mirror::load(store.connection(), &file)?.is_some_and(|previous| !previous.rows.is_empty());
-    let sheet = match workbook::read_sheet(path, source.sheet.as_deref(), source.encoding) {
+    let sheet = match workbook::read_sheet(path, source.sheet.as_deref(), source.encoding, &config.limits) {
         Ok(sheet) => sheet,
         Err(error @ (workbook::WorkbookError::SheetNotFound { .. } | workbook::WorkbookError::NoVisibleSheet { .. })) if synced_before => {
             return hold(store, report, format!("held: {error}; nothing was applied"), now);

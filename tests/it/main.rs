@@ -6,5 +6,6 @@ mod daemon;
 mod funnel;
 mod harness;
 mod remind;
+mod safety;
 mod sync_cli;
 mod two_way;
