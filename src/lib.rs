@@ -2,6 +2,7 @@
 //! sync with a CRM store in SQLite. The library holds every stage of the flow, one module each;
 //! the binary (`src/main.rs`) only parses the command line and dispatches. See ARCHITECTURE.md.
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod daemon;

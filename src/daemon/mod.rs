@@ -66,7 +66,7 @@ pub enum Event {
     /// The daily reminder run is due (the due time it is for).
     RemindDue(chrono::DateTime<Utc>),
     /// A reminder run or a delivery of pending mail finished.
-    MailFinished(Result<String, String>),
+    MailFinished(Result<(String, bool), String>),
     /// The weekly digest to the manager is due.
     WeeklyDigestDue,
     /// The funnel report file was written (or could not be).
@@ -216,8 +216,16 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             Event::MailFinished(result) => {
                 daemon.mail_busy = false;
                 match result {
-                    Ok(summary) => info!("{summary}"),
-                    Err(message) => error!("reminders: {message}"),
+                    Ok((summary, trouble)) => {
+                        info!("{summary}");
+                        if trouble {
+                            daemon.alert("mail".to_string(), "mail cannot be delivered".to_string(), summary);
+                        }
+                    }
+                    Err(message) => {
+                        error!("reminders: {message}");
+                        daemon.alert("mail".to_string(), "reminders failed".to_string(), message);
+                    }
                 }
             }
             Event::Shutdown => {
@@ -563,14 +571,16 @@ impl Daemon {
                     crate::remind::outbox::run(&mut store, &config, Utc::now(), due, false, false).map_err(|error| error.to_string())
                 })
                 .map(|report| {
-                    format!(
-                        "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} given up",
+                    let summary = format!(
+                        "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} given up; {}",
                         report.n_stalled,
                         report.messages.len(),
                         report.delivery.sent,
                         report.delivery.retrying,
-                        report.delivery.failed
-                    )
+                        report.delivery.failed,
+                        report.delivery.errors.join("; ")
+                    );
+                    (summary, report.delivery.retrying + report.delivery.failed > 0)
                 });
             let _ = sender.send(Event::MailFinished(result));
         });
@@ -632,8 +642,24 @@ impl Daemon {
             let result = Store::open(&config.store.path)
                 .map_err(|error| error.to_string())
                 .and_then(|mut store| crate::report::send_weekly_digest(&mut store, &config, Utc::now()).map_err(|error| error.to_string()))
-                .map(|delivery| format!("weekly digest: {} sent, {} to retry", delivery.sent, delivery.retrying));
+                .map(|delivery| (format!("weekly digest: {} sent, {} to retry", delivery.sent, delivery.retrying), delivery.retrying + delivery.failed > 0));
             let _ = sender.send(Event::MailFinished(result));
+        });
+    }
+
+    /// Emails the admin (rate-limited per key) on a worker thread; never blocks the loop.
+    fn alert(&self, key: String, subject: String, body: String) {
+        if self.config.alerts.is_none() {
+            return;
+        }
+        let config = Arc::clone(&self.config);
+        tokio::task::spawn_blocking(move || {
+            let result = Store::open(&config.store.path)
+                .map_err(|error| error.to_string())
+                .and_then(|mut store| crate::alerts::raise(&mut store, &config, &key, &subject, &body, Utc::now()).map_err(|error| error.to_string()));
+            if let Err(message) = result {
+                warn!("cannot send an alert: {message}");
+            }
         });
     }
 
@@ -653,7 +679,10 @@ impl Daemon {
             let result = Store::open(&config.store.path)
                 .map_err(|error| error.to_string())
                 .and_then(|mut store| crate::remind::outbox::deliver(&mut store, &config, Utc::now(), false).map_err(|error| error.to_string()))
-                .map(|report| format!("mail retry: {} sent, {} to retry, {} given up", report.sent, report.retrying, report.failed));
+                .map(|report| {
+                    let summary = format!("mail retry: {} sent, {} to retry, {} given up; {}", report.sent, report.retrying, report.failed, report.errors.join("; "));
+                    (summary, report.retrying + report.failed > 0)
+                });
             let _ = sender.send(Event::MailFinished(result));
         });
     }
@@ -747,6 +776,7 @@ impl Daemon {
         self.n_in_flight = self.n_in_flight.saturating_sub(1);
         let settle = self.config.watch.settle;
         let max_attempts = self.config.watch.max_attempts;
+        let mut alerts: Vec<(String, String, String)> = Vec::new();
         let Some(tracked) = self.files.get_mut(&path) else { return };
         tracked.in_flight = false;
         tracked.initial = false;
@@ -756,6 +786,7 @@ impl Daemon {
             Ok(report) if report.status == FileStatus::Held => {
                 let message = report.error.clone().unwrap_or_default();
                 error!(file = %file_name, "{message}");
+                alerts.push((format!("held:{file_name}"), format!("{} is held", short_name(&path)), message.clone()));
                 tracked.done = fingerprint;
                 tracked.attempts = 0;
                 (FileState::Held, Some(message))
@@ -788,7 +819,10 @@ impl Daemon {
                         info!(file = %file_name, "{message}");
                         tracked.write_deferred = true;
                     }
-                    sync::WriteBack::Failed(message) => warn!(file = %file_name, "cannot write back: {message}"),
+                    sync::WriteBack::Failed(message) => {
+                        warn!(file = %file_name, "cannot write back: {message}");
+                        alerts.push((format!("write-back:{file_name}"), format!("{} cannot be written back", short_name(&path)), message.clone()));
+                    }
                     sync::WriteBack::Off | sync::WriteBack::UpToDate => {}
                 }
                 (FileState::Ok, None)
@@ -798,6 +832,7 @@ impl Daemon {
                 let message = report.error.clone().unwrap_or_default();
                 if tracked.attempts >= max_attempts {
                     error!(file = %file_name, attempts = tracked.attempts, "cannot read the file; giving up until it changes: {message}");
+                    alerts.push((format!("unreadable:{file_name}"), format!("{} cannot be read", short_name(&path)), message.clone()));
                     tracked.done = fingerprint;
                     (FileState::Failed, Some(message))
                 } else {
@@ -814,6 +849,7 @@ impl Daemon {
             Ok(report) => {
                 let message = report.error.clone().unwrap_or_default();
                 error!(file = %file_name, "cannot sync the file until it changes (nothing applied): {message}");
+                alerts.push((format!("unreadable:{file_name}"), format!("{} cannot be synced", short_name(&path)), message.clone()));
                 tracked.done = fingerprint;
                 tracked.attempts = 0;
                 (FileState::Failed, Some(message))
@@ -859,6 +895,9 @@ impl Daemon {
         }
         self.record_status(&path, &source, state, attempts, retry_at, error_text);
         self.publish_status();
+        for (key, subject, body) in alerts {
+            self.alert(key, subject, body);
+        }
     }
 
     fn record_status(
@@ -944,6 +983,10 @@ impl Daemon {
         systemd::ready();
         self.publish_status();
     }
+}
+
+fn short_name(path: &Path) -> String {
+    path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
 }
 
 /// The wait before retry number `attempts` (1-based): settle, 2×, 4×, … capped.

@@ -239,3 +239,33 @@ fn a_zip_bomb_is_refused() {
     assert_eq!(file["status"], "failed");
     assert!(file["error"].as_str().is_some_and(|error| error.contains("uncompressed")), "{file}");
 }
+
+#[test]
+fn the_admin_is_alerted_once_when_a_file_is_held() {
+    use std::time::Duration;
+    let smtp = crate::harness::SmtpServer::start(0);
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share")).expect("share");
+    sheet_of(10).save(&test.path("share/p.xlsx"));
+    test.config(&format!(
+        "[watch]\nsettle = \"300ms\"\npoll_interval = \"30s\"\n\n[alerts]\nto = \"it@example.com\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"funnelsync@example.com\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n",
+        smtp.port
+    ));
+    let daemon = test.start_daemon();
+    daemon.wait_ready();
+    sheet_of(2).save(&test.path("share/p.xlsx"));
+    crate::harness::wait_until(Duration::from_secs(10), "the alert", || !smtp.to("it@example.com").is_empty());
+    let alert = &smtp.to("it@example.com")[0];
+    assert_eq!(alert.subject(), "funnelsync: p.xlsx is held");
+    assert!(alert.bodies().0.contains("would remove 8 of the 10 rows"), "{}", alert.bodies().0);
+    assert_eq!(n_live(&test), 10);
+    // The same file held again within the hour: no second email.
+    sheet_of(1).save(&test.path("share/p.xlsx"));
+    crate::harness::wait_until(Duration::from_secs(10), "the second hold", || {
+        test.count("SELECT count(*) FROM sync_runs WHERE status = 'held'") >= 2
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(smtp.to("it@example.com").len(), 1, "{}", daemon.log());
+    let status = test.run(&["status"]);
+    assert!(status.stdout.contains("held"), "{}", status.stdout);
+}
