@@ -73,6 +73,22 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
     Ok(files)
 }
 
+/// Removes funnelsync's own temp files (`.~funnelsync-*.tmp`) left in a source's folder by a
+/// write that was killed before its rename. Returns how many were removed.
+pub fn remove_stale_temp_files(source: &SourceConfig) -> usize {
+    let folder = source_folder(source);
+    let Ok(entries) = std::fs::read_dir(&folder) else { return 0 };
+    let mut n_removed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".~funnelsync-") && name.ends_with(".tmp") && std::fs::remove_file(entry.path()).is_ok() {
+            n_removed += 1;
+        }
+    }
+    n_removed
+}
+
 /// The folder a source lives in: where to watch for it.
 pub fn source_folder(source: &SourceConfig) -> PathBuf {
     match &source.path {

@@ -262,6 +262,7 @@ pub fn write(sheet: &SheetData, plan: &SheetPlan, stage_names: &[String], n_back
         return Err(WriteError::Locked { path: path.to_path_buf(), program, lock: lock.display().to_string() });
     }
     let io_error = |source| WriteError::Io { path: path.to_path_buf(), source };
+    let fingerprint_before = crate::watch::fingerprint(path);
     let original = std::fs::read(path).map_err(io_error)?;
     if crate::workbook::hash_bytes(&original) != sheet.content_hash {
         return Err(WriteError::ChangedMeanwhile { path: path.to_path_buf() });
@@ -281,13 +282,13 @@ pub fn write(sheet: &SheetData, plan: &SheetPlan, stage_names: &[String], n_back
         std::fs::set_permissions(temp.path(), metadata.permissions()).map_err(io_error)?;
     }
     temp.as_file().sync_all().map_err(io_error)?;
-    // A save that happened while we built the new content wins; we read it again next time.
-    let now = std::fs::read(path).map_err(io_error)?;
-    if now != original || open_by(path).is_some() {
-        return Err(WriteError::ChangedMeanwhile { path: path.to_path_buf() });
-    }
     if n_backups > 0 {
         keep_backup(path, &original, n_backups).map_err(io_error)?;
+    }
+    // A save that happened while we built the new content wins; we read it again next time. This
+    // is the last look before the rename, and a stat (size, time, inode) so the gap is short.
+    if crate::watch::fingerprint(path) != fingerprint_before || open_by(path).is_some() {
+        return Err(WriteError::ChangedMeanwhile { path: path.to_path_buf() });
     }
     temp.persist(path).map_err(|error| io_error(error.error))?;
     if let Ok(folder_handle) = std::fs::File::open(folder) {

@@ -196,6 +196,12 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         store = %daemon.config.store.path.display(),
         "funnelsync daemon starting"
     );
+    for source in &daemon.config.sources {
+        let n_removed = watch::remove_stale_temp_files(source);
+        if n_removed > 0 {
+            info!(source = %source.name, n_removed, "removed temp files left by an interrupted write");
+        }
+    }
     daemon.rescan(true);
     daemon.start_due_syncs();
     daemon.check_ready();

@@ -344,9 +344,8 @@ pub fn sync_file_with(
             new_rows.extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
         }
     }
-    let mut content_hash = sheet.content_hash.clone();
-
-    if source.write_back && crate::writeback::is_writable(&sheet) {
+    // Plan the write-back while the store is locked, so the plan shows the store as committed.
+    let plan = if source.write_back && crate::writeback::is_writable(&sheet) {
         let outcomes: Vec<RowOutcome> = rows
             .iter()
             .enumerate()
@@ -368,55 +367,26 @@ pub fn sync_file_with(
         let stalled: HashSet<DealId> =
             view.iter().filter(|deal| crate::remind::is_stalled(deal, &config.stages, today)).map(|deal| deal.id).collect();
         let n_columns = sheet.rows.iter().map(|row| row.cells.len()).max().unwrap_or(0);
-        let plan = crate::writeback::plan(&header, n_columns, &outcomes, &view, &stalled);
-        if plan.changed {
-            let stage_names: Vec<String> = config.stages.stages.iter().map(|stage| stage.name.clone()).collect();
-            match crate::writeback::write(&sheet, &plan, &stage_names, source.backups) {
-                Ok(written) => {
-                    report.write_back = WriteBack::Written;
-                    content_hash = written.content_hash;
-                    let skipped_rows: HashMap<u32, DealId> = rows
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, row)| row.has_error)
-                        .filter_map(|(row_idx, row)| row_deals[row_idx].map(|deal_id| (row.row_number, deal_id)))
-                        .collect();
-                    new_rows.clear();
-                    for (planned, row_number) in plan.rows.iter().zip(written.row_numbers) {
-                        let Some(deal_id) = planned.deal_id else { continue };
-                        let was_skipped = planned.origin.is_some_and(|origin| skipped_rows.contains_key(&origin));
-                        if was_skipped {
-                            new_rows.extend(previous_mirror.get(&deal_id).map(|old| MirrorRow { row_number, ..(*old).clone() }));
-                        } else {
-                            new_rows.push(mirror_row(deal_id, row_number, &planned.fields, &planned.extras));
-                        }
-                    }
-                    for removal in &changeset.removals {
-                        if let Removal::Deferred(deal_id) = removal {
-                            new_rows.extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
-                        }
-                    }
-                }
-                Err(error) if error.is_deferred() => report.write_back = WriteBack::Deferred(error.to_string()),
-                Err(error) => report.write_back = WriteBack::Failed(error.to_string()),
-            }
-        } else {
-            report.write_back = WriteBack::UpToDate;
-        }
-    }
+        Some(crate::writeback::plan(&header, n_columns, &outcomes, &view, &stalled))
+    } else {
+        None
+    };
     let _ = &archived_or_deleted;
 
-    let new_mirror = MirrorFile {
+    // First the store and the mirror of the file as it was read commit together; only then is
+    // the file written. New deals' ids are thus committed before any file shows them, and a crash
+    // at any point leaves a mirror that matches what the file holds (or held).
+    let read_mirror = MirrorFile {
         file: file.clone(),
         source: source.name.clone(),
         sheet: sheet.sheet_name.clone(),
-        content_hash,
+        content_hash: sheet.content_hash.clone(),
         header_row: header.row_number,
         headers: header.headers.clone(),
         synced_at: now,
         rows: new_rows,
     };
-    mirror::save(&transaction, &new_mirror, previous.as_ref())?;
+    mirror::save(&transaction, &read_mirror, previous.as_ref())?;
     let counts = &report.counts;
     let changed = counts.created + counts.updated + counts.archived + counts.deleted > 0;
     report.status = if changed { FileStatus::Synced } else { FileStatus::Unchanged };
@@ -428,16 +398,55 @@ pub fn sync_file_with(
         finished_at: Utc::now().max(now),
         status: status_name(report.status).to_string(),
         counts: report.counts.clone(),
-        message: match &report.write_back {
-            WriteBack::Deferred(message) | WriteBack::Failed(message) => Some(message.clone()),
-            _ => None,
-        },
+        message: None,
     })?;
     crm.record_changes(run_id, &applied)?;
     mirror::replace_issues(&transaction, &source.name, &file, Some(&sheet.sheet_name), run_id, &issues, now)?;
     // Read under the write lock, so no other writer's change can hide between it and the commit.
     report.store_version = Some(crm.version()?);
     transaction.commit().map_err(StoreError::from)?;
+
+    if let Some(plan) = plan {
+        if !plan.changed {
+            report.write_back = WriteBack::UpToDate;
+        } else {
+            let stage_names: Vec<String> = config.stages.stages.iter().map(|stage| stage.name.clone()).collect();
+            match crate::writeback::write(&sheet, &plan, &stage_names, source.backups) {
+                Ok(written) => {
+                    report.write_back = WriteBack::Written;
+                    let skipped_rows: HashSet<u32> =
+                        rows.iter().enumerate().filter(|(row_idx, row)| row.has_error && row_deals[*row_idx].is_some()).map(|(_, row)| row.row_number).collect();
+                    let mut written_rows = Vec::with_capacity(plan.rows.len());
+                    for (planned, row_number) in plan.rows.iter().zip(written.row_numbers) {
+                        let Some(deal_id) = planned.deal_id else { continue };
+                        let was_skipped = planned.origin.is_some_and(|origin| skipped_rows.contains(&origin));
+                        if was_skipped {
+                            written_rows.extend(previous_mirror.get(&deal_id).map(|old| MirrorRow { row_number, ..(*old).clone() }));
+                        } else {
+                            written_rows.push(mirror_row(deal_id, row_number, &planned.fields, &planned.extras));
+                        }
+                    }
+                    for removal in &changeset.removals {
+                        if let Removal::Deferred(deal_id) = removal {
+                            written_rows.extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
+                        }
+                    }
+                    let written_mirror = MirrorFile { content_hash: written.content_hash, rows: written_rows, ..read_mirror.clone() };
+                    let transaction = store.transaction()?;
+                    mirror::save(&transaction, &written_mirror, Some(&read_mirror))?;
+                    transaction.commit().map_err(StoreError::from)?;
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    report.write_back = if error.is_deferred() { WriteBack::Deferred(message.clone()) } else { WriteBack::Failed(message.clone()) };
+                    store
+                        .connection()
+                        .execute("UPDATE sync_runs SET message = ?1 WHERE id = ?2", rusqlite::params![message, run_id])
+                        .map_err(StoreError::from)?;
+                }
+            }
+        }
+    }
     report.run_id = Some(run_id);
     report.issues = issues;
     Ok(report)

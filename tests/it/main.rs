@@ -2,6 +2,7 @@
 //! spreadsheets in temp folders and a real SQLite store.
 
 mod config_cli;
+mod crash;
 mod daemon;
 mod funnel;
 mod harness;

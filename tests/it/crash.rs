@@ -1,0 +1,179 @@
+//! Crash consistency: the daemon runs on a folder of workbooks while edits keep coming through
+//! file saves and the CLI, and is killed with SIGKILL at random moments (during reads, store
+//! transactions and write-backs), then restarted. At the end store, mirror and files agree.
+//!
+//! `FUNNELSYNC_CRASH_ROUNDS` sets the number of kill/restart rounds (default 50).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::harness::{read_xlsx, wait_until, TestDir, XlsxBuilder};
+
+/// A small deterministic generator, so a failure can be replayed with the same seed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Saves a workbook the way Excel does: a temp file, then a rename over the original.
+fn save_like_excel(test: &TestDir, name: &str, builder: &XlsxBuilder) {
+    let temp = test.path(&format!("share/{:08X}", std::process::id()));
+    builder.save(&temp);
+    std::fs::rename(&temp, test.path(&format!("share/{name}"))).expect("rename into place");
+}
+
+/// The workbook as a rep would edit it: what the file holds now (with the ids written back), plus
+/// new rows.
+fn edited(test: &TestDir, name: &str, new_companies: &[String], new_stage: Option<(&str, &str)>) -> XlsxBuilder {
+    let current = read_xlsx(&test.path(&format!("share/{name}")), "Pipeline");
+    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&current.values[0].iter().map(String::as_str).collect::<Vec<_>>());
+    for row in &current.values[1..] {
+        let mut row = row.clone();
+        if let Some((company, stage)) = new_stage {
+            if row.first().map(String::as_str) == Some(company) {
+                row[1] = stage.to_string();
+            }
+        }
+        builder = builder.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    let owner = if name.starts_with('a') { "A" } else { "B" };
+    for company in new_companies {
+        builder = builder.row(&[company, "Lead", "1000", owner]);
+    }
+    builder
+}
+
+#[test]
+fn killing_the_daemon_at_any_moment_loses_nothing() {
+    let rounds: u64 = std::env::var("FUNNELSYNC_CRASH_ROUNDS").ok().and_then(|rounds| rounds.parse().ok()).unwrap_or(50);
+    let seed = std::env::var("FUNNELSYNC_CRASH_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or(0x5EED_1234_u64);
+    let mut random = Random(seed);
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share")).expect("share");
+    let files = ["a.xlsx", "b.xlsx"];
+    for (name, owner) in [("a.xlsx", "A"), ("b.xlsx", "B")] {
+        XlsxBuilder::new()
+            .sheet("Pipeline")
+            .row(&["Company", "Stage", "Amount", "Owner"])
+            .row(&[&format!("{name} first"), "Lead", "500", owner])
+            .save(&test.path(&format!("share/{name}")));
+    }
+    // Each file shows its owner's deals, so a rep's edits stay in their file.
+    test.config(
+        "[watch]\nsettle = \"50ms\"\npoll_interval = \"200ms\"\n\n[[sources]]\nname = \"a\"\npath = \"share/a.xlsx\"\nmatch_on = []\nfilter = { owner = \"A\" }\n\n[[sources]]\nname = \"b\"\npath = \"share/b.xlsx\"\nmatch_on = []\nfilter = { owner = \"B\" }\n",
+    );
+    test.sync().assert_code(0);
+
+    let mut added: Vec<(String, &str)> = Vec::new();
+    let mut amounts: HashMap<String, String> = HashMap::new();
+    for round in 0..rounds {
+        let mut daemon = test.start_daemon();
+        // Let it get somewhere: start-up scan, a sync, a write-back, or nothing at all.
+        std::thread::sleep(Duration::from_millis(random.below(150)));
+        // A rep saves a new row (and moves a deal on) in one of the files.
+        let name = files[random.below(2) as usize];
+        let company = format!("{name} round {round}");
+        let move_first = (random.below(2) == 0).then_some((format!("{name} first"), ["Prospect", "Opportunity", "Lead"][random.below(3) as usize]));
+        let builder = edited(&test, name, std::slice::from_ref(&company), move_first.as_ref().map(|(company, stage)| (company.as_str(), *stage)));
+        save_like_excel(&test, name, &builder);
+        added.push((company, name));
+        // Someone changes an amount through the CLI.
+        if random.below(2) == 0 {
+            let deals = test.deals();
+            if let Some(deal) = deals.get(random.below(deals.len() as u64) as usize) {
+                let amount = format!("{}", 1000 + random.below(9000));
+                let id = deal["id"].as_i64().expect("id").to_string();
+                if test.run(&["deals", "set", &id, &format!("amount={amount}")]).code == 0 {
+                    amounts.insert(id, amount);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(random.below(200)));
+        daemon.child.kill().expect("SIGKILL");
+        let _ = daemon.child.wait();
+    }
+
+    // Restart once more and let everything settle.
+    let mut daemon = test.start_daemon();
+    daemon.wait_ready();
+    let missing = || -> Vec<String> {
+        added
+            .iter()
+            .filter(|(company, _)| test.count(&format!("SELECT count(*) FROM deals WHERE company = '{company}' AND archived_at IS NULL")) < 1)
+            .map(|(company, _)| company.clone())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !missing().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let still_missing = missing();
+    if !still_missing.is_empty() {
+        let files: Vec<Vec<String>> = files.iter().map(|name| read_xlsx(&test.path(&format!("share/{name}")), "Pipeline").column("Company")).collect();
+        let history = test.run(&["history", "--limit", "400"]).stdout;
+        panic!("missing {still_missing:?}\nfiles: {files:?}\nhistory:\n{history}\nlog:\n{}", daemon.log());
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(Duration::from_secs(10)), Some(0), "{}", daemon.log());
+
+    // No temp file is left behind.
+    let leftovers: Vec<String> = std::fs::read_dir(test.path("share"))
+        .expect("share")
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp") || name.starts_with(".~funnelsync"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+
+    // Every edit made it, once.
+    for (company, _) in &added {
+        assert_eq!(
+            test.count(&format!("SELECT count(*) FROM deals WHERE company = '{company}'")),
+            1,
+            "{company} is in the store exactly once"
+        );
+    }
+    for name in files {
+        let first = format!("{name} first");
+        assert_eq!(test.count(&format!("SELECT count(*) FROM deals WHERE company = '{first}'")), 1);
+    }
+    let n_deals = test.count("SELECT count(*) FROM deals");
+    assert_eq!(n_deals as usize, added.len() + files.len(), "no duplicated deals");
+    assert!(!amounts.is_empty(), "the CLI edited some deals");
+
+    // Files are whole, and a final sync finds store, mirror and files in agreement.
+    let report = test.sync();
+    report.assert_code(0);
+    let report = report.json();
+    for file in report["files"].as_array().expect("files") {
+        assert_eq!(file["status"], "unchanged", "{file}");
+        assert_eq!(file["counts"]["created"], 0, "{file}");
+    }
+    for name in files {
+        let sheet = read_xlsx(&test.path(&format!("share/{name}")), "Pipeline");
+        let companies = sheet.column("Company");
+        for (company, file) in &added {
+            if *file == name {
+                assert!(companies.contains(company), "{company} is still in {name}");
+            }
+        }
+        let ids = sheet.column("CRM ID");
+        assert!(ids.iter().all(|id| !id.is_empty()), "every row of {name} carries its id: {ids:?}");
+        // The file and the store agree on every amount, the CLI's changes included.
+        for (id, amount) in ids.iter().zip(sheet.column("Amount")) {
+            let stored = test.deals().into_iter().find(|deal| deal["id"].to_string() == *id).map(|deal| deal["amount"].to_string());
+            assert_eq!(stored.as_deref().map(|text| text.trim_end_matches(".0").to_string()), Some(amount.clone()), "deal {id} in {name}");
+        }
+    }
+}
