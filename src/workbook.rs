@@ -556,6 +556,33 @@ pub mod csv_reader {
             assert_eq!(rows[2].cells[1], Cell::Text("成交".to_string()));
         }
 
+        proptest::proptest! {
+            /// Any bytes at all: a CSV reader result or an error, never a panic.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+                let _ = read(Path::new("x.csv"), &bytes, CsvEncoding::Auto);
+                let _ = read(Path::new("x.csv"), &bytes, CsvEncoding::Fixed(encoding_rs::SHIFT_JIS));
+            }
+
+            /// Text that is a valid CSV keeps its cells.
+            #[test]
+            fn cells_survive_quoting(cells in proptest::collection::vec("[a-zA-Z0-9 ,;\"éü中]{1,8}", 2..5)) {
+                let mut writer = csv::Writer::from_writer(Vec::new());
+                writer.write_record(["Company", "Stage", "A", "B", "C"].iter().take(cells.len())).expect("write");
+                writer.write_record(&cells).expect("write");
+                let bytes = writer.into_inner().expect("bytes");
+                let (rows, _) = read(Path::new("x.csv"), &bytes, CsvEncoding::Auto).expect("reads");
+                let expected: Vec<Cell> = cells.iter().map(|cell| if cell.trim().is_empty() { Cell::Empty } else { Cell::Text(cell.clone()) }).collect();
+                let mut expected = expected;
+                while expected.last().is_some_and(Cell::is_empty) {
+                    expected.pop();
+                }
+                if !expected.is_empty() {
+                    proptest::prop_assert_eq!(&rows[1].cells, &expected);
+                }
+            }
+        }
+
         #[test]
         fn bom_is_remembered() {
             let bytes = b"\xEF\xBB\xBFCompany;Stage\r\nAcme;Lead\r\n";

@@ -454,6 +454,10 @@ mod tests {
         assert_eq!(deal_id(&text_cell("0")), None);
     }
 
+    fn text_value(cell: &Cell) -> Cleaned<FieldValue> {
+        text(cell)
+    }
+
     proptest::proptest! {
         /// Cleaning never panics, whatever a rep typed.
         #[test]
@@ -466,6 +470,27 @@ mod tests {
             let _ = email(&cell);
             let _ = currency(&cell);
             let _ = deal_id(&cell);
+        }
+
+        /// Cleaning what cleaning produced gives the same value: a value written back into a
+        /// sheet and read again does not drift.
+        #[test]
+        fn cleaning_is_idempotent(text in "\\PC{0,30}") {
+            let cell = Cell::Text(text);
+            if let Ok((value, _)) = amount(&cell) {
+                let again = amount(&Cell::Text(crate::deal::format_amount(value))).map(|(again, _)| again);
+                proptest::prop_assert_eq!(again, Ok(value));
+            }
+            for order in [DateOrder::YearMonthDay, DateOrder::DayMonthYear, DateOrder::MonthDayYear] {
+                if let Ok(day) = date(&cell, order) {
+                    proptest::prop_assert_eq!(date(&Cell::Text(day.format("%Y-%m-%d").to_string()), order), Ok(day));
+                }
+            }
+            for clean in [email, phone, currency, text_value] {
+                if let Ok(value) = clean(&cell) {
+                    proptest::prop_assert_eq!(clean(&Cell::Text(value.to_string())), Ok(value));
+                }
+            }
         }
 
         #[test]
