@@ -269,3 +269,26 @@ fn the_admin_is_alerted_once_when_a_file_is_held() {
     let status = test.run(&["status"]);
     assert!(status.stdout.contains("held"), "{}", status.stdout);
 }
+
+#[test]
+fn merged_header_cells_and_hidden_rows_have_defined_behaviour() {
+    let test = TestDir::new();
+    let mut workbook = rust_xlsxwriter::Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    // "Company" merged over A1:B1: its text is in A1 only.
+    sheet.merge_range(0, 0, 0, 1, "Company", &rust_xlsxwriter::Format::new()).expect("merge");
+    sheet.write_string(0, 2, "Stage").expect("write");
+    for (row, company) in [(1, "Acme"), (2, "Hidden Co")] {
+        sheet.write_string(row, 0, company).expect("write");
+        sheet.write_string(row, 1, "second half").expect("write");
+        sheet.write_string(row, 2, "Lead").expect("write");
+    }
+    sheet.set_row_hidden(2).expect("hide");
+    workbook.save(test.path("p.xlsx")).expect("save");
+    test.single_source("p.xlsx", "write_back = false");
+    test.sync().assert_code(0);
+    let hidden = test.deal_by("company", "Hidden Co");
+    assert_eq!(hidden["stage"], "Lead", "hidden rows are read like visible ones");
+    assert_eq!(hidden["extra"], json!({ "Column B": "second half" }), "the merged part's data is kept by column letter");
+}
