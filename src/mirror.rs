@@ -36,7 +36,32 @@ pub struct MirrorFile {
     pub header_row: u32,
     pub headers: Vec<String>,
     pub synced_at: DateTime<Utc>,
+    /// A hash of the source's settings at that sync.
+    pub config_hash: String,
+    /// The store's change counter as that sync left it.
+    pub store_version: Option<i64>,
     pub rows: Vec<MirrorRow>,
+}
+
+/// The parts of a file's mirror that decide whether a sync can be skipped, without its rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorSummary {
+    pub content_hash: String,
+    pub config_hash: Option<String>,
+    pub store_version: Option<i64>,
+    pub n_rows: u64,
+}
+
+pub fn summary(connection: &Connection, file: &str) -> Result<Option<MirrorSummary>, StoreError> {
+    Ok(connection
+        .prepare_cached(
+            "SELECT content_hash, config_hash, store_version, (SELECT count(*) FROM mirror_rows WHERE mirror_rows.file = mirror_files.file) \
+             FROM mirror_files WHERE file = ?1",
+        )?
+        .query_row([file], |row| {
+            Ok(MirrorSummary { content_hash: row.get(0)?, config_hash: row.get(1)?, store_version: row.get(2)?, n_rows: row.get::<_, i64>(3)?.max(0) as u64 })
+        })
+        .optional()?)
 }
 
 /// A row error as stored, with its context.
@@ -66,7 +91,9 @@ fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
 
 pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, StoreError> {
     let header = connection
-        .prepare_cached("SELECT source, sheet, content_hash, header_row, headers, synced_at FROM mirror_files WHERE file = ?1")?
+        .prepare_cached(
+            "SELECT source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version FROM mirror_files WHERE file = ?1",
+        )?
         .query_row([file], |row| {
             Ok((
                 row.get::<_, String>(0)?,
@@ -75,10 +102,12 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
                 row.get::<_, u32>(3)?,
                 row.get::<_, String>(4)?,
                 row.get::<_, String>(5)?,
+                row.get::<_, Option<String>>(6)?,
+                row.get::<_, Option<i64>>(7)?,
             ))
         })
         .optional()?;
-    let Some((source, sheet, content_hash, header_row, headers, synced_at)) = header else {
+    let Some((source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version)) = header else {
         return Ok(None);
     };
     let mut statement = connection
@@ -105,6 +134,8 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
         header_row,
         headers: serde_json::from_str(&headers).map_err(|error| corrupt("mirror headers", error))?,
         synced_at: parse_timestamp(&synced_at)?,
+        config_hash: config_hash.unwrap_or_default(),
+        store_version,
         rows,
     }))
 }
@@ -115,11 +146,22 @@ pub fn save(connection: &Connection, new: &MirrorFile, previous: Option<&MirrorF
     let headers = serde_json::to_string(&new.headers).map_err(|error| corrupt("mirror headers", error))?;
     connection
         .prepare_cached(
-            "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-             ON CONFLICT(file) DO UPDATE SET source = ?2, sheet = ?3, content_hash = ?4, header_row = ?5, headers = ?6, synced_at = ?7",
+            "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT(file) DO UPDATE SET source = ?2, sheet = ?3, content_hash = ?4, header_row = ?5, headers = ?6, synced_at = ?7, \
+             config_hash = ?8, store_version = ?9",
         )?
-        .execute(params![new.file, new.source, new.sheet, new.content_hash, new.header_row, headers, timestamp(new.synced_at)])?;
+        .execute(params![
+            new.file,
+            new.source,
+            new.sheet,
+            new.content_hash,
+            new.header_row,
+            headers,
+            timestamp(new.synced_at),
+            new.config_hash,
+            new.store_version
+        ])?;
     let old_rows: HashMap<DealId, &MirrorRow> =
         previous.map(|previous| previous.rows.iter().map(|row| (row.deal_id, row)).collect()).unwrap_or_default();
     let mut n_written = 0;

@@ -214,6 +214,11 @@ CREATE TABLE alerts (
     at      TEXT NOT NULL
 );
 CREATE INDEX alerts_key ON alerts(key, at);
+"#, r#"
+-- What a file's last sync depended on besides its content: the source's settings and, for files
+-- that write back, the store's change counter. Equal content and equal both: nothing to do.
+ALTER TABLE mirror_files ADD COLUMN config_hash TEXT;
+ALTER TABLE mirror_files ADD COLUMN store_version INTEGER;
 "#];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {

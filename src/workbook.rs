@@ -156,13 +156,33 @@ pub fn read_sheet(
     csv_encoding: crate::config::CsvEncoding,
     limits: &crate::config::Limits,
 ) -> Result<SheetData, WorkbookError> {
-    let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported { path: path.to_path_buf() })?;
-    let over = |what: String, limit: String| WorkbookError::OverLimit { path: path.to_path_buf(), what, limit };
+    let bytes = read_bytes(path, limits)?;
+    parse_sheet(path, bytes, sheet, csv_encoding, limits)
+}
+
+/// A file's bytes, refused beyond `max_file_mb`.
+pub fn read_bytes(path: &Path, limits: &crate::config::Limits) -> Result<Vec<u8>, WorkbookError> {
     let size = std::fs::metadata(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })?.len();
     if size > limits.max_file_bytes {
-        return Err(over(format!("the file size ({} MB)", size >> 20), format!("{} MB", limits.max_file_bytes >> 20)));
+        return Err(WorkbookError::OverLimit {
+            path: path.to_path_buf(),
+            what: format!("the file size ({} MB)", size >> 20),
+            limit: format!("{} MB", limits.max_file_bytes >> 20),
+        });
     }
-    let bytes = std::fs::read(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })?;
+    std::fs::read(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })
+}
+
+/// Parses a file's bytes (from [`read_bytes`]) into the managed sheet.
+pub fn parse_sheet(
+    path: &Path,
+    bytes: Vec<u8>,
+    sheet: Option<&str>,
+    csv_encoding: crate::config::CsvEncoding,
+    limits: &crate::config::Limits,
+) -> Result<SheetData, WorkbookError> {
+    let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported { path: path.to_path_buf() })?;
+    let over = |what: String, limit: String| WorkbookError::OverLimit { path: path.to_path_buf(), what, limit };
     if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
         // A zip bomb: a small file that unpacks to gigabytes. The sizes its directory declares are
         // summed before anything is unpacked.

@@ -125,8 +125,28 @@ pub fn sync_file_with(
 
     // A file synced before whose sheet or header is now gone is held, not just failed: that is
     // how "all rows deleted" would look, and someone should look.
-    let synced_before = mirror::load(store.connection(), &file)?.is_some_and(|previous| !previous.rows.is_empty());
-    let sheet = match workbook::read_sheet(path, source.sheet.as_deref(), source.encoding, &config.limits) {
+    let summary = mirror::summary(store.connection(), &file)?;
+    let synced_before = summary.as_ref().is_some_and(|summary| summary.n_rows > 0);
+    let bytes = match workbook::read_bytes(path, &config.limits) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            report.retryable = error.is_retryable();
+            return fail(store, report, error.to_string(), now);
+        }
+    };
+    // The same bytes, the same settings and (for a file that writes back) the same store as at
+    // the last sync: nothing can have changed, and nothing is parsed.
+    let config_hash = source_fingerprint(config, source);
+    if let Some(summary) = &summary {
+        let same_store = !source.write_back || summary.store_version == Some(store.crm().version()?);
+        if !force && summary.content_hash == workbook::hash_bytes(&bytes) && summary.config_hash.as_deref() == Some(config_hash.as_str()) && same_store {
+            if source.write_back && workbook::format_of(path).is_some_and(|format| matches!(format, workbook::FileFormat::Xlsx | workbook::FileFormat::Csv)) {
+                report.write_back = WriteBack::UpToDate;
+            }
+            return unchanged(store, report, summary, now);
+        }
+    }
+    let sheet = match workbook::parse_sheet(path, bytes, source.sheet.as_deref(), source.encoding, &config.limits) {
         Ok(sheet) => sheet,
         Err(error @ (workbook::WorkbookError::SheetNotFound { .. } | workbook::WorkbookError::NoVisibleSheet { .. })) if synced_before => {
             return hold(store, report, format!("held: {error}; nothing was applied"), now);
@@ -384,9 +404,10 @@ pub fn sync_file_with(
         header_row: header.row_number,
         headers: header.headers.clone(),
         synced_at: now,
+        config_hash,
+        store_version: None,
         rows: new_rows,
     };
-    mirror::save(&transaction, &read_mirror, previous.as_ref())?;
     let counts = &report.counts;
     let changed = counts.created + counts.updated + counts.archived + counts.deleted > 0;
     report.status = if changed { FileStatus::Synced } else { FileStatus::Unchanged };
@@ -403,7 +424,10 @@ pub fn sync_file_with(
     crm.record_changes(run_id, &applied)?;
     mirror::replace_issues(&transaction, &source.name, &file, Some(&sheet.sheet_name), run_id, &issues, now)?;
     // Read under the write lock, so no other writer's change can hide between it and the commit.
-    report.store_version = Some(crm.version()?);
+    let store_version = crm.version()?;
+    report.store_version = Some(store_version);
+    let read_mirror = MirrorFile { store_version: Some(store_version), ..read_mirror };
+    mirror::save(&transaction, &read_mirror, previous.as_ref())?;
     transaction.commit().map_err(StoreError::from)?;
 
     if let Some(plan) = plan {
@@ -443,12 +467,44 @@ pub fn sync_file_with(
                         .connection()
                         .execute("UPDATE sync_runs SET message = ?1 WHERE id = ?2", rusqlite::params![message, run_id])
                         .map_err(StoreError::from)?;
+                    // The file does not show the store yet: the next sync must not skip it.
+                    store
+                        .connection()
+                        .execute("UPDATE mirror_files SET store_version = NULL WHERE file = ?1", [&file])
+                        .map_err(StoreError::from)?;
                 }
             }
         }
     }
     report.run_id = Some(run_id);
     report.issues = issues;
+    Ok(report)
+}
+
+/// A hash of everything in the config that decides how a file is read and merged.
+fn source_fingerprint(config: &Config, source: &SourceConfig) -> String {
+    workbook::hash_bytes(format!("{source:?}{:?}", config.stages.stages).as_bytes())
+}
+
+/// Records a run that found the file exactly as last synced, without reading its rows.
+fn unchanged(store: &mut Store, mut report: FileReport, summary: &mirror::MirrorSummary, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+    let transaction = store.transaction()?;
+    let crm = SqliteCrm::new(&transaction);
+    report.counts.unchanged = summary.n_rows;
+    let run_id = crm.record_run(&SyncRun {
+        id: 0,
+        source: report.source.clone(),
+        file: report.file.clone(),
+        started_at: now,
+        finished_at: Utc::now().max(now),
+        status: status_name(FileStatus::Unchanged).to_string(),
+        counts: report.counts.clone(),
+        message: Some("content unchanged since the last sync".to_string()),
+    })?;
+    report.store_version = Some(crm.version()?);
+    transaction.commit().map_err(StoreError::from)?;
+    report.status = FileStatus::Unchanged;
+    report.run_id = Some(run_id);
     Ok(report)
 }
 

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::harness::{read_xlsx, wait_until, TestDir, XlsxBuilder};
+use crate::harness::{read_xlsx, TestDir, XlsxBuilder};
 
 /// A small deterministic generator, so a failure can be replayed with the same seed.
 struct Random(u64);
