@@ -476,3 +476,25 @@ fn the_demo_config_syncs_the_demo_folder() {
     assert_eq!(file_report(&report, "leads.csv")["counts"]["updated"], 1, "one lead is already in the pipeline");
     assert!(test.path("target/demo/crm.db").is_file(), "the store lives where demo.toml says");
 }
+
+#[test]
+fn an_unchanged_file_is_recognised_by_its_content_and_settings() {
+    let test = TestDir::new();
+    pipeline(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice", "x"]]).save(&test.path("p.xlsx"));
+    test.single_source("p.xlsx", "write_back = false");
+    test.sync().assert_code(0);
+    // Same bytes, new modification time: the rows are not even parsed.
+    let bytes = std::fs::read(test.path("p.xlsx")).expect("read");
+    test.write("p.xlsx", &bytes);
+    test.sync().assert_code(0);
+    let message: Option<String> =
+        test.store().query_row("SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1", [], |row| row.get(0)).expect("run");
+    assert_eq!(message.as_deref(), Some("content unchanged since the last sync"));
+    // New settings (another alias for a column) mean a full read even of the same bytes.
+    test.single_source("p.xlsx", "write_back = false\n[sources.columns]\nnext_step = [\"Notes\"]");
+    test.sync().assert_code(0);
+    let message: Option<String> =
+        test.store().query_row("SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1", [], |row| row.get(0)).expect("run");
+    assert_eq!(message, None, "a full sync");
+    assert_eq!(test.deal_by("company", "Acme")["next_step"], "x", "the Notes column now maps to next_step");
+}
