@@ -401,6 +401,9 @@ pub trait CrmStore {
     /// The deal whose field holds exactly this cleaned value, preferring live deals over archived
     /// ones and older over newer.
     fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError>;
+    /// For many values of one field at once: the deal holding each (live before archived, older
+    /// before newer), keyed by the value's text.
+    fn find_ids_by_values(&self, field: Field, values: &[FieldValue]) -> Result<HashMap<String, DealId>, StoreError>;
     fn create_deal(&self, fields: &FieldMap, extra: &ExtraMap, origin: &str, now: DateTime<Utc>) -> Result<DealId, StoreError>;
     /// Sets the given fields (`None` clears one) and extra keys (`None` removes one).
     fn update_deal(
@@ -549,6 +552,34 @@ impl CrmStore for SqliteCrm<'_> {
         );
         let value = to_sql(Some(value));
         Ok(self.query_deals(&sql, &[&value])?.into_iter().next())
+    }
+
+    fn find_ids_by_values(&self, field: Field, values: &[FieldValue]) -> Result<HashMap<String, DealId>, StoreError> {
+        let mut found = HashMap::new();
+        for chunk in values.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            // Column names come from the closed Field enum, never from input.
+            let sql = format!(
+                "SELECT id, {column} FROM deals WHERE {column} IN ({placeholders}) ORDER BY archived_at IS NOT NULL, id",
+                column = field.name()
+            );
+            let parameters: Vec<rusqlite::types::Value> = chunk.iter().map(|value| to_sql(Some(value))).collect();
+            let mut statement = self.connection.prepare(&sql)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(parameters.iter()), |row| {
+                Ok((row.get::<_, DealId>(0)?, row.get::<_, rusqlite::types::Value>(1)?))
+            })?;
+            for row in rows {
+                let (id, value) = row?;
+                let text = match value {
+                    rusqlite::types::Value::Text(text) => text,
+                    rusqlite::types::Value::Real(number) => FieldValue::Amount(number).to_string(),
+                    rusqlite::types::Value::Integer(number) => FieldValue::Amount(number as f64).to_string(),
+                    _ => continue,
+                };
+                found.entry(text).or_insert(id);
+            }
+        }
+        Ok(found)
     }
 
     fn create_deal(&self, fields: &FieldMap, extra: &ExtraMap, origin: &str, now: DateTime<Utc>) -> Result<DealId, StoreError> {

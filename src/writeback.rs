@@ -489,6 +489,11 @@ mod xlsx {
         // Data rows keep their positions when the sheet has formulas below the header (moving a
         // row would break its references); otherwise they are packed.
         let has_formulas = formulas.keys().any(|(row, _)| *row > header_idx);
+        // The columns each row has cells in, found once rather than per row.
+        let mut columns_of_row: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (row, column) in values.keys().chain(formulas.keys()) {
+            columns_of_row.entry(*row).or_default().push(*column as usize);
+        }
         let mut next_row = header_idx + 1;
         let mut row_numbers = Vec::with_capacity(plan.rows.len());
         let last_origin = plan.rows.iter().filter_map(|row| row.origin).max().unwrap_or(plan.header_row_number);
@@ -509,8 +514,8 @@ mod xlsx {
             };
             row_numbers.push(row_idx + 1);
             let mut columns: Vec<usize> = planned.overrides.keys().copied().collect();
-            if let Some(origin) = planned.origin {
-                columns.extend(values.keys().chain(formulas.keys()).filter(|(row, _)| *row == origin - 1).map(|(_, column)| *column as usize));
+            if let Some(columns_there) = planned.origin.and_then(|origin| columns_of_row.get(&(origin - 1))) {
+                columns.extend(columns_there.iter().copied());
             }
             if planned.stalled {
                 columns.extend(0..plan.headers.len());
@@ -643,8 +648,9 @@ mod csv_out {
             .collect();
         writer.write_record(&headers).map_err(csv_error)?;
         row_number += 1;
+        let by_number: std::collections::HashMap<u32, &crate::workbook::SheetRow> = sheet.rows.iter().map(|row| (row.row_number, row)).collect();
         for planned in &plan.rows {
-            let original = planned.origin.and_then(|origin| sheet.rows.iter().find(|row| row.row_number == origin));
+            let original = planned.origin.and_then(|origin| by_number.get(&origin).copied());
             let n_columns = original.map(|row| row.cells.len()).unwrap_or(0).max(planned.overrides.keys().max().map(|max| max + 1).unwrap_or(0));
             let mut record = Vec::with_capacity(n_columns);
             for column_idx in 0..n_columns {

@@ -180,14 +180,19 @@ pub fn sync_file_with(
     let mut natural_matches = HashMap::new();
     let mut wanted_ids: Vec<DealId> = rows.iter().filter_map(|row| row.id).collect();
     wanted_ids.extend(mirror_rows.iter().map(|row| row.deal_id));
+    // Natural-key lookups in batches, one query per 500 values rather than one per row.
+    let mut by_field: HashMap<crate::deal::Field, Vec<FieldValue>> = HashMap::new();
     for key in diff::lookups_needed(&rows, mirror_rows, &source.match_on) {
         let value = match key.0.kind() {
             crate::deal::FieldKind::Amount => key.1.parse::<f64>().map(FieldValue::Amount).unwrap_or(FieldValue::Text(key.1.clone())),
             _ => FieldValue::Text(key.1.clone()),
         };
-        if let Some(deal) = crm.find_by_field(key.0, &value)? {
-            wanted_ids.push(deal.id);
-            natural_matches.insert(key, deal.id);
+        by_field.entry(key.0).or_default().push(value);
+    }
+    for (field, values) in by_field {
+        for (text, deal_id) in crm.find_ids_by_values(field, &values)? {
+            wanted_ids.push(deal_id);
+            natural_matches.insert((field, text), deal_id);
         }
     }
     wanted_ids.sort_unstable();
