@@ -401,6 +401,8 @@ pub trait CrmStore {
     /// The deal whose field holds exactly this cleaned value, preferring live deals over archived
     /// ones and older over newer.
     fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError>;
+    /// Ids of live deals last changed before `since` (strictly: a change in the same instant counts as after).
+    fn live_ids_unchanged_since(&self, since: DateTime<Utc>) -> Result<std::collections::HashSet<DealId>, StoreError>;
     /// For many values of one field at once: the deal holding each (live before archived, older
     /// before newer), keyed by the value's text.
     fn find_ids_by_values(&self, field: Field, values: &[FieldValue]) -> Result<HashMap<String, DealId>, StoreError>;
@@ -552,6 +554,16 @@ impl CrmStore for SqliteCrm<'_> {
         );
         let value = to_sql(Some(value));
         Ok(self.query_deals(&sql, &[&value])?.into_iter().next())
+    }
+
+    fn live_ids_unchanged_since(&self, since: DateTime<Utc>) -> Result<std::collections::HashSet<DealId>, StoreError> {
+        let mut statement = self.connection.prepare_cached("SELECT id FROM deals WHERE archived_at IS NULL AND updated_at < ?1")?;
+        let rows = statement.query_map([timestamp(since)], |row| row.get::<_, DealId>(0))?;
+        let mut ids = std::collections::HashSet::new();
+        for row in rows {
+            ids.insert(row?);
+        }
+        Ok(ids)
     }
 
     fn find_ids_by_values(&self, field: Field, values: &[FieldValue]) -> Result<HashMap<String, DealId>, StoreError> {

@@ -197,9 +197,39 @@ pub fn sync_file_with(
     }
     wanted_ids.sort_unstable();
     wanted_ids.dedup();
-    let deals = crm.deals_by_ids(&wanted_ids)?;
-    let mirror_ids: Vec<DealId> = mirror_rows.iter().map(|row| row.deal_id).collect();
-    let deals_in_other_files = deals_in_other_files(&transaction, &file, &mirror_ids)?;
+
+    // Quiet rows: a mirror row the sheet still holds unchanged, whose deal has not changed since
+    // that sync. For those the merge can only conclude "unchanged", so their deals need not be
+    // loaded: the mirror stands in for them. (Not when the last write-back is still owed.)
+    let row_hashes: HashSet<String> = rows.iter().map(|row| mirror::row_hash(&row.fields, &row.extras)).collect();
+    let mut quiet: HashMap<DealId, Deal> = HashMap::new();
+    if let Some(previous) = previous.as_ref().filter(|previous| !source.write_back || previous.store_version.is_some()) {
+        let live = crm.live_ids_unchanged_since(previous.synced_at)?;
+        let forced_by_rows: HashSet<DealId> = rows.iter().filter_map(|row| row.id).collect();
+        for mirror_row in mirror_rows {
+            if row_hashes.contains(&mirror_row.row_hash) && live.contains(&mirror_row.deal_id) && !forced_by_rows.contains(&mirror_row.deal_id) {
+                quiet.insert(
+                    mirror_row.deal_id,
+                    Deal {
+                        id: mirror_row.deal_id,
+                        fields: mirror_row.fields.clone(),
+                        extra: mirror_row.extras.clone(),
+                        created_at: previous.synced_at,
+                        updated_at: previous.synced_at,
+                        stage_entered_at: None,
+                        archived_at: None,
+                    },
+                );
+            }
+        }
+    }
+    wanted_ids.retain(|deal_id| !quiet.contains_key(deal_id));
+    let mut deals = crm.deals_by_ids(&wanted_ids)?;
+    deals.extend(quiet);
+    // Only mirror rows the sheet no longer holds as they were can be removals.
+    let removal_candidates: Vec<DealId> =
+        mirror_rows.iter().filter(|mirror_row| !row_hashes.contains(&mirror_row.row_hash)).map(|row| row.deal_id).collect();
+    let deals_in_other_files = deals_in_other_files(&transaction, &file, &removal_candidates)?;
 
     let (changeset, diff_issues) = diff::diff(&DiffInput {
         rows: &rows,
