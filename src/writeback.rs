@@ -285,12 +285,26 @@ pub fn write(sheet: &SheetData, plan: &SheetPlan, stage_names: &[String], n_back
     if n_backups > 0 {
         keep_backup(path, &original, n_backups).map_err(io_error)?;
     }
-    // A save that happened while we built the new content wins; we read it again next time. This
-    // is the last look before the rename, and a stat (size, time, inode) so the gap is short.
+    // A save that happened while we built the new content wins; we read it again next time.
     if crate::watch::fingerprint(path) != fingerprint_before || open_by(path).is_some() {
         return Err(WriteError::ChangedMeanwhile { path: path.to_path_buf() });
     }
-    temp.persist(path).map_err(|error| io_error(error.error))?;
+    // Swap the new file in atomically and look at what came out: if it is not the file we read
+    // (someone saved in the last instant), swap back, so their save is never lost. Where the file
+    // system cannot exchange (network shares), a plain rename is the fallback.
+    let temp_path = temp.into_temp_path();
+    match rustix::fs::renameat_with(rustix::fs::CWD, &*temp_path, rustix::fs::CWD, path, rustix::fs::RenameFlags::EXCHANGE) {
+        Ok(()) => {
+            if crate::watch::fingerprint(&temp_path) != fingerprint_before {
+                let _ = rustix::fs::renameat_with(rustix::fs::CWD, &*temp_path, rustix::fs::CWD, path, rustix::fs::RenameFlags::EXCHANGE);
+                return Err(WriteError::ChangedMeanwhile { path: path.to_path_buf() });
+            }
+            // The old version, now at the temp path, is removed when `temp_path` is dropped.
+        }
+        Err(_) => {
+            temp_path.persist(path).map_err(|error| io_error(error.error))?;
+        }
+    }
     if let Ok(folder_handle) = std::fs::File::open(folder) {
         let _ = folder_handle.sync_all();
     }

@@ -461,7 +461,10 @@ pub fn sync_file_with(
     // Read under the write lock, so no other writer's change can hide between it and the commit.
     let store_version = crm.version()?;
     report.store_version = Some(store_version);
-    let read_mirror = MirrorFile { store_version: Some(store_version), ..read_mirror };
+    // The mirror claims "shows the store as of this version" only once nothing is left to write:
+    // a crash before the write-back below must not let the next sync skip the file.
+    let write_pending = plan.as_ref().is_some_and(|plan| plan.changed);
+    let read_mirror = MirrorFile { store_version: (!write_pending).then_some(store_version), ..read_mirror };
     mirror::save(&transaction, &read_mirror, previous.as_ref())?;
     transaction.commit().map_err(StoreError::from)?;
 
@@ -490,7 +493,12 @@ pub fn sync_file_with(
                             written_rows.extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
                         }
                     }
-                    let written_mirror = MirrorFile { content_hash: written.content_hash, rows: written_rows, ..read_mirror.clone() };
+                    let written_mirror = MirrorFile {
+                        content_hash: written.content_hash,
+                        rows: written_rows,
+                        store_version: Some(store_version),
+                        ..read_mirror.clone()
+                    };
                     let transaction = store.transaction()?;
                     mirror::save(&transaction, &written_mirror, Some(&read_mirror))?;
                     transaction.commit().map_err(StoreError::from)?;
