@@ -556,24 +556,8 @@ fn change_record(deal_id: DealId, kind: ChangeKind, field: Option<String>, old_v
 }
 
 /// Records a held run (nothing applied) and returns the held report.
-fn hold(store: &mut Store, mut report: FileReport, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
-    let transaction = store.transaction()?;
-    let crm = SqliteCrm::new(&transaction);
-    let run_id = crm.record_run(&SyncRun {
-        id: 0,
-        source: report.source.clone(),
-        file: report.file.clone(),
-        started_at: now,
-        finished_at: Utc::now().max(now),
-        status: status_name(FileStatus::Held).to_string(),
-        counts: RunCounts::default(),
-        message: Some(message.clone()),
-    })?;
-    transaction.commit().map_err(StoreError::from)?;
-    report.status = FileStatus::Held;
-    report.error = Some(message);
-    report.run_id = Some(run_id);
-    Ok(report)
+fn hold(store: &mut Store, report: FileReport, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+    end_without_applying(store, report, FileStatus::Held, message, now)
 }
 
 fn quoted(value: &Option<FieldValue>) -> String {
@@ -597,7 +581,12 @@ fn status_name(status: FileStatus) -> &'static str {
 }
 
 /// Records a run that applied nothing, with the reason, and returns the failed report.
-fn fail(store: &mut Store, mut report: FileReport, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+fn fail(store: &mut Store, report: FileReport, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+    end_without_applying(store, report, FileStatus::Failed, message, now)
+}
+
+/// Records a run that applied nothing (failed or held), with the reason.
+fn end_without_applying(store: &mut Store, mut report: FileReport, status: FileStatus, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     let run_id = crm.record_run(&SyncRun {
@@ -606,12 +595,12 @@ fn fail(store: &mut Store, mut report: FileReport, message: String, now: DateTim
         file: report.file.clone(),
         started_at: now,
         finished_at: Utc::now().max(now),
-        status: status_name(FileStatus::Failed).to_string(),
+        status: status_name(status).to_string(),
         counts: RunCounts::default(),
         message: Some(message.clone()),
     })?;
     transaction.commit().map_err(StoreError::from)?;
-    report.status = FileStatus::Failed;
+    report.status = status;
     report.error = Some(message);
     report.run_id = Some(run_id);
     Ok(report)
