@@ -344,7 +344,7 @@ mod xlsx {
     use super::{OutCell, SheetPlan, WriteError};
     use crate::mapping::ColumnRole;
     use crate::workbook::SheetData;
-    use calamine::{Data, Reader};
+    use calamine::{Data, DataRef, Reader};
     use rust_xlsxwriter::{Color, DataValidation, DataValidationErrorStyle, ExcelDateTime, Format, Formula, Workbook, Worksheet};
     use std::collections::HashMap;
     use std::io::Cursor;
@@ -356,20 +356,30 @@ mod xlsx {
         WriteError::Build { path: sheet.path.clone(), message: message.to_string() }
     }
 
-    /// Reads every cell value and formula of a sheet, by absolute (row, column).
+    /// Reads every cell value and formula of a sheet, by absolute (row, column), streaming: memory
+    /// follows the cells present, not the sheet's dimension.
     fn read_cells(workbook: &mut calamine::Xlsx<Cursor<&[u8]>>, name: &str, sheet: &SheetData) -> Result<(Grid, Formulas), WriteError> {
-        let range = workbook.worksheet_range(name).map_err(|error| build_error(sheet, error))?;
         let mut values = Grid::new();
-        let (start_row, start_column) = range.start().unwrap_or((0, 0));
-        for (row, column, value) in range.used_cells() {
-            values.insert((start_row + row as u32, start_column + column as u32), value.clone());
-        }
-        let formula_range = workbook.worksheet_formula(name).map_err(|error| build_error(sheet, error))?;
         let mut formulas = Formulas::new();
-        let (start_row, start_column) = formula_range.start().unwrap_or((0, 0));
-        for (row, column, formula) in formula_range.used_cells() {
-            if !formula.is_empty() {
-                formulas.insert((start_row + row as u32, start_column + column as u32), formula.clone());
+        let mut reader = workbook.worksheet_cells_reader(name).map_err(|error| build_error(sheet, error))?;
+        while let Some(cell) = reader.next_cell_with_formula().map_err(|error| build_error(sheet, error))? {
+            let value = match cell.value {
+                DataRef::Empty => Data::Empty,
+                DataRef::Int(value) => Data::Int(value),
+                DataRef::Float(value) => Data::Float(value),
+                DataRef::String(text) => Data::String(text),
+                DataRef::SharedString(text) => Data::String(text.to_string()),
+                DataRef::Bool(value) => Data::Bool(value),
+                DataRef::DateTime(datetime) => Data::DateTime(datetime),
+                DataRef::DateTimeIso(text) => Data::DateTimeIso(text),
+                DataRef::DurationIso(text) => Data::DurationIso(text),
+                DataRef::Error(error) => Data::Error(error),
+            };
+            if !matches!(value, Data::Empty) {
+                values.insert(cell.pos, value);
+            }
+            if let Some(formula) = cell.formula.filter(|formula| !formula.is_empty()) {
+                formulas.insert(cell.pos, formula);
             }
         }
         Ok((values, formulas))
