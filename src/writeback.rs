@@ -480,13 +480,22 @@ mod xlsx {
             Some(Some(ColumnRole::Field(field))) => Some(field.kind()),
             _ => None,
         };
-        let number_format = |stalled: bool, kind: Option<crate::deal::FieldKind>| {
-            let format = match kind {
-                Some(crate::deal::FieldKind::Date) => Format::new().set_num_format("yyyy-mm-dd"),
-                Some(crate::deal::FieldKind::Amount) => Format::new().set_num_format("#,##0.00"),
-                _ => Format::new(),
+        // The six formats a cell can take, built once: plain, date and amount, each with or
+        // without the stalled fill.
+        let formats: Vec<Format> = [false, true]
+            .into_iter()
+            .flat_map(|stalled| {
+                [Format::new(), Format::new().set_num_format("yyyy-mm-dd"), Format::new().set_num_format("#,##0.00")]
+                    .map(|format| if stalled { format.set_background_color(stalled_fill) } else { format })
+            })
+            .collect();
+        let number_format = |stalled: bool, kind: Option<crate::deal::FieldKind>| -> &Format {
+            let base = match kind {
+                Some(crate::deal::FieldKind::Date) => 1,
+                Some(crate::deal::FieldKind::Amount) => 2,
+                _ => 0,
             };
-            if stalled { format.set_background_color(stalled_fill) } else { format }
+            &formats[base + if stalled { 3 } else { 0 }]
         };
         let mut widths: Vec<usize> = plan.headers.iter().map(|header| display_width(header) + 2).collect();
         widths.resize(n_columns, 8);
@@ -495,7 +504,7 @@ mod xlsx {
         // column if it had none, in bold.
         let bold = Format::new().set_bold();
         for ((row, column), value) in values.iter().filter(|((row, _), _)| *row < header_idx) {
-            copy_cell(worksheet, *row, *column as u16, Some(value), formulas.get(&(*row, *column)), &Format::new(), &number_format(false, Some(crate::deal::FieldKind::Date)))?;
+            copy_cell(worksheet, *row, *column as u16, Some(value), formulas.get(&(*row, *column)), &Format::new(), number_format(false, Some(crate::deal::FieldKind::Date)))?;
         }
         for (column_idx, header) in plan.headers.iter().enumerate() {
             let text = if header.is_empty() && plan.roles.get(column_idx) == Some(&Some(ColumnRole::Key)) { "CRM ID" } else { header };
@@ -592,7 +601,7 @@ mod xlsx {
                             *width = (*width).max(display_width(&value.to_string()));
                         }
                         let date_format = number_format(planned.stalled, Some(crate::deal::FieldKind::Date));
-                        copy_cell(worksheet, row_idx, column, value, formula, &format, &date_format)?;
+                        copy_cell(worksheet, row_idx, column, value, formula, format, date_format)?;
                     }
                 }
             }
