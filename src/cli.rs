@@ -239,6 +239,26 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
         })
         .collect();
     writeln!(out, "stages: {}", stages.join(" → "))?;
+    if let Some(remind) = &config.remind {
+        writeln!(
+            out,
+            "reminders: daily at {} ({}{}), {} rep address(es), manager {}",
+            remind.at.format("%H:%M"),
+            remind.timezone,
+            if remind.weekdays_only { ", weekdays" } else { "" },
+            config.reps.len(),
+            remind.manager.as_deref().unwrap_or("none")
+        )?;
+    }
+    if let Some(smtp) = &config.smtp {
+        writeln!(out, "mail: {}:{} as {}", smtp.host, smtp.port, smtp.from)?;
+    }
+    if let Some(report) = &config.report {
+        writeln!(out, "report: {}", report.path.display())?;
+    }
+    if let Some(alerts) = &config.alerts {
+        writeln!(out, "alerts: to {}", alerts.to)?;
+    }
     Ok(ExitCode::from(EXIT_OK))
 }
 
