@@ -566,16 +566,16 @@ mod xlsx {
                         match cell {
                             OutCell::Empty => {
                                 if planned.stalled {
-                                    worksheet.write_blank(row_idx, column, &format)?;
+                                    worksheet.write_blank(row_idx, column, format)?;
                                 }
                             }
                             // Text is always written as text: a value from the store that looks
                             // like a formula stays a string.
                             OutCell::Text(text) => {
-                                worksheet.write_string_with_format(row_idx, column, text, &format)?;
+                                worksheet.write_string_with_format(row_idx, column, text, format)?;
                             }
                             OutCell::Number(number) => {
-                                worksheet.write_number_with_format(row_idx, column, *number, &format)?;
+                                worksheet.write_number_with_format(row_idx, column, *number, format)?;
                             }
                             OutCell::Date(date) => {
                                 let datetime = ExcelDateTime::from_ymd(
@@ -583,7 +583,7 @@ mod xlsx {
                                     chrono::Datelike::month(date) as u8,
                                     chrono::Datelike::day(date) as u8,
                                 )?;
-                                worksheet.write_datetime_with_format(row_idx, column, datetime, &format)?;
+                                worksheet.write_datetime_with_format(row_idx, column, datetime, format)?;
                             }
                         }
                     }
@@ -593,7 +593,7 @@ mod xlsx {
                         let formula = formulas.get(&(origin_idx, column_idx as u32));
                         if value.is_none() && formula.is_none() {
                             if planned.stalled {
-                                worksheet.write_blank(row_idx, column, &format)?;
+                                worksheet.write_blank(row_idx, column, format)?;
                             }
                             continue;
                         }
