@@ -171,8 +171,10 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
         let ids = sheet.column("CRM ID");
         assert!(ids.iter().all(|id| !id.is_empty()), "every row of {name} carries its id: {ids:?}");
         // The file and the store agree on every amount, the CLI's changes included.
+        let stored_amounts: HashMap<String, String> =
+            test.deals().into_iter().map(|deal| (deal["id"].to_string(), deal["amount"].to_string())).collect();
         for (id, amount) in ids.iter().zip(sheet.column("Amount")) {
-            let stored = test.deals().into_iter().find(|deal| deal["id"].to_string() == *id).map(|deal| deal["amount"].to_string());
+            let stored = stored_amounts.get(id).cloned();
             assert_eq!(stored.as_deref().map(|text| text.trim_end_matches(".0").to_string()), Some(amount.clone()), "deal {id} in {name}");
         }
     }
