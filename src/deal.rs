@@ -212,6 +212,17 @@ mod tests {
     }
 }
 
+/// The hash of a row's cleaned content: equal hashes mean nothing in the row changed.
+pub fn row_hash(fields: &FieldMap, extras: &ExtraMap) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    // BTreeMaps serialise in key order, so equal content gives equal bytes.
+    hasher.update(serde_json::to_string(fields).unwrap_or_default().as_bytes());
+    hasher.update([0]);
+    hasher.update(serde_json::to_string(extras).unwrap_or_default().as_bytes());
+    hasher.finalize().iter().take(16).map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// Folds a header text or stage name for matching: Unicode compatibility form (so full-width
 /// "ＡＢＣ" and half-width "ABC" agree), lower case, inner white space collapsed, ends trimmed.
 pub fn normalize_label(text: &str) -> String {

@@ -134,6 +134,8 @@ pub struct CleanRow {
     /// True when some cell could not be cleaned: the row must not be applied. Its fields hold
     /// only the values that did clean, which are still good enough to recognise the row.
     pub has_error: bool,
+    /// [`crate::deal::row_hash`] of `fields` and `extras`, computed once.
+    pub hash: String,
 }
 
 /// Finds the header row: the configured one, or the row among the first
@@ -298,7 +300,8 @@ fn map_row(row: &SheetRow, header: &HeaderMap, source: &SourceConfig, stages: &S
         issues.push(RowIssue::error(row.row_number, None, None, "has no company, contact or email, so it cannot be a deal"));
     }
     let has_error = issues.iter().any(|issue| issue.severity == Severity::Error);
-    (CleanRow { row_number: row.row_number, id, fields, extras, has_error }, issues)
+    let hash = crate::deal::row_hash(&fields, &extras);
+    (CleanRow { row_number: row.row_number, id, fields, extras, has_error, hash }, issues)
 }
 
 #[cfg(test)]

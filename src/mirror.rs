@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::deal::{DealId, ExtraMap, FieldMap};
 use crate::mapping::{RowIssue, Severity};
@@ -75,15 +74,7 @@ pub struct StoredIssue {
     pub seen_at: DateTime<Utc>,
 }
 
-/// The hash of a row's cleaned content: equal hashes mean nothing in the row changed.
-pub fn row_hash(fields: &FieldMap, extras: &ExtraMap) -> String {
-    let mut hasher = Sha256::new();
-    // BTreeMaps serialise in key order, so equal content gives equal bytes.
-    hasher.update(serde_json::to_string(fields).unwrap_or_default().as_bytes());
-    hasher.update([0]);
-    hasher.update(serde_json::to_string(extras).unwrap_or_default().as_bytes());
-    hasher.finalize().iter().take(16).map(|byte| format!("{byte:02x}")).collect()
-}
+pub use crate::deal::row_hash;
 
 fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {error}"))

@@ -10,7 +10,7 @@ use super::merge::{merge_fields, FieldConflict};
 use crate::config::{ConflictPolicy, RowRemoved};
 use crate::deal::{normalize_label, Deal, DealId, ExtraChanges, Field, FieldChanges, FieldMap, FieldValue};
 use crate::mapping::{CleanRow, RowIssue};
-use crate::mirror::{row_hash, MirrorRow};
+use crate::mirror::MirrorRow;
 
 /// What the store is asked to look up before the diff: deals whose `match_on` field holds one of
 /// these values. Keyed by field and the value's text.
@@ -88,7 +88,7 @@ pub fn lookups_needed(rows: &[CleanRow], mirror: &[MirrorRow], match_on: &[Field
     let mut keys = Vec::new();
     let mut seen = HashSet::new();
     for row in rows {
-        if row.id.is_some() || mirror_hashes.contains(row_hash(&row.fields, &row.extras).as_str()) {
+        if row.id.is_some() || mirror_hashes.contains(row.hash.as_str()) {
             continue;
         }
         for field in match_on {
@@ -120,7 +120,7 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     let mut claimed: HashSet<DealId> = HashSet::new();
     // Rows whose id repeats an earlier row's: people copy rows, so these become new deals.
     let mut forced_new: HashSet<usize> = HashSet::new();
-    let hashes: Vec<String> = input.rows.iter().map(|row| row_hash(&row.fields, &row.extras)).collect();
+    let hashes: Vec<&str> = input.rows.iter().map(|row| row.hash.as_str()).collect();
 
     // Pass 1: the key column.
     let mut first_row_of_id: HashMap<DealId, u32> = HashMap::new();
@@ -164,7 +164,7 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
             by_hash.entry(mirror_row.row_hash.as_str()).or_default().push(mirror_row.deal_id);
         }
         for row_idx in unmatched_rows(&matched) {
-            if let Some(deal_id) = by_hash.get_mut(hashes[row_idx].as_str()).and_then(Vec::pop) {
+            if let Some(deal_id) = by_hash.get_mut(hashes[row_idx]).and_then(Vec::pop) {
                 matched[row_idx] = Some(deal_id);
                 claimed.insert(deal_id);
             }
@@ -349,14 +349,17 @@ mod tests {
     use chrono::{TimeZone, Utc};
     use proptest::prelude::*;
 
-    use crate::deal::ExtraMap;
+    use crate::deal::{row_hash, ExtraMap};
 
     fn fields(pairs: &[(Field, &str)]) -> FieldMap {
         pairs.iter().map(|(field, value)| (*field, FieldValue::Text(value.to_string()))).collect()
     }
 
     fn row(row_number: u32, id: Option<DealId>, pairs: &[(Field, &str)]) -> CleanRow {
-        CleanRow { row_number, id, fields: fields(pairs), extras: ExtraMap::new(), has_error: false }
+        let fields = fields(pairs);
+        let extras = ExtraMap::new();
+        let hash = row_hash(&fields, &extras);
+        CleanRow { row_number, id, fields, extras, has_error: false, hash }
     }
 
     fn mirror_row(deal_id: DealId, row_number: u32, pairs: &[(Field, &str)]) -> MirrorRow {

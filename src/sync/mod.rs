@@ -201,13 +201,13 @@ pub fn sync_file_with(
     // Quiet rows: a mirror row the sheet still holds unchanged, whose deal has not changed since
     // that sync. For those the merge can only conclude "unchanged", so their deals need not be
     // loaded: the mirror stands in for them. (Not when the last write-back is still owed.)
-    let row_hashes: HashSet<String> = rows.iter().map(|row| mirror::row_hash(&row.fields, &row.extras)).collect();
+    let row_hashes: HashSet<&str> = rows.iter().map(|row| row.hash.as_str()).collect();
     let mut quiet: HashMap<DealId, Deal> = HashMap::new();
     if let Some(previous) = previous.as_ref().filter(|previous| !source.write_back || previous.store_version.is_some()) {
         let live = crm.live_ids_unchanged_since(previous.synced_at)?;
         let forced_by_rows: HashSet<DealId> = rows.iter().filter_map(|row| row.id).collect();
         for mirror_row in mirror_rows {
-            if row_hashes.contains(&mirror_row.row_hash) && live.contains(&mirror_row.deal_id) && !forced_by_rows.contains(&mirror_row.deal_id) {
+            if row_hashes.contains(mirror_row.row_hash.as_str()) && live.contains(&mirror_row.deal_id) && !forced_by_rows.contains(&mirror_row.deal_id) {
                 quiet.insert(
                     mirror_row.deal_id,
                     Deal {
@@ -228,7 +228,7 @@ pub fn sync_file_with(
     deals.extend(quiet);
     // Only mirror rows the sheet no longer holds as they were can be removals.
     let removal_candidates: Vec<DealId> =
-        mirror_rows.iter().filter(|mirror_row| !row_hashes.contains(&mirror_row.row_hash)).map(|row| row.deal_id).collect();
+        mirror_rows.iter().filter(|mirror_row| !row_hashes.contains(mirror_row.row_hash.as_str())).map(|row| row.deal_id).collect();
     let deals_in_other_files = deals_in_other_files(&transaction, &file, &removal_candidates)?;
 
     let (changeset, diff_issues) = diff::diff(&DiffInput {
@@ -388,7 +388,13 @@ pub fn sync_file_with(
     let mut new_rows: Vec<MirrorRow> = Vec::with_capacity(rows.len());
     for (row_idx, row) in rows.iter().enumerate() {
         match (row_deals[row_idx], row.has_error) {
-            (Some(deal_id), false) => new_rows.push(mirror_row(deal_id, row.row_number, &row.fields, &row.extras)),
+            (Some(deal_id), false) => new_rows.push(MirrorRow {
+                deal_id,
+                row_number: row.row_number,
+                row_hash: row.hash.clone(),
+                fields: row.fields.clone(),
+                extras: row.extras.clone(),
+            }),
             // A row with errors keeps its previous mirror row: its deal keeps its state.
             (Some(deal_id), true) => new_rows.extend(previous_mirror.get(&deal_id).map(|old| (*old).clone())),
             (None, _) => {}
