@@ -15,15 +15,34 @@ use funnelsync::store::Store;
 use funnelsync::sync;
 
 const COLUMNS: [&str; 12] = [
-    "Company", "Contact", "Email", "Phone", "Stage", "Amount", "Owner", "Next Step", "Last Contact", "Expected Close", "Region",
+    "Company",
+    "Contact",
+    "Email",
+    "Phone",
+    "Stage",
+    "Amount",
+    "Owner",
+    "Next Step",
+    "Last Contact",
+    "Expected Close",
+    "Region",
     "Notes",
 ];
 
 fn peak_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|status| status.lines().find(|line| line.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|line| line.split_whitespace().nth(1).and_then(|kb| kb.parse().ok()))
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -35,7 +54,14 @@ fn cell(row: u32, column: usize, changed: Option<u32>) -> String {
         2 => format!("contact{row}@example.com"),
         3 => format!("+86 138 {:04} {:04}", row % 10_000, (row * 7) % 10_000),
         4 => stages[(row % 5) as usize].to_string(),
-        5 => format!("{}", if Some(row) == changed { 999_999 } else { 1000 + row % 50_000 }),
+        5 => format!(
+            "{}",
+            if Some(row) == changed {
+                999_999
+            } else {
+                1000 + row % 50_000
+            }
+        ),
         6 => ["Alice Wang", "Bob Smith", "王伟", "李明"][(row % 4) as usize].to_string(),
         7 => "Follow-up call".to_string(),
         8 => format!("2026-{:02}-{:02}", 1 + row % 12, 1 + row % 28),
@@ -49,16 +75,22 @@ fn cell(row: u32, column: usize, changed: Option<u32>) -> String {
 fn generate(path: &Path, n_rows: u32, changed: Option<u32>) -> f64 {
     let started = Instant::now();
     let mut workbook = rust_xlsxwriter::Workbook::new();
-    let sheet = workbook.add_worksheet_with_constant_memory().expect("constant memory sheet");
+    let sheet = workbook
+        .add_worksheet_with_constant_memory()
+        .expect("constant memory sheet");
     sheet.set_name("Pipeline").expect("name");
     for (column, header) in COLUMNS.iter().enumerate() {
-        sheet.write_string(0, column as u16, *header).expect("header");
+        sheet
+            .write_string(0, column as u16, *header)
+            .expect("header");
     }
     for row in 1..=n_rows {
         for column in 0..COLUMNS.len() {
             let text = cell(row, column, changed);
             if column == 5 {
-                sheet.write_number(row, column as u16, text.parse::<f64>().unwrap_or(0.0)).expect("number");
+                sheet
+                    .write_number(row, column as u16, text.parse::<f64>().unwrap_or(0.0))
+                    .expect("number");
             } else {
                 sheet.write_string(row, column as u16, &text).expect("text");
             }
@@ -82,7 +114,14 @@ fn config_for(folder: &Path, file: &str, write_back: bool) -> Config {
 fn sync_once(folder: &Path, file: &str, write_back: bool) -> sync::FileReport {
     let config = config_for(folder, file, write_back);
     let mut store = Store::open(&config.store.path).expect("store");
-    sync::sync_file(&mut store, &config, &config.sources[0], &folder.join(file), chrono::Utc::now()).expect("sync")
+    sync::sync_file(
+        &mut store,
+        &config,
+        &config.sources[0],
+        &folder.join(file),
+        chrono::Utc::now(),
+    )
+    .expect("sync")
 }
 
 /// One phase, in this (child) process. Prints "seconds peak_kb".
@@ -104,11 +143,19 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
         }
         "import" => {
             let report = sync_once(folder, file, false);
-            assert_eq!(report.counts.created, u64::from(n_rows), "{:?}", report.error);
+            assert_eq!(
+                report.counts.created,
+                u64::from(n_rows),
+                "{:?}",
+                report.error
+            );
         }
         "one-cell" => {
             let report = sync_once(folder, file, false);
-            assert_eq!(report.counts.updated, 1, "a one-cell change writes exactly one deal");
+            assert_eq!(
+                report.counts.updated, 1,
+                "a one-cell change writes exactly one deal"
+            );
             assert_eq!(report.counts.created, 0);
         }
         "unchanged" => {
@@ -121,11 +168,20 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             let config = config_for(folder, file, true);
             let source = &config.sources[0];
             let store = Store::open(&config.store.path).expect("store");
-            let sheet = funnelsync::workbook::read_sheet(&path, None, source.encoding, &config.limits).expect("read");
+            let sheet =
+                funnelsync::workbook::read_sheet(&path, None, source.encoding, &config.limits)
+                    .expect("read");
             let header = funnelsync::mapping::locate_header(&sheet.rows, source).expect("header");
-            let (rows, _) = funnelsync::mapping::map_rows(&sheet.rows, &header, source, &config.stages);
-            let mirror = funnelsync::mirror::load(store.connection(), &sync::file_key(&path)).expect("mirror").expect("synced");
-            let by_row: std::collections::HashMap<u32, i64> = mirror.rows.iter().map(|row| (row.row_number, row.deal_id)).collect();
+            let (rows, _) =
+                funnelsync::mapping::map_rows(&sheet.rows, &header, source, &config.stages);
+            let mirror = funnelsync::mirror::load(store.connection(), &sync::file_key(&path))
+                .expect("mirror")
+                .expect("synced");
+            let by_row: std::collections::HashMap<u32, i64> = mirror
+                .rows
+                .iter()
+                .map(|row| (row.row_number, row.deal_id))
+                .collect();
             let outcomes: Vec<funnelsync::writeback::RowOutcome> = rows
                 .iter()
                 .map(|row| funnelsync::writeback::RowOutcome {
@@ -137,11 +193,30 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                     key_cell: row.id,
                 })
                 .collect();
-            let view = store.crm().list_deals(&funnelsync::store::DealFilter::default()).expect("deals");
-            let n_columns = sheet.rows.iter().map(|row| row.cells.len()).max().unwrap_or(0);
-            let plan = funnelsync::writeback::plan(&header, n_columns, &outcomes, &view, &std::collections::HashSet::new());
+            let view = store
+                .crm()
+                .list_deals(&funnelsync::store::DealFilter::default())
+                .expect("deals");
+            let n_columns = sheet
+                .rows
+                .iter()
+                .map(|row| row.cells.len())
+                .max()
+                .unwrap_or(0);
+            let plan = funnelsync::writeback::plan(
+                &header,
+                n_columns,
+                &outcomes,
+                &view,
+                &std::collections::HashSet::new(),
+            );
             assert!(plan.changed, "the ids are new to the file");
-            let stage_names: Vec<String> = config.stages.stages.iter().map(|stage| stage.name.clone()).collect();
+            let stage_names: Vec<String> = config
+                .stages
+                .stages
+                .iter()
+                .map(|stage| stage.name.clone())
+                .collect();
             let started = Instant::now();
             funnelsync::writeback::write(&sheet, &plan, &stage_names, 0).expect("write");
             println!("{} {}", started.elapsed().as_secs_f64(), peak_kb());
@@ -151,14 +226,24 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             generate(&folder.join("alone.xlsx"), n_rows, None);
         }
         "poll" => {
-            let text = "[store]\npath = \"crm.db\"\n\n[[sources]]\nname = \"many\"\npath = \"many\"\n";
+            let text =
+                "[store]\npath = \"crm.db\"\n\n[[sources]]\nname = \"many\"\npath = \"many\"\n";
             let config_path = folder.join("poll.toml");
             std::fs::write(&config_path, text).expect("config");
             let config = Config::load(&config_path).expect("config");
             let started = Instant::now();
             let files = config.source_files(&config.sources[0]).expect("list");
-            let fingerprints: Vec<_> = files.iter().map(|file| funnelsync::watch::fingerprint(file)).collect();
-            assert_eq!(fingerprints.iter().filter(|fingerprint| fingerprint.is_some()).count(), 1000);
+            let fingerprints: Vec<_> = files
+                .iter()
+                .map(|file| funnelsync::watch::fingerprint(file))
+                .collect();
+            assert_eq!(
+                fingerprints
+                    .iter()
+                    .filter(|fingerprint| fingerprint.is_some())
+                    .count(),
+                1000
+            );
             println!("{} {}", started.elapsed().as_secs_f64(), peak_kb());
             return;
         }
@@ -174,10 +259,17 @@ fn child(phase: &str, folder: &Path, n_rows: u32) -> (f64, u64) {
         .args(["--rows", &n_rows.to_string()])
         .output()
         .expect("run phase");
-    assert!(output.status.success(), "{phase}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{phase}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let text = String::from_utf8_lossy(&output.stdout);
     let mut parts = text.split_whitespace();
-    let seconds = parts.next().and_then(|text| text.parse().ok()).unwrap_or(f64::NAN);
+    let seconds = parts
+        .next()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(f64::NAN);
     let peak = parts.next().and_then(|text| text.parse().ok()).unwrap_or(0);
     (seconds, peak)
 }
@@ -198,16 +290,31 @@ fn measure(phase: &str, folder: &Path, n_rows: u32, before_each: &dyn Fn()) -> (
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| args.iter().position(|arg| arg == flag).and_then(|index| args.get(index + 1)).cloned();
-    let n_rows: u32 = value("--rows").and_then(|rows| rows.parse().ok()).unwrap_or(100_000);
+    let value = |flag: &str| {
+        args.iter()
+            .position(|arg| arg == flag)
+            .and_then(|index| args.get(index + 1))
+            .cloned()
+    };
+    let n_rows: u32 = value("--rows")
+        .and_then(|rows| rows.parse().ok())
+        .unwrap_or(100_000);
     if let Some(phase) = value("--phase") {
         let folder = PathBuf::from(value("--folder").expect("--folder"));
         run_phase(&phase, &folder, n_rows);
         return;
     }
 
-    println!("funnelsync benchmark ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    for size in [10_000u32.min(n_rows), n_rows].into_iter().collect::<std::collections::BTreeSet<_>>() {
+    println!(
+        "funnelsync benchmark ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    for size in [10_000u32.min(n_rows), n_rows]
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+    {
         let folder = tempfile::tempdir().expect("temp dir");
         let dir = folder.path();
         let path = dir.join("pipeline.xlsx");
@@ -240,25 +347,74 @@ fn main() {
         });
         let alone = measure("xlsxwriter", dir, size, &|| {});
 
-        println!("\n{size} rows × 12 columns ({:.1} MB file)", std::fs::metadata(&path).map(|m| m.len() as f64 / 1e6).unwrap_or(0.0));
-        println!("  {:<44} {:>9} {:>8} {:>9}", "phase", "seconds", "ratio", "peak MB");
+        println!(
+            "\n{size} rows × 12 columns ({:.1} MB file)",
+            std::fs::metadata(&path)
+                .map(|m| m.len() as f64 / 1e6)
+                .unwrap_or(0.0)
+        );
+        println!(
+            "  {:<44} {:>9} {:>8} {:>9}",
+            "phase", "seconds", "ratio", "peak MB"
+        );
         let line = |name: &str, (seconds, kb): (f64, u64), base: f64, target: &str| {
-            println!("  {name:<44} {seconds:>9.3} {:>7.2}× {:>9.1}   {target}", seconds / base, kb as f64 / 1024.0);
+            println!(
+                "  {name:<44} {seconds:>9.3} {:>7.2}× {:>9.1}   {target}",
+                seconds / base,
+                kb as f64 / 1024.0
+            );
         };
-        line("baseline: calamine streaming every cell", (baseline, baseline_kb), baseline, "");
-        line("first import into an empty store", (import, import_kb), baseline, "target ≤ 1.5×");
-        line("sync after one cell changed", one_cell, baseline, "target ≤ 1.2×");
-        line("sync of an unchanged file (mtime touched)", unchanged, baseline, "target ≤ 0.1×");
-        line("write-back of the whole file (the write)", write_back, alone.0, "vs rust_xlsxwriter alone; target ≤ 1.5×");
-        line("rust_xlsxwriter alone writing the same cells", alone, alone.0, "");
-        println!("  peak memory of the import: {:.2}× the baseline's (target ≤ 2×)", import_kb as f64 / baseline_kb.max(1) as f64);
+        line(
+            "baseline: calamine streaming every cell",
+            (baseline, baseline_kb),
+            baseline,
+            "",
+        );
+        line(
+            "first import into an empty store",
+            (import, import_kb),
+            baseline,
+            "target ≤ 1.5×",
+        );
+        line(
+            "sync after one cell changed",
+            one_cell,
+            baseline,
+            "target ≤ 1.2×",
+        );
+        line(
+            "sync of an unchanged file (mtime touched)",
+            unchanged,
+            baseline,
+            "target ≤ 0.1×",
+        );
+        line(
+            "write-back of the whole file (the write)",
+            write_back,
+            alone.0,
+            "vs rust_xlsxwriter alone; target ≤ 1.5×",
+        );
+        line(
+            "rust_xlsxwriter alone writing the same cells",
+            alone,
+            alone.0,
+            "",
+        );
+        println!(
+            "  peak memory of the import: {:.2}× the baseline's (target ≤ 2×)",
+            import_kb as f64 / baseline_kb.max(1) as f64
+        );
     }
 
     // One poll pass over 1,000 unchanged files.
     let folder = tempfile::tempdir().expect("temp dir");
     std::fs::create_dir_all(folder.path().join("many")).expect("folder");
     for index in 0..1000 {
-        std::fs::write(folder.path().join(format!("many/file{index:04}.csv")), "Company,Stage\nAcme,Lead\n").expect("file");
+        std::fs::write(
+            folder.path().join(format!("many/file{index:04}.csv")),
+            "Company,Stage\nAcme,Lead\n",
+        )
+        .expect("file");
     }
     let (seconds, _) = measure("poll", folder.path(), 0, &|| {});
     println!("\npoll pass over 1,000 unchanged files: {:.1} ms (one stat per file, no reads; target < 50 ms)", seconds * 1000.0);

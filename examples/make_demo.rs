@@ -6,18 +6,67 @@
 use rust_xlsxwriter::{ExcelDateTime, Format, Workbook, XlsxError};
 
 const COMPANIES: [&str; 25] = [
-    "Acme Robotics", "北京星辰科技有限公司", "Globex Trading", "上海云帆物流", "Initech Software",
-    "深圳华光电子", "Umbrella Health", "杭州青禾食品", "Stark Components", "广州恒信贸易",
-    "Wayne Logistics", "成都蓝海软件", "Hooli Analytics", "南京启明教育", "Cyberdyne Systems",
-    "苏州天工制造", "Soylent Foods", "武汉长江能源", "Tyrell Biotech", "西安古城文化",
-    "Vandelay Imports", "天津海港物流", "Wonka Confectionery", "重庆山城火锅连锁", "Pied Piper Storage",
+    "Acme Robotics",
+    "北京星辰科技有限公司",
+    "Globex Trading",
+    "上海云帆物流",
+    "Initech Software",
+    "深圳华光电子",
+    "Umbrella Health",
+    "杭州青禾食品",
+    "Stark Components",
+    "广州恒信贸易",
+    "Wayne Logistics",
+    "成都蓝海软件",
+    "Hooli Analytics",
+    "南京启明教育",
+    "Cyberdyne Systems",
+    "苏州天工制造",
+    "Soylent Foods",
+    "武汉长江能源",
+    "Tyrell Biotech",
+    "西安古城文化",
+    "Vandelay Imports",
+    "天津海港物流",
+    "Wonka Confectionery",
+    "重庆山城火锅连锁",
+    "Pied Piper Storage",
 ];
-const CONTACTS: [&str; 10] = ["Emma Li", "张伟", "Liam Chen", "王芳", "Olivia Zhang", "李娜", "Noah Wang", "刘洋", "Ava Liu", "陈静"];
+const CONTACTS: [&str; 10] = [
+    "Emma Li",
+    "张伟",
+    "Liam Chen",
+    "王芳",
+    "Olivia Zhang",
+    "李娜",
+    "Noah Wang",
+    "刘洋",
+    "Ava Liu",
+    "陈静",
+];
 const OWNERS: [&str; 4] = ["Alice Wang", "王伟", "Bob Smith", "李明"];
 const STAGES: [&str; 12] = [
-    "Lead", "潜在客户", "Prospect", "意向客户", "Opportunity", "机会", "Won", "成交", "Lost", "Closed Won", "prospect", "Leads",
+    "Lead",
+    "潜在客户",
+    "Prospect",
+    "意向客户",
+    "Opportunity",
+    "机会",
+    "Won",
+    "成交",
+    "Lost",
+    "Closed Won",
+    "prospect",
+    "Leads",
 ];
-const NEXT_STEPS: [&str; 6] = ["Send proposal", "安排演示", "Follow-up call", "发送报价", "Contract review", "等待客户反馈"];
+const NEXT_STEPS: [&str; 6] = [
+    "Send proposal",
+    "安排演示",
+    "Follow-up call",
+    "发送报价",
+    "Contract review",
+    "等待客户反馈",
+];
 
 fn main() -> Result<(), XlsxError> {
     std::fs::create_dir_all("demo").map_err(XlsxError::IoError)?;
@@ -29,8 +78,18 @@ fn main() -> Result<(), XlsxError> {
     let money = Format::new().set_num_format("#,##0");
     sheet.write_string_with_format(0, 0, "FY2026 Sales Pipeline / 2026 销售管道", &bold)?;
     let headers = [
-        "CRM ID", "Company", "Contact", "Email", "Phone", "Stage", "Amount", "Owner", "Next Step", "Last Contact",
-        "Expected Close", "Notes",
+        "CRM ID",
+        "Company",
+        "Contact",
+        "Email",
+        "Phone",
+        "Stage",
+        "Amount",
+        "Owner",
+        "Next Step",
+        "Last Contact",
+        "Expected Close",
+        "Notes",
     ];
     for (column, header) in headers.iter().enumerate() {
         sheet.write_string_with_format(2, column as u16, *header, &bold)?;
@@ -38,11 +97,22 @@ fn main() -> Result<(), XlsxError> {
     for deal in 0..50u32 {
         let row = 3 + deal;
         let company = COMPANIES[(deal as usize) % COMPANIES.len()];
-        let company = if deal >= 25 { format!("{company} ({})", if deal % 2 == 0 { "East" } else { "华南" }) } else { company.to_string() };
+        let company = if deal >= 25 {
+            format!(
+                "{company} ({})",
+                if deal % 2 == 0 { "East" } else { "华南" }
+            )
+        } else {
+            company.to_string()
+        };
         let contact = CONTACTS[(deal as usize * 7) % CONTACTS.len()];
         sheet.write_string(row, 1, &company)?;
         sheet.write_string(row, 2, contact)?;
-        sheet.write_string(row, 3, format!("contact{:02}@example{}.com", deal + 1, deal % 5))?;
+        sheet.write_string(
+            row,
+            3,
+            format!("contact{:02}@example{}.com", deal + 1, deal % 5),
+        )?;
         let phone = match deal % 3 {
             0 => format!("+86 138-{:04}-{:04}", 1000 + deal, 2000 + deal * 3),
             1 => format!("(021) 6{:03}.{:04}", deal, 4000 + deal),
@@ -59,7 +129,11 @@ fn main() -> Result<(), XlsxError> {
                 sheet.write_string(row, 6, format!("¥{},{:03}", amount / 1000, amount % 1000))?;
             }
             2 => {
-                sheet.write_string(row, 6, format!("${},{:03}.50", amount / 1000, amount % 1000))?;
+                sheet.write_string(
+                    row,
+                    6,
+                    format!("${},{:03}.50", amount / 1000, amount % 1000),
+                )?;
             }
             _ => {
                 sheet.write_string(row, 6, format!("{}万", amount as f64 / 10_000.0))?;
@@ -70,7 +144,12 @@ fn main() -> Result<(), XlsxError> {
         let day = 1 + (deal % 28) as u8;
         match deal % 3 {
             0 => {
-                sheet.write_datetime_with_format(row, 9, ExcelDateTime::from_ymd(2026, 11, day)?, &date_format)?;
+                sheet.write_datetime_with_format(
+                    row,
+                    9,
+                    ExcelDateTime::from_ymd(2026, 11, day)?,
+                    &date_format,
+                )?;
             }
             1 => {
                 sheet.write_string(row, 9, format!("2026年11月{day}日"))?;
@@ -79,9 +158,22 @@ fn main() -> Result<(), XlsxError> {
                 sheet.write_string(row, 9, format!("2026/11/{day:02}"))?;
             }
         }
-        sheet.write_datetime_with_format(row, 10, ExcelDateTime::from_ymd(2027, 1 + (deal % 6) as u8, day)?, &date_format)?;
+        sheet.write_datetime_with_format(
+            row,
+            10,
+            ExcelDateTime::from_ymd(2027, 1 + (deal % 6) as u8, day)?,
+            &date_format,
+        )?;
         if deal % 6 == 0 {
-            sheet.write_string(row, 11, if deal % 12 == 0 { "VIP customer" } else { "需要法务审核" })?;
+            sheet.write_string(
+                row,
+                11,
+                if deal % 12 == 0 {
+                    "VIP customer"
+                } else {
+                    "需要法务审核"
+                },
+            )?;
         }
     }
     sheet.set_column_width(1, 28)?;
@@ -92,20 +184,112 @@ fn main() -> Result<(), XlsxError> {
     reference.write_string(0, 0, "Stages: Lead → Prospect → Opportunity → Won / Lost")?;
     workbook.save("demo/pipeline.xlsx")?;
 
-    let mut csv = String::from("\u{feff}公司,联系人,邮箱,电话,阶段,金额,负责人,下一步,最近联系\r\n");
+    let mut csv =
+        String::from("\u{feff}公司,联系人,邮箱,电话,阶段,金额,负责人,下一步,最近联系\r\n");
     let leads = [
-        ("青岛海风渔业", "赵磊", "zhao.lei@qdhaifeng.cn", "0532-8888 1234", "线索", "¥30,000", "王伟", "电话拜访", "2026-11-20"),
-        ("Blue Harbor Ltd", "Mia Xu", "mia.xu@blueharbor.com", "+44 20 7946 0018", "Lead", "$12,500", "Alice Wang", "Intro call", "2026/11/18"),
-        ("厦门鹭岛茶业", "孙丽", "sunli@ludao-tea.cn", "13912345678", "意向客户", "8.5万", "李明", "寄送样品", "2026年11月15日"),
-        ("Northwind Traders", "Ethan Zhou", "ethan@northwind.example", "+1 (415) 555-0132", "Prospect", "1 200,50 €", "Bob Smith", "Demo", "2026-11-22"),
-        ("昆明花海园艺", "周敏", "zhoumin@huahai.cn", "0871-6543 2100", "潜在客户", "15000", "王伟", "", "2026-11-10"),
-        ("Acme Robotics", "Emma Li", "contact01@example0.com", "", "Opportunity", "", "Alice Wang", "Pricing call", "2026-11-25"),
-        ("大连星海旅游", "吴刚", "wugang@xinghai.cn", "0411-8765 4321", "机会", "¥120,000", "李明", "准备合同", "2026-11-26"),
-        ("Fabrikam Textiles", "Lucas He", "lucas.he@fabrikam.example", "+86 21 5555 0199", "Lead", "9,800", "Bob Smith", "Send brochure", "2026-11-19"),
+        (
+            "青岛海风渔业",
+            "赵磊",
+            "zhao.lei@qdhaifeng.cn",
+            "0532-8888 1234",
+            "线索",
+            "¥30,000",
+            "王伟",
+            "电话拜访",
+            "2026-11-20",
+        ),
+        (
+            "Blue Harbor Ltd",
+            "Mia Xu",
+            "mia.xu@blueharbor.com",
+            "+44 20 7946 0018",
+            "Lead",
+            "$12,500",
+            "Alice Wang",
+            "Intro call",
+            "2026/11/18",
+        ),
+        (
+            "厦门鹭岛茶业",
+            "孙丽",
+            "sunli@ludao-tea.cn",
+            "13912345678",
+            "意向客户",
+            "8.5万",
+            "李明",
+            "寄送样品",
+            "2026年11月15日",
+        ),
+        (
+            "Northwind Traders",
+            "Ethan Zhou",
+            "ethan@northwind.example",
+            "+1 (415) 555-0132",
+            "Prospect",
+            "1 200,50 €",
+            "Bob Smith",
+            "Demo",
+            "2026-11-22",
+        ),
+        (
+            "昆明花海园艺",
+            "周敏",
+            "zhoumin@huahai.cn",
+            "0871-6543 2100",
+            "潜在客户",
+            "15000",
+            "王伟",
+            "",
+            "2026-11-10",
+        ),
+        (
+            "Acme Robotics",
+            "Emma Li",
+            "contact01@example0.com",
+            "",
+            "Opportunity",
+            "",
+            "Alice Wang",
+            "Pricing call",
+            "2026-11-25",
+        ),
+        (
+            "大连星海旅游",
+            "吴刚",
+            "wugang@xinghai.cn",
+            "0411-8765 4321",
+            "机会",
+            "¥120,000",
+            "李明",
+            "准备合同",
+            "2026-11-26",
+        ),
+        (
+            "Fabrikam Textiles",
+            "Lucas He",
+            "lucas.he@fabrikam.example",
+            "+86 21 5555 0199",
+            "Lead",
+            "9,800",
+            "Bob Smith",
+            "Send brochure",
+            "2026-11-19",
+        ),
     ];
     for lead in leads {
-        let fields = [lead.0, lead.1, lead.2, lead.3, lead.4, lead.5, lead.6, lead.7, lead.8];
-        let quoted: Vec<String> = fields.iter().map(|field| if field.contains(',') { format!("\"{field}\"") } else { field.to_string() }).collect();
+        let fields = [
+            lead.0, lead.1, lead.2, lead.3, lead.4, lead.5, lead.6, lead.7, lead.8,
+        ];
+        let quoted: Vec<String> = fields
+            .iter()
+            .map(|field| {
+                if field.contains(',') {
+                    format!("\"{field}\"")
+                } else {
+                    field.to_string()
+                }
+            })
+            .collect();
         csv.push_str(&quoted.join(","));
         csv.push_str("\r\n");
     }

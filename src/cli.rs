@@ -29,7 +29,11 @@ pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_FAILURE: u8 = 3;
 
 #[derive(Debug, Parser)]
-#[command(name = "funnelsync", version, about = "Keeps sales pipeline spreadsheets and a CRM store in sync")]
+#[command(
+    name = "funnelsync",
+    version,
+    about = "Keeps sales pipeline spreadsheets and a CRM store in sync"
+)]
 pub struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "FUNNELSYNC_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
@@ -122,7 +126,9 @@ pub struct RemindArgs {
 }
 
 fn parse_now(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    chrono::DateTime::parse_from_rfc3339(text).map(|at| at.with_timezone(&chrono::Utc)).map_err(|error| error.to_string())
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&chrono::Utc))
+        .map_err(|error| error.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -218,7 +224,10 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             SourcePath::Folder(path) => ("folder", path.display().to_string()),
             SourcePath::Glob(pattern) => ("glob", pattern.clone()),
         };
-        let n_files = config.source_files(source).map(|files| files.len().to_string()).unwrap_or_else(|error| error.message);
+        let n_files = config
+            .source_files(source)
+            .map(|files| files.len().to_string())
+            .unwrap_or_else(|error| error.message);
         writeln!(
             out,
             "  {}: {kind} {path} (files now: {n_files}; sheet: {}; key column: \"{}\"; match on: {})",
@@ -245,7 +254,11 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             "reminders: daily at {} ({}{}), {} rep address(es), manager {}",
             remind.at.format("%H:%M"),
             remind.timezone,
-            if remind.weekdays_only { ", weekdays" } else { "" },
+            if remind.weekdays_only {
+                ", weekdays"
+            } else {
+                ""
+            },
             config.reps.len(),
             remind.manager.as_deref().unwrap_or("none")
         )?;
@@ -278,7 +291,11 @@ pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
         }
         Format::Table => print_sync_table(&mut out, &reports)?,
     }
-    Ok(ExitCode::from(if sync::has_problems(&reports) { EXIT_ROW_ERRORS } else { EXIT_OK }))
+    Ok(ExitCode::from(if sync::has_problems(&reports) {
+        EXIT_ROW_ERRORS
+    } else {
+        EXIT_OK
+    }))
 }
 
 fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Result<()> {
@@ -286,8 +303,19 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
         writeln!(out, "no source files found")?;
         return Ok(());
     }
-    let mut rows =
-        vec![["source", "file", "status", "created", "updated", "archived", "unchanged", "errors", "written back"].map(String::from).to_vec()];
+    let mut rows = vec![[
+        "source",
+        "file",
+        "status",
+        "created",
+        "updated",
+        "archived",
+        "unchanged",
+        "errors",
+        "written back",
+    ]
+    .map(String::from)
+    .to_vec()];
     for report in reports {
         let status = match report.status {
             FileStatus::Synced => "synced",
@@ -315,21 +343,35 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
             .to_string(),
         ]);
     }
-    write_table(out, &rows, &[false, false, false, true, true, true, true, true, false])?;
+    write_table(
+        out,
+        &rows,
+        &[false, false, false, true, true, true, true, true, false],
+    )?;
     for report in reports {
         match &report.write_back {
-            sync::WriteBack::Deferred(message) => writeln!(out, "\nwrite-back deferred: {message}")?,
+            sync::WriteBack::Deferred(message) => {
+                writeln!(out, "\nwrite-back deferred: {message}")?
+            }
             sync::WriteBack::Failed(message) => writeln!(out, "\nwrite-back failed: {message}")?,
             _ => {}
         }
         if let Some(error) = &report.error {
             writeln!(out, "\nerror: {error}")?;
             if report.retryable {
-                writeln!(out, "  (the file may still be being saved; it will be read again on the next sync)")?;
+                writeln!(
+                    out,
+                    "  (the file may still be being saved; it will be read again on the next sync)"
+                )?;
             }
         }
         if !report.issues.is_empty() {
-            writeln!(out, "\n{} (sheet \"{}\"):", display_file(&report.file), report.sheet.as_deref().unwrap_or(""))?;
+            writeln!(
+                out,
+                "\n{} (sheet \"{}\"):",
+                display_file(&report.file),
+                report.sheet.as_deref().unwrap_or("")
+            )?;
             for issue in &report.issues {
                 let label = match issue.severity {
                     Severity::Error => "error",
@@ -347,22 +389,43 @@ fn display_file(file: &str) -> String {
     let path = std::path::Path::new(file);
     std::env::current_dir()
         .ok()
-        .and_then(|current| path.strip_prefix(&current).ok().map(|relative| relative.display().to_string()))
+        .and_then(|current| {
+            path.strip_prefix(&current)
+                .ok()
+                .map(|relative| relative.display().to_string())
+        })
         .unwrap_or_else(|| file.to_string())
 }
 
-pub fn deals_list(config: &Config, args: &ListArgs, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<ExitCode> {
+pub fn deals_list(
+    config: &Config,
+    args: &ListArgs,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<ExitCode> {
     let store = open_store(config)?;
     // A stage given by alias ("成交") lists the canonical stage ("Won").
-    let stage = args.stage.as_ref().map(|stage| config.stages.resolve(stage).map(|stage| stage.name.clone()).unwrap_or_else(|| stage.clone()));
-    let filter = DealFilter { stage, owner: args.owner.clone(), include_archived: args.include_archived };
+    let stage = args.stage.as_ref().map(|stage| {
+        config
+            .stages
+            .resolve(stage)
+            .map(|stage| stage.name.clone())
+            .unwrap_or_else(|| stage.clone())
+    });
+    let filter = DealFilter {
+        stage,
+        owner: args.owner.clone(),
+        include_archived: args.include_archived,
+    };
     let mut deals = store.crm().list_deals(&filter)?;
     let mut reasons: std::collections::HashMap<i64, String> = std::collections::HashMap::new();
     if args.stalled {
         let calendar = crate::remind::Calendar::from_config(config.remind.as_ref());
         let stalls = crate::remind::stalls(&deals, &config.stages, &calendar, calendar.day_of(now));
         let order: Vec<i64> = stalls.iter().map(|stall| stall.deal_id).collect();
-        reasons = stalls.into_iter().map(|stall| (stall.deal_id, stall.reason)).collect();
+        reasons = stalls
+            .into_iter()
+            .map(|stall| (stall.deal_id, stall.reason))
+            .collect();
         deals.retain(|deal| reasons.contains_key(&deal.id));
         deals.sort_by_key(|deal| order.iter().position(|id| *id == deal.id));
     }
@@ -382,15 +445,32 @@ pub fn deals_list(config: &Config, args: &ListArgs, now: chrono::DateTime<chrono
             writeln!(out, "{}", serde_json::to_string_pretty(&array)?)?;
         }
         Format::Table => {
-            let mut header = ["id", "company", "contact", "stage", "amount", "owner", "next step"].map(String::from).to_vec();
+            let mut header = [
+                "id",
+                "company",
+                "contact",
+                "stage",
+                "amount",
+                "owner",
+                "next step",
+            ]
+            .map(String::from)
+            .to_vec();
             if args.stalled {
                 header.push("stalled".to_string());
             }
             let mut rows = vec![header];
             for deal in &deals {
-                let text = |field: Field| deal.fields.get(&field).map(|value| value.to_string()).unwrap_or_default();
+                let text = |field: Field| {
+                    deal.fields
+                        .get(&field)
+                        .map(|value| value.to_string())
+                        .unwrap_or_default()
+                };
                 let amount = match (deal.fields.get(&Field::Amount), deal.text(Field::Currency)) {
-                    (Some(amount), Some(currency)) => format!("{} {currency}", group_thousands(&amount.to_string())),
+                    (Some(amount), Some(currency)) => {
+                        format!("{} {currency}", group_thousands(&amount.to_string()))
+                    }
                     (Some(amount), None) => group_thousands(&amount.to_string()),
                     _ => String::new(),
                 };
@@ -412,33 +492,53 @@ pub fn deals_list(config: &Config, args: &ListArgs, now: chrono::DateTime<chrono
                 }
                 rows.push(row);
             }
-            write_table(&mut out, &rows, &[true, false, false, false, true, false, false, false])?;
+            write_table(
+                &mut out,
+                &rows,
+                &[true, false, false, false, true, false, false, false],
+            )?;
             writeln!(out, "{} deal(s)", deals.len())?;
         }
     }
     Ok(ExitCode::from(EXIT_OK))
 }
 
-pub fn remind(config: &Config, args: &RemindArgs, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<ExitCode> {
+pub fn remind(
+    config: &Config,
+    args: &RemindArgs,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<ExitCode> {
     if config.remind.is_none() {
         eprintln!("error: reminders are not configured: add [remind] and [smtp] sections (see config/funnelsync.example.toml)");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     let mut store = open_store(config)?;
-    let report = crate::remind::outbox::run(&mut store, config, now, now, args.force, args.dry_run)?;
+    let report =
+        crate::remind::outbox::run(&mut store, config, now, now, args.force, args.dry_run)?;
     let mut out = std::io::stdout().lock();
     if args.dry_run {
         if report.messages.is_empty() {
-            writeln!(out, "no reminders due ({} stalled deal(s))", report.n_stalled)?;
+            writeln!(
+                out,
+                "no reminders due ({} stalled deal(s))",
+                report.n_stalled
+            )?;
         }
         for message in &report.messages {
-            writeln!(out, "To: {}\nSubject: {}\n\n{}\n----", message.recipient, message.subject, message.text)?;
+            writeln!(
+                out,
+                "To: {}\nSubject: {}\n\n{}\n----",
+                message.recipient, message.subject, message.text
+            )?;
         }
     } else {
         writeln!(
             out,
             "{} stalled deal(s); {} message(s) sent, {} waiting to retry, {} given up",
-            report.n_stalled, report.delivery.sent, report.delivery.retrying, report.delivery.failed
+            report.n_stalled,
+            report.delivery.sent,
+            report.delivery.retrying,
+            report.delivery.failed
         )?;
         for error in &report.delivery.errors {
             writeln!(out, "mail error: {error}")?;
@@ -448,7 +548,11 @@ pub fn remind(config: &Config, args: &RemindArgs, now: chrono::DateTime<chrono::
         eprintln!("warning: deal {deal_id} is stalled but its owner has no address in [reps] and no fallback_to is set");
     }
     let failed = report.delivery.retrying + report.delivery.failed > 0;
-    Ok(ExitCode::from(if failed { EXIT_ROW_ERRORS } else { EXIT_OK }))
+    Ok(ExitCode::from(if failed {
+        EXIT_ROW_ERRORS
+    } else {
+        EXIT_OK
+    }))
 }
 
 /// A deal as JSON: every field by name (null when empty), dates as ISO strings, unmapped columns
@@ -465,10 +569,22 @@ pub fn deal_json(deal: &Deal) -> Value {
         object.insert(field.name().to_string(), value);
     }
     object.insert("extra".to_string(), json!(deal.extra));
-    object.insert("created_at".to_string(), json!(crate::store::timestamp(deal.created_at)));
-    object.insert("updated_at".to_string(), json!(crate::store::timestamp(deal.updated_at)));
-    object.insert("stage_entered_at".to_string(), json!(deal.stage_entered_at.map(crate::store::timestamp)));
-    object.insert("archived_at".to_string(), json!(deal.archived_at.map(crate::store::timestamp)));
+    object.insert(
+        "created_at".to_string(),
+        json!(crate::store::timestamp(deal.created_at)),
+    );
+    object.insert(
+        "updated_at".to_string(),
+        json!(crate::store::timestamp(deal.updated_at)),
+    );
+    object.insert(
+        "stage_entered_at".to_string(),
+        json!(deal.stage_entered_at.map(crate::store::timestamp)),
+    );
+    object.insert(
+        "archived_at".to_string(),
+        json!(deal.archived_at.map(crate::store::timestamp)),
+    );
     Value::Object(object)
 }
 
@@ -511,11 +627,25 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                 writeln!(out, "no file has been synced yet")?;
                 return Ok(ExitCode::from(EXIT_OK));
             }
-            let mut rows = vec![["source", "file", "last sync", "result", "rows", "errors", "state"].map(String::from).to_vec()];
+            let mut rows = vec![[
+                "source",
+                "file",
+                "last sync",
+                "result",
+                "rows",
+                "errors",
+                "state",
+            ]
+            .map(String::from)
+            .to_vec()];
             for file in &overview {
                 let state = match (file.state, file.next_retry_at) {
                     (Some(mirror::FileState::Retrying), Some(retry_at)) => {
-                        format!("retry {} at {}", file.attempts + 1, retry_at.with_timezone(&chrono::Local).format("%H:%M:%S"))
+                        format!(
+                            "retry {} at {}",
+                            file.attempts + 1,
+                            retry_at.with_timezone(&chrono::Local).format("%H:%M:%S")
+                        )
                     }
                     (Some(state), _) => state.name().to_string(),
                     (None, _) => String::new(),
@@ -524,7 +654,11 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                     file.source.clone(),
                     display_file(&file.file),
                     file.last_run_at
-                        .map(|at| at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+                        .map(|at| {
+                            at.with_timezone(&chrono::Local)
+                                .format("%Y-%m-%d %H:%M:%S")
+                                .to_string()
+                        })
                         .unwrap_or_default(),
                     file.last_status.clone().unwrap_or_default(),
                     file.n_rows.to_string(),
@@ -532,8 +666,15 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                     state,
                 ]);
             }
-            write_table(&mut out, &rows, &[false, false, false, false, true, true, false])?;
-            for file in overview.iter().filter(|file| file.last_status.as_deref() == Some("failed")) {
+            write_table(
+                &mut out,
+                &rows,
+                &[false, false, false, false, true, true, false],
+            )?;
+            for file in overview
+                .iter()
+                .filter(|file| file.last_status.as_deref() == Some("failed"))
+            {
                 if let Some(message) = &file.last_message {
                     writeln!(out, "\n{}: {message}", display_file(&file.file))?;
                 }
@@ -554,17 +695,43 @@ pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> 
         };
         let changes = crm.changes_of_run(run_id)?;
         match args.format {
-            Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&json!({ "run": run, "changes": changes }))?)?,
+            Format::Json => writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&json!({ "run": run, "changes": changes }))?
+            )?,
             Format::Table => {
-                writeln!(out, "run {} ({}, {}) at {}: {}", run.id, run.source, display_file(&run.file), run.started_at.format("%Y-%m-%d %H:%M:%S"), run.status)?;
-                let mut rows = vec![["deal", "change", "field", "old", "new"].map(String::from).to_vec()];
+                writeln!(
+                    out,
+                    "run {} ({}, {}) at {}: {}",
+                    run.id,
+                    run.source,
+                    display_file(&run.file),
+                    run.started_at.format("%Y-%m-%d %H:%M:%S"),
+                    run.status
+                )?;
+                let mut rows = vec![["deal", "change", "field", "old", "new"]
+                    .map(String::from)
+                    .to_vec()];
                 for change in &changes {
                     rows.push(vec![
                         change.deal_id.to_string(),
                         change.kind.name().to_string(),
                         change.field.clone().unwrap_or_default(),
-                        change.old_value.clone().unwrap_or_default().chars().take(40).collect(),
-                        change.new_value.clone().unwrap_or_default().chars().take(40).collect(),
+                        change
+                            .old_value
+                            .clone()
+                            .unwrap_or_default()
+                            .chars()
+                            .take(40)
+                            .collect(),
+                        change
+                            .new_value
+                            .clone()
+                            .unwrap_or_default()
+                            .chars()
+                            .take(40)
+                            .collect(),
                     ]);
                 }
                 write_table(&mut out, &rows, &[true, false, false, false, false])?;
@@ -580,11 +747,27 @@ pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> 
     match args.format {
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&runs)?)?,
         Format::Table => {
-            let mut rows = vec![["run", "when", "source", "file", "status", "created", "updated", "archived", "unchanged", "errors"].map(String::from).to_vec()];
+            let mut rows = vec![[
+                "run",
+                "when",
+                "source",
+                "file",
+                "status",
+                "created",
+                "updated",
+                "archived",
+                "unchanged",
+                "errors",
+            ]
+            .map(String::from)
+            .to_vec()];
             for run in &runs {
                 rows.push(vec![
                     run.id.to_string(),
-                    run.started_at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string(),
+                    run.started_at
+                        .with_timezone(&chrono::Local)
+                        .format("%Y-%m-%d %H:%M:%S")
+                        .to_string(),
                     run.source.clone(),
                     display_file(&run.file),
                     run.status.clone(),
@@ -595,7 +778,13 @@ pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> 
                     run.counts.errors.to_string(),
                 ]);
             }
-            write_table(&mut out, &rows, &[true, false, false, false, false, true, true, true, true, true])?;
+            write_table(
+                &mut out,
+                &rows,
+                &[
+                    true, false, false, false, false, true, true, true, true, true,
+                ],
+            )?;
         }
     }
     Ok(ExitCode::from(EXIT_OK))
@@ -629,19 +818,37 @@ pub fn undo(config: &Config, args: &UndoArgs) -> anyhow::Result<ExitCode> {
             skipped.reason
         )?;
     }
-    Ok(ExitCode::from(if report.skipped.is_empty() { EXIT_OK } else { EXIT_ROW_ERRORS }))
+    Ok(ExitCode::from(if report.skipped.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_ROW_ERRORS
+    }))
 }
 
 /// The period of a funnel report: whole days, `until` included.
-pub fn funnel_period(since: Option<chrono::NaiveDate>, until: Option<chrono::NaiveDate>, now: chrono::DateTime<chrono::Utc>) -> crate::funnel::Period {
+pub fn funnel_period(
+    since: Option<chrono::NaiveDate>,
+    until: Option<chrono::NaiveDate>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> crate::funnel::Period {
     let until_day = until.unwrap_or_else(|| now.date_naive());
     let since_day = since.unwrap_or_else(|| until_day - chrono::Duration::days(90));
     let start = since_day.and_time(chrono::NaiveTime::MIN).and_utc();
-    let end = until_day.and_hms_opt(23, 59, 59).map(|end| end.and_utc()).unwrap_or(now);
-    crate::funnel::Period { since: start, until: end }
+    let end = until_day
+        .and_hms_opt(23, 59, 59)
+        .map(|end| end.and_utc())
+        .unwrap_or(now);
+    crate::funnel::Period {
+        since: start,
+        until: end,
+    }
 }
 
-pub fn funnel(config: &Config, args: &FunnelArgs, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<ExitCode> {
+pub fn funnel(
+    config: &Config,
+    args: &FunnelArgs,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<ExitCode> {
     if let (Some(since), Some(until)) = (args.since, args.until) {
         if since > until {
             eprintln!("error: --since {since} is after --until {until}");
@@ -655,7 +862,13 @@ pub fn funnel(config: &Config, args: &FunnelArgs, now: chrono::DateTime<chrono::
         crate::report::write_file(path, &report)?;
     }
     if args.send_digest {
-        if config.remind.as_ref().and_then(|remind| remind.manager.as_ref()).is_none() || config.smtp.is_none() {
+        if config
+            .remind
+            .as_ref()
+            .and_then(|remind| remind.manager.as_ref())
+            .is_none()
+            || config.smtp.is_none()
+        {
             eprintln!("error: the digest goes to [remind] manager over [smtp]; configure both");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
@@ -682,14 +895,22 @@ pub fn funnel(config: &Config, args: &FunnelArgs, now: chrono::DateTime<chrono::
 }
 
 /// Cleans a value given on the command line exactly as a sheet cell would be cleaned.
-fn clean_cli_value(config: &Config, field: Field, written: &str) -> Result<Vec<(Field, Option<crate::deal::FieldValue>)>, String> {
+fn clean_cli_value(
+    config: &Config,
+    field: Field,
+    written: &str,
+) -> Result<Vec<(Field, Option<crate::deal::FieldValue>)>, String> {
     use crate::deal::{FieldKind, FieldValue};
     use crate::mapping::clean;
     let cell = crate::workbook::Cell::Text(written.to_string());
     if cell.is_empty() {
         return Ok(vec![(field, None)]);
     }
-    let date_order = config.sources.first().map(|source| source.date_order).unwrap_or(crate::config::DateOrder::YearMonthDay);
+    let date_order = config
+        .sources
+        .first()
+        .map(|source| source.date_order)
+        .unwrap_or(crate::config::DateOrder::YearMonthDay);
     let cleaned = match field.kind() {
         FieldKind::Text => clean::text(&cell),
         FieldKind::Email => clean::email(&cell),
@@ -702,18 +923,27 @@ fn clean_cli_value(config: &Config, field: Field, written: &str) -> Result<Vec<(
                 .map(|(amount, currency)| {
                     let mut changes = vec![(Field::Amount, Some(FieldValue::Amount(amount)))];
                     if let Some(currency) = currency {
-                        changes.push((Field::Currency, Some(FieldValue::Text(currency.to_string()))));
+                        changes.push((
+                            Field::Currency,
+                            Some(FieldValue::Text(currency.to_string())),
+                        ));
                     }
                     changes
                 })
                 .map_err(|why| format!("{field}: \"{written}\" {why}"));
         }
     };
-    cleaned.map(|value| vec![(field, Some(value))]).map_err(|why| format!("{field}: \"{written}\" {why}"))
+    cleaned
+        .map(|value| vec![(field, Some(value))])
+        .map_err(|why| format!("{field}: \"{written}\" {why}"))
 }
 
 /// Applies field changes made on the command line, recorded with origin "cli".
-fn apply_cli_changes(config: &Config, id: i64, changes: Vec<(Field, Option<crate::deal::FieldValue>)>) -> anyhow::Result<ExitCode> {
+fn apply_cli_changes(
+    config: &Config,
+    id: i64,
+    changes: Vec<(Field, Option<crate::deal::FieldValue>)>,
+) -> anyhow::Result<ExitCode> {
     let mut store = open_store(config)?;
     let transaction = store.transaction()?;
     let crm = crate::store::SqliteCrm::new(&transaction);
@@ -721,7 +951,10 @@ fn apply_cli_changes(config: &Config, id: i64, changes: Vec<(Field, Option<crate
         eprintln!("error: there is no deal {id}");
         return Ok(ExitCode::from(EXIT_ROW_ERRORS));
     };
-    let changes: Vec<_> = changes.into_iter().filter(|(field, value)| deal.fields.get(field) != value.as_ref()).collect();
+    let changes: Vec<_> = changes
+        .into_iter()
+        .filter(|(field, value)| deal.fields.get(field) != value.as_ref())
+        .collect();
     if changes.is_empty() {
         println!("deal {id} already has these values");
         return Ok(ExitCode::from(EXIT_OK));
@@ -736,7 +969,10 @@ fn apply_cli_changes(config: &Config, id: i64, changes: Vec<(Field, Option<crate
         started_at: now,
         finished_at: now,
         status: "synced".to_string(),
-        counts: crate::store::RunCounts { updated: 1, ..crate::store::RunCounts::default() },
+        counts: crate::store::RunCounts {
+            updated: 1,
+            ..crate::store::RunCounts::default()
+        },
         message: None,
     })?;
     let records: Vec<crate::store::ChangeRecord> = changes
@@ -754,7 +990,10 @@ fn apply_cli_changes(config: &Config, id: i64, changes: Vec<(Field, Option<crate
     crm.record_changes(run_id, &records)?;
     transaction.commit()?;
     for (field, value) in &changes {
-        let shown = value.as_ref().map(|value| format!("\"{value}\"")).unwrap_or_else(|| "(empty)".to_string());
+        let shown = value
+            .as_ref()
+            .map(|value| format!("\"{value}\""))
+            .unwrap_or_else(|| "(empty)".to_string());
         println!("deal {id}: {field} = {shown}");
     }
     Ok(ExitCode::from(EXIT_OK))
@@ -770,7 +1009,11 @@ pub fn deals_set(config: &Config, id: i64, assignments: &[String]) -> anyhow::Re
         };
         let Some(field) = Field::from_name(name.trim()) else {
             let fields: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
-            problems.push(format!("\"{}\" is not a field ({})", name.trim(), fields.join(", ")));
+            problems.push(format!(
+                "\"{}\" is not a field ({})",
+                name.trim(),
+                fields.join(", ")
+            ));
             continue;
         };
         match clean_cli_value(config, field, value) {
@@ -789,7 +1032,9 @@ pub fn deals_set(config: &Config, id: i64, assignments: &[String]) -> anyhow::Re
 
 pub fn deals_move(config: &Config, id: i64, stage: &str) -> anyhow::Result<ExitCode> {
     match clean_cli_value(config, Field::Stage, stage) {
-        Ok(changes) if changes.iter().all(|(_, value)| value.is_some()) => apply_cli_changes(config, id, changes),
+        Ok(changes) if changes.iter().all(|(_, value)| value.is_some()) => {
+            apply_cli_changes(config, id, changes)
+        }
         Ok(_) => {
             eprintln!("error: a stage is needed");
             Ok(ExitCode::from(EXIT_CONFIG))
@@ -812,10 +1057,18 @@ pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCod
                 writeln!(out, "no conflicts")?;
                 return Ok(ExitCode::from(EXIT_OK));
             }
-            let mut rows = vec![["when", "deal", "field", "was", "sheet", "store", "kept", "policy", "file"].map(String::from).to_vec()];
+            let mut rows = vec![[
+                "when", "deal", "field", "was", "sheet", "store", "kept", "policy", "file",
+            ]
+            .map(String::from)
+            .to_vec()];
             for conflict in &conflicts {
                 rows.push(vec![
-                    conflict.at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string(),
+                    conflict
+                        .at
+                        .with_timezone(&chrono::Local)
+                        .format("%Y-%m-%d %H:%M")
+                        .to_string(),
                     conflict.deal_id.to_string(),
                     conflict.field.clone(),
                     conflict.base_value.clone().unwrap_or_default(),
@@ -826,7 +1079,11 @@ pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCod
                     display_file(&conflict.file),
                 ]);
             }
-            write_table(&mut out, &rows, &[false, true, false, false, false, false, false, false, false])?;
+            write_table(
+                &mut out,
+                &rows,
+                &[false, true, false, false, false, false, false, false, false],
+            )?;
         }
     }
     Ok(ExitCode::from(EXIT_OK))
@@ -834,8 +1091,14 @@ pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCod
 
 /// "1234567.5" → "1,234,567.5".
 pub fn group_thousands(number: &str) -> String {
-    let (sign, rest) = number.strip_prefix('-').map(|rest| ("-", rest)).unwrap_or(("", number));
-    let (integer, fraction) = rest.split_once('.').map(|(integer, fraction)| (integer, Some(fraction))).unwrap_or((rest, None));
+    let (sign, rest) = number
+        .strip_prefix('-')
+        .map(|rest| ("-", rest))
+        .unwrap_or(("", number));
+    let (integer, fraction) = rest
+        .split_once('.')
+        .map(|(integer, fraction)| (integer, Some(fraction)))
+        .unwrap_or((rest, None));
     let mut grouped = String::new();
     for (position, digit) in integer.chars().enumerate() {
         if position > 0 && (integer.len() - position) % 3 == 0 {
@@ -851,7 +1114,11 @@ pub fn group_thousands(number: &str) -> String {
 
 /// Prints rows as an aligned table, measuring text by terminal width (CJK characters take two
 /// columns). The first row is the header.
-pub fn write_table(out: &mut impl Write, rows: &[Vec<String>], right_aligned: &[bool]) -> std::io::Result<()> {
+pub fn write_table(
+    out: &mut impl Write,
+    rows: &[Vec<String>],
+    right_aligned: &[bool],
+) -> std::io::Result<()> {
     let n_columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; n_columns];
     for row in rows {
@@ -885,7 +1152,13 @@ mod tests {
 
     #[test]
     fn thousands_are_grouped() {
-        let cases = [("0", "0"), ("999", "999"), ("1000", "1,000"), ("1234567.5", "1,234,567.5"), ("-12000", "-12,000")];
+        let cases = [
+            ("0", "0"),
+            ("999", "999"),
+            ("1000", "1,000"),
+            ("1234567.5", "1,234,567.5"),
+            ("-12000", "-12,000"),
+        ];
         for (input, expected) in cases {
             assert_eq!(group_thousands(input), expected);
         }
@@ -893,7 +1166,10 @@ mod tests {
 
     #[test]
     fn tables_align_wide_characters() {
-        let rows = vec![vec!["公司".to_string(), "n".to_string()], vec!["Acme".to_string(), "10".to_string()]];
+        let rows = vec![
+            vec!["公司".to_string(), "n".to_string()],
+            vec!["Acme".to_string(), "10".to_string()],
+        ];
         let mut out = Vec::new();
         write_table(&mut out, &rows, &[false, true]).expect("write");
         let text = String::from_utf8(out).expect("utf8");

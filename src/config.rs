@@ -31,7 +31,9 @@ pub struct ConfigProblem {
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.line, self.key.is_empty()) {
-            (Some(line), false) => write!(formatter, "line {line}: `{}`: {}", self.key, self.message),
+            (Some(line), false) => {
+                write!(formatter, "line {line}: `{}`: {}", self.key, self.message)
+            }
             (Some(line), true) => write!(formatter, "line {line}: {}", self.message),
             (None, _) => write!(formatter, "`{}`: {}", self.key, self.message),
         }
@@ -41,13 +43,23 @@ impl fmt::Display for ConfigProblem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} has {} problem(s):\n{}", problems.len(), format_problems(problems))]
-    Invalid { path: PathBuf, problems: Vec<ConfigProblem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<ConfigProblem>,
+    },
 }
 
 fn format_problems(problems: &[ConfigProblem]) -> String {
-    problems.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(|problem| format!("  - {problem}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -75,7 +87,8 @@ struct RawTopLevel {
     unknown: BTreeMap<String, toml::Value>,
 }
 
-const TOP_LEVEL_KEYS: &str = "store, sources, stages, watch, remind, reps, smtp, report, alerts, limits, log_level";
+const TOP_LEVEL_KEYS: &str =
+    "store, sources, stages, watch, remind, reps, smtp, report, alerts, limits, log_level";
 
 /// The whole file, as written, once every section has been read.
 #[derive(Debug, Default)]
@@ -261,7 +274,9 @@ impl RawConfig {
                 let line = line.trim();
                 [format!("[{key}]"), format!("[[{key}]]")].contains(&line.to_string())
                     || line.starts_with(&format!("[{key}."))
-                    || line.strip_prefix(key.as_str()).is_some_and(|rest| rest.trim_start().starts_with('='))
+                    || line
+                        .strip_prefix(key.as_str())
+                        .is_some_and(|rest| rest.trim_start().starts_with('='))
             });
             problems.push(ConfigProblem {
                 key: key.clone(),
@@ -282,7 +297,12 @@ impl RawConfig {
         raw.alerts = read_section(text, "alerts", top.alerts, &mut problems);
         raw.limits = read_section(text, "limits", top.limits, &mut problems);
         for (index, source) in top.sources.into_iter().enumerate() {
-            if let Some(mut source) = read_section::<RawSource>(text, &format!("sources[{}]", index + 1), Some(source), &mut problems) {
+            if let Some(mut source) = read_section::<RawSource>(
+                text,
+                &format!("sources[{}]", index + 1),
+                Some(source),
+                &mut problems,
+            ) {
                 source.position = index + 1;
                 raw.sources.push(source);
             }
@@ -290,7 +310,12 @@ impl RawConfig {
         if let Some(stages) = top.stages {
             let mut read = Vec::new();
             for (index, stage) in stages.into_iter().enumerate() {
-                if let Some(mut stage) = read_section::<RawStage>(text, &format!("stages[{}]", index + 1), Some(stage), &mut problems) {
+                if let Some(mut stage) = read_section::<RawStage>(
+                    text,
+                    &format!("stages[{}]", index + 1),
+                    Some(stage),
+                    &mut problems,
+                ) {
                     stage.position = index + 1;
                     read.push(stage);
                 }
@@ -316,9 +341,18 @@ fn read_section<T: serde::de::DeserializeOwned>(
             // Name the offending key inside the section where serde tells it.
             let inner = unknown_field_name(&message);
             // Point at the key's own line when it can be found below the section's start.
-            let line = inner.as_deref().and_then(|inner| line_of_key(text, line, inner)).unwrap_or(line);
-            let inner_key = inner.map(|inner| format!("{key}.{inner}")).unwrap_or_else(|| key.to_string());
-            problems.push(ConfigProblem { key: inner_key, line: Some(line), message });
+            let line = inner
+                .as_deref()
+                .and_then(|inner| line_of_key(text, line, inner))
+                .unwrap_or(line);
+            let inner_key = inner
+                .map(|inner| format!("{key}.{inner}"))
+                .unwrap_or_else(|| key.to_string());
+            problems.push(ConfigProblem {
+                key: inner_key,
+                line: Some(line),
+                message,
+            });
             None
         }
     }
@@ -348,18 +382,25 @@ fn locate_key(text: &str, key: &str) -> Option<usize> {
         .lines()
         .enumerate()
         .skip(header_line)
-        .find(|(_, line)| line.trim_start().starts_with('[') && !line.trim_start().starts_with(&subtable))
+        .find(|(_, line)| {
+            line.trim_start().starts_with('[') && !line.trim_start().starts_with(&subtable)
+        })
         .map(|(line_idx, _)| line_idx + 1)
         .unwrap_or(usize::MAX);
-    line_of_key(text, header_line, field).filter(|line| *line < end_line).or(Some(header_line))
+    line_of_key(text, header_line, field)
+        .filter(|line| *line < end_line)
+        .or(Some(header_line))
 }
 
 /// The first line at or after `from_line` that assigns `key` (`key = …`).
 fn line_of_key(text: &str, from_line: usize, key: &str) -> Option<usize> {
-    text.lines().enumerate().skip(from_line.saturating_sub(1)).find_map(|(index, line)| {
-        let rest = line.trim_start().strip_prefix(key)?;
-        rest.trim_start().starts_with('=').then_some(index + 1)
-    })
+    text.lines()
+        .enumerate()
+        .skip(from_line.saturating_sub(1))
+        .find_map(|(index, line)| {
+            let rest = line.trim_start().strip_prefix(key)?;
+            rest.trim_start().starts_with('=').then_some(index + 1)
+        })
 }
 
 fn unknown_field_name(message: &str) -> Option<String> {
@@ -372,7 +413,12 @@ fn unknown_field_name(message: &str) -> Option<String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes().iter().take(offset).filter(|byte| **byte == b'\n').count() + 1
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|byte| **byte == b'\n')
+        .count()
+        + 1
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,12 +558,18 @@ impl Config {
     pub fn is_report(&self, path: &Path) -> bool {
         self.report.as_ref().is_some_and(|report| {
             report.path == path
-                || std::fs::canonicalize(path).ok().zip(std::fs::canonicalize(&report.path).ok()).is_some_and(|(left, right)| left == right)
+                || std::fs::canonicalize(path)
+                    .ok()
+                    .zip(std::fs::canonicalize(&report.path).ok())
+                    .is_some_and(|(left, right)| left == right)
         })
     }
 
     /// A source's files as they are now, without the report file.
-    pub fn source_files(&self, source: &SourceConfig) -> Result<Vec<PathBuf>, crate::watch::DiscoverError> {
+    pub fn source_files(
+        &self,
+        source: &SourceConfig,
+    ) -> Result<Vec<PathBuf>, crate::watch::DiscoverError> {
         let mut files = crate::watch::source_files(source)?;
         files.retain(|file| !self.is_report(file));
         Ok(files)
@@ -616,7 +668,11 @@ impl SourceConfig {
             fields
                 .get(field)
                 .map(|value| normalize_label(&value.to_string()))
-                .is_some_and(|value| accepted.iter().any(|accepted| normalize_label(accepted) == value))
+                .is_some_and(|value| {
+                    accepted
+                        .iter()
+                        .any(|accepted| normalize_label(accepted) == value)
+                })
         })
     }
 }
@@ -668,7 +724,9 @@ impl Stages {
     pub fn new(stages: Vec<Stage>) -> Stages {
         let mut by_label = HashMap::new();
         for (index, stage) in stages.iter().enumerate() {
-            by_label.entry(normalize_label(&stage.name)).or_insert(index);
+            by_label
+                .entry(normalize_label(&stage.name))
+                .or_insert(index);
             for alias in &stage.aliases {
                 by_label.entry(normalize_label(alias)).or_insert(index);
             }
@@ -678,7 +736,9 @@ impl Stages {
 
     /// The canonical stage for a name or alias as written in a sheet.
     pub fn resolve(&self, written: &str) -> Option<&Stage> {
-        self.by_label.get(&normalize_label(written)).map(|index| &self.stages[*index])
+        self.by_label
+            .get(&normalize_label(written))
+            .map(|index| &self.stages[*index])
     }
 
     pub fn first(&self) -> &Stage {
@@ -686,11 +746,18 @@ impl Stages {
     }
 
     pub fn names(&self) -> Vec<&str> {
-        self.stages.iter().map(|stage| stage.name.as_str()).collect()
+        self.stages
+            .iter()
+            .map(|stage| stage.name.as_str())
+            .collect()
     }
 
     pub fn built_in() -> Stages {
-        let stage = |name: &str, aliases: &[&str], probability: f64, stall: Option<u32>, terminal: Option<Terminal>| Stage {
+        let stage = |name: &str,
+                     aliases: &[&str],
+                     probability: f64,
+                     stall: Option<u32>,
+                     terminal: Option<Terminal>| Stage {
             name: name.to_string(),
             aliases: aliases.iter().map(|alias| alias.to_string()).collect(),
             probability,
@@ -698,11 +765,41 @@ impl Stages {
             terminal,
         };
         Stages::new(vec![
-            stage("Lead", &["Leads", "New", "潜在客户", "线索"], 0.10, Some(7), None),
-            stage("Prospect", &["Prospects", "Qualified", "意向客户", "意向"], 0.30, Some(10), None),
-            stage("Opportunity", &["Opportunities", "Proposal", "Negotiation", "机会", "商机"], 0.60, Some(14), None),
-            stage("Won", &["Closed Won", "成交", "赢单"], 1.0, None, Some(Terminal::Won)),
-            stage("Lost", &["Closed Lost", "丢单", "失败"], 0.0, None, Some(Terminal::Lost)),
+            stage(
+                "Lead",
+                &["Leads", "New", "潜在客户", "线索"],
+                0.10,
+                Some(7),
+                None,
+            ),
+            stage(
+                "Prospect",
+                &["Prospects", "Qualified", "意向客户", "意向"],
+                0.30,
+                Some(10),
+                None,
+            ),
+            stage(
+                "Opportunity",
+                &["Opportunities", "Proposal", "Negotiation", "机会", "商机"],
+                0.60,
+                Some(14),
+                None,
+            ),
+            stage(
+                "Won",
+                &["Closed Won", "成交", "赢单"],
+                1.0,
+                None,
+                Some(Terminal::Won),
+            ),
+            stage(
+                "Lost",
+                &["Closed Lost", "丢单", "失败"],
+                0.0,
+                None,
+                Some(Terminal::Lost),
+            ),
         ])
     }
 }
@@ -740,24 +837,39 @@ impl Default for WatchConfig {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_text(&text, path)
     }
 
     /// Validates the text of a config file that lives at `path` (relative paths in it are
     /// resolved against that file's folder).
     pub fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
+        let invalid = |problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        };
         let (raw, mut problems) = RawConfig::parse_partial(text);
-        let Some(raw) = raw else { return Err(invalid(problems)) };
+        let Some(raw) = raw else {
+            return Err(invalid(problems));
+        };
         let base = path
             .parent()
-            .map(|parent| if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
+            .map(|parent| {
+                if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                }
+            })
             .unwrap_or(Path::new("."));
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         // A section that did not parse is missing from `raw`; do not also report it as missing.
-        let store_unreadable = problems.iter().any(|problem| problem.key.starts_with("store"));
+        let store_unreadable = problems
+            .iter()
+            .any(|problem| problem.key.starts_with("store"));
         match Config::from_raw(raw, path, &base) {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(invalid(problems)),
@@ -766,17 +878,27 @@ impl Config {
                     problem.line = problem.line.or_else(|| locate_key(text, &problem.key));
                     problem
                 });
-                problems.extend(located.filter(|problem| !(store_unreadable && problem.key == "store")));
+                problems.extend(
+                    located.filter(|problem| !(store_unreadable && problem.key == "store")),
+                );
                 problems.sort_by_key(|problem| problem.line.unwrap_or(usize::MAX));
                 Err(invalid(problems))
             }
         }
     }
 
-    pub fn from_raw(raw: RawConfig, path: &Path, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
+    pub fn from_raw(
+        raw: RawConfig,
+        path: &Path,
+        base: &Path,
+    ) -> Result<Config, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
         let mut problem = |key: &str, message: String| {
-            problems.push(ConfigProblem { key: key.to_string(), line: None, message })
+            problems.push(ConfigProblem {
+                key: key.to_string(),
+                line: None,
+                message,
+            })
         };
 
         let store = match raw.store {
@@ -784,9 +906,14 @@ impl Config {
                 problem("store.path", "must name a SQLite file".to_string());
                 None
             }
-            Some(store) => Some(StoreConfig { path: resolve(base, &store.path) }),
+            Some(store) => Some(StoreConfig {
+                path: resolve(base, &store.path),
+            }),
             None => {
-                problem("store", "is missing: add a [store] section with `path = \"…/crm.db\"`".to_string());
+                problem(
+                    "store",
+                    "is missing: add a [store] section with `path = \"…/crm.db\"`".to_string(),
+                );
                 None
             }
         };
@@ -797,16 +924,23 @@ impl Config {
         };
 
         if raw.sources.is_empty() {
-            problem("sources", "no [[sources]] given: add at least one spreadsheet to sync".to_string());
+            problem(
+                "sources",
+                "no [[sources]] given: add at least one spreadsheet to sync".to_string(),
+            );
         }
         let mut sources = Vec::new();
         let mut seen_names: HashMap<String, usize> = HashMap::new();
         for raw_source in raw.sources {
             let key = format!("sources[{}]", raw_source.position);
-            if let Some(previous) = seen_names.insert(raw_source.name.clone(), raw_source.position) {
+            if let Some(previous) = seen_names.insert(raw_source.name.clone(), raw_source.position)
+            {
                 problem(
                     &format!("{key}.name"),
-                    format!("\"{}\" is already the name of sources[{previous}]", raw_source.name),
+                    format!(
+                        "\"{}\" is already the name of sources[{previous}]",
+                        raw_source.name
+                    ),
                 );
             }
             if let Some(source) = validate_source(raw_source, &key, base, &stages, &mut problem) {
@@ -818,13 +952,22 @@ impl Config {
         let mut reps = BTreeMap::new();
         for (owner, address) in raw.reps.unwrap_or_default() {
             if address.parse::<lettre::Address>().is_err() {
-                problem(&format!("reps.{owner}"), format!("\"{address}\" is not an email address"));
+                problem(
+                    &format!("reps.{owner}"),
+                    format!("\"{address}\" is not an email address"),
+                );
             }
             reps.insert(normalize_label(&owner), address.trim().to_string());
         }
-        let smtp = raw.smtp.and_then(|smtp| validate_smtp(smtp, base, &mut problem));
-        let remind = raw.remind.and_then(|remind| validate_remind(remind, &mut problem));
-        let report = raw.report.and_then(|report| validate_report(report, base, &mut problem));
+        let smtp = raw
+            .smtp
+            .and_then(|smtp| validate_smtp(smtp, base, &mut problem));
+        let remind = raw
+            .remind
+            .and_then(|remind| validate_remind(remind, &mut problem));
+        let report = raw
+            .report
+            .and_then(|report| validate_report(report, base, &mut problem));
         let alerts = raw.alerts.and_then(|alerts| {
             let to = check_address("alerts.to", &alerts.to, &mut problem)?;
             let every = match alerts.every {
@@ -834,7 +977,10 @@ impl Config {
             Some(AlertsConfig { to, every })
         });
         if alerts.is_some() && smtp.is_none() {
-            problem("alerts", "[alerts] needs an [smtp] section to send mail".to_string());
+            problem(
+                "alerts",
+                "[alerts] needs an [smtp] section to send mail".to_string(),
+            );
         }
         let mut limits = Limits::default();
         if let Some(raw_limits) = raw.limits {
@@ -851,7 +997,8 @@ impl Config {
             if let Some(megabytes) = positive("limits.max_file_mb", raw_limits.max_file_mb) {
                 limits.max_file_bytes = megabytes.saturating_mul(1 << 20);
             }
-            if let Some(megabytes) = positive("limits.max_unzipped_mb", raw_limits.max_unzipped_mb) {
+            if let Some(megabytes) = positive("limits.max_unzipped_mb", raw_limits.max_unzipped_mb)
+            {
                 limits.max_unzipped_bytes = megabytes.saturating_mul(1 << 20);
             }
             if let Some(rows) = positive("limits.max_rows", raw_limits.max_rows) {
@@ -864,22 +1011,41 @@ impl Config {
                 limits.max_cell_chars = chars as usize;
             }
         }
-        if report.as_ref().is_some_and(|report| report.weekly_digest.is_some()) {
+        if report
+            .as_ref()
+            .is_some_and(|report| report.weekly_digest.is_some())
+        {
             if smtp.is_none() {
-                problem("report.weekly_digest", "needs an [smtp] section to send mail".to_string());
+                problem(
+                    "report.weekly_digest",
+                    "needs an [smtp] section to send mail".to_string(),
+                );
             }
-            if remind.as_ref().and_then(|remind| remind.manager.as_ref()).is_none() {
-                problem("report.weekly_digest", "is sent to the manager: set `manager` in [remind]".to_string());
+            if remind
+                .as_ref()
+                .and_then(|remind| remind.manager.as_ref())
+                .is_none()
+            {
+                problem(
+                    "report.weekly_digest",
+                    "is sent to the manager: set `manager` in [remind]".to_string(),
+                );
             }
         }
         if remind.is_some() && smtp.is_none() {
-            problem("smtp", "[remind] needs an [smtp] section to send mail".to_string());
+            problem(
+                "smtp",
+                "[remind] needs an [smtp] section to send mail".to_string(),
+            );
         }
 
         let log_level = raw.log_level;
         if let Some(level) = &log_level {
             if tracing_subscriber::EnvFilter::try_new(level).is_err() {
-                problem("log_level", format!("\"{level}\" is not a log level (error, warn, info, debug, trace)"));
+                problem(
+                    "log_level",
+                    format!("\"{level}\" is not a log level (error, warn, info, debug, trace)"),
+                );
             }
         }
 
@@ -916,11 +1082,18 @@ fn resolve(base: &Path, written: &str) -> PathBuf {
     }
 }
 
-fn parse_duration(key: &str, written: &str, problem: &mut impl FnMut(&str, String)) -> Option<Duration> {
+fn parse_duration(
+    key: &str,
+    written: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Duration> {
     match humantime::parse_duration(written) {
         Ok(duration) => Some(duration),
         Err(error) => {
-            problem(key, format!("\"{written}\" is not a duration like \"10s\" or \"2m\" ({error})"));
+            problem(
+                key,
+                format!("\"{written}\" is not a duration like \"10s\" or \"2m\" ({error})"),
+            );
             None
         }
     }
@@ -934,13 +1107,19 @@ fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String))
             "auto" => watch.mode = WatchMode::Auto,
             "events" => watch.mode = WatchMode::Events,
             "poll" => watch.mode = WatchMode::Poll,
-            other => problem("watch.mode", format!("\"{other}\" is not one of auto, events, poll")),
+            other => problem(
+                "watch.mode",
+                format!("\"{other}\" is not one of auto, events, poll"),
+            ),
         }
     }
     if let Some(written) = raw.poll_interval {
         if let Some(duration) = parse_duration("watch.poll_interval", &written, problem) {
             if duration < Duration::from_millis(100) {
-                problem("watch.poll_interval", format!("\"{written}\" is too short: use at least 100ms"));
+                problem(
+                    "watch.poll_interval",
+                    format!("\"{written}\" is too short: use at least 100ms"),
+                );
             } else {
                 watch.poll_interval = duration;
             }
@@ -954,19 +1133,29 @@ fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String))
     if let Some(attempts) = raw.max_attempts {
         match u32::try_from(attempts) {
             Ok(attempts) if attempts >= 1 => watch.max_attempts = attempts,
-            _ => problem("watch.max_attempts", format!("{attempts} must be a whole number of at least 1")),
+            _ => problem(
+                "watch.max_attempts",
+                format!("{attempts} must be a whole number of at least 1"),
+            ),
         }
     }
     if let Some(parallel) = raw.parallel {
         match usize::try_from(parallel) {
             Ok(parallel) if (1..=64).contains(&parallel) => watch.parallel = parallel,
-            _ => problem("watch.parallel", format!("{parallel} must be between 1 and 64")),
+            _ => problem(
+                "watch.parallel",
+                format!("{parallel} must be between 1 and 64"),
+            ),
         }
     }
     watch
 }
 
-fn check_address(key: &str, written: &str, problem: &mut impl FnMut(&str, String)) -> Option<String> {
+fn check_address(
+    key: &str,
+    written: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<String> {
     match written.trim().parse::<lettre::Address>() {
         Ok(_) => Some(written.trim().to_string()),
         Err(_) => {
@@ -986,15 +1175,24 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
     let at = chrono::NaiveTime::parse_from_str(&at_text, "%H:%M")
         .or_else(|_| chrono::NaiveTime::parse_from_str(&at_text, "%H:%M:%S"))
         .unwrap_or_else(|_| {
-            fail("remind.at", format!("\"{at_text}\" is not a time of day like \"09:00\""));
+            fail(
+                "remind.at",
+                format!("\"{at_text}\" is not a time of day like \"09:00\""),
+            );
             chrono::NaiveTime::MIN
         });
     let timezone_text = raw.timezone.unwrap_or_else(|| "UTC".to_string());
     let timezone = timezone_text.parse::<chrono_tz::Tz>().unwrap_or_else(|_| {
-        fail("remind.timezone", format!("\"{timezone_text}\" is not an IANA time zone such as \"Asia/Shanghai\""));
+        fail(
+            "remind.timezone",
+            format!("\"{timezone_text}\" is not an IANA time zone such as \"Asia/Shanghai\""),
+        );
         chrono_tz::UTC
     });
-    let positive = |key: &str, value: Option<i64>, default: u32, fail: &mut dyn FnMut(&str, String)| match value {
+    let positive = |key: &str,
+                    value: Option<i64>,
+                    default: u32,
+                    fail: &mut dyn FnMut(&str, String)| match value {
         None => default,
         Some(value) => match u32::try_from(value) {
             Ok(value) if value >= 1 => value,
@@ -1004,7 +1202,12 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
             }
         },
     };
-    let repeat_every_days = positive("remind.repeat_every_days", raw.repeat_every_days, 2, &mut fail);
+    let repeat_every_days = positive(
+        "remind.repeat_every_days",
+        raw.repeat_every_days,
+        2,
+        &mut fail,
+    );
     let escalate_after = positive("remind.escalate_after", raw.escalate_after, 3, &mut fail);
     let mut address = |key: &str, written: Option<String>| {
         written.and_then(|written| {
@@ -1017,7 +1220,10 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
         None | Some("en") => Language::English,
         Some("zh") => Language::Chinese,
         Some(other) => {
-            fail("remind.language", format!("\"{other}\" is not one of en, zh"));
+            fail(
+                "remind.language",
+                format!("\"{other}\" is not one of en, zh"),
+            );
             Language::English
         }
     };
@@ -1025,7 +1231,10 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
     for day in raw.holidays.unwrap_or_default() {
         match chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d") {
             Ok(day) => holidays.push(day),
-            Err(_) => fail("remind.holidays", format!("\"{day}\" is not a date like \"2026-10-01\"")),
+            Err(_) => fail(
+                "remind.holidays",
+                format!("\"{day}\" is not a date like \"2026-10-01\""),
+            ),
         }
     }
     let remind = RemindConfig {
@@ -1043,15 +1252,28 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
     ok.then_some(remind)
 }
 
-fn validate_report(raw: RawReport, base: &Path, problem: &mut impl FnMut(&str, String)) -> Option<ReportConfig> {
+fn validate_report(
+    raw: RawReport,
+    base: &Path,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<ReportConfig> {
     let mut ok = true;
     let mut fail = |key: &str, message: String| {
         problem(key, message);
         ok = false;
     };
     let path = resolve(base, &raw.path);
-    if path.extension().and_then(|extension| extension.to_str()).map(str::to_ascii_lowercase).as_deref() != Some("xlsx") {
-        fail("report.path", format!("\"{}\" must be an .xlsx file", raw.path));
+    if path
+        .extension()
+        .and_then(|extension| extension.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+        != Some("xlsx")
+    {
+        fail(
+            "report.path",
+            format!("\"{}\" must be an .xlsx file", raw.path),
+        );
     }
     let refresh = match raw.refresh.as_deref() {
         None | Some("after-sync") => ReportRefresh::AfterSync,
@@ -1068,28 +1290,47 @@ fn validate_report(raw: RawReport, base: &Path, problem: &mut impl FnMut(&str, S
         Some(days) => match u32::try_from(days) {
             Ok(days) if (1..=3650).contains(&days) => days,
             _ => {
-                fail("report.period_days", format!("{days} must be between 1 and 3650"));
+                fail(
+                    "report.period_days",
+                    format!("{days} must be between 1 and 3650"),
+                );
                 90
             }
         },
     };
     let weekly_digest = raw.weekly_digest.and_then(|written| {
         let mut parts = written.split_whitespace();
-        let weekday = parts.next().and_then(|day| day.parse::<chrono::Weekday>().ok());
-        let time = parts.next().and_then(|time| chrono::NaiveTime::parse_from_str(time, "%H:%M").ok());
+        let weekday = parts
+            .next()
+            .and_then(|day| day.parse::<chrono::Weekday>().ok());
+        let time = parts
+            .next()
+            .and_then(|time| chrono::NaiveTime::parse_from_str(time, "%H:%M").ok());
         match (weekday, time, parts.next()) {
             (Some(weekday), Some(time), None) => Some((weekday, time)),
             _ => {
-                fail("report.weekly_digest", format!("\"{written}\" must be a weekday and a time such as \"mon 08:30\""));
+                fail(
+                    "report.weekly_digest",
+                    format!("\"{written}\" must be a weekday and a time such as \"mon 08:30\""),
+                );
                 None
             }
         }
     });
-    let report = ReportConfig { path, refresh, period_days, weekly_digest };
+    let report = ReportConfig {
+        path,
+        refresh,
+        period_days,
+        weekly_digest,
+    };
     ok.then_some(report)
 }
 
-fn validate_smtp(raw: RawSmtp, base: &Path, problem: &mut impl FnMut(&str, String)) -> Option<SmtpConfig> {
+fn validate_smtp(
+    raw: RawSmtp,
+    base: &Path,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<SmtpConfig> {
     let mut ok = true;
     let mut fail = |key: &str, message: String| {
         problem(key, message);
@@ -1103,7 +1344,10 @@ fn validate_smtp(raw: RawSmtp, base: &Path, problem: &mut impl FnMut(&str, Strin
         Some("tls") => SmtpSecurity::Tls,
         Some("none") => SmtpSecurity::None,
         Some(other) => {
-            fail("smtp.security", format!("\"{other}\" is not one of none, starttls, tls"));
+            fail(
+                "smtp.security",
+                format!("\"{other}\" is not one of none, starttls, tls"),
+            );
             SmtpSecurity::StartTls
         }
     };
@@ -1114,20 +1358,32 @@ fn validate_smtp(raw: RawSmtp, base: &Path, problem: &mut impl FnMut(&str, Strin
     };
     let port = match raw.port {
         None => default_port,
-        Some(port) => u16::try_from(port).ok().filter(|port| *port > 0).unwrap_or_else(|| {
-            fail("smtp.port", format!("{port} is not a port number"));
-            default_port
-        }),
+        Some(port) => u16::try_from(port)
+            .ok()
+            .filter(|port| *port > 0)
+            .unwrap_or_else(|| {
+                fail("smtp.port", format!("{port} is not a port number"));
+                default_port
+            }),
     };
     if raw.from.parse::<lettre::message::Mailbox>().is_err() {
-        fail("smtp.from", format!("\"{}\" is not a sender such as \"Funnel Sync <funnelsync@example.com>\"", raw.from));
+        fail(
+            "smtp.from",
+            format!(
+                "\"{}\" is not a sender such as \"Funnel Sync <funnelsync@example.com>\"",
+                raw.from
+            ),
+        );
     }
     let timeout = match raw.timeout {
         None => Duration::from_secs(30),
         Some(written) => match humantime::parse_duration(&written) {
             Ok(duration) => duration,
             Err(_) => {
-                fail("smtp.timeout", format!("\"{written}\" is not a duration like \"30s\""));
+                fail(
+                    "smtp.timeout",
+                    format!("\"{written}\" is not a duration like \"30s\""),
+                );
                 Duration::from_secs(30)
             }
         },
@@ -1155,7 +1411,10 @@ fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, Str
         for label in std::iter::once(&raw.name).chain(raw.aliases.iter()) {
             let normalized = normalize_label(label);
             if let Some(owner) = seen.insert(normalized, raw.name.clone()) {
-                problem(&format!("{key}.aliases"), format!("\"{label}\" is already used by stage \"{owner}\""));
+                problem(
+                    &format!("{key}.aliases"),
+                    format!("\"{label}\" is already used by stage \"{owner}\""),
+                );
             }
         }
         let terminal = match raw.terminal.as_deref() {
@@ -1163,7 +1422,10 @@ fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, Str
             Some("won") => Some(Terminal::Won),
             Some("lost") => Some(Terminal::Lost),
             Some(other) => {
-                problem(&format!("{key}.terminal"), format!("\"{other}\" is not one of won, lost"));
+                problem(
+                    &format!("{key}.terminal"),
+                    format!("\"{other}\" is not one of won, lost"),
+                );
                 None
             }
         };
@@ -1174,25 +1436,46 @@ fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, Str
         };
         let probability = raw.probability.unwrap_or(default_probability);
         if !(0.0..=1.0).contains(&probability) {
-            problem(&format!("{key}.probability"), format!("{probability} must be between 0 and 1"));
+            problem(
+                &format!("{key}.probability"),
+                format!("{probability} must be between 0 and 1"),
+            );
         }
         let stall_after_days = match raw.stall_after_days {
             None => None,
             Some(days) => match u32::try_from(days) {
                 Ok(days) if days >= 1 => Some(days),
                 _ => {
-                    problem(&format!("{key}.stall_after_days"), format!("{days} must be a whole number of days, at least 1"));
+                    problem(
+                        &format!("{key}.stall_after_days"),
+                        format!("{days} must be a whole number of days, at least 1"),
+                    );
                     None
                 }
             },
         };
-        stages.push(Stage { name: raw.name.trim().to_string(), aliases: raw.aliases, probability, stall_after_days, terminal });
+        stages.push(Stage {
+            name: raw.name.trim().to_string(),
+            aliases: raw.aliases,
+            probability,
+            stall_after_days,
+            terminal,
+        });
     }
     if !stages.iter().any(|stage| stage.terminal.is_none()) {
-        problem("stages", "the funnel needs at least one stage that is not terminal".to_string());
+        problem(
+            "stages",
+            "the funnel needs at least one stage that is not terminal".to_string(),
+        );
     }
-    if !stages.iter().any(|stage| stage.terminal == Some(Terminal::Won)) {
-        problem("stages", "the funnel needs a stage with `terminal = \"won\"`".to_string());
+    if !stages
+        .iter()
+        .any(|stage| stage.terminal == Some(Terminal::Won))
+    {
+        problem(
+            "stages",
+            "the funnel needs a stage with `terminal = \"won\"`".to_string(),
+        );
     }
     if stages.is_empty() {
         return Stages::built_in();
@@ -1224,7 +1507,10 @@ fn validate_source(
         match glob::Pattern::new(&pattern) {
             Ok(_) => Some(SourcePath::Glob(pattern)),
             Err(error) => {
-                fail("path", format!("\"{}\" is not a valid glob: {error}", raw.path));
+                fail(
+                    "path",
+                    format!("\"{}\" is not a valid glob: {error}", raw.path),
+                );
                 None
             }
         }
@@ -1234,7 +1520,11 @@ fn validate_source(
         if resolved.is_dir() || (resolved.extension().is_none() && !resolved.is_file()) {
             Some(SourcePath::Folder(resolved))
         } else {
-            let extension = resolved.extension().and_then(|ext| ext.to_str()).unwrap_or("").to_lowercase();
+            let extension = resolved
+                .extension()
+                .and_then(|ext| ext.to_str())
+                .unwrap_or("")
+                .to_lowercase();
             if !crate::workbook::SUPPORTED_EXTENSIONS.contains(&extension.as_str()) {
                 fail(
                     "path",
@@ -1254,13 +1544,19 @@ fn validate_source(
         None => HeaderRow::Auto,
         Some(RawHeaderRow::Word(word)) if word == "auto" => HeaderRow::Auto,
         Some(RawHeaderRow::Word(word)) => {
-            fail("header_row", format!("\"{word}\" must be \"auto\" or a row number such as 1"));
+            fail(
+                "header_row",
+                format!("\"{word}\" must be \"auto\" or a row number such as 1"),
+            );
             HeaderRow::Auto
         }
         Some(RawHeaderRow::Number(number)) => match u32::try_from(number) {
             Ok(number) if (1..=1_048_576).contains(&number) => HeaderRow::Fixed(number),
             _ => {
-                fail("header_row", format!("{number} is not a row number (1 to 1048576)"));
+                fail(
+                    "header_row",
+                    format!("{number} is not a row number (1 to 1048576)"),
+                );
                 HeaderRow::Auto
             }
         },
@@ -1275,7 +1571,10 @@ fn validate_source(
     for name in raw.match_on.unwrap_or_else(|| vec!["email".to_string()]) {
         match Field::from_name(&name) {
             Some(field) => match_on.push(field),
-            None => fail("match_on", format!("\"{name}\" is not a field ({})", field_list())),
+            None => fail(
+                "match_on",
+                format!("\"{name}\" is not a field ({})", field_list()),
+            ),
         }
     }
 
@@ -1284,7 +1583,10 @@ fn validate_source(
         Some("delete") => RowRemoved::Delete,
         Some("ignore") => RowRemoved::Ignore,
         Some(other) => {
-            fail("on_row_removed", format!("\"{other}\" is not one of archive, delete, ignore"));
+            fail(
+                "on_row_removed",
+                format!("\"{other}\" is not one of archive, delete, ignore"),
+            );
             RowRemoved::Archive
         }
     };
@@ -1294,7 +1596,10 @@ fn validate_source(
         Some("dmy") => DateOrder::DayMonthYear,
         Some("mdy") => DateOrder::MonthDayYear,
         Some(other) => {
-            fail("date_order", format!("\"{other}\" is not one of ymd, dmy, mdy"));
+            fail(
+                "date_order",
+                format!("\"{other}\" is not one of ymd, dmy, mdy"),
+            );
             DateOrder::YearMonthDay
         }
     };
@@ -1316,13 +1621,23 @@ fn validate_source(
     for (name, aliases) in raw.columns.unwrap_or_default() {
         match Field::from_name(&name) {
             Some(field) => {
-                let aliases: Vec<String> = aliases.into_vec().iter().map(|alias| normalize_label(alias)).collect();
+                let aliases: Vec<String> = aliases
+                    .into_vec()
+                    .iter()
+                    .map(|alias| normalize_label(alias))
+                    .collect();
                 if aliases.iter().any(String::is_empty) {
-                    fail(&format!("columns.{name}"), "a header text must not be empty".to_string());
+                    fail(
+                        &format!("columns.{name}"),
+                        "a header text must not be empty".to_string(),
+                    );
                 }
                 configured.insert(field, aliases);
             }
-            None => fail(&format!("columns.{name}"), format!("\"{name}\" is not a field ({})", field_list())),
+            None => fail(
+                &format!("columns.{name}"),
+                format!("\"{name}\" is not a field ({})", field_list()),
+            ),
         }
     }
     let mut claimed: HashMap<String, Field> = HashMap::new();
@@ -1330,7 +1645,10 @@ fn validate_source(
         for alias in aliases {
             if let Some(other) = claimed.insert(alias.clone(), *field) {
                 if other != *field {
-                    fail(&format!("columns.{field}"), format!("header \"{alias}\" is also listed for {other}"));
+                    fail(
+                        &format!("columns.{field}"),
+                        format!("header \"{alias}\" is also listed for {other}"),
+                    );
                 }
             }
         }
@@ -1348,7 +1666,10 @@ fn validate_source(
                 .collect(),
         };
         if aliases.contains(&normalized_key) {
-            fail("key_column", format!("\"{key_column}\" is also a header of the {field} field"));
+            fail(
+                "key_column",
+                format!("\"{key_column}\" is also a header of the {field} field"),
+            );
         }
         columns.insert(field, aliases);
     }
@@ -1371,14 +1692,20 @@ fn validate_source(
         Some("sheet") => ConflictPolicy::Sheet,
         Some("newest") => ConflictPolicy::Newest,
         Some(other) => {
-            fail("conflict", format!("\"{other}\" is not one of store, sheet, newest"));
+            fail(
+                "conflict",
+                format!("\"{other}\" is not one of store, sheet, newest"),
+            );
             ConflictPolicy::Store
         }
     };
     let mut filter = BTreeMap::new();
     for (name, values) in raw.filter.unwrap_or_default() {
         let Some(field) = Field::from_name(&name) else {
-            fail(&format!("filter.{name}"), format!("\"{name}\" is not a field ({})", field_list()));
+            fail(
+                &format!("filter.{name}"),
+                format!("\"{name}\" is not a field ({})", field_list()),
+            );
             continue;
         };
         let mut accepted = Vec::new();
@@ -1386,14 +1713,20 @@ fn validate_source(
             if field == Field::Stage {
                 match stages.resolve(&value) {
                     Some(stage) => accepted.push(stage.name.clone()),
-                    None => fail(&format!("filter.{name}"), format!("\"{value}\" is not a stage ({})", stages.names().join(", "))),
+                    None => fail(
+                        &format!("filter.{name}"),
+                        format!("\"{value}\" is not a stage ({})", stages.names().join(", ")),
+                    ),
                 }
             } else {
                 accepted.push(value.trim().to_string());
             }
         }
         if accepted.is_empty() {
-            fail(&format!("filter.{name}"), "needs at least one value".to_string());
+            fail(
+                &format!("filter.{name}"),
+                "needs at least one value".to_string(),
+            );
         }
         filter.insert(field, accepted);
     }
@@ -1417,10 +1750,19 @@ fn validate_source(
                 MaxDelete::Share(0.5)
             }
         },
-        Some(RawMaxDelete::Text(text)) => match text.trim().strip_suffix('%').map(|number| number.trim().parse::<f64>()) {
-            Some(Ok(percent)) if (0.0..=100.0).contains(&percent) => MaxDelete::Share(percent / 100.0),
+        Some(RawMaxDelete::Text(text)) => match text
+            .trim()
+            .strip_suffix('%')
+            .map(|number| number.trim().parse::<f64>())
+        {
+            Some(Ok(percent)) if (0.0..=100.0).contains(&percent) => {
+                MaxDelete::Share(percent / 100.0)
+            }
             _ => {
-                fail("max_delete", format!("\"{text}\" must be a share such as \"50%\" or a count such as 200"));
+                fail(
+                    "max_delete",
+                    format!("\"{text}\" must be a share such as \"50%\" or a count such as 200"),
+                );
                 MaxDelete::Share(0.5)
             }
         },
@@ -1447,7 +1789,11 @@ fn validate_source(
 }
 
 fn field_list() -> String {
-    Field::ALL.iter().map(|field| field.name()).collect::<Vec<_>>().join(", ")
+    Field::ALL
+        .iter()
+        .map(|field| field.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -1464,14 +1810,28 @@ mod tests {
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let text = "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"sales/*.xlsx\"\n";
-        let config = Config::from_text(text, Path::new("/etc/funnelsync/funnelsync.toml")).expect("valid");
+        let text =
+            "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"sales/*.xlsx\"\n";
+        let config =
+            Config::from_text(text, Path::new("/etc/funnelsync/funnelsync.toml")).expect("valid");
         assert_eq!(config.store.path, PathBuf::from("/etc/funnelsync/crm.db"));
-        assert_eq!(config.sources[0].path, SourcePath::Glob("/etc/funnelsync/sales/*.xlsx".to_string()));
+        assert_eq!(
+            config.sources[0].path,
+            SourcePath::Glob("/etc/funnelsync/sales/*.xlsx".to_string())
+        );
         assert_eq!(config.sources[0].key_column, "CRM ID");
         assert_eq!(config.sources[0].match_on, vec![Field::Email]);
-        assert_eq!(config.stages.names(), vec!["Lead", "Prospect", "Opportunity", "Won", "Lost"]);
-        assert_eq!(config.stages.resolve(" 意向客户 ").map(|stage| stage.name.as_str()), Some("Prospect"));
+        assert_eq!(
+            config.stages.names(),
+            vec!["Lead", "Prospect", "Opportunity", "Won", "Lost"]
+        );
+        assert_eq!(
+            config
+                .stages
+                .resolve(" 意向客户 ")
+                .map(|stage| stage.name.as_str()),
+            Some("Prospect")
+        );
         assert_eq!(config.watch.poll_interval, Duration::from_secs(10));
     }
 
@@ -1501,11 +1861,29 @@ poll_interval = "often"
         let found = problems(text);
         let keys: Vec<&str> = found.iter().map(|problem| problem.key.as_str()).collect();
         assert!(keys.contains(&"sources[2].pathh"), "{found:?}");
-        assert_eq!(found.iter().find(|problem| problem.key == "sources[2].pathh").and_then(|problem| problem.line), Some(13));
+        assert_eq!(
+            found
+                .iter()
+                .find(|problem| problem.key == "sources[2].pathh")
+                .and_then(|problem| problem.line),
+            Some(13)
+        );
         // The unreadable source does not hide the problems of the sections that did read.
         assert!(keys.contains(&"sources[1].header_row"), "{found:?}");
-        assert_eq!(found.iter().find(|problem| problem.key == "sources[1].header_row").and_then(|problem| problem.line), Some(8));
-        assert_eq!(found.iter().find(|problem| problem.key == "watch.poll_interval").and_then(|problem| problem.line), Some(20));
+        assert_eq!(
+            found
+                .iter()
+                .find(|problem| problem.key == "sources[1].header_row")
+                .and_then(|problem| problem.line),
+            Some(8)
+        );
+        assert_eq!(
+            found
+                .iter()
+                .find(|problem| problem.key == "watch.poll_interval")
+                .and_then(|problem| problem.line),
+            Some(20)
+        );
 
         let fixed = text.replace("pathh", "path");
         let found = problems(&fixed);
@@ -1535,7 +1913,8 @@ poll_interval = "often"
     fn the_shipped_configs_are_valid() {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         for name in ["config/funnelsync.example.toml", "config/demo.toml"] {
-            let config = Config::load(&repo.join(name)).unwrap_or_else(|error| panic!("{name}: {error}"));
+            let config =
+                Config::load(&repo.join(name)).unwrap_or_else(|error| panic!("{name}: {error}"));
             assert!(!config.sources.is_empty(), "{name}");
         }
     }
@@ -1544,7 +1923,12 @@ poll_interval = "often"
     fn conflicting_column_aliases_are_errors() {
         let text = "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"a.csv\"\n[sources.columns]\ncompany = \"Name\"\ncontact = [\"Name\"]\n";
         let found = problems(text);
-        assert!(found.iter().any(|problem| problem.message.contains("also listed")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|problem| problem.message.contains("also listed")),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -93,12 +93,27 @@ impl Field {
     /// The header texts accepted for this field when the config does not list its own.
     pub fn default_aliases(self) -> &'static [&'static str] {
         match self {
-            Field::Company => &["Company", "Account", "Customer", "Client", "公司", "客户名称", "客户"],
+            Field::Company => &[
+                "Company",
+                "Account",
+                "Customer",
+                "Client",
+                "公司",
+                "客户名称",
+                "客户",
+            ],
             Field::Contact => &["Contact", "Contact Name", "Name", "联系人"],
             Field::Email => &["Email", "E-mail", "Email Address", "邮箱", "电子邮件"],
             Field::Phone => &["Phone", "Mobile", "Tel", "Telephone", "电话", "手机"],
             Field::Stage => &["Stage", "Status", "Pipeline Stage", "阶段", "状态"],
-            Field::Amount => &["Amount", "Deal Size", "Value", "Deal Value", "金额", "合同金额"],
+            Field::Amount => &[
+                "Amount",
+                "Deal Size",
+                "Value",
+                "Deal Value",
+                "金额",
+                "合同金额",
+            ],
             Field::Currency => &["Currency", "币种", "货币"],
             Field::Owner => &["Owner", "Rep", "Sales Rep", "负责人", "销售"],
             Field::NextStep => &["Next Step", "Next Steps", "下一步"],
@@ -197,7 +212,13 @@ mod tests {
 
     #[test]
     fn amounts_format_without_noise() {
-        let cases = [(12000.0, "12000"), (12000.5, "12000.5"), (0.1, "0.1"), (-3.0, "-3"), (1.239, "1.24")];
+        let cases = [
+            (12000.0, "12000"),
+            (12000.5, "12000.5"),
+            (0.1, "0.1"),
+            (-3.0, "-3"),
+            (1.239, "1.24"),
+        ];
         for (amount, expected) in cases {
             assert_eq!(format_amount(amount), expected, "amount {amount}");
         }
@@ -220,7 +241,12 @@ pub fn row_hash(fields: &FieldMap, extras: &ExtraMap) -> String {
     hasher.update(serde_json::to_string(fields).unwrap_or_default().as_bytes());
     hasher.update([0]);
     hasher.update(serde_json::to_string(extras).unwrap_or_default().as_bytes());
-    hasher.finalize().iter().take(16).map(|byte| format!("{byte:02x}")).collect()
+    hasher
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Folds a header text or stage name for matching: Unicode compatibility form (so full-width

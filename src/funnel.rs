@@ -136,7 +136,11 @@ fn median(values: &mut [f64]) -> Option<f64> {
     }
     values.sort_by(|left, right| left.total_cmp(right));
     let middle = values.len() / 2;
-    Some(if values.len() % 2 == 0 { (values[middle - 1] + values[middle]) / 2.0 } else { values[middle] })
+    Some(if values.len() % 2 == 0 {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    })
 }
 
 /// The funnel over `deals` (already filtered by owner if wanted) and their stage history.
@@ -150,7 +154,11 @@ pub fn compute(
     owner: Option<String>,
 ) -> FunnelReport {
     // Ranks: open stages in order, then won stages share the last rank.
-    let open_stages: Vec<&crate::config::Stage> = stages.stages.iter().filter(|stage| stage.terminal.is_none()).collect();
+    let open_stages: Vec<&crate::config::Stage> = stages
+        .stages
+        .iter()
+        .filter(|stage| stage.terminal.is_none())
+        .collect();
     let won_rank = open_stages.len();
     let rank_of = |name: &str| -> Option<usize> {
         let stage = stages.resolve(name)?;
@@ -160,7 +168,11 @@ pub fn compute(
             Some(Terminal::Lost) => None,
         }
     };
-    let is_lost = |name: &str| stages.resolve(name).is_some_and(|stage| stage.terminal == Some(Terminal::Lost));
+    let is_lost = |name: &str| {
+        stages
+            .resolve(name)
+            .is_some_and(|stage| stage.terminal == Some(Terminal::Lost))
+    };
 
     let mut by_deal: HashMap<DealId, Vec<&StageChange>> = HashMap::new();
     for change in history {
@@ -169,7 +181,10 @@ pub fn compute(
     for changes in by_deal.values_mut() {
         changes.sort_by_key(|change| change.at);
     }
-    let live: Vec<&Deal> = deals.iter().filter(|deal| deal.archived_at.is_none()).collect();
+    let live: Vec<&Deal> = deals
+        .iter()
+        .filter(|deal| deal.archived_at.is_none())
+        .collect();
     let today = calendar.day_of(now);
 
     // When each deal first reached each rank (up to now), and its highest rank.
@@ -191,19 +206,43 @@ pub fn compute(
         first_reached.insert(deal.id, reached);
     }
     let historical_win_rate = |rank: usize| -> Option<f64> {
-        let reached = first_reached.values().filter(|ranks| ranks[rank].is_some()).count() as u64;
-        let won = first_reached.values().filter(|ranks| ranks[rank].is_some() && ranks[won_rank].is_some()).count() as u64;
+        let reached = first_reached
+            .values()
+            .filter(|ranks| ranks[rank].is_some())
+            .count() as u64;
+        let won = first_reached
+            .values()
+            .filter(|ranks| ranks[rank].is_some() && ranks[won_rank].is_some())
+            .count() as u64;
         ratio(won, reached)
     };
 
     let mut stage_stats = Vec::new();
     for (rank, stage) in open_stages.iter().enumerate() {
-        let open: Vec<&&Deal> = live.iter().filter(|deal| deal.text(Field::Stage) == Some(stage.name.as_str())).collect();
-        let open_amount: f64 = open.iter().filter_map(|deal| deal.fields.get(&Field::Amount).and_then(|value| value.as_amount())).sum();
-        let entered: Vec<&Vec<Option<DateTime<Utc>>>> =
-            first_reached.values().filter(|ranks| ranks[rank].is_some_and(|at| period.contains(at))).collect();
-        let converted = entered.iter().filter(|ranks| ranks[rank + 1].is_some()).count() as u64;
-        let won = entered.iter().filter(|ranks| ranks[won_rank].is_some()).count() as u64;
+        let open: Vec<&&Deal> = live
+            .iter()
+            .filter(|deal| deal.text(Field::Stage) == Some(stage.name.as_str()))
+            .collect();
+        let open_amount: f64 = open
+            .iter()
+            .filter_map(|deal| {
+                deal.fields
+                    .get(&Field::Amount)
+                    .and_then(|value| value.as_amount())
+            })
+            .sum();
+        let entered: Vec<&Vec<Option<DateTime<Utc>>>> = first_reached
+            .values()
+            .filter(|ranks| ranks[rank].is_some_and(|at| period.contains(at)))
+            .collect();
+        let converted = entered
+            .iter()
+            .filter(|ranks| ranks[rank + 1].is_some())
+            .count() as u64;
+        let won = entered
+            .iter()
+            .filter(|ranks| ranks[won_rank].is_some())
+            .count() as u64;
         // Visits of this stage that ended in the period.
         let mut durations = Vec::new();
         for changes in by_deal.values() {
@@ -218,9 +257,17 @@ pub fn compute(
                 }
             }
         }
-        let mean_days = (!durations.is_empty()).then(|| durations.iter().sum::<f64>() / durations.len() as f64);
-        let oldest_open_days = open.iter().filter_map(|deal| deal.stage_entered_at).map(|at| (now - at).num_days()).max();
-        let n_stalled = open.iter().filter(|deal| stall_of(deal, stages, calendar, today).is_some()).count() as u64;
+        let mean_days =
+            (!durations.is_empty()).then(|| durations.iter().sum::<f64>() / durations.len() as f64);
+        let oldest_open_days = open
+            .iter()
+            .filter_map(|deal| deal.stage_entered_at)
+            .map(|at| (now - at).num_days())
+            .max();
+        let n_stalled = open
+            .iter()
+            .filter(|deal| stall_of(deal, stages, calendar, today).is_some())
+            .count() as u64;
         stage_stats.push(StageStats {
             stage: stage.name.clone(),
             probability: stage.probability,
@@ -243,15 +290,37 @@ pub fn compute(
     // Totals over the period.
     let won_in_period: Vec<&Deal> = deals
         .iter()
-        .filter(|deal| first_reached.get(&deal.id).and_then(|ranks| ranks[won_rank]).is_some_and(|at| period.contains(at)))
+        .filter(|deal| {
+            first_reached
+                .get(&deal.id)
+                .and_then(|ranks| ranks[won_rank])
+                .is_some_and(|at| period.contains(at))
+        })
         .collect();
-    let won_amount = won_in_period.iter().filter_map(|deal| deal.fields.get(&Field::Amount).and_then(|value| value.as_amount())).sum();
+    let won_amount = won_in_period
+        .iter()
+        .filter_map(|deal| {
+            deal.fields
+                .get(&Field::Amount)
+                .and_then(|value| value.as_amount())
+        })
+        .sum();
     let lost_count = by_deal
         .values()
-        .filter(|changes| changes.iter().any(|change| is_lost(&change.to_stage) && period.contains(change.at)))
+        .filter(|changes| {
+            changes
+                .iter()
+                .any(|change| is_lost(&change.to_stage) && period.contains(change.at))
+        })
         .count() as u64;
-    let started: Vec<&Vec<Option<DateTime<Utc>>>> = first_reached.values().filter(|ranks| ranks[0].is_some_and(|at| period.contains(at))).collect();
-    let started_won = started.iter().filter(|ranks| ranks[won_rank].is_some()).count() as u64;
+    let started: Vec<&Vec<Option<DateTime<Utc>>>> = first_reached
+        .values()
+        .filter(|ranks| ranks[0].is_some_and(|at| period.contains(at)))
+        .collect();
+    let started_won = started
+        .iter()
+        .filter(|ranks| ranks[won_rank].is_some())
+        .count() as u64;
     let days_to_won: Vec<f64> = won_in_period
         .iter()
         .filter_map(|deal| {
@@ -265,7 +334,8 @@ pub fn compute(
         won_amount,
         lost_count,
         lead_to_won_rate: ratio(started_won, started.len() as u64),
-        average_days_to_won: (!days_to_won.is_empty()).then(|| days_to_won.iter().sum::<f64>() / days_to_won.len() as f64),
+        average_days_to_won: (!days_to_won.is_empty())
+            .then(|| days_to_won.iter().sum::<f64>() / days_to_won.len() as f64),
     };
 
     // Forecast over open deals.
@@ -276,7 +346,11 @@ pub fn compute(
             let stage_name = deal.text(Field::Stage)?;
             let rank = rank_of(stage_name).filter(|rank| *rank < won_rank)?;
             let stage = open_stages[rank];
-            let amount = deal.fields.get(&Field::Amount).and_then(|value| value.as_amount()).unwrap_or(0.0);
+            let amount = deal
+                .fields
+                .get(&Field::Amount)
+                .and_then(|value| value.as_amount())
+                .unwrap_or(0.0);
             let win_rate = historical_win_rate(rank);
             let expected_close = deal.text(Field::ExpectedClose).map(str::to_string);
             let closes_in_period = expected_close
@@ -299,7 +373,11 @@ pub fn compute(
         })
         .collect();
     lines.sort_by(|left, right| {
-        right.closes_in_period.cmp(&left.closes_in_period).then(right.weighted.total_cmp(&left.weighted)).then(left.deal_id.cmp(&right.deal_id))
+        right
+            .closes_in_period
+            .cmp(&left.closes_in_period)
+            .then(right.weighted.total_cmp(&left.weighted))
+            .then(left.deal_id.cmp(&right.deal_id))
     });
     let forecast = Forecast {
         weighted_pipeline: lines.iter().map(|line| line.weighted).sum(),
@@ -311,17 +389,28 @@ pub fn compute(
     let mut owners: BTreeMap<String, OwnerStats> = BTreeMap::new();
     let mut stalled = Vec::new();
     for deal in &live {
-        let owner_name = deal.text(Field::Owner).map(|owner| owner.trim().to_string()).unwrap_or_default();
-        let entry = owners.entry(owner_name.clone()).or_insert_with(|| OwnerStats {
-            owner: owner_name.clone(),
-            open_count: 0,
-            weighted_pipeline: 0.0,
-            won_count: 0,
-            won_amount: 0.0,
-            n_stalled: 0,
-        });
-        let amount = deal.fields.get(&Field::Amount).and_then(|value| value.as_amount());
-        match deal.text(Field::Stage).and_then(|name| stages.resolve(name)) {
+        let owner_name = deal
+            .text(Field::Owner)
+            .map(|owner| owner.trim().to_string())
+            .unwrap_or_default();
+        let entry = owners
+            .entry(owner_name.clone())
+            .or_insert_with(|| OwnerStats {
+                owner: owner_name.clone(),
+                open_count: 0,
+                weighted_pipeline: 0.0,
+                won_count: 0,
+                won_amount: 0.0,
+                n_stalled: 0,
+            });
+        let amount = deal
+            .fields
+            .get(&Field::Amount)
+            .and_then(|value| value.as_amount());
+        match deal
+            .text(Field::Stage)
+            .and_then(|name| stages.resolve(name))
+        {
             Some(stage) if stage.terminal.is_none() => {
                 entry.open_count += 1;
                 entry.weighted_pipeline += amount.unwrap_or(0.0) * stage.probability;
@@ -340,14 +429,22 @@ pub fn compute(
                     ));
                 }
             }
-            Some(stage) if stage.terminal == Some(Terminal::Won) && won_in_period.iter().any(|won| won.id == deal.id) => {
+            Some(stage)
+                if stage.terminal == Some(Terminal::Won)
+                    && won_in_period.iter().any(|won| won.id == deal.id) =>
+            {
                 entry.won_count += 1;
                 entry.won_amount += amount.unwrap_or(0.0);
             }
             _ => {}
         }
     }
-    stalled.sort_by(|left, right| right.0.cmp(&left.0).then(left.1.deal_id.cmp(&right.1.deal_id)));
+    stalled.sort_by(|left, right| {
+        right
+            .0
+            .cmp(&left.0)
+            .then(left.1.deal_id.cmp(&right.1.deal_id))
+    });
 
     FunnelReport {
         period,
@@ -366,10 +463,19 @@ mod tests {
     use crate::deal::{ExtraMap, FieldMap, FieldValue};
 
     fn at(day: u32) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(&format!("2026-11-{day:02}T10:00:00Z")).expect("time").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(&format!("2026-11-{day:02}T10:00:00Z"))
+            .expect("time")
+            .with_timezone(&Utc)
     }
 
-    fn deal(id: DealId, stage: &str, amount: f64, entered: u32, owner: &str, close: Option<&str>) -> Deal {
+    fn deal(
+        id: DealId,
+        stage: &str,
+        amount: f64,
+        entered: u32,
+        owner: &str,
+        close: Option<&str>,
+    ) -> Deal {
         let mut fields = FieldMap::new();
         fields.insert(Field::Company, FieldValue::Text(format!("Company {id}")));
         fields.insert(Field::Stage, FieldValue::Text(stage.to_string()));
@@ -378,14 +484,28 @@ mod tests {
         if let Some(close) = close {
             fields.insert(Field::ExpectedClose, FieldValue::Text(close.to_string()));
         }
-        Deal { id, fields, extra: ExtraMap::new(), created_at: at(1), updated_at: at(entered), stage_entered_at: Some(at(entered)), archived_at: None }
+        Deal {
+            id,
+            fields,
+            extra: ExtraMap::new(),
+            created_at: at(1),
+            updated_at: at(entered),
+            stage_entered_at: Some(at(entered)),
+            archived_at: None,
+        }
     }
 
     fn moves(deal_id: DealId, path: &[(&str, u32)]) -> Vec<StageChange> {
         let mut from: Option<String> = None;
         path.iter()
             .map(|(stage, day)| {
-                let change = StageChange { deal_id, from_stage: from.clone(), to_stage: stage.to_string(), at: at(*day), source: "test".to_string() };
+                let change = StageChange {
+                    deal_id,
+                    from_stage: from.clone(),
+                    to_stage: stage.to_string(),
+                    at: at(*day),
+                    source: "test".to_string(),
+                };
                 from = Some(stage.to_string());
                 change
             })
@@ -407,9 +527,20 @@ mod tests {
             deal(5, "Lead", 5000.0, 10, "Bob", Some("2026-11-25")),
         ];
         let mut history = Vec::new();
-        history.extend(moves(1, &[("Lead", 1), ("Prospect", 3), ("Opportunity", 7), ("Won", 11)]));
+        history.extend(moves(
+            1,
+            &[
+                ("Lead", 1),
+                ("Prospect", 3),
+                ("Opportunity", 7),
+                ("Won", 11),
+            ],
+        ));
         history.extend(moves(2, &[("Lead", 2), ("Opportunity", 4)]));
-        history.extend(moves(3, &[("Lead", 2), ("Prospect", 5), ("Lead", 6), ("Prospect", 8)]));
+        history.extend(moves(
+            3,
+            &[("Lead", 2), ("Prospect", 5), ("Lead", 6), ("Prospect", 8)],
+        ));
         history.extend(moves(4, &[("Lead", 3), ("Lost", 5)]));
         history.extend(moves(5, &[("Lead", 10)]));
         (deals, history)
@@ -417,16 +548,44 @@ mod tests {
 
     fn report() -> FunnelReport {
         let (deals, history) = fixture();
-        let period = Period { since: at(1), until: at(30) };
-        compute(&deals, &history, &Stages::built_in(), &Calendar::default(), period, at(28), None)
+        let period = Period {
+            since: at(1),
+            until: at(30),
+        };
+        compute(
+            &deals,
+            &history,
+            &Stages::built_in(),
+            &Calendar::default(),
+            period,
+            at(28),
+            None,
+        )
     }
 
     #[test]
     fn open_deals_counts_and_weighted_amounts() {
         let report = report();
-        let by_stage: Vec<(&str, u64, f64, f64)> =
-            report.stages.iter().map(|stats| (stats.stage.as_str(), stats.open_count, stats.open_amount, stats.weighted_amount)).collect();
-        assert_eq!(by_stage, vec![("Lead", 1, 5000.0, 500.0), ("Prospect", 1, 3000.0, 900.0), ("Opportunity", 1, 2000.0, 1200.0)]);
+        let by_stage: Vec<(&str, u64, f64, f64)> = report
+            .stages
+            .iter()
+            .map(|stats| {
+                (
+                    stats.stage.as_str(),
+                    stats.open_count,
+                    stats.open_amount,
+                    stats.weighted_amount,
+                )
+            })
+            .collect();
+        assert_eq!(
+            by_stage,
+            vec![
+                ("Lead", 1, 5000.0, 500.0),
+                ("Prospect", 1, 3000.0, 900.0),
+                ("Opportunity", 1, 2000.0, 1200.0)
+            ]
+        );
     }
 
     #[test]
@@ -439,9 +598,15 @@ mod tests {
         assert_eq!((lead.entered, lead.converted, lead.won), (5, 3, 1));
         assert_eq!(lead.conversion_rate, Some(0.6));
         // Prospect: 1, 3, and 2 (which skipped it); 1 and 2 reached Opportunity.
-        assert_eq!((prospect.entered, prospect.converted, prospect.won), (3, 2, 1));
+        assert_eq!(
+            (prospect.entered, prospect.converted, prospect.won),
+            (3, 2, 1)
+        );
         // Opportunity: 1 and 2; 1 was won.
-        assert_eq!((opportunity.entered, opportunity.converted, opportunity.won), (2, 1, 1));
+        assert_eq!(
+            (opportunity.entered, opportunity.converted, opportunity.won),
+            (2, 1, 1)
+        );
         assert_eq!(opportunity.win_rate, Some(0.5));
     }
 
@@ -457,7 +622,10 @@ mod tests {
         // Prospect: deal 1 for 4 days, deal 3 for 1 day (then back in from day 8, still there).
         assert_eq!(report.stages[1].median_days, Some(2.5));
         let totals = &report.totals;
-        assert_eq!((totals.won_count, totals.won_amount, totals.lost_count), (1, 1000.0, 1));
+        assert_eq!(
+            (totals.won_count, totals.won_amount, totals.lost_count),
+            (1, 1000.0, 1)
+        );
         assert_eq!(totals.lead_to_won_rate, Some(0.2));
         assert_eq!(totals.average_days_to_won, Some(10.0));
     }
@@ -469,21 +637,53 @@ mod tests {
         assert_eq!(forecast.weighted_pipeline, 500.0 + 900.0 + 1200.0);
         // Historical win rates: Lead 1/5, Prospect 1/3, Opportunity 1/2.
         let expected = 5000.0 * 0.2 + 3000.0 / 3.0 + 2000.0 * 0.5;
-        assert!((forecast.history_based - expected).abs() < 1e-9, "{}", forecast.history_based);
-        assert_eq!(forecast.deals[0].deal_id, 5, "the deal closing in the period comes first");
+        assert!(
+            (forecast.history_based - expected).abs() < 1e-9,
+            "{}",
+            forecast.history_based
+        );
+        assert_eq!(
+            forecast.deals[0].deal_id, 5,
+            "the deal closing in the period comes first"
+        );
         assert!(forecast.deals[0].closes_in_period);
         assert_eq!(forecast.deals[1].deal_id, 2, "then by weighted amount");
-        let alice = report.by_owner.iter().find(|owner| owner.owner == "Alice").expect("Alice");
-        assert_eq!((alice.open_count, alice.won_count, alice.won_amount), (1, 1, 1000.0));
-        assert_eq!(report.stalled.len(), 3, "every open deal is past its limit by day 28");
+        let alice = report
+            .by_owner
+            .iter()
+            .find(|owner| owner.owner == "Alice")
+            .expect("Alice");
+        assert_eq!(
+            (alice.open_count, alice.won_count, alice.won_amount),
+            (1, 1, 1000.0)
+        );
+        assert_eq!(
+            report.stalled.len(),
+            3,
+            "every open deal is past its limit by day 28"
+        );
     }
 
     #[test]
     fn the_period_limits_the_flows() {
         let (deals, history) = fixture();
-        let period = Period { since: at(9), until: at(30) };
-        let report = compute(&deals, &history, &Stages::built_in(), &Calendar::default(), period, at(28), None);
-        assert_eq!(report.stages[0].entered, 1, "only deal 5 reached Lead from day 9");
+        let period = Period {
+            since: at(9),
+            until: at(30),
+        };
+        let report = compute(
+            &deals,
+            &history,
+            &Stages::built_in(),
+            &Calendar::default(),
+            period,
+            at(28),
+            None,
+        );
+        assert_eq!(
+            report.stages[0].entered, 1,
+            "only deal 5 reached Lead from day 9"
+        );
         assert_eq!(report.totals.won_count, 1);
         assert_eq!(report.totals.lost_count, 0);
     }

@@ -10,7 +10,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::deal::{Deal, Field, FieldKind, FieldValue};
-use crate::store::{ChangeKind, ChangeRecord, CrmStore, RunCounts, SqliteCrm, Store, StoreError, SyncRun};
+use crate::store::{
+    ChangeKind, ChangeRecord, CrmStore, RunCounts, SqliteCrm, Store, StoreError, SyncRun,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SkippedChange {
@@ -45,22 +47,49 @@ impl From<rusqlite::Error> for UndoError {
 fn field_value(field: Field, text: Option<&str>) -> Option<FieldValue> {
     let text = text?;
     Some(match field.kind() {
-        FieldKind::Amount => text.parse::<f64>().map(FieldValue::Amount).unwrap_or_else(|_| FieldValue::Text(text.to_string())),
+        FieldKind::Amount => text
+            .parse::<f64>()
+            .map(FieldValue::Amount)
+            .unwrap_or_else(|_| FieldValue::Text(text.to_string())),
         _ => FieldValue::Text(text.to_string()),
     })
 }
 
-fn record(deal_id: i64, kind: ChangeKind, field: Option<String>, old_value: Option<String>, new_value: Option<String>) -> ChangeRecord {
-    ChangeRecord { id: 0, run_id: 0, deal_id, kind, field, old_value, new_value }
+fn record(
+    deal_id: i64,
+    kind: ChangeKind,
+    field: Option<String>,
+    old_value: Option<String>,
+    new_value: Option<String>,
+) -> ChangeRecord {
+    ChangeRecord {
+        id: 0,
+        run_id: 0,
+        deal_id,
+        kind,
+        field,
+        old_value,
+        new_value,
+    }
 }
 
 /// Reverses run `run_id`. With `force`, fields changed again by later runs are reverted too.
-pub fn undo(store: &mut Store, run_id: i64, force: bool, now: DateTime<Utc>) -> Result<UndoReport, UndoError> {
+pub fn undo(
+    store: &mut Store,
+    run_id: i64,
+    force: bool,
+    now: DateTime<Utc>,
+) -> Result<UndoReport, UndoError> {
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     crm.run(run_id)?.ok_or(UndoError::NoSuchRun(run_id))?;
     let changes = crm.changes_of_run(run_id)?;
-    let mut report = UndoReport { undone_run: run_id, run_id: None, n_reverted: 0, skipped: Vec::new() };
+    let mut report = UndoReport {
+        undone_run: run_id,
+        run_id: None,
+        n_reverted: 0,
+        skipped: Vec::new(),
+    };
     let mut inverse: Vec<ChangeRecord> = Vec::new();
     let mut counts = RunCounts::default();
     for change in changes.iter().rev() {
@@ -69,7 +98,10 @@ pub fn undo(store: &mut Store, run_id: i64, force: bool, now: DateTime<Utc>) -> 
             let runs: Vec<String> = later.iter().map(|later| later.run_id.to_string()).collect();
             report.skipped.push(SkippedChange {
                 change: change.clone(),
-                reason: format!("changed again by run {}; use --force to revert it anyway", runs.join(", ")),
+                reason: format!(
+                    "changed again by run {}; use --force to revert it anyway",
+                    runs.join(", ")
+                ),
             });
             continue;
         }
@@ -78,8 +110,20 @@ pub fn undo(store: &mut Store, run_id: i64, force: bool, now: DateTime<Utc>) -> 
             (ChangeKind::Update, Some(deal)) => {
                 let field_name = change.field.clone().unwrap_or_default();
                 if let Some(key) = field_name.strip_prefix("extra.") {
-                    crm.update_deal(deal.id, &[], &[(key.to_string(), change.old_value.clone())], "undo", now)?;
-                    inverse.push(record(deal.id, ChangeKind::Update, Some(field_name.clone()), deal.extra.get(key).cloned(), change.old_value.clone()));
+                    crm.update_deal(
+                        deal.id,
+                        &[],
+                        &[(key.to_string(), change.old_value.clone())],
+                        "undo",
+                        now,
+                    )?;
+                    inverse.push(record(
+                        deal.id,
+                        ChangeKind::Update,
+                        Some(field_name.clone()),
+                        deal.extra.get(key).cloned(),
+                        change.old_value.clone(),
+                    ));
                 } else if let Some(field) = Field::from_name(&field_name) {
                     let old = field_value(field, change.old_value.as_deref());
                     crm.update_deal(deal.id, &[(field, old.clone())], &[], "undo", now)?;
@@ -112,21 +156,36 @@ pub fn undo(store: &mut Store, run_id: i64, force: bool, now: DateTime<Utc>) -> 
                 }
             }
             (ChangeKind::Delete, None) => {
-                let snapshot: Option<Deal> = change.old_value.as_deref().and_then(|text| serde_json::from_str(text).ok());
+                let snapshot: Option<Deal> = change
+                    .old_value
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str(text).ok());
                 match snapshot {
                     Some(deal) => {
                         crm.restore_deal(&deal)?;
-                        inverse.push(record(deal.id, ChangeKind::Create, None, None, serde_json::to_string(&deal.fields).ok()));
+                        inverse.push(record(
+                            deal.id,
+                            ChangeKind::Create,
+                            None,
+                            None,
+                            serde_json::to_string(&deal.fields).ok(),
+                        ));
                         counts.created += 1;
                     }
                     None => {
-                        report.skipped.push(SkippedChange { change: change.clone(), reason: "no copy of the deleted deal was kept".to_string() });
+                        report.skipped.push(SkippedChange {
+                            change: change.clone(),
+                            reason: "no copy of the deleted deal was kept".to_string(),
+                        });
                         continue;
                     }
                 }
             }
             (_, _) => {
-                report.skipped.push(SkippedChange { change: change.clone(), reason: "the deal is no longer in the store".to_string() });
+                report.skipped.push(SkippedChange {
+                    change: change.clone(),
+                    reason: "the deal is no longer in the store".to_string(),
+                });
                 continue;
             }
         }
@@ -140,7 +199,11 @@ pub fn undo(store: &mut Store, run_id: i64, force: bool, now: DateTime<Utc>) -> 
         finished_at: Utc::now().max(now),
         status: "synced".to_string(),
         counts,
-        message: Some(format!("undo of run {run_id}: {} change(s) reverted, {} skipped", report.n_reverted, report.skipped.len())),
+        message: Some(format!(
+            "undo of run {run_id}: {} change(s) reverted, {} skipped",
+            report.n_reverted,
+            report.skipped.len()
+        )),
     })?;
     crm.record_changes(undo_run, &inverse)?;
     transaction.commit().map_err(StoreError::from)?;

@@ -28,7 +28,10 @@ pub enum MailError {
     #[error("sending to {recipient} failed: {message}")]
     Send { recipient: String, message: String },
     #[error("sending to {recipient} timed out after {timeout:?}")]
-    Timeout { recipient: String, timeout: Duration },
+    Timeout {
+        recipient: String,
+        timeout: Duration,
+    },
 }
 
 /// The password, wherever the admin put it. Read when mail is sent, never stored in the config.
@@ -36,7 +39,10 @@ fn password(smtp: &SmtpConfig) -> Result<Option<String>, MailError> {
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map(|text| text.trim_end_matches(['\r', '\n']).to_string())
-            .map_err(|error| MailError::Password { path: path.display().to_string(), message: error.to_string() })
+            .map_err(|error| MailError::Password {
+                path: path.display().to_string(),
+                message: error.to_string(),
+            })
     };
     if let Some(path) = &smtp.password_file {
         return read(path).map(Some);
@@ -63,11 +69,21 @@ pub struct Mailer {
 
 impl Mailer {
     pub fn new(smtp: &SmtpConfig) -> Result<Mailer, MailError> {
-        let transport_error = |error: lettre::transport::smtp::Error| MailError::Transport { host: smtp.host.clone(), message: error.to_string() };
+        let transport_error = |error: lettre::transport::smtp::Error| MailError::Transport {
+            host: smtp.host.clone(),
+            message: error.to_string(),
+        };
         let mut builder = match smtp.security {
-            SmtpSecurity::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host.as_str()),
-            SmtpSecurity::StartTls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host).map_err(transport_error)?,
-            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host).map_err(transport_error)?,
+            SmtpSecurity::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host.as_str())
+            }
+            SmtpSecurity::StartTls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)
+                    .map_err(transport_error)?
+            }
+            SmtpSecurity::Tls => {
+                AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host).map_err(transport_error)?
+            }
         }
         .port(smtp.port)
         .timeout(Some(smtp.timeout));
@@ -78,8 +94,16 @@ impl Mailer {
         let from = smtp
             .from
             .parse::<Mailbox>()
-            .map_err(|error| MailError::Address { address: smtp.from.clone(), message: error.to_string() })?;
-        Ok(Mailer { transport: builder.build(), from, host: smtp.host.clone(), timeout: smtp.timeout })
+            .map_err(|error| MailError::Address {
+                address: smtp.from.clone(),
+                message: error.to_string(),
+            })?;
+        Ok(Mailer {
+            transport: builder.build(),
+            from,
+            host: smtp.host.clone(),
+            timeout: smtp.timeout,
+        })
     }
 
     pub fn host(&self) -> &str {
@@ -87,24 +111,46 @@ impl Mailer {
     }
 
     /// Sends one multipart (text + HTML) message, with an optional .xlsx attachment.
-    pub async fn send(&self, recipient: &str, subject: &str, text: &str, html: &str, attachment: Option<(&str, &[u8])>) -> Result<(), MailError> {
+    pub async fn send(
+        &self,
+        recipient: &str,
+        subject: &str,
+        text: &str,
+        html: &str,
+        attachment: Option<(&str, &[u8])>,
+    ) -> Result<(), MailError> {
         let to = recipient
             .parse::<Mailbox>()
-            .map_err(|error| MailError::Address { address: recipient.to_string(), message: error.to_string() })?;
+            .map_err(|error| MailError::Address {
+                address: recipient.to_string(),
+                message: error.to_string(),
+            })?;
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(subject)
             .multipart({
                 let alternative = MultiPart::alternative()
-                    .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(text.to_string()))
-                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(html.to_string()));
+                    .singlepart(
+                        SinglePart::builder()
+                            .header(ContentType::TEXT_PLAIN)
+                            .body(text.to_string()),
+                    )
+                    .singlepart(
+                        SinglePart::builder()
+                            .header(ContentType::TEXT_HTML)
+                            .body(html.to_string()),
+                    );
                 match attachment {
                     None => alternative,
                     Some((name, bytes)) => {
-                        let content_type = ContentType::parse("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
-                            .map_err(|error| MailError::Build(error.to_string()))?;
-                        MultiPart::mixed().multipart(alternative).singlepart(Attachment::new(name.to_string()).body(bytes.to_vec(), content_type))
+                        let content_type = ContentType::parse(
+                            "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                        )
+                        .map_err(|error| MailError::Build(error.to_string()))?;
+                        MultiPart::mixed().multipart(alternative).singlepart(
+                            Attachment::new(name.to_string()).body(bytes.to_vec(), content_type),
+                        )
                     }
                 }
             })
@@ -112,8 +158,14 @@ impl Mailer {
         // lettre's own timeout covers connecting only; this one covers the whole exchange.
         match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(MailError::Send { recipient: recipient.to_string(), message: error.to_string() }),
-            Err(_) => Err(MailError::Timeout { recipient: recipient.to_string(), timeout: self.timeout }),
+            Ok(Err(error)) => Err(MailError::Send {
+                recipient: recipient.to_string(),
+                message: error.to_string(),
+            }),
+            Err(_) => Err(MailError::Timeout {
+                recipient: recipient.to_string(),
+                timeout: self.timeout,
+            }),
         }
     }
 }

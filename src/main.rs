@@ -19,7 +19,9 @@ fn main() -> ExitCode {
 /// Output piped into `head` that stops reading is not an error worth a message.
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|io_error| io_error.kind() == std::io::ErrorKind::BrokenPipe)
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io_error| io_error.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 
@@ -29,14 +31,20 @@ fn run() -> anyhow::Result<ExitCode> {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    let default_level = if matches!(cli.command, Command::Run) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Run) {
+        "info"
+    } else {
+        "warn"
+    };
     init_logging(config.log_level.as_deref(), default_level);
     let now = cli.now.unwrap_or_else(chrono::Utc::now);
     match &cli.command {
         Command::CheckConfig => cli::check_config(&config),
         Command::Sync(args) => cli::sync(&config, args),
         Command::Deals(DealsCommand::List(args)) => cli::deals_list(&config, args, now),
-        Command::Deals(DealsCommand::Set { id, assignments }) => cli::deals_set(&config, *id, assignments),
+        Command::Deals(DealsCommand::Set { id, assignments }) => {
+            cli::deals_set(&config, *id, assignments)
+        }
         Command::Deals(DealsCommand::Move { id, stage }) => cli::deals_move(&config, *id, stage),
         Command::Conflicts(args) => cli::conflicts(&config, args),
         Command::Remind(args) => cli::remind(&config, args, now),
@@ -58,13 +66,23 @@ fn run() -> anyhow::Result<ExitCode> {
 fn init_logging(config_level: Option<&str>, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .ok()
-        .or_else(|| config_level.and_then(|level| tracing_subscriber::EnvFilter::try_new(level).ok()))
+        .or_else(|| {
+            config_level.and_then(|level| tracing_subscriber::EnvFilter::try_new(level).ok())
+        })
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default_level));
     let to_journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if to_journal {
-        builder.with_ansi(false).without_time().with_target(false).try_init()
+        builder
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .try_init()
     } else {
-        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init()
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
     };
 }

@@ -43,12 +43,29 @@ pub struct RowIssue {
 }
 
 impl RowIssue {
-    pub fn error(row_number: u32, column: Option<String>, value: Option<String>, message: impl Into<String>) -> RowIssue {
-        RowIssue { severity: Severity::Error, row_number: Some(row_number), column, value, message: message.into() }
+    pub fn error(
+        row_number: u32,
+        column: Option<String>,
+        value: Option<String>,
+        message: impl Into<String>,
+    ) -> RowIssue {
+        RowIssue {
+            severity: Severity::Error,
+            row_number: Some(row_number),
+            column,
+            value,
+            message: message.into(),
+        }
     }
 
     pub fn warning(row_number: Option<u32>, message: impl Into<String>) -> RowIssue {
-        RowIssue { severity: Severity::Warning, row_number, column: None, value: None, message: message.into() }
+        RowIssue {
+            severity: Severity::Warning,
+            row_number,
+            column: None,
+            value: None,
+            message: message.into(),
+        }
     }
 }
 
@@ -97,11 +114,15 @@ pub struct HeaderMap {
 
 impl HeaderMap {
     pub fn column_of(&self, field: Field) -> Option<usize> {
-        self.roles.iter().position(|role| role == &Some(ColumnRole::Field(field)))
+        self.roles
+            .iter()
+            .position(|role| role == &Some(ColumnRole::Field(field)))
     }
 
     pub fn key_column(&self) -> Option<usize> {
-        self.roles.iter().position(|role| role == &Some(ColumnRole::Key))
+        self.roles
+            .iter()
+            .position(|role| role == &Some(ColumnRole::Key))
     }
 
     /// The name a column goes by in messages: its header, or its letter when the header is empty.
@@ -147,14 +168,31 @@ pub fn locate_header(rows: &[SheetRow], source: &SourceConfig) -> Result<HeaderM
     match source.header_row {
         HeaderRow::Fixed(row_number) => {
             let row_position = rows.iter().position(|row| row.row_number == row_number);
-            let header = row_position.map(|position| build_header(&rows[position], position, source));
+            let header =
+                row_position.map(|position| build_header(&rows[position], position, source));
             match header {
-                Some(header) if header.roles.iter().any(|role| matches!(role, Some(ColumnRole::Field(_)))) => Ok(header),
+                Some(header)
+                    if header
+                        .roles
+                        .iter()
+                        .any(|role| matches!(role, Some(ColumnRole::Field(_)))) =>
+                {
+                    Ok(header)
+                }
                 Some(header) => Err(HeaderError::FixedRowUnknown {
                     row_number,
-                    found: header.headers.iter().filter(|text| !text.is_empty()).cloned().collect::<Vec<_>>().join(", "),
+                    found: header
+                        .headers
+                        .iter()
+                        .filter(|text| !text.is_empty())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 }),
-                None => Err(HeaderError::FixedRowUnknown { row_number, found: "nothing (the row is empty)".to_string() }),
+                None => Err(HeaderError::FixedRowUnknown {
+                    row_number,
+                    found: "nothing (the row is empty)".to_string(),
+                }),
             }
         }
         HeaderRow::Auto => {
@@ -164,15 +202,22 @@ pub fn locate_header(rows: &[SheetRow], source: &SourceConfig) -> Result<HeaderM
                 let n_known = header
                     .roles
                     .iter()
-                    .filter(|role| matches!(role, Some(ColumnRole::Field(_)) | Some(ColumnRole::Key)))
+                    .filter(|role| {
+                        matches!(role, Some(ColumnRole::Field(_)) | Some(ColumnRole::Key))
+                    })
                     .count();
-                if n_known >= 2 && best.as_ref().is_none_or(|(best_known, _)| n_known > *best_known) {
+                if n_known >= 2
+                    && best
+                        .as_ref()
+                        .is_none_or(|(best_known, _)| n_known > *best_known)
+                {
                     best = Some((n_known, header));
                 }
             }
-            best.map(|(_, header)| header).ok_or_else(|| HeaderError::NotFound {
-                expected: ["Company", "Contact", "Stage", "Amount", "Owner"].join(", "),
-            })
+            best.map(|(_, header)| header)
+                .ok_or_else(|| HeaderError::NotFound {
+                    expected: ["Company", "Contact", "Stage", "Amount", "Owner"].join(", "),
+                })
         }
     }
 }
@@ -200,7 +245,9 @@ fn build_header(row: &SheetRow, row_position: usize, source: &SourceConfig) -> H
             let field = source
                 .columns
                 .iter()
-                .find(|(field, aliases)| !taken_fields.contains(*field) && aliases.contains(&folded))
+                .find(|(field, aliases)| {
+                    !taken_fields.contains(*field) && aliases.contains(&folded)
+                })
                 .map(|(field, _)| *field);
             match field {
                 Some(field) => {
@@ -211,7 +258,11 @@ fn build_header(row: &SheetRow, row_position: usize, source: &SourceConfig) -> H
                     // A second column with the same header keeps its data under a numbered name.
                     let count = extra_names.entry(text.clone()).or_insert(0);
                     *count += 1;
-                    let name = if *count == 1 { text.clone() } else { format!("{text} ({count})") };
+                    let name = if *count == 1 {
+                        text.clone()
+                    } else {
+                        format!("{text} ({count})")
+                    };
                     let _ = column_idx;
                     Some(ColumnRole::Extra(name))
                 }
@@ -220,11 +271,21 @@ fn build_header(row: &SheetRow, row_position: usize, source: &SourceConfig) -> H
         headers.push(text);
         roles.push(role);
     }
-    HeaderMap { row_number: row.row_number, row_position, headers, roles }
+    HeaderMap {
+        row_number: row.row_number,
+        row_position,
+        headers,
+        roles,
+    }
 }
 
 /// Maps and cleans every data row below the header. Rows whose cells are all empty are skipped.
-pub fn map_rows(rows: &[SheetRow], header: &HeaderMap, source: &SourceConfig, stages: &Stages) -> (Vec<CleanRow>, Vec<RowIssue>) {
+pub fn map_rows(
+    rows: &[SheetRow],
+    header: &HeaderMap,
+    source: &SourceConfig,
+    stages: &Stages,
+) -> (Vec<CleanRow>, Vec<RowIssue>) {
     let mut clean_rows = Vec::new();
     let mut issues = Vec::new();
     for row in rows.iter().skip(header.row_position + 1) {
@@ -238,7 +299,12 @@ pub fn map_rows(rows: &[SheetRow], header: &HeaderMap, source: &SourceConfig, st
     (clean_rows, issues)
 }
 
-fn map_row(row: &SheetRow, header: &HeaderMap, source: &SourceConfig, stages: &Stages) -> (CleanRow, Vec<RowIssue>) {
+fn map_row(
+    row: &SheetRow,
+    header: &HeaderMap,
+    source: &SourceConfig,
+    stages: &Stages,
+) -> (CleanRow, Vec<RowIssue>) {
     let mut issues = Vec::new();
     let mut fields = FieldMap::new();
     let mut extras = ExtraMap::new();
@@ -262,7 +328,8 @@ fn map_row(row: &SheetRow, header: &HeaderMap, source: &SourceConfig, stages: &S
                     row_number: Some(row.row_number),
                     column: column(),
                     value: Some(cell.to_string()),
-                    message: "is not a funnelsync id; the row is treated as having none".to_string(),
+                    message: "is not a funnelsync id; the row is treated as having none"
+                        .to_string(),
                 }),
             },
             ColumnRole::Extra(name) => {
@@ -285,23 +352,47 @@ fn map_row(row: &SheetRow, header: &HeaderMap, source: &SourceConfig, stages: &S
                     Ok(value) => {
                         fields.insert(field, value);
                     }
-                    Err(why) => issues.push(RowIssue::error(row.row_number, column(), Some(cell.to_string()), why)),
+                    Err(why) => issues.push(RowIssue::error(
+                        row.row_number,
+                        column(),
+                        Some(cell.to_string()),
+                        why,
+                    )),
                 }
             }
         }
     }
     if let Some(currency) = currency_from_amount {
         // A currency column, when there is one, says more than a symbol in the amount.
-        fields.entry(Field::Currency).or_insert(FieldValue::Text(currency.to_string()));
+        fields
+            .entry(Field::Currency)
+            .or_insert(FieldValue::Text(currency.to_string()));
     }
-    let has_identity = [Field::Company, Field::Contact, Field::Email].iter().any(|field| fields.contains_key(field));
+    let has_identity = [Field::Company, Field::Contact, Field::Email]
+        .iter()
+        .any(|field| fields.contains_key(field));
     let failed_identity = issues.iter().any(|issue| issue.severity == Severity::Error);
     if !has_identity && !failed_identity {
-        issues.push(RowIssue::error(row.row_number, None, None, "has no company, contact or email, so it cannot be a deal"));
+        issues.push(RowIssue::error(
+            row.row_number,
+            None,
+            None,
+            "has no company, contact or email, so it cannot be a deal",
+        ));
     }
     let has_error = issues.iter().any(|issue| issue.severity == Severity::Error);
     let hash = crate::deal::row_hash(&fields, &extras);
-    (CleanRow { row_number: row.row_number, id, fields, extras, has_error, hash }, issues)
+    (
+        CleanRow {
+            row_number: row.row_number,
+            id,
+            fields,
+            extras,
+            has_error,
+            hash,
+        },
+        issues,
+    )
 }
 
 #[cfg(test)]
@@ -319,7 +410,16 @@ mod tests {
     fn row(row_number: u32, cells: &[&str]) -> SheetRow {
         SheetRow {
             row_number,
-            cells: cells.iter().map(|text| if text.is_empty() { Cell::Empty } else { Cell::Text(text.to_string()) }).collect(),
+            cells: cells
+                .iter()
+                .map(|text| {
+                    if text.is_empty() {
+                        Cell::Empty
+                    } else {
+                        Cell::Text(text.to_string())
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -351,7 +451,10 @@ mod tests {
     fn missing_header_is_an_error() {
         let (source, _) = source();
         let rows = vec![row(1, &["foo", "bar"]), row(2, &["1", "2"])];
-        assert!(matches!(locate_header(&rows, &source), Err(HeaderError::NotFound { .. })));
+        assert!(matches!(
+            locate_header(&rows, &source),
+            Err(HeaderError::NotFound { .. })
+        ));
         assert_eq!(locate_header(&[], &source), Err(HeaderError::EmptySheet));
     }
 
@@ -360,7 +463,17 @@ mod tests {
         let (source, stages) = source();
         let rows = vec![
             row(1, &["Company", "Stage", "Amount", "Email", "", "CRM ID"]),
-            row(2, &["Acme", "Closed Won", "$1,200", "  Bob@Acme.COM ", "loose note", "7"]),
+            row(
+                2,
+                &[
+                    "Acme",
+                    "Closed Won",
+                    "$1,200",
+                    "  Bob@Acme.COM ",
+                    "loose note",
+                    "7",
+                ],
+            ),
             row(14, &["Beta", "Lead", "twelve"]),
             row(15, &["Gamma", "Negotiating"]),
             row(16, &["", "", "100"]),
@@ -371,16 +484,32 @@ mod tests {
         let acme = &clean_rows[0];
         assert!(!acme.has_error);
         assert_eq!(acme.id, Some(7));
-        assert_eq!(acme.fields[&Field::Stage], FieldValue::Text("Won".to_string()));
+        assert_eq!(
+            acme.fields[&Field::Stage],
+            FieldValue::Text("Won".to_string())
+        );
         assert_eq!(acme.fields[&Field::Amount], FieldValue::Amount(1200.0));
-        assert_eq!(acme.fields[&Field::Currency], FieldValue::Text("USD".to_string()));
-        assert_eq!(acme.fields[&Field::Email], FieldValue::Text("bob@acme.com".to_string()));
+        assert_eq!(
+            acme.fields[&Field::Currency],
+            FieldValue::Text("USD".to_string())
+        );
+        assert_eq!(
+            acme.fields[&Field::Email],
+            FieldValue::Text("bob@acme.com".to_string())
+        );
         assert_eq!(acme.extras["Column E"], "loose note");
 
         assert!(clean_rows[1].has_error);
-        assert_eq!(issues[0].to_string(), "row 14, column \"Amount\": \"twelve\" is not a number");
+        assert_eq!(
+            issues[0].to_string(),
+            "row 14, column \"Amount\": \"twelve\" is not a number"
+        );
         assert!(clean_rows[2].has_error);
-        assert!(issues[1].message.contains("not a known stage"), "{:?}", issues[1]);
+        assert!(
+            issues[1].message.contains("not a known stage"),
+            "{:?}",
+            issues[1]
+        );
         assert!(clean_rows[3].has_error);
         assert_eq!(issues[2].row_number, Some(16));
     }
@@ -388,7 +517,10 @@ mod tests {
     #[test]
     fn duplicate_extra_headers_are_numbered() {
         let (source, stages) = source();
-        let rows = vec![row(1, &["Company", "Stage", "Note", "Note"]), row(2, &["A", "Lead", "x", "y"])];
+        let rows = vec![
+            row(1, &["Company", "Stage", "Note", "Note"]),
+            row(2, &["A", "Lead", "x", "y"]),
+        ];
         let header = locate_header(&rows, &source).expect("header");
         let (clean_rows, _) = map_rows(&rows, &header, &source, &stages);
         assert_eq!(clean_rows[0].extras["Note"], "x");

@@ -98,13 +98,29 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
             ))
         })
         .optional()?;
-    let Some((source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version)) = header else {
+    let Some((
+        source,
+        sheet,
+        content_hash,
+        header_row,
+        headers,
+        synced_at,
+        config_hash,
+        store_version,
+    )) = header
+    else {
         return Ok(None);
     };
     let mut statement = connection
         .prepare_cached("SELECT deal_id, row_number, row_hash, fields, extras FROM mirror_rows WHERE file = ?1 ORDER BY row_number")?;
     let raw_rows = statement.query_map([file], |row| {
-        Ok((row.get::<_, DealId>(0)?, row.get::<_, u32>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
+        Ok((
+            row.get::<_, DealId>(0)?,
+            row.get::<_, u32>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, String>(4)?,
+        ))
     })?;
     let mut rows = Vec::new();
     for raw in raw_rows {
@@ -113,8 +129,10 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
             deal_id,
             row_number,
             row_hash,
-            fields: serde_json::from_str(&fields).map_err(|error| corrupt("mirror fields", error))?,
-            extras: serde_json::from_str(&extras).map_err(|error| corrupt("mirror extras", error))?,
+            fields: serde_json::from_str(&fields)
+                .map_err(|error| corrupt("mirror fields", error))?,
+            extras: serde_json::from_str(&extras)
+                .map_err(|error| corrupt("mirror extras", error))?,
         });
     }
     Ok(Some(MirrorFile {
@@ -123,7 +141,8 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
         sheet,
         content_hash,
         header_row,
-        headers: serde_json::from_str(&headers).map_err(|error| corrupt("mirror headers", error))?,
+        headers: serde_json::from_str(&headers)
+            .map_err(|error| corrupt("mirror headers", error))?,
         synced_at: parse_timestamp(&synced_at)?,
         config_hash: config_hash.unwrap_or_default(),
         store_version,
@@ -133,8 +152,13 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
 
 /// Writes the new state of a file's mirror, touching only rows that differ from `previous`.
 /// Returns how many rows were written or removed.
-pub fn save(connection: &Connection, new: &MirrorFile, previous: Option<&MirrorFile>) -> Result<usize, StoreError> {
-    let headers = serde_json::to_string(&new.headers).map_err(|error| corrupt("mirror headers", error))?;
+pub fn save(
+    connection: &Connection,
+    new: &MirrorFile,
+    previous: Option<&MirrorFile>,
+) -> Result<usize, StoreError> {
+    let headers =
+        serde_json::to_string(&new.headers).map_err(|error| corrupt("mirror headers", error))?;
     connection
         .prepare_cached(
             "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version) \
@@ -153,8 +177,9 @@ pub fn save(connection: &Connection, new: &MirrorFile, previous: Option<&MirrorF
             new.config_hash,
             new.store_version
         ])?;
-    let old_rows: HashMap<DealId, &MirrorRow> =
-        previous.map(|previous| previous.rows.iter().map(|row| (row.deal_id, row)).collect()).unwrap_or_default();
+    let old_rows: HashMap<DealId, &MirrorRow> = previous
+        .map(|previous| previous.rows.iter().map(|row| (row.deal_id, row)).collect())
+        .unwrap_or_default();
     let mut n_written = 0;
     let mut upsert = connection.prepare_cached(
         "INSERT INTO mirror_rows (file, deal_id, row_number, row_hash, fields, extras) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -167,13 +192,23 @@ pub fn save(connection: &Connection, new: &MirrorFile, previous: Option<&MirrorF
         if unchanged {
             continue;
         }
-        let fields = serde_json::to_string(&row.fields).map_err(|error| corrupt("mirror fields", error))?;
-        let extras = serde_json::to_string(&row.extras).map_err(|error| corrupt("mirror extras", error))?;
-        upsert.execute(params![new.file, row.deal_id, row.row_number, row.row_hash, fields, extras])?;
+        let fields =
+            serde_json::to_string(&row.fields).map_err(|error| corrupt("mirror fields", error))?;
+        let extras =
+            serde_json::to_string(&row.extras).map_err(|error| corrupt("mirror extras", error))?;
+        upsert.execute(params![
+            new.file,
+            row.deal_id,
+            row.row_number,
+            row.row_hash,
+            fields,
+            extras
+        ])?;
         n_written += 1;
     }
     let kept: std::collections::HashSet<DealId> = new.rows.iter().map(|row| row.deal_id).collect();
-    let mut delete = connection.prepare_cached("DELETE FROM mirror_rows WHERE file = ?1 AND deal_id = ?2")?;
+    let mut delete =
+        connection.prepare_cached("DELETE FROM mirror_rows WHERE file = ?1 AND deal_id = ?2")?;
     for deal_id in old_rows.keys().filter(|deal_id| !kept.contains(deal_id)) {
         delete.execute(params![new.file, deal_id])?;
         n_written += 1;
@@ -191,7 +226,9 @@ pub fn replace_issues(
     issues: &[RowIssue],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    connection.prepare_cached("DELETE FROM row_errors WHERE file = ?1")?.execute([file])?;
+    connection
+        .prepare_cached("DELETE FROM row_errors WHERE file = ?1")?
+        .execute([file])?;
     let mut insert = connection.prepare_cached(
         "INSERT INTO row_errors (source, file, sheet, row_number, column_name, value, severity, message, run_id, seen_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -202,7 +239,18 @@ pub fn replace_issues(
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        insert.execute(params![source, file, sheet, issue.row_number, issue.column, issue.value, severity, issue.message, run_id, now])?;
+        insert.execute(params![
+            source,
+            file,
+            sheet,
+            issue.row_number,
+            issue.column,
+            issue.value,
+            severity,
+            issue.message,
+            run_id,
+            now
+        ])?;
     }
     Ok(())
 }
@@ -229,12 +277,22 @@ pub fn current_issues(connection: &Connection) -> Result<Vec<StoredIssue>, Store
     let mut issues = Vec::new();
     for row in rows {
         let (source, file, sheet, row_number, column, value, severity, message, seen_at) = row?;
-        let severity = if severity == "warning" { Severity::Warning } else { Severity::Error };
+        let severity = if severity == "warning" {
+            Severity::Warning
+        } else {
+            Severity::Error
+        };
         issues.push(StoredIssue {
             source,
             file,
             sheet,
-            issue: RowIssue { severity, row_number, column, value, message },
+            issue: RowIssue {
+                severity,
+                row_number,
+                column,
+                value,
+                message,
+            },
             seen_at: parse_timestamp(&seen_at)?,
         });
     }
@@ -292,7 +350,10 @@ pub struct FileStatusRecord {
     pub updated_at: DateTime<Utc>,
 }
 
-pub fn record_file_status(connection: &Connection, record: &FileStatusRecord) -> Result<(), StoreError> {
+pub fn record_file_status(
+    connection: &Connection,
+    record: &FileStatusRecord,
+) -> Result<(), StoreError> {
     connection
         .prepare_cached(
             "INSERT INTO file_status (file, source, state, attempts, next_retry_at, last_error, updated_at) \
@@ -371,7 +432,20 @@ pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, Store
     })?;
     let mut overview = Vec::new();
     for row in rows {
-        let (file, source, last_run_at, last_status, last_message, synced_at, n_rows, n_errors, n_warnings, state, attempts, retry_at) = row?;
+        let (
+            file,
+            source,
+            last_run_at,
+            last_status,
+            last_message,
+            synced_at,
+            n_rows,
+            n_errors,
+            n_warnings,
+            state,
+            attempts,
+            retry_at,
+        ) = row?;
         overview.push(FileOverview {
             file,
             source,

@@ -24,24 +24,50 @@ pub enum ReportError {
     #[error("cannot build the report: {0}")]
     Build(#[from] XlsxError),
     #[error("{path} is open in {program}; the report is written once it is closed")]
-    Open { path: PathBuf, program: &'static str },
+    Open {
+        path: PathBuf,
+        program: &'static str,
+    },
     #[error("cannot write {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Computes the funnel from the store for a period, optionally for one owner.
-pub fn load(store: &Store, config: &Config, period: Period, now: DateTime<Utc>, owner: Option<&str>) -> Result<FunnelReport, StoreError> {
+pub fn load(
+    store: &Store,
+    config: &Config,
+    period: Period,
+    now: DateTime<Utc>,
+    owner: Option<&str>,
+) -> Result<FunnelReport, StoreError> {
     let crm = store.crm();
-    let mut deals = crm.list_deals(&DealFilter { include_archived: true, ..DealFilter::default() })?;
+    let mut deals = crm.list_deals(&DealFilter {
+        include_archived: true,
+        ..DealFilter::default()
+    })?;
     if let Some(owner) = owner {
         let wanted = normalize_label(owner);
-        deals.retain(|deal| deal.text(crate::deal::Field::Owner).is_some_and(|name| normalize_label(name) == wanted));
+        deals.retain(|deal| {
+            deal.text(crate::deal::Field::Owner)
+                .is_some_and(|name| normalize_label(name) == wanted)
+        });
     }
     let ids: std::collections::HashSet<_> = deals.iter().map(|deal| deal.id).collect();
     let mut history = crm.all_stage_history()?;
     history.retain(|change| ids.contains(&change.deal_id));
     let calendar = Calendar::from_config(config.remind.as_ref());
-    Ok(compute(&deals, &history, &config.stages, &calendar, period, now, owner.map(str::to_string)))
+    Ok(compute(
+        &deals,
+        &history,
+        &config.stages,
+        &calendar,
+        period,
+        now,
+        owner.map(str::to_string),
+    ))
 }
 
 fn money(amount: f64) -> String {
@@ -49,11 +75,14 @@ fn money(amount: f64) -> String {
 }
 
 fn percent(rate: Option<f64>) -> String {
-    rate.map(|rate| format!("{:.0}%", rate * 100.0)).unwrap_or_else(|| "–".to_string())
+    rate.map(|rate| format!("{:.0}%", rate * 100.0))
+        .unwrap_or_else(|| "–".to_string())
 }
 
 fn days(value: Option<f64>) -> String {
-    value.map(|value| format!("{value:.1}")).unwrap_or_else(|| "–".to_string())
+    value
+        .map(|value| format!("{value:.1}"))
+        .unwrap_or_else(|| "–".to_string())
 }
 
 /// The funnel for a terminal: aligned columns, thousands separators, a bar per stage.
@@ -62,11 +91,31 @@ pub fn text_table(report: &FunnelReport) -> String {
         "Funnel {} → {}{}\n\n",
         report.period.since.format("%Y-%m-%d"),
         report.period.until.format("%Y-%m-%d"),
-        report.owner.as_ref().map(|owner| format!(" (owner: {owner})")).unwrap_or_default()
+        report
+            .owner
+            .as_ref()
+            .map(|owner| format!(" (owner: {owner})"))
+            .unwrap_or_default()
     );
-    let widest = report.stages.iter().map(|stage| stage.open_count).max().unwrap_or(0).max(1);
+    let widest = report
+        .stages
+        .iter()
+        .map(|stage| stage.open_count)
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let mut rows = vec![[
-        "stage", "", "open", "amount", "weighted", "reached", "moved on", "won", "median days", "oldest", "stalled",
+        "stage",
+        "",
+        "open",
+        "amount",
+        "weighted",
+        "reached",
+        "moved on",
+        "won",
+        "median days",
+        "oldest",
+        "stalled",
     ]
     .map(String::from)
     .to_vec()];
@@ -82,12 +131,21 @@ pub fn text_table(report: &FunnelReport) -> String {
             percent(stage.conversion_rate),
             percent(stage.win_rate),
             days(stage.median_days),
-            stage.oldest_open_days.map(|days| format!("{days}d")).unwrap_or_default(),
+            stage
+                .oldest_open_days
+                .map(|days| format!("{days}d"))
+                .unwrap_or_default(),
             stage.n_stalled.to_string(),
         ]);
     }
     let mut table = Vec::new();
-    let _ = crate::cli::write_table(&mut table, &rows, &[false, false, true, true, true, true, true, true, true, true, true]);
+    let _ = crate::cli::write_table(
+        &mut table,
+        &rows,
+        &[
+            false, false, true, true, true, true, true, true, true, true, true,
+        ],
+    );
     out.push_str(&String::from_utf8_lossy(&table));
     let totals = &report.totals;
     out.push_str(&format!(
@@ -108,7 +166,15 @@ pub fn text_table(report: &FunnelReport) -> String {
         .deals
         .iter()
         .filter(|line| line.closes_in_period)
-        .map(|line| format!("  {} ({}, {}, closes {})", line.company.as_deref().unwrap_or("?"), line.stage, money(line.amount), line.expected_close.as_deref().unwrap_or("")))
+        .map(|line| {
+            format!(
+                "  {} ({}, {}, closes {})",
+                line.company.as_deref().unwrap_or("?"),
+                line.stage,
+                money(line.amount),
+                line.expected_close.as_deref().unwrap_or("")
+            )
+        })
         .collect();
     if !closing.is_empty() {
         out.push_str("expected to close in the period:\n");
@@ -118,7 +184,12 @@ pub fn text_table(report: &FunnelReport) -> String {
     out
 }
 
-fn write_row(sheet: &mut Worksheet, row: u32, cells: &[Cell<'_>], formats: &Formats) -> Result<(), XlsxError> {
+fn write_row(
+    sheet: &mut Worksheet,
+    row: u32,
+    cells: &[Cell<'_>],
+    formats: &Formats,
+) -> Result<(), XlsxError> {
     for (column, cell) in cells.iter().enumerate() {
         let column = column as u16;
         match cell {
@@ -179,12 +250,28 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         "Funnel {} to {}{}",
         report.period.since.format("%Y-%m-%d"),
         report.period.until.format("%Y-%m-%d"),
-        report.owner.as_ref().map(|owner| format!(", owner {owner}")).unwrap_or_default()
+        report
+            .owner
+            .as_ref()
+            .map(|owner| format!(", owner {owner}"))
+            .unwrap_or_default()
     );
     sheet.write_string_with_format(0, 0, &title, &formats.header)?;
     let headers = [
-        "Stage", "Open deals", "Open amount", "Weighted amount", "Probability", "Reached in period", "Moved on", "Conversion",
-        "Won", "Win rate", "Median days", "Mean days", "Oldest open (days)", "Stalled",
+        "Stage",
+        "Open deals",
+        "Open amount",
+        "Weighted amount",
+        "Probability",
+        "Reached in period",
+        "Moved on",
+        "Conversion",
+        "Won",
+        "Win rate",
+        "Median days",
+        "Mean days",
+        "Oldest open (days)",
+        "Stalled",
     ];
     write_row(sheet, 2, &headers.map(Cell::Header), &formats)?;
     for (index, stage) in report.stages.iter().enumerate() {
@@ -213,12 +300,58 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
     }
     let totals_row = 4 + n_stages;
     let totals = &report.totals;
-    write_row(sheet, totals_row, &[Cell::Header("Won"), Cell::Count(totals.won_count), Cell::Money(totals.won_amount)], &formats)?;
-    write_row(sheet, totals_row + 1, &[Cell::Header("Lost"), Cell::Count(totals.lost_count)], &formats)?;
-    write_row(sheet, totals_row + 2, &[Cell::Header("Lead to won"), Cell::Rate(totals.lead_to_won_rate)], &formats)?;
-    write_row(sheet, totals_row + 3, &[Cell::Header("Average days to won"), Cell::Days(totals.average_days_to_won)], &formats)?;
-    write_row(sheet, totals_row + 4, &[Cell::Header("Weighted pipeline"), Cell::Money(report.forecast.weighted_pipeline)], &formats)?;
-    write_row(sheet, totals_row + 5, &[Cell::Header("History-based forecast"), Cell::Money(report.forecast.history_based)], &formats)?;
+    write_row(
+        sheet,
+        totals_row,
+        &[
+            Cell::Header("Won"),
+            Cell::Count(totals.won_count),
+            Cell::Money(totals.won_amount),
+        ],
+        &formats,
+    )?;
+    write_row(
+        sheet,
+        totals_row + 1,
+        &[Cell::Header("Lost"), Cell::Count(totals.lost_count)],
+        &formats,
+    )?;
+    write_row(
+        sheet,
+        totals_row + 2,
+        &[
+            Cell::Header("Lead to won"),
+            Cell::Rate(totals.lead_to_won_rate),
+        ],
+        &formats,
+    )?;
+    write_row(
+        sheet,
+        totals_row + 3,
+        &[
+            Cell::Header("Average days to won"),
+            Cell::Days(totals.average_days_to_won),
+        ],
+        &formats,
+    )?;
+    write_row(
+        sheet,
+        totals_row + 4,
+        &[
+            Cell::Header("Weighted pipeline"),
+            Cell::Money(report.forecast.weighted_pipeline),
+        ],
+        &formats,
+    )?;
+    write_row(
+        sheet,
+        totals_row + 5,
+        &[
+            Cell::Header("History-based forecast"),
+            Cell::Money(report.forecast.history_based),
+        ],
+        &formats,
+    )?;
     sheet.set_column_width(0, 22)?;
     for column in 1..headers.len() as u16 {
         sheet.set_column_width(column, 14)?;
@@ -239,17 +372,39 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
 
     // Conversion: rates per stage and a column chart.
     let sheet = workbook.add_worksheet().set_name("Conversion")?;
-    write_row(sheet, 0, &["Stage", "Conversion to a later stage", "Win rate"].map(Cell::Header), &formats)?;
+    write_row(
+        sheet,
+        0,
+        &["Stage", "Conversion to a later stage", "Win rate"].map(Cell::Header),
+        &formats,
+    )?;
     for (index, stage) in report.stages.iter().enumerate() {
-        write_row(sheet, 1 + index as u32, &[Cell::Text(&stage.stage), Cell::Rate(stage.conversion_rate), Cell::Rate(stage.win_rate)], &formats)?;
+        write_row(
+            sheet,
+            1 + index as u32,
+            &[
+                Cell::Text(&stage.stage),
+                Cell::Rate(stage.conversion_rate),
+                Cell::Rate(stage.win_rate),
+            ],
+            &formats,
+        )?;
     }
     sheet.set_column_width(0, 22)?;
     sheet.set_column_width(1, 26)?;
     sheet.set_column_width(2, 12)?;
     if n_stages > 0 {
         let mut chart = Chart::new(ChartType::Column);
-        chart.add_series().set_name("Conversion").set_categories(("Conversion", 1, 0, n_stages, 0)).set_values(("Conversion", 1, 1, n_stages, 1));
-        chart.add_series().set_name("Win rate").set_categories(("Conversion", 1, 0, n_stages, 0)).set_values(("Conversion", 1, 2, n_stages, 2));
+        chart
+            .add_series()
+            .set_name("Conversion")
+            .set_categories(("Conversion", 1, 0, n_stages, 0))
+            .set_values(("Conversion", 1, 1, n_stages, 1));
+        chart
+            .add_series()
+            .set_name("Win rate")
+            .set_categories(("Conversion", 1, 0, n_stages, 0))
+            .set_values(("Conversion", 1, 2, n_stages, 2));
         chart.title().set_name("Conversion by stage");
         chart.y_axis().set_num_format("0%");
         sheet.insert_chart(1, 4, &chart)?;
@@ -257,7 +412,18 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
 
     // Forecast.
     let sheet = workbook.add_worksheet().set_name("Forecast")?;
-    let forecast_headers = ["Company", "Owner", "Stage", "Amount", "Probability", "Weighted", "Historical win rate", "History-based", "Expected close", "Closes in period"];
+    let forecast_headers = [
+        "Company",
+        "Owner",
+        "Stage",
+        "Amount",
+        "Probability",
+        "Weighted",
+        "Historical win rate",
+        "History-based",
+        "Expected close",
+        "Closes in period",
+    ];
     write_row(sheet, 0, &forecast_headers.map(Cell::Header), &formats)?;
     for (index, line) in report.forecast.deals.iter().enumerate() {
         let row = 1 + index as u32;
@@ -285,13 +451,30 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
 
     // By rep.
     let sheet = workbook.add_worksheet().set_name("By rep")?;
-    write_row(sheet, 0, &["Owner", "Open deals", "Weighted pipeline", "Won", "Won amount", "Stalled"].map(Cell::Header), &formats)?;
+    write_row(
+        sheet,
+        0,
+        &[
+            "Owner",
+            "Open deals",
+            "Weighted pipeline",
+            "Won",
+            "Won amount",
+            "Stalled",
+        ]
+        .map(Cell::Header),
+        &formats,
+    )?;
     for (index, owner) in report.by_owner.iter().enumerate() {
         write_row(
             sheet,
             1 + index as u32,
             &[
-                Cell::Text(if owner.owner.is_empty() { "(no owner)" } else { &owner.owner }),
+                Cell::Text(if owner.owner.is_empty() {
+                    "(no owner)"
+                } else {
+                    &owner.owner
+                }),
                 Cell::Count(owner.open_count),
                 Cell::Money(owner.weighted_pipeline),
                 Cell::Count(owner.won_count),
@@ -308,7 +491,12 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
 
     // Stalled.
     let sheet = workbook.add_worksheet().set_name("Stalled")?;
-    write_row(sheet, 0, &["Company", "Owner", "Stage", "Amount", "Why"].map(Cell::Header), &formats)?;
+    write_row(
+        sheet,
+        0,
+        &["Company", "Owner", "Stage", "Amount", "Why"].map(Cell::Header),
+        &formats,
+    )?;
     for (index, line) in report.stalled.iter().enumerate() {
         let row = 1 + index as u32;
         write_row(
@@ -337,13 +525,26 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
 /// file in the same folder, renamed into place.
 pub fn write_file(path: &Path, report: &FunnelReport) -> Result<(), ReportError> {
     if let Some((program, _)) = crate::writeback::open_by(path) {
-        return Err(ReportError::Open { path: path.to_path_buf(), program });
+        return Err(ReportError::Open {
+            path: path.to_path_buf(),
+            program,
+        });
     }
     let bytes = workbook_bytes(report)?;
-    let io_error = |source| ReportError::Io { path: path.to_path_buf(), source };
-    let folder = path.parent().filter(|folder| !folder.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io_error = |source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let folder = path
+        .parent()
+        .filter(|folder| !folder.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(folder).map_err(io_error)?;
-    let mut temp = tempfile::Builder::new().prefix(".~funnelsync-").suffix(".tmp").tempfile_in(folder).map_err(io_error)?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(".~funnelsync-")
+        .suffix(".tmp")
+        .tempfile_in(folder)
+        .map_err(io_error)?;
     std::io::Write::write_all(&mut temp, &bytes).map_err(io_error)?;
     // The report is for people on the share: keep the old file's permissions, or make a new one
     // readable (the daemon's own umask is strict).
@@ -361,7 +562,11 @@ pub fn write_file(path: &Path, report: &FunnelReport) -> Result<(), ReportError>
 type Snapshot = std::collections::BTreeMap<String, (u64, f64)>;
 
 fn snapshot_of(report: &FunnelReport) -> Snapshot {
-    report.stages.iter().map(|stage| (stage.stage.clone(), (stage.open_count, stage.open_amount))).collect()
+    report
+        .stages
+        .iter()
+        .map(|stage| (stage.stage.clone(), (stage.open_count, stage.open_amount)))
+        .collect()
 }
 
 fn signed(value: f64) -> String {
@@ -375,15 +580,34 @@ fn signed(value: f64) -> String {
 /// The weekly digest for the manager: the funnel table over the last week, the change since the
 /// previous digest, the top stalled deals, and the Excel report attached. Recorded in the outbox
 /// as pending, then delivered like the reminders.
-pub fn send_weekly_digest(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Result<crate::remind::outbox::DeliveryReport, crate::remind::outbox::RemindError> {
+pub fn send_weekly_digest(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Result<crate::remind::outbox::DeliveryReport, crate::remind::outbox::RemindError> {
     use crate::remind::outbox::RemindError;
-    let manager = config.remind.as_ref().and_then(|remind| remind.manager.clone()).ok_or(RemindError::NotConfigured)?;
-    let period_days = config.report.as_ref().map(|report| report.period_days).unwrap_or(90);
-    let period = Period { since: now - chrono::Duration::days(i64::from(period_days)), until: now };
+    let manager = config
+        .remind
+        .as_ref()
+        .and_then(|remind| remind.manager.clone())
+        .ok_or(RemindError::NotConfigured)?;
+    let period_days = config
+        .report
+        .as_ref()
+        .map(|report| report.period_days)
+        .unwrap_or(90);
+    let period = Period {
+        since: now - chrono::Duration::days(i64::from(period_days)),
+        until: now,
+    };
     let report = load(store, config, period, now, None)?;
     let previous: Option<Snapshot> = store
         .connection()
-        .query_row("SELECT stages FROM report_snapshots ORDER BY id DESC LIMIT 1", [], |row| row.get::<_, String>(0))
+        .query_row(
+            "SELECT stages FROM report_snapshots ORDER BY id DESC LIMIT 1",
+            [],
+            |row| row.get::<_, String>(0),
+        )
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok());
     let current = snapshot_of(&report);
@@ -424,13 +648,24 @@ pub fn send_weekly_digest(store: &mut Store, config: &Config, now: DateTime<Utc>
         text,
         html,
     };
-    let bytes = workbook_bytes(&report).map_err(|error| RemindError::Store(StoreError::Corrupt(error.to_string())))?;
+    let bytes = workbook_bytes(&report)
+        .map_err(|error| RemindError::Store(StoreError::Corrupt(error.to_string())))?;
     let name = format!("Funnel report {}.xlsx", now.format("%Y-%m-%d"));
-    crate::remind::outbox::record_message(store, config, "weekly", &digest, Some((&name, &bytes)), now)?;
+    crate::remind::outbox::record_message(
+        store,
+        config,
+        "weekly",
+        &digest,
+        Some((&name, &bytes)),
+        now,
+    )?;
     let snapshot = serde_json::to_string(&current).unwrap_or_default();
     store
         .connection()
-        .execute("INSERT INTO report_snapshots (at, stages) VALUES (?1, ?2)", rusqlite::params![crate::store::timestamp(now), snapshot])
+        .execute(
+            "INSERT INTO report_snapshots (at, stages) VALUES (?1, ?2)",
+            rusqlite::params![crate::store::timestamp(now), snapshot],
+        )
         .map_err(StoreError::from)?;
     crate::remind::outbox::deliver(store, config, now, false)
 }

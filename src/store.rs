@@ -19,11 +19,21 @@ use crate::deal::{Deal, DealId, ExtraMap, Field, FieldMap, FieldValue};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create the folder for the store {path}: {source}")]
-    CreateFolder { path: PathBuf, source: std::io::Error },
+    CreateFolder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the store {path}: {source}")]
-    Open { path: PathBuf, source: rusqlite::Error },
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("the store {path} has schema version {found}, newer than this funnelsync understands ({supported}); upgrade funnelsync")]
-    TooNew { path: PathBuf, found: i64, supported: i64 },
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
     #[error("store query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("stored data is damaged: {0}")]
@@ -31,7 +41,8 @@ pub enum StoreError {
 }
 
 /// Migrations, in order; `PRAGMA user_version` says how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deals (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     company          TEXT,
@@ -117,7 +128,8 @@ CREATE TABLE row_errors (
     seen_at     TEXT NOT NULL
 );
 CREATE INDEX row_errors_file ON row_errors(file);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE file_status (
     file          TEXT PRIMARY KEY,
     source        TEXT NOT NULL,
@@ -127,7 +139,8 @@ CREATE TABLE file_status (
     last_error    TEXT,
     updated_at    TEXT NOT NULL
 );
-"#, r#"
+"#,
+    r#"
 CREATE TABLE conflicts (
     id          INTEGER PRIMARY KEY,
     deal_id     INTEGER NOT NULL,
@@ -150,7 +163,8 @@ INSERT INTO store_meta (id, version) VALUES (1, 0);
 CREATE TRIGGER deals_inserted AFTER INSERT ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
 CREATE TRIGGER deals_updated AFTER UPDATE ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
 CREATE TRIGGER deals_deleted AFTER DELETE ON deals BEGIN UPDATE store_meta SET version = version + 1; END;
-"#, r#"
+"#,
+    r#"
 CREATE TABLE outbox (
     id              INTEGER PRIMARY KEY,
     recipient       TEXT NOT NULL,
@@ -186,7 +200,8 @@ CREATE TABLE remind_runs (
     ran_at     TEXT NOT NULL,
     n_messages INTEGER NOT NULL
 );
-"#, r#"
+"#,
+    r#"
 ALTER TABLE outbox ADD COLUMN attachment_name TEXT;
 ALTER TABLE outbox ADD COLUMN attachment BLOB;
 CREATE TABLE report_snapshots (
@@ -194,7 +209,8 @@ CREATE TABLE report_snapshots (
     at     TEXT NOT NULL,
     stages TEXT NOT NULL
 );
-"#, r#"
+"#,
+    r#"
 -- Every change a run applied, so it can be listed and undone.
 CREATE TABLE changes (
     id        INTEGER PRIMARY KEY,
@@ -214,12 +230,14 @@ CREATE TABLE alerts (
     at      TEXT NOT NULL
 );
 CREATE INDEX alerts_key ON alerts(key, at);
-"#, r#"
+"#,
+    r#"
 -- What a file's last sync depended on besides its content: the source's settings and, for files
 -- that write back, the store's change counter. Equal content and equal both: nothing to do.
 ALTER TABLE mirror_files ADD COLUMN config_hash TEXT;
 ALTER TABLE mirror_files ADD COLUMN store_version INTEGER;
-"#];
+"#,
+];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -240,19 +258,36 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| StoreError::CreateFolder { path: parent.to_path_buf(), source })?;
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateFolder {
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
-        let open_error = |source| StoreError::Open { path: path.to_path_buf(), source };
+        let open_error = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
         let connection = Connection::open(path).map_err(open_error)?;
-        connection.busy_timeout(Duration::from_secs(10)).map_err(open_error)?;
+        connection
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(open_error)?;
         connection
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
             .map_err(open_error)?;
-        connection.pragma_update(None, "foreign_keys", "ON").map_err(open_error)?;
-        connection.pragma_update(None, "synchronous", "NORMAL").map_err(open_error)?;
-        let mut store = Store { path: path.to_path_buf(), connection };
+        connection
+            .pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_error)?;
+        connection
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_error)?;
+        let mut store = Store {
+            path: path.to_path_buf(),
+            connection,
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -262,13 +297,21 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: i64 = self.connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let version: i64 = self
+            .connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))?;
         let supported = MIGRATIONS.len() as i64;
         if version > supported {
-            return Err(StoreError::TooNew { path: self.path.clone(), found: version, supported });
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found: version,
+                supported,
+            });
         }
         for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let transaction = self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let transaction = self
+                .connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             transaction.execute_batch(migration)?;
             transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
             transaction.commit()?;
@@ -279,7 +322,9 @@ impl Store {
     /// Starts a write transaction. Writers take the lock up front so two processes never
     /// deadlock upgrading a read lock.
     pub fn transaction(&mut self) -> Result<rusqlite::Transaction<'_>, StoreError> {
-        Ok(self.connection.transaction_with_behavior(TransactionBehavior::Immediate)?)
+        Ok(self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)?)
     }
 
     pub fn connection(&self) -> &Connection {
@@ -356,9 +401,15 @@ impl ChangeKind {
     }
 
     pub fn from_name(name: &str) -> Option<ChangeKind> {
-        [ChangeKind::Create, ChangeKind::Update, ChangeKind::Archive, ChangeKind::Unarchive, ChangeKind::Delete]
-            .into_iter()
-            .find(|kind| kind.name() == name)
+        [
+            ChangeKind::Create,
+            ChangeKind::Update,
+            ChangeKind::Archive,
+            ChangeKind::Unarchive,
+            ChangeKind::Delete,
+        ]
+        .into_iter()
+        .find(|kind| kind.name() == name)
     }
 }
 
@@ -402,11 +453,24 @@ pub trait CrmStore {
     /// ones and older over newer.
     fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError>;
     /// Ids of live deals last changed before `since` (strictly: a change in the same instant counts as after).
-    fn live_ids_unchanged_since(&self, since: DateTime<Utc>) -> Result<std::collections::HashSet<DealId>, StoreError>;
+    fn live_ids_unchanged_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<std::collections::HashSet<DealId>, StoreError>;
     /// For many values of one field at once: the deal holding each (live before archived, older
     /// before newer), keyed by the value's text.
-    fn find_ids_by_values(&self, field: Field, values: &[FieldValue]) -> Result<HashMap<String, DealId>, StoreError>;
-    fn create_deal(&self, fields: &FieldMap, extra: &ExtraMap, origin: &str, now: DateTime<Utc>) -> Result<DealId, StoreError>;
+    fn find_ids_by_values(
+        &self,
+        field: Field,
+        values: &[FieldValue],
+    ) -> Result<HashMap<String, DealId>, StoreError>;
+    fn create_deal(
+        &self,
+        fields: &FieldMap,
+        extra: &ExtraMap,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Result<DealId, StoreError>;
     /// Sets the given fields (`None` clears one) and extra keys (`None` removes one).
     fn update_deal(
         &self,
@@ -416,7 +480,12 @@ pub trait CrmStore {
         origin: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
-    fn set_archived(&self, id: DealId, archived: bool, now: DateTime<Utc>) -> Result<bool, StoreError>;
+    fn set_archived(
+        &self,
+        id: DealId,
+        archived: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
     fn delete_deal(&self, id: DealId) -> Result<bool, StoreError>;
     fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError>;
     fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError>;
@@ -426,7 +495,12 @@ pub trait CrmStore {
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError>;
     fn changes_of_run(&self, run_id: i64) -> Result<Vec<ChangeRecord>, StoreError>;
     /// Changes to this deal's field (or of any kind when `field` is None) made by runs after `run_id`.
-    fn later_changes(&self, run_id: i64, deal_id: DealId, field: Option<&str>) -> Result<Vec<ChangeRecord>, StoreError>;
+    fn later_changes(
+        &self,
+        run_id: i64,
+        deal_id: DealId,
+        field: Option<&str>,
+    ) -> Result<Vec<ChangeRecord>, StoreError>;
     fn run(&self, run_id: i64) -> Result<Option<SyncRun>, StoreError>;
     /// Creates a deal again under its old id (undoing a delete).
     fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError>;
@@ -442,7 +516,8 @@ pub struct SqliteCrm<'c> {
     connection: &'c Connection,
 }
 
-const DEAL_COLUMNS: &str = "id, company, contact, email, phone, stage, amount, currency, owner, next_step, last_contact, \
+const DEAL_COLUMNS: &str =
+    "id, company, contact, email, phone, stage, amount, currency, owner, next_step, last_contact, \
      expected_close, extra, created_at, updated_at, stage_entered_at, archived_at";
 
 impl<'c> SqliteCrm<'c> {
@@ -474,17 +549,25 @@ impl<'c> SqliteCrm<'c> {
             Ok(Deal {
                 id,
                 fields,
-                extra: serde_json::from_str(&extra_text)
-                    .map_err(|error| StoreError::Corrupt(format!("extra fields of deal {id}: {error}")))?,
+                extra: serde_json::from_str(&extra_text).map_err(|error| {
+                    StoreError::Corrupt(format!("extra fields of deal {id}: {error}"))
+                })?,
                 created_at: parse_timestamp(&created_at)?,
                 updated_at: parse_timestamp(&updated_at)?,
-                stage_entered_at: stage_entered_at.as_deref().map(parse_timestamp).transpose()?,
+                stage_entered_at: stage_entered_at
+                    .as_deref()
+                    .map(parse_timestamp)
+                    .transpose()?,
                 archived_at: archived_at.as_deref().map(parse_timestamp).transpose()?,
             })
         })())
     }
 
-    fn query_deals(&self, sql: &str, parameters: &[&dyn rusqlite::ToSql]) -> Result<Vec<Deal>, StoreError> {
+    fn query_deals(
+        &self,
+        sql: &str,
+        parameters: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<Deal>, StoreError> {
         let mut statement = self.connection.prepare_cached(sql)?;
         let rows = statement.query_map(parameters, Self::deal_from_row)?;
         let mut deals = Vec::new();
@@ -494,7 +577,11 @@ impl<'c> SqliteCrm<'c> {
         Ok(deals)
     }
 
-    fn query_changes(&self, sql: &str, parameters: impl rusqlite::Params) -> Result<Vec<ChangeRecord>, StoreError> {
+    fn query_changes(
+        &self,
+        sql: &str,
+        parameters: impl rusqlite::Params,
+    ) -> Result<Vec<ChangeRecord>, StoreError> {
         let mut statement = self.connection.prepare_cached(sql)?;
         let rows = statement.query_map(parameters, |row| {
             Ok((
@@ -510,13 +597,29 @@ impl<'c> SqliteCrm<'c> {
         let mut changes = Vec::new();
         for row in rows {
             let (id, run_id, deal_id, kind, field, old_value, new_value) = row?;
-            let kind = ChangeKind::from_name(&kind).ok_or_else(|| StoreError::Corrupt(format!("change kind \"{kind}\"")))?;
-            changes.push(ChangeRecord { id, run_id, deal_id, kind, field, old_value, new_value });
+            let kind = ChangeKind::from_name(&kind)
+                .ok_or_else(|| StoreError::Corrupt(format!("change kind \"{kind}\"")))?;
+            changes.push(ChangeRecord {
+                id,
+                run_id,
+                deal_id,
+                kind,
+                field,
+                old_value,
+                new_value,
+            });
         }
         Ok(changes)
     }
 
-    fn record_stage_change(&self, id: DealId, from: Option<&str>, to: &str, origin: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+    fn record_stage_change(
+        &self,
+        id: DealId,
+        from: Option<&str>,
+        to: &str,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.connection
             .prepare_cached("INSERT INTO stage_history (deal_id, from_stage, to_stage, at, source) VALUES (?1, ?2, ?3, ?4, ?5)")?
             .execute(params![id, from, to, timestamp(now), origin])?;
@@ -539,7 +642,8 @@ impl CrmStore for SqliteCrm<'_> {
         for chunk in ids.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(",");
             let sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE id IN ({placeholders})");
-            let parameters: Vec<&dyn rusqlite::ToSql> = chunk.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
+            let parameters: Vec<&dyn rusqlite::ToSql> =
+                chunk.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
             for deal in self.query_deals(&sql, &parameters)? {
                 found.insert(deal.id, deal);
             }
@@ -556,8 +660,13 @@ impl CrmStore for SqliteCrm<'_> {
         Ok(self.query_deals(&sql, &[&value])?.into_iter().next())
     }
 
-    fn live_ids_unchanged_since(&self, since: DateTime<Utc>) -> Result<std::collections::HashSet<DealId>, StoreError> {
-        let mut statement = self.connection.prepare_cached("SELECT id FROM deals WHERE archived_at IS NULL AND updated_at < ?1")?;
+    fn live_ids_unchanged_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<std::collections::HashSet<DealId>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT id FROM deals WHERE archived_at IS NULL AND updated_at < ?1")?;
         let rows = statement.query_map([timestamp(since)], |row| row.get::<_, DealId>(0))?;
         let mut ids = std::collections::HashSet::new();
         for row in rows {
@@ -566,7 +675,11 @@ impl CrmStore for SqliteCrm<'_> {
         Ok(ids)
     }
 
-    fn find_ids_by_values(&self, field: Field, values: &[FieldValue]) -> Result<HashMap<String, DealId>, StoreError> {
+    fn find_ids_by_values(
+        &self,
+        field: Field,
+        values: &[FieldValue],
+    ) -> Result<HashMap<String, DealId>, StoreError> {
         let mut found = HashMap::new();
         for chunk in values.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(",");
@@ -575,17 +688,24 @@ impl CrmStore for SqliteCrm<'_> {
                 "SELECT id, {column} FROM deals WHERE {column} IN ({placeholders}) ORDER BY archived_at IS NOT NULL, id",
                 column = field.name()
             );
-            let parameters: Vec<rusqlite::types::Value> = chunk.iter().map(|value| to_sql(Some(value))).collect();
+            let parameters: Vec<rusqlite::types::Value> =
+                chunk.iter().map(|value| to_sql(Some(value))).collect();
             let mut statement = self.connection.prepare(&sql)?;
-            let rows = statement.query_map(rusqlite::params_from_iter(parameters.iter()), |row| {
-                Ok((row.get::<_, DealId>(0)?, row.get::<_, rusqlite::types::Value>(1)?))
-            })?;
+            let rows =
+                statement.query_map(rusqlite::params_from_iter(parameters.iter()), |row| {
+                    Ok((
+                        row.get::<_, DealId>(0)?,
+                        row.get::<_, rusqlite::types::Value>(1)?,
+                    ))
+                })?;
             for row in rows {
                 let (id, value) = row?;
                 let text = match value {
                     rusqlite::types::Value::Text(text) => text,
                     rusqlite::types::Value::Real(number) => FieldValue::Amount(number).to_string(),
-                    rusqlite::types::Value::Integer(number) => FieldValue::Amount(number as f64).to_string(),
+                    rusqlite::types::Value::Integer(number) => {
+                        FieldValue::Amount(number as f64).to_string()
+                    }
                     _ => continue,
                 };
                 found.entry(text).or_insert(id);
@@ -594,11 +714,24 @@ impl CrmStore for SqliteCrm<'_> {
         Ok(found)
     }
 
-    fn create_deal(&self, fields: &FieldMap, extra: &ExtraMap, origin: &str, now: DateTime<Utc>) -> Result<DealId, StoreError> {
+    fn create_deal(
+        &self,
+        fields: &FieldMap,
+        extra: &ExtraMap,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Result<DealId, StoreError> {
         let now_text = timestamp(now);
-        let extra_text = serde_json::to_string(extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        let values: Vec<rusqlite::types::Value> = Field::ALL.iter().map(|field| to_sql(fields.get(field))).collect();
-        let stage = fields.get(&Field::Stage).and_then(FieldValue::as_text).map(str::to_string);
+        let extra_text =
+            serde_json::to_string(extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let values: Vec<rusqlite::types::Value> = Field::ALL
+            .iter()
+            .map(|field| to_sql(fields.get(field)))
+            .collect();
+        let stage = fields
+            .get(&Field::Stage)
+            .and_then(FieldValue::as_text)
+            .map(str::to_string);
         let stage_entered_at = stage.as_ref().map(|_| now_text.clone());
         self.connection
             .prepare_cached(
@@ -638,10 +771,14 @@ impl CrmStore for SqliteCrm<'_> {
         for (field, value) in changes {
             // Column names come from the closed Field enum, never from input.
             let sql = format!("UPDATE deals SET {} = ?1 WHERE id = ?2", field.name());
-            self.connection.prepare_cached(&sql)?.execute(params![to_sql(value.as_ref()), id])?;
+            self.connection
+                .prepare_cached(&sql)?
+                .execute(params![to_sql(value.as_ref()), id])?;
             if *field == Field::Stage {
                 let new_stage = value.as_ref().and_then(FieldValue::as_text);
-                if let Some(new_stage) = new_stage.filter(|new_stage| old_stage.as_deref() != Some(*new_stage)) {
+                if let Some(new_stage) =
+                    new_stage.filter(|new_stage| old_stage.as_deref() != Some(*new_stage))
+                {
                     self.record_stage_change(id, old_stage.as_deref(), new_stage, origin, now)?;
                     self.connection
                         .prepare_cached("UPDATE deals SET stage_entered_at = ?1 WHERE id = ?2")?
@@ -654,15 +791,17 @@ impl CrmStore for SqliteCrm<'_> {
                 .connection
                 .prepare_cached("SELECT extra FROM deals WHERE id = ?1")?
                 .query_row([id], |row| row.get(0))?;
-            let mut extra: ExtraMap = serde_json::from_str(&extra_text)
-                .map_err(|error| StoreError::Corrupt(format!("extra fields of deal {id}: {error}")))?;
+            let mut extra: ExtraMap = serde_json::from_str(&extra_text).map_err(|error| {
+                StoreError::Corrupt(format!("extra fields of deal {id}: {error}"))
+            })?;
             for (key, value) in extra_changes {
                 match value {
                     Some(value) => extra.insert(key.clone(), value.clone()),
                     None => extra.remove(key),
                 };
             }
-            let extra_text = serde_json::to_string(&extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            let extra_text = serde_json::to_string(&extra)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
             self.connection
                 .prepare_cached("UPDATE deals SET extra = ?1 WHERE id = ?2")?
                 .execute(params![extra_text, id])?;
@@ -673,7 +812,12 @@ impl CrmStore for SqliteCrm<'_> {
         Ok(())
     }
 
-    fn set_archived(&self, id: DealId, archived: bool, now: DateTime<Utc>) -> Result<bool, StoreError> {
+    fn set_archived(
+        &self,
+        id: DealId,
+        archived: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
         let now_text = timestamp(now);
         let changed = if archived {
             self.connection
@@ -688,7 +832,11 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn delete_deal(&self, id: DealId) -> Result<bool, StoreError> {
-        Ok(self.connection.prepare_cached("DELETE FROM deals WHERE id = ?1")?.execute([id])? > 0)
+        Ok(self
+            .connection
+            .prepare_cached("DELETE FROM deals WHERE id = ?1")?
+            .execute([id])?
+            > 0)
     }
 
     fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError> {
@@ -699,14 +847,23 @@ impl CrmStore for SqliteCrm<'_> {
         }
         if let Some(stage) = &filter.stage {
             parameters.push(stage.clone());
-            sql.push_str(&format!(" AND stage = ?{} COLLATE NOCASE", parameters.len()));
+            sql.push_str(&format!(
+                " AND stage = ?{} COLLATE NOCASE",
+                parameters.len()
+            ));
         }
         if let Some(owner) = &filter.owner {
             parameters.push(owner.trim().to_string());
-            sql.push_str(&format!(" AND trim(owner) = ?{} COLLATE NOCASE", parameters.len()));
+            sql.push_str(&format!(
+                " AND trim(owner) = ?{} COLLATE NOCASE",
+                parameters.len()
+            ));
         }
         sql.push_str(" ORDER BY id");
-        let parameters: Vec<&dyn rusqlite::ToSql> = parameters.iter().map(|value| value as &dyn rusqlite::ToSql).collect();
+        let parameters: Vec<&dyn rusqlite::ToSql> = parameters
+            .iter()
+            .map(|value| value as &dyn rusqlite::ToSql)
+            .collect();
         self.query_deals(&sql, &parameters)
     }
 
@@ -715,12 +872,24 @@ impl CrmStore for SqliteCrm<'_> {
             .connection
             .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
         let rows = statement.query_map([id], |row| {
-            Ok((row.get::<_, DealId>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
+            Ok((
+                row.get::<_, DealId>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+            ))
         })?;
         let mut changes = Vec::new();
         for row in rows {
             let (deal_id, from_stage, to_stage, at, source) = row?;
-            changes.push(StageChange { deal_id, from_stage, to_stage, at: parse_timestamp(&at)?, source });
+            changes.push(StageChange {
+                deal_id,
+                from_stage,
+                to_stage,
+                at: parse_timestamp(&at)?,
+                source,
+            });
         }
         Ok(changes)
     }
@@ -730,7 +899,14 @@ impl CrmStore for SqliteCrm<'_> {
             "INSERT INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         for change in changes {
-            statement.execute(params![run_id, change.deal_id, change.kind.name(), change.field, change.old_value, change.new_value])?;
+            statement.execute(params![
+                run_id,
+                change.deal_id,
+                change.kind.name(),
+                change.field,
+                change.old_value,
+                change.new_value
+            ])?;
         }
         Ok(())
     }
@@ -739,7 +915,12 @@ impl CrmStore for SqliteCrm<'_> {
         self.query_changes("SELECT id, run_id, deal_id, kind, field, old_value, new_value FROM changes WHERE run_id = ?1 ORDER BY id", params![run_id])
     }
 
-    fn later_changes(&self, run_id: i64, deal_id: DealId, field: Option<&str>) -> Result<Vec<ChangeRecord>, StoreError> {
+    fn later_changes(
+        &self,
+        run_id: i64,
+        deal_id: DealId,
+        field: Option<&str>,
+    ) -> Result<Vec<ChangeRecord>, StoreError> {
         self.query_changes(
             "SELECT id, run_id, deal_id, kind, field, old_value, new_value FROM changes \
              WHERE run_id > ?1 AND deal_id = ?2 AND (?3 IS NULL OR field = ?3 OR field IS NULL) ORDER BY id",
@@ -748,12 +929,19 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn run(&self, run_id: i64) -> Result<Option<SyncRun>, StoreError> {
-        Ok(self.last_runs(usize::MAX >> 1)?.into_iter().find(|run| run.id == run_id))
+        Ok(self
+            .last_runs(usize::MAX >> 1)?
+            .into_iter()
+            .find(|run| run.id == run_id))
     }
 
     fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError> {
-        let values: Vec<rusqlite::types::Value> = Field::ALL.iter().map(|field| to_sql(deal.fields.get(field))).collect();
-        let extra = serde_json::to_string(&deal.extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let values: Vec<rusqlite::types::Value> = Field::ALL
+            .iter()
+            .map(|field| to_sql(deal.fields.get(field)))
+            .collect();
+        let extra = serde_json::to_string(&deal.extra)
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
         self.connection.execute(
             "INSERT INTO deals (id, company, contact, email, phone, stage, amount, currency, owner, next_step, last_contact, \
              expected_close, extra, created_at, updated_at, stage_entered_at, archived_at) \
@@ -768,15 +956,28 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError> {
-        let mut statement =
-            self.connection.prepare_cached("SELECT deal_id, from_stage, to_stage, at, source FROM stage_history ORDER BY at, id")?;
+        let mut statement = self.connection.prepare_cached(
+            "SELECT deal_id, from_stage, to_stage, at, source FROM stage_history ORDER BY at, id",
+        )?;
         let rows = statement.query_map([], |row| {
-            Ok((row.get::<_, DealId>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get::<_, String>(4)?))
+            Ok((
+                row.get::<_, DealId>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+            ))
         })?;
         let mut changes = Vec::new();
         for row in rows {
             let (deal_id, from_stage, to_stage, at, source) = row?;
-            changes.push(StageChange { deal_id, from_stage, to_stage, at: parse_timestamp(&at)?, source });
+            changes.push(StageChange {
+                deal_id,
+                from_stage,
+                to_stage,
+                at: parse_timestamp(&at)?,
+                source,
+            });
         }
         Ok(changes)
     }
@@ -861,7 +1062,10 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn version(&self) -> Result<i64, StoreError> {
-        Ok(self.connection.prepare_cached("SELECT version FROM store_meta WHERE id = 1")?.query_row([], |row| row.get(0))?)
+        Ok(self
+            .connection
+            .prepare_cached("SELECT version FROM store_meta WHERE id = 1")?
+            .query_row([], |row| row.get(0))?)
     }
 
     fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError> {
@@ -877,7 +1081,15 @@ impl CrmStore for SqliteCrm<'_> {
                 row.get::<_, String>(3)?,
                 row.get::<_, String>(4)?,
                 row.get::<_, String>(5)?,
-                [row.get::<_, i64>(6)?, row.get(7)?, row.get(8)?, row.get(9)?, row.get(10)?, row.get(11)?, row.get(12)?],
+                [
+                    row.get::<_, i64>(6)?,
+                    row.get(7)?,
+                    row.get(8)?,
+                    row.get(9)?,
+                    row.get(10)?,
+                    row.get(11)?,
+                    row.get(12)?,
+                ],
                 row.get::<_, Option<String>>(13)?,
             ))
         })?;
@@ -914,7 +1126,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn at(hour: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 28, hour, 0, 0).single().expect("valid time")
+        Utc.with_ymd_and_hms(2026, 11, 28, hour, 0, 0)
+            .single()
+            .expect("valid time")
     }
 
     #[test]
@@ -927,19 +1141,31 @@ mod tests {
         fields.insert(Field::Stage, FieldValue::Text("Lead".to_string()));
         fields.insert(Field::Amount, FieldValue::Amount(1200.5));
         let extra = ExtraMap::from([("Notes".to_string(), "VIP".to_string())]);
-        let id = crm.create_deal(&fields, &extra, "test", at(9)).expect("create");
+        let id = crm
+            .create_deal(&fields, &extra, "test", at(9))
+            .expect("create");
         crm.update_deal(
             id,
             &[(Field::Stage, Some(FieldValue::Text("Prospect".to_string())))],
-            &[("Notes".to_string(), None), ("Region".to_string(), Some("East".to_string()))],
+            &[
+                ("Notes".to_string(), None),
+                ("Region".to_string(), Some("East".to_string())),
+            ],
             "test",
             at(10),
         )
         .expect("update");
-        let deal = crm.deals_by_ids(&[id]).expect("read").remove(&id).expect("exists");
+        let deal = crm
+            .deals_by_ids(&[id])
+            .expect("read")
+            .remove(&id)
+            .expect("exists");
         assert_eq!(deal.text(Field::Stage), Some("Prospect"));
         assert_eq!(deal.fields[&Field::Amount], FieldValue::Amount(1200.5));
-        assert_eq!(deal.extra, ExtraMap::from([("Region".to_string(), "East".to_string())]));
+        assert_eq!(
+            deal.extra,
+            ExtraMap::from([("Region".to_string(), "East".to_string())])
+        );
         assert_eq!(deal.stage_entered_at, Some(at(10)));
         let history = crm.stage_history(id).expect("history");
         assert_eq!(history.len(), 2);
@@ -953,10 +1179,19 @@ mod tests {
         let path = folder.path().join("crm.db");
         drop(Store::open(&path).expect("first open"));
         let store = Store::open(&path).expect("second open");
-        let version: i64 = store.connection().pragma_query_value(None, "user_version", |row| row.get(0)).expect("version");
+        let version: i64 = store
+            .connection()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("version");
         assert_eq!(version, MIGRATIONS.len() as i64);
-        store.connection().pragma_update(None, "user_version", 99).expect("set");
+        store
+            .connection()
+            .pragma_update(None, "user_version", 99)
+            .expect("set");
         drop(store);
-        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
     }
 }

@@ -47,17 +47,28 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
             if path.is_file() {
                 vec![path.clone()]
             } else {
-                return Err(DiscoverError { path: path.clone(), message: "the file does not exist".to_string() });
+                return Err(DiscoverError {
+                    path: path.clone(),
+                    message: "the file does not exist".to_string(),
+                });
             }
         }
         SourcePath::Folder(folder) => {
-            let entries = std::fs::read_dir(folder).map_err(|error| DiscoverError { path: folder.clone(), message: error.to_string() })?;
+            let entries = std::fs::read_dir(folder).map_err(|error| DiscoverError {
+                path: folder.clone(),
+                message: error.to_string(),
+            })?;
             let mut files = Vec::new();
             for entry in entries {
-                let entry = entry.map_err(|error| DiscoverError { path: folder.clone(), message: error.to_string() })?;
+                let entry = entry.map_err(|error| DiscoverError {
+                    path: folder.clone(),
+                    message: error.to_string(),
+                })?;
                 let path = entry.path();
                 // The entry's type comes with the directory listing: no extra stat per file.
-                let is_file = entry.file_type().map(|file_type| file_type.is_file() || (file_type.is_symlink() && path.is_file()));
+                let is_file = entry.file_type().map(|file_type| {
+                    file_type.is_file() || (file_type.is_symlink() && path.is_file())
+                });
                 if is_candidate(&path) && is_file.unwrap_or(false) {
                     files.push(path);
                 }
@@ -65,8 +76,14 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
             files
         }
         SourcePath::Glob(pattern) => {
-            let paths = glob::glob(pattern).map_err(|error| DiscoverError { path: PathBuf::from(pattern), message: error.to_string() })?;
-            paths.filter_map(Result::ok).filter(|path| is_candidate(path) && path.is_file()).collect()
+            let paths = glob::glob(pattern).map_err(|error| DiscoverError {
+                path: PathBuf::from(pattern),
+                message: error.to_string(),
+            })?;
+            paths
+                .filter_map(Result::ok)
+                .filter(|path| is_candidate(path) && path.is_file())
+                .collect()
         }
     };
     files.sort();
@@ -77,12 +94,17 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
 /// write that was killed before its rename. Returns how many were removed.
 pub fn remove_stale_temp_files(source: &SourceConfig) -> usize {
     let folder = source_folder(source);
-    let Ok(entries) = std::fs::read_dir(&folder) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(&folder) else {
+        return 0;
+    };
     let mut n_removed = 0;
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(".~funnelsync-") && name.ends_with(".tmp") && std::fs::remove_file(entry.path()).is_ok() {
+        if name.starts_with(".~funnelsync-")
+            && name.ends_with(".tmp")
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
             n_removed += 1;
         }
     }
@@ -92,7 +114,10 @@ pub fn remove_stale_temp_files(source: &SourceConfig) -> usize {
 /// The folder a source lives in: where to watch for it.
 pub fn source_folder(source: &SourceConfig) -> PathBuf {
     match &source.path {
-        SourcePath::File(path) => path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
+        SourcePath::File(path) => path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
         SourcePath::Folder(folder) => folder.clone(),
         SourcePath::Glob(pattern) => {
             // The longest leading part of the pattern without wildcards.
@@ -117,7 +142,9 @@ pub fn source_matches(source: &SourceConfig, path: &Path) -> bool {
     match &source.path {
         SourcePath::File(file) => file == path,
         SourcePath::Folder(folder) => path.parent() == Some(folder.as_path()),
-        SourcePath::Glob(pattern) => glob::Pattern::new(pattern).is_ok_and(|pattern| pattern.matches_path(path)),
+        SourcePath::Glob(pattern) => {
+            glob::Pattern::new(pattern).is_ok_and(|pattern| pattern.matches_path(path))
+        }
     }
 }
 
@@ -135,8 +162,13 @@ impl Fingerprint {
     /// future, as a server with a skewed clock may report.
     pub fn age(&self) -> std::time::Duration {
         let modified = std::time::UNIX_EPOCH
-            + std::time::Duration::new(self.modified_seconds.max(0) as u64, self.modified_nanoseconds.clamp(0, 999_999_999) as u32);
-        std::time::SystemTime::now().duration_since(modified).unwrap_or_default()
+            + std::time::Duration::new(
+                self.modified_seconds.max(0) as u64,
+                self.modified_nanoseconds.clamp(0, 999_999_999) as u32,
+            );
+        std::time::SystemTime::now()
+            .duration_since(modified)
+            .unwrap_or_default()
     }
 }
 
@@ -178,7 +210,11 @@ pub fn watch_roots(sources: &[SourceConfig]) -> Vec<(PathBuf, notify::RecursiveM
                 .is_some_and(|parent| parent.to_string_lossy().contains(['*', '?', '['])),
             _ => false,
         };
-        let mode = if recursive { notify::RecursiveMode::Recursive } else { notify::RecursiveMode::NonRecursive };
+        let mode = if recursive {
+            notify::RecursiveMode::Recursive
+        } else {
+            notify::RecursiveMode::NonRecursive
+        };
         match roots.iter_mut().find(|(root, _)| *root == folder) {
             Some(existing) if recursive => existing.1 = mode,
             Some(_) => {}
@@ -194,10 +230,25 @@ mod tests {
 
     #[test]
     fn office_temp_files_are_not_sources() {
-        for name in ["~$Pipeline.xlsx", ".~lock.Pipeline.xlsx#", "A1B2C3D4", "Pipeline.xlsx.tmp", "~WRL0001.tmp", ".hidden.xlsx", "notes.txt"] {
+        for name in [
+            "~$Pipeline.xlsx",
+            ".~lock.Pipeline.xlsx#",
+            "A1B2C3D4",
+            "Pipeline.xlsx.tmp",
+            "~WRL0001.tmp",
+            ".hidden.xlsx",
+            "notes.txt",
+        ] {
             assert!(!is_candidate(Path::new(name)), "{name} must be ignored");
         }
-        for name in ["Pipeline.xlsx", "销售管道.XLSX", "leads.csv", "old.xls", "team.ods", "macro.xlsm"] {
+        for name in [
+            "Pipeline.xlsx",
+            "销售管道.XLSX",
+            "leads.csv",
+            "old.xls",
+            "team.ods",
+            "macro.xlsm",
+        ] {
             assert!(is_candidate(Path::new(name)), "{name} must be a candidate");
         }
     }

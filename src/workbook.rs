@@ -111,28 +111,48 @@ pub struct SheetData {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkbookError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a complete workbook yet (it may still be being saved): {detail}")]
     Incomplete { path: PathBuf, detail: String },
     #[error("{path} is password-protected; funnelsync cannot read encrypted workbooks")]
     Encrypted { path: PathBuf },
     #[error("{path}: sheet \"{sheet}\" not found (sheets: {})", available.join(", "))]
-    SheetNotFound { path: PathBuf, sheet: String, available: Vec<String> },
+    SheetNotFound {
+        path: PathBuf,
+        sheet: String,
+        available: Vec<String>,
+    },
     #[error("{path} has no visible worksheet")]
     NoVisibleSheet { path: PathBuf },
     #[error("{path} is not a {expected} file: {detail}")]
-    Malformed { path: PathBuf, expected: &'static str, detail: String },
+    Malformed {
+        path: PathBuf,
+        expected: &'static str,
+        detail: String,
+    },
     #[error("{path}: unsupported file type (funnelsync reads .xlsx .xlsm .xls .ods .csv)")]
     Unsupported { path: PathBuf },
     #[error("{path}: {what} is over the limit of {limit}; nothing was read (raise [limits] if the file is genuine)")]
-    OverLimit { path: PathBuf, what: String, limit: String },
+    OverLimit {
+        path: PathBuf,
+        what: String,
+        limit: String,
+    },
 }
 
 impl WorkbookError {
     /// Whether reading the same file again later may succeed without anyone fixing it: it may be
     /// locked or half-written by the program saving it.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, WorkbookError::Io { .. } | WorkbookError::Incomplete { .. } | WorkbookError::Malformed { .. })
+        matches!(
+            self,
+            WorkbookError::Io { .. }
+                | WorkbookError::Incomplete { .. }
+                | WorkbookError::Malformed { .. }
+        )
     }
 }
 
@@ -162,7 +182,12 @@ pub fn read_sheet(
 
 /// A file's bytes, refused beyond `max_file_mb`.
 pub fn read_bytes(path: &Path, limits: &crate::config::Limits) -> Result<Vec<u8>, WorkbookError> {
-    let size = std::fs::metadata(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })?.len();
+    let size = std::fs::metadata(path)
+        .map_err(|source| WorkbookError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
     if size > limits.max_file_bytes {
         return Err(WorkbookError::OverLimit {
             path: path.to_path_buf(),
@@ -170,7 +195,10 @@ pub fn read_bytes(path: &Path, limits: &crate::config::Limits) -> Result<Vec<u8>
             limit: format!("{} MB", limits.max_file_bytes >> 20),
         });
     }
-    std::fs::read(path).map_err(|source| WorkbookError::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| WorkbookError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Parses a file's bytes (from [`read_bytes`]) into the managed sheet.
@@ -181,8 +209,14 @@ pub fn parse_sheet(
     csv_encoding: crate::config::CsvEncoding,
     limits: &crate::config::Limits,
 ) -> Result<SheetData, WorkbookError> {
-    let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported { path: path.to_path_buf() })?;
-    let over = |what: String, limit: String| WorkbookError::OverLimit { path: path.to_path_buf(), what, limit };
+    let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported {
+        path: path.to_path_buf(),
+    })?;
+    let over = |what: String, limit: String| WorkbookError::OverLimit {
+        path: path.to_path_buf(),
+        what,
+        limit,
+    };
     if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
         // A zip bomb: a small file that unpacks to gigabytes. The sizes its directory declares are
         // summed before anything is unpacked.
@@ -201,12 +235,18 @@ pub fn parse_sheet(
             }
         }
     }
-    let modified = std::fs::metadata(path).and_then(|metadata| metadata.modified()).ok().map(chrono::DateTime::<chrono::Utc>::from);
+    let modified = std::fs::metadata(path)
+        .and_then(|metadata| metadata.modified())
+        .ok()
+        .map(chrono::DateTime::<chrono::Utc>::from);
     let content_hash = hash_bytes(&bytes);
     let (sheet_name, rows, csv_format) = match format {
         FileFormat::Csv => {
             let (rows, csv_format) = crate::workbook::csv_reader::read(path, &bytes, csv_encoding)?;
-            let sheet_name = path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
+            let sheet_name = path
+                .file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+                .unwrap_or_default();
             (sheet_name, rows, Some(csv_format))
         }
         FileFormat::Xlsx => {
@@ -219,24 +259,50 @@ pub fn parse_sheet(
         }
     };
     check_limits(path, &rows, limits)?;
-    Ok(SheetData { path: path.to_path_buf(), format, sheet_name, rows, content_hash, modified, csv_format })
+    Ok(SheetData {
+        path: path.to_path_buf(),
+        format,
+        sheet_name,
+        rows,
+        content_hash,
+        modified,
+        csv_format,
+    })
 }
 
-fn check_limits(path: &Path, rows: &[SheetRow], limits: &crate::config::Limits) -> Result<(), WorkbookError> {
-    let over = |what: String, limit: String| WorkbookError::OverLimit { path: path.to_path_buf(), what, limit };
+fn check_limits(
+    path: &Path,
+    rows: &[SheetRow],
+    limits: &crate::config::Limits,
+) -> Result<(), WorkbookError> {
+    let over = |what: String, limit: String| WorkbookError::OverLimit {
+        path: path.to_path_buf(),
+        what,
+        limit,
+    };
     if rows.len() > limits.max_rows {
-        return Err(over(format!("the number of rows ({})", rows.len()), format!("{} rows", limits.max_rows)));
+        return Err(over(
+            format!("the number of rows ({})", rows.len()),
+            format!("{} rows", limits.max_rows),
+        ));
     }
     for row in rows {
         if row.cells.len() > limits.max_columns {
-            return Err(over(format!("row {} with {} columns", row.row_number, row.cells.len()), format!("{} columns", limits.max_columns)));
+            return Err(over(
+                format!("row {} with {} columns", row.row_number, row.cells.len()),
+                format!("{} columns", limits.max_columns),
+            ));
         }
         for (column_idx, cell) in row.cells.iter().enumerate() {
             if let Cell::Text(text) = cell {
                 let n_chars = text.chars().count();
                 if n_chars > limits.max_cell_chars {
                     return Err(over(
-                        format!("the text in row {}, column {} ({n_chars} characters)", row.row_number, column_letters(column_idx)),
+                        format!(
+                            "the text in row {}, column {} ({n_chars} characters)",
+                            row.row_number,
+                            column_letters(column_idx)
+                        ),
                         format!("{} characters", limits.max_cell_chars),
                     ));
                 }
@@ -251,7 +317,11 @@ pub fn hash_bytes(bytes: &[u8]) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn choose_sheet(path: &Path, sheets: &[calamine::Sheet], wanted: Option<&str>) -> Result<String, WorkbookError> {
+fn choose_sheet(
+    path: &Path,
+    sheets: &[calamine::Sheet],
+    wanted: Option<&str>,
+) -> Result<String, WorkbookError> {
     match wanted {
         Some(wanted) => {
             if let Some(sheet) = sheets.iter().find(|sheet| sheet.name == wanted) {
@@ -271,31 +341,56 @@ fn choose_sheet(path: &Path, sheets: &[calamine::Sheet], wanted: Option<&str>) -
         }
         None => sheets
             .iter()
-            .find(|sheet| sheet.visible == SheetVisible::Visible && sheet.typ == SheetType::WorkSheet)
+            .find(|sheet| {
+                sheet.visible == SheetVisible::Visible && sheet.typ == SheetType::WorkSheet
+            })
             .map(|sheet| sheet.name.clone())
-            .ok_or_else(|| WorkbookError::NoVisibleSheet { path: path.to_path_buf() }),
+            .ok_or_else(|| WorkbookError::NoVisibleSheet {
+                path: path.to_path_buf(),
+            }),
     }
 }
 
 fn xlsx_error(path: &Path, error: calamine::XlsxError) -> WorkbookError {
     use calamine::XlsxError;
     match error {
-        XlsxError::Password => WorkbookError::Encrypted { path: path.to_path_buf() },
-        XlsxError::Zip(zip_error) => WorkbookError::Incomplete { path: path.to_path_buf(), detail: zip_error.to_string() },
-        XlsxError::Io(io_error) => WorkbookError::Incomplete { path: path.to_path_buf(), detail: io_error.to_string() },
-        other => WorkbookError::Malformed { path: path.to_path_buf(), expected: "valid .xlsx", detail: other.to_string() },
+        XlsxError::Password => WorkbookError::Encrypted {
+            path: path.to_path_buf(),
+        },
+        XlsxError::Zip(zip_error) => WorkbookError::Incomplete {
+            path: path.to_path_buf(),
+            detail: zip_error.to_string(),
+        },
+        XlsxError::Io(io_error) => WorkbookError::Incomplete {
+            path: path.to_path_buf(),
+            detail: io_error.to_string(),
+        },
+        other => WorkbookError::Malformed {
+            path: path.to_path_buf(),
+            expected: "valid .xlsx",
+            detail: other.to_string(),
+        },
     }
 }
 
 /// Streams the cells of an .xlsx sheet: memory grows with the cells present, never with the
 /// sheet's declared dimension (a stray cell at XFD1048576 must not allocate a dense grid).
-fn read_xlsx(path: &Path, bytes: Vec<u8>, wanted: Option<&str>) -> Result<(String, Vec<SheetRow>), WorkbookError> {
-    let mut workbook: calamine::Xlsx<_> =
-        calamine::open_workbook_from_rs(Cursor::new(bytes)).map_err(|error| xlsx_error(path, error))?;
+fn read_xlsx(
+    path: &Path,
+    bytes: Vec<u8>,
+    wanted: Option<&str>,
+) -> Result<(String, Vec<SheetRow>), WorkbookError> {
+    let mut workbook: calamine::Xlsx<_> = calamine::open_workbook_from_rs(Cursor::new(bytes))
+        .map_err(|error| xlsx_error(path, error))?;
     let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
-    let mut reader = workbook.worksheet_cells_reader(&sheet_name).map_err(|error| xlsx_error(path, error))?;
+    let mut reader = workbook
+        .worksheet_cells_reader(&sheet_name)
+        .map_err(|error| xlsx_error(path, error))?;
     let mut rows: Vec<SheetRow> = Vec::new();
-    while let Some(cell) = reader.next_cell().map_err(|error| xlsx_error(path, error))? {
+    while let Some(cell) = reader
+        .next_cell()
+        .map_err(|error| xlsx_error(path, error))?
+    {
         let (row_idx, column_idx) = cell.get_position();
         let value = match cell.get_value() {
             DataRef::Empty => continue,
@@ -318,7 +413,10 @@ fn read_xlsx(path: &Path, bytes: Vec<u8>, wanted: Option<&str>) -> Result<(Strin
 
 fn iso_cell(text: &str) -> Cell {
     chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
-        .or_else(|_| chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").map(|date| date.and_time(chrono::NaiveTime::MIN)))
+        .or_else(|_| {
+            chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .map(|date| date.and_time(chrono::NaiveTime::MIN))
+        })
         .map(Cell::DateTime)
         .unwrap_or_else(|_| Cell::Text(text.to_string()))
 }
@@ -329,7 +427,10 @@ fn push_cell(rows: &mut Vec<SheetRow>, row_idx: u32, column_idx: u32, value: Cel
     }
     let row_number = row_idx.saturating_add(1);
     if rows.last().map(|row| row.row_number) != Some(row_number) {
-        rows.push(SheetRow { row_number, cells: Vec::new() });
+        rows.push(SheetRow {
+            row_number,
+            cells: Vec::new(),
+        });
     }
     let Some(row) = rows.last_mut() else { return };
     let column_idx = column_idx as usize;
@@ -349,31 +450,50 @@ fn read_with_range(
     let cursor = Cursor::new(bytes);
     let (sheet_name, range) = match format {
         FileFormat::Xls => {
-            let mut workbook: calamine::Xls<_> = calamine::open_workbook_from_rs(cursor).map_err(|error| match error {
-                calamine::XlsError::Password => WorkbookError::Encrypted { path: path.to_path_buf() },
-                other => WorkbookError::Malformed { path: path.to_path_buf(), expected: "valid .xls", detail: other.to_string() },
-            })?;
+            let mut workbook: calamine::Xls<_> =
+                calamine::open_workbook_from_rs(cursor).map_err(|error| match error {
+                    calamine::XlsError::Password => WorkbookError::Encrypted {
+                        path: path.to_path_buf(),
+                    },
+                    other => WorkbookError::Malformed {
+                        path: path.to_path_buf(),
+                        expected: "valid .xls",
+                        detail: other.to_string(),
+                    },
+                })?;
             let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
-            let range = workbook.worksheet_range(&sheet_name).map_err(|error| WorkbookError::Malformed {
-                path: path.to_path_buf(),
-                expected: "valid .xls",
-                detail: error.to_string(),
+            let range = workbook.worksheet_range(&sheet_name).map_err(|error| {
+                WorkbookError::Malformed {
+                    path: path.to_path_buf(),
+                    expected: "valid .xls",
+                    detail: error.to_string(),
+                }
             })?;
             (sheet_name, range)
         }
         _ => {
-            let mut workbook: calamine::Ods<_> = calamine::open_workbook_from_rs(cursor).map_err(|error| match error {
-                calamine::OdsError::Password => WorkbookError::Encrypted { path: path.to_path_buf() },
-                calamine::OdsError::Zip(zip_error) => {
-                    WorkbookError::Incomplete { path: path.to_path_buf(), detail: zip_error.to_string() }
-                }
-                other => WorkbookError::Malformed { path: path.to_path_buf(), expected: "valid .ods", detail: other.to_string() },
-            })?;
+            let mut workbook: calamine::Ods<_> =
+                calamine::open_workbook_from_rs(cursor).map_err(|error| match error {
+                    calamine::OdsError::Password => WorkbookError::Encrypted {
+                        path: path.to_path_buf(),
+                    },
+                    calamine::OdsError::Zip(zip_error) => WorkbookError::Incomplete {
+                        path: path.to_path_buf(),
+                        detail: zip_error.to_string(),
+                    },
+                    other => WorkbookError::Malformed {
+                        path: path.to_path_buf(),
+                        expected: "valid .ods",
+                        detail: other.to_string(),
+                    },
+                })?;
             let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
-            let range = workbook.worksheet_range(&sheet_name).map_err(|error| WorkbookError::Malformed {
-                path: path.to_path_buf(),
-                expected: "valid .ods",
-                detail: error.to_string(),
+            let range = workbook.worksheet_range(&sheet_name).map_err(|error| {
+                WorkbookError::Malformed {
+                    path: path.to_path_buf(),
+                    expected: "valid .ods",
+                    detail: error.to_string(),
+                }
             })?;
             (sheet_name, range)
         }
@@ -395,7 +515,12 @@ fn read_with_range(
         };
         // used_cells() yields positions relative to the range's start.
         let (start_row, start_column) = range.start().unwrap_or((0, 0));
-        push_cell(&mut rows, start_row + row_idx as u32, start_column + column_idx as u32, cell);
+        push_cell(
+            &mut rows,
+            start_row + row_idx as u32,
+            start_column + column_idx as u32,
+            cell,
+        );
     }
     Ok((sheet_name, rows))
 }
@@ -420,7 +545,11 @@ pub mod csv_reader {
     use crate::config::CsvEncoding;
     use std::path::Path;
 
-    pub fn read(path: &Path, bytes: &[u8], encoding: CsvEncoding) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
+    pub fn read(
+        path: &Path,
+        bytes: &[u8],
+        encoding: CsvEncoding,
+    ) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
         let (text, used_encoding, has_bom) = decode(path, bytes, encoding)?;
         if text.contains('\0') {
             return Err(WorkbookError::Malformed {
@@ -440,11 +569,14 @@ pub mod csv_reader {
         let mut record = csv::StringRecord::new();
         let text_bytes = text.as_bytes();
         loop {
-            let more = reader.read_record(&mut record).map_err(|error| WorkbookError::Malformed {
-                path: path.to_path_buf(),
-                expected: "valid .csv",
-                detail: error.to_string(),
-            })?;
+            let more =
+                reader
+                    .read_record(&mut record)
+                    .map_err(|error| WorkbookError::Malformed {
+                        path: path.to_path_buf(),
+                        expected: "valid .csv",
+                        detail: error.to_string(),
+                    })?;
             if !more {
                 break;
             }
@@ -452,17 +584,26 @@ pub mod csv_reader {
             // lines as one row. The reader's position is now just past this record's end.
             let position = reader.position();
             let end_offset = position.byte() as usize;
-            let ended_with_newline = end_offset > 0 && text_bytes.get(end_offset - 1) == Some(&b'\n');
+            let ended_with_newline =
+                end_offset > 0 && text_bytes.get(end_offset - 1) == Some(&b'\n');
             let end_line = position.line() - u64::from(ended_with_newline);
-            let newlines_inside: u64 = record.iter().map(|field| field.matches('\n').count() as u64).sum();
-            let row_number = u32::try_from(end_line.saturating_sub(newlines_inside + embedded_newlines)).unwrap_or(u32::MAX);
+            let newlines_inside: u64 = record
+                .iter()
+                .map(|field| field.matches('\n').count() as u64)
+                .sum();
+            let row_number =
+                u32::try_from(end_line.saturating_sub(newlines_inside + embedded_newlines))
+                    .unwrap_or(u32::MAX);
             embedded_newlines += newlines_inside;
             let cells: Vec<Cell> = record
                 .iter()
                 .map(|field| {
                     if field.trim().is_empty() {
                         Cell::Empty
-                    } else if field.len() > 1 && field.starts_with('\'') && crate::writeback::looks_like_formula(&field[1..]) {
+                    } else if field.len() > 1
+                        && field.starts_with('\'')
+                        && crate::writeback::looks_like_formula(&field[1..])
+                    {
                         // A leading apostrophe marks text that could be taken for a formula
                         // (funnelsync writes values that way); the value is what follows it.
                         Cell::Text(field[1..].to_string())
@@ -481,7 +622,15 @@ pub mod csv_reader {
             rows.push(SheetRow { row_number, cells });
         }
         let line_ending_crlf = text.contains("\r\n") || !text.contains('\n');
-        Ok((rows, CsvFormat { delimiter, encoding: used_encoding, has_bom, line_ending_crlf }))
+        Ok((
+            rows,
+            CsvFormat {
+                delimiter,
+                encoding: used_encoding,
+                has_bom,
+                line_ending_crlf,
+            },
+        ))
     }
 
     fn decode(
@@ -508,7 +657,10 @@ pub mod csv_reader {
             return Err(WorkbookError::Malformed {
                 path: path.to_path_buf(),
                 expected: "text (.csv)",
-                detail: format!("it is not valid {} text; set `encoding` for this source", encoding.name()),
+                detail: format!(
+                    "it is not valid {} text; set `encoding` for this source",
+                    encoding.name()
+                ),
             });
         }
         Ok((text.into_owned(), encoding, has_bom))
@@ -517,11 +669,20 @@ pub mod csv_reader {
     /// Picks `,`, `;` or tab: the one that splits the first lines into the same, largest number of
     /// fields. Quoted text is skipped so commas inside quotes do not count.
     pub fn sniff_delimiter(text: &str) -> u8 {
-        let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).take(20).collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .take(20)
+            .collect();
         let mut best = (b',', 0usize, 0usize);
         for candidate in [b',', b';', b'\t'] {
-            let counts: Vec<usize> = lines.iter().map(|line| count_outside_quotes(line, candidate)).collect();
-            let Some(&first) = counts.first() else { continue };
+            let counts: Vec<usize> = lines
+                .iter()
+                .map(|line| count_outside_quotes(line, candidate))
+                .collect();
+            let Some(&first) = counts.first() else {
+                continue;
+            };
             if first == 0 {
                 continue;
             }
@@ -566,8 +727,10 @@ pub mod csv_reader {
 
         #[test]
         fn gb18030_is_detected_and_rows_numbered_like_excel() {
-            let (bytes, _, _) = encoding_rs::GB18030.encode("公司,阶段\n\"甲\n公司\",机会\n\n乙,成交\n");
-            let (rows, format) = read(Path::new("x.csv"), &bytes, CsvEncoding::Auto).expect("reads");
+            let (bytes, _, _) =
+                encoding_rs::GB18030.encode("公司,阶段\n\"甲\n公司\",机会\n\n乙,成交\n");
+            let (rows, format) =
+                read(Path::new("x.csv"), &bytes, CsvEncoding::Auto).expect("reads");
             assert_eq!(format.encoding, encoding_rs::GB18030);
             assert_eq!(rows.len(), 3);
             assert_eq!(rows[1].cells[0], Cell::Text("甲\n公司".to_string()));
@@ -620,7 +783,15 @@ mod tests {
 
     #[test]
     fn column_letters_match_excel() {
-        let cases = [(0, "A"), (5, "F"), (25, "Z"), (26, "AA"), (701, "ZZ"), (702, "AAA"), (16_383, "XFD")];
+        let cases = [
+            (0, "A"),
+            (5, "F"),
+            (25, "Z"),
+            (26, "AA"),
+            (701, "ZZ"),
+            (702, "AAA"),
+            (16_383, "XFD"),
+        ];
         for (column_idx, expected) in cases {
             assert_eq!(column_letters(column_idx), expected);
         }

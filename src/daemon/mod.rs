@@ -58,7 +58,11 @@ pub enum Event {
     /// Time to look at timers.
     Tick,
     /// A sync worker finished.
-    SyncFinished { path: PathBuf, fingerprint: Option<Fingerprint>, outcome: Box<Result<FileReport, String>> },
+    SyncFinished {
+        path: PathBuf,
+        fingerprint: Option<Fingerprint>,
+        outcome: Box<Result<FileReport, String>>,
+    },
     /// SIGHUP: re-read the config.
     Reload,
     /// SIGTERM or SIGINT.
@@ -122,7 +126,10 @@ struct Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for worker in [self.rescan.take(), self.remind.take(), self.weekly.take()].into_iter().flatten() {
+        for worker in [self.rescan.take(), self.remind.take(), self.weekly.take()]
+            .into_iter()
+            .flatten()
+        {
             worker.abort();
         }
     }
@@ -211,10 +218,16 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     while let Some(event) = receiver.recv().await {
         match event {
             Event::FileChanged(path) => daemon.on_file_changed(path),
-            Event::WatcherFailed(message) => warn!("file watcher error (the periodic rescan still covers every file): {message}"),
+            Event::WatcherFailed(message) => {
+                warn!("file watcher error (the periodic rescan still covers every file): {message}")
+            }
             Event::Rescan => daemon.rescan(false),
             Event::Tick => daemon.on_tick(),
-            Event::SyncFinished { path, fingerprint, outcome } => daemon.on_sync_finished(path, fingerprint, *outcome),
+            Event::SyncFinished {
+                path,
+                fingerprint,
+                outcome,
+            } => daemon.on_sync_finished(path, fingerprint, *outcome),
             Event::Reload => daemon.reload(),
             Event::RemindDue(due) => daemon.start_reminders(due),
             Event::WeeklyDigestDue => daemon.start_weekly_digest(),
@@ -225,7 +238,11 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
                     Ok((summary, trouble)) => {
                         info!("{summary}");
                         if trouble {
-                            daemon.alert("mail".to_string(), "mail cannot be delivered".to_string(), summary);
+                            daemon.alert(
+                                "mail".to_string(),
+                                "mail cannot be delivered".to_string(),
+                                summary,
+                            );
                         }
                     }
                     Err(message) => {
@@ -236,7 +253,10 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             }
             Event::Shutdown => {
                 if !daemon.shutting_down {
-                    info!(n_in_flight = daemon.n_in_flight, "shutting down: no new syncs; waiting for syncs in progress");
+                    info!(
+                        n_in_flight = daemon.n_in_flight,
+                        "shutting down: no new syncs; waiting for syncs in progress"
+                    );
                     systemd::stopping();
                     daemon.shutting_down = true;
                     shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
@@ -248,7 +268,10 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
                 break;
             }
             if shutdown_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                warn!(n_in_flight = daemon.n_in_flight, "syncs still running at shutdown; they will be rolled back");
+                warn!(
+                    n_in_flight = daemon.n_in_flight,
+                    "syncs still running at shutdown; they will be rolled back"
+                );
                 break;
             }
             continue;
@@ -300,14 +323,19 @@ fn spawn_tick_worker(sender: &mpsc::UnboundedSender<Event>) {
 /// Starts the watcher (unless polling) and the rescan timer (unless events only).
 fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Workers {
     let mode = config.watch.mode;
-    let watcher = if mode == WatchMode::Poll { None } else { start_watcher(config, sender) };
+    let watcher = if mode == WatchMode::Poll {
+        None
+    } else {
+        start_watcher(config, sender)
+    };
     let rescan = if mode == WatchMode::Events && watcher.is_some() {
         None
     } else {
         let sender = sender.clone();
         let period = config.watch.poll_interval;
         Some(tokio::spawn(async move {
-            let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let mut interval =
+                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
@@ -338,30 +366,46 @@ fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Work
             }
         })
     });
-    let timezone = config.remind.as_ref().map(|remind| remind.timezone).unwrap_or(chrono_tz::UTC);
-    let weekly = config.report.as_ref().and_then(|report| report.weekly_digest).map(|(weekday, at)| {
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            let mut after = Utc::now();
-            while let Some(due) = crate::remind::next_weekly(timezone, weekday, at, after) {
-                loop {
-                    let left = (due - Utc::now()).to_std().unwrap_or_default();
-                    if left.is_zero() {
+    let timezone = config
+        .remind
+        .as_ref()
+        .map(|remind| remind.timezone)
+        .unwrap_or(chrono_tz::UTC);
+    let weekly = config
+        .report
+        .as_ref()
+        .and_then(|report| report.weekly_digest)
+        .map(|(weekday, at)| {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let mut after = Utc::now();
+                while let Some(due) = crate::remind::next_weekly(timezone, weekday, at, after) {
+                    loop {
+                        let left = (due - Utc::now()).to_std().unwrap_or_default();
+                        if left.is_zero() {
+                            break;
+                        }
+                        tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+                    }
+                    if sender.send(Event::WeeklyDigestDue).is_err() {
                         break;
                     }
-                    tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+                    after = due;
                 }
-                if sender.send(Event::WeeklyDigestDue).is_err() {
-                    break;
-                }
-                after = due;
-            }
-        })
-    });
-    Workers { _watcher: watcher, rescan, remind, weekly }
+            })
+        });
+    Workers {
+        _watcher: watcher,
+        rescan,
+        remind,
+        weekly,
+    }
 }
 
-fn start_watcher(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Option<notify::RecommendedWatcher> {
+fn start_watcher(
+    config: &Config,
+    sender: &mpsc::UnboundedSender<Event>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let event_sender = sender.clone();
     let handler = move |result: notify::Result<notify::Event>| {
@@ -382,7 +426,10 @@ fn start_watcher(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Opti
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(watcher) => watcher,
         Err(error) => {
-            warn!("cannot start the file watcher, polling every {:?} instead: {error}", config.watch.poll_interval);
+            warn!(
+                "cannot start the file watcher, polling every {:?} instead: {error}",
+                config.watch.poll_interval
+            );
             return None;
         }
     };
@@ -410,7 +457,12 @@ impl Daemon {
                 Err(error) => {
                     warn!(source = %source.name, "{error}");
                     // A folder we cannot list (share not mounted) says nothing about its files.
-                    present.extend(self.files.iter().filter(|(_, tracked)| tracked.source == source.name).map(|(path, _)| path.clone()));
+                    present.extend(
+                        self.files
+                            .iter()
+                            .filter(|(_, tracked)| tracked.source == source.name)
+                            .map(|(path, _)| path.clone()),
+                    );
                     continue;
                 }
             };
@@ -430,13 +482,23 @@ impl Daemon {
                     tracked.seen = fingerprint;
                     // A file untouched for longer than `settle` (by its own time stamp) needs no
                     // further wait; otherwise settling starts now.
-                    let settled_already = fingerprint.is_some_and(|fingerprint| fingerprint.age() >= config.watch.settle);
+                    let settled_already = fingerprint
+                        .is_some_and(|fingerprint| fingerprint.age() >= config.watch.settle);
                     let now = Instant::now();
-                    tracked.changed_at = Some(if settled_already { now.checked_sub(config.watch.settle).unwrap_or(now) } else { now });
+                    tracked.changed_at = Some(if settled_already {
+                        now.checked_sub(config.watch.settle).unwrap_or(now)
+                    } else {
+                        now
+                    });
                 }
             }
         }
-        let gone: Vec<PathBuf> = self.files.keys().filter(|path| !present.contains(*path)).cloned().collect();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !present.contains(*path))
+            .cloned()
+            .collect();
         for path in gone {
             self.on_file_gone(&path);
         }
@@ -446,12 +508,18 @@ impl Daemon {
         if self.config.is_report(path) {
             return None;
         }
-        self.config.sources.iter().find(|source| watch::source_matches(source, path)).map(|source| source.name.clone())
+        self.config
+            .sources
+            .iter()
+            .find(|source| watch::source_matches(source, path))
+            .map(|source| source.name.clone())
     }
 
     fn on_file_changed(&mut self, path: PathBuf) {
         if !self.files.contains_key(&path) {
-            let Some(source) = self.source_of(&path) else { return };
+            let Some(source) = self.source_of(&path) else {
+                return;
+            };
             if watch::fingerprint(&path).is_none() {
                 return;
             }
@@ -476,14 +544,23 @@ impl Daemon {
     }
 
     fn on_file_gone(&mut self, path: &Path) {
-        let Some(tracked) = self.files.remove(path) else { return };
+        let Some(tracked) = self.files.remove(path) else {
+            return;
+        };
         if tracked.in_flight {
             // Keep tracking until the sync finishes; the next rescan decides again.
             self.files.insert(path.to_path_buf(), tracked);
             return;
         }
         info!(file = %path.display(), source = %tracked.source, "file removed from the folder; its deals stay as they are");
-        self.record_status(path, &tracked.source, FileState::Removed, 0, None, Some("the file was removed from the folder".to_string()));
+        self.record_status(
+            path,
+            &tracked.source,
+            FileState::Removed,
+            0,
+            None,
+            Some("the file was removed from the folder".to_string()),
+        );
     }
 
     fn on_tick(&mut self) {
@@ -499,11 +576,19 @@ impl Daemon {
         // A write-back waiting for Excel or LibreOffice to close the file goes ahead once the
         // lock file is gone.
         let settle = self.config.watch.settle;
-        for (path, tracked) in self.files.iter_mut().filter(|(_, tracked)| tracked.write_deferred && !tracked.in_flight) {
+        for (path, tracked) in self
+            .files
+            .iter_mut()
+            .filter(|(_, tracked)| tracked.write_deferred && !tracked.in_flight)
+        {
             if crate::writeback::open_by(path).is_none() {
                 debug!(file = %path.display(), "closed; writing back");
                 tracked.write_deferred = false;
-                tracked.changed_at = Some(Instant::now().checked_sub(settle).unwrap_or_else(Instant::now));
+                tracked.changed_at = Some(
+                    Instant::now()
+                        .checked_sub(settle)
+                        .unwrap_or_else(Instant::now),
+                );
             }
         }
         self.maybe_write_report();
@@ -526,10 +611,19 @@ impl Daemon {
     /// Schedules a sync of every file that writes back (but `except`), so store changes reach it.
     fn resync_writing_files(&mut self, except: Option<&Path>) {
         let settle = self.config.watch.settle;
-        let writing: HashSet<String> =
-            self.config.sources.iter().filter(|source| source.write_back).map(|source| source.name.clone()).collect();
+        let writing: HashSet<String> = self
+            .config
+            .sources
+            .iter()
+            .filter(|source| source.write_back)
+            .map(|source| source.name.clone())
+            .collect();
         let now = Instant::now();
-        for (path, tracked) in self.files.iter_mut().filter(|(_, tracked)| writing.contains(&tracked.source)) {
+        for (path, tracked) in self
+            .files
+            .iter_mut()
+            .filter(|(_, tracked)| writing.contains(&tracked.source))
+        {
             if Some(path.as_path()) == except {
                 continue;
             }
@@ -545,8 +639,12 @@ impl Daemon {
 
     /// If the daemon was down when a run was due, run once now (not once per missed day).
     fn catch_up_reminders(&mut self) {
-        let Some(remind) = self.config.remind.clone() else { return };
-        let Some(due) = crate::remind::previous_due(&remind, Utc::now()) else { return };
+        let Some(remind) = self.config.remind.clone() else {
+            return;
+        };
+        let Some(due) = crate::remind::previous_due(&remind, Utc::now()) else {
+            return;
+        };
         let last = tokio::task::block_in_place(|| crate::remind::outbox::last_run_due(&self.store));
         match last {
             Ok(Some(last)) if last >= due => {}
@@ -595,8 +693,15 @@ impl Daemon {
     /// Rewrites the funnel report when it is due: after syncs changed the store (once they are
     /// done), or every interval.
     fn maybe_write_report(&mut self) {
-        let Some(report) = self.config.report.clone() else { return };
-        if self.report_busy || self.shutting_down || self.n_in_flight > 0 || !self.ready_sent || Instant::now() < self.report_next_at {
+        let Some(report) = self.config.report.clone() else {
+            return;
+        };
+        if self.report_busy
+            || self.shutting_down
+            || self.n_in_flight > 0
+            || !self.ready_sent
+            || Instant::now() < self.report_next_at
+        {
             return;
         }
         let due = match report.refresh {
@@ -615,11 +720,20 @@ impl Daemon {
         let sender = self.sender.clone();
         tokio::task::spawn_blocking(move || {
             let now = Utc::now();
-            let period = crate::funnel::Period { since: now - chrono::Duration::days(i64::from(report.period_days)), until: now };
+            let period = crate::funnel::Period {
+                since: now - chrono::Duration::days(i64::from(report.period_days)),
+                until: now,
+            };
             let result = Store::open(&config.store.path)
                 .map_err(|error| error.to_string())
-                .and_then(|store| crate::report::load(&store, &config, period, now, None).map_err(|error| error.to_string()))
-                .and_then(|funnel| crate::report::write_file(&report.path, &funnel).map_err(|error| error.to_string()));
+                .and_then(|store| {
+                    crate::report::load(&store, &config, period, now, None)
+                        .map_err(|error| error.to_string())
+                })
+                .and_then(|funnel| {
+                    crate::report::write_file(&report.path, &funnel)
+                        .map_err(|error| error.to_string())
+                });
             let _ = sender.send(Event::ReportWritten(result));
         });
     }
@@ -647,8 +761,19 @@ impl Daemon {
         tokio::task::spawn_blocking(move || {
             let result = Store::open(&config.store.path)
                 .map_err(|error| error.to_string())
-                .and_then(|mut store| crate::report::send_weekly_digest(&mut store, &config, Utc::now()).map_err(|error| error.to_string()))
-                .map(|delivery| (format!("weekly digest: {} sent, {} to retry", delivery.sent, delivery.retrying), delivery.retrying + delivery.failed > 0));
+                .and_then(|mut store| {
+                    crate::report::send_weekly_digest(&mut store, &config, Utc::now())
+                        .map_err(|error| error.to_string())
+                })
+                .map(|delivery| {
+                    (
+                        format!(
+                            "weekly digest: {} sent, {} to retry",
+                            delivery.sent, delivery.retrying
+                        ),
+                        delivery.retrying + delivery.failed > 0,
+                    )
+                });
             let _ = sender.send(Event::MailFinished(result));
         });
     }
@@ -662,7 +787,10 @@ impl Daemon {
         tokio::task::spawn_blocking(move || {
             let result = Store::open(&config.store.path)
                 .map_err(|error| error.to_string())
-                .and_then(|mut store| crate::alerts::raise(&mut store, &config, &key, &subject, &body, Utc::now()).map_err(|error| error.to_string()));
+                .and_then(|mut store| {
+                    crate::alerts::raise(&mut store, &config, &key, &subject, &body, Utc::now())
+                        .map_err(|error| error.to_string())
+                });
             if let Err(message) = result {
                 warn!("cannot send an alert: {message}");
             }
@@ -674,7 +802,8 @@ impl Daemon {
         if self.mail_busy || self.shutting_down || self.config.smtp.is_none() {
             return;
         }
-        let pending = tokio::task::block_in_place(|| crate::remind::outbox::n_pending(&self.store)).unwrap_or(0);
+        let pending = tokio::task::block_in_place(|| crate::remind::outbox::n_pending(&self.store))
+            .unwrap_or(0);
         if pending == 0 {
             return;
         }
@@ -684,9 +813,18 @@ impl Daemon {
         tokio::task::spawn_blocking(move || {
             let result = Store::open(&config.store.path)
                 .map_err(|error| error.to_string())
-                .and_then(|mut store| crate::remind::outbox::deliver(&mut store, &config, Utc::now(), false).map_err(|error| error.to_string()))
+                .and_then(|mut store| {
+                    crate::remind::outbox::deliver(&mut store, &config, Utc::now(), false)
+                        .map_err(|error| error.to_string())
+                })
                 .map(|report| {
-                    let summary = format!("mail retry: {} sent, {} to retry, {} given up; {}", report.sent, report.retrying, report.failed, report.errors.join("; "));
+                    let summary = format!(
+                        "mail retry: {} sent, {} to retry, {} given up; {}",
+                        report.sent,
+                        report.retrying,
+                        report.failed,
+                        report.errors.join("; ")
+                    );
                     (summary, report.retrying + report.failed > 0)
                 });
             let _ = sender.send(Event::MailFinished(result));
@@ -712,11 +850,13 @@ impl Daemon {
             .files
             .iter()
             .filter(|(_, tracked)| !tracked.in_flight)
-            .filter(|(_, tracked)| match (tracked.retry_at, tracked.changed_at) {
-                (Some(retry_at), _) => now >= retry_at,
-                (None, Some(changed_at)) => now.duration_since(changed_at) >= settle,
-                (None, None) => false,
-            })
+            .filter(
+                |(_, tracked)| match (tracked.retry_at, tracked.changed_at) {
+                    (Some(retry_at), _) => now >= retry_at,
+                    (None, Some(changed_at)) => now.duration_since(changed_at) >= settle,
+                    (None, None) => false,
+                },
+            )
             .map(|(path, _)| path.clone())
             .collect();
         due.sort();
@@ -726,7 +866,9 @@ impl Daemon {
             }
             // Settled means: still the same as when the change was last seen.
             let fingerprint = watch::fingerprint(&path);
-            let Some(tracked) = self.files.get_mut(&path) else { continue };
+            let Some(tracked) = self.files.get_mut(&path) else {
+                continue;
+            };
             if fingerprint.is_none() {
                 tracked.changed_at = None;
                 tracked.retry_at = None;
@@ -761,29 +903,45 @@ impl Daemon {
         let sender = self.sender.clone();
         tokio::task::spawn_blocking(move || {
             let outcome = match config.source(&source_name) {
-                None => Err(format!("source \"{source_name}\" is no longer in the config")),
+                None => Err(format!(
+                    "source \"{source_name}\" is no longer in the config"
+                )),
                 Some(source) => Store::open(&config.store.path)
                     .map_err(|error| error.to_string())
                     .and_then(|mut store| {
-                        sync::sync_file(&mut store, &config, source, &path, Utc::now()).map_err(|error| error.to_string())
+                        sync::sync_file(&mut store, &config, source, &path, Utc::now())
+                            .map_err(|error| error.to_string())
                     }),
             };
             // After writing the file back, its new fingerprint is what "already synced" means,
             // so the daemon's own write does not trigger another sync.
             let fingerprint = match &outcome {
-                Ok(report) if report.write_back == sync::WriteBack::Written => watch::fingerprint(&path),
+                Ok(report) if report.write_back == sync::WriteBack::Written => {
+                    watch::fingerprint(&path)
+                }
                 _ => fingerprint,
             };
-            let _ = sender.send(Event::SyncFinished { path, fingerprint, outcome: Box::new(outcome) });
+            let _ = sender.send(Event::SyncFinished {
+                path,
+                fingerprint,
+                outcome: Box::new(outcome),
+            });
         });
     }
 
-    fn on_sync_finished(&mut self, path: PathBuf, fingerprint: Option<Fingerprint>, outcome: Result<FileReport, String>) {
+    fn on_sync_finished(
+        &mut self,
+        path: PathBuf,
+        fingerprint: Option<Fingerprint>,
+        outcome: Result<FileReport, String>,
+    ) {
         self.n_in_flight = self.n_in_flight.saturating_sub(1);
         let settle = self.config.watch.settle;
         let max_attempts = self.config.watch.max_attempts;
         let mut alerts: Vec<(String, String, String)> = Vec::new();
-        let Some(tracked) = self.files.get_mut(&path) else { return };
+        let Some(tracked) = self.files.get_mut(&path) else {
+            return;
+        };
         tracked.in_flight = false;
         tracked.initial = false;
         let source = tracked.source.clone();
@@ -792,7 +950,11 @@ impl Daemon {
             Ok(report) if report.status == FileStatus::Held => {
                 let message = report.error.clone().unwrap_or_default();
                 error!(file = %file_name, "{message}");
-                alerts.push((format!("held:{file_name}"), format!("{} is held", short_name(&path)), message.clone()));
+                alerts.push((
+                    format!("held:{file_name}"),
+                    format!("{} is held", short_name(&path)),
+                    message.clone(),
+                ));
                 tracked.done = fingerprint;
                 tracked.attempts = 0;
                 (FileState::Held, Some(message))
@@ -813,21 +975,31 @@ impl Daemon {
                 } else {
                     debug!(file = %file_name, unchanged = counts.unchanged, "no changes");
                 }
-                for issue in report.issues.iter().filter(|issue| issue.severity == crate::mapping::Severity::Error) {
+                for issue in report
+                    .issues
+                    .iter()
+                    .filter(|issue| issue.severity == crate::mapping::Severity::Error)
+                {
                     warn!(file = %file_name, sheet = report.sheet.as_deref().unwrap_or(""), "{issue}");
                 }
                 tracked.done = fingerprint;
                 tracked.seen = fingerprint;
                 tracked.attempts = 0;
                 match &report.write_back {
-                    sync::WriteBack::Written => info!(file = %file_name, "wrote the store's changes back into the file"),
+                    sync::WriteBack::Written => {
+                        info!(file = %file_name, "wrote the store's changes back into the file")
+                    }
                     sync::WriteBack::Deferred(message) => {
                         info!(file = %file_name, "{message}");
                         tracked.write_deferred = true;
                     }
                     sync::WriteBack::Failed(message) => {
                         warn!(file = %file_name, "cannot write back: {message}");
-                        alerts.push((format!("write-back:{file_name}"), format!("{} cannot be written back", short_name(&path)), message.clone()));
+                        alerts.push((
+                            format!("write-back:{file_name}"),
+                            format!("{} cannot be written back", short_name(&path)),
+                            message.clone(),
+                        ));
                     }
                     sync::WriteBack::Off | sync::WriteBack::UpToDate => {}
                 }
@@ -838,7 +1010,11 @@ impl Daemon {
                 let message = report.error.clone().unwrap_or_default();
                 if tracked.attempts >= max_attempts {
                     error!(file = %file_name, attempts = tracked.attempts, "cannot read the file; giving up until it changes: {message}");
-                    alerts.push((format!("unreadable:{file_name}"), format!("{} cannot be read", short_name(&path)), message.clone()));
+                    alerts.push((
+                        format!("unreadable:{file_name}"),
+                        format!("{} cannot be read", short_name(&path)),
+                        message.clone(),
+                    ));
                     tracked.done = fingerprint;
                     (FileState::Failed, Some(message))
                 } else {
@@ -855,7 +1031,11 @@ impl Daemon {
             Ok(report) => {
                 let message = report.error.clone().unwrap_or_default();
                 error!(file = %file_name, "cannot sync the file until it changes (nothing applied): {message}");
-                alerts.push((format!("unreadable:{file_name}"), format!("{} cannot be synced", short_name(&path)), message.clone()));
+                alerts.push((
+                    format!("unreadable:{file_name}"),
+                    format!("{} cannot be synced", short_name(&path)),
+                    message.clone(),
+                ));
                 tracked.done = fingerprint;
                 tracked.attempts = 0;
                 (FileState::Failed, Some(message))
@@ -874,10 +1054,16 @@ impl Daemon {
             tracked.changed_at = Some(Instant::now());
         }
         let attempts = tracked.attempts;
-        let retry_at = tracked.retry_at.map(|retry_at| Utc::now() + (retry_at.saturating_duration_since(Instant::now())));
+        let retry_at = tracked
+            .retry_at
+            .map(|retry_at| Utc::now() + (retry_at.saturating_duration_since(Instant::now())));
         // The file now shows the store as of its sync; the other files that write back need a
         // look if the store moved on.
-        if let Ok(FileReport { store_version: Some(version), .. }) = &outcome {
+        if let Ok(FileReport {
+            store_version: Some(version),
+            ..
+        }) = &outcome
+        {
             if Some(*version) != self.store_version {
                 self.store_version = Some(*version);
                 self.resync_writing_files(Some(&path));
@@ -890,7 +1076,9 @@ impl Daemon {
             self.last_sync_summary = Some(format!(
                 "last sync {} {} ({})",
                 Utc::now().format("%H:%M:%S"),
-                path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
+                path.file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
                 match report.status {
                     FileStatus::Synced => "synced",
                     FileStatus::Unchanged => "unchanged",
@@ -925,13 +1113,19 @@ impl Daemon {
             updated_at: Utc::now(),
         };
         let store = &self.store;
-        if let Err(error) = tokio::task::block_in_place(|| mirror::record_file_status(store.connection(), &record)) {
+        if let Err(error) =
+            tokio::task::block_in_place(|| mirror::record_file_status(store.connection(), &record))
+        {
             warn!(file = %path.display(), "cannot record the file's status: {error}");
         }
     }
 
     fn publish_status(&self) {
-        let n_failing = self.files.values().filter(|tracked| tracked.attempts > 0).count();
+        let n_failing = self
+            .files
+            .values()
+            .filter(|tracked| tracked.attempts > 0)
+            .count();
         let mut status = format!("watching {} file(s)", self.files.len());
         if let Some(summary) = &self.last_sync_summary {
             status.push_str("; ");
@@ -948,7 +1142,10 @@ impl Daemon {
         if self.ready_sent {
             return;
         }
-        let waiting = self.files.values().any(|tracked| tracked.initial && (tracked.in_flight || tracked.changed_at.is_some()));
+        let waiting = self
+            .files
+            .values()
+            .any(|tracked| tracked.initial && (tracked.in_flight || tracked.changed_at.is_some()));
         if !waiting {
             self.ready_sent = true;
             info!(n_files = self.files.len(), "initial scan done; ready");
@@ -965,8 +1162,17 @@ impl Daemon {
                 error!("the new config is not valid; still running on the old one: {error}");
             }
             Ok(new_config) => {
-                let old_names: HashSet<String> = self.config.sources.iter().map(|source| source.name.clone()).collect();
-                let new_names: HashSet<String> = new_config.sources.iter().map(|source| source.name.clone()).collect();
+                let old_names: HashSet<String> = self
+                    .config
+                    .sources
+                    .iter()
+                    .map(|source| source.name.clone())
+                    .collect();
+                let new_names: HashSet<String> = new_config
+                    .sources
+                    .iter()
+                    .map(|source| source.name.clone())
+                    .collect();
                 for added in new_names.difference(&old_names) {
                     info!(source = %added, "source added");
                 }
@@ -980,7 +1186,8 @@ impl Daemon {
                 new_config.store = self.config.store.clone();
                 self.config = Arc::new(new_config);
                 // Forget files of removed sources without treating them as removed files.
-                self.files.retain(|_, tracked| new_names.contains(&tracked.source) || tracked.in_flight);
+                self.files
+                    .retain(|_, tracked| new_names.contains(&tracked.source) || tracked.in_flight);
                 self.workers = start_workers(&self.config, &self.sender);
                 self.rescan(false);
                 info!("config reloaded");
@@ -992,13 +1199,16 @@ impl Daemon {
 }
 
 fn short_name(path: &Path) -> String {
-    path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }
 
 /// The wait before retry number `attempts` (1-based): settle, 2×, 4×, … capped.
 fn backoff(settle: Duration, attempts: u32) -> Duration {
     let base = settle.max(Duration::from_millis(200));
-    base.saturating_mul(1u32 << attempts.saturating_sub(1).min(16)).min(MAX_BACKOFF)
+    base.saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
 }
 
 #[cfg(test)]

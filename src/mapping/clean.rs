@@ -18,7 +18,9 @@ fn excel_epoch() -> NaiveDate {
 
 fn error_value(cell: &Cell) -> Option<String> {
     match cell {
-        Cell::Error(error) => Some(format!("is an error value in the sheet ({error}); fix the formula or clear the cell")),
+        Cell::Error(error) => Some(format!(
+            "is an error value in the sheet ({error}); fix the formula or clear the cell"
+        )),
         _ => None,
     }
 }
@@ -34,7 +36,9 @@ pub fn text(cell: &Cell) -> Cleaned<FieldValue> {
 /// The deal id in the key column: a whole positive number.
 pub fn deal_id(cell: &Cell) -> Option<DealId> {
     match cell {
-        Cell::Number(number) if number.fract() == 0.0 && *number >= 1.0 && *number < 9.0e15 => Some(*number as DealId),
+        Cell::Number(number) if number.fract() == 0.0 && *number >= 1.0 && *number < 9.0e15 => {
+            Some(*number as DealId)
+        }
         Cell::Text(text) => text.trim().parse::<DealId>().ok().filter(|id| *id >= 1),
         _ => None,
     }
@@ -52,7 +56,11 @@ pub fn email(cell: &Cell) -> Cleaned<FieldValue> {
             address = &address[start + 1..end];
         }
     }
-    let address = address.strip_prefix("mailto:").unwrap_or(address).trim().to_lowercase();
+    let address = address
+        .strip_prefix("mailto:")
+        .unwrap_or(address)
+        .trim()
+        .to_lowercase();
     let valid = {
         let mut parts = address.split('@');
         match (parts.next(), parts.next(), parts.next()) {
@@ -62,7 +70,9 @@ pub fn email(cell: &Cell) -> Cleaned<FieldValue> {
                     && !domain.starts_with('.')
                     && !domain.ends_with('.')
                     && !domain.contains("..")
-                    && !address.chars().any(|character| character.is_whitespace() || character == ',' || character == ';')
+                    && !address.chars().any(|character| {
+                        character.is_whitespace() || character == ',' || character == ';'
+                    })
             }
             _ => false,
         }
@@ -108,7 +118,10 @@ pub fn stage(cell: &Cell, stages: &Stages) -> Cleaned<FieldValue> {
     let written = cell.to_string();
     match stages.resolve(&written) {
         Some(stage) => Ok(FieldValue::Text(stage.name.clone())),
-        None => Err(format!("is not a known stage ({})", stages.names().join(", "))),
+        None => Err(format!(
+            "is not a known stage ({})",
+            stages.names().join(", ")
+        )),
     }
 }
 
@@ -139,7 +152,9 @@ pub fn currency(cell: &Cell) -> Cleaned<FieldValue> {
     let written = cell.to_string();
     match currency_code(&written) {
         Some(code) => Ok(FieldValue::Text(code.to_string())),
-        None if written.trim().len() == 3 && written.trim().chars().all(|c| c.is_ascii_alphabetic()) => {
+        None if written.trim().len() == 3
+            && written.trim().chars().all(|c| c.is_ascii_alphabetic()) =>
+        {
             Ok(FieldValue::Text(written.trim().to_uppercase()))
         }
         None => Err("is not a currency (use a code such as CNY, USD, EUR)".to_string()),
@@ -159,7 +174,10 @@ pub fn amount(cell: &Cell) -> Cleaned<(f64, Option<&'static str>)> {
     };
     let mut text = written.as_str();
     let mut negative = false;
-    if let Some(inner) = text.strip_prefix('(').and_then(|rest| rest.strip_suffix(')')) {
+    if let Some(inner) = text
+        .strip_prefix('(')
+        .and_then(|rest| rest.strip_suffix(')'))
+    {
         negative = true;
         text = inner.trim();
     }
@@ -168,7 +186,11 @@ pub fn amount(cell: &Cell) -> Cleaned<(f64, Option<&'static str>)> {
     let mut number_part = String::new();
     let mut symbol = String::new();
     for character in text.chars() {
-        if character.is_ascii_digit() || matches!(character, ',' | '.' | '-' | '+') || character.is_whitespace() || character == '\'' {
+        if character.is_ascii_digit()
+            || matches!(character, ',' | '.' | '-' | '+')
+            || character.is_whitespace()
+            || character == '\''
+        {
             number_part.push(character);
         } else {
             symbol.push(character);
@@ -191,7 +213,10 @@ pub fn amount(cell: &Cell) -> Cleaned<(f64, Option<&'static str>)> {
             currency = Some(currency_code(remaining).ok_or_else(not_a_number)?);
         }
     }
-    let mut digits: String = number_part.chars().filter(|c| !c.is_whitespace() && *c != '\'').collect();
+    let mut digits: String = number_part
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '\'')
+        .collect();
     if let Some(rest) = digits.strip_prefix('-') {
         negative = !negative;
         digits = rest.to_string();
@@ -225,7 +250,11 @@ fn normalize_separators(digits: &str) -> Option<String> {
         (1, 0) => {
             // "12,000" is twelve thousand; "1200,50" is a decimal comma.
             let after = digits.split(',').nth(1).unwrap_or("");
-            if after.len() == 3 { None } else { Some(',') }
+            if after.len() == 3 {
+                None
+            } else {
+                Some(',')
+            }
         }
         (0, 1) => Some('.'),
         _ => {
@@ -304,11 +333,17 @@ fn parse_date_text(text: &str, order: DateOrder) -> Cleaned<NaiveDate> {
     if numbers.len() == 1 {
         // A serial number typed as text, as CSV exports of date columns sometimes have.
         return match date_part.parse::<f64>() {
-            Ok(serial) if date_part.len() >= 4 && date_part.len() <= 7 => from_serial(serial).ok_or_else(not_a_date),
+            Ok(serial) if date_part.len() >= 4 && date_part.len() <= 7 => {
+                from_serial(serial).ok_or_else(not_a_date)
+            }
             _ => Err(not_a_date()),
         };
     }
-    if numbers.len() != 3 || numbers.iter().any(|part| part.is_empty() || !part.chars().all(|c| c.is_ascii_digit())) {
+    if numbers.len() != 3
+        || numbers
+            .iter()
+            .any(|part| part.is_empty() || !part.chars().all(|c| c.is_ascii_digit()))
+    {
         return Err(not_a_date());
     }
     let parse = |part: &str| part.parse::<u32>().map_err(|_| not_a_date());
@@ -358,27 +393,94 @@ mod tests {
     #[test]
     fn dates() {
         let cases: Vec<(Cell, DateOrder, Result<NaiveDate, &str>)> = vec![
-            (text_cell("2026-11-28"), DateOrder::YearMonthDay, Ok(ymd(2026, 11, 28))),
-            (text_cell("2026/11/28"), DateOrder::YearMonthDay, Ok(ymd(2026, 11, 28))),
-            (text_cell("2026.11.28"), DateOrder::YearMonthDay, Ok(ymd(2026, 11, 28))),
-            (text_cell("2026年11月28日"), DateOrder::YearMonthDay, Ok(ymd(2026, 11, 28))),
-            (text_cell("2026-11-28 10:30"), DateOrder::YearMonthDay, Ok(ymd(2026, 11, 28))),
-            (text_cell("03/04/2026"), DateOrder::DayMonthYear, Ok(ymd(2026, 4, 3))),
-            (text_cell("03/04/2026"), DateOrder::MonthDayYear, Ok(ymd(2026, 3, 4))),
-            (text_cell("03/04/2026"), DateOrder::YearMonthDay, Err("ambiguous")),
-            (text_cell("28/11/2026"), DateOrder::MonthDayYear, Ok(ymd(2026, 11, 28))),
-            (text_cell("11/28/2026"), DateOrder::DayMonthYear, Ok(ymd(2026, 11, 28))),
-            (text_cell("2026-02-30"), DateOrder::YearMonthDay, Err("not a date")),
-            (text_cell("next week"), DateOrder::YearMonthDay, Err("not a date")),
-            (Cell::Number(46354.0), DateOrder::YearMonthDay, Ok(ymd(2026, 11, 28))),
-            (text_cell("46354"), DateOrder::YearMonthDay, Ok(ymd(2026, 11, 28))),
-            (Cell::Number(-5.0), DateOrder::YearMonthDay, Err("not a date")),
             (
-                Cell::DateTime(NaiveDateTime::parse_from_str("2026-11-28 09:00:00", "%Y-%m-%d %H:%M:%S").expect("valid")),
+                text_cell("2026-11-28"),
                 DateOrder::YearMonthDay,
                 Ok(ymd(2026, 11, 28)),
             ),
-            (Cell::Error("#N/A".to_string()), DateOrder::YearMonthDay, Err("error value")),
+            (
+                text_cell("2026/11/28"),
+                DateOrder::YearMonthDay,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                text_cell("2026.11.28"),
+                DateOrder::YearMonthDay,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                text_cell("2026年11月28日"),
+                DateOrder::YearMonthDay,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                text_cell("2026-11-28 10:30"),
+                DateOrder::YearMonthDay,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                text_cell("03/04/2026"),
+                DateOrder::DayMonthYear,
+                Ok(ymd(2026, 4, 3)),
+            ),
+            (
+                text_cell("03/04/2026"),
+                DateOrder::MonthDayYear,
+                Ok(ymd(2026, 3, 4)),
+            ),
+            (
+                text_cell("03/04/2026"),
+                DateOrder::YearMonthDay,
+                Err("ambiguous"),
+            ),
+            (
+                text_cell("28/11/2026"),
+                DateOrder::MonthDayYear,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                text_cell("11/28/2026"),
+                DateOrder::DayMonthYear,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                text_cell("2026-02-30"),
+                DateOrder::YearMonthDay,
+                Err("not a date"),
+            ),
+            (
+                text_cell("next week"),
+                DateOrder::YearMonthDay,
+                Err("not a date"),
+            ),
+            (
+                Cell::Number(46354.0),
+                DateOrder::YearMonthDay,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                text_cell("46354"),
+                DateOrder::YearMonthDay,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                Cell::Number(-5.0),
+                DateOrder::YearMonthDay,
+                Err("not a date"),
+            ),
+            (
+                Cell::DateTime(
+                    NaiveDateTime::parse_from_str("2026-11-28 09:00:00", "%Y-%m-%d %H:%M:%S")
+                        .expect("valid"),
+                ),
+                DateOrder::YearMonthDay,
+                Ok(ymd(2026, 11, 28)),
+            ),
+            (
+                Cell::Error("#N/A".to_string()),
+                DateOrder::YearMonthDay,
+                Err("error value"),
+            ),
         ];
         for (cell, order, expected) in cases {
             let got = date(&cell, order);
@@ -421,7 +523,11 @@ mod tests {
             let got = amount(&cell);
             match (got, expected) {
                 (Ok((value, currency)), Some((expected_value, expected_currency))) => {
-                    assert_eq!((value, currency), (expected_value, expected_currency), "{cell:?}")
+                    assert_eq!(
+                        (value, currency),
+                        (expected_value, expected_currency),
+                        "{cell:?}"
+                    )
                 }
                 (Err(why), None) => assert_eq!(why, "is not a number", "{cell:?}"),
                 (got, expected) => panic!("{cell:?}: got {got:?}, expected {expected:?}"),
@@ -431,15 +537,41 @@ mod tests {
 
     #[test]
     fn emails_and_phones() {
-        assert_eq!(email(&text_cell("  Bob@Acme.COM ")), Ok(FieldValue::Text("bob@acme.com".to_string())));
-        assert_eq!(email(&text_cell("Bob <bob@acme.com>")), Ok(FieldValue::Text("bob@acme.com".to_string())));
-        for bad in ["bob", "bob@", "@acme.com", "bob@acme", "a b@c.com", "a@b@c.com", "x@y..z"] {
+        assert_eq!(
+            email(&text_cell("  Bob@Acme.COM ")),
+            Ok(FieldValue::Text("bob@acme.com".to_string()))
+        );
+        assert_eq!(
+            email(&text_cell("Bob <bob@acme.com>")),
+            Ok(FieldValue::Text("bob@acme.com".to_string()))
+        );
+        for bad in [
+            "bob",
+            "bob@",
+            "@acme.com",
+            "bob@acme",
+            "a b@c.com",
+            "a@b@c.com",
+            "x@y..z",
+        ] {
             assert!(email(&text_cell(bad)).is_err(), "{bad} should be rejected");
         }
-        assert_eq!(phone(&text_cell(" +86 138-0013-8000 ")), Ok(FieldValue::Text("+8613800138000".to_string())));
-        assert_eq!(phone(&text_cell("(021) 6543.2100")), Ok(FieldValue::Text("02165432100".to_string())));
-        assert_eq!(phone(&Cell::Number(13800138000.0)), Ok(FieldValue::Text("13800138000".to_string())));
-        assert_eq!(phone(&text_cell("１３８００１３８０００")), Ok(FieldValue::Text("13800138000".to_string())));
+        assert_eq!(
+            phone(&text_cell(" +86 138-0013-8000 ")),
+            Ok(FieldValue::Text("+8613800138000".to_string()))
+        );
+        assert_eq!(
+            phone(&text_cell("(021) 6543.2100")),
+            Ok(FieldValue::Text("02165432100".to_string()))
+        );
+        assert_eq!(
+            phone(&Cell::Number(13800138000.0)),
+            Ok(FieldValue::Text("13800138000".to_string()))
+        );
+        assert_eq!(
+            phone(&text_cell("１３８００１３８０００")),
+            Ok(FieldValue::Text("13800138000".to_string()))
+        );
         assert!(phone(&text_cell("call me")).is_err());
         assert!(phone(&text_cell("12")).is_err());
         assert!(phone(&text_cell("1+2345")).is_err());

@@ -40,16 +40,35 @@ struct Words {
 fn words(language: Language) -> Words {
     match language {
         Language::English => Words {
-            columns: ["Company", "Contact", "Stage", "Days in stage", "Last contact", "Amount", "Next step", "File"],
+            columns: [
+                "Company",
+                "Contact",
+                "Stage",
+                "Days in stage",
+                "Last contact",
+                "Amount",
+                "Next step",
+                "File",
+            ],
             greeting: "Hello",
             intro: "These deals have been in their stage longer than the funnel allows:",
             escalation_intro: "These deals are still stalled after repeated reminders:",
             owner: "Owner",
             never: "never",
-            footer: "Sent by funnelsync. Update the deal in your spreadsheet and this reminder stops.",
+            footer:
+                "Sent by funnelsync. Update the deal in your spreadsheet and this reminder stops.",
         },
         Language::Chinese => Words {
-            columns: ["公司", "联系人", "阶段", "停留天数", "最近联系", "金额", "下一步", "文件"],
+            columns: [
+                "公司",
+                "联系人",
+                "阶段",
+                "停留天数",
+                "最近联系",
+                "金额",
+                "下一步",
+                "文件",
+            ],
             greeting: "您好",
             intro: "以下商机在当前阶段停留的时间已超过规定：",
             escalation_intro: "以下商机多次提醒后仍未推进：",
@@ -64,7 +83,9 @@ pub fn subject(language: Language, n_deals: usize, escalation: bool) -> String {
     match (language, escalation) {
         (Language::English, false) if n_deals == 1 => "1 deal needs follow-up".to_string(),
         (Language::English, false) => format!("{n_deals} deals need follow-up"),
-        (Language::English, true) if n_deals == 1 => "Escalation: 1 deal is still stalled".to_string(),
+        (Language::English, true) if n_deals == 1 => {
+            "Escalation: 1 deal is still stalled".to_string()
+        }
         (Language::English, true) => format!("Escalation: {n_deals} deals are still stalled"),
         (Language::Chinese, false) => format!("{n_deals} 个商机需要跟进"),
         (Language::Chinese, true) => format!("升级提醒：{n_deals} 个商机仍停滞"),
@@ -73,7 +94,17 @@ pub fn subject(language: Language, n_deals: usize, escalation: bool) -> String {
 
 /// Text from a sheet made safe for one line of plain text.
 fn one_line(text: &str) -> String {
-    text.chars().map(|character| if character.is_control() { ' ' } else { character }).collect::<String>().trim().to_string()
+    text.chars()
+        .map(|character| {
+            if character.is_control() {
+                ' '
+            } else {
+                character
+            }
+        })
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 fn html(text: &str) -> String {
@@ -81,13 +112,31 @@ fn html(text: &str) -> String {
 }
 
 fn cells(line: &DigestLine<'_>, words: &Words) -> [String; 8] {
-    let text = |field: Field| line.deal.fields.get(&field).map(|value| value.to_string()).unwrap_or_default();
-    let amount = match (line.deal.fields.get(&Field::Amount).and_then(|value| value.as_amount()), line.deal.text(Field::Currency)) {
-        (Some(amount), Some(currency)) => format!("{} {currency}", crate::cli::group_thousands(&format_amount(amount))),
+    let text = |field: Field| {
+        line.deal
+            .fields
+            .get(&field)
+            .map(|value| value.to_string())
+            .unwrap_or_default()
+    };
+    let amount = match (
+        line.deal
+            .fields
+            .get(&Field::Amount)
+            .and_then(|value| value.as_amount()),
+        line.deal.text(Field::Currency),
+    ) {
+        (Some(amount), Some(currency)) => format!(
+            "{} {currency}",
+            crate::cli::group_thousands(&format_amount(amount))
+        ),
         (Some(amount), None) => crate::cli::group_thousands(&format_amount(amount)),
         _ => String::new(),
     };
-    let last_contact = match (line.deal.text(Field::LastContact), line.stall.last_contact_days) {
+    let last_contact = match (
+        line.deal.text(Field::LastContact),
+        line.stall.last_contact_days,
+    ) {
         (Some(day), Some(days)) => format!("{day} ({days})"),
         _ => words.never.to_string(),
     };
@@ -104,20 +153,35 @@ fn cells(line: &DigestLine<'_>, words: &Words) -> [String; 8] {
 }
 
 fn file_name(path: &str) -> String {
-    std::path::Path::new(path).file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_else(|| path.to_string())
+    std::path::Path::new(path)
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
 }
 
 fn text_table(lines: &[DigestLine<'_>], words: &Words) -> String {
     let mut out = String::new();
     for line in lines {
-        let [company, contact, stage, days, last_contact, amount, next_step, file] = cells(line, words);
-        out.push_str(&format!("* {} — {}\n", one_line(&company), one_line(&contact)));
-        out.push_str(&format!("  {}: {} | {}: {} | {}: {}\n", words.columns[2], stage, words.columns[3], days, words.columns[4], last_contact));
+        let [company, contact, stage, days, last_contact, amount, next_step, file] =
+            cells(line, words);
+        out.push_str(&format!(
+            "* {} — {}\n",
+            one_line(&company),
+            one_line(&contact)
+        ));
+        out.push_str(&format!(
+            "  {}: {} | {}: {} | {}: {}\n",
+            words.columns[2], stage, words.columns[3], days, words.columns[4], last_contact
+        ));
         if !amount.is_empty() {
             out.push_str(&format!("  {}: {}\n", words.columns[5], amount));
         }
         if !next_step.is_empty() {
-            out.push_str(&format!("  {}: {}\n", words.columns[6], one_line(&next_step)));
+            out.push_str(&format!(
+                "  {}: {}\n",
+                words.columns[6],
+                one_line(&next_step)
+            ));
         }
         if !file.is_empty() {
             out.push_str(&format!("  {}: {}\n", words.columns[7], one_line(&file)));
@@ -130,7 +194,9 @@ fn text_table(lines: &[DigestLine<'_>], words: &Words) -> String {
 fn html_table(lines: &[DigestLine<'_>], words: &Words) -> String {
     let mut out = String::from("<table cellpadding=\"4\" style=\"border-collapse:collapse\"><tr>");
     for column in words.columns {
-        out.push_str(&format!("<th style=\"text-align:left;border-bottom:1px solid #999\">{column}</th>"));
+        out.push_str(&format!(
+            "<th style=\"text-align:left;border-bottom:1px solid #999\">{column}</th>"
+        ));
     }
     out.push_str("</tr>\n");
     for line in lines {
@@ -138,17 +204,30 @@ fn html_table(lines: &[DigestLine<'_>], words: &Words) -> String {
         for cell in cells(line, words) {
             out.push_str(&format!("<td>{}</td>", html(&cell)));
         }
-        out.push_str(&format!("</tr>\n<tr><td colspan=\"8\" style=\"color:#666\">{}</td></tr>\n", html(&line.stall.reason)));
+        out.push_str(&format!(
+            "</tr>\n<tr><td colspan=\"8\" style=\"color:#666\">{}</td></tr>\n",
+            html(&line.stall.reason)
+        ));
     }
     out.push_str("</table>");
     out
 }
 
 /// A rep's digest of their stalled deals (already sorted worst first).
-pub fn rep_digest(language: Language, recipient: &str, owner: &str, lines: &[DigestLine<'_>]) -> Digest {
+pub fn rep_digest(
+    language: Language,
+    recipient: &str,
+    owner: &str,
+    lines: &[DigestLine<'_>],
+) -> Digest {
     let words = words(language);
     let greeting = format!("{} {},", words.greeting, one_line(owner));
-    let text = format!("{greeting}\n\n{}\n\n{}\n{}\n", words.intro, text_table(lines, &words), words.footer);
+    let text = format!(
+        "{greeting}\n\n{}\n\n{}\n{}\n",
+        words.intro,
+        text_table(lines, &words),
+        words.footer
+    );
     let html = format!(
         "<!DOCTYPE html><html><body><p>{}</p><p>{}</p>{}<p style=\"color:#666\">{}</p></body></html>",
         html(&greeting),
@@ -156,23 +235,53 @@ pub fn rep_digest(language: Language, recipient: &str, owner: &str, lines: &[Dig
         html_table(lines, &words),
         words.footer
     );
-    Digest { recipient: recipient.to_string(), subject: subject(language, lines.len(), false), text, html }
+    Digest {
+        recipient: recipient.to_string(),
+        subject: subject(language, lines.len(), false),
+        text,
+        html,
+    }
 }
 
 /// The manager's digest of escalated deals, grouped by owner.
-pub fn escalation_digest(language: Language, recipient: &str, by_owner: &[(String, Vec<DigestLine<'_>>)]) -> Digest {
+pub fn escalation_digest(
+    language: Language,
+    recipient: &str,
+    by_owner: &[(String, Vec<DigestLine<'_>>)],
+) -> Digest {
     let words = words(language);
     let n_deals = by_owner.iter().map(|(_, lines)| lines.len()).sum();
     let mut text = format!("{}\n\n", words.escalation_intro);
-    let mut html_body = format!("<!DOCTYPE html><html><body><p>{}</p>", words.escalation_intro);
+    let mut html_body = format!(
+        "<!DOCTYPE html><html><body><p>{}</p>",
+        words.escalation_intro
+    );
     for (owner, lines) in by_owner {
-        text.push_str(&format!("{}: {}\n{}\n", words.owner, one_line(owner), text_table(lines, &words)));
-        html_body.push_str(&format!("<h3>{}: {}</h3>{}", words.owner, html(owner), html_table(lines, &words)));
+        text.push_str(&format!(
+            "{}: {}\n{}\n",
+            words.owner,
+            one_line(owner),
+            text_table(lines, &words)
+        ));
+        html_body.push_str(&format!(
+            "<h3>{}: {}</h3>{}",
+            words.owner,
+            html(owner),
+            html_table(lines, &words)
+        ));
     }
     text.push_str(words.footer);
     text.push('\n');
-    html_body.push_str(&format!("<p style=\"color:#666\">{}</p></body></html>", words.footer));
-    Digest { recipient: recipient.to_string(), subject: subject(language, n_deals, true), text, html: html_body }
+    html_body.push_str(&format!(
+        "<p style=\"color:#666\">{}</p></body></html>",
+        words.footer
+    ));
+    Digest {
+        recipient: recipient.to_string(),
+        subject: subject(language, n_deals, true),
+        text,
+        html: html_body,
+    }
 }
 
 #[cfg(test)]
@@ -187,7 +296,15 @@ mod tests {
         fields.insert(Field::Amount, FieldValue::Amount(12000.0));
         fields.insert(Field::Currency, FieldValue::Text("CNY".to_string()));
         let now = Utc::now();
-        Deal { id: 7, fields, extra: ExtraMap::new(), created_at: now, updated_at: now, stage_entered_at: Some(now), archived_at: None }
+        Deal {
+            id: 7,
+            fields,
+            extra: ExtraMap::new(),
+            created_at: now,
+            updated_at: now,
+            stage_entered_at: Some(now),
+            archived_at: None,
+        }
     }
 
     fn stall() -> Stall {
@@ -205,18 +322,36 @@ mod tests {
 
     #[test]
     fn subjects_in_both_languages() {
-        assert_eq!(subject(Language::English, 3, false), "3 deals need follow-up");
-        assert_eq!(subject(Language::English, 1, false), "1 deal needs follow-up");
+        assert_eq!(
+            subject(Language::English, 3, false),
+            "3 deals need follow-up"
+        );
+        assert_eq!(
+            subject(Language::English, 1, false),
+            "1 deal needs follow-up"
+        );
         assert_eq!(subject(Language::Chinese, 3, false), "3 个商机需要跟进");
-        assert_eq!(subject(Language::English, 2, true), "Escalation: 2 deals are still stalled");
+        assert_eq!(
+            subject(Language::English, 2, true),
+            "Escalation: 2 deals are still stalled"
+        );
     }
 
     #[test]
     fn sheet_values_cannot_break_the_markup() {
         let hostile = deal("<script>alert(1)</script>\r\nBcc: evil@example.com");
         let stall = stall();
-        let lines = [DigestLine { deal: &hostile, stall: &stall, file: Some("/srv/share/a.xlsx".to_string()) }];
-        let digest = rep_digest(Language::English, "alice@example.com", "Alice\r\n<b>", &lines);
+        let lines = [DigestLine {
+            deal: &hostile,
+            stall: &stall,
+            file: Some("/srv/share/a.xlsx".to_string()),
+        }];
+        let digest = rep_digest(
+            Language::English,
+            "alice@example.com",
+            "Alice\r\n<b>",
+            &lines,
+        );
         assert!(!digest.html.contains("<script>"), "{}", digest.html);
         assert!(digest.html.contains("&lt;script&gt;"));
         assert!(!digest.text.contains("\r\nBcc"), "{}", digest.text);

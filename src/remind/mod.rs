@@ -46,7 +46,9 @@ impl Calendar {
     }
 
     fn counts(&self, day: NaiveDate) -> bool {
-        !self.business_days || (!matches!(day.weekday(), Weekday::Sat | Weekday::Sun) && !self.holidays.contains(&day))
+        !self.business_days
+            || (!matches!(day.weekday(), Weekday::Sat | Weekday::Sun)
+                && !self.holidays.contains(&day))
     }
 
     /// Days from `from` to `to`: calendar days, or the counted days after `from` up to and
@@ -58,7 +60,11 @@ impl Calendar {
         if to <= from {
             return 0;
         }
-        from.iter_days().skip(1).take_while(|day| *day <= to).filter(|day| self.counts(*day)).count() as i64
+        from.iter_days()
+            .skip(1)
+            .take_while(|day| *day <= to)
+            .filter(|day| self.counts(*day))
+            .count() as i64
     }
 }
 
@@ -92,7 +98,12 @@ impl Stall {
 
 /// The stall rule: a live deal in a non-terminal stage with `stall_after_days` is stalled when the
 /// days since the later of `stage_entered_at` and `last_contact` exceed that limit.
-pub fn stall_of(deal: &Deal, stages: &Stages, calendar: &Calendar, today: NaiveDate) -> Option<Stall> {
+pub fn stall_of(
+    deal: &Deal,
+    stages: &Stages,
+    calendar: &Calendar,
+    today: NaiveDate,
+) -> Option<Stall> {
     if deal.archived_at.is_some() {
         return None;
     }
@@ -102,7 +113,9 @@ pub fn stall_of(deal: &Deal, stages: &Stages, calendar: &Calendar, today: NaiveD
     }
     let limit = stage.stall_after_days?;
     let entered = deal.stage_entered_at.map(|at| calendar.day_of(at));
-    let last_contact = deal.text(Field::LastContact).and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok());
+    let last_contact = deal
+        .text(Field::LastContact)
+        .and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok());
     let since = match (entered, last_contact) {
         (Some(entered), Some(contact)) => entered.max(contact),
         (Some(day), None) | (None, Some(day)) => day,
@@ -112,16 +125,31 @@ pub fn stall_of(deal: &Deal, stages: &Stages, calendar: &Calendar, today: NaiveD
     if idle_days <= i64::from(limit) {
         return None;
     }
-    let days_in_stage = entered.map(|entered| calendar.days_between(entered, today)).unwrap_or(idle_days);
+    let days_in_stage = entered
+        .map(|entered| calendar.days_between(entered, today))
+        .unwrap_or(idle_days);
     let last_contact_days = last_contact.map(|contact| calendar.days_between(contact, today));
-    let unit = if calendar.business_days { "business days" } else { "days" };
+    let unit = if calendar.business_days {
+        "business days"
+    } else {
+        "days"
+    };
     let mut reason = format!("in {} for {days_in_stage} {unit}", stage.name);
     match last_contact_days {
         Some(days) => reason.push_str(&format!(", last contact {days} {unit} ago")),
         None => reason.push_str(", no contact recorded"),
     }
     reason.push_str(&format!("; limit {limit}"));
-    Some(Stall { deal_id: deal.id, stage: stage.name.clone(), idle_days, days_in_stage, last_contact_days, limit, since, reason })
+    Some(Stall {
+        deal_id: deal.id,
+        stage: stage.name.clone(),
+        idle_days,
+        days_in_stage,
+        last_contact_days,
+        limit,
+        since,
+        reason,
+    })
 }
 
 /// Whether a deal is stalled today (used for highlighting in written sheets).
@@ -130,9 +158,22 @@ pub fn is_stalled(deal: &Deal, stages: &Stages, today: NaiveDate) -> bool {
 }
 
 /// Every stalled deal, worst first.
-pub fn stalls(deals: &[Deal], stages: &Stages, calendar: &Calendar, today: NaiveDate) -> Vec<Stall> {
-    let mut found: Vec<Stall> = deals.iter().filter_map(|deal| stall_of(deal, stages, calendar, today)).collect();
-    found.sort_by(|left, right| right.overdue().cmp(&left.overdue()).then(left.deal_id.cmp(&right.deal_id)));
+pub fn stalls(
+    deals: &[Deal],
+    stages: &Stages,
+    calendar: &Calendar,
+    today: NaiveDate,
+) -> Vec<Stall> {
+    let mut found: Vec<Stall> = deals
+        .iter()
+        .filter_map(|deal| stall_of(deal, stages, calendar, today))
+        .collect();
+    found.sort_by(|left, right| {
+        right
+            .overdue()
+            .cmp(&left.overdue())
+            .then(left.deal_id.cmp(&right.deal_id))
+    });
     found
 }
 
@@ -155,8 +196,15 @@ pub enum Decision {
 
 /// Whether a stall is due a reminder today: not within `repeat_every_days` of the last one
 /// (unless forced); escalated once `escalate_after` reminders went out about it.
-pub fn decide(history: ReminderHistory, remind: &RemindConfig, today: NaiveDate, force: bool) -> Decision {
-    let recent = history.last_day.is_some_and(|last| (today - last).num_days() < i64::from(remind.repeat_every_days));
+pub fn decide(
+    history: ReminderHistory,
+    remind: &RemindConfig,
+    today: NaiveDate,
+    force: bool,
+) -> Decision {
+    let recent = history
+        .last_day
+        .is_some_and(|last| (today - last).num_days() < i64::from(remind.repeat_every_days));
     if recent && !force {
         return Decision::Skip;
     }
@@ -177,7 +225,10 @@ pub(crate) fn moment(timezone: Tz, day: NaiveDate, at: NaiveTime) -> Option<Date
         chrono::LocalResult::None => {
             // In a spring-forward gap: the same wall time an hour later exists.
             let later = local + chrono::Duration::hours(1);
-            timezone.from_local_datetime(&later).earliest().map(|moment| moment.with_timezone(&Utc))
+            timezone
+                .from_local_datetime(&later)
+                .earliest()
+                .map(|moment| moment.with_timezone(&Utc))
         }
     }
 }
@@ -198,7 +249,12 @@ pub fn next_due(remind: &RemindConfig, after: DateTime<Utc>) -> Option<DateTime<
 }
 
 /// The first moment strictly after `after` that is `weekday` at `at` in `timezone`.
-pub fn next_weekly(timezone: Tz, weekday: Weekday, at: NaiveTime, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub fn next_weekly(
+    timezone: Tz,
+    weekday: Weekday,
+    at: NaiveTime,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
     let today = after.with_timezone(&timezone).date_naive();
     today
         .iter_days()
@@ -229,7 +285,9 @@ mod tests {
     }
 
     fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text).expect("time").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(text)
+            .expect("time")
+            .with_timezone(&Utc)
     }
 
     fn deal(stage: &str, entered: &str, last_contact: Option<&str>) -> Deal {
@@ -267,66 +325,209 @@ mod tests {
     #[test]
     fn stall_rule_cases() {
         let stages = Stages::built_in();
-        let calendar_days = Calendar { timezone: Some(chrono_tz::Asia::Shanghai), ..Calendar::default() };
-        let business = Calendar { business_days: true, holidays: vec![day("2026-10-01")], timezone: Some(chrono_tz::Asia::Shanghai) };
+        let calendar_days = Calendar {
+            timezone: Some(chrono_tz::Asia::Shanghai),
+            ..Calendar::default()
+        };
+        let business = Calendar {
+            business_days: true,
+            holidays: vec![day("2026-10-01")],
+            timezone: Some(chrono_tz::Asia::Shanghai),
+        };
         // (stage, entered, last contact, today, calendar, stalled?, idle days)
-        type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, &'a Calendar, Option<i64>);
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            &'a str,
+            &'a Calendar,
+            Option<i64>,
+        );
         let cases: Vec<Case> = vec![
             // Prospect allows 10 days.
-            ("Prospect", "2026-11-01T02:00:00Z", None, "2026-11-11", &calendar_days, None),
-            ("Prospect", "2026-11-01T02:00:00Z", None, "2026-11-12", &calendar_days, Some(11)),
+            (
+                "Prospect",
+                "2026-11-01T02:00:00Z",
+                None,
+                "2026-11-11",
+                &calendar_days,
+                None,
+            ),
+            (
+                "Prospect",
+                "2026-11-01T02:00:00Z",
+                None,
+                "2026-11-12",
+                &calendar_days,
+                Some(11),
+            ),
             // A later contact restarts the count.
-            ("Prospect", "2026-11-01T02:00:00Z", Some("2026-11-05"), "2026-11-12", &calendar_days, None),
+            (
+                "Prospect",
+                "2026-11-01T02:00:00Z",
+                Some("2026-11-05"),
+                "2026-11-12",
+                &calendar_days,
+                None,
+            ),
             // Terminal stages never stall.
-            ("Won", "2026-01-01T02:00:00Z", None, "2026-11-12", &calendar_days, None),
+            (
+                "Won",
+                "2026-01-01T02:00:00Z",
+                None,
+                "2026-11-12",
+                &calendar_days,
+                None,
+            ),
             // Late on the 31st in UTC is already the 1st in Shanghai.
-            ("Lead", "2026-10-31T20:00:00Z", None, "2026-11-08", &calendar_days, None),
-            ("Lead", "2026-10-31T20:00:00Z", None, "2026-11-09", &calendar_days, Some(8)),
+            (
+                "Lead",
+                "2026-10-31T20:00:00Z",
+                None,
+                "2026-11-08",
+                &calendar_days,
+                None,
+            ),
+            (
+                "Lead",
+                "2026-10-31T20:00:00Z",
+                None,
+                "2026-11-09",
+                &calendar_days,
+                Some(8),
+            ),
             // Business days: Fri 2026-11-20 to Tue 2026-12-01 is 7 business days (Lead allows 7).
-            ("Lead", "2026-11-20T02:00:00Z", None, "2026-12-01", &business, None),
-            ("Lead", "2026-11-20T02:00:00Z", None, "2026-12-02", &business, Some(8)),
+            (
+                "Lead",
+                "2026-11-20T02:00:00Z",
+                None,
+                "2026-12-01",
+                &business,
+                None,
+            ),
+            (
+                "Lead",
+                "2026-11-20T02:00:00Z",
+                None,
+                "2026-12-02",
+                &business,
+                Some(8),
+            ),
             // The holiday on Thu 2026-10-01 does not count: Wed 09-23 → Mon 10-05 is 7 business days.
-            ("Lead", "2026-09-23T02:00:00Z", None, "2026-10-05", &business, None),
-            ("Lead", "2026-09-23T02:00:00Z", None, "2026-10-06", &business, Some(8)),
+            (
+                "Lead",
+                "2026-09-23T02:00:00Z",
+                None,
+                "2026-10-05",
+                &business,
+                None,
+            ),
+            (
+                "Lead",
+                "2026-09-23T02:00:00Z",
+                None,
+                "2026-10-06",
+                &business,
+                Some(8),
+            ),
         ];
         for (stage, entered, contact, today, calendar, expected) in cases {
-            let found = stall_of(&deal(stage, entered, contact), &stages, calendar, day(today));
-            assert_eq!(found.as_ref().map(|stall| stall.idle_days), expected, "{stage} entered {entered}, contact {contact:?}, today {today}");
+            let found = stall_of(
+                &deal(stage, entered, contact),
+                &stages,
+                calendar,
+                day(today),
+            );
+            assert_eq!(
+                found.as_ref().map(|stall| stall.idle_days),
+                expected,
+                "{stage} entered {entered}, contact {contact:?}, today {today}"
+            );
         }
-        let stall = stall_of(&deal("Prospect", "2026-11-01T02:00:00Z", Some("2026-10-30")), &stages, &calendar_days, day("2026-11-12"))
-            .expect("stalled");
-        assert_eq!(stall.reason, "in Prospect for 11 days, last contact 13 days ago; limit 10");
+        let stall = stall_of(
+            &deal("Prospect", "2026-11-01T02:00:00Z", Some("2026-10-30")),
+            &stages,
+            &calendar_days,
+            day("2026-11-12"),
+        )
+        .expect("stalled");
+        assert_eq!(
+            stall.reason,
+            "in Prospect for 11 days, last contact 13 days ago; limit 10"
+        );
     }
 
     #[test]
     fn reminders_repeat_and_escalate_as_configured() {
         let remind = remind_config();
         let today = day("2026-11-12");
-        let history = |n, last: Option<&str>| ReminderHistory { n_reminders: n, last_day: last.map(day) };
-        assert_eq!(decide(history(0, None), &remind, today, false), Decision::Remind);
-        assert_eq!(decide(history(1, Some("2026-11-12")), &remind, today, false), Decision::Skip);
-        assert_eq!(decide(history(1, Some("2026-11-11")), &remind, today, false), Decision::Skip);
-        assert_eq!(decide(history(1, Some("2026-11-10")), &remind, today, false), Decision::Remind);
-        assert_eq!(decide(history(1, Some("2026-11-12")), &remind, today, true), Decision::Remind);
-        assert_eq!(decide(history(3, Some("2026-11-10")), &remind, today, false), Decision::RemindAndEscalate);
+        let history = |n, last: Option<&str>| ReminderHistory {
+            n_reminders: n,
+            last_day: last.map(day),
+        };
+        assert_eq!(
+            decide(history(0, None), &remind, today, false),
+            Decision::Remind
+        );
+        assert_eq!(
+            decide(history(1, Some("2026-11-12")), &remind, today, false),
+            Decision::Skip
+        );
+        assert_eq!(
+            decide(history(1, Some("2026-11-11")), &remind, today, false),
+            Decision::Skip
+        );
+        assert_eq!(
+            decide(history(1, Some("2026-11-10")), &remind, today, false),
+            Decision::Remind
+        );
+        assert_eq!(
+            decide(history(1, Some("2026-11-12")), &remind, today, true),
+            Decision::Remind
+        );
+        assert_eq!(
+            decide(history(3, Some("2026-11-10")), &remind, today, false),
+            Decision::RemindAndEscalate
+        );
     }
 
     #[test]
     fn schedule_is_time_zone_and_dst_aware() {
         let mut remind = remind_config();
         // Friday 2026-11-27 10:00 in Shanghai: next run Monday 09:00 (weekdays only).
-        assert_eq!(next_due(&remind, at("2026-11-27T02:00:00Z")), Some(at("2026-11-30T01:00:00Z")));
-        assert_eq!(next_due(&remind, at("2026-11-27T00:59:00Z")), Some(at("2026-11-27T01:00:00Z")));
-        assert_eq!(previous_due(&remind, at("2026-11-29T12:00:00Z")), Some(at("2026-11-27T01:00:00Z")));
+        assert_eq!(
+            next_due(&remind, at("2026-11-27T02:00:00Z")),
+            Some(at("2026-11-30T01:00:00Z"))
+        );
+        assert_eq!(
+            next_due(&remind, at("2026-11-27T00:59:00Z")),
+            Some(at("2026-11-27T01:00:00Z"))
+        );
+        assert_eq!(
+            previous_due(&remind, at("2026-11-29T12:00:00Z")),
+            Some(at("2026-11-27T01:00:00Z"))
+        );
         remind.weekdays_only = false;
-        assert_eq!(next_due(&remind, at("2026-11-27T02:00:00Z")), Some(at("2026-11-28T01:00:00Z")));
+        assert_eq!(
+            next_due(&remind, at("2026-11-27T02:00:00Z")),
+            Some(at("2026-11-28T01:00:00Z"))
+        );
         // New York springs forward on 2026-03-08: 02:30 does not exist that day, 03:30 EDT does.
         remind.timezone = chrono_tz::America::New_York;
         remind.at = NaiveTime::from_hms_opt(2, 30, 0).expect("time");
-        assert_eq!(next_due(&remind, at("2026-03-08T05:00:00Z")), Some(at("2026-03-08T07:30:00Z")));
+        assert_eq!(
+            next_due(&remind, at("2026-03-08T05:00:00Z")),
+            Some(at("2026-03-08T07:30:00Z"))
+        );
         // Before and after the change, 09:00 local is 14:00 and 13:00 UTC.
         remind.at = NaiveTime::from_hms_opt(9, 0, 0).expect("time");
-        assert_eq!(next_due(&remind, at("2026-03-07T15:00:00Z")), Some(at("2026-03-08T13:00:00Z")));
-        assert_eq!(next_due(&remind, at("2026-03-06T15:00:00Z")), Some(at("2026-03-07T14:00:00Z")));
+        assert_eq!(
+            next_due(&remind, at("2026-03-07T15:00:00Z")),
+            Some(at("2026-03-08T13:00:00Z"))
+        );
+        assert_eq!(
+            next_due(&remind, at("2026-03-06T15:00:00Z")),
+            Some(at("2026-03-07T14:00:00Z"))
+        );
     }
 }

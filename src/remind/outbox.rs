@@ -32,7 +32,6 @@ pub enum RemindError {
     Runtime(std::io::Error),
 }
 
-
 impl From<rusqlite::Error> for RemindError {
     fn from(error: rusqlite::Error) -> RemindError {
         RemindError::Store(StoreError::Sqlite(error))
@@ -87,7 +86,12 @@ pub struct DeliveryReport {
 }
 
 /// Finds stalls and builds the messages due today. Reads the store; writes nothing.
-pub fn plan(store: &Store, config: &Config, now: DateTime<Utc>, force: bool) -> Result<RunReport, RemindError> {
+pub fn plan(
+    store: &Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    force: bool,
+) -> Result<RunReport, RemindError> {
     let remind = config.remind.as_ref().ok_or(RemindError::NotConfigured)?;
     let calendar = Calendar::from_config(Some(remind));
     let today = calendar.day_of(now);
@@ -95,7 +99,10 @@ pub fn plan(store: &Store, config: &Config, now: DateTime<Utc>, force: bool) -> 
     let by_id: HashMap<DealId, &Deal> = deals.iter().map(|deal| (deal.id, deal)).collect();
     let found = stalls(&deals, &config.stages, &calendar, today);
     let files = deal_files(store)?;
-    let mut report = RunReport { n_stalled: found.len(), ..RunReport::default() };
+    let mut report = RunReport {
+        n_stalled: found.len(),
+        ..RunReport::default()
+    };
 
     // Per recipient, the rep's lines; per owner, the escalated lines.
     let mut for_rep: BTreeMap<String, (String, Vec<usize>)> = BTreeMap::new();
@@ -108,35 +115,85 @@ pub fn plan(store: &Store, config: &Config, now: DateTime<Utc>, force: bool) -> 
         }
         let deal = by_id[&stall.deal_id];
         let owner = deal.text(Field::Owner).unwrap_or("").trim().to_string();
-        let address = config.rep_address(&owner).map(str::to_string).or_else(|| remind.fallback_to.clone());
+        let address = config
+            .rep_address(&owner)
+            .map(str::to_string)
+            .or_else(|| remind.fallback_to.clone());
         let Some(address) = address else {
             report.unaddressed.push(deal.id);
             continue;
         };
-        for_rep.entry(address).or_insert_with(|| (owner.clone(), Vec::new())).1.push(stall_idx);
+        for_rep
+            .entry(address)
+            .or_insert_with(|| (owner.clone(), Vec::new()))
+            .1
+            .push(stall_idx);
         if decision == Decision::RemindAndEscalate && remind.manager.is_some() {
             escalated.entry(owner).or_default().push(stall_idx);
         }
     }
-    let line = |stall_idx: usize| DigestLine { deal: by_id[&found[stall_idx].deal_id], stall: &found[stall_idx], file: files.get(&found[stall_idx].deal_id).cloned() };
+    let line = |stall_idx: usize| DigestLine {
+        deal: by_id[&found[stall_idx].deal_id],
+        stall: &found[stall_idx],
+        file: files.get(&found[stall_idx].deal_id).cloned(),
+    };
     for (address, (owner, stall_indexes)) in &for_rep {
-        let lines: Vec<DigestLine<'_>> = stall_indexes.iter().map(|stall_idx| line(*stall_idx)).collect();
-        let greeting_name = if config.rep_address(owner).is_some() { owner.as_str() } else { "" };
-        let digest = rep_digest(remind.language, address, if greeting_name.is_empty() { address } else { greeting_name }, &lines);
-        report.messages.push(planned(MessageKind::Rep, digest, stall_indexes.iter().map(|stall_idx| &found[*stall_idx])));
+        let lines: Vec<DigestLine<'_>> = stall_indexes
+            .iter()
+            .map(|stall_idx| line(*stall_idx))
+            .collect();
+        let greeting_name = if config.rep_address(owner).is_some() {
+            owner.as_str()
+        } else {
+            ""
+        };
+        let digest = rep_digest(
+            remind.language,
+            address,
+            if greeting_name.is_empty() {
+                address
+            } else {
+                greeting_name
+            },
+            &lines,
+        );
+        report.messages.push(planned(
+            MessageKind::Rep,
+            digest,
+            stall_indexes.iter().map(|stall_idx| &found[*stall_idx]),
+        ));
     }
     if let (Some(manager), false) = (&remind.manager, escalated.is_empty()) {
         let groups: Vec<(String, Vec<DigestLine<'_>>)> = escalated
             .iter()
-            .map(|(owner, stall_indexes)| (owner.clone(), stall_indexes.iter().map(|stall_idx| line(*stall_idx)).collect()))
+            .map(|(owner, stall_indexes)| {
+                (
+                    owner.clone(),
+                    stall_indexes
+                        .iter()
+                        .map(|stall_idx| line(*stall_idx))
+                        .collect(),
+                )
+            })
             .collect();
         let digest = escalation_digest(remind.language, manager, &groups);
-        report.messages.push(planned(MessageKind::Escalation, digest, escalated.values().flatten().map(|stall_idx| &found[*stall_idx])));
+        report.messages.push(planned(
+            MessageKind::Escalation,
+            digest,
+            escalated
+                .values()
+                .flatten()
+                .map(|stall_idx| &found[*stall_idx]),
+        ));
     }
     Ok(report)
 }
 
-fn planned<'a>(kind: MessageKind, digest: Digest, stalls: impl Iterator<Item = &'a super::Stall>) -> PlannedMessage {
+fn planned<'a>(
+    kind: MessageKind,
+    digest: Digest,
+    stalls: impl Iterator<Item = &'a super::Stall>,
+) -> PlannedMessage {
     PlannedMessage {
         kind,
         recipient: digest.recipient,
@@ -149,8 +206,12 @@ fn planned<'a>(kind: MessageKind, digest: Digest, stalls: impl Iterator<Item = &
 
 /// The file each deal is shown in (the first, by name), for the digest.
 fn deal_files(store: &Store) -> Result<HashMap<DealId, String>, StoreError> {
-    let mut statement = store.connection().prepare("SELECT deal_id, min(file) FROM mirror_rows GROUP BY deal_id")?;
-    let rows = statement.query_map([], |row| Ok((row.get::<_, DealId>(0)?, row.get::<_, String>(1)?)))?;
+    let mut statement = store
+        .connection()
+        .prepare("SELECT deal_id, min(file) FROM mirror_rows GROUP BY deal_id")?;
+    let rows = statement.query_map([], |row| {
+        Ok((row.get::<_, DealId>(0)?, row.get::<_, String>(1)?))
+    })?;
     let mut files = HashMap::new();
     for row in rows {
         let (deal_id, file) = row?;
@@ -175,7 +236,13 @@ fn history_of(store: &Store, stall_key: &str) -> Result<ReminderHistory, StoreEr
 
 /// Records the planned messages as pending, with their reminders, and the run, in one
 /// transaction. Messages are given up at the end of the local day if they cannot be delivered.
-pub fn record(store: &mut Store, remind: &RemindConfig, report: &RunReport, due_at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), RemindError> {
+pub fn record(
+    store: &mut Store,
+    remind: &RemindConfig,
+    report: &RunReport,
+    due_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), RemindError> {
     let calendar = Calendar::from_config(Some(remind));
     let today = calendar.day_of(now);
     let give_up_at = today
@@ -199,7 +266,11 @@ pub fn record(store: &mut Store, remind: &RemindConfig, report: &RunReport, due_
     }
     transaction.execute(
         "INSERT INTO remind_runs (due_at, ran_at, n_messages) VALUES (?1, ?2, ?3)",
-        params![timestamp(due_at), timestamp(now), report.messages.len() as i64],
+        params![
+            timestamp(due_at),
+            timestamp(now),
+            report.messages.len() as i64
+        ],
     )?;
     transaction.commit().map_err(StoreError::from)?;
     Ok(())
@@ -216,7 +287,11 @@ pub fn record_message(
     now: DateTime<Utc>,
 ) -> Result<(), RemindError> {
     let calendar = Calendar::from_config(config.remind.as_ref());
-    let timezone = config.remind.as_ref().map(|remind| remind.timezone).unwrap_or(chrono_tz::UTC);
+    let timezone = config
+        .remind
+        .as_ref()
+        .map(|remind| remind.timezone)
+        .unwrap_or(chrono_tz::UTC);
     let give_up_at = calendar
         .day_of(now)
         .succ_opt()
@@ -242,31 +317,66 @@ pub fn record_message(
 
 /// The due time of the latest run, for catching up after downtime.
 pub fn last_run_due(store: &Store) -> Result<Option<DateTime<Utc>>, StoreError> {
-    let due: Option<String> = store.connection().query_row("SELECT max(due_at) FROM remind_runs", [], |row| row.get(0)).optional()?.flatten();
+    let due: Option<String> = store
+        .connection()
+        .query_row("SELECT max(due_at) FROM remind_runs", [], |row| row.get(0))
+        .optional()?
+        .flatten();
     due.as_deref().map(parse_timestamp).transpose()
 }
 
 /// How many messages wait for delivery.
 pub fn n_pending(store: &Store) -> Result<i64, StoreError> {
-    Ok(store.connection().query_row("SELECT count(*) FROM outbox WHERE status = 'pending'", [], |row| row.get(0))?)
+    Ok(store.connection().query_row(
+        "SELECT count(*) FROM outbox WHERE status = 'pending'",
+        [],
+        |row| row.get(0),
+    )?)
 }
 
 fn retry_backoff(attempts: u32) -> Duration {
-    Duration::from_secs(60).saturating_mul(1u32 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(3600))
+    Duration::from_secs(60)
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(6))
+        .min(Duration::from_secs(3600))
 }
 
 /// Sends pending messages: those whose retry time has come, or all of them with `all` (an explicit
 /// `funnelsync remind`). Each message is marked sent right after the server accepted it.
-pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool) -> Result<DeliveryReport, RemindError> {
+pub fn deliver(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    all: bool,
+) -> Result<DeliveryReport, RemindError> {
     let mut report = DeliveryReport::default();
-    type Pending = (i64, String, String, String, String, i64, String, Option<String>, Option<Vec<u8>>);
+    type Pending = (
+        i64,
+        String,
+        String,
+        String,
+        String,
+        i64,
+        String,
+        Option<String>,
+        Option<Vec<u8>>,
+    );
     let pending: Vec<Pending> = {
         let mut statement = store.connection().prepare(
             "SELECT id, recipient, subject, text_body, html_body, attempts, give_up_at, attachment_name, attachment FROM outbox \
              WHERE status = 'pending' AND (?1 OR next_attempt_at IS NULL OR next_attempt_at <= ?2) ORDER BY id",
         )?;
         let rows = statement.query_map(params![all, timestamp(now)], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+                row.get(7)?,
+                row.get(8)?,
+            ))
         })?;
         rows.collect::<Result<_, _>>()?
     };
@@ -274,7 +384,10 @@ pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool
         return Ok(report);
     }
     let smtp = config.smtp.as_ref().ok_or(RemindError::NotConfigured)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(RemindError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RemindError::Runtime)?;
     // The transport's connection pool lives in the runtime: build and drop it inside.
     let _runtime_guard = runtime.enter();
     let mailer = match Mailer::new(smtp) {
@@ -286,10 +399,14 @@ pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool
             None
         }
     };
-    for (id, recipient, subject, text, html, attempts, give_up_at, attachment_name, attachment) in pending {
+    for (id, recipient, subject, text, html, attempts, give_up_at, attachment_name, attachment) in
+        pending
+    {
         let attachment = attachment_name.as_deref().zip(attachment.as_deref());
         let result = match &mailer {
-            Some(mailer) => runtime.block_on(mailer.send(&recipient, &subject, &text, &html, attachment)).map_err(|error| error.to_string()),
+            Some(mailer) => runtime
+                .block_on(mailer.send(&recipient, &subject, &text, &html, attachment))
+                .map_err(|error| error.to_string()),
             None => Err(report.errors.last().cloned().unwrap_or_default()),
         };
         match result {
@@ -303,7 +420,9 @@ pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool
             }
             Err(message) => {
                 let attempts = u32::try_from(attempts + 1).unwrap_or(u32::MAX);
-                let give_up = parse_timestamp(&give_up_at).map(|give_up| now >= give_up).unwrap_or(true);
+                let give_up = parse_timestamp(&give_up_at)
+                    .map(|give_up| now >= give_up)
+                    .unwrap_or(true);
                 if give_up {
                     store.connection().execute(
                         "UPDATE outbox SET status = 'failed', attempts = ?1, last_error = ?2 WHERE id = ?3",
@@ -312,7 +431,9 @@ pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool
                     tracing::error!(recipient = %recipient, "giving up on a reminder after {attempts} attempts: {message}");
                     report.failed += 1;
                 } else {
-                    let next = now + chrono::Duration::from_std(retry_backoff(attempts)).unwrap_or(chrono::Duration::minutes(1));
+                    let next = now
+                        + chrono::Duration::from_std(retry_backoff(attempts))
+                            .unwrap_or(chrono::Duration::minutes(1));
                     store.connection().execute(
                         "UPDATE outbox SET attempts = ?1, last_error = ?2, next_attempt_at = ?3 WHERE id = ?4",
                         params![attempts, message, timestamp(next), id],
@@ -330,7 +451,14 @@ pub fn deliver(store: &mut Store, config: &Config, now: DateTime<Utc>, all: bool
 }
 
 /// A whole run: plan, record, deliver. With `dry_run`, only plan.
-pub fn run(store: &mut Store, config: &Config, now: DateTime<Utc>, due_at: DateTime<Utc>, force: bool, dry_run: bool) -> Result<RunReport, RemindError> {
+pub fn run(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    due_at: DateTime<Utc>,
+    force: bool,
+    dry_run: bool,
+) -> Result<RunReport, RemindError> {
     let remind = config.remind.as_ref().ok_or(RemindError::NotConfigured)?;
     let mut report = plan(store, config, now, force)?;
     if dry_run {

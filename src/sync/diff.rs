@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 
 use super::merge::{merge_fields, FieldConflict};
 use crate::config::{ConflictPolicy, RowRemoved};
-use crate::deal::{normalize_label, Deal, DealId, ExtraChanges, Field, FieldChanges, FieldMap, FieldValue};
+use crate::deal::{
+    normalize_label, Deal, DealId, ExtraChanges, Field, FieldChanges, FieldMap, FieldValue,
+};
 use crate::mapping::{CleanRow, RowIssue};
 use crate::mirror::MirrorRow;
 
@@ -44,7 +46,9 @@ pub struct DiffInput<'a> {
 /// What happens to one row of the sheet.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowAction {
-    Create { row_idx: usize },
+    Create {
+        row_idx: usize,
+    },
     Update {
         row_idx: usize,
         deal_id: DealId,
@@ -52,10 +56,16 @@ pub enum RowAction {
         extra_changes: ExtraChanges,
         unarchive: bool,
     },
-    Unchanged { row_idx: usize, deal_id: DealId },
+    Unchanged {
+        row_idx: usize,
+        deal_id: DealId,
+    },
     /// The row has errors and is not applied; its deal (if it was recognised) keeps its state and
     /// its mirror row is kept as it was.
-    Skipped { row_idx: usize, deal_id: Option<DealId> },
+    Skipped {
+        row_idx: usize,
+        deal_id: Option<DealId>,
+    },
 }
 
 /// What happens to a deal whose row is gone from the sheet.
@@ -83,7 +93,11 @@ pub struct Changeset {
 
 /// The natural-key values the store should be asked about before the diff: those of rows that
 /// cannot be recognised from their id or from an identical row in the mirror.
-pub fn lookups_needed(rows: &[CleanRow], mirror: &[MirrorRow], match_on: &[Field]) -> Vec<NaturalKey> {
+pub fn lookups_needed(
+    rows: &[CleanRow],
+    mirror: &[MirrorRow],
+    match_on: &[Field],
+) -> Vec<NaturalKey> {
     let mirror_hashes: HashSet<&str> = mirror.iter().map(|row| row.row_hash.as_str()).collect();
     let mut keys = Vec::new();
     let mut seen = HashSet::new();
@@ -105,17 +119,26 @@ pub fn lookups_needed(rows: &[CleanRow], mirror: &[MirrorRow], match_on: &[Field
 
 /// The fallback identity of a row without id or natural key: company and contact, folded.
 fn identity(fields: &FieldMap) -> Option<String> {
-    let company = fields.get(&Field::Company).map(|value| normalize_label(&value.to_string()));
-    let contact = fields.get(&Field::Contact).map(|value| normalize_label(&value.to_string()));
+    let company = fields
+        .get(&Field::Company)
+        .map(|value| normalize_label(&value.to_string()));
+    let contact = fields
+        .get(&Field::Contact)
+        .map(|value| normalize_label(&value.to_string()));
     match (company, contact) {
         (None, None) => None,
-        (company, contact) => Some(format!("{}\u{1f}{}", company.unwrap_or_default(), contact.unwrap_or_default())),
+        (company, contact) => Some(format!(
+            "{}\u{1f}{}",
+            company.unwrap_or_default(),
+            contact.unwrap_or_default()
+        )),
     }
 }
 
 pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     let mut issues = Vec::new();
-    let mirror_by_deal: HashMap<DealId, &MirrorRow> = input.mirror.iter().map(|row| (row.deal_id, row)).collect();
+    let mirror_by_deal: HashMap<DealId, &MirrorRow> =
+        input.mirror.iter().map(|row| (row.deal_id, row)).collect();
     let mut matched: Vec<Option<DealId>> = vec![None; input.rows.len()];
     let mut claimed: HashSet<DealId> = HashSet::new();
     // Rows whose id repeats an earlier row's: people copy rows, so these become new deals.
@@ -141,19 +164,26 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         } else {
             issues.push(RowIssue::warning(
                 Some(row.row_number),
-                format!("CRM ID {id} is not a deal in the store; the row is matched as if it had no id"),
+                format!(
+                    "CRM ID {id} is not a deal in the store; the row is matched as if it had no id"
+                ),
             ));
         }
     }
 
     let unmatched_rows = |matched: &Vec<Option<DealId>>| -> Vec<usize> {
-        (0..input.rows.len()).filter(|row_idx| matched[*row_idx].is_none() && !forced_new.contains(row_idx)).collect()
+        (0..input.rows.len())
+            .filter(|row_idx| matched[*row_idx].is_none() && !forced_new.contains(row_idx))
+            .collect()
     };
     let live_mirror = |claimed: &HashSet<DealId>| -> Vec<&MirrorRow> {
         input
             .mirror
             .iter()
-            .filter(|mirror_row| !claimed.contains(&mirror_row.deal_id) && input.deals.contains_key(&mirror_row.deal_id))
+            .filter(|mirror_row| {
+                !claimed.contains(&mirror_row.deal_id)
+                    && input.deals.contains_key(&mirror_row.deal_id)
+            })
             .collect()
     };
 
@@ -161,7 +191,10 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     {
         let mut by_hash: HashMap<&str, Vec<DealId>> = HashMap::new();
         for mirror_row in live_mirror(&claimed).into_iter().rev() {
-            by_hash.entry(mirror_row.row_hash.as_str()).or_default().push(mirror_row.deal_id);
+            by_hash
+                .entry(mirror_row.row_hash.as_str())
+                .or_default()
+                .push(mirror_row.deal_id);
         }
         for row_idx in unmatched_rows(&matched) {
             if let Some(deal_id) = by_hash.get_mut(hashes[row_idx]).and_then(Vec::pop) {
@@ -177,11 +210,16 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         let mut by_value: HashMap<String, Vec<DealId>> = HashMap::new();
         for mirror_row in live_mirror(&claimed).into_iter().rev() {
             if let Some(value) = mirror_row.fields.get(field) {
-                by_value.entry(value.to_string()).or_default().push(mirror_row.deal_id);
+                by_value
+                    .entry(value.to_string())
+                    .or_default()
+                    .push(mirror_row.deal_id);
             }
         }
         for row_idx in unmatched_rows(&matched) {
-            let Some(value) = input.rows[row_idx].fields.get(field) else { continue };
+            let Some(value) = input.rows[row_idx].fields.get(field) else {
+                continue;
+            };
             if let Some(deal_id) = by_value.get_mut(&value.to_string()).and_then(Vec::pop) {
                 matched[row_idx] = Some(deal_id);
                 claimed.insert(deal_id);
@@ -192,7 +230,10 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         let mut mirror_by_identity: HashMap<String, Vec<DealId>> = HashMap::new();
         for mirror_row in live_mirror(&claimed) {
             if let Some(identity) = identity(&mirror_row.fields) {
-                mirror_by_identity.entry(identity).or_default().push(mirror_row.deal_id);
+                mirror_by_identity
+                    .entry(identity)
+                    .or_default()
+                    .push(mirror_row.deal_id);
             }
         }
         let mut rows_by_identity: HashMap<String, Vec<usize>> = HashMap::new();
@@ -202,7 +243,9 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
             }
         }
         for (identity, row_indexes) in rows_by_identity {
-            if let (Some(deal_ids), [row_idx]) = (mirror_by_identity.get(&identity), row_indexes.as_slice()) {
+            if let (Some(deal_ids), [row_idx]) =
+                (mirror_by_identity.get(&identity), row_indexes.as_slice())
+            {
                 if let [deal_id] = deal_ids.as_slice() {
                     matched[*row_idx] = Some(*deal_id);
                     claimed.insert(*deal_id);
@@ -215,9 +258,14 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     // another file) does not duplicate deals.
     for row_idx in unmatched_rows(&matched) {
         for field in input.match_on {
-            let Some(value) = input.rows[row_idx].fields.get(field) else { continue };
+            let Some(value) = input.rows[row_idx].fields.get(field) else {
+                continue;
+            };
             if let Some(deal_id) = input.natural_matches.get(&natural_key(*field, value)) {
-                if input.deals.contains_key(deal_id) && !claimed.contains(deal_id) && !mirror_by_deal.contains_key(deal_id) {
+                if input.deals.contains_key(deal_id)
+                    && !claimed.contains(deal_id)
+                    && !mirror_by_deal.contains_key(deal_id)
+                {
                     matched[row_idx] = Some(*deal_id);
                     claimed.insert(*deal_id);
                     break;
@@ -234,7 +282,9 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
             if deal_id.is_none() {
                 unrecognised_error_rows += 1;
             }
-            changeset.actions.push(RowAction::Skipped { row_idx, deal_id });
+            changeset
+                .actions
+                .push(RowAction::Skipped { row_idx, deal_id });
             continue;
         }
         let Some(deal_id) = deal_id else {
@@ -247,27 +297,48 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         };
         let (changes, extra_changes) = match mirror_by_deal.get(&deal_id) {
             Some(mirror_row) => {
-                let sheet_is_newer = input.file_modified.is_some_and(|modified| modified > deal.updated_at);
-                let outcome =
-                    merge_fields(input.sheet_fields, &mirror_row.fields, &row.fields, &deal.fields, input.conflict_policy, sheet_is_newer);
+                let sheet_is_newer = input
+                    .file_modified
+                    .is_some_and(|modified| modified > deal.updated_at);
+                let outcome = merge_fields(
+                    input.sheet_fields,
+                    &mirror_row.fields,
+                    &row.fields,
+                    &deal.fields,
+                    input.conflict_policy,
+                    sheet_is_newer,
+                );
                 let mut changes = outcome.to_store;
                 // Without a currency column the currency comes from the amount's symbol: it
                 // changes with the amount the sheet changed.
                 if !input.sheet_fields.contains(&Field::Currency)
                     && changes.iter().any(|(field, _)| *field == Field::Amount)
                 {
-                    if let Some(currency) = row.fields.get(&Field::Currency).filter(|currency| deal.fields.get(&Field::Currency) != Some(*currency)) {
+                    if let Some(currency) = row
+                        .fields
+                        .get(&Field::Currency)
+                        .filter(|currency| deal.fields.get(&Field::Currency) != Some(*currency))
+                    {
                         changes.push((Field::Currency, Some(currency.clone())));
                     }
                 }
-                changeset.conflicts.extend(outcome.conflicts.into_iter().map(|conflict| (row_idx, deal_id, conflict)));
+                changeset.conflicts.extend(
+                    outcome
+                        .conflicts
+                        .into_iter()
+                        .map(|conflict| (row_idx, deal_id, conflict)),
+                );
                 changeset.sheet_values.insert(row_idx, outcome.merged);
                 (changes, extra_changes_since_mirror(row, mirror_row, deal))
             }
             None => {
                 let (changes, extra_changes) = changes_against_store(row, deal);
                 let mut shown: FieldMap = deal.fields.clone();
-                shown.extend(row.fields.iter().map(|(field, value)| (*field, value.clone())));
+                shown.extend(
+                    row.fields
+                        .iter()
+                        .map(|(field, value)| (*field, value.clone())),
+                );
                 shown.retain(|field, _| input.sheet_fields.contains(field));
                 changeset.sheet_values.insert(row_idx, shown);
                 (changes, extra_changes)
@@ -275,13 +346,25 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         };
         let unarchive = deal.archived_at.is_some();
         if changes.is_empty() && extra_changes.is_empty() && !unarchive {
-            changeset.actions.push(RowAction::Unchanged { row_idx, deal_id });
+            changeset
+                .actions
+                .push(RowAction::Unchanged { row_idx, deal_id });
         } else {
-            changeset.actions.push(RowAction::Update { row_idx, deal_id, changes, extra_changes, unarchive });
+            changeset.actions.push(RowAction::Update {
+                row_idx,
+                deal_id,
+                changes,
+                extra_changes,
+                unarchive,
+            });
         }
     }
 
-    let removed: Vec<&MirrorRow> = input.mirror.iter().filter(|mirror_row| !claimed.contains(&mirror_row.deal_id)).collect();
+    let removed: Vec<&MirrorRow> = input
+        .mirror
+        .iter()
+        .filter(|mirror_row| !claimed.contains(&mirror_row.deal_id))
+        .collect();
     if unrecognised_error_rows > 0 && !removed.is_empty() {
         issues.push(RowIssue::warning(
             None,
@@ -301,7 +384,9 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
             match (input.on_row_removed, input.deals.get(&deal_id)) {
                 (_, None) => Removal::Forget(deal_id),
                 (RowRemoved::Ignore, _) => Removal::Forget(deal_id),
-                (RowRemoved::Archive, Some(deal)) if deal.archived_at.is_some() => Removal::Forget(deal_id),
+                (RowRemoved::Archive, Some(deal)) if deal.archived_at.is_some() => {
+                    Removal::Forget(deal_id)
+                }
                 (RowRemoved::Archive, Some(_)) => Removal::Archive(deal_id),
                 (RowRemoved::Delete, Some(_)) => Removal::Delete(deal_id),
             }
@@ -315,7 +400,8 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
 /// the store already holds. Extra fields flow from sheets to the store only.
 fn extra_changes_since_mirror(row: &CleanRow, mirror_row: &MirrorRow, deal: &Deal) -> ExtraChanges {
     let mut extra_changes = Vec::new();
-    let keys: std::collections::BTreeSet<&String> = row.extras.keys().chain(mirror_row.extras.keys()).collect();
+    let keys: std::collections::BTreeSet<&String> =
+        row.extras.keys().chain(mirror_row.extras.keys()).collect();
     for key in keys {
         let now = row.extras.get(key);
         if now != mirror_row.extras.get(key) && now != deal.extra.get(key) {
@@ -352,25 +438,52 @@ mod tests {
     use crate::deal::{row_hash, ExtraMap};
 
     fn fields(pairs: &[(Field, &str)]) -> FieldMap {
-        pairs.iter().map(|(field, value)| (*field, FieldValue::Text(value.to_string()))).collect()
+        pairs
+            .iter()
+            .map(|(field, value)| (*field, FieldValue::Text(value.to_string())))
+            .collect()
     }
 
     fn row(row_number: u32, id: Option<DealId>, pairs: &[(Field, &str)]) -> CleanRow {
         let fields = fields(pairs);
         let extras = ExtraMap::new();
         let hash = row_hash(&fields, &extras);
-        CleanRow { row_number, id, fields, extras, has_error: false, hash }
+        CleanRow {
+            row_number,
+            id,
+            fields,
+            extras,
+            has_error: false,
+            hash,
+        }
     }
 
     fn mirror_row(deal_id: DealId, row_number: u32, pairs: &[(Field, &str)]) -> MirrorRow {
         let fields = fields(pairs);
         let extras = ExtraMap::new();
-        MirrorRow { deal_id, row_number, row_hash: row_hash(&fields, &extras), fields, extras }
+        MirrorRow {
+            deal_id,
+            row_number,
+            row_hash: row_hash(&fields, &extras),
+            fields,
+            extras,
+        }
     }
 
     fn deal(id: DealId, pairs: &[(Field, &str)]) -> Deal {
-        let at = Utc.with_ymd_and_hms(2026, 11, 1, 9, 0, 0).single().expect("time");
-        Deal { id, fields: fields(pairs), extra: ExtraMap::new(), created_at: at, updated_at: at, stage_entered_at: Some(at), archived_at: None }
+        let at = Utc
+            .with_ymd_and_hms(2026, 11, 1, 9, 0, 0)
+            .single()
+            .expect("time");
+        Deal {
+            id,
+            fields: fields(pairs),
+            extra: ExtraMap::new(),
+            created_at: at,
+            updated_at: at,
+            stage_entered_at: Some(at),
+            archived_at: None,
+        }
     }
 
     struct Case {
@@ -414,12 +527,25 @@ mod tests {
                 rows: vec![row(2, None, &beta), row(3, None, &acme)],
                 mirror: vec![mirror_row(1, 2, &acme), mirror_row(2, 3, &beta)],
                 deals: vec![deal(1, &acme), deal(2, &beta)],
-                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 2 }, RowAction::Unchanged { row_idx: 1, deal_id: 1 }],
+                expected_actions: vec![
+                    RowAction::Unchanged {
+                        row_idx: 0,
+                        deal_id: 2,
+                    },
+                    RowAction::Unchanged {
+                        row_idx: 1,
+                        deal_id: 1,
+                    },
+                ],
                 ..Case::default()
             },
             Case {
                 name: "a changed field is the only change",
-                rows: vec![row(2, None, &[(Company, "Acme"), (Email, "ann@acme.com"), (Stage, "Won")])],
+                rows: vec![row(
+                    2,
+                    None,
+                    &[(Company, "Acme"), (Email, "ann@acme.com"), (Stage, "Won")],
+                )],
                 mirror: vec![mirror_row(1, 2, &acme)],
                 deals: vec![deal(1, &acme)],
                 expected_actions: vec![RowAction::Update {
@@ -436,12 +562,26 @@ mod tests {
                 rows: vec![row(2, None, &[(Company, "Acme"), (Stage, "Lead")])],
                 mirror: vec![mirror_row(1, 2, &acme)],
                 deals: vec![deal(1, &acme)],
-                expected_actions: vec![RowAction::Update { row_idx: 0, deal_id: 1, changes: vec![(Email, None)], extra_changes: vec![], unarchive: false }],
+                expected_actions: vec![RowAction::Update {
+                    row_idx: 0,
+                    deal_id: 1,
+                    changes: vec![(Email, None)],
+                    extra_changes: vec![],
+                    unarchive: false,
+                }],
                 ..Case::default()
             },
             Case {
                 name: "a renamed company is still recognised by email",
-                rows: vec![row(2, None, &[(Company, "Acme Inc"), (Email, "ann@acme.com"), (Stage, "Lead")])],
+                rows: vec![row(
+                    2,
+                    None,
+                    &[
+                        (Company, "Acme Inc"),
+                        (Email, "ann@acme.com"),
+                        (Stage, "Lead"),
+                    ],
+                )],
                 mirror: vec![mirror_row(1, 2, &acme)],
                 deals: vec![deal(1, &acme)],
                 expected_actions: vec![RowAction::Update {
@@ -455,7 +595,11 @@ mod tests {
             },
             Case {
                 name: "a row without email is recognised by company and contact",
-                rows: vec![row(2, None, &[(Company, "Beta"), (Contact, "Ben"), (Stage, "Won")])],
+                rows: vec![row(
+                    2,
+                    None,
+                    &[(Company, "Beta"), (Contact, "Ben"), (Stage, "Won")],
+                )],
                 mirror: vec![mirror_row(2, 2, &beta)],
                 deals: vec![deal(2, &beta)],
                 expected_actions: vec![RowAction::Update {
@@ -472,7 +616,10 @@ mod tests {
                 rows: vec![row(2, None, &acme)],
                 mirror: vec![mirror_row(1, 2, &acme), mirror_row(2, 3, &beta)],
                 deals: vec![deal(1, &acme), deal(2, &beta)],
-                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 1 }],
+                expected_actions: vec![RowAction::Unchanged {
+                    row_idx: 0,
+                    deal_id: 1,
+                }],
                 expected_removals: vec![Removal::Archive(2)],
                 ..Case::default()
             },
@@ -505,28 +652,49 @@ mod tests {
             },
             Case {
                 name: "an unrecognisable row with errors defers removals",
-                rows: vec![CleanRow { has_error: true, ..row(2, None, &[(Stage, "Lead")]) }],
+                rows: vec![CleanRow {
+                    has_error: true,
+                    ..row(2, None, &[(Stage, "Lead")])
+                }],
                 mirror: vec![mirror_row(1, 2, &acme)],
                 deals: vec![deal(1, &acme)],
-                expected_actions: vec![RowAction::Skipped { row_idx: 0, deal_id: None }],
+                expected_actions: vec![RowAction::Skipped {
+                    row_idx: 0,
+                    deal_id: None,
+                }],
                 expected_removals: vec![Removal::Deferred(1)],
                 n_issues: 1,
                 ..Case::default()
             },
             Case {
                 name: "a recognised row with errors is skipped and not removed",
-                rows: vec![CleanRow { has_error: true, ..row(2, None, &[(Company, "Acme"), (Email, "ann@acme.com")]) }],
+                rows: vec![CleanRow {
+                    has_error: true,
+                    ..row(2, None, &[(Company, "Acme"), (Email, "ann@acme.com")])
+                }],
                 mirror: vec![mirror_row(1, 2, &acme)],
                 deals: vec![deal(1, &acme)],
-                expected_actions: vec![RowAction::Skipped { row_idx: 0, deal_id: Some(1) }],
+                expected_actions: vec![RowAction::Skipped {
+                    row_idx: 0,
+                    deal_id: Some(1),
+                }],
                 ..Case::default()
             },
             Case {
                 name: "a repeated id makes a new deal with a warning",
-                rows: vec![row(2, Some(1), &acme), row(3, Some(1), &[(Company, "Acme East")])],
+                rows: vec![
+                    row(2, Some(1), &acme),
+                    row(3, Some(1), &[(Company, "Acme East")]),
+                ],
                 mirror: vec![mirror_row(1, 2, &acme)],
                 deals: vec![deal(1, &acme)],
-                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 1 }, RowAction::Create { row_idx: 1 }],
+                expected_actions: vec![
+                    RowAction::Unchanged {
+                        row_idx: 0,
+                        deal_id: 1,
+                    },
+                    RowAction::Create { row_idx: 1 },
+                ],
                 n_issues: 1,
                 ..Case::default()
             },
@@ -538,7 +706,8 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                name: "a new row matching a store deal by email updates only what differs and is set",
+                name:
+                    "a new row matching a store deal by email updates only what differs and is set",
                 rows: vec![row(2, None, &[(Email, "ann@acme.com"), (Stage, "Won")])],
                 deals: vec![deal(1, &acme)],
                 natural: vec![((Email, "ann@acme.com".to_string()), 1)],
@@ -557,14 +726,21 @@ mod tests {
                 mirror: vec![mirror_row(2, 2, &beta)],
                 deals: vec![deal(1, &acme), deal(2, &beta)],
                 natural: vec![((Email, "ann@acme.com".to_string()), 1)],
-                expected_actions: vec![RowAction::Unchanged { row_idx: 0, deal_id: 2 }],
+                expected_actions: vec![RowAction::Unchanged {
+                    row_idx: 0,
+                    deal_id: 2,
+                }],
                 ..Case::default()
             },
         ]
     }
 
     fn run(case: &Case) -> (Changeset, Vec<RowIssue>) {
-        let deals: HashMap<DealId, Deal> = case.deals.iter().map(|deal| (deal.id, deal.clone())).collect();
+        let deals: HashMap<DealId, Deal> = case
+            .deals
+            .iter()
+            .map(|deal| (deal.id, deal.clone()))
+            .collect();
         let natural: HashMap<NaturalKey, DealId> = case.natural.iter().cloned().collect();
         let other_files: HashSet<DealId> = case.other_files.iter().copied().collect();
         diff(&DiffInput {
@@ -594,9 +770,16 @@ mod tests {
     #[test]
     fn only_rows_not_recognised_otherwise_need_store_lookups() {
         let acme = [(Company, "Acme"), (Email, "ann@acme.com")];
-        let rows = vec![row(2, None, &acme), row(3, Some(5), &[(Email, "x@y.com")]), row(4, None, &[(Email, "new@y.com")])];
+        let rows = vec![
+            row(2, None, &acme),
+            row(3, Some(5), &[(Email, "x@y.com")]),
+            row(4, None, &[(Email, "new@y.com")]),
+        ];
         let mirror = vec![mirror_row(1, 2, &acme)];
-        assert_eq!(lookups_needed(&rows, &mirror, &[Email]), vec![(Email, "new@y.com".to_string())]);
+        assert_eq!(
+            lookups_needed(&rows, &mirror, &[Email]),
+            vec![(Email, "new@y.com".to_string())]
+        );
     }
 
     proptest! {

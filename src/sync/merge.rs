@@ -104,7 +104,10 @@ mod tests {
     use Field::{Amount, Company, Owner, Stage};
 
     fn map(pairs: &[(Field, &str)]) -> FieldMap {
-        pairs.iter().map(|(field, value)| (*field, FieldValue::Text(value.to_string()))).collect()
+        pairs
+            .iter()
+            .map(|(field, value)| (*field, FieldValue::Text(value.to_string())))
+            .collect()
     }
 
     const FIELDS: [Field; 4] = [Company, Stage, Owner, Amount];
@@ -115,8 +118,14 @@ mod tests {
         let sheet = map(&[(Company, "Acme"), (Stage, "Prospect"), (Owner, "Alice")]);
         let store = map(&[(Company, "Acme"), (Stage, "Lead"), (Owner, "Bob")]);
         let outcome = merge_fields(&FIELDS, &base, &sheet, &store, ConflictPolicy::Store, false);
-        assert_eq!(outcome.to_store, vec![(Stage, Some(FieldValue::Text("Prospect".to_string())))]);
-        assert_eq!(outcome.merged, map(&[(Company, "Acme"), (Stage, "Prospect"), (Owner, "Bob")]));
+        assert_eq!(
+            outcome.to_store,
+            vec![(Stage, Some(FieldValue::Text("Prospect".to_string())))]
+        );
+        assert_eq!(
+            outcome.merged,
+            map(&[(Company, "Acme"), (Stage, "Prospect"), (Owner, "Bob")])
+        );
         assert!(outcome.conflicts.is_empty());
 
         let sheet = map(&[(Stage, "Won")]);
@@ -132,10 +141,24 @@ mod tests {
             let outcome = merge_fields(&[Stage], &base, &sheet, &store, policy, sheet_is_newer);
             assert_eq!(outcome.conflicts.len(), 1, "{policy:?}");
             assert_eq!(outcome.conflicts[0].winner, winner, "{policy:?}");
-            assert_eq!(outcome.conflicts[0].sheet, Some(FieldValue::Text("Won".to_string())));
-            assert_eq!(outcome.conflicts[0].store, Some(FieldValue::Text("Lost".to_string())));
-            assert_eq!(outcome.merged[&Stage], FieldValue::Text(value.to_string()), "{policy:?}");
-            assert_eq!(outcome.to_store.is_empty(), winner == Side::Store, "{policy:?}");
+            assert_eq!(
+                outcome.conflicts[0].sheet,
+                Some(FieldValue::Text("Won".to_string()))
+            );
+            assert_eq!(
+                outcome.conflicts[0].store,
+                Some(FieldValue::Text("Lost".to_string()))
+            );
+            assert_eq!(
+                outcome.merged[&Stage],
+                FieldValue::Text(value.to_string()),
+                "{policy:?}"
+            );
+            assert_eq!(
+                outcome.to_store.is_empty(),
+                winner == Side::Store,
+                "{policy:?}"
+            );
         }
     }
 
@@ -152,7 +175,14 @@ mod tests {
     #[test]
     fn a_cleared_cell_is_a_change() {
         let base = map(&[(Owner, "Alice")]);
-        let outcome = merge_fields(&[Owner], &base, &FieldMap::new(), &base, ConflictPolicy::Store, false);
+        let outcome = merge_fields(
+            &[Owner],
+            &base,
+            &FieldMap::new(),
+            &base,
+            ConflictPolicy::Store,
+            false,
+        );
         assert_eq!(outcome.to_store, vec![(Owner, None)]);
         assert!(outcome.merged.is_empty());
     }
@@ -166,7 +196,11 @@ mod tests {
     }
 
     fn policy_strategy() -> impl Strategy<Value = ConflictPolicy> {
-        proptest::sample::select(vec![ConflictPolicy::Store, ConflictPolicy::Sheet, ConflictPolicy::Newest])
+        proptest::sample::select(vec![
+            ConflictPolicy::Store,
+            ConflictPolicy::Sheet,
+            ConflictPolicy::Newest,
+        ])
     }
 
     proptest! {

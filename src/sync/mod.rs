@@ -18,9 +18,12 @@ use crate::config::{Config, SourceConfig};
 use crate::deal::{Deal, DealId, Field, FieldMap, FieldValue};
 use crate::mapping::{self, RowIssue, Severity};
 use crate::mirror::{self, MirrorFile, MirrorRow};
-use crate::store::{ChangeKind, ChangeRecord, ConflictRecord, CrmStore, DealFilter, RunCounts, SqliteCrm, Store, StoreError, SyncRun};
-use crate::writeback::RowOutcome;
+use crate::store::{
+    ChangeKind, ChangeRecord, ConflictRecord, CrmStore, DealFilter, RunCounts, SqliteCrm, Store,
+    StoreError, SyncRun,
+};
 use crate::workbook;
+use crate::writeback::RowOutcome;
 use diff::{DiffInput, Removal, RowAction};
 
 /// How a file's sync ended.
@@ -77,7 +80,10 @@ pub enum WriteBack {
 
 impl FileReport {
     pub fn n_row_errors(&self) -> usize {
-        self.issues.iter().filter(|issue| issue.severity == Severity::Error).count()
+        self.issues
+            .iter()
+            .filter(|issue| issue.severity == Severity::Error)
+            .count()
     }
 }
 
@@ -89,12 +95,21 @@ pub enum SyncError {
 
 /// The key a file goes by in the mirror and the run history: its absolute path.
 pub fn file_key(path: &Path) -> String {
-    std::fs::canonicalize(path).unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())).to_string_lossy().into_owned()
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Syncs one file of a source. Errors reading or understanding the file are part of the report
 /// (status `Failed`, nothing applied); only a failing store is an `Err`.
-pub fn sync_file(store: &mut Store, config: &Config, source: &SourceConfig, path: &Path, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+pub fn sync_file(
+    store: &mut Store,
+    config: &Config,
+    source: &SourceConfig,
+    path: &Path,
+    now: DateTime<Utc>,
+) -> Result<FileReport, SyncError> {
     sync_file_with(store, config, source, path, now, false)
 }
 
@@ -138,18 +153,44 @@ pub fn sync_file_with(
     // the last sync: nothing can have changed, and nothing is parsed.
     let config_hash = source_fingerprint(config, source);
     if let Some(summary) = &summary {
-        let same_store = !source.write_back || summary.store_version == Some(store.crm().version()?);
-        if !force && summary.content_hash == workbook::hash_bytes(&bytes) && summary.config_hash.as_deref() == Some(config_hash.as_str()) && same_store {
-            if source.write_back && workbook::format_of(path).is_some_and(|format| matches!(format, workbook::FileFormat::Xlsx | workbook::FileFormat::Csv)) {
+        let same_store =
+            !source.write_back || summary.store_version == Some(store.crm().version()?);
+        if !force
+            && summary.content_hash == workbook::hash_bytes(&bytes)
+            && summary.config_hash.as_deref() == Some(config_hash.as_str())
+            && same_store
+        {
+            if source.write_back
+                && workbook::format_of(path).is_some_and(|format| {
+                    matches!(
+                        format,
+                        workbook::FileFormat::Xlsx | workbook::FileFormat::Csv
+                    )
+                })
+            {
                 report.write_back = WriteBack::UpToDate;
             }
             return unchanged(store, report, summary, now);
         }
     }
-    let sheet = match workbook::parse_sheet(path, bytes, source.sheet.as_deref(), source.encoding, &config.limits) {
+    let sheet = match workbook::parse_sheet(
+        path,
+        bytes,
+        source.sheet.as_deref(),
+        source.encoding,
+        &config.limits,
+    ) {
         Ok(sheet) => sheet,
-        Err(error @ (workbook::WorkbookError::SheetNotFound { .. } | workbook::WorkbookError::NoVisibleSheet { .. })) if synced_before => {
-            return hold(store, report, format!("held: {error}; nothing was applied"), now);
+        Err(
+            error @ (workbook::WorkbookError::SheetNotFound { .. }
+            | workbook::WorkbookError::NoVisibleSheet { .. }),
+        ) if synced_before => {
+            return hold(
+                store,
+                report,
+                format!("held: {error}; nothing was applied"),
+                now,
+            );
         }
         Err(error) => {
             report.retryable = error.is_retryable();
@@ -160,20 +201,34 @@ pub fn sync_file_with(
     let header = match mapping::locate_header(&sheet.rows, source) {
         Ok(header) => header,
         Err(error) => {
-            let message = format!("{}: sheet \"{}\": {error}", sheet.path.display(), sheet.sheet_name);
+            let message = format!(
+                "{}: sheet \"{}\": {error}",
+                sheet.path.display(),
+                sheet.sheet_name
+            );
             if synced_before {
-                return hold(store, report, format!("held: {message}; nothing was applied"), now);
+                return hold(
+                    store,
+                    report,
+                    format!("held: {message}; nothing was applied"),
+                    now,
+                );
             }
             return fail(store, report, message, now);
         }
     };
     let (rows, mut issues) = mapping::map_rows(&sheet.rows, &header, source, &config.stages);
-    let sheet_fields: Vec<crate::deal::Field> =
-        crate::deal::Field::ALL.into_iter().filter(|field| header.column_of(*field).is_some()).collect();
+    let sheet_fields: Vec<crate::deal::Field> = crate::deal::Field::ALL
+        .into_iter()
+        .filter(|field| header.column_of(*field).is_some())
+        .collect();
 
     let transaction = store.transaction()?;
     let previous = mirror::load(&transaction, &file)?;
-    let mirror_rows: &[MirrorRow] = previous.as_ref().map(|previous| previous.rows.as_slice()).unwrap_or(&[]);
+    let mirror_rows: &[MirrorRow] = previous
+        .as_ref()
+        .map(|previous| previous.rows.as_slice())
+        .unwrap_or(&[]);
     let crm = SqliteCrm::new(&transaction);
 
     // Load every deal the diff may need, in as few queries as the data allows.
@@ -184,7 +239,11 @@ pub fn sync_file_with(
     let mut by_field: HashMap<crate::deal::Field, Vec<FieldValue>> = HashMap::new();
     for key in diff::lookups_needed(&rows, mirror_rows, &source.match_on) {
         let value = match key.0.kind() {
-            crate::deal::FieldKind::Amount => key.1.parse::<f64>().map(FieldValue::Amount).unwrap_or(FieldValue::Text(key.1.clone())),
+            crate::deal::FieldKind::Amount => key
+                .1
+                .parse::<f64>()
+                .map(FieldValue::Amount)
+                .unwrap_or(FieldValue::Text(key.1.clone())),
             _ => FieldValue::Text(key.1.clone()),
         };
         by_field.entry(key.0).or_default().push(value);
@@ -203,11 +262,17 @@ pub fn sync_file_with(
     // loaded: the mirror stands in for them. (Not when the last write-back is still owed.)
     let row_hashes: HashSet<&str> = rows.iter().map(|row| row.hash.as_str()).collect();
     let mut quiet: HashMap<DealId, Deal> = HashMap::new();
-    if let Some(previous) = previous.as_ref().filter(|previous| !source.write_back || previous.store_version.is_some()) {
+    if let Some(previous) = previous
+        .as_ref()
+        .filter(|previous| !source.write_back || previous.store_version.is_some())
+    {
         let live = crm.live_ids_unchanged_since(previous.synced_at)?;
         let forced_by_rows: HashSet<DealId> = rows.iter().filter_map(|row| row.id).collect();
         for mirror_row in mirror_rows {
-            if row_hashes.contains(mirror_row.row_hash.as_str()) && live.contains(&mirror_row.deal_id) && !forced_by_rows.contains(&mirror_row.deal_id) {
+            if row_hashes.contains(mirror_row.row_hash.as_str())
+                && live.contains(&mirror_row.deal_id)
+                && !forced_by_rows.contains(&mirror_row.deal_id)
+            {
                 quiet.insert(
                     mirror_row.deal_id,
                     Deal {
@@ -227,8 +292,11 @@ pub fn sync_file_with(
     let mut deals = crm.deals_by_ids(&wanted_ids)?;
     deals.extend(quiet);
     // Only mirror rows the sheet no longer holds as they were can be removals.
-    let removal_candidates: Vec<DealId> =
-        mirror_rows.iter().filter(|mirror_row| !row_hashes.contains(mirror_row.row_hash.as_str())).map(|row| row.deal_id).collect();
+    let removal_candidates: Vec<DealId> = mirror_rows
+        .iter()
+        .filter(|mirror_row| !row_hashes.contains(mirror_row.row_hash.as_str()))
+        .map(|row| row.deal_id)
+        .collect();
     let deals_in_other_files = deals_in_other_files(&transaction, &file, &removal_candidates)?;
 
     let (changeset, diff_issues) = diff::diff(&DiffInput {
@@ -247,7 +315,11 @@ pub fn sync_file_with(
 
     // The mass-delete guard: a sync that would archive or delete too many of the file's rows is
     // held — nothing of it is applied — until someone looks (`sync --force FILE`).
-    let n_removing = changeset.removals.iter().filter(|removal| matches!(removal, Removal::Archive(_) | Removal::Delete(_))).count();
+    let n_removing = changeset
+        .removals
+        .iter()
+        .filter(|removal| matches!(removal, Removal::Archive(_) | Removal::Delete(_)))
+        .count();
     if !force && source.max_delete.exceeded(n_removing, mirror_rows.len()) {
         drop(transaction);
         let message = format!(
@@ -269,7 +341,8 @@ pub fn sync_file_with(
     // Apply to the store; remember, per row, which deal it is and what it should show, and every
     // change for the history.
     let mut applied: Vec<ChangeRecord> = Vec::new();
-    let previous_mirror: HashMap<DealId, &MirrorRow> = mirror_rows.iter().map(|row| (row.deal_id, row)).collect();
+    let previous_mirror: HashMap<DealId, &MirrorRow> =
+        mirror_rows.iter().map(|row| (row.deal_id, row)).collect();
     let mut row_deals: Vec<Option<DealId>> = vec![None; rows.len()];
     let mut row_merged: Vec<Option<FieldMap>> = vec![None; rows.len()];
     let counts = &mut report.counts;
@@ -286,7 +359,9 @@ pub fn sync_file_with(
                     }
                 }
                 // A new deal without a stage starts at the top of the funnel.
-                fields.entry(Field::Stage).or_insert_with(|| FieldValue::Text(config.stages.first().name.clone()));
+                fields
+                    .entry(Field::Stage)
+                    .or_insert_with(|| FieldValue::Text(config.stages.first().name.clone()));
                 let deal_id = crm.create_deal(&fields, &row.extras, &source.name, now)?;
                 counts.created += 1;
                 applied.push(ChangeRecord {
@@ -302,20 +377,46 @@ pub fn sync_file_with(
                 fields.retain(|field, _| sheet_fields.contains(field));
                 row_merged[*row_idx] = Some(fields);
             }
-            RowAction::Update { row_idx, deal_id, changes, extra_changes, unarchive } => {
+            RowAction::Update {
+                row_idx,
+                deal_id,
+                changes,
+                extra_changes,
+                unarchive,
+            } => {
                 if *unarchive {
                     crm.set_archived(*deal_id, false, now)?;
-                    applied.push(change_record(*deal_id, ChangeKind::Unarchive, None, None, None));
+                    applied.push(change_record(
+                        *deal_id,
+                        ChangeKind::Unarchive,
+                        None,
+                        None,
+                        None,
+                    ));
                 }
                 crm.update_deal(*deal_id, changes, extra_changes, &source.name, now)?;
                 let before = deals.get(deal_id);
                 for (field, value) in changes {
-                    let old = before.and_then(|deal| deal.fields.get(field)).map(FieldValue::to_string);
-                    applied.push(change_record(*deal_id, ChangeKind::Update, Some(field.name().to_string()), old, value.as_ref().map(FieldValue::to_string)));
+                    let old = before
+                        .and_then(|deal| deal.fields.get(field))
+                        .map(FieldValue::to_string);
+                    applied.push(change_record(
+                        *deal_id,
+                        ChangeKind::Update,
+                        Some(field.name().to_string()),
+                        old,
+                        value.as_ref().map(FieldValue::to_string),
+                    ));
                 }
                 for (key, value) in extra_changes {
                     let old = before.and_then(|deal| deal.extra.get(key)).cloned();
-                    applied.push(change_record(*deal_id, ChangeKind::Update, Some(format!("extra.{key}")), old, value.clone()));
+                    applied.push(change_record(
+                        *deal_id,
+                        ChangeKind::Update,
+                        Some(format!("extra.{key}")),
+                        old,
+                        value.clone(),
+                    ));
                 }
                 counts.updated += 1;
                 row_deals[*row_idx] = Some(*deal_id);
@@ -366,15 +467,29 @@ pub fn sync_file_with(
             Removal::Archive(deal_id) => {
                 if crm.set_archived(*deal_id, true, now)? {
                     report.counts.archived += 1;
-                    applied.push(change_record(*deal_id, ChangeKind::Archive, None, None, None));
+                    applied.push(change_record(
+                        *deal_id,
+                        ChangeKind::Archive,
+                        None,
+                        None,
+                        None,
+                    ));
                 }
                 archived_or_deleted.insert(*deal_id);
             }
             Removal::Delete(deal_id) => {
-                let snapshot = deals.get(deal_id).and_then(|deal| serde_json::to_string(deal).ok());
+                let snapshot = deals
+                    .get(deal_id)
+                    .and_then(|deal| serde_json::to_string(deal).ok());
                 if crm.delete_deal(*deal_id)? {
                     report.counts.deleted += 1;
-                    applied.push(change_record(*deal_id, ChangeKind::Delete, None, snapshot, None));
+                    applied.push(change_record(
+                        *deal_id,
+                        ChangeKind::Delete,
+                        None,
+                        snapshot,
+                        None,
+                    ));
                 }
                 archived_or_deleted.insert(*deal_id);
             }
@@ -382,7 +497,10 @@ pub fn sync_file_with(
         }
     }
     issues.sort_by_key(|issue| issue.row_number.unwrap_or(0));
-    report.counts.warnings = issues.iter().filter(|issue| issue.severity == Severity::Warning).count() as u64;
+    report.counts.warnings = issues
+        .iter()
+        .filter(|issue| issue.severity == Severity::Warning)
+        .count() as u64;
 
     // The mirror as the file holds it now, unless the write-back below rewrites the file.
     let mut new_rows: Vec<MirrorRow> = Vec::with_capacity(rows.len());
@@ -396,7 +514,9 @@ pub fn sync_file_with(
                 extras: row.extras.clone(),
             }),
             // A row with errors keeps its previous mirror row: its deal keeps its state.
-            (Some(deal_id), true) => new_rows.extend(previous_mirror.get(&deal_id).map(|old| (*old).clone())),
+            (Some(deal_id), true) => {
+                new_rows.extend(previous_mirror.get(&deal_id).map(|old| (*old).clone()))
+            }
             (None, _) => {}
         }
     }
@@ -414,7 +534,11 @@ pub fn sync_file_with(
                 row_number: row.row_number,
                 deal_id: row_deals[row_idx],
                 read: row.fields.clone(),
-                merged: if row.has_error { None } else { row_merged[row_idx].clone() },
+                merged: if row.has_error {
+                    None
+                } else {
+                    row_merged[row_idx].clone()
+                },
                 extras: row.extras.clone(),
                 key_cell: row.id,
             })
@@ -425,10 +549,20 @@ pub fn sync_file_with(
             .filter(|deal| source.filter_matches(&deal.fields))
             .collect();
         let today = now.date_naive();
-        let stalled: HashSet<DealId> =
-            view.iter().filter(|deal| crate::remind::is_stalled(deal, &config.stages, today)).map(|deal| deal.id).collect();
-        let n_columns = sheet.rows.iter().map(|row| row.cells.len()).max().unwrap_or(0);
-        Some(crate::writeback::plan(&header, n_columns, &outcomes, &view, &stalled))
+        let stalled: HashSet<DealId> = view
+            .iter()
+            .filter(|deal| crate::remind::is_stalled(deal, &config.stages, today))
+            .map(|deal| deal.id)
+            .collect();
+        let n_columns = sheet
+            .rows
+            .iter()
+            .map(|row| row.cells.len())
+            .max()
+            .unwrap_or(0);
+        Some(crate::writeback::plan(
+            &header, n_columns, &outcomes, &view, &stalled,
+        ))
     } else {
         None
     };
@@ -451,7 +585,11 @@ pub fn sync_file_with(
     };
     let counts = &report.counts;
     let changed = counts.created + counts.updated + counts.archived + counts.deleted > 0;
-    report.status = if changed { FileStatus::Synced } else { FileStatus::Unchanged };
+    report.status = if changed {
+        FileStatus::Synced
+    } else {
+        FileStatus::Unchanged
+    };
     let run_id = crm.record_run(&SyncRun {
         id: 0,
         source: source.name.clone(),
@@ -463,14 +601,25 @@ pub fn sync_file_with(
         message: None,
     })?;
     crm.record_changes(run_id, &applied)?;
-    mirror::replace_issues(&transaction, &source.name, &file, Some(&sheet.sheet_name), run_id, &issues, now)?;
+    mirror::replace_issues(
+        &transaction,
+        &source.name,
+        &file,
+        Some(&sheet.sheet_name),
+        run_id,
+        &issues,
+        now,
+    )?;
     // Read under the write lock, so no other writer's change can hide between it and the commit.
     let store_version = crm.version()?;
     report.store_version = Some(store_version);
     // The mirror claims "shows the store as of this version" only once nothing is left to write:
     // a crash before the write-back below must not let the next sync skip the file.
     let write_pending = plan.as_ref().is_some_and(|plan| plan.changed);
-    let read_mirror = MirrorFile { store_version: (!write_pending).then_some(store_version), ..read_mirror };
+    let read_mirror = MirrorFile {
+        store_version: (!write_pending).then_some(store_version),
+        ..read_mirror
+    };
     mirror::save(&transaction, &read_mirror, previous.as_ref())?;
     transaction.commit().map_err(StoreError::from)?;
 
@@ -478,25 +627,49 @@ pub fn sync_file_with(
         if !plan.changed {
             report.write_back = WriteBack::UpToDate;
         } else {
-            let stage_names: Vec<String> = config.stages.stages.iter().map(|stage| stage.name.clone()).collect();
+            let stage_names: Vec<String> = config
+                .stages
+                .stages
+                .iter()
+                .map(|stage| stage.name.clone())
+                .collect();
             match crate::writeback::write(&sheet, &plan, &stage_names, source.backups) {
                 Ok(written) => {
                     report.write_back = WriteBack::Written;
-                    let skipped_rows: HashSet<u32> =
-                        rows.iter().enumerate().filter(|(row_idx, row)| row.has_error && row_deals[*row_idx].is_some()).map(|(_, row)| row.row_number).collect();
+                    let skipped_rows: HashSet<u32> = rows
+                        .iter()
+                        .enumerate()
+                        .filter(|(row_idx, row)| row.has_error && row_deals[*row_idx].is_some())
+                        .map(|(_, row)| row.row_number)
+                        .collect();
                     let mut written_rows = Vec::with_capacity(plan.rows.len());
                     for (planned, row_number) in plan.rows.iter().zip(written.row_numbers) {
-                        let Some(deal_id) = planned.deal_id else { continue };
-                        let was_skipped = planned.origin.is_some_and(|origin| skipped_rows.contains(&origin));
+                        let Some(deal_id) = planned.deal_id else {
+                            continue;
+                        };
+                        let was_skipped = planned
+                            .origin
+                            .is_some_and(|origin| skipped_rows.contains(&origin));
                         if was_skipped {
-                            written_rows.extend(previous_mirror.get(&deal_id).map(|old| MirrorRow { row_number, ..(*old).clone() }));
+                            written_rows.extend(previous_mirror.get(&deal_id).map(|old| {
+                                MirrorRow {
+                                    row_number,
+                                    ..(*old).clone()
+                                }
+                            }));
                         } else {
-                            written_rows.push(mirror_row(deal_id, row_number, &planned.fields, &planned.extras));
+                            written_rows.push(mirror_row(
+                                deal_id,
+                                row_number,
+                                &planned.fields,
+                                &planned.extras,
+                            ));
                         }
                     }
                     for removal in &changeset.removals {
                         if let Removal::Deferred(deal_id) = removal {
-                            written_rows.extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
+                            written_rows
+                                .extend(previous_mirror.get(deal_id).map(|old| (*old).clone()));
                         }
                     }
                     let written_mirror = MirrorFile {
@@ -511,15 +684,25 @@ pub fn sync_file_with(
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    report.write_back = if error.is_deferred() { WriteBack::Deferred(message.clone()) } else { WriteBack::Failed(message.clone()) };
+                    report.write_back = if error.is_deferred() {
+                        WriteBack::Deferred(message.clone())
+                    } else {
+                        WriteBack::Failed(message.clone())
+                    };
                     store
                         .connection()
-                        .execute("UPDATE sync_runs SET message = ?1 WHERE id = ?2", rusqlite::params![message, run_id])
+                        .execute(
+                            "UPDATE sync_runs SET message = ?1 WHERE id = ?2",
+                            rusqlite::params![message, run_id],
+                        )
                         .map_err(StoreError::from)?;
                     // The file does not show the store yet: the next sync must not skip it.
                     store
                         .connection()
-                        .execute("UPDATE mirror_files SET store_version = NULL WHERE file = ?1", [&file])
+                        .execute(
+                            "UPDATE mirror_files SET store_version = NULL WHERE file = ?1",
+                            [&file],
+                        )
                         .map_err(StoreError::from)?;
                 }
             }
@@ -536,7 +719,12 @@ fn source_fingerprint(config: &Config, source: &SourceConfig) -> String {
 }
 
 /// Records a run that found the file exactly as last synced, without reading its rows.
-fn unchanged(store: &mut Store, mut report: FileReport, summary: &mirror::MirrorSummary, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+fn unchanged(
+    store: &mut Store,
+    mut report: FileReport,
+    summary: &mirror::MirrorSummary,
+    now: DateTime<Utc>,
+) -> Result<FileReport, SyncError> {
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     report.counts.unchanged = summary.n_rows;
@@ -557,12 +745,31 @@ fn unchanged(store: &mut Store, mut report: FileReport, summary: &mirror::Mirror
     Ok(report)
 }
 
-fn change_record(deal_id: DealId, kind: ChangeKind, field: Option<String>, old_value: Option<String>, new_value: Option<String>) -> ChangeRecord {
-    ChangeRecord { id: 0, run_id: 0, deal_id, kind, field, old_value, new_value }
+fn change_record(
+    deal_id: DealId,
+    kind: ChangeKind,
+    field: Option<String>,
+    old_value: Option<String>,
+    new_value: Option<String>,
+) -> ChangeRecord {
+    ChangeRecord {
+        id: 0,
+        run_id: 0,
+        deal_id,
+        kind,
+        field,
+        old_value,
+        new_value,
+    }
 }
 
 /// Records a held run (nothing applied) and returns the held report.
-fn hold(store: &mut Store, report: FileReport, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+fn hold(
+    store: &mut Store,
+    report: FileReport,
+    message: String,
+    now: DateTime<Utc>,
+) -> Result<FileReport, SyncError> {
     end_without_applying(store, report, FileStatus::Held, message, now)
 }
 
@@ -573,8 +780,19 @@ fn quoted(value: &Option<FieldValue>) -> String {
     }
 }
 
-fn mirror_row(deal_id: DealId, row_number: u32, fields: &FieldMap, extras: &crate::deal::ExtraMap) -> MirrorRow {
-    MirrorRow { deal_id, row_number, row_hash: mirror::row_hash(fields, extras), fields: fields.clone(), extras: extras.clone() }
+fn mirror_row(
+    deal_id: DealId,
+    row_number: u32,
+    fields: &FieldMap,
+    extras: &crate::deal::ExtraMap,
+) -> MirrorRow {
+    MirrorRow {
+        deal_id,
+        row_number,
+        row_hash: mirror::row_hash(fields, extras),
+        fields: fields.clone(),
+        extras: extras.clone(),
+    }
 }
 
 fn status_name(status: FileStatus) -> &'static str {
@@ -587,12 +805,23 @@ fn status_name(status: FileStatus) -> &'static str {
 }
 
 /// Records a run that applied nothing, with the reason, and returns the failed report.
-fn fail(store: &mut Store, report: FileReport, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+fn fail(
+    store: &mut Store,
+    report: FileReport,
+    message: String,
+    now: DateTime<Utc>,
+) -> Result<FileReport, SyncError> {
     end_without_applying(store, report, FileStatus::Failed, message, now)
 }
 
 /// Records a run that applied nothing (failed or held), with the reason.
-fn end_without_applying(store: &mut Store, mut report: FileReport, status: FileStatus, message: String, now: DateTime<Utc>) -> Result<FileReport, SyncError> {
+fn end_without_applying(
+    store: &mut Store,
+    mut report: FileReport,
+    status: FileStatus,
+    message: String,
+    now: DateTime<Utc>,
+) -> Result<FileReport, SyncError> {
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     let run_id = crm.record_run(&SyncRun {
@@ -612,7 +841,11 @@ fn end_without_applying(store: &mut Store, mut report: FileReport, status: FileS
     Ok(report)
 }
 
-fn deals_in_other_files(connection: &rusqlite::Connection, file: &str, deal_ids: &[DealId]) -> Result<HashSet<DealId>, StoreError> {
+fn deals_in_other_files(
+    connection: &rusqlite::Connection,
+    file: &str,
+    deal_ids: &[DealId],
+) -> Result<HashSet<DealId>, StoreError> {
     let mut found = HashSet::new();
     for chunk in deal_ids.chunks(500) {
         let placeholders = vec!["?"; chunk.len()].join(",");
@@ -632,16 +865,29 @@ fn deals_in_other_files(connection: &rusqlite::Connection, file: &str, deal_ids:
 /// first only; the second reports it. When the pass changed the store and some source writes
 /// back, the files of those sources are synced once more, so that a change read from one file
 /// reaches the others in the same command.
-pub fn sync_all(store: &mut Store, config: &Config, now: DateTime<Utc>) -> Result<Vec<FileReport>, SyncError> {
+pub fn sync_all(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+) -> Result<Vec<FileReport>, SyncError> {
     sync_all_forcing(store, config, now, &[])
 }
 
 /// [`sync_all`], applying the files in `forced` (by [`file_key`]) even where the mass-delete
 /// guard would hold them.
-pub fn sync_all_forcing(store: &mut Store, config: &Config, now: DateTime<Utc>, forced: &[String]) -> Result<Vec<FileReport>, SyncError> {
+pub fn sync_all_forcing(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    forced: &[String],
+) -> Result<Vec<FileReport>, SyncError> {
     let version_before = store.crm().version()?;
     let (mut reports, files) = sync_pass(store, config, now, None, forced)?;
-    let writing: Vec<&SourceConfig> = config.sources.iter().filter(|source| source.write_back).collect();
+    let writing: Vec<&SourceConfig> = config
+        .sources
+        .iter()
+        .filter(|source| source.write_back)
+        .collect();
     let version_after = store.crm().version()?;
     if !writing.is_empty() && version_after != version_before {
         // Only files synced before the store last changed can be behind it.
@@ -657,7 +903,10 @@ pub fn sync_all_forcing(store: &mut Store, config: &Config, now: DateTime<Utc>, 
             .collect();
         let (second, _) = sync_pass(store, config, now, Some(&behind), forced)?;
         for later in second {
-            let Some(first) = reports.iter_mut().find(|report| report.file == later.file && report.source == later.source) else {
+            let Some(first) = reports
+                .iter_mut()
+                .find(|report| report.file == later.file && report.source == later.source)
+            else {
                 continue;
             };
             first.counts.created += later.counts.created;
@@ -665,7 +914,10 @@ pub fn sync_all_forcing(store: &mut Store, config: &Config, now: DateTime<Utc>, 
             first.counts.archived += later.counts.archived;
             first.counts.deleted += later.counts.deleted;
             first.conflicts += later.conflicts;
-            if matches!(later.write_back, WriteBack::Written | WriteBack::Deferred(_) | WriteBack::Failed(_)) {
+            if matches!(
+                later.write_back,
+                WriteBack::Written | WriteBack::Deferred(_) | WriteBack::Failed(_)
+            ) {
                 first.write_back = later.write_back;
             }
             if first.status == FileStatus::Unchanged && later.status == FileStatus::Synced {
@@ -692,7 +944,12 @@ fn sync_pass(
     let mut synced = Vec::new();
     if let Some(files) = only {
         for (source_name, path) in files {
-            let Some(source) = config.source(source_name).filter(|source| source.write_back) else { continue };
+            let Some(source) = config
+                .source(source_name)
+                .filter(|source| source.write_back)
+            else {
+                continue;
+            };
             let force = forced.contains(&file_key(path));
             reports.push(sync_file_with(store, config, source, path, now, force)?);
         }
@@ -703,7 +960,11 @@ fn sync_pass(
         let files = match config.source_files(source) {
             Ok(files) => files,
             Err(error) => {
-                let mut report = FileReport::failed(&source.name, &error.path.display().to_string(), error.to_string());
+                let mut report = FileReport::failed(
+                    &source.name,
+                    &error.path.display().to_string(),
+                    error.to_string(),
+                );
                 report.retryable = true;
                 reports.push(report);
                 continue;
@@ -749,5 +1010,7 @@ impl FileReport {
 
 /// Whether a run-level problem is worth an error exit: any failed file or row error.
 pub fn has_problems(reports: &[FileReport]) -> bool {
-    reports.iter().any(|report| matches!(report.status, FileStatus::Failed | FileStatus::Held) || report.n_row_errors() > 0)
+    reports.iter().any(|report| {
+        matches!(report.status, FileStatus::Failed | FileStatus::Held) || report.n_row_errors() > 0
+    })
 }

@@ -38,7 +38,11 @@ settle = "soon"
         "`stages`: the funnel needs a stage with `terminal = \"won\"`",
         "`watch.settle`: \"soon\" is not a duration",
     ] {
-        assert!(run.stderr.contains(expected), "missing {expected:?} in:\n{}", run.stderr);
+        assert!(
+            run.stderr.contains(expected),
+            "missing {expected:?} in:\n{}",
+            run.stderr
+        );
     }
 }
 
@@ -48,9 +52,23 @@ fn unknown_keys_are_errors_with_line_numbers() {
     test.config("[[sources]]\nname = \"p\"\npath = \"p.xlsx\"\nsheeet = \"Pipeline\"\n\n[[sources]]\nname = \"q\"\npath = \"q.csv\"\nmatch = [\"email\"]\n");
     let run = test.run(&["check-config"]);
     run.assert_code(2);
-    assert!(run.stderr.contains("`sources[1].sheeet`: unknown field `sheeet`"), "{}", run.stderr);
-    assert!(run.stderr.contains("`sources[2].match`: unknown field `match`"), "{}", run.stderr);
-    assert!(run.stderr.contains("line 4") || run.stderr.contains("line 3"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("`sources[1].sheeet`: unknown field `sheeet`"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("`sources[2].match`: unknown field `match`"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("line 4") || run.stderr.contains("line 3"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -59,7 +77,11 @@ fn a_syntax_error_names_its_line() {
     test.config("[[sources]]\nname = \"p\npath = \"p.xlsx\"\n");
     let run = test.run(&["check-config"]);
     run.assert_code(2);
-    assert!(run.stderr.contains("line 5") || run.stderr.contains("line 6"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("line 5") || run.stderr.contains("line 6"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -73,8 +95,17 @@ fn a_valid_config_prints_a_summary() {
     let run = test.run(&["check-config"]);
     run.assert_code(0);
     assert!(run.stdout.contains("share: folder"), "{}", run.stdout);
-    assert!(run.stdout.contains("files now: 2"), "lock files are not counted: {}", run.stdout);
-    assert!(run.stdout.contains("Lead (10%) → Prospect (30%) → Opportunity (60%) → Won (won) → Lost (lost)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("files now: 2"),
+        "lock files are not counted: {}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("Lead (10%) → Prospect (30%) → Opportunity (60%) → Won (won) → Lost (lost)"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -86,14 +117,20 @@ fn the_config_path_comes_from_the_environment_and_a_missing_one_is_exit_2() {
         .env("FUNNELSYNC_CONFIG", test.config_path())
         .output()
         .expect("run");
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     let output = std::process::Command::new(crate::harness::BINARY)
         .args(["--config", "/nonexistent/funnelsync.toml", "check-config"])
         .output()
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read config file /nonexistent/funnelsync.toml"));
+    assert!(String::from_utf8_lossy(&output.stderr)
+        .contains("cannot read config file /nonexistent/funnelsync.toml"));
 }
 
 #[test]
@@ -110,7 +147,22 @@ fn write_back_on_a_read_only_format_is_a_config_error() {
     test.config("[[sources]]\nname = \"old\"\npath = \"old.xls\"\nwrite_back = true\n\n[[sources]]\nname = \"team\"\npath = \"team.ods\"\nfilter = { stage = [\"Negotiating\"] }\nconflict = \"loudest\"\n");
     let run = test.run(&["check-config"]);
     run.assert_code(2);
-    assert!(run.stderr.contains("`sources[1].write_back`: \"old.xls\" is a read-only format"), "{}", run.stderr);
-    assert!(run.stderr.contains("`sources[2].filter.stage`: \"Negotiating\" is not a stage"), "{}", run.stderr);
-    assert!(run.stderr.contains("`sources[2].conflict`: \"loudest\" is not one of store, sheet, newest"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("`sources[1].write_back`: \"old.xls\" is a read-only format"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("`sources[2].filter.stage`: \"Negotiating\" is not a stage"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("`sources[2].conflict`: \"loudest\" is not one of store, sheet, newest"),
+        "{}",
+        run.stderr
+    );
 }

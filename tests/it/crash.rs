@@ -34,9 +34,19 @@ fn save_like_excel(test: &TestDir, name: &str, builder: &XlsxBuilder) {
 
 /// The workbook as a rep would edit it: what the file holds now (with the ids written back), plus
 /// new rows.
-fn edited(test: &TestDir, name: &str, new_companies: &[String], new_stage: Option<(&str, &str)>) -> XlsxBuilder {
+fn edited(
+    test: &TestDir,
+    name: &str,
+    new_companies: &[String],
+    new_stage: Option<(&str, &str)>,
+) -> XlsxBuilder {
     let current = read_xlsx(&test.path(&format!("share/{name}")), "Pipeline");
-    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&current.values[0].iter().map(String::as_str).collect::<Vec<_>>());
+    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(
+        &current.values[0]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     for row in &current.values[1..] {
         let mut row = row.clone();
         if let Some((company, stage)) = new_stage {
@@ -55,8 +65,14 @@ fn edited(test: &TestDir, name: &str, new_companies: &[String], new_stage: Optio
 
 #[test]
 fn killing_the_daemon_at_any_moment_loses_nothing() {
-    let rounds: u64 = std::env::var("FUNNELSYNC_CRASH_ROUNDS").ok().and_then(|rounds| rounds.parse().ok()).unwrap_or(50);
-    let seed = std::env::var("FUNNELSYNC_CRASH_SEED").ok().and_then(|seed| seed.parse().ok()).unwrap_or(0x5EED_1234_u64);
+    let rounds: u64 = std::env::var("FUNNELSYNC_CRASH_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(50);
+    let seed = std::env::var("FUNNELSYNC_CRASH_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or(0x5EED_1234_u64);
     let mut random = Random(seed);
     let test = TestDir::new();
     std::fs::create_dir_all(test.path("share")).expect("share");
@@ -83,8 +99,18 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
         // A rep saves a new row (and moves a deal on) in one of the files.
         let name = files[random.below(2) as usize];
         let company = format!("{name} round {round}");
-        let move_first = (random.below(2) == 0).then_some((format!("{name} first"), ["Prospect", "Opportunity", "Lead"][random.below(3) as usize]));
-        let builder = edited(&test, name, std::slice::from_ref(&company), move_first.as_ref().map(|(company, stage)| (company.as_str(), *stage)));
+        let move_first = (random.below(2) == 0).then_some((
+            format!("{name} first"),
+            ["Prospect", "Opportunity", "Lead"][random.below(3) as usize],
+        ));
+        let builder = edited(
+            &test,
+            name,
+            std::slice::from_ref(&company),
+            move_first
+                .as_ref()
+                .map(|(company, stage)| (company.as_str(), *stage)),
+        );
         save_like_excel(&test, name, &builder);
         added.push((company, name));
         // Someone changes an amount through the CLI.
@@ -93,7 +119,11 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
             if let Some(deal) = deals.get(random.below(deals.len() as u64) as usize) {
                 let amount = format!("{}", 1000 + random.below(9000));
                 let id = deal["id"].as_i64().expect("id").to_string();
-                if test.run(&["deals", "set", &id, &format!("amount={amount}")]).code == 0 {
+                if test
+                    .run(&["deals", "set", &id, &format!("amount={amount}")])
+                    .code
+                    == 0
+                {
                     amounts.insert(id, amount);
                 }
             }
@@ -119,13 +149,26 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
     }
     let still_missing = missing();
     if !still_missing.is_empty() {
-        let files: Vec<Vec<String>> = files.iter().map(|name| read_xlsx(&test.path(&format!("share/{name}")), "Pipeline").column("Company")).collect();
+        let files: Vec<Vec<String>> = files
+            .iter()
+            .map(|name| {
+                read_xlsx(&test.path(&format!("share/{name}")), "Pipeline").column("Company")
+            })
+            .collect();
         let history = test.run(&["history", "--limit", "400"]).stdout;
-        panic!("missing {still_missing:?}\nfiles: {files:?}\nhistory:\n{history}\nlog:\n{}", daemon.log());
+        panic!(
+            "missing {still_missing:?}\nfiles: {files:?}\nhistory:\n{history}\nlog:\n{}",
+            daemon.log()
+        );
     }
     std::thread::sleep(Duration::from_millis(1500));
     daemon.signal("TERM");
-    assert_eq!(daemon.wait_exit(Duration::from_secs(10)), Some(0), "{}", daemon.log());
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
 
     // No temp file is left behind.
     let leftovers: Vec<String> = std::fs::read_dir(test.path("share"))
@@ -139,17 +182,28 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
     // Every edit made it, once.
     for (company, _) in &added {
         assert_eq!(
-            test.count(&format!("SELECT count(*) FROM deals WHERE company = '{company}'")),
+            test.count(&format!(
+                "SELECT count(*) FROM deals WHERE company = '{company}'"
+            )),
             1,
             "{company} is in the store exactly once"
         );
     }
     for name in files {
         let first = format!("{name} first");
-        assert_eq!(test.count(&format!("SELECT count(*) FROM deals WHERE company = '{first}'")), 1);
+        assert_eq!(
+            test.count(&format!(
+                "SELECT count(*) FROM deals WHERE company = '{first}'"
+            )),
+            1
+        );
     }
     let n_deals = test.count("SELECT count(*) FROM deals");
-    assert_eq!(n_deals as usize, added.len() + files.len(), "no duplicated deals");
+    assert_eq!(
+        n_deals as usize,
+        added.len() + files.len(),
+        "no duplicated deals"
+    );
     assert!(!amounts.is_empty(), "the CLI edited some deals");
 
     // Files are whole, and a final sync finds store, mirror and files in agreement.
@@ -169,13 +223,25 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
             }
         }
         let ids = sheet.column("CRM ID");
-        assert!(ids.iter().all(|id| !id.is_empty()), "every row of {name} carries its id: {ids:?}");
+        assert!(
+            ids.iter().all(|id| !id.is_empty()),
+            "every row of {name} carries its id: {ids:?}"
+        );
         // The file and the store agree on every amount, the CLI's changes included.
-        let stored_amounts: HashMap<String, String> =
-            test.deals().into_iter().map(|deal| (deal["id"].to_string(), deal["amount"].to_string())).collect();
+        let stored_amounts: HashMap<String, String> = test
+            .deals()
+            .into_iter()
+            .map(|deal| (deal["id"].to_string(), deal["amount"].to_string()))
+            .collect();
         for (id, amount) in ids.iter().zip(sheet.column("Amount")) {
             let stored = stored_amounts.get(id).cloned();
-            assert_eq!(stored.as_deref().map(|text| text.trim_end_matches(".0").to_string()), Some(amount.clone()), "deal {id} in {name}");
+            assert_eq!(
+                stored
+                    .as_deref()
+                    .map(|text| text.trim_end_matches(".0").to_string()),
+                Some(amount.clone()),
+                "deal {id} in {name}"
+            );
         }
     }
 }

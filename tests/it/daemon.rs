@@ -19,7 +19,9 @@ fn pipeline(companies: &[&str]) -> XlsxBuilder {
 /// A folder source with fast settling; `mode` is auto unless the test says otherwise.
 fn folder_config(test: &TestDir, watch: &str) {
     std::fs::create_dir_all(test.path("share")).expect("share folder");
-    test.config(&format!("{watch}\n[[sources]]\nname = \"share\"\npath = \"share\"\n"));
+    test.config(&format!(
+        "{watch}\n[[sources]]\nname = \"share\"\npath = \"share\"\n"
+    ));
 }
 
 fn n_deals(test: &TestDir) -> i64 {
@@ -28,7 +30,11 @@ fn n_deals(test: &TestDir) -> i64 {
 
 fn n_runs(test: &TestDir, file_name: &str) -> i64 {
     test.store()
-        .query_row("SELECT count(*) FROM sync_runs WHERE file LIKE '%/' || ?1", [file_name], |row| row.get(0))
+        .query_row(
+            "SELECT count(*) FROM sync_runs WHERE file LIKE '%/' || ?1",
+            [file_name],
+            |row| row.get(0),
+        )
         .expect("count runs")
 }
 
@@ -47,20 +53,53 @@ fn an_excel_style_save_is_synced_once() {
     pipeline(&["Acme"]).save(&test.path("share/Pipeline.xlsx"));
     let daemon = test.start_daemon();
     daemon.wait_ready();
-    assert_eq!(n_deals(&test), 1, "the first scan synced the file:\n{}", daemon.log());
-    assert!(daemon.notifications().iter().any(|message| message.contains("STATUS=watching 1 file(s)")), "{:?}", daemon.notifications());
+    assert_eq!(
+        n_deals(&test),
+        1,
+        "the first scan synced the file:\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .notifications()
+            .iter()
+            .any(|message| message.contains("STATUS=watching 1 file(s)")),
+        "{:?}",
+        daemon.notifications()
+    );
 
     // Excel: write the new content to a temp file, move the original away, rename the temp file
     // into place, delete the old one.
     pipeline(&["Acme", "Beta"]).save(&test.path("share/A1B2C3D4"));
-    std::fs::rename(test.path("share/Pipeline.xlsx"), test.path("share/B2C3D4E5.tmp")).expect("move away");
-    std::fs::rename(test.path("share/A1B2C3D4"), test.path("share/Pipeline.xlsx")).expect("move into place");
+    std::fs::rename(
+        test.path("share/Pipeline.xlsx"),
+        test.path("share/B2C3D4E5.tmp"),
+    )
+    .expect("move away");
+    std::fs::rename(
+        test.path("share/A1B2C3D4"),
+        test.path("share/Pipeline.xlsx"),
+    )
+    .expect("move into place");
     std::fs::remove_file(test.path("share/B2C3D4E5.tmp")).expect("delete old");
 
-    wait_until(Duration::from_secs(10), "the saved file to be synced", || n_deals(&test) == 2);
+    wait_until(
+        Duration::from_secs(10),
+        "the saved file to be synced",
+        || n_deals(&test) == 2,
+    );
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(n_runs(&test, "Pipeline.xlsx"), 2, "one sync at start, exactly one after the save:\n{}", daemon.log());
-    assert_eq!(test.count("SELECT count(*) FROM sync_runs WHERE file NOT LIKE '%/Pipeline.xlsx'"), 0, "temp files are not sources");
+    assert_eq!(
+        n_runs(&test, "Pipeline.xlsx"),
+        2,
+        "one sync at start, exactly one after the save:\n{}",
+        daemon.log()
+    );
+    assert_eq!(
+        test.count("SELECT count(*) FROM sync_runs WHERE file NOT LIKE '%/Pipeline.xlsx'"),
+        0,
+        "temp files are not sources"
+    );
     assert_eq!(n_archived(&test), 0);
 }
 
@@ -74,23 +113,54 @@ fn a_half_written_workbook_is_retried_and_never_read_as_empty() {
     assert_eq!(n_deals(&test), 2);
 
     let complete = pipeline(&["Acme", "Beta", "Gamma"]).to_bytes();
-    std::fs::write(test.path("share/Pipeline.xlsx"), &complete[..complete.len() / 3]).expect("write half");
-    wait_until(Duration::from_secs(10), "a failed read of the half-written file", || {
-        test.count("SELECT count(*) FROM sync_runs WHERE status = 'failed'") >= 1
-    });
+    std::fs::write(
+        test.path("share/Pipeline.xlsx"),
+        &complete[..complete.len() / 3],
+    )
+    .expect("write half");
+    wait_until(
+        Duration::from_secs(10),
+        "a failed read of the half-written file",
+        || test.count("SELECT count(*) FROM sync_runs WHERE status = 'failed'") >= 1,
+    );
     let status = test.run(&["status", "--format", "json"]).json();
-    let file = status.as_array().and_then(|files| files.iter().find(|file| file["file"].as_str().is_some_and(|path| path.ends_with("Pipeline.xlsx")))).cloned();
+    let file = status
+        .as_array()
+        .and_then(|files| {
+            files.iter().find(|file| {
+                file["file"]
+                    .as_str()
+                    .is_some_and(|path| path.ends_with("Pipeline.xlsx"))
+            })
+        })
+        .cloned();
     let file = file.expect("status lists the file");
     assert_eq!(file["state"], "retrying", "{file}");
     assert!(file["next_retry_at"].is_string(), "{file}");
-    assert_eq!(n_deals(&test), 2, "nothing archived while the file is half-written");
+    assert_eq!(
+        n_deals(&test),
+        2,
+        "nothing archived while the file is half-written"
+    );
 
     std::fs::write(test.path("share/Pipeline.xlsx"), &complete).expect("write whole");
-    wait_until(Duration::from_secs(10), "the completed file to be synced", || n_deals(&test) == 3);
+    wait_until(
+        Duration::from_secs(10),
+        "the completed file to be synced",
+        || n_deals(&test) == 3,
+    );
     assert_eq!(n_archived(&test), 0);
-    assert_eq!(test.count("SELECT coalesce(sum(n_archived), 0) FROM sync_runs"), 0, "no run ever archived anything");
+    assert_eq!(
+        test.count("SELECT coalesce(sum(n_archived), 0) FROM sync_runs"),
+        0,
+        "no run ever archived anything"
+    );
     let log = daemon.log();
-    assert_eq!(log.matches("cannot read the file yet, will retry").count(), 1, "the warning is logged once:\n{log}");
+    assert_eq!(
+        log.matches("cannot read the file yet, will retry").count(),
+        1,
+        "the warning is logged once:\n{log}"
+    );
 }
 
 #[test]
@@ -104,34 +174,65 @@ fn lock_files_are_ignored_and_a_deleted_file_archives_nothing() {
 
     // Excel and LibreOffice open the file.
     test.write("share/~$Pipeline.xlsx", b"owner file, not a workbook");
-    test.write("share/.~lock.Pipeline.xlsx#", b",alice,host,28.11.2026 10:00,file:///home/alice/.config/libreoffice/4;");
+    test.write(
+        "share/.~lock.Pipeline.xlsx#",
+        b",alice,host,28.11.2026 10:00,file:///home/alice/.config/libreoffice/4;",
+    );
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(test.count("SELECT count(*) FROM sync_runs WHERE file LIKE '%~%'"), 0, "lock files are never synced");
+    assert_eq!(
+        test.count("SELECT count(*) FROM sync_runs WHERE file LIKE '%~%'"),
+        0,
+        "lock files are never synced"
+    );
 
     std::fs::remove_file(test.path("share/Pipeline.xlsx")).expect("delete");
     wait_until(Duration::from_secs(10), "the removal to be noticed", || {
         test.count("SELECT count(*) FROM file_status WHERE state = 'removed'") == 1
     });
-    assert_eq!(n_deals(&test), 2, "a deleted file is not 'all rows removed'");
+    assert_eq!(
+        n_deals(&test),
+        2,
+        "a deleted file is not 'all rows removed'"
+    );
     assert_eq!(n_archived(&test), 0);
-    assert!(daemon.log().contains("file removed from the folder; its deals stay"), "{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("file removed from the folder; its deals stay"),
+        "{}",
+        daemon.log()
+    );
 }
 
 #[test]
 fn poll_mode_picks_up_a_change_without_events() {
     let test = TestDir::new();
-    folder_config(&test, "[watch]\nmode = \"poll\"\nsettle = \"200ms\"\npoll_interval = \"300ms\"\n");
+    folder_config(
+        &test,
+        "[watch]\nmode = \"poll\"\nsettle = \"200ms\"\npoll_interval = \"300ms\"\n",
+    );
     pipeline(&["Acme"]).save(&test.path("share/Pipeline.xlsx"));
     let daemon = test.start_daemon();
     daemon.wait_ready();
     assert_eq!(n_deals(&test), 1);
-    assert!(!daemon.log().contains("watching folder"), "poll mode starts no watcher");
+    assert!(
+        !daemon.log().contains("watching folder"),
+        "poll mode starts no watcher"
+    );
 
     pipeline(&["Acme", "Beta"]).save(&test.path("share/Pipeline.xlsx"));
-    wait_until(Duration::from_secs(10), "the poll to find the change", || n_deals(&test) == 2);
+    wait_until(
+        Duration::from_secs(10),
+        "the poll to find the change",
+        || n_deals(&test) == 2,
+    );
     // A new file in the folder is found by the poll too.
     pipeline(&["Gamma"]).save(&test.path("share/Second.xlsx"));
-    wait_until(Duration::from_secs(10), "the poll to find the new file", || n_deals(&test) == 3);
+    wait_until(
+        Duration::from_secs(10),
+        "the poll to find the new file",
+        || n_deals(&test) == 3,
+    );
 }
 
 #[test]
@@ -144,19 +245,37 @@ fn sighup_reloads_the_config_and_sigterm_stops_promptly() {
 
     // A broken config: the daemon keeps running on the old one.
     let good_config = std::fs::read_to_string(test.config_path()).expect("config");
-    std::fs::write(test.config_path(), format!("{good_config}\n[[sources]]\nname = \"broken\"\n")).expect("break config");
+    std::fs::write(
+        test.config_path(),
+        format!("{good_config}\n[[sources]]\nname = \"broken\"\n"),
+    )
+    .expect("break config");
     daemon.signal("HUP");
-    wait_until(Duration::from_secs(5), "the reload to be refused", || daemon.log().contains("the new config is not valid"));
+    wait_until(Duration::from_secs(5), "the reload to be refused", || {
+        daemon.log().contains("the new config is not valid")
+    });
     assert!(daemon.is_running());
     pipeline(&["Acme", "Beta"]).save(&test.path("share/Pipeline.xlsx"));
-    wait_until(Duration::from_secs(10), "a change to sync on the old config", || n_deals(&test) == 2);
+    wait_until(
+        Duration::from_secs(10),
+        "a change to sync on the old config",
+        || n_deals(&test) == 2,
+    );
 
     // A good config with a new source: its file is synced without a restart.
     std::fs::create_dir_all(test.path("leads")).expect("leads folder");
     test.write("leads/new.csv", "Company,Stage\nGamma,Lead\n");
-    std::fs::write(test.config_path(), format!("{good_config}\n[[sources]]\nname = \"leads\"\npath = \"leads\"\n")).expect("fix config");
+    std::fs::write(
+        test.config_path(),
+        format!("{good_config}\n[[sources]]\nname = \"leads\"\npath = \"leads\"\n"),
+    )
+    .expect("fix config");
     daemon.signal("HUP");
-    wait_until(Duration::from_secs(10), "the new source's file to be synced", || n_deals(&test) == 3);
+    wait_until(
+        Duration::from_secs(10),
+        "the new source's file to be synced",
+        || n_deals(&test) == 3,
+    );
     assert!(daemon.log().contains("source added"), "{}", daemon.log());
 
     let started = std::time::Instant::now();
@@ -164,7 +283,10 @@ fn sighup_reloads_the_config_and_sigterm_stops_promptly() {
     let code = daemon.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "SIGTERM exits 0:\n{}", daemon.log());
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(daemon.notifications().iter().any(|message| message.contains("STOPPING=1")));
+    assert!(daemon
+        .notifications()
+        .iter()
+        .any(|message| message.contains("STOPPING=1")));
 }
 
 #[test]
@@ -174,14 +296,25 @@ fn sigint_also_stops_cleanly() {
     let mut daemon = test.start_daemon();
     daemon.wait_ready();
     daemon.signal("INT");
-    assert_eq!(daemon.wait_exit(Duration::from_secs(10)), Some(0), "{}", daemon.log());
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
 }
 
 #[test]
 fn the_systemd_unit_is_valid_and_hardened() {
-    let has_analyze = std::process::Command::new("systemd-analyze").arg("--version").output().is_ok_and(|output| output.status.success());
+    let has_analyze = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
     if !has_analyze {
-        assert!(std::env::var_os("CI").is_none(), "CI must have systemd-analyze (.ci/run installs it)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have systemd-analyze (.ci/run installs it)"
+        );
         eprintln!("systemd-analyze is not installed; skipping the unit checks");
         return;
     }
@@ -193,8 +326,16 @@ fn the_systemd_unit_is_valid_and_hardened() {
     let unit_path = test.path("funnelsync.service");
     std::fs::write(&unit_path, unit).expect("write unit");
 
-    let verify = std::process::Command::new("systemd-analyze").arg("verify").arg(&unit_path).output().expect("verify");
-    assert!(verify.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&verify.stderr));
+    let verify = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .output()
+        .expect("verify");
+    assert!(
+        verify.status.success(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 
     let security = std::process::Command::new("systemd-analyze")
         .args(["security", "--offline=true"])
@@ -204,7 +345,10 @@ fn the_systemd_unit_is_valid_and_hardened() {
     let text = String::from_utf8_lossy(&security.stdout);
     let exposure: f64 = text
         .lines()
-        .find_map(|line| line.split("Overall exposure level for funnelsync.service: ").nth(1))
+        .find_map(|line| {
+            line.split("Overall exposure level for funnelsync.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|number| number.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));

@@ -22,7 +22,10 @@ fn pipeline(test: &TestDir, file: &str, extra_rows: &[[&str; 4]]) {
 }
 
 fn keys(value: &Value) -> Vec<String> {
-    let mut keys: Vec<String> = value.as_object().map(|object| object.keys().cloned().collect()).unwrap_or_default();
+    let mut keys: Vec<String> = value
+        .as_object()
+        .map(|object| object.keys().cloned().collect())
+        .unwrap_or_default();
     keys.sort();
     keys
 }
@@ -33,29 +36,73 @@ fn the_funnel_counts_moves_and_its_json_shape_is_stable() {
     pipeline(&test, "p.xlsx", &[]);
     test.single_source("p.xlsx", "write_back = false");
     test.sync().assert_code(0);
-    let id = |company: &str| test.deal_by("company", company)["id"].as_i64().expect("id").to_string();
+    let id = |company: &str| {
+        test.deal_by("company", company)["id"]
+            .as_i64()
+            .expect("id")
+            .to_string()
+    };
     // Acme skips Prospect; Delta is won.
-    test.run(&["deals", "move", &id("Acme"), "Opportunity"]).assert_code(0);
-    test.run(&["deals", "move", &id("Delta"), "Won"]).assert_code(0);
+    test.run(&["deals", "move", &id("Acme"), "Opportunity"])
+        .assert_code(0);
+    test.run(&["deals", "move", &id("Delta"), "Won"])
+        .assert_code(0);
 
     let report = test.run(&["funnel", "--format", "json"]);
     report.assert_code(0);
     let report = report.json();
-    assert_eq!(keys(&report), ["by_owner", "forecast", "owner", "period", "stages", "stalled", "totals"]);
+    assert_eq!(
+        keys(&report),
+        ["by_owner", "forecast", "owner", "period", "stages", "stalled", "totals"]
+    );
     assert_eq!(
         keys(&report["stages"][0]),
         [
-            "conversion_rate", "converted", "entered", "mean_days", "median_days", "n_left", "n_stalled", "oldest_open_days",
-            "open_amount", "open_count", "probability", "stage", "weighted_amount", "win_rate", "won"
+            "conversion_rate",
+            "converted",
+            "entered",
+            "mean_days",
+            "median_days",
+            "n_left",
+            "n_stalled",
+            "oldest_open_days",
+            "open_amount",
+            "open_count",
+            "probability",
+            "stage",
+            "weighted_amount",
+            "win_rate",
+            "won"
         ]
     );
-    assert_eq!(keys(&report["totals"]), ["average_days_to_won", "lead_to_won_rate", "lost_count", "won_amount", "won_count"]);
-    assert_eq!(keys(&report["forecast"]), ["deals", "history_based", "weighted_pipeline"]);
+    assert_eq!(
+        keys(&report["totals"]),
+        [
+            "average_days_to_won",
+            "lead_to_won_rate",
+            "lost_count",
+            "won_amount",
+            "won_count"
+        ]
+    );
+    assert_eq!(
+        keys(&report["forecast"]),
+        ["deals", "history_based", "weighted_pipeline"]
+    );
     assert_eq!(
         keys(&report["forecast"]["deals"][0]),
         [
-            "amount", "closes_in_period", "company", "deal_id", "expected_close", "historical_win_rate", "history_based", "owner",
-            "probability", "stage", "weighted"
+            "amount",
+            "closes_in_period",
+            "company",
+            "deal_id",
+            "expected_close",
+            "historical_win_rate",
+            "history_based",
+            "owner",
+            "probability",
+            "stage",
+            "weighted"
         ]
     );
     assert_eq!(keys(&report["period"]), ["since", "until"]);
@@ -89,12 +136,18 @@ fn the_funnel_counts_moves_and_its_json_shape_is_stable() {
     assert_eq!(report["totals"]["won_amount"], 4000.0);
     assert_eq!(report["forecast"]["weighted_pipeline"], 1700.0);
 
-    let alice = test.run(&["funnel", "--owner", " alice ", "--format", "json"]).json();
+    let alice = test
+        .run(&["funnel", "--owner", " alice ", "--format", "json"])
+        .json();
     assert_eq!(alice["owner"], " alice ");
     assert_eq!(alice["stages"][0]["entered"], 2);
 
     let table = test.run(&["funnel"]);
-    assert!(table.stdout.contains("Lead") && table.stdout.contains("█"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("Lead") && table.stdout.contains("█"),
+        "{}",
+        table.stdout
+    );
     assert!(table.stdout.contains("2,000"), "{}", table.stdout);
 }
 
@@ -104,17 +157,29 @@ fn the_excel_report_has_its_sheets_values_and_charts() {
     pipeline(&test, "p.xlsx", &[]);
     test.single_source("p.xlsx", "write_back = false");
     test.sync().assert_code(0);
-    test.run(&["funnel", "--xlsx", "report.xlsx"]).assert_code(0);
+    test.run(&["funnel", "--xlsx", "report.xlsx"])
+        .assert_code(0);
     let funnel = read_xlsx(&test.path("report.xlsx"), "Funnel");
-    assert_eq!(funnel.sheet_names, vec!["Funnel", "Conversion", "Forecast", "By rep", "Stalled"]);
-    assert_eq!(funnel.column("Stage")[..3], ["Lead", "Prospect", "Opportunity"]);
+    assert_eq!(
+        funnel.sheet_names,
+        vec!["Funnel", "Conversion", "Forecast", "By rep", "Stalled"]
+    );
+    assert_eq!(
+        funnel.column("Stage")[..3],
+        ["Lead", "Prospect", "Opportunity"]
+    );
     assert_eq!(funnel.column("Open deals")[..3], ["2", "1", "1"]);
     assert_eq!(funnel.column("Open amount")[..3], ["3000", "3000", "4000"]);
     let by_rep = read_xlsx(&test.path("report.xlsx"), "By rep");
     assert_eq!(by_rep.column("Owner"), vec!["Alice", "Bob"]);
     let bytes = std::fs::read(test.path("report.xlsx")).expect("report");
     for part in ["xl/charts/chart1.xml", "xl/charts/chart2.xml"] {
-        assert!(bytes.windows(part.len()).any(|window| window == part.as_bytes()), "{part} is in the workbook");
+        assert!(
+            bytes
+                .windows(part.len())
+                .any(|window| window == part.as_bytes()),
+            "{part} is in the workbook"
+        );
     }
 }
 
@@ -133,12 +198,32 @@ fn the_daemon_keeps_the_report_fresh_and_never_reads_it_as_a_source() {
         if !report_path.is_file() {
             return None;
         }
-        std::panic::catch_unwind(|| read_xlsx(&report_path, "Funnel").column("Open deals").first().cloned()).ok().flatten()
+        std::panic::catch_unwind(|| {
+            read_xlsx(&report_path, "Funnel")
+                .column("Open deals")
+                .first()
+                .cloned()
+        })
+        .ok()
+        .flatten()
     };
-    wait_until(Duration::from_secs(10), "the first report", || open_leads() == Some("2".to_string()));
-    pipeline(&test, "share/p.xlsx", &[["Epsilon", "Lead", "500", "Alice"]]);
-    wait_until(Duration::from_secs(10), "the report after the sync", || open_leads() == Some("3".to_string()));
-    assert_eq!(test.count("SELECT count(*) FROM sync_runs WHERE file LIKE '%Funnel report%'"), 0, "{}", daemon.log());
+    wait_until(Duration::from_secs(10), "the first report", || {
+        open_leads() == Some("2".to_string())
+    });
+    pipeline(
+        &test,
+        "share/p.xlsx",
+        &[["Epsilon", "Lead", "500", "Alice"]],
+    );
+    wait_until(Duration::from_secs(10), "the report after the sync", || {
+        open_leads() == Some("3".to_string())
+    });
+    assert_eq!(
+        test.count("SELECT count(*) FROM sync_runs WHERE file LIKE '%Funnel report%'"),
+        0,
+        "{}",
+        daemon.log()
+    );
 }
 
 #[test]
@@ -154,14 +239,24 @@ fn the_weekly_digest_reaches_the_manager_with_the_report_attached() {
     test.run(&["funnel", "--send-digest"]).assert_code(0);
     let mail = smtp.to("lead@example.com");
     assert_eq!(mail.len(), 1);
-    assert!(mail[0].subject().starts_with("Weekly funnel report"), "{}", mail[0].subject());
+    assert!(
+        mail[0].subject().starts_with("Weekly funnel report"),
+        "{}",
+        mail[0].subject()
+    );
     let (text, _) = mail[0].bodies();
-    assert!(text.contains("first digest") && text.contains("Lead"), "{text}");
+    assert!(
+        text.contains("first digest") && text.contains("Lead"),
+        "{text}"
+    );
     let parsed = mailparse::parse_mail(&mail[0].raw).expect("parse");
     let attachment = parsed
         .subparts
         .iter()
-        .find(|part| part.ctype.mimetype == "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+        .find(|part| {
+            part.ctype.mimetype
+                == "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+        })
         .expect("the .xlsx is attached");
     let bytes = attachment.get_body_raw().expect("attachment bytes");
     assert!(bytes.starts_with(b"PK"), "a zip (xlsx) file");

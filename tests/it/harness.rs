@@ -101,10 +101,18 @@ impl XlsxBuilder {
                         }
                         Cell::Date(year, month, day) => {
                             let date = ExcelDateTime::from_ymd(*year, *month, *day).expect("date");
-                            sheet.write_datetime_with_format(*row, column, date, &date_format).expect("write");
+                            sheet
+                                .write_datetime_with_format(*row, column, date, &date_format)
+                                .expect("write");
                         }
                         Cell::Formula(formula, result) => {
-                            sheet.write_formula(*row, column, Formula::new(formula).set_result(result)).expect("write");
+                            sheet
+                                .write_formula(
+                                    *row,
+                                    column,
+                                    Formula::new(formula).set_result(result),
+                                )
+                                .expect("write");
                         }
                         Cell::Empty => {}
                     }
@@ -137,12 +145,21 @@ impl Run {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|error| panic!("stdout is not JSON ({error}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|error| {
+            panic!(
+                "stdout is not JSON ({error}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 
     #[track_caller]
     pub fn assert_code(&self, expected: i32) -> &Run {
-        assert_eq!(self.code, expected, "exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, expected,
+            "exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -154,7 +171,9 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new() -> TestDir {
-        TestDir { dir: tempfile::tempdir().expect("temp dir") }
+        TestDir {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -178,7 +197,9 @@ impl TestDir {
 
     /// A config with one source on one file.
     pub fn single_source(&self, file: &str, extra: &str) -> &TestDir {
-        self.config(&format!("[[sources]]\nname = \"pipeline\"\npath = \"{file}\"\n{extra}\n"))
+        self.config(&format!(
+            "[[sources]]\nname = \"pipeline\"\npath = \"{file}\"\n{extra}\n"
+        ))
     }
 
     pub fn write(&self, name: &str, bytes: impl AsRef<[u8]>) {
@@ -224,7 +245,11 @@ impl TestDir {
     pub fn deal_by(&self, field: &str, value: &str) -> Value {
         let deals = self.deals();
         let matching: Vec<&Value> = deals.iter().filter(|deal| deal[field] == value).collect();
-        assert_eq!(matching.len(), 1, "expected one deal with {field} = {value}, got {matching:?}");
+        assert_eq!(
+            matching.len(),
+            1,
+            "expected one deal with {field} = {value}, got {matching:?}"
+        );
         matching[0].clone()
     }
 
@@ -233,7 +258,9 @@ impl TestDir {
     }
 
     pub fn count(&self, sql: &str) -> i64 {
-        self.store().query_row(sql, [], |row| row.get(0)).expect("count query")
+        self.store()
+            .query_row(sql, [], |row| row.get(0))
+            .expect("count query")
     }
 }
 
@@ -242,7 +269,13 @@ impl TestDir {
 pub fn file_report<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["files"]
         .as_array()
-        .and_then(|files| files.iter().find(|file| file["file"].as_str().is_some_and(|path| path.ends_with(name))))
+        .and_then(|files| {
+            files.iter().find(|file| {
+                file["file"]
+                    .as_str()
+                    .is_some_and(|path| path.ends_with(name))
+            })
+        })
         .unwrap_or_else(|| panic!("no report for {name} in {report}"))
 }
 
@@ -272,16 +305,27 @@ impl TestDir {
     pub fn start_daemon(&self) -> Daemon {
         let socket_path = self.path(&format!("notify-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&socket_path);
-        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
-        socket.set_read_timeout(Some(std::time::Duration::from_millis(200))).expect("timeout");
+        let socket =
+            std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("timeout");
         let notifications = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let collected = std::sync::Arc::clone(&notifications);
         std::thread::spawn(move || {
             let mut buffer = [0u8; 4096];
             loop {
                 match socket.recv(&mut buffer) {
-                    Ok(n) => collected.lock().expect("lock").push(String::from_utf8_lossy(&buffer[..n]).into_owned()),
-                    Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    Ok(n) => collected
+                        .lock()
+                        .expect("lock")
+                        .push(String::from_utf8_lossy(&buffer[..n]).into_owned()),
+                    Err(error)
+                        if matches!(
+                            error.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
                         if std::sync::Arc::strong_count(&collected) == 1 {
                             break;
                         }
@@ -300,7 +344,11 @@ impl TestDir {
             .stderr(log)
             .spawn()
             .expect("start daemon");
-        Daemon { child, log_path, notifications }
+        Daemon {
+            child,
+            log_path,
+            notifications,
+        }
     }
 }
 
@@ -317,12 +365,18 @@ impl Daemon {
     #[track_caller]
     pub fn wait_ready(&self) {
         wait_until(std::time::Duration::from_secs(20), "READY=1", || {
-            self.notifications().iter().any(|message| message.lines().any(|line| line == "READY=1"))
+            self.notifications()
+                .iter()
+                .any(|message| message.lines().any(|line| line == "READY=1"))
         });
     }
 
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
         assert!(status.success(), "kill -{name} failed");
     }
 
@@ -366,9 +420,17 @@ impl ReadBack {
             .values
             .iter()
             .enumerate()
-            .find_map(|(row_idx, row)| row.iter().position(|cell| cell == header).map(|column| (row_idx, column)))
+            .find_map(|(row_idx, row)| {
+                row.iter()
+                    .position(|cell| cell == header)
+                    .map(|column| (row_idx, column))
+            })
             .unwrap_or_else(|| panic!("no column {header} in {:?}", self.values));
-        self.values.iter().skip(header_row + 1).map(|row| row.get(column).cloned().unwrap_or_default()).collect()
+        self.values
+            .iter()
+            .skip(header_row + 1)
+            .map(|row| row.get(column).cloned().unwrap_or_default())
+            .collect()
     }
 }
 
@@ -382,7 +444,10 @@ pub fn read_xlsx(path: &Path, sheet: &str) -> ReadBack {
     let mut values = vec![vec![String::new(); end_column as usize + 1]; end_row as usize + 1];
     for (row, column, value) in range.used_cells() {
         let text = match value {
-            calamine::Data::DateTime(datetime) => datetime.as_datetime().map(|at| at.date().to_string()).unwrap_or_default(),
+            calamine::Data::DateTime(datetime) => datetime
+                .as_datetime()
+                .map(|at| at.date().to_string())
+                .unwrap_or_default(),
             other => other.to_string(),
         };
         values[start_row as usize + row][start_column as usize + column] = text;
@@ -392,10 +457,17 @@ pub fn read_xlsx(path: &Path, sheet: &str) -> ReadBack {
     let mut formulas = std::collections::HashMap::new();
     for (row, column, formula) in formula_range.used_cells() {
         if !formula.is_empty() {
-            formulas.insert((start_row as usize + row, start_column as usize + column), formula.clone());
+            formulas.insert(
+                (start_row as usize + row, start_column as usize + column),
+                formula.clone(),
+            );
         }
     }
-    ReadBack { values, formulas, sheet_names }
+    ReadBack {
+        values,
+        formulas,
+        sheet_names,
+    }
 }
 
 /// A message the test SMTP server accepted.
@@ -409,7 +481,10 @@ impl ReceivedMail {
     pub fn subject(&self) -> String {
         let parsed = mailparse::parse_mail(&self.raw).expect("parse mail");
         use mailparse::MailHeaderMap;
-        parsed.headers.get_first_value("Subject").unwrap_or_default()
+        parsed
+            .headers
+            .get_first_value("Subject")
+            .unwrap_or_default()
     }
 
     /// The decoded text/plain and text/html parts.
@@ -433,7 +508,11 @@ impl ReceivedMail {
 
     pub fn header_names(&self) -> Vec<String> {
         let parsed = mailparse::parse_mail(&self.raw).expect("parse mail");
-        parsed.headers.iter().map(|header| header.get_key().to_lowercase()).collect()
+        parsed
+            .headers
+            .iter()
+            .map(|header| header.get_key().to_lowercase())
+            .collect()
     }
 }
 
@@ -446,7 +525,13 @@ struct SmtpHandler {
 }
 
 impl mailin_embedded::Handler for SmtpHandler {
-    fn data_start(&mut self, _domain: &str, _from: &str, _is8bit: bool, to: &[String]) -> mailin_embedded::Response {
+    fn data_start(
+        &mut self,
+        _domain: &str,
+        _from: &str,
+        _is8bit: bool,
+        to: &[String],
+    ) -> mailin_embedded::Response {
         self.to = to.to_vec();
         self.data.clear();
         mailin_embedded::response::OK
@@ -459,11 +544,19 @@ impl mailin_embedded::Handler for SmtpHandler {
 
     fn data_end(&mut self) -> mailin_embedded::Response {
         use std::sync::atomic::Ordering;
-        let refused = self.refuse.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1)).is_ok();
+        let refused = self
+            .refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
         if refused {
             return mailin_embedded::response::INTERNAL_ERROR;
         }
-        self.messages.lock().expect("lock").push(ReceivedMail { to: self.to.clone(), raw: self.data.clone() });
+        self.messages.lock().expect("lock").push(ReceivedMail {
+            to: self.to.clone(),
+            raw: self.data.clone(),
+        });
         mailin_embedded::response::OK
     }
 }
@@ -500,6 +593,9 @@ impl SmtpServer {
     }
 
     pub fn to(&self, address: &str) -> Vec<ReceivedMail> {
-        self.messages().into_iter().filter(|mail| mail.to.iter().any(|to| to.contains(address))).collect()
+        self.messages()
+            .into_iter()
+            .filter(|mail| mail.to.iter().any(|to| to.contains(address)))
+            .collect()
     }
 }

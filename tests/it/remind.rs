@@ -63,31 +63,63 @@ fn each_rep_gets_one_digest_of_their_stalled_deals() {
 
     let dry = test.run(&["--now", &now, "remind", "--dry-run"]);
     dry.assert_code(0);
-    assert!(dry.stdout.contains("To: alice@example.com"), "{}", dry.stdout);
+    assert!(
+        dry.stdout.contains("To: alice@example.com"),
+        "{}",
+        dry.stdout
+    );
     assert!(smtp.messages().is_empty(), "a dry run sends nothing");
 
     let run = test.run(&["--now", &now, "remind"]);
     run.assert_code(0);
-    assert_eq!(smtp.messages().len(), 3, "Alice, Bob and the fallback; Dave has nothing stalled");
+    assert_eq!(
+        smtp.messages().len(),
+        3,
+        "Alice, Bob and the fallback; Dave has nothing stalled"
+    );
     let alice = smtp.to("alice@example.com");
     assert_eq!(alice.len(), 1);
     assert_eq!(alice[0].subject(), "2 deals need follow-up");
     let (text, html) = alice[0].bodies();
     assert!(text.contains("Acme") && text.contains("Apex"), "{text}");
-    assert!(text.find("Apex") < text.find("Acme"), "worst first: Apex is further over its limit:\n{text}");
+    assert!(
+        text.find("Apex") < text.find("Acme"),
+        "worst first: Apex is further over its limit:\n{text}"
+    );
     assert!(text.contains("in Prospect for 30 days"), "{text}");
     assert!(html.contains("<table"), "{html}");
     assert!(text.contains("12,000"), "{text}");
-    assert_eq!(smtp.to("bob@example.com")[0].subject(), "1 deal needs follow-up");
+    assert_eq!(
+        smtp.to("bob@example.com")[0].subject(),
+        "1 deal needs follow-up"
+    );
     let fallback = smtp.to("fallback@example.com");
-    assert!(fallback[0].bodies().0.contains("Carrot"), "an owner without an address goes to fallback_to");
+    assert!(
+        fallback[0].bodies().0.contains("Carrot"),
+        "an owner without an address goes to fallback_to"
+    );
     assert!(smtp.to("dave@example.com").is_empty());
-    assert!(smtp.to("lead@example.com").is_empty(), "no escalation on the first reminder");
+    assert!(
+        smtp.to("lead@example.com").is_empty(),
+        "no escalation on the first reminder"
+    );
 
-    let stalled = test.run(&["--now", &now, "deals", "list", "--stalled", "--format", "json"]).json();
+    let stalled = test
+        .run(&[
+            "--now",
+            &now,
+            "deals",
+            "list",
+            "--stalled",
+            "--format",
+            "json",
+        ])
+        .json();
     let stalled = stalled.as_array().expect("array");
     assert_eq!(stalled.len(), 4);
-    assert!(stalled.iter().all(|deal| deal["stalled"].as_str().is_some_and(|reason| reason.contains("limit"))));
+    assert!(stalled.iter().all(|deal| deal["stalled"]
+        .as_str()
+        .is_some_and(|reason| reason.contains("limit"))));
 }
 
 #[test]
@@ -99,21 +131,40 @@ fn reminders_are_not_repeated_too_soon_and_escalate_after_enough() {
     assert_eq!(smtp.to("alice@example.com").len(), 1);
     test.run(&["--now", &later(30), "remind"]).assert_code(0);
     test.run(&["--now", &later(31), "remind"]).assert_code(0);
-    assert_eq!(smtp.to("alice@example.com").len(), 1, "same day and the next: within repeat_every_days");
-    test.run(&["--now", &later(31), "remind", "--force"]).assert_code(0);
-    assert_eq!(smtp.to("alice@example.com").len(), 2, "--force ignores the repeat rule");
+    assert_eq!(
+        smtp.to("alice@example.com").len(),
+        1,
+        "same day and the next: within repeat_every_days"
+    );
+    test.run(&["--now", &later(31), "remind", "--force"])
+        .assert_code(0);
+    assert_eq!(
+        smtp.to("alice@example.com").len(),
+        2,
+        "--force ignores the repeat rule"
+    );
     assert_eq!(smtp.to("lead@example.com").len(), 0);
     // Two reminders went out; the third copies the manager.
     test.run(&["--now", &later(33), "remind"]).assert_code(0);
     assert_eq!(smtp.to("alice@example.com").len(), 3);
     let escalations = smtp.to("lead@example.com");
     assert_eq!(escalations.len(), 1);
-    assert!(escalations[0].subject().starts_with("Escalation"), "{}", escalations[0].subject());
+    assert!(
+        escalations[0].subject().starts_with("Escalation"),
+        "{}",
+        escalations[0].subject()
+    );
     let (text, _) = escalations[0].bodies();
-    assert!(text.contains("Alice Wang") && text.contains("Bob") && text.contains("Acme"), "by rep: {text}");
+    assert!(
+        text.contains("Alice Wang") && text.contains("Bob") && text.contains("Acme"),
+        "by rep: {text}"
+    );
 
     // A deal that moves on ends its stall.
-    let acme = test.deal_by("company", "Acme")["id"].as_i64().expect("id").to_string();
+    let acme = test.deal_by("company", "Acme")["id"]
+        .as_i64()
+        .expect("id")
+        .to_string();
     test.run(&["deals", "move", &acme, "Won"]).assert_code(0);
     test.run(&["--now", &later(36), "remind"]).assert_code(0);
     let last = smtp.to("alice@example.com").pop().expect("a fourth digest");
@@ -128,15 +179,29 @@ fn a_refused_message_stays_pending_and_is_delivered_once() {
     let now = later(30);
     let first = test.run(&["--now", &now, "remind"]);
     first.assert_code(1);
-    assert!(first.stdout.contains("1 waiting to retry"), "{}", first.stdout);
+    assert!(
+        first.stdout.contains("1 waiting to retry"),
+        "{}",
+        first.stdout
+    );
     assert_eq!(smtp.messages().len(), 2);
-    assert_eq!(test.count("SELECT count(*) FROM outbox WHERE status = 'pending'"), 1);
+    assert_eq!(
+        test.count("SELECT count(*) FROM outbox WHERE status = 'pending'"),
+        1
+    );
 
     test.run(&["--now", &now, "remind"]).assert_code(0);
-    assert_eq!(smtp.messages().len(), 3, "the pending message was delivered and nothing else was added");
+    assert_eq!(
+        smtp.messages().len(),
+        3,
+        "the pending message was delivered and nothing else was added"
+    );
     test.run(&["--now", &now, "remind"]).assert_code(0);
     assert_eq!(smtp.messages().len(), 3, "exactly once");
-    assert_eq!(test.count("SELECT count(*) FROM outbox WHERE status = 'sent'"), 3);
+    assert_eq!(
+        test.count("SELECT count(*) FROM outbox WHERE status = 'sent'"),
+        3
+    );
 }
 
 #[test]
@@ -147,7 +212,13 @@ fn chinese_digests_and_hostile_names() {
     XlsxBuilder::new()
         .sheet("Pipeline")
         .row(&HEADER)
-        .row(&["<script>x</script>", "Ann\r\nBcc: evil@example.com", "Prospect", "12000", "Alice Wang"])
+        .row(&[
+            "<script>x</script>",
+            "Ann\r\nBcc: evil@example.com",
+            "Prospect",
+            "12000",
+            "Alice Wang",
+        ])
         .save(&test.path("p.xlsx"));
     // Four of five rows go: the mass-delete guard needs to be told.
     test.run(&["sync", "--force", "p.xlsx"]).assert_code(0);
@@ -155,10 +226,16 @@ fn chinese_digests_and_hostile_names() {
     let alice = smtp.to("alice@example.com");
     assert_eq!(alice.len(), 1);
     assert_eq!(alice[0].subject(), "1 个商机需要跟进");
-    assert!(!alice[0].header_names().contains(&"bcc".to_string()), "no injected header");
+    assert!(
+        !alice[0].header_names().contains(&"bcc".to_string()),
+        "no injected header"
+    );
     assert!(smtp.to("evil@example.com").is_empty());
     let (text, html) = alice[0].bodies();
-    assert!(html.contains("&lt;script&gt;") && !html.contains("<script>"), "{html}");
+    assert!(
+        html.contains("&lt;script&gt;") && !html.contains("<script>"),
+        "{html}"
+    );
     assert!(text.contains("您好"), "{text}");
 }
 
@@ -169,17 +246,38 @@ fn business_days_and_holidays_change_who_is_stalled() {
     team(&test, &smtp, "business_days = true");
     // Nine calendar days later the two Lead deals (limit 7) are stalled by calendar days, but nine
     // calendar days always hold a weekend, so at most seven business days.
-    let n_stalled = |now: &str| test.run(&["--now", now, "deals", "list", "--stalled", "--format", "json"]).json().as_array().map(Vec::len);
+    let n_stalled = |now: &str| {
+        test.run(&[
+            "--now",
+            now,
+            "deals",
+            "list",
+            "--stalled",
+            "--format",
+            "json",
+        ])
+        .json()
+        .as_array()
+        .map(Vec::len)
+    };
     let in_10_days = later(9);
     let calendar = {
         let text = std::fs::read_to_string(test.config_path()).expect("config");
-        std::fs::write(test.config_path(), text.replace("business_days = true", "business_days = false")).expect("write");
+        std::fs::write(
+            test.config_path(),
+            text.replace("business_days = true", "business_days = false"),
+        )
+        .expect("write");
         let n = n_stalled(&in_10_days);
         std::fs::write(test.config_path(), text).expect("restore");
         n
     };
     assert_eq!(calendar, Some(2), "calendar days: both Lead deals (9 > 7)");
-    assert_eq!(n_stalled(&in_10_days), Some(0), "business days: at most 7, not over the limit");
+    assert_eq!(
+        n_stalled(&in_10_days),
+        Some(0),
+        "business days: at most 7, not over the limit"
+    );
 }
 
 #[test]
@@ -188,18 +286,33 @@ fn the_password_never_shows_in_output_or_records() {
     let test = TestDir::new();
     team(&test, &smtp, "");
     let text = std::fs::read_to_string(test.config_path()).expect("config");
-    std::fs::write(test.config_path(), text.replace("timeout = \"5s\"", "timeout = \"5s\"\nusername = \"funnelsync\"")).expect("config");
+    std::fs::write(
+        test.config_path(),
+        text.replace(
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nusername = \"funnelsync\"",
+        ),
+    )
+    .expect("config");
     let output = test
         .command(&["--now", &later(30), "remind"])
         .env("FUNNELSYNC_SMTP_PASSWORD", "s3cret-Passw0rd")
         .env("RUST_LOG", "trace")
         .output()
         .expect("run");
-    let all_output = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let all_output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!all_output.contains("s3cret-Passw0rd"), "{all_output}");
     let errors: String = test
         .store()
-        .query_row("SELECT group_concat(coalesce(last_error, ''), '|') FROM outbox", [], |row| row.get(0))
+        .query_row(
+            "SELECT group_concat(coalesce(last_error, ''), '|') FROM outbox",
+            [],
+            |row| row.get(0),
+        )
         .expect("errors");
     assert!(!errors.contains("s3cret-Passw0rd"), "{errors}");
 }
@@ -210,18 +323,34 @@ fn the_daemon_sends_at_the_configured_time_and_catches_up_once() {
     let test = TestDir::new();
     team(&test, &smtp, "");
     // Make the open deals old, in the real store.
-    test.store().execute("UPDATE deals SET stage_entered_at = '2026-01-05T00:00:00.000Z'", []).expect("age deals");
+    test.store()
+        .execute(
+            "UPDATE deals SET stage_entered_at = '2026-01-05T00:00:00.000Z'",
+            [],
+        )
+        .expect("age deals");
     let due = chrono::Utc::now() + chrono::Duration::seconds(8);
     let at = due.format("%H:%M:%S").to_string();
     let config = std::fs::read_to_string(test.config_path()).expect("config");
-    let config = config.replace("at = \"09:00\"", &format!("at = \"{at}\"")).replace("timezone = \"Asia/Shanghai\"", "timezone = \"UTC\"\nweekdays_only = false");
+    let config = config
+        .replace("at = \"09:00\"", &format!("at = \"{at}\""))
+        .replace(
+            "timezone = \"Asia/Shanghai\"",
+            "timezone = \"UTC\"\nweekdays_only = false",
+        );
     std::fs::write(test.config_path(), &config).expect("config");
     let mut daemon = test.start_daemon();
     daemon.wait_ready();
     if chrono::Utc::now() < due - chrono::Duration::seconds(1) {
-        assert!(smtp.messages().is_empty(), "nothing before the due time:\n{}", daemon.log());
+        assert!(
+            smtp.messages().is_empty(),
+            "nothing before the due time:\n{}",
+            daemon.log()
+        );
     }
-    wait_until(Duration::from_secs(15), "the scheduled digests", || smtp.messages().len() == 3);
+    wait_until(Duration::from_secs(15), "the scheduled digests", || {
+        smtp.messages().len() == 3
+    });
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(Duration::from_secs(10)), Some(0));
 
@@ -234,13 +363,33 @@ fn the_daemon_sends_at_the_configured_time_and_catches_up_once() {
 
     // Down at the due time (the last run was days ago, the one an hour ago never happened): one
     // catch-up run on start.
-    test.store().execute("UPDATE remind_runs SET due_at = '2026-01-01T00:00:00.000Z'", []).expect("old runs");
-    test.store().execute("UPDATE outbox SET status = 'failed'", []).expect("forget mail");
-    let earlier = (chrono::Utc::now() - chrono::Duration::hours(1)).format("%H:%M:%S").to_string();
-    std::fs::write(test.config_path(), config.replace(&format!("at = \"{at}\""), &format!("at = \"{earlier}\""))).expect("config");
+    test.store()
+        .execute(
+            "UPDATE remind_runs SET due_at = '2026-01-01T00:00:00.000Z'",
+            [],
+        )
+        .expect("old runs");
+    test.store()
+        .execute("UPDATE outbox SET status = 'failed'", [])
+        .expect("forget mail");
+    let earlier = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .format("%H:%M:%S")
+        .to_string();
+    std::fs::write(
+        test.config_path(),
+        config.replace(&format!("at = \"{at}\""), &format!("at = \"{earlier}\"")),
+    )
+    .expect("config");
     let daemon = test.start_daemon();
     daemon.wait_ready();
-    wait_until(Duration::from_secs(10), "the catch-up run", || smtp.messages().len() == 6);
+    wait_until(Duration::from_secs(10), "the catch-up run", || {
+        smtp.messages().len() == 6
+    });
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(smtp.messages().len(), 6, "once, not once per missed day:\n{}", daemon.log());
+    assert_eq!(
+        smtp.messages().len(),
+        6,
+        "once, not once per missed day:\n{}",
+        daemon.log()
+    );
 }

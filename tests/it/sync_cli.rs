@@ -4,7 +4,9 @@ use serde_json::json;
 
 use crate::harness::{file_report, Cell, TestDir, XlsxBuilder};
 
-const HEADER: [&str; 7] = ["Company", "Contact", "Email", "Stage", "Amount", "Owner", "Notes"];
+const HEADER: [&str; 7] = [
+    "Company", "Contact", "Email", "Stage", "Amount", "Owner", "Notes",
+];
 
 fn pipeline(rows: &[[&str; 7]]) -> XlsxBuilder {
     let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&HEADER);
@@ -21,10 +23,46 @@ fn chinese_headers_and_stage_names_become_deals() {
         .sheet("销售")
         .row(&["2026 销售管道"])
         .skip_rows(1)
-        .row(&["公司", "联系人", "邮箱", "阶段", "金额", "负责人", "下一步", "备注"])
-        .row(&["北京星辰科技", "张伟", "zw@xingchen.cn", "意向客户", "¥12,000", "王伟", "发送报价", "重要客户"])
-        .row(&["上海云帆物流", "李娜", "lina@yunfan.cn", "成交", "8.5万", "王伟", "", ""])
-        .row(&["Acme", "Bob", "bob@acme.com", "潜在客户", "$1,200", "Alice Wang", "Call", ""])
+        .row(&[
+            "公司",
+            "联系人",
+            "邮箱",
+            "阶段",
+            "金额",
+            "负责人",
+            "下一步",
+            "备注",
+        ])
+        .row(&[
+            "北京星辰科技",
+            "张伟",
+            "zw@xingchen.cn",
+            "意向客户",
+            "¥12,000",
+            "王伟",
+            "发送报价",
+            "重要客户",
+        ])
+        .row(&[
+            "上海云帆物流",
+            "李娜",
+            "lina@yunfan.cn",
+            "成交",
+            "8.5万",
+            "王伟",
+            "",
+            "",
+        ])
+        .row(&[
+            "Acme",
+            "Bob",
+            "bob@acme.com",
+            "潜在客户",
+            "$1,200",
+            "Alice Wang",
+            "Call",
+            "",
+        ])
         .save(&test.path("销售管道.xlsx"));
     test.single_source("销售管道.xlsx", "");
 
@@ -59,25 +97,73 @@ fn chinese_headers_and_stage_names_become_deals() {
 #[test]
 fn dates_and_amounts_in_every_written_form_are_cleaned() {
     let test = TestDir::new();
-    let header = ["Company", "Amount", "Last Contact", "Expected Close"].map(Cell::from).to_vec();
-    let row = |company: &str, amount: Cell, last: Cell, close: Cell| vec![Cell::from(company), amount, last, close];
+    let header = ["Company", "Amount", "Last Contact", "Expected Close"]
+        .map(Cell::from)
+        .to_vec();
+    let row = |company: &str, amount: Cell, last: Cell, close: Cell| {
+        vec![Cell::from(company), amount, last, close]
+    };
     XlsxBuilder::new()
         .sheet("Pipeline")
         .cells(header)
-        .cells(row("A", Cell::Number(12000.0), Cell::Date(2026, 11, 28), Cell::from("2026-12-01")))
-        .cells(row("B", Cell::from("12,000"), Cell::Number(46354.0), Cell::from("2026/12/02")))
-        .cells(row("C", Cell::from("¥12,000.50"), Cell::from("2026.11.28"), Cell::from("2026年12月3日")))
-        .cells(row("D", Cell::from("$1,200"), Cell::from("03/04/2026"), Cell::from("28/11/2026")))
+        .cells(row(
+            "A",
+            Cell::Number(12000.0),
+            Cell::Date(2026, 11, 28),
+            Cell::from("2026-12-01"),
+        ))
+        .cells(row(
+            "B",
+            Cell::from("12,000"),
+            Cell::Number(46354.0),
+            Cell::from("2026/12/02"),
+        ))
+        .cells(row(
+            "C",
+            Cell::from("¥12,000.50"),
+            Cell::from("2026.11.28"),
+            Cell::from("2026年12月3日"),
+        ))
+        .cells(row(
+            "D",
+            Cell::from("$1,200"),
+            Cell::from("03/04/2026"),
+            Cell::from("28/11/2026"),
+        ))
         .cells(row("E", Cell::from("1 200,50 €"), Cell::Empty, Cell::Empty))
         .save(&test.path("dates.xlsx"));
     test.single_source("dates.xlsx", "date_order = \"dmy\"");
 
     test.sync().assert_code(0);
     let expectations = [
-        ("A", json!(12000.0), json!(null), json!("2026-11-28"), json!("2026-12-01")),
-        ("B", json!(12000.0), json!(null), json!("2026-11-28"), json!("2026-12-02")),
-        ("C", json!(12000.5), json!("CNY"), json!("2026-11-28"), json!("2026-12-03")),
-        ("D", json!(1200.0), json!("USD"), json!("2026-04-03"), json!("2026-11-28")),
+        (
+            "A",
+            json!(12000.0),
+            json!(null),
+            json!("2026-11-28"),
+            json!("2026-12-01"),
+        ),
+        (
+            "B",
+            json!(12000.0),
+            json!(null),
+            json!("2026-11-28"),
+            json!("2026-12-02"),
+        ),
+        (
+            "C",
+            json!(12000.5),
+            json!("CNY"),
+            json!("2026-11-28"),
+            json!("2026-12-03"),
+        ),
+        (
+            "D",
+            json!(1200.0),
+            json!("USD"),
+            json!("2026-04-03"),
+            json!("2026-11-28"),
+        ),
         ("E", json!(1200.5), json!("EUR"), json!(null), json!(null)),
     ];
     for (company, amount, currency, last_contact, expected_close) in expectations {
@@ -92,12 +178,20 @@ fn dates_and_amounts_in_every_written_form_are_cleaned() {
 #[test]
 fn a_bad_amount_is_reported_with_its_row_and_the_rest_is_applied() {
     let test = TestDir::new();
-    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&["Q4 pipeline"]).skip_rows(1).row(&HEADER);
+    let mut builder = XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Q4 pipeline"])
+        .skip_rows(1)
+        .row(&HEADER);
     // Data starts on Excel row 4; put the bad amount on row 14.
     for index in 0..12 {
         let company = format!("Company {index}");
         let email = format!("c{index}@example.com");
-        let amount = if index == 10 { "twelve".to_string() } else { format!("{}", 1000 * (index + 1)) };
+        let amount = if index == 10 {
+            "twelve".to_string()
+        } else {
+            format!("{}", 1000 * (index + 1))
+        };
         builder = builder.row(&[&company, "Someone", &email, "Lead", &amount, "Alice", ""]);
     }
     builder.save(&test.path("pipeline.xlsx"));
@@ -106,7 +200,8 @@ fn a_bad_amount_is_reported_with_its_row_and_the_rest_is_applied() {
     let run = test.run(&["sync"]);
     run.assert_code(1);
     assert!(
-        run.stdout.contains("row 14, column \"Amount\": \"twelve\" is not a number"),
+        run.stdout
+            .contains("row 14, column \"Amount\": \"twelve\" is not a number"),
         "table output:\n{}",
         run.stdout
     );
@@ -121,7 +216,11 @@ fn a_bad_amount_is_reported_with_its_row_and_the_rest_is_applied() {
     assert_eq!(errors_json[0]["severity"], "error");
 
     // Fixing the cell applies the row and clears the stored error.
-    let mut fixed = XlsxBuilder::new().sheet("Pipeline").row(&["Q4 pipeline"]).skip_rows(1).row(&HEADER);
+    let mut fixed = XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Q4 pipeline"])
+        .skip_rows(1)
+        .row(&HEADER);
     for index in 0..12 {
         let company = format!("Company {index}");
         let email = format!("c{index}@example.com");
@@ -148,20 +247,43 @@ fn a_row_that_turns_bad_keeps_its_deal_as_it_was() {
 
     // Acme's amount becomes unreadable and its stage changes in the same edit.
     pipeline(&[
-        ["Acme", "Ann", "ann@acme.com", "Prospect", "one thousand", "Alice", ""],
+        [
+            "Acme",
+            "Ann",
+            "ann@acme.com",
+            "Prospect",
+            "one thousand",
+            "Alice",
+            "",
+        ],
         ["Beta", "Ben", "ben@beta.com", "Lead", "2000", "Alice", ""],
     ])
     .save(&test.path("p.xlsx"));
     let run = test.sync();
     run.assert_code(1);
     let acme = test.deal_by("company", "Acme");
-    assert_eq!(acme["stage"], "Lead", "a row with an error is not applied at all");
+    assert_eq!(
+        acme["stage"], "Lead",
+        "a row with an error is not applied at all"
+    );
     assert_eq!(acme["amount"], 1000.0);
-    assert_eq!(acme["archived_at"], json!(null), "a row with an error is never taken as removed");
+    assert_eq!(
+        acme["archived_at"],
+        json!(null),
+        "a row with an error is never taken as removed"
+    );
 
     // Once fixed, the whole edit lands.
     pipeline(&[
-        ["Acme", "Ann", "ann@acme.com", "Prospect", "1500", "Alice", ""],
+        [
+            "Acme",
+            "Ann",
+            "ann@acme.com",
+            "Prospect",
+            "1500",
+            "Alice",
+            "",
+        ],
         ["Beta", "Ben", "ben@beta.com", "Lead", "2000", "Alice", ""],
     ])
     .save(&test.path("p.xlsx"));
@@ -175,7 +297,11 @@ fn a_row_that_turns_bad_keeps_its_deal_as_it_was() {
 fn a_copied_row_with_the_same_id_becomes_a_new_deal_with_a_warning() {
     let test = TestDir::new();
     let header = ["CRM ID", "Company", "Contact", "Stage"];
-    XlsxBuilder::new().sheet("Pipeline").row(&header).row(&["", "Acme", "Ann", "Lead"]).save(&test.path("p.xlsx"));
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&header)
+        .row(&["", "Acme", "Ann", "Lead"])
+        .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "match_on = []");
     test.sync().assert_code(0);
     let acme_id = test.deal_by("company", "Acme")["id"].as_i64().expect("id");
@@ -197,7 +323,12 @@ fn a_copied_row_with_the_same_id_becomes_a_new_deal_with_a_warning() {
     let warning = &file["issues"][0];
     assert_eq!(warning["severity"], "warning");
     assert_eq!(warning["row_number"], 3);
-    assert!(warning["message"].as_str().is_some_and(|message| message.contains("also on row 2")), "{warning}");
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("also on row 2")),
+        "{warning}"
+    );
     assert_eq!(test.deal_by("company", "Acme")["stage"], "Prospect");
     assert_eq!(test.deal_by("company", "Acme East")["contact"], "Eve");
 }
@@ -218,9 +349,15 @@ fn importing_the_same_people_twice_does_not_duplicate_deals() {
     let deals = test.deals();
     assert_eq!(deals.len(), 3, "{deals:?}");
     let acme = test.deal_by("email", "ann@acme.com");
-    assert_eq!(acme["company"], "Acme Corp", "the second file's values win for the fields it holds");
+    assert_eq!(
+        acme["company"], "Acme Corp",
+        "the second file's values win for the fields it holds"
+    );
     assert_eq!(acme["stage"], "Prospect");
-    assert_eq!(acme["amount"], 1000.0, "fields the second file does not hold are kept");
+    assert_eq!(
+        acme["amount"], 1000.0,
+        "fields the second file does not hold are kept"
+    );
     assert_eq!(acme["next_step"], "Demo");
 
     // Syncing again changes nothing in either file.
@@ -253,26 +390,46 @@ fn syncing_an_unchanged_file_writes_nothing() {
     assert_eq!(file["counts"]["unchanged"], 3);
     assert_eq!(file["counts"]["created"], 0);
     assert_eq!(file["counts"]["updated"], 0);
-    assert_eq!(test.deals(), before, "no deal (not even updated_at) changed");
-    assert_eq!(test.count("SELECT count(*) FROM stage_history"), history_before);
-    assert_eq!(test.count("SELECT n_unchanged FROM sync_runs ORDER BY id DESC LIMIT 1"), 3);
-    assert_eq!(test.count("SELECT count(*) FROM sync_runs WHERE status = 'unchanged'"), 1);
+    assert_eq!(
+        test.deals(),
+        before,
+        "no deal (not even updated_at) changed"
+    );
+    assert_eq!(
+        test.count("SELECT count(*) FROM stage_history"),
+        history_before
+    );
+    assert_eq!(
+        test.count("SELECT n_unchanged FROM sync_runs ORDER BY id DESC LIMIT 1"),
+        3
+    );
+    assert_eq!(
+        test.count("SELECT count(*) FROM sync_runs WHERE status = 'unchanged'"),
+        1
+    );
 }
 
 #[test]
 fn only_changed_fields_are_written_and_stage_changes_are_history() {
     let test = TestDir::new();
-    pipeline(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice", ""]]).save(&test.path("p.xlsx"));
+    pipeline(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice", ""]])
+        .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
     // Another tool changes the owner in the store; the sheet then changes only the stage.
-    test.store().execute("UPDATE deals SET owner = 'Carol'", []).expect("edit store");
-    pipeline(&[["Acme", "Ann", "ann@acme.com", "机会", "1000", "Alice", ""]]).save(&test.path("p.xlsx"));
+    test.store()
+        .execute("UPDATE deals SET owner = 'Carol'", [])
+        .expect("edit store");
+    pipeline(&[["Acme", "Ann", "ann@acme.com", "机会", "1000", "Alice", ""]])
+        .save(&test.path("p.xlsx"));
     let report = test.sync().json();
     assert_eq!(file_report(&report, "p.xlsx")["counts"]["updated"], 1);
     let acme = test.deal_by("company", "Acme");
     assert_eq!(acme["stage"], "Opportunity");
-    assert_eq!(acme["owner"], "Carol", "a field the sheet did not change is not overwritten");
+    assert_eq!(
+        acme["owner"], "Carol",
+        "a field the sheet did not change is not overwritten"
+    );
     let history: Vec<(Option<String>, String)> = test
         .store()
         .prepare("SELECT from_stage, to_stage FROM stage_history ORDER BY id")
@@ -281,8 +438,23 @@ fn only_changed_fields_are_written_and_stage_changes_are_history() {
         .expect("query")
         .collect::<Result<_, _>>()
         .expect("rows");
-    assert_eq!(history, vec![(None, "Lead".to_string()), (Some("Lead".to_string()), "Opportunity".to_string())]);
-    assert_eq!(acme["stage_entered_at"], test.store().query_row("SELECT at FROM stage_history ORDER BY id DESC LIMIT 1", [], |row| row.get::<_, String>(0)).expect("at"));
+    assert_eq!(
+        history,
+        vec![
+            (None, "Lead".to_string()),
+            (Some("Lead".to_string()), "Opportunity".to_string())
+        ]
+    );
+    assert_eq!(
+        acme["stage_entered_at"],
+        test.store()
+            .query_row(
+                "SELECT at FROM stage_history ORDER BY id DESC LIMIT 1",
+                [],
+                |row| row.get::<_, String>(0)
+            )
+            .expect("at")
+    );
 }
 
 #[test]
@@ -302,7 +474,11 @@ fn a_removed_row_is_archived_and_comes_back_when_restored() {
     let beta = test.deal_by("company", "Beta");
     assert!(beta["archived_at"].is_string(), "{beta}");
     let live = test.run(&["deals", "list", "--format", "json"]).json();
-    assert_eq!(live.as_array().map(Vec::len), Some(1), "archived deals are hidden by default");
+    assert_eq!(
+        live.as_array().map(Vec::len),
+        Some(1),
+        "archived deals are hidden by default"
+    );
 
     // Putting the row back (Ctrl+Z) brings the same deal back rather than a duplicate.
     pipeline(&rows).save(&test.path("p.xlsx"));
@@ -327,7 +503,10 @@ fn on_row_removed_delete_and_ignore() {
         test.sync().assert_code(0);
         let deals = test.deals();
         assert_eq!(deals.len(), expected_deals, "{policy}: {deals:?}");
-        assert!(deals.iter().all(|deal| deal["archived_at"].is_null()), "{policy}: nothing archived");
+        assert!(
+            deals.iter().all(|deal| deal["archived_at"].is_null()),
+            "{policy}: nothing archived"
+        );
     }
 }
 
@@ -342,7 +521,10 @@ fn unmapped_columns_survive_in_the_store() {
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
     let acme = test.deal_by("company", "Acme");
-    assert_eq!(acme["extra"], json!({ "Region": "East", "Industry": "Robotics", "Column E": "stray note" }));
+    assert_eq!(
+        acme["extra"],
+        json!({ "Region": "East", "Industry": "Robotics", "Column E": "stray note" })
+    );
 
     // Clearing an unmapped cell removes it from the deal; changing one updates it.
     XlsxBuilder::new()
@@ -351,7 +533,10 @@ fn unmapped_columns_survive_in_the_store() {
         .row(&["Acme", "Lead", "West", ""])
         .save(&test.path("p.xlsx"));
     test.sync().assert_code(0);
-    assert_eq!(test.deal_by("company", "Acme")["extra"], json!({ "Region": "West" }));
+    assert_eq!(
+        test.deal_by("company", "Acme")["extra"],
+        json!({ "Region": "West" })
+    );
 }
 
 #[test]
@@ -359,7 +544,10 @@ fn a_gb18030_csv_from_chinese_excel_is_read() {
     let test = TestDir::new();
     let text = "公司,联系人,阶段,金额,负责人\r\n杭州青禾食品,刘洋,成交,\"¥8,800\",王伟\r\n深圳华光电子,陈静,机会,5000,李明\r\n";
     let (bytes, _, _) = encoding_rs::GB18030.encode(text);
-    assert!(std::str::from_utf8(&bytes).is_err(), "the test file really is not UTF-8");
+    assert!(
+        std::str::from_utf8(&bytes).is_err(),
+        "the test file really is not UTF-8"
+    );
     test.write("导出.csv", &bytes);
     test.single_source("导出.csv", "");
     test.sync().assert_code(0);
@@ -367,13 +555,19 @@ fn a_gb18030_csv_from_chinese_excel_is_read() {
     assert_eq!(deal["stage"], "Won");
     assert_eq!(deal["amount"], 8800.0);
     assert_eq!(deal["owner"], "王伟");
-    assert_eq!(test.deal_by("company", "深圳华光电子")["stage"], "Opportunity");
+    assert_eq!(
+        test.deal_by("company", "深圳华光电子")["stage"],
+        "Opportunity"
+    );
 }
 
 #[test]
 fn a_semicolon_csv_with_bom_is_read() {
     let test = TestDir::new();
-    test.write("leads.csv", "\u{feff}Company;Stage;Amount\r\nAcme;Lead;\"1.200,50\"\r\n");
+    test.write(
+        "leads.csv",
+        "\u{feff}Company;Stage;Amount\r\nAcme;Lead;\"1.200,50\"\r\n",
+    );
     test.single_source("leads.csv", "");
     test.sync().assert_code(0);
     let acme = test.deal_by("company", "Acme");
@@ -400,22 +594,45 @@ fn a_missing_sheet_or_header_changes_nothing() {
     renamed.save(&test.path("p.xlsx"));
     let run = test.run(&["sync"]);
     run.assert_code(1);
-    assert!(run.stdout.contains("sheet \"Pipeline\" not found (sheets: Old)"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("sheet \"Pipeline\" not found (sheets: Old)"),
+        "{}",
+        run.stdout
+    );
     assert_eq!(test.deals(), before);
 
     // The header row was deleted.
-    XlsxBuilder::new().sheet("Pipeline").row(&rows[0]).row(&rows[1]).save(&test.path("p.xlsx"));
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&rows[0])
+        .row(&rows[1])
+        .save(&test.path("p.xlsx"));
     let run = test.run(&["sync", "--format", "json"]);
     run.assert_code(1);
     let report = run.json();
     let file = file_report(&report, "p.xlsx");
-    assert_eq!(file["status"], "held", "a file synced before that lost its header is held");
-    assert!(file["error"].as_str().is_some_and(|error| error.contains("no header row found")), "{file}");
+    assert_eq!(
+        file["status"], "held",
+        "a file synced before that lost its header is held"
+    );
+    assert!(
+        file["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("no header row found")),
+        "{file}"
+    );
     assert_eq!(test.deals(), before, "nothing archived, nothing changed");
-    assert_eq!(test.count("SELECT count(*) FROM sync_runs WHERE status = 'held'"), 2);
+    assert_eq!(
+        test.count("SELECT count(*) FROM sync_runs WHERE status = 'held'"),
+        2
+    );
 
     // A file never synced before with no header is an error, not held.
-    XlsxBuilder::new().sheet("Pipeline").row(&rows[0]).save(&test.path("new.xlsx"));
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&rows[0])
+        .save(&test.path("new.xlsx"));
     test.single_source("new.xlsx", "");
     let report = test.sync().json();
     assert_eq!(file_report(&report, "new.xlsx")["status"], "failed");
@@ -444,8 +661,16 @@ fn formulas_give_their_values_and_error_cells_are_row_errors() {
     XlsxBuilder::new()
         .sheet("Pipeline")
         .cells(["Company", "Stage", "Amount"].map(Cell::from).to_vec())
-        .cells(vec![Cell::from("Acme"), Cell::from("Lead"), Cell::Formula("=1000*2".to_string(), "2000".to_string())])
-        .cells(vec![Cell::from("Beta"), Cell::from("Lead"), Cell::Formula("=1/0".to_string(), "#DIV/0!".to_string())])
+        .cells(vec![
+            Cell::from("Acme"),
+            Cell::from("Lead"),
+            Cell::Formula("=1000*2".to_string(), "2000".to_string()),
+        ])
+        .cells(vec![
+            Cell::from("Beta"),
+            Cell::from("Lead"),
+            Cell::Formula("=1/0".to_string(), "#DIV/0!".to_string()),
+        ])
         .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "");
     let run = test.sync();
@@ -454,7 +679,12 @@ fn formulas_give_their_values_and_error_cells_are_row_errors() {
     let report = run.json();
     let issue = &file_report(&report, "p.xlsx")["issues"][0];
     assert_eq!(issue["row_number"], 3);
-    assert!(issue["message"].as_str().is_some_and(|message| message.contains("error value")), "{issue}");
+    assert!(
+        issue["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("error value")),
+        "{issue}"
+    );
 }
 
 #[test]
@@ -469,32 +699,70 @@ fn the_demo_config_syncs_the_demo_folder() {
         .current_dir(test.dir.path())
         .output()
         .expect("run");
-    assert_eq!(run.status.code(), Some(0), "{}", String::from_utf8_lossy(&run.stdout));
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stdout)
+    );
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
-    assert_eq!(file_report(&report, "pipeline.xlsx")["counts"]["created"], 50);
+    assert_eq!(
+        file_report(&report, "pipeline.xlsx")["counts"]["created"],
+        50
+    );
     assert_eq!(file_report(&report, "leads.csv")["counts"]["created"], 7);
-    assert_eq!(file_report(&report, "leads.csv")["counts"]["updated"], 1, "one lead is already in the pipeline");
-    assert!(test.path("target/demo/crm.db").is_file(), "the store lives where demo.toml says");
+    assert_eq!(
+        file_report(&report, "leads.csv")["counts"]["updated"],
+        1,
+        "one lead is already in the pipeline"
+    );
+    assert!(
+        test.path("target/demo/crm.db").is_file(),
+        "the store lives where demo.toml says"
+    );
 }
 
 #[test]
 fn an_unchanged_file_is_recognised_by_its_content_and_settings() {
     let test = TestDir::new();
-    pipeline(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice", "x"]]).save(&test.path("p.xlsx"));
+    pipeline(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice", "x"]])
+        .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "write_back = false");
     test.sync().assert_code(0);
     // Same bytes, new modification time: the rows are not even parsed.
     let bytes = std::fs::read(test.path("p.xlsx")).expect("read");
     test.write("p.xlsx", &bytes);
     test.sync().assert_code(0);
-    let message: Option<String> =
-        test.store().query_row("SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1", [], |row| row.get(0)).expect("run");
-    assert_eq!(message.as_deref(), Some("content unchanged since the last sync"));
+    let message: Option<String> = test
+        .store()
+        .query_row(
+            "SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .expect("run");
+    assert_eq!(
+        message.as_deref(),
+        Some("content unchanged since the last sync")
+    );
     // New settings (another alias for a column) mean a full read even of the same bytes.
-    test.single_source("p.xlsx", "write_back = false\n[sources.columns]\nnext_step = [\"Notes\"]");
+    test.single_source(
+        "p.xlsx",
+        "write_back = false\n[sources.columns]\nnext_step = [\"Notes\"]",
+    );
     test.sync().assert_code(0);
-    let message: Option<String> =
-        test.store().query_row("SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1", [], |row| row.get(0)).expect("run");
+    let message: Option<String> = test
+        .store()
+        .query_row(
+            "SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .expect("run");
     assert_eq!(message, None, "a full sync");
-    assert_eq!(test.deal_by("company", "Acme")["next_step"], "x", "the Notes column now maps to next_step");
+    assert_eq!(
+        test.deal_by("company", "Acme")["next_step"],
+        "x",
+        "the Notes column now maps to next_step"
+    );
 }
