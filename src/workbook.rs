@@ -177,7 +177,8 @@ pub fn read_sheet(
     limits: &crate::config::Limits,
 ) -> Result<SheetData, WorkbookError> {
     let bytes = read_bytes(path, limits)?;
-    parse_sheet(path, bytes, sheet, csv_encoding, limits)
+    let content_hash = hash_bytes(&bytes);
+    parse_sheet(path, bytes, content_hash, sheet, csv_encoding, limits)
 }
 
 /// A file's bytes, refused beyond `max_file_mb`.
@@ -201,10 +202,11 @@ pub fn read_bytes(path: &Path, limits: &crate::config::Limits) -> Result<Vec<u8>
     })
 }
 
-/// Parses a file's bytes (from [`read_bytes`]) into the managed sheet.
+/// Parses a file's bytes (from [`read_bytes`], with their [`hash_bytes`]) into the managed sheet.
 pub fn parse_sheet(
     path: &Path,
     bytes: Vec<u8>,
+    content_hash: String,
     sheet: Option<&str>,
     csv_encoding: crate::config::CsvEncoding,
     limits: &crate::config::Limits,
@@ -239,7 +241,6 @@ pub fn parse_sheet(
         .and_then(|metadata| metadata.modified())
         .ok()
         .map(chrono::DateTime::<chrono::Utc>::from);
-    let content_hash = hash_bytes(&bytes);
     let (sheet_name, rows, csv_format) = match format {
         FileFormat::Csv => {
             let (rows, csv_format) = crate::workbook::csv_reader::read(path, &bytes, csv_encoding)?;

@@ -217,12 +217,19 @@ fn out_cell(field: Field, value: Option<&FieldValue>) -> OutCell {
 /// Whether funnelsync can write this file: .xlsx and .csv (not .xlsm, whose macros would be
 /// lost, nor the read-only .xls and .ods).
 pub fn is_writable(sheet: &SheetData) -> bool {
-    let is_xlsm = sheet
-        .path
+    is_writable_path(&sheet.path)
+}
+
+/// [`is_writable`] by the file's name alone.
+pub fn is_writable_path(path: &Path) -> bool {
+    let is_xlsm = path
         .extension()
         .and_then(|extension| extension.to_str())
         .is_some_and(|extension| extension.eq_ignore_ascii_case("xlsm"));
-    matches!(sheet.format, FileFormat::Xlsx | FileFormat::Csv) && !is_xlsm
+    matches!(
+        crate::workbook::format_of(path),
+        Some(FileFormat::Xlsx | FileFormat::Csv)
+    ) && !is_xlsm
 }
 
 /// Whether text written into a cell could be taken for a formula by a spreadsheet program.

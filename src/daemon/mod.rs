@@ -665,27 +665,33 @@ impl Daemon {
             // The run in progress covers it; a run about the same stalls would be deduplicated anyway.
             return;
         }
+        self.spawn_mail_job(move |store, config| {
+            let report = crate::remind::outbox::run(store, config, Utc::now(), due, false, false)
+                .map_err(|error| error.to_string())?;
+            let summary = format!(
+                "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} given up; {}",
+                report.n_stalled,
+                report.messages.len(),
+                report.delivery.sent,
+                report.delivery.retrying,
+                report.delivery.failed,
+                report.delivery.errors.join("; ")
+            );
+            Ok((summary, report.delivery.retrying + report.delivery.failed > 0))
+        });
+    }
+
+    /// Runs a mail job (reminders, digest, retries) on a worker thread, one at a time; the loop
+    /// hears how it went through [`Event::MailFinished`].
+    fn spawn_mail_job(
+        &mut self,
+        job: impl FnOnce(&mut Store, &Config) -> Result<(String, bool), String> + Send + 'static,
+    ) {
         self.mail_busy = true;
         let config = Arc::clone(&self.config);
         let sender = self.sender.clone();
         tokio::task::spawn_blocking(move || {
-            let result = Store::open(&config.store.path)
-                .map_err(|error| error.to_string())
-                .and_then(|mut store| {
-                    crate::remind::outbox::run(&mut store, &config, Utc::now(), due, false, false).map_err(|error| error.to_string())
-                })
-                .map(|report| {
-                    let summary = format!(
-                        "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} given up; {}",
-                        report.n_stalled,
-                        report.messages.len(),
-                        report.delivery.sent,
-                        report.delivery.retrying,
-                        report.delivery.failed,
-                        report.delivery.errors.join("; ")
-                    );
-                    (summary, report.delivery.retrying + report.delivery.failed > 0)
-                });
+            let result = with_store(&config, |store| job(store, &config));
             let _ = sender.send(Event::MailFinished(result));
         });
     }
@@ -724,16 +730,11 @@ impl Daemon {
                 since: now - chrono::Duration::days(i64::from(report.period_days)),
                 until: now,
             };
-            let result = Store::open(&config.store.path)
-                .map_err(|error| error.to_string())
-                .and_then(|store| {
-                    crate::report::load(&store, &config, period, now, None)
-                        .map_err(|error| error.to_string())
-                })
-                .and_then(|funnel| {
-                    crate::report::write_file(&report.path, &funnel)
-                        .map_err(|error| error.to_string())
-                });
+            let result = with_store(&config, |store| {
+                let funnel = crate::report::load(store, &config, period, now, None)
+                    .map_err(|error| error.to_string())?;
+                crate::report::write_file(&report.path, &funnel).map_err(|error| error.to_string())
+            });
             let _ = sender.send(Event::ReportWritten(result));
         });
     }
@@ -755,26 +756,14 @@ impl Daemon {
         if self.mail_busy || self.shutting_down {
             return;
         }
-        self.mail_busy = true;
-        let config = Arc::clone(&self.config);
-        let sender = self.sender.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = Store::open(&config.store.path)
-                .map_err(|error| error.to_string())
-                .and_then(|mut store| {
-                    crate::report::send_weekly_digest(&mut store, &config, Utc::now())
-                        .map_err(|error| error.to_string())
-                })
-                .map(|delivery| {
-                    (
-                        format!(
-                            "weekly digest: {} sent, {} to retry",
-                            delivery.sent, delivery.retrying
-                        ),
-                        delivery.retrying + delivery.failed > 0,
-                    )
-                });
-            let _ = sender.send(Event::MailFinished(result));
+        self.spawn_mail_job(|store, config| {
+            let delivery = crate::report::send_weekly_digest(store, config, Utc::now())
+                .map_err(|error| error.to_string())?;
+            let summary = format!(
+                "weekly digest: {} sent, {} to retry",
+                delivery.sent, delivery.retrying
+            );
+            Ok((summary, delivery.retrying + delivery.failed > 0))
         });
     }
 
@@ -785,12 +774,10 @@ impl Daemon {
         }
         let config = Arc::clone(&self.config);
         tokio::task::spawn_blocking(move || {
-            let result = Store::open(&config.store.path)
-                .map_err(|error| error.to_string())
-                .and_then(|mut store| {
-                    crate::alerts::raise(&mut store, &config, &key, &subject, &body, Utc::now())
-                        .map_err(|error| error.to_string())
-                });
+            let result = with_store(&config, |store| {
+                crate::alerts::raise(store, &config, &key, &subject, &body, Utc::now())
+                    .map_err(|error| error.to_string())
+            });
             if let Err(message) = result {
                 warn!("cannot send an alert: {message}");
             }
@@ -807,27 +794,17 @@ impl Daemon {
         if pending == 0 {
             return;
         }
-        self.mail_busy = true;
-        let config = Arc::clone(&self.config);
-        let sender = self.sender.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = Store::open(&config.store.path)
-                .map_err(|error| error.to_string())
-                .and_then(|mut store| {
-                    crate::remind::outbox::deliver(&mut store, &config, Utc::now(), false)
-                        .map_err(|error| error.to_string())
-                })
-                .map(|report| {
-                    let summary = format!(
-                        "mail retry: {} sent, {} to retry, {} given up; {}",
-                        report.sent,
-                        report.retrying,
-                        report.failed,
-                        report.errors.join("; ")
-                    );
-                    (summary, report.retrying + report.failed > 0)
-                });
-            let _ = sender.send(Event::MailFinished(result));
+        self.spawn_mail_job(|store, config| {
+            let report = crate::remind::outbox::deliver(store, config, Utc::now(), false)
+                .map_err(|error| error.to_string())?;
+            let summary = format!(
+                "mail retry: {} sent, {} to retry, {} given up; {}",
+                report.sent,
+                report.retrying,
+                report.failed,
+                report.errors.join("; ")
+            );
+            Ok((summary, report.retrying + report.failed > 0))
         });
     }
 
@@ -906,12 +883,10 @@ impl Daemon {
                 None => Err(format!(
                     "source \"{source_name}\" is no longer in the config"
                 )),
-                Some(source) => Store::open(&config.store.path)
-                    .map_err(|error| error.to_string())
-                    .and_then(|mut store| {
-                        sync::sync_file(&mut store, &config, source, &path, Utc::now())
-                            .map_err(|error| error.to_string())
-                    }),
+                Some(source) => with_store(&config, |store| {
+                    sync::sync_file(store, &config, source, &path, Utc::now())
+                        .map_err(|error| error.to_string())
+                }),
             };
             // After writing the file back, its new fingerprint is what "already synced" means,
             // so the daemon's own write does not trigger another sync.
@@ -1196,6 +1171,15 @@ impl Daemon {
         systemd::ready();
         self.publish_status();
     }
+}
+
+/// Opens a connection to the store for one job on a worker thread; errors become text for the log.
+fn with_store<T>(
+    config: &Config,
+    job: impl FnOnce(&mut Store) -> Result<T, String>,
+) -> Result<T, String> {
+    let mut store = Store::open(&config.store.path).map_err(|error| error.to_string())?;
+    job(&mut store)
 }
 
 fn short_name(path: &Path) -> String {

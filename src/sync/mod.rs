@@ -123,20 +123,8 @@ pub fn sync_file_with(
     force: bool,
 ) -> Result<FileReport, SyncError> {
     let file = file_key(path);
-    let mut report = FileReport {
-        source: source.name.clone(),
-        file: file.clone(),
-        sheet: None,
-        status: FileStatus::Failed,
-        counts: RunCounts::default(),
-        issues: Vec::new(),
-        error: None,
-        retryable: false,
-        run_id: None,
-        conflicts: 0,
-        write_back: WriteBack::Off,
-        store_version: None,
-    };
+    // Failed until it gets further.
+    let mut report = FileReport::failed(&source.name, &file, None);
 
     // A file synced before whose sheet or header is now gone is held, not just failed: that is
     // how "all rows deleted" would look, and someone should look.
@@ -152,22 +140,16 @@ pub fn sync_file_with(
     // The same bytes, the same settings and (for a file that writes back) the same store as at
     // the last sync: nothing can have changed, and nothing is parsed.
     let config_hash = source_fingerprint(config, source);
+    let content_hash = workbook::hash_bytes(&bytes);
     if let Some(summary) = &summary {
         let same_store =
             !source.write_back || summary.store_version == Some(store.crm().version()?);
         if !force
-            && summary.content_hash == workbook::hash_bytes(&bytes)
+            && summary.content_hash == content_hash
             && summary.config_hash.as_deref() == Some(config_hash.as_str())
             && same_store
         {
-            if source.write_back
-                && workbook::format_of(path).is_some_and(|format| {
-                    matches!(
-                        format,
-                        workbook::FileFormat::Xlsx | workbook::FileFormat::Csv
-                    )
-                })
-            {
+            if source.write_back && crate::writeback::is_writable_path(path) {
                 report.write_back = WriteBack::UpToDate;
             }
             return unchanged(store, report, summary, now);
@@ -176,6 +158,7 @@ pub fn sync_file_with(
     let sheet = match workbook::parse_sheet(
         path,
         bytes,
+        content_hash,
         source.sheet.as_deref(),
         source.encoding,
         &config.limits,
@@ -725,24 +708,39 @@ fn unchanged(
     summary: &mirror::MirrorSummary,
     now: DateTime<Utc>,
 ) -> Result<FileReport, SyncError> {
+    report.counts.unchanged = summary.n_rows;
+    let message = "content unchanged since the last sync".to_string();
+    let (run_id, version) = record_lone_run(store, &report, FileStatus::Unchanged, message, now)?;
+    report.status = FileStatus::Unchanged;
+    report.store_version = Some(version);
+    report.run_id = Some(run_id);
+    Ok(report)
+}
+
+/// Records, in a transaction of its own, a run that applied nothing to deals. Returns the run's
+/// id and the store's change counter.
+fn record_lone_run(
+    store: &mut Store,
+    report: &FileReport,
+    status: FileStatus,
+    message: String,
+    now: DateTime<Utc>,
+) -> Result<(i64, i64), SyncError> {
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
-    report.counts.unchanged = summary.n_rows;
     let run_id = crm.record_run(&SyncRun {
         id: 0,
         source: report.source.clone(),
         file: report.file.clone(),
         started_at: now,
         finished_at: Utc::now().max(now),
-        status: status_name(FileStatus::Unchanged).to_string(),
+        status: status_name(status).to_string(),
         counts: report.counts.clone(),
-        message: Some("content unchanged since the last sync".to_string()),
+        message: Some(message),
     })?;
-    report.store_version = Some(crm.version()?);
+    let version = crm.version()?;
     transaction.commit().map_err(StoreError::from)?;
-    report.status = FileStatus::Unchanged;
-    report.run_id = Some(run_id);
-    Ok(report)
+    Ok((run_id, version))
 }
 
 fn change_record(
@@ -822,19 +820,7 @@ fn end_without_applying(
     message: String,
     now: DateTime<Utc>,
 ) -> Result<FileReport, SyncError> {
-    let transaction = store.transaction()?;
-    let crm = SqliteCrm::new(&transaction);
-    let run_id = crm.record_run(&SyncRun {
-        id: 0,
-        source: report.source.clone(),
-        file: report.file.clone(),
-        started_at: now,
-        finished_at: Utc::now().max(now),
-        status: status_name(status).to_string(),
-        counts: RunCounts::default(),
-        message: Some(message.clone()),
-    })?;
-    transaction.commit().map_err(StoreError::from)?;
+    let (run_id, _) = record_lone_run(store, &report, status, message.clone(), now)?;
     report.status = status;
     report.error = Some(message);
     report.run_id = Some(run_id);
@@ -963,7 +949,7 @@ fn sync_pass(
                 let mut report = FileReport::failed(
                     &source.name,
                     &error.path.display().to_string(),
-                    error.to_string(),
+                    Some(error.to_string()),
                 );
                 report.retryable = true;
                 reports.push(report);
@@ -976,7 +962,7 @@ fn sync_pass(
                 reports.push(FileReport::failed(
                     &source.name,
                     &canonical.display().to_string(),
-                    format!("{} is already synced by source \"{owner}\"; a file can belong to one source only", canonical.display()),
+                    Some(format!("{} is already synced by source \"{owner}\"; a file can belong to one source only", canonical.display())),
                 ));
                 continue;
             }
@@ -990,7 +976,7 @@ fn sync_pass(
 }
 
 impl FileReport {
-    fn failed(source: &str, file: &str, message: String) -> FileReport {
+    fn failed(source: &str, file: &str, message: Option<String>) -> FileReport {
         FileReport {
             source: source.to_string(),
             file: file.to_string(),
@@ -998,7 +984,7 @@ impl FileReport {
             status: FileStatus::Failed,
             counts: RunCounts::default(),
             issues: Vec::new(),
-            error: Some(message),
+            error: message,
             retryable: false,
             run_id: None,
             conflicts: 0,
