@@ -106,6 +106,21 @@ pub struct SheetData {
     /// The file's modification time.
     pub modified: Option<chrono::DateTime<chrono::Utc>>,
     pub csv_format: Option<CsvFormat>,
+    /// The cells of the sheet that hold a formula, as (Excel row number, 0-based column), in
+    /// sheet order. Only .xlsx/.xlsm report them; the write-back never overwrites them.
+    pub formula_cells: Vec<(u32, u32)>,
+}
+
+impl SheetData {
+    /// Whether the cell at this Excel row number and 0-based column holds a formula.
+    pub fn is_formula(&self, row_number: u32, column_idx: usize) -> bool {
+        let Ok(column_idx) = u32::try_from(column_idx) else {
+            return false;
+        };
+        self.formula_cells
+            .binary_search(&(row_number, column_idx))
+            .is_ok()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +256,7 @@ pub fn parse_sheet(
         .and_then(|metadata| metadata.modified())
         .ok()
         .map(chrono::DateTime::<chrono::Utc>::from);
+    let mut formula_cells = Vec::new();
     let (sheet_name, rows, csv_format) = match format {
         FileFormat::Csv => {
             let (rows, csv_format) = crate::workbook::csv_reader::read(path, &bytes, csv_encoding)?;
@@ -251,7 +267,8 @@ pub fn parse_sheet(
             (sheet_name, rows, Some(csv_format))
         }
         FileFormat::Xlsx => {
-            let (name, rows) = read_xlsx(path, bytes, sheet)?;
+            let (name, rows, formulas) = read_xlsx(path, bytes, sheet)?;
+            formula_cells = formulas;
             (name, rows, None)
         }
         FileFormat::Xls | FileFormat::Ods => {
@@ -268,6 +285,7 @@ pub fn parse_sheet(
         content_hash,
         modified,
         csv_format,
+        formula_cells,
     })
 }
 
@@ -380,7 +398,7 @@ fn read_xlsx(
     path: &Path,
     bytes: Vec<u8>,
     wanted: Option<&str>,
-) -> Result<(String, Vec<SheetRow>), WorkbookError> {
+) -> Result<(String, Vec<SheetRow>, Vec<(u32, u32)>), WorkbookError> {
     let mut workbook: calamine::Xlsx<_> = calamine::open_workbook_from_rs(Cursor::new(bytes))
         .map_err(|error| xlsx_error(path, error))?;
     let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
@@ -388,12 +406,18 @@ fn read_xlsx(
         .worksheet_cells_reader(&sheet_name)
         .map_err(|error| xlsx_error(path, error))?;
     let mut rows: Vec<SheetRow> = Vec::new();
+    let mut formula_cells = Vec::new();
+    // The formula metadata reader reports shared formulas without expanding their text, so
+    // knowing where the formulas are costs next to nothing.
     while let Some(cell) = reader
-        .next_cell()
+        .next_cell_with_formula_metadata()
         .map_err(|error| xlsx_error(path, error))?
     {
-        let (row_idx, column_idx) = cell.get_position();
-        let value = match cell.get_value() {
+        let (row_idx, column_idx) = cell.pos;
+        if cell.formula.is_some() && column_idx < MAX_COLUMNS {
+            formula_cells.push((row_idx.saturating_add(1), column_idx));
+        }
+        let value = match &cell.value {
             DataRef::Empty => continue,
             DataRef::Int(value) => Cell::Number(*value as f64),
             DataRef::Float(value) => Cell::Number(*value),
@@ -409,7 +433,8 @@ fn read_xlsx(
         };
         push_cell(&mut rows, row_idx, column_idx, value);
     }
-    Ok((sheet_name, rows))
+    formula_cells.sort_unstable();
+    Ok((sheet_name, rows, formula_cells))
 }
 
 fn iso_cell(text: &str) -> Cell {

@@ -41,6 +41,9 @@ pub struct DiffInput<'a> {
     pub conflict_policy: ConflictPolicy,
     /// When the file was last modified, for [`ConflictPolicy::Newest`].
     pub file_modified: Option<DateTime<Utc>>,
+    /// Per Excel row number, the mapped fields whose cell holds a formula. Empty unless the
+    /// file is written back (only then can a store value overwrite a formula).
+    pub formula_fields: &'a HashMap<u32, Vec<Field>>,
 }
 
 /// What happens to one row of the sheet.
@@ -307,6 +310,11 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
                     &deal.fields,
                     input.conflict_policy,
                     sheet_is_newer,
+                    input
+                        .formula_fields
+                        .get(&row.row_number)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
                 );
                 let mut changes = outcome.to_store;
                 // Without a currency column the currency comes from the amount's symbol: it
@@ -340,6 +348,12 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
                         .map(|(field, value)| (*field, value.clone())),
                 );
                 shown.retain(|field, _| input.sheet_fields.contains(field));
+                // A formula cell shows what the formula gives, never a value from the store.
+                for field in input.formula_fields.get(&row.row_number).into_iter().flatten() {
+                    if !row.fields.contains_key(field) {
+                        shown.remove(field);
+                    }
+                }
                 changeset.sheet_values.insert(row_idx, shown);
                 (changes, extra_changes)
             }
@@ -754,6 +768,7 @@ mod tests {
             sheet_fields: &[Company, Contact, Email, Stage],
             conflict_policy: ConflictPolicy::Store,
             file_modified: None,
+            formula_fields: &HashMap::new(),
         })
     }
 

@@ -4,6 +4,10 @@
 //! A field changed on one side only takes that side's value. A field changed on both sides to
 //! different values is a conflict, decided by the source's [`ConflictPolicy`] and returned so the
 //! caller can record it: the losing value is never silently dropped.
+//!
+//! A field whose cell holds a formula the user wrote is the sheet's: the write-back never
+//! replaces a formula with a constant, so a store change to such a field is a conflict the sheet
+//! wins, whatever the policy.
 
 use serde::Serialize;
 
@@ -34,6 +38,8 @@ pub struct FieldConflict {
     pub sheet: Option<FieldValue>,
     pub store: Option<FieldValue>,
     pub winner: Side,
+    /// The sheet won because its cell holds a formula.
+    pub formula: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -46,7 +52,8 @@ pub struct MergeOutcome {
 }
 
 /// Merges the given fields (those the sheet has columns for). `sheet_is_newer` decides conflicts
-/// under [`ConflictPolicy::Newest`].
+/// under [`ConflictPolicy::Newest`]; `formula_fields` are the fields whose cell in this row holds
+/// a formula (empty when the file is not written back).
 pub fn merge_fields(
     fields: &[Field],
     base: &FieldMap,
@@ -54,6 +61,7 @@ pub fn merge_fields(
     store: &FieldMap,
     policy: ConflictPolicy,
     sheet_is_newer: bool,
+    formula_fields: &[Field],
 ) -> MergeOutcome {
     let mut outcome = MergeOutcome::default();
     for field in fields {
@@ -62,7 +70,19 @@ pub fn merge_fields(
         let store_value = store.get(field);
         let sheet_changed = sheet_value != base_value;
         let store_changed = store_value != base_value;
+        let is_formula = formula_fields.contains(field);
         let winner = match (sheet_changed, store_changed) {
+            (_, true) if is_formula && sheet_value != store_value => {
+                outcome.conflicts.push(FieldConflict {
+                    field: *field,
+                    base: base_value.cloned(),
+                    sheet: sheet_value.cloned(),
+                    store: store_value.cloned(),
+                    winner: Side::Sheet,
+                    formula: true,
+                });
+                Side::Sheet
+            }
             (false, _) => Side::Store,
             (true, false) => Side::Sheet,
             (true, true) if sheet_value == store_value => Side::Store,
@@ -79,6 +99,7 @@ pub fn merge_fields(
                     sheet: sheet_value.cloned(),
                     store: store_value.cloned(),
                     winner,
+                    formula: false,
                 });
                 winner
             }
@@ -117,7 +138,7 @@ mod tests {
         let base = map(&[(Company, "Acme"), (Stage, "Lead"), (Owner, "Alice")]);
         let sheet = map(&[(Company, "Acme"), (Stage, "Prospect"), (Owner, "Alice")]);
         let store = map(&[(Company, "Acme"), (Stage, "Lead"), (Owner, "Bob")]);
-        let outcome = merge_fields(&FIELDS, &base, &sheet, &store, ConflictPolicy::Store, false);
+        let outcome = merge_fields(&FIELDS, &base, &sheet, &store, ConflictPolicy::Store, false, &[]);
         assert_eq!(
             outcome.to_store,
             vec![(Stage, Some(FieldValue::Text("Prospect".to_string())))]
@@ -138,7 +159,7 @@ mod tests {
             (ConflictPolicy::Newest, false, Side::Store, "Lost"),
         ];
         for (policy, sheet_is_newer, winner, value) in cases {
-            let outcome = merge_fields(&[Stage], &base, &sheet, &store, policy, sheet_is_newer);
+            let outcome = merge_fields(&[Stage], &base, &sheet, &store, policy, sheet_is_newer, &[]);
             assert_eq!(outcome.conflicts.len(), 1, "{policy:?}");
             assert_eq!(outcome.conflicts[0].winner, winner, "{policy:?}");
             assert_eq!(
@@ -166,7 +187,7 @@ mod tests {
     fn the_same_change_on_both_sides_is_no_conflict() {
         let base = map(&[(Stage, "Lead")]);
         let both = map(&[(Stage, "Won")]);
-        let outcome = merge_fields(&[Stage], &base, &both, &both, ConflictPolicy::Sheet, true);
+        let outcome = merge_fields(&[Stage], &base, &both, &both, ConflictPolicy::Sheet, true, &[]);
         assert!(outcome.conflicts.is_empty());
         assert!(outcome.to_store.is_empty());
         assert_eq!(outcome.merged, both);
@@ -182,9 +203,48 @@ mod tests {
             &base,
             ConflictPolicy::Store,
             false,
+            &[],
         );
         assert_eq!(outcome.to_store, vec![(Owner, None)]);
         assert!(outcome.merged.is_empty());
+    }
+
+    #[test]
+    fn a_formula_cell_keeps_its_value_against_a_store_change_under_every_policy() {
+        let base = map(&[(Amount, "5000"), (Stage, "Lead")]);
+        let sheet = map(&[(Amount, "5000"), (Stage, "Lead")]);
+        let store = map(&[(Amount, "4444"), (Stage, "Won")]);
+        for policy in [
+            ConflictPolicy::Store,
+            ConflictPolicy::Sheet,
+            ConflictPolicy::Newest,
+        ] {
+            let outcome = merge_fields(
+                &[Amount, Stage],
+                &base,
+                &sheet,
+                &store,
+                policy,
+                false,
+                &[Amount],
+            );
+            assert_eq!(outcome.merged, map(&[(Amount, "5000"), (Stage, "Won")]));
+            assert_eq!(
+                outcome.to_store,
+                vec![(Amount, Some(FieldValue::Text("5000".to_string())))],
+                "{policy:?}: the store takes the formula's value back"
+            );
+            assert_eq!(outcome.conflicts.len(), 1);
+            assert_eq!(outcome.conflicts[0].winner, Side::Sheet);
+            assert!(outcome.conflicts[0].formula);
+        }
+        // The same value on both sides, or a change on the sheet alone, is no conflict.
+        let outcome = merge_fields(&[Amount], &base, &sheet, &base, ConflictPolicy::Store, false, &[Amount]);
+        assert!(outcome.conflicts.is_empty() && outcome.to_store.is_empty());
+        let changed = map(&[(Amount, "6000")]);
+        let outcome = merge_fields(&[Amount], &base, &changed, &base, ConflictPolicy::Store, false, &[Amount]);
+        assert!(outcome.conflicts.is_empty());
+        assert_eq!(outcome.merged, changed);
     }
 
     fn field_map_strategy() -> impl Strategy<Value = FieldMap> {
@@ -206,7 +266,7 @@ mod tests {
     proptest! {
         #[test]
         fn merging_with_no_changes_is_the_identity(base in field_map_strategy(), policy in policy_strategy(), newer in any::<bool>()) {
-            let outcome = merge_fields(&FIELDS, &base, &base, &base, policy, newer);
+            let outcome = merge_fields(&FIELDS, &base, &base, &base, policy, newer, &[]);
             prop_assert!(outcome.to_store.is_empty());
             prop_assert!(outcome.conflicts.is_empty());
             prop_assert_eq!(outcome.merged, base);
@@ -214,7 +274,7 @@ mod tests {
 
         #[test]
         fn a_change_on_the_sheet_only_is_kept(base in field_map_strategy(), sheet in field_map_strategy(), policy in policy_strategy(), newer in any::<bool>()) {
-            let outcome = merge_fields(&FIELDS, &base, &sheet, &base, policy, newer);
+            let outcome = merge_fields(&FIELDS, &base, &sheet, &base, policy, newer, &[]);
             prop_assert!(outcome.conflicts.is_empty());
             prop_assert_eq!(&outcome.merged, &sheet);
             for field in FIELDS {
@@ -226,7 +286,7 @@ mod tests {
 
         #[test]
         fn a_change_in_the_store_only_is_kept(base in field_map_strategy(), store in field_map_strategy(), policy in policy_strategy(), newer in any::<bool>()) {
-            let outcome = merge_fields(&FIELDS, &base, &base, &store, policy, newer);
+            let outcome = merge_fields(&FIELDS, &base, &base, &store, policy, newer, &[]);
             prop_assert!(outcome.conflicts.is_empty());
             prop_assert!(outcome.to_store.is_empty());
             prop_assert_eq!(outcome.merged, store);

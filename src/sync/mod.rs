@@ -282,6 +282,19 @@ pub fn sync_file_with(
         .collect();
     let deals_in_other_files = deals_in_other_files(&transaction, &file, &removal_candidates)?;
 
+    // Where a mapped cell holds a formula, the sheet keeps it: the write-back never replaces a
+    // formula with a constant.
+    let writes_back = source.write_back && crate::writeback::is_writable(&sheet);
+    let mut formula_fields: HashMap<u32, Vec<crate::deal::Field>> = HashMap::new();
+    if writes_back {
+        for (row_number, column_idx) in &sheet.formula_cells {
+            if let Some(Some(mapping::ColumnRole::Field(field))) =
+                header.roles.get(*column_idx as usize)
+            {
+                formula_fields.entry(*row_number).or_default().push(*field);
+            }
+        }
+    }
     let (changeset, diff_issues) = diff::diff(&DiffInput {
         rows: &rows,
         mirror: mirror_rows,
@@ -293,6 +306,7 @@ pub fn sync_file_with(
         sheet_fields: &sheet_fields,
         conflict_policy: source.conflict,
         file_modified: sheet.modified,
+        formula_fields: &formula_fields,
     });
     issues.extend(diff_issues);
 
@@ -426,13 +440,24 @@ pub fn sync_file_with(
             sheet_value: text(&conflict.sheet),
             store_value: text(&conflict.store),
             winner: conflict.winner.name().to_string(),
-            policy: source.conflict.name().to_string(),
+            policy: if conflict.formula {
+                "formula".to_string()
+            } else {
+                source.conflict.name().to_string()
+            },
             source: source.name.clone(),
             file: file.clone(),
             at: now,
         })?;
-        issues.push(RowIssue::warning(
-            Some(rows[*row_idx].row_number),
+        let message = if conflict.formula {
+            format!(
+                "conflict on {}: the store says {} (was {}), but the cell holds a formula; the formula stays and its value {} was kept",
+                conflict.field,
+                quoted(&conflict.store),
+                quoted(&conflict.base),
+                quoted(&conflict.sheet),
+            )
+        } else {
             format!(
                 "conflict on {}: the sheet says {}, the store says {} (was {}); the {} value was kept",
                 conflict.field,
@@ -440,8 +465,9 @@ pub fn sync_file_with(
                 quoted(&conflict.store),
                 quoted(&conflict.base),
                 conflict.winner.name()
-            ),
-        ));
+            )
+        };
+        issues.push(RowIssue::warning(Some(rows[*row_idx].row_number), message));
     }
     report.conflicts = changeset.conflicts.len() as u64;
     let mut archived_or_deleted: HashSet<DealId> = HashSet::new();
@@ -509,7 +535,7 @@ pub fn sync_file_with(
         }
     }
     // Plan the write-back while the store is locked, so the plan shows the store as committed.
-    let plan = if source.write_back && crate::writeback::is_writable(&sheet) {
+    let plan = if writes_back {
         let outcomes: Vec<RowOutcome> = rows
             .iter()
             .enumerate()
