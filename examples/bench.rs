@@ -203,13 +203,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                 .map(|row| row.cells.len())
                 .max()
                 .unwrap_or(0);
-            let plan = funnelsync::writeback::plan(
-                &header,
-                n_columns,
-                &outcomes,
-                &view,
-                &std::collections::HashSet::new(),
-            );
+            let plan = funnelsync::writeback::plan(&header, n_columns, &outcomes, &view);
             assert!(plan.changed, "the ids are new to the file");
             let stage_names: Vec<String> = config
                 .stages

@@ -349,7 +349,12 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
                 );
                 shown.retain(|field, _| input.sheet_fields.contains(field));
                 // A formula cell shows what the formula gives, never a value from the store.
-                for field in input.formula_fields.get(&row.row_number).into_iter().flatten() {
+                for field in input
+                    .formula_fields
+                    .get(&row.row_number)
+                    .into_iter()
+                    .flatten()
+                {
                     if !row.fields.contains_key(field) {
                         shown.remove(field);
                     }

@@ -138,7 +138,15 @@ mod tests {
         let base = map(&[(Company, "Acme"), (Stage, "Lead"), (Owner, "Alice")]);
         let sheet = map(&[(Company, "Acme"), (Stage, "Prospect"), (Owner, "Alice")]);
         let store = map(&[(Company, "Acme"), (Stage, "Lead"), (Owner, "Bob")]);
-        let outcome = merge_fields(&FIELDS, &base, &sheet, &store, ConflictPolicy::Store, false, &[]);
+        let outcome = merge_fields(
+            &FIELDS,
+            &base,
+            &sheet,
+            &store,
+            ConflictPolicy::Store,
+            false,
+            &[],
+        );
         assert_eq!(
             outcome.to_store,
             vec![(Stage, Some(FieldValue::Text("Prospect".to_string())))]
@@ -159,7 +167,8 @@ mod tests {
             (ConflictPolicy::Newest, false, Side::Store, "Lost"),
         ];
         for (policy, sheet_is_newer, winner, value) in cases {
-            let outcome = merge_fields(&[Stage], &base, &sheet, &store, policy, sheet_is_newer, &[]);
+            let outcome =
+                merge_fields(&[Stage], &base, &sheet, &store, policy, sheet_is_newer, &[]);
             assert_eq!(outcome.conflicts.len(), 1, "{policy:?}");
             assert_eq!(outcome.conflicts[0].winner, winner, "{policy:?}");
             assert_eq!(
@@ -187,7 +196,15 @@ mod tests {
     fn the_same_change_on_both_sides_is_no_conflict() {
         let base = map(&[(Stage, "Lead")]);
         let both = map(&[(Stage, "Won")]);
-        let outcome = merge_fields(&[Stage], &base, &both, &both, ConflictPolicy::Sheet, true, &[]);
+        let outcome = merge_fields(
+            &[Stage],
+            &base,
+            &both,
+            &both,
+            ConflictPolicy::Sheet,
+            true,
+            &[],
+        );
         assert!(outcome.conflicts.is_empty());
         assert!(outcome.to_store.is_empty());
         assert_eq!(outcome.merged, both);
@@ -239,10 +256,26 @@ mod tests {
             assert!(outcome.conflicts[0].formula);
         }
         // The same value on both sides, or a change on the sheet alone, is no conflict.
-        let outcome = merge_fields(&[Amount], &base, &sheet, &base, ConflictPolicy::Store, false, &[Amount]);
+        let outcome = merge_fields(
+            &[Amount],
+            &base,
+            &sheet,
+            &base,
+            ConflictPolicy::Store,
+            false,
+            &[Amount],
+        );
         assert!(outcome.conflicts.is_empty() && outcome.to_store.is_empty());
         let changed = map(&[(Amount, "6000")]);
-        let outcome = merge_fields(&[Amount], &base, &changed, &base, ConflictPolicy::Store, false, &[Amount]);
+        let outcome = merge_fields(
+            &[Amount],
+            &base,
+            &changed,
+            &base,
+            ConflictPolicy::Store,
+            false,
+            &[Amount],
+        );
         assert!(outcome.conflicts.is_empty());
         assert_eq!(outcome.merged, changed);
     }

@@ -557,21 +557,13 @@ pub fn sync_file_with(
             .into_iter()
             .filter(|deal| source.filter_matches(&deal.fields))
             .collect();
-        let today = now.date_naive();
-        let stalled: HashSet<DealId> = view
-            .iter()
-            .filter(|deal| crate::remind::is_stalled(deal, &config.stages, today))
-            .map(|deal| deal.id)
-            .collect();
         let n_columns = sheet
             .rows
             .iter()
             .map(|row| row.cells.len())
             .max()
             .unwrap_or(0);
-        Some(crate::writeback::plan(
-            &header, n_columns, &outcomes, &view, &stalled,
-        ))
+        Some(crate::writeback::plan(&header, n_columns, &outcomes, &view))
     } else {
         None
     };

@@ -39,7 +39,6 @@ pub struct PlannedRow {
     pub fields: FieldMap,
     /// The row's unmapped values after the write (for the mirror).
     pub extras: ExtraMap,
-    pub stalled: bool,
 }
 
 /// The new content of the managed sheet.
@@ -50,6 +49,10 @@ pub struct SheetPlan {
     pub roles: Vec<Option<ColumnRole>>,
     pub header_row_number: u32,
     pub rows: Vec<PlannedRow>,
+    /// Excel row numbers of the rows as read whose deal left the view.
+    pub removed: Vec<u32>,
+    /// The key column, when the sheet had none and the write adds it.
+    pub added_key_column: Option<usize>,
     /// Whether anything differs from the file as read.
     pub changed: bool,
 }
@@ -80,10 +83,10 @@ pub fn plan(
     n_columns: usize,
     outcomes: &[RowOutcome],
     view: &[Deal],
-    stalled: &HashSet<DealId>,
 ) -> SheetPlan {
     let mut headers = header.headers.clone();
     let mut roles = header.roles.clone();
+    let mut added_key_column = None;
     let key_column_idx = match header.key_column() {
         Some(column_idx) => column_idx,
         None => {
@@ -92,9 +95,11 @@ pub fn plan(
             roles.resize(column_idx, None);
             headers.push(String::new());
             roles.push(Some(ColumnRole::Key));
+            added_key_column = Some(column_idx);
             column_idx
         }
     };
+    let mut removed = Vec::new();
     let mut changed = false;
     let in_view: HashMap<DealId, &Deal> = view.iter().map(|deal| (deal.id, deal)).collect();
     let mut shown: HashSet<DealId> = HashSet::new();
@@ -106,7 +111,6 @@ pub fn plan(
             deal_id: outcome.deal_id,
             fields: outcome.read.clone(),
             extras: outcome.extras.clone(),
-            stalled: false,
         };
         let (Some(deal_id), Some(merged)) = (outcome.deal_id, outcome.merged.as_ref()) else {
             // A row with errors stays exactly as the rep wrote it, for the rep to fix.
@@ -117,6 +121,7 @@ pub fn plan(
             // The deal was archived, deleted or no longer matches the filter; or a second row
             // shows it already.
             changed = true;
+            removed.push(outcome.row_number);
             continue;
         }
         shown.insert(deal_id);
@@ -150,7 +155,6 @@ pub fn plan(
             deal_id: Some(deal_id),
             fields,
             extras: outcome.extras.clone(),
-            stalled: stalled.contains(&deal_id),
         });
     }
     for deal in view.iter().filter(|deal| !shown.contains(&deal.id)) {
@@ -184,7 +188,6 @@ pub fn plan(
             deal_id: Some(deal.id),
             fields,
             extras,
-            stalled: stalled.contains(&deal.id),
         });
     }
     if header.key_column().is_none() && rows.iter().any(|row| row.deal_id.is_some()) {
@@ -195,6 +198,8 @@ pub fn plan(
         roles,
         header_row_number: header.row_number,
         rows,
+        removed,
+        added_key_column: added_key_column.filter(|_| changed),
         changed,
     }
 }
@@ -213,23 +218,24 @@ fn out_cell(field: Field, value: Option<&FieldValue>) -> OutCell {
     }
 }
 
-/// Whether funnelsync can write this file: .xlsx and .csv (not .xlsm, whose macros would be
-/// lost, nor the read-only .xls and .ods).
+/// Whether funnelsync can write this file: .xlsx, .xlsm (edited in place, so its macros stay)
+/// and .csv, not the read-only .xls and .ods.
 pub fn is_writable(sheet: &SheetData) -> bool {
     is_writable_path(&sheet.path)
 }
 
 /// [`is_writable`] by the file's name alone.
 pub fn is_writable_path(path: &Path) -> bool {
-    let is_xlsm = path
-        .extension()
-        .and_then(|extension| extension.to_str())
-        .is_some_and(|extension| extension.eq_ignore_ascii_case("xlsm"));
     matches!(
         crate::workbook::format_of(path),
         Some(FileFormat::Xlsx | FileFormat::Csv)
-    ) && !is_xlsm
+    )
 }
+
+/// Where a writer puts a new file: the zip writer of the .xlsx editor needs to seek back.
+pub trait WriteSeek: std::io::Write + std::io::Seek {}
+
+impl<T: std::io::Write + std::io::Seek> WriteSeek for T {}
 
 /// Whether text written into a cell could be taken for a formula by a spreadsheet program.
 pub fn looks_like_formula(text: &str) -> bool {
@@ -255,6 +261,12 @@ pub enum WriteError {
     },
     #[error("cannot build the workbook for {path}: {message}")]
     Build { path: PathBuf, message: String },
+    #[error("cannot edit {path} in place: {source}")]
+    Edit {
+        path: PathBuf,
+        #[source]
+        source: xlsx::PackageError,
+    },
 }
 
 impl WriteError {

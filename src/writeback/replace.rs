@@ -13,25 +13,6 @@ use sha2::{Digest, Sha256};
 use super::WriteError;
 use crate::watch::Fingerprint;
 
-/// A writer that hashes what passes through it, so the new file's content hash needs no second
-/// read.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buffer: &[u8]) -> std::io::Result<usize> {
-        let n_written = self.inner.write(buffer)?;
-        self.hasher.update(&buffer[..n_written]);
-        Ok(n_written)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Writes new content for `path` through `build` into a temp file in the same folder, fsyncs it,
 /// keeps a backup of `original` (the bytes the sync read), and swaps it in — unless the file
 /// changed since `fingerprint_before` or is open now. Returns the SHA-256 of the new content
@@ -41,7 +22,7 @@ pub(super) fn replace_file<T>(
     original: &[u8],
     fingerprint_before: Option<Fingerprint>,
     n_backups: usize,
-    build: impl FnOnce(&mut dyn Write) -> Result<T, WriteError>,
+    build: impl FnOnce(&mut dyn super::WriteSeek) -> Result<T, WriteError>,
 ) -> Result<(String, T), WriteError> {
     let io_error = |source| WriteError::Io {
         path: path.to_path_buf(),
@@ -53,21 +34,23 @@ pub(super) fn replace_file<T>(
         .suffix(".tmp")
         .tempfile_in(folder)
         .map_err(io_error)?;
-    let (built, content_hash) = {
-        let mut writer = HashingWriter {
-            inner: std::io::BufWriter::with_capacity(1 << 16, temp.as_file()),
-            hasher: Sha256::new(),
-        };
+    let built = {
+        let mut writer = std::io::BufWriter::with_capacity(1 << 16, temp.as_file());
         let built = build(&mut writer)?;
         writer.flush().map_err(io_error)?;
-        let content_hash: String = writer
-            .hasher
-            .clone()
+        built
+    };
+    // The new content's hash, read back from the temp file: the zip writer seeks, so the bytes
+    // cannot be hashed on their way out.
+    let content_hash = {
+        let mut file = temp.reopen().map_err(io_error)?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher).map_err(io_error)?;
+        hasher
             .finalize()
             .iter()
             .map(|byte| format!("{byte:02x}"))
-            .collect();
-        (built, content_hash)
+            .collect::<String>()
     };
     if let Ok(metadata) = std::fs::metadata(path) {
         // The new file keeps the old one's permissions, so the team can still open it.

@@ -1,0 +1,606 @@
+//! The in-place editor for .xlsx and .xlsm: the write-back patches the package instead of
+//! rebuilding it. Every zip entry other than the managed sheet is copied through byte for byte
+//! (its compressed data, untouched); the managed sheet's XML is streamed through and only the
+//! cells the plan changes are replaced. A part other than the sheet changes only where the change
+//! needs it, each said where it is done: `styles.xml` gains one date style when a date goes into a
+//! column that has none, an Excel table's `ref` grows over appended rows, and `workbook.xml` asks
+//! for a recalculation when a value a formula may depend on changed.
+//!
+//! This module knows the package format; it must not decide what a cell shows (that is the
+//! plan) nor how the file reaches the disk (that is `replace`).
+
+mod cellref;
+mod package;
+mod safety;
+mod sheet;
+mod styles;
+mod xml;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufReader, Cursor, Write};
+
+use quick_xml::events::Event;
+
+use super::{OutCell, SheetPlan, WriteError, WriteSeek};
+use crate::mapping::ColumnRole;
+use crate::workbook::SheetData;
+use cellref::{Range, RowShift};
+use package::Package;
+use sheet::{Fresh, RowEdit, SheetEdit};
+use styles::Styles;
+
+#[cfg(test)]
+use sheet::date_serial;
+
+/// What went wrong inside the package.
+#[derive(Debug, thiserror::Error)]
+pub enum PackageError {
+    #[error("the workbook is not a valid zip package: {0}")]
+    Zip(#[from] zip::result::ZipError),
+    #[error("a part of the workbook is not valid XML: {0}")]
+    Xml(#[from] quick_xml::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the workbook has no part {0}")]
+    Missing(String),
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl From<quick_xml::events::attributes::AttrError> for PackageError {
+    fn from(error: quick_xml::events::attributes::AttrError) -> PackageError {
+        PackageError::Xml(quick_xml::Error::from(error))
+    }
+}
+
+/// How fast the rewritten sheet part is compressed. Level 1 costs a fraction of the default's time
+/// for a file a little larger; Excel rewrites it at its own level on the next save anyway.
+const SHEET_COMPRESSION_LEVEL: i64 = 1;
+
+/// Writes the plan into the workbook `original` (the bytes the sync read), into `out`. Returns
+/// the Excel row number of each planned row in the written file, in plan order.
+pub fn build(
+    sheet: &SheetData,
+    original: &[u8],
+    plan: &SheetPlan,
+    stage_names: &[String],
+    out: &mut dyn WriteSeek,
+) -> Result<Vec<u32>, WriteError> {
+    let edit_error = |source: PackageError| WriteError::Edit {
+        path: sheet.path.clone(),
+        source,
+    };
+    build_package(sheet, original, plan, stage_names, out).map_err(edit_error)
+}
+
+fn build_package(
+    sheet: &SheetData,
+    original: &[u8],
+    plan: &SheetPlan,
+    stage_names: &[String],
+    out: &mut dyn WriteSeek,
+) -> Result<Vec<u32>, PackageError> {
+    let mut package = Package::open(Cursor::new(original))?;
+    let workbook = package.workbook()?;
+    let workbook_relationships = package.relationships(&workbook.part)?;
+    let sheet_index = workbook
+        .sheets
+        .iter()
+        .position(|(name, _)| *name == sheet.sheet_name)
+        .ok_or_else(|| PackageError::Missing(format!("sheet \"{}\"", sheet.sheet_name)))?;
+    let sheet_relationship_id = &workbook.sheets[sheet_index].1;
+    let sheet_part = workbook_relationships
+        .iter()
+        .find(|relationship| &relationship.id == sheet_relationship_id)
+        .and_then(|relationship| relationship.part.clone())
+        .ok_or_else(|| {
+            PackageError::Missing(format!("the part of sheet \"{}\"", sheet.sheet_name))
+        })?;
+    let sheet_entry = package
+        .index_of(&sheet_part)
+        .ok_or_else(|| PackageError::Missing(sheet_part.clone()))?;
+    let sheet_relationships = package.relationships(&sheet_part)?;
+    let styles_part = workbook_relationships
+        .iter()
+        .find(|relationship| relationship.kind == "styles")
+        .and_then(|relationship| relationship.part.clone());
+    let styles_bytes = match &styles_part {
+        Some(part) => package.read(part)?,
+        None => None,
+    };
+    let mut styles = match &styles_bytes {
+        Some(bytes) => Styles::parse(bytes)?,
+        None => Styles::default(),
+    };
+
+    // Rows that leave are deleted (the rows below moving up) where nothing points below them,
+    // and cleared where something might.
+    let mut removed = plan.removed.clone();
+    removed.sort_unstable();
+    let mut shift = RowShift::default();
+    let mut cleared = Vec::new();
+    if let Some(first_deleted) = removed.first().copied() {
+        let candidate = RowShift::new(removed.clone());
+        let parts = safety::SheetParts {
+            sheet_name: &sheet.sheet_name,
+            sheet_index,
+            sheet_part: &sheet_part,
+            relationships: &sheet_relationships,
+            workbook: &workbook,
+            formula_cells: &sheet.formula_cells,
+        };
+        match safety::check(&mut package, &parts, &candidate, first_deleted)? {
+            Ok(()) => shift = candidate,
+            Err(reason) => {
+                tracing::info!(
+                    "{}: {} row(s) left blank rather than deleted: {reason}",
+                    sheet.path.display(),
+                    removed.len()
+                );
+                cleared = removed.clone();
+            }
+        }
+    }
+
+    let layout = Layout::of(plan, &removed, &shift);
+    let mut rows: BTreeMap<u32, RowEdit> = BTreeMap::new();
+    let mut max_column = 0u32;
+    for planned in &plan.rows {
+        let Some(origin) = planned.origin else {
+            continue;
+        };
+        if planned.overrides.is_empty() {
+            continue;
+        }
+        let cells = column_cells(&planned.overrides, &mut max_column);
+        rows.insert(origin, RowEdit::Cells(cells));
+    }
+    for row_number in &cleared {
+        rows.insert(*row_number, RowEdit::Clear);
+    }
+    if let Some(key_column) = plan.added_key_column {
+        let column = u32::try_from(key_column).unwrap_or(u32::MAX);
+        max_column = max_column.max(column);
+        let mut header = BTreeMap::new();
+        header.insert(column, OutCell::Text("CRM ID".to_string()));
+        rows.insert(plan.header_row_number, RowEdit::Cells(header));
+    }
+    let new_rows: Vec<(u32, BTreeMap<u32, OutCell>)> = plan
+        .rows
+        .iter()
+        .filter(|planned| planned.origin.is_none())
+        .zip(layout.first_new_row..)
+        .map(|(planned, row_number)| {
+            (
+                row_number,
+                column_cells(&planned.overrides, &mut max_column),
+            )
+        })
+        .collect();
+    let last_new_row = new_rows.last().map(|(row_number, _)| *row_number);
+    let fresh = layout.is_fresh.then(|| {
+        fresh_niceties(
+            plan,
+            stage_names,
+            last_new_row.unwrap_or(plan.header_row_number),
+        )
+    });
+    let edit = SheetEdit {
+        header_row: plan.header_row_number,
+        rows,
+        shift: shift.clone(),
+        new_rows,
+        template_row: layout.template_row,
+        extend: last_new_row.map(|last| (layout.first_new_row - 1, last)),
+        max_column,
+        fresh,
+        date1904: workbook.date1904,
+    };
+
+    // The sheet is patched into a staging archive first, so that every entry of the new package
+    // keeps its place and the parts written after it (styles) can use what the patch found.
+    let mut staging = zip::ZipWriter::new(tempfile::tempfile()?);
+    let (sheet_entry_name, sheet_options) = {
+        let entry = package.archive.by_index_raw(sheet_entry)?;
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .compression_level(Some(SHEET_COMPRESSION_LEVEL))
+            .last_modified_time(entry.last_modified().unwrap_or_default())
+            .large_file(entry.size() >= u64::from(u32::MAX));
+        (entry.name()?.into_owned(), options)
+    };
+    staging.start_file(sheet_entry_name.as_str(), sheet_options)?;
+    let outcome = {
+        let entry = package.archive.by_index(sheet_entry)?;
+        sheet::patch(
+            BufReader::with_capacity(1 << 16, entry),
+            &mut staging,
+            edit,
+            &mut styles,
+        )?
+    };
+    for (row_number, column) in &outcome.kept_formulas {
+        tracing::warn!(
+            "{}: {} holds a formula; it was kept and not overwritten",
+            sheet.path.display(),
+            cellref::cell_name(*row_number, *column)
+        );
+    }
+    let mut staged = zip::ZipArchive::new(staging.finish()?)?;
+
+    // The parts besides the sheet that this write changes.
+    let mut changed_parts: HashMap<String, Vec<u8>> = HashMap::new();
+    if let (Some(part), Some(bytes)) = (&styles_part, &styles_bytes) {
+        if styles.is_changed() {
+            // A date went into a column without a date style: one `xf` was added.
+            changed_parts.insert(part.to_lowercase(), styles.write(bytes)?);
+        }
+    }
+    for relationship in sheet_relationships
+        .iter()
+        .filter(|relationship| relationship.kind == "table")
+    {
+        let Some(part) = &relationship.part else {
+            continue;
+        };
+        if let Some(bytes) = package.read(part)? {
+            // Rows appended below an Excel table join it; deleted rows leave it.
+            if let Some(edited) =
+                edit_table(&bytes, &shift, layout.first_new_row - 1, last_new_row)?
+            {
+                changed_parts.insert(part.to_lowercase(), edited);
+            }
+        }
+    }
+    let has_formulas = !sheet.formula_cells.is_empty()
+        || workbook_relationships
+            .iter()
+            .any(|relationship| relationship.kind == "calcChain");
+    if outcome.values_changed && has_formulas {
+        // Cached results of formulas that read the changed cells are stale: Excel and
+        // LibreOffice recalculate on opening.
+        if let Some(bytes) = package.read(&workbook.part)? {
+            if let Some(edited) = request_recalculation(&bytes)? {
+                changed_parts.insert(workbook.part.to_lowercase(), edited);
+            }
+        }
+    }
+
+    let mut writer = zip::ZipWriter::new(out);
+    for entry_idx in 0..package.archive.len() {
+        if entry_idx == sheet_entry {
+            writer.raw_copy_file(staged.by_index_raw(0)?)?;
+            continue;
+        }
+        let name = package
+            .archive
+            .name_for_index(entry_idx)
+            .transpose()?
+            .map(|name| name.into_owned())
+            .unwrap_or_default();
+        match changed_parts.get(&name.trim_start_matches('/').to_lowercase()) {
+            Some(bytes) => {
+                let entry = package.archive.by_index_raw(entry_idx)?;
+                let options = zip::write::SimpleFileOptions::default()
+                    .compression_method(entry.compression())
+                    .last_modified_time(entry.last_modified().unwrap_or_default());
+                drop(entry);
+                writer.start_file(name.as_str(), options)?;
+                writer.write_all(bytes)?;
+            }
+            None => writer.raw_copy_file(package.archive.by_index_raw(entry_idx)?)?,
+        }
+    }
+    let comment = package.archive.comment().to_vec();
+    if !comment.is_empty() {
+        writer.set_raw_comment(comment.into_boxed_slice())?;
+    }
+    writer.finish()?;
+
+    Ok(plan
+        .rows
+        .iter()
+        .scan(layout.first_new_row, |next_new_row, planned| {
+            Some(match planned.origin {
+                Some(origin) => shift.map(origin).unwrap_or(origin),
+                None => {
+                    let row_number = *next_new_row;
+                    *next_new_row += 1;
+                    row_number
+                }
+            })
+        })
+        .collect())
+}
+
+/// Where rows go in the written sheet.
+struct Layout {
+    /// The first appended row's number.
+    first_new_row: u32,
+    /// The row new rows copy their styles from: the last data row as read.
+    template_row: Option<u32>,
+    /// The sheet had no data rows: funnelsync fills it from nothing.
+    is_fresh: bool,
+}
+
+impl Layout {
+    fn of(plan: &SheetPlan, removed: &[u32], shift: &RowShift) -> Layout {
+        let origins: Vec<u32> = plan
+            .rows
+            .iter()
+            .filter_map(|planned| planned.origin)
+            .chain(removed.iter().copied())
+            .collect();
+        let template_row = origins.iter().copied().max();
+        // New rows go below the last row that is still there.
+        let last_kept = origins
+            .iter()
+            .filter_map(|origin| shift.map(*origin))
+            .max()
+            .unwrap_or(plan.header_row_number)
+            .max(plan.header_row_number);
+        Layout {
+            first_new_row: last_kept + 1,
+            template_row,
+            is_fresh: origins.is_empty(),
+        }
+    }
+}
+
+fn column_cells(
+    overrides: &BTreeMap<usize, OutCell>,
+    max_column: &mut u32,
+) -> BTreeMap<u32, OutCell> {
+    overrides
+        .iter()
+        .filter_map(|(column_idx, cell)| {
+            let column = u32::try_from(*column_idx).ok()?;
+            *max_column = (*max_column).max(column);
+            Some((column, cell.clone()))
+        })
+        .collect()
+}
+
+/// The frozen header, autofilter, widths and stage dropdown of a sheet funnelsync fills from
+/// nothing.
+fn fresh_niceties(plan: &SheetPlan, stage_names: &[String], last_row: u32) -> Fresh {
+    let mut widths: Vec<usize> = plan
+        .headers
+        .iter()
+        .map(|header| unicode_width::UnicodeWidthStr::width(header.as_str()).max(6) + 2)
+        .collect();
+    if let Some(key_column) = plan.added_key_column {
+        if let Some(width) = widths.get_mut(key_column) {
+            *width = 10;
+        }
+    }
+    for planned in &plan.rows {
+        for (column_idx, cell) in &planned.overrides {
+            let width = match cell {
+                OutCell::Empty => 0,
+                OutCell::Text(text) => unicode_width::UnicodeWidthStr::width(text.as_str()),
+                OutCell::Number(number) => crate::deal::format_amount(*number).len() + 2,
+                OutCell::Date(_) => 10,
+            };
+            if let Some(column_width) = widths.get_mut(*column_idx) {
+                *column_width = (*column_width).max(width + 2);
+            }
+        }
+    }
+    let stage_list = plan
+        .roles
+        .iter()
+        .position(|role| role == &Some(ColumnRole::Field(crate::deal::Field::Stage)))
+        .and_then(|column| {
+            let list = stage_names
+                .iter()
+                .map(|name| name.replace('"', "\"\""))
+                .collect::<Vec<_>>()
+                .join(",");
+            // Excel takes at most 255 characters in a literal list, and no commas in a name.
+            let fits = list.len() <= 253 && stage_names.iter().all(|name| !name.contains(','));
+            fits.then(|| (u32::try_from(column).unwrap_or(0), format!("\"{list}\"")))
+        });
+    Fresh {
+        header_row: plan.header_row_number,
+        widths: widths
+            .into_iter()
+            .map(|width| width.clamp(6, 50) as f64)
+            .collect(),
+        autofilter: Range {
+            first_row: plan.header_row_number,
+            first_column: 0,
+            last_row,
+            last_column: u32::try_from(plan.headers.len().saturating_sub(1)).unwrap_or(0),
+        },
+        stage_list,
+    }
+}
+
+/// A table part with its `ref` (and its autofilter's) moved with deleted rows and grown over
+/// appended ones; `None` when nothing changes.
+fn edit_table(
+    bytes: &[u8],
+    shift: &RowShift,
+    append_after: u32,
+    last_new_row: Option<u32>,
+) -> Result<Option<Vec<u8>>, PackageError> {
+    let mut splices = Vec::new();
+    let mut failed = None;
+    xml::walk(bytes, |event, start, end| {
+        let (element, empty) = match event {
+            Event::Start(element) => (element, false),
+            Event::Empty(element) => (element, true),
+            _ => return,
+        };
+        if !matches!(
+            element.local_name().as_ref(),
+            "table" | "autoFilter" | "sortState"
+        ) {
+            return;
+        }
+        let Some(text) = xml::attribute(element, "ref") else {
+            return;
+        };
+        let edited = cellref::edit_ranges(&text, |range| {
+            let range = if shift.is_empty() {
+                range
+            } else {
+                shift.range(range)?
+            };
+            Some(match last_new_row {
+                Some(last_row) => cellref::extend_range(range, append_after, last_row),
+                None => range,
+            })
+        });
+        match edited {
+            Some(edited) if edited != text => splices.push(xml::Splice {
+                start,
+                end,
+                text: xml::tag_bytes(
+                    &xml::with_attributes(element, &[("ref", Some(&edited))]),
+                    empty,
+                ),
+            }),
+            Some(_) => {}
+            None => failed = Some(text),
+        }
+    })?;
+    if let Some(text) = failed {
+        return Err(PackageError::Malformed(format!(
+            "a table's range {text} would be left empty"
+        )));
+    }
+    Ok((!splices.is_empty()).then(|| xml::apply_splices(bytes, splices)))
+}
+
+/// `workbook.xml` with `fullCalcOnLoad="1"` on its `<calcPr>` (added if it has none); `None`
+/// when it asks for that already.
+fn request_recalculation(bytes: &[u8]) -> Result<Option<Vec<u8>>, PackageError> {
+    // calcPr comes after these in CT_Workbook; a new one goes before the first element that
+    // follows it, or before the end of the workbook.
+    const AFTER_CALC_PR: [&str; 10] = [
+        "oleSize",
+        "customWorkbookViews",
+        "pivotCaches",
+        "smartTagPr",
+        "smartTagTypes",
+        "webPublishing",
+        "fileRecoveryPr",
+        "webPublishObjects",
+        "extLst",
+        "",
+    ];
+    let mut splice = None;
+    let mut insert_at = None;
+    let mut prefix = String::new();
+    let mut depth = 0usize;
+    xml::walk(bytes, |event, start, end| match event {
+        Event::Start(element) | Event::Empty(element) => {
+            let is_start = matches!(event, Event::Start(_));
+            if depth == 0 {
+                prefix = xml::prefix_of(element.name().as_ref());
+            }
+            if depth == 1 {
+                let local = element.local_name();
+                if local.as_ref() == "calcPr" {
+                    if xml::attribute(element, "fullCalcOnLoad").as_deref() != Some("1") {
+                        splice = Some(xml::Splice {
+                            start,
+                            end,
+                            text: xml::tag_bytes(
+                                &xml::with_attributes(element, &[("fullCalcOnLoad", Some("1"))]),
+                                !is_start,
+                            ),
+                        });
+                    }
+                    insert_at = Some(usize::MAX);
+                } else if insert_at.is_none() && AFTER_CALC_PR.contains(&local.as_ref()) {
+                    insert_at = Some(start);
+                }
+            }
+            if is_start {
+                depth += 1;
+            }
+        }
+        Event::End(_) => {
+            depth = depth.saturating_sub(1);
+            if depth == 0 && insert_at.is_none() {
+                insert_at = Some(start);
+            }
+        }
+        _ => {}
+    })?;
+    if let Some(splice) = splice {
+        return Ok(Some(xml::apply_splices(bytes, vec![splice])));
+    }
+    match insert_at {
+        Some(position) if position != usize::MAX => Ok(Some(xml::apply_splices(
+            bytes,
+            vec![xml::Splice {
+                start: position,
+                end: position,
+                text: format!("<{prefix}calcPr fullCalcOnLoad=\"1\"/>").into_bytes(),
+            }],
+        ))),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recalculation_is_requested_once() {
+        let with = br#"<workbook xmlns="m"><sheets/><calcPr calcId="191029"/></workbook>"#;
+        let edited = request_recalculation(with).expect("parse").expect("edited");
+        assert_eq!(
+            String::from_utf8_lossy(&edited),
+            r#"<workbook xmlns="m"><sheets/><calcPr calcId="191029" fullCalcOnLoad="1"/></workbook>"#
+        );
+        assert!(request_recalculation(&edited).expect("parse").is_none());
+        let without = br#"<x:workbook xmlns:x="m"><x:sheets/><x:extLst/></x:workbook>"#;
+        let edited = request_recalculation(without)
+            .expect("parse")
+            .expect("edited");
+        assert_eq!(
+            String::from_utf8_lossy(&edited),
+            r#"<x:workbook xmlns:x="m"><x:sheets/><x:calcPr fullCalcOnLoad="1"/><x:extLst/></x:workbook>"#
+        );
+    }
+
+    #[test]
+    fn tables_grow_over_appended_rows_and_shrink_over_deleted_ones() {
+        let table =
+            br#"<table id="1" ref="A1:C5" totalsRowShown="0"><autoFilter ref="A1:C5"/></table>"#;
+        let grown = edit_table(table, &RowShift::default(), 5, Some(7))
+            .expect("edit")
+            .expect("changed");
+        assert_eq!(
+            String::from_utf8_lossy(&grown),
+            r#"<table id="1" ref="A1:C7" totalsRowShown="0"><autoFilter ref="A1:C7"/></table>"#
+        );
+        let shrunk = edit_table(table, &RowShift::new(vec![3]), 4, None)
+            .expect("edit")
+            .expect("changed");
+        assert_eq!(
+            String::from_utf8_lossy(&shrunk),
+            r#"<table id="1" ref="A1:C4" totalsRowShown="0"><autoFilter ref="A1:C4"/></table>"#
+        );
+        assert!(edit_table(table, &RowShift::default(), 9, Some(10))
+            .expect("edit")
+            .is_none());
+    }
+
+    #[test]
+    fn date_serials_follow_excel() {
+        let date =
+            |year, month, day| chrono::NaiveDate::from_ymd_opt(year, month, day).expect("date");
+        assert_eq!(date_serial(date(2026, 11, 28), false), Some(46354));
+        assert_eq!(date_serial(date(1900, 3, 1), false), Some(61));
+        assert_eq!(date_serial(date(1900, 1, 1), false), Some(1));
+        assert_eq!(date_serial(date(1904, 1, 2), true), Some(1));
+        assert_eq!(date_serial(date(1899, 1, 1), false), None);
+    }
+}
