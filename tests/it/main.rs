@@ -6,6 +6,7 @@ mod crash;
 mod daemon;
 mod funnel;
 mod harness;
+mod in_place;
 mod remind;
 mod safety;
 mod sync_cli;

@@ -1,0 +1,892 @@
+//! The write-back edits a team's workbook in place: formatting, merged cells, comments,
+//! conditional formats, validations, hyperlinks, images, charts, defined names, hidden columns,
+//! panes, tables and macros are theirs and stay; only the cells funnelsync changes change.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::path::Path;
+
+use rust_xlsxwriter::{
+    Chart, ChartType, Color, ConditionalFormatCell, ConditionalFormatCellRule, DataValidation,
+    ExcelDateTime, Format, FormatBorder, Formula, Image, Note, Table, Workbook,
+};
+
+use crate::harness::{file_report, read_xlsx, TestDir};
+
+/// A 1×1 PNG.
+const PIXEL_PNG: &[u8] = &[
+    0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1F, 0x15, 0xC4,
+    0x89, 0x00, 0x00, 0x00, 0x0D, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9C, 0x63, 0xF8, 0xCF, 0xC0, 0xF0,
+    0x1F, 0x00, 0x05, 0x00, 0x01, 0xFF, 0x89, 0x99, 0x3D, 0x1D, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45,
+    0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
+];
+
+/// The deals of the team workbook: company, contact, email, stage, amount, owner, next step date.
+const DEALS: [(&str, &str, &str, &str, f64, &str, (u16, u8, u8)); 4] = [
+    (
+        "Acme",
+        "Ann",
+        "ann@acme.com",
+        "Lead",
+        1000.0,
+        "Alice",
+        (2026, 12, 1),
+    ),
+    (
+        "Globex",
+        "Gus",
+        "gus@globex.com",
+        "Prospect",
+        2500.0,
+        "Bob",
+        (2026, 12, 2),
+    ),
+    (
+        "Initech",
+        "Ian",
+        "ian@initech.com",
+        "Opportunity",
+        4000.0,
+        "Alice",
+        (2026, 12, 3),
+    ),
+    (
+        "Umbrella",
+        "Uma",
+        "uma@umbrella.com",
+        "Lead",
+        800.0,
+        "Bob",
+        (2026, 12, 4),
+    ),
+];
+
+/// A pipeline workbook as a team makes it: a merged, coloured title row, a coloured header on
+/// row 2, row fills and borders, "$" amounts, `dd mmm yyyy` dates, a note, conditional
+/// formatting, a dropdown from a named range, hyperlinks, an image, a hidden column, a pane frozen
+/// at B3, and a Summary sheet with a formula over a defined name and a chart.
+fn team_workbook(path: &Path) {
+    let mut workbook = Workbook::new();
+    let title = Format::new()
+        .set_bold()
+        .set_font_size(16)
+        .set_background_color(Color::RGB(0x1F4E78))
+        .set_font_color(Color::White);
+    let header = Format::new()
+        .set_bold()
+        .set_background_color(Color::RGB(0xBDD7EE))
+        .set_border(FormatBorder::Thin);
+    let row_fill = Format::new()
+        .set_background_color(Color::RGB(0xF2F2F2))
+        .set_border(FormatBorder::Thin);
+    let money = Format::new()
+        .set_num_format("\"$\"#,##0.00")
+        .set_background_color(Color::RGB(0xF2F2F2))
+        .set_border(FormatBorder::Thin);
+    let date = Format::new()
+        .set_num_format("dd mmm yyyy")
+        .set_background_color(Color::RGB(0xF2F2F2))
+        .set_border(FormatBorder::Thin);
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    sheet
+        .merge_range(0, 0, 0, 7, "Team pipeline 2026", &title)
+        .expect("merge");
+    for (column, text) in [
+        "Company",
+        "Contact",
+        "Email",
+        "Stage",
+        "Amount",
+        "Owner",
+        "Next Step",
+        "Website",
+    ]
+    .iter()
+    .enumerate()
+    {
+        sheet
+            .write_string_with_format(1, column as u16, *text, &header)
+            .expect("header");
+    }
+    for (idx, (company, contact, email, stage, amount, owner, (year, month, day))) in
+        DEALS.iter().enumerate()
+    {
+        let row = idx as u32 + 2;
+        for (column, text) in [
+            (0, company),
+            (1, contact),
+            (2, email),
+            (3, stage),
+            (5, owner),
+        ] {
+            sheet
+                .write_string_with_format(row, column, *text, &row_fill)
+                .expect("text");
+        }
+        sheet
+            .write_number_with_format(row, 4, *amount, &money)
+            .expect("amount");
+        sheet
+            .write_datetime_with_format(
+                row,
+                6,
+                ExcelDateTime::from_ymd(*year, *month, *day).expect("date"),
+                &date,
+            )
+            .expect("date");
+        sheet
+            .write_url(
+                row,
+                7,
+                format!("https://{}.example.com", company.to_lowercase()).as_str(),
+            )
+            .expect("url");
+    }
+    sheet
+        .insert_note(2, 0, &Note::new("Key account — call on Mondays"))
+        .expect("note");
+    sheet
+        .add_conditional_format(
+            2,
+            4,
+            5,
+            4,
+            &ConditionalFormatCell::new()
+                .set_rule(ConditionalFormatCellRule::GreaterThan(3000))
+                .set_format(Format::new().set_font_color(Color::RGB(0x006100))),
+        )
+        .expect("conditional format");
+    sheet
+        .add_data_validation(
+            2,
+            3,
+            5,
+            3,
+            &DataValidation::new().allow_list_formula(Formula::new("=StageList")),
+        )
+        .expect("validation");
+    sheet
+        .insert_image(8, 1, &Image::new_from_buffer(PIXEL_PNG).expect("png"))
+        .expect("image");
+    sheet.set_column_width(0, 18).expect("width");
+    sheet.set_column_width(2, 24).expect("width");
+    sheet.set_column_hidden(7).expect("hidden");
+    sheet.set_freeze_panes(2, 1).expect("pane");
+    let lists = workbook.add_worksheet();
+    lists.set_name("Lists").expect("name");
+    for (row, stage) in ["Lead", "Prospect", "Opportunity", "Won", "Lost"]
+        .iter()
+        .enumerate()
+    {
+        lists.write_string(row as u32, 0, *stage).expect("stage");
+    }
+    let summary = workbook.add_worksheet();
+    summary.set_name("Summary").expect("name");
+    summary.write_string(0, 0, "Total").expect("label");
+    summary
+        .write_formula(
+            0,
+            1,
+            Formula::new("=SUM(PipelineAmounts)").set_result("8300"),
+        )
+        .expect("formula");
+    let mut chart = Chart::new(ChartType::Column);
+    chart
+        .add_series()
+        .set_categories("Pipeline!$A$3:$A$6")
+        .set_values("Pipeline!$E$3:$E$6");
+    summary.insert_chart(2, 0, &chart).expect("chart");
+    workbook
+        .define_name("StageList", "=Lists!$A$1:$A$5")
+        .expect("name");
+    workbook
+        .define_name("PipelineAmounts", "=Pipeline!$E$3:$E$6")
+        .expect("name");
+    workbook.save(path).expect("save workbook");
+}
+
+/// Every zip entry of a package: name → (compression method, CRC, uncompressed bytes).
+fn entries(path: &Path) -> BTreeMap<String, (String, u32, Vec<u8>)> {
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(path).expect("open")).expect("zip");
+    let mut entries = BTreeMap::new();
+    for entry_idx in 0..archive.len() {
+        let mut entry = archive.by_index(entry_idx).expect("entry");
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).expect("read entry");
+        entries.insert(
+            entry.name().expect("entry name").into_owned(),
+            (format!("{:?}", entry.compression()), entry.crc32(), bytes),
+        );
+    }
+    entries
+}
+
+/// Asserts that every entry but `changed` is exactly as it was, and no entry came or went.
+#[track_caller]
+fn assert_other_entries_unchanged(
+    before: &BTreeMap<String, (String, u32, Vec<u8>)>,
+    after: &BTreeMap<String, (String, u32, Vec<u8>)>,
+    changed: &[&str],
+) {
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "the package keeps exactly its parts"
+    );
+    for (name, entry) in before {
+        if changed.contains(&name.as_str()) {
+            continue;
+        }
+        assert!(after[name] == *entry, "{name} changed");
+    }
+}
+
+/// One cell of a sheet part as written: its style index, type and raw XML.
+#[derive(Debug, Clone, PartialEq)]
+struct XmlCell {
+    style: Option<String>,
+    kind: Option<String>,
+    xml: String,
+}
+
+/// The cells of a sheet part by reference (`B3`), and the raw text of each top-level element
+/// other than `sheetData`.
+fn sheet_xml(bytes: &[u8]) -> (BTreeMap<String, XmlCell>, BTreeMap<String, String>) {
+    use quick_xml::events::Event;
+    let text = std::str::from_utf8(bytes).expect("utf-8");
+    let mut reader = quick_xml::Reader::from_str(text);
+    let mut cells = BTreeMap::new();
+    let mut elements = BTreeMap::new();
+    let mut depth = 0usize;
+    let mut cell_start: Option<(usize, String, Option<String>, Option<String>)> = None;
+    let mut element_start: Option<(usize, String)> = None;
+    loop {
+        let start = reader.buffer_position() as usize;
+        let event = reader.read_event().expect("xml");
+        let end = reader.buffer_position() as usize;
+        match &event {
+            Event::Eof => break,
+            Event::Start(element) | Event::Empty(element) => {
+                let local = element.local_name().as_ref().to_string();
+                let attribute = |name: &str| {
+                    element
+                        .attributes()
+                        .flatten()
+                        .find(|attribute| attribute.key.as_ref() == name)
+                        .map(|attribute| attribute.value.into_owned())
+                };
+                if local == "c" {
+                    let reference = attribute("r").expect("cells carry their reference");
+                    if matches!(event, Event::Empty(_)) {
+                        cells.insert(
+                            reference,
+                            XmlCell {
+                                style: attribute("s"),
+                                kind: attribute("t"),
+                                xml: text[start..end].to_string(),
+                            },
+                        );
+                    } else {
+                        cell_start = Some((start, reference, attribute("s"), attribute("t")));
+                    }
+                }
+                if depth == 1 && local != "sheetData" {
+                    if matches!(event, Event::Empty(_)) {
+                        elements.insert(local.clone(), text[start..end].to_string());
+                    } else {
+                        element_start = Some((start, local.clone()));
+                    }
+                }
+                if matches!(event, Event::Start(_)) {
+                    depth += 1;
+                }
+            }
+            Event::End(element) => {
+                depth -= 1;
+                let local = element.local_name().as_ref().to_string();
+                if local == "c" {
+                    if let Some((cell_begin, reference, style, kind)) = cell_start.take() {
+                        cells.insert(
+                            reference,
+                            XmlCell {
+                                style,
+                                kind,
+                                xml: text[cell_begin..end].to_string(),
+                            },
+                        );
+                    }
+                }
+                if depth == 1 {
+                    if let Some((element_begin, name)) = element_start.take() {
+                        elements.insert(name, text[element_begin..end].to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (cells, elements)
+}
+
+const PIPELINE_PART: &str = "xl/worksheets/sheet1.xml";
+
+fn deal_id(test: &TestDir, company: &str) -> String {
+    test.deal_by("company", company)["id"].to_string()
+}
+
+#[test]
+fn the_first_sync_of_a_team_workbook_adds_only_the_crm_id_column() {
+    let test = TestDir::new();
+    let path = test.path("team.xlsx");
+    team_workbook(&path);
+    let before = entries(&path);
+    test.single_source("team.xlsx", "sheet = \"Pipeline\"");
+    let report = test.sync();
+    report.assert_code(0);
+    let report = report.json();
+    assert_eq!(
+        file_report(&report, "team.xlsx")["write_back"]["status"],
+        "written"
+    );
+    assert_eq!(file_report(&report, "team.xlsx")["counts"]["created"], 4);
+
+    let after = entries(&path);
+    assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART]);
+    let (cells_before, elements_before) = sheet_xml(&before[PIPELINE_PART].2);
+    let (cells_after, elements_after) = sheet_xml(&after[PIPELINE_PART].2);
+    // Every cell the team wrote is there, byte for byte: value, type and style.
+    for (reference, cell) in &cells_before {
+        assert_eq!(cells_after.get(reference), Some(cell), "cell {reference}");
+    }
+    // The CRM ID column (I) was added: the header in the header row's style, an id per deal.
+    let added: Vec<&String> = cells_after
+        .keys()
+        .filter(|reference| !cells_before.contains_key(*reference))
+        .collect();
+    assert_eq!(
+        added,
+        ["I2", "I3", "I4", "I5", "I6"],
+        "only the CRM ID column is new"
+    );
+    assert_eq!(
+        cells_after["I2"].style, cells_before["H2"].style,
+        "the header's style"
+    );
+    assert!(
+        cells_after["I2"].xml.contains(">CRM ID<"),
+        "{:?}",
+        cells_after["I2"]
+    );
+    // Everything else in the sheet is exactly as it was.
+    for name in [
+        "cols",
+        "sheetViews",
+        "sheetFormatPr",
+        "mergeCells",
+        "conditionalFormatting",
+        "dataValidations",
+        "hyperlinks",
+        "pageMargins",
+        "drawing",
+        "legacyDrawing",
+    ] {
+        assert!(elements_before.contains_key(name), "the fixture has {name}");
+        assert_eq!(
+            elements_after.get(name),
+            elements_before.get(name),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        elements_after["dimension"], "<dimension ref=\"A1:I6\"/>",
+        "the dimension covers the new column"
+    );
+
+    // calamine reads every value back, the Summary's formula over the defined name included.
+    let pipeline = read_xlsx(&path, "Pipeline");
+    assert_eq!(
+        pipeline.column("Company"),
+        ["Acme", "Globex", "Initech", "Umbrella"]
+    );
+    assert_eq!(pipeline.column("Next Step")[0], "2026-12-01");
+    let ids = pipeline.column("CRM ID");
+    assert_eq!(
+        ids,
+        [
+            deal_id(&test, "Acme"),
+            deal_id(&test, "Globex"),
+            deal_id(&test, "Initech"),
+            deal_id(&test, "Umbrella")
+        ]
+    );
+    let summary = read_xlsx(&path, "Summary");
+    assert_eq!(summary.formulas[&(0, 1)], "SUM(PipelineAmounts)");
+}
+
+#[test]
+fn a_store_change_changes_one_cell_and_keeps_its_style() {
+    let test = TestDir::new();
+    let path = test.path("team.xlsx");
+    team_workbook(&path);
+    test.single_source("team.xlsx", "sheet = \"Pipeline\"");
+    test.sync().assert_code(0);
+    let before = entries(&path);
+    let globex = deal_id(&test, "Globex");
+    test.run(&["deals", "set", &globex, "amount=7777"])
+        .assert_code(0);
+    let report = test.sync();
+    report.assert_code(0);
+    assert_eq!(
+        file_report(&report.json(), "team.xlsx")["write_back"]["status"],
+        "written"
+    );
+    let after = entries(&path);
+    // The amount changed, and a formula reads it: the workbook asks for a recalculation.
+    assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART, "xl/workbook.xml"]);
+    let workbook_xml = String::from_utf8_lossy(&after["xl/workbook.xml"].2).into_owned();
+    assert!(
+        workbook_xml.contains("fullCalcOnLoad=\"1\""),
+        "{workbook_xml}"
+    );
+    let (cells_before, elements_before) = sheet_xml(&before[PIPELINE_PART].2);
+    let (cells_after, elements_after) = sheet_xml(&after[PIPELINE_PART].2);
+    let changed: Vec<&String> = cells_before
+        .keys()
+        .filter(|reference| cells_after.get(*reference) != cells_before.get(*reference))
+        .collect();
+    assert_eq!(changed, ["E4"], "only Globex's amount changed");
+    assert_eq!(
+        cells_after["E4"].style, cells_before["E4"].style,
+        "the \"$\" format stays"
+    );
+    assert!(
+        cells_after["E4"].xml.contains("<v>7777</v>"),
+        "{:?}",
+        cells_after["E4"]
+    );
+    assert_eq!(elements_after, elements_before);
+    assert_eq!(read_xlsx(&path, "Pipeline").column("Amount")[1], "7777");
+}
+
+#[test]
+fn a_formula_in_a_mapped_column_stays_and_the_store_change_is_a_conflict_the_sheet_wins() {
+    let test = TestDir::new();
+    let path = test.path("p.xlsx");
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    for (column, text) in ["Company", "Email", "Stage", "Units", "Price", "Amount"]
+        .iter()
+        .enumerate()
+    {
+        sheet.write_string(0, column as u16, *text).expect("header");
+    }
+    sheet.write_string(1, 0, "Acme").expect("cell");
+    sheet.write_string(1, 1, "ann@acme.com").expect("cell");
+    sheet.write_string(1, 2, "Lead").expect("cell");
+    sheet.write_number(1, 3, 10).expect("cell");
+    sheet.write_number(1, 4, 500).expect("cell");
+    sheet
+        .write_formula(1, 5, Formula::new("=D2*E2").set_result("5000"))
+        .expect("formula");
+    workbook.save(&path).expect("save");
+    test.single_source("p.xlsx", "");
+    test.sync().assert_code(0);
+    let acme = deal_id(&test, "Acme");
+    test.run(&["deals", "set", &acme, "amount=4444", "stage=Prospect"])
+        .assert_code(0);
+    let report = test.sync();
+    report.assert_code(0);
+    let report = report.json();
+    let file = file_report(&report, "p.xlsx");
+    assert_eq!(file["conflicts"], 1);
+    let warning = file["issues"]
+        .as_array()
+        .expect("issues")
+        .iter()
+        .map(|issue| issue["message"].as_str().unwrap_or_default().to_string())
+        .find(|message| message.contains("formula"))
+        .unwrap_or_else(|| panic!("a warning about the formula in {file}"));
+    assert!(warning.contains("4444"), "{warning}");
+    let written = read_xlsx(&path, "Pipeline");
+    assert_eq!(written.formulas[&(1, 5)], "D2*E2", "the formula stays");
+    assert_eq!(
+        written.column("Stage"),
+        ["Prospect"],
+        "the other change is written"
+    );
+    assert_eq!(
+        test.deal_by("company", "Acme")["amount"],
+        5000.0,
+        "the sheet won"
+    );
+    assert_eq!(
+        test.count("SELECT COUNT(*) FROM conflicts WHERE field = 'amount' AND winner = 'sheet'"),
+        1
+    );
+}
+
+#[test]
+fn new_deals_are_appended_in_the_styles_of_the_row_above() {
+    let test = TestDir::new();
+    let path = test.path("team.xlsx");
+    team_workbook(&path);
+    test.write(
+        "leads.csv",
+        "Company,Contact,Email,Stage,Amount,Owner\nHooli,Hank,hank@hooli.com,Lead,1200,Alice\n",
+    );
+    test.config(
+        "[[sources]]\nname = \"team\"\npath = \"team.xlsx\"\nsheet = \"Pipeline\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+    );
+    test.sync().assert_code(0);
+    let (cells, elements) = sheet_xml(&entries(&path)[PIPELINE_PART].2);
+    let company_column = ["A", "B", "C", "D", "E", "F", "G", "H"];
+    for column in company_column {
+        assert_eq!(
+            cells
+                .get(&format!("{column}7"))
+                .map(|cell| cell.style.clone()),
+            cells
+                .get(&format!("{column}6"))
+                .map(|cell| cell.style.clone()),
+            "{column}7 takes the style of {column}6"
+        );
+    }
+    assert!(cells["A7"].xml.contains(">Hooli<"), "{:?}", cells["A7"]);
+    assert_eq!(cells["A7"].kind.as_deref(), Some("inlineStr"));
+    assert!(cells["E7"].xml.contains("<v>1200</v>"));
+    // The conditional format and the dropdown that ended on the last row now cover the new one.
+    assert!(
+        elements["conditionalFormatting"].contains("sqref=\"E3:E7\""),
+        "{}",
+        elements["conditionalFormatting"]
+    );
+    assert!(
+        elements["dataValidations"].contains("sqref=\"D3:D7\""),
+        "{}",
+        elements["dataValidations"]
+    );
+    assert_eq!(read_xlsx(&path, "Pipeline").column("Company")[4], "Hooli");
+}
+
+/// A plain pipeline sheet, optionally with a total row below the data.
+fn plain_workbook(path: &Path, total_row: bool) {
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    let fill = Format::new().set_background_color(Color::RGB(0xFFF2CC));
+    for (column, text) in ["Company", "Email", "Stage", "Amount", "Owner"]
+        .iter()
+        .enumerate()
+    {
+        sheet.write_string(0, column as u16, *text).expect("header");
+    }
+    for (idx, (company, owner)) in [
+        ("Acme", "Alice"),
+        ("Globex", "Bob"),
+        ("Initech", "Alice"),
+        ("Hooli", "Alice"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let row = idx as u32 + 1;
+        sheet
+            .write_string_with_format(row, 0, *company, &fill)
+            .expect("cell");
+        sheet
+            .write_string(
+                row,
+                1,
+                format!("{}@example.com", company.to_lowercase()).as_str(),
+            )
+            .expect("cell");
+        sheet.write_string(row, 2, "Lead").expect("cell");
+        sheet
+            .write_number(row, 3, 1000.0 * (idx + 1) as f64)
+            .expect("cell");
+        sheet.write_string(row, 4, *owner).expect("cell");
+    }
+    if total_row {
+        sheet.write_string(6, 0, "Total").expect("cell");
+        sheet
+            .write_formula(6, 3, Formula::new("=SUM(D2:D5)").set_result("10000"))
+            .expect("formula");
+    }
+    workbook.save(path).expect("save");
+}
+
+#[test]
+fn a_deal_leaving_the_view_takes_its_row_with_it_when_nothing_points_below() {
+    let test = TestDir::new();
+    let path = test.path("alice.xlsx");
+    plain_workbook(&path, false);
+    test.single_source("alice.xlsx", "filter = { owner = \"Alice\" }");
+    test.sync();
+    let globex_row = read_xlsx(&path, "Pipeline").column("Company");
+    assert_eq!(
+        globex_row,
+        ["Acme", "Initech", "Hooli"],
+        "Bob's deal left the view"
+    );
+    let (cells, _) = sheet_xml(&entries(&path)["xl/worksheets/sheet1.xml"].2);
+    assert_eq!(
+        read_xlsx(&path, "Pipeline").values[2][0],
+        "Initech",
+        "the rows below moved up"
+    );
+    assert!(cells["A3"].style.is_some(), "and kept their style");
+    assert!(!cells.contains_key("A5"), "no row is left behind");
+    let initech = deal_id(&test, "Initech");
+    test.run(&["deals", "set", &initech, "owner=Carol"])
+        .assert_code(0);
+    test.sync();
+    assert_eq!(
+        read_xlsx(&path, "Pipeline").column("Company"),
+        ["Acme", "Hooli"]
+    );
+    // The mirror follows the rows: an edit of the moved row is still that deal's.
+    let written = read_xlsx(&path, "Pipeline");
+    assert_eq!(written.column("CRM ID")[1], deal_id(&test, "Hooli"));
+}
+
+#[test]
+fn a_deal_leaving_the_view_leaves_a_blank_row_when_a_formula_points_below() {
+    let test = TestDir::new();
+    let path = test.path("alice.xlsx");
+    plain_workbook(&path, true);
+    test.single_source("alice.xlsx", "filter = { owner = \"Alice\" }");
+    test.sync();
+    let written = read_xlsx(&path, "Pipeline");
+    assert_eq!(
+        written.column("Company"),
+        ["Acme", "", "Initech", "Hooli", "", "Total"]
+    );
+    assert_eq!(
+        written.formulas[&(6, 3)],
+        "SUM(D2:D5)",
+        "the total still sums the same rows"
+    );
+    let (cells, _) = sheet_xml(&entries(&path)["xl/worksheets/sheet1.xml"].2);
+    assert!(
+        !cells["A3"].xml.contains("<v>") && !cells["A3"].xml.contains("<is>"),
+        "the cleared cell holds nothing: {:?}",
+        cells["A3"]
+    );
+    assert!(cells["A3"].style.is_some(), "but keeps its fill");
+}
+
+#[test]
+fn an_xlsm_is_written_back_and_keeps_its_macros() {
+    let test = TestDir::new();
+    let vba = test.path("vbaProject.bin");
+    std::fs::write(
+        &vba,
+        b"\xd0\xcf\x11\xe0 not a real VBA project, but bytes that must survive",
+    )
+    .expect("vba");
+    let path = test.path("macro.xlsm");
+    let mut workbook = Workbook::new();
+    workbook.add_vba_project(&vba).expect("vba");
+    let sheet = workbook.add_worksheet();
+    for (column, text) in ["Company", "Email", "Stage"].iter().enumerate() {
+        sheet.write_string(0, column as u16, *text).expect("header");
+    }
+    sheet.write_string(1, 0, "Acme").expect("cell");
+    sheet.write_string(1, 1, "ann@acme.com").expect("cell");
+    sheet.write_string(1, 2, "Lead").expect("cell");
+    workbook.save(&path).expect("save");
+    let before = entries(&path);
+    assert!(before.contains_key("xl/vbaProject.bin"));
+    test.single_source("macro.xlsm", "");
+    let report = test.sync();
+    report.assert_code(0);
+    assert_eq!(
+        file_report(&report.json(), "macro.xlsm")["write_back"]["status"],
+        "written"
+    );
+    let after = entries(&path);
+    assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART]);
+    assert_eq!(
+        read_xlsx(&path, "Sheet1").column("CRM ID"),
+        [deal_id(&test, "Acme")]
+    );
+}
+
+#[test]
+fn a_workbook_with_a_chart_sheet_and_a_table_is_written_in_place() {
+    let test = TestDir::new();
+    let path = test.path("table.xlsx");
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    for (column, text) in ["Company", "Email", "Stage", "Amount"].iter().enumerate() {
+        sheet.write_string(0, column as u16, *text).expect("header");
+    }
+    for (row, company) in ["Acme", "Globex"].iter().enumerate() {
+        let row = row as u32 + 1;
+        sheet.write_string(row, 0, *company).expect("cell");
+        sheet
+            .write_string(
+                row,
+                1,
+                format!("{}@example.com", company.to_lowercase()).as_str(),
+            )
+            .expect("cell");
+        sheet.write_string(row, 2, "Lead").expect("cell");
+        sheet.write_number(row, 3, 100.0).expect("cell");
+    }
+    sheet.add_table(0, 0, 2, 4, &Table::new()).expect("table");
+    let chart_sheet = workbook.add_chartsheet();
+    let mut chart = Chart::new(ChartType::Bar);
+    chart.add_series().set_values("Pipeline!$D$2:$D$3");
+    chart_sheet.insert_chart(0, 0, &chart).expect("chart");
+    workbook.save(&path).expect("save");
+    test.write(
+        "more.csv",
+        "Company,Email,Stage,Amount\nInitech,ian@initech.com,Lead,300\n",
+    );
+    test.config(
+        "[[sources]]\nname = \"table\"\npath = \"table.xlsx\"\nsheet = \"Pipeline\"\n\n[[sources]]\nname = \"more\"\npath = \"more.csv\"\nwrite_back = false\n",
+    );
+    let before = entries(&path);
+    let report = test.sync();
+    report.assert_code(0);
+    assert_eq!(
+        file_report(&report.json(), "table.xlsx")["write_back"]["status"],
+        "written"
+    );
+    let after = entries(&path);
+    assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART, "xl/tables/table1.xml"]);
+    let table = String::from_utf8_lossy(&after["xl/tables/table1.xml"].2).into_owned();
+    assert!(
+        table.contains("ref=\"A1:E4\""),
+        "the table grew over the new row: {table}"
+    );
+    let written = read_xlsx(&path, "Pipeline");
+    assert_eq!(written.column("Company"), ["Acme", "Globex", "Initech"]);
+}
+
+#[test]
+fn a_sheet_with_just_a_header_gets_a_frozen_header_filter_dropdown_and_widths() {
+    let test = TestDir::new();
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    for (column, text) in ["Company", "Email", "Stage", "Amount"].iter().enumerate() {
+        sheet.write_string(0, column as u16, *text).expect("header");
+    }
+    workbook.save(test.path("new.xlsx")).expect("save");
+    test.write(
+        "leads.csv",
+        "Company,Email,Stage,Amount\nAcme,ann@acme.com,Lead,100\nGlobex,gus@globex.com,Won,200\n",
+    );
+    test.config(
+        "[[sources]]\nname = \"new\"\npath = \"new.xlsx\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+    );
+    test.sync().assert_code(0);
+    let (_, elements) = sheet_xml(&entries(&test.path("new.xlsx"))[PIPELINE_PART].2);
+    assert!(
+        elements["sheetViews"].contains("state=\"frozen\""),
+        "{}",
+        elements["sheetViews"]
+    );
+    assert!(
+        elements["cols"].contains("customWidth"),
+        "{}",
+        elements["cols"]
+    );
+    assert_eq!(elements["autoFilter"], "<autoFilter ref=\"A1:E3\"/>");
+    assert!(
+        elements["dataValidations"].contains("C2:C1048576")
+            && elements["dataValidations"].contains("Lead,Prospect"),
+        "{}",
+        elements["dataValidations"]
+    );
+    assert_eq!(
+        read_xlsx(&test.path("new.xlsx"), "Pipeline").column("Company"),
+        ["Acme", "Globex"]
+    );
+}
+
+#[test]
+fn libreoffice_reads_the_written_workbook() {
+    let Some(soffice) = ["soffice", "libreoffice"].into_iter().find(|program| {
+        std::process::Command::new("which")
+            .arg(program)
+            .output()
+            .is_ok_and(|output| output.status.success())
+    }) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "LibreOffice (soffice) is missing; .ci/run installs libreoffice-calc-nogui"
+        );
+        eprintln!("SKIPPED: LibreOffice is not installed (apt-get install libreoffice-calc-nogui)");
+        return;
+    };
+    let test = TestDir::new();
+    let path = test.path("team.xlsx");
+    team_workbook(&path);
+    test.single_source("team.xlsx", "sheet = \"Pipeline\"");
+    test.sync().assert_code(0);
+    let globex = deal_id(&test, "Globex");
+    test.run(&["deals", "set", &globex, "amount=7777", "stage=Won"])
+        .assert_code(0);
+    test.sync().assert_code(0);
+    let out = test.path("csv");
+    let profile = format!("file://{}", test.path("lo-profile").display());
+    let status = std::process::Command::new(soffice)
+        .arg(format!("-env:UserInstallation={profile}"))
+        // Field separator, text delimiter, UTF-8, from line 1, default cell format, language,
+        // quoted fields as text, detect numbers, and the cell contents as shown (formats applied).
+        .args([
+            "--headless",
+            "--convert-to",
+            "csv:Text - txt - csv (StarCalc):44,34,76,1,,0,false,true,true",
+            "--outdir",
+        ])
+        .arg(&out)
+        .arg(&path)
+        .output()
+        .expect("run soffice");
+    assert!(
+        status.status.success(),
+        "soffice failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let csv = std::fs::read_to_string(out.join("team.csv")).expect("converted csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("Team pipeline 2026"), "{csv}");
+    assert!(
+        lines[1].starts_with("Company,Contact,Email,Stage,Amount,Owner,Next Step"),
+        "{csv}"
+    );
+    assert!(lines[1].ends_with("CRM ID"), "{csv}");
+    let globex_line = lines
+        .iter()
+        .find(|line| line.starts_with("Globex"))
+        .expect("Globex");
+    assert!(globex_line.contains(",Won,"), "{globex_line}");
+    assert!(
+        globex_line.contains("\"$7,777.00\""),
+        "the currency format stays: {globex_line}"
+    );
+    assert!(
+        globex_line.contains("02 Dec 2026"),
+        "the date format stays: {globex_line}"
+    );
+    assert!(
+        globex_line.ends_with(&format!(",{globex}")),
+        "{globex_line}"
+    );
+    let seen: HashSet<&str> = lines[2..]
+        .iter()
+        .filter_map(|line| line.split(',').next())
+        .collect();
+    assert_eq!(
+        seen,
+        HashSet::from(["Acme", "Globex", "Initech", "Umbrella"])
+    );
+}
