@@ -283,6 +283,23 @@ pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
     let mut store = open_store(config)?;
     let forced: Vec<String> = args.force.iter().map(|path| sync::file_key(path)).collect();
     let reports = sync::sync_all_forcing(&mut store, config, chrono::Utc::now(), &forced)?;
+    for report in &reports {
+        if let sync::WriteBack::Failed(message) = &report.write_back {
+            // The admin hears of it as from the daemon (rate-limited per file).
+            let subject = format!("{} cannot be written back", display_file(&report.file));
+            let key = format!("write-back:{}", display_file(&report.file));
+            if let Err(error) = crate::alerts::raise(
+                &mut store,
+                config,
+                &key,
+                &subject,
+                message,
+                chrono::Utc::now(),
+            ) {
+                eprintln!("warning: cannot send an alert: {error}");
+            }
+        }
+    }
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {

@@ -217,6 +217,41 @@ pub fn save(
 }
 
 /// Replaces the stored row errors of one file with those of its latest sync.
+/// Records one more issue of a file beside those its sync stored (a write-back that failed after
+/// the sync committed).
+pub fn add_issue(
+    connection: &Connection,
+    source: &str,
+    file: &str,
+    sheet: Option<&str>,
+    run_id: i64,
+    issue: &RowIssue,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let severity = match issue.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+    };
+    connection
+        .prepare_cached(
+            "INSERT INTO row_errors (source, file, sheet, row_number, column_name, value, severity, message, run_id, seen_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?
+        .execute(params![
+            source,
+            file,
+            sheet,
+            issue.row_number,
+            issue.column,
+            issue.value,
+            severity,
+            issue.message,
+            run_id,
+            timestamp(now)
+        ])?;
+    Ok(())
+}
+
 pub fn replace_issues(
     connection: &Connection,
     source: &str,
@@ -229,28 +264,8 @@ pub fn replace_issues(
     connection
         .prepare_cached("DELETE FROM row_errors WHERE file = ?1")?
         .execute([file])?;
-    let mut insert = connection.prepare_cached(
-        "INSERT INTO row_errors (source, file, sheet, row_number, column_name, value, severity, message, run_id, seen_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-    )?;
-    let now = timestamp(now);
     for issue in issues {
-        let severity = match issue.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
-        insert.execute(params![
-            source,
-            file,
-            sheet,
-            issue.row_number,
-            issue.column,
-            issue.value,
-            severity,
-            issue.message,
-            run_id,
-            now
-        ])?;
+        add_issue(connection, source, file, sheet, run_id, issue, now)?;
     }
     Ok(())
 }

@@ -962,11 +962,13 @@ impl Daemon {
                 tracked.attempts = 0;
                 match &report.write_back {
                     sync::WriteBack::Written => {
-                        info!(file = %file_name, "wrote the store's changes back into the file")
+                        info!(file = %file_name, "wrote the store's changes back into the file");
+                        (FileState::Ok, None)
                     }
                     sync::WriteBack::Deferred(message) => {
                         info!(file = %file_name, "{message}");
                         tracked.write_deferred = true;
+                        (FileState::Ok, None)
                     }
                     sync::WriteBack::Failed(message) => {
                         warn!(file = %file_name, "cannot write back: {message}");
@@ -975,10 +977,13 @@ impl Daemon {
                             format!("{} cannot be written back", short_name(&path)),
                             message.clone(),
                         ));
+                        (
+                            FileState::Failed,
+                            Some(format!("write-back failed: {message}")),
+                        )
                     }
-                    sync::WriteBack::Off | sync::WriteBack::UpToDate => {}
+                    sync::WriteBack::Off | sync::WriteBack::UpToDate => (FileState::Ok, None),
                 }
-                (FileState::Ok, None)
             }
             Ok(report) if report.retryable => {
                 tracked.attempts += 1;

@@ -685,18 +685,46 @@ pub fn sync_file_with(
                 }
                 Err(error) => {
                     let message = error.to_string();
-                    report.write_back = if error.is_deferred() {
-                        WriteBack::Deferred(message.clone())
+                    if error.is_deferred() {
+                        report.write_back = WriteBack::Deferred(message.clone());
+                        store
+                            .connection()
+                            .execute(
+                                "UPDATE sync_runs SET message = ?1 WHERE id = ?2",
+                                rusqlite::params![message, run_id],
+                            )
+                            .map_err(StoreError::from)?;
                     } else {
-                        WriteBack::Failed(message.clone())
-                    };
-                    store
-                        .connection()
-                        .execute(
-                            "UPDATE sync_runs SET message = ?1 WHERE id = ?2",
-                            rusqlite::params![message, run_id],
-                        )
-                        .map_err(StoreError::from)?;
+                        // The store took the sheet's changes, but the file does not show the
+                        // store's: that is a failure to see in `status` and `errors`, not a sync
+                        // that went well.
+                        report.write_back = WriteBack::Failed(message.clone());
+                        let failure = format!(
+                            "the store was updated, but the file could not be written back: {message}"
+                        );
+                        store
+                            .connection()
+                            .execute(
+                                "UPDATE sync_runs SET status = 'failed', message = ?1 WHERE id = ?2",
+                                rusqlite::params![failure, run_id],
+                            )
+                            .map_err(StoreError::from)?;
+                        mirror::add_issue(
+                            store.connection(),
+                            &source.name,
+                            &file,
+                            Some(&sheet.sheet_name),
+                            run_id,
+                            &RowIssue {
+                                severity: Severity::Error,
+                                row_number: None,
+                                column: None,
+                                value: None,
+                                message: failure,
+                            },
+                            now,
+                        )?;
+                    }
                     // The file does not show the store yet: the next sync must not skip it.
                     store
                         .connection()
@@ -1012,9 +1040,12 @@ impl FileReport {
     }
 }
 
-/// Whether a run-level problem is worth an error exit: any failed file or row error.
+/// Whether a run-level problem is worth an error exit: any failed or held file, failed
+/// write-back or row error.
 pub fn has_problems(reports: &[FileReport]) -> bool {
     reports.iter().any(|report| {
-        matches!(report.status, FileStatus::Failed | FileStatus::Held) || report.n_row_errors() > 0
+        matches!(report.status, FileStatus::Failed | FileStatus::Held)
+            || matches!(report.write_back, WriteBack::Failed(_))
+            || report.n_row_errors() > 0
     })
 }

@@ -890,3 +890,93 @@ fn libreoffice_reads_the_written_workbook() {
         HashSet::from(["Acme", "Globex", "Initech", "Umbrella"])
     );
 }
+
+/// Rewrites a package with one part replaced (or added).
+fn replace_part(path: &Path, part: &str, bytes: &[u8]) {
+    use std::io::Write;
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(path).expect("open")).expect("zip");
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for entry_idx in 0..archive.len() {
+        let entry = archive.by_index_raw(entry_idx).expect("entry");
+        if entry.name().expect("name") == part {
+            continue;
+        }
+        out.raw_copy_file(entry).expect("copy");
+    }
+    out.start_file(part, zip::write::SimpleFileOptions::default())
+        .expect("start");
+    out.write_all(bytes).expect("write");
+    let bytes = out.finish().expect("finish").into_inner();
+    std::fs::write(path, bytes).expect("save");
+}
+
+#[test]
+fn a_write_back_that_cannot_be_done_safely_is_a_failure_everywhere() {
+    let test = TestDir::new();
+    let path = test.path("alice.xlsx");
+    plain_workbook(&path, false);
+    // The sheet's relationships are not valid XML: calamine reads the cells, but nobody can
+    // say what the sheet points at, so it is not edited.
+    replace_part(
+        &path,
+        "xl/worksheets/_rels/sheet1.xml.rels",
+        b"<Relationships><Relationship Id=",
+    );
+    let before = std::fs::read(&path).expect("read");
+    let smtp = crate::harness::SmtpServer::start(0);
+    test.config(&format!(
+        "[alerts]\nto = \"it@example.com\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"funnelsync@example.com\"\n\n[[sources]]\nname = \"pipeline\"\npath = \"alice.xlsx\"\n",
+        smtp.port
+    ));
+    let run = test.sync();
+    run.assert_code(1);
+    let report = run.json();
+    let file = file_report(&report, "alice.xlsx");
+    assert_eq!(file["status"], "synced", "the store took the rows");
+    assert_eq!(file["write_back"]["status"], "failed");
+    assert!(
+        file["write_back"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("cannot edit")),
+        "{file}"
+    );
+    assert_eq!(report["ok"], false);
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        before,
+        "the file is untouched"
+    );
+    assert_eq!(test.deals().len(), 4);
+    let status = test.run(&["status", "--format", "json"]);
+    status.assert_code(0);
+    let status = status.json();
+    assert_eq!(status[0]["last_status"], "failed", "{status}");
+    assert!(
+        status[0]["last_message"]
+            .as_str()
+            .is_some_and(|message| message.contains("could not be written back")),
+        "{status}"
+    );
+    let errors = test.run(&["errors"]);
+    assert!(
+        errors.stdout.contains("could not be written back"),
+        "{}",
+        errors.stdout
+    );
+    let table = test.run(&["sync"]);
+    table.assert_code(1);
+    assert!(
+        table.stdout.contains("write-back failed"),
+        "{}",
+        table.stdout
+    );
+    crate::harness::wait_until(std::time::Duration::from_secs(10), "the alert", || {
+        !smtp.to("it@example.com").is_empty()
+    });
+    let alerts = smtp.to("it@example.com");
+    assert_eq!(alerts.len(), 1, "one alert, however often the sync fails");
+    assert_eq!(
+        alerts[0].subject(),
+        "funnelsync: alice.xlsx cannot be written back"
+    );
+}
