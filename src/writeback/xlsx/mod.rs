@@ -11,6 +11,8 @@
 
 mod cellref;
 mod package;
+#[cfg(test)]
+mod proptests;
 mod safety;
 mod sheet;
 mod styles;

@@ -226,6 +226,7 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                     }
                     match (depth, local.as_ref()) {
                         (1, "sheetData") => {
+                            self.write_missing_rows_before(u32::MAX)?;
                             self.write_new_rows_before(u32::MAX)?;
                             in_sheet_data = false;
                         }
@@ -279,6 +280,7 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                 (1, "sheetData") if is_empty => {
                     // A sheet without rows: open it so new rows have somewhere to go.
                     self.writer.write_event(Event::Start(element.borrow()))?;
+                    self.write_missing_rows_before(u32::MAX)?;
                     self.write_new_rows_before(u32::MAX)?;
                     self.writer.write_event(Event::End(element.to_end()))?;
                     continue;
@@ -384,6 +386,7 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                 })
                 .collect();
         }
+        self.write_missing_rows_before(number_as_read)?;
         let Some(number) = self.edit.shift.map(number_as_read) else {
             // A deleted row: nothing of it is written, but it may still lend its styles.
             if !is_empty {
@@ -686,6 +689,38 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                 .find(|(first, last, _)| (*first..=*last).contains(&column))
                 .map(|(_, _, style)| *style)
         })
+    }
+
+    /// Writes the edits of rows (as read) before `number_as_read` that the sheet has no `<row>`
+    /// element for: rows whose cells were all empty.
+    fn write_missing_rows_before(&mut self, number_as_read: u32) -> Result<(), PackageError> {
+        while let Some(entry) = self.edit.rows.first_entry() {
+            if *entry.key() >= number_as_read {
+                break;
+            }
+            let (row_as_read, row_edit) = entry.remove_entry();
+            let (Some(number), RowEdit::Cells(mut cells)) =
+                (self.edit.shift.map(row_as_read), row_edit)
+            else {
+                continue;
+            };
+            self.write_new_rows_before(number)?;
+            if cells.values().all(|cell| *cell == OutCell::Empty) {
+                continue;
+            }
+            let start = BytesStart::new(format!("{}row", self.prefix))
+                .with_attributes([("r", number.to_string().as_str())]);
+            self.writer.write_event(Event::Start(start.borrow()))?;
+            let context = RowStyles {
+                row_number: number,
+                row_style: None,
+                is_header: false,
+                from_template: false,
+            };
+            self.write_cells_before(u32::MAX, &mut cells, context, None)?;
+            self.writer.write_event(Event::End(start.to_end()))?;
+        }
+        Ok(())
     }
 
     fn write_new_rows_before(&mut self, row_number: u32) -> Result<(), PackageError> {
