@@ -201,7 +201,10 @@ fn build_package(
 
     // The sheet is patched into a staging archive first, so that every entry of the new package
     // keeps its place and the parts written after it (styles) can use what the patch found.
-    let mut staging = zip::ZipWriter::new(tempfile::tempfile()?);
+    let mut staging = zip::ZipWriter::new(std::io::BufWriter::with_capacity(
+        1 << 16,
+        tempfile::tempfile()?,
+    ));
     let (sheet_entry_name, sheet_options) = {
         let entry = package.archive.by_index_raw(sheet_entry)?;
         let options = zip::write::SimpleFileOptions::default()
@@ -214,12 +217,16 @@ fn build_package(
     staging.start_file(sheet_entry_name.as_str(), sheet_options)?;
     let outcome = {
         let entry = package.archive.by_index(sheet_entry)?;
-        sheet::patch(
+        // The patcher writes many small pieces; the compressor is fed in large ones.
+        let mut sheet_writer = std::io::BufWriter::with_capacity(1 << 16, &mut staging);
+        let outcome = sheet::patch(
             BufReader::with_capacity(1 << 16, entry),
-            &mut staging,
+            &mut sheet_writer,
             edit,
             &mut styles,
-        )?
+        )?;
+        sheet_writer.flush()?;
+        outcome
     };
     for (row_number, column) in &outcome.kept_formulas {
         tracing::warn!(
@@ -228,7 +235,11 @@ fn build_package(
             cellref::cell_name(*row_number, *column)
         );
     }
-    let mut staged = zip::ZipArchive::new(staging.finish()?)?;
+    let staged_file = staging
+        .finish()?
+        .into_inner()
+        .map_err(|error| PackageError::Io(error.into_error()))?;
+    let mut staged = zip::ZipArchive::new(staged_file)?;
 
     // The parts besides the sheet that this write changes.
     let mut changed_parts: HashMap<String, Vec<u8>> = HashMap::new();
