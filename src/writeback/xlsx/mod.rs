@@ -55,9 +55,10 @@ impl From<quick_xml::events::attributes::AttrError> for PackageError {
     }
 }
 
-/// How fast the rewritten sheet part is compressed. Level 1 costs a fraction of the default's time
-/// for a file a little larger; Excel rewrites it at its own level on the next save anyway.
-const SHEET_COMPRESSION_LEVEL: i64 = 1;
+/// How hard the rewritten sheet part is compressed. Measured on a 100,000-row sheet (73 MB of
+/// XML): level 3 writes it in about half the time of level 6 for a part about 10 % larger (level 1
+/// is faster still but 60 % larger). Excel recompresses at its own level on its next save.
+const SHEET_COMPRESSION_LEVEL: i64 = 3;
 
 /// Writes the plan into the workbook `original` (the bytes the sync read), into `out`. Returns
 /// the Excel row number of each planned row in the written file, in plan order.
@@ -187,8 +188,10 @@ fn build_package(
             last_new_row.unwrap_or(plan.header_row_number),
         )
     });
+    let style_rows = date_style_rows(sheet, &rows);
     let edit = SheetEdit {
         header_row: plan.header_row_number,
+        style_rows,
         rows,
         shift: shift.clone(),
         new_rows,
@@ -324,6 +327,49 @@ fn build_package(
             })
         })
         .collect())
+}
+
+/// For each date going into an existing row, the nearest row above it that holds a date in the
+/// same column: the patcher reads that row's style for the date (the rows in between are copied
+/// without being parsed).
+fn date_style_rows(
+    sheet: &SheetData,
+    rows: &BTreeMap<u32, RowEdit>,
+) -> std::collections::BTreeSet<u32> {
+    let mut wanted: Vec<(u32, usize)> = Vec::new();
+    for (row_number, row_edit) in rows {
+        if let RowEdit::Cells(cells) = row_edit {
+            for (column, cell) in cells {
+                if matches!(cell, OutCell::Date(_)) {
+                    wanted.push((*row_number, *column as usize));
+                }
+            }
+        }
+    }
+    let mut style_rows = std::collections::BTreeSet::new();
+    if wanted.is_empty() {
+        return style_rows;
+    }
+    // Per column written with dates, the rows that hold a date there, in order.
+    let mut date_rows: HashMap<usize, Vec<u32>> = HashMap::new();
+    for (_, column) in &wanted {
+        date_rows.entry(*column).or_insert_with(|| {
+            sheet
+                .rows
+                .iter()
+                .filter(|row| matches!(row.cell(*column), crate::workbook::Cell::DateTime(_)))
+                .map(|row| row.row_number)
+                .collect()
+        });
+    }
+    for (row_number, column) in wanted {
+        let rows_with_dates = &date_rows[&column];
+        let n_above = rows_with_dates.partition_point(|number| *number < row_number);
+        if let Some(above) = n_above.checked_sub(1).map(|idx| rows_with_dates[idx]) {
+            style_rows.insert(above);
+        }
+    }
+    style_rows
 }
 
 /// Where rows go in the written sheet.

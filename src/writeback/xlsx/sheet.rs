@@ -9,7 +9,7 @@
 //! can never become a live formula.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, Write};
+use std::io::{Read, Write};
 
 use chrono::NaiveDate;
 use quick_xml::events::{BytesStart, Event};
@@ -56,6 +56,9 @@ pub struct SheetEdit {
     pub new_rows: Vec<(u32, BTreeMap<u32, OutCell>)>,
     /// The row (as read) whose cell styles the new rows take.
     pub template_row: Option<u32>,
+    /// Rows (as read) whose cell styles are looked at though nothing in them changes: the rows
+    /// that show the date style of a column a date is written into.
+    pub style_rows: std::collections::BTreeSet<u32>,
     /// New rows go after this row of the written file, down to the second number: ranges that
     /// ended on the first grow to the second.
     pub extend: Option<(u32, u32)>,
@@ -138,15 +141,16 @@ fn range_attribute(local_name: &str) -> Option<(&'static str, bool)> {
     }
 }
 
-/// Streams `input` (the sheet part as read) into `output` with the edits applied.
-pub fn patch<R: BufRead, W: Write>(
+/// Streams `input` (the sheet part as read) into `output` with the edits applied. The markup
+/// around `<sheetData>` goes through an XML parser; the rows are found by their tags and a row
+/// nothing happens to is copied as it was, byte for byte, without parsing its cells.
+pub fn patch<R: Read, W: Write>(
     input: R,
     output: W,
     edit: SheetEdit,
     styles: &mut Styles,
 ) -> Result<EditOutcome, PackageError> {
     let mut patcher = Patcher {
-        reader: Reader::from_reader(input),
         writer: Writer::new(output),
         styles,
         prefix: String::new(),
@@ -162,16 +166,174 @@ pub fn patch<R: BufRead, W: Write>(
         },
         new_rows: edit.new_rows.clone().into_iter().rev().collect(),
         edit,
+        markup: MarkupState::default(),
     };
-    patcher.run()?;
+    let mut chunks = Chunks::new(input);
+    match chunks.find_sheet_data_start()? {
+        Some(rows_start) => {
+            let head = chunks.take(rows_start);
+            patcher.markup(&head)?;
+            patcher.rows(&mut chunks)?;
+            let tail = chunks.rest()?;
+            patcher.markup(&tail)?;
+        }
+        // No rows at all (`<sheetData/>`), or no sheetData: the part is small; parse it whole.
+        None => {
+            let whole = chunks.rest()?;
+            patcher.markup(&whole)?;
+        }
+    }
+    patcher.writer.get_mut().flush()?;
     Ok(patcher.outcome)
 }
 
-struct Patcher<'s, R: BufRead, W: Write> {
-    reader: Reader<R>,
+/// Where the markup walk is, kept between the part before the rows and the part after them.
+#[derive(Debug, Default)]
+struct MarkupState {
+    depth: usize,
+    in_sheet_data: bool,
+    in_cols: bool,
+    in_extension: bool,
+    /// Inside a `<sheetView>` of a fresh sheet: the depth of its children, until we know whether
+    /// it has a pane of its own.
+    pane_wanted_at: Option<usize>,
+}
+
+/// The sheet part's bytes, read in chunks as the rows are copied.
+struct Chunks<R: Read> {
+    reader: R,
+    buffer: Vec<u8>,
+    /// Bytes of `buffer` before this have been handed out.
+    start: usize,
+    at_end: bool,
+}
+
+const CHUNK: usize = 1 << 18;
+
+impl<R: Read> Chunks<R> {
+    fn new(reader: R) -> Chunks<R> {
+        Chunks {
+            reader,
+            buffer: Vec::with_capacity(CHUNK * 2),
+            start: 0,
+            at_end: false,
+        }
+    }
+
+    fn available(&self) -> &[u8] {
+        &self.buffer[self.start..]
+    }
+
+    /// Reads more; `false` at the end of the part.
+    fn fill(&mut self) -> Result<bool, PackageError> {
+        if self.at_end {
+            return Ok(false);
+        }
+        if self.start > 0 && self.start >= self.buffer.len() / 2 {
+            self.buffer.drain(..self.start);
+            self.start = 0;
+        }
+        let old_len = self.buffer.len();
+        self.buffer.resize(old_len + CHUNK, 0);
+        let n_read = loop {
+            match self.reader.read(&mut self.buffer[old_len..]) {
+                Ok(n_read) => break n_read,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    self.buffer.truncate(old_len);
+                    return Err(error.into());
+                }
+            }
+        };
+        self.buffer.truncate(old_len + n_read);
+        if n_read == 0 {
+            self.at_end = true;
+        }
+        Ok(n_read > 0)
+    }
+
+    /// The position (from `start`) of `needle` at or after `from`, reading as far as needed.
+    fn find(&mut self, needle: &[u8], from: usize) -> Result<Option<usize>, PackageError> {
+        let mut searched = from;
+        loop {
+            if let Some(found) = memchr::memmem::find(&self.available()[searched..], needle) {
+                return Ok(Some(searched + found));
+            }
+            searched = self
+                .available()
+                .len()
+                .saturating_sub(needle.len())
+                .max(from);
+            if !self.fill()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Makes at least `n` bytes available if the part has them.
+    fn want(&mut self, n: usize) -> Result<bool, PackageError> {
+        while self.available().len() < n {
+            if !self.fill()? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        let taken = self.available()[..n].to_vec();
+        self.start += n;
+        taken
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+    }
+
+    fn rest(&mut self) -> Result<Vec<u8>, PackageError> {
+        while self.fill()? {}
+        let rest = self.available().to_vec();
+        self.start = self.buffer.len();
+        Ok(rest)
+    }
+
+    /// The end of the `<sheetData>` start tag (from `start`), or `None` for `<sheetData/>` or a
+    /// part without one.
+    fn find_sheet_data_start(&mut self) -> Result<Option<usize>, PackageError> {
+        let mut from = 0;
+        loop {
+            let Some(found) = self.find(b"sheetData", from)? else {
+                return Ok(None);
+            };
+            self.want(found + 64)?;
+            let bytes = self.available();
+            // `<sheetData` or `<x:sheetData`, a whole name.
+            let name_start = bytes[..found].iter().rposition(|byte| {
+                !(byte.is_ascii_alphanumeric() || *byte == b':' || *byte == b'_')
+            });
+            let opens = name_start.is_some_and(|position| bytes[position] == b'<');
+            let whole = bytes
+                .get(found + 9)
+                .is_some_and(|byte| byte.is_ascii_whitespace() || *byte == b'>' || *byte == b'/');
+            if opens && whole {
+                let Some(tag_end) = self.find(b">", found)? else {
+                    return Ok(None);
+                };
+                if self.available()[tag_end - 1] == b'/' {
+                    return Ok(None);
+                }
+                return Ok(Some(tag_end + 1));
+            }
+            from = found + 9;
+        }
+    }
+}
+
+struct Patcher<'s, W: Write> {
     writer: Writer<W>,
     styles: &'s mut Styles,
     edit: SheetEdit,
+    markup: MarkupState,
     /// The namespace prefix the sheet uses for its elements (`x:` or none).
     prefix: String,
     /// `<col min max style>` of the sheet: (first column, last column, style), 0-based.
@@ -200,38 +362,52 @@ struct RowStyles {
     from_template: bool,
 }
 
-impl<R: BufRead, W: Write> Patcher<'_, R, W> {
-    fn run(&mut self) -> Result<(), PackageError> {
-        let mut buffer = Vec::with_capacity(1 << 14);
-        let mut depth = 0usize;
-        let mut in_sheet_data = false;
-        let mut in_cols = false;
-        let mut in_extension = false;
-        // Inside a `<sheetView>` of a fresh sheet: the depth of its children, until we know
-        // whether it has a pane of its own.
-        let mut pane_wanted_at: Option<usize> = None;
+impl<W: Write> Patcher<'_, W> {
+    /// Walks markup outside the rows (the part before `<sheetData>`'s rows, or after them).
+    fn markup(&mut self, bytes: &[u8]) -> Result<(), PackageError> {
+        let mut reader = Reader::from_reader(bytes);
+        // The part after the rows closes elements the part before them opened.
+        reader.config_mut().check_end_names = false;
+        reader.config_mut().allow_unmatched_ends = true;
+        let mut state = std::mem::take(&mut self.markup);
+        let result = self.walk_markup(&mut reader, &mut state);
+        self.markup = state;
+        result
+    }
+
+    fn walk_markup(
+        &mut self,
+        reader: &mut Reader<&[u8]>,
+        state: &mut MarkupState,
+    ) -> Result<(), PackageError> {
+        let MarkupState {
+            depth,
+            in_sheet_data,
+            in_cols,
+            in_extension,
+            pane_wanted_at,
+        } = state;
         loop {
-            buffer.clear();
-            let event = self.reader.read_event_into(&mut buffer)?;
+            let event = reader.read_event()?;
             let (element, is_empty) = match event {
                 Event::Eof => return Ok(()),
                 Event::Start(element) => (element, false),
                 Event::Empty(element) => (element, true),
                 Event::End(element) => {
-                    depth = depth.saturating_sub(1);
+                    *depth = depth.saturating_sub(1);
                     let local = element.local_name();
-                    if pane_wanted_at == Some(depth + 1) {
-                        pane_wanted_at = None;
+                    if *pane_wanted_at == Some(*depth + 1) {
+                        *pane_wanted_at = None;
                         self.write_pane()?;
                     }
-                    match (depth, local.as_ref()) {
+                    match (*depth, local.as_ref()) {
                         (1, "sheetData") => {
                             self.write_missing_rows_before(u32::MAX)?;
                             self.write_new_rows_before(u32::MAX)?;
-                            in_sheet_data = false;
+                            *in_sheet_data = false;
                         }
-                        (1, "cols") => in_cols = false,
-                        (1, "extLst") => in_extension = false,
+                        (1, "cols") => *in_cols = false,
+                        (1, "extLst") => *in_extension = false,
                         (0, _) => self.write_inserts_before(usize::MAX)?,
                         _ => {}
                     }
@@ -244,16 +420,16 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                 }
             };
             let local = element.local_name().as_ref().to_string();
-            if depth == 0 {
+            if *depth == 0 {
                 self.prefix = xml::prefix_of(element.name().as_ref());
                 self.queue_fresh_inserts();
             }
-            if in_sheet_data && depth == 2 && local == "row" {
-                let element = element.into_owned();
-                self.row(&element, is_empty)?;
-                continue;
+            if *in_sheet_data && *depth == 2 && local == "row" {
+                return Err(PackageError::Malformed(
+                    "a row outside the sheet's data".to_string(),
+                ));
             }
-            if depth == 1 {
+            if *depth == 1 {
                 if let Some(order) = order_of(&local) {
                     self.write_inserts_before(order)?;
                     // The sheet has one of its own: ours is not added.
@@ -261,22 +437,22 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                         .retain(|(insert_order, _)| *insert_order != order);
                 }
                 if local == "extLst" {
-                    in_extension = true;
+                    *in_extension = true;
                 }
             }
-            if pane_wanted_at == Some(depth) {
-                pane_wanted_at = None;
+            if *pane_wanted_at == Some(*depth) {
+                *pane_wanted_at = None;
                 if local != "pane" {
                     self.write_pane()?;
                 }
             }
-            let edited = if in_extension {
+            let edited = if *in_extension {
                 None
             } else {
-                self.edited_element(&element, &local, depth)
+                self.edited_element(&element, &local, *depth)
             };
             let element = edited.unwrap_or_else(|| element.into_owned());
-            match (depth, local.as_str()) {
+            match (*depth, local.as_str()) {
                 (1, "sheetData") if is_empty => {
                     // A sheet without rows: open it so new rows have somewhere to go.
                     self.writer.write_event(Event::Start(element.borrow()))?;
@@ -285,9 +461,9 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                     self.writer.write_event(Event::End(element.to_end()))?;
                     continue;
                 }
-                (1, "sheetData") => in_sheet_data = true,
-                (1, "cols") => in_cols = !is_empty,
-                (2, "col") if in_cols => self.record_column_style(&element),
+                (1, "sheetData") => *in_sheet_data = true,
+                (1, "cols") => *in_cols = !is_empty,
+                (2, "col") if *in_cols => self.record_column_style(&element),
                 (2, "sheetView") if self.edit.fresh.is_some() => {
                     if is_empty {
                         self.writer.write_event(Event::Start(element.borrow()))?;
@@ -295,7 +471,7 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                         self.writer.write_event(Event::End(element.to_end()))?;
                         continue;
                     }
-                    pane_wanted_at = Some(depth + 1);
+                    *pane_wanted_at = Some(*depth + 1);
                 }
                 _ => {}
             }
@@ -303,7 +479,7 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                 self.writer.write_event(Event::Empty(element))?;
             } else {
                 self.writer.write_event(Event::Start(element))?;
-                depth += 1;
+                *depth += 1;
             }
         }
     }
@@ -372,11 +548,119 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
     }
 
     /// One `<row>` of `<sheetData>`, read through its end.
-    fn row(&mut self, element: &BytesStart<'static>, is_empty: bool) -> Result<(), PackageError> {
-        let number_as_read = xml::attribute(element, "r")
+    /// The rows of `<sheetData>`, up to its end tag (left for the markup walk).
+    fn rows<R: Read>(&mut self, chunks: &mut Chunks<R>) -> Result<(), PackageError> {
+        let malformed =
+            |what: &str| PackageError::Malformed(format!("the sheet's rows end {what}"));
+        let row_tag = format!("<{}row", self.prefix);
+        let row_end_tag = format!("</{}row>", self.prefix);
+        loop {
+            // Whitespace between rows is copied as it is.
+            let Some(open) = chunks.find(b"<", 0)? else {
+                return Err(malformed("without closing the sheet's data"));
+            };
+            self.writer
+                .get_mut()
+                .write_all(&chunks.available()[..open])?;
+            chunks.consume(open);
+            chunks.want(4)?;
+            let bytes = chunks.available();
+            if bytes.starts_with(b"</") {
+                // The end of `<sheetData>`: the markup walk takes it from here.
+                return Ok(());
+            }
+            if bytes.starts_with(b"<!--") || bytes.starts_with(b"<?") {
+                let closing: &[u8] = if bytes.starts_with(b"<!--") {
+                    b"-->"
+                } else {
+                    b"?>"
+                };
+                let Some(end) = chunks.find(closing, 2)? else {
+                    return Err(malformed("inside a comment"));
+                };
+                let end = end + closing.len();
+                self.writer
+                    .get_mut()
+                    .write_all(&chunks.available()[..end])?;
+                chunks.consume(end);
+                continue;
+            }
+            chunks.want(row_tag.len() + 1)?;
+            let bytes = chunks.available();
+            let is_row = bytes.starts_with(row_tag.as_bytes())
+                && bytes.get(row_tag.len()).is_some_and(|byte| {
+                    byte.is_ascii_whitespace() || *byte == b'>' || *byte == b'/'
+                });
+            if !is_row {
+                return Err(PackageError::Malformed(
+                    "the sheet's data holds something other than rows".to_string(),
+                ));
+            }
+            let Some(tag_end) = chunks.find(b">", 0)? else {
+                return Err(malformed("inside a row's tag"));
+            };
+            let row_end = if chunks.available()[tag_end - 1] == b'/' {
+                tag_end + 1
+            } else {
+                match chunks.find(row_end_tag.as_bytes(), tag_end)? {
+                    Some(end) => end + row_end_tag.len(),
+                    None => return Err(malformed("inside a row")),
+                }
+            };
+            let row_bytes = &chunks.available()[..row_end];
+            let row_bytes: &[u8] = row_bytes;
+            // The row's bytes live in `chunks` until it is consumed below.
+            self.row(row_bytes)?;
+            chunks.consume(row_end);
+        }
+    }
+
+    /// One `<row>` element, whole. A row nothing happens to is written back as it was read.
+    fn row(&mut self, row_bytes: &[u8]) -> Result<(), PackageError> {
+        let mut reader = Reader::from_reader(row_bytes);
+        reader.config_mut().check_end_names = false;
+        let (element, is_empty) = match reader.read_event()? {
+            Event::Start(element) => (element, false),
+            Event::Empty(element) => (element, true),
+            _ => return Err(PackageError::Malformed("a row without its tag".to_string())),
+        };
+        let has_number = xml::attribute(&element, "r");
+        let number_as_read = has_number
+            .as_deref()
             .and_then(|number| number.parse::<u32>().ok())
             .unwrap_or(self.next_implicit_row);
         self.next_implicit_row = number_as_read.saturating_add(1);
+        let is_template = self.edit.template_row == Some(number_as_read);
+        let untouched = has_number.is_some()
+            && !is_template
+            && !self.edit.style_rows.contains(&number_as_read)
+            && self.edit.shift.map(number_as_read) == Some(number_as_read)
+            && self
+                .edit
+                .rows
+                .first_key_value()
+                .is_none_or(|(first, _)| *first > number_as_read)
+            && self
+                .new_rows
+                .last()
+                .is_none_or(|(first_new, _)| *first_new > number_as_read);
+        if untouched {
+            self.writer.get_mut().write_all(row_bytes)?;
+            return Ok(());
+        }
+        let element = element.into_owned();
+        self.edited_row(&element, is_empty, &mut reader)
+    }
+
+    fn edited_row(
+        &mut self,
+        element: &BytesStart<'static>,
+        is_empty: bool,
+        reader: &mut Reader<&[u8]>,
+    ) -> Result<(), PackageError> {
+        let number_as_read = xml::attribute(element, "r")
+            .and_then(|number| number.parse::<u32>().ok())
+            .unwrap_or(self.next_implicit_row.saturating_sub(1));
         let is_template = self.edit.template_row == Some(number_as_read);
         if is_template {
             self.template_row_attributes = ["s", "customFormat", "ht", "customHeight"]
@@ -390,7 +674,7 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
         let Some(number) = self.edit.shift.map(number_as_read) else {
             // A deleted row: nothing of it is written, but it may still lend its styles.
             if !is_empty {
-                self.skip_row(is_template)?;
+                self.skip_row(is_template, reader)?;
             }
             self.outcome.values_changed = true;
             return Ok(());
@@ -455,13 +739,11 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
             return Ok(());
         }
         self.writer.write_event(Event::Start(start.borrow()))?;
-        let mut buffer = Vec::with_capacity(256);
         let mut next_column = 0u32;
         let mut left_style: Option<u32> = None;
         let mut depth_in_row = 0usize;
         loop {
-            buffer.clear();
-            let event = self.reader.read_event_into(&mut buffer)?;
+            let event = reader.read_event()?;
             let cell_event = match event {
                 Event::Start(cell) if depth_in_row == 0 && cell.local_name().as_ref() == "c" => {
                     Ok((cell, false))
@@ -495,7 +777,7 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
                         let content = if is_empty_cell {
                             Vec::new()
                         } else {
-                            self.read_cell_content()?
+                            read_cell_content(reader)?
                         };
                         let has_formula = content.iter().any(|event| {
                             matches!(event, Event::Start(inner) | Event::Empty(inner) if inner.local_name().as_ref() == "f")
@@ -556,32 +838,6 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
         }
     }
 
-    /// Reads a `<c>`'s content through its end tag.
-    fn read_cell_content(&mut self) -> Result<Vec<Event<'static>>, PackageError> {
-        let mut content = Vec::new();
-        let mut buffer = Vec::with_capacity(128);
-        let mut depth = 0usize;
-        loop {
-            buffer.clear();
-            let event = self.reader.read_event_into(&mut buffer)?;
-            match &event {
-                Event::Start(_) => depth += 1,
-                Event::End(_) if depth == 0 => {
-                    content.push(event.into_owned());
-                    return Ok(content);
-                }
-                Event::End(_) => depth -= 1,
-                Event::Eof => {
-                    return Err(PackageError::Malformed(
-                        "the sheet ends inside a cell".to_string(),
-                    ))
-                }
-                _ => {}
-            }
-            content.push(event.into_owned());
-        }
-    }
-
     /// Writes a cell as it was read (its content including its end tag), renumbered if asked.
     fn write_cell_as_read(
         &mut self,
@@ -609,13 +865,15 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
     }
 
     /// Skips a deleted row's content, remembering its cell styles if new rows copy them.
-    fn skip_row(&mut self, is_template: bool) -> Result<(), PackageError> {
-        let mut buffer = Vec::with_capacity(256);
+    fn skip_row(
+        &mut self,
+        is_template: bool,
+        reader: &mut Reader<&[u8]>,
+    ) -> Result<(), PackageError> {
         let mut depth = 0usize;
         let mut next_column = 0u32;
         loop {
-            buffer.clear();
-            let event = self.reader.read_event_into(&mut buffer)?;
+            let event = reader.read_event()?;
             let is_start = matches!(event, Event::Start(_));
             match event {
                 Event::Start(element) | Event::Empty(element)
@@ -903,6 +1161,30 @@ impl<R: BufRead, W: Write> Patcher<'_, R, W> {
             .into_iter()
             .map(|(order, xml)| (order, xml.into_bytes()))
             .collect();
+    }
+}
+
+/// Reads a `<c>`'s content through its end tag.
+fn read_cell_content(reader: &mut Reader<&[u8]>) -> Result<Vec<Event<'static>>, PackageError> {
+    let mut content = Vec::new();
+    let mut depth = 0usize;
+    loop {
+        let event = reader.read_event()?;
+        match &event {
+            Event::Start(_) => depth += 1,
+            Event::End(_) if depth == 0 => {
+                content.push(event.into_owned());
+                return Ok(content);
+            }
+            Event::End(_) => depth -= 1,
+            Event::Eof => {
+                return Err(PackageError::Malformed(
+                    "the sheet ends inside a cell".to_string(),
+                ))
+            }
+            _ => {}
+        }
+        content.push(event.into_owned());
     }
 }
 
