@@ -486,6 +486,17 @@ fn edit_table(
 ) -> Result<Option<Vec<u8>>, PackageError> {
     let mut splices = Vec::new();
     let mut failed = None;
+    // A table that ends in a totals row keeps it last: rows appended below it stay outside.
+    let mut has_totals_row = false;
+    xml::walk(bytes, |event, _, _| {
+        if let Event::Start(element) | Event::Empty(element) = event {
+            if element.local_name().as_ref() == "table" {
+                has_totals_row =
+                    xml::attribute(element, "totalsRowCount").is_some_and(|count| count != "0");
+            }
+        }
+    })?;
+    let last_new_row = last_new_row.filter(|_| !has_totals_row);
     xml::walk(bytes, |event, start, end| {
         let (element, empty) = match event {
             Event::Start(element) => (element, false),
