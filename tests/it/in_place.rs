@@ -173,6 +173,7 @@ fn team_workbook(path: &Path) {
     sheet.set_column_width(0, 18).expect("width");
     sheet.set_column_width(2, 24).expect("width");
     sheet.set_column_hidden(7).expect("hidden");
+    sheet.set_row_height(3, 28).expect("row height");
     sheet.set_freeze_panes(2, 1).expect("pane");
     let lists = workbook.add_worksheet();
     lists.set_name("Lists").expect("name");
@@ -205,6 +206,48 @@ fn team_workbook(path: &Path) {
         .define_name("PipelineAmounts", "=Pipeline!$E$3:$E$6")
         .expect("name");
     workbook.save(path).expect("save workbook");
+    // rust_xlsxwriter asks every workbook to recalculate on opening; a workbook Excel saved does
+    // not, and funnelsync asks only when a formula may read a cell it changed.
+    let workbook_xml =
+        String::from_utf8(entries(path)["xl/workbook.xml"].2.clone()).expect("utf-8");
+    let quiet = workbook_xml.replace(" fullCalcOnLoad=\"1\"", "");
+    assert_ne!(quiet, workbook_xml, "the fixture had the flag");
+    replace_part(path, "xl/workbook.xml", quiet.as_bytes());
+}
+
+/// The attributes of each `<row>` of a sheet part by row number, without `spans` (a hint that
+/// changes when cells are added).
+fn row_tags(bytes: &[u8]) -> BTreeMap<String, Vec<(String, String)>> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_reader(bytes);
+    let mut rows = BTreeMap::new();
+    loop {
+        match reader.read_event().expect("xml") {
+            Event::Eof => return rows,
+            Event::Start(element) | Event::Empty(element)
+                if element.local_name().as_ref() == "row" =>
+            {
+                let attributes: Vec<(String, String)> = element
+                    .attributes()
+                    .flatten()
+                    .map(|attribute| {
+                        (
+                            attribute.key.as_ref().to_string(),
+                            attribute.value.into_owned(),
+                        )
+                    })
+                    .filter(|(key, _)| key != "spans")
+                    .collect();
+                let number = attributes
+                    .iter()
+                    .find(|(key, _)| key == "r")
+                    .map(|(_, value)| value.clone())
+                    .expect("rows carry their number");
+                rows.insert(number, attributes);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Every zip entry of a package: name → (compression method, CRC, uncompressed bytes).
@@ -379,6 +422,17 @@ fn the_first_sync_of_a_team_workbook_adds_only_the_crm_id_column() {
         "{:?}",
         cells_after["I2"]
     );
+    // Rows keep their heights and styles.
+    assert_eq!(
+        row_tags(&after[PIPELINE_PART].2),
+        row_tags(&before[PIPELINE_PART].2)
+    );
+    assert!(
+        row_tags(&after[PIPELINE_PART].2)["4"]
+            .iter()
+            .any(|(key, _)| key == "ht"),
+        "the fixture has a row height"
+    );
     // Everything else in the sheet is exactly as it was.
     for name in [
         "cols",
@@ -433,6 +487,10 @@ fn a_store_change_changes_one_cell_and_keeps_its_style() {
     test.single_source("team.xlsx", "sheet = \"Pipeline\"");
     test.sync().assert_code(0);
     let before = entries(&path);
+    assert!(
+        !String::from_utf8_lossy(&before["xl/workbook.xml"].2).contains("fullCalcOnLoad"),
+        "adding the CRM ID column asked for no recalculation: no formula reads it"
+    );
     let globex = deal_id(&test, "Globex");
     test.run(&["deals", "set", &globex, "amount=7777"])
         .assert_code(0);
@@ -443,7 +501,8 @@ fn a_store_change_changes_one_cell_and_keeps_its_style() {
         "written"
     );
     let after = entries(&path);
-    // The amount changed, and a formula reads it: the workbook asks for a recalculation.
+    // The amount changed, and the Summary's formula reads it through the defined name
+    // PipelineAmounts: the workbook asks for a recalculation.
     assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART, "xl/workbook.xml"]);
     let workbook_xml = String::from_utf8_lossy(&after["xl/workbook.xml"].2).into_owned();
     assert!(
@@ -978,5 +1037,45 @@ fn a_write_back_that_cannot_be_done_safely_is_a_failure_everywhere() {
     assert_eq!(
         alerts[0].subject(),
         "funnelsync: alice.xlsx cannot be written back"
+    );
+}
+
+#[test]
+fn a_header_only_sheet_keeps_its_own_pane_widths_and_validation() {
+    let test = TestDir::new();
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    for (column, text) in ["Company", "Email", "Stage"].iter().enumerate() {
+        sheet.write_string(0, column as u16, *text).expect("header");
+    }
+    sheet.set_freeze_panes(1, 1).expect("pane");
+    sheet.set_column_width(0, 33).expect("width");
+    sheet
+        .add_data_validation(
+            1,
+            2,
+            50,
+            2,
+            &DataValidation::new()
+                .allow_list_strings(&["Hot", "Cold"])
+                .expect("list"),
+        )
+        .expect("validation");
+    workbook.save(test.path("own.xlsx")).expect("save");
+    let (_, before) = sheet_xml(&entries(&test.path("own.xlsx"))[PIPELINE_PART].2);
+    test.write("leads.csv", "Company,Email,Stage\nAcme,ann@acme.com,Lead\n");
+    test.config(
+        "[[sources]]\nname = \"own\"\npath = \"own.xlsx\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+    );
+    test.sync().assert_code(0);
+    let (_, after) = sheet_xml(&entries(&test.path("own.xlsx"))[PIPELINE_PART].2);
+    for name in ["sheetViews", "cols", "dataValidations"] {
+        assert_eq!(after[name], before[name], "the sheet's own {name} stays");
+    }
+    assert!(after.contains_key("autoFilter"), "what it lacked is added");
+    assert_eq!(
+        read_xlsx(&test.path("own.xlsx"), "Pipeline").column("Company"),
+        ["Acme"]
     );
 }

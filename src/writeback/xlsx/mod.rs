@@ -189,6 +189,20 @@ fn build_package(
         )
     });
     let style_rows = date_style_rows(sheet, &rows);
+    let footprint = Footprint {
+        cells: rows
+            .iter()
+            .flat_map(|(row_number, row_edit)| match row_edit {
+                RowEdit::Cells(cells) => {
+                    cells.keys().map(|column| (*row_number, *column)).collect()
+                }
+                RowEdit::Clear => Vec::new(),
+            })
+            .collect(),
+        cleared_rows: cleared.clone(),
+        first_deleted: removed.first().copied().filter(|_| !shift.is_empty()),
+        appended: new_rows.first().map(|(first, _)| *first).zip(last_new_row),
+    };
     let edit = SheetEdit {
         header_row: plan.header_row_number,
         style_rows,
@@ -268,11 +282,17 @@ fn build_package(
             }
         }
     }
-    let has_formulas = !sheet.formula_cells.is_empty()
+    // A formula may read a changed cell when the sheet has formulas of its own, when the
+    // workbook's calculation chain says formulas exist (Excel writes one whenever they do), or
+    // when a defined name covers a changed cell. Formulas on other sheets of a workbook without a
+    // calculation chain are not looked for (such a file was not last saved by Excel, and Excel
+    // recalculates those on opening anyway).
+    let formulas_may_read_changes = !sheet.formula_cells.is_empty()
         || workbook_relationships
             .iter()
-            .any(|relationship| relationship.kind == "calcChain");
-    if outcome.values_changed && has_formulas {
+            .any(|relationship| relationship.kind == "calcChain")
+        || footprint.touches_names(&workbook, &sheet.sheet_name);
+    if outcome.values_changed && formulas_may_read_changes {
         // Cached results of formulas that read the changed cells are stale: Excel and
         // LibreOffice recalculate on opening.
         if let Some(bytes) = package.read(&workbook.part)? {
@@ -370,6 +390,64 @@ fn date_style_rows(
         }
     }
     style_rows
+}
+
+/// The cells a write changes, for deciding whether a formula may read one of them.
+struct Footprint {
+    /// Changed cells (row as read, column).
+    cells: Vec<(u32, u32)>,
+    cleared_rows: Vec<u32>,
+    /// The first deleted row when rows move up.
+    first_deleted: Option<u32>,
+    /// The first and last appended row.
+    appended: Option<(u32, u32)>,
+}
+
+impl Footprint {
+    fn touches(&self, range: &Range) -> bool {
+        let rows = range.first_row..=range.last_row;
+        let columns = range.first_column..=range.last_column;
+        self.cells
+            .iter()
+            .any(|(row, column)| rows.contains(row) && columns.contains(column))
+            || self.cleared_rows.iter().any(|row| rows.contains(row))
+            || self
+                .first_deleted
+                .is_some_and(|first| first <= range.last_row)
+            || self
+                .appended
+                .is_some_and(|(first, last)| first <= range.last_row && last >= range.first_row)
+    }
+
+    /// Whether a defined name (other than the autofilter's) covers a changed cell of the sheet.
+    fn touches_names(&self, workbook: &package::WorkbookInfo, sheet_name: &str) -> bool {
+        workbook
+            .defined_names
+            .iter()
+            .filter(|(name, _, _)| !name.eq_ignore_ascii_case("_xlnm._FilterDatabase"))
+            .flat_map(|(_, _, formula)| ranges_on_sheet(formula, sheet_name))
+            .any(|range| self.touches(&range))
+    }
+}
+
+/// The ranges a formula names on one sheet: `Pipeline!$E$3:$E$6` or `'Pipe line'!A1`.
+fn ranges_on_sheet(formula: &str, sheet_name: &str) -> Vec<Range> {
+    let quoted = format!("'{}'!", sheet_name.replace('\'', "''"));
+    let plain = format!("{sheet_name}!");
+    let mut ranges = Vec::new();
+    for prefix in [quoted.as_str(), plain.as_str()] {
+        for (position, _) in formula.match_indices(prefix) {
+            let text: String = formula[position + prefix.len()..]
+                .chars()
+                .take_while(|character| {
+                    character.is_ascii_alphanumeric() || matches!(character, '$' | ':')
+                })
+                .filter(|character| *character != '$')
+                .collect();
+            ranges.extend(Range::parse(&text));
+        }
+    }
+    ranges
 }
 
 /// Where rows go in the written sheet.
@@ -661,6 +739,28 @@ mod tests {
         assert!(edit_table(table, &RowShift::default(), 9, Some(10))
             .expect("edit")
             .is_none());
+    }
+
+    #[test]
+    fn a_defined_name_is_touched_only_by_changes_inside_it() {
+        let ranges = ranges_on_sheet("SUM(Pipeline!$E$3:$E$6)+'Pipe line'!A1", "Pipeline");
+        assert_eq!(ranges, vec![Range::parse("E3:E6").expect("range")]);
+        let footprint = |cells: Vec<(u32, u32)>| Footprint {
+            cells,
+            cleared_rows: Vec::new(),
+            first_deleted: None,
+            appended: None,
+        };
+        assert!(footprint(vec![(4, 4)]).touches(&ranges[0]));
+        assert!(
+            !footprint(vec![(4, 8)]).touches(&ranges[0]),
+            "the CRM ID column is outside"
+        );
+        assert!(!footprint(vec![(7, 4)]).touches(&ranges[0]));
+        assert_eq!(
+            ranges_on_sheet("'Pipe line'!$B$2", "Pipe line"),
+            vec![Range::parse("B2").expect("range")]
+        );
     }
 
     #[test]
