@@ -529,7 +529,11 @@ impl Daemon {
             self.files.insert(path.clone(), tracked);
         }
         let max_attempts = self.config.watch.max_attempts;
+        // What the file looks like at this event: when it still looks so once `settle` has passed,
+        // it has settled (one settle, not a second one started by the first look).
+        let fingerprint = watch::fingerprint(&path);
         if let Some(tracked) = self.files.get_mut(&path) {
+            tracked.seen = fingerprint;
             tracked.changed_at = Some(Instant::now());
             // New content is read after `settle`, not after the retry backoff; a file that was
             // given up on gets a fresh set of attempts.
@@ -589,6 +593,9 @@ impl Daemon {
                         .checked_sub(settle)
                         .unwrap_or_else(Instant::now),
                 );
+                // The content on disk is what was last synced; the sync is owed to the store's
+                // changes, so it must not be dropped as "nothing new".
+                tracked.done = None;
             }
         }
         self.maybe_write_report();
@@ -853,6 +860,7 @@ impl Daemon {
                 continue;
             }
             if fingerprint != tracked.seen {
+                debug!(file = %path.display(), "changed again while settling; settling again");
                 tracked.seen = fingerprint;
                 tracked.changed_at = Some(now);
                 continue;

@@ -354,3 +354,79 @@ fn the_systemd_unit_is_valid_and_hardened() {
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
     assert!(exposure <= 2.5, "exposure {exposure} is above 2.5");
 }
+
+#[test]
+fn a_saved_file_is_read_after_one_settle_not_two() {
+    let test = TestDir::new();
+    folder_config(&test, "[watch]\nsettle = \"1s\"\npoll_interval = \"30s\"\n");
+    pipeline(&["Acme"]).save(&test.path("share/Pipeline.xlsx"));
+    let daemon = test.start_daemon();
+    daemon.wait_ready();
+
+    // One complete save: the new content is written beside the file and renamed into place, so
+    // the file changes exactly once and the watcher reports it.
+    pipeline(&["Acme", "Beta"]).save(&test.path("share/next.tmp"));
+    std::fs::rename(
+        test.path("share/next.tmp"),
+        test.path("share/Pipeline.xlsx"),
+    )
+    .expect("rename into place");
+    wait_until(Duration::from_secs(15), "the save to be synced", || {
+        n_deals(&test) == 2
+    });
+    let log = daemon.log();
+    assert!(
+        !log.contains("settling again"),
+        "the event's change settled once; the first look after `settle` must not start a second wait:\n{log}"
+    );
+}
+
+#[test]
+fn a_write_back_deferred_while_the_file_is_open_happens_once_it_is_closed() {
+    let test = TestDir::new();
+    folder_config(&test, FAST);
+    pipeline(&["Acme", "Beta"]).save(&test.path("share/team.xlsx"));
+    let daemon = test.start_daemon();
+    daemon.wait_ready();
+    let beta = test.deal_by("company", "Beta");
+    let id = beta["id"].to_string();
+
+    // LibreOffice opens the file; meanwhile the CLI changes the deal.
+    let lock = test.path("share/.~lock.team.xlsx#");
+    std::fs::write(
+        &lock,
+        ",alice,host,28.11.2026 10:00,file:///home/alice/.config/libreoffice/4;",
+    )
+    .expect("lock file");
+    test.run(&["deals", "set", &id, "amount=4444"])
+        .assert_code(0);
+    wait_until(
+        Duration::from_secs(15),
+        "the write-back to be deferred",
+        || daemon.log().contains("waits until it is closed"),
+    );
+    let amounts =
+        crate::harness::read_xlsx(&test.path("share/team.xlsx"), "Pipeline").column("Amount");
+    assert!(
+        !amounts.contains(&"4444".to_string()),
+        "nothing is written while the file is open: {amounts:?}"
+    );
+
+    // LibreOffice closes the file without saving: the deferred write-back happens now, without
+    // any further change to the file or the store.
+    std::fs::remove_file(&lock).expect("close");
+    wait_until(
+        Duration::from_secs(15),
+        "the deferred write-back once the lock file is gone",
+        || {
+            crate::harness::read_xlsx(&test.path("share/team.xlsx"), "Pipeline")
+                .column("Amount")
+                .contains(&"4444".to_string())
+        },
+    );
+    assert!(
+        daemon.log().contains("closed; writing back"),
+        "{}",
+        daemon.log()
+    );
+}
