@@ -551,10 +551,11 @@ pub fn remind(
     } else {
         writeln!(
             out,
-            "{} stalled deal(s); {} message(s) sent, {} waiting to retry, {} given up",
+            "{} stalled deal(s); {} message(s) sent, {} waiting to retry, {} refused by the server, {} given up",
             report.n_stalled,
             report.delivery.sent,
             report.delivery.retrying,
+            report.delivery.refused,
             report.delivery.failed
         )?;
         for error in &report.delivery.errors {
@@ -564,7 +565,7 @@ pub fn remind(
     for deal_id in &report.unaddressed {
         eprintln!("warning: deal {deal_id} is stalled but its owner has no address in [reps] and no fallback_to is set");
     }
-    let failed = report.delivery.retrying + report.delivery.failed > 0;
+    let failed = report.delivery.retrying + report.delivery.refused + report.delivery.failed > 0;
     Ok(ExitCode::from(if failed {
         EXIT_ROW_ERRORS
     } else {

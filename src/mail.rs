@@ -27,6 +27,14 @@ pub enum MailError {
     Transport { host: String, message: String },
     #[error("sending to {recipient} failed: {message}")]
     Send { recipient: String, message: String },
+    /// The server answered with a refusal: `permanent` for a 5xx reply (sending it again will
+    /// not help), else a 4xx reply (try again later).
+    #[error("the mail server refused the message to {recipient}: {message}")]
+    Refused {
+        recipient: String,
+        message: String,
+        permanent: bool,
+    },
     #[error("sending to {recipient} timed out after {timeout:?}")]
     Timeout {
         recipient: String,
@@ -57,6 +65,19 @@ fn password(smtp: &SmtpConfig) -> Result<Option<String>, MailError> {
         }
     }
     Ok(None)
+}
+
+impl MailError {
+    /// Whether the server said no for good (a 5xx reply): retrying the same message is useless.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            MailError::Refused {
+                permanent: true,
+                ..
+            }
+        )
+    }
 }
 
 /// A ready SMTP transport.
@@ -158,6 +179,15 @@ impl Mailer {
         // lettre's own timeout covers connecting only; this one covers the whole exchange.
         match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
             Ok(Ok(_)) => Ok(()),
+            // A 4xx or 5xx reply (to the end of the data, or to the sender or a recipient) is an
+            // answer, not a lost connection: say which kind it is.
+            Ok(Err(error)) if error.is_permanent() || error.is_transient() => {
+                Err(MailError::Refused {
+                    recipient: recipient.to_string(),
+                    message: error.to_string(),
+                    permanent: error.is_permanent(),
+                })
+            }
             Ok(Err(error)) => Err(MailError::Send {
                 recipient: recipient.to_string(),
                 message: error.to_string(),

@@ -676,11 +676,12 @@ impl Daemon {
             let report = crate::remind::outbox::run(store, config, Utc::now(), due, false, false)
                 .map_err(|error| error.to_string())?;
             let summary = format!(
-                "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} given up; {}",
+                "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} refused, {} given up; {}",
                 report.n_stalled,
                 report.messages.len(),
                 report.delivery.sent,
                 report.delivery.retrying,
+                report.delivery.refused,
                 report.delivery.failed,
                 report.delivery.errors.join("; ")
             );
@@ -805,9 +806,10 @@ impl Daemon {
             let report = crate::remind::outbox::deliver(store, config, Utc::now(), false)
                 .map_err(|error| error.to_string())?;
             let summary = format!(
-                "mail retry: {} sent, {} to retry, {} given up; {}",
+                "mail retry: {} sent, {} to retry, {} refused, {} given up; {}",
                 report.sent,
                 report.retrying,
+                report.refused,
                 report.failed,
                 report.errors.join("; ")
             );

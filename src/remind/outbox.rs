@@ -80,8 +80,13 @@ pub struct RunReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DeliveryReport {
     pub sent: usize,
+    /// Not delivered yet (no answer, or a temporary 4xx refusal); tried again with backoff.
     pub retrying: usize,
+    /// Given up at the end of the day after failed attempts.
     pub failed: usize,
+    /// Refused for good by the server (a 5xx reply): failed at once for that recipient, and
+    /// `[alerts] to` is told.
+    pub refused: usize,
     pub errors: Vec<String>,
 }
 
@@ -359,10 +364,11 @@ pub fn deliver(
         String,
         Option<String>,
         Option<Vec<u8>>,
+        String,
     );
     let pending: Vec<Pending> = {
         let mut statement = store.connection().prepare(
-            "SELECT id, recipient, subject, text_body, html_body, attempts, give_up_at, attachment_name, attachment FROM outbox \
+            "SELECT id, recipient, subject, text_body, html_body, attempts, give_up_at, attachment_name, attachment, kind FROM outbox \
              WHERE status = 'pending' AND (?1 OR next_attempt_at IS NULL OR next_attempt_at <= ?2) ORDER BY id",
         )?;
         let rows = statement.query_map(params![all, timestamp(now)], |row| {
@@ -376,6 +382,7 @@ pub fn deliver(
                 row.get(6)?,
                 row.get(7)?,
                 row.get(8)?,
+                row.get(9)?,
             ))
         })?;
         rows.collect::<Result<_, _>>()?
@@ -399,15 +406,27 @@ pub fn deliver(
             None
         }
     };
-    for (id, recipient, subject, text, html, attempts, give_up_at, attachment_name, attachment) in
-        pending
+    // Refusals for good of messages other than alerts, to tell the admin about once delivery is done.
+    let mut refusals: Vec<(String, String, String)> = Vec::new();
+    for (
+        id,
+        recipient,
+        subject,
+        text,
+        html,
+        attempts,
+        give_up_at,
+        attachment_name,
+        attachment,
+        kind,
+    ) in pending
     {
         let attachment = attachment_name.as_deref().zip(attachment.as_deref());
         let result = match &mailer {
             Some(mailer) => runtime
                 .block_on(mailer.send(&recipient, &subject, &text, &html, attachment))
-                .map_err(|error| error.to_string()),
-            None => Err(report.errors.last().cloned().unwrap_or_default()),
+                .map_err(|error| (error.is_permanent(), error.to_string())),
+            None => Err((false, report.errors.last().cloned().unwrap_or_default())),
         };
         match result {
             Ok(()) => {
@@ -418,7 +437,23 @@ pub fn deliver(
                 tracing::info!(recipient = %recipient, subject = %subject, "reminder sent");
                 report.sent += 1;
             }
-            Err(message) => {
+            Err((true, message)) => {
+                // A 5xx reply: the server will not take this message, now or later.
+                let attempts = u32::try_from(attempts + 1).unwrap_or(u32::MAX);
+                store.connection().execute(
+                    "UPDATE outbox SET status = 'failed', attempts = ?1, last_error = ?2 WHERE id = ?3",
+                    params![attempts, message, id],
+                )?;
+                tracing::error!(recipient = %recipient, "the mail server refused a message for good: {message}");
+                report.refused += 1;
+                if kind != "alert" {
+                    refusals.push((recipient.clone(), subject.clone(), message.clone()));
+                }
+                if !report.errors.contains(&message) {
+                    report.errors.push(message);
+                }
+            }
+            Err((false, message)) => {
                 let attempts = u32::try_from(attempts + 1).unwrap_or(u32::MAX);
                 let give_up = parse_timestamp(&give_up_at)
                     .map(|give_up| now >= give_up)
@@ -445,6 +480,24 @@ pub fn deliver(
                     report.errors.push(message);
                 }
             }
+        }
+    }
+    drop(mailer);
+    drop(_runtime_guard);
+    for (recipient, subject, message) in refusals {
+        // An alert's own refusal is not alerted about again (it would loop).
+        let body = format!(
+            "The mail server refused the message \"{subject}\" to {recipient} for good, so it will not be sent again:\n\n{message}\n\nCheck the address (in [reps], [remind] or [alerts])."
+        );
+        if let Err(error) = crate::alerts::raise(
+            store,
+            config,
+            &format!("mail-refused:{recipient}"),
+            &format!("mail to {recipient} was refused"),
+            &body,
+            now,
+        ) {
+            tracing::warn!("cannot raise an alert about the refused message: {error}");
         }
     }
     Ok(report)

@@ -520,6 +520,8 @@ impl ReceivedMail {
 struct SmtpHandler {
     messages: std::sync::Arc<std::sync::Mutex<Vec<ReceivedMail>>>,
     refuse: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The reply code of a refusal: 451 (try later) or 550 (never).
+    refuse_code: u16,
     to: Vec<String>,
     data: Vec<u8>,
 }
@@ -551,7 +553,14 @@ impl mailin_embedded::Handler for SmtpHandler {
             })
             .is_ok();
         if refused {
-            return mailin_embedded::response::INTERNAL_ERROR;
+            let mut response = mailin_embedded::Response::custom(
+                self.refuse_code,
+                "the test server says no".to_string(),
+            );
+            // mailin stays in its DATA state after an error reply to the end of the data; a real
+            // server (Postfix, aiosmtpd) is ready for the next command, as it is with this flag.
+            response.is_error = false;
+            return response;
         }
         self.messages.lock().expect("lock").push(ReceivedMail {
             to: self.to.clone(),
@@ -569,13 +578,21 @@ pub struct SmtpServer {
 }
 
 impl SmtpServer {
+    /// A server that refuses its first `refuse_first` messages with a temporary error (451).
     pub fn start(refuse_first: usize) -> SmtpServer {
+        SmtpServer::start_refusing(refuse_first, 451)
+    }
+
+    /// A server that refuses its first `refuse_first` messages, at the end of their data, with
+    /// this reply code.
+    pub fn start_refusing(refuse_first: usize, refuse_code: u16) -> SmtpServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind smtp");
         let port = listener.local_addr().expect("address").port();
         let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let handler = SmtpHandler {
             messages: std::sync::Arc::clone(&messages),
             refuse: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(refuse_first)),
+            refuse_code,
             to: Vec::new(),
             data: Vec::new(),
         };

@@ -189,6 +189,22 @@ fn a_refused_message_stays_pending_and_is_delivered_once() {
         test.count("SELECT count(*) FROM outbox WHERE status = 'pending'"),
         1
     );
+    // The 451 was recognised as the server's answer (a temporary refusal, retried with backoff),
+    // not waited out until the timeout.
+    let (last_error, next_attempt): (String, Option<String>) = test
+        .store()
+        .query_row(
+            "SELECT last_error, next_attempt_at FROM outbox WHERE status = 'pending'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .expect("the pending message");
+    assert!(
+        last_error.contains("the mail server refused") && last_error.contains("451"),
+        "{last_error}"
+    );
+    assert!(!last_error.contains("timed out"), "{last_error}");
+    assert!(next_attempt.is_some(), "a retry is scheduled");
 
     test.run(&["--now", &now, "remind"]).assert_code(0);
     assert_eq!(
@@ -201,6 +217,54 @@ fn a_refused_message_stays_pending_and_is_delivered_once() {
     assert_eq!(
         test.count("SELECT count(*) FROM outbox WHERE status = 'sent'"),
         3
+    );
+}
+
+#[test]
+fn a_message_refused_for_good_fails_at_once_and_alerts_the_admin() {
+    let smtp = SmtpServer::start_refusing(1, 550);
+    let test = TestDir::new();
+    team(&test, &smtp, "");
+    let config = std::fs::read_to_string(test.config_path()).expect("config");
+    std::fs::write(
+        test.config_path(),
+        format!("{config}\n[alerts]\nto = \"it@example.com\"\n"),
+    )
+    .expect("config with alerts");
+    let now = later(30);
+    let run = test.run(&["--now", &now, "remind"]);
+    run.assert_code(1);
+    assert!(
+        run.stdout.contains("1 refused by the server"),
+        "{}",
+        run.stdout
+    );
+    // The 550 failed that message at once: it is not pending and not retried.
+    let (status, last_error): (String, String) = test
+        .store()
+        .query_row(
+            "SELECT status, last_error FROM outbox WHERE recipient = 'alice@example.com'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .expect("alice's message");
+    assert_eq!(status, "failed");
+    assert!(
+        last_error.contains("the mail server refused") && last_error.contains("550"),
+        "{last_error}"
+    );
+    assert!(!last_error.contains("timed out"), "{last_error}");
+    assert_eq!(
+        test.count("SELECT count(*) FROM outbox WHERE status = 'pending'"),
+        0
+    );
+    // The admin hears about it.
+    let alerts = smtp.to("it@example.com");
+    assert_eq!(alerts.len(), 1, "one alert");
+    assert!(
+        alerts[0].subject().contains("alice@example.com"),
+        "{}",
+        alerts[0].subject()
     );
 }
 
