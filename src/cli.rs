@@ -275,8 +275,15 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(EXIT_OK))
 }
 
+/// Opens the store, creating it when it does not exist yet: only for commands that sync.
 pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open(&config.store.path)?)
+}
+
+/// Opens the store that must already exist: every command but `sync` and `run`, so that a
+/// mistyped path says so instead of leaving an empty store behind.
+pub fn open_existing_store(config: &Config) -> anyhow::Result<Store> {
+    Ok(Store::open_existing(&config.store.path)?)
 }
 
 pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
@@ -419,7 +426,7 @@ pub fn deals_list(
     args: &ListArgs,
     now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<ExitCode> {
-    let store = open_store(config)?;
+    let store = open_existing_store(config)?;
     // A stage given by alias ("成交") lists the canonical stage ("Won").
     let stage = args.stage.as_ref().map(|stage| {
         config
@@ -529,7 +536,7 @@ pub fn remind(
         eprintln!("error: reminders are not configured: add [remind] and [smtp] sections (see config/funnelsync.example.toml)");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
-    let mut store = open_store(config)?;
+    let mut store = open_existing_store(config)?;
     let report =
         crate::remind::outbox::run(&mut store, config, now, now, args.force, args.dry_run)?;
     let mut out = std::io::stdout().lock();
@@ -607,7 +614,7 @@ pub fn deal_json(deal: &Deal) -> Value {
 }
 
 pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(config)?;
+    let store = open_existing_store(config)?;
     let issues = mirror::current_issues(store.connection())?;
     let mut out = std::io::stdout().lock();
     match args.format {
@@ -635,7 +642,7 @@ pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(config)?;
+    let store = open_existing_store(config)?;
     let overview = mirror::file_overview(store.connection())?;
     let mut out = std::io::stdout().lock();
     match args.format {
@@ -703,7 +710,7 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(config)?;
+    let store = open_existing_store(config)?;
     let crm = store.crm();
     let mut out = std::io::stdout().lock();
     if let Some(run_id) = args.run {
@@ -809,7 +816,7 @@ pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> 
 }
 
 pub fn undo(config: &Config, args: &UndoArgs) -> anyhow::Result<ExitCode> {
-    let mut store = open_store(config)?;
+    let mut store = open_existing_store(config)?;
     let report = match crate::history::undo(&mut store, args.run, args.force, chrono::Utc::now()) {
         Ok(report) => report,
         Err(crate::history::UndoError::NoSuchRun(run)) => {
@@ -873,7 +880,7 @@ pub fn funnel(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     }
-    let store = open_store(config)?;
+    let store = open_existing_store(config)?;
     let period = funnel_period(args.since, args.until, now);
     let report = crate::report::load(&store, config, period, now, args.owner.as_deref())?;
     if let Some(path) = &args.xlsx {
@@ -890,7 +897,7 @@ pub fn funnel(
             eprintln!("error: the digest goes to [remind] manager over [smtp]; configure both");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
-        let mut store = open_store(config)?;
+        let mut store = open_existing_store(config)?;
         let delivery = crate::report::send_weekly_digest(&mut store, config, now)?;
         for error in &delivery.errors {
             eprintln!("mail error: {error}");
@@ -962,7 +969,7 @@ fn apply_cli_changes(
     id: i64,
     changes: Vec<(Field, Option<crate::deal::FieldValue>)>,
 ) -> anyhow::Result<ExitCode> {
-    let mut store = open_store(config)?;
+    let mut store = open_existing_store(config)?;
     let transaction = store.transaction()?;
     let crm = crate::store::SqliteCrm::new(&transaction);
     let Some(deal) = crm.deals_by_ids(&[id])?.remove(&id) else {
@@ -1065,7 +1072,7 @@ pub fn deals_move(config: &Config, id: i64, stage: &str) -> anyhow::Result<ExitC
 }
 
 pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCode> {
-    let store = open_store(config)?;
+    let store = open_existing_store(config)?;
     let conflicts = store.crm().conflicts(args.limit)?;
     let mut out = std::io::stdout().lock();
     match args.format {

@@ -10,10 +10,27 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             ExitCode::from(cli::EXIT_FAILURE)
         }
     }
+}
+
+/// The error and its causes in one line, each cause said once: many errors already name their
+/// cause in their own message ("cannot create …: File exists"), so a cause whose text the line
+/// already ends with is not repeated.
+fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 /// Output piped into `head` that stops reading is not an error worth a message.

@@ -34,6 +34,8 @@ pub enum StoreError {
         found: i64,
         supported: i64,
     },
+    #[error("no store at {} (has funnelsync synced yet?)", path.display())]
+    Missing { path: PathBuf },
     #[error("store query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("stored data is damaged: {0}")]
@@ -249,6 +251,26 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, StoreError> {
         .map_err(|error| StoreError::Corrupt(format!("timestamp \"{text}\": {error}")))
 }
 
+/// Runs `step` again while SQLite says the database is busy or locked, for up to ten seconds:
+/// for the few steps (switching to WAL, starting the first migration) where SQLite does not wait
+/// on the busy handler by itself.
+fn retry_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if matches!(
+                    failure.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The SQLite file: owns the connection and the schema.
 pub struct Store {
     path: PathBuf,
@@ -275,9 +297,14 @@ impl Store {
         connection
             .busy_timeout(Duration::from_secs(10))
             .map_err(open_error)?;
-        connection
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
-            .map_err(open_error)?;
+        // Switching a new file to WAL takes an exclusive lock without waiting on the busy
+        // handler: another process creating the same store at the same moment makes it fail at
+        // once with "database is locked". Wait for that process instead.
+        retry_while_busy(|| {
+            connection
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
+        })
+        .map_err(open_error)?;
         connection
             .pragma_update(None, "foreign_keys", "ON")
             .map_err(open_error)?;
@@ -296,11 +323,33 @@ impl Store {
         &self.path
     }
 
+    /// Opens an existing store; a missing file is [`StoreError::Missing`], not a new empty store.
+    /// For the commands that only read: a mistyped path must not leave an empty store behind.
+    pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        Store::open(path)
+    }
+
     fn migrate(&mut self) -> Result<(), StoreError> {
+        let supported = MIGRATIONS.len() as i64;
         let version: i64 = self
             .connection
             .pragma_query_value(None, "user_version", |row| row.get(0))?;
-        let supported = MIGRATIONS.len() as i64;
+        if version == supported {
+            return Ok(());
+        }
+        // The version is read again under the write lock: another process may have migrated the
+        // store while this one waited for the lock, and must not be migrated twice.
+        let connection = &self.connection;
+        let transaction = retry_while_busy(|| {
+            rusqlite::Transaction::new_unchecked(connection, TransactionBehavior::Immediate)
+        })?;
+        let version: i64 =
+            transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
         if version > supported {
             return Err(StoreError::TooNew {
                 path: self.path.clone(),
@@ -308,14 +357,11 @@ impl Store {
                 supported,
             });
         }
-        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let transaction = self
-                .connection
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for migration in MIGRATIONS.iter().skip(version.max(0) as usize) {
             transaction.execute_batch(migration)?;
-            transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
-            transaction.commit()?;
         }
+        transaction.pragma_update(None, "user_version", supported)?;
+        transaction.commit()?;
         Ok(())
     }
 

@@ -766,3 +766,65 @@ fn an_unchanged_file_is_recognised_by_its_content_and_settings() {
         "the Notes column now maps to next_step"
     );
 }
+
+#[test]
+fn processes_creating_the_store_at_once_all_succeed() {
+    // A CLI call while the daemon creates its store, or two cron jobs: every process that starts
+    // on a store that does not exist yet must get a working store, not "database is locked".
+    for round in 0..10 {
+        let test = TestDir::new();
+        test.write("leads.csv", "Company,Contact,Stage\nAcme,Ann,Lead\n");
+        test.single_source("leads.csv", "write_back = false");
+        let children: Vec<std::process::Child> = (0..3)
+            .map(|_| {
+                test.command(&["sync"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start sync")
+            })
+            .collect();
+        for child in children {
+            let output = child.wait_with_output().expect("sync output");
+            assert!(
+                output.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        assert_eq!(
+            test.count("SELECT count(*) FROM deals"),
+            1,
+            "round {round}: one deal, however the syncs interleaved"
+        );
+    }
+}
+
+#[test]
+fn commands_that_only_read_never_create_a_store() {
+    let test = TestDir::new();
+    test.write("leads.csv", "Company,Contact,Stage\nAcme,Ann,Lead\n");
+    test.single_source("leads.csv", "write_back = false");
+    for args in [
+        vec!["status"],
+        vec!["deals", "list"],
+        vec!["errors"],
+        vec!["conflicts"],
+        vec!["history"],
+        vec!["funnel"],
+    ] {
+        let run = test.run(&args);
+        run.assert_code(3);
+        assert!(
+            run.stderr.contains("no store at") && run.stderr.contains("has funnelsync synced yet?"),
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert!(
+            !test.store_path().exists(),
+            "{args:?} created an empty store"
+        );
+    }
+    test.sync().assert_code(0);
+    test.run(&["status"]).assert_code(0);
+}
