@@ -157,6 +157,9 @@ pub struct CleanRow {
     pub has_error: bool,
     /// [`crate::deal::row_hash`] of `fields` and `extras`, computed once.
     pub hash: String,
+    /// For a row with errors: a hash of every cell as written (the bad values included), so a
+    /// later sync can tell whether the row is the same as before or new or changed.
+    pub error_hash: Option<String>,
 }
 
 /// Finds the header row: the configured one, or the row among the first
@@ -382,6 +385,7 @@ fn map_row(
     }
     let has_error = issues.iter().any(|issue| issue.severity == Severity::Error);
     let hash = crate::deal::row_hash(&fields, &extras);
+    let error_hash = has_error.then(|| raw_row_hash(row));
     (
         CleanRow {
             row_number: row.row_number,
@@ -390,9 +394,26 @@ fn map_row(
             extras,
             has_error,
             hash,
+            error_hash,
         },
         issues,
     )
+}
+
+/// A hash of a row's cells as written, in column order.
+fn raw_row_hash(row: &SheetRow) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for cell in &row.cells {
+        hasher.update(cell.to_string().as_bytes());
+        hasher.update([0x1f]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -39,6 +39,9 @@ pub struct MirrorFile {
     pub config_hash: String,
     /// The store's change counter as that sync left it.
     pub store_version: Option<i64>,
+    /// Hashes of the rows with errors the sync could not recognise and that were there beside
+    /// every row the file held, so that they cannot be a row that goes missing later.
+    pub known_error_rows: Vec<String>,
     pub rows: Vec<MirrorRow>,
 }
 
@@ -83,7 +86,8 @@ fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
 pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, StoreError> {
     let header = connection
         .prepare_cached(
-            "SELECT source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version FROM mirror_files WHERE file = ?1",
+            "SELECT source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows \
+             FROM mirror_files WHERE file = ?1",
         )?
         .query_row([file], |row| {
             Ok((
@@ -95,6 +99,7 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
                 row.get::<_, String>(5)?,
                 row.get::<_, Option<String>>(6)?,
                 row.get::<_, Option<i64>>(7)?,
+                row.get::<_, Option<String>>(8)?,
             ))
         })
         .optional()?;
@@ -107,6 +112,7 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
         synced_at,
         config_hash,
         store_version,
+        known_error_rows,
     )) = header
     else {
         return Ok(None);
@@ -146,6 +152,13 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
         synced_at: parse_timestamp(&synced_at)?,
         config_hash: config_hash.unwrap_or_default(),
         store_version,
+        // Unknown (a store from before this was kept): every row with errors counts as new.
+        known_error_rows: known_error_rows
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|error| corrupt("mirror error rows", error))?
+            .unwrap_or_default(),
         rows,
     }))
 }
@@ -161,10 +174,10 @@ pub fn save(
         serde_json::to_string(&new.headers).map_err(|error| corrupt("mirror headers", error))?;
     connection
         .prepare_cached(
-            "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+            "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT(file) DO UPDATE SET source = ?2, sheet = ?3, content_hash = ?4, header_row = ?5, headers = ?6, synced_at = ?7, \
-             config_hash = ?8, store_version = ?9",
+             config_hash = ?8, store_version = ?9, known_error_rows = ?10",
         )?
         .execute(params![
             new.file,
@@ -175,7 +188,9 @@ pub fn save(
             headers,
             timestamp(new.synced_at),
             new.config_hash,
-            new.store_version
+            new.store_version,
+            serde_json::to_string(&new.known_error_rows)
+                .map_err(|error| corrupt("mirror error rows", error))?
         ])?;
     let old_rows: HashMap<DealId, &MirrorRow> = previous
         .map(|previous| previous.rows.iter().map(|row| (row.deal_id, row)).collect())

@@ -239,6 +239,11 @@ CREATE INDEX alerts_key ON alerts(key, at);
 ALTER TABLE mirror_files ADD COLUMN config_hash TEXT;
 ALTER TABLE mirror_files ADD COLUMN store_version INTEGER;
 "#,
+    r#"
+-- Rows with errors that the last sync could not recognise and that cannot be the row of a deal
+-- whose row went missing (they were there beside it): a JSON array of their hashes.
+ALTER TABLE mirror_files ADD COLUMN known_error_rows TEXT;
+"#,
 ];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {

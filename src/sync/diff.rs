@@ -44,6 +44,9 @@ pub struct DiffInput<'a> {
     /// Per Excel row number, the mapped fields whose cell holds a formula. Empty unless the
     /// file is written back (only then can a store value overwrite a formula).
     pub formula_fields: &'a HashMap<u32, Vec<Field>>,
+    /// Rows with errors (by [`CleanRow::error_hash`]) that the last sync saw beside every row the
+    /// file held: they cannot be the row of a deal whose row is gone now.
+    pub known_error_rows: &'a HashSet<String>,
 }
 
 /// What happens to one row of the sheet.
@@ -80,7 +83,8 @@ pub enum Removal {
     Forget(DealId),
     /// The deal now lives in another file; only this file's mirror forgets it.
     MovedAway(DealId),
-    /// Not applied because some row with errors could not be recognised and may be this one.
+    /// Not applied because a row with errors that could not be recognised may be this deal's
+    /// row: it is new or changed since the last sync and shares an identifying value with it.
     Deferred(DealId),
 }
 
@@ -92,6 +96,9 @@ pub struct Changeset {
     pub sheet_values: HashMap<usize, FieldMap>,
     /// Fields both sides changed, by row index and deal.
     pub conflicts: Vec<(usize, DealId, FieldConflict)>,
+    /// What the mirror should remember as known rows with errors (see
+    /// [`DiffInput::known_error_rows`]): the unrecognised ones that held back no removal.
+    pub known_error_rows: Vec<String>,
 }
 
 /// The natural-key values the store should be asked about before the diff: those of rows that
@@ -278,12 +285,13 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     }
 
     let mut changeset = Changeset::default();
-    let mut unrecognised_error_rows = 0;
+    // Rows with errors that match no deal: each may be a deal's row the rep is editing.
+    let mut unrecognised_error_rows: Vec<usize> = Vec::new();
     for (row_idx, row) in input.rows.iter().enumerate() {
         let deal_id = matched[row_idx];
         if row.has_error {
             if deal_id.is_none() {
-                unrecognised_error_rows += 1;
+                unrecognised_error_rows.push(row_idx);
             }
             changeset
                 .actions
@@ -384,18 +392,71 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         .iter()
         .filter(|mirror_row| !claimed.contains(&mirror_row.deal_id))
         .collect();
-    if unrecognised_error_rows > 0 && !removed.is_empty() {
+    // An unrecognised row with errors holds back a removal only when it could be that deal's
+    // row: it is new or changed since the last sync (an old one was there beside the deal's row)
+    // and it shares an identifying value with the deal.
+    let suspects: Vec<usize> = unrecognised_error_rows
+        .iter()
+        .copied()
+        .filter(|row_idx| {
+            input.rows[*row_idx]
+                .error_hash
+                .as_ref()
+                .is_none_or(|hash| !input.known_error_rows.contains(hash))
+        })
+        .collect();
+    let mut holding: HashSet<usize> = HashSet::new();
+    let mut held: Vec<(DealId, Vec<u32>)> = Vec::new();
+    for mirror_row in &removed {
+        let deal = input.deals.get(&mirror_row.deal_id);
+        let rows: Vec<usize> = suspects
+            .iter()
+            .copied()
+            .filter(|row_idx| may_be_the_row_of(&input.rows[*row_idx], mirror_row, deal))
+            .collect();
+        if !rows.is_empty() {
+            holding.extend(rows.iter().copied());
+            held.push((
+                mirror_row.deal_id,
+                rows.iter()
+                    .map(|row_idx| input.rows[*row_idx].row_number)
+                    .collect(),
+            ));
+        }
+    }
+    changeset.known_error_rows = unrecognised_error_rows
+        .iter()
+        .filter(|row_idx| !holding.contains(row_idx))
+        .filter_map(|row_idx| input.rows[*row_idx].error_hash.clone())
+        .collect();
+    if !held.is_empty() {
+        let named: Vec<String> = held
+            .iter()
+            .map(|(deal_id, row_numbers)| {
+                let rows: Vec<String> = row_numbers.iter().map(u32::to_string).collect();
+                let name = input
+                    .mirror
+                    .iter()
+                    .find(|mirror_row| mirror_row.deal_id == *deal_id)
+                    .and_then(|mirror_row| deal_name(&mirror_row.fields))
+                    .map(|name| format!(" ({name})"))
+                    .unwrap_or_default();
+                format!("deal {deal_id}{name} may be row {}", rows.join(" or row "))
+            })
+            .collect();
         issues.push(RowIssue::warning(
             None,
             format!(
-                "{} row(s) missing from the sheet were not archived or deleted, because {unrecognised_error_rows} row(s) with errors could not be recognised and may be them; fix the errors and sync again",
-                removed.len()
+                "{} row(s) missing from the sheet were not archived or deleted because a row with errors may be them: {}; fix the errors and sync again",
+                held.len(),
+                named.join("; ")
             ),
         ));
     }
+    let held_ids: HashSet<DealId> = held.iter().map(|(deal_id, _)| *deal_id).collect();
     for mirror_row in removed {
         let deal_id = mirror_row.deal_id;
-        let removal = if unrecognised_error_rows > 0 {
+        let removal = if held_ids.contains(&deal_id) {
             Removal::Deferred(deal_id)
         } else if input.deals_in_other_files.contains(&deal_id) {
             Removal::MovedAway(deal_id)
@@ -413,6 +474,39 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         changeset.removals.push(removal);
     }
     (changeset, issues)
+}
+
+/// The fields that identify a deal to a person reading the sheet.
+const IDENTIFYING: [Field; 4] = [Field::Company, Field::Contact, Field::Email, Field::Phone];
+
+/// Whether a row with errors could be the row a deal had: it carries the deal's id, or shares a
+/// company, contact, email or phone with what the file held for it (or with the deal now).
+fn may_be_the_row_of(row: &CleanRow, mirror_row: &MirrorRow, deal: Option<&Deal>) -> bool {
+    if row.id == Some(mirror_row.deal_id) {
+        return true;
+    }
+    IDENTIFYING.iter().any(|field| {
+        let Some(value) = row
+            .fields
+            .get(field)
+            .map(|value| normalize_label(&value.to_string()))
+        else {
+            return false;
+        };
+        let same = |fields: &FieldMap| {
+            fields
+                .get(field)
+                .is_some_and(|other| normalize_label(&other.to_string()) == value)
+        };
+        same(&mirror_row.fields) || deal.is_some_and(|deal| same(&deal.fields))
+    })
+}
+
+/// How a deal is named in a message: its company, else its contact, else its email.
+fn deal_name(fields: &FieldMap) -> Option<String> {
+    [Field::Company, Field::Contact, Field::Email]
+        .iter()
+        .find_map(|field| fields.get(field).map(FieldValue::to_string))
 }
 
 /// Extra fields the sheet changed since the last sync (cleared cells included), leaving out those
@@ -474,6 +568,7 @@ mod tests {
             extras,
             has_error: false,
             hash,
+            error_hash: None,
         }
     }
 
@@ -512,6 +607,7 @@ mod tests {
         deals: Vec<Deal>,
         natural: Vec<(NaturalKey, DealId)>,
         other_files: Vec<DealId>,
+        known_error_rows: Vec<&'static str>,
         on_row_removed: RowRemoved,
         expected_actions: Vec<RowAction>,
         expected_removals: Vec<Removal>,
@@ -527,6 +623,7 @@ mod tests {
                 deals: Vec::new(),
                 natural: Vec::new(),
                 other_files: Vec::new(),
+                known_error_rows: Vec::new(),
                 on_row_removed: RowRemoved::Archive,
                 expected_actions: Vec::new(),
                 expected_removals: Vec::new(),
@@ -536,6 +633,16 @@ mod tests {
     }
 
     use Field::{Company, Contact, Email, Stage};
+
+    /// A row with errors: only its cleaned values are in `fields`; `raw` stands for its cells as
+    /// written.
+    fn bad_row(row_number: u32, pairs: &[(Field, &str)], raw: &str) -> CleanRow {
+        CleanRow {
+            has_error: true,
+            error_hash: Some(raw.to_string()),
+            ..row(row_number, None, pairs)
+        }
+    }
 
     fn cases() -> Vec<Case> {
         let acme = [(Company, "Acme"), (Email, "ann@acme.com"), (Stage, "Lead")];
@@ -670,11 +777,8 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                name: "an unrecognisable row with errors defers removals",
-                rows: vec![CleanRow {
-                    has_error: true,
-                    ..row(2, None, &[(Stage, "Lead")])
-                }],
+                name: "a new row with errors that shares the company of a missing row holds its removal back",
+                rows: vec![bad_row(2, &[(Company, "ACME "), (Contact, "Ann B"), (Stage, "Lead")], "acme, ann@")],
                 mirror: vec![mirror_row(1, 2, &acme)],
                 deals: vec![deal(1, &acme)],
                 expected_actions: vec![RowAction::Skipped {
@@ -682,6 +786,48 @@ mod tests {
                     deal_id: None,
                 }],
                 expected_removals: vec![Removal::Deferred(1)],
+                n_issues: 1,
+                ..Case::default()
+            },
+            Case {
+                name: "a row with errors that shares nothing with a missing row does not hold it back",
+                rows: vec![bad_row(2, &[(Company, "Zeta"), (Stage, "Lead")], "zeta, bad")],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                expected_actions: vec![RowAction::Skipped {
+                    row_idx: 0,
+                    deal_id: None,
+                }],
+                expected_removals: vec![Removal::Archive(1)],
+                ..Case::default()
+            },
+            Case {
+                name: "an old row with errors (there beside the missing row last time) does not hold it back",
+                rows: vec![bad_row(2, &[(Company, "Acme"), (Contact, "Ann B"), (Stage, "Lead")], "acme, old")],
+                mirror: vec![mirror_row(1, 2, &acme)],
+                deals: vec![deal(1, &acme)],
+                known_error_rows: vec!["acme, old"],
+                expected_actions: vec![RowAction::Skipped {
+                    row_idx: 0,
+                    deal_id: None,
+                }],
+                expected_removals: vec![Removal::Archive(1)],
+                ..Case::default()
+            },
+            Case {
+                name: "a row with errors holds back only the removals it may be; the others proceed",
+                rows: vec![bad_row(
+                    2,
+                    &[(Contact, "Ben"), (Stage, "Lead")],
+                    "ben, bad amount",
+                )],
+                mirror: vec![mirror_row(1, 2, &acme), mirror_row(2, 3, &beta)],
+                deals: vec![deal(1, &acme), deal(2, &beta)],
+                expected_actions: vec![RowAction::Skipped {
+                    row_idx: 0,
+                    deal_id: None,
+                }],
+                expected_removals: vec![Removal::Archive(1), Removal::Deferred(2)],
                 n_issues: 1,
                 ..Case::default()
             },
@@ -762,6 +908,11 @@ mod tests {
             .collect();
         let natural: HashMap<NaturalKey, DealId> = case.natural.iter().cloned().collect();
         let other_files: HashSet<DealId> = case.other_files.iter().copied().collect();
+        let known_error_rows: HashSet<String> = case
+            .known_error_rows
+            .iter()
+            .map(|hash| hash.to_string())
+            .collect();
         diff(&DiffInput {
             rows: &case.rows,
             mirror: &case.mirror,
@@ -774,6 +925,7 @@ mod tests {
             conflict_policy: ConflictPolicy::Store,
             file_modified: None,
             formula_fields: &HashMap::new(),
+            known_error_rows: &known_error_rows,
         })
     }
 

@@ -307,6 +307,10 @@ pub fn sync_file_with(
         conflict_policy: source.conflict,
         file_modified: sheet.modified,
         formula_fields: &formula_fields,
+        known_error_rows: &previous
+            .as_ref()
+            .map(|previous| previous.known_error_rows.iter().cloned().collect())
+            .unwrap_or_default(),
     });
     issues.extend(diff_issues);
 
@@ -582,6 +586,7 @@ pub fn sync_file_with(
         synced_at: now,
         config_hash,
         store_version: None,
+        known_error_rows: changeset.known_error_rows.clone(),
         rows: new_rows,
     };
     let counts = &report.counts;

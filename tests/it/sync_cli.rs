@@ -828,3 +828,67 @@ fn commands_that_only_read_never_create_a_store() {
     test.sync().assert_code(0);
     test.run(&["status"]).assert_code(0);
 }
+
+#[test]
+fn an_old_row_with_errors_no_longer_blocks_every_removal() {
+    let test = TestDir::new();
+    let header = "Company,Contact,Email,Stage,Amount";
+    // A long-standing bad row (no company, contact or email) from the first sync on.
+    test.write(
+        "leads.csv",
+        format!(
+            "{header}\nAcme,Ann,ann@acme.com,Lead,1000\nBeta,Ben,ben@beta.com,Lead,2000\n\
+             Gamma,Gus,gus@gamma.com,Lead,3000\n,,,Lead,4000\n"
+        ),
+    );
+    test.single_source("leads.csv", "write_back = false");
+    test.sync().assert_code(1);
+    assert_eq!(test.deals().len(), 3);
+
+    // Beta's row is deleted: the old bad row was there beside it, so it cannot be Beta's row.
+    test.write(
+        "leads.csv",
+        format!(
+            "{header}\nAcme,Ann,ann@acme.com,Lead,1000\nGamma,Gus,gus@gamma.com,Lead,3000\n\
+             ,,,Lead,4000\n"
+        ),
+    );
+    let run = test.sync();
+    run.assert_code(1);
+    let beta = test.deal_by("company", "Beta");
+    assert!(
+        beta["archived_at"].is_string(),
+        "the removal happened despite the old bad row: {}",
+        run.stdout
+    );
+
+    // Now a rep edits Acme's row into a row with errors that nothing recognises (new contact,
+    // unreadable email) and deletes Gamma's row. The bad row shares Acme's company, so Acme may
+    // be it and waits; Gamma shares nothing with it and is archived.
+    test.write(
+        "leads.csv",
+        format!("{header}\nAcme,Ann Smith,ann@,Lead,1000\n,,,Lead,4000\n"),
+    );
+    let run = test.sync();
+    run.assert_code(1);
+    let acme = test.deal_by("company", "Acme");
+    let gamma = test.deal_by("company", "Gamma");
+    assert_eq!(acme["archived_at"], json!(null), "Acme may be the bad row");
+    assert!(gamma["archived_at"].is_string(), "Gamma's removal proceeds");
+    let report = run.json();
+    let issues = report["files"][0]["issues"].to_string();
+    assert!(
+        issues.contains(&format!("deal {} (Acme) may be row 2", acme["id"])),
+        "the held removal is named: {issues}"
+    );
+
+    // Fixing the row recognises it as Acme again.
+    test.write(
+        "leads.csv",
+        format!("{header}\nAcme,Ann Smith,ann@acme.com,Lead,1000\n,,,Lead,4000\n"),
+    );
+    test.sync().assert_code(1);
+    let acme = test.deal_by("company", "Acme");
+    assert_eq!(acme["archived_at"], json!(null));
+    assert_eq!(acme["contact"], "Ann Smith");
+}
