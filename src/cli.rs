@@ -443,7 +443,7 @@ pub fn deals_list(
     let mut deals = store.crm().list_deals(&filter)?;
     let mut reasons: std::collections::HashMap<i64, String> = std::collections::HashMap::new();
     if args.stalled {
-        let calendar = crate::remind::Calendar::from_config(config.remind.as_ref());
+        let calendar = crate::remind::Calendar::of(config);
         let stalls = crate::remind::stalls(&deals, &config.stages, &calendar, calendar.day_of(now));
         let order: Vec<i64> = stalls.iter().map(|stall| stall.deal_id).collect();
         reasons = stalls
@@ -976,7 +976,7 @@ fn apply_cli_changes(
         eprintln!("error: there is no deal {id}");
         return Ok(ExitCode::from(EXIT_ROW_ERRORS));
     };
-    let changes: Vec<_> = changes
+    let mut changes: Vec<_> = changes
         .into_iter()
         .filter(|(field, value)| deal.fields.get(field) != value.as_ref())
         .collect();
@@ -985,6 +985,9 @@ fn apply_cli_changes(
         return Ok(ExitCode::from(EXIT_OK));
     }
     let now = chrono::Utc::now();
+    // A move to another stage is dated today, unless the command says since when.
+    let today = crate::remind::Calendar::of(config).day_of(now);
+    crate::sync::diff::date_stage_change(&mut changes, &deal, today);
     crm.update_deal(id, &changes, &[], "cli", now)?;
     // The change is a run of its own in the history, so it can be undone like a sheet's.
     let run_id = crm.record_run(&crate::store::SyncRun {

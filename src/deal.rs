@@ -28,6 +28,10 @@ pub enum Field {
     NextStep,
     LastContact,
     ExpectedClose,
+    /// The day the deal entered its current stage, when a sheet says so (or funnelsync saw it).
+    StageSince,
+    /// The day the deal was created, as a sheet says.
+    CreatedOn,
 }
 
 /// How a field's values are cleaned and stored.
@@ -43,7 +47,7 @@ pub enum FieldKind {
 }
 
 impl Field {
-    pub const ALL: [Field; 11] = [
+    pub const ALL: [Field; 13] = [
         Field::Company,
         Field::Contact,
         Field::Email,
@@ -55,6 +59,8 @@ impl Field {
         Field::NextStep,
         Field::LastContact,
         Field::ExpectedClose,
+        Field::StageSince,
+        Field::CreatedOn,
     ];
 
     /// The name used in the config file, in JSON and as the store's column name.
@@ -71,6 +77,8 @@ impl Field {
             Field::NextStep => "next_step",
             Field::LastContact => "last_contact",
             Field::ExpectedClose => "expected_close",
+            Field::StageSince => "stage_since",
+            Field::CreatedOn => "created_on",
         }
     }
 
@@ -86,7 +94,9 @@ impl Field {
             Field::Stage => FieldKind::Stage,
             Field::Amount => FieldKind::Amount,
             Field::Currency => FieldKind::Currency,
-            Field::LastContact | Field::ExpectedClose => FieldKind::Date,
+            Field::LastContact | Field::ExpectedClose | Field::StageSince | Field::CreatedOn => {
+                FieldKind::Date
+            }
         }
     }
 
@@ -119,6 +129,22 @@ impl Field {
             Field::NextStep => &["Next Step", "Next Steps", "下一步"],
             Field::LastContact => &["Last Contact", "Last Contacted", "最近联系", "最后联系"],
             Field::ExpectedClose => &["Expected Close", "Close Date", "预计成交", "预计成交日期"],
+            Field::StageSince => &[
+                "Stage Since",
+                "Stage Date",
+                "In Stage Since",
+                "Stage Entered",
+                "阶段日期",
+                "进入阶段日期",
+            ],
+            Field::CreatedOn => &[
+                "Created",
+                "Created On",
+                "Created Date",
+                "Date Created",
+                "创建日期",
+                "创建时间",
+            ],
         }
     }
 }
@@ -203,6 +229,12 @@ pub struct Deal {
 impl Deal {
     pub fn text(&self, field: Field) -> Option<&str> {
         self.fields.get(&field).and_then(FieldValue::as_text)
+    }
+
+    /// A date field's day, when it holds one.
+    pub fn date(&self, field: Field) -> Option<NaiveDate> {
+        self.text(field)
+            .and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
     }
 }
 

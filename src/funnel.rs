@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::{Stages, Terminal};
 use crate::deal::{Deal, DealId, Field};
-use crate::remind::{stall_of, Calendar};
+use crate::remind::{entered_day, stall_of, Calendar};
 use crate::store::StageChange;
 
 /// The period the flows (conversion, time in stage, won and lost) are counted over.
@@ -51,7 +51,12 @@ pub struct StageStats {
     pub n_left: u64,
     pub median_days: Option<f64>,
     pub mean_days: Option<f64>,
-    /// Deals in the stage now: the age of the oldest, and how many are stalled.
+    /// Visits that ended in the period but whose start is unknown (deals imported without a
+    /// stage-since date): left out of `n_left`, the median and the mean rather than counted as
+    /// 0 days.
+    pub n_unknown_start: u64,
+    /// Deals in the stage now: the age of the oldest (of those whose stage date is known), and
+    /// how many are stalled.
     pub oldest_open_days: Option<i64>,
     pub n_stalled: u64,
 }
@@ -245,6 +250,7 @@ pub fn compute(
             .count() as u64;
         // Visits of this stage that ended in the period.
         let mut durations = Vec::new();
+        let mut n_unknown_start = 0;
         for changes in by_deal.values() {
             for (change_idx, change) in changes.iter().enumerate() {
                 if change.to_stage != stage.name {
@@ -252,7 +258,11 @@ pub fn compute(
                 }
                 if let Some(next) = changes.get(change_idx + 1) {
                     if period.contains(next.at) && next.at <= now {
-                        durations.push(days(change.at, next.at));
+                        if change.start_known {
+                            durations.push(days(change.at, next.at));
+                        } else {
+                            n_unknown_start += 1;
+                        }
                     }
                 }
             }
@@ -261,8 +271,8 @@ pub fn compute(
             (!durations.is_empty()).then(|| durations.iter().sum::<f64>() / durations.len() as f64);
         let oldest_open_days = open
             .iter()
-            .filter_map(|deal| deal.stage_entered_at)
-            .map(|at| (now - at).num_days())
+            .filter_map(|deal| entered_day(deal, calendar))
+            .map(|day| (today - day).num_days())
             .max();
         let n_stalled = open
             .iter()
@@ -282,6 +292,7 @@ pub fn compute(
             n_left: durations.len() as u64,
             median_days: median(&mut durations),
             mean_days,
+            n_unknown_start,
             oldest_open_days,
             n_stalled,
         });
@@ -325,7 +336,12 @@ pub fn compute(
         .iter()
         .filter_map(|deal| {
             let ranks = first_reached.get(&deal.id)?;
-            let first = by_deal.get(&deal.id)?.first()?.at;
+            // A deal first seen mid-funnel (imported without a stage date) has no known start.
+            let first = by_deal
+                .get(&deal.id)?
+                .first()
+                .filter(|first| first.start_known)?
+                .at;
             Some(days(first, ranks[won_rank]?))
         })
         .collect();
@@ -505,6 +521,7 @@ mod tests {
                     to_stage: stage.to_string(),
                     at: at(*day),
                     source: "test".to_string(),
+                    start_known: true,
                 };
                 from = Some(stage.to_string());
                 change
@@ -662,6 +679,31 @@ mod tests {
             3,
             "every open deal is past its limit by day 28"
         );
+    }
+
+    #[test]
+    fn visits_whose_start_is_unknown_are_left_out_and_counted() {
+        let (deals, mut history) = fixture();
+        // Deal 2 was imported already in Lead (its stage date unknown), then moved on day 4.
+        for change in history.iter_mut().filter(|change| change.deal_id == 2) {
+            change.start_known = change.from_stage.is_some();
+        }
+        let report = compute(
+            &deals,
+            &history,
+            &Stages::built_in(),
+            &Calendar::default(),
+            Period {
+                since: at(1),
+                until: at(30),
+            },
+            at(28),
+            None,
+        );
+        let lead = &report.stages[0];
+        assert_eq!(lead.n_unknown_start, 1);
+        assert_eq!(lead.n_left, 4, "deal 2's Lead visit is not a 2-day visit");
+        assert_eq!(lead.mean_days, Some(9.0 / 4.0));
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn load(
     let ids: std::collections::HashSet<_> = deals.iter().map(|deal| deal.id).collect();
     let mut history = crm.all_stage_history()?;
     history.retain(|change| ids.contains(&change.deal_id));
-    let calendar = Calendar::from_config(config.remind.as_ref());
+    let calendar = Calendar::of(config);
     Ok(compute(
         &deals,
         &history,
@@ -71,7 +71,8 @@ pub fn load(
 }
 
 fn money(amount: f64) -> String {
-    crate::cli::group_thousands(&format!("{amount:.0}"))
+    // An empty sum is -0.0; nobody wants to read "-0".
+    crate::cli::group_thousands(&format!("{:.0}", amount + 0.0))
 }
 
 fn percent(rate: Option<f64>) -> String {
@@ -147,6 +148,16 @@ pub fn text_table(report: &FunnelReport) -> String {
         ],
     );
     out.push_str(&String::from_utf8_lossy(&table));
+    let n_unknown_start: u64 = report
+        .stages
+        .iter()
+        .map(|stage| stage.n_unknown_start)
+        .sum();
+    if n_unknown_start > 0 {
+        out.push_str(&format!(
+            "(median days leave out {n_unknown_start} visit(s) whose start is unknown: deals imported without a stage date)\n"
+        ));
+    }
     let totals = &report.totals;
     out.push_str(&format!(
         "\nwon: {} ({})   lost: {}   lead → won: {}   average days to won: {}\n",
@@ -272,6 +283,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         "Mean days",
         "Oldest open (days)",
         "Stalled",
+        "Visits with unknown start (not in the days)",
     ];
     write_row(sheet, 2, &headers.map(Cell::Header), &formats)?;
     for (index, stage) in report.stages.iter().enumerate() {
@@ -294,6 +306,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Days(stage.mean_days),
                 Cell::Days(stage.oldest_open_days.map(|days| days as f64)),
                 Cell::Count(stage.n_stalled),
+                Cell::Count(stage.n_unknown_start),
             ],
             &formats,
         )?;

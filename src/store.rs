@@ -243,6 +243,14 @@ ALTER TABLE mirror_files ADD COLUMN store_version INTEGER;
 -- Rows with errors that the last sync could not recognise and that cannot be the row of a deal
 -- whose row went missing (they were there beside it): a JSON array of their hashes.
 ALTER TABLE mirror_files ADD COLUMN known_error_rows TEXT;
+
+-- The day a deal entered its stage as a sheet says it (or as funnelsync saw it happen), and the
+-- day it was created as a sheet says it.
+ALTER TABLE deals ADD COLUMN stage_since TEXT;
+ALTER TABLE deals ADD COLUMN created_on TEXT;
+-- Whether a stage change's time is when it happened (1) or only when funnelsync first saw the
+-- deal there (0: a deal imported without a stage-since date).
+ALTER TABLE stage_history ADD COLUMN start_known INTEGER NOT NULL DEFAULT 1;
 "#,
 ];
 
@@ -427,6 +435,9 @@ pub struct StageChange {
     pub to_stage: String,
     pub at: DateTime<Utc>,
     pub source: String,
+    /// Whether `at` is when the deal entered `to_stage`; false when it is only when funnelsync
+    /// first saw the deal there (imported without a stage-since date).
+    pub start_known: bool,
 }
 
 /// What a change did to a deal.
@@ -515,12 +526,15 @@ pub trait CrmStore {
         field: Field,
         values: &[FieldValue],
     ) -> Result<HashMap<String, DealId>, StoreError>;
+    /// Creates a deal. `stage_entered_at` is when it entered its stage, `None` when unknown (a
+    /// deal imported from a sheet that does not say): then its time in stage is not counted.
     fn create_deal(
         &self,
         fields: &FieldMap,
         extra: &ExtraMap,
         origin: &str,
         now: DateTime<Utc>,
+        stage_entered_at: Option<DateTime<Utc>>,
     ) -> Result<DealId, StoreError>;
     /// Sets the given fields (`None` clears one) and extra keys (`None` removes one).
     fn update_deal(
@@ -567,9 +581,18 @@ pub struct SqliteCrm<'c> {
     connection: &'c Connection,
 }
 
-const DEAL_COLUMNS: &str =
-    "id, company, contact, email, phone, stage, amount, currency, owner, next_step, last_contact, \
-     expected_close, extra, created_at, updated_at, stage_entered_at, archived_at";
+/// The columns a deal is read from, in this order: the id, every field (in `Field::ALL` order,
+/// names from the closed enum), then the deal's own columns.
+fn deal_columns() -> String {
+    let fields: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+    format!(
+        "id, {}, extra, created_at, updated_at, stage_entered_at, archived_at",
+        fields.join(", ")
+    )
+}
+
+/// Where the deal's own columns start in [`deal_columns`].
+const AFTER_FIELDS: usize = Field::ALL.len() + 1;
 
 impl<'c> SqliteCrm<'c> {
     pub fn new(connection: &'c Connection) -> SqliteCrm<'c> {
@@ -590,11 +613,11 @@ impl<'c> SqliteCrm<'c> {
                 fields.insert(*field, value);
             }
         }
-        let extra_text: String = row.get(12)?;
-        let created_at: String = row.get(13)?;
-        let updated_at: String = row.get(14)?;
-        let stage_entered_at: Option<String> = row.get(15)?;
-        let archived_at: Option<String> = row.get(16)?;
+        let extra_text: String = row.get(AFTER_FIELDS)?;
+        let created_at: String = row.get(AFTER_FIELDS + 1)?;
+        let updated_at: String = row.get(AFTER_FIELDS + 2)?;
+        let stage_entered_at: Option<String> = row.get(AFTER_FIELDS + 3)?;
+        let archived_at: Option<String> = row.get(AFTER_FIELDS + 4)?;
         let id: DealId = row.get(0)?;
         Ok((|| {
             Ok(Deal {
@@ -692,7 +715,10 @@ impl CrmStore for SqliteCrm<'_> {
         // Chunks keep each statement under SQLite's parameter limit.
         for chunk in ids.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(",");
-            let sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE id IN ({placeholders})");
+            let sql = format!(
+                "SELECT {} FROM deals WHERE id IN ({placeholders})",
+                deal_columns()
+            );
             let parameters: Vec<&dyn rusqlite::ToSql> =
                 chunk.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
             for deal in self.query_deals(&sql, &parameters)? {
@@ -704,7 +730,8 @@ impl CrmStore for SqliteCrm<'_> {
 
     fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError> {
         let sql = format!(
-            "SELECT {DEAL_COLUMNS} FROM deals WHERE {} = ?1 ORDER BY archived_at IS NOT NULL, id LIMIT 1",
+            "SELECT {} FROM deals WHERE {} = ?1 ORDER BY archived_at IS NOT NULL, id LIMIT 1",
+            deal_columns(),
             field.name()
         );
         let value = to_sql(Some(value));
@@ -771,11 +798,12 @@ impl CrmStore for SqliteCrm<'_> {
         extra: &ExtraMap,
         origin: &str,
         now: DateTime<Utc>,
+        stage_entered_at: Option<DateTime<Utc>>,
     ) -> Result<DealId, StoreError> {
         let now_text = timestamp(now);
         let extra_text =
             serde_json::to_string(extra).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        let values: Vec<rusqlite::types::Value> = Field::ALL
+        let mut values: Vec<rusqlite::types::Value> = Field::ALL
             .iter()
             .map(|field| to_sql(fields.get(field)))
             .collect();
@@ -783,20 +811,32 @@ impl CrmStore for SqliteCrm<'_> {
             .get(&Field::Stage)
             .and_then(FieldValue::as_text)
             .map(str::to_string);
-        let stage_entered_at = stage.as_ref().map(|_| now_text.clone());
+        let entered = stage.as_ref().and(stage_entered_at);
+        values.push(rusqlite::types::Value::Text(extra_text));
+        values.push(rusqlite::types::Value::Text(now_text.clone()));
+        values.push(rusqlite::types::Value::Text(now_text));
+        values.push(match entered {
+            Some(at) => rusqlite::types::Value::Text(timestamp(at)),
+            None => rusqlite::types::Value::Null,
+        });
+        let field_names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+        let placeholders: Vec<String> = (1..=values.len()).map(|n| format!("?{n}")).collect();
+        // Column names come from the closed Field enum, never from input.
+        let sql = format!(
+            "INSERT INTO deals ({}, extra, created_at, updated_at, stage_entered_at) VALUES ({})",
+            field_names.join(", "),
+            placeholders.join(", ")
+        );
         self.connection
-            .prepare_cached(
-                "INSERT INTO deals (company, contact, email, phone, stage, amount, currency, owner, next_step, \
-                 last_contact, expected_close, extra, created_at, updated_at, stage_entered_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14)",
-            )?
-            .execute(params![
-                values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7], values[8],
-                values[9], values[10], extra_text, now_text, stage_entered_at
-            ])?;
+            .prepare_cached(&sql)?
+            .execute(rusqlite::params_from_iter(values.iter()))?;
         let id = self.connection.last_insert_rowid();
         if let Some(stage) = stage {
-            self.record_stage_change(id, None, &stage, origin, now)?;
+            // Without a known entry time the history still says where the deal was first seen,
+            // marked so that time in stage does not count from there.
+            self.connection
+                .prepare_cached("INSERT INTO stage_history (deal_id, from_stage, to_stage, at, source, start_known) VALUES (?1, NULL, ?2, ?3, ?4, ?5)")?
+                .execute(params![id, stage, timestamp(entered.unwrap_or(now)), origin, entered.is_some()])?;
         }
         Ok(id)
     }
@@ -891,7 +931,7 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError> {
-        let mut sql = format!("SELECT {DEAL_COLUMNS} FROM deals WHERE 1 = 1");
+        let mut sql = format!("SELECT {} FROM deals WHERE 1 = 1", deal_columns());
         let mut parameters: Vec<String> = Vec::new();
         if !filter.include_archived {
             sql.push_str(" AND archived_at IS NULL");
@@ -921,7 +961,7 @@ impl CrmStore for SqliteCrm<'_> {
     fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError> {
         let mut statement = self
             .connection
-            .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
+            .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
         let rows = statement.query_map([id], |row| {
             Ok((
                 row.get::<_, DealId>(0)?,
@@ -929,17 +969,19 @@ impl CrmStore for SqliteCrm<'_> {
                 row.get::<_, String>(2)?,
                 row.get::<_, String>(3)?,
                 row.get::<_, String>(4)?,
+                row.get::<_, bool>(5)?,
             ))
         })?;
         let mut changes = Vec::new();
         for row in rows {
-            let (deal_id, from_stage, to_stage, at, source) = row?;
+            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
             changes.push(StageChange {
                 deal_id,
                 from_stage,
                 to_stage,
                 at: parse_timestamp(&at)?,
                 source,
+                start_known,
             });
         }
         Ok(changes)
@@ -987,28 +1029,41 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError> {
-        let values: Vec<rusqlite::types::Value> = Field::ALL
-            .iter()
-            .map(|field| to_sql(deal.fields.get(field)))
-            .collect();
+        use rusqlite::types::Value;
         let extra = serde_json::to_string(&deal.extra)
             .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let optional_time = |at: Option<DateTime<Utc>>| match at {
+            Some(at) => Value::Text(timestamp(at)),
+            None => Value::Null,
+        };
+        let mut values: Vec<Value> = vec![Value::Integer(deal.id)];
+        values.extend(
+            Field::ALL
+                .iter()
+                .map(|field| to_sql(deal.fields.get(field))),
+        );
+        values.extend([
+            Value::Text(extra),
+            Value::Text(timestamp(deal.created_at)),
+            Value::Text(timestamp(deal.updated_at)),
+            optional_time(deal.stage_entered_at),
+            optional_time(deal.archived_at),
+        ]);
+        let placeholders: Vec<String> = (1..=values.len()).map(|n| format!("?{n}")).collect();
         self.connection.execute(
-            "INSERT INTO deals (id, company, contact, email, phone, stage, amount, currency, owner, next_step, last_contact, \
-             expected_close, extra, created_at, updated_at, stage_entered_at, archived_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-            params![
-                deal.id, values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7], values[8], values[9],
-                values[10], extra, timestamp(deal.created_at), timestamp(deal.updated_at), deal.stage_entered_at.map(timestamp),
-                deal.archived_at.map(timestamp)
-            ],
+            &format!(
+                "INSERT INTO deals ({}) VALUES ({})",
+                deal_columns(),
+                placeholders.join(", ")
+            ),
+            rusqlite::params_from_iter(values.iter()),
         )?;
         Ok(())
     }
 
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError> {
         let mut statement = self.connection.prepare_cached(
-            "SELECT deal_id, from_stage, to_stage, at, source FROM stage_history ORDER BY at, id",
+            "SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history ORDER BY at, id",
         )?;
         let rows = statement.query_map([], |row| {
             Ok((
@@ -1017,17 +1072,19 @@ impl CrmStore for SqliteCrm<'_> {
                 row.get::<_, String>(2)?,
                 row.get::<_, String>(3)?,
                 row.get::<_, String>(4)?,
+                row.get::<_, bool>(5)?,
             ))
         })?;
         let mut changes = Vec::new();
         for row in rows {
-            let (deal_id, from_stage, to_stage, at, source) = row?;
+            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
             changes.push(StageChange {
                 deal_id,
                 from_stage,
                 to_stage,
                 at: parse_timestamp(&at)?,
                 source,
+                start_known,
             });
         }
         Ok(changes)
@@ -1193,7 +1250,7 @@ mod tests {
         fields.insert(Field::Amount, FieldValue::Amount(1200.5));
         let extra = ExtraMap::from([("Notes".to_string(), "VIP".to_string())]);
         let id = crm
-            .create_deal(&fields, &extra, "test", at(9))
+            .create_deal(&fields, &extra, "test", at(9), Some(at(9)))
             .expect("create");
         crm.update_deal(
             id,

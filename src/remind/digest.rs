@@ -144,7 +144,10 @@ fn cells(line: &DigestLine<'_>, words: &Words) -> [String; 8] {
         text(Field::Company),
         text(Field::Contact),
         line.stall.stage.clone(),
-        line.stall.days_in_stage.to_string(),
+        line.stall
+            .days_in_stage
+            .map(|days| days.to_string())
+            .unwrap_or_else(|| "?".to_string()),
         last_contact,
         amount,
         text(Field::NextStep),
@@ -312,7 +315,7 @@ mod tests {
             deal_id: 7,
             stage: "Prospect".to_string(),
             idle_days: 12,
-            days_in_stage: 12,
+            days_in_stage: Some(12),
             last_contact_days: None,
             limit: 10,
             since: NaiveDate::from_ymd_opt(2026, 11, 1).expect("date"),

@@ -11,10 +11,12 @@ pub mod outbox;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
 use chrono_tz::Tz;
 
-use crate::config::{RemindConfig, Stages};
+use crate::config::{Config, RemindConfig, Stages};
 use crate::deal::{Deal, DealId, Field};
 
-/// How days are counted.
+/// How days are counted. There is one calendar, the configured one (`[remind]`'s business days,
+/// holidays and time zone; calendar days in UTC without `[remind]`): every use of the stall rule
+/// takes it from [`Calendar::of`].
 #[derive(Debug, Clone, Default)]
 pub struct Calendar {
     /// Count Monday to Friday only.
@@ -26,6 +28,11 @@ pub struct Calendar {
 }
 
 impl Calendar {
+    /// The configured calendar.
+    pub fn of(config: &Config) -> Calendar {
+        Calendar::from_config(config.remind.as_ref())
+    }
+
     pub fn from_config(remind: Option<&RemindConfig>) -> Calendar {
         match remind {
             Some(remind) => Calendar {
@@ -42,6 +49,15 @@ impl Calendar {
         match self.timezone {
             Some(timezone) => at.with_timezone(&timezone).date_naive(),
             None => at.date_naive(),
+        }
+    }
+
+    /// The first moment of a day in the calendar's time zone.
+    pub fn start_of(&self, day: NaiveDate) -> DateTime<Utc> {
+        match self.timezone {
+            Some(timezone) => moment(timezone, day, NaiveTime::MIN)
+                .unwrap_or_else(|| day.and_time(NaiveTime::MIN).and_utc()),
+            None => day.and_time(NaiveTime::MIN).and_utc(),
         }
     }
 
@@ -75,7 +91,8 @@ pub struct Stall {
     pub stage: String,
     /// Days (as counted) since the later of entering the stage and the last contact.
     pub idle_days: i64,
-    pub days_in_stage: i64,
+    /// Days in the stage, when the day it entered the stage is known.
+    pub days_in_stage: Option<i64>,
     pub last_contact_days: Option<i64>,
     pub limit: u32,
     /// The day the idle time counts from. With the deal and stage it names the stall: a stage
@@ -96,8 +113,19 @@ impl Stall {
     }
 }
 
+/// The day a deal entered its current stage, when known: the stage-since date a sheet (or a
+/// stage change funnelsync saw) gave it, else the day of `stage_entered_at`. A deal imported from
+/// a sheet that does not say has none.
+pub fn entered_day(deal: &Deal, calendar: &Calendar) -> Option<NaiveDate> {
+    deal.date(Field::StageSince)
+        .or_else(|| deal.stage_entered_at.map(|at| calendar.day_of(at)))
+}
+
 /// The stall rule: a live deal in a non-terminal stage with `stall_after_days` is stalled when the
-/// days since the later of `stage_entered_at` and `last_contact` exceed that limit.
+/// days since the later of entering the stage and the last contact exceed that limit. When the
+/// day it entered its stage is unknown, the last contact alone counts (or the later of it and the
+/// created date a sheet gives): a deal imported today whose last contact was 40 days ago is
+/// stalled today. A deal with none of these dates counts from the day funnelsync first saw it.
 pub fn stall_of(
     deal: &Deal,
     stages: &Stages,
@@ -112,29 +140,45 @@ pub fn stall_of(
         return None;
     }
     let limit = stage.stall_after_days?;
-    let entered = deal.stage_entered_at.map(|at| calendar.day_of(at));
-    let last_contact = deal
-        .text(Field::LastContact)
-        .and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok());
-    let since = match (entered, last_contact) {
-        (Some(entered), Some(contact)) => entered.max(contact),
-        (Some(day), None) | (None, Some(day)) => day,
-        (None, None) => return None,
-    };
+    let entered = entered_day(deal, calendar);
+    let last_contact = deal.date(Field::LastContact);
+    let created = deal.date(Field::CreatedOn);
+    // Without any date from the sheet, the deal has been in its stage at least since funnelsync
+    // first saw it there.
+    let first_seen = calendar.day_of(deal.created_at);
+    let since = [entered.or(created), last_contact]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(first_seen);
     let idle_days = calendar.days_between(since, today);
     if idle_days <= i64::from(limit) {
         return None;
     }
-    let days_in_stage = entered
-        .map(|entered| calendar.days_between(entered, today))
-        .unwrap_or(idle_days);
+    let days_in_stage = entered.map(|entered| calendar.days_between(entered, today));
     let last_contact_days = last_contact.map(|contact| calendar.days_between(contact, today));
     let unit = if calendar.business_days {
         "business days"
     } else {
         "days"
     };
-    let mut reason = format!("in {} for {days_in_stage} {unit}", stage.name);
+    let mut reason = match days_in_stage {
+        Some(days) => format!("in {} for {days} {unit}", stage.name),
+        None => format!("in {} (stage date unknown)", stage.name),
+    };
+    if entered.is_none() {
+        match (created, last_contact) {
+            (Some(created), _) => {
+                let days = calendar.days_between(created, today);
+                reason.push_str(&format!(", created {days} {unit} ago"));
+            }
+            (None, None) => {
+                let days = calendar.days_between(first_seen, today);
+                reason.push_str(&format!(", first seen {days} {unit} ago"));
+            }
+            (None, Some(_)) => {}
+        }
+    }
     match last_contact_days {
         Some(days) => reason.push_str(&format!(", last contact {days} {unit} ago")),
         None => reason.push_str(", no contact recorded"),
@@ -150,11 +194,6 @@ pub fn stall_of(
         since,
         reason,
     })
-}
-
-/// Whether a deal is stalled today (used for highlighting in written sheets).
-pub fn is_stalled(deal: &Deal, stages: &Stages, today: NaiveDate) -> bool {
-    stall_of(deal, stages, &Calendar::default(), today).is_some()
 }
 
 /// Every stalled deal, worst first.
@@ -455,6 +494,92 @@ mod tests {
             stall.reason,
             "in Prospect for 11 days, last contact 13 days ago; limit 10"
         );
+    }
+
+    #[test]
+    fn the_stall_rule_when_the_stage_date_is_unknown_or_given_by_the_sheet() {
+        let stages = Stages::built_in();
+        let calendar = Calendar::default();
+        let today = day("2026-11-28");
+        // (stage date field, created field, last contact, imported at) → idle days and reason
+        type Case<'a> = (
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+            Option<(i64, &'a str)>,
+        );
+        let cases: Vec<Case> = vec![
+            // Imported today, last contacted 40 days ago: stalled today.
+            (
+                None,
+                None,
+                Some("2026-10-19"),
+                "2026-11-28T08:00:00Z",
+                Some((
+                    40,
+                    "in Prospect (stage date unknown), last contact 40 days ago; limit 10",
+                )),
+            ),
+            // The created date stands in for the stage date; a later contact still wins.
+            (
+                None,
+                Some("2026-10-01"),
+                Some("2026-11-20"),
+                "2026-11-28T08:00:00Z",
+                None,
+            ),
+            (
+                None,
+                Some("2026-10-01"),
+                None,
+                "2026-11-28T08:00:00Z",
+                Some((
+                    58,
+                    "in Prospect (stage date unknown), created 58 days ago, no contact recorded; limit 10",
+                )),
+            ),
+            // The sheet's stage date.
+            (
+                Some("2026-11-08"),
+                None,
+                None,
+                "2026-11-28T08:00:00Z",
+                Some((20, "in Prospect for 20 days, no contact recorded; limit 10")),
+            ),
+            // No date at all: counted from the day funnelsync first saw the deal.
+            (None, None, None, "2026-11-28T08:00:00Z", None),
+            (
+                None,
+                None,
+                None,
+                "2026-11-10T08:00:00Z",
+                Some((
+                    18,
+                    "in Prospect (stage date unknown), first seen 18 days ago, no contact recorded; limit 10",
+                )),
+            ),
+        ];
+        for (stage_since, created, contact, imported, expected) in cases {
+            let mut deal = deal("Prospect", imported, contact);
+            deal.stage_entered_at = None;
+            if let Some(since) = stage_since {
+                deal.fields
+                    .insert(Field::StageSince, FieldValue::Text(since.to_string()));
+            }
+            if let Some(created) = created {
+                deal.fields
+                    .insert(Field::CreatedOn, FieldValue::Text(created.to_string()));
+            }
+            let found = stall_of(&deal, &stages, &calendar, today);
+            assert_eq!(
+                found
+                    .as_ref()
+                    .map(|stall| (stall.idle_days, stall.reason.as_str())),
+                expected,
+                "since {stage_since:?}, created {created:?}, contact {contact:?}, imported {imported}"
+            );
+        }
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub fn plan(
     force: bool,
 ) -> Result<RunReport, RemindError> {
     let remind = config.remind.as_ref().ok_or(RemindError::NotConfigured)?;
-    let calendar = Calendar::from_config(Some(remind));
+    let calendar = Calendar::of(config);
     let today = calendar.day_of(now);
     let deals = store.crm().list_deals(&DealFilter::default())?;
     let by_id: HashMap<DealId, &Deal> = deals.iter().map(|deal| (deal.id, deal)).collect();
@@ -291,7 +291,7 @@ pub fn record_message(
     attachment: Option<(&str, &[u8])>,
     now: DateTime<Utc>,
 ) -> Result<(), RemindError> {
-    let calendar = Calendar::from_config(config.remind.as_ref());
+    let calendar = Calendar::of(config);
     let timezone = config
         .remind
         .as_ref()

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 
 use super::merge::{merge_fields, FieldConflict};
 use crate::config::{ConflictPolicy, RowRemoved};
@@ -47,6 +47,8 @@ pub struct DiffInput<'a> {
     /// Rows with errors (by [`CleanRow::error_hash`]) that the last sync saw beside every row the
     /// file held: they cannot be the row of a deal whose row is gone now.
     pub known_error_rows: &'a HashSet<String>,
+    /// Today in the configured calendar: the stage-since date of a stage change seen now.
+    pub today: NaiveDate,
 }
 
 /// What happens to one row of the sheet.
@@ -371,6 +373,22 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
                 (changes, extra_changes)
             }
         };
+        let mut changes = changes;
+        date_stage_change(&mut changes, deal, input.today);
+        if let (Some(since), Some(shown)) = (
+            changes
+                .iter()
+                .find(|(field, _)| *field == Field::StageSince)
+                .map(|(_, value)| value.clone()),
+            changeset.sheet_values.get_mut(&row_idx),
+        ) {
+            if input.sheet_fields.contains(&Field::StageSince) {
+                match since {
+                    Some(since) => shown.insert(Field::StageSince, since),
+                    None => shown.remove(&Field::StageSince),
+                };
+            }
+        }
         let unarchive = deal.archived_at.is_some();
         if changes.is_empty() && extra_changes.is_empty() && !unarchive {
             changeset
@@ -474,6 +492,20 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         changeset.removals.push(removal);
     }
     (changeset, issues)
+}
+
+/// A stage change dates itself: when `changes` move the deal to another stage and do not say
+/// since when, it is in the new stage since `today` (the day funnelsync sees the change).
+pub fn date_stage_change(changes: &mut FieldChanges, deal: &Deal, today: NaiveDate) {
+    let moves = changes.iter().any(|(field, value)| {
+        *field == Field::Stage
+            && value.is_some()
+            && value.as_ref() != deal.fields.get(&Field::Stage)
+    });
+    let dated = changes.iter().any(|(field, _)| *field == Field::StageSince);
+    if moves && !dated {
+        changes.push((Field::StageSince, Some(FieldValue::date(today))));
+    }
 }
 
 /// The fields that identify a deal to a person reading the sheet.
@@ -632,7 +664,7 @@ mod tests {
         }
     }
 
-    use Field::{Company, Contact, Email, Stage};
+    use Field::{Company, Contact, Email, Stage, StageSince};
 
     /// A row with errors: only its cleaned values are in `fields`; `raw` stands for its cells as
     /// written.
@@ -666,7 +698,7 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                name: "a changed field is the only change",
+                name: "a changed stage is the only change, dated today",
                 rows: vec![row(
                     2,
                     None,
@@ -677,7 +709,10 @@ mod tests {
                 expected_actions: vec![RowAction::Update {
                     row_idx: 0,
                     deal_id: 1,
-                    changes: vec![(Stage, Some(FieldValue::Text("Won".to_string())))],
+                    changes: vec![
+                        (Stage, Some(FieldValue::Text("Won".to_string()))),
+                        (StageSince, Some(FieldValue::Text("2026-11-28".to_string()))),
+                    ],
                     extra_changes: vec![],
                     unarchive: false,
                 }],
@@ -731,7 +766,10 @@ mod tests {
                 expected_actions: vec![RowAction::Update {
                     row_idx: 0,
                     deal_id: 2,
-                    changes: vec![(Stage, Some(FieldValue::Text("Won".to_string())))],
+                    changes: vec![
+                        (Stage, Some(FieldValue::Text("Won".to_string()))),
+                        (StageSince, Some(FieldValue::Text("2026-11-28".to_string()))),
+                    ],
                     extra_changes: vec![],
                     unarchive: false,
                 }],
@@ -879,7 +917,10 @@ mod tests {
                 expected_actions: vec![RowAction::Update {
                     row_idx: 0,
                     deal_id: 1,
-                    changes: vec![(Stage, Some(FieldValue::Text("Won".to_string())))],
+                    changes: vec![
+                        (Stage, Some(FieldValue::Text("Won".to_string()))),
+                        (StageSince, Some(FieldValue::Text("2026-11-28".to_string()))),
+                    ],
                     extra_changes: vec![],
                     unarchive: false,
                 }],
@@ -926,6 +967,7 @@ mod tests {
             file_modified: None,
             formula_fields: &HashMap::new(),
             known_error_rows: &known_error_rows,
+            today: NaiveDate::from_ymd_opt(2026, 11, 28).expect("date"),
         })
     }
 

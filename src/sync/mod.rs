@@ -295,6 +295,8 @@ pub fn sync_file_with(
             }
         }
     }
+    let calendar = crate::remind::Calendar::of(config);
+    let today = calendar.day_of(now);
     let (changeset, diff_issues) = diff::diff(&DiffInput {
         rows: &rows,
         mirror: mirror_rows,
@@ -311,6 +313,7 @@ pub fn sync_file_with(
             .as_ref()
             .map(|previous| previous.known_error_rows.iter().cloned().collect())
             .unwrap_or_default(),
+        today,
     });
     issues.extend(diff_issues);
 
@@ -363,7 +366,14 @@ pub fn sync_file_with(
                 fields
                     .entry(Field::Stage)
                     .or_insert_with(|| FieldValue::Text(config.stages.first().name.clone()));
-                let deal_id = crm.create_deal(&fields, &row.extras, &source.name, now)?;
+                // The day the deal entered its stage is known only when the sheet says so.
+                let entered = row
+                    .fields
+                    .get(&Field::StageSince)
+                    .and_then(FieldValue::as_text)
+                    .and_then(|text| chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
+                    .map(|day| calendar.start_of(day));
+                let deal_id = crm.create_deal(&fields, &row.extras, &source.name, now, entered)?;
                 counts.created += 1;
                 applied.push(ChangeRecord {
                     id: 0,

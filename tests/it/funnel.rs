@@ -65,6 +65,7 @@ fn the_funnel_counts_moves_and_its_json_shape_is_stable() {
             "median_days",
             "n_left",
             "n_stalled",
+            "n_unknown_start",
             "oldest_open_days",
             "open_amount",
             "open_count",

@@ -86,7 +86,12 @@ fn each_rep_gets_one_digest_of_their_stalled_deals() {
         text.find("Apex") < text.find("Acme"),
         "worst first: Apex is further over its limit:\n{text}"
     );
-    assert!(text.contains("in Prospect for 30 days"), "{text}");
+    // The sheet gives no stage date and no last contact: the deal counts from the day it was
+    // first seen.
+    assert!(
+        text.contains("in Prospect (stage date unknown), first seen 30 days ago"),
+        "{text}"
+    );
     assert!(html.contains("<table"), "{html}");
     assert!(text.contains("12,000"), "{text}");
     assert_eq!(
@@ -342,6 +347,32 @@ fn business_days_and_holidays_change_who_is_stalled() {
         Some(0),
         "business days: at most 7, not over the limit"
     );
+
+    // One stall rule, one calendar: the funnel and the reminders agree with the list.
+    let in_12_days = later(12);
+    let listed = n_stalled(&in_12_days).expect("a list");
+    assert!(
+        listed > 0,
+        "twelve days on, some Lead deal is past 7 business days"
+    );
+    let funnel = test
+        .run(&["--now", &in_12_days, "funnel", "--format", "json"])
+        .json();
+    let in_funnel = funnel["stalled"].as_array().map(Vec::len).expect("stalled");
+    let per_stage: u64 = funnel["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|stage| stage["n_stalled"].as_u64().unwrap_or(0))
+        .sum();
+    let reminded = test.run(&["--now", &in_12_days, "remind", "--dry-run"]);
+    let in_reminders = reminded.stdout.matches("stage date unknown").count();
+    assert_eq!(
+        (in_funnel, per_stage as usize, in_reminders),
+        (listed, listed, listed),
+        "list, funnel and reminders: {}",
+        reminded.stdout
+    );
 }
 
 #[test]
@@ -455,5 +486,120 @@ fn the_daemon_sends_at_the_configured_time_and_catches_up_once() {
         6,
         "once, not once per missed day:\n{}",
         daemon.log()
+    );
+}
+
+fn days_ago(days: i64) -> String {
+    (chrono::Utc::now().date_naive() - chrono::Duration::days(days)).to_string()
+}
+
+#[test]
+fn deals_are_stalled_from_the_first_day_and_stage_dates_come_from_the_sheet() {
+    let test = TestDir::new();
+    test.write(
+        "leads.csv",
+        format!(
+            "Company,Contact,Stage,Owner,Last Contact,Stage Since\n\
+             Acme,Ann,Prospect,Alice Wang,{},\n\
+             Beta,Ben,Prospect,Alice Wang,,{}\n\
+             Gamma,Gus,Prospect,Alice Wang,{},\n\
+             Delta,Dan,Lead,Alice Wang,,\n",
+            days_ago(40),
+            days_ago(20),
+            days_ago(3)
+        ),
+    );
+    test.config(
+        r#"[[sources]]
+name = "leads"
+path = "leads.csv"
+
+[remind]
+timezone = "UTC"
+
+[reps]
+"Alice Wang" = "alice@example.com"
+
+[smtp]
+host = "127.0.0.1"
+port = 9
+security = "none"
+from = "Funnel Sync <funnelsync@example.com>"
+"#,
+    );
+    test.sync().assert_code(0);
+
+    // Imported today, and stalled today: Acme by its last contact 40 days ago (the day it entered
+    // Prospect is unknown), Beta by the stage date the sheet gives. Gamma was contacted 3 days
+    // ago; Delta has no date at all and was first seen today.
+    let stalled = test
+        .run(&["deals", "list", "--stalled", "--format", "json"])
+        .json();
+    let names: Vec<&str> = stalled
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|deal| deal["company"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["Acme", "Beta"], "worst first: {stalled}");
+    assert_eq!(
+        stalled[0]["stalled"],
+        "in Prospect (stage date unknown), last contact 40 days ago; limit 10"
+    );
+    assert_eq!(
+        stalled[1]["stalled"],
+        "in Prospect for 20 days, no contact recorded; limit 10"
+    );
+    let acme = test.deal_by("company", "Acme");
+    assert_eq!(acme["stage_since"], serde_json::Value::Null);
+    assert_eq!(acme["stage_entered_at"], serde_json::Value::Null);
+    assert_eq!(test.deal_by("company", "Beta")["stage_since"], days_ago(20));
+
+    let dry_run = test.run(&["remind", "--dry-run"]);
+    dry_run.assert_code(0);
+    assert!(
+        dry_run.stdout.contains("To: alice@example.com")
+            && dry_run.stdout.contains("Acme")
+            && dry_run.stdout.contains("Beta")
+            && !dry_run.stdout.contains("Gamma"),
+        "{}",
+        dry_run.stdout
+    );
+
+    // Stage changes seen after the import are dated today: Acme is no longer stalled, and the
+    // sheet's Stage Since column shows the day.
+    test.run(&["deals", "move", &acme["id"].to_string(), "Opportunity"])
+        .assert_code(0);
+    let acme = test.deal_by("company", "Acme");
+    assert_eq!(acme["stage_since"], days_ago(0));
+    assert!(acme["stage_entered_at"].is_string());
+    test.sync().assert_code(0);
+    let csv = std::fs::read_to_string(test.path("leads.csv")).expect("csv");
+    let acme_line = csv
+        .lines()
+        .find(|line| line.starts_with("Acme"))
+        .expect("Acme's row");
+    assert!(acme_line.contains(&days_ago(0)), "{csv}");
+
+    // Time in stage: Beta's Prospect visit has a known start (the sheet's date) and counts; Acme's
+    // started on a day nobody knows and is left out, and said so.
+    test.run(&[
+        "deals",
+        "move",
+        &test.deal_by("company", "Beta")["id"].to_string(),
+        "Opportunity",
+    ])
+    .assert_code(0);
+    let funnel = test.run(&["funnel", "--format", "json"]).json();
+    let prospect = &funnel["stages"][1];
+    assert_eq!(prospect["stage"], "Prospect");
+    assert_eq!(prospect["n_left"], 1, "{prospect}");
+    assert_eq!(prospect["n_unknown_start"], 1, "{prospect}");
+    let median = prospect["median_days"].as_f64().expect("a median");
+    assert!((20.0..21.0).contains(&median), "{prospect}");
+    let table = test.run(&["funnel"]).stdout;
+    assert!(
+        table.contains("1 visit(s) whose start is unknown"),
+        "the table says how many were left out:\n{table}"
     );
 }
