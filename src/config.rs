@@ -185,6 +185,7 @@ pub struct RawSource {
     pub max_delete: Option<RawMaxDelete>,
     pub conflict: Option<String>,
     pub filter: Option<BTreeMap<String, OneOrMany>>,
+    pub view: Option<String>,
     pub backups: Option<i64>,
 }
 
@@ -637,10 +638,24 @@ pub struct SourceConfig {
     /// (compared with [`normalize_label`]; stages by canonical name). Empty: every live deal. A new
     /// row takes the first listed value of each field it leaves empty.
     pub filter: BTreeMap<Field, Vec<String>>,
+    /// Which deals a file of this source shows: its own rows' deals, or every live deal the
+    /// filter lets through.
+    pub view: View,
     /// How many previous versions of a file to keep in `.funnelsync/backups/` beside it.
     pub backups: usize,
     /// The most rows one sync of a file may archive or delete before it is held.
     pub max_delete: MaxDelete,
+}
+
+/// Which deals a source's files show (and so which store changes are written into them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// The deals whose rows the file holds (rows added to it included): a file receives changes
+    /// to those deals from anywhere, and no deal it never held. The default without a filter.
+    Rows,
+    /// Every live deal the source's filter lets through (all of them without one): new deals are
+    /// added to the file. The default with a filter; `view = "all"` for a master file.
+    All,
 }
 
 /// The mass-delete guard's limit.
@@ -1730,6 +1745,16 @@ fn validate_source(
         }
         filter.insert(field, accepted);
     }
+    let view = match raw.view.as_deref() {
+        None if filter.is_empty() => View::Rows,
+        None => View::All,
+        Some("rows") => View::Rows,
+        Some("all") => View::All,
+        Some(other) => {
+            fail("view", format!("\"{other}\" is not one of rows, all"));
+            View::Rows
+        }
+    };
     let backups = match raw.backups {
         None => 5,
         Some(count) => match usize::try_from(count) {
@@ -1782,6 +1807,7 @@ fn validate_source(
         write_back,
         conflict,
         filter,
+        view,
         backups,
         max_delete,
     };

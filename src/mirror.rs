@@ -66,6 +66,39 @@ pub fn summary(connection: &Connection, file: &str) -> Result<Option<MirrorSumma
         .optional()?)
 }
 
+/// The deals a file held at its last sync.
+pub fn deal_ids(connection: &Connection, file: &str) -> Result<Vec<DealId>, StoreError> {
+    let mut statement =
+        connection.prepare_cached("SELECT deal_id FROM mirror_rows WHERE file = ?1")?;
+    let rows = statement.query_map([file], |row| row.get::<_, DealId>(0))?;
+    let mut ids = Vec::new();
+    for row in rows {
+        ids.push(row?);
+    }
+    Ok(ids)
+}
+
+/// The files whose mirror holds any of these deals.
+pub fn files_holding(
+    connection: &Connection,
+    deal_ids: &[DealId],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut files = std::collections::HashSet::new();
+    for chunk in deal_ids.chunks(500) {
+        let placeholders = vec!["?"; chunk.len()].join(",");
+        let sql =
+            format!("SELECT DISTINCT file FROM mirror_rows WHERE deal_id IN ({placeholders})");
+        let mut statement = connection.prepare(&sql)?;
+        let rows = statement.query_map(rusqlite::params_from_iter(chunk.iter()), |row| {
+            row.get::<_, String>(0)
+        })?;
+        for row in rows {
+            files.insert(row?);
+        }
+    }
+    Ok(files)
+}
+
 /// A row error as stored, with its context.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredIssue {

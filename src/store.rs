@@ -251,6 +251,12 @@ ALTER TABLE deals ADD COLUMN created_on TEXT;
 -- Whether a stage change's time is when it happened (1) or only when funnelsync first saw the
 -- deal there (0: a deal imported without a stage-since date).
 ALTER TABLE stage_history ADD COLUMN start_known INTEGER NOT NULL DEFAULT 1;
+
+-- The store's change counter as each deal's last change left it: a file shows a changed deal when
+-- one of its deals changed after the counter its last sync saw.
+ALTER TABLE deals ADD COLUMN changed_version INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX deals_changed_version ON deals(changed_version);
+CREATE INDEX mirror_rows_deal ON mirror_rows(deal_id);
 "#,
 ];
 
@@ -514,10 +520,18 @@ pub trait CrmStore {
     /// The deal whose field holds exactly this cleaned value, preferring live deals over archived
     /// ones and older over newer.
     fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError>;
-    /// Ids of live deals last changed before `since` (strictly: a change in the same instant counts as after).
+    /// Ids of live deals whose last change is covered by the change counter `version` (nothing
+    /// changed them after a reader saw that counter).
     fn live_ids_unchanged_since(
         &self,
-        since: DateTime<Utc>,
+        version: i64,
+    ) -> Result<std::collections::HashSet<DealId>, StoreError>;
+    /// Whether any of these deals changed (or is gone) after the change counter was `version`.
+    fn any_changed_since(&self, ids: &[DealId], version: i64) -> Result<bool, StoreError>;
+    /// The deals (archived ones included) changed after the change counter was `version`.
+    fn ids_changed_since(
+        &self,
+        version: i64,
     ) -> Result<std::collections::HashSet<DealId>, StoreError>;
     /// For many values of one field at once: the deal holding each (live before archived, older
     /// before newer), keyed by the value's text.
@@ -740,12 +754,51 @@ impl CrmStore for SqliteCrm<'_> {
 
     fn live_ids_unchanged_since(
         &self,
-        since: DateTime<Utc>,
+        version: i64,
+    ) -> Result<std::collections::HashSet<DealId>, StoreError> {
+        let mut statement = self.connection.prepare_cached(
+            "SELECT id FROM deals WHERE archived_at IS NULL AND changed_version <= ?1",
+        )?;
+        let rows = statement.query_map([version], |row| row.get::<_, DealId>(0))?;
+        let mut ids = std::collections::HashSet::new();
+        for row in rows {
+            ids.insert(row?);
+        }
+        Ok(ids)
+    }
+
+    fn any_changed_since(&self, ids: &[DealId], version: i64) -> Result<bool, StoreError> {
+        let mut unique = ids.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        for chunk in unique.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            let sql = format!(
+                "SELECT count(*) FROM deals WHERE id IN ({placeholders}) AND changed_version <= ?"
+            );
+            let mut parameters: Vec<&dyn rusqlite::ToSql> =
+                chunk.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
+            parameters.push(&version);
+            let n_unchanged: i64 = self
+                .connection
+                .prepare_cached(&sql)?
+                .query_row(parameters.as_slice(), |row| row.get(0))?;
+            // A deal missing here was deleted: that is a change too.
+            if n_unchanged != chunk.len() as i64 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn ids_changed_since(
+        &self,
+        version: i64,
     ) -> Result<std::collections::HashSet<DealId>, StoreError> {
         let mut statement = self
             .connection
-            .prepare_cached("SELECT id FROM deals WHERE archived_at IS NULL AND updated_at < ?1")?;
-        let rows = statement.query_map([timestamp(since)], |row| row.get::<_, DealId>(0))?;
+            .prepare_cached("SELECT id FROM deals WHERE changed_version > ?1")?;
+        let rows = statement.query_map([version], |row| row.get::<_, DealId>(0))?;
         let mut ids = std::collections::HashSet::new();
         for row in rows {
             ids.insert(row?);
@@ -822,8 +875,10 @@ impl CrmStore for SqliteCrm<'_> {
         let field_names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
         let placeholders: Vec<String> = (1..=values.len()).map(|n| format!("?{n}")).collect();
         // Column names come from the closed Field enum, never from input.
+        // The insert's trigger moves the change counter on by one: the deal records that value.
         let sql = format!(
-            "INSERT INTO deals ({}, extra, created_at, updated_at, stage_entered_at) VALUES ({})",
+            "INSERT INTO deals ({}, extra, created_at, updated_at, stage_entered_at, changed_version) \
+             VALUES ({}, (SELECT version + 1 FROM store_meta WHERE id = 1))",
             field_names.join(", "),
             placeholders.join(", ")
         );
@@ -898,7 +953,7 @@ impl CrmStore for SqliteCrm<'_> {
                 .execute(params![extra_text, id])?;
         }
         self.connection
-            .prepare_cached("UPDATE deals SET updated_at = ?1 WHERE id = ?2")?
+            .prepare_cached("UPDATE deals SET updated_at = ?1, changed_version = (SELECT version + 1 FROM store_meta WHERE id = 1) WHERE id = ?2")?
             .execute(params![now_text, id])?;
         Ok(())
     }
@@ -912,11 +967,11 @@ impl CrmStore for SqliteCrm<'_> {
         let now_text = timestamp(now);
         let changed = if archived {
             self.connection
-                .prepare_cached("UPDATE deals SET archived_at = ?1, updated_at = ?1 WHERE id = ?2 AND archived_at IS NULL")?
+                .prepare_cached("UPDATE deals SET archived_at = ?1, updated_at = ?1, changed_version = (SELECT version + 1 FROM store_meta WHERE id = 1) WHERE id = ?2 AND archived_at IS NULL")?
                 .execute(params![now_text, id])?
         } else {
             self.connection
-                .prepare_cached("UPDATE deals SET archived_at = NULL, updated_at = ?1 WHERE id = ?2 AND archived_at IS NOT NULL")?
+                .prepare_cached("UPDATE deals SET archived_at = NULL, updated_at = ?1, changed_version = (SELECT version + 1 FROM store_meta WHERE id = 1) WHERE id = ?2 AND archived_at IS NOT NULL")?
                 .execute(params![now_text, id])?
         };
         Ok(changed > 0)
@@ -1052,7 +1107,7 @@ impl CrmStore for SqliteCrm<'_> {
         let placeholders: Vec<String> = (1..=values.len()).map(|n| format!("?{n}")).collect();
         self.connection.execute(
             &format!(
-                "INSERT INTO deals ({}) VALUES ({})",
+                "INSERT INTO deals ({}, changed_version) VALUES ({}, (SELECT version + 1 FROM store_meta WHERE id = 1))",
                 deal_columns(),
                 placeholders.join(", ")
             ),

@@ -81,6 +81,8 @@ pub enum Event {
 #[derive(Debug, Clone)]
 struct Tracked {
     source: String,
+    /// The file's key in the store ([`sync::file_key`]), worked out once.
+    key: String,
     /// The fingerprint last seen by a stat.
     seen: Option<Fingerprint>,
     /// The fingerprint of the content last read successfully (or given up on).
@@ -99,9 +101,10 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn new(source: &str) -> Tracked {
+    fn new(source: &str, path: &Path) -> Tracked {
         Tracked {
             source: source.to_string(),
+            key: sync::file_key(path),
             seen: None,
             done: None,
             changed_at: None,
@@ -475,7 +478,7 @@ impl Daemon {
                     if !initial {
                         info!(file = %path.display(), source = %source.name, "new file");
                     }
-                    Tracked::new(&source.name)
+                    Tracked::new(&source.name, &path)
                 });
                 tracked.source = source.name.clone();
                 if fingerprint != tracked.seen {
@@ -524,7 +527,7 @@ impl Daemon {
                 return;
             }
             info!(file = %path.display(), source = %source, "new file");
-            let mut tracked = Tracked::new(&source);
+            let mut tracked = Tracked::new(&source, &path);
             tracked.initial = false;
             self.files.insert(path.clone(), tracked);
         }
@@ -603,35 +606,62 @@ impl Daemon {
             self.mail_checked_at = Instant::now();
             self.retry_mail();
         }
-        // Deals changed by another process (the CLI) or by another file's sync must reach every
-        // file that writes back.
+        // Deals changed by another process (the CLI) or by another file's sync must reach the
+        // files that show them.
         if self.store_checked_at.elapsed() >= STORE_POLL {
             self.store_checked_at = Instant::now();
-            let version = self.current_store_version();
-            if version.is_some() && version != self.store_version {
-                self.store_version = version;
-                self.resync_writing_files(None);
+            if let Some(version) = self.current_store_version() {
+                self.store_moved_to(version, None);
             }
         }
     }
 
-    /// Schedules a sync of every file that writes back (but `except`), so store changes reach it.
-    fn resync_writing_files(&mut self, except: Option<&Path>) {
+    /// The store's change counter is now `version`: when it moved on, the files that show a deal
+    /// changed since the counter last looked at (but `except`, which shows it already) are synced
+    /// again.
+    fn store_moved_to(&mut self, version: i64, except: Option<&Path>) {
+        let since = self.store_version;
+        if since.is_some_and(|since| version <= since) {
+            return;
+        }
+        self.store_version = Some(version);
+        self.resync_files_behind(since, except);
+    }
+
+    /// Schedules a sync of every file that writes back and shows a deal changed after the
+    /// counter was `since` (every such file when `since` is unknown): files that show every deal
+    /// (or a filter's), and files holding a changed deal. A file that shows only its own rows
+    /// is not touched by changes to other deals, so a new deal does not rewrite every file.
+    fn resync_files_behind(&mut self, since: Option<i64>, except: Option<&Path>) {
         let settle = self.config.watch.settle;
-        let writing: HashSet<String> = self
+        let views: HashMap<String, crate::config::View> = self
             .config
             .sources
             .iter()
             .filter(|source| source.write_back)
-            .map(|source| source.name.clone())
+            .map(|source| (source.name.clone(), source.view))
             .collect();
+        let behind = match since {
+            None => None,
+            Some(since) => {
+                let store = &self.store;
+                match tokio::task::block_in_place(|| sync::files_with_changes_since(store, since)) {
+                    Ok(files) => Some(files),
+                    Err(error) => {
+                        warn!("cannot tell which files show the store's changes; syncing every file that writes back: {error}");
+                        None
+                    }
+                }
+            }
+        };
         let now = Instant::now();
-        for (path, tracked) in self
-            .files
-            .iter_mut()
-            .filter(|(_, tracked)| writing.contains(&tracked.source))
-        {
-            if Some(path.as_path()) == except {
+        for (path, tracked) in self.files.iter_mut() {
+            let shows_change = match (views.get(&tracked.source), &behind) {
+                (None, _) => false,
+                (Some(_), None) | (Some(crate::config::View::All), _) => true,
+                (Some(crate::config::View::Rows), Some(behind)) => behind.contains(&tracked.key),
+            };
+            if !shows_change || Some(path.as_path()) == except {
                 continue;
             }
             if tracked.in_flight {
@@ -1054,10 +1084,7 @@ impl Daemon {
             ..
         }) = &outcome
         {
-            if Some(*version) != self.store_version {
-                self.store_version = Some(*version);
-                self.resync_writing_files(Some(&path));
-            }
+            self.store_moved_to(*version, Some(&path));
         }
         if let Ok(report) = &outcome {
             if report.status == FileStatus::Synced {

@@ -142,12 +142,11 @@ pub fn sync_file_with(
     let config_hash = source_fingerprint(config, source);
     let content_hash = workbook::hash_bytes(&bytes);
     if let Some(summary) = &summary {
-        let same_store =
-            !source.write_back || summary.store_version == Some(store.crm().version()?);
+        let same_bytes_and_settings = summary.content_hash == content_hash
+            && summary.config_hash.as_deref() == Some(config_hash.as_str());
         if !force
-            && summary.content_hash == content_hash
-            && summary.config_hash.as_deref() == Some(config_hash.as_str())
-            && same_store
+            && same_bytes_and_settings
+            && shows_the_store_still(store, source, &file, summary)?
         {
             if source.write_back && crate::writeback::is_writable_path(path) {
                 report.write_back = WriteBack::UpToDate;
@@ -249,7 +248,7 @@ pub fn sync_file_with(
         .as_ref()
         .filter(|previous| !source.write_back || previous.store_version.is_some())
     {
-        let live = crm.live_ids_unchanged_since(previous.synced_at)?;
+        let live = crm.live_ids_unchanged_since(previous.store_version.unwrap_or(i64::MIN))?;
         let forced_by_rows: HashSet<DealId> = rows.iter().filter_map(|row| row.id).collect();
         for mirror_row in mirror_rows {
             if row_hashes.contains(mirror_row.row_hash.as_str())
@@ -566,11 +565,28 @@ pub fn sync_file_with(
                 key_cell: row.id,
             })
             .collect();
-        let view: Vec<Deal> = crm
-            .list_deals(&DealFilter::default())?
-            .into_iter()
-            .filter(|deal| source.filter_matches(&deal.fields))
-            .collect();
+        let view: Vec<Deal> = match source.view {
+            crate::config::View::All => crm
+                .list_deals(&DealFilter::default())?
+                .into_iter()
+                .filter(|deal| source.filter_matches(&deal.fields))
+                .collect(),
+            // The deals of the rows the file holds now (new rows' deals included): archived,
+            // deleted or filtered-out ones leave, and no other deal comes in.
+            crate::config::View::Rows => {
+                let mut ids: Vec<DealId> = row_deals.iter().flatten().copied().collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let mut held: Vec<Deal> = crm
+                    .deals_by_ids(&ids)?
+                    .into_values()
+                    .filter(|deal| deal.archived_at.is_none())
+                    .filter(|deal| source.filter_matches(&deal.fields))
+                    .collect();
+                held.sort_by_key(|deal| deal.id);
+                held
+            }
+        };
         let n_columns = sheet
             .rows
             .iter()
@@ -755,6 +771,45 @@ pub fn sync_file_with(
     report.run_id = Some(run_id);
     report.issues = issues;
     Ok(report)
+}
+
+/// Whether a file that writes back still shows the store as its last sync left it: for a file
+/// that shows its own rows, none of its deals changed since; for a view of every deal (or of a
+/// filter), no deal changed at all. A file that does not write back shows nothing of the store.
+fn shows_the_store_still(
+    store: &Store,
+    source: &SourceConfig,
+    file: &str,
+    summary: &mirror::MirrorSummary,
+) -> Result<bool, StoreError> {
+    if !source.write_back {
+        return Ok(true);
+    }
+    let Some(version) = summary.store_version else {
+        return Ok(false);
+    };
+    let crm = store.crm();
+    match source.view {
+        crate::config::View::All => Ok(crm.version()? == version),
+        crate::config::View::Rows => {
+            let held = mirror::deal_ids(store.connection(), file)?;
+            Ok(!crm.any_changed_since(&held, version)?)
+        }
+    }
+}
+
+/// The files (by [`file_key`]) that hold a deal changed after the store's change counter was
+/// `version`: those that show their own rows and need a new sync to show the change.
+pub fn files_with_changes_since(
+    store: &Store,
+    version: i64,
+) -> Result<HashSet<String>, StoreError> {
+    let changed: Vec<DealId> = store
+        .crm()
+        .ids_changed_since(version)?
+        .into_iter()
+        .collect();
+    mirror::files_holding(store.connection(), &changed)
 }
 
 /// A hash of everything in the config that decides how a file is read and merged.

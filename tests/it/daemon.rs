@@ -430,3 +430,92 @@ fn a_write_back_deferred_while_the_file_is_open_happens_once_it_is_closed() {
         daemon.log()
     );
 }
+
+/// The bytes of every file in a folder, by name.
+fn contents(folder: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(folder)
+        .expect("list folder")
+        .filter_map(Result::ok)
+        .filter(|entry| entry.path().is_file())
+        .map(|entry| {
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                std::fs::read(entry.path()).expect("read file"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_folder_of_lead_lists_keeps_each_list_to_its_own_deals() {
+    const N_FILES: usize = 300;
+    let test = TestDir::new();
+    folder_config(
+        &test,
+        "[watch]\nsettle = \"200ms\"\npoll_interval = \"60s\"\n",
+    );
+    for index in 0..N_FILES {
+        test.write(
+            &format!("share/leads-{index:03}.csv"),
+            format!(
+                "Company,Contact,Email,Stage\nFirm {index} A,Ann,a{index}@example.com,Lead\n\
+                 Firm {index} B,Ben,b{index}@example.com,Lead\n"
+            ),
+        );
+    }
+    let daemon = test.start_daemon();
+    daemon.wait_ready_within(Duration::from_secs(180));
+    assert_eq!(n_deals(&test), 2 * N_FILES as i64);
+    // Each list was written once, for its own new CRM IDs, and holds only its own two deals.
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("wrote the store's changes back into the file")
+            .count(),
+        N_FILES,
+        "one write per file"
+    );
+    let after_import = contents(&test.path("share"));
+    for (name, bytes) in &after_import {
+        let text = String::from_utf8_lossy(bytes);
+        assert_eq!(
+            text.lines().count(),
+            3,
+            "{name} holds its own rows only:\n{text}"
+        );
+        assert!(
+            text.starts_with("Company,Contact,Email,Stage,CRM ID"),
+            "{text}"
+        );
+    }
+    drop(daemon);
+
+    // A restart with nothing changed writes nothing.
+    let daemon = test.start_daemon();
+    daemon.wait_ready_within(Duration::from_secs(180));
+    assert_eq!(
+        contents(&test.path("share")),
+        after_import,
+        "no file was written at start:\n{}",
+        daemon.log()
+    );
+
+    // A change to one deal rewrites only the file that shows it.
+    let firm = test.deal_by("company", "Firm 7 B");
+    test.run(&["deals", "set", &firm["id"].to_string(), "stage=Prospect"])
+        .assert_code(0);
+    wait_until(
+        Duration::from_secs(20),
+        "the change in leads-007.csv",
+        || {
+            std::fs::read_to_string(test.path("share/leads-007.csv"))
+                .is_ok_and(|text| text.contains("Firm 7 B,Ben,b7@example.com,Prospect"))
+        },
+    );
+    let now = contents(&test.path("share"));
+    let changed: Vec<&String> = now
+        .iter()
+        .filter(|(name, bytes)| after_import.get(*name) != Some(*bytes))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(changed, ["leads-007.csv"]);
+}

@@ -364,7 +364,13 @@ impl Daemon {
     /// Waits for READY=1 (sent after the first scan's syncs), up to 20 s.
     #[track_caller]
     pub fn wait_ready(&self) {
-        wait_until(std::time::Duration::from_secs(20), "READY=1", || {
+        self.wait_ready_within(std::time::Duration::from_secs(20));
+    }
+
+    /// Waits for READY=1 up to `timeout` (a first scan of many files takes longer).
+    #[track_caller]
+    pub fn wait_ready_within(&self, timeout: std::time::Duration) {
+        wait_until(timeout, "READY=1", || {
             self.notifications()
                 .iter()
                 .any(|message| message.lines().any(|line| line == "READY=1"))

@@ -597,7 +597,7 @@ fn new_deals_are_appended_in_the_styles_of_the_row_above() {
         "Company,Contact,Email,Stage,Amount,Owner\nHooli,Hank,hank@hooli.com,Lead,1200,Alice\n",
     );
     test.config(
-        "[[sources]]\nname = \"team\"\npath = \"team.xlsx\"\nsheet = \"Pipeline\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+        "[[sources]]\nname = \"team\"\npath = \"team.xlsx\"\nsheet = \"Pipeline\"\nview = \"all\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
     );
     test.sync().assert_code(0);
     let (cells, elements) = sheet_xml(&entries(&path)[PIPELINE_PART].2);
@@ -808,7 +808,7 @@ fn a_workbook_with_a_chart_sheet_and_a_table_is_written_in_place() {
         "Company,Email,Stage,Amount\nInitech,ian@initech.com,Lead,300\n",
     );
     test.config(
-        "[[sources]]\nname = \"table\"\npath = \"table.xlsx\"\nsheet = \"Pipeline\"\n\n[[sources]]\nname = \"more\"\npath = \"more.csv\"\nwrite_back = false\n",
+        "[[sources]]\nname = \"table\"\npath = \"table.xlsx\"\nsheet = \"Pipeline\"\nview = \"all\"\n\n[[sources]]\nname = \"more\"\npath = \"more.csv\"\nwrite_back = false\n",
     );
     let before = entries(&path);
     let report = test.sync();
@@ -843,7 +843,7 @@ fn a_sheet_with_just_a_header_gets_a_frozen_header_filter_dropdown_and_widths() 
         "Company,Email,Stage,Amount\nAcme,ann@acme.com,Lead,100\nGlobex,gus@globex.com,Won,200\n",
     );
     test.config(
-        "[[sources]]\nname = \"new\"\npath = \"new.xlsx\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+        "[[sources]]\nname = \"new\"\npath = \"new.xlsx\"\nview = \"all\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
     );
     test.sync().assert_code(0);
     let (_, elements) = sheet_xml(&entries(&test.path("new.xlsx"))[PIPELINE_PART].2);

@@ -83,7 +83,7 @@ fn an_edit_in_one_file_reaches_the_other_and_filters_shape_the_view() {
     .save(&test.path("all.xlsx"));
     sheet(&[]).save(&test.path("alice.xlsx"));
     test.config(
-        "[[sources]]\nname = \"all\"\npath = \"all.xlsx\"\n\n[[sources]]\nname = \"alice\"\npath = \"alice.xlsx\"\nfilter = { owner = \"Alice\" }\n",
+        "[[sources]]\nname = \"all\"\npath = \"all.xlsx\"\nview = \"all\"\n\n[[sources]]\nname = \"alice\"\npath = \"alice.xlsx\"\nfilter = { owner = \"Alice\" }\n",
     );
     test.sync().assert_code(0);
     let alice = read_xlsx(&test.path("alice.xlsx"), "Pipeline");
@@ -331,7 +331,7 @@ fn a_formula_from_the_store_is_written_as_text() {
         "p.csv",
         "Company;Email;Stage;Next Step\r\nBeta;ben@beta.com;Lead;Call\r\n",
     );
-    test.config("[[sources]]\nname = \"xlsx\"\npath = \"p.xlsx\"\n\n[[sources]]\nname = \"csv\"\npath = \"p.csv\"\n");
+    test.config("[[sources]]\nname = \"xlsx\"\npath = \"p.xlsx\"\nview = \"all\"\n\n[[sources]]\nname = \"csv\"\npath = \"p.csv\"\nview = \"all\"\n");
     test.sync().assert_code(0);
     let id = id_of(&test, "Acme");
     let hyperlink = "=HYPERLINK(\"http://x\",\"y\")";
@@ -456,7 +456,7 @@ fn a_gb18030_csv_is_written_back_in_gb18030_with_its_delimiter() {
         .row(&["Company", "Stage", "Owner"])
         .row(&["乙公司", "机会", "王伟"])
         .save(&test.path("p.xlsx"));
-    test.config("[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\n\n[[sources]]\nname = \"p\"\npath = \"p.xlsx\"\n");
+    test.config("[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nview = \"all\"\n\n[[sources]]\nname = \"p\"\npath = \"p.xlsx\"\n");
     test.sync().assert_code(0);
     let written = std::fs::read(test.path("leads.csv")).expect("read");
     assert!(std::str::from_utf8(&written).is_err(), "still not UTF-8");
