@@ -48,6 +48,7 @@ pub struct MirrorFile {
 /// The parts of a file's mirror that decide whether a sync can be skipped, without its rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorSummary {
+    pub sheet: String,
     pub content_hash: String,
     pub config_hash: Option<String>,
     pub store_version: Option<i64>,
@@ -57,11 +58,17 @@ pub struct MirrorSummary {
 pub fn summary(connection: &Connection, file: &str) -> Result<Option<MirrorSummary>, StoreError> {
     Ok(connection
         .prepare_cached(
-            "SELECT content_hash, config_hash, store_version, (SELECT count(*) FROM mirror_rows WHERE mirror_rows.file = mirror_files.file) \
+            "SELECT content_hash, config_hash, store_version, (SELECT count(*) FROM mirror_rows WHERE mirror_rows.file = mirror_files.file), sheet \
              FROM mirror_files WHERE file = ?1",
         )?
         .query_row([file], |row| {
-            Ok(MirrorSummary { content_hash: row.get(0)?, config_hash: row.get(1)?, store_version: row.get(2)?, n_rows: row.get::<_, i64>(3)?.max(0) as u64 })
+            Ok(MirrorSummary {
+                content_hash: row.get(0)?,
+                config_hash: row.get(1)?,
+                store_version: row.get(2)?,
+                n_rows: row.get::<_, i64>(3)?.max(0) as u64,
+                sheet: row.get(4)?,
+            })
         })
         .optional()?)
 }
@@ -264,7 +271,6 @@ pub fn save(
     Ok(n_written)
 }
 
-/// Replaces the stored row errors of one file with those of its latest sync.
 /// Records one more issue of a file beside those its sync stored (a write-back that failed after
 /// the sync committed).
 pub fn add_issue(
@@ -272,7 +278,7 @@ pub fn add_issue(
     source: &str,
     file: &str,
     sheet: Option<&str>,
-    run_id: i64,
+    run_id: Option<i64>,
     issue: &RowIssue,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -300,12 +306,36 @@ pub fn add_issue(
     Ok(())
 }
 
+/// Records that a file was looked at now (a pass that found it unchanged records no run), and,
+/// when given, how its write-back went (`off`, `up_to_date`, `written`, `deferred`, `failed`,
+/// with the reason).
+pub fn record_check(
+    connection: &Connection,
+    file: &str,
+    now: DateTime<Utc>,
+    write_back: Option<(&str, Option<&str>)>,
+) -> Result<(), StoreError> {
+    match write_back {
+        None => connection
+            .prepare_cached("UPDATE mirror_files SET checked_at = ?1 WHERE file = ?2")?
+            .execute(params![timestamp(now), file])?,
+        Some((status, message)) => connection
+            .prepare_cached(
+                "UPDATE mirror_files SET checked_at = ?1, write_back = ?2, write_back_message = ?3 WHERE file = ?4",
+            )?
+            .execute(params![timestamp(now), status, message, file])?,
+    };
+    Ok(())
+}
+
+/// Replaces the stored row errors of one file with those of its latest sync (which is a run,
+/// or not when it changed nothing).
 pub fn replace_issues(
     connection: &Connection,
     source: &str,
     file: &str,
     sheet: Option<&str>,
-    run_id: i64,
+    run_id: Option<i64>,
     issues: &[RowIssue],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -435,6 +465,15 @@ pub fn record_file_status(
     Ok(())
 }
 
+/// How a file's last write-back went, for `funnelsync status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WriteBackState {
+    /// `off`, `up_to_date`, `written`, `deferred` or `failed`.
+    pub status: String,
+    /// Why it was deferred or failed.
+    pub message: Option<String>,
+}
+
 /// One line of `funnelsync status`: a file with its latest run, daemon state and error count.
 #[derive(Debug, Clone, Serialize)]
 pub struct FileOverview {
@@ -444,6 +483,10 @@ pub struct FileOverview {
     pub last_status: Option<String>,
     pub last_message: Option<String>,
     pub last_synced_at: Option<DateTime<Utc>>,
+    /// When the file was last looked at, whether or not anything changed.
+    pub last_checked_at: Option<DateTime<Utc>>,
+    /// How its last write-back went; null before the file's first sync.
+    pub write_back: Option<WriteBackState>,
     pub n_rows: u64,
     pub n_row_errors: u64,
     pub n_warnings: u64,
@@ -455,16 +498,18 @@ pub struct FileOverview {
 /// Every file the store knows of (synced, attempted, or tracked by the daemon).
 pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, StoreError> {
     let mut statement = connection.prepare(
+        // Command-line edits and undos are runs, not files: files are the absolute paths.
         "WITH files AS (
              SELECT file, source FROM mirror_files
-             UNION SELECT file, source FROM sync_runs
+             UNION SELECT file, source FROM sync_runs WHERE file LIKE '/%'
              UNION SELECT file, source FROM file_status
          ),
          last_runs AS (
-             SELECT file, max(id) AS id FROM sync_runs GROUP BY file
+             SELECT file, max(id) AS id FROM sync_runs WHERE file LIKE '/%' GROUP BY file
          )
          SELECT files.file, files.source, runs.finished_at, runs.status, runs.message,
-                mirror_files.synced_at,
+                mirror_files.synced_at, mirror_files.checked_at, mirror_files.write_back,
+                mirror_files.write_back_message,
                 (SELECT count(*) FROM mirror_rows WHERE mirror_rows.file = files.file),
                 (SELECT count(*) FROM row_errors WHERE row_errors.file = files.file AND severity = 'error'),
                 (SELECT count(*) FROM row_errors WHERE row_errors.file = files.file AND severity = 'warning'),
@@ -485,12 +530,17 @@ pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, Store
             row.get::<_, Option<String>>(3)?,
             row.get::<_, Option<String>>(4)?,
             row.get::<_, Option<String>>(5)?,
-            row.get::<_, i64>(6)?,
-            row.get::<_, i64>(7)?,
-            row.get::<_, i64>(8)?,
-            row.get::<_, Option<String>>(9)?,
-            row.get::<_, Option<i64>>(10)?,
-            row.get::<_, Option<String>>(11)?,
+            [
+                row.get::<_, Option<String>>(6)?,
+                row.get::<_, Option<String>>(7)?,
+                row.get::<_, Option<String>>(8)?,
+            ],
+            row.get::<_, i64>(9)?,
+            row.get::<_, i64>(10)?,
+            row.get::<_, i64>(11)?,
+            row.get::<_, Option<String>>(12)?,
+            row.get::<_, Option<i64>>(13)?,
+            row.get::<_, Option<String>>(14)?,
         ))
     })?;
     let mut overview = Vec::new();
@@ -502,6 +552,7 @@ pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, Store
             last_status,
             last_message,
             synced_at,
+            [checked_at, write_back, write_back_message],
             n_rows,
             n_errors,
             n_warnings,
@@ -516,6 +567,15 @@ pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, Store
             last_status,
             last_message,
             last_synced_at: synced_at.as_deref().map(parse_timestamp).transpose()?,
+            last_checked_at: checked_at
+                .or(synced_at)
+                .as_deref()
+                .map(parse_timestamp)
+                .transpose()?,
+            write_back: write_back.map(|status| WriteBackState {
+                status,
+                message: write_back_message,
+            }),
             n_rows: n_rows.max(0) as u64,
             n_row_errors: n_errors.max(0) as u64,
             n_warnings: n_warnings.max(0) as u64,

@@ -257,6 +257,31 @@ ALTER TABLE stage_history ADD COLUMN start_known INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE deals ADD COLUMN changed_version INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX deals_changed_version ON deals(changed_version);
 CREATE INDEX mirror_rows_deal ON mirror_rows(deal_id);
+
+-- When each file was last looked at (a pass that found it unchanged is not a run), and how its
+-- last write-back went.
+ALTER TABLE mirror_files ADD COLUMN checked_at TEXT;
+ALTER TABLE mirror_files ADD COLUMN write_back TEXT;
+ALTER TABLE mirror_files ADD COLUMN write_back_message TEXT;
+
+-- Row errors of a sync that changed nothing belong to no run.
+CREATE TABLE row_errors_new (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    file        TEXT NOT NULL,
+    sheet       TEXT,
+    row_number  INTEGER,
+    column_name TEXT,
+    value       TEXT,
+    severity    TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    run_id      INTEGER REFERENCES sync_runs(id) ON DELETE CASCADE,
+    seen_at     TEXT NOT NULL
+);
+INSERT INTO row_errors_new SELECT id, source, file, sheet, row_number, column_name, value, severity, message, run_id, seen_at FROM row_errors;
+DROP TABLE row_errors;
+ALTER TABLE row_errors_new RENAME TO row_errors;
+CREATE INDEX row_errors_file ON row_errors(file);
 "#,
 ];
 

@@ -64,8 +64,7 @@ pub struct FileReport {
 }
 
 /// What happened to writing the store's view back into the file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "snake_case", tag = "status", content = "message")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum WriteBack {
     /// The source does not write back (or the format is read-only).
     #[default]
@@ -76,6 +75,32 @@ pub enum WriteBack {
     /// The file is open in Excel or LibreOffice, or changed meanwhile: tried again later.
     Deferred(String),
     Failed(String),
+}
+
+impl WriteBack {
+    /// The status's name and message as `status` stores and prints them.
+    pub fn parts(&self) -> (&'static str, Option<&str>) {
+        match self {
+            WriteBack::Off => ("off", None),
+            WriteBack::UpToDate => ("up_to_date", None),
+            WriteBack::Written => ("written", None),
+            WriteBack::Deferred(message) => ("deferred", Some(message)),
+            WriteBack::Failed(message) => ("failed", Some(message)),
+        }
+    }
+}
+
+/// `{"status": …, "message": …}`, the message null unless deferred or failed: the same keys
+/// every time.
+impl Serialize for WriteBack {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let (status, message) = self.parts();
+        let mut object = serializer.serialize_struct("WriteBack", 2)?;
+        object.serialize_field("status", status)?;
+        object.serialize_field("message", &message)?;
+        object.end()
+    }
 }
 
 impl FileReport {
@@ -622,17 +647,24 @@ pub fn sync_file_with(
     } else {
         FileStatus::Unchanged
     };
-    let run_id = crm.record_run(&SyncRun {
-        id: 0,
-        source: source.name.clone(),
-        file: file.clone(),
-        started_at: now,
-        finished_at: Utc::now().max(now),
-        status: status_name(report.status).to_string(),
-        counts: report.counts.clone(),
-        message: None,
-    })?;
-    crm.record_changes(run_id, &applied)?;
+    // Only a sync that changed something is a run worth a line in the history; one that found
+    // nothing to change is recorded as "checked" on the file.
+    let mut run_id = if changed {
+        let run_id = crm.record_run(&SyncRun {
+            id: 0,
+            source: source.name.clone(),
+            file: file.clone(),
+            started_at: now,
+            finished_at: Utc::now().max(now),
+            status: status_name(report.status).to_string(),
+            counts: report.counts.clone(),
+            message: None,
+        })?;
+        crm.record_changes(run_id, &applied)?;
+        Some(run_id)
+    } else {
+        None
+    };
     mirror::replace_issues(
         &transaction,
         &source.name,
@@ -718,34 +750,54 @@ pub fn sync_file_with(
                     let message = error.to_string();
                     if error.is_deferred() {
                         report.write_back = WriteBack::Deferred(message.clone());
-                        store
-                            .connection()
-                            .execute(
-                                "UPDATE sync_runs SET message = ?1 WHERE id = ?2",
-                                rusqlite::params![message, run_id],
-                            )
-                            .map_err(StoreError::from)?;
+                        if let Some(run_id) = run_id {
+                            store
+                                .connection()
+                                .execute(
+                                    "UPDATE sync_runs SET message = ?1 WHERE id = ?2",
+                                    rusqlite::params![message, run_id],
+                                )
+                                .map_err(StoreError::from)?;
+                        }
                     } else {
-                        // The store took the sheet's changes, but the file does not show the
-                        // store's: that is a failure to see in `status` and `errors`, not a sync
-                        // that went well.
+                        // The file does not show the store's changes: that is a failure to see in
+                        // `history`, `status` and `errors`, not a sync that went well. A sync that
+                        // changed nothing in the store gets a failed run of its own for it.
                         report.write_back = WriteBack::Failed(message.clone());
-                        let failure = format!(
-                            "the store was updated, but the file could not be written back: {message}"
-                        );
-                        store
-                            .connection()
-                            .execute(
-                                "UPDATE sync_runs SET status = 'failed', message = ?1 WHERE id = ?2",
-                                rusqlite::params![failure, run_id],
-                            )
-                            .map_err(StoreError::from)?;
+                        let failure = if run_id.is_some() {
+                            format!("the store was updated, but the file could not be written back: {message}")
+                        } else {
+                            format!("the file could not be written back: {message}")
+                        };
+                        let failed_run = match run_id {
+                            Some(run_id) => {
+                                store
+                                    .connection()
+                                    .execute(
+                                        "UPDATE sync_runs SET status = 'failed', message = ?1 WHERE id = ?2",
+                                        rusqlite::params![failure, run_id],
+                                    )
+                                    .map_err(StoreError::from)?;
+                                run_id
+                            }
+                            None => {
+                                record_lone_run(
+                                    store,
+                                    &report,
+                                    FileStatus::Failed,
+                                    failure.clone(),
+                                    now,
+                                )?
+                                .0
+                            }
+                        };
+                        run_id = Some(failed_run);
                         mirror::add_issue(
                             store.connection(),
                             &source.name,
                             &file,
                             Some(&sheet.sheet_name),
-                            run_id,
+                            Some(failed_run),
                             &RowIssue {
                                 severity: Severity::Error,
                                 row_number: None,
@@ -768,7 +820,9 @@ pub fn sync_file_with(
             }
         }
     }
-    report.run_id = Some(run_id);
+    let (write_back, message) = report.write_back.parts();
+    mirror::record_check(store.connection(), &file, now, Some((write_back, message)))?;
+    report.run_id = run_id;
     report.issues = issues;
     Ok(report)
 }
@@ -817,19 +871,20 @@ fn source_fingerprint(config: &Config, source: &SourceConfig) -> String {
     workbook::hash_bytes(format!("{source:?}{:?}", config.stages.stages).as_bytes())
 }
 
-/// Records a run that found the file exactly as last synced, without reading its rows.
+/// Reports a file found exactly as last synced, without reading its rows. It is no run: the file
+/// is only marked as checked.
 fn unchanged(
     store: &mut Store,
     mut report: FileReport,
     summary: &mirror::MirrorSummary,
     now: DateTime<Utc>,
 ) -> Result<FileReport, SyncError> {
+    tracing::debug!(file = %report.file, "content, settings and store unchanged since the last sync; not parsed");
     report.counts.unchanged = summary.n_rows;
-    let message = "content unchanged since the last sync".to_string();
-    let (run_id, version) = record_lone_run(store, &report, FileStatus::Unchanged, message, now)?;
+    report.sheet = Some(summary.sheet.clone());
     report.status = FileStatus::Unchanged;
-    report.store_version = Some(version);
-    report.run_id = Some(run_id);
+    report.store_version = Some(store.crm().version()?);
+    mirror::record_check(store.connection(), &report.file, now, None)?;
     Ok(report)
 }
 

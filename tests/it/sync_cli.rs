@@ -400,12 +400,22 @@ fn syncing_an_unchanged_file_writes_nothing() {
         history_before
     );
     assert_eq!(
-        test.count("SELECT n_unchanged FROM sync_runs ORDER BY id DESC LIMIT 1"),
-        3
+        file["sheet"], "Pipeline",
+        "the sheet is named even when unchanged"
     );
     assert_eq!(
-        test.count("SELECT count(*) FROM sync_runs WHERE status = 'unchanged'"),
-        1
+        test.count("SELECT count(*) FROM sync_runs"),
+        1,
+        "a pass that changed nothing is not a run in the history"
+    );
+    let history = test.run(&["history", "--format", "json"]).json();
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    let status = test.run(&["status", "--format", "json"]).json();
+    let checked = status[0]["last_checked_at"].as_str().expect("checked");
+    let synced = status[0]["last_run_at"].as_str().expect("run");
+    assert!(
+        checked > synced,
+        "status says when it was last checked: {status}"
     );
 }
 
@@ -732,34 +742,23 @@ fn an_unchanged_file_is_recognised_by_its_content_and_settings() {
     // Same bytes, new modification time: the rows are not even parsed.
     let bytes = std::fs::read(test.path("p.xlsx")).expect("read");
     test.write("p.xlsx", &bytes);
-    test.sync().assert_code(0);
-    let message: Option<String> = test
-        .store()
-        .query_row(
-            "SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1",
-            [],
-            |row| row.get(0),
-        )
-        .expect("run");
-    assert_eq!(
-        message.as_deref(),
-        Some("content unchanged since the last sync")
-    );
+    let not_parsed = "not parsed";
+    let sync_logged = || {
+        test.command(&["sync"])
+            .env("RUST_LOG", "funnelsync=debug")
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stderr).into_owned())
+            .expect("sync")
+    };
+    let log = sync_logged();
+    assert!(log.contains(not_parsed), "{log}");
     // New settings (another alias for a column) mean a full read even of the same bytes.
     test.single_source(
         "p.xlsx",
         "write_back = false\n[sources.columns]\nnext_step = [\"Notes\"]",
     );
-    test.sync().assert_code(0);
-    let message: Option<String> = test
-        .store()
-        .query_row(
-            "SELECT message FROM sync_runs ORDER BY id DESC LIMIT 1",
-            [],
-            |row| row.get(0),
-        )
-        .expect("run");
-    assert_eq!(message, None, "a full sync");
+    let log = sync_logged();
+    assert!(!log.contains(not_parsed), "a full sync: {log}");
     assert_eq!(
         test.deal_by("company", "Acme")["next_step"],
         "x",
