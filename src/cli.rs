@@ -358,7 +358,7 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
             counts.unchanged.to_string(),
             report.n_row_errors().to_string(),
             match &report.write_back {
-                sync::WriteBack::Off => "",
+                sync::WriteBack::Off => "off",
                 sync::WriteBack::UpToDate => "up to date",
                 sync::WriteBack::Written => "yes",
                 sync::WriteBack::Deferred(_) => "deferred",
@@ -426,15 +426,27 @@ pub fn deals_list(
     args: &ListArgs,
     now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<ExitCode> {
+    // A stage given by alias ("成交") lists the canonical stage ("Won"); a stage that is no stage
+    // is a mistake, not an empty list.
+    let stage = match args.stage.as_deref() {
+        None => None,
+        Some(written) => match config.stages.resolve(written) {
+            Some(stage) => Some(stage.name.clone()),
+            None => {
+                eprintln!(
+                    "error: --stage \"{written}\" is not a stage; the stages are {} (or their aliases)",
+                    config.stages.names().join(", ")
+                );
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+    };
     let store = open_existing_store(config)?;
-    // A stage given by alias ("成交") lists the canonical stage ("Won").
-    let stage = args.stage.as_ref().map(|stage| {
-        config
-            .stages
-            .resolve(stage)
-            .map(|stage| stage.name.clone())
-            .unwrap_or_else(|| stage.clone())
-    });
+    if let Some(owner) = args.owner.as_deref() {
+        if !owns_deals(&store, owner)? {
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    }
     let filter = DealFilter {
         stage,
         owner: args.owner.clone(),
@@ -475,6 +487,7 @@ pub fn deals_list(
                 "contact",
                 "stage",
                 "amount",
+                "currency",
                 "owner",
                 "next step",
             ]
@@ -484,19 +497,21 @@ pub fn deals_list(
                 header.push("stalled".to_string());
             }
             let mut rows = vec![header];
-            for deal in &deals {
+            let amounts: Vec<Option<f64>> = deals
+                .iter()
+                .map(|deal| {
+                    deal.fields
+                        .get(&Field::Amount)
+                        .and_then(|value| value.as_amount())
+                })
+                .collect();
+            let amounts = amount_column(&amounts);
+            for (deal, amount) in deals.iter().zip(amounts) {
                 let text = |field: Field| {
                     deal.fields
                         .get(&field)
                         .map(|value| value.to_string())
                         .unwrap_or_default()
-                };
-                let amount = match (deal.fields.get(&Field::Amount), deal.text(Field::Currency)) {
-                    (Some(amount), Some(currency)) => {
-                        format!("{} {currency}", group_thousands(&amount.to_string()))
-                    }
-                    (Some(amount), None) => group_thousands(&amount.to_string()),
-                    _ => String::new(),
                 };
                 let mut stage = text(Field::Stage);
                 if deal.archived_at.is_some() {
@@ -508,6 +523,7 @@ pub fn deals_list(
                     text(Field::Contact),
                     stage,
                     amount,
+                    text(Field::Currency),
                     text(Field::Owner),
                     text(Field::NextStep),
                 ];
@@ -519,7 +535,7 @@ pub fn deals_list(
             write_table(
                 &mut out,
                 &rows,
-                &[true, false, false, false, true, false, false, false],
+                &[true, false, false, false, true, false, false, false, false],
             )?;
             writeln!(out, "{} deal(s)", deals.len())?;
         }
@@ -641,6 +657,12 @@ pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(EXIT_OK))
 }
 
+fn local_time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.with_timezone(&chrono::Local)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
 pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
     let store = open_existing_store(config)?;
     let overview = mirror::file_overview(store.connection())?;
@@ -655,11 +677,13 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
             let mut rows = vec![[
                 "source",
                 "file",
-                "last sync",
+                "last change",
                 "result",
+                "last checked",
                 "rows",
                 "errors",
-                "state",
+                "write-back",
+                "daemon",
             ]
             .map(String::from)
             .to_vec()];
@@ -673,35 +697,49 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                         )
                     }
                     (Some(state), _) => state.name().to_string(),
-                    (None, _) => String::new(),
+                    (None, _) => "not running".to_string(),
+                };
+                let writes_back = config
+                    .source(&file.source)
+                    .is_some_and(|source| source.write_back);
+                let write_back = match &file.write_back {
+                    _ if !writes_back => "off".to_string(),
+                    Some(state) => state.status.replace('_', " "),
+                    None => "not yet".to_string(),
                 };
                 rows.push(vec![
                     file.source.clone(),
                     display_file(&file.file),
-                    file.last_run_at
-                        .map(|at| {
-                            at.with_timezone(&chrono::Local)
-                                .format("%Y-%m-%d %H:%M:%S")
-                                .to_string()
-                        })
-                        .unwrap_or_default(),
+                    file.last_run_at.map(local_time).unwrap_or_default(),
                     file.last_status.clone().unwrap_or_default(),
+                    file.last_checked_at.map(local_time).unwrap_or_default(),
                     file.n_rows.to_string(),
                     file.n_row_errors.to_string(),
+                    write_back,
                     state,
                 ]);
             }
             write_table(
                 &mut out,
                 &rows,
-                &[false, false, false, false, true, true, false],
+                &[false, false, false, false, false, true, true, false, false],
             )?;
-            for file in overview
-                .iter()
-                .filter(|file| file.last_status.as_deref() == Some("failed"))
-            {
-                if let Some(message) = &file.last_message {
-                    writeln!(out, "\n{}: {message}", display_file(&file.file))?;
+            for file in &overview {
+                if file.last_status.as_deref() == Some("failed") {
+                    if let Some(message) = &file.last_message {
+                        writeln!(out, "\n{}: {message}", display_file(&file.file))?;
+                    }
+                }
+                if let Some(mirror::WriteBackState {
+                    status,
+                    message: Some(message),
+                }) = &file.write_back
+                {
+                    writeln!(
+                        out,
+                        "\n{}: write-back {status}: {message}",
+                        display_file(&file.file)
+                    )?;
                 }
             }
         }
@@ -728,36 +766,20 @@ pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> 
             Format::Table => {
                 writeln!(
                     out,
-                    "run {} ({}, {}) at {}: {}",
+                    "run {} ({}) at {}: {}",
                     run.id,
-                    run.source,
-                    display_file(&run.file),
-                    run.started_at.format("%Y-%m-%d %H:%M:%S"),
+                    run_origin(&run),
+                    local_time(run.started_at),
                     run.status
                 )?;
+                if let Some(message) = &run.message {
+                    writeln!(out, "{message}")?;
+                }
                 let mut rows = vec![["deal", "change", "field", "old", "new"]
                     .map(String::from)
                     .to_vec()];
                 for change in &changes {
-                    rows.push(vec![
-                        change.deal_id.to_string(),
-                        change.kind.name().to_string(),
-                        change.field.clone().unwrap_or_default(),
-                        change
-                            .old_value
-                            .clone()
-                            .unwrap_or_default()
-                            .chars()
-                            .take(40)
-                            .collect(),
-                        change
-                            .new_value
-                            .clone()
-                            .unwrap_or_default()
-                            .chars()
-                            .take(40)
-                            .collect(),
-                    ]);
+                    rows.extend(change_lines(change));
                 }
                 write_table(&mut out, &rows, &[true, false, false, false, false])?;
             }
@@ -789,12 +811,9 @@ pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> 
             for run in &runs {
                 rows.push(vec![
                     run.id.to_string(),
-                    run.started_at
-                        .with_timezone(&chrono::Local)
-                        .format("%Y-%m-%d %H:%M:%S")
-                        .to_string(),
+                    local_time(run.started_at),
                     run.source.clone(),
-                    display_file(&run.file),
+                    run_file(run),
                     run.status.clone(),
                     run.counts.created.to_string(),
                     run.counts.updated.to_string(),
@@ -813,6 +832,82 @@ pub fn history(config: &Config, args: &HistoryArgs) -> anyhow::Result<ExitCode> 
         }
     }
     Ok(ExitCode::from(EXIT_OK))
+}
+
+/// What a run was of: its file, or the command line, or the run an undo reverted.
+fn run_file(run: &crate::store::SyncRun) -> String {
+    if run.file.starts_with('/') {
+        display_file(&run.file)
+    } else if run.source == "undo" {
+        format!("undo of {}", run.file)
+    } else {
+        String::new()
+    }
+}
+
+/// "pipeline, p.xlsx", or "cli", or "undo of run 3".
+fn run_origin(run: &crate::store::SyncRun) -> String {
+    if run.file.starts_with('/') {
+        format!("{}, {}", run.source, display_file(&run.file))
+    } else if run.source == "undo" {
+        run_file(run)
+    } else {
+        run.source.clone()
+    }
+}
+
+/// The table lines of one change: an update is one line; a created or deleted deal is a line per
+/// field it had, so nothing is cut.
+fn change_lines(change: &crate::store::ChangeRecord) -> Vec<Vec<String>> {
+    let line = |field: String, old: String, new: String| {
+        vec![
+            change.deal_id.to_string(),
+            change.kind.name().to_string(),
+            field,
+            old,
+            new,
+        ]
+    };
+    let snapshot = match change.kind {
+        crate::store::ChangeKind::Create => change.new_value.as_deref(),
+        crate::store::ChangeKind::Delete => change.old_value.as_deref(),
+        _ => None,
+    };
+    let fields: Option<Vec<(String, String)>> = snapshot.and_then(|text| {
+        let value: Value = serde_json::from_str(text).ok()?;
+        // A deleted deal is kept whole (fields, extra, times); a created one as its fields.
+        let object = value.get("fields").unwrap_or(&value).as_object()?;
+        Some(
+            object
+                .iter()
+                .map(|(name, value)| {
+                    let text = match value {
+                        Value::String(text) => text.clone(),
+                        Value::Number(number) => number
+                            .as_f64()
+                            .map(crate::deal::format_amount)
+                            .unwrap_or_else(|| number.to_string()),
+                        other => other.to_string(),
+                    };
+                    (name.clone(), text)
+                })
+                .collect(),
+        )
+    });
+    match fields {
+        Some(fields) if !fields.is_empty() => fields
+            .into_iter()
+            .map(|(name, text)| match change.kind {
+                crate::store::ChangeKind::Delete => line(name, text, String::new()),
+                _ => line(name, String::new(), text),
+            })
+            .collect(),
+        _ => vec![line(
+            change.field.clone().unwrap_or_default(),
+            change.old_value.clone().unwrap_or_default(),
+            change.new_value.clone().unwrap_or_default(),
+        )],
+    }
 }
 
 pub fn undo(config: &Config, args: &UndoArgs) -> anyhow::Result<ExitCode> {
@@ -881,6 +976,11 @@ pub fn funnel(
         }
     }
     let store = open_existing_store(config)?;
+    if let Some(owner) = args.owner.as_deref() {
+        if !owns_deals(&store, owner)? {
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    }
     let period = funnel_period(args.since, args.until, now);
     let report = crate::report::load(&store, config, period, now, args.owner.as_deref())?;
     if let Some(path) = &args.xlsx {
@@ -1115,6 +1215,63 @@ pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::from(EXIT_OK))
+}
+
+/// Amounts for a table column: thousands grouped and the same number of decimals on every line
+/// (two when any amount has cents, else none), so that right-aligned they line up on the digit.
+pub fn amount_column(amounts: &[Option<f64>]) -> Vec<String> {
+    let cents = amounts
+        .iter()
+        .flatten()
+        .any(|amount| (amount * 100.0).round() % 100.0 != 0.0);
+    amounts
+        .iter()
+        .map(|amount| match amount {
+            Some(amount) if cents => group_thousands(&format!("{:.2}", amount + 0.0)),
+            Some(amount) => group_thousands(&format!("{:.0}", amount + 0.0)),
+            None => String::new(),
+        })
+        .collect()
+}
+
+/// Whether some live deal has this owner (case and spaces ignored); if none has, says so with
+/// the owners there are, since a mistyped name is likelier than an owner without deals.
+fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
+    let owners = known_owners(store)?;
+    let wanted = crate::deal::normalize_label(owner);
+    if owners
+        .iter()
+        .any(|known| crate::deal::normalize_label(known) == wanted)
+    {
+        return Ok(true);
+    }
+    eprintln!(
+        "error: --owner \"{owner}\" owns no deal; the owners are {}",
+        if owners.is_empty() {
+            "none yet".to_string()
+        } else {
+            owners.join(", ")
+        }
+    );
+    Ok(false)
+}
+
+/// The owners of live deals, as written (first spelling of each), for messages.
+fn known_owners(store: &Store) -> anyhow::Result<Vec<String>> {
+    let mut owners: Vec<String> = Vec::new();
+    for deal in store.crm().list_deals(&DealFilter::default())? {
+        if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
+            let folded = crate::deal::normalize_label(owner);
+            if !owners
+                .iter()
+                .any(|known| crate::deal::normalize_label(known) == folded)
+            {
+                owners.push(owner.to_string());
+            }
+        }
+    }
+    owners.sort();
+    Ok(owners)
 }
 
 /// "1234567.5" → "1,234,567.5".

@@ -1513,6 +1513,16 @@ fn validate_source(
     if raw.name.trim().is_empty() {
         fail("name", "must not be empty".to_string());
     }
+    // The history names command-line edits and undos by these.
+    if ["cli", "undo"].contains(&raw.name.trim()) {
+        fail(
+            "name",
+            format!(
+                "\"{}\" is reserved for changes made on the command line; choose another name",
+                raw.name.trim()
+            ),
+        );
+    }
 
     let path = if raw.path.trim().is_empty() {
         fail("path", "must name a file, a folder or a glob".to_string());

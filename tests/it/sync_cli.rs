@@ -89,9 +89,11 @@ fn chinese_headers_and_stage_names_become_deals() {
     // The stage filter accepts aliases too.
     let won = test.run(&["deals", "list", "--stage", "成交", "--format", "json"]);
     assert_eq!(won.json().as_array().map(Vec::len), Some(1));
-    // The table aligns wide characters and groups thousands.
+    // The table aligns wide characters and groups thousands; amounts line up on the digit, the
+    // currency in a column of its own.
     let table = test.run(&["deals", "list"]);
-    assert!(table.stdout.contains("12,000 CNY"), "{}", table.stdout);
+    assert!(table.stdout.contains("12,000  CNY"), "{}", table.stdout);
+    assert!(table.stdout.contains(" 1,200  USD"), "{}", table.stdout);
 }
 
 #[test]
