@@ -215,6 +215,15 @@ pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
 
 pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
+    // The store's folder must exist or be creatable, and be writable: found now, not at the
+    // daemon's first start.
+    if let Some(problem) = store_folder_problem(&config.store.path) {
+        eprintln!(
+            "error: config file {} is valid, but the store cannot be created: {problem}",
+            config.path.display()
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
     writeln!(out, "config {} is valid", config.path.display())?;
     writeln!(out, "store: {}", config.store.path.display())?;
     writeln!(out, "sources:")?;
@@ -224,18 +233,63 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             SourcePath::Folder(path) => ("folder", path.display().to_string()),
             SourcePath::Glob(pattern) => ("glob", pattern.clone()),
         };
-        let n_files = config
-            .source_files(source)
-            .map(|files| files.len().to_string())
-            .unwrap_or_else(|error| error.message);
+        let files = config.source_files(source);
+        let n_files = match &files {
+            Ok(files) => files.len().to_string(),
+            Err(_) => "none, see the warning".to_string(),
+        };
+        let mut details = vec![format!("files now: {n_files}")];
+        let only_csv = match &source.path {
+            SourcePath::Glob(pattern) => pattern.to_ascii_lowercase().ends_with(".csv"),
+            SourcePath::File(path) | SourcePath::Folder(path) => {
+                path.extension()
+                    .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
+                    || files.as_ref().is_ok_and(|files| {
+                        !files.is_empty()
+                            && files.iter().all(|file| {
+                                file.extension()
+                                    .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
+                            })
+                    })
+            }
+        };
+        if !only_csv {
+            details.push(format!(
+                "sheet: {}",
+                source.sheet.as_deref().unwrap_or("the first visible one")
+            ));
+        }
+        details.push(format!("key column: \"{}\"", source.key_column));
+        details.push(format!(
+            "match on: {}",
+            source
+                .match_on
+                .iter()
+                .map(|field| field.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        details.push(if source.write_back {
+            format!(
+                "write-back: on, showing {}",
+                match (source.view, source.filter.is_empty()) {
+                    (crate::config::View::Rows, _) => "the deals of its own rows",
+                    (crate::config::View::All, true) => "every deal",
+                    (crate::config::View::All, false) => "every deal its filter lets through",
+                }
+            )
+        } else {
+            "write-back: off".to_string()
+        });
         writeln!(
             out,
-            "  {}: {kind} {path} (files now: {n_files}; sheet: {}; key column: \"{}\"; match on: {})",
+            "  {}: {kind} {path} ({})",
             source.name,
-            source.sheet.as_deref().unwrap_or("first visible"),
-            source.key_column,
-            source.match_on.iter().map(|field| field.name()).collect::<Vec<_>>().join(", "),
+            details.join("; ")
         )?;
+        if let Err(error) = files {
+            eprintln!("warning: source \"{}\": {error}", source.name);
+        }
     }
     let stages: Vec<String> = config
         .stages
@@ -276,6 +330,41 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 /// Opens the store, creating it when it does not exist yet: only for commands that sync.
+/// Why the store at `path` could not be created or written, if it could not: its folder, or the
+/// nearest folder above it that exists, must be a writable folder.
+fn store_folder_problem(path: &std::path::Path) -> Option<String> {
+    use rustix::fs::{access, Access};
+    let writable =
+        |folder: &std::path::Path| access(folder, Access::WRITE_OK | Access::EXEC_OK).is_ok();
+    if path.exists() {
+        return access(path, Access::WRITE_OK)
+            .is_err()
+            .then(|| format!("{} is not writable", path.display()));
+    }
+    let mut folder = path.parent()?;
+    loop {
+        match std::fs::metadata(folder) {
+            Ok(metadata) if metadata.is_dir() => {
+                return (!writable(folder)).then(|| {
+                    format!(
+                        "the folder {} is not writable, so {} cannot be created",
+                        folder.display(),
+                        path.display()
+                    )
+                });
+            }
+            Ok(_) => {
+                return Some(format!(
+                    "{} is a file, not a folder, so {} cannot be created",
+                    folder.display(),
+                    path.display()
+                ));
+            }
+            Err(_) => folder = folder.parent()?,
+        }
+    }
+}
+
 pub fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open(&config.store.path)?)
 }

@@ -95,6 +95,8 @@ const TOP_LEVEL_KEYS: &str =
 pub struct RawConfig {
     pub store: Option<RawStore>,
     pub sources: Vec<RawSource>,
+    /// How many `[[sources]]` the file has, read or not.
+    pub n_sources_written: usize,
     pub stages: Option<Vec<RawStage>>,
     pub watch: Option<RawWatch>,
     pub remind: Option<RawRemind>,
@@ -297,13 +299,15 @@ impl RawConfig {
         raw.report = read_section(text, "report", top.report, &mut problems);
         raw.alerts = read_section(text, "alerts", top.alerts, &mut problems);
         raw.limits = read_section(text, "limits", top.limits, &mut problems);
+        raw.n_sources_written = top.sources.len();
         for (index, source) in top.sources.into_iter().enumerate() {
-            if let Some(mut source) = read_section::<RawSource>(
-                text,
-                &format!("sources[{}]", index + 1),
-                Some(source),
-                &mut problems,
-            ) {
+            let key = format!("sources[{}]", index + 1);
+            // Unknown keys are reported one by one, each at its line, and set aside, so that the
+            // source's other problems are still found.
+            let source = set_aside_unknown_keys(text, &key, source, SOURCE_KEYS, &mut problems);
+            if let Some(mut source) =
+                read_section::<RawSource>(text, &key, Some(source), &mut problems)
+            {
                 source.position = index + 1;
                 raw.sources.push(source);
             }
@@ -325,6 +329,59 @@ impl RawConfig {
         }
         (Some(raw), problems)
     }
+}
+
+/// The keys a `[[sources]]` entry may have.
+const SOURCE_KEYS: &[&str] = &[
+    "name",
+    "path",
+    "sheet",
+    "header_row",
+    "key_column",
+    "match_on",
+    "on_row_removed",
+    "date_order",
+    "encoding",
+    "columns",
+    "write_back",
+    "max_delete",
+    "conflict",
+    "filter",
+    "view",
+    "backups",
+];
+
+/// Reports every key of a table section that is not one of `known` (each at its own line) and
+/// returns the section without them.
+fn set_aside_unknown_keys(
+    text: &str,
+    key: &str,
+    value: Spanned<toml::Value>,
+    known: &[&str],
+    problems: &mut Vec<ConfigProblem>,
+) -> Spanned<toml::Value> {
+    let span = value.span();
+    let line = line_of(text, span.start);
+    let mut inner = value.into_inner();
+    if let toml::Value::Table(table) = &mut inner {
+        let unknown: Vec<String> = table
+            .keys()
+            .filter(|name| !known.contains(&name.as_str()))
+            .cloned()
+            .collect();
+        for name in unknown {
+            table.remove(&name);
+            problems.push(ConfigProblem {
+                key: format!("{key}.{name}"),
+                line: Some(line_of_key(text, line, &name).unwrap_or(line)),
+                message: format!(
+                    "unknown field `{name}`, expected one of {}",
+                    known.join(", ")
+                ),
+            });
+        }
+    }
+    Spanned::new(span, inner)
 }
 
 fn read_section<T: serde::de::DeserializeOwned>(
@@ -388,8 +445,25 @@ fn locate_key(text: &str, key: &str) -> Option<usize> {
         })
         .map(|(line_idx, _)| line_idx + 1)
         .unwrap_or(usize::MAX);
+    // A key inside an inline table (`filter = { stag = "x" }`) is on the line of its parent.
+    let parent = rest.rsplit('.').nth(1);
+    let in_inline_table = || {
+        let parent = parent?;
+        text.lines()
+            .enumerate()
+            .skip(header_line)
+            .take(end_line.saturating_sub(header_line + 1))
+            .find(|(_, line)| {
+                let line = line.trim_start();
+                line.strip_prefix(parent)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+                    && line.contains(field)
+            })
+            .map(|(line_idx, _)| line_idx + 1)
+    };
     line_of_key(text, header_line, field)
         .filter(|line| *line < end_line)
+        .or_else(in_inline_table)
         .or(Some(header_line))
 }
 
@@ -938,7 +1012,7 @@ impl Config {
             Some(raw_stages) => validate_stages(raw_stages, &mut problem),
         };
 
-        if raw.sources.is_empty() {
+        if raw.n_sources_written == 0 {
             problem(
                 "sources",
                 "no [[sources]] given: add at least one spreadsheet to sync".to_string(),
@@ -1088,13 +1162,28 @@ impl Config {
     }
 }
 
+/// A path from the file, resolved against the config's folder and written without `.` and `..`
+/// (`config/../target/demo/crm.db` is `target/demo/crm.db`), as messages show it.
 fn resolve(base: &Path, written: &str) -> PathBuf {
     let path = Path::new(written);
-    if path.is_absolute() {
+    let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
         base.join(path)
+    };
+    let mut normal = PathBuf::new();
+    for component in joined.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                if !normal.pop() {
+                    normal.push(component);
+                }
+            }
+            other => normal.push(other),
+        }
     }
+    normal
 }
 
 fn parse_duration(

@@ -56,7 +56,7 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
         SourcePath::Folder(folder) => {
             let entries = std::fs::read_dir(folder).map_err(|error| DiscoverError {
                 path: folder.clone(),
-                message: error.to_string(),
+                message: folder_error(&error),
             })?;
             let mut files = Vec::new();
             for entry in entries {
@@ -76,6 +76,15 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
             files
         }
         SourcePath::Glob(pattern) => {
+            // A pattern over a folder that is not there matches nothing, which is not "no
+            // files": the share may not be mounted.
+            let folder = source_folder(source);
+            if let Err(error) = std::fs::metadata(&folder) {
+                return Err(DiscoverError {
+                    path: folder,
+                    message: folder_error(&error),
+                });
+            }
             let paths = glob::glob(pattern).map_err(|error| DiscoverError {
                 path: PathBuf::from(pattern),
                 message: error.to_string(),
@@ -88,6 +97,15 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
     };
     files.sort();
     Ok(files)
+}
+
+/// Why a source folder cannot be listed, in words an admin can act on.
+fn folder_error(error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        "the folder does not exist (is the share mounted?)".to_string()
+    } else {
+        error.to_string()
+    }
 }
 
 /// Removes funnelsync's own temp files (`.~funnelsync-*.tmp`) left in a source's folder by a

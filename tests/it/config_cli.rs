@@ -64,10 +64,121 @@ fn unknown_keys_are_errors_with_line_numbers() {
         "{}",
         run.stderr
     );
+    // Each at its own line (the harness puts two lines of [store] and a blank line first).
     assert!(
-        run.stderr.contains("line 4") || run.stderr.contains("line 3"),
+        run.stderr.contains("line 7: `sources[1].sheeet`")
+            && run.stderr.contains("line 12: `sources[2].match`"),
         "{}",
         run.stderr
+    );
+}
+
+#[test]
+fn every_problem_of_every_source_is_reported_at_its_own_line() {
+    let test = TestDir::new();
+    test.config(
+        r#"[[sources]]
+name = "pipeline"
+path = "pipeline.xlsx"
+writeback = false
+on_row_remove = "ignore"
+conflict = "loudest"
+filter = { stag = "Lead" }
+
+[[sources]]
+name = "leads"
+"#,
+    );
+    let run = test.run(&["check-config"]);
+    run.assert_code(2);
+    for expected in [
+        "line 7: `sources[1].writeback`: unknown field `writeback`",
+        "line 8: `sources[1].on_row_remove`: unknown field `on_row_remove`",
+        "line 9: `sources[1].conflict`: \"loudest\" is not one of store, sheet, newest",
+        "line 10: `sources[1].filter.stag`: \"stag\" is not a field",
+        "line 12: `sources[2].path`: missing field `path`",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "missing {expected:?} in:
+{}",
+            run.stderr
+        );
+    }
+    assert!(
+        !run.stderr.contains("no [[sources]] given"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn check_config_checks_the_store_folder_and_warns_about_missing_source_folders() {
+    let test = TestDir::new();
+    test.write("blocked", "a file where the store's folder should be");
+    std::fs::write(
+        test.config_path(),
+        "[store]\npath = \"blocked/state/crm.db\"\n\n[[sources]]\nname = \"share\"\npath = \"share/*.xlsx\"\n",
+    )
+    .expect("config");
+    let run = test.run(&["check-config"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("blocked is a file, not a folder"),
+        "{}",
+        run.stderr
+    );
+
+    // A sound store, a source folder that is not there and a CSV source: the summary says what
+    // each source does, with clean paths.
+    std::fs::write(
+        test.config_path(),
+        "[store]\npath = \"config/../state/crm.db\"\n\n[[sources]]\nname = \"share\"\npath = \"share/*.xlsx\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+    )
+    .expect("config");
+    test.write(
+        "leads.csv",
+        "Company,Stage
+Acme,Lead
+",
+    );
+    let run = test.run(&["check-config"]);
+    run.assert_code(0);
+    let store_line = format!("store: {}", test.path("state/crm.db").display());
+    assert!(run.stdout.contains(&store_line), "{}", run.stdout);
+    assert!(!run.stdout.contains(".."), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("warning: source \"share\"")
+            && run
+                .stderr
+                .contains("the folder does not exist (is the share mounted?)"),
+        "{}",
+        run.stderr
+    );
+    let leads = run
+        .stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("leads:"))
+        .expect("the leads line");
+    assert!(leads.contains("write-back: off"), "{leads}");
+    assert!(!leads.contains("sheet"), "a CSV has no sheet: {leads}");
+    let share = run
+        .stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("share:"))
+        .expect("the share line");
+    assert!(
+        share.contains("write-back: on, showing the deals of its own rows"),
+        "{share}"
+    );
+
+    // The sync itself fails for the missing folder, saying why.
+    let sync = test.run(&["sync"]);
+    sync.assert_code(1);
+    assert!(
+        sync.stdout.contains("is the share mounted?"),
+        "{}",
+        sync.stdout
     );
 }
 
