@@ -1,9 +1,17 @@
-//! Writes the demo folder: `demo/pipeline.xlsx` (about 50 deals, English and Chinese stage names,
-//! amounts and dates written the many ways reps write them) and `demo/leads.csv` (UTF-8 with BOM,
-//! Chinese headers, as Excel's "CSV UTF-8" saves it). Run from the repo root:
-//! `cargo run --example make_demo`. The output is committed; rerun only to change the demo.
+//! Writes the demo folder: `demo/pipeline.xlsx` (50 deals, English and Chinese stage names,
+//! amounts and dates written the many ways reps write them, a "Stage Since" column, and three rows
+//! with mistakes for `funnelsync errors` to explain) and `demo/leads.csv` (UTF-8 with BOM, Chinese
+//! headers, as Excel's "CSV UTF-8" saves it, without stage dates). Contact and stage dates are
+//! counted back from the day the demo is made, so that some deals are stalled. Run from the repo
+//! root: `cargo run --example make_demo`. The output is committed; rerun it to change the demo or
+//! to bring its dates up to today.
 
+use chrono::{Datelike, Duration, NaiveDate};
 use rust_xlsxwriter::{ExcelDateTime, Format, Workbook, XlsxError};
+
+fn excel_date(day: NaiveDate) -> Result<ExcelDateTime, XlsxError> {
+    ExcelDateTime::from_ymd(day.year() as u16, day.month() as u8, day.day() as u8)
+}
 
 const COMPANIES: [&str; 25] = [
     "Acme Robotics",
@@ -69,6 +77,8 @@ const NEXT_STEPS: [&str; 6] = [
 ];
 
 fn main() -> Result<(), XlsxError> {
+    let today = chrono::Local::now().date_naive();
+    let days_ago = |days: u32| today - Duration::days(i64::from(days));
     std::fs::create_dir_all("demo").map_err(XlsxError::IoError)?;
     let mut workbook = Workbook::new();
     let sheet = workbook.add_worksheet();
@@ -84,6 +94,7 @@ fn main() -> Result<(), XlsxError> {
         "Email",
         "Phone",
         "Stage",
+        "Stage Since",
         "Amount",
         "Owner",
         "Next Step",
@@ -120,54 +131,72 @@ fn main() -> Result<(), XlsxError> {
         };
         sheet.write_string(row, 4, &phone)?;
         sheet.write_string(row, 5, STAGES[(deal as usize * 5) % STAGES.len()])?;
+        // Most rows say since when the deal is in its stage; every fifth leaves it empty (unknown).
+        if deal % 5 != 4 {
+            sheet.write_datetime_with_format(
+                row,
+                6,
+                excel_date(days_ago(2 + (deal * 11) % 45))?,
+                &date_format,
+            )?;
+        }
         let amount = 5_000 + (deal * 7_919) % 120_000;
         match deal % 4 {
             0 => {
-                sheet.write_number_with_format(row, 6, amount as f64, &money)?;
+                sheet.write_number_with_format(row, 7, amount as f64, &money)?;
             }
             1 => {
-                sheet.write_string(row, 6, format!("¥{},{:03}", amount / 1000, amount % 1000))?;
+                sheet.write_string(row, 7, format!("¥{},{:03}", amount / 1000, amount % 1000))?;
             }
             2 => {
                 sheet.write_string(
                     row,
-                    6,
+                    7,
                     format!("${},{:03}.50", amount / 1000, amount % 1000),
                 )?;
             }
             _ => {
-                sheet.write_string(row, 6, format!("{}万", amount as f64 / 10_000.0))?;
+                sheet.write_string(row, 7, format!("{}万", amount as f64 / 10_000.0))?;
             }
         }
-        sheet.write_string(row, 7, OWNERS[(deal as usize) % OWNERS.len()])?;
-        sheet.write_string(row, 8, NEXT_STEPS[(deal as usize * 3) % NEXT_STEPS.len()])?;
-        let day = 1 + (deal % 28) as u8;
+        sheet.write_string(row, 8, OWNERS[(deal as usize) % OWNERS.len()])?;
+        sheet.write_string(row, 9, NEXT_STEPS[(deal as usize * 3) % NEXT_STEPS.len()])?;
+        let contact_day = days_ago((deal * 7) % 30);
         match deal % 3 {
             0 => {
                 sheet.write_datetime_with_format(
                     row,
-                    9,
-                    ExcelDateTime::from_ymd(2026, 11, day)?,
+                    10,
+                    excel_date(contact_day)?,
                     &date_format,
                 )?;
             }
             1 => {
-                sheet.write_string(row, 9, format!("2026年11月{day}日"))?;
+                sheet.write_string(
+                    row,
+                    10,
+                    format!(
+                        "{}年{}月{}日",
+                        contact_day.year(),
+                        contact_day.month(),
+                        contact_day.day()
+                    ),
+                )?;
             }
             _ => {
-                sheet.write_string(row, 9, format!("2026/11/{day:02}"))?;
+                sheet.write_string(row, 10, contact_day.format("%Y/%m/%d").to_string())?;
             }
         }
         sheet.write_datetime_with_format(
             row,
-            10,
-            ExcelDateTime::from_ymd(2027, 1 + (deal % 6) as u8, day)?,
+            11,
+            excel_date(today + Duration::days(i64::from(10 + (deal * 13) % 170)))?,
             &date_format,
         )?;
         if deal % 6 == 0 {
             sheet.write_string(
                 row,
-                11,
+                12,
                 if deal % 12 == 0 {
                     "VIP customer"
                 } else {
@@ -176,9 +205,47 @@ fn main() -> Result<(), XlsxError> {
             )?;
         }
     }
+    // Three rows with the mistakes reps make, for `funnelsync errors` to explain: an amount in
+    // words, an email cut short and a stage the funnel does not have.
+    let mistakes = [
+        [
+            "Globex Trading (North)",
+            "Liam Chen",
+            "liam.chen@globex.example",
+            "Lead",
+            "twelve thousand",
+        ],
+        [
+            "杭州青禾食品 (二期)",
+            "王芳",
+            "wangfang@",
+            "机会",
+            "¥45,000",
+        ],
+        [
+            "Initech Software (EU)",
+            "Ava Liu",
+            "ava.liu@initech.example",
+            "Negotiating",
+            "$8,000",
+        ],
+    ];
+    for (index, mistake) in mistakes.iter().enumerate() {
+        let row = 53 + index as u32;
+        sheet.write_string(row, 1, mistake[0])?;
+        sheet.write_string(row, 2, mistake[1])?;
+        sheet.write_string(row, 3, mistake[2])?;
+        sheet.write_string(row, 5, mistake[3])?;
+        sheet.write_string(row, 7, mistake[4])?;
+        sheet.write_string(row, 8, OWNERS[index % OWNERS.len()])?;
+        sheet.write_datetime_with_format(row, 10, excel_date(days_ago(3))?, &date_format)?;
+    }
     sheet.set_column_width(1, 28)?;
     sheet.set_column_width(3, 28)?;
-    sheet.set_column_width(8, 18)?;
+    sheet.set_column_width(6, 12)?;
+    sheet.set_column_width(9, 18)?;
+    sheet.set_column_width(10, 12)?;
+    sheet.set_column_width(11, 14)?;
     let reference = workbook.add_worksheet();
     reference.set_name("Notes")?;
     reference.write_string(0, 0, "Stages: Lead → Prospect → Opportunity → Won / Lost")?;
@@ -196,7 +263,7 @@ fn main() -> Result<(), XlsxError> {
             "¥30,000",
             "王伟",
             "电话拜访",
-            "2026-11-20",
+            "{days_ago:9}",
         ),
         (
             "Blue Harbor Ltd",
@@ -207,7 +274,7 @@ fn main() -> Result<(), XlsxError> {
             "$12,500",
             "Alice Wang",
             "Intro call",
-            "2026/11/18",
+            "{days_ago:11}",
         ),
         (
             "厦门鹭岛茶业",
@@ -218,7 +285,7 @@ fn main() -> Result<(), XlsxError> {
             "8.5万",
             "李明",
             "寄送样品",
-            "2026年11月15日",
+            "{days_ago:13}",
         ),
         (
             "Northwind Traders",
@@ -229,7 +296,7 @@ fn main() -> Result<(), XlsxError> {
             "1 200,50 €",
             "Bob Smith",
             "Demo",
-            "2026-11-22",
+            "{days_ago:6}",
         ),
         (
             "昆明花海园艺",
@@ -240,7 +307,7 @@ fn main() -> Result<(), XlsxError> {
             "15000",
             "王伟",
             "",
-            "2026-11-10",
+            "{days_ago:18}",
         ),
         (
             "Acme Robotics",
@@ -251,7 +318,7 @@ fn main() -> Result<(), XlsxError> {
             "",
             "Alice Wang",
             "Pricing call",
-            "2026-11-25",
+            "{days_ago:3}",
         ),
         (
             "大连星海旅游",
@@ -262,7 +329,7 @@ fn main() -> Result<(), XlsxError> {
             "¥120,000",
             "李明",
             "准备合同",
-            "2026-11-26",
+            "{days_ago:2}",
         ),
         (
             "Fabrikam Textiles",
@@ -273,12 +340,36 @@ fn main() -> Result<(), XlsxError> {
             "9,800",
             "Bob Smith",
             "Send brochure",
-            "2026-11-19",
+            "{days_ago:26}",
         ),
     ];
     for lead in leads {
+        // "{days_ago:N}": the last contact, N days before the demo was made, written as reps
+        // write dates.
+        let last_contact = lead
+            .8
+            .strip_prefix("{days_ago:")
+            .and_then(|rest| rest.strip_suffix('}'))
+            .and_then(|days| days.parse::<u32>().ok())
+            .map(|days| {
+                let day = days_ago(days);
+                match days % 3 {
+                    0 => day.format("%Y-%m-%d").to_string(),
+                    1 => day.format("%Y/%m/%d").to_string(),
+                    _ => format!("{}年{}月{}日", day.year(), day.month(), day.day()),
+                }
+            })
+            .unwrap_or_else(|| lead.8.to_string());
         let fields = [
-            lead.0, lead.1, lead.2, lead.3, lead.4, lead.5, lead.6, lead.7, lead.8,
+            lead.0,
+            lead.1,
+            lead.2,
+            lead.3,
+            lead.4,
+            lead.5,
+            lead.6,
+            lead.7,
+            last_contact.as_str(),
         ];
         let quoted: Vec<String> = fields
             .iter()

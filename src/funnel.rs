@@ -336,11 +336,15 @@ pub fn compute(
         .iter()
         .filter_map(|deal| {
             let ranks = first_reached.get(&deal.id)?;
-            // A deal first seen mid-funnel (imported without a stage date) has no known start.
+            // A deal first seen mid-funnel without a stage date, or first seen already won, has no
+            // known start of its way to won.
             let first = by_deal
                 .get(&deal.id)?
                 .first()
-                .filter(|first| first.start_known)?
+                .filter(|first| {
+                    first.start_known
+                        && rank_of(&first.to_stage).is_some_and(|rank| rank < won_rank)
+                })?
                 .at;
             Some(days(first, ranks[won_rank]?))
         })

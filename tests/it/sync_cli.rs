@@ -700,28 +700,33 @@ fn formulas_give_their_values_and_error_cells_are_row_errors() {
 }
 
 #[test]
-fn the_demo_config_syncs_the_demo_folder() {
+fn the_demo_shows_the_product() {
     let test = TestDir::new();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for name in ["demo/pipeline.xlsx", "demo/leads.csv", "config/demo.toml"] {
         test.write(name, std::fs::read(repo.join(name)).expect("demo file"));
     }
-    let run = std::process::Command::new(crate::harness::BINARY)
-        .args(["--config", "config/demo.toml", "sync", "--format", "json"])
-        .current_dir(test.dir.path())
-        .output()
-        .expect("run");
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&run.stdout)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
-    assert_eq!(
-        file_report(&report, "pipeline.xlsx")["counts"]["created"],
-        50
-    );
+    let demo = |args: &[&str]| {
+        let output = std::process::Command::new(crate::harness::BINARY)
+            .args(["--config", "config/demo.toml"])
+            .args(args)
+            .current_dir(test.dir.path())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run");
+        crate::harness::Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    };
+    // The first command: every deal imported, and three rows with the mistakes reps make.
+    let run = demo(&["sync", "--format", "json"]);
+    run.assert_code(1);
+    let report = run.json();
+    let pipeline = file_report(&report, "pipeline.xlsx");
+    assert_eq!(pipeline["counts"]["created"], 50);
+    assert_eq!(pipeline["counts"]["errors"], 3, "{pipeline}");
     assert_eq!(file_report(&report, "leads.csv")["counts"]["created"], 7);
     assert_eq!(
         file_report(&report, "leads.csv")["counts"]["updated"],
@@ -732,6 +737,38 @@ fn the_demo_config_syncs_the_demo_folder() {
         test.path("target/demo/crm.db").is_file(),
         "the store lives where demo.toml says"
     );
+
+    // After the demo, look around: each command shows something.
+    let errors = demo(&["errors"]);
+    assert_eq!(errors.stdout.lines().count(), 3, "{}", errors.stdout);
+    assert!(errors
+        .stdout
+        .contains("\"twelve thousand\" is not a number"));
+    let stalled = demo(&["deals", "list", "--stalled", "--format", "json"]).json();
+    let n_stalled = stalled.as_array().map(Vec::len).unwrap_or(0);
+    assert!(
+        n_stalled >= 5,
+        "stalled deals from the first day: {stalled}"
+    );
+    let dry_run = demo(&["remind", "--dry-run"]);
+    dry_run.assert_code(0);
+    assert!(
+        dry_run.stdout.matches("To: ").count() >= 2,
+        "{}",
+        dry_run.stdout
+    );
+    let funnel = demo(&["funnel", "--format", "json"]).json();
+    assert!(
+        funnel["stages"][0]["oldest_open_days"]
+            .as_i64()
+            .unwrap_or(0)
+            > 0,
+        "time in stage from the Stage Since column: {funnel}"
+    );
+    demo(&["funnel", "--xlsx", "target/demo/Funnel report.xlsx"]).assert_code(0);
+    assert!(test.path("target/demo/Funnel report.xlsx").is_file());
+    demo(&["check-config"]).assert_code(0);
+    demo(&["status"]).assert_code(0);
 }
 
 #[test]
