@@ -273,8 +273,12 @@ pub fn row_hash(fields: &FieldMap, extras: &ExtraMap) -> String {
     hasher.update(serde_json::to_string(fields).unwrap_or_default().as_bytes());
     hasher.update([0]);
     hasher.update(serde_json::to_string(extras).unwrap_or_default().as_bytes());
-    hasher
-        .finalize()
+    short_hex(&hasher.finalize())
+}
+
+/// The first 16 bytes of a digest as hex: enough to tell rows apart, short enough to store per row.
+pub fn short_hex(digest: &[u8]) -> String {
+    digest
         .iter()
         .take(16)
         .map(|byte| format!("{byte:02x}"))

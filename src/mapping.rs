@@ -408,12 +408,7 @@ fn raw_row_hash(row: &SheetRow) -> String {
         hasher.update(cell.to_string().as_bytes());
         hasher.update([0x1f]);
     }
-    hasher
-        .finalize()
-        .iter()
-        .take(16)
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    crate::deal::short_hex(&hasher.finalize())
 }
 
 #[cfg(test)]

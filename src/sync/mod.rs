@@ -751,13 +751,7 @@ pub fn sync_file_with(
                     if error.is_deferred() {
                         report.write_back = WriteBack::Deferred(message.clone());
                         if let Some(run_id) = run_id {
-                            store
-                                .connection()
-                                .execute(
-                                    "UPDATE sync_runs SET message = ?1 WHERE id = ?2",
-                                    rusqlite::params![message, run_id],
-                                )
-                                .map_err(StoreError::from)?;
+                            note_on_run(store, run_id, None, &message)?;
                         }
                     } else {
                         // The file does not show the store's changes: that is a failure to see in
@@ -771,13 +765,7 @@ pub fn sync_file_with(
                         };
                         let failed_run = match run_id {
                             Some(run_id) => {
-                                store
-                                    .connection()
-                                    .execute(
-                                        "UPDATE sync_runs SET status = 'failed', message = ?1 WHERE id = ?2",
-                                        rusqlite::params![failure, run_id],
-                                    )
-                                    .map_err(StoreError::from)?;
+                                note_on_run(store, run_id, Some(FileStatus::Failed), &failure)?;
                                 run_id
                             }
                             None => {
@@ -825,6 +813,21 @@ pub fn sync_file_with(
     report.run_id = run_id;
     report.issues = issues;
     Ok(report)
+}
+
+/// Sets a recorded run's message (what happened to the write-back after it), and its status when
+/// given.
+fn note_on_run(
+    store: &Store,
+    run_id: i64,
+    status: Option<FileStatus>,
+    message: &str,
+) -> Result<(), StoreError> {
+    store.connection().execute(
+        "UPDATE sync_runs SET status = coalesce(?1, status), message = ?2 WHERE id = ?3",
+        rusqlite::params![status.map(status_name), message, run_id],
+    )?;
+    Ok(())
 }
 
 /// Whether a file that writes back still shows the store as its last sync left it: for a file

@@ -1,18 +1,7 @@
 //! The command line says what it means: runs that are not files, history a person can read, filters
 //! that refuse what does not exist, tables that line up, and JSON whose keys never change.
 
-use serde_json::Value;
-
-use crate::harness::{TestDir, XlsxBuilder};
-
-fn keys(value: &Value) -> Vec<String> {
-    let mut keys: Vec<String> = value
-        .as_object()
-        .map(|object| object.keys().cloned().collect())
-        .unwrap_or_default();
-    keys.sort();
-    keys
-}
+use crate::harness::{keys, TestDir, XlsxBuilder};
 
 fn team(test: &TestDir) {
     XlsxBuilder::new()
@@ -37,6 +26,25 @@ fn team(test: &TestDir) {
         .save(&test.path("team.xlsx"));
     test.single_source("team.xlsx", "");
     test.sync().assert_code(0);
+}
+
+/// The team file with Beta's row alone, its amount and CRM ID as given.
+fn beta_only(test: &TestDir, amount: &str, crm_id: &str) {
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&[
+            "Company", "Contact", "Email", "Stage", "Amount", "Owner", "CRM ID",
+        ])
+        .row(&[
+            "Beta",
+            "Ben",
+            "ben@beta.example",
+            "Prospect",
+            amount,
+            "Bob",
+            crm_id,
+        ])
+        .save(&test.path("team.xlsx"));
 }
 
 #[test]
@@ -306,21 +314,7 @@ fn the_json_of_every_command_has_the_same_keys_every_time() {
     let beta_id = beta["id"].to_string();
     test.run(&["deals", "set", &beta_id, "amount=32000"])
         .assert_code(0);
-    XlsxBuilder::new()
-        .sheet("Pipeline")
-        .row(&[
-            "Company", "Contact", "Email", "Stage", "Amount", "Owner", "CRM ID",
-        ])
-        .row(&[
-            "Beta",
-            "Ben",
-            "ben@beta.example",
-            "Prospect",
-            "33000",
-            "Bob",
-            &beta_id,
-        ])
-        .save(&test.path("team.xlsx"));
+    beta_only(&test, "33000", &beta_id);
     test.sync();
     let conflicts = test.run(&["conflicts", "--format", "json"]).json();
     assert_eq!(
@@ -340,21 +334,7 @@ fn the_json_of_every_command_has_the_same_keys_every_time() {
         ],
         "{conflicts}"
     );
-    XlsxBuilder::new()
-        .sheet("Pipeline")
-        .row(&[
-            "Company", "Contact", "Email", "Stage", "Amount", "Owner", "CRM ID",
-        ])
-        .row(&[
-            "Beta",
-            "Ben",
-            "ben@beta.example",
-            "Prospect",
-            "twelve",
-            "Bob",
-            "",
-        ])
-        .save(&test.path("team.xlsx"));
+    beta_only(&test, "twelve", "");
     test.sync();
     let errors = test.run(&["errors", "--format", "json"]).json();
     assert_eq!(

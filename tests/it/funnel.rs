@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
-use crate::harness::{read_xlsx, wait_until, SmtpServer, TestDir, XlsxBuilder};
+use crate::harness::{keys, read_xlsx, wait_until, SmtpServer, TestDir, XlsxBuilder};
 
 fn pipeline(test: &TestDir, file: &str, extra_rows: &[[&str; 4]]) {
     let mut builder = XlsxBuilder::new()
@@ -19,15 +17,6 @@ fn pipeline(test: &TestDir, file: &str, extra_rows: &[[&str; 4]]) {
         builder = builder.row(row);
     }
     builder.save(&test.path(file));
-}
-
-fn keys(value: &Value) -> Vec<String> {
-    let mut keys: Vec<String> = value
-        .as_object()
-        .map(|object| object.keys().cloned().collect())
-        .unwrap_or_default();
-    keys.sort();
-    keys
 }
 
 #[test]

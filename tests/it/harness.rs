@@ -264,6 +264,16 @@ impl TestDir {
     }
 }
 
+/// The keys of a JSON object, sorted (empty for anything else).
+pub fn keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = value
+        .as_object()
+        .map(|object| object.keys().cloned().collect())
+        .unwrap_or_default();
+    keys.sort();
+    keys
+}
+
 /// The report of the file whose path ends with `name` in `sync --format json` output.
 #[track_caller]
 pub fn file_report<'a>(report: &'a Value, name: &str) -> &'a Value {
