@@ -127,6 +127,12 @@ pub struct FunnelReport {
     pub stalled: Vec<StalledLine>,
 }
 
+/// A sum of amounts that is 0, not -0, when there is nothing to add (`Iterator::sum` of no `f64`
+/// is -0.0, which JSON and tables would show as "-0").
+fn total(amounts: impl Iterator<Item = f64>) -> f64 {
+    amounts.fold(0.0, |sum, amount| sum + amount)
+}
+
 fn ratio(part: u64, whole: u64) -> Option<f64> {
     (whole > 0).then(|| part as f64 / whole as f64)
 }
@@ -228,14 +234,11 @@ pub fn compute(
             .iter()
             .filter(|deal| deal.text(Field::Stage) == Some(stage.name.as_str()))
             .collect();
-        let open_amount: f64 = open
-            .iter()
-            .filter_map(|deal| {
-                deal.fields
-                    .get(&Field::Amount)
-                    .and_then(|value| value.as_amount())
-            })
-            .sum();
+        let open_amount = total(open.iter().filter_map(|deal| {
+            deal.fields
+                .get(&Field::Amount)
+                .and_then(|value| value.as_amount())
+        }));
         let entered: Vec<&Vec<Option<DateTime<Utc>>>> = first_reached
             .values()
             .filter(|ranks| ranks[rank].is_some_and(|at| period.contains(at)))
@@ -308,14 +311,11 @@ pub fn compute(
                 .is_some_and(|at| period.contains(at))
         })
         .collect();
-    let won_amount = won_in_period
-        .iter()
-        .filter_map(|deal| {
-            deal.fields
-                .get(&Field::Amount)
-                .and_then(|value| value.as_amount())
-        })
-        .sum();
+    let won_amount = total(won_in_period.iter().filter_map(|deal| {
+        deal.fields
+            .get(&Field::Amount)
+            .and_then(|value| value.as_amount())
+    }));
     let lost_count = by_deal
         .values()
         .filter(|changes| {
@@ -400,8 +400,8 @@ pub fn compute(
             .then(left.deal_id.cmp(&right.deal_id))
     });
     let forecast = Forecast {
-        weighted_pipeline: lines.iter().map(|line| line.weighted).sum(),
-        history_based: lines.iter().map(|line| line.history_based).sum(),
+        weighted_pipeline: total(lines.iter().map(|line| line.weighted)),
+        history_based: total(lines.iter().map(|line| line.history_based)),
         deals: lines,
     };
 

@@ -580,9 +580,22 @@ from = "Funnel Sync <funnelsync@example.com>"
         .find(|line| line.starts_with("Acme"))
         .expect("Acme's row");
     assert!(acme_line.contains(&days_ago(0)), "{csv}");
+    // The same for a stage changed in the sheet: Gamma moves to Won in the file, its Stage Since
+    // cell left as it was (empty), and the sync dates it today in the store and in the file.
+    let edited = csv.replace("Gamma,Gus,Prospect", "Gamma,Gus,Won");
+    assert_ne!(edited, csv);
+    std::fs::write(test.path("leads.csv"), edited).expect("edit");
+    test.sync().assert_code(0);
+    assert_eq!(test.deal_by("company", "Gamma")["stage_since"], days_ago(0));
+    let csv = std::fs::read_to_string(test.path("leads.csv")).expect("csv");
+    let gamma_line = csv
+        .lines()
+        .find(|line| line.starts_with("Gamma"))
+        .expect("Gamma's row");
+    assert!(gamma_line.contains(&days_ago(0)), "{csv}");
 
     // Time in stage: Beta's Prospect visit has a known start (the sheet's date) and counts; Acme's
-    // started on a day nobody knows and is left out, and said so.
+    // and Gamma's started on a day nobody knows and are left out, and said so.
     test.run(&[
         "deals",
         "move",
@@ -594,12 +607,20 @@ from = "Funnel Sync <funnelsync@example.com>"
     let prospect = &funnel["stages"][1];
     assert_eq!(prospect["stage"], "Prospect");
     assert_eq!(prospect["n_left"], 1, "{prospect}");
-    assert_eq!(prospect["n_unknown_start"], 1, "{prospect}");
+    assert_eq!(
+        prospect["n_unknown_start"], 2,
+        "Acme's and Gamma's: {prospect}"
+    );
+    assert_eq!(
+        prospect["open_amount"].to_string(),
+        "0.0",
+        "not -0: {prospect}"
+    );
     let median = prospect["median_days"].as_f64().expect("a median");
     assert!((20.0..21.0).contains(&median), "{prospect}");
     let table = test.run(&["funnel"]).stdout;
     assert!(
-        table.contains("1 visit(s) whose start is unknown"),
+        table.contains("2 visit(s) whose start is unknown"),
         "the table says how many were left out:\n{table}"
     );
 }
