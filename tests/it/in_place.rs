@@ -1066,7 +1066,7 @@ fn a_header_only_sheet_keeps_its_own_pane_widths_and_validation() {
     let (_, before) = sheet_xml(&entries(&test.path("own.xlsx"))[PIPELINE_PART].2);
     test.write("leads.csv", "Company,Email,Stage\nAcme,ann@acme.com,Lead\n");
     test.config(
-        "[[sources]]\nname = \"own\"\npath = \"own.xlsx\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+        "[[sources]]\nname = \"own\"\npath = \"own.xlsx\"\nview = \"all\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
     );
     test.sync().assert_code(0);
     let (_, after) = sheet_xml(&entries(&test.path("own.xlsx"))[PIPELINE_PART].2);
