@@ -22,8 +22,10 @@ const PIXEL_PNG: &[u8] = &[
     0x4E, 0x44, 0xAE, 0x42, 0x60, 0x82,
 ];
 
-/// The deals of the team workbook: company, contact, email, stage, amount, owner, next step date.
-const DEALS: [(&str, &str, &str, &str, f64, &str, (u16, u8, u8)); 4] = [
+/// A deal of the team workbook: company, contact, email, stage, amount, owner, next step date.
+type TeamDeal = (&'static str, &'static str, &'static str, &'static str, f64, &'static str, (u16, u8, u8));
+
+const DEALS: [TeamDeal; 4] = [
     (
         "Acme",
         "Ann",
