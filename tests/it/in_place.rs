@@ -23,7 +23,15 @@ const PIXEL_PNG: &[u8] = &[
 ];
 
 /// A deal of the team workbook: company, contact, email, stage, amount, owner, next step date.
-type TeamDeal = (&'static str, &'static str, &'static str, &'static str, f64, &'static str, (u16, u8, u8));
+type TeamDeal = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    f64,
+    &'static str,
+    (u16, u8, u8),
+);
 
 const DEALS: [TeamDeal; 4] = [
     (
@@ -377,6 +385,20 @@ fn sheet_xml(bytes: &[u8]) -> (BTreeMap<String, XmlCell>, BTreeMap<String, Strin
 
 const PIPELINE_PART: &str = "xl/worksheets/sheet1.xml";
 
+/// Syncs, expecting success and the file `name` written back; returns the JSON report.
+#[track_caller]
+fn sync_writing(test: &TestDir, name: &str) -> serde_json::Value {
+    let run = test.sync();
+    run.assert_code(0);
+    let report = run.json();
+    assert_eq!(
+        file_report(&report, name)["write_back"]["status"],
+        "written",
+        "{report}"
+    );
+    report
+}
+
 fn deal_id(test: &TestDir, company: &str) -> String {
     test.deal_by("company", company)["id"].to_string()
 }
@@ -496,12 +518,7 @@ fn a_store_change_changes_one_cell_and_keeps_its_style() {
     let globex = deal_id(&test, "Globex");
     test.run(&["deals", "set", &globex, "amount=7777"])
         .assert_code(0);
-    let report = test.sync();
-    report.assert_code(0);
-    assert_eq!(
-        file_report(&report.json(), "team.xlsx")["write_back"]["status"],
-        "written"
-    );
+    sync_writing(&test, "team.xlsx");
     let after = entries(&path);
     // The amount changed, and the Summary's formula reads it through the defined name
     // PipelineAmounts: the workbook asks for a recalculation.
@@ -762,12 +779,7 @@ fn an_xlsm_is_written_back_and_keeps_its_macros() {
     let before = entries(&path);
     assert!(before.contains_key("xl/vbaProject.bin"));
     test.single_source("macro.xlsm", "");
-    let report = test.sync();
-    report.assert_code(0);
-    assert_eq!(
-        file_report(&report.json(), "macro.xlsm")["write_back"]["status"],
-        "written"
-    );
+    sync_writing(&test, "macro.xlsm");
     let after = entries(&path);
     assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART]);
     assert_eq!(
@@ -813,12 +825,7 @@ fn a_workbook_with_a_chart_sheet_and_a_table_is_written_in_place() {
         "[[sources]]\nname = \"table\"\npath = \"table.xlsx\"\nsheet = \"Pipeline\"\nview = \"all\"\n\n[[sources]]\nname = \"more\"\npath = \"more.csv\"\nwrite_back = false\n",
     );
     let before = entries(&path);
-    let report = test.sync();
-    report.assert_code(0);
-    assert_eq!(
-        file_report(&report.json(), "table.xlsx")["write_back"]["status"],
-        "written"
-    );
+    sync_writing(&test, "table.xlsx");
     let after = entries(&path);
     assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART, "xl/tables/table1.xml"]);
     let table = String::from_utf8_lossy(&after["xl/tables/table1.xml"].2).into_owned();

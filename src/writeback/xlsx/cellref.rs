@@ -8,15 +8,7 @@ pub const MAX_ROW: u32 = 1_048_576;
 
 /// The column letters of a 0-based column index: 0 → `A`, 27 → `AB`.
 pub fn column_letters(column_idx: u32) -> String {
-    let mut letters = Vec::new();
-    let mut remaining = column_idx + 1;
-    while remaining > 0 {
-        let digit = (remaining - 1) % 26;
-        letters.push(b'A' + digit as u8);
-        remaining = (remaining - 1) / 26;
-    }
-    letters.reverse();
-    String::from_utf8(letters).unwrap_or_default()
+    crate::workbook::column_letters(column_idx as usize)
 }
 
 /// `B12` for row number 12 and column index 1.
