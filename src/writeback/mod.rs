@@ -267,6 +267,14 @@ pub enum WriteError {
         #[source]
         source: xlsx::PackageError,
     },
+    #[error(
+        "the backup failed, so {path} was not written: cannot keep a backup in {folder}: {message}"
+    )]
+    Backup {
+        path: PathBuf,
+        folder: PathBuf,
+        message: String,
+    },
 }
 
 impl WriteError {
@@ -322,6 +330,13 @@ pub fn write(
     n_backups: usize,
 ) -> Result<Written, WriteError> {
     let path = sheet.path.as_path();
+    if std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.file_type().is_symlink()) {
+        return Err(WriteError::Unsupported {
+            path: path.to_path_buf(),
+            reason: "it is a symbolic link; funnelsync never writes through or replaces a link"
+                .to_string(),
+        });
+    }
     if let Some((program, lock)) = open_by(path) {
         return Err(WriteError::Locked {
             path: path.to_path_buf(),

@@ -6,6 +6,7 @@ mod config_cli;
 mod crash;
 mod daemon;
 mod funnel;
+mod hardening;
 mod harness;
 mod in_place;
 mod remind;

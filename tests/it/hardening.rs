@@ -1,0 +1,257 @@
+//! A shared drive is hostile ground: scenarios from probing funnelsync as someone with write
+//! access to the share (symbolic links, foreign folders, huge cells, formula text) and as an admin
+//! would configure it (owners and modes, secrets, durations).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use crate::harness::{file_report, TestDir};
+
+/// The uid and gid of `nobody`/`nogroup` on Linux: someone who is not the service user.
+const NOBODY: u32 = 65_534;
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown");
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A CSV pipeline whose rows have no CRM ID yet, so the first sync writes the file back.
+fn leads_csv(companies: &[&str]) -> String {
+    let mut text = String::from("Company,Stage\r\n");
+    for company in companies {
+        text.push_str(&format!("{company},Lead\r\n"));
+    }
+    text
+}
+
+fn write_back_of(report: &serde_json::Value, name: &str) -> (String, String) {
+    let write_back = &file_report(report, name)["write_back"];
+    (
+        write_back["status"].as_str().unwrap_or("").to_string(),
+        write_back["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn names_in(folder: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(folder)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_symlinked_backup_folder_is_refused_and_nothing_outside_the_share_changes() {
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share/.funnelsync")).expect("share");
+    test.write("victim/a.1-important.csv", "keep");
+    std::os::unix::fs::symlink(test.path("victim"), test.path("share/.funnelsync/backups"))
+        .expect("link");
+    test.write("share/a.csv", leads_csv(&["Acme"]));
+    test.config("[[sources]]\nname = \"share\"\npath = \"share/a.csv\"\nbackups = 1\n");
+    let report = test.sync().json();
+    let (status, message) = write_back_of(&report, "a.csv");
+    assert_eq!(status, "failed", "{report}");
+    assert!(
+        message.contains("backup") && message.contains("symbolic link"),
+        "the message says the backup failed and why: {message}"
+    );
+    assert_eq!(names_in(&test.path("victim")), vec!["a.1-important.csv"]);
+    assert_eq!(
+        std::fs::read_to_string(test.path("victim/a.1-important.csv")).expect("victim"),
+        "keep"
+    );
+    assert_eq!(
+        std::fs::read_to_string(test.path("share/a.csv")).expect("file"),
+        leads_csv(&["Acme"]),
+        "without its backup the file is not rewritten"
+    );
+    assert_eq!(test.deals().len(), 1, "the rows themselves were synced");
+
+    // A symlinked `.funnelsync` is refused the same way.
+    std::fs::remove_dir_all(test.path("share/.funnelsync")).expect("remove");
+    std::os::unix::fs::symlink(test.path("victim"), test.path("share/.funnelsync")).expect("link");
+    std::fs::create_dir_all(test.path("victim/backups")).expect("victim backups");
+    let report = test.sync().json();
+    let (status, message) = write_back_of(&report, "a.csv");
+    assert_eq!(status, "failed", "{report}");
+    assert!(message.contains("symbolic link"), "{message}");
+    assert!(names_in(&test.path("victim/backups")).is_empty());
+}
+
+#[test]
+fn a_backup_folder_owned_by_someone_else_is_refused() {
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share/.funnelsync/backups")).expect("folders");
+    chown(&test.path("share/.funnelsync"), NOBODY, NOBODY);
+    test.write("share/a.csv", leads_csv(&["Acme"]));
+    test.config("[[sources]]\nname = \"share\"\npath = \"share/a.csv\"\n");
+    let report = test.sync().json();
+    let (status, message) = write_back_of(&report, "a.csv");
+    assert_eq!(status, "failed", "{report}");
+    assert!(
+        message.contains("backup") && message.contains("not by the service user"),
+        "{message}"
+    );
+    assert!(names_in(&test.path("share/.funnelsync/backups")).is_empty());
+
+    // Once the admin gives the folder back to the service, the write goes through.
+    chown(&test.path("share/.funnelsync"), 0, 0);
+    let report = test.sync().json();
+    assert_eq!(write_back_of(&report, "a.csv").0, "written", "{report}");
+    assert_eq!(names_in(&test.path("share/.funnelsync/backups")).len(), 1);
+}
+
+#[test]
+fn the_admin_is_alerted_when_backups_are_refused() {
+    use std::time::Duration;
+    let smtp = crate::harness::SmtpServer::start(0);
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share/.funnelsync")).expect("share");
+    std::fs::create_dir_all(test.path("victim")).expect("victim");
+    std::os::unix::fs::symlink(test.path("victim"), test.path("share/.funnelsync/backups"))
+        .expect("link");
+    test.write("share/a.csv", leads_csv(&["Acme"]));
+    test.config(&format!(
+        "[watch]\nsettle = \"200ms\"\n\n[alerts]\nto = \"it@example.com\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"funnelsync@example.com\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\n",
+        smtp.port
+    ));
+    let daemon = test.start_daemon();
+    daemon.wait_ready();
+    crate::harness::wait_until(Duration::from_secs(15), "the alert", || {
+        !smtp.to("it@example.com").is_empty()
+    });
+    let alert = &smtp.to("it@example.com")[0];
+    assert_eq!(alert.subject(), "funnelsync: a.csv cannot be written back");
+    let body = alert.bodies().0;
+    assert!(
+        body.contains("backup") && body.contains("symbolic link"),
+        "{body}"
+    );
+    assert!(
+        names_in(&test.path("victim")).is_empty(),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn write_back_keeps_owner_group_and_mode_and_drops_setuid() {
+    let test = TestDir::new();
+    test.write("share/private.csv", leads_csv(&["Acme"]));
+    test.write("share/team.csv", leads_csv(&["Beta"]));
+    test.write("share/setuid.csv", leads_csv(&["Gamma"]));
+    chown(&test.path("share/private.csv"), NOBODY, NOBODY);
+    chmod(&test.path("share/private.csv"), 0o600);
+    chown(&test.path("share/team.csv"), 0, 100);
+    chmod(&test.path("share/team.csv"), 0o660);
+    chmod(&test.path("share/setuid.csv"), 0o6755);
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nbackups = 2\n");
+    let report = test.sync().json();
+    for name in ["private.csv", "team.csv", "setuid.csv"] {
+        assert_eq!(write_back_of(&report, name).0, "written", "{report}");
+    }
+    let private = std::fs::metadata(test.path("share/private.csv")).expect("private");
+    assert_eq!((private.uid(), private.gid()), (NOBODY, NOBODY));
+    assert_eq!(mode_of(&test.path("share/private.csv")), 0o600);
+    let team = std::fs::metadata(test.path("share/team.csv")).expect("team");
+    assert_eq!(team.gid(), 100, "a group-shared file keeps its group");
+    assert_eq!(mode_of(&test.path("share/team.csv")), 0o660);
+    assert_eq!(
+        mode_of(&test.path("share/setuid.csv")),
+        0o755,
+        "set-user-ID and set-group-ID bits are never copied"
+    );
+    assert!(std::fs::read_to_string(test.path("share/private.csv"))
+        .expect("read")
+        .contains("CRM ID"));
+
+    // The backups are no more readable than the files they copy.
+    let backups = test.path("share/.funnelsync/backups");
+    for entry in std::fs::read_dir(&backups).expect("backups") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let metadata = std::fs::metadata(&path).expect("backup");
+        if name.starts_with("private.") {
+            assert_eq!((metadata.uid(), metadata.gid()), (NOBODY, NOBODY), "{name}");
+            assert_eq!(mode_of(&path), 0o600, "{name}");
+        } else if name.starts_with("team.") {
+            assert_eq!(metadata.gid(), 100, "{name}");
+            assert_eq!(mode_of(&path), 0o660, "{name}");
+        } else {
+            assert_eq!(mode_of(&path), 0o755, "{name}");
+        }
+    }
+    // Each file was written at least once (the second pass of `sync` writes again the files that
+    // other files' new deals reached).
+    assert!(names_in(&backups).len() >= 3);
+}
+
+#[test]
+fn one_files_backup_rotation_never_touches_anothers() {
+    let test = TestDir::new();
+    test.write("share/q.csv", leads_csv(&["Acme"]));
+    test.write("share/q.2025.csv", leads_csv(&["Beta"]));
+    // A partial backup left by an interrupted write has a temp name and never counts.
+    test.write(
+        "share/.funnelsync/backups/.~funnelsync-q.csv.0000000000000000.tmp",
+        "Compa",
+    );
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nbackups = 1\n");
+    test.sync().assert_code(0);
+    for round in 0..3 {
+        let id = test.deal_by("company", "Acme")["id"].to_string();
+        test.run(&["deals", "set", &id, &format!("amount={}", 100 + round)])
+            .assert_code(0);
+        let id = test.deal_by("company", "Beta")["id"].to_string();
+        test.run(&["deals", "set", &id, &format!("amount={}", 200 + round)])
+            .assert_code(0);
+        // Backups are named to the millisecond.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        test.sync().assert_code(0);
+    }
+    let names = names_in(&test.path("share/.funnelsync/backups"));
+    // NAME.STAMP.EXT with a 20-character stamp such as 20261128T101010.123Z.
+    let backups_of = |stem: &str| {
+        names
+            .iter()
+            .filter(|name| {
+                name.starts_with(&format!("{stem}."))
+                    && name.ends_with(".csv")
+                    && name.len() == stem.len() + 1 + 20 + 4
+            })
+            .count()
+    };
+    let (of_q, of_q2025) = (backups_of("q"), backups_of("q.2025"));
+    assert_eq!(
+        (of_q, of_q2025),
+        (1, 1),
+        "each file keeps its own last backup: {names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|name| name.starts_with(".~funnelsync-q.csv.")),
+        "a temp file is not a backup, so the rotation leaves it: {names:?}"
+    );
+}
