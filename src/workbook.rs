@@ -626,15 +626,10 @@ pub mod csv_reader {
                 .map(|field| {
                     if field.trim().is_empty() {
                         Cell::Empty
-                    } else if field.len() > 1
-                        && field.starts_with('\'')
-                        && crate::writeback::looks_like_formula(&field[1..])
-                    {
+                    } else {
                         // A leading apostrophe marks text that could be taken for a formula
                         // (funnelsync writes values that way); the value is what follows it.
-                        Cell::Text(field[1..].to_string())
-                    } else {
-                        Cell::Text(field.to_string())
+                        Cell::Text(crate::writeback::unescape_csv_field(field).to_string())
                     }
                 })
                 .collect();

@@ -378,3 +378,5 @@ pub fn write(
 mod csv;
 mod replace;
 mod xlsx;
+
+pub use csv::{needs_csv_escape, unescape_csv_field};

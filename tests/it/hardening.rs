@@ -255,3 +255,66 @@ fn one_files_backup_rotation_never_touches_anothers() {
         "a temp file is not a backup, so the rotation leaves it: {names:?}"
     );
 }
+
+#[test]
+fn csv_write_back_keeps_every_formula_escape() {
+    let test = TestDir::new();
+    // A rep typed a DDE payload as text (Excel saves it with the apostrophe), and a tab-led note.
+    test.write(
+        "p.csv",
+        "Company,Stage,Amount,Notes\r\nAcme,Lead,-500,'=cmd|' /C calc'!A0\r\nBeta,Lead,100,'@SUM(A1)\r\n",
+    );
+    test.single_source("p.csv", "");
+    let report = test.sync();
+    report.assert_code(0);
+    assert_eq!(write_back_of(&report.json(), "p.csv").0, "written");
+    let acme = test.deal_by("company", "Acme");
+    assert_eq!(
+        acme["extra"]["Notes"], "=cmd|' /C calc'!A0",
+        "read without its escape"
+    );
+    assert_eq!(acme["amount"], -500.0);
+    let check = |when: &str| {
+        let text = std::fs::read_to_string(test.path("p.csv")).expect("csv");
+        for line in text.lines() {
+            for field in line.split(',') {
+                assert!(
+                    !field.starts_with(['=', '+', '@', '\t', '\r'])
+                        && !(field.starts_with('-') && field != "-500"),
+                    "{when}: a live formula in {line:?}\n{text}"
+                );
+            }
+        }
+        assert!(text.contains("'=cmd|' /C calc'!A0"), "{when}:\n{text}");
+        assert!(text.contains("'@SUM(A1)"), "{when}:\n{text}");
+        assert!(
+            text.contains(",-500,"),
+            "{when}: a negative number is not text:\n{text}"
+        );
+    };
+    check("first write-back");
+
+    // Values from the store keep their escape on every later write-back too.
+    let id = acme["id"].to_string();
+    test.run(&["deals", "set", &id, "next_step=+1+1", "company=-Acme"])
+        .assert_code(0);
+    test.sync().assert_code(0);
+    check("second write-back");
+    let beta = test.deal_by("company", "Beta")["id"].to_string();
+    test.run(&["deals", "set", &beta, "amount=200"])
+        .assert_code(0);
+    test.sync().assert_code(0);
+    check("third write-back");
+    let text = std::fs::read_to_string(test.path("p.csv")).expect("csv");
+    assert!(text.contains("'-Acme"), "{text}");
+
+    // Reading the file back changes nothing: every value round-trips.
+    let report = test.sync().json();
+    assert_eq!(
+        file_report(&report, "p.csv")["counts"]["updated"],
+        0,
+        "{report}"
+    );
+    let acme = test.deal_by("company", "-Acme");
+    assert_eq!(acme["extra"]["Notes"], "=cmd|' /C calc'!A0");
+}
