@@ -814,7 +814,8 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                 &[false, false, false, false, false, true, true, false, false],
             )?;
             for file in &overview {
-                if file.last_status.as_deref() == Some("failed") {
+                let ignored = file.state == Some(mirror::FileState::Ignored);
+                if file.last_status.as_deref() == Some("failed") || ignored {
                     if let Some(message) = &file.last_message {
                         writeln!(out, "\n{}: {message}", display_file(&file.file))?;
                     }

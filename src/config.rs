@@ -189,6 +189,7 @@ pub struct RawSource {
     pub filter: Option<BTreeMap<String, OneOrMany>>,
     pub view: Option<String>,
     pub backups: Option<i64>,
+    pub follow_symlinks: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -645,9 +646,18 @@ impl Config {
         &self,
         source: &SourceConfig,
     ) -> Result<Vec<PathBuf>, crate::watch::DiscoverError> {
-        let mut files = crate::watch::source_files(source)?;
-        files.retain(|file| !self.is_report(file));
-        Ok(files)
+        self.discover(source).map(|discovery| discovery.files)
+    }
+
+    /// A source's files as they are now, without the report file, and the symbolic links beside
+    /// them that are not sources (one listing of the folder).
+    pub fn discover(
+        &self,
+        source: &SourceConfig,
+    ) -> Result<crate::watch::Discovery, crate::watch::DiscoverError> {
+        let mut discovery = crate::watch::discover(source)?;
+        discovery.files.retain(|file| !self.is_report(file));
+        Ok(discovery)
     }
 }
 
@@ -719,6 +729,10 @@ pub struct SourceConfig {
     pub backups: usize,
     /// The most rows one sync of a file may archive or delete before it is held.
     pub max_delete: MaxDelete,
+    /// Whether a symbolic link in the source's folder is read as a source, when the file it
+    /// points to lies inside that folder. Off by default: a link is never a source. A followed
+    /// link is read-only (write-back never writes through or replaces a link).
+    pub follow_symlinks: bool,
 }
 
 /// Which deals a source's files show (and so which store changes are written into them).
@@ -1909,6 +1923,7 @@ fn validate_source(
         view,
         backups,
         max_delete,
+        follow_symlinks: raw.follow_symlinks.unwrap_or(false),
     };
     ok.then_some(source)
 }

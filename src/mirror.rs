@@ -407,6 +407,8 @@ pub enum FileState {
     /// A sync would have removed too many rows (or the sheet is gone): nothing applied until
     /// `sync --force` or the file changes.
     Held,
+    /// Not a source: a symbolic link that is not followed (the reason is the state's message).
+    Ignored,
 }
 
 impl FileState {
@@ -417,6 +419,7 @@ impl FileState {
             FileState::Failed => "failed",
             FileState::Removed => "removed",
             FileState::Held => "held",
+            FileState::Ignored => "ignored",
         }
     }
 
@@ -426,6 +429,7 @@ impl FileState {
             "failed" => FileState::Failed,
             "removed" => FileState::Removed,
             "held" => FileState::Held,
+            "ignored" => FileState::Ignored,
             _ => FileState::Ok,
         }
     }
@@ -474,6 +478,43 @@ pub struct WriteBackState {
     pub message: Option<String>,
 }
 
+/// Records the files of `source` that are not sources (`(file key, reason)`, state `ignored`)
+/// and forgets the ones recorded before that are no longer there or no longer ignored.
+pub fn replace_ignored(
+    connection: &Connection,
+    source: &str,
+    ignored: &[(String, String)],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let keep: std::collections::HashSet<&str> =
+        ignored.iter().map(|(file, _)| file.as_str()).collect();
+    let recorded: Vec<String> = connection
+        .prepare_cached("SELECT file FROM file_status WHERE source = ?1 AND state = 'ignored'")?
+        .query_map([source], |row| row.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    for file in recorded.iter().filter(|file| !keep.contains(file.as_str())) {
+        connection.execute(
+            "DELETE FROM file_status WHERE file = ?1 AND state = 'ignored'",
+            [file],
+        )?;
+    }
+    for (file, reason) in ignored {
+        record_file_status(
+            connection,
+            &FileStatusRecord {
+                file: file.clone(),
+                source: source.to_string(),
+                state: FileState::Ignored,
+                attempts: 0,
+                next_retry_at: None,
+                last_error: Some(reason.clone()),
+                updated_at: now,
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// One line of `funnelsync status`: a file with its latest run, daemon state and error count.
 #[derive(Debug, Clone, Serialize)]
 pub struct FileOverview {
@@ -507,7 +548,8 @@ pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, Store
          last_runs AS (
              SELECT file, max(id) AS id FROM sync_runs WHERE file LIKE '/%' GROUP BY file
          )
-         SELECT files.file, files.source, runs.finished_at, runs.status, runs.message,
+         SELECT files.file, files.source, runs.finished_at, runs.status,
+                CASE WHEN file_status.state = 'ignored' THEN file_status.last_error ELSE runs.message END,
                 mirror_files.synced_at, mirror_files.checked_at, mirror_files.write_back,
                 mirror_files.write_back_message,
                 (SELECT count(*) FROM mirror_rows WHERE mirror_rows.file = files.file),

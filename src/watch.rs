@@ -39,41 +39,104 @@ pub fn is_candidate(path: &Path) -> bool {
     !is_office_temp_file(path) && format_of(path).is_some()
 }
 
-/// The source's files that exist now, sorted. A single-file source whose file is missing is an
-/// error; a folder or glob matching nothing is an empty list.
-pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError> {
-    let mut files = match &source.path {
-        SourcePath::File(path) => {
-            if path.is_file() {
-                vec![path.clone()]
-            } else {
+/// What a listing of a source found: its files, and the symbolic links that are not sources
+/// (with why), for the log and `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Discovery {
+    pub files: Vec<PathBuf>,
+    pub not_sources: Vec<(PathBuf, String)>,
+}
+
+/// Whether a path the source would sync may be read, decided from one `lstat` (and, for a
+/// symbolic link the source follows, where it points).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// A regular file.
+    File,
+    /// A symbolic link the source follows: the file it points to (inside the source's folder).
+    Link(PathBuf),
+    /// A symbolic link that is not a source, and why.
+    NotASource(String),
+    /// Gone, or not a file at all.
+    Missing,
+}
+
+/// Decides whether `path` may be read for `source`. A symbolic link is never followed unless the
+/// source sets `follow_symlinks`, and then only to a regular file inside the source's folder.
+pub fn admit(source: &SourceConfig, path: &Path) -> Admission {
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_symlink() => admit_link(source, path),
+        Ok(metadata) if metadata.is_file() => Admission::File,
+        _ => Admission::Missing,
+    }
+}
+
+fn admit_link(source: &SourceConfig, path: &Path) -> Admission {
+    if !source.follow_symlinks {
+        return Admission::NotASource(
+            "is a symbolic link; links are not sources (set follow_symlinks = true for links \
+             to files inside the source's folder)"
+                .to_string(),
+        );
+    }
+    let folder = source_folder(source);
+    let folder = std::fs::canonicalize(&folder).unwrap_or(folder);
+    match std::fs::canonicalize(path) {
+        Ok(target) if !target.starts_with(&folder) => Admission::NotASource(
+            "is a symbolic link to a file outside the source's folder; not a source".to_string(),
+        ),
+        Ok(target) if target.is_file() => Admission::Link(target),
+        _ => Admission::NotASource(
+            "is a symbolic link that does not lead to a file; not a source".to_string(),
+        ),
+    }
+}
+
+/// The source's files that exist now, sorted, and the links in its folder that are not sources.
+/// A single-file source whose file is missing is an error; a folder or glob matching nothing is an
+/// empty list. A followed link whose target is itself one of the files is left to that file.
+pub fn discover(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
+    let mut discovery = Discovery::default();
+    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut take = |path: PathBuf, admission: Admission, discovery: &mut Discovery| match admission
+    {
+        Admission::File => discovery.files.push(path),
+        Admission::Link(target) => links.push((path, target)),
+        Admission::NotASource(reason) => discovery.not_sources.push((path, reason)),
+        Admission::Missing => {}
+    };
+    match &source.path {
+        SourcePath::File(path) => match admit(source, path) {
+            Admission::Missing => {
                 return Err(DiscoverError {
                     path: path.clone(),
                     message: "the file does not exist".to_string(),
-                });
+                })
             }
-        }
+            admission => take(path.clone(), admission, &mut discovery),
+        },
         SourcePath::Folder(folder) => {
             let entries = std::fs::read_dir(folder).map_err(|error| DiscoverError {
                 path: folder.clone(),
                 message: folder_error(&error),
             })?;
-            let mut files = Vec::new();
             for entry in entries {
                 let entry = entry.map_err(|error| DiscoverError {
                     path: folder.clone(),
                     message: error.to_string(),
                 })?;
                 let path = entry.path();
-                // The entry's type comes with the directory listing: no extra stat per file.
-                let is_file = entry.file_type().map(|file_type| {
-                    file_type.is_file() || (file_type.is_symlink() && path.is_file())
-                });
-                if is_candidate(&path) && is_file.unwrap_or(false) {
-                    files.push(path);
+                if !is_candidate(&path) {
+                    continue;
                 }
+                // The entry's type comes with the directory listing: no extra stat per file.
+                let admission = match entry.file_type() {
+                    Ok(file_type) if file_type.is_file() => Admission::File,
+                    Ok(file_type) if file_type.is_symlink() => admit_link(source, &path),
+                    _ => Admission::Missing,
+                };
+                take(path, admission, &mut discovery);
             }
-            files
         }
         SourcePath::Glob(pattern) => {
             // A pattern over a folder that is not there matches nothing, which is not "no
@@ -89,14 +152,58 @@ pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError
                 path: PathBuf::from(pattern),
                 message: error.to_string(),
             })?;
-            paths
+            let folder = source_folder(source);
+            let folder = std::fs::canonicalize(&folder).unwrap_or(folder);
+            let mut checked_parents: std::collections::HashMap<PathBuf, bool> =
+                std::collections::HashMap::new();
+            for path in paths
                 .filter_map(Result::ok)
-                .filter(|path| is_candidate(path) && path.is_file())
-                .collect()
+                .filter(|path| is_candidate(path))
+            {
+                let mut admission = admit(source, &path);
+                // A glob that walks folders could walk through a linked folder out of the share.
+                if admission == Admission::File {
+                    let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                    let inside = *checked_parents.entry(parent.clone()).or_insert_with(|| {
+                        std::fs::canonicalize(&parent)
+                            .is_ok_and(|parent| parent.starts_with(&folder))
+                    });
+                    if !inside {
+                        admission = Admission::NotASource(
+                            "is reached through a symbolic link to a folder outside the source's \
+                             folder; not a source"
+                                .to_string(),
+                        );
+                    }
+                }
+                take(path, admission, &mut discovery);
+            }
         }
-    };
-    files.sort();
-    Ok(files)
+    }
+    for (link, target) in links {
+        if discovery.files.contains(&target) {
+            discovery.not_sources.push((
+                link,
+                format!(
+                    "is a symbolic link to {}, which is synced under its own name",
+                    target
+                        .file_name()
+                        .map(|name| name.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+            ));
+        } else {
+            discovery.files.push(link);
+        }
+    }
+    discovery.files.sort();
+    discovery.not_sources.sort();
+    Ok(discovery)
+}
+
+/// The source's files that exist now, sorted (see [`discover`]).
+pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError> {
+    discover(source).map(|discovery| discovery.files)
 }
 
 /// Why a source folder cannot be listed, in words an admin can act on.

@@ -211,10 +211,21 @@ pub fn read_bytes(path: &Path, limits: &crate::config::Limits) -> Result<Vec<u8>
             limit: format!("{} MB", limits.max_file_bytes >> 20),
         });
     }
-    std::fs::read(path).map_err(|source| WorkbookError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    // Never through a link: the caller resolved an admitted link to its target already, so a
+    // link here was put in place since, and is not read.
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .and_then(|mut file| file.read_to_end(&mut bytes))
+        .map_err(|source| WorkbookError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(bytes)
 }
 
 /// Parses a file's bytes (from [`read_bytes`], with their [`hash_bytes`]) into the managed sheet.

@@ -161,6 +161,9 @@ struct Daemon {
     report_busy: bool,
     /// Not before this (the file was open, or the next interval).
     report_next_at: Instant,
+    /// Symbolic links in watched folders that are not sources, by path: (source, reason). Each
+    /// is logged once, when first seen.
+    links_not_synced: HashMap<PathBuf, (String, String)>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error only for fatal problems.
@@ -198,6 +201,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         report_dirty: true,
         report_busy: false,
         report_next_at: Instant::now(),
+        links_not_synced: HashMap::new(),
     };
     daemon.store_version = daemon.current_store_version();
     info!(
@@ -453,12 +457,27 @@ impl Daemon {
     /// Stats every source file: new and changed files start settling, vanished ones are removed.
     fn rescan(&mut self, initial: bool) {
         let mut present: HashSet<PathBuf> = HashSet::new();
+        let mut links_not_synced: HashMap<PathBuf, (String, String)> = HashMap::new();
         let config = Arc::clone(&self.config);
         for source in &config.sources {
-            let files = match config.source_files(source) {
-                Ok(files) => files,
+            let files = match config.discover(source) {
+                Ok(discovery) => {
+                    links_not_synced.extend(
+                        discovery
+                            .not_sources
+                            .into_iter()
+                            .map(|(path, reason)| (path, (source.name.clone(), reason))),
+                    );
+                    discovery.files
+                }
                 Err(error) => {
                     warn!(source = %source.name, "{error}");
+                    links_not_synced.extend(
+                        self.links_not_synced
+                            .iter()
+                            .filter(|(_, (name, _))| *name == source.name)
+                            .map(|(path, noted)| (path.clone(), noted.clone())),
+                    );
                     // A folder we cannot list (share not mounted) says nothing about its files.
                     present.extend(
                         self.files
@@ -505,6 +524,43 @@ impl Daemon {
         for path in gone {
             self.on_file_gone(&path);
         }
+        self.note_links_not_synced(links_not_synced);
+    }
+
+    /// Logs each symbolic link that is not a source once, and keeps `status` showing the links
+    /// that are there now.
+    fn note_links_not_synced(&mut self, links: HashMap<PathBuf, (String, String)>) {
+        if links == self.links_not_synced {
+            return;
+        }
+        for (path, (source, reason)) in &links {
+            if !self.links_not_synced.contains_key(path) {
+                warn!(file = %path.display(), source = %source, "{reason}");
+            }
+        }
+        let mut by_source: HashMap<&str, Vec<(String, String)>> = self
+            .config
+            .sources
+            .iter()
+            .map(|source| (source.name.as_str(), Vec::new()))
+            .collect();
+        for (path, (source, reason)) in &links {
+            by_source.entry(source.as_str()).or_default().push((
+                sync::file_key(path),
+                format!("{}: {reason}", path.display()),
+            ));
+        }
+        let store = &self.store;
+        let now = Utc::now();
+        let result = tokio::task::block_in_place(|| {
+            by_source.iter().try_for_each(|(source, noted)| {
+                mirror::replace_ignored(store.connection(), source, noted, now)
+            })
+        });
+        if let Err(error) = result {
+            warn!("cannot record the links that are not sources: {error}");
+        }
+        self.links_not_synced = links;
     }
 
     fn source_of(&self, path: &Path) -> Option<String> {
@@ -523,7 +579,14 @@ impl Daemon {
             let Some(source) = self.source_of(&path) else {
                 return;
             };
-            if watch::fingerprint(&path).is_none() {
+            // A link that is not a source is noted by the next rescan, never synced.
+            let admitted = self.config.source(&source).is_some_and(|config| {
+                matches!(
+                    watch::admit(config, &path),
+                    watch::Admission::File | watch::Admission::Link(_)
+                )
+            });
+            if !admitted || watch::fingerprint(&path).is_none() {
                 return;
             }
             info!(file = %path.display(), source = %source, "new file");

@@ -118,12 +118,18 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
-/// The key a file goes by in the mirror and the run history: its absolute path.
+/// The key a file goes by in the mirror and the run history: its absolute path, with its folder
+/// resolved but its own name kept, so a symbolic link is known by its own name, never by what it
+/// points to.
 pub fn file_key(path: &Path) -> String {
-    std::fs::canonicalize(path)
-        .unwrap_or_else(|_| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
-        .to_string_lossy()
-        .into_owned()
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let key = match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .unwrap_or_else(|_| parent.to_path_buf())
+            .join(name),
+        _ => absolute,
+    };
+    key.to_string_lossy().into_owned()
 }
 
 /// Syncs one file of a source. Errors reading or understanding the file are part of the report
@@ -155,7 +161,26 @@ pub fn sync_file_with(
     // how "all rows deleted" would look, and someone should look.
     let summary = mirror::summary(store.connection(), &file)?;
     let synced_before = summary.as_ref().is_some_and(|summary| summary.n_rows > 0);
-    let bytes = match workbook::read_bytes(path, &config.limits) {
+    // A symbolic link is read only when the source follows links and it leads inside the
+    // source's folder; it is read through the file it points to, and never written back.
+    let (read_path, is_link) = match crate::watch::admit(source, path) {
+        crate::watch::Admission::File => (path.to_path_buf(), false),
+        crate::watch::Admission::Link(target) => (target, true),
+        crate::watch::Admission::NotASource(reason) => {
+            return fail(store, report, format!("{}: {reason}", path.display()), now);
+        }
+        crate::watch::Admission::Missing => {
+            report.retryable = true;
+            return fail(
+                store,
+                report,
+                format!("{}: the file is gone", path.display()),
+                now,
+            );
+        }
+    };
+    let may_write_back = source.write_back && !is_link;
+    let bytes = match workbook::read_bytes(&read_path, &config.limits) {
         Ok(bytes) => bytes,
         Err(error) => {
             report.retryable = error.is_retryable();
@@ -171,23 +196,27 @@ pub fn sync_file_with(
             && summary.config_hash.as_deref() == Some(config_hash.as_str());
         if !force
             && same_bytes_and_settings
-            && shows_the_store_still(store, source, &file, summary)?
+            && (!may_write_back || shows_the_store_still(store, source, &file, summary)?)
         {
-            if source.write_back && crate::writeback::is_writable_path(path) {
+            if may_write_back && crate::writeback::is_writable_path(path) {
                 report.write_back = WriteBack::UpToDate;
             }
             return unchanged(store, report, summary, now);
         }
     }
     let sheet = match workbook::parse_sheet(
-        path,
+        &read_path,
         bytes,
         content_hash,
         source.sheet.as_deref(),
         source.encoding,
         &config.limits,
     ) {
-        Ok(sheet) => sheet,
+        // Messages name the file as the team knows it (a followed link by its own name).
+        Ok(sheet) => workbook::SheetData {
+            path: path.to_path_buf(),
+            ..sheet
+        },
         Err(
             error @ (workbook::WorkbookError::SheetNotFound { .. }
             | workbook::WorkbookError::NoVisibleSheet { .. }),
@@ -271,7 +300,7 @@ pub fn sync_file_with(
     let mut quiet: HashMap<DealId, Deal> = HashMap::new();
     if let Some(previous) = previous
         .as_ref()
-        .filter(|previous| !source.write_back || previous.store_version.is_some())
+        .filter(|previous| !may_write_back || previous.store_version.is_some())
     {
         let live = crm.live_ids_unchanged_since(previous.store_version.unwrap_or(i64::MIN))?;
         let forced_by_rows: HashSet<DealId> = rows.iter().filter_map(|row| row.id).collect();
@@ -308,7 +337,7 @@ pub fn sync_file_with(
 
     // Where a mapped cell holds a formula, the sheet keeps it: the write-back never replaces a
     // formula with a constant.
-    let writes_back = source.write_back && crate::writeback::is_writable(&sheet);
+    let writes_back = may_write_back && crate::writeback::is_writable(&sheet);
     let mut formula_fields: HashMap<u32, Vec<crate::deal::Field>> = HashMap::new();
     if writes_back {
         for (row_number, column_idx) in &sheet.formula_cells {
@@ -1088,6 +1117,25 @@ pub fn sync_all_forcing(
     Ok(reports)
 }
 
+/// Logs the symbolic links of a source that are not sources and records them for `status`
+/// (state `ignored`, with the reason); forgets those that are gone.
+pub fn note_links_not_synced(
+    store: &mut Store,
+    source: &SourceConfig,
+    not_sources: &[(PathBuf, String)],
+    now: DateTime<Utc>,
+) -> Result<(), SyncError> {
+    let noted: Vec<(String, String)> = not_sources
+        .iter()
+        .map(|(path, reason)| {
+            tracing::warn!(source = %source.name, "{}: {reason}", path.display());
+            (file_key(path), format!("{}: {reason}", path.display()))
+        })
+        .collect();
+    mirror::replace_ignored(store.connection(), &source.name, &noted, now)?;
+    Ok(())
+}
+
 /// Files by the name of the source they belong to.
 type SourceFiles = Vec<(String, PathBuf)>;
 
@@ -1117,8 +1165,11 @@ fn sync_pass(
     }
     let mut claimed: HashMap<PathBuf, String> = HashMap::new();
     for source in &config.sources {
-        let files = match config.source_files(source) {
-            Ok(files) => files,
+        let files = match config.discover(source) {
+            Ok(discovery) => {
+                note_links_not_synced(store, source, &discovery.not_sources, now)?;
+                discovery.files
+            }
             Err(error) => {
                 let mut report = FileReport::failed(
                     &source.name,

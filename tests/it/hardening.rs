@@ -318,3 +318,160 @@ fn csv_write_back_keeps_every_formula_escape() {
     let acme = test.deal_by("company", "-Acme");
     assert_eq!(acme["extra"]["Notes"], "=cmd|' /C calc'!A0");
 }
+
+/// The `status --format json` entry whose file ends with `name`, if any.
+fn status_of(test: &TestDir, name: &str) -> Option<serde_json::Value> {
+    test.run(&["status", "--format", "json"])
+        .json()
+        .as_array()
+        .and_then(|files| {
+            files
+                .iter()
+                .find(|file| {
+                    file["file"]
+                        .as_str()
+                        .is_some_and(|file| file.ends_with(name))
+                })
+                .cloned()
+        })
+}
+
+#[test]
+fn a_symlink_in_a_watched_folder_is_not_a_source() {
+    let test = TestDir::new();
+    test.write("private/hr.csv", "Company,Stage\r\nSalary Review,Lead\r\n");
+    test.write("share/real.csv", leads_csv(&["Acme"]));
+    std::os::unix::fs::symlink(test.path("private/hr.csv"), test.path("share/leads.csv"))
+        .expect("link");
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\n");
+    let run = test.sync();
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("symbolic link"),
+        "logged: {}",
+        run.stderr
+    );
+    let companies: Vec<String> = test
+        .deals()
+        .iter()
+        .map(|deal| deal["company"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        companies,
+        vec!["Acme"],
+        "the private rows were not imported"
+    );
+    assert!(std::fs::symlink_metadata(test.path("share/leads.csv"))
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(test.path("private/hr.csv")).expect("hr"),
+        "Company,Stage\r\nSalary Review,Lead\r\n"
+    );
+    let real = std::fs::read_to_string(test.path("share/real.csv")).expect("real");
+    assert!(!real.contains("Salary"), "{real}");
+
+    let status = status_of(&test, "share/leads.csv").expect("the link is shown by status");
+    assert_eq!(status["state"], "ignored", "{status}");
+    assert!(
+        status["last_message"]
+            .as_str()
+            .is_some_and(|message| message.contains("symbolic link")),
+        "{status}"
+    );
+    let all = test.run(&["status"]).stdout;
+    assert!(
+        !all.contains("private"),
+        "no row is named by the link's target:\n{all}"
+    );
+    assert!(
+        all.contains("ignored") && all.contains("symbolic link"),
+        "{all}"
+    );
+
+    // Once the link is gone, so is its line in `status`.
+    std::fs::remove_file(test.path("share/leads.csv")).expect("unlink");
+    test.sync().assert_code(0);
+    assert!(status_of(&test, "share/leads.csv").is_none());
+}
+
+#[test]
+fn follow_symlinks_reads_links_inside_the_folder_only_and_never_writes_through_them() {
+    let test = TestDir::new();
+    test.write("private/hr.csv", "Company,Stage\r\nSalary Review,Lead\r\n");
+    test.write("share/archive/q1.csv", leads_csv(&["Acme"]));
+    std::os::unix::fs::symlink(
+        test.path("share/archive/q1.csv"),
+        test.path("share/current.csv"),
+    )
+    .expect("link inside");
+    std::os::unix::fs::symlink(test.path("private/hr.csv"), test.path("share/leads.csv"))
+        .expect("link outside");
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nfollow_symlinks = true\n");
+    let report = test.sync();
+    report.assert_code(0);
+    let report = report.json();
+    let current = file_report(&report, "share/current.csv");
+    assert_eq!(current["counts"]["created"], 1, "{report}");
+    assert_eq!(
+        current["write_back"]["status"], "off",
+        "a followed link is read-only"
+    );
+    assert_eq!(
+        test.deals().len(),
+        1,
+        "the link out of the folder is not followed"
+    );
+    assert_eq!(
+        status_of(&test, "share/leads.csv").expect("noted")["state"],
+        "ignored"
+    );
+
+    // A change in the store does not turn the link into a file, nor rewrite its target.
+    let id = test.deal_by("company", "Acme")["id"].to_string();
+    test.run(&["deals", "set", &id, "stage=Won"]).assert_code(0);
+    test.sync().assert_code(0);
+    assert!(std::fs::symlink_metadata(test.path("share/current.csv"))
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(test.path("share/archive/q1.csv")).expect("target"),
+        leads_csv(&["Acme"])
+    );
+    assert!(
+        !test.path("share/.funnelsync").exists(),
+        "nothing was backed up or written"
+    );
+    let all = test.run(&["status", "--format", "json"]).stdout;
+    assert!(
+        !all.contains("archive"),
+        "rows are named by the link, not its target:\n{all}"
+    );
+}
+
+#[test]
+fn the_daemon_logs_a_link_that_is_not_a_source_once() {
+    use std::time::Duration;
+    let test = TestDir::new();
+    test.write("private/hr.csv", "Company,Stage\r\nSalary Review,Lead\r\n");
+    test.write("share/real.csv", leads_csv(&["Acme"]));
+    test.config(
+        "[watch]\nsettle = \"200ms\"\npoll_interval = \"200ms\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\n",
+    );
+    let daemon = test.start_daemon();
+    daemon.wait_ready();
+    // A link created while the daemon runs (an inotify event, then every rescan).
+    std::os::unix::fs::symlink(test.path("private/hr.csv"), test.path("share/leads.csv"))
+        .expect("link");
+    crate::harness::wait_until(Duration::from_secs(10), "the link in status", || {
+        status_of(&test, "share/leads.csv").is_some_and(|status| status["state"] == "ignored")
+    });
+    // Several rescans later it is still logged once.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = daemon.log();
+    assert_eq!(log.matches("links are not sources").count(), 1, "{log}");
+    assert!(!log.contains("Salary"), "{log}");
+    assert_eq!(test.deals().len(), 1);
+}
