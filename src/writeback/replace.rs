@@ -110,11 +110,11 @@ fn stat_entry(folder: &OwnedFd, name: &str) -> std::io::Result<Stat> {
 }
 
 fn fingerprint_of(stat: &Stat) -> Option<Fingerprint> {
-    (FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile).then(|| Fingerprint {
+    (FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile).then_some(Fingerprint {
         size: stat.st_size as u64,
-        modified_seconds: stat.st_mtime as i64,
+        modified_seconds: stat.st_mtime,
         modified_nanoseconds: stat.st_mtime_nsec as i64,
-        inode: stat.st_ino as u64,
+        inode: stat.st_ino,
     })
 }
 
