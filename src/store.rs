@@ -23,6 +23,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create the store {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the store {path}: {source}")]
     Open {
         path: PathBuf,
@@ -315,6 +320,42 @@ fn retry_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlit
     }
 }
 
+/// Creates the store's folder (0700) and an empty database file (0600) when they do not exist
+/// yet, whatever the process umask: the store holds personal data and the mail outbox. SQLite
+/// gives the `-wal` and `-shm` files the database file's mode. A folder or file the admin
+/// created beforehand keeps the mode they gave it.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        if !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| StoreError::CreateFolder {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// The SQLite file: owns the connection and the schema.
 pub struct Store {
     path: PathBuf,
@@ -324,15 +365,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store file and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(parent) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateFolder {
-                path: parent.to_path_buf(),
-                source,
-            })?;
-        }
+        create_private(path)?;
         let open_error = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,

@@ -473,3 +473,30 @@ fn the_daemon_logs_a_link_that_is_not_a_source_once() {
     assert!(!log.contains("Salary"), "{log}");
     assert_eq!(test.deals().len(), 1);
 }
+
+#[test]
+fn the_store_is_readable_by_the_service_only() {
+    let test = TestDir::new();
+    test.write("share/a.csv", leads_csv(&["Acme"]));
+    test.config(
+        "[watch]\nsettle = \"200ms\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n",
+    );
+    // The test process's umask is the usual 022: what funnelsync creates must not follow it.
+    let daemon = test.start_daemon();
+    daemon.wait_ready();
+    assert_eq!(mode_of(&test.path("state")), 0o700);
+    for name in ["state/crm.db", "state/crm.db-wal", "state/crm.db-shm"] {
+        assert_eq!(mode_of(&test.path(name)), 0o600, "{name}");
+    }
+    drop(daemon);
+
+    // A store folder the admin prepared keeps the mode they gave it.
+    let shared = TestDir::new();
+    std::fs::create_dir_all(shared.path("state")).expect("state");
+    chmod(&shared.path("state"), 0o750);
+    shared.write("share/a.csv", leads_csv(&["Acme"]));
+    shared.config("[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n");
+    shared.sync().assert_code(0);
+    assert_eq!(mode_of(&shared.path("state")), 0o750);
+    assert_eq!(mode_of(&shared.path("state/crm.db")), 0o600);
+}
