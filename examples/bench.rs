@@ -202,12 +202,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                 .crm()
                 .list_deals(&funnelsync::store::DealFilter::default())
                 .expect("deals");
-            let n_columns = sheet
-                .rows
-                .iter()
-                .map(|row| row.cells.len())
-                .max()
-                .unwrap_or(0);
+            let n_columns = sheet.rows.iter().map(|row| row.width()).max().unwrap_or(0);
             let plan = funnelsync::writeback::plan(&header, n_columns, &outcomes, &view);
             assert!(plan.changed, "the ids are new to the file");
             let stage_names: Vec<String> = config
@@ -273,7 +268,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             let n_columns = sheet
                 .rows
                 .iter()
-                .map(|row| row.cells.len())
+                .map(|row| row.width())
                 .max()
                 .unwrap_or(0);
             let plan = funnelsync::writeback::plan(&header, n_columns, &outcomes, &view);

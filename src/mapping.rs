@@ -227,12 +227,13 @@ pub fn locate_header(rows: &[SheetRow], source: &SourceConfig) -> Result<HeaderM
 
 fn build_header(row: &SheetRow, row_position: usize, source: &SourceConfig) -> HeaderMap {
     let key = normalize_label(&source.key_column);
-    let mut headers = Vec::with_capacity(row.cells.len());
-    let mut roles = Vec::with_capacity(row.cells.len());
+    let mut headers = Vec::with_capacity(row.width());
+    let mut roles = Vec::with_capacity(row.width());
     let mut taken_fields = Vec::new();
     let mut extra_names: BTreeMap<String, usize> = BTreeMap::new();
     let mut has_key = false;
-    for (column_idx, cell) in row.cells.iter().enumerate() {
+    for column_idx in 0..row.width() {
+        let cell = row.cell(column_idx);
         let text = match cell {
             Cell::Text(text) => text.trim().to_string(),
             Cell::Empty => String::new(),
@@ -292,7 +293,7 @@ pub fn map_rows(
     let mut clean_rows = Vec::new();
     let mut issues = Vec::new();
     for row in rows.iter().skip(header.row_position + 1) {
-        if row.cells.iter().all(Cell::is_empty) {
+        if row.is_blank() {
             continue;
         }
         let (clean_row, row_issues) = map_row(row, header, source, stages);
@@ -313,10 +314,7 @@ fn map_row(
     let mut extras = ExtraMap::new();
     let mut id = None;
     let mut currency_from_amount = None;
-    for (column_idx, cell) in row.cells.iter().enumerate() {
-        if cell.is_empty() {
-            continue;
-        }
+    for (column_idx, cell) in row.cells() {
         let role = match header.roles.get(column_idx) {
             Some(Some(role)) => role.clone(),
             // Data under an empty header (or past the last header) is kept, named by its letter.
@@ -404,8 +402,8 @@ fn map_row(
 fn raw_row_hash(row: &SheetRow) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    for cell in &row.cells {
-        hasher.update(cell.to_string().as_bytes());
+    for column_idx in 0..row.width() {
+        hasher.update(row.cell(column_idx).to_string().as_bytes());
         hasher.update([0x1f]);
     }
     crate::deal::short_hex(&hasher.finalize())
@@ -424,9 +422,9 @@ mod tests {
     }
 
     fn row(row_number: u32, cells: &[&str]) -> SheetRow {
-        SheetRow {
+        SheetRow::new(
             row_number,
-            cells: cells
+            cells
                 .iter()
                 .map(|text| {
                     if text.is_empty() {
@@ -436,7 +434,7 @@ mod tests {
                     }
                 })
                 .collect(),
-        }
+        )
     }
 
     #[test]

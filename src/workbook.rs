@@ -1,23 +1,32 @@
 //! Reading spreadsheet files into plain rows of cells: .xlsx/.xlsm/.xls/.ods through calamine and
-//! .csv through the csv crate (delimiter sniffed, encoding detected).
+//! .csv through csv-core (delimiter sniffed, encoding decided per file).
+//!
+//! Memory is bounded while reading, not after: the file is never held whole (it is hashed and
+//! parsed from its open handle), rows are held sparsely, every cell is checked against
+//! `[limits]` before it is kept, the XML parts of a zip are scanned with a fixed budget before
+//! calamine sees them ([`xml_guard`]), and a sheet or a .csv is checked in a first pass that
+//! keeps nothing before a second pass keeps its cells — so a file refused for a limit never
+//! costs more than a few buffers.
 //!
 //! This module owns file formats and nothing else: it knows sheets, rows and cells, and how a
 //! half-written or protected file looks, but not what a column means, what a deal is or where the
 //! store lives. Errors say whether trying again later can help ([`WorkbookError::is_retryable`]).
 
+pub mod csv_reader;
+pub mod xml_guard;
+
 use std::fmt;
-use std::io::Cursor;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use calamine::{Data, DataRef, Reader, SheetType, SheetVisible};
 use chrono::NaiveDateTime;
 use sha2::{Digest, Sha256};
 
+use crate::config::Limits;
+
 /// File extensions (lower case) funnelsync reads.
 pub const SUPPORTED_EXTENSIONS: [&str; 5] = ["xlsx", "xlsm", "xls", "ods", "csv"];
-
-/// How many columns a row may have: Excel's own limit (XFD).
-const MAX_COLUMNS: u32 = 16_384;
 
 /// One cell's value, independent of the file format.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,18 +69,211 @@ impl fmt::Display for Cell {
     }
 }
 
-/// One non-empty row of a sheet.
+/// One non-empty row of a sheet, held sparsely: a row with one value at column XFD holds one
+/// cell, not 16,384.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SheetRow {
     /// The row number as Excel shows it (1-based).
     pub row_number: u32,
-    /// Cells by 0-based column index; trailing empty cells are not stored.
-    pub cells: Vec<Cell>,
+    /// The non-empty cells by 0-based column index, in column order.
+    cells: Vec<(u32, Cell)>,
 }
 
 impl SheetRow {
+    /// A row from its cells in column order (empty ones are not kept).
+    pub fn new(row_number: u32, cells: Vec<Cell>) -> SheetRow {
+        let mut row = SheetRow {
+            row_number,
+            cells: Vec::new(),
+        };
+        for (column_idx, cell) in cells.into_iter().enumerate() {
+            row.set(u32::try_from(column_idx).unwrap_or(u32::MAX), cell);
+        }
+        row
+    }
+
+    /// The cell in a column (empty when the row has nothing there).
     pub fn cell(&self, column_idx: usize) -> &Cell {
-        self.cells.get(column_idx).unwrap_or(&Cell::Empty)
+        let Ok(column_idx) = u32::try_from(column_idx) else {
+            return &Cell::Empty;
+        };
+        match self
+            .cells
+            .binary_search_by_key(&column_idx, |(column, _)| *column)
+        {
+            Ok(position) => &self.cells[position].1,
+            Err(_) => &Cell::Empty,
+        }
+    }
+
+    /// One past the last column with a value (0 for a row without values).
+    pub fn width(&self) -> usize {
+        self.cells
+            .last()
+            .map(|(column_idx, _)| *column_idx as usize + 1)
+            .unwrap_or(0)
+    }
+
+    /// The non-empty cells with their 0-based column index, in column order.
+    pub fn cells(&self) -> impl Iterator<Item = (usize, &Cell)> + '_ {
+        self.cells
+            .iter()
+            .map(|(column_idx, cell)| (*column_idx as usize, cell))
+    }
+
+    /// Whether the row holds no value at all.
+    pub fn is_blank(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    fn set(&mut self, column_idx: u32, cell: Cell) {
+        if cell.is_empty() {
+            return;
+        }
+        match self.cells.last() {
+            Some((last, _)) if *last < column_idx => self.cells.push((column_idx, cell)),
+            None => self.cells.push((column_idx, cell)),
+            Some(_) => match self
+                .cells
+                .binary_search_by_key(&column_idx, |(column, _)| *column)
+            {
+                Ok(position) => self.cells[position].1 = cell,
+                Err(position) => self.cells.insert(position, (column_idx, cell)),
+            },
+        }
+    }
+}
+
+/// A cell over a limit, found before its row number is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    Column { column_idx: u32 },
+    Text { column_idx: u32, n_chars: usize },
+}
+
+/// Takes cells as a reader finds them and checks each against the limits before anything is kept
+/// for it: its column, its length, and the number of rows. A counting collector keeps nothing
+/// (the first pass); a keeping one builds the sparse rows.
+pub struct RowCollector<'a> {
+    path: &'a Path,
+    pub(crate) limits: &'a Limits,
+    rows: Option<Vec<SheetRow>>,
+    n_rows: usize,
+    last_row: Option<u32>,
+}
+
+impl<'a> RowCollector<'a> {
+    pub fn counting(path: &'a Path, limits: &'a Limits) -> RowCollector<'a> {
+        RowCollector {
+            path,
+            limits,
+            rows: None,
+            n_rows: 0,
+            last_row: None,
+        }
+    }
+
+    pub fn keeping(path: &'a Path, limits: &'a Limits) -> RowCollector<'a> {
+        RowCollector {
+            rows: Some(Vec::new()),
+            ..RowCollector::counting(path, limits)
+        }
+    }
+
+    pub fn keeps_cells(&self) -> bool {
+        self.rows.is_some()
+    }
+
+    pub fn into_rows(self) -> Vec<SheetRow> {
+        self.rows.unwrap_or_default()
+    }
+
+    /// Whether a non-empty cell in this column (with this text) goes past a limit.
+    pub fn violation(&self, column_idx: u32, text: Option<&str>) -> Option<Violation> {
+        if column_idx as usize >= self.limits.max_columns {
+            return Some(Violation::Column { column_idx });
+        }
+        let text = text?;
+        // A cheap bound first: a text of n bytes has at most n characters.
+        if text.len() <= self.limits.max_cell_chars {
+            return None;
+        }
+        let n_chars = text.chars().count();
+        (n_chars > self.limits.max_cell_chars).then_some(Violation::Text {
+            column_idx,
+            n_chars,
+        })
+    }
+
+    /// The error for a cell over a limit in the row at `row_idx` (0-based).
+    pub fn refusal(&self, row_idx: u32, violation: Violation) -> WorkbookError {
+        let row_number = u64::from(row_idx) + 1;
+        let (what, limit) = match violation {
+            Violation::Column { column_idx } => (
+                format!(
+                    "row {row_number} with a value in column {} (column {})",
+                    column_letters(column_idx as usize),
+                    u64::from(column_idx) + 1
+                ),
+                format!("{} columns", self.limits.max_columns),
+            ),
+            Violation::Text {
+                column_idx,
+                n_chars,
+            } => (
+                format!(
+                    "the text in row {row_number}, column {} ({n_chars} characters)",
+                    column_letters(column_idx as usize)
+                ),
+                format!("{} characters", self.limits.max_cell_chars),
+            ),
+        };
+        WorkbookError::OverLimit {
+            path: self.path.to_path_buf(),
+            what,
+            limit,
+        }
+    }
+
+    /// Takes one cell at (row, column), both 0-based.
+    pub fn push(
+        &mut self,
+        row_idx: u32,
+        column_idx: u32,
+        value: Cell,
+    ) -> Result<(), WorkbookError> {
+        if value.is_empty() {
+            return Ok(());
+        }
+        let text = match &value {
+            Cell::Text(text) => Some(text.as_str()),
+            _ => None,
+        };
+        if let Some(violation) = self.violation(column_idx, text) {
+            return Err(self.refusal(row_idx, violation));
+        }
+        let row_number = row_idx.saturating_add(1);
+        if self.last_row != Some(row_number) {
+            self.n_rows += 1;
+            if self.n_rows > self.limits.max_rows {
+                return Err(WorkbookError::OverLimit {
+                    path: self.path.to_path_buf(),
+                    what: format!("the number of rows (more than {})", self.limits.max_rows),
+                    limit: format!("{} rows", self.limits.max_rows),
+                });
+            }
+            self.last_row = Some(row_number);
+            if let Some(rows) = &mut self.rows {
+                rows.push(SheetRow {
+                    row_number,
+                    cells: Vec::new(),
+                });
+            }
+        }
+        if let Some(row) = self.rows.as_mut().and_then(|rows| rows.last_mut()) {
+            row.set(column_idx, value);
+        }
+        Ok(())
     }
 }
 
@@ -160,13 +362,13 @@ pub enum WorkbookError {
 
 impl WorkbookError {
     /// Whether reading the same file again later may succeed without anyone fixing it: it may be
-    /// locked or half-written by the program saving it.
+    /// locked or half-written by the program saving it. A file that is malformed (an XML entity
+    /// attack, NUL bytes, text in no known encoding), over a limit, encrypted or without its sheet
+    /// stays so until someone saves a new version.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            WorkbookError::Io { .. }
-                | WorkbookError::Incomplete { .. }
-                | WorkbookError::Malformed { .. }
+            WorkbookError::Io { .. } | WorkbookError::Incomplete { .. }
         )
     }
 }
@@ -184,26 +386,130 @@ pub fn format_of(path: &Path) -> Option<FileFormat> {
 }
 
 /// Reads the managed sheet of a file: the named sheet, or the first visible worksheet.
-/// The file is read into memory once so that its content hash and its rows describe the same bytes.
 pub fn read_sheet(
     path: &Path,
     sheet: Option<&str>,
     csv_encoding: crate::config::CsvEncoding,
-    limits: &crate::config::Limits,
+    limits: &Limits,
 ) -> Result<SheetData, WorkbookError> {
-    let bytes = read_bytes(path, limits)?;
-    let content_hash = hash_bytes(&bytes);
-    parse_sheet(path, bytes, content_hash, sheet, csv_encoding, limits)
+    let opened = open_file(path, limits)?;
+    parse_file(opened, sheet, csv_encoding, limits)
 }
 
-/// A file's bytes, refused beyond `max_file_mb`.
-pub fn read_bytes(path: &Path, limits: &crate::config::Limits) -> Result<Vec<u8>, WorkbookError> {
-    let size = std::fs::metadata(path)
-        .map_err(|source| WorkbookError::Io {
+/// What one `fstat` says about an open file: enough to notice it changed while being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    size: u64,
+    modified_seconds: i64,
+    modified_nanoseconds: i64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path, file: &std::fs::File) -> Result<FileStamp, WorkbookError> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = file.metadata().map_err(|source| WorkbookError::Io {
             path: path.to_path_buf(),
             source,
-        })?
-        .len();
+        })?;
+        Ok(FileStamp {
+            size: metadata.size(),
+            modified_seconds: metadata.mtime(),
+            modified_nanoseconds: metadata.mtime_nsec(),
+            inode: metadata.ino(),
+        })
+    }
+}
+
+/// A file opened for one sync: its handle (opened without following a link), the SHA-256 of its
+/// bytes, read once in a streaming pass, and (for a .csv) what that pass learnt about its
+/// encoding. Parsing reads the same handle again, so the hash and the rows describe the same
+/// file; a file written to meanwhile is noticed and read again later.
+pub struct OpenedFile {
+    path: PathBuf,
+    file: std::fs::File,
+    stamp: FileStamp,
+    content_hash: String,
+    census: Option<csv_reader::Utf8Census>,
+}
+
+impl OpenedFile {
+    /// SHA-256 of the file's bytes, hex.
+    pub fn content_hash(&self) -> &str {
+        &self.content_hash
+    }
+}
+
+fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
+/// Opens a file for reading — never through a symbolic link: the caller resolved a followed link
+/// to its target already, so a link here was put in place since — refuses it beyond
+/// `max_file_mb`, and hashes it in one streaming pass.
+pub fn open_file(path: &Path, limits: &Limits) -> Result<OpenedFile, WorkbookError> {
+    let io_error = |source| WorkbookError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = open_no_follow(path).map_err(io_error)?;
+    let stamp = FileStamp::of(path, &file)?;
+    if stamp.size > limits.max_file_bytes {
+        return Err(WorkbookError::OverLimit {
+            path: path.to_path_buf(),
+            what: format!("the file size ({} MB)", stamp.size >> 20),
+            limit: format!("{} MB", limits.max_file_bytes >> 20),
+        });
+    }
+    let mut census =
+        (format_of(path) == Some(FileFormat::Csv)).then(csv_reader::Utf8Census::default);
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 64 << 10];
+    let mut n_total: u64 = 0;
+    loop {
+        let n_read = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n_read) => n_read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(io_error(error)),
+        };
+        n_total += n_read as u64;
+        if n_total > limits.max_file_bytes {
+            // It grew past the limit while being read.
+            return Err(WorkbookError::Incomplete {
+                path: path.to_path_buf(),
+                detail: "the file changed while it was being read".to_string(),
+            });
+        }
+        hasher.update(&buffer[..n_read]);
+        if let Some(census) = &mut census {
+            census.feed(&buffer[..n_read]);
+        }
+    }
+    if let Some(census) = &mut census {
+        census.finish();
+    }
+    Ok(OpenedFile {
+        path: path.to_path_buf(),
+        file,
+        stamp,
+        content_hash: hex(&hasher.finalize()),
+        census,
+    })
+}
+
+/// A file's bytes, refused beyond `max_file_mb`, never read through a symbolic link.
+pub fn read_bytes(path: &Path, limits: &Limits) -> Result<Vec<u8>, WorkbookError> {
+    let io_error = |source| WorkbookError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = open_no_follow(path).map_err(io_error)?;
+    let size = FileStamp::of(path, &file)?.size;
     if size > limits.max_file_bytes {
         return Err(WorkbookError::OverLimit {
             path: path.to_path_buf(),
@@ -211,66 +517,39 @@ pub fn read_bytes(path: &Path, limits: &crate::config::Limits) -> Result<Vec<u8>
             limit: format!("{} MB", limits.max_file_bytes >> 20),
         });
     }
-    // Never through a link: the caller resolved an admitted link to its target already, so a
-    // link here was put in place since, and is not read.
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-        .and_then(|mut file| file.read_to_end(&mut bytes))
-        .map_err(|source| WorkbookError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    file.take(limits.max_file_bytes)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
     Ok(bytes)
 }
 
-/// Parses a file's bytes (from [`read_bytes`], with their [`hash_bytes`]) into the managed sheet.
-pub fn parse_sheet(
-    path: &Path,
-    bytes: Vec<u8>,
-    content_hash: String,
+/// Parses an opened file (from [`open_file`]) into the managed sheet.
+pub fn parse_file(
+    opened: OpenedFile,
     sheet: Option<&str>,
     csv_encoding: crate::config::CsvEncoding,
-    limits: &crate::config::Limits,
+    limits: &Limits,
 ) -> Result<SheetData, WorkbookError> {
+    let OpenedFile {
+        path,
+        mut file,
+        stamp,
+        content_hash,
+        census,
+    } = opened;
+    let path = path.as_path();
     let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported {
         path: path.to_path_buf(),
     })?;
-    let over = |what: String, limit: String| WorkbookError::OverLimit {
-        path: path.to_path_buf(),
-        what,
-        limit,
-    };
     if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
-        // A zip bomb: a small file that unpacks to gigabytes. The sizes its directory declares are
-        // summed before anything is unpacked.
-        if let Ok(mut archive) = zip::ZipArchive::new(Cursor::new(&bytes)) {
-            let mut unzipped: u128 = 0;
-            for entry_idx in 0..archive.len() {
-                if let Ok(entry) = archive.by_index_raw(entry_idx) {
-                    unzipped += u128::from(entry.size());
-                }
-            }
-            if unzipped > u128::from(limits.max_unzipped_bytes) {
-                return Err(over(
-                    format!("the uncompressed size ({} MB)", unzipped >> 20),
-                    format!("{} MB", limits.max_unzipped_bytes >> 20),
-                ));
-            }
-        }
+        check_zip(path, &file, limits)?;
     }
-    let modified = std::fs::metadata(path)
-        .and_then(|metadata| metadata.modified())
-        .ok()
-        .map(chrono::DateTime::<chrono::Utc>::from);
     let mut formula_cells = Vec::new();
     let (sheet_name, rows, csv_format) = match format {
         FileFormat::Csv => {
-            let (rows, csv_format) = crate::workbook::csv_reader::read(path, &bytes, csv_encoding)?;
+            let (rows, csv_format) =
+                csv_reader::read(path, &mut file, csv_encoding, census.as_ref(), limits)?;
             let sheet_name = path
                 .file_stem()
                 .map(|stem| stem.to_string_lossy().into_owned())
@@ -278,73 +557,110 @@ pub fn parse_sheet(
             (sheet_name, rows, Some(csv_format))
         }
         FileFormat::Xlsx => {
-            let (name, rows, formulas) = read_xlsx(path, bytes, sheet)?;
+            let (name, rows, formulas) = read_xlsx(path, &file, sheet, limits)?;
             formula_cells = formulas;
             (name, rows, None)
         }
         FileFormat::Xls | FileFormat::Ods => {
-            let (name, rows) = read_with_range(path, bytes, format, sheet)?;
+            let (name, rows) = read_with_range(path, &file, format, sheet, limits)?;
             (name, rows, None)
         }
     };
-    check_limits(path, &rows, limits)?;
+    // The rows must describe the bytes that were hashed.
+    if FileStamp::of(path, &file)? != stamp {
+        return Err(WorkbookError::Incomplete {
+            path: path.to_path_buf(),
+            detail: "the file changed while it was being read".to_string(),
+        });
+    }
+    let modified = std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(
+        u64::try_from(stamp.modified_seconds).unwrap_or(0),
+        u32::try_from(stamp.modified_nanoseconds).unwrap_or(0),
+    ));
     Ok(SheetData {
         path: path.to_path_buf(),
         format,
         sheet_name,
         rows,
         content_hash,
-        modified,
+        modified: modified.map(chrono::DateTime::<chrono::Utc>::from),
         csv_format,
         formula_cells,
     })
 }
 
-fn check_limits(
-    path: &Path,
-    rows: &[SheetRow],
-    limits: &crate::config::Limits,
-) -> Result<(), WorkbookError> {
-    let over = |what: String, limit: String| WorkbookError::OverLimit {
-        path: path.to_path_buf(),
-        what,
-        limit,
+/// The checks on a zip (.xlsx, .ods) before calamine opens it. A zip bomb: a small file that
+/// unpacks to gigabytes; the sizes its directory declares are summed before anything is unpacked
+/// (the zip reader stops any entry at its declared size). Then every XML part is scanned with a
+/// fixed budget ([`xml_guard`]). A file that is not a zip at all is left to calamine to report.
+fn check_zip(path: &Path, file: &std::fs::File, limits: &Limits) -> Result<(), WorkbookError> {
+    let mut reader = BufReader::new(file);
+    reader
+        .seek(SeekFrom::Start(0))
+        .map_err(|source| WorkbookError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let Ok(mut archive) = zip::ZipArchive::new(reader) else {
+        return Ok(());
     };
-    if rows.len() > limits.max_rows {
-        return Err(over(
-            format!("the number of rows ({})", rows.len()),
-            format!("{} rows", limits.max_rows),
-        ));
+    let mut unzipped: u128 = 0;
+    for entry_idx in 0..archive.len() {
+        if let Ok(entry) = archive.by_index_raw(entry_idx) {
+            unzipped += u128::from(entry.size());
+        }
     }
-    for row in rows {
-        if row.cells.len() > limits.max_columns {
-            return Err(over(
-                format!("row {} with {} columns", row.row_number, row.cells.len()),
-                format!("{} columns", limits.max_columns),
-            ));
-        }
-        for (column_idx, cell) in row.cells.iter().enumerate() {
-            if let Cell::Text(text) = cell {
-                let n_chars = text.chars().count();
-                if n_chars > limits.max_cell_chars {
-                    return Err(over(
-                        format!(
-                            "the text in row {}, column {} ({n_chars} characters)",
-                            row.row_number,
-                            column_letters(column_idx)
-                        ),
-                        format!("{} characters", limits.max_cell_chars),
-                    ));
-                }
+    if unzipped > u128::from(limits.max_unzipped_bytes) {
+        return Err(WorkbookError::OverLimit {
+            path: path.to_path_buf(),
+            what: format!("the uncompressed size ({} MB)", unzipped >> 20),
+            limit: format!("{} MB", limits.max_unzipped_bytes >> 20),
+        });
+    }
+    let bounds = xml_guard::Bounds::for_cells(limits.max_cell_chars);
+    for entry_idx in 0..archive.len() {
+        let entry = match archive.by_index(entry_idx) {
+            Ok(entry) => entry,
+            Err(zip::result::ZipError::UnsupportedArchive(_)) => continue,
+            Err(error) => {
+                return Err(WorkbookError::Incomplete {
+                    path: path.to_path_buf(),
+                    detail: error.to_string(),
+                })
             }
+        };
+        let Ok(name) = entry.name().map(|name| name.into_owned()) else {
+            continue;
+        };
+        if !xml_guard::is_scanned(&name) {
+            continue;
         }
+        xml_guard::check_part(&name, entry, bounds).map_err(|refusal| match refusal {
+            xml_guard::Refusal::OverLimit { what, limit } => WorkbookError::OverLimit {
+                path: path.to_path_buf(),
+                what,
+                limit,
+            },
+            xml_guard::Refusal::Malformed(detail) => WorkbookError::Malformed {
+                path: path.to_path_buf(),
+                expected: "valid workbook",
+                detail,
+            },
+            xml_guard::Refusal::Unreadable(detail) => WorkbookError::Incomplete {
+                path: path.to_path_buf(),
+                detail,
+            },
+        })?;
     }
     Ok(())
 }
 
-pub fn hash_bytes(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
+fn hex(digest: &[u8]) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 fn choose_sheet(
@@ -403,29 +719,51 @@ fn xlsx_error(path: &Path, error: calamine::XlsxError) -> WorkbookError {
     }
 }
 
-/// Streams the cells of an .xlsx sheet: memory grows with the cells present, never with the
-/// sheet's declared dimension (a stray cell at XFD1048576 must not allocate a dense grid).
+/// Streams the cells of an .xlsx sheet twice: once checking every cell against the limits and
+/// keeping nothing, then keeping them. Memory grows with the cells present, never with the
+/// sheet's declared dimension, and a file refused for a limit holds no rows.
 fn read_xlsx(
     path: &Path,
-    bytes: Vec<u8>,
+    file: &std::fs::File,
     wanted: Option<&str>,
+    limits: &Limits,
 ) -> Result<(String, Vec<SheetRow>, Vec<(u32, u32)>), WorkbookError> {
-    let mut workbook: calamine::Xlsx<_> = calamine::open_workbook_from_rs(Cursor::new(bytes))
+    let mut workbook: calamine::Xlsx<_> = calamine::open_workbook_from_rs(BufReader::new(file))
         .map_err(|error| xlsx_error(path, error))?;
     let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
+    let mut checking = RowCollector::counting(path, limits);
+    collect_xlsx_cells(path, &mut workbook, &sheet_name, &mut checking)?;
+    let mut keeping = RowCollector::keeping(path, limits);
+    let formula_cells = collect_xlsx_cells(path, &mut workbook, &sheet_name, &mut keeping)?;
+    Ok((sheet_name, keeping.into_rows(), formula_cells))
+}
+
+fn collect_xlsx_cells<RS: Read + Seek>(
+    path: &Path,
+    workbook: &mut calamine::Xlsx<RS>,
+    sheet_name: &str,
+    collector: &mut RowCollector<'_>,
+) -> Result<Vec<(u32, u32)>, WorkbookError> {
     let mut reader = workbook
-        .worksheet_cells_reader(&sheet_name)
+        .worksheet_cells_reader(sheet_name)
         .map_err(|error| xlsx_error(path, error))?;
-    let mut rows: Vec<SheetRow> = Vec::new();
-    let mut formula_cells = Vec::new();
+    // Where the formulas are, as (Excel row number, 0-based column), when the cells are kept.
     // The formula metadata reader reports shared formulas without expanding their text, so
     // knowing where the formulas are costs next to nothing.
+    let mut formula_cells = Vec::new();
     while let Some(cell) = reader
         .next_cell_with_formula_metadata()
         .map_err(|error| xlsx_error(path, error))?
     {
         let (row_idx, column_idx) = cell.pos;
-        if cell.formula.is_some() && column_idx < MAX_COLUMNS {
+        // The column is checked before anything is made of the value.
+        if let Some(violation) = collector.violation(column_idx, None) {
+            if !matches!(cell.value, DataRef::Empty) {
+                return Err(collector.refusal(row_idx, violation));
+            }
+            continue;
+        }
+        if cell.formula.is_some() && collector.keeps_cells() {
             formula_cells.push((row_idx.saturating_add(1), column_idx));
         }
         let value = match &cell.value {
@@ -442,10 +780,10 @@ fn read_xlsx(
             DataRef::DateTimeIso(text) | DataRef::DurationIso(text) => iso_cell(text),
             DataRef::Error(error) => Cell::Error(error.to_string()),
         };
-        push_cell(&mut rows, row_idx, column_idx, value);
+        collector.push(row_idx, column_idx, value)?;
     }
     formula_cells.sort_unstable();
-    Ok((sheet_name, rows, formula_cells))
+    Ok(formula_cells)
 }
 
 fn iso_cell(text: &str) -> Cell {
@@ -458,33 +796,21 @@ fn iso_cell(text: &str) -> Cell {
         .unwrap_or_else(|_| Cell::Text(text.to_string()))
 }
 
-fn push_cell(rows: &mut Vec<SheetRow>, row_idx: u32, column_idx: u32, value: Cell) {
-    if value.is_empty() || column_idx >= MAX_COLUMNS {
-        return;
-    }
-    let row_number = row_idx.saturating_add(1);
-    if rows.last().map(|row| row.row_number) != Some(row_number) {
-        rows.push(SheetRow {
-            row_number,
-            cells: Vec::new(),
-        });
-    }
-    let Some(row) = rows.last_mut() else { return };
-    let column_idx = column_idx as usize;
-    if row.cells.len() <= column_idx {
-        row.cells.resize(column_idx + 1, Cell::Empty);
-    }
-    row.cells[column_idx] = value;
-}
-
 /// Reads .xls and .ods through calamine's range API (those formats have no streaming reader).
 fn read_with_range(
     path: &Path,
-    bytes: Vec<u8>,
+    file: &std::fs::File,
     format: FileFormat,
     wanted: Option<&str>,
+    limits: &Limits,
 ) -> Result<(String, Vec<SheetRow>), WorkbookError> {
-    let cursor = Cursor::new(bytes);
+    let mut cursor = BufReader::new(file);
+    cursor
+        .seek(SeekFrom::Start(0))
+        .map_err(|source| WorkbookError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let (sheet_name, range) = match format {
         FileFormat::Xls => {
             let mut workbook: calamine::Xls<_> =
@@ -535,7 +861,9 @@ fn read_with_range(
             (sheet_name, range)
         }
     };
-    let mut rows = Vec::new();
+    // used_cells() yields positions relative to the range's start.
+    let (start_row, start_column) = range.start().unwrap_or((0, 0));
+    let mut collector = RowCollector::keeping(path, limits);
     for (row_idx, column_idx, value) in range.used_cells() {
         let cell = match value {
             Data::Empty => continue,
@@ -550,16 +878,13 @@ fn read_with_range(
             Data::DateTimeIso(text) | Data::DurationIso(text) => iso_cell(text),
             Data::Error(error) => Cell::Error(error.to_string()),
         };
-        // used_cells() yields positions relative to the range's start.
-        let (start_row, start_column) = range.start().unwrap_or((0, 0));
-        push_cell(
-            &mut rows,
-            start_row + row_idx as u32,
-            start_column + column_idx as u32,
+        collector.push(
+            start_row.saturating_add(u32::try_from(row_idx).unwrap_or(u32::MAX)),
+            start_column.saturating_add(u32::try_from(column_idx).unwrap_or(u32::MAX)),
             cell,
-        );
+        )?;
     }
-    Ok((sheet_name, rows))
+    Ok((sheet_name, collector.into_rows()))
 }
 
 /// The column letters Excel shows for a 0-based column index (0 → A, 26 → AA).
@@ -573,240 +898,6 @@ pub fn column_letters(column_idx: usize) -> String {
     }
     letters.reverse();
     String::from_utf8(letters).unwrap_or_default()
-}
-
-pub mod csv_reader {
-    //! .csv files: encoding detection, delimiter sniffing and row numbering as Excel shows it.
-
-    use super::{Cell, CsvFormat, SheetRow, WorkbookError};
-    use crate::config::CsvEncoding;
-    use std::path::Path;
-
-    pub fn read(
-        path: &Path,
-        bytes: &[u8],
-        encoding: CsvEncoding,
-    ) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
-        let (text, used_encoding, has_bom) = decode(path, bytes, encoding)?;
-        if text.contains('\0') {
-            return Err(WorkbookError::Malformed {
-                path: path.to_path_buf(),
-                expected: "text (.csv)",
-                detail: "it contains binary data (NUL bytes)".to_string(),
-            });
-        }
-        let delimiter = sniff_delimiter(&text);
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .delimiter(delimiter)
-            .from_reader(text.as_bytes());
-        let mut rows = Vec::new();
-        let mut embedded_newlines: u64 = 0;
-        let mut record = csv::StringRecord::new();
-        let text_bytes = text.as_bytes();
-        loop {
-            let more =
-                reader
-                    .read_record(&mut record)
-                    .map_err(|error| WorkbookError::Malformed {
-                        path: path.to_path_buf(),
-                        expected: "valid .csv",
-                        detail: error.to_string(),
-                    })?;
-            if !more {
-                break;
-            }
-            // Excel numbers every line (blank ones too) but counts a quoted field spanning several
-            // lines as one row. The reader's position is now just past this record's end.
-            let position = reader.position();
-            let end_offset = position.byte() as usize;
-            let ended_with_newline =
-                end_offset > 0 && text_bytes.get(end_offset - 1) == Some(&b'\n');
-            let end_line = position.line() - u64::from(ended_with_newline);
-            let newlines_inside: u64 = record
-                .iter()
-                .map(|field| field.matches('\n').count() as u64)
-                .sum();
-            let row_number =
-                u32::try_from(end_line.saturating_sub(newlines_inside + embedded_newlines))
-                    .unwrap_or(u32::MAX);
-            embedded_newlines += newlines_inside;
-            let cells: Vec<Cell> = record
-                .iter()
-                .map(|field| {
-                    if field.trim().is_empty() {
-                        Cell::Empty
-                    } else {
-                        // A leading apostrophe marks text that could be taken for a formula
-                        // (funnelsync writes values that way); the value is what follows it.
-                        Cell::Text(crate::writeback::unescape_csv_field(field).to_string())
-                    }
-                })
-                .collect();
-            if cells.iter().all(Cell::is_empty) {
-                continue;
-            }
-            let mut cells = cells;
-            while cells.last().is_some_and(Cell::is_empty) {
-                cells.pop();
-            }
-            rows.push(SheetRow { row_number, cells });
-        }
-        let line_ending_crlf = text.contains("\r\n") || !text.contains('\n');
-        Ok((
-            rows,
-            CsvFormat {
-                delimiter,
-                encoding: used_encoding,
-                has_bom,
-                line_ending_crlf,
-            },
-        ))
-    }
-
-    fn decode(
-        path: &Path,
-        bytes: &[u8],
-        encoding: CsvEncoding,
-    ) -> Result<(String, &'static encoding_rs::Encoding, bool), WorkbookError> {
-        let bom = encoding_rs::Encoding::for_bom(bytes);
-        let (encoding, has_bom) = match (encoding, bom) {
-            (_, Some((bom_encoding, _))) => (bom_encoding, true),
-            (CsvEncoding::Fixed(fixed), None) => (fixed, false),
-            (CsvEncoding::Auto, None) => {
-                if std::str::from_utf8(bytes).is_ok() {
-                    (encoding_rs::UTF_8, false)
-                } else {
-                    // Chinese Excel saves "CSV" in the ANSI code page, which is GBK; GB18030 is
-                    // its superset.
-                    (encoding_rs::GB18030, false)
-                }
-            }
-        };
-        let (text, had_errors) = encoding.decode_with_bom_removal(bytes);
-        if had_errors {
-            return Err(WorkbookError::Malformed {
-                path: path.to_path_buf(),
-                expected: "text (.csv)",
-                detail: format!(
-                    "it is not valid {} text; set `encoding` for this source",
-                    encoding.name()
-                ),
-            });
-        }
-        Ok((text.into_owned(), encoding, has_bom))
-    }
-
-    /// Picks `,`, `;` or tab: the one that splits the first lines into the same, largest number of
-    /// fields. Quoted text is skipped so commas inside quotes do not count.
-    pub fn sniff_delimiter(text: &str) -> u8 {
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .take(20)
-            .collect();
-        let mut best = (b',', 0usize, 0usize);
-        for candidate in [b',', b';', b'\t'] {
-            let counts: Vec<usize> = lines
-                .iter()
-                .map(|line| count_outside_quotes(line, candidate))
-                .collect();
-            let Some(&first) = counts.first() else {
-                continue;
-            };
-            if first == 0 {
-                continue;
-            }
-            let consistent = counts.iter().filter(|count| **count == first).count();
-            if (consistent, first) > (best.1, best.2) {
-                best = (candidate, consistent, first);
-            }
-        }
-        best.0
-    }
-
-    fn count_outside_quotes(line: &str, delimiter: u8) -> usize {
-        let mut in_quotes = false;
-        let mut count = 0;
-        for byte in line.bytes() {
-            if byte == b'"' {
-                in_quotes = !in_quotes;
-            } else if byte == delimiter && !in_quotes {
-                count += 1;
-            }
-        }
-        count
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn delimiters_are_sniffed() {
-            let cases = [
-                ("a,b,c\n1,2,3\n", b','),
-                ("a;b;c\n1;\"2,5\";3\n", b';'),
-                ("a\tb\tc\n1\t2\t3\n", b'\t'),
-                ("\"x,y\";b\n1;2\n", b';'),
-                ("single\nvalue\n", b','),
-            ];
-            for (text, expected) in cases {
-                assert_eq!(sniff_delimiter(text) as char, expected as char, "{text:?}");
-            }
-        }
-
-        #[test]
-        fn gb18030_is_detected_and_rows_numbered_like_excel() {
-            let (bytes, _, _) =
-                encoding_rs::GB18030.encode("公司,阶段\n\"甲\n公司\",机会\n\n乙,成交\n");
-            let (rows, format) =
-                read(Path::new("x.csv"), &bytes, CsvEncoding::Auto).expect("reads");
-            assert_eq!(format.encoding, encoding_rs::GB18030);
-            assert_eq!(rows.len(), 3);
-            assert_eq!(rows[1].cells[0], Cell::Text("甲\n公司".to_string()));
-            assert_eq!(rows[1].row_number, 2);
-            assert_eq!(rows[2].row_number, 4);
-            assert_eq!(rows[2].cells[1], Cell::Text("成交".to_string()));
-        }
-
-        proptest::proptest! {
-            /// Any bytes at all: a CSV reader result or an error, never a panic.
-            #[test]
-            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
-                let _ = read(Path::new("x.csv"), &bytes, CsvEncoding::Auto);
-                let _ = read(Path::new("x.csv"), &bytes, CsvEncoding::Fixed(encoding_rs::SHIFT_JIS));
-            }
-
-            /// Text that is a valid CSV keeps its cells.
-            #[test]
-            fn cells_survive_quoting(cells in proptest::collection::vec("[a-zA-Z0-9 ,;\"éü中]{1,8}", 2..5)) {
-                let mut writer = csv::Writer::from_writer(Vec::new());
-                writer.write_record(["Company", "Stage", "A", "B", "C"].iter().take(cells.len())).expect("write");
-                writer.write_record(&cells).expect("write");
-                let bytes = writer.into_inner().expect("bytes");
-                let (rows, _) = read(Path::new("x.csv"), &bytes, CsvEncoding::Auto).expect("reads");
-                let expected: Vec<Cell> = cells.iter().map(|cell| if cell.trim().is_empty() { Cell::Empty } else { Cell::Text(cell.clone()) }).collect();
-                let mut expected = expected;
-                while expected.last().is_some_and(Cell::is_empty) {
-                    expected.pop();
-                }
-                if !expected.is_empty() {
-                    proptest::prop_assert_eq!(&rows[1].cells, &expected);
-                }
-            }
-        }
-
-        #[test]
-        fn bom_is_remembered() {
-            let bytes = b"\xEF\xBB\xBFCompany;Stage\r\nAcme;Lead\r\n";
-            let (rows, format) = read(Path::new("x.csv"), bytes, CsvEncoding::Auto).expect("reads");
-            assert!(format.has_bom);
-            assert_eq!(format.delimiter, b';');
-            assert_eq!(rows[0].cells[0], Cell::Text("Company".to_string()));
-        }
-    }
 }
 
 #[cfg(test)]

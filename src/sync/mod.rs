@@ -180,8 +180,8 @@ pub fn sync_file_with(
         }
     };
     let may_write_back = source.write_back && !is_link;
-    let bytes = match workbook::read_bytes(&read_path, &config.limits) {
-        Ok(bytes) => bytes,
+    let opened = match workbook::open_file(&read_path, &config.limits) {
+        Ok(opened) => opened,
         Err(error) => {
             report.retryable = error.is_retryable();
             return fail(store, report, error.to_string(), now);
@@ -190,7 +190,7 @@ pub fn sync_file_with(
     // The same bytes, the same settings and (for a file that writes back) the same store as at
     // the last sync: nothing can have changed, and nothing is parsed.
     let config_hash = source_fingerprint(config, source);
-    let content_hash = workbook::hash_bytes(&bytes);
+    let content_hash = opened.content_hash().to_string();
     if let Some(summary) = &summary {
         let same_bytes_and_settings = summary.content_hash == content_hash
             && summary.config_hash.as_deref() == Some(config_hash.as_str());
@@ -204,10 +204,8 @@ pub fn sync_file_with(
             return unchanged(store, report, summary, now);
         }
     }
-    let sheet = match workbook::parse_sheet(
-        &read_path,
-        bytes,
-        content_hash,
+    let sheet = match workbook::parse_file(
+        opened,
         source.sheet.as_deref(),
         source.encoding,
         &config.limits,
@@ -641,12 +639,7 @@ pub fn sync_file_with(
                 held
             }
         };
-        let n_columns = sheet
-            .rows
-            .iter()
-            .map(|row| row.cells.len())
-            .max()
-            .unwrap_or(0);
+        let n_columns = sheet.rows.iter().map(|row| row.width()).max().unwrap_or(0);
         Some(crate::writeback::plan(&header, n_columns, &outcomes, &view))
     } else {
         None

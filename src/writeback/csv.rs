@@ -79,7 +79,7 @@ pub fn build(
         .filter(|row| row.row_number < plan.header_row_number)
     {
         writer
-            .write_record(row.cells.iter().map(raw))
+            .write_record((0..row.width()).map(|column_idx| raw(row.cell(column_idx))))
             .map_err(csv_error)?;
         row_number += 1;
     }
@@ -105,7 +105,7 @@ pub fn build(
         let original = planned
             .origin
             .and_then(|origin| by_number.get(&origin).copied());
-        let n_columns = original.map(|row| row.cells.len()).unwrap_or(0).max(
+        let n_columns = original.map(|row| row.width()).unwrap_or(0).max(
             planned
                 .overrides
                 .keys()

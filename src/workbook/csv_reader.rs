@@ -1,0 +1,652 @@
+//! .csv files: encoding decided per file, delimiter sniffing, and row numbering as Excel shows
+//! it — all streamed from the open file, so memory never follows the length of a line or a field.
+//!
+//! A file is read twice: once to check it (every limit, the encoding, NUL bytes) holding at most
+//! one field, then once to keep its cells. Whatever refuses a file does so in the first pass.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use super::{Cell, CsvFormat, RowCollector, SheetRow, Violation, WorkbookError};
+use crate::config::{CsvEncoding, Limits};
+
+/// How much of the file is read at a time.
+const CHUNK: usize = 64 << 10;
+
+/// Counts Excel rows over raw or decoded bytes: a newline outside quotes starts a new row.
+/// Quotes and newlines are ASCII and never part of a multi-byte character in UTF-8 or GB18030.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowTracker {
+    newlines: u64,
+    in_quotes: bool,
+}
+
+impl RowTracker {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            match byte {
+                b'"' => self.in_quotes = !self.in_quotes,
+                b'\n' if !self.in_quotes => self.newlines += 1,
+                _ => {}
+            }
+        }
+    }
+
+    fn row(&self) -> u64 {
+        self.newlines + 1
+    }
+}
+
+/// What the hashing pass learns about whether a file is UTF-8, without holding it.
+#[derive(Debug, Clone, Default)]
+pub struct Utf8Census {
+    /// Valid multi-byte UTF-8 characters.
+    n_valid_multibyte: u64,
+    /// Invalid byte sequences.
+    n_invalid: u64,
+    /// Where the first invalid sequence starts: byte offset and Excel row.
+    first_invalid: Option<(u64, u64)>,
+    /// Bytes of an incomplete character at the end of the previous chunk.
+    carry: Vec<u8>,
+    offset: u64,
+    rows: RowTracker,
+}
+
+impl Utf8Census {
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut bytes = std::mem::take(&mut self.carry);
+        bytes.extend_from_slice(chunk);
+        let mut start = 0;
+        while start < bytes.len() {
+            match std::str::from_utf8(&bytes[start..]) {
+                Ok(valid) => {
+                    self.count_valid(valid.as_bytes());
+                    start = bytes.len();
+                }
+                Err(error) => {
+                    let valid_end = start + error.valid_up_to();
+                    self.count_valid(&bytes[start..valid_end]);
+                    match error.error_len() {
+                        Some(n_bad) => {
+                            self.n_invalid += 1;
+                            if self.first_invalid.is_none() {
+                                self.first_invalid = Some((self.offset, self.rows.row()));
+                            }
+                            self.offset += n_bad as u64;
+                            start = valid_end + n_bad;
+                        }
+                        None => {
+                            // A character cut by the chunk boundary: finish it with the next one.
+                            self.carry = bytes[valid_end..].to_vec();
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The file is complete: a character still cut is invalid.
+    pub fn finish(&mut self) {
+        if !self.carry.is_empty() {
+            self.n_invalid += 1;
+            if self.first_invalid.is_none() {
+                self.first_invalid = Some((self.offset, self.rows.row()));
+            }
+            self.carry.clear();
+        }
+    }
+
+    fn count_valid(&mut self, valid: &[u8]) {
+        self.n_valid_multibyte += valid.iter().filter(|byte| **byte >= 0xC0).count() as u64;
+        if self.first_invalid.is_none() {
+            self.rows.feed(valid);
+        }
+        self.offset += valid.len() as u64;
+    }
+}
+
+/// Decides the file's encoding: a BOM wins; else the configured one; else UTF-8 when the whole
+/// file is UTF-8, GB18030 (what Chinese Excel saves as "CSV") when it is not UTF-8 at all, and a
+/// refusal when it is mostly UTF-8 with some bytes that are not: such a file mixes encodings,
+/// and decoding it either way would store mojibake.
+fn decide_encoding(
+    path: &Path,
+    head: &[u8],
+    configured: CsvEncoding,
+    census: Option<&Utf8Census>,
+) -> Result<(&'static encoding_rs::Encoding, usize), WorkbookError> {
+    if let Some((encoding, bom_length)) = encoding_rs::Encoding::for_bom(head) {
+        return Ok((encoding, bom_length));
+    }
+    let census = match (configured, census) {
+        (CsvEncoding::Fixed(fixed), _) => return Ok((fixed, 0)),
+        (CsvEncoding::Auto, Some(census)) => census,
+        (CsvEncoding::Auto, None) => return Ok((encoding_rs::UTF_8, 0)),
+    };
+    let Some((offset, row)) = census.first_invalid else {
+        return Ok((encoding_rs::UTF_8, 0));
+    };
+    if census.n_valid_multibyte > census.n_invalid {
+        return Err(WorkbookError::Malformed {
+            path: path.to_path_buf(),
+            expected: "text in one encoding (.csv)",
+            detail: format!(
+                "row {row} (byte {offset}) is not valid UTF-8 though the rest of the file is \
+                 UTF-8: the file mixes encodings; save it again as UTF-8 (or set `encoding` for \
+                 this source)"
+            ),
+        });
+    }
+    Ok((encoding_rs::GB18030, 0))
+}
+
+/// Reads a .csv file from `file` (positioned anywhere): the rows and how it was written.
+pub fn read(
+    path: &Path,
+    file: &mut (impl Read + Seek),
+    encoding: CsvEncoding,
+    census: Option<&Utf8Census>,
+    limits: &Limits,
+) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
+    let io_error = |source| WorkbookError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    file.seek(SeekFrom::Start(0)).map_err(io_error)?;
+    let mut head = Vec::with_capacity(CHUNK);
+    file.by_ref()
+        .take(CHUNK as u64)
+        .read_to_end(&mut head)
+        .map_err(io_error)?;
+    let (used_encoding, bom_length) = decide_encoding(path, &head, encoding, census)?;
+    let delimiter = {
+        let (text, _) = used_encoding.decode_without_bom_handling(&head[bom_length..]);
+        // Only whole lines: the last one may be cut by the end of the sample.
+        let whole = match text.rfind('\n') {
+            Some(end) if head.len() == CHUNK => &text[..end],
+            _ => &text[..],
+        };
+        sniff_delimiter(whole)
+    };
+    let mut format = CsvFormat {
+        delimiter,
+        encoding: used_encoding,
+        has_bom: bom_length > 0,
+        line_ending_crlf: false,
+    };
+    // First pass: check everything, keep nothing.
+    let mut checking = RowCollector::counting(path, limits);
+    scan(path, file, &format, bom_length, &mut checking)?;
+    // Second pass: keep the cells.
+    let mut keeping = RowCollector::keeping(path, limits);
+    let endings = scan(path, file, &format, bom_length, &mut keeping)?;
+    format.line_ending_crlf = endings.crlf || !endings.lf;
+    Ok((keeping.into_rows(), format))
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LineEndings {
+    crlf: bool,
+    lf: bool,
+}
+
+/// One field being read: its first bytes (up to what a cell may hold) and its length.
+struct FieldBuffer {
+    bytes: Vec<u8>,
+    cap: usize,
+    n_chars: usize,
+    /// Whether every byte past the cap was ASCII white space.
+    blank_overflow: bool,
+    overflowed: bool,
+    newlines: u64,
+}
+
+impl FieldBuffer {
+    fn push(&mut self, output: &[u8]) {
+        self.n_chars += output.iter().filter(|byte| **byte & 0xC0 != 0x80).count();
+        self.newlines += output.iter().filter(|byte| **byte == b'\n').count() as u64;
+        let room = self.cap.saturating_sub(self.bytes.len());
+        let (kept, beyond) = output.split_at(room.min(output.len()));
+        self.bytes.extend_from_slice(kept);
+        if !beyond.is_empty() {
+            self.overflowed = true;
+            self.blank_overflow &= beyond.iter().all(u8::is_ascii_whitespace);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.n_chars = 0;
+        self.blank_overflow = true;
+        self.overflowed = false;
+        self.newlines = 0;
+    }
+}
+
+/// Streams the file through the decoder and the CSV parser once, handing every non-empty cell to
+/// `collector` with its Excel row number.
+fn scan(
+    path: &Path,
+    file: &mut (impl Read + Seek),
+    format: &CsvFormat,
+    bom_length: usize,
+    collector: &mut RowCollector<'_>,
+) -> Result<LineEndings, WorkbookError> {
+    let io_error = |source| WorkbookError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let malformed = |detail: String| WorkbookError::Malformed {
+        path: path.to_path_buf(),
+        expected: "text (.csv)",
+        detail,
+    };
+    file.seek(SeekFrom::Start(bom_length as u64))
+        .map_err(io_error)?;
+    let mut decoder = format.encoding.new_decoder_without_bom_handling();
+    let mut parser = csv_core::ReaderBuilder::new()
+        .delimiter(format.delimiter)
+        .build();
+    let mut raw = vec![0u8; CHUNK];
+    let mut decoded = vec![0u8; CHUNK * 3 + 16];
+    let mut scratch = vec![0u8; CHUNK];
+    // A cell over `max_cell_chars` is refused; no more than that is ever held of one field.
+    let cap = collector
+        .limits
+        .max_cell_chars
+        .saturating_mul(4)
+        .saturating_add(4);
+    let mut field = FieldBuffer {
+        bytes: Vec::new(),
+        cap,
+        n_chars: 0,
+        blank_overflow: true,
+        overflowed: false,
+        newlines: 0,
+    };
+    let mut record: Vec<(u32, Cell)> = Vec::new();
+    let mut column_idx: u32 = 0;
+    let mut state = ScanState::default();
+    let mut raw_offset = bom_length as u64;
+    let mut at_end = false;
+    let mut endings = LineEndings::default();
+    let mut previous_byte = 0u8;
+    loop {
+        let n_raw = if at_end {
+            0
+        } else {
+            loop {
+                match file.read(&mut raw) {
+                    Ok(n_read) => break n_read,
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(error) => return Err(io_error(error)),
+                }
+            }
+        };
+        at_end = n_raw == 0;
+        let mut raw_done = 0;
+        loop {
+            let (result, n_read, n_written) = decoder.decode_to_utf8_without_replacement(
+                &raw[raw_done..n_raw],
+                &mut decoded,
+                at_end,
+            );
+            let text = &decoded[..n_written];
+            if let Some(nul_at) = text.iter().position(|byte| *byte == 0) {
+                let mut rows = state.rows;
+                rows.feed(&text[..nul_at]);
+                return Err(malformed(format!(
+                    "row {} contains binary data (NUL bytes)",
+                    rows.row()
+                )));
+            }
+            for &byte in text {
+                match byte {
+                    b'\n' if previous_byte == b'\r' => endings.crlf = true,
+                    b'\n' => endings.lf = true,
+                    _ => {}
+                }
+                previous_byte = byte;
+            }
+            feed_parser(
+                &mut parser,
+                text,
+                &mut scratch,
+                &mut field,
+                &mut record,
+                &mut column_idx,
+                &mut state,
+                collector,
+            )?;
+            raw_done += n_read;
+            match result {
+                encoding_rs::DecoderResult::InputEmpty => break,
+                encoding_rs::DecoderResult::OutputFull => continue,
+                encoding_rs::DecoderResult::Malformed(n_bad, n_after) => {
+                    let offset =
+                        raw_offset + raw_done as u64 - u64::from(n_after) - u64::from(n_bad);
+                    return Err(malformed(format!(
+                        "row {} (byte {offset}) is not valid {} text; set `encoding` for this source",
+                        state.rows.row(),
+                        format.encoding.name()
+                    )));
+                }
+            }
+        }
+        raw_offset += n_raw as u64;
+        if at_end {
+            // Let the parser finish the last record.
+            feed_parser(
+                &mut parser,
+                &[],
+                &mut scratch,
+                &mut field,
+                &mut record,
+                &mut column_idx,
+                &mut state,
+                collector,
+            )?;
+            return Ok(endings);
+        }
+    }
+}
+
+/// Where the parse stands: what it consumed (for Excel row numbers) and rows seen.
+#[derive(Debug, Clone, Default)]
+struct ScanState {
+    /// Newlines in the input the parser consumed, and whether the last byte it consumed was one.
+    consumed_newlines: u64,
+    last_consumed: u8,
+    /// Newlines inside quoted fields of the records before this one.
+    embedded_newlines: u64,
+    /// Newlines inside fields of the current record.
+    record_newlines: u64,
+    /// The Excel row where the decoded text stands (for messages about bytes).
+    rows: RowTracker,
+    finished: bool,
+    /// The first cell of the current record over a limit.
+    pending: Option<Violation>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn feed_parser(
+    parser: &mut csv_core::Reader,
+    mut input: &[u8],
+    scratch: &mut [u8],
+    field: &mut FieldBuffer,
+    record: &mut Vec<(u32, Cell)>,
+    column_idx: &mut u32,
+    state: &mut ScanState,
+    collector: &mut RowCollector<'_>,
+) -> Result<(), WorkbookError> {
+    if state.finished {
+        return Ok(());
+    }
+    loop {
+        let (result, n_in, n_out) = parser.read_field(input, scratch);
+        let consumed = &input[..n_in];
+        state.consumed_newlines += consumed.iter().filter(|byte| **byte == b'\n').count() as u64;
+        if let Some(last) = consumed.last() {
+            state.last_consumed = *last;
+        }
+        state.rows.feed(consumed);
+        input = &input[n_in..];
+        field.push(&scratch[..n_out]);
+        match result {
+            csv_core::ReadFieldResult::InputEmpty => {
+                if input.is_empty() {
+                    return Ok(());
+                }
+            }
+            csv_core::ReadFieldResult::OutputFull => {}
+            csv_core::ReadFieldResult::Field { record_end } => {
+                state.record_newlines += field.newlines;
+                finish_field(field, record, *column_idx, state, collector);
+                *column_idx = column_idx.saturating_add(1);
+                if record_end {
+                    // Excel numbers every line (blank ones too) but counts a quoted field
+                    // spanning several lines as one row. The parser now stands just past this
+                    // record's end.
+                    let end_line =
+                        state.consumed_newlines + 1 - u64::from(state.last_consumed == b'\n');
+                    let row_number =
+                        end_line.saturating_sub(state.record_newlines + state.embedded_newlines);
+                    state.embedded_newlines += state.record_newlines;
+                    state.record_newlines = 0;
+                    let row_idx = u32::try_from(row_number.saturating_sub(1)).unwrap_or(u32::MAX);
+                    if let Some(violation) = state.pending.take() {
+                        return Err(collector.refusal(row_idx, violation));
+                    }
+                    for (column, cell) in record.drain(..) {
+                        collector.push(row_idx, column, cell)?;
+                    }
+                    *column_idx = 0;
+                }
+            }
+            csv_core::ReadFieldResult::End => {
+                state.finished = true;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Ends one field: a blank one is nothing; any other becomes a cell of the record. A cell over a
+/// limit is remembered (the first one of the record) and refused once the record's row number is
+/// known, at its end.
+fn finish_field(
+    field: &mut FieldBuffer,
+    record: &mut Vec<(u32, Cell)>,
+    column_idx: u32,
+    state: &mut ScanState,
+    collector: &RowCollector<'_>,
+) {
+    let text = String::from_utf8_lossy(&field.bytes);
+    let blank = text.trim().is_empty() && (!field.overflowed || field.blank_overflow);
+    if !blank && state.pending.is_none() {
+        if field.overflowed {
+            // Longer than any cell may be: only its length matters now.
+            state.pending = Some(Violation::Text {
+                column_idx,
+                n_chars: field.n_chars,
+            });
+        } else {
+            // A leading apostrophe marks text that could be taken for a formula (funnelsync
+            // writes values that way); the value is what follows it.
+            let value = crate::writeback::unescape_csv_field(&text);
+            state.pending = collector.violation(column_idx, Some(value));
+            if state.pending.is_none() {
+                if collector.keeps_cells() {
+                    record.push((column_idx, Cell::Text(value.to_string())));
+                } else if record.is_empty() {
+                    // Checking only: one mark says the row has a value.
+                    record.push((column_idx, Cell::Bool(true)));
+                }
+            }
+        }
+    }
+    field.clear();
+}
+
+/// Picks `,`, `;` or tab: the one that splits the first lines into the same, largest number of
+/// fields. Quoted text is skipped so commas inside quotes do not count.
+pub fn sniff_delimiter(text: &str) -> u8 {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .take(20)
+        .collect();
+    let mut best = (b',', 0usize, 0usize);
+    for candidate in [b',', b';', b'\t'] {
+        let counts: Vec<usize> = lines
+            .iter()
+            .map(|line| count_outside_quotes(line, candidate))
+            .collect();
+        let Some(&first) = counts.first() else {
+            continue;
+        };
+        if first == 0 {
+            continue;
+        }
+        let consistent = counts.iter().filter(|count| **count == first).count();
+        if (consistent, first) > (best.1, best.2) {
+            best = (candidate, consistent, first);
+        }
+    }
+    best.0
+}
+
+fn count_outside_quotes(line: &str, delimiter: u8) -> usize {
+    let mut in_quotes = false;
+    let mut count = 0;
+    for byte in line.bytes() {
+        if byte == b'"' {
+            in_quotes = !in_quotes;
+        } else if byte == delimiter && !in_quotes {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_bytes(
+        bytes: &[u8],
+        encoding: CsvEncoding,
+    ) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
+        read_with(bytes, encoding, &Limits::default())
+    }
+
+    fn read_with(
+        bytes: &[u8],
+        encoding: CsvEncoding,
+        limits: &Limits,
+    ) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
+        let mut census = Utf8Census::default();
+        census.feed(bytes);
+        census.finish();
+        read(
+            Path::new("x.csv"),
+            &mut std::io::Cursor::new(bytes),
+            encoding,
+            Some(&census),
+            limits,
+        )
+    }
+
+    #[test]
+    fn delimiters_are_sniffed() {
+        let cases = [
+            ("a,b,c\n1,2,3\n", b','),
+            ("a;b;c\n1;\"2,5\";3\n", b';'),
+            ("a\tb\tc\n1\t2\t3\n", b'\t'),
+            ("\"x,y\";b\n1;2\n", b';'),
+            ("single\nvalue\n", b','),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(sniff_delimiter(text) as char, expected as char, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn gb18030_is_detected_and_rows_numbered_like_excel() {
+        let (bytes, _, _) =
+            encoding_rs::GB18030.encode("公司,阶段\n\"甲\n公司\",机会\n\n乙,成交\n");
+        let (rows, format) = read_bytes(&bytes, CsvEncoding::Auto).expect("reads");
+        assert_eq!(format.encoding, encoding_rs::GB18030);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1].cell(0), &Cell::Text("甲\n公司".to_string()));
+        assert_eq!(rows[1].row_number, 2);
+        assert_eq!(rows[2].row_number, 4);
+        assert_eq!(rows[2].cell(1), &Cell::Text("成交".to_string()));
+    }
+
+    #[test]
+    fn a_file_mixing_utf8_and_gbk_is_refused_with_its_row_and_offset() {
+        let mut bytes = "公司,阶段\n甲公司,机会\n乙公司,成交\n".as_bytes().to_vec();
+        let (gbk, _, _) = encoding_rs::GB18030.encode("丙公司");
+        bytes.extend_from_slice(&gbk);
+        bytes.extend_from_slice(",机会\n".as_bytes());
+        let error = read_bytes(&bytes, CsvEncoding::Auto).expect_err("refused");
+        let text = error.to_string();
+        assert!(
+            text.contains("row 4") && text.contains("mixes encodings"),
+            "{text}"
+        );
+        assert!(!error.is_retryable());
+        // A whole GBK file is still read as GB18030.
+        let (gbk_file, _, _) = encoding_rs::GB18030.encode("公司,阶段\n丙公司,机会\n");
+        assert!(read_bytes(&gbk_file, CsvEncoding::Auto).is_ok());
+        // A file that is neither is refused with the place of the first bad bytes.
+        let error = read_with(
+            b"Company,Stage\nAcme,Lead\n\xff\xff\xff,Lead\n",
+            CsvEncoding::Fixed(encoding_rs::UTF_8),
+            &Limits::default(),
+        )
+        .expect_err("refused");
+        assert!(error.to_string().contains("row 3 (byte 24)"), "{error}");
+    }
+
+    #[test]
+    fn limits_are_enforced_while_reading() {
+        let limits = Limits {
+            max_columns: 3,
+            max_cell_chars: 5,
+            max_rows: 2,
+            ..Limits::default()
+        };
+        let error = |text: &str| {
+            read_with(text.as_bytes(), CsvEncoding::Auto, &limits)
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(error("a,b\n,,,x\n").contains("row 2"));
+        // Empty fields past the limit are nothing, not columns.
+        assert!(read_with(b"a,b,,,,,,\n", CsvEncoding::Auto, &limits).is_ok());
+        assert!(error("a,b\nabcdef,b\n").contains("characters"));
+        assert!(error(&format!("a,{}\n", "x".repeat(100))).contains("100 characters"));
+        assert!(error("a\nb\n\nc\n").contains("rows"));
+        assert!(read_with(b"a\n\n  \nb\n", CsvEncoding::Auto, &limits).is_ok());
+        assert!(error("a\nb\x00\n").contains("NUL"));
+    }
+
+    proptest::proptest! {
+        /// Any bytes at all: a CSV reader result or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let _ = read_bytes(&bytes, CsvEncoding::Auto);
+            let _ = read_bytes(&bytes, CsvEncoding::Fixed(encoding_rs::SHIFT_JIS));
+            let _ = read_bytes(&bytes, CsvEncoding::Fixed(encoding_rs::UTF_16LE));
+        }
+
+        /// Text that is a valid CSV keeps its cells.
+        #[test]
+        fn cells_survive_quoting(cells in proptest::collection::vec("[a-zA-Z0-9 ,;\"éü中]{1,8}", 2..5)) {
+            let mut writer = csv::Writer::from_writer(Vec::new());
+            writer.write_record(["Company", "Stage", "A", "B", "C"].iter().take(cells.len())).expect("write");
+            writer.write_record(&cells).expect("write");
+            let bytes = writer.into_inner().expect("bytes");
+            let (rows, _) = read_bytes(&bytes, CsvEncoding::Auto).expect("reads");
+            let expected: Vec<Cell> = cells.iter().map(|cell| if cell.trim().is_empty() { Cell::Empty } else { Cell::Text(cell.clone()) }).collect();
+            if expected.iter().any(|cell| !cell.is_empty()) {
+                for (column_idx, cell) in expected.iter().enumerate() {
+                    proptest::prop_assert_eq!(rows[1].cell(column_idx), cell);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bom_is_remembered() {
+        let bytes = b"\xEF\xBB\xBFCompany;Stage\r\nAcme;Lead\r\n";
+        let (rows, format) = read_bytes(bytes, CsvEncoding::Auto).expect("reads");
+        assert!(format.has_bom);
+        assert!(format.line_ending_crlf);
+        assert_eq!(format.delimiter, b';');
+        assert_eq!(rows[0].cell(0), &Cell::Text("Company".to_string()));
+    }
+}

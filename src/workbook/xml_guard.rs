@@ -1,0 +1,411 @@
+//! A streaming check of the XML parts of an .xlsx or .ods before calamine reads them: calamine
+//! (through quick-xml) holds each text, tag and comment whole in memory, and keeps every shared
+//! string, so one hostile part could ask for gigabytes. This scan holds a few bytes of state per
+//! part and refuses what could not come from a real workbook: a text or a tag longer than any
+//! cell allows, a shared string longer than `max_cell_chars`, a shared-strings part that declares
+//! far more strings than it holds (calamine reserves room for the declared count), and any
+//! document type declaration (OOXML and ODF never have one; it is how XML entity attacks start).
+//!
+//! It knows bytes and element names, not what a cell means.
+
+use std::io::Read;
+
+/// What the scan found wrong, for [`super::WorkbookError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over a limit: what, and the limit.
+    OverLimit { what: String, limit: String },
+    /// Not something a real workbook holds.
+    Malformed(String),
+    /// The part could not be read (a corrupt or half-written zip).
+    Unreadable(String),
+}
+
+/// The bounds of one scan.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// The most bytes of text (or CDATA) between two tags.
+    pub text_bytes: usize,
+    /// The most bytes of one tag, comment or processing instruction.
+    pub tag_bytes: usize,
+    /// The most characters of one shared string.
+    pub string_chars: usize,
+}
+
+impl Bounds {
+    /// The bounds for a workbook read under `max_cell_chars`: a cell's text may take up to six
+    /// bytes per character once escaped (`&quot;`), and a little more for formulas.
+    pub fn for_cells(max_cell_chars: usize) -> Bounds {
+        Bounds {
+            text_bytes: max_cell_chars.saturating_mul(8).saturating_add(64 << 10),
+            tag_bytes: 1 << 20,
+            string_chars: max_cell_chars,
+        }
+    }
+}
+
+/// Whether an entry of the archive is read by calamine as XML (and so is scanned). Custom XML
+/// parts hold arbitrary data that no reader of cells looks at.
+pub fn is_scanned(entry_name: &str) -> bool {
+    let lower = entry_name.to_ascii_lowercase();
+    (lower.ends_with(".xml") || lower.ends_with(".rels")) && !lower.starts_with("customxml/")
+}
+
+/// Whether an entry is the shared-strings table of an .xlsx.
+pub fn is_shared_strings(entry_name: &str) -> bool {
+    entry_name
+        .rsplit('/')
+        .next()
+        .is_some_and(|name| name.eq_ignore_ascii_case("sharedStrings.xml"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Markup {
+    /// Just after `<`: not yet known what follows.
+    Opening,
+    /// After `<!`: a comment, CDATA or a declaration follows.
+    Bang,
+    /// After `<!-`.
+    BangDash,
+    /// After `<![`: CDATA.
+    CdataStart,
+    Element,
+    Comment,
+    Cdata,
+    Instruction,
+}
+
+/// The scanner's state for one part.
+struct Scanner<'a> {
+    part: &'a str,
+    bounds: Bounds,
+    shared_strings: bool,
+    in_markup: Option<Markup>,
+    /// Bytes of the current text run, or of the current markup.
+    run_bytes: usize,
+    quote: Option<u8>,
+    previous: [u8; 2],
+    /// The current element's name (its first bytes), whether it closes, and its first bytes.
+    name: Vec<u8>,
+    name_done: bool,
+    closing: bool,
+    tag_head: Vec<u8>,
+    // Shared strings only.
+    in_text: bool,
+    phonetic_depth: usize,
+    in_entity: bool,
+    entity_bytes: usize,
+    string_chars: usize,
+    n_strings: u64,
+    declared_strings: Option<u64>,
+}
+
+impl Scanner<'_> {
+    fn refuse_text(&self) -> Refusal {
+        Refusal::OverLimit {
+            what: format!(
+                "a text of more than {} bytes in {}",
+                self.bounds.text_bytes, self.part
+            ),
+            limit: format!("{} bytes of text", self.bounds.text_bytes),
+        }
+    }
+
+    fn refuse_tag(&self) -> Refusal {
+        Refusal::OverLimit {
+            what: format!(
+                "a tag of more than {} bytes in {}",
+                self.bounds.tag_bytes, self.part
+            ),
+            limit: format!("{} bytes per tag", self.bounds.tag_bytes),
+        }
+    }
+
+    /// Counts one byte of a shared string's text (outside phonetic runs), entities as one
+    /// character.
+    fn count_string_byte(&mut self, byte: u8) -> Result<(), Refusal> {
+        if !(self.shared_strings && self.in_text && self.phonetic_depth == 0) {
+            return Ok(());
+        }
+        if self.in_entity {
+            self.entity_bytes += 1;
+            if byte == b';' || self.entity_bytes > 12 {
+                self.in_entity = false;
+            }
+            return Ok(());
+        }
+        if byte == b'&' {
+            self.in_entity = true;
+            self.entity_bytes = 0;
+        } else if byte & 0xC0 == 0x80 {
+            // A UTF-8 continuation byte: part of a character already counted.
+            return Ok(());
+        }
+        self.string_chars += 1;
+        if self.string_chars > self.bounds.string_chars {
+            return Err(Refusal::OverLimit {
+                what: format!(
+                    "shared string {} in {} (more than {} characters)",
+                    self.n_strings, self.part, self.bounds.string_chars
+                ),
+                limit: format!("{} characters", self.bounds.string_chars),
+            });
+        }
+        Ok(())
+    }
+
+    fn end_element(&mut self, self_closing: bool) -> Result<(), Refusal> {
+        let local = match self.name.iter().rposition(|byte| *byte == b':') {
+            Some(colon) => &self.name[colon + 1..],
+            None => &self.name[..],
+        };
+        if !self.shared_strings {
+            return Ok(());
+        }
+        match (local, self.closing, self_closing) {
+            (b"si", false, _) => {
+                self.n_strings += 1;
+                self.string_chars = 0;
+            }
+            (b"t", false, false) => self.in_text = true,
+            (b"t", true, _) => self.in_text = false,
+            (b"rPh", false, false) => self.phonetic_depth += 1,
+            (b"rPh", true, _) => self.phonetic_depth = self.phonetic_depth.saturating_sub(1),
+            (b"sst", false, _) => self.declared_strings = unique_count(&self.tag_head),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
+        for &byte in bytes {
+            match self.in_markup {
+                None => {
+                    if byte == b'<' {
+                        self.in_markup = Some(Markup::Opening);
+                        self.run_bytes = 1;
+                        self.in_entity = false;
+                        continue;
+                    }
+                    self.run_bytes += 1;
+                    if self.run_bytes > self.bounds.text_bytes {
+                        return Err(self.refuse_text());
+                    }
+                    self.count_string_byte(byte)?;
+                }
+                Some(markup) => {
+                    self.run_bytes += 1;
+                    let limit = if markup == Markup::Cdata {
+                        self.bounds.text_bytes
+                    } else {
+                        self.bounds.tag_bytes
+                    };
+                    if self.run_bytes > limit {
+                        return Err(if markup == Markup::Cdata {
+                            self.refuse_text()
+                        } else {
+                            self.refuse_tag()
+                        });
+                    }
+                    self.markup_byte(markup, byte)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn markup_byte(&mut self, markup: Markup, byte: u8) -> Result<(), Refusal> {
+        let ended = |scanner: &mut Scanner<'_>| {
+            scanner.in_markup = None;
+            scanner.run_bytes = 0;
+            scanner.previous = [0, 0];
+        };
+        match markup {
+            Markup::Opening => match byte {
+                b'!' => self.in_markup = Some(Markup::Bang),
+                b'?' => self.in_markup = Some(Markup::Instruction),
+                _ => {
+                    self.in_markup = Some(Markup::Element);
+                    self.name.clear();
+                    self.name_done = false;
+                    self.closing = byte == b'/';
+                    self.quote = None;
+                    self.tag_head.clear();
+                    self.tag_head.push(byte);
+                    if !self.closing {
+                        if byte == b'>' {
+                            ended(self);
+                            return self.end_element(false);
+                        }
+                        self.name.push(byte);
+                    }
+                }
+            },
+            Markup::Bang => match byte {
+                b'-' => self.in_markup = Some(Markup::BangDash),
+                b'[' => self.in_markup = Some(Markup::CdataStart),
+                _ => {
+                    return Err(Refusal::Malformed(format!(
+                        "{} declares a document type (<!{}…); workbooks never do, and it is how \
+                         XML entity attacks (XXE) start",
+                        self.part, byte as char
+                    )))
+                }
+            },
+            Markup::BangDash => self.in_markup = Some(Markup::Comment),
+            Markup::CdataStart => {
+                // `<![CDATA[`: the rest of the opening is part of the markup's length.
+                if byte == b'[' {
+                    self.in_markup = Some(Markup::Cdata);
+                    self.previous = [0, 0];
+                }
+            }
+            Markup::Comment | Markup::Cdata | Markup::Instruction => {
+                let closes = match markup {
+                    Markup::Comment => byte == b'>' && self.previous == [b'-', b'-'],
+                    Markup::Cdata => byte == b'>' && self.previous == [b']', b']'],
+                    _ => byte == b'>' && self.previous[1] == b'?',
+                };
+                if markup == Markup::Cdata && !closes {
+                    self.count_string_byte(byte)?;
+                }
+                self.previous = [self.previous[1], byte];
+                if closes {
+                    ended(self);
+                }
+            }
+            Markup::Element => {
+                if self.tag_head.len() < 1024 {
+                    self.tag_head.push(byte);
+                }
+                match self.quote {
+                    Some(quote) if byte == quote => self.quote = None,
+                    Some(_) => {}
+                    None => match byte {
+                        b'"' | b'\'' => self.quote = Some(byte),
+                        b'>' => {
+                            let self_closing = self.previous[1] == b'/';
+                            ended(self);
+                            return self.end_element(self_closing);
+                        }
+                        _ => {
+                            if !self.name_done {
+                                if byte.is_ascii_whitespace() || byte == b'/' {
+                                    self.name_done = !self.name.is_empty();
+                                } else if self.name.len() < 32 {
+                                    self.name.push(byte);
+                                }
+                            }
+                        }
+                    },
+                }
+                self.previous = [self.previous[1], byte];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `uniqueCount` attribute of an `<sst …>` tag.
+fn unique_count(tag: &[u8]) -> Option<u64> {
+    let text = String::from_utf8_lossy(tag);
+    let start = text.find("uniqueCount")? + "uniqueCount".len();
+    let rest = text[start..].trim_start().strip_prefix('=')?.trim_start();
+    let rest = rest.strip_prefix(['"', '\''])?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Scans one XML part of the archive, named `part`, read from `reader`.
+pub fn check_part(part: &str, mut reader: impl Read, bounds: Bounds) -> Result<(), Refusal> {
+    let mut scanner = Scanner {
+        part,
+        bounds,
+        shared_strings: is_shared_strings(part),
+        in_markup: None,
+        run_bytes: 0,
+        quote: None,
+        previous: [0, 0],
+        name: Vec::with_capacity(32),
+        name_done: false,
+        closing: false,
+        tag_head: Vec::with_capacity(64),
+        in_text: false,
+        phonetic_depth: 0,
+        in_entity: false,
+        entity_bytes: 0,
+        string_chars: 0,
+        n_strings: 0,
+        declared_strings: None,
+    };
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        let n_read = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n_read) => n_read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(Refusal::Unreadable(format!("{part}: {error}"))),
+        };
+        scanner.feed(&buffer[..n_read])?;
+    }
+    // calamine reserves room for the declared number of strings before reading them.
+    if let Some(declared) = scanner.declared_strings {
+        if declared > scanner.n_strings.saturating_add(1024) {
+            return Err(Refusal::Malformed(format!(
+                "{part} declares {declared} shared strings but holds {}",
+                scanner.n_strings
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(part: &str, xml: &str, string_chars: usize) -> Result<(), Refusal> {
+        check_part(
+            part,
+            xml.as_bytes(),
+            Bounds {
+                text_bytes: 100,
+                tag_bytes: 200,
+                string_chars,
+            },
+        )
+    }
+
+    #[test]
+    fn real_parts_pass_and_hostile_ones_are_refused() {
+        let strings = "<?xml version=\"1.0\"?><sst xmlns=\"x\" count=\"2\" uniqueCount=\"2\"><si><t>Acme &amp; Co</t></si><si><r><t>中文</t></r><rPh><t>long phonetic text ignored</t></rPh></si></sst>";
+        assert_eq!(check("xl/sharedStrings.xml", strings, 10), Ok(()));
+        // "Acme & Co" is 9 characters, entity included.
+        assert!(check("xl/sharedStrings.xml", strings, 8).is_err());
+        let sheet = "<worksheet><!-- a > comment --><sheetData><row r=\"1\"><c r=\"A1\" t=\"inlineStr\"><is><t><![CDATA[x<y]]></t></is></c></row></sheetData></worksheet>";
+        assert_eq!(check("xl/worksheets/sheet1.xml", sheet, 10), Ok(()));
+
+        let long_text = format!("<a>{}</a>", "x".repeat(101));
+        assert!(matches!(
+            check("xl/worksheets/sheet1.xml", &long_text, 10),
+            Err(Refusal::OverLimit { .. })
+        ));
+        let long_tag = format!("<a b=\"{}>\">", ">".repeat(300));
+        assert!(matches!(
+            check("xl/styles.xml", &long_tag, 10),
+            Err(Refusal::OverLimit { .. })
+        ));
+        let long_comment = format!("<a><!--{}--></a>", "<b>".repeat(100));
+        assert!(check("xl/styles.xml", &long_comment, 10).is_err());
+        let doctype = "<?xml version=\"1.0\"?><!DOCTYPE x [<!ENTITY e SYSTEM \"file:///etc/passwd\">]><x>&e;</x>";
+        assert!(matches!(
+            check("xl/workbook.xml", doctype, 10),
+            Err(Refusal::Malformed(_))
+        ));
+        let lying = "<sst uniqueCount=\"999999999999\"><si><t>a</t></si></sst>";
+        assert!(matches!(
+            check("xl/sharedStrings.xml", lying, 10),
+            Err(Refusal::Malformed(_))
+        ));
+    }
+}
