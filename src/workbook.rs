@@ -144,11 +144,22 @@ impl SheetRow {
     }
 }
 
-/// A cell over a limit, found before its row number is known.
+/// No spreadsheet has more columns than this (XFD): a .csv record with more fields, empty or
+/// not, is refused as soon as it gets there.
+pub const MOST_COLUMNS: u32 = 16_384;
+
+/// A cell over a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Violation {
+    /// A value in a column at or past `max_columns`.
     Column { column_idx: u32 },
-    Text { column_idx: u32, n_chars: usize },
+    /// A .csv record with more fields than [`MOST_COLUMNS`].
+    TooManyFields,
+    /// A text over `max_cell_chars`: its length, when it was counted to the end.
+    Text {
+        column_idx: u32,
+        n_chars: Option<usize>,
+    },
 }
 
 /// Takes cells as a reader finds them and checks each against the limits before anything is kept
@@ -201,7 +212,7 @@ impl<'a> RowCollector<'a> {
         let n_chars = text.chars().count();
         (n_chars > self.limits.max_cell_chars).then_some(Violation::Text {
             column_idx,
-            n_chars,
+            n_chars: Some(n_chars),
         })
     }
 
@@ -217,13 +228,24 @@ impl<'a> RowCollector<'a> {
                 ),
                 format!("{} columns", self.limits.max_columns),
             ),
+            Violation::TooManyFields => (
+                format!(
+                    "row {row_number} with more than {MOST_COLUMNS} fields (no spreadsheet has \
+                     that many columns)"
+                ),
+                format!("{MOST_COLUMNS} columns"),
+            ),
             Violation::Text {
                 column_idx,
                 n_chars,
             } => (
                 format!(
-                    "the text in row {row_number}, column {} ({n_chars} characters)",
-                    column_letters(column_idx as usize)
+                    "the text in row {row_number}, column {} ({} characters)",
+                    column_letters(column_idx as usize),
+                    match n_chars {
+                        Some(n_chars) => n_chars.to_string(),
+                        None => format!("more than {}", self.limits.max_cell_chars),
+                    }
                 ),
                 format!("{} characters", self.limits.max_cell_chars),
             ),
@@ -542,28 +564,27 @@ pub fn parse_file(
     let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported {
         path: path.to_path_buf(),
     })?;
-    if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
-        check_zip(path, &file, limits)?;
-    }
-    let mut formula_cells = Vec::new();
-    let (sheet_name, rows, csv_format) = match format {
-        FileFormat::Csv => {
-            let (rows, csv_format) =
-                csv_reader::read(path, &mut file, csv_encoding, census.as_ref(), limits)?;
-            let sheet_name = path
-                .file_stem()
-                .map(|stem| stem.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (sheet_name, rows, Some(csv_format))
-        }
-        FileFormat::Xlsx => {
-            let (name, rows, formulas) = read_xlsx(path, &file, sheet, limits)?;
-            formula_cells = formulas;
-            (name, rows, None)
-        }
-        FileFormat::Xls | FileFormat::Ods => {
-            let (name, rows) = read_with_range(path, &file, format, sheet, limits)?;
-            (name, rows, None)
+    // The parsers are other people's code fed with hostile bytes: should one of them panic, the
+    // file is refused like any malformed file rather than taking the daemon down.
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_format(
+            path,
+            &mut file,
+            format,
+            sheet,
+            csv_encoding,
+            census.as_ref(),
+            limits,
+        )
+    }));
+    let (sheet_name, rows, csv_format, formula_cells) = match parsed {
+        Ok(parsed) => parsed?,
+        Err(_) => {
+            return Err(WorkbookError::Malformed {
+                path: path.to_path_buf(),
+                expected: "readable workbook",
+                detail: "the reader stopped on an internal error reading it".to_string(),
+            })
         }
     };
     // The rows must describe the bytes that were hashed.
@@ -586,6 +607,42 @@ pub fn parse_file(
         modified: modified.map(chrono::DateTime::<chrono::Utc>::from),
         csv_format,
         formula_cells,
+    })
+}
+
+/// The managed sheet's name and rows, for a .csv how it was written, and for an .xlsx where its
+/// formulas are.
+type Parsed = (String, Vec<SheetRow>, Option<CsvFormat>, Vec<(u32, u32)>);
+
+fn parse_format(
+    path: &Path,
+    file: &mut std::fs::File,
+    format: FileFormat,
+    sheet: Option<&str>,
+    csv_encoding: crate::config::CsvEncoding,
+    census: Option<&csv_reader::Utf8Census>,
+    limits: &Limits,
+) -> Result<Parsed, WorkbookError> {
+    if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
+        check_zip(path, file, limits)?;
+    }
+    Ok(match format {
+        FileFormat::Csv => {
+            let (rows, csv_format) = csv_reader::read(path, file, csv_encoding, census, limits)?;
+            let sheet_name = path
+                .file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (sheet_name, rows, Some(csv_format), Vec::new())
+        }
+        FileFormat::Xlsx => {
+            let (name, rows, formula_cells) = read_xlsx(path, file, sheet, limits)?;
+            (name, rows, None, formula_cells)
+        }
+        FileFormat::Xls | FileFormat::Ods => {
+            let (name, rows) = read_with_range(path, file, format, sheet, limits)?;
+            (name, rows, None, Vec::new())
+        }
     })
 }
 
@@ -902,7 +959,84 @@ pub fn column_letters(column_idx: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::column_letters;
+    use super::*;
+
+    /// A small real workbook, its parts stored uncompressed so that changed bytes reach the XML.
+    fn stored_workbook() -> Vec<u8> {
+        use std::io::Write;
+        let mut workbook = rust_xlsxwriter::Workbook::new();
+        let sheet = workbook.add_worksheet();
+        for (column, header) in ["Company", "Stage", "Amount"].into_iter().enumerate() {
+            sheet.write_string(0, column as u16, header).expect("write");
+        }
+        sheet.write_string(1, 0, "Acme").expect("write");
+        sheet.write_string(1, 1, "Lead").expect("write");
+        sheet.write_number(1, 2, 1200.0).expect("write");
+        let bytes = workbook.save_to_buffer().expect("bytes");
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).expect("zip");
+        let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for entry_idx in 0..archive.len() {
+            let mut entry = archive.by_index(entry_idx).expect("entry");
+            let name = entry.name().expect("name").into_owned();
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut content).expect("read");
+            writer.start_file(name.as_str(), options).expect("start");
+            writer.write_all(&content).expect("write");
+        }
+        writer.finish().expect("finish").into_inner()
+    }
+
+    #[test]
+    fn a_real_workbook_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("p.xlsx");
+        std::fs::write(&path, stored_workbook()).expect("write");
+        let sheet = read_sheet(
+            &path,
+            None,
+            crate::config::CsvEncoding::Auto,
+            &Limits::default(),
+        )
+        .expect("reads");
+        assert_eq!(sheet.rows.len(), 2);
+        assert_eq!(sheet.rows[1].cell(2), &Cell::Number(1200.0));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Changed bytes anywhere in a real workbook: rows or an error, never a panic (the
+        /// parsers are called directly here, without the guard that turns a panic into an error).
+        #[test]
+        fn changed_workbook_bytes_never_panic(
+            changes in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 1..8),
+            cut in proptest::option::of(proptest::num::usize::ANY),
+        ) {
+            let mut bytes = stored_workbook();
+            for (at, value) in changes {
+                let at = at % bytes.len();
+                bytes[at] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % bytes.len());
+            }
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("p.xlsx");
+            std::fs::write(&path, &bytes).expect("write");
+            let mut file = std::fs::File::open(&path).expect("open");
+            let _ = parse_format(
+                &path,
+                &mut file,
+                FileFormat::Xlsx,
+                None,
+                crate::config::CsvEncoding::Auto,
+                None,
+                &Limits::default(),
+            );
+        }
+    }
 
     #[test]
     fn column_letters_match_excel() {

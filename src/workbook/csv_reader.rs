@@ -196,29 +196,30 @@ struct FieldBuffer {
     bytes: Vec<u8>,
     cap: usize,
     n_chars: usize,
-    /// Whether every byte past the cap was ASCII white space.
-    blank_overflow: bool,
+    /// Whether any byte was not ASCII white space.
+    has_content: bool,
     overflowed: bool,
     newlines: u64,
 }
 
 impl FieldBuffer {
     fn push(&mut self, output: &[u8]) {
+        if output.is_empty() {
+            return;
+        }
         self.n_chars += output.iter().filter(|byte| **byte & 0xC0 != 0x80).count();
         self.newlines += output.iter().filter(|byte| **byte == b'\n').count() as u64;
+        self.has_content |= !output.iter().all(u8::is_ascii_whitespace);
         let room = self.cap.saturating_sub(self.bytes.len());
-        let (kept, beyond) = output.split_at(room.min(output.len()));
+        let kept = &output[..room.min(output.len())];
         self.bytes.extend_from_slice(kept);
-        if !beyond.is_empty() {
-            self.overflowed = true;
-            self.blank_overflow &= beyond.iter().all(u8::is_ascii_whitespace);
-        }
+        self.overflowed |= kept.len() < output.len();
     }
 
     fn clear(&mut self) {
         self.bytes.clear();
         self.n_chars = 0;
-        self.blank_overflow = true;
+        self.has_content = false;
         self.overflowed = false;
         self.newlines = 0;
     }
@@ -261,13 +262,16 @@ fn scan(
         bytes: Vec::new(),
         cap,
         n_chars: 0,
-        blank_overflow: true,
+        has_content: false,
         overflowed: false,
         newlines: 0,
     };
     let mut record: Vec<(u32, Cell)> = Vec::new();
     let mut column_idx: u32 = 0;
-    let mut state = ScanState::default();
+    let mut state = ScanState {
+        between_records: true,
+        ..ScanState::default()
+    };
     let mut raw_offset = bom_length as u64;
     let mut at_end = false;
     let mut endings = LineEndings::default();
@@ -355,9 +359,12 @@ fn scan(
 /// Where the parse stands: what it consumed (for Excel row numbers) and rows seen.
 #[derive(Debug, Clone, Default)]
 struct ScanState {
-    /// Newlines in the input the parser consumed, and whether the last byte it consumed was one.
+    /// Newlines in the input the parser consumed.
     consumed_newlines: u64,
-    last_consumed: u8,
+    /// Whether the parser is between records (skipping the line ends of blank lines).
+    between_records: bool,
+    /// `consumed_newlines` when the current record's first byte was consumed.
+    record_start_newlines: u64,
     /// Newlines inside quoted fields of the records before this one.
     embedded_newlines: u64,
     /// Newlines inside fields of the current record.
@@ -365,9 +372,36 @@ struct ScanState {
     /// The Excel row where the decoded text stands (for messages about bytes).
     rows: RowTracker,
     finished: bool,
-    /// The first cell of the current record over a limit.
-    pending: Option<Violation>,
 }
+
+impl ScanState {
+    /// The current record's row, 0-based: Excel numbers every line (blank ones too) but counts a
+    /// quoted field spanning several lines as one row.
+    fn row_idx(&self) -> u32 {
+        u32::try_from(
+            self.record_start_newlines
+                .saturating_sub(self.embedded_newlines),
+        )
+        .unwrap_or(u32::MAX)
+    }
+
+    fn consume(&mut self, consumed: &[u8]) {
+        let mut rest = consumed;
+        if self.between_records {
+            if let Some(start) = rest.iter().position(|byte| !matches!(byte, b'\r' | b'\n')) {
+                self.consumed_newlines +=
+                    rest[..start].iter().filter(|byte| **byte == b'\n').count() as u64;
+                self.record_start_newlines = self.consumed_newlines;
+                self.between_records = false;
+                rest = &rest[start..];
+            }
+        }
+        self.consumed_newlines += rest.iter().filter(|byte| **byte == b'\n').count() as u64;
+        self.rows.feed(consumed);
+    }
+}
+
+use super::MOST_COLUMNS as MOST_FIELDS;
 
 #[allow(clippy::too_many_arguments)]
 fn feed_parser(
@@ -383,16 +417,22 @@ fn feed_parser(
     if state.finished {
         return Ok(());
     }
+    let max_chars = collector.limits.max_cell_chars;
     loop {
         let (result, n_in, n_out) = parser.read_field(input, scratch);
-        let consumed = &input[..n_in];
-        state.consumed_newlines += consumed.iter().filter(|byte| **byte == b'\n').count() as u64;
-        if let Some(last) = consumed.last() {
-            state.last_consumed = *last;
-        }
-        state.rows.feed(consumed);
+        state.consume(&input[..n_in]);
         input = &input[n_in..];
         field.push(&scratch[..n_out]);
+        if field.overflowed && field.has_content && field.n_chars > max_chars {
+            // Longer than any cell may be: refused before the rest of it is even read.
+            return Err(collector.refusal(
+                state.row_idx(),
+                Violation::Text {
+                    column_idx: *column_idx,
+                    n_chars: None,
+                },
+            ));
+        }
         match result {
             csv_core::ReadFieldResult::InputEmpty => {
                 if input.is_empty() {
@@ -402,22 +442,16 @@ fn feed_parser(
             csv_core::ReadFieldResult::OutputFull => {}
             csv_core::ReadFieldResult::Field { record_end } => {
                 state.record_newlines += field.newlines;
-                finish_field(field, record, *column_idx, state, collector);
-                *column_idx = column_idx.saturating_add(1);
+                if *column_idx >= MOST_FIELDS {
+                    return Err(collector.refusal(state.row_idx(), Violation::TooManyFields));
+                }
+                finish_field(field, record, *column_idx, state, collector)?;
+                *column_idx += 1;
                 if record_end {
-                    // Excel numbers every line (blank ones too) but counts a quoted field
-                    // spanning several lines as one row. The parser now stands just past this
-                    // record's end.
-                    let end_line =
-                        state.consumed_newlines + 1 - u64::from(state.last_consumed == b'\n');
-                    let row_number =
-                        end_line.saturating_sub(state.record_newlines + state.embedded_newlines);
+                    let row_idx = state.row_idx();
                     state.embedded_newlines += state.record_newlines;
                     state.record_newlines = 0;
-                    let row_idx = u32::try_from(row_number.saturating_sub(1)).unwrap_or(u32::MAX);
-                    if let Some(violation) = state.pending.take() {
-                        return Err(collector.refusal(row_idx, violation));
-                    }
+                    state.between_records = true;
                     for (column, cell) in record.drain(..) {
                         collector.push(row_idx, column, cell)?;
                     }
@@ -432,41 +466,32 @@ fn feed_parser(
     }
 }
 
-/// Ends one field: a blank one is nothing; any other becomes a cell of the record. A cell over a
-/// limit is remembered (the first one of the record) and refused once the record's row number is
-/// known, at its end.
+/// Ends one field: a blank one is nothing; any other becomes a cell of the record, once checked
+/// against the limits.
 fn finish_field(
     field: &mut FieldBuffer,
     record: &mut Vec<(u32, Cell)>,
     column_idx: u32,
-    state: &mut ScanState,
+    state: &ScanState,
     collector: &RowCollector<'_>,
-) {
+) -> Result<(), WorkbookError> {
     let text = String::from_utf8_lossy(&field.bytes);
-    let blank = text.trim().is_empty() && (!field.overflowed || field.blank_overflow);
-    if !blank && state.pending.is_none() {
-        if field.overflowed {
-            // Longer than any cell may be: only its length matters now.
-            state.pending = Some(Violation::Text {
-                column_idx,
-                n_chars: field.n_chars,
-            });
-        } else {
-            // A leading apostrophe marks text that could be taken for a formula (funnelsync
-            // writes values that way); the value is what follows it.
-            let value = crate::writeback::unescape_csv_field(&text);
-            state.pending = collector.violation(column_idx, Some(value));
-            if state.pending.is_none() {
-                if collector.keeps_cells() {
-                    record.push((column_idx, Cell::Text(value.to_string())));
-                } else if record.is_empty() {
-                    // Checking only: one mark says the row has a value.
-                    record.push((column_idx, Cell::Bool(true)));
-                }
-            }
+    if !text.trim().is_empty() {
+        // A leading apostrophe marks text that could be taken for a formula (funnelsync writes
+        // values that way); the value is what follows it.
+        let value = crate::writeback::unescape_csv_field(&text);
+        if let Some(violation) = collector.violation(column_idx, Some(value)) {
+            return Err(collector.refusal(state.row_idx(), violation));
+        }
+        if collector.keeps_cells() {
+            record.push((column_idx, Cell::Text(value.to_string())));
+        } else if record.is_empty() {
+            // Checking only: one mark says the row has a value.
+            record.push((column_idx, Cell::Bool(true)));
         }
     }
     field.clear();
+    Ok(())
 }
 
 /// Picks `,`, `;` or tab: the one that splits the first lines into the same, largest number of
@@ -605,10 +630,14 @@ mod tests {
                 .to_string()
         };
         assert!(error("a,b\n,,,x\n").contains("row 2"));
+        assert!(error("a,b\n\n\"x\ny\",b\n\n,,,x\n").contains("row 5"));
         // Empty fields past the limit are nothing, not columns.
         assert!(read_with(b"a,b,,,,,,\n", CsvEncoding::Auto, &limits).is_ok());
         assert!(error("a,b\nabcdef,b\n").contains("characters"));
-        assert!(error(&format!("a,{}\n", "x".repeat(100))).contains("100 characters"));
+        assert!(error(&format!("a,{}\n", "x".repeat(100))).contains("more than 5 characters"));
+        // A record with more fields than any spreadsheet has columns, even empty ones.
+        let commas = format!("a,b\n{}\n", ",".repeat(20_000));
+        assert!(error(&commas).contains("row 2"), "{}", error(&commas));
         assert!(error("a\nb\n\nc\n").contains("rows"));
         assert!(read_with(b"a\n\n  \nb\n", CsvEncoding::Auto, &limits).is_ok());
         assert!(error("a\nb\x00\n").contains("NUL"));

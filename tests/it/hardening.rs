@@ -500,3 +500,366 @@ fn the_store_is_readable_by_the_service_only() {
     assert_eq!(mode_of(&shared.path("state")), 0o750);
     assert_eq!(mode_of(&shared.path("state/crm.db")), 0o600);
 }
+
+/// The most memory funnelsync may take for a hostile file it refuses (or reads sparsely).
+const PEAK_LIMIT: u64 = 100 << 20;
+
+/// An .xlsx with a header row and, in each of `n_rows` rows, one value at column XFD (the
+/// last column Excel has); `with_data` adds a company and a stage in A and B.
+fn far_column_workbook(path: &Path, n_rows: u32, with_data: bool) {
+    let mut workbook = rust_xlsxwriter::Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.write_string(0, 0, "Company").expect("write");
+    sheet.write_string(0, 1, "Stage").expect("write");
+    for row in 1..=n_rows {
+        if with_data {
+            sheet
+                .write_string(row, 0, format!("Company {row}"))
+                .expect("write");
+            sheet.write_string(row, 1, "Lead").expect("write");
+        }
+        sheet.write_string(row, 16_383, "x").expect("write");
+    }
+    workbook.save(path).expect("save");
+}
+
+/// Copies an .xlsx, appending to its shared strings one more (unused) string of `n_chars`
+/// characters, streamed into the zip so the test never holds it.
+fn with_huge_shared_string(from: &Path, to: &Path, n_chars: usize) {
+    use std::io::{Read, Write};
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(from).expect("open")).expect("zip");
+    let mut writer = zip::ZipWriter::new(std::fs::File::create(to).expect("create"));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    for entry_idx in 0..archive.len() {
+        let mut entry = archive.by_index(entry_idx).expect("entry");
+        let name = entry.name().expect("entry name").into_owned();
+        let mut content = String::new();
+        entry.read_to_string(&mut content).expect("read entry");
+        writer.start_file(name.as_str(), options).expect("start");
+        if name == "xl/sharedStrings.xml" {
+            let count_end = content.find("uniqueCount=\"").expect("uniqueCount") + 13;
+            let digits: String = content[count_end..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let unique: u64 = digits.parse().expect("count");
+            let content = content.replacen(
+                &format!("uniqueCount=\"{digits}\""),
+                &format!("uniqueCount=\"{}\"", unique + 1),
+                1,
+            );
+            let end = content.rfind("</sst>").expect("end of sst");
+            writer.write_all(&content.as_bytes()[..end]).expect("write");
+            writer.write_all(b"<si><t>").expect("write");
+            let block = vec![b'A'; 1 << 20];
+            let mut left = n_chars;
+            while left > 0 {
+                let n = left.min(block.len());
+                writer.write_all(&block[..n]).expect("write");
+                left -= n;
+            }
+            writer.write_all(b"</t></si></sst>").expect("write");
+        } else {
+            writer.write_all(content.as_bytes()).expect("write");
+        }
+    }
+    writer.finish().expect("finish");
+}
+
+#[test]
+fn hostile_files_are_refused_with_bounded_memory() {
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share")).expect("share");
+    // One value at column XFD in each of 2,000 rows (22 KB) and of 10,000 rows (100 KB).
+    far_column_workbook(&test.path("share/xfd-2000.xlsx"), 2_000, false);
+    far_column_workbook(&test.path("share/xfd-10000.xlsx"), 10_000, false);
+    // A 99 MB line of commas.
+    {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(test.path("share/commas.csv")).expect("create"),
+        );
+        file.write_all(b"Company,Stage\r\n").expect("write");
+        let block = vec![b','; 1 << 20];
+        for _ in 0..99 {
+            file.write_all(&block).expect("write");
+        }
+        file.write_all(b"x\r\n").expect("write");
+    }
+    // An ordinary small workbook whose shared strings also hold an unused 1,000 MB string.
+    crate::harness::XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Company", "Stage"])
+        .row(&["Acme", "Lead"])
+        .save(&test.path("small.xlsx"));
+    with_huge_shared_string(
+        &test.path("small.xlsx"),
+        &test.path("share/strings.xlsx"),
+        1_000 << 20,
+    );
+    assert!(
+        std::fs::metadata(test.path("share/xfd-2000.xlsx"))
+            .expect("size")
+            .len()
+            < 40_000
+    );
+    assert!(
+        std::fs::metadata(test.path("share/strings.xlsx"))
+            .expect("size")
+            .len()
+            < 4 << 20
+    );
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n");
+
+    for (name, fragment) in [
+        ("xfd-2000.xlsx", "column XFD"),
+        ("xfd-10000.xlsx", "column XFD"),
+        ("commas.csv", "fields"),
+        ("strings.xlsx", "shared string"),
+    ] {
+        // Each file alone, so each peak is that file's.
+        test.config(&format!(
+            "[[sources]]\nname = \"share\"\npath = \"share/{name}\"\nwrite_back = false\n"
+        ));
+        let (run, peak) = test.run_measuring_memory(&["sync", "--format", "json"]);
+        eprintln!("{name}: peak memory {} MB", peak >> 20);
+        run.assert_code(1);
+        let report = run.json();
+        let file = file_report(&report, name);
+        assert_eq!(file["status"], "failed", "{name}: {file}");
+        let error = file["error"].as_str().unwrap_or("");
+        assert!(
+            error.contains(fragment) && error.contains("limit"),
+            "{name}: {error}"
+        );
+        assert!(peak < PEAK_LIMIT, "{name}: peak memory {} MB", peak >> 20);
+    }
+    assert_eq!(test.deals().len(), 0);
+}
+
+#[test]
+fn a_sparse_wide_sheet_within_the_limits_is_read_in_little_memory() {
+    let test = TestDir::new();
+    far_column_workbook(&test.path("wide.xlsx"), 10_000, true);
+    test.single_source("wide.xlsx", "write_back = false");
+    test.config(
+        "[limits]\nmax_columns = 16384\n\n[[sources]]\nname = \"pipeline\"\npath = \"wide.xlsx\"\nwrite_back = false\n",
+    );
+    let (run, peak) = test.run_measuring_memory(&["sync", "--format", "json"]);
+    eprintln!("wide.xlsx: peak memory {} MB", peak >> 20);
+    run.assert_code(0);
+    assert_eq!(
+        file_report(&run.json(), "wide.xlsx")["counts"]["created"],
+        10_000
+    );
+    assert!(peak < PEAK_LIMIT, "peak memory {} MB", peak >> 20);
+    assert_eq!(
+        test.deal_by("company", "Company 7")["extra"]["Column XFD"],
+        "x"
+    );
+}
+
+/// A small deterministic random source (xorshift), so a failing round can be replayed with
+/// `FUNNELSYNC_FUZZ_SEED`.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// Up to `most` random bytes.
+    fn some_bytes(&mut self, most: usize) -> Vec<u8> {
+        let n = self.below(most);
+        self.bytes(n)
+    }
+}
+
+/// Text a hostile or broken generator might put into XML: far cells, huge numbers, entities,
+/// a document type, deep nesting, lone brackets.
+const XML_SNIPPETS: [&str; 10] = [
+    "<c r=\"XFD1048576\"><v>1</v></c>",
+    "<c r=\"A99999999999\" t=\"s\"><v>99999999999</v></c>",
+    "<!DOCTYPE x [<!ENTITY e \"ee\">]>",
+    "&e;&amp;&#0;&#xFFFFFFFF;",
+    "<row r=\"0\"><c r=\"A0\"><v>x</v></c></row>",
+    "<c t=\"inlineStr\"><is><t>",
+    "]]><![CDATA[",
+    "<<<>>>\"'",
+    "<sst uniqueCount=\"18446744073709551615\">",
+    "<c r=\"B2\" t=\"e\"><v>#REF!</v></c>",
+];
+
+/// Rewrites a workbook with each XML part mutated: bytes flipped, cut, repeated, and hostile
+/// snippets inserted — then zipped again with valid checksums, so the XML reaches the parsers.
+fn mutated_workbook(base: &[u8], random: &mut Random) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(base)).expect("zip");
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    for entry_idx in 0..archive.len() {
+        let mut entry = archive.by_index(entry_idx).expect("entry");
+        let name = entry.name().expect("entry name").into_owned();
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).expect("read");
+        if random.below(3) > 0 && !content.is_empty() {
+            for _ in 0..1 + random.below(4) {
+                let at = random.below(content.len());
+                match random.below(5) {
+                    0 => content[at] = random.next() as u8,
+                    1 => content.truncate(at),
+                    2 => {
+                        let snippet = XML_SNIPPETS[random.below(XML_SNIPPETS.len())];
+                        content.splice(at..at, snippet.bytes());
+                    }
+                    3 => {
+                        let end = (at + 1 + random.below(64)).min(content.len());
+                        let piece = content[at..end].to_vec();
+                        for _ in 0..random.below(200) {
+                            content.splice(at..at, piece.iter().copied());
+                        }
+                    }
+                    _ => {
+                        let noise = random.some_bytes(32);
+                        content.splice(at..at, noise);
+                    }
+                }
+                if content.is_empty() {
+                    break;
+                }
+            }
+        }
+        writer.start_file(name.as_str(), options).expect("start");
+        writer.write_all(&content).expect("write");
+    }
+    writer.finish().expect("finish").into_inner()
+}
+
+fn mutated_csv(random: &mut Random) -> Vec<u8> {
+    let mut text =
+        b"Company,Stage,Amount\r\nAcme,Lead,100\r\n\"Beta\r\nCo\",Won,\"1,200\"\r\n".to_vec();
+    if random.below(2) == 0 {
+        text = encoding_rs::GB18030
+            .encode("公司,阶段\n甲,机会\n")
+            .0
+            .into_owned();
+    }
+    for _ in 0..1 + random.below(6) {
+        let at = random.below(text.len() + 1);
+        match random.below(4) {
+            0 => {
+                let noise = random.some_bytes(16);
+                text.splice(at..at, noise);
+            }
+            1 => {
+                let quotes = vec![b'"'; random.below(5)];
+                text.splice(at..at, quotes);
+            }
+            2 => text.truncate(at),
+            _ => {
+                let commas = vec![b','; random.below(20_000)];
+                text.splice(at..at, commas);
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn random_and_mutated_files_never_panic_and_stay_in_bounded_memory() {
+    let seed: u64 = std::env::var("FUNNELSYNC_FUZZ_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or(0x5eed_f00d);
+    let mut random = Random(seed | 1);
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share")).expect("share");
+    let base = crate::harness::XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Company", "Stage", "Amount"])
+        .row(&["Acme", "Lead", "100"])
+        .cells(vec![
+            crate::harness::Cell::from("Beta"),
+            crate::harness::Cell::from("Won"),
+            crate::harness::Cell::Formula("=1+1".to_string(), "2".to_string()),
+        ])
+        .sheet("Other")
+        .row(&["a", "b"])
+        .to_bytes();
+    for file_idx in 0..40 {
+        test.write(
+            &format!("share/random-{file_idx}.xlsx"),
+            random.some_bytes(4096),
+        );
+        test.write(
+            &format!("share/random-{file_idx}.csv"),
+            random.some_bytes(4096),
+        );
+        test.write(
+            &format!("share/mutated-{file_idx}.xlsx"),
+            mutated_workbook(&base, &mut random),
+        );
+        test.write(
+            &format!("share/mutated-{file_idx}.csv"),
+            mutated_csv(&mut random),
+        );
+    }
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n");
+    let (run, peak) = test.run_measuring_memory(&["sync", "--format", "json"]);
+    eprintln!("seed {seed}: peak memory {} MB", peak >> 20);
+    assert!(
+        run.code == 0 || run.code == 1,
+        "seed {seed}: exit {}\n{}",
+        run.code,
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("panicked"),
+        "seed {seed}:\n{}",
+        run.stderr
+    );
+    let report = run.json();
+    let statuses: Vec<&str> = report["files"]
+        .as_array()
+        .map(|files| {
+            files
+                .iter()
+                .filter_map(|file| file["status"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "seed {seed}: {} synced, {} failed",
+        statuses
+            .iter()
+            .filter(|status| **status == "synced")
+            .count(),
+        statuses
+            .iter()
+            .filter(|status| **status == "failed")
+            .count()
+    );
+    assert_eq!(
+        report["files"].as_array().map(Vec::len),
+        Some(160),
+        "every file has its report"
+    );
+    assert!(
+        peak < PEAK_LIMIT,
+        "seed {seed}: peak memory {} MB",
+        peak >> 20
+    );
+}

@@ -226,6 +226,51 @@ impl TestDir {
         Run::from_output(self.command(args).output().expect("run funnelsync"))
     }
 
+    /// Runs the binary and measures its peak memory: the high-water mark of its resident set
+    /// (VmHWM), as the kernel reports it for the child when it is reaped (`wait4`'s
+    /// `ru_maxrss`), in bytes.
+    // The child is reaped by `wait4` below, not by `Child::wait`, so that its usage comes back.
+    #[allow(clippy::zombie_processes)]
+    pub fn run_measuring_memory(&self, args: &[&str]) -> (Run, u64) {
+        use std::io::Read;
+        let mut child = self
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run funnelsync");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let pid = child.id() as libc::pid_t;
+        let mut status: libc::c_int = 0;
+        // SAFETY: `rusage` is plain data that wait4 fills; the pid is our own unreaped child.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(reaped, pid, "wait4 failed");
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        };
+        let run = Run {
+            code,
+            stdout: stdout.join().expect("stdout thread"),
+            stderr: stderr.join().expect("stderr thread"),
+        };
+        // Linux reports ru_maxrss in kilobytes.
+        (run, (usage.ru_maxrss.max(0) as u64) * 1024)
+    }
+
     pub fn sync(&self) -> Run {
         self.run(&["sync", "--format", "json"])
     }
