@@ -98,6 +98,10 @@ struct Tracked {
     initial: bool,
     /// The write-back waits for the file to be closed in Excel or LibreOffice.
     write_deferred: bool,
+    /// The last read refused the file for a reason only a new version can fix (malformed, over a
+    /// limit, given up on): a change in the store does not make it worth reading again, only a
+    /// change of the file does.
+    refused: bool,
 }
 
 impl Tracked {
@@ -114,6 +118,7 @@ impl Tracked {
             retry_at: None,
             initial: true,
             write_deferred: false,
+            refused: false,
         }
     }
 }
@@ -724,7 +729,7 @@ impl Daemon {
                 (Some(_), None) | (Some(crate::config::View::All), _) => true,
                 (Some(crate::config::View::Rows), Some(behind)) => behind.contains(&tracked.key),
             };
-            if !shows_change || Some(path.as_path()) == except {
+            if !shows_change || Some(path.as_path()) == except || tracked.refused {
                 continue;
             }
             if tracked.in_flight {
@@ -1021,6 +1026,7 @@ impl Daemon {
             return;
         };
         tracked.in_flight = false;
+        tracked.refused = false;
         tracked.initial = false;
         let source = tracked.source.clone();
         let file_name = path.display().to_string();
@@ -1099,6 +1105,7 @@ impl Daemon {
                         message.clone(),
                     ));
                     tracked.done = fingerprint;
+                    tracked.refused = true;
                     (FileState::Failed, Some(message))
                 } else {
                     let backoff = backoff(settle, tracked.attempts);
@@ -1121,6 +1128,7 @@ impl Daemon {
                 ));
                 tracked.done = fingerprint;
                 tracked.attempts = 0;
+                tracked.refused = true;
                 (FileState::Failed, Some(message))
             }
             Err(message) => {

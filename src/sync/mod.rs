@@ -1077,10 +1077,14 @@ pub fn sync_all_forcing(
             .into_iter()
             .filter(|(source_name, path)| {
                 let key = file_key(path);
+                // A file refused for a reason only a new version can fix is not read again.
                 reports
                     .iter()
                     .find(|report| &report.source == source_name && report.file == key)
-                    .is_none_or(|report| report.store_version != Some(version_after))
+                    .is_none_or(|report| {
+                        report.store_version != Some(version_after)
+                            && !(report.status == FileStatus::Failed && !report.retryable)
+                    })
             })
             .collect();
         let (second, _) = sync_pass(store, config, now, Some(&behind), forced)?;

@@ -863,3 +863,95 @@ fn random_and_mutated_files_never_panic_and_stay_in_bounded_memory() {
         peak >> 20
     );
 }
+
+fn n_runs_of(test: &TestDir, name: &str) -> i64 {
+    test.count(&format!(
+        "SELECT count(*) FROM sync_runs WHERE file LIKE '%/{name}'"
+    ))
+}
+
+#[test]
+fn a_refused_file_is_not_read_again_until_it_changes() {
+    use std::time::Duration;
+    let test = TestDir::new();
+    test.write("share/good.csv", leads_csv(&["Acme"]));
+    // A cell over the limit: refused until someone saves a new version.
+    test.write(
+        "share/long.csv",
+        format!("Company,Stage\r\n{},Lead\r\n", "x".repeat(5_000)),
+    );
+    // Permanently malformed: binary data, and text mixing UTF-8 with GBK bytes.
+    test.write("share/nul.csv", b"Company,Stage\r\nAcme\x00,Lead\r\n");
+    let mut mixed = "Company,Stage\r\n甲公司,机会\r\n乙公司,成交\r\n"
+        .as_bytes()
+        .to_vec();
+    mixed.extend_from_slice(&encoding_rs::GB18030.encode("丙公司").0);
+    mixed.extend_from_slice(b",Lead\r\n");
+    test.write("share/mixed.csv", &mixed);
+    test.config(
+        "[limits]\nmax_cell_chars = 1000\n\n[watch]\nsettle = \"200ms\"\npoll_interval = \"300ms\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\n",
+    );
+    // One `sync` reads each refused file once, not once per pass.
+    let run = test.sync();
+    run.assert_code(1);
+    let report = run.json();
+    for name in ["long.csv", "nul.csv", "mixed.csv"] {
+        let file = file_report(&report, name);
+        assert_eq!(file["status"], "failed", "{name}: {file}");
+        assert_eq!(file["retryable"], false, "{name}: {file}");
+        assert_eq!(n_runs_of(&test, name), 1, "{name}");
+    }
+    let mixed_error = file_report(&report, "mixed.csv")["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        mixed_error.contains("row 4") && mixed_error.contains("mixes encodings"),
+        "{mixed_error}"
+    );
+    assert!(test
+        .deals()
+        .iter()
+        .all(|deal| !deal["company"].as_str().unwrap_or("").contains('丙')));
+
+    // The daemon: ten changes in the store reach the good file; the refused ones stay unread,
+    // and the malformed ones are failed at once, not retried.
+    let daemon = test.start_daemon();
+    daemon.wait_ready();
+    let runs_at_start: Vec<i64> = ["long.csv", "nul.csv", "mixed.csv"]
+        .iter()
+        .map(|name| n_runs_of(&test, name))
+        .collect();
+    let id = test.deal_by("company", "Acme")["id"].to_string();
+    for round in 1..=10 {
+        test.run(&["deals", "set", &id, &format!("company=Acme {round}")])
+            .assert_code(0);
+    }
+    crate::harness::wait_until(
+        Duration::from_secs(15),
+        "the last change written back",
+        || {
+            std::fs::read_to_string(test.path("share/good.csv"))
+                .is_ok_and(|text| text.contains("Acme 10,"))
+        },
+    );
+    // Longer than the first retries of a file that would be retried.
+    std::thread::sleep(Duration::from_millis(1500));
+    let runs_now: Vec<i64> = ["long.csv", "nul.csv", "mixed.csv"]
+        .iter()
+        .map(|name| n_runs_of(&test, name))
+        .collect();
+    assert_eq!(runs_now, runs_at_start, "{}", daemon.log());
+    for name in ["nul.csv", "mixed.csv", "long.csv"] {
+        let status = status_of(&test, name).expect("status");
+        assert_eq!(status["state"], "failed", "{name}: {status}");
+    }
+
+    // A new version is read.
+    test.write("share/long.csv", leads_csv(&["Long Ltd"]));
+    crate::harness::wait_until(Duration::from_secs(10), "the fixed file", || {
+        test.deals()
+            .iter()
+            .any(|deal| deal["company"] == "Long Ltd")
+    });
+}
