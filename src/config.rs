@@ -1075,7 +1075,9 @@ impl Config {
             let to = check_address("alerts.to", &alerts.to, &mut problem)?;
             let every = match alerts.every {
                 None => Duration::from_secs(3600),
-                Some(written) => parse_duration("alerts.every", &written, &mut problem)?,
+                Some(written) => {
+                    parse_duration("alerts.every", &written, MAX_ALERT_EVERY, &mut problem)?
+                }
             };
             Some(AlertsConfig { to, every })
         });
@@ -1200,12 +1202,32 @@ fn resolve(base: &Path, written: &str) -> PathBuf {
     normal
 }
 
+/// The longest value each duration key accepts: far beyond any sensible setting, and short
+/// enough that no clock arithmetic in the daemon can overflow with it.
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_SETTLE: Duration = Duration::from_secs(3600);
+pub const MAX_ALERT_EVERY: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const MAX_REPORT_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const MAX_SMTP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A duration of at most `longest`.
 fn parse_duration(
     key: &str,
     written: &str,
+    longest: Duration,
     problem: &mut impl FnMut(&str, String),
 ) -> Option<Duration> {
     match humantime::parse_duration(written) {
+        Ok(duration) if duration > longest => {
+            problem(
+                key,
+                format!(
+                    "\"{written}\" is too long: at most \"{}\"",
+                    humantime::format_duration(longest)
+                ),
+            );
+            None
+        }
         Ok(duration) => Some(duration),
         Err(error) => {
             problem(
@@ -1232,7 +1254,9 @@ fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String))
         }
     }
     if let Some(written) = raw.poll_interval {
-        if let Some(duration) = parse_duration("watch.poll_interval", &written, problem) {
+        if let Some(duration) =
+            parse_duration("watch.poll_interval", &written, MAX_POLL_INTERVAL, problem)
+        {
             if duration < Duration::from_millis(100) {
                 problem(
                     "watch.poll_interval",
@@ -1244,7 +1268,7 @@ fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String))
         }
     }
     if let Some(written) = raw.settle {
-        if let Some(duration) = parse_duration("watch.settle", &written, problem) {
+        if let Some(duration) = parse_duration("watch.settle", &written, MAX_SETTLE, problem) {
             watch.settle = duration;
         }
     }
@@ -1396,9 +1420,17 @@ fn validate_report(
     let refresh = match raw.refresh.as_deref() {
         None | Some("after-sync") => ReportRefresh::AfterSync,
         Some(written) => match humantime::parse_duration(written) {
-            Ok(every) if every >= Duration::from_secs(10) => ReportRefresh::Every(every),
+            Ok(every) if every >= Duration::from_secs(10) && every <= MAX_REPORT_REFRESH => {
+                ReportRefresh::Every(every)
+            }
             _ => {
-                fail("report.refresh", format!("\"{written}\" must be \"after-sync\" or an interval such as \"1h\" (at least 10s)"));
+                fail(
+                    "report.refresh",
+                    format!(
+                        "\"{written}\" must be \"after-sync\" or an interval such as \"1h\" (at least 10s, at most \"{}\")",
+                        humantime::format_duration(MAX_REPORT_REFRESH)
+                    ),
+                );
                 ReportRefresh::AfterSync
             }
         },
@@ -1496,11 +1528,14 @@ fn validate_smtp(
     let timeout = match raw.timeout {
         None => Duration::from_secs(30),
         Some(written) => match humantime::parse_duration(&written) {
-            Ok(duration) => duration,
-            Err(_) => {
+            Ok(duration) if duration <= MAX_SMTP_TIMEOUT => duration,
+            _ => {
                 fail(
                     "smtp.timeout",
-                    format!("\"{written}\" is not a duration like \"30s\""),
+                    format!(
+                        "\"{written}\" is not a duration like \"30s\" of at most \"{}\"",
+                        humantime::format_duration(MAX_SMTP_TIMEOUT)
+                    ),
                 );
                 Duration::from_secs(30)
             }

@@ -346,8 +346,7 @@ fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Work
         let sender = sender.clone();
         let period = config.watch.poll_interval;
         Some(tokio::spawn(async move {
-            let mut interval =
-                tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            let mut interval = tokio::time::interval_at(later(period).into(), period.min(FAR_AWAY));
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
@@ -826,7 +825,7 @@ impl Daemon {
         self.report_busy = true;
         self.report_dirty = false;
         if let crate::config::ReportRefresh::Every(every) = report.refresh {
-            self.report_next_at = Instant::now() + every;
+            self.report_next_at = later(every);
         }
         let config = Arc::clone(&self.config);
         let sender = self.sender.clone();
@@ -1299,6 +1298,17 @@ fn short_name(path: &Path) -> String {
     path.file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Farther than any configured duration may reach (the config caps them far below).
+const FAR_AWAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The instant `wait` from now, never overflowing: no value in the config can panic the daemon.
+fn later(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(FAR_AWAY))
+        .unwrap_or(now)
 }
 
 /// The wait before retry number `attempts` (1-based): settle, 2×, 4×, … capped.

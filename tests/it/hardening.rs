@@ -955,3 +955,53 @@ fn a_refused_file_is_not_read_again_until_it_changes() {
             .any(|deal| deal["company"] == "Long Ltd")
     });
 }
+
+#[test]
+fn durations_that_would_overflow_are_refused_and_the_longest_allowed_are_safe() {
+    use std::time::Duration;
+    let smtp = crate::harness::SmtpServer::start(0);
+    let test = TestDir::new();
+    test.write("share/a.csv", leads_csv(&["Acme"]));
+    let huge = "18446744073709551615s";
+    test.config(&format!(
+        "[watch]\npoll_interval = \"{huge}\"\nsettle = \"{huge}\"\n\n[report]\npath = \"report.xlsx\"\nrefresh = \"{huge}\"\n\n[alerts]\nto = \"it@example.com\"\nevery = \"{huge}\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"funnelsync@example.com\"\ntimeout = \"{huge}\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\n",
+        smtp.port
+    ));
+    let check = test.run(&["check-config"]);
+    check.assert_code(2);
+    for key in [
+        "watch.poll_interval",
+        "watch.settle",
+        "report.refresh",
+        "alerts.every",
+        "smtp.timeout",
+    ] {
+        assert!(check.stderr.contains(key), "{key}:\n{}", check.stderr);
+    }
+    assert!(check.stderr.contains("at most"), "{}", check.stderr);
+
+    // The longest values accepted run the daemon, which keeps working and stops cleanly.
+    test.config(&format!(
+        "[watch]\npoll_interval = \"24h\"\nsettle = \"200ms\"\n\n[report]\npath = \"report.xlsx\"\nrefresh = \"7days\"\n\n[alerts]\nto = \"it@example.com\"\nevery = \"30days\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"funnelsync@example.com\"\ntimeout = \"10m\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\n",
+        smtp.port
+    ));
+    test.run(&["check-config"]).assert_code(0);
+    let mut daemon = test.start_daemon();
+    daemon.wait_ready();
+    crate::harness::wait_until(Duration::from_secs(10), "the report", || {
+        test.path("report.xlsx").exists()
+    });
+    test.write("share/b.csv", leads_csv(&["Beta"]));
+    crate::harness::wait_until(Duration::from_secs(10), "the new file synced", || {
+        test.deals().len() == 2
+    });
+    assert!(daemon.is_running(), "{}", daemon.log());
+    daemon.signal("TERM");
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
+    assert!(!daemon.log().contains("panicked"), "{}", daemon.log());
+}
