@@ -610,9 +610,12 @@ pub fn parse_file(
     })
 }
 
+/// Where a sheet's formulas are: (Excel row number, 0-based column), in sheet order.
+type FormulaCells = Vec<(u32, u32)>;
+
 /// The managed sheet's name and rows, for a .csv how it was written, and for an .xlsx where its
 /// formulas are.
-type Parsed = (String, Vec<SheetRow>, Option<CsvFormat>, Vec<(u32, u32)>);
+type Parsed = (String, Vec<SheetRow>, Option<CsvFormat>, FormulaCells);
 
 fn parse_format(
     path: &Path,
@@ -784,7 +787,7 @@ fn read_xlsx(
     file: &std::fs::File,
     wanted: Option<&str>,
     limits: &Limits,
-) -> Result<(String, Vec<SheetRow>, Vec<(u32, u32)>), WorkbookError> {
+) -> Result<(String, Vec<SheetRow>, FormulaCells), WorkbookError> {
     let mut workbook: calamine::Xlsx<_> = calamine::open_workbook_from_rs(BufReader::new(file))
         .map_err(|error| xlsx_error(path, error))?;
     let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;

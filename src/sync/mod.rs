@@ -1082,8 +1082,8 @@ pub fn sync_all_forcing(
                     .iter()
                     .find(|report| &report.source == source_name && report.file == key)
                     .is_none_or(|report| {
-                        report.store_version != Some(version_after)
-                            && !(report.status == FileStatus::Failed && !report.retryable)
+                        let refused = report.status == FileStatus::Failed && !report.retryable;
+                        report.store_version != Some(version_after) && !refused
                     })
             })
             .collect();
