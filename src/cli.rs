@@ -225,6 +225,9 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     writeln!(out, "config {} is valid", config.path.display())?;
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
     writeln!(out, "store: {}", config.store.path.display())?;
     writeln!(out, "sources:")?;
     for source in &config.sources {

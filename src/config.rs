@@ -159,6 +159,7 @@ pub struct RawSmtp {
     pub password_file: Option<String>,
     pub from: String,
     pub timeout: Option<String>,
+    pub allow_plaintext_auth: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -639,6 +640,47 @@ impl Config {
                     .zip(std::fs::canonicalize(&report.path).ok())
                     .is_some_and(|(left, right)| left == right)
         })
+    }
+
+    /// What is valid but unsafe, for `check-config` to warn about: an SMTP password file that
+    /// is missing or readable by others than its owner, and a login sent in clear.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let Some(smtp) = &self.smtp else {
+            return warnings;
+        };
+        if let Some(path) = &smtp.password_file {
+            use std::os::unix::fs::PermissionsExt;
+            match std::fs::metadata(path) {
+                Err(error) => warnings.push(format!(
+                    "smtp.password_file: {} cannot be read ({error}); mail will fail until it can",
+                    path.display()
+                )),
+                Ok(metadata) if metadata.permissions().mode() & 0o077 != 0 => {
+                    warnings.push(format!(
+                        "smtp.password_file: {} is readable by {} (mode {:o}); make it readable by \
+                         the service user only: chmod 600 {}",
+                        path.display(),
+                        if metadata.permissions().mode() & 0o007 != 0 {
+                            "everyone"
+                        } else {
+                            "its group"
+                        },
+                        metadata.permissions().mode() & 0o777,
+                        path.display()
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+        if smtp.username.is_some() && smtp.security == SmtpSecurity::None {
+            warnings.push(
+                "smtp: the login crosses the network in clear (security = \"none\", \
+                 allow_plaintext_auth = true)"
+                    .to_string(),
+            );
+        }
+        warnings
     }
 
     /// A source's files as they are now, without the report file.
@@ -1541,11 +1583,24 @@ fn validate_smtp(
             }
         },
     };
+    let username = raw.username.filter(|username| !username.is_empty());
+    if username.is_some()
+        && security == SmtpSecurity::None
+        && raw.allow_plaintext_auth != Some(true)
+    {
+        fail(
+            "smtp.username",
+            "with security = \"none\" the login would cross the network in clear: use \
+             \"starttls\" or \"tls\", or set allow_plaintext_auth = true for a server on this \
+             machine"
+                .to_string(),
+        );
+    }
     let smtp = SmtpConfig {
         host: raw.host.trim().to_string(),
         port,
         security,
-        username: raw.username.filter(|username| !username.is_empty()),
+        username,
         password_file: raw.password_file.map(|file| resolve(base, &file)),
         from: raw.from,
         timeout,

@@ -3,7 +3,8 @@
 //! message sent with a timeout.
 //!
 //! This module must not decide what to send or when; it only sends. The password never appears
-//! in a log line or an error message.
+//! in a log line or an error message, and neither does a server's reply that could repeat the
+//! login ([`redact_reply`]).
 
 use std::time::Duration;
 
@@ -86,6 +87,49 @@ pub struct Mailer {
     from: Mailbox,
     host: String,
     timeout: Duration,
+    /// The forms the credentials take on the wire, to keep them out of error messages.
+    secrets: Vec<String>,
+}
+
+/// SMTP reply codes a server gives to the AUTH exchange (RFC 4954 and RFC 5321): a reply with
+/// one of them may quote the command it answers, base64 credentials included.
+const AUTH_REPLY_CODES: [&str; 10] = [
+    "432", "454", "500", "501", "502", "504", "530", "534", "535", "538",
+];
+
+/// What funnelsync keeps of an SMTP error: the error with every form of the credentials taken
+/// out, and — when a login was sent and the reply code is one the AUTH exchange gives — without
+/// the server's text at all, since a server may repeat the AUTH line in its error.
+pub fn redact_reply(error_text: &str, secrets: &[String]) -> String {
+    let mut text = error_text.to_string();
+    for secret in secrets.iter().filter(|secret| secret.len() >= 4) {
+        text = text.replace(secret.as_str(), "[redacted]");
+    }
+    if secrets.is_empty() {
+        return text;
+    }
+    let code = AUTH_REPLY_CODES
+        .iter()
+        .find(|code| text.contains(&format!("({code})")));
+    match (code, text.split_once("): ")) {
+        (Some(_), Some((head, _))) => {
+            format!("{head}): the server's reply is not kept, as it may repeat the login")
+        }
+        _ => text,
+    }
+}
+
+/// The forms a username and password take in the AUTH exchange: the password itself, and the
+/// base64 of the PLAIN and LOGIN responses.
+fn credential_forms(username: &str, password: &str) -> Vec<String> {
+    use base64::Engine;
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    vec![
+        password.to_string(),
+        encode(format!("\0{username}\0{password}").as_bytes()),
+        encode(format!("{username}\0{password}").as_bytes()),
+        encode(password.as_bytes()),
+    ]
 }
 
 impl Mailer {
@@ -108,8 +152,10 @@ impl Mailer {
         }
         .port(smtp.port)
         .timeout(Some(smtp.timeout));
+        let mut secrets = Vec::new();
         if let Some(username) = &smtp.username {
             let password = password(smtp)?.ok_or(MailError::NoPassword)?;
+            secrets = credential_forms(username, &password);
             builder = builder.credentials(Credentials::new(username.clone(), password));
         }
         let from = smtp
@@ -124,6 +170,7 @@ impl Mailer {
             from,
             host: smtp.host.clone(),
             timeout: smtp.timeout,
+            secrets,
         })
     }
 
@@ -190,12 +237,44 @@ impl Mailer {
             }
             Ok(Err(error)) => Err(MailError::Send {
                 recipient: recipient.to_string(),
-                message: error.to_string(),
+                message: redact_reply(&error.to_string(), &self.secrets),
             }),
             Err(_) => Err(MailError::Timeout {
                 recipient: recipient.to_string(),
                 timeout: self.timeout,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_replies_and_credentials_never_reach_a_message() {
+        let secrets = credential_forms("alice", "s3cret-pass");
+        let plain = secrets[1].clone();
+        let echoed =
+            format!("permanent error (535): 5.7.8 Authentication failed: AUTH PLAIN {plain}");
+        let kept = redact_reply(&echoed, &secrets);
+        assert!(
+            !kept.contains(&plain) && !kept.contains("Authentication failed"),
+            "{kept}"
+        );
+        assert!(kept.contains("535"), "{kept}");
+        let partial = format!(
+            "transient error (451): try later, you said {}",
+            &plain[..10]
+        );
+        assert_eq!(
+            redact_reply(&partial, &secrets),
+            partial,
+            "other replies are kept"
+        );
+        let leaked = "permanent error (550): no such user; password s3cret-pass".to_string();
+        assert!(!redact_reply(&leaked, &secrets).contains("s3cret-pass"));
+        // Without a login, nothing is secret.
+        assert_eq!(redact_reply(&echoed, &[]), echoed);
     }
 }

@@ -1005,3 +1005,151 @@ fn durations_that_would_overflow_are_refused_and_the_longest_allowed_are_safe() 
     );
     assert!(!daemon.log().contains("panicked"), "{}", daemon.log());
 }
+
+/// An SMTP server on loopback that offers AUTH and answers it with an error that repeats the
+/// AUTH line, as some servers do. Returns its port and the lines it received.
+fn echoing_smtp_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&received);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let Ok(reader) = stream.try_clone() else {
+                continue;
+            };
+            let mut reader = BufReader::new(reader);
+            let _ = stream.write_all(b"220 echo.test ESMTP\r\n");
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let command = line.trim_end().to_string();
+                seen.lock().expect("lock").push(command.clone());
+                let upper = command.to_ascii_uppercase();
+                let reply = if upper.starts_with("EHLO") {
+                    "250-echo.test\r\n250 AUTH PLAIN LOGIN\r\n".to_string()
+                } else if upper.starts_with("AUTH") {
+                    format!("535 5.7.8 Authentication failed for: {command}\r\n")
+                } else if upper.starts_with("QUIT") {
+                    "221 bye\r\n".to_string()
+                } else {
+                    "250 ok\r\n".to_string()
+                };
+                if stream.write_all(reply.as_bytes()).is_err() || upper.starts_with("QUIT") {
+                    break;
+                }
+                line.clear();
+            }
+        }
+    });
+    (port, received)
+}
+
+#[test]
+fn a_server_echoing_the_login_never_puts_it_in_output_or_the_store() {
+    let (port, received) = echoing_smtp_server();
+    let test = TestDir::new();
+    test.write("share/a.csv", "Company,Stage,Owner\r\nAcme,Lead,Alice\r\n");
+    test.write("smtp-password", "s3cret-Passw0rd\n");
+    chmod(&test.path("smtp-password"), 0o600);
+    test.config(&format!(
+        "[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n\n[remind]\nat = \"09:00\"\nmanager = \"lead@example.com\"\nfallback_to = \"lead@example.com\"\n\n[reps]\nAlice = \"alice@example.com\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {port}\nsecurity = \"none\"\nallow_plaintext_auth = true\nusername = \"funnelsync\"\npassword_file = \"smtp-password\"\nfrom = \"funnelsync@example.com\"\ntimeout = \"5s\"\n"
+    ));
+    test.sync().assert_code(0);
+    let later = (chrono::Utc::now() + chrono::Duration::days(60)).to_rfc3339();
+    let output = test
+        .command(&["--now", &later, "remind"])
+        .env("RUST_LOG", "trace")
+        .output()
+        .expect("run");
+    let all_output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The login really went out and was echoed back.
+    let auth_line = received
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|line| line.to_ascii_uppercase().starts_with("AUTH"))
+        .cloned()
+        .expect("the client logged in");
+    let credentials = auth_line
+        .split_whitespace()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    assert!(credentials.len() > 8, "{auth_line}");
+    let errors: String = test
+        .store()
+        .query_row(
+            "SELECT group_concat(coalesce(last_error, ''), '|') FROM outbox",
+            [],
+            |row| row.get(0),
+        )
+        .expect("errors");
+    assert!(
+        errors.contains("535"),
+        "the failure itself is kept: {errors}"
+    );
+    for secret in [credentials.as_str(), "s3cret-Passw0rd"] {
+        assert!(
+            !all_output.contains(secret),
+            "{secret} in the output:\n{all_output}"
+        );
+        assert!(!errors.contains(secret), "{secret} in the outbox: {errors}");
+    }
+}
+
+#[test]
+fn check_config_warns_about_password_files_and_refuses_a_login_in_clear() {
+    let test = TestDir::new();
+    test.write("share/a.csv", leads_csv(&["Acme"]));
+    let smtp = |extra: &str| {
+        format!(
+            "[[sources]]\nname = \"share\"\npath = \"share\"\n\n[smtp]\nhost = \"mail.example.com\"\nfrom = \"funnelsync@example.com\"\n{extra}\n"
+        )
+    };
+    // A login in clear is an error unless the admin says so.
+    test.config(&smtp("security = \"none\"\nusername = \"funnelsync\""));
+    let check = test.run(&["check-config"]);
+    check.assert_code(2);
+    assert!(
+        check.stderr.contains("smtp.username") && check.stderr.contains("allow_plaintext_auth"),
+        "{}",
+        check.stderr
+    );
+    test.config(&smtp(
+        "security = \"none\"\nusername = \"funnelsync\"\nallow_plaintext_auth = true",
+    ));
+    let check = test.run(&["check-config"]);
+    check.assert_code(0);
+    assert!(check.stderr.contains("in clear"), "{}", check.stderr);
+
+    // The password file: missing, then readable by the group, then by everyone, then private.
+    test.config(&smtp(
+        "username = \"funnelsync\"\npassword_file = \"smtp-password\"",
+    ));
+    let check = test.run(&["check-config"]);
+    check.assert_code(0);
+    assert!(
+        check.stderr.contains("warning: smtp.password_file")
+            && check.stderr.contains("cannot be read"),
+        "{}",
+        check.stderr
+    );
+    test.write("smtp-password", "s3cret\n");
+    for (mode, who) in [(0o640, "its group"), (0o644, "everyone")] {
+        chmod(&test.path("smtp-password"), mode);
+        let check = test.run(&["check-config"]);
+        check.assert_code(0);
+        assert!(check.stderr.contains(who), "{mode:o}: {}", check.stderr);
+        assert!(!check.stderr.contains("s3cret"), "{}", check.stderr);
+    }
+    chmod(&test.path("smtp-password"), 0o600);
+    let check = test.run(&["check-config"]);
+    check.assert_code(0);
+    assert!(!check.stderr.contains("warning"), "{}", check.stderr);
+}

@@ -385,7 +385,7 @@ fn the_password_never_shows_in_output_or_records() {
         test.config_path(),
         text.replace(
             "timeout = \"5s\"",
-            "timeout = \"5s\"\nusername = \"funnelsync\"",
+            "timeout = \"5s\"\nusername = \"funnelsync\"\nallow_plaintext_auth = true",
         ),
     )
     .expect("config");
