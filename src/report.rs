@@ -561,9 +561,12 @@ pub fn write_file(path: &Path, report: &FunnelReport) -> Result<(), ReportError>
     std::io::Write::write_all(&mut temp, &bytes).map_err(io_error)?;
     // The report is for people on the share: keep the old file's permissions, or make a new one
     // readable (the daemon's own umask is strict).
-    let permissions = match std::fs::metadata(path) {
-        Ok(metadata) => metadata.permissions(),
-        Err(_) => std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    // Never the mode of what a link points to, and never set-user-ID or set-group-ID bits.
+    let permissions = match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_file() => std::os::unix::fs::PermissionsExt::from_mode(
+            std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o777,
+        ),
+        _ => std::os::unix::fs::PermissionsExt::from_mode(0o644),
     };
     std::fs::set_permissions(temp.path(), permissions).map_err(io_error)?;
     temp.as_file().sync_all().map_err(io_error)?;
