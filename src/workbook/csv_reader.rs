@@ -246,32 +246,9 @@ fn scan(
     file.seek(SeekFrom::Start(bom_length as u64))
         .map_err(io_error)?;
     let mut decoder = format.encoding.new_decoder_without_bom_handling();
-    let mut parser = csv_core::ReaderBuilder::new()
-        .delimiter(format.delimiter)
-        .build();
     let mut raw = vec![0u8; CHUNK];
     let mut decoded = vec![0u8; CHUNK * 3 + 16];
-    let mut scratch = vec![0u8; CHUNK];
-    // A cell over `max_cell_chars` is refused; no more than that is ever held of one field.
-    let cap = collector
-        .limits
-        .max_cell_chars
-        .saturating_mul(4)
-        .saturating_add(4);
-    let mut field = FieldBuffer {
-        bytes: Vec::new(),
-        cap,
-        n_chars: 0,
-        has_content: false,
-        overflowed: false,
-        newlines: 0,
-    };
-    let mut record: Vec<(u32, Cell)> = Vec::new();
-    let mut column_idx: u32 = 0;
-    let mut state = ScanState {
-        between_records: true,
-        ..ScanState::default()
-    };
+    let mut records = RecordParser::new(format.delimiter, collector.limits.max_cell_chars);
     let mut raw_offset = bom_length as u64;
     let mut at_end = false;
     let mut endings = LineEndings::default();
@@ -298,7 +275,7 @@ fn scan(
             );
             let text = &decoded[..n_written];
             if let Some(nul_at) = text.iter().position(|byte| *byte == 0) {
-                let mut rows = state.rows;
+                let mut rows = records.state.rows;
                 rows.feed(&text[..nul_at]);
                 return Err(malformed(format!(
                     "row {} contains binary data (NUL bytes)",
@@ -313,16 +290,7 @@ fn scan(
                 }
                 previous_byte = byte;
             }
-            feed_parser(
-                &mut parser,
-                text,
-                &mut scratch,
-                &mut field,
-                &mut record,
-                &mut column_idx,
-                &mut state,
-                collector,
-            )?;
+            records.feed(text, collector)?;
             raw_done += n_read;
             match result {
                 encoding_rs::DecoderResult::InputEmpty => break,
@@ -332,7 +300,7 @@ fn scan(
                         raw_offset + raw_done as u64 - u64::from(n_after) - u64::from(n_bad);
                     return Err(malformed(format!(
                         "row {} (byte {offset}) is not valid {} text; set `encoding` for this source",
-                        state.rows.row(),
+                        records.state.rows.row(),
                         format.encoding.name()
                     )));
                 }
@@ -341,16 +309,7 @@ fn scan(
         raw_offset += n_raw as u64;
         if at_end {
             // Let the parser finish the last record.
-            feed_parser(
-                &mut parser,
-                &[],
-                &mut scratch,
-                &mut field,
-                &mut record,
-                &mut column_idx,
-                &mut state,
-                collector,
-            )?;
+            records.feed(&[], collector)?;
             return Ok(endings);
         }
     }
@@ -403,95 +362,123 @@ impl ScanState {
 
 use super::MOST_COLUMNS as MOST_FIELDS;
 
-#[allow(clippy::too_many_arguments)]
-fn feed_parser(
-    parser: &mut csv_core::Reader,
-    mut input: &[u8],
-    scratch: &mut [u8],
-    field: &mut FieldBuffer,
-    record: &mut Vec<(u32, Cell)>,
-    column_idx: &mut u32,
-    state: &mut ScanState,
-    collector: &mut RowCollector<'_>,
-) -> Result<(), WorkbookError> {
-    if state.finished {
-        return Ok(());
-    }
-    let max_chars = collector.limits.max_cell_chars;
-    loop {
-        let (result, n_in, n_out) = parser.read_field(input, scratch);
-        state.consume(&input[..n_in]);
-        input = &input[n_in..];
-        field.push(&scratch[..n_out]);
-        if field.overflowed && field.has_content && field.n_chars > max_chars {
-            // Longer than any cell may be: refused before the rest of it is even read.
-            return Err(collector.refusal(
-                state.row_idx(),
-                Violation::Text {
-                    column_idx: *column_idx,
-                    n_chars: None,
-                },
-            ));
+/// The CSV parser and what it holds of the record it is in: at most one field, cut at what a cell
+/// may hold, and (when cells are kept) the record's cells.
+struct RecordParser {
+    parser: csv_core::Reader,
+    scratch: Vec<u8>,
+    field: FieldBuffer,
+    record: Vec<(u32, Cell)>,
+    column_idx: u32,
+    state: ScanState,
+}
+
+impl RecordParser {
+    fn new(delimiter: u8, max_cell_chars: usize) -> RecordParser {
+        RecordParser {
+            parser: csv_core::ReaderBuilder::new().delimiter(delimiter).build(),
+            scratch: vec![0u8; CHUNK],
+            // A cell over `max_cell_chars` is refused; no more than that is held of one field.
+            field: FieldBuffer {
+                bytes: Vec::new(),
+                cap: max_cell_chars.saturating_mul(4).saturating_add(4),
+                n_chars: 0,
+                has_content: false,
+                overflowed: false,
+                newlines: 0,
+            },
+            record: Vec::new(),
+            column_idx: 0,
+            state: ScanState {
+                between_records: true,
+                ..ScanState::default()
+            },
         }
-        match result {
-            csv_core::ReadFieldResult::InputEmpty => {
-                if input.is_empty() {
+    }
+
+    /// Parses decoded text (empty at the end of the file), handing each finished record's cells
+    /// to `collector`.
+    fn feed(
+        &mut self,
+        mut input: &[u8],
+        collector: &mut RowCollector<'_>,
+    ) -> Result<(), WorkbookError> {
+        if self.state.finished {
+            return Ok(());
+        }
+        let max_chars = collector.limits.max_cell_chars;
+        loop {
+            let (result, n_in, n_out) = self.parser.read_field(input, &mut self.scratch);
+            self.state.consume(&input[..n_in]);
+            input = &input[n_in..];
+            self.field.push(&self.scratch[..n_out]);
+            if self.field.overflowed && self.field.has_content && self.field.n_chars > max_chars {
+                // Longer than any cell may be: refused before the rest of it is even read.
+                return Err(collector.refusal(
+                    self.state.row_idx(),
+                    Violation::Text {
+                        column_idx: self.column_idx,
+                        n_chars: None,
+                    },
+                ));
+            }
+            match result {
+                csv_core::ReadFieldResult::InputEmpty => {
+                    if input.is_empty() {
+                        return Ok(());
+                    }
+                }
+                csv_core::ReadFieldResult::OutputFull => {}
+                csv_core::ReadFieldResult::Field { record_end } => {
+                    self.state.record_newlines += self.field.newlines;
+                    if self.column_idx >= MOST_FIELDS {
+                        return Err(
+                            collector.refusal(self.state.row_idx(), Violation::TooManyFields)
+                        );
+                    }
+                    self.finish_field(collector)?;
+                    self.column_idx += 1;
+                    if record_end {
+                        let row_idx = self.state.row_idx();
+                        self.state.embedded_newlines += self.state.record_newlines;
+                        self.state.record_newlines = 0;
+                        self.state.between_records = true;
+                        for (column, cell) in self.record.drain(..) {
+                            collector.push(row_idx, column, cell)?;
+                        }
+                        self.column_idx = 0;
+                    }
+                }
+                csv_core::ReadFieldResult::End => {
+                    self.state.finished = true;
                     return Ok(());
                 }
             }
-            csv_core::ReadFieldResult::OutputFull => {}
-            csv_core::ReadFieldResult::Field { record_end } => {
-                state.record_newlines += field.newlines;
-                if *column_idx >= MOST_FIELDS {
-                    return Err(collector.refusal(state.row_idx(), Violation::TooManyFields));
-                }
-                finish_field(field, record, *column_idx, state, collector)?;
-                *column_idx += 1;
-                if record_end {
-                    let row_idx = state.row_idx();
-                    state.embedded_newlines += state.record_newlines;
-                    state.record_newlines = 0;
-                    state.between_records = true;
-                    for (column, cell) in record.drain(..) {
-                        collector.push(row_idx, column, cell)?;
-                    }
-                    *column_idx = 0;
-                }
-            }
-            csv_core::ReadFieldResult::End => {
-                state.finished = true;
-                return Ok(());
-            }
         }
     }
-}
 
-/// Ends one field: a blank one is nothing; any other becomes a cell of the record, once checked
-/// against the limits.
-fn finish_field(
-    field: &mut FieldBuffer,
-    record: &mut Vec<(u32, Cell)>,
-    column_idx: u32,
-    state: &ScanState,
-    collector: &RowCollector<'_>,
-) -> Result<(), WorkbookError> {
-    let text = String::from_utf8_lossy(&field.bytes);
-    if !text.trim().is_empty() {
-        // A leading apostrophe marks text that could be taken for a formula (funnelsync writes
-        // values that way); the value is what follows it.
-        let value = crate::writeback::unescape_csv_field(&text);
-        if let Some(violation) = collector.violation(column_idx, Some(value)) {
-            return Err(collector.refusal(state.row_idx(), violation));
+    /// Ends one field: a blank one is nothing; any other becomes a cell of the record, once
+    /// checked against the limits.
+    fn finish_field(&mut self, collector: &RowCollector<'_>) -> Result<(), WorkbookError> {
+        let text = String::from_utf8_lossy(&self.field.bytes);
+        if !text.trim().is_empty() {
+            // A leading apostrophe marks text that could be taken for a formula (funnelsync
+            // writes values that way); the value is what follows it.
+            let value = crate::writeback::unescape_csv_field(&text);
+            if let Some(violation) = collector.violation(self.column_idx, Some(value)) {
+                return Err(collector.refusal(self.state.row_idx(), violation));
+            }
+            if collector.keeps_cells() {
+                self.record
+                    .push((self.column_idx, Cell::Text(value.to_string())));
+            } else if self.record.is_empty() {
+                // Checking only: one mark says the row has a value.
+                self.record.push((self.column_idx, Cell::Bool(true)));
+            }
         }
-        if collector.keeps_cells() {
-            record.push((column_idx, Cell::Text(value.to_string())));
-        } else if record.is_empty() {
-            // Checking only: one mark says the row has a value.
-            record.push((column_idx, Cell::Bool(true)));
-        }
+        self.field.clear();
+        Ok(())
     }
-    field.clear();
-    Ok(())
 }
 
 /// Picks `,`, `;` or tab: the one that splits the first lines into the same, largest number of

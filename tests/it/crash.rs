@@ -7,23 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::harness::{read_xlsx, TestDir, XlsxBuilder};
-
-/// A small deterministic generator, so a failure can be replayed with the same seed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::harness::{read_xlsx, Random, TestDir, XlsxBuilder};
 
 /// Saves a workbook the way Excel does: a temp file, then a rename over the original.
 fn save_like_excel(test: &TestDir, name: &str, builder: &XlsxBuilder) {

@@ -661,33 +661,6 @@ fn a_sparse_wide_sheet_within_the_limits_is_read_in_little_memory() {
     );
 }
 
-/// A small deterministic random source (xorshift), so a failing round can be replayed with
-/// `FUNNELSYNC_FUZZ_SEED`.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-
-    /// Up to `most` random bytes.
-    fn some_bytes(&mut self, most: usize) -> Vec<u8> {
-        let n = self.below(most);
-        self.bytes(n)
-    }
-}
-
 /// Text a hostile or broken generator might put into XML: far cells, huge numbers, entities,
 /// a document type, deep nesting, lone brackets.
 const XML_SNIPPETS: [&str; 10] = [
@@ -705,7 +678,7 @@ const XML_SNIPPETS: [&str; 10] = [
 
 /// Rewrites a workbook with each XML part mutated: bytes flipped, cut, repeated, and hostile
 /// snippets inserted — then zipped again with valid checksums, so the XML reaches the parsers.
-fn mutated_workbook(base: &[u8], random: &mut Random) -> Vec<u8> {
+fn mutated_workbook(base: &[u8], random: &mut crate::harness::Random) -> Vec<u8> {
     use std::io::{Read, Write};
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(base)).expect("zip");
     let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
@@ -715,20 +688,20 @@ fn mutated_workbook(base: &[u8], random: &mut Random) -> Vec<u8> {
         let name = entry.name().expect("entry name").into_owned();
         let mut content = Vec::new();
         entry.read_to_end(&mut content).expect("read");
-        if random.below(3) > 0 && !content.is_empty() {
-            for _ in 0..1 + random.below(4) {
-                let at = random.below(content.len());
-                match random.below(5) {
+        if random.index(3) > 0 && !content.is_empty() {
+            for _ in 0..1 + random.index(4) {
+                let at = random.index(content.len());
+                match random.index(5) {
                     0 => content[at] = random.next() as u8,
                     1 => content.truncate(at),
                     2 => {
-                        let snippet = XML_SNIPPETS[random.below(XML_SNIPPETS.len())];
+                        let snippet = XML_SNIPPETS[random.index(XML_SNIPPETS.len())];
                         content.splice(at..at, snippet.bytes());
                     }
                     3 => {
-                        let end = (at + 1 + random.below(64)).min(content.len());
+                        let end = (at + 1 + random.index(64)).min(content.len());
                         let piece = content[at..end].to_vec();
-                        for _ in 0..random.below(200) {
+                        for _ in 0..random.index(200) {
                             content.splice(at..at, piece.iter().copied());
                         }
                     }
@@ -748,29 +721,29 @@ fn mutated_workbook(base: &[u8], random: &mut Random) -> Vec<u8> {
     writer.finish().expect("finish").into_inner()
 }
 
-fn mutated_csv(random: &mut Random) -> Vec<u8> {
+fn mutated_csv(random: &mut crate::harness::Random) -> Vec<u8> {
     let mut text =
         b"Company,Stage,Amount\r\nAcme,Lead,100\r\n\"Beta\r\nCo\",Won,\"1,200\"\r\n".to_vec();
-    if random.below(2) == 0 {
+    if random.index(2) == 0 {
         text = encoding_rs::GB18030
             .encode("公司,阶段\n甲,机会\n")
             .0
             .into_owned();
     }
-    for _ in 0..1 + random.below(6) {
-        let at = random.below(text.len() + 1);
-        match random.below(4) {
+    for _ in 0..1 + random.index(6) {
+        let at = random.index(text.len() + 1);
+        match random.index(4) {
             0 => {
                 let noise = random.some_bytes(16);
                 text.splice(at..at, noise);
             }
             1 => {
-                let quotes = vec![b'"'; random.below(5)];
+                let quotes = vec![b'"'; random.index(5)];
                 text.splice(at..at, quotes);
             }
             2 => text.truncate(at),
             _ => {
-                let commas = vec![b','; random.below(20_000)];
+                let commas = vec![b','; random.index(20_000)];
                 text.splice(at..at, commas);
             }
         }
@@ -784,7 +757,7 @@ fn random_and_mutated_files_never_panic_and_stay_in_bounded_memory() {
         .ok()
         .and_then(|seed| seed.parse().ok())
         .unwrap_or(0x5eed_f00d);
-    let mut random = Random(seed | 1);
+    let mut random = crate::harness::Random(seed | 1);
     let test = TestDir::new();
     std::fs::create_dir_all(test.path("share")).expect("share");
     let base = crate::harness::XlsxBuilder::new()
@@ -1082,14 +1055,7 @@ fn a_server_echoing_the_login_never_puts_it_in_output_or_the_store() {
         .unwrap_or("")
         .to_string();
     assert!(credentials.len() > 8, "{auth_line}");
-    let errors: String = test
-        .store()
-        .query_row(
-            "SELECT group_concat(coalesce(last_error, ''), '|') FROM outbox",
-            [],
-            |row| row.get(0),
-        )
-        .expect("errors");
+    let errors = test.outbox_errors();
     assert!(
         errors.contains("535"),
         "the failure itself is kept: {errors}"

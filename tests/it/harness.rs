@@ -319,6 +319,52 @@ pub fn keys(value: &Value) -> Vec<String> {
     keys
 }
 
+impl TestDir {
+    /// Every `last_error` of the mail outbox, joined with `|`.
+    pub fn outbox_errors(&self) -> String {
+        self.store()
+            .query_row(
+                "SELECT coalesce(group_concat(coalesce(last_error, ''), '|'), '') FROM outbox",
+                [],
+                |row| row.get(0),
+            )
+            .expect("outbox errors")
+    }
+}
+
+/// A small deterministic random source (xorshift), so a failing round can be replayed with the
+/// same seed.
+pub struct Random(pub u64);
+
+impl Random {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// An index below `len` (0 when `len` is 0).
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    /// Up to `most` random bytes.
+    pub fn some_bytes(&mut self, most: usize) -> Vec<u8> {
+        let n = self.index(most);
+        self.bytes(n)
+    }
+}
+
 /// The report of the file whose path ends with `name` in `sync --format json` output.
 #[track_caller]
 pub fn file_report<'a>(report: &'a Value, name: &str) -> &'a Value {

@@ -401,14 +401,7 @@ fn the_password_never_shows_in_output_or_records() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(!all_output.contains("s3cret-Passw0rd"), "{all_output}");
-    let errors: String = test
-        .store()
-        .query_row(
-            "SELECT group_concat(coalesce(last_error, ''), '|') FROM outbox",
-            [],
-            |row| row.get(0),
-        )
-        .expect("errors");
+    let errors = test.outbox_errors();
     assert!(!errors.contains("s3cret-Passw0rd"), "{errors}");
 }
 
