@@ -49,14 +49,8 @@ fn edited(
 
 #[test]
 fn killing_the_daemon_at_any_moment_loses_nothing() {
-    let rounds: u64 = std::env::var("FUNNELSYNC_CRASH_ROUNDS")
-        .ok()
-        .and_then(|rounds| rounds.parse().ok())
-        .unwrap_or(50);
-    let seed = std::env::var("FUNNELSYNC_CRASH_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or(0x5EED_1234_u64);
+    let rounds: u64 = crate::harness::env_number("FUNNELSYNC_CRASH_ROUNDS", 50);
+    let seed: u64 = crate::harness::env_number("FUNNELSYNC_CRASH_SEED", 0x5EED_1234);
     let mut random = Random(seed);
     let test = TestDir::new();
     std::fs::create_dir_all(test.path("share")).expect("share");

@@ -753,10 +753,7 @@ fn mutated_csv(random: &mut crate::harness::Random) -> Vec<u8> {
 
 #[test]
 fn random_and_mutated_files_never_panic_and_stay_in_bounded_memory() {
-    let seed: u64 = std::env::var("FUNNELSYNC_FUZZ_SEED")
-        .ok()
-        .and_then(|seed| seed.parse().ok())
-        .unwrap_or(0x5eed_f00d);
+    let seed: u64 = crate::harness::env_number("FUNNELSYNC_FUZZ_SEED", 0x5eed_f00d);
     let mut random = crate::harness::Random(seed | 1);
     let test = TestDir::new();
     std::fs::create_dir_all(test.path("share")).expect("share");
@@ -1031,16 +1028,13 @@ fn a_server_echoing_the_login_never_puts_it_in_output_or_the_store() {
     ));
     test.sync().assert_code(0);
     let later = (chrono::Utc::now() + chrono::Duration::days(60)).to_rfc3339();
-    let output = test
-        .command(&["--now", &later, "remind"])
-        .env("RUST_LOG", "trace")
-        .output()
-        .expect("run");
-    let all_output = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let run = crate::harness::Run::from_output(
+        test.command(&["--now", &later, "remind"])
+            .env("RUST_LOG", "trace")
+            .output()
+            .expect("run"),
     );
+    let all_output = format!("{}{}", run.stdout, run.stderr);
     // The login really went out and was echoed back.
     let auth_line = received
         .lock()

@@ -136,7 +136,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from_output(output: Output) -> Run {
+    pub fn from_output(output: Output) -> Run {
         Run {
             code: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -330,6 +330,14 @@ impl TestDir {
             )
             .expect("outbox errors")
     }
+}
+
+/// A number from the environment (to vary a randomised test), else `default`.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A small deterministic random source (xorshift), so a failing round can be replayed with the
