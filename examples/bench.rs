@@ -265,12 +265,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                 .crm()
                 .list_deals(&funnelsync::store::DealFilter::default())
                 .expect("deals");
-            let n_columns = sheet
-                .rows
-                .iter()
-                .map(|row| row.width())
-                .max()
-                .unwrap_or(0);
+            let n_columns = sheet.rows.iter().map(|row| row.width()).max().unwrap_or(0);
             let plan = funnelsync::writeback::plan(&header, n_columns, &outcomes, &view);
             let n_overrides: usize = plan.rows.iter().map(|row| row.overrides.len()).sum();
             assert_eq!(n_overrides, 1, "exactly one cell changes");
