@@ -10,6 +10,21 @@ use crate::harness::{file_report, TestDir};
 /// The uid and gid of `nobody`/`nogroup` on Linux: someone who is not the service user.
 const NOBODY: u32 = 65_534;
 
+/// Whether the test may change owners (it runs as root). Elsewhere the test is skipped, except in
+/// CI, where it must run.
+fn running_as_root(test_name: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test_name} changes file owners and must run as root in CI"
+    );
+    eprintln!("{test_name}: skipped, it changes file owners and needs root");
+    false
+}
+
 fn mode_of(path: &Path) -> u32 {
     std::fs::metadata(path)
         .expect("metadata")
@@ -97,6 +112,9 @@ fn a_symlinked_backup_folder_is_refused_and_nothing_outside_the_share_changes() 
 
 #[test]
 fn a_backup_folder_owned_by_someone_else_is_refused() {
+    if !running_as_root("a_backup_folder_owned_by_someone_else_is_refused") {
+        return;
+    }
     let test = TestDir::new();
     std::fs::create_dir_all(test.path("share/.funnelsync/backups")).expect("folders");
     chown(&test.path("share/.funnelsync"), NOBODY, NOBODY);
@@ -153,6 +171,9 @@ fn the_admin_is_alerted_when_backups_are_refused() {
 
 #[test]
 fn write_back_keeps_owner_group_and_mode_and_drops_setuid() {
+    if !running_as_root("write_back_keeps_owner_group_and_mode_and_drops_setuid") {
+        return;
+    }
     let test = TestDir::new();
     test.write("share/private.csv", leads_csv(&["Acme"]));
     test.write("share/team.csv", leads_csv(&["Beta"]));
@@ -1112,4 +1133,64 @@ fn check_config_warns_about_password_files_and_refuses_a_login_in_clear() {
     let check = test.run(&["check-config"]);
     check.assert_code(0);
     assert!(!check.stderr.contains("warning"), "{}", check.stderr);
+}
+
+#[test]
+fn a_service_that_may_not_give_files_away_keeps_the_group_or_drops_group_access() {
+    if !running_as_root("a_service_that_may_not_give_files_away") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let test = TestDir::new();
+    // The service runs as `nobody`, a member of group 100 only.
+    std::fs::set_permissions(test.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    std::fs::create_dir_all(test.path("state")).expect("state");
+    chown(&test.path("state"), NOBODY, NOBODY);
+    test.write("share/team.csv", leads_csv(&["Acme"]));
+    test.write("share/other.csv", leads_csv(&["Beta"]));
+    chown(&test.path("share"), NOBODY, NOBODY);
+    chown(&test.path("share/team.csv"), 0, 100);
+    chmod(&test.path("share/team.csv"), 0o664);
+    chown(&test.path("share/other.csv"), 0, 0);
+    chmod(&test.path("share/other.csv"), 0o666);
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nbackups = 0\n");
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--groups=100", "--"])
+        .arg(crate::harness::BINARY)
+        .arg("--config")
+        .arg(test.config_path())
+        .args(["sync", "--format", "json"])
+        .current_dir(test.dir.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("setpriv");
+    let run = crate::harness::Run::from_output(output);
+    let report = run.json();
+    for name in ["team.csv", "other.csv"] {
+        assert_eq!(
+            write_back_of(&report, name).0,
+            "written",
+            "{name}: {report}\n{}",
+            run.stderr
+        );
+    }
+    // The group is kept where the service belongs to it.
+    let team = std::fs::metadata(test.path("share/team.csv")).expect("team");
+    assert_eq!((team.uid(), team.gid()), (NOBODY, 100));
+    assert_eq!(mode_of(&test.path("share/team.csv")), 0o664);
+    // Elsewhere the file loses its group permissions rather than open up to the service's group.
+    let other = std::fs::metadata(test.path("share/other.csv")).expect("other");
+    assert_eq!(other.uid(), NOBODY);
+    assert_eq!(mode_of(&test.path("share/other.csv")), 0o606);
+    // One warning per file, even when the second pass of `sync` writes a file again.
+    assert_eq!(
+        run.stderr
+            .matches("may not give the rewritten file its owner")
+            .count(),
+        2,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.matches("other.csv").count(), 1, "{}", run.stderr);
 }
