@@ -351,6 +351,7 @@ const SOURCE_KEYS: &[&str] = &[
     "filter",
     "view",
     "backups",
+    "follow_symlinks",
 ];
 
 /// Reports every key of a table section that is not one of `known` (each at its own line) and

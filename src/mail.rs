@@ -231,7 +231,7 @@ impl Mailer {
             Ok(Err(error)) if error.is_permanent() || error.is_transient() => {
                 Err(MailError::Refused {
                     recipient: recipient.to_string(),
-                    message: error.to_string(),
+                    message: redact_reply(&error.to_string(), &self.secrets),
                     permanent: error.is_permanent(),
                 })
             }
