@@ -288,6 +288,14 @@ DROP TABLE row_errors;
 ALTER TABLE row_errors_new RENAME TO row_errors;
 CREATE INDEX row_errors_file ON row_errors(file);
 "#,
+    r#"
+-- The change counter moves once per transaction that changes deals (the code stamps the deals it
+-- changes with the new value), not once per row through triggers: a trigger on every insert made
+-- a bulk import open a statement journal per row.
+DROP TRIGGER IF EXISTS deals_inserted;
+DROP TRIGGER IF EXISTS deals_updated;
+DROP TRIGGER IF EXISTS deals_deleted;
+"#,
 ];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {
@@ -387,6 +395,10 @@ impl Store {
             .map_err(open_error)?;
         connection
             .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_error)?;
+        // Statement journals and sorts stay in memory instead of spilling to a temp file.
+        connection
+            .pragma_update(None, "temp_store", "MEMORY")
             .map_err(open_error)?;
         let mut store = Store {
             path: path.to_path_buf(),
@@ -651,6 +663,8 @@ pub trait CrmStore {
 /// [`CrmStore`] over a SQLite connection (or transaction, which derefs to one).
 pub struct SqliteCrm<'c> {
     connection: &'c Connection,
+    /// The change counter this transaction moved the store to, once it changed a deal.
+    stamped: std::cell::Cell<Option<i64>>,
 }
 
 /// The columns a deal is read from, in this order: the id, every field (in `Field::ALL` order,
@@ -668,7 +682,27 @@ const AFTER_FIELDS: usize = Field::ALL.len() + 1;
 
 impl<'c> SqliteCrm<'c> {
     pub fn new(connection: &'c Connection) -> SqliteCrm<'c> {
-        SqliteCrm { connection }
+        SqliteCrm {
+            connection,
+            stamped: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Moves the store's change counter on for a change to deals and returns its new value, which
+    /// the changed deals record. Within a transaction the counter moves once, however many deals
+    /// change; outside one, once per change.
+    fn stamp(&self) -> Result<i64, StoreError> {
+        if let Some(version) = self.stamped.get() {
+            return Ok(version);
+        }
+        let version: i64 = self
+            .connection
+            .prepare_cached("UPDATE store_meta SET version = version + 1 WHERE id = 1 RETURNING version")?
+            .query_row([], |row| row.get(0))?;
+        if !self.connection.is_autocommit() {
+            self.stamped.set(Some(version));
+        }
+        Ok(version)
     }
 
     fn deal_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Deal, StoreError>> {
@@ -930,13 +964,13 @@ impl CrmStore for SqliteCrm<'_> {
             Some(at) => rusqlite::types::Value::Text(timestamp(at)),
             None => rusqlite::types::Value::Null,
         });
+        values.push(rusqlite::types::Value::Integer(self.stamp()?));
         let field_names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
         let placeholders: Vec<String> = (1..=values.len()).map(|n| format!("?{n}")).collect();
         // Column names come from the closed Field enum, never from input.
-        // The insert's trigger moves the change counter on by one: the deal records that value.
         let sql = format!(
             "INSERT INTO deals ({}, extra, created_at, updated_at, stage_entered_at, changed_version) \
-             VALUES ({}, (SELECT version + 1 FROM store_meta WHERE id = 1))",
+             VALUES ({})",
             field_names.join(", "),
             placeholders.join(", ")
         );
@@ -1011,8 +1045,8 @@ impl CrmStore for SqliteCrm<'_> {
                 .execute(params![extra_text, id])?;
         }
         self.connection
-            .prepare_cached("UPDATE deals SET updated_at = ?1, changed_version = (SELECT version + 1 FROM store_meta WHERE id = 1) WHERE id = ?2")?
-            .execute(params![now_text, id])?;
+            .prepare_cached("UPDATE deals SET updated_at = ?1, changed_version = ?3 WHERE id = ?2")?
+            .execute(params![now_text, id, self.stamp()?])?;
         Ok(())
     }
 
@@ -1023,24 +1057,38 @@ impl CrmStore for SqliteCrm<'_> {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let now_text = timestamp(now);
+        let is_archived: Option<bool> = self
+            .connection
+            .prepare_cached("SELECT archived_at IS NOT NULL FROM deals WHERE id = ?1")?
+            .query_row([id], |row| row.get(0))
+            .optional()?;
+        if is_archived != Some(!archived) {
+            return Ok(false);
+        }
+        let version = self.stamp()?;
         let changed = if archived {
             self.connection
-                .prepare_cached("UPDATE deals SET archived_at = ?1, updated_at = ?1, changed_version = (SELECT version + 1 FROM store_meta WHERE id = 1) WHERE id = ?2 AND archived_at IS NULL")?
-                .execute(params![now_text, id])?
+                .prepare_cached("UPDATE deals SET archived_at = ?1, updated_at = ?1, changed_version = ?3 WHERE id = ?2 AND archived_at IS NULL")?
+                .execute(params![now_text, id, version])?
         } else {
             self.connection
-                .prepare_cached("UPDATE deals SET archived_at = NULL, updated_at = ?1, changed_version = (SELECT version + 1 FROM store_meta WHERE id = 1) WHERE id = ?2 AND archived_at IS NOT NULL")?
-                .execute(params![now_text, id])?
+                .prepare_cached("UPDATE deals SET archived_at = NULL, updated_at = ?1, changed_version = ?3 WHERE id = ?2 AND archived_at IS NOT NULL")?
+                .execute(params![now_text, id, version])?
         };
         Ok(changed > 0)
     }
 
     fn delete_deal(&self, id: DealId) -> Result<bool, StoreError> {
-        Ok(self
+        let deleted = self
             .connection
             .prepare_cached("DELETE FROM deals WHERE id = ?1")?
             .execute([id])?
-            > 0)
+            > 0;
+        if deleted {
+            // The files that showed it must hear of it.
+            self.stamp()?;
+        }
+        Ok(deleted)
     }
 
     fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError> {
@@ -1162,10 +1210,11 @@ impl CrmStore for SqliteCrm<'_> {
             optional_time(deal.stage_entered_at),
             optional_time(deal.archived_at),
         ]);
+        values.push(Value::Integer(self.stamp()?));
         let placeholders: Vec<String> = (1..=values.len()).map(|n| format!("?{n}")).collect();
         self.connection.execute(
             &format!(
-                "INSERT INTO deals ({}, changed_version) VALUES ({}, (SELECT version + 1 FROM store_meta WHERE id = 1))",
+                "INSERT INTO deals ({}, changed_version) VALUES ({})",
                 deal_columns(),
                 placeholders.join(", ")
             ),
