@@ -285,6 +285,13 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             );
             return;
         }
+        // For profiling by hand: (re)write the workbook, unchanged or with one cell changed.
+        "generate" => {
+            generate(&path, n_rows, None);
+        }
+        "generate-changed" => {
+            generate(&path, n_rows, Some(n_rows / 2));
+        }
         "xlsxwriter" => {
             generate(&folder.join("alone.xlsx"), n_rows, None);
         }

@@ -697,7 +697,9 @@ impl<'c> SqliteCrm<'c> {
         }
         let version: i64 = self
             .connection
-            .prepare_cached("UPDATE store_meta SET version = version + 1 WHERE id = 1 RETURNING version")?
+            .prepare_cached(
+                "UPDATE store_meta SET version = version + 1 WHERE id = 1 RETURNING version",
+            )?
             .query_row([], |row| row.get(0))?;
         if !self.connection.is_autocommit() {
             self.stamped.set(Some(version));

@@ -77,6 +77,8 @@ pub struct SheetRow {
     pub row_number: u32,
     /// The non-empty cells by 0-based column index, in column order.
     cells: Vec<(u32, Cell)>,
+    /// The columns whose cell holds a formula (only .xlsx/.xlsm say), in column order.
+    pub formula_columns: Vec<u32>,
 }
 
 impl SheetRow {
@@ -85,6 +87,7 @@ impl SheetRow {
         let mut row = SheetRow {
             row_number,
             cells: Vec::new(),
+            formula_columns: Vec::new(),
         };
         for (column_idx, cell) in cells.into_iter().enumerate() {
             row.set(u32::try_from(column_idx).unwrap_or(u32::MAX), cell);
@@ -126,6 +129,43 @@ impl SheetRow {
         self.cells.is_empty()
     }
 
+    /// A hash of the row's cells as written (each value with its kind and column), leaving out
+    /// one column (the key column, which funnelsync itself fills in). Two rows hash alike only
+    /// when a spreadsheet shows them alike; the hash is stable across runs and versions.
+    pub fn raw_hash(&self, except_column: Option<usize>) -> i64 {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        for (column_idx, cell) in &self.cells {
+            if except_column == Some(*column_idx as usize) {
+                continue;
+            }
+            hasher.update(&column_idx.to_le_bytes());
+            match cell {
+                Cell::Empty => hasher.update(&[0]),
+                Cell::Text(text) => {
+                    hasher.update(&[1]);
+                    hasher.update(&(text.len() as u64).to_le_bytes());
+                    hasher.update(text.as_bytes());
+                }
+                Cell::Number(number) => {
+                    hasher.update(&[2]);
+                    hasher.update(&number.to_bits().to_le_bytes());
+                }
+                Cell::Bool(value) => hasher.update(&[3, u8::from(*value)]),
+                Cell::DateTime(datetime) => {
+                    hasher.update(&[4]);
+                    hasher.update(&datetime.and_utc().timestamp_micros().to_le_bytes());
+                }
+                Cell::Error(error) => {
+                    hasher.update(&[5]);
+                    hasher.update(&(error.len() as u64).to_le_bytes());
+                    hasher.update(error.as_bytes());
+                }
+            }
+        }
+        // Stored in an SQLite INTEGER: the same 64 bits, signed.
+        hasher.digest() as i64
+    }
+
     fn set(&mut self, column_idx: u32, cell: Cell) {
         if cell.is_empty() {
             return;
@@ -162,13 +202,29 @@ pub enum Violation {
     },
 }
 
+/// Where a collector puts the rows it completes: nowhere (a check that keeps nothing), a list, or
+/// a sink that takes them in batches as the reader goes.
+enum Keep<'a> {
+    Nothing,
+    All(Vec<SheetRow>),
+    Batches {
+        /// Completed rows not handed over yet, then the row being filled.
+        rows: Vec<SheetRow>,
+        sink: &'a mut dyn FnMut(Vec<SheetRow>) -> Result<(), WorkbookError>,
+    },
+}
+
+/// How many rows a streaming collector hands over at a time.
+pub const ROW_BATCH: usize = 512;
+
 /// Takes cells as a reader finds them and checks each against the limits before anything is kept
-/// for it: its column, its length, and the number of rows. A counting collector keeps nothing
-/// (the first pass); a keeping one builds the sparse rows.
+/// for it: its column, its length, and the number of rows. A counting collector keeps nothing; a
+/// keeping one builds the sparse rows; a streaming one hands them to a sink in batches, so that
+/// memory does not grow with the sheet.
 pub struct RowCollector<'a> {
     path: &'a Path,
     pub(crate) limits: &'a Limits,
-    rows: Option<Vec<SheetRow>>,
+    keep: Keep<'a>,
     n_rows: usize,
     last_row: Option<u32>,
 }
@@ -178,7 +234,7 @@ impl<'a> RowCollector<'a> {
         RowCollector {
             path,
             limits,
-            rows: None,
+            keep: Keep::Nothing,
             n_rows: 0,
             last_row: None,
         }
@@ -186,17 +242,44 @@ impl<'a> RowCollector<'a> {
 
     pub fn keeping(path: &'a Path, limits: &'a Limits) -> RowCollector<'a> {
         RowCollector {
-            rows: Some(Vec::new()),
+            keep: Keep::All(Vec::new()),
             ..RowCollector::counting(path, limits)
         }
     }
 
+    pub fn streaming(
+        path: &'a Path,
+        limits: &'a Limits,
+        sink: &'a mut dyn FnMut(Vec<SheetRow>) -> Result<(), WorkbookError>,
+    ) -> RowCollector<'a> {
+        RowCollector {
+            keep: Keep::Batches {
+                rows: Vec::with_capacity(ROW_BATCH + 1),
+                sink,
+            },
+            ..RowCollector::counting(path, limits)
+        }
+    }
+
+    /// Hands the last rows to a streaming collector's sink.
+    pub fn finish(&mut self) -> Result<(), WorkbookError> {
+        if let Keep::Batches { rows, sink } = &mut self.keep {
+            if !rows.is_empty() {
+                sink(std::mem::take(rows))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn keeps_cells(&self) -> bool {
-        self.rows.is_some()
+        !matches!(self.keep, Keep::Nothing)
     }
 
     pub fn into_rows(self) -> Vec<SheetRow> {
-        self.rows.unwrap_or_default()
+        match self.keep {
+            Keep::All(rows) => rows,
+            _ => Vec::new(),
+        }
     }
 
     /// Whether a non-empty cell in this column (with this text) goes past a limit.
@@ -274,6 +357,44 @@ impl<'a> RowCollector<'a> {
         if let Some(violation) = self.violation(column_idx, text) {
             return Err(self.refusal(row_idx, violation));
         }
+        self.start_row(row_idx)?;
+        let row = match &mut self.keep {
+            Keep::Nothing => None,
+            Keep::All(rows) | Keep::Batches { rows, .. } => rows.last_mut(),
+        };
+        if let Some(row) = row {
+            row.set(column_idx, value);
+        }
+        Ok(())
+    }
+
+    /// Notes that the cell at (row, column), both 0-based, holds a formula.
+    pub fn mark_formula(&mut self, row_idx: u32, column_idx: u32) -> Result<(), WorkbookError> {
+        if column_idx as usize >= self.limits.max_columns {
+            return Ok(());
+        }
+        self.start_row(row_idx)?;
+        let row = match &mut self.keep {
+            Keep::Nothing => None,
+            Keep::All(rows) | Keep::Batches { rows, .. } => rows.last_mut(),
+        };
+        if let Some(row) = row {
+            if row
+                .formula_columns
+                .last()
+                .is_none_or(|last| *last < column_idx)
+            {
+                row.formula_columns.push(column_idx);
+            } else if !row.formula_columns.contains(&column_idx) {
+                row.formula_columns.push(column_idx);
+                row.formula_columns.sort_unstable();
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the row at `row_idx` (0-based) the current one, counting it against the limits.
+    fn start_row(&mut self, row_idx: u32) -> Result<(), WorkbookError> {
         let row_number = row_idx.saturating_add(1);
         if self.last_row != Some(row_number) {
             self.n_rows += 1;
@@ -285,15 +406,25 @@ impl<'a> RowCollector<'a> {
                 });
             }
             self.last_row = Some(row_number);
-            if let Some(rows) = &mut self.rows {
-                rows.push(SheetRow {
+            match &mut self.keep {
+                Keep::Nothing => {}
+                Keep::All(rows) => rows.push(SheetRow {
                     row_number,
                     cells: Vec::new(),
-                });
+                    formula_columns: Vec::new(),
+                }),
+                Keep::Batches { rows, sink } => {
+                    // The rows before the new one are complete.
+                    if rows.len() >= ROW_BATCH {
+                        sink(std::mem::take(rows))?;
+                    }
+                    rows.push(SheetRow {
+                        row_number,
+                        cells: Vec::new(),
+                        formula_columns: Vec::new(),
+                    });
+                }
             }
-        }
-        if let Some(row) = self.rows.as_mut().and_then(|rows| rows.last_mut()) {
-            row.set(column_idx, value);
         }
         Ok(())
     }
@@ -610,12 +741,193 @@ pub fn parse_file(
     })
 }
 
+/// The managed sheet of a file, read on a thread of its own while the caller works on the rows
+/// already read: parsing uses one core, mapping and applying the other. Rows come in batches
+/// through a bounded channel, so no more than a few batches are ever held.
+pub struct SheetStream {
+    pub path: PathBuf,
+    pub format: FileFormat,
+    pub sheet_name: String,
+    /// SHA-256 of the file's bytes, hex.
+    pub content_hash: String,
+    /// The file's modification time.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
+    receiver: std::sync::mpsc::Receiver<Message>,
+    end: Option<StreamEnd>,
+}
+
+enum Message {
+    Piece(Piece),
+    End(Result<StreamEnd, WorkbookError>),
+}
+
+/// How many batches of rows may wait between the reading thread and the caller.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+impl SheetStream {
+    /// Starts reading an opened file (from [`open_file`]). Returns once the managed sheet is
+    /// known, or with the error that stopped the read before it got there.
+    pub fn start(
+        opened: OpenedFile,
+        sheet: Option<&str>,
+        csv_encoding: crate::config::CsvEncoding,
+        limits: &Limits,
+    ) -> Result<SheetStream, WorkbookError> {
+        let path = opened.path.clone();
+        let format = format_of(&path).ok_or_else(|| WorkbookError::Unsupported {
+            path: path.to_path_buf(),
+        })?;
+        let content_hash = opened.content_hash.clone();
+        let stamp = opened.stamp;
+        let modified = std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::new(
+                u64::try_from(stamp.modified_seconds).unwrap_or(0),
+                u32::try_from(stamp.modified_nanoseconds).unwrap_or(0),
+            ))
+            .map(chrono::DateTime::<chrono::Utc>::from);
+        let (sender, receiver) = std::sync::mpsc::sync_channel(BATCHES_IN_FLIGHT);
+        let wanted = sheet.map(str::to_string);
+        let limits = *limits;
+        let spawned = std::thread::Builder::new()
+            .name("funnelsync-read".to_string())
+            .spawn(move || {
+                let OpenedFile {
+                    path,
+                    mut file,
+                    stamp,
+                    census,
+                    ..
+                } = opened;
+                let mut emit = |piece: Piece| {
+                    sender.send(Message::Piece(piece)).map_err(|_| {
+                        // The caller stopped listening: nothing more to read for.
+                        WorkbookError::Incomplete {
+                            path: path.clone(),
+                            detail: "the read was stopped".to_string(),
+                        }
+                    })
+                };
+                let read = guarded(&path, || {
+                    stream_format(
+                        &path,
+                        &mut file,
+                        format,
+                        wanted.as_deref(),
+                        csv_encoding,
+                        census.as_ref(),
+                        &limits,
+                        &mut emit,
+                    )
+                });
+                // The rows must describe the bytes that were hashed.
+                let read = read.and_then(|end| {
+                    if FileStamp::of(&path, &file)? != stamp {
+                        return Err(WorkbookError::Incomplete {
+                            path: path.to_path_buf(),
+                            detail: "the file changed while it was being read".to_string(),
+                        });
+                    }
+                    Ok(end)
+                });
+                let _ = sender.send(Message::End(read));
+            });
+        if let Err(source) = spawned {
+            return Err(WorkbookError::Io { path, source });
+        }
+        let mut stream = SheetStream {
+            path,
+            format,
+            sheet_name: String::new(),
+            content_hash,
+            modified,
+            receiver,
+            end: None,
+        };
+        match stream.receive()? {
+            Some(Piece::Sheet(name)) => stream.sheet_name = name,
+            Some(Piece::Rows(_)) | None => {
+                return Err(WorkbookError::Malformed {
+                    path: stream.path.clone(),
+                    expected: "readable workbook",
+                    detail: "the reader gave rows before the sheet".to_string(),
+                })
+            }
+        }
+        Ok(stream)
+    }
+
+    fn receive(&mut self) -> Result<Option<Piece>, WorkbookError> {
+        if self.end.is_some() {
+            return Ok(None);
+        }
+        match self.receiver.recv() {
+            Ok(Message::Piece(piece)) => Ok(Some(piece)),
+            Ok(Message::End(Ok(end))) => {
+                self.end = Some(end);
+                Ok(None)
+            }
+            Ok(Message::End(Err(error))) => Err(error),
+            Err(_) => Err(WorkbookError::Malformed {
+                path: self.path.clone(),
+                expected: "readable workbook",
+                detail: "the reader stopped without a word".to_string(),
+            }),
+        }
+    }
+
+    /// The next batch of rows, or `None` once the whole sheet was read (then [`Self::end`] says
+    /// what was learnt at the end).
+    pub fn next_rows(&mut self) -> Result<Option<Vec<SheetRow>>, WorkbookError> {
+        loop {
+            match self.receive()? {
+                Some(Piece::Rows(rows)) => return Ok(Some(rows)),
+                Some(Piece::Sheet(_)) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// What the read learnt at the end; `None` until [`Self::next_rows`] returned `None`.
+    pub fn end(&self) -> Option<&StreamEnd> {
+        self.end.as_ref()
+    }
+}
+
+/// Runs a parser over hostile bytes: should it panic, the file is refused like any malformed
+/// file rather than taking the daemon down.
+fn guarded<T>(
+    path: &Path,
+    parse: impl FnOnce() -> Result<T, WorkbookError>,
+) -> Result<T, WorkbookError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)) {
+        Ok(parsed) => parsed,
+        Err(_) => Err(WorkbookError::Malformed {
+            path: path.to_path_buf(),
+            expected: "readable workbook",
+            detail: "the reader stopped on an internal error reading it".to_string(),
+        }),
+    }
+}
+
 /// Where a sheet's formulas are: (Excel row number, 0-based column), in sheet order.
-type FormulaCells = Vec<(u32, u32)>;
+pub type FormulaCells = Vec<(u32, u32)>;
 
 /// The managed sheet's name and rows, for a .csv how it was written, and for an .xlsx where its
 /// formulas are.
 type Parsed = (String, Vec<SheetRow>, Option<CsvFormat>, FormulaCells);
+
+/// What a streaming read hands over as it goes: first the managed sheet's name, then its rows in
+/// batches.
+pub enum Piece {
+    Sheet(String),
+    Rows(Vec<SheetRow>),
+}
+
+/// What a streaming read knows once it got to the end.
+#[derive(Debug, Clone, Default)]
+pub struct StreamEnd {
+    pub csv_format: Option<CsvFormat>,
+}
 
 fn parse_format(
     path: &Path,
@@ -626,27 +938,74 @@ fn parse_format(
     census: Option<&csv_reader::Utf8Census>,
     limits: &Limits,
 ) -> Result<Parsed, WorkbookError> {
+    let mut sheet_name = String::new();
+    let mut rows = Vec::new();
+    let mut emit = |piece: Piece| {
+        match piece {
+            Piece::Sheet(name) => sheet_name = name,
+            Piece::Rows(batch) => rows.extend(batch),
+        }
+        Ok(())
+    };
+    let end = stream_format(
+        path,
+        file,
+        format,
+        sheet,
+        csv_encoding,
+        census,
+        limits,
+        &mut emit,
+    )?;
+    let formula_cells = rows
+        .iter()
+        .flat_map(|row| {
+            row.formula_columns
+                .iter()
+                .map(move |column_idx| (row.row_number, *column_idx))
+        })
+        .collect();
+    Ok((sheet_name, rows, end.csv_format, formula_cells))
+}
+
+/// Reads the managed sheet in one pass, handing its name and then its rows to `emit` as they come.
+#[allow(clippy::too_many_arguments)]
+fn stream_format(
+    path: &Path,
+    file: &mut std::fs::File,
+    format: FileFormat,
+    sheet: Option<&str>,
+    csv_encoding: crate::config::CsvEncoding,
+    census: Option<&csv_reader::Utf8Census>,
+    limits: &Limits,
+    emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
+) -> Result<StreamEnd, WorkbookError> {
     if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
         check_zip(path, file, limits)?;
     }
-    Ok(match format {
+    match format {
         FileFormat::Csv => {
-            let (rows, csv_format) = csv_reader::read(path, file, csv_encoding, census, limits)?;
             let sheet_name = path
                 .file_stem()
                 .map(|stem| stem.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            (sheet_name, rows, Some(csv_format), Vec::new())
+            emit(Piece::Sheet(sheet_name))?;
+            let mut sink = |batch: Vec<SheetRow>| emit(Piece::Rows(batch));
+            let csv_format =
+                csv_reader::stream(path, file, csv_encoding, census, limits, &mut sink)?;
+            Ok(StreamEnd {
+                csv_format: Some(csv_format),
+            })
         }
         FileFormat::Xlsx => {
-            let (name, rows, formula_cells) = read_xlsx(path, file, sheet, limits)?;
-            (name, rows, None, formula_cells)
+            stream_xlsx(path, file, sheet, limits, emit)?;
+            Ok(StreamEnd::default())
         }
         FileFormat::Xls | FileFormat::Ods => {
-            let (name, rows) = read_with_range(path, file, format, sheet, limits)?;
-            (name, rows, None, Vec::new())
+            read_with_range(path, file, format, sheet, limits, emit)?;
+            Ok(StreamEnd::default())
         }
-    })
+    }
 }
 
 /// The checks on a zip (.xlsx, .ods) before calamine opens it. A zip bomb: a small file that
@@ -782,20 +1141,21 @@ fn xlsx_error(path: &Path, error: calamine::XlsxError) -> WorkbookError {
 /// Streams the cells of an .xlsx sheet twice: once checking every cell against the limits and
 /// keeping nothing, then keeping them. Memory grows with the cells present, never with the
 /// sheet's declared dimension, and a file refused for a limit holds no rows.
-fn read_xlsx(
+fn stream_xlsx(
     path: &Path,
     file: &std::fs::File,
     wanted: Option<&str>,
     limits: &Limits,
-) -> Result<(String, Vec<SheetRow>, FormulaCells), WorkbookError> {
+    emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
+) -> Result<(), WorkbookError> {
     let mut workbook: calamine::Xlsx<_> = calamine::open_workbook_from_rs(BufReader::new(file))
         .map_err(|error| xlsx_error(path, error))?;
     let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
-    let mut checking = RowCollector::counting(path, limits);
-    collect_xlsx_cells(path, &mut workbook, &sheet_name, &mut checking)?;
-    let mut keeping = RowCollector::keeping(path, limits);
-    let formula_cells = collect_xlsx_cells(path, &mut workbook, &sheet_name, &mut keeping)?;
-    Ok((sheet_name, keeping.into_rows(), formula_cells))
+    emit(Piece::Sheet(sheet_name.clone()))?;
+    let mut sink = |batch: Vec<SheetRow>| emit(Piece::Rows(batch));
+    let mut collector = RowCollector::streaming(path, limits, &mut sink);
+    collect_xlsx_cells(path, &mut workbook, &sheet_name, &mut collector)?;
+    collector.finish()
 }
 
 fn collect_xlsx_cells<RS: Read + Seek>(
@@ -803,14 +1163,12 @@ fn collect_xlsx_cells<RS: Read + Seek>(
     workbook: &mut calamine::Xlsx<RS>,
     sheet_name: &str,
     collector: &mut RowCollector<'_>,
-) -> Result<Vec<(u32, u32)>, WorkbookError> {
+) -> Result<(), WorkbookError> {
     let mut reader = workbook
         .worksheet_cells_reader(sheet_name)
         .map_err(|error| xlsx_error(path, error))?;
-    // Where the formulas are, as (Excel row number, 0-based column), when the cells are kept.
     // The formula metadata reader reports shared formulas without expanding their text, so
     // knowing where the formulas are costs next to nothing.
-    let mut formula_cells = Vec::new();
     while let Some(cell) = reader
         .next_cell_with_formula_metadata()
         .map_err(|error| xlsx_error(path, error))?
@@ -823,8 +1181,8 @@ fn collect_xlsx_cells<RS: Read + Seek>(
             }
             continue;
         }
-        if cell.formula.is_some() && collector.keeps_cells() {
-            formula_cells.push((row_idx.saturating_add(1), column_idx));
+        if cell.formula.is_some() {
+            collector.mark_formula(row_idx, column_idx)?;
         }
         let value = match &cell.value {
             DataRef::Empty => continue,
@@ -842,8 +1200,7 @@ fn collect_xlsx_cells<RS: Read + Seek>(
         };
         collector.push(row_idx, column_idx, value)?;
     }
-    formula_cells.sort_unstable();
-    Ok(formula_cells)
+    Ok(())
 }
 
 fn iso_cell(text: &str) -> Cell {
@@ -863,7 +1220,8 @@ fn read_with_range(
     format: FileFormat,
     wanted: Option<&str>,
     limits: &Limits,
-) -> Result<(String, Vec<SheetRow>), WorkbookError> {
+    emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
+) -> Result<(), WorkbookError> {
     let mut cursor = BufReader::new(file);
     cursor
         .seek(SeekFrom::Start(0))
@@ -921,9 +1279,11 @@ fn read_with_range(
             (sheet_name, range)
         }
     };
+    emit(Piece::Sheet(sheet_name))?;
     // used_cells() yields positions relative to the range's start.
     let (start_row, start_column) = range.start().unwrap_or((0, 0));
-    let mut collector = RowCollector::keeping(path, limits);
+    let mut sink = |batch: Vec<SheetRow>| emit(Piece::Rows(batch));
+    let mut collector = RowCollector::streaming(path, limits, &mut sink);
     for (row_idx, column_idx, value) in range.used_cells() {
         let cell = match value {
             Data::Empty => continue,
@@ -944,7 +1304,7 @@ fn read_with_range(
             cell,
         )?;
     }
-    Ok((sheet_name, collector.into_rows()))
+    collector.finish()
 }
 
 /// The column letters Excel shows for a 0-based column index (0 → A, 26 → AA).

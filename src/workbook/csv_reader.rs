@@ -149,6 +149,25 @@ pub fn read(
     census: Option<&Utf8Census>,
     limits: &Limits,
 ) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
+    let mut rows = Vec::new();
+    let mut sink = |batch: Vec<SheetRow>| {
+        rows.extend(batch);
+        Ok(())
+    };
+    let format = stream(path, file, encoding, census, limits, &mut sink)?;
+    Ok((rows, format))
+}
+
+/// Reads a .csv file in one pass, handing its rows to `sink` in batches as they are complete;
+/// every cell is checked against the limits before it is kept. Returns how the file was written.
+pub fn stream(
+    path: &Path,
+    file: &mut (impl Read + Seek),
+    encoding: CsvEncoding,
+    census: Option<&Utf8Census>,
+    limits: &Limits,
+    sink: &mut dyn FnMut(Vec<SheetRow>) -> Result<(), WorkbookError>,
+) -> Result<CsvFormat, WorkbookError> {
     let io_error = |source| WorkbookError::Io {
         path: path.to_path_buf(),
         source,
@@ -175,14 +194,11 @@ pub fn read(
         has_bom: bom_length > 0,
         line_ending_crlf: false,
     };
-    // First pass: check everything, keep nothing.
-    let mut checking = RowCollector::counting(path, limits);
-    scan(path, file, &format, bom_length, &mut checking)?;
-    // Second pass: keep the cells.
-    let mut keeping = RowCollector::keeping(path, limits);
-    let endings = scan(path, file, &format, bom_length, &mut keeping)?;
+    let mut collector = RowCollector::streaming(path, limits, sink);
+    let endings = scan(path, file, &format, bom_length, &mut collector)?;
+    collector.finish()?;
     format.line_ending_crlf = endings.crlf || !endings.lf;
-    Ok((keeping.into_rows(), format))
+    Ok(format)
 }
 
 #[derive(Debug, Clone, Copy, Default)]
