@@ -539,6 +539,19 @@ pub struct Limits {
     pub max_cell_chars: usize,
 }
 
+impl Limits {
+    /// No limit at all: for reading again a file already read under the configured ones.
+    pub fn unbounded() -> Limits {
+        Limits {
+            max_file_bytes: u64::MAX,
+            max_unzipped_bytes: u64::MAX,
+            max_rows: usize::MAX,
+            max_columns: usize::MAX,
+            max_cell_chars: usize::MAX,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {

@@ -303,7 +303,8 @@ pub fn map_rows(
     (clean_rows, issues)
 }
 
-fn map_row(
+/// Cleans one data row into a [`CleanRow`] and its issues.
+pub fn map_row(
     row: &SheetRow,
     header: &HeaderMap,
     source: &SourceConfig,

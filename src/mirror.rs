@@ -21,6 +21,8 @@ pub struct MirrorRow {
     pub deal_id: DealId,
     pub row_number: u32,
     pub row_hash: String,
+    /// [`crate::workbook::SheetRow::raw_hash`] of the row's cells, when known.
+    pub raw_hash: Option<i64>,
     pub fields: FieldMap,
     pub extras: ExtraMap,
 }
@@ -117,6 +119,259 @@ pub struct StoredIssue {
     pub seen_at: DateTime<Utc>,
 }
 
+/// A file's mirror without its rows: what it was at the last sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorHead {
+    pub file: String,
+    pub source: String,
+    pub sheet: String,
+    pub content_hash: String,
+    pub header_row: u32,
+    pub headers: Vec<String>,
+    pub synced_at: DateTime<Utc>,
+    /// A hash of the source's settings at that sync.
+    pub config_hash: String,
+    /// The store's change counter the file shows, when nothing was left to write back.
+    pub store_version: Option<i64>,
+    /// The store's change counter when the file was last synced.
+    pub synced_version: Option<i64>,
+    /// The store's change counter the file is known to show (kept while a write-back is owed).
+    pub shown_version: Option<i64>,
+    /// Hashes of the rows with errors the sync could not recognise and that were there beside
+    /// every row the file held, so that they cannot be a row that goes missing later.
+    pub known_error_rows: Vec<String>,
+}
+
+pub fn load_head(connection: &Connection, file: &str) -> Result<Option<MirrorHead>, StoreError> {
+    let head = connection
+        .prepare_cached(
+            "SELECT source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows, \
+             synced_version, shown_version FROM mirror_files WHERE file = ?1",
+        )?
+        .query_row([file], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, u32>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, String>(5)?,
+                row.get::<_, Option<String>>(6)?,
+                row.get::<_, Option<i64>>(7)?,
+                row.get::<_, Option<String>>(8)?,
+                row.get::<_, Option<i64>>(9)?,
+                row.get::<_, Option<i64>>(10)?,
+            ))
+        })
+        .optional()?;
+    let Some((
+        source,
+        sheet,
+        content_hash,
+        header_row,
+        headers,
+        synced_at,
+        config_hash,
+        store_version,
+        known_error_rows,
+        synced_version,
+        shown_version,
+    )) = head
+    else {
+        return Ok(None);
+    };
+    Ok(Some(MirrorHead {
+        file: file.to_string(),
+        source,
+        sheet,
+        content_hash,
+        header_row,
+        headers: serde_json::from_str(&headers)
+            .map_err(|error| corrupt("mirror headers", error))?,
+        synced_at: parse_timestamp(&synced_at)?,
+        config_hash: config_hash.unwrap_or_default(),
+        store_version,
+        synced_version,
+        shown_version,
+        // Unknown (a store from before this was kept): every row with errors counts as new.
+        known_error_rows: known_error_rows
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|error| corrupt("mirror error rows", error))?
+            .unwrap_or_default(),
+    }))
+}
+
+pub fn save_head(connection: &Connection, head: &MirrorHead) -> Result<(), StoreError> {
+    let headers =
+        serde_json::to_string(&head.headers).map_err(|error| corrupt("mirror headers", error))?;
+    connection
+        .prepare_cached(
+            "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows, synced_version, shown_version) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             ON CONFLICT(file) DO UPDATE SET source = ?2, sheet = ?3, content_hash = ?4, header_row = ?5, headers = ?6, synced_at = ?7, \
+             config_hash = ?8, store_version = ?9, known_error_rows = ?10, synced_version = ?11, shown_version = ?12",
+        )?
+        .execute(params![
+            head.file,
+            head.source,
+            head.sheet,
+            head.content_hash,
+            head.header_row,
+            headers,
+            timestamp(head.synced_at),
+            head.config_hash,
+            head.store_version,
+            serde_json::to_string(&head.known_error_rows)
+                .map_err(|error| corrupt("mirror error rows", error))?,
+            head.synced_version,
+            head.shown_version,
+        ])?;
+    Ok(())
+}
+
+/// The compact index of a file's mirror: (raw hash, deal id) of every row whose raw hash is
+/// known, sorted. What a sync holds of the whole mirror.
+pub fn load_index(connection: &Connection, file: &str) -> Result<Vec<(i64, DealId)>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT raw_hash, deal_id FROM mirror_rows WHERE file = ?1 AND raw_hash IS NOT NULL",
+    )?;
+    let rows = statement.query_map([file], |row| {
+        Ok((row.get::<_, i64>(0)?, row.get::<_, DealId>(1)?))
+    })?;
+    let mut index = Vec::new();
+    for row in rows {
+        index.push(row?);
+    }
+    index.sort_unstable();
+    Ok(index)
+}
+
+/// How many rows a file's mirror holds.
+pub fn n_rows(connection: &Connection, file: &str) -> Result<usize, StoreError> {
+    let n_rows: i64 = connection
+        .prepare_cached("SELECT count(*) FROM mirror_rows WHERE file = ?1")?
+        .query_row([file], |row| row.get(0))?;
+    Ok(n_rows.max(0) as usize)
+}
+
+fn mirror_row_from(
+    (deal_id, row_number, row_hash, raw_hash, fields, extras): (
+        DealId,
+        u32,
+        String,
+        Option<i64>,
+        String,
+        String,
+    ),
+) -> Result<MirrorRow, StoreError> {
+    Ok(MirrorRow {
+        deal_id,
+        row_number,
+        row_hash,
+        raw_hash,
+        fields: serde_json::from_str(&fields).map_err(|error| corrupt("mirror fields", error))?,
+        extras: serde_json::from_str(&extras).map_err(|error| corrupt("mirror extras", error))?,
+    })
+}
+
+/// The mirror rows of these deals (those the file holds), in no particular order.
+pub fn load_rows(
+    connection: &Connection,
+    file: &str,
+    deal_ids: &[DealId],
+) -> Result<Vec<MirrorRow>, StoreError> {
+    let mut rows = Vec::new();
+    for chunk in deal_ids.chunks(500) {
+        let placeholders = vec!["?"; chunk.len()].join(",");
+        let sql = format!(
+            "SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows WHERE file = ? AND deal_id IN ({placeholders})"
+        );
+        let mut statement = connection.prepare(&sql)?;
+        let mut parameters: Vec<&dyn rusqlite::ToSql> = vec![&file];
+        parameters.extend(chunk.iter().map(|id| id as &dyn rusqlite::ToSql));
+        let raw_rows = statement.query_map(parameters.as_slice(), |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+            ))
+        })?;
+        for raw in raw_rows {
+            rows.push(mirror_row_from(raw?)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// Every mirror row of a file, in row order.
+pub fn load_all_rows(connection: &Connection, file: &str) -> Result<Vec<MirrorRow>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows WHERE file = ?1 ORDER BY row_number",
+    )?;
+    let raw_rows = statement.query_map([file], |row| {
+        Ok((
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+            row.get(5)?,
+        ))
+    })?;
+    let mut rows = Vec::new();
+    for raw in raw_rows {
+        rows.push(mirror_row_from(raw?)?);
+    }
+    Ok(rows)
+}
+
+/// Writes (inserts or replaces) mirror rows of a file.
+pub fn upsert_rows(
+    connection: &Connection,
+    file: &str,
+    rows: &[MirrorRow],
+) -> Result<(), StoreError> {
+    let mut upsert = connection.prepare_cached(
+        "INSERT INTO mirror_rows (file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+         ON CONFLICT(file, deal_id) DO UPDATE SET row_number = ?3, row_hash = ?4, raw_hash = ?5, fields = ?6, extras = ?7",
+    )?;
+    for row in rows {
+        let fields =
+            serde_json::to_string(&row.fields).map_err(|error| corrupt("mirror fields", error))?;
+        let extras =
+            serde_json::to_string(&row.extras).map_err(|error| corrupt("mirror extras", error))?;
+        upsert.execute(params![
+            file,
+            row.deal_id,
+            row.row_number,
+            row.row_hash,
+            row.raw_hash,
+            fields,
+            extras
+        ])?;
+    }
+    Ok(())
+}
+
+/// Forgets mirror rows of a file.
+pub fn delete_rows(
+    connection: &Connection,
+    file: &str,
+    deal_ids: &[DealId],
+) -> Result<(), StoreError> {
+    let mut delete =
+        connection.prepare_cached("DELETE FROM mirror_rows WHERE file = ?1 AND deal_id = ?2")?;
+    for deal_id in deal_ids {
+        delete.execute(params![file, deal_id])?;
+    }
+    Ok(())
+}
+
 pub use crate::deal::row_hash;
 
 fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
@@ -158,28 +413,20 @@ pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, S
         return Ok(None);
     };
     let mut statement = connection
-        .prepare_cached("SELECT deal_id, row_number, row_hash, fields, extras FROM mirror_rows WHERE file = ?1 ORDER BY row_number")?;
+        .prepare_cached("SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows WHERE file = ?1 ORDER BY row_number")?;
     let raw_rows = statement.query_map([file], |row| {
         Ok((
-            row.get::<_, DealId>(0)?,
-            row.get::<_, u32>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, String>(3)?,
-            row.get::<_, String>(4)?,
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+            row.get(5)?,
         ))
     })?;
     let mut rows = Vec::new();
     for raw in raw_rows {
-        let (deal_id, row_number, row_hash, fields, extras) = raw?;
-        rows.push(MirrorRow {
-            deal_id,
-            row_number,
-            row_hash,
-            fields: serde_json::from_str(&fields)
-                .map_err(|error| corrupt("mirror fields", error))?,
-            extras: serde_json::from_str(&extras)
-                .map_err(|error| corrupt("mirror extras", error))?,
-        });
+        rows.push(mirror_row_from(raw?)?);
     }
     Ok(Some(MirrorFile {
         file: file.to_string(),

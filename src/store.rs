@@ -296,6 +296,19 @@ DROP TRIGGER IF EXISTS deals_inserted;
 DROP TRIGGER IF EXISTS deals_updated;
 DROP TRIGGER IF EXISTS deals_deleted;
 "#,
+    r#"
+-- A hash of each mirror row's cells as written (the key column left out): a row that hashes as it
+-- did at the last sync is not cleaned again. Unknown (NULL) for rows from before, and for rows
+-- whose cells the write-back changed: those are cleaned once more.
+ALTER TABLE mirror_rows ADD COLUMN raw_hash INTEGER;
+-- The store's change counter when the file was last synced, and the counter the file shows the
+-- store as of (kept while a write-back is owed): deals changed after it are looked at again.
+ALTER TABLE mirror_files ADD COLUMN synced_version INTEGER;
+ALTER TABLE mirror_files ADD COLUMN shown_version INTEGER;
+-- Deleted deals with the change counter of their deletion, so that a sync can tell a row whose
+-- deal is gone without looking every deal up.
+CREATE TABLE deal_tombstones (deal_id INTEGER PRIMARY KEY, version INTEGER NOT NULL);
+"#,
 ];
 
 pub fn timestamp(at: DateTime<Utc>) -> String {
@@ -603,6 +616,8 @@ pub trait CrmStore {
         &self,
         version: i64,
     ) -> Result<std::collections::HashSet<DealId>, StoreError>;
+    /// Every live deal's id with the values of a few fields (those a view's filter looks at).
+    fn live_deal_fields(&self, fields: &[Field]) -> Result<Vec<(DealId, FieldMap)>, StoreError>;
     /// For many values of one field at once: the deal holding each (live before archived, older
     /// before newer), keyed by the value's text.
     fn find_ids_by_values(
@@ -885,13 +900,52 @@ impl CrmStore for SqliteCrm<'_> {
         Ok(false)
     }
 
+    fn live_deal_fields(&self, fields: &[Field]) -> Result<Vec<(DealId, FieldMap)>, StoreError> {
+        // Column names come from the closed Field enum, never from input.
+        let columns: Vec<&str> = fields.iter().map(|field| field.name()).collect();
+        let sql = if columns.is_empty() {
+            "SELECT id FROM deals WHERE archived_at IS NULL".to_string()
+        } else {
+            format!(
+                "SELECT id, {} FROM deals WHERE archived_at IS NULL",
+                columns.join(", ")
+            )
+        };
+        let mut statement = self.connection.prepare(&sql)?;
+        let rows = statement.query_map([], |row| {
+            let id: DealId = row.get(0)?;
+            let mut values = FieldMap::new();
+            for (offset, field) in fields.iter().enumerate() {
+                let value: rusqlite::types::Value = row.get(offset + 1)?;
+                match value {
+                    rusqlite::types::Value::Text(text) => {
+                        values.insert(*field, FieldValue::Text(text));
+                    }
+                    rusqlite::types::Value::Real(number) => {
+                        values.insert(*field, FieldValue::Amount(number));
+                    }
+                    rusqlite::types::Value::Integer(number) => {
+                        values.insert(*field, FieldValue::Amount(number as f64));
+                    }
+                    _ => {}
+                }
+            }
+            Ok((id, values))
+        })?;
+        let mut deals = Vec::new();
+        for row in rows {
+            deals.push(row?);
+        }
+        Ok(deals)
+    }
+
     fn ids_changed_since(
         &self,
         version: i64,
     ) -> Result<std::collections::HashSet<DealId>, StoreError> {
         let mut statement = self
             .connection
-            .prepare_cached("SELECT id FROM deals WHERE changed_version > ?1")?;
+            .prepare_cached("SELECT id FROM deals WHERE changed_version > ?1 UNION ALL SELECT deal_id FROM deal_tombstones WHERE version > ?1")?;
         let rows = statement.query_map([version], |row| row.get::<_, DealId>(0))?;
         let mut ids = std::collections::HashSet::new();
         for row in rows {
@@ -1088,7 +1142,12 @@ impl CrmStore for SqliteCrm<'_> {
             > 0;
         if deleted {
             // The files that showed it must hear of it.
-            self.stamp()?;
+            let version = self.stamp()?;
+            self.connection
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO deal_tombstones (deal_id, version) VALUES (?1, ?2)",
+                )?
+                .execute(params![id, version])?;
         }
         Ok(deleted)
     }

@@ -49,6 +49,9 @@ pub struct DiffInput<'a> {
     pub known_error_rows: &'a HashSet<String>,
     /// Today in the configured calendar: the stage-since date of a stage change seen now.
     pub today: NaiveDate,
+    /// Deals already held by rows the diff does not see (rows unchanged since the last sync, or
+    /// rows of earlier batches), with the row that holds each: no row here can be them.
+    pub claimed: &'a HashMap<DealId, u32>,
 }
 
 /// What happens to one row of the sheet.
@@ -152,7 +155,7 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     let mirror_by_deal: HashMap<DealId, &MirrorRow> =
         input.mirror.iter().map(|row| (row.deal_id, row)).collect();
     let mut matched: Vec<Option<DealId>> = vec![None; input.rows.len()];
-    let mut claimed: HashSet<DealId> = HashSet::new();
+    let mut claimed: HashSet<DealId> = input.claimed.keys().copied().collect();
     // Rows whose id repeats an earlier row's: people copy rows, so these become new deals.
     let mut forced_new: HashSet<usize> = HashSet::new();
     let hashes: Vec<&str> = input.rows.iter().map(|row| row.hash.as_str()).collect();
@@ -161,7 +164,7 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     let mut first_row_of_id: HashMap<DealId, u32> = HashMap::new();
     for (row_idx, row) in input.rows.iter().enumerate() {
         let Some(id) = row.id else { continue };
-        if let Some(first_row) = first_row_of_id.get(&id) {
+        if let Some(first_row) = first_row_of_id.get(&id).or(input.claimed.get(&id)) {
             issues.push(RowIssue::warning(
                 Some(row.row_number),
                 format!("CRM ID {id} is also on row {first_row}; this row is treated as a new deal (a copied row?)"),
@@ -611,6 +614,7 @@ mod tests {
             deal_id,
             row_number,
             row_hash: row_hash(&fields, &extras),
+            raw_hash: None,
             fields,
             extras,
         }
@@ -966,6 +970,7 @@ mod tests {
             conflict_policy: ConflictPolicy::Store,
             file_modified: None,
             formula_fields: &HashMap::new(),
+            claimed: &HashMap::new(),
             known_error_rows: &known_error_rows,
             today: NaiveDate::from_ymd_opt(2026, 11, 28).expect("date"),
         })

@@ -41,10 +41,14 @@ fn escaped(text: String) -> String {
         text
     }
 }
-use crate::workbook::{Cell, CsvFormat, SheetData};
+use crate::workbook::{Cell, CsvFormat, SheetData, SheetRow};
 
+/// Writes the planned file: the file as read (`original`, read again row by row, so that the sync
+/// need not hold its rows), each row with the plan's changes, without the rows that leave, and
+/// the new rows at the end.
 pub fn build(
     sheet: &SheetData,
+    original: &[u8],
     plan: &SheetPlan,
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<u32>, WriteError> {
@@ -70,19 +74,6 @@ pub fn build(
     // Every cell goes through the escape, whether funnelsync changed it or not: a value the rep
     // typed as `'=cmd|…` must not come back as a live formula.
     let raw = |cell: &Cell| escaped(cell.to_string());
-    let mut row_number = 0u32;
-    let mut row_numbers = Vec::new();
-    // Rows above the header, then the header (with the key column if it was missing).
-    for row in sheet
-        .rows
-        .iter()
-        .filter(|row| row.row_number < plan.header_row_number)
-    {
-        writer
-            .write_record((0..row.width()).map(|column_idx| raw(row.cell(column_idx))))
-            .map_err(csv_error)?;
-        row_number += 1;
-    }
     let headers: Vec<String> = plan
         .headers
         .iter()
@@ -97,14 +88,19 @@ pub fn build(
             }
         })
         .collect();
-    writer.write_record(&headers).map_err(csv_error)?;
-    row_number += 1;
-    let by_number: std::collections::HashMap<u32, &crate::workbook::SheetRow> =
-        sheet.rows.iter().map(|row| (row.row_number, row)).collect();
-    for planned in &plan.rows {
-        let original = planned
-            .origin
-            .and_then(|origin| by_number.get(&origin).copied());
+    let planned_at: std::collections::HashMap<u32, usize> = plan
+        .rows
+        .iter()
+        .enumerate()
+        .filter_map(|(plan_idx, planned)| planned.origin.map(|origin| (origin, plan_idx)))
+        .collect();
+    let removed: std::collections::HashSet<u32> = plan.removed.iter().copied().collect();
+    let mut row_numbers = vec![0u32; plan.rows.len()];
+    let mut n_written = 0u32;
+    let write_planned = |writer: &mut csv::Writer<Vec<u8>>,
+                         planned: &super::PlannedRow,
+                         original: Option<&SheetRow>|
+     -> Result<(), WriteError> {
         let n_columns = original.map(|row| row.width()).unwrap_or(0).max(
             planned
                 .overrides
@@ -126,9 +122,61 @@ pub fn build(
             };
             record.push(text);
         }
-        writer.write_record(&record).map_err(csv_error)?;
-        row_number += 1;
-        row_numbers.push(row_number);
+        writer.write_record(&record).map_err(csv_error)
+    };
+    // The file as read, row by row.
+    let mut header_written = false;
+    let mut sink = |rows: Vec<SheetRow>| -> Result<(), crate::workbook::WorkbookError> {
+        for row in rows {
+            let outcome = if row.row_number < plan.header_row_number {
+                writer
+                    .write_record((0..row.width()).map(|column_idx| raw(row.cell(column_idx))))
+                    .map_err(csv_error)
+            } else if row.row_number == plan.header_row_number {
+                header_written = true;
+                writer.write_record(&headers).map_err(csv_error)
+            } else if removed.contains(&row.row_number) {
+                continue;
+            } else if let Some(plan_idx) = planned_at.get(&row.row_number) {
+                row_numbers[*plan_idx] = n_written + 1;
+                write_planned(&mut writer, &plan.rows[*plan_idx], Some(&row))
+            } else {
+                writer
+                    .write_record((0..row.width()).map(|column_idx| raw(row.cell(column_idx))))
+                    .map_err(csv_error)
+            };
+            outcome.map_err(|error| crate::workbook::WorkbookError::Malformed {
+                path: sheet.path.clone(),
+                expected: "writable .csv",
+                detail: error.to_string(),
+            })?;
+            n_written += 1;
+        }
+        Ok(())
+    };
+    crate::workbook::csv_reader::stream(
+        &sheet.path,
+        &mut std::io::Cursor::new(original),
+        crate::config::CsvEncoding::Fixed(format.encoding),
+        None,
+        &crate::config::Limits::unbounded(),
+        &mut sink,
+    )
+    .map_err(|error| WriteError::Build {
+        path: sheet.path.clone(),
+        message: error.to_string(),
+    })?;
+    if !header_written {
+        writer.write_record(&headers).map_err(csv_error)?;
+        n_written += 1;
+    }
+    // The deals new to the file, at the end.
+    for (plan_idx, planned) in plan.rows.iter().enumerate() {
+        if planned.origin.is_none() {
+            write_planned(&mut writer, planned, None)?;
+            n_written += 1;
+            row_numbers[plan_idx] = n_written;
+        }
     }
     let text = writer.into_inner().map_err(|error| WriteError::Build {
         path: sheet.path.clone(),

@@ -51,6 +51,16 @@ pub struct SheetPlan {
     pub rows: Vec<PlannedRow>,
     /// Excel row numbers of the rows as read whose deal left the view.
     pub removed: Vec<u32>,
+    /// The deals of those rows.
+    pub removed_deals: Vec<DealId>,
+    /// Rows (as read) that show a column's date style, for dates written into cells without one.
+    pub style_rows: std::collections::BTreeSet<u32>,
+    /// The cells of the sheet that hold a formula, (Excel row number, 0-based column): a row
+    /// below one of them is not moved.
+    pub formula_cells: Vec<(u32, u32)>,
+    /// The last data row of the sheet as read, when the plan's rows are only those that change
+    /// (new rows go below it and take its styles).
+    pub last_data_row: Option<u32>,
     /// The key column, when the sheet had none and the write adds it.
     pub added_key_column: Option<usize>,
     /// Whether anything differs from the file as read.
@@ -100,6 +110,7 @@ pub fn plan(
         }
     };
     let mut removed = Vec::new();
+    let mut removed_deals = Vec::new();
     let mut changed = false;
     let in_view: HashMap<DealId, &Deal> = view.iter().map(|deal| (deal.id, deal)).collect();
     let mut shown: HashSet<DealId> = HashSet::new();
@@ -122,6 +133,9 @@ pub fn plan(
             // shows it already.
             changed = true;
             removed.push(outcome.row_number);
+            if !in_view.contains_key(&deal_id) {
+                removed_deals.push(deal_id);
+            }
             continue;
         }
         shown.insert(deal_id);
@@ -199,6 +213,10 @@ pub fn plan(
         header_row_number: header.row_number,
         rows,
         removed,
+        removed_deals,
+        style_rows: Default::default(),
+        formula_cells: Vec::new(),
+        last_data_row: None,
         added_key_column: added_key_column.filter(|_| changed),
         changed,
     }
@@ -362,7 +380,7 @@ pub fn write(
         n_backups,
         |out| match sheet.format {
             FileFormat::Xlsx => xlsx::build(sheet, &original, plan, stage_names, out),
-            FileFormat::Csv => csv::build(sheet, plan, out),
+            FileFormat::Csv => csv::build(sheet, &original, plan, out),
             FileFormat::Xls | FileFormat::Ods => Err(WriteError::Unsupported {
                 path: path.to_path_buf(),
                 reason: "the format is read-only".to_string(),

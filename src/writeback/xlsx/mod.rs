@@ -188,7 +188,10 @@ fn build_package(
             last_new_row.unwrap_or(plan.header_row_number),
         )
     });
-    let style_rows = date_style_rows(sheet, &rows);
+    // The sync says which rows show the date styles (it does not keep the sheet's rows); a
+    // caller holding the rows lets them be searched.
+    let mut style_rows = plan.style_rows.clone();
+    style_rows.extend(date_style_rows(sheet, &rows));
     let footprint = Footprint {
         cells: rows
             .iter()
@@ -468,18 +471,25 @@ impl Layout {
             .filter_map(|planned| planned.origin)
             .chain(removed.iter().copied())
             .collect();
-        let template_row = origins.iter().copied().max();
+        // The last data row as read: the plan's rows may be only those that change.
+        let last_data_row = origins.iter().copied().chain(plan.last_data_row).max();
         // New rows go below the last row that is still there.
-        let last_kept = origins
-            .iter()
-            .filter_map(|origin| shift.map(*origin))
-            .max()
+        let last_kept = last_data_row
+            .and_then(|last| {
+                (plan.header_row_number + 1..=last)
+                    .rev()
+                    .find_map(|row_number| {
+                        shift
+                            .map(row_number)
+                            .filter(|_| !shift.is_deleted(row_number))
+                    })
+            })
             .unwrap_or(plan.header_row_number)
             .max(plan.header_row_number);
         Layout {
             first_new_row: last_kept + 1,
-            template_row,
-            is_fresh: origins.is_empty(),
+            template_row: last_data_row,
+            is_fresh: last_data_row.is_none(),
         }
     }
 }

@@ -203,6 +203,10 @@ proptest! {
             header_row_number: 1,
             rows: Vec::new(),
             removed: Vec::new(),
+            removed_deals: Vec::new(),
+            style_rows: Default::default(),
+            formula_cells: Vec::new(),
+            last_data_row: None,
             added_key_column: None,
             changed: true,
         };
