@@ -336,24 +336,36 @@ pub fn upsert_rows(
     file: &str,
     rows: &[MirrorRow],
 ) -> Result<(), StoreError> {
-    let mut upsert = connection.prepare_cached(
-        "INSERT INTO mirror_rows (file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-         ON CONFLICT(file, deal_id) DO UPDATE SET row_number = ?3, row_hash = ?4, raw_hash = ?5, fields = ?6, extras = ?7",
-    )?;
-    for row in rows {
-        let fields =
-            serde_json::to_string(&row.fields).map_err(|error| corrupt("mirror fields", error))?;
-        let extras =
-            serde_json::to_string(&row.extras).map_err(|error| corrupt("mirror extras", error))?;
-        upsert.execute(params![
-            file,
-            row.deal_id,
-            row.row_number,
-            row.row_hash,
-            row.raw_hash,
-            fields,
-            extras
-        ])?;
+    use rusqlite::types::Value;
+    // Many rows a statement: an import writes one mirror row per deal.
+    for chunk in rows.chunks(64) {
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 7);
+        for row in chunk {
+            values.extend([
+                Value::Text(file.to_string()),
+                Value::Integer(row.deal_id),
+                Value::Integer(i64::from(row.row_number)),
+                Value::Text(row.row_hash.clone()),
+                row.raw_hash.map_or(Value::Null, Value::Integer),
+                Value::Text(
+                    serde_json::to_string(&row.fields)
+                        .map_err(|error| corrupt("mirror fields", error))?,
+                ),
+                Value::Text(
+                    serde_json::to_string(&row.extras)
+                        .map_err(|error| corrupt("mirror extras", error))?,
+                ),
+            ]);
+        }
+        let sql = format!(
+            "INSERT INTO mirror_rows (file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES {} \
+             ON CONFLICT(file, deal_id) DO UPDATE SET row_number = excluded.row_number, row_hash = excluded.row_hash, \
+             raw_hash = excluded.raw_hash, fields = excluded.fields, extras = excluded.extras",
+            vec!["(?,?,?,?,?,?,?)"; chunk.len()].join(",")
+        );
+        connection
+            .prepare_cached(&sql)?
+            .execute(rusqlite::params_from_iter(values.iter()))?;
     }
     Ok(())
 }

@@ -625,6 +625,9 @@ pub trait CrmStore {
         field: Field,
         values: &[FieldValue],
     ) -> Result<HashMap<String, DealId>, StoreError>;
+    /// Creates many deals at once (an import), as [`CrmStore::create_deal`] would one by one;
+    /// returns their ids in order.
+    fn create_deals(&self, deals: &[NewDeal<'_>]) -> Result<Vec<DealId>, StoreError>;
     /// Creates a deal. `stage_entered_at` is when it entered its stage, `None` when unknown (a
     /// deal imported from a sheet that does not say): then its time in stage is not counted.
     fn create_deal(
@@ -673,6 +676,27 @@ pub trait CrmStore {
     fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, StoreError>;
     /// A number that changes whenever any deal changes.
     fn version(&self) -> Result<i64, StoreError>;
+}
+
+/// A deal to create: its fields, extra fields, where it came from, when, and when it entered its
+/// stage (`None` when unknown).
+#[derive(Debug, Clone)]
+pub struct NewDeal<'a> {
+    pub fields: &'a FieldMap,
+    pub extra: &'a ExtraMap,
+    pub origin: &'a str,
+    pub now: DateTime<Utc>,
+    pub stage_entered_at: Option<DateTime<Utc>>,
+}
+
+/// How many rows one multi-row INSERT takes: well under SQLite's limit on bound values, large
+/// enough that the cost of a statement is spread thin.
+const ROWS_PER_INSERT: usize = 64;
+
+/// `(?,?,…),(?,?,…)…`: `n_rows` groups of `n_columns` placeholders.
+fn value_groups(n_rows: usize, n_columns: usize) -> String {
+    let group = format!("({})", vec!["?"; n_columns].join(","));
+    vec![group; n_rows].join(",")
 }
 
 /// [`CrmStore`] over a SQLite connection (or transaction, which derefs to one).
@@ -993,6 +1017,81 @@ impl CrmStore for SqliteCrm<'_> {
         Ok(found)
     }
 
+    fn create_deals(&self, deals: &[NewDeal<'_>]) -> Result<Vec<DealId>, StoreError> {
+        use rusqlite::types::Value;
+        let mut ids = Vec::with_capacity(deals.len());
+        if deals.is_empty() {
+            return Ok(ids);
+        }
+        let version = self.stamp()?;
+        let field_names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
+        let n_columns = field_names.len() + 5;
+        for chunk in deals.chunks(ROWS_PER_INSERT) {
+            let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * n_columns);
+            let mut history: Vec<Value> = Vec::new();
+            for deal in chunk {
+                let now_text = timestamp(deal.now);
+                values.extend(
+                    Field::ALL
+                        .iter()
+                        .map(|field| to_sql(deal.fields.get(field))),
+                );
+                values.push(Value::Text(
+                    serde_json::to_string(deal.extra)
+                        .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                ));
+                values.push(Value::Text(now_text.clone()));
+                values.push(Value::Text(now_text));
+                let has_stage = deal
+                    .fields
+                    .get(&Field::Stage)
+                    .and_then(FieldValue::as_text)
+                    .is_some();
+                let entered = deal.stage_entered_at.filter(|_| has_stage);
+                values.push(entered.map_or(Value::Null, |at| Value::Text(timestamp(at))));
+                values.push(Value::Integer(version));
+            }
+            // Column names come from the closed Field enum, never from input.
+            let sql = format!(
+                "INSERT INTO deals ({}, extra, created_at, updated_at, stage_entered_at, changed_version) VALUES {}",
+                field_names.join(", "),
+                value_groups(chunk.len(), n_columns)
+            );
+            self.connection
+                .prepare_cached(&sql)?
+                .execute(rusqlite::params_from_iter(values.iter()))?;
+            // One statement inserts its rows one after the other, each taking the next id.
+            let last = self.connection.last_insert_rowid();
+            let first = last - chunk.len() as i64 + 1;
+            for (offset, deal) in chunk.iter().enumerate() {
+                let id = first + offset as i64;
+                ids.push(id);
+                if let Some(stage) = deal.fields.get(&Field::Stage).and_then(FieldValue::as_text) {
+                    // Without a known entry time the history still says where the deal was first
+                    // seen, marked so that time in stage does not count from there.
+                    history.extend([
+                        Value::Integer(id),
+                        Value::Null,
+                        Value::Text(stage.to_string()),
+                        Value::Text(timestamp(deal.stage_entered_at.unwrap_or(deal.now))),
+                        Value::Text(deal.origin.to_string()),
+                        Value::Integer(i64::from(deal.stage_entered_at.is_some())),
+                    ]);
+                }
+            }
+            if !history.is_empty() {
+                let sql = format!(
+                    "INSERT INTO stage_history (deal_id, from_stage, to_stage, at, source, start_known) VALUES {}",
+                    value_groups(history.len() / 6, 6)
+                );
+                self.connection
+                    .prepare_cached(&sql)?
+                    .execute(rusqlite::params_from_iter(history.iter()))?;
+            }
+        }
+        Ok(ids)
+    }
+
     fn create_deal(
         &self,
         fields: &FieldMap,
@@ -1210,18 +1309,27 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError> {
-        let mut statement = self.connection.prepare_cached(
-            "INSERT INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        for change in changes {
-            statement.execute(params![
-                run_id,
-                change.deal_id,
-                change.kind.name(),
-                change.field,
-                change.old_value,
-                change.new_value
-            ])?;
+        use rusqlite::types::Value;
+        let text = |value: &Option<String>| value.clone().map_or(Value::Null, Value::Text);
+        for chunk in changes.chunks(ROWS_PER_INSERT) {
+            let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 6);
+            for change in chunk {
+                values.extend([
+                    Value::Integer(run_id),
+                    Value::Integer(change.deal_id),
+                    Value::Text(change.kind.name().to_string()),
+                    text(&change.field),
+                    text(&change.old_value),
+                    text(&change.new_value),
+                ]);
+            }
+            let sql = format!(
+                "INSERT INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES {}",
+                value_groups(chunk.len(), 6)
+            );
+            self.connection
+                .prepare_cached(&sql)?
+                .execute(rusqlite::params_from_iter(values.iter()))?;
         }
         Ok(())
     }

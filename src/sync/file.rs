@@ -34,10 +34,9 @@ use crate::writeback::RowOutcome;
 /// How many changed rows of a first import are matched and applied at a time.
 const IMPORT_BATCH: usize = 2048;
 
-/// A row that changed since the last sync (or is new), cleaned, with what the write-back needs.
+/// What the sync knows of a changed row besides its cleaned values.
 #[derive(Debug, Clone)]
-pub(super) struct PendingRow {
-    pub clean: CleanRow,
+pub(super) struct RowMeta {
     /// [`SheetRow::raw_hash`] of the row as read.
     pub raw_hash: i64,
     /// Whether the row cleaned without any issue: only then is its raw hash remembered, so that a
@@ -48,6 +47,20 @@ pub(super) struct PendingRow {
     /// For each date column, the nearest row above that holds a date there (its style is the
     /// column's date style).
     pub date_rows_above: Vec<u32>,
+}
+
+/// Rows that changed since the last sync (or are new): cleaned, and what else the sync needs of
+/// each, side by side.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    pub rows: Vec<CleanRow>,
+    pub meta: Vec<RowMeta>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
 }
 
 /// The compact index of the mirror: rows by the hash of their cells, each taken once.
@@ -598,10 +611,10 @@ fn sync_rows(
         .collect();
 
     let mut state = RowsState::default();
-    let mut batch: Vec<PendingRow> = Vec::new();
+    let mut batch = Pending::default();
     let mut handle = |rows: Vec<SheetRow>,
                       state: &mut RowsState,
-                      batch: &mut Vec<PendingRow>|
+                      batch: &mut Pending|
      -> Result<(), SyncError> {
         for row in rows {
             if row.row_number <= header.row_number || row.is_blank() {
@@ -641,8 +654,8 @@ fn sync_rows(
                     } else {
                         Vec::new()
                     };
-                    batch.push(PendingRow {
-                        clean,
+                    batch.rows.push(clean);
+                    batch.meta.push(RowMeta {
                         raw_hash,
                         clean_without_issues: row_issues.is_empty(),
                         formula_fields,
@@ -773,7 +786,7 @@ impl<'a, 'c> Applier<'a, 'c> {
     /// Phases 3 to 5 for the last changed rows: match and merge, the guard, apply.
     fn check_and_apply(
         &mut self,
-        rows: Vec<PendingRow>,
+        rows: Pending,
         mirror_rows: &[MirrorRow],
         state: &mut RowsState,
         (import, force): (bool, bool),
@@ -811,7 +824,7 @@ impl<'a, 'c> Applier<'a, 'c> {
     /// Matches and merges one batch of a first import, and applies it.
     fn apply_batch(
         &mut self,
-        rows: Vec<PendingRow>,
+        rows: Pending,
         mirror_rows: &[MirrorRow],
         state: &mut RowsState,
         _import: bool,
@@ -824,20 +837,20 @@ impl<'a, 'c> Applier<'a, 'c> {
     /// Phase 3, match and merge: loads what the diff needs and runs it.
     fn diff(
         &self,
-        rows: &[PendingRow],
+        rows: &Pending,
         mirror_rows: &[MirrorRow],
         state: &RowsState,
         head: Option<&MirrorHead>,
     ) -> Result<(diff::Changeset, Vec<RowIssue>, HashMap<DealId, Deal>), SyncError> {
         let context = self.context;
         let source = context.source;
-        let clean_rows: Vec<CleanRow> = rows.iter().map(|row| row.clean.clone()).collect();
+        let clean_rows = &rows.rows;
         let mut natural_matches = HashMap::new();
         let mut wanted_ids: Vec<DealId> = clean_rows.iter().filter_map(|row| row.id).collect();
         wanted_ids.extend(mirror_rows.iter().map(|row| row.deal_id));
         // Natural-key lookups in batches, one query per 500 values rather than one per row.
         let mut by_field: HashMap<Field, Vec<FieldValue>> = HashMap::new();
-        for key in diff::lookups_needed(&clean_rows, mirror_rows, &source.match_on) {
+        for key in diff::lookups_needed(clean_rows, mirror_rows, &source.match_on) {
             let value = match key.0.kind() {
                 FieldKind::Amount => key
                     .1
@@ -862,15 +875,17 @@ impl<'a, 'c> Applier<'a, 'c> {
         let deals_in_other_files =
             deals_in_other_files(self.transaction, context.file, &removal_candidates)?;
         let formula_fields: HashMap<u32, Vec<Field>> = rows
+            .rows
             .iter()
-            .filter(|row| !row.formula_fields.is_empty())
-            .map(|row| (row.clean.row_number, row.formula_fields.clone()))
+            .zip(&rows.meta)
+            .filter(|(_, meta)| !meta.formula_fields.is_empty())
+            .map(|(row, meta)| (row.row_number, meta.formula_fields.clone()))
             .collect();
         let known_error_rows: HashSet<String> = head
             .map(|head| head.known_error_rows.iter().cloned().collect())
             .unwrap_or_default();
         let (changeset, issues) = diff::diff(&DiffInput {
-            rows: &clean_rows,
+            rows: clean_rows,
             mirror: mirror_rows,
             deals: &deals,
             natural_matches: &natural_matches,
@@ -892,7 +907,7 @@ impl<'a, 'c> Applier<'a, 'c> {
     /// rows as read; and, for the write-back, what each row should show.
     fn apply(
         &mut self,
-        rows: Vec<PendingRow>,
+        rows: Pending,
         mirror_rows: &[MirrorRow],
         changeset: diff::Changeset,
         deals: HashMap<DealId, Deal>,
@@ -905,10 +920,12 @@ impl<'a, 'c> Applier<'a, 'c> {
         let _ = mirror_rows;
         let mut row_deals: Vec<Option<DealId>> = vec![None; rows.len()];
         let mut row_merged: Vec<Option<FieldMap>> = vec![None; rows.len()];
+        // New deals are created together, many to a statement.
+        let mut creations: Vec<(usize, FieldMap, Option<DateTime<Utc>>)> = Vec::new();
         for action in &changeset.actions {
             match action {
                 RowAction::Create { row_idx } => {
-                    let row = &rows[*row_idx].clean;
+                    let row = &rows.rows[*row_idx];
                     let mut fields = row.fields.clone();
                     // A new row in a filtered file belongs to that file's view: it takes the
                     // filter's values for the fields it leaves empty.
@@ -929,21 +946,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                         .and_then(FieldValue::as_text)
                         .and_then(|text| chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
                         .map(|day| context.calendar.start_of(day));
-                    let deal_id =
-                        crm.create_deal(&fields, &row.extras, &source.name, now, entered)?;
-                    state.counts.created += 1;
-                    self.applied.push(ChangeRecord {
-                        id: 0,
-                        run_id: 0,
-                        deal_id,
-                        kind: ChangeKind::Create,
-                        field: None,
-                        old_value: None,
-                        new_value: serde_json::to_string(&fields).ok(),
-                    });
-                    row_deals[*row_idx] = Some(deal_id);
-                    fields.retain(|field, _| context.sheet_fields.contains(field));
-                    row_merged[*row_idx] = Some(fields);
+                    creations.push((*row_idx, fields, entered));
                 }
                 RowAction::Update {
                     row_idx,
@@ -1001,6 +1004,33 @@ impl<'a, 'c> Applier<'a, 'c> {
                 }
             }
         }
+        let new_deals: Vec<crate::store::NewDeal<'_>> = creations
+            .iter()
+            .map(|(row_idx, fields, entered)| crate::store::NewDeal {
+                fields,
+                extra: &rows.rows[*row_idx].extras,
+                origin: &source.name,
+                now,
+                stage_entered_at: *entered,
+            })
+            .collect();
+        let created = crm.create_deals(&new_deals)?;
+        drop(new_deals);
+        for ((row_idx, mut fields, _), deal_id) in creations.into_iter().zip(created) {
+            state.counts.created += 1;
+            self.applied.push(ChangeRecord {
+                id: 0,
+                run_id: 0,
+                deal_id,
+                kind: ChangeKind::Create,
+                field: None,
+                old_value: None,
+                new_value: serde_json::to_string(&fields).ok(),
+            });
+            row_deals[row_idx] = Some(deal_id);
+            fields.retain(|field, _| context.sheet_fields.contains(field));
+            row_merged[row_idx] = Some(fields);
+        }
         for (row_idx, deal_id, conflict) in &changeset.conflicts {
             let text = |value: &Option<FieldValue>| value.as_ref().map(FieldValue::to_string);
             crm.record_conflict(&ConflictRecord {
@@ -1039,7 +1069,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                 )
             };
             state.issues.push(RowIssue::warning(
-                Some(rows[*row_idx].clean.row_number),
+                Some(rows.rows[*row_idx].row_number),
                 message,
             ));
         }
@@ -1088,20 +1118,20 @@ impl<'a, 'c> Applier<'a, 'c> {
         // (its deal keeps its state); a row that cleaned without a word remembers the hash of its
         // cells, so that next time it is not cleaned again while it stays so.
         let mut new_mirror_rows = Vec::new();
-        for (row_idx, row) in rows.iter().enumerate() {
+        for (row_idx, (row, meta)) in rows.rows.iter().zip(&rows.meta).enumerate() {
             let Some(deal_id) = row_deals[row_idx] else {
                 continue;
             };
-            if row.clean.has_error {
+            if row.has_error {
                 continue;
             }
             new_mirror_rows.push(MirrorRow {
                 deal_id,
-                row_number: row.clean.row_number,
-                row_hash: row.clean.hash.clone(),
-                raw_hash: row.clean_without_issues.then_some(row.raw_hash),
-                fields: row.clean.fields.clone(),
-                extras: row.clean.extras.clone(),
+                row_number: row.row_number,
+                row_hash: row.hash.clone(),
+                raw_hash: meta.clean_without_issues.then_some(meta.raw_hash),
+                fields: row.fields.clone(),
+                extras: row.extras.clone(),
             });
         }
         // Mirror rows whose deal is now held by another row of this sheet are re-keyed by the
@@ -1110,24 +1140,27 @@ impl<'a, 'c> Applier<'a, 'c> {
         mirror::delete_rows(self.transaction, context.file, &gone)?;
 
         // What the write-back needs of these rows.
-        for (row_idx, row) in rows.iter().enumerate() {
+        let Pending { rows, meta } = rows;
+        for (row_idx, (row, meta)) in rows.into_iter().zip(meta).enumerate() {
             if let Some(deal_id) = row_deals[row_idx] {
-                state.claimed.insert(deal_id, row.clean.row_number);
+                state.claimed.insert(deal_id, row.row_number);
             }
             if context.writes_back {
                 state.outcomes.push(RowOutcome {
-                    row_number: row.clean.row_number,
+                    row_number: row.row_number,
                     deal_id: row_deals[row_idx],
-                    read: row.clean.fields.clone(),
-                    merged: if row.clean.has_error {
+                    merged: if row.has_error {
                         None
                     } else {
                         row_merged[row_idx].take()
                     },
-                    extras: row.clean.extras.clone(),
-                    key_cell: row.clean.id,
+                    key_cell: row.id,
+                    read: row.fields,
+                    extras: row.extras,
                 });
-                state.style_rows.extend(row.date_rows_above.iter().copied());
+                state
+                    .style_rows
+                    .extend(meta.date_rows_above.iter().copied());
             }
         }
         if context.writes_back {
