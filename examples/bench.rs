@@ -285,6 +285,25 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             );
             return;
         }
+        // The reading stage alone: the file streamed through funnelsync's reader (limits, guard,
+        // rows), nothing else.
+        "stream" => {
+            let n_rows_total = n_rows;
+            let config = config_for(folder, file, false);
+            let opened = funnelsync::workbook::open_file(&path, &config.limits).expect("open");
+            let mut stream = funnelsync::workbook::SheetStream::start(
+                opened,
+                None,
+                config.sources[0].encoding,
+                &config.limits,
+            )
+            .expect("stream");
+            let mut n_rows = 0usize;
+            while let Some(rows) = stream.next_rows().expect("rows") {
+                n_rows += rows.len();
+            }
+            assert!(n_rows as u32 >= n_rows_total);
+        }
         // For profiling by hand: (re)write the workbook, unchanged or with one cell changed.
         "generate" => {
             generate(&path, n_rows, None);

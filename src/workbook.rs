@@ -1184,18 +1184,18 @@ fn collect_xlsx_cells<RS: Read + Seek>(
         if cell.formula.is_some() {
             collector.mark_formula(row_idx, column_idx)?;
         }
-        let value = match &cell.value {
+        let value = match cell.value {
             DataRef::Empty => continue,
-            DataRef::Int(value) => Cell::Number(*value as f64),
-            DataRef::Float(value) => Cell::Number(*value),
-            DataRef::String(text) => Cell::Text(text.clone()),
-            DataRef::SharedString(text) => Cell::Text((*text).to_string()),
-            DataRef::Bool(value) => Cell::Bool(*value),
+            DataRef::Int(value) => Cell::Number(value as f64),
+            DataRef::Float(value) => Cell::Number(value),
+            DataRef::String(text) => Cell::Text(text),
+            DataRef::SharedString(text) => Cell::Text(text.to_string()),
+            DataRef::Bool(value) => Cell::Bool(value),
             DataRef::DateTime(datetime) => match datetime.as_datetime() {
                 Some(datetime) => Cell::DateTime(datetime),
                 None => Cell::Number(datetime.as_f64()),
             },
-            DataRef::DateTimeIso(text) | DataRef::DurationIso(text) => iso_cell(text),
+            DataRef::DateTimeIso(text) | DataRef::DurationIso(text) => iso_cell(&text),
             DataRef::Error(error) => Cell::Error(error.to_string()),
         };
         collector.push(row_idx, column_idx, value)?;

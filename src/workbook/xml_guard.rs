@@ -178,7 +178,70 @@ impl Scanner<'_> {
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
-        for &byte in bytes {
+        let mut position = 0;
+        while position < bytes.len() {
+            // Fast paths, for the bulk of a sheet: text that is not a shared string only needs
+            // its length counted up to the next `<`; inside an element whose name is known and
+            // outside quotes, only a quote or `>` matter.
+            let counting_strings = self.shared_strings && self.in_text && self.phonetic_depth == 0;
+            match self.in_markup {
+                None if !counting_strings => {
+                    let rest = &bytes[position..];
+                    let run = memchr::memchr(b'<', rest).unwrap_or(rest.len());
+                    self.run_bytes += run;
+                    if self.run_bytes > self.bounds.text_bytes {
+                        return Err(self.refuse_text());
+                    }
+                    position += run;
+                    if position == bytes.len() {
+                        break;
+                    }
+                }
+                Some(Markup::Element) if self.quote.is_some() => {
+                    // Inside a quoted attribute value: only its closing quote matters.
+                    let quote = self.quote.unwrap_or(b'"');
+                    let rest = &bytes[position..];
+                    let run = memchr::memchr(quote, rest).unwrap_or(rest.len());
+                    let room = 1024usize.saturating_sub(self.tag_head.len());
+                    self.tag_head.extend_from_slice(&rest[..run.min(room)]);
+                    if run >= 2 {
+                        self.previous = [rest[run - 2], rest[run - 1]];
+                    } else if run == 1 {
+                        self.previous = [self.previous[1], rest[0]];
+                    }
+                    self.run_bytes += run;
+                    if self.run_bytes > self.bounds.tag_bytes {
+                        return Err(self.refuse_tag());
+                    }
+                    position += run;
+                    if position == bytes.len() {
+                        break;
+                    }
+                }
+                Some(Markup::Element) if self.name_done && self.quote.is_none() => {
+                    let rest = &bytes[position..];
+                    let run = memchr::memchr3(b'"', b'\'', b'>', rest).unwrap_or(rest.len());
+                    let room = 1024usize.saturating_sub(self.tag_head.len());
+                    self.tag_head.extend_from_slice(&rest[..run.min(room)]);
+                    // Only the two bytes before the special one matter (for `/>`).
+                    if run >= 2 {
+                        self.previous = [rest[run - 2], rest[run - 1]];
+                    } else if run == 1 {
+                        self.previous = [self.previous[1], rest[0]];
+                    }
+                    self.run_bytes += run;
+                    if self.run_bytes > self.bounds.tag_bytes {
+                        return Err(self.refuse_tag());
+                    }
+                    position += run;
+                    if position == bytes.len() {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            let byte = bytes[position];
+            position += 1;
             match self.in_markup {
                 None => {
                     if byte == b'<' {
