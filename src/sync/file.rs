@@ -594,7 +594,7 @@ fn sync_rows(
             head.config_hash == source_fingerprint(context.config, context.source)
         })
         && since.is_some();
-    let (mut index, changed) = if index_usable {
+    let (index, changed) = if index_usable {
         (
             QuietIndex::new(mirror::load_index(transaction, context.file)?),
             crm.ids_changed_since(since.unwrap_or(i64::MAX))?,
@@ -611,84 +611,66 @@ fn sync_rows(
         .collect();
 
     let mut state = RowsState::default();
-    let mut batch = Pending::default();
-    let mut handle = |rows: Vec<SheetRow>,
-                      state: &mut RowsState,
-                      batch: &mut Pending|
-     -> Result<(), SyncError> {
-        for row in rows {
-            if row.row_number <= header.row_number || row.is_blank() {
-                continue;
-            }
-            state.n_columns = state.n_columns.max(row.width());
-            state.last_data_row = Some(row.row_number);
-            for column_idx in &row.formula_columns {
-                state.formula_cells.push((row.row_number, *column_idx));
-            }
-            let raw_hash = row.raw_hash(key_column);
-            let key_cell =
-                key_column.map(|column_idx| mapping::clean::deal_id(row.cell(column_idx)));
-            let (class, position) = class_of(&index, raw_hash, key_cell, &changed);
-            match class {
-                RowClass::Quiet(deal_id) => {
-                    if let Some(position) = position {
-                        index.take(position);
-                    }
-                    state.claimed.insert(deal_id, row.row_number);
-                    state.counts.unchanged += 1;
-                }
-                RowClass::Pending(known) => {
-                    if let Some(deal_id) = known {
-                        state.mirror_wanted.push(deal_id);
-                    }
-                    let (clean, row_issues) =
-                        mapping::map_row(&row, header, context.source, &context.config.stages);
-                    let formula_fields = if context.writes_back {
-                        row.formula_columns
-                            .iter()
-                            .filter_map(|column_idx| match header.roles.get(*column_idx as usize) {
-                                Some(Some(ColumnRole::Field(field))) => Some(*field),
-                                _ => None,
-                            })
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    batch.rows.push(clean);
-                    batch.meta.push(RowMeta {
-                        raw_hash,
-                        clean_without_issues: row_issues.is_empty(),
-                        formula_fields,
-                        date_rows_above: date_columns
-                            .iter()
-                            .filter_map(|column_idx| state.last_date_row.get(column_idx).copied())
-                            .collect(),
-                    });
-                    state.issues.extend(row_issues);
-                }
-            }
-            for column_idx in &date_columns {
-                if matches!(row.cell(*column_idx as usize), workbook::Cell::DateTime(_)) {
-                    state.last_date_row.insert(*column_idx, row.row_number);
-                }
-            }
-        }
-        Ok(())
-    };
     let mut applier = Applier::new(context, &crm, transaction);
-    handle(first_rows, &mut state, &mut batch)?;
-    loop {
-        if import && batch.len() >= IMPORT_BATCH {
-            // A first import has no mirror to match against: its rows are applied as they come.
-            let rows = std::mem::take(&mut batch);
-            applier.apply_batch(rows, &[], &mut state, true)?;
+    let mut classifier = Classifier {
+        context,
+        index,
+        changed,
+        key_column,
+        date_columns,
+        gathered: RowsState::default(),
+    };
+    // Classing and cleaning the rows (phase 2) runs on a thread of its own, a batch ahead of the
+    // matching and applying (phases 3 to 5) here: with the reading thread, a sync keeps both cores
+    // busy. A first import is applied batch by batch as the rows come; other syncs gather the
+    // changed rows, which are few.
+    let mut pending = Pending::default();
+    let (classed, applied) = std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Pending>(2);
+        let classing = scope.spawn(move || -> Result<Classifier<'_>, WorkbookError> {
+            let mut batch = Pending::default();
+            classifier.class_rows(first_rows, &mut batch);
+            loop {
+                if batch.len() >= IMPORT_BATCH && sender.send(std::mem::take(&mut batch)).is_err() {
+                    return Ok(classifier);
+                }
+                match stream.next_rows()? {
+                    Some(rows) => classifier.class_rows(rows, &mut batch),
+                    None => break,
+                }
+            }
+            let _ = sender.send(batch);
+            Ok(classifier)
+        });
+        let mut applied: Result<(), SyncError> = Ok(());
+        for batch in receiver {
+            if import {
+                // A first import has no mirror to match against: its rows are applied as they
+                // come (after a store error, the rest is only drained).
+                if applied.is_ok() {
+                    applied = applier.apply_batch(batch, &[], &mut state, true);
+                }
+            } else {
+                pending.rows.extend(batch.rows);
+                pending.meta.extend(batch.meta);
+            }
         }
-        match stream.next_rows() {
-            Ok(Some(rows)) => handle(rows, &mut state, &mut batch)?,
-            Ok(None) => break,
-            Err(error) => return Ok(Err(Stop::Unreadable(error))),
-        }
+        let classed = classing.join().unwrap_or_else(|_| {
+            Err(WorkbookError::Malformed {
+                path: std::path::PathBuf::from(context.file),
+                expected: "readable workbook",
+                detail: "the rows could not be classed".to_string(),
+            })
+        });
+        (classed, applied)
+    });
+    // A failing store is fatal; a file that could not be read whole applies nothing.
+    applied?;
+    match classed {
+        Ok(classifier) => state.absorb(classifier.gathered),
+        Err(error) => return Ok(Err(Stop::Unreadable(error))),
     }
+    let batch = pending;
     // The rows the mirror held that no quiet row holds now: the base of the changed rows, and
     // the rows that may be gone.
     let mirror_rows: Vec<MirrorRow> = if import {
@@ -704,7 +686,7 @@ fn sync_rows(
         wanted.dedup();
         mirror::load_rows(transaction, context.file, &wanted)?
     };
-    let rows = std::mem::take(&mut batch);
+    let rows = batch;
     if let Err(stop) = applier.check_and_apply(
         rows,
         &mirror_rows,
@@ -759,6 +741,104 @@ struct RowsState {
     /// The deals of changed rows (for the write-back's view).
     deals_of_rows: HashMap<DealId, Deal>,
     style_rows: BTreeSet<u32>,
+}
+
+/// Classes rows as they are read and cleans the changed ones (phase 2).
+struct Classifier<'a> {
+    context: &'a Context<'a>,
+    index: QuietIndex,
+    changed: HashSet<DealId>,
+    key_column: Option<usize>,
+    date_columns: Vec<u32>,
+    /// What classing learns of the sheet.
+    gathered: RowsState,
+}
+
+impl Classifier<'_> {
+    fn class_rows(&mut self, rows: Vec<SheetRow>, batch: &mut Pending) {
+        let header = self.context.header;
+        let state = &mut self.gathered;
+        for row in rows {
+            if row.row_number <= header.row_number || row.is_blank() {
+                continue;
+            }
+            state.n_columns = state.n_columns.max(row.width());
+            state.last_data_row = Some(row.row_number);
+            for column_idx in &row.formula_columns {
+                state.formula_cells.push((row.row_number, *column_idx));
+            }
+            let raw_hash = row.raw_hash(self.key_column);
+            let key_cell = self
+                .key_column
+                .map(|column_idx| mapping::clean::deal_id(row.cell(column_idx)));
+            let (class, position) = class_of(&self.index, raw_hash, key_cell, &self.changed);
+            match class {
+                RowClass::Quiet(deal_id) => {
+                    if let Some(position) = position {
+                        self.index.take(position);
+                    }
+                    state.claimed.insert(deal_id, row.row_number);
+                    state.counts.unchanged += 1;
+                }
+                RowClass::Pending(known) => {
+                    if let Some(deal_id) = known {
+                        state.mirror_wanted.push(deal_id);
+                    }
+                    let (clean, row_issues) = mapping::map_row(
+                        &row,
+                        header,
+                        self.context.source,
+                        &self.context.config.stages,
+                    );
+                    let formula_fields = if self.context.writes_back {
+                        row.formula_columns
+                            .iter()
+                            .filter_map(|column_idx| match header.roles.get(*column_idx as usize) {
+                                Some(Some(ColumnRole::Field(field))) => Some(*field),
+                                _ => None,
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    batch.rows.push(clean);
+                    batch.meta.push(RowMeta {
+                        raw_hash,
+                        clean_without_issues: row_issues.is_empty(),
+                        formula_fields,
+                        date_rows_above: self
+                            .date_columns
+                            .iter()
+                            .filter_map(|column_idx| state.last_date_row.get(column_idx).copied())
+                            .collect(),
+                    });
+                    state.issues.extend(row_issues);
+                }
+            }
+            for column_idx in &self.date_columns {
+                if matches!(row.cell(*column_idx as usize), workbook::Cell::DateTime(_)) {
+                    state.last_date_row.insert(*column_idx, row.row_number);
+                }
+            }
+        }
+    }
+}
+
+impl RowsState {
+    /// Takes in what classing gathered.
+    fn absorb(&mut self, gathered: RowsState) {
+        self.claimed.extend(gathered.claimed);
+        self.mirror_wanted.extend(gathered.mirror_wanted);
+        self.counts.unchanged += gathered.counts.unchanged;
+        // The mapping's issues come first, in row order; the diff's follow.
+        let mut issues = gathered.issues;
+        issues.append(&mut self.issues);
+        self.issues = issues;
+        self.n_columns = self.n_columns.max(gathered.n_columns);
+        self.last_data_row = self.last_data_row.max(gathered.last_data_row);
+        self.formula_cells.extend(gathered.formula_cells);
+        self.last_date_row.extend(gathered.last_date_row);
+    }
 }
 
 /// Matches, merges and applies changed rows.
