@@ -648,6 +648,7 @@ fn sync_rows(
                 // A first import has no mirror to match against: its rows are applied as they
                 // come (after a store error, the rest is only drained).
                 if applied.is_ok() {
+                    state.n_applied_in_batches += batch.len();
                     applied = applier.apply_batch(batch, &[], &mut state, true);
                 }
             } else {
@@ -670,6 +671,12 @@ fn sync_rows(
         Ok(classifier) => state.absorb(classifier.gathered),
         Err(error) => return Ok(Err(Stop::Unreadable(error))),
     }
+    tracing::debug!(
+        file = %context.file,
+        quiet = state.n_quiet,
+        cleaned = pending.len() + state.n_applied_in_batches,
+        "rows unchanged since the last sync were not cleaned; the others were"
+    );
     let batch = pending;
     // The rows the mirror held that no quiet row holds now: the base of the changed rows, and
     // the rows that may be gone.
@@ -741,6 +748,10 @@ struct RowsState {
     /// The deals of changed rows (for the write-back's view).
     deals_of_rows: HashMap<DealId, Deal>,
     style_rows: BTreeSet<u32>,
+    /// Rows of a first import applied as they came.
+    n_applied_in_batches: usize,
+    /// Rows found unchanged since the last sync (not cleaned).
+    n_quiet: usize,
 }
 
 /// Classes rows as they are read and cleans the changed ones (phase 2).
@@ -779,6 +790,7 @@ impl Classifier<'_> {
                     }
                     state.claimed.insert(deal_id, row.row_number);
                     state.counts.unchanged += 1;
+                    state.n_quiet += 1;
                 }
                 RowClass::Pending(known) => {
                     if let Some(deal_id) = known {
@@ -830,6 +842,7 @@ impl RowsState {
         self.claimed.extend(gathered.claimed);
         self.mirror_wanted.extend(gathered.mirror_wanted);
         self.counts.unchanged += gathered.counts.unchanged;
+        self.n_quiet += gathered.n_quiet;
         // The mapping's issues come first, in row order; the diff's follow.
         let mut issues = gathered.issues;
         issues.append(&mut self.issues);

@@ -11,5 +11,6 @@ mod harness;
 mod in_place;
 mod remind;
 mod safety;
+mod streaming;
 mod sync_cli;
 mod two_way;

@@ -1,0 +1,147 @@
+//! The sync as a stream: rows unchanged since the last sync are not cleaned again, yet still
+//! receive store-side changes and still count for removals; a sync killed in the middle of a
+//! streamed import leaves the store as it was.
+
+use std::time::Duration;
+
+use crate::harness::{file_report, wait_until, TestDir};
+
+/// A CSV of `n_rows` leads.
+fn leads(n_rows: usize, changed: Option<usize>) -> String {
+    let mut text = String::from("Company,Contact,Email,Stage,Amount\n");
+    for row in 0..n_rows {
+        let amount = if Some(row) == changed {
+            99_999
+        } else {
+            1000 + row
+        };
+        text.push_str(&format!(
+            "Company {row},Contact {row},contact{row}@example.com,Lead,{amount}\n"
+        ));
+    }
+    text
+}
+
+fn sync_logging(test: &TestDir) -> (serde_json::Value, String) {
+    let output = test
+        .command(&["sync", "--format", "json"])
+        .env("RUST_LOG", "funnelsync=debug")
+        .output()
+        .expect("run funnelsync");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|error| panic!("not JSON ({error}): {stdout}\n{stderr}"));
+    (report, stderr)
+}
+
+#[test]
+fn rows_unchanged_since_the_last_sync_are_not_cleaned_but_still_hear_of_the_store() {
+    let test = TestDir::new();
+    test.write("leads.csv", leads(50, None));
+    test.single_source("leads.csv", "");
+    let (_, log) = sync_logging(&test);
+    assert!(
+        log.contains("quiet=0 cleaned=50"),
+        "a first import cleans every row:\n{log}"
+    );
+
+    // One cell edited in the sheet: one row is cleaned, 49 are not.
+    test.write(
+        "leads.csv",
+        std::fs::read_to_string(test.path("leads.csv"))
+            .expect("read")
+            .replace("1007", "7777"),
+    );
+    let (report, log) = sync_logging(&test);
+    assert!(log.contains("quiet=49 cleaned=1"), "{log}");
+    assert_eq!(file_report(&report, "leads.csv")["counts"]["updated"], 1);
+    assert_eq!(test.deal_by("company", "Company 7")["amount"], 7777.0);
+
+    // A deal changed in the store: its row, unchanged in the sheet, is looked at again and the
+    // change reaches the file.
+    let deal = test.deal_by("company", "Company 20")["id"].to_string();
+    test.run(&["deals", "set", &deal, "stage=Won"])
+        .assert_code(0);
+    let (report, log) = sync_logging(&test);
+    assert!(log.contains("quiet=49 cleaned=1"), "{log}");
+    assert_eq!(
+        file_report(&report, "leads.csv")["write_back"]["status"],
+        "written"
+    );
+    let written = std::fs::read_to_string(test.path("leads.csv")).expect("read");
+    let row = written
+        .lines()
+        .find(|line| line.starts_with("Company 20,"))
+        .expect("row of Company 20");
+    assert!(row.contains(",Won,"), "{row}");
+
+    // A row taken out of the sheet is still seen as gone. (The row the write-back changed is
+    // cleaned once more: its cells no longer hash as they were read.)
+    let without: String = written
+        .lines()
+        .filter(|line| !line.starts_with("Company 30,"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    test.write("leads.csv", without);
+    let (report, log) = sync_logging(&test);
+    assert_eq!(
+        file_report(&report, "leads.csv")["counts"]["archived"],
+        1,
+        "{log}"
+    );
+    assert!(log.contains("quiet=48 cleaned=1"), "{log}");
+    let (_, log) = sync_logging(&test);
+    assert!(
+        log.contains("not parsed"),
+        "after that the file is known unchanged and not even parsed: {log}"
+    );
+}
+
+#[test]
+fn a_sync_killed_in_the_middle_of_a_streamed_import_leaves_the_store_as_it_was() {
+    let test = TestDir::new();
+    let n_rows = 40_000;
+    test.write("leads.csv", leads(n_rows, None));
+    test.single_source("leads.csv", "write_back = false");
+    // A store that exists before the import, so the kill can only undo the import.
+    test.run(&["check-config"]).assert_code(0);
+    test.write(
+        "other.csv",
+        leads(3, None)
+            .replace("Company", "Other")
+            .replace("contact", "other"),
+    );
+    test.config("[[sources]]\nname = \"other\"\npath = \"other.csv\"\nwrite_back = false\n");
+    test.sync().assert_code(0);
+    assert_eq!(test.deals().len(), 3);
+    test.single_source("leads.csv", "write_back = false");
+
+    let mut child = test.command(&["sync"]).spawn().expect("start sync");
+    // Kill it once the import's transaction has written a good part of its pages.
+    let wal = test.path("state/crm.db-wal");
+    wait_until(
+        Duration::from_secs(60),
+        "the import to be under way",
+        || std::fs::metadata(&wal).is_ok_and(|metadata| metadata.len() > 1 << 20),
+    );
+    child.kill().expect("kill");
+    let _ = child.wait();
+    assert_eq!(
+        test.count("SELECT count(*) FROM deals"),
+        3,
+        "nothing of the killed import is in the store"
+    );
+    assert_eq!(
+        test.count("SELECT count(*) FROM mirror_rows WHERE file LIKE '%leads.csv'"),
+        0
+    );
+
+    // The next sync imports every row, once.
+    test.sync().assert_code(0);
+    assert_eq!(test.count("SELECT count(*) FROM deals"), n_rows as i64 + 3);
+    assert_eq!(
+        test.count("SELECT count(DISTINCT email) FROM deals"),
+        n_rows as i64 + 3
+    );
+}
