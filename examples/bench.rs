@@ -638,7 +638,7 @@ fn daemon_latency(settle: &str) -> Result<(f64, f64), String> {
         let range = workbook.worksheet_range("Pipeline").ok()?;
         range
             .rows()
-            .find(|row| row.first().is_some_and(|cell| cell.to_string() == company))
+            .find(|row| row.first().is_some_and(|cell| *cell == company))
             .and_then(|row| row.get(5).map(|cell| cell.to_string()))
     };
     let wait = |what: &dyn Fn() -> bool, limit: f64| -> Option<f64> {

@@ -588,8 +588,8 @@ fn sync_rows(
             head.synced_version
         }
     });
-    let index_usable = !import
-        && !(context.writes_back && key_column.is_none())
+    let needs_every_row = import || (context.writes_back && key_column.is_none());
+    let index_usable = !needs_every_row
         && head.as_ref().is_some_and(|head| {
             head.config_hash == source_fingerprint(context.config, context.source)
         })
@@ -854,6 +854,9 @@ impl RowsState {
     }
 }
 
+/// What the diff of a batch found, with the deals it loaded.
+type Diffed = (diff::Changeset, Vec<RowIssue>, HashMap<DealId, Deal>);
+
 /// Matches, merges and applies changed rows.
 struct Applier<'a, 'c> {
     context: &'a Context<'a>,
@@ -934,7 +937,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         mirror_rows: &[MirrorRow],
         state: &RowsState,
         head: Option<&MirrorHead>,
-    ) -> Result<(diff::Changeset, Vec<RowIssue>, HashMap<DealId, Deal>), SyncError> {
+    ) -> Result<Diffed, SyncError> {
         let context = self.context;
         let source = context.source;
         let clean_rows = &rows.rows;
@@ -1296,7 +1299,7 @@ impl<'a, 'c> Applier<'a, 'c> {
             .collect();
         if source.view == View::All {
             // Every live deal the filter takes that no row of this file holds joins it.
-            let filter_fields: Vec<Field> = source.filter.iter().map(|(field, _)| *field).collect();
+            let filter_fields: Vec<Field> = source.filter.keys().copied().collect();
             let joining: Vec<DealId> = self
                 .crm
                 .live_deal_fields(&filter_fields)?
