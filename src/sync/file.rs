@@ -1320,3 +1320,75 @@ impl<'a, 'c> Applier<'a, 'c> {
         Ok(plan)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_quiet_only_when_their_cells_their_key_and_their_deal_are_as_before() {
+        let index = QuietIndex::new(vec![(10, 1), (20, 2), (20, 3), (30, 4)]);
+        let none: HashSet<DealId> = HashSet::new();
+        let changed: HashSet<DealId> = [4].into_iter().collect();
+        let cases = [
+            // (raw hash, key cell, changed deals, expected class)
+            (
+                "same cells, no key column",
+                10,
+                None,
+                &none,
+                RowClass::Quiet(1),
+            ),
+            (
+                "same cells, key agrees",
+                10,
+                Some(Some(1)),
+                &none,
+                RowClass::Quiet(1),
+            ),
+            (
+                "same cells, key cleared",
+                10,
+                Some(None),
+                &none,
+                RowClass::Pending(Some(1)),
+            ),
+            (
+                "same cells, key of another deal",
+                10,
+                Some(Some(9)),
+                &none,
+                RowClass::Pending(Some(1)),
+            ),
+            (
+                "deal changed in the store",
+                30,
+                None,
+                &changed,
+                RowClass::Pending(Some(4)),
+            ),
+            ("cells changed", 99, None, &none, RowClass::Pending(None)),
+        ];
+        for (name, raw_hash, key_cell, changed, expected) in cases {
+            assert_eq!(
+                class_of(&index, raw_hash, key_cell, changed).0,
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_mirror_row_is_taken_once_so_a_copied_row_is_not_quiet() {
+        let mut index = QuietIndex::new(vec![(20, 2), (20, 3)]);
+        let none = HashSet::new();
+        let (first, position) = class_of(&index, 20, None, &none);
+        assert_eq!(first, RowClass::Quiet(2));
+        index.take(position.expect("a position"));
+        let (second, position) = class_of(&index, 20, None, &none);
+        assert_eq!(second, RowClass::Quiet(3));
+        index.take(position.expect("a position"));
+        let (third, _) = class_of(&index, 20, None, &none);
+        assert_eq!(third, RowClass::Pending(None), "a third copy is a new row");
+    }
+}
