@@ -659,6 +659,9 @@ pub trait CrmStore {
     /// Every stage change of every deal, oldest first.
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError>;
     fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError>;
+    /// Brings a recorded run up to date (a run recorded early, while its changes were still being
+    /// applied, gets its final counts and status).
+    fn finish_run(&self, run_id: i64, run: &SyncRun) -> Result<(), StoreError>;
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError>;
     fn changes_of_run(&self, run_id: i64) -> Result<Vec<ChangeRecord>, StoreError>;
     /// Changes to this deal's field (or of any kind when `field` is None) made by runs after `run_id`.
@@ -1419,6 +1422,29 @@ impl CrmStore for SqliteCrm<'_> {
             });
         }
         Ok(changes)
+    }
+
+    fn finish_run(&self, run_id: i64, run: &SyncRun) -> Result<(), StoreError> {
+        let counts = &run.counts;
+        self.connection
+            .prepare_cached(
+                "UPDATE sync_runs SET finished_at = ?1, status = ?2, n_created = ?3, n_updated = ?4, n_archived = ?5, \
+                 n_deleted = ?6, n_unchanged = ?7, n_errors = ?8, n_warnings = ?9, message = ?10 WHERE id = ?11",
+            )?
+            .execute(params![
+                timestamp(run.finished_at),
+                run.status,
+                counts.created as i64,
+                counts.updated as i64,
+                counts.archived as i64,
+                counts.deleted as i64,
+                counts.unchanged as i64,
+                counts.errors as i64,
+                counts.warnings as i64,
+                run.message,
+                run_id
+            ])?;
+        Ok(())
     }
 
     fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError> {

@@ -275,6 +275,7 @@ pub(super) fn sync(
         counts,
         conflicts,
         applied,
+        run_id: early_run_id,
         plan,
         head,
         known_error_rows,
@@ -305,7 +306,7 @@ pub(super) fn sync(
     // Only a sync that changed something is a run worth a line in the history; one that found
     // nothing to change is recorded as "checked" on the file.
     let mut run_id = if changed {
-        let run_id = crm.record_run(&SyncRun {
+        let run = SyncRun {
             id: 0,
             source: source.name.clone(),
             file: file.clone(),
@@ -314,7 +315,14 @@ pub(super) fn sync(
             status: status_name(report.status).to_string(),
             counts: report.counts.clone(),
             message: None,
-        })?;
+        };
+        let run_id = match early_run_id {
+            Some(run_id) => {
+                crm.finish_run(run_id, &run)?;
+                run_id
+            }
+            None => crm.record_run(&run)?,
+        };
         crm.record_changes(run_id, &applied)?;
         Some(run_id)
     } else {
@@ -511,6 +519,8 @@ struct Synced {
     counts: crate::store::RunCounts,
     conflicts: u64,
     applied: Vec<ChangeRecord>,
+    /// The run already recorded for changes written out during the sync.
+    run_id: Option<i64>,
     plan: Option<crate::writeback::SheetPlan>,
     head: Option<MirrorHead>,
     /// The rows with errors that no removal waited for (see `MirrorHead::known_error_rows`).
@@ -649,7 +659,9 @@ fn sync_rows(
                 // come (after a store error, the rest is only drained).
                 if applied.is_ok() {
                     state.n_applied_in_batches += batch.len();
-                    applied = applier.apply_batch(batch, &[], &mut state, true);
+                    applied = applier
+                        .apply_batch(batch, &[], &mut state, true)
+                        .and_then(|()| applier.flush_changes());
                 }
             } else {
                 pending.rows.extend(batch.rows);
@@ -719,6 +731,7 @@ fn sync_rows(
         counts,
         conflicts: state.conflicts,
         applied: std::mem::take(&mut applier.applied),
+        run_id: applier.run_id,
         plan,
         head,
         known_error_rows: std::mem::take(&mut state.known_error_rows),
@@ -863,6 +876,8 @@ struct Applier<'a, 'c> {
     crm: &'a SqliteCrm<'c>,
     transaction: &'a rusqlite::Transaction<'c>,
     applied: Vec<ChangeRecord>,
+    /// The run the changes are recorded under, once a first import had some to write out.
+    run_id: Option<i64>,
 }
 
 impl<'a, 'c> Applier<'a, 'c> {
@@ -876,7 +891,38 @@ impl<'a, 'c> Applier<'a, 'c> {
             crm,
             transaction,
             applied: Vec::new(),
+            run_id: None,
         }
+    }
+
+    /// Writes the changes recorded so far under the sync's run (recorded now if need be, its
+    /// counts brought up to date at the commit), so that an import holds no more than a batch of
+    /// them.
+    fn flush_changes(&mut self) -> Result<(), SyncError> {
+        if self.applied.is_empty() {
+            return Ok(());
+        }
+        let context = self.context;
+        let run_id = match self.run_id {
+            Some(run_id) => run_id,
+            None => {
+                let run_id = self.crm.record_run(&SyncRun {
+                    id: 0,
+                    source: context.source.name.clone(),
+                    file: context.file.to_string(),
+                    started_at: context.now,
+                    finished_at: context.now,
+                    status: status_name(FileStatus::Synced).to_string(),
+                    counts: Default::default(),
+                    message: None,
+                })?;
+                self.run_id = Some(run_id);
+                run_id
+            }
+        };
+        self.crm.record_changes(run_id, &self.applied)?;
+        self.applied.clear();
+        Ok(())
     }
 
     /// Phases 3 to 5 for the last changed rows: match and merge, the guard, apply.
