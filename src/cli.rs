@@ -1112,105 +1112,35 @@ pub fn funnel(
     Ok(ExitCode::from(EXIT_OK))
 }
 
-/// Cleans a value given on the command line exactly as a sheet cell would be cleaned.
-fn clean_cli_value(
-    config: &Config,
-    field: Field,
-    written: &str,
-) -> Result<Vec<(Field, Option<crate::deal::FieldValue>)>, String> {
-    use crate::deal::{FieldKind, FieldValue};
-    use crate::mapping::clean;
-    let cell = crate::workbook::Cell::Text(written.to_string());
-    if cell.is_empty() {
-        return Ok(vec![(field, None)]);
-    }
-    let date_order = config
-        .sources
-        .first()
-        .map(|source| source.date_order)
-        .unwrap_or(crate::config::DateOrder::YearMonthDay);
-    let cleaned = match field.kind() {
-        FieldKind::Text => clean::text(&cell),
-        FieldKind::Email => clean::email(&cell),
-        FieldKind::Phone => clean::phone(&cell),
-        FieldKind::Stage => clean::stage(&cell, &config.stages),
-        FieldKind::Currency => clean::currency(&cell),
-        FieldKind::Date => clean::date(&cell, date_order).map(FieldValue::date),
-        FieldKind::Amount => {
-            return clean::amount(&cell)
-                .map(|(amount, currency)| {
-                    let mut changes = vec![(Field::Amount, Some(FieldValue::Amount(amount)))];
-                    if let Some(currency) = currency {
-                        changes.push((
-                            Field::Currency,
-                            Some(FieldValue::Text(currency.to_string())),
-                        ));
-                    }
-                    changes
-                })
-                .map_err(|why| format!("{field}: \"{written}\" {why}"));
-        }
-    };
-    cleaned
-        .map(|value| vec![(field, Some(value))])
-        .map_err(|why| format!("{field}: \"{written}\" {why}"))
-}
-
-/// Applies field changes made on the command line, recorded with origin "cli".
+/// Applies field changes made on the command line through [`crate::edit::apply_changes`] (a run
+/// of source "cli") and prints what changed.
 fn apply_cli_changes(
     config: &Config,
     id: i64,
-    changes: Vec<(Field, Option<crate::deal::FieldValue>)>,
+    changes: crate::edit::Changes,
 ) -> anyhow::Result<ExitCode> {
     let mut store = open_existing_store(config)?;
-    let transaction = store.transaction()?;
-    let crm = crate::store::SqliteCrm::new(&transaction);
-    let Some(deal) = crm.deals_by_ids(&[id])?.remove(&id) else {
-        eprintln!("error: there is no deal {id}");
-        return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+    let outcome = match crate::edit::apply_changes(
+        &mut store,
+        config,
+        id,
+        changes,
+        crate::edit::Origin::CLI,
+        None,
+        |_| Ok(()),
+        chrono::Utc::now(),
+    ) {
+        Ok(outcome) => outcome,
+        Err(crate::edit::EditError::NoSuchDeal(id)) => {
+            eprintln!("error: there is no deal {id}");
+            return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+        }
+        Err(error) => return Err(error.into()),
     };
-    let mut changes: Vec<_> = changes
-        .into_iter()
-        .filter(|(field, value)| deal.fields.get(field) != value.as_ref())
-        .collect();
-    if changes.is_empty() {
+    if outcome.run_id.is_none() {
         println!("deal {id} already has these values");
-        return Ok(ExitCode::from(EXIT_OK));
     }
-    let now = chrono::Utc::now();
-    // A move to another stage is dated today, unless the command says since when.
-    let today = crate::remind::Calendar::of(config).day_of(now);
-    crate::sync::diff::date_stage_change(&mut changes, &deal, today);
-    crm.update_deal(id, &changes, &[], "cli", now)?;
-    // The change is a run of its own in the history, so it can be undone like a sheet's.
-    let run_id = crm.record_run(&crate::store::SyncRun {
-        id: 0,
-        source: "cli".to_string(),
-        file: String::new(),
-        started_at: now,
-        finished_at: now,
-        status: "synced".to_string(),
-        counts: crate::store::RunCounts {
-            updated: 1,
-            ..crate::store::RunCounts::default()
-        },
-        message: None,
-    })?;
-    let records: Vec<crate::store::ChangeRecord> = changes
-        .iter()
-        .map(|(field, value)| crate::store::ChangeRecord {
-            id: 0,
-            run_id,
-            deal_id: id,
-            kind: crate::store::ChangeKind::Update,
-            field: Some(field.name().to_string()),
-            old_value: deal.fields.get(field).map(|old| old.to_string()),
-            new_value: value.as_ref().map(|new| new.to_string()),
-        })
-        .collect();
-    crm.record_changes(run_id, &records)?;
-    transaction.commit()?;
-    for (field, value) in &changes {
+    for (field, value) in &outcome.applied {
         let shown = value
             .as_ref()
             .map(|value| format!("\"{value}\""))
@@ -1221,27 +1151,22 @@ fn apply_cli_changes(
 }
 
 pub fn deals_set(config: &Config, id: i64, assignments: &[String]) -> anyhow::Result<ExitCode> {
-    let mut changes = Vec::new();
+    let mut pairs = Vec::new();
     let mut problems = Vec::new();
     for assignment in assignments {
-        let Some((name, value)) = assignment.split_once('=') else {
-            problems.push(format!("\"{assignment}\" is not FIELD=VALUE"));
-            continue;
-        };
-        let Some(field) = Field::from_name(name.trim()) else {
-            let fields: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
-            problems.push(format!(
-                "\"{}\" is not a field ({})",
-                name.trim(),
-                fields.join(", ")
-            ));
-            continue;
-        };
-        match clean_cli_value(config, field, value) {
-            Ok(cleaned) => changes.extend(cleaned),
-            Err(problem) => problems.push(problem),
+        match assignment.split_once('=') {
+            Some(pair) => pairs.push(pair),
+            None => problems.push(format!("\"{assignment}\" is not FIELD=VALUE")),
         }
     }
+    let changes = match crate::edit::clean_assignments(config, pairs) {
+        Ok(changes) if problems.is_empty() => changes,
+        Ok(_) => Vec::new(),
+        Err(more) => {
+            problems.extend(more.into_iter().map(|problem| problem.message));
+            Vec::new()
+        }
+    };
     if !problems.is_empty() {
         for problem in problems {
             eprintln!("error: {problem}");
@@ -1252,14 +1177,8 @@ pub fn deals_set(config: &Config, id: i64, assignments: &[String]) -> anyhow::Re
 }
 
 pub fn deals_move(config: &Config, id: i64, stage: &str) -> anyhow::Result<ExitCode> {
-    match clean_cli_value(config, Field::Stage, stage) {
-        Ok(changes) if changes.iter().all(|(_, value)| value.is_some()) => {
-            apply_cli_changes(config, id, changes)
-        }
-        Ok(_) => {
-            eprintln!("error: a stage is needed");
-            Ok(ExitCode::from(EXIT_CONFIG))
-        }
+    match crate::edit::clean_stage(config, stage) {
+        Ok(changes) => apply_cli_changes(config, id, changes),
         Err(problem) => {
             eprintln!("error: {problem}");
             Ok(ExitCode::from(EXIT_CONFIG))

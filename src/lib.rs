@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod deal;
+pub mod edit;
 pub mod funnel;
 pub mod history;
 pub mod mail;
