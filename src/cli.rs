@@ -71,6 +71,26 @@ pub enum Command {
     History(HistoryArgs),
     /// Revert every change a run applied (recorded as a run of its own).
     Undo(UndoArgs),
+    /// Serve the HTTP API and the pages of `[http]` without watching files (a reporting host on
+    /// a shared store).
+    Serve,
+    /// Make API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a fresh token for user NAME and the `[[http.users]]` lines to paste into the config.
+    New {
+        name: String,
+        /// The user's role: admin, manager, rep or readonly.
+        #[arg(long, default_value = "readonly")]
+        role: String,
+        /// For role rep: the owner name they are in the sheets.
+        #[arg(long)]
+        rep: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -1109,6 +1129,50 @@ pub fn funnel(
             }
         }
     }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `token new NAME`: a fresh token on stdout's first line and the config lines below it. Only the
+/// token's hash goes into the config; the token itself is shown once.
+pub fn token_new(name: &str, role: &str, rep: Option<&str>) -> anyhow::Result<ExitCode> {
+    let Some(role) = crate::config::Role::from_name(role) else {
+        eprintln!("error: --role \"{role}\" is not one of admin, manager, rep, readonly");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
+    if name.trim().is_empty() || name.contains(['"', '\\', '\n']) {
+        eprintln!("error: a user name must not be empty or hold quotes, backslashes or line breaks");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    if role == crate::config::Role::Rep && rep.is_none() {
+        eprintln!("error: a rep needs --rep \"OWNER NAME\" (as the sheets write it)");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let token = crate::http::auth::new_token()?;
+    let hash = crate::http::auth::hex(&crate::http::auth::hash_token(&token));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{token}")?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "# Give the token above to {} (it is shown only once); paste these lines into the config:",
+        name.trim()
+    )?;
+    writeln!(out, "[[http.users]]")?;
+    writeln!(out, "name = \"{}\"", name.trim())?;
+    writeln!(out, "role = \"{}\"", role.name())?;
+    if let Some(rep) = rep.filter(|_| role == crate::config::Role::Rep) {
+        writeln!(out, "rep = {}", toml::Value::String(rep.trim().to_string()))?;
+    }
+    writeln!(out, "token_sha256 = \"{hash}\"")?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    if config.http.is_none() {
+        eprintln!("error: {}", crate::http::HttpError::NotConfigured);
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    crate::http::serve(config)?;
     Ok(ExitCode::from(EXIT_OK))
 }
 

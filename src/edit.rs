@@ -41,6 +41,9 @@ pub enum EditError {
         expected: i64,
         current: i64,
     },
+    /// The caller may not make this edit (see `http::auth::authorize`).
+    #[error("{0}")]
+    Refused(String),
     #[error("{}", .0.iter().map(|problem| problem.message.clone()).collect::<Vec<_>>().join("; "))]
     Invalid(Vec<FieldProblem>),
     #[error(transparent)]

@@ -10,6 +10,7 @@ pub mod deal;
 pub mod edit;
 pub mod funnel;
 pub mod history;
+pub mod http;
 pub mod mail;
 pub mod mapping;
 pub mod mirror;
