@@ -46,8 +46,13 @@ pub fn routes() -> Router<SharedState> {
 }
 
 /// Turns the plain-text errors of the layers and extractors (a path that is not a number, a body
-/// over the limit, a timeout) into the API's JSON error shape.
-pub async fn json_errors(response: Response) -> Response {
+/// over the limit, a timeout) into the API's JSON error shape, for API paths.
+pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let is_api = request.uri().path().starts_with("/api/");
+    let response = next.run(request).await;
+    if !is_api {
+        return response;
+    }
     let status = response.status();
     let is_json = response
         .headers()

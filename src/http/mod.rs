@@ -210,9 +210,8 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 fn router(state: SharedState, http: &HttpConfig) -> Router {
     use tower_http::set_header::SetResponseHeaderLayer;
-    let api = api::routes().layer(axum::middleware::map_response(api::json_errors));
     Router::new()
-        .nest("/api/v1", api)
+        .nest("/api/v1", api::routes())
         .route("/healthz", get(metrics::healthz))
         .route("/metrics", get(metrics::metrics))
         .merge(pages::routes())
@@ -228,6 +227,8 @@ fn router(state: SharedState, http: &HttpConfig) -> Router {
             http.request_timeout,
         ))
         .layer(tower_http::compression::CompressionLayer::new())
+        // Outside the limits and the timeout, so that their refusals of API requests are JSON too.
+        .layer(axum::middleware::from_fn(api::json_errors))
         .layer(SetResponseHeaderLayer::overriding(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
