@@ -8,6 +8,7 @@ mod daemon;
 mod funnel;
 mod hardening;
 mod harness;
+mod http;
 mod in_place;
 mod remind;
 mod safety;
