@@ -784,7 +784,7 @@ impl TestDir {
         let http = Http::new(port);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            if http.get("/healthz", None).status == 200 {
+            if http.answers_healthy() {
                 break;
             }
             assert!(
@@ -871,6 +871,14 @@ impl Http {
             headers,
             body,
         }
+    }
+
+    /// Whether `/healthz` answers 200 (false while nothing listens yet).
+    pub fn answers_healthy(&self) -> bool {
+        self.agent
+            .get(format!("{}/healthz", self.base))
+            .call()
+            .is_ok_and(|response| response.status().as_u16() == 200)
     }
 
     pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
