@@ -516,7 +516,7 @@ async fn funnel_page(
         }
         @if !report.forecast.deals.is_empty() {
             h2 { (tr(language, "Forecast", "预测")) }
-            table.list {
+            div.scroll { table.list {
                 thead { tr {
                     th { (tr(language, "Company", "公司")) }
                     th { (tr(language, "Stage", "阶段")) }
@@ -533,7 +533,7 @@ async fn funnel_page(
                         }
                     }
                 }
-            }
+            } }
         }
     };
     layout(tr(language, "Funnel", "漏斗"), &page, "/funnel", body).into_response()
@@ -570,7 +570,7 @@ fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason
                         span.meta {
                             span.stage { (shown(deal, Field::Stage)) }
                             @if sees_amounts && deal.fields.contains_key(&Field::Amount) {
-                                span.amount { (shown(deal, Field::Amount)) " " (shown(deal, Field::Currency)) }
+                                span.amount { (crate::cli::group_thousands(&shown(deal, Field::Amount))) " " (shown(deal, Field::Currency)) }
                             }
                             @if page.user.sees(Field::Owner) { span.owner { (shown(deal, Field::Owner)) } }
                         }

@@ -749,7 +749,6 @@ pub fn free_port() -> u16 {
 /// A user of `[http]` made with `funnelsync token new`: their token and config lines.
 #[derive(Debug, Clone)]
 pub struct HttpUser {
-    pub name: String,
     pub token: String,
     pub config_lines: String,
 }
@@ -771,7 +770,6 @@ impl TestDir {
             .collect::<Vec<_>>()
             .join("\n");
         HttpUser {
-            name: name.to_string(),
             token,
             config_lines,
         }
