@@ -1188,9 +1188,8 @@ fn apply_cli_changes(
         &mut store,
         config,
         id,
-        changes,
+        changes.into(),
         crate::edit::Origin::CLI,
-        None,
         |_| Ok(()),
         chrono::Utc::now(),
     ) {

@@ -17,6 +17,10 @@ use crate::store::{ChangeKind, ChangeRecord, CrmStore, RunCounts, SqliteCrm, Sto
 /// Field changes as they are applied: `None` clears a field.
 pub type Changes = Vec<(Field, Option<FieldValue>)>;
 
+/// Changes to a deal's extra values (the sheets' unmapped columns, by header): `None` removes one.
+/// They are kept with the deal; like the sheets' own extra columns they are not written back.
+pub type ExtraChanges = Vec<(String, Option<String>)>;
+
 /// One value that cannot be taken, with the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldProblem {
@@ -72,6 +76,24 @@ impl Origin<'_> {
 
     fn message(&self) -> Option<String> {
         self.user.map(|user| format!("by {user}"))
+    }
+}
+
+/// What an edit asks for: field changes, extra values, and the version of the deal the caller
+/// saw (the edit is refused when the deal changed since).
+#[derive(Debug, Clone, Default)]
+pub struct EditRequest {
+    pub changes: Changes,
+    pub extra_changes: ExtraChanges,
+    pub expected_version: Option<i64>,
+}
+
+impl From<Changes> for EditRequest {
+    fn from(changes: Changes) -> EditRequest {
+        EditRequest {
+            changes,
+            ..EditRequest::default()
+        }
     }
 }
 
@@ -177,20 +199,24 @@ pub fn version_of(store: &Store, id: DealId) -> Result<Option<i64>, StoreError> 
     Ok(store.crm().deal_versions(&[id])?.remove(&id))
 }
 
-/// Applies field changes to a deal in one transaction, recorded as a run of `origin`. With
-/// `expected_version`, the edit is refused when the deal changed since (a stale form or a lost
-/// update). `allowed` sees the deal before the change and may refuse it (an owner check, say);
-/// its refusal is returned as is.
+/// Applies an edit to a deal in one transaction, recorded as a run of `origin`. With an expected
+/// version, the edit is refused when the deal changed since (a stale form or a lost update).
+/// `allowed` sees the deal before the change and may refuse it (an owner check, say); its refusal
+/// is returned as is.
 pub fn apply_changes(
     store: &mut Store,
     config: &Config,
     id: DealId,
-    changes: Changes,
+    request: EditRequest,
     origin: Origin<'_>,
-    expected_version: Option<i64>,
     allowed: impl FnOnce(&Deal) -> Result<(), EditError>,
     now: DateTime<Utc>,
 ) -> Result<EditOutcome, EditError> {
+    let EditRequest {
+        changes,
+        extra_changes,
+        expected_version,
+    } = request;
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     let Some(deal) = crm.deals_by_ids(&[id])?.remove(&id) else {
@@ -211,7 +237,11 @@ pub fn apply_changes(
         .into_iter()
         .filter(|(field, value)| deal.fields.get(field) != value.as_ref())
         .collect();
-    if changes.is_empty() {
+    let extra_changes: ExtraChanges = extra_changes
+        .into_iter()
+        .filter(|(key, value)| deal.extra.get(key) != value.as_ref())
+        .collect();
+    if changes.is_empty() && extra_changes.is_empty() {
         return Ok(EditOutcome {
             run_id: None,
             applied: changes,
@@ -222,7 +252,7 @@ pub fn apply_changes(
     // A move to another stage is dated today, unless the edit says since when.
     let today = crate::remind::Calendar::of(config).day_of(now);
     crate::sync::diff::date_stage_change(&mut changes, &deal, today);
-    crm.update_deal(id, &changes, &[], origin.source, now)?;
+    crm.update_deal(id, &changes, &extra_changes, origin.source, now)?;
     // The change is a run of its own in the history, so it can be undone like a sheet's.
     let run_id = crm.record_run(&crate::store::SyncRun {
         id: 0,
@@ -248,6 +278,15 @@ pub fn apply_changes(
             old_value: deal.fields.get(field).map(|old| old.to_string()),
             new_value: value.as_ref().map(|new| new.to_string()),
         })
+        .chain(extra_changes.iter().map(|(key, value)| ChangeRecord {
+            id: 0,
+            run_id,
+            deal_id: id,
+            kind: ChangeKind::Update,
+            field: Some(format!("extra.{key}")),
+            old_value: deal.extra.get(key).cloned(),
+            new_value: value.clone(),
+        }))
         .collect();
     crm.record_changes(run_id, &records)?;
     let updated = crm

@@ -186,10 +186,42 @@ fn json_object(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Resu
     }
 }
 
+/// The `extra` member of a body: values of unmapped columns by header (a string, or null to
+/// remove one), such as a contract number an ERP pushes back.
+fn extra_assignments(object: &Map<String, Value>) -> Result<edit::ExtraChanges, ApiError> {
+    let invalid = |message: String| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_value", message).with_field("extra")
+    };
+    let Some(extra) = object.get("extra") else {
+        return Ok(Vec::new());
+    };
+    let Value::Object(extra) = extra else {
+        return Err(invalid("extra: give an object of column names and values".to_string()));
+    };
+    let mut changes = Vec::new();
+    for (key, value) in extra {
+        if key.trim().is_empty() || key.chars().count() > 200 {
+            return Err(invalid("extra: a column name is 1 to 200 characters".to_string()));
+        }
+        match value {
+            Value::String(text) if text.chars().count() <= 32_767 => {
+                changes.push((key.trim().to_string(), Some(text.clone())))
+            }
+            Value::Null => changes.push((key.trim().to_string(), None)),
+            _ => {
+                return Err(invalid(format!(
+                    "extra.{key}: give a string (at most 32767 characters) or null"
+                )))
+            }
+        }
+    }
+    Ok(changes)
+}
+
 /// Field assignments from a JSON object: strings as written, numbers as their text, null clears.
 fn assignments(object: &Map<String, Value>) -> Result<Vec<(Field, String)>, ApiError> {
     let mut pairs = Vec::new();
-    for (name, value) in object {
+    for (name, value) in object.iter().filter(|(name, _)| *name != "extra") {
         let Some(field) = Field::from_name(name) else {
             let fields: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
             return Err(ApiError::new(
@@ -531,19 +563,17 @@ pub fn change_deal(
     config: &Config,
     user: &User,
     id: DealId,
-    changes: edit::Changes,
-    expected_version: Option<i64>,
+    request: edit::EditRequest,
 ) -> Result<edit::EditOutcome, ApiError> {
     edit::apply_changes(
         store,
         config,
         id,
-        changes,
+        request,
         Origin {
             source: "api",
             user: Some(&user.name),
         },
-        expected_version,
         |deal| match authorize(user, Action::ChangeDeal(deal)) {
             Ok(()) => Ok(()),
             Err(auth::Refusal::NotFound) => Err(EditError::NoSuchDeal(id)),
@@ -570,13 +600,19 @@ async fn patch_deal(
     let object = json_object(&headers, body)?;
     let expected = if_match(&headers)?;
     let pairs = assignments(&object)?;
-    if pairs.is_empty() {
+    let extra = extra_assignments(&object)?;
+    if pairs.is_empty() && extra.is_empty() {
         return Err(ApiError::bad_request("give at least one field to change"));
     }
     may_set(&user, &pairs)?;
     let changes = cleaned(&state.config(), &pairs)?;
     with_store(&state, move |store, config| {
-        let outcome = change_deal(store, config, &user, id, changes, expected)?;
+        let request = edit::EditRequest {
+            changes,
+            extra_changes: extra,
+            expected_version: expected,
+        };
+        let outcome = change_deal(store, config, &user, id, request)?;
         Ok(edited(&user, outcome))
     })
     .await
@@ -603,7 +639,12 @@ async fn move_deal(
     may_set(&user, &[(Field::Stage, body.stage.clone())])?;
     let changes = edit::clean_stage(&state.config(), &body.stage).map_err(|problem| invalid(vec![problem]))?;
     with_store(&state, move |store, config| {
-        let outcome = change_deal(store, config, &user, id, changes, expected)?;
+        let request = edit::EditRequest {
+            changes,
+            expected_version: expected,
+            ..edit::EditRequest::default()
+        };
+        let outcome = change_deal(store, config, &user, id, request)?;
         Ok(edited(&user, outcome))
     })
     .await
@@ -617,6 +658,9 @@ async fn create_deal(
 ) -> Result<Response, ApiError> {
     let object = json_object(&headers, body)?;
     authorize(&user, Action::CreateDeal).map_err(|refusal| ApiError::from_refusal(refusal, "deal"))?;
+    if object.contains_key("extra") {
+        return Err(ApiError::bad_request("a new deal takes fields only; set extra values with PATCH").with_field("extra"));
+    }
     let mut pairs = assignments(&object)?;
     // A rep's new deal is theirs.
     if let Some(rep) = &user.rep {

@@ -866,7 +866,17 @@ async fn submit_edit(
                 )
             })?
         };
-        api::change_deal(store, config, &user, id, changes, version)
+        api::change_deal(
+            store,
+            config,
+            &user,
+            id,
+            crate::edit::EditRequest {
+                changes,
+                expected_version: version,
+                ..Default::default()
+            },
+        )
     })
     .await;
     match result {

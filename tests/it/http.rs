@@ -203,6 +203,16 @@ fn a_patch_reaches_the_spreadsheet_and_a_stale_one_is_refused() {
     assert_eq!(bad.json()["error"]["field"], "amount");
     assert!(bad.json()["error"]["message"].as_str().is_some_and(|message| message.contains("not a number")));
 
+    // The ERP pushes back a contract number: kept with the deal, in the history as extra.NAME.
+    let contract = http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.manager.token, &json!({"extra": {"Contract No": "HT-2026-001"}}));
+    contract.assert_status(200);
+    assert_eq!(contract.json()["extra"]["Contract No"], "HT-2026-001");
+    let run = contract.json()["run_id"].as_i64().expect("run");
+    let recorded = http.get(&format!("/api/v1/history/{run}"), Some(&team.admin.token)).json();
+    assert_eq!(recorded["changes"][0]["field"], "extra.Contract No");
+    http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.manager.token, &json!({"extra": {"Contract No": 5}}))
+        .assert_status(400);
+
     // The daemon writes the change into the workbook, as for `deals set`.
     let workbook = team.dir.path("pipeline.xlsx");
     wait_until(std::time::Duration::from_secs(20), "the amount in the workbook", || {
