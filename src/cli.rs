@@ -1140,7 +1140,9 @@ pub fn token_new(name: &str, role: &str, rep: Option<&str>) -> anyhow::Result<Ex
         return Ok(ExitCode::from(EXIT_CONFIG));
     };
     if name.trim().is_empty() || name.contains(['"', '\\', '\n']) {
-        eprintln!("error: a user name must not be empty or hold quotes, backslashes or line breaks");
+        eprintln!(
+            "error: a user name must not be empty or hold quotes, backslashes or line breaks"
+        );
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     if role == crate::config::Role::Rep && rep.is_none() {

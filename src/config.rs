@@ -446,12 +446,7 @@ fn read_http(
         }
         None => Vec::new(),
     };
-    let mut http = read_section::<RawHttp>(
-        text,
-        "http",
-        Some(Spanned::new(span, inner)),
-        problems,
-    );
+    let mut http = read_section::<RawHttp>(text, "http", Some(Spanned::new(span, inner)), problems);
     for (index, user) in users.into_iter().enumerate() {
         let key = format!("http.users[{}]", index + 1);
         match user.try_into::<RawHttpUser>() {

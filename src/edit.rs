@@ -365,7 +365,10 @@ pub fn create_deal(
     transaction.commit()?;
     Ok(EditOutcome {
         run_id: Some(run_id),
-        applied: fields.into_iter().map(|(field, value)| (field, Some(value))).collect(),
+        applied: fields
+            .into_iter()
+            .map(|(field, value)| (field, Some(value)))
+            .collect(),
         deal,
         version,
     })

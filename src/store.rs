@@ -985,8 +985,7 @@ impl CrmStore for SqliteCrm<'_> {
         let mut versions = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(",");
-            let sql =
-                format!("SELECT id, changed_version FROM deals WHERE id IN ({placeholders})");
+            let sql = format!("SELECT id, changed_version FROM deals WHERE id IN ({placeholders})");
             let mut statement = self.connection.prepare_cached(&sql)?;
             let rows = statement.query_map(rusqlite::params_from_iter(chunk.iter()), |row| {
                 Ok((row.get::<_, DealId>(0)?, row.get::<_, i64>(1)?))

@@ -174,16 +174,13 @@ pub(super) fn validate_http(
             None
         }
     };
-    let mut duration = |key: &str, written: Option<String>, default: u64, longest: u64| {
-        match written {
+    let mut duration =
+        |key: &str, written: Option<String>, default: u64, longest: u64| match written {
             None => Duration::from_secs(default),
-            Some(written) => {
-                parse_duration(key, &written, Duration::from_secs(longest), &mut fail)
-                    .filter(|duration| !duration.is_zero())
-                    .unwrap_or(Duration::from_secs(default))
-            }
-        }
-    };
+            Some(written) => parse_duration(key, &written, Duration::from_secs(longest), &mut fail)
+                .filter(|duration| !duration.is_zero())
+                .unwrap_or(Duration::from_secs(default)),
+        };
     let request_timeout = duration("http.request_timeout", raw.request_timeout, 30, 600);
     let session_ttl = duration("http.session_ttl", raw.session_ttl, 12 * 3600, 30 * 86400);
     let max_body_bytes = match raw.max_body_kb {

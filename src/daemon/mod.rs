@@ -1018,7 +1018,11 @@ impl Daemon {
     fn force_sync(&mut self, file: &str) {
         let settle = self.config.watch.settle;
         let now = Instant::now();
-        match self.files.iter_mut().find(|(_, tracked)| tracked.key == file) {
+        match self
+            .files
+            .iter_mut()
+            .find(|(_, tracked)| tracked.key == file)
+        {
             Some((path, tracked)) => {
                 info!(file = %path.display(), "applying the file as asked, even where the guard would hold it");
                 tracked.force = true;

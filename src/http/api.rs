@@ -47,7 +47,10 @@ pub fn routes() -> Router<SharedState> {
 
 /// Turns the plain-text errors of the layers and extractors (a path that is not a number, a body
 /// over the limit, a timeout) into the API's JSON error shape, for API paths.
-pub async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let is_api = request.uri().path().starts_with("/api/");
     let response = next.run(request).await;
     if !is_api {
@@ -81,10 +84,7 @@ pub async fn json_errors(request: axum::extract::Request, next: axum::middleware
         _ => "bad_request",
     };
     let message = if text.is_empty() {
-        status
-            .canonical_reason()
-            .unwrap_or("error")
-            .to_lowercase()
+        status.canonical_reason().unwrap_or("error").to_lowercase()
     } else {
         text.chars().take(300).collect()
     };
@@ -123,7 +123,9 @@ impl FromRequestParts<SharedState> for ApiUser {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
         else {
-            return Err(unauthorized("send the token as `Authorization: Bearer TOKEN`"));
+            return Err(unauthorized(
+                "send the token as `Authorization: Bearer TOKEN`",
+            ));
         };
         if !state.limiter.allows(address) {
             return Err(ApiError::new(
@@ -148,7 +150,10 @@ impl FromRequestParts<SharedState> for ApiUser {
 }
 
 /// A JSON object from a request body: `Content-Type: application/json`, valid JSON, an object.
-fn json_object(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
     let body = body.map_err(|rejection| {
         ApiError::new(
             rejection.status(),
@@ -196,12 +201,16 @@ fn extra_assignments(object: &Map<String, Value>) -> Result<edit::ExtraChanges, 
         return Ok(Vec::new());
     };
     let Value::Object(extra) = extra else {
-        return Err(invalid("extra: give an object of column names and values".to_string()));
+        return Err(invalid(
+            "extra: give an object of column names and values".to_string(),
+        ));
     };
     let mut changes = Vec::new();
     for (key, value) in extra {
         if key.trim().is_empty() || key.chars().count() > 200 {
-            return Err(invalid("extra: a column name is 1 to 200 characters".to_string()));
+            return Err(invalid(
+                "extra: a column name is 1 to 200 characters".to_string(),
+            ));
         }
         match value {
             Value::String(text) if text.chars().count() <= 32_767 => {
@@ -253,8 +262,9 @@ fn assignments(object: &Map<String, Value>) -> Result<Vec<(Field, String)>, ApiE
 fn may_set(user: &User, pairs: &[(Field, String)]) -> Result<(), ApiError> {
     for (field, text) in pairs {
         let value = Some(text.as_str()).filter(|text| !text.trim().is_empty());
-        authorize(user, Action::SetField(*field, value))
-            .map_err(|refusal| ApiError::from_refusal(refusal, "such field").with_field(field.name()))?;
+        authorize(user, Action::SetField(*field, value)).map_err(|refusal| {
+            ApiError::from_refusal(refusal, "such field").with_field(field.name())
+        })?;
     }
     Ok(())
 }
@@ -262,7 +272,9 @@ fn may_set(user: &User, pairs: &[(Field, String)]) -> Result<(), ApiError> {
 fn cleaned(config: &Config, pairs: &[(Field, String)]) -> Result<edit::Changes, ApiError> {
     edit::clean_assignments(
         config,
-        pairs.iter().map(|(field, text)| (field.name(), text.as_str())),
+        pairs
+            .iter()
+            .map(|(field, text)| (field.name(), text.as_str())),
     )
     .map_err(invalid)
 }
@@ -346,11 +358,7 @@ fn with_etag(version: i64, status: StatusCode, body: Value) -> Response {
 }
 
 async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        super::OPENAPI,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], super::OPENAPI).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -391,7 +399,11 @@ pub fn query_deals(
     query: &DealQuery,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<DealList, ApiError> {
-    let stage = match query.stage.as_deref().filter(|stage| !stage.trim().is_empty()) {
+    let stage = match query
+        .stage
+        .as_deref()
+        .filter(|stage| !stage.trim().is_empty())
+    {
         None => None,
         Some(written) => Some(
             config
@@ -419,17 +431,19 @@ pub fn query_deals(
     let crm = store.crm();
     let mut deals = crm.list_deals(&DealFilter {
         stage,
-        owner: query
-            .owner
-            .clone()
-            .filter(|owner| !owner.trim().is_empty()),
+        owner: query.owner.clone().filter(|owner| !owner.trim().is_empty()),
         include_archived: query.include_archived.unwrap_or(false),
     })?;
     deals.retain(|deal| authorize(user, Action::ReadDeal(deal)).is_ok());
     if let Some(since) = updated_since {
         deals.retain(|deal| deal.updated_at >= since);
     }
-    if let Some(words) = query.q.as_deref().map(normalize_label).filter(|q| !q.is_empty()) {
+    if let Some(words) = query
+        .q
+        .as_deref()
+        .map(normalize_label)
+        .filter(|q| !q.is_empty())
+    {
         let searched = [
             Field::Company,
             Field::Contact,
@@ -637,7 +651,8 @@ async fn move_deal(
     })?;
     let expected = if_match(&headers)?;
     may_set(&user, &[(Field::Stage, body.stage.clone())])?;
-    let changes = edit::clean_stage(&state.config(), &body.stage).map_err(|problem| invalid(vec![problem]))?;
+    let changes = edit::clean_stage(&state.config(), &body.stage)
+        .map_err(|problem| invalid(vec![problem]))?;
     with_store(&state, move |store, config| {
         let request = edit::EditRequest {
             changes,
@@ -657,9 +672,13 @@ async fn create_deal(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let object = json_object(&headers, body)?;
-    authorize(&user, Action::CreateDeal).map_err(|refusal| ApiError::from_refusal(refusal, "deal"))?;
+    authorize(&user, Action::CreateDeal)
+        .map_err(|refusal| ApiError::from_refusal(refusal, "deal"))?;
     if object.contains_key("extra") {
-        return Err(ApiError::bad_request("a new deal takes fields only; set extra values with PATCH").with_field("extra"));
+        return Err(ApiError::bad_request(
+            "a new deal takes fields only; set extra values with PATCH",
+        )
+        .with_field("extra"));
     }
     let mut pairs = assignments(&object)?;
     // A rep's new deal is theirs.
@@ -712,7 +731,10 @@ pub fn load_funnel(
 ) -> Result<(crate::funnel::FunnelReport, Value), ApiError> {
     if let (Some(since), Some(until)) = (query.since, query.until) {
         if since > until {
-            return Err(ApiError::bad_request(format!("since {since} is after until {until}")).with_field("since"));
+            return Err(
+                ApiError::bad_request(format!("since {since} is after until {until}"))
+                    .with_field("since"),
+            );
         }
     }
     let owner = query
@@ -762,7 +784,8 @@ fn redact(value: &mut Value, user: &User) {
         Value::Object(object) => {
             for (key, inner) in object.iter_mut() {
                 let hidden_field = Field::from_name(key).is_some_and(|field| !user.sees(field));
-                let hidden_amount = !user.sees(Field::Amount) && AMOUNT_KEYS.contains(&key.as_str());
+                let hidden_amount =
+                    !user.sees(Field::Amount) && AMOUNT_KEYS.contains(&key.as_str());
                 if hidden_field || hidden_amount {
                     *inner = Value::Null;
                 } else {
@@ -815,10 +838,14 @@ async fn stalled(
 }
 
 fn administer(user: &User) -> Result<(), ApiError> {
-    authorize(user, Action::Administer).map_err(|refusal| ApiError::from_refusal(refusal, "such page"))
+    authorize(user, Action::Administer)
+        .map_err(|refusal| ApiError::from_refusal(refusal, "such page"))
 }
 
-async fn status(State(state): State<SharedState>, ApiUser(user): ApiUser) -> Result<Json<Value>, ApiError> {
+async fn status(
+    State(state): State<SharedState>,
+    ApiUser(user): ApiUser,
+) -> Result<Json<Value>, ApiError> {
     administer(&user)?;
     with_store(&state, |store, _| {
         let overview = crate::mirror::file_overview(store.connection())?;
@@ -827,7 +854,10 @@ async fn status(State(state): State<SharedState>, ApiUser(user): ApiUser) -> Res
     .await
 }
 
-async fn errors(State(state): State<SharedState>, ApiUser(user): ApiUser) -> Result<Json<Value>, ApiError> {
+async fn errors(
+    State(state): State<SharedState>,
+    ApiUser(user): ApiUser,
+) -> Result<Json<Value>, ApiError> {
     administer(&user)?;
     with_store(&state, |store, _| {
         let issues = crate::mirror::current_issues(store.connection())?;
@@ -851,7 +881,9 @@ async fn conflicts(
     let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
     administer(&user)?;
     with_store(&state, move |store, _| {
-        let conflicts = store.crm().conflicts(query.limit.unwrap_or(50).min(10_000))?;
+        let conflicts = store
+            .crm()
+            .conflicts(query.limit.unwrap_or(50).min(10_000))?;
         Ok(Json(json!(conflicts)))
     })
     .await
@@ -905,9 +937,15 @@ async fn undo(
     query: Result<Query<UndoQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-    authorize(&user, Action::Undo).map_err(|refusal| ApiError::from_refusal(refusal, "such page"))?;
+    authorize(&user, Action::Undo)
+        .map_err(|refusal| ApiError::from_refusal(refusal, "such page"))?;
     with_store(&state, move |store, _| {
-        match crate::history::undo(store, run_id, query.force.unwrap_or(false), chrono::Utc::now()) {
+        match crate::history::undo(
+            store,
+            run_id,
+            query.force.unwrap_or(false),
+            chrono::Utc::now(),
+        ) {
             Ok(report) => Ok(Json(json!(report))),
             Err(crate::history::UndoError::NoSuchRun(run)) => {
                 Err(ApiError::not_found(format!("there is no run {run}")))
@@ -926,7 +964,8 @@ struct ForceBody {
 
 /// Asks the daemon to apply a held file (the known files only; nothing else is synced).
 pub async fn force(state: &SharedState, user: &User, file: &str) -> Result<(), ApiError> {
-    authorize(user, Action::ForceFile).map_err(|refusal| ApiError::from_refusal(refusal, "such page"))?;
+    authorize(user, Action::ForceFile)
+        .map_err(|refusal| ApiError::from_refusal(refusal, "such page"))?;
     let file_owned = file.to_string();
     let known: HashSet<String> = with_store(state, |store, _| {
         Ok(crate::mirror::file_overview(store.connection())?
@@ -936,7 +975,9 @@ pub async fn force(state: &SharedState, user: &User, file: &str) -> Result<(), A
     })
     .await?;
     if !known.contains(&file_owned) {
-        return Err(ApiError::not_found(format!("there is no file {file_owned}")).with_field("file"));
+        return Err(
+            ApiError::not_found(format!("there is no file {file_owned}")).with_field("file"),
+        );
     }
     match &state.daemon {
         Some(link) if (link.force_sync)(file_owned.clone()) => {
@@ -962,5 +1003,9 @@ async fn force_file(
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("{error}"))
     })?;
     force(&state, &user, &body.file).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"file": body.file, "status": "scheduled"}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"file": body.file, "status": "scheduled"})),
+    )
+        .into_response())
 }

@@ -233,7 +233,10 @@ impl Sessions {
             csrf: random_hex(24)?,
             expires: Instant::now() + ttl,
         };
-        let mut sessions = self.by_hash.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut sessions = self
+            .by_hash
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let now = Instant::now();
         sessions.retain(|_, session| session.expires > now);
         sessions.insert(hash_token(&cookie), session.clone());
@@ -241,7 +244,10 @@ impl Sessions {
     }
 
     pub fn find(&self, cookie: &str) -> Option<Session> {
-        let sessions = self.by_hash.lock().unwrap_or_else(|poison| poison.into_inner());
+        let sessions = self
+            .by_hash
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         sessions
             .get(&hash_token(cookie))
             .filter(|session| session.expires > Instant::now())
@@ -249,7 +255,10 @@ impl Sessions {
     }
 
     pub fn close(&self, cookie: &str) {
-        let mut sessions = self.by_hash.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut sessions = self
+            .by_hash
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         sessions.remove(&hash_token(cookie));
     }
 }
@@ -277,7 +286,10 @@ pub struct LoginLimiter {
 impl LoginLimiter {
     /// Whether this address may try now.
     pub fn allows(&self, address: IpAddr) -> bool {
-        let failures = self.failures.lock().unwrap_or_else(|poison| poison.into_inner());
+        let failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         match failures.get(&address) {
             Some((count, since)) => *count < MAX_FAILURES || since.elapsed() >= FAILURE_WINDOW,
             None => true,
@@ -285,7 +297,10 @@ impl LoginLimiter {
     }
 
     pub fn failed(&self, address: IpAddr) {
-        let mut failures = self.failures.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if failures.len() > 10_000 {
             failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
         }
@@ -297,7 +312,10 @@ impl LoginLimiter {
     }
 
     pub fn succeeded(&self, address: IpAddr) {
-        let mut failures = self.failures.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         failures.remove(&address);
     }
 }
@@ -353,7 +371,11 @@ mod tests {
             (&admin, Action::Administer, Want::Ok),
             (&admin, Action::Undo, Want::Ok),
             (&admin, Action::ForceFile, Want::Ok),
-            (&admin, Action::SetField(Field::Owner, Some("Bob Li")), Want::Ok),
+            (
+                &admin,
+                Action::SetField(Field::Owner, Some("Bob Li")),
+                Want::Ok,
+            ),
             (&manager, Action::ReadDeal(&other), Want::Ok),
             (&manager, Action::ChangeDeal(&other), Want::Ok),
             (&manager, Action::CreateDeal, Want::Ok),
@@ -365,10 +387,26 @@ mod tests {
             (&rep, Action::ReadDeal(&other), Want::NotFound),
             (&rep, Action::ChangeDeal(&other), Want::NotFound),
             (&rep, Action::CreateDeal, Want::Ok),
-            (&rep, Action::SetField(Field::NextStep, Some("call")), Want::Ok),
-            (&rep, Action::SetField(Field::Amount, Some("1")), Want::Forbidden),
-            (&rep, Action::SetField(Field::Owner, Some("alice  wang")), Want::Ok),
-            (&rep, Action::SetField(Field::Owner, Some("Bob Li")), Want::Forbidden),
+            (
+                &rep,
+                Action::SetField(Field::NextStep, Some("call")),
+                Want::Ok,
+            ),
+            (
+                &rep,
+                Action::SetField(Field::Amount, Some("1")),
+                Want::Forbidden,
+            ),
+            (
+                &rep,
+                Action::SetField(Field::Owner, Some("alice  wang")),
+                Want::Ok,
+            ),
+            (
+                &rep,
+                Action::SetField(Field::Owner, Some("Bob Li")),
+                Want::Forbidden,
+            ),
             (&rep, Action::SetField(Field::Owner, None), Want::Forbidden),
             (&rep, Action::ReadFunnel(Some("Alice Wang")), Want::Ok),
             (&rep, Action::ReadFunnel(None), Want::Forbidden),
@@ -377,7 +415,11 @@ mod tests {
             (&readonly, Action::ReadDeal(&other), Want::Ok),
             (&readonly, Action::ChangeDeal(&other), Want::Forbidden),
             (&readonly, Action::CreateDeal, Want::Forbidden),
-            (&readonly, Action::SetField(Field::NextStep, None), Want::Forbidden),
+            (
+                &readonly,
+                Action::SetField(Field::NextStep, None),
+                Want::Forbidden,
+            ),
             (&readonly, Action::ReadFunnel(None), Want::Ok),
             (&readonly, Action::ForceFile, Want::Forbidden),
         ];
@@ -424,7 +466,10 @@ mod tests {
         let (cookie, session) = sessions
             .open("alice", Duration::from_secs(60))
             .expect("session");
-        assert_eq!(sessions.find(&cookie).map(|found| found.user), Some("alice".to_string()));
+        assert_eq!(
+            sessions.find(&cookie).map(|found| found.user),
+            Some("alice".to_string())
+        );
         assert_eq!(session.csrf.len(), 48);
         sessions.close(&cookie);
         assert!(sessions.find(&cookie).is_none());

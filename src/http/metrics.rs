@@ -86,7 +86,11 @@ fn store_registry(
             .get_or_create(&labels(&[("result", &result)]))
             .inc_by(count.max(0) as u64);
     }
-    registry.register("funnelsync_syncs", "File syncs that changed something, by result", syncs);
+    registry.register(
+        "funnelsync_syncs",
+        "File syncs that changed something, by result",
+        syncs,
+    );
 
     let rows = Labelled::<Counter>::default();
     let totals: (i64, i64, i64, i64) = connection.query_row(
@@ -104,11 +108,17 @@ fn store_registry(
         rows.get_or_create(&labels(&[("change", change)]))
             .inc_by(count.max(0) as u64);
     }
-    registry.register("funnelsync_rows", "Rows applied to deals by file syncs, by change", rows);
+    registry.register(
+        "funnelsync_rows",
+        "Rows applied to deals by file syncs, by change",
+        rows,
+    );
 
     let issues = Labelled::<Gauge>::default();
     for severity in ["error", "warning"] {
-        issues.get_or_create(&labels(&[("severity", severity)])).set(0);
+        issues
+            .get_or_create(&labels(&[("severity", severity)]))
+            .set(0);
     }
     for (severity, count) in grouped(
         connection,
@@ -132,9 +142,15 @@ fn store_registry(
         connection,
         "SELECT state, count(*) FROM file_status GROUP BY state",
     )? {
-        files.get_or_create(&labels(&[("state", &state)])).set(count);
+        files
+            .get_or_create(&labels(&[("state", &state)]))
+            .set(count);
     }
-    registry.register("funnelsync_files", "Source files by the daemon's state", files);
+    registry.register(
+        "funnelsync_files",
+        "Source files by the daemon's state",
+        files,
+    );
 
     let ages = Labelled::<FloatGauge>::default();
     let mut statement = connection.prepare(
@@ -168,7 +184,11 @@ fn store_registry(
             .get_or_create(&labels(&[("status", &status)]))
             .set(count);
     }
-    registry.register("funnelsync_outbox_messages", "Mail in the outbox, by status", outbox);
+    registry.register(
+        "funnelsync_outbox_messages",
+        "Mail in the outbox, by status",
+        outbox,
+    );
 
     let reminders: Counter = Counter::default();
     let n_sent: i64 = connection.query_row(
@@ -178,14 +198,20 @@ fn store_registry(
         |row| row.get(0),
     )?;
     reminders.inc_by(n_sent.max(0) as u64);
-    registry.register("funnelsync_reminders_sent", "Stalled-deal reminders delivered", reminders);
+    registry.register(
+        "funnelsync_reminders_sent",
+        "Stalled-deal reminders delivered",
+        reminders,
+    );
 
     let deals = Labelled::<Gauge>::default();
     for (stage, count) in grouped(
         connection,
         "SELECT stage, count(*) FROM deals WHERE archived_at IS NULL GROUP BY stage",
     )? {
-        deals.get_or_create(&labels(&[("stage", &stage)])).set(count);
+        deals
+            .get_or_create(&labels(&[("stage", &stage)]))
+            .set(count);
     }
     registry.register("funnelsync_deals", "Live deals by stage", deals);
     Ok(registry)
@@ -211,7 +237,8 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         Ok(text) => text,
         Err(error) => return error.into_response(),
     };
-    if let Err(error) = prometheus_client::encoding::text::encode_registry(&mut text, &http_registry)
+    if let Err(error) =
+        prometheus_client::encoding::text::encode_registry(&mut text, &http_registry)
     {
         return ApiError::internal(error).into_response();
     }

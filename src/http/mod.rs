@@ -92,7 +92,12 @@ pub type SharedState = Arc<AppState>;
 
 impl AppState {
     pub fn config(&self) -> Arc<Config> {
-        Arc::clone(&self.config.read().unwrap_or_else(|poison| poison.into_inner()))
+        Arc::clone(
+            &self
+                .config
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        )
     }
 
     pub fn http(&self) -> HttpConfig {
@@ -103,7 +108,12 @@ impl AppState {
     }
 
     pub fn users(&self) -> Arc<auth::Users> {
-        Arc::clone(&self.users.read().unwrap_or_else(|poison| poison.into_inner()))
+        Arc::clone(
+            &self
+                .users
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        )
     }
 }
 
@@ -152,9 +162,7 @@ impl ApiError {
     pub fn from_refusal(refusal: auth::Refusal, what: &str) -> ApiError {
         match refusal {
             auth::Refusal::NotFound => ApiError::not_found(format!("there is no {what}")),
-            auth::Refusal::Forbidden(why) => {
-                ApiError::new(StatusCode::FORBIDDEN, "forbidden", why)
-            }
+            auth::Refusal::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", why),
         }
     }
 }
@@ -167,7 +175,8 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
         (self.status, Json(body)).into_response()
     }
 }
@@ -316,8 +325,8 @@ impl Server {
             .build()
             .map_err(HttpError::Runtime)?;
         let handle = axum_server::Handle::new();
-        let app = router(Arc::clone(&state), &http)
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let app =
+            router(Arc::clone(&state), &http).into_make_service_with_connect_info::<SocketAddr>();
         let server_handle = handle.clone();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let thread = std::thread::Builder::new()
@@ -376,8 +385,7 @@ impl Server {
 
     /// Stops accepting, lets requests in progress finish (up to a few seconds), and waits.
     pub fn stop(mut self) {
-        self.handle
-            .graceful_shutdown(Some(Duration::from_secs(5)));
+        self.handle.graceful_shutdown(Some(Duration::from_secs(5)));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -424,9 +432,9 @@ fn load_tls(
         })?;
     let mut server_config = server_config;
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(
-        server_config,
-    )))
+    Ok(axum_server::tls_rustls::RustlsConfig::from_config(
+        Arc::new(server_config),
+    ))
 }
 
 /// `funnelsync serve`: the API and the pages without watching files, until SIGTERM or SIGINT.

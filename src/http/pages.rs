@@ -362,11 +362,7 @@ async fn login(
         if http.secure_cookie { "; Secure" } else { "" }
     );
     tracing::info!(user = %user.name, "logged in on the pages");
-    (
-        [(header::SET_COOKIE, cookie_header)],
-        Redirect::to(&next),
-    )
-        .into_response()
+    ([(header::SET_COOKIE, cookie_header)], Redirect::to(&next)).into_response()
 }
 
 /// Whether a posted form carries the session's CSRF token.
@@ -646,7 +642,12 @@ async fn deals_page(
     };
     let loaded = with_store(&state, move |store, config| {
         let list = api::query_deals(store, config, &user, &query, chrono::Utc::now())?;
-        let stages: Vec<String> = config.stages.names().iter().map(|name| name.to_string()).collect();
+        let stages: Vec<String> = config
+            .stages
+            .names()
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
         Ok((list, stages))
     })
     .await;
@@ -792,7 +793,12 @@ async fn render_deal(
     let user = std::sync::Arc::clone(&page.user);
     let loaded = with_store(state, move |store, config| {
         let detail = api::load_deal(store, &user, id)?;
-        let stages: Vec<String> = config.stages.names().iter().map(|name| name.to_string()).collect();
+        let stages: Vec<String> = config
+            .stages
+            .names()
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
         Ok((detail, stages))
     })
     .await;
@@ -803,7 +809,13 @@ async fn render_deal(
                 &title,
                 page,
                 "/deals",
-                deal_markup(page, &detail, &stages, saved, error.as_ref().map(|(_, message)| message.as_str())),
+                deal_markup(
+                    page,
+                    &detail,
+                    &stages,
+                    saved,
+                    error.as_ref().map(|(_, message)| message.as_str()),
+                ),
             );
             let status = error.map(|(status, _)| status).unwrap_or(StatusCode::OK);
             (status, markup).into_response()
@@ -831,7 +843,9 @@ async fn submit_edit(
     if !csrf_ok(&page, &form) {
         return csrf_refused(&page);
     }
-    let version = form.get("version").and_then(|text| text.parse::<i64>().ok());
+    let version = form
+        .get("version")
+        .and_then(|text| text.parse::<i64>().ok());
     let user = std::sync::Arc::clone(&page.user);
     let language = page.language;
     let result = with_store(&state, move |store, config| {
@@ -854,7 +868,9 @@ async fn submit_edit(
         } else {
             crate::edit::clean_assignments(
                 config,
-                pairs.iter().map(|(field, text)| (field.name(), text.as_str())),
+                pairs
+                    .iter()
+                    .map(|(field, text)| (field.name(), text.as_str())),
             )
             .map_err(|problems| {
                 ApiError::bad_request(
@@ -887,17 +903,35 @@ async fn submit_edit(
                 "Someone changed this deal since you opened it. Here it is as it is now; make your change again.",
                 "您打开后该商机已被他人修改。以下是最新内容，请重新修改。",
             );
-            render_deal(&state, &page, id, false, Some((StatusCode::CONFLICT, message.to_string()))).await
+            render_deal(
+                &state,
+                &page,
+                id,
+                false,
+                Some((StatusCode::CONFLICT, message.to_string())),
+            )
+            .await
         }
         Err(error) if error.status == StatusCode::BAD_REQUEST => {
-            render_deal(&state, &page, id, false, Some((StatusCode::BAD_REQUEST, error.message))).await
+            render_deal(
+                &state,
+                &page,
+                id,
+                false,
+                Some((StatusCode::BAD_REQUEST, error.message)),
+            )
+            .await
         }
         Err(error) => error_page(&page, error),
     }
 }
 
 /// The changes a form asks for: the fields whose text differs from what the page showed.
-fn form_changes_for(user: &User, deal: &Deal, form: &HashMap<String, String>) -> Vec<(Field, String)> {
+fn form_changes_for(
+    user: &User,
+    deal: &Deal,
+    form: &HashMap<String, String>,
+) -> Vec<(Field, String)> {
     Field::ALL
         .into_iter()
         .filter(|field| user.sees(*field) && *field != Field::Stage)

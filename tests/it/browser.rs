@@ -88,7 +88,10 @@ async fn browser(
 }
 
 async fn log_in(client: &Client, base: &str, token: &str) {
-    client.goto(&format!("{base}/funnel")).await.expect("open the funnel");
+    client
+        .goto(&format!("{base}/funnel"))
+        .await
+        .expect("open the funnel");
     // Not logged in yet: the login form.
     let field = client
         .wait()
@@ -140,17 +143,60 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
     let dir = TestDir::new();
     XlsxBuilder::new()
         .sheet("Pipeline")
-        .row(&["Company", "Contact", "Email", "Stage", "Amount", "Owner", "Next Step"])
-        .row(&["Acme Robotics", "Ann", "ann@acme.example", "Prospect", "12000", "Alice Wang", "Send proposal"])
-        .row(&["北京星辰科技", "刘洋", "liu@xc.example", "Lead", "8000", "李明", "电话跟进"])
-        .row(&["Globex", "Gus", "gus@globex.example", "Opportunity", "30000", "Bob Li", "Demo"])
-        .row(&["Initech", "Ivy", "ivy@initech.example", "Won", "5000", "Bob Li", ""])
+        .row(&[
+            "Company",
+            "Contact",
+            "Email",
+            "Stage",
+            "Amount",
+            "Owner",
+            "Next Step",
+        ])
+        .row(&[
+            "Acme Robotics",
+            "Ann",
+            "ann@acme.example",
+            "Prospect",
+            "12000",
+            "Alice Wang",
+            "Send proposal",
+        ])
+        .row(&[
+            "北京星辰科技",
+            "刘洋",
+            "liu@xc.example",
+            "Lead",
+            "8000",
+            "李明",
+            "电话跟进",
+        ])
+        .row(&[
+            "Globex",
+            "Gus",
+            "gus@globex.example",
+            "Opportunity",
+            "30000",
+            "Bob Li",
+            "Demo",
+        ])
+        .row(&[
+            "Initech",
+            "Ivy",
+            "ivy@initech.example",
+            "Won",
+            "5000",
+            "Bob Li",
+            "",
+        ])
         .save(&dir.path("pipeline.xlsx"));
     let manager = dir.token("mia", "manager", None);
     let port = free_port();
     dir.single_source(
         "pipeline.xlsx",
-        &format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n{}\n", manager.config_lines),
+        &format!(
+            "\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n{}\n",
+            manager.config_lines
+        ),
     );
     dir.sync().assert_code(0);
     let (daemon, _http) = dir.start_serving(&["run"], port);
@@ -163,16 +209,29 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let phone = browser(&driver, &chromium, &dir.path("profile-phone"), (375, 812), true).await;
+        let phone = browser(
+            &driver,
+            &chromium,
+            &dir.path("profile-phone"),
+            (375, 812),
+            true,
+        )
+        .await;
         log_in(&phone, &base, &manager.token).await;
         screenshot(&phone, "funnel-375x812.png").await;
         // Nothing is wider than the phone (a wider page would make the phone zoom out).
         assert_eq!(inner_width(&phone).await, 375);
         let page = phone.source().await.expect("page source");
-        assert!(page.contains("Prospect") && page.contains("Sales funnel"), "{page}");
+        assert!(
+            page.contains("Prospect") && page.contains("Sales funnel"),
+            "{page}"
+        );
 
         // Edit the deal through its form.
-        phone.goto(&format!("{base}/deals?q=acme")).await.expect("deals");
+        phone
+            .goto(&format!("{base}/deals?q=acme"))
+            .await
+            .expect("deals");
         phone
             .wait()
             .for_element(Locator::Css("ul.deals a"))
@@ -209,11 +268,21 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             .expect("value");
         assert_eq!(value.as_deref(), Some("Visit on Friday"));
         screenshot(&phone, "deal-375x812.png").await;
-        phone.goto(&format!("{base}/stalled")).await.expect("stalled");
+        phone
+            .goto(&format!("{base}/stalled"))
+            .await
+            .expect("stalled");
         screenshot(&phone, "stalled-375x812.png").await;
         phone.close().await.expect("close");
 
-        let desktop = browser(&driver, &chromium, &dir.path("profile-desktop"), (1280, 800), false).await;
+        let desktop = browser(
+            &driver,
+            &chromium,
+            &dir.path("profile-desktop"),
+            (1280, 800),
+            false,
+        )
+        .await;
         log_in(&desktop, &base, &manager.token).await;
         assert_eq!(inner_width(&desktop).await, 1280);
         screenshot(&desktop, "funnel-1280x800.png").await;

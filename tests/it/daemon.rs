@@ -359,7 +359,10 @@ fn the_systemd_unit_is_valid_and_hardened() {
         .rsplit(':')
         .next()
         .expect("a port");
-    assert!(unit_text.contains(&format!("SocketBindAllow=tcp:{port}")), "{unit_text}");
+    assert!(
+        unit_text.contains(&format!("SocketBindAllow=tcp:{port}")),
+        "{unit_text}"
+    );
     assert!(unit_text.contains("SocketBindDeny=any"));
 }
 

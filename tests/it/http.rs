@@ -23,10 +23,42 @@ impl Team {
         let dir = TestDir::new();
         XlsxBuilder::new()
             .sheet("Pipeline")
-            .row(&["Company", "Contact", "Email", "Stage", "Amount", "Owner", "Next Step"])
-            .row(&["Acme", "Ann", "ann@acme.example", "Lead", "1000", "Alice Wang", "Call"])
-            .row(&["Globex", "Gus", "gus@globex.example", "Prospect", "2000", "Bob Li", "Demo"])
-            .row(&["Initech", "Ivy", "ivy@initech.example", "Opportunity", "3000", "alice wang", ""])
+            .row(&[
+                "Company",
+                "Contact",
+                "Email",
+                "Stage",
+                "Amount",
+                "Owner",
+                "Next Step",
+            ])
+            .row(&[
+                "Acme",
+                "Ann",
+                "ann@acme.example",
+                "Lead",
+                "1000",
+                "Alice Wang",
+                "Call",
+            ])
+            .row(&[
+                "Globex",
+                "Gus",
+                "gus@globex.example",
+                "Prospect",
+                "2000",
+                "Bob Li",
+                "Demo",
+            ])
+            .row(&[
+                "Initech",
+                "Ivy",
+                "ivy@initech.example",
+                "Opportunity",
+                "3000",
+                "alice wang",
+                "",
+            ])
             .save(&dir.path("pipeline.xlsx"));
         let admin = dir.token("root", "admin", None);
         let manager = dir.token("mia", "manager", None);
@@ -89,67 +121,168 @@ fn each_role_sees_and_changes_only_what_it_may() {
     let globex = team.id_of("Globex");
 
     // Alice sees her own deals (owner spelled either way), never an amount.
-    let mine = http.get("/api/v1/deals", Some(&team.alice.token)).assert_status(200).json();
+    let mine = http
+        .get("/api/v1/deals", Some(&team.alice.token))
+        .assert_status(200)
+        .json();
     assert_eq!(companies(&mine), ["Acme", "Initech"]);
     assert!(mine["deals"][0].get("amount").is_none(), "{mine}");
-    let funnel = http.get("/api/v1/funnel", Some(&team.alice.token)).assert_status(200).json();
+    let funnel = http
+        .get("/api/v1/funnel", Some(&team.alice.token))
+        .assert_status(200)
+        .json();
     assert_eq!(funnel["owner"], "Alice Wang");
     assert!(funnel["stages"][0]["open_amount"].is_null(), "{funnel}");
     // Another rep's deal does not exist for her, read or written; ids do not leak.
     let read = http.get(&format!("/api/v1/deals/{globex}"), Some(&team.alice.token));
     read.assert_status(404);
     assert_eq!(read.json()["error"]["code"], "not_found");
-    http.json("PATCH", &format!("/api/v1/deals/{globex}"), &team.alice.token, &json!({"next_step": "x"}))
-        .assert_status(404);
-    http.json("POST", &format!("/api/v1/deals/{globex}/move"), &team.alice.token, &json!({"stage": "Won"}))
-        .assert_status(404);
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{globex}"),
+        &team.alice.token,
+        &json!({"next_step": "x"}),
+    )
+    .assert_status(404);
+    http.json(
+        "POST",
+        &format!("/api/v1/deals/{globex}/move"),
+        &team.alice.token,
+        &json!({"stage": "Won"}),
+    )
+    .assert_status(404);
     // She changes her own deal, but gives it to nobody else and sets no amount.
-    http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.alice.token, &json!({"next_step": "Send quote"}))
-        .assert_status(200);
-    let refused = http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.alice.token, &json!({"owner": "Bob Li"}));
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.alice.token,
+        &json!({"next_step": "Send quote"}),
+    )
+    .assert_status(200);
+    let refused = http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.alice.token,
+        &json!({"owner": "Bob Li"}),
+    );
     refused.assert_status(403);
     assert_eq!(refused.json()["error"]["field"], "owner");
-    http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.alice.token, &json!({"amount": 5}))
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.alice.token,
+        &json!({"amount": 5}),
+    )
+    .assert_status(403);
+    http.get("/api/v1/funnel?owner=Bob%20Li", Some(&team.alice.token))
         .assert_status(403);
-    http.get("/api/v1/funnel?owner=Bob%20Li", Some(&team.alice.token)).assert_status(403);
-    http.get("/api/v1/status", Some(&team.alice.token)).assert_status(403);
+    http.get("/api/v1/status", Some(&team.alice.token))
+        .assert_status(403);
     // A deal she creates is hers.
-    let created = http.json("POST", "/api/v1/deals", &team.alice.token, &json!({"company": "Hooli", "contact": "Hal"}));
+    let created = http.json(
+        "POST",
+        "/api/v1/deals",
+        &team.alice.token,
+        &json!({"company": "Hooli", "contact": "Hal"}),
+    );
     created.assert_status(201);
     assert_eq!(created.json()["owner"], "Alice Wang");
     assert_eq!(created.json()["stage"], "Lead");
 
     // Read-only sees everything and changes nothing.
-    let all = http.get("/api/v1/deals", Some(&team.readonly.token)).assert_status(200).json();
+    let all = http
+        .get("/api/v1/deals", Some(&team.readonly.token))
+        .assert_status(200)
+        .json();
     assert_eq!(companies(&all), ["Acme", "Globex", "Hooli", "Initech"]);
     assert_eq!(all["deals"][0]["amount"], 1000.0);
-    http.get(&format!("/api/v1/deals/{globex}"), Some(&team.readonly.token)).assert_status(200);
-    http.json("PATCH", &format!("/api/v1/deals/{globex}"), &team.readonly.token, &json!({"next_step": "x"}))
-        .assert_status(403);
-    http.json("POST", "/api/v1/deals", &team.readonly.token, &json!({"company": "X"})).assert_status(403);
+    http.get(
+        &format!("/api/v1/deals/{globex}"),
+        Some(&team.readonly.token),
+    )
+    .assert_status(200);
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{globex}"),
+        &team.readonly.token,
+        &json!({"next_step": "x"}),
+    )
+    .assert_status(403);
+    http.json(
+        "POST",
+        "/api/v1/deals",
+        &team.readonly.token,
+        &json!({"company": "X"}),
+    )
+    .assert_status(403);
 
     // The manager changes any deal but administers nothing.
-    let moved = http.json("POST", &format!("/api/v1/deals/{globex}/move"), &team.manager.token, &json!({"stage": "成交"}));
+    let moved = http.json(
+        "POST",
+        &format!("/api/v1/deals/{globex}/move"),
+        &team.manager.token,
+        &json!({"stage": "成交"}),
+    );
     moved.assert_status(200);
     assert_eq!(moved.json()["stage"], "Won");
     let run = moved.json()["run_id"].as_i64().expect("run id");
-    for path in ["/api/v1/status", "/api/v1/errors", "/api/v1/history", "/api/v1/conflicts"] {
+    for path in [
+        "/api/v1/status",
+        "/api/v1/errors",
+        "/api/v1/history",
+        "/api/v1/conflicts",
+    ] {
         http.get(path, Some(&team.manager.token)).assert_status(403);
     }
-    http.send("POST", &format!("/api/v1/history/{run}/undo"), Some(&team.manager.token), "application/json", "", &[])
-        .assert_status(403);
+    http.send(
+        "POST",
+        &format!("/api/v1/history/{run}/undo"),
+        Some(&team.manager.token),
+        "application/json",
+        "",
+        &[],
+    )
+    .assert_status(403);
 
     // The admin sees files, errors, history, and undoes the manager's move.
-    let status = http.get("/api/v1/status", Some(&team.admin.token)).assert_status(200).json();
-    assert!(status[0]["file"].as_str().is_some_and(|file| file.ends_with("pipeline.xlsx")), "{status}");
-    http.get("/api/v1/errors", Some(&team.admin.token)).assert_status(200);
-    let runs = http.get("/api/v1/history?source=api", Some(&team.admin.token)).assert_status(200).json();
-    assert!(runs.as_array().is_some_and(|runs| runs.iter().any(|entry| entry["message"] == "by mia")), "{runs}");
-    let changes = http.get(&format!("/api/v1/history/{run}"), Some(&team.admin.token)).assert_status(200).json();
-    assert_eq!(changes["changes"][0]["field"], "stage");
-    http.send("POST", &format!("/api/v1/history/{run}/undo"), Some(&team.admin.token), "application/json", "", &[])
+    let status = http
+        .get("/api/v1/status", Some(&team.admin.token))
+        .assert_status(200)
+        .json();
+    assert!(
+        status[0]["file"]
+            .as_str()
+            .is_some_and(|file| file.ends_with("pipeline.xlsx")),
+        "{status}"
+    );
+    http.get("/api/v1/errors", Some(&team.admin.token))
         .assert_status(200);
-    let globex_now = http.get(&format!("/api/v1/deals/{globex}"), Some(&team.admin.token)).json();
+    let runs = http
+        .get("/api/v1/history?source=api", Some(&team.admin.token))
+        .assert_status(200)
+        .json();
+    assert!(
+        runs.as_array()
+            .is_some_and(|runs| runs.iter().any(|entry| entry["message"] == "by mia")),
+        "{runs}"
+    );
+    let changes = http
+        .get(&format!("/api/v1/history/{run}"), Some(&team.admin.token))
+        .assert_status(200)
+        .json();
+    assert_eq!(changes["changes"][0]["field"], "stage");
+    http.send(
+        "POST",
+        &format!("/api/v1/history/{run}/undo"),
+        Some(&team.admin.token),
+        "application/json",
+        "",
+        &[],
+    )
+    .assert_status(200);
+    let globex_now = http
+        .get(&format!("/api/v1/deals/{globex}"), Some(&team.admin.token))
+        .json();
     assert_eq!(globex_now["stage"], "Prospect");
 
     // No token, or a wrong one: 401; health and metrics need none.
@@ -159,7 +292,10 @@ fn each_role_sees_and_changes_only_what_it_may() {
     assert_eq!(wrong.header("www-authenticate"), Some("Bearer"));
     http.get("/healthz", None).assert_status(200);
     http.get("/metrics", None).assert_status(200);
-    assert!(!team.daemon.log().contains(&team.alice.token), "a token reached the log");
+    assert!(
+        !team.daemon.log().contains(&team.alice.token),
+        "a token reached the log"
+    );
 }
 
 #[test]
@@ -167,10 +303,18 @@ fn a_patch_reaches_the_spreadsheet_and_a_stale_one_is_refused() {
     let team = Team::start("");
     let http = &team.http;
     let acme = team.id_of("Acme");
-    let read = http.get(&format!("/api/v1/deals/{acme}"), Some(&team.manager.token)).assert_status(200).clone();
+    let read = http
+        .get(&format!("/api/v1/deals/{acme}"), Some(&team.manager.token))
+        .assert_status(200)
+        .clone();
     let etag = read.header("etag").expect("an ETag").to_string();
     assert_eq!(etag, format!("\"{}\"", read.json()["version"]));
-    assert_eq!(read.json()["files"][0].as_str().map(|file| file.ends_with("pipeline.xlsx")), Some(true));
+    assert_eq!(
+        read.json()["files"][0]
+            .as_str()
+            .map(|file| file.ends_with("pipeline.xlsx")),
+        Some(true)
+    );
     assert_eq!(read.json()["stage_history"][0]["to_stage"], "Lead");
 
     // Cleaned like a cell: a currency sign sets the currency, an alias names the stage.
@@ -198,31 +342,60 @@ fn a_patch_reaches_the_spreadsheet_and_a_stale_one_is_refused() {
     );
     stale.assert_status(412);
     assert_eq!(stale.json()["error"]["code"], "precondition_failed");
-    let bad = http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.manager.token, &json!({"amount": "twelve"}));
+    let bad = http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.manager.token,
+        &json!({"amount": "twelve"}),
+    );
     bad.assert_status(400);
     assert_eq!(bad.json()["error"]["field"], "amount");
-    assert!(bad.json()["error"]["message"].as_str().is_some_and(|message| message.contains("not a number")));
+    assert!(bad.json()["error"]["message"]
+        .as_str()
+        .is_some_and(|message| message.contains("not a number")));
 
     // The ERP pushes back a contract number: kept with the deal, in the history as extra.NAME.
-    let contract = http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.manager.token, &json!({"extra": {"Contract No": "HT-2026-001"}}));
+    let contract = http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.manager.token,
+        &json!({"extra": {"Contract No": "HT-2026-001"}}),
+    );
     contract.assert_status(200);
     assert_eq!(contract.json()["extra"]["Contract No"], "HT-2026-001");
     let run = contract.json()["run_id"].as_i64().expect("run");
-    let recorded = http.get(&format!("/api/v1/history/{run}"), Some(&team.admin.token)).json();
+    let recorded = http
+        .get(&format!("/api/v1/history/{run}"), Some(&team.admin.token))
+        .json();
     assert_eq!(recorded["changes"][0]["field"], "extra.Contract No");
-    http.json("PATCH", &format!("/api/v1/deals/{acme}"), &team.manager.token, &json!({"extra": {"Contract No": 5}}))
-        .assert_status(400);
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.manager.token,
+        &json!({"extra": {"Contract No": 5}}),
+    )
+    .assert_status(400);
 
     // The daemon writes the change into the workbook, as for `deals set`.
     let workbook = team.dir.path("pipeline.xlsx");
-    wait_until(std::time::Duration::from_secs(20), "the amount in the workbook", || {
-        read_xlsx(&workbook, "Pipeline").column("Next Step").first().map(String::as_str) == Some("Sign <contract>")
-    });
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "the amount in the workbook",
+        || {
+            read_xlsx(&workbook, "Pipeline")
+                .column("Next Step")
+                .first()
+                .map(String::as_str)
+                == Some("Sign <contract>")
+        },
+    );
     let sheet = read_xlsx(&workbook, "Pipeline");
     assert_eq!(sheet.column("Amount")[0], "12500");
     assert_eq!(sheet.column("Company")[1], "Globex", "other rows stay");
     // A run of its own, by the user, that the CLI lists too.
-    let history = team.dir.run(&["history", "--source", "api", "--format", "json"]);
+    let history = team
+        .dir
+        .run(&["history", "--source", "api", "--format", "json"]);
     history.assert_code(0);
     assert_eq!(history.json()[0]["message"], "by mia");
 }
@@ -230,9 +403,13 @@ fn a_patch_reaches_the_spreadsheet_and_a_stale_one_is_refused() {
 #[test]
 fn metrics_parse_as_prometheus_text() {
     let team = Team::start("");
-    team.http.get("/api/v1/deals", Some(&team.admin.token)).assert_status(200);
+    team.http
+        .get("/api/v1/deals", Some(&team.admin.token))
+        .assert_status(200);
     let reply = team.http.get("/metrics", None).assert_status(200).clone();
-    assert!(reply.header("content-type").is_some_and(|value| value.contains("text")));
+    assert!(reply
+        .header("content-type")
+        .is_some_and(|value| value.contains("text")));
     let lines = reply.body.lines().map(|line| Ok(line.to_string()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
     let value = |name: &str, label: Option<(&str, &str)>| -> Option<f64> {
@@ -250,16 +427,39 @@ fn metrics_parse_as_prometheus_text() {
                 _ => f64::NAN,
             })
     };
-    assert_eq!(value("funnelsync_syncs_total", Some(("result", "synced"))), Some(1.0));
-    assert_eq!(value("funnelsync_rows_total", Some(("change", "created"))), Some(3.0));
+    assert_eq!(
+        value("funnelsync_syncs_total", Some(("result", "synced"))),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("funnelsync_rows_total", Some(("change", "created"))),
+        Some(3.0)
+    );
     assert_eq!(value("funnelsync_files", Some(("state", "ok"))), Some(1.0));
-    assert_eq!(value("funnelsync_files", Some(("state", "held"))), Some(0.0));
-    assert_eq!(value("funnelsync_outbox_messages", Some(("status", "pending"))), Some(0.0));
-    assert_eq!(value("funnelsync_deals", Some(("stage", "Lead"))), Some(1.0));
-    assert!(value("funnelsync_last_successful_sync_age_seconds", Some(("source", "pipeline"))).is_some_and(|age| age >= 0.0));
+    assert_eq!(
+        value("funnelsync_files", Some(("state", "held"))),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("funnelsync_outbox_messages", Some(("status", "pending"))),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("funnelsync_deals", Some(("stage", "Lead"))),
+        Some(1.0)
+    );
+    assert!(value(
+        "funnelsync_last_successful_sync_age_seconds",
+        Some(("source", "pipeline"))
+    )
+    .is_some_and(|age| age >= 0.0));
     assert!(value("funnelsync_reminders_sent_total", None).is_some());
     assert!(
-        value("funnelsync_http_requests_total", Some(("route", "/api/v1/deals"))).is_some_and(|count| count >= 1.0),
+        value(
+            "funnelsync_http_requests_total",
+            Some(("route", "/api/v1/deals"))
+        )
+        .is_some_and(|count| count >= 1.0),
         "{}",
         reply.body
     );
@@ -278,23 +478,68 @@ fn hostile_requests_get_400_or_413_never_500() {
         ("PATCH", "application/json", b"[1, 2]".to_vec(), 400),
         ("PATCH", "application/json", b"null".to_vec(), 400),
         ("PATCH", "application/json", b"{}".to_vec(), 400),
-        ("PATCH", "application/json", b"{\"amount\": {\"$gt\": 1}}".to_vec(), 400),
-        ("PATCH", "application/json", b"{\"__proto__\": 1}".to_vec(), 400),
-        ("PATCH", "application/json", b"{\"amount\": 1e999}".to_vec(), 400),
-        ("PATCH", "application/json", b"{\"company\": \"\xff\xfe\"}".to_vec(), 400),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"amount\": {\"$gt\": 1}}".to_vec(),
+            400,
+        ),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"__proto__\": 1}".to_vec(),
+            400,
+        ),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"amount\": 1e999}".to_vec(),
+            400,
+        ),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"company\": \"\xff\xfe\"}".to_vec(),
+            400,
+        ),
         ("PATCH", "application/json", deep.into_bytes(), 413),
         ("PATCH", "application/json", vec![b' '; 40 * 1024], 413),
-        ("PATCH", "text/plain", b"{\"next_step\": \"x\"}".to_vec(), 415),
-        ("POST", "application/json", b"{\"stage\": \"Won\", \"extra\": 1}".to_vec(), 400),
-        ("POST", "application/json", b"{\"stage\": \"no such stage\"}".to_vec(), 400),
+        (
+            "PATCH",
+            "text/plain",
+            b"{\"next_step\": \"x\"}".to_vec(),
+            415,
+        ),
+        (
+            "POST",
+            "application/json",
+            b"{\"stage\": \"Won\", \"extra\": 1}".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "application/json",
+            b"{\"stage\": \"no such stage\"}".to_vec(),
+            400,
+        ),
     ];
     for (method, content_type, body, expected) in cases {
-        let target = if method == "POST" { format!("{path}/move") } else { path.clone() };
+        let target = if method == "POST" {
+            format!("{path}/move")
+        } else {
+            path.clone()
+        };
         let reply = http.send(method, &target, Some(token), content_type, &body, &[]);
-        let shown = String::from_utf8_lossy(&body).chars().take(40).collect::<String>();
+        let shown = String::from_utf8_lossy(&body)
+            .chars()
+            .take(40)
+            .collect::<String>();
         assert_eq!(reply.status, expected, "{method} {shown:?}: {}", reply.body);
         let error = reply.json();
-        assert!(error["error"]["code"].is_string() && error["error"]["message"].is_string(), "{shown:?}: {error}");
+        assert!(
+            error["error"]["code"].is_string() && error["error"]["message"].is_string(),
+            "{shown:?}: {error}"
+        );
     }
     for (target, expected) in [
         ("/api/v1/deals/99999999999999999999999", 400),
@@ -310,7 +555,14 @@ fn hostile_requests_get_400_or_413_never_500() {
         assert_eq!(reply.status, expected, "{target}: {}", reply.body);
         assert!(reply.json()["error"]["code"].is_string(), "{target}");
     }
-    let bad_etag = http.send("PATCH", &path, Some(token), "application/json", "{\"next_step\": \"x\"}", &[("If-Match", "yesterday")]);
+    let bad_etag = http.send(
+        "PATCH",
+        &path,
+        Some(token),
+        "application/json",
+        "{\"next_step\": \"x\"}",
+        &[("If-Match", "yesterday")],
+    );
     bad_etag.assert_status(400);
     // The daemon is still fine, and nothing changed the deal.
     http.get("/healthz", None).assert_status(200);
@@ -323,8 +575,13 @@ fn hostile_requests_get_400_or_413_never_500() {
 fn the_openapi_document_describes_every_route() {
     let team = Team::start("");
     let http = &team.http;
-    let document = http.get("/api/v1/openapi.json", None).assert_status(200).json();
-    assert!(document["openapi"].as_str().is_some_and(|version| version.starts_with("3.")));
+    let document = http
+        .get("/api/v1/openapi.json", None)
+        .assert_status(200)
+        .json();
+    assert!(document["openapi"]
+        .as_str()
+        .is_some_and(|version| version.starts_with("3.")));
     let paths = document["paths"].as_object().expect("paths");
     let named_by_the_issue = [
         ("/deals", "get"),
@@ -342,33 +599,63 @@ fn the_openapi_document_describes_every_route() {
         ("/history/{run}/undo", "post"),
     ];
     for (path, method) in named_by_the_issue {
-        assert!(paths.get(path).and_then(|operations| operations.get(method)).is_some(), "{method} {path} is not documented");
+        assert!(
+            paths
+                .get(path)
+                .and_then(|operations| operations.get(method))
+                .is_some(),
+            "{method} {path} is not documented"
+        );
     }
     // Every documented read answers as documented (no 404 or 405 for a route that exists), and
     // every $ref points at a component that exists.
     let acme = team.id_of("Acme").to_string();
     for (path, operations) in paths {
         for (method, operation) in operations.as_object().expect("operations") {
-            assert!(operation["responses"].is_object(), "{method} {path} has no responses");
+            assert!(
+                operation["responses"].is_object(),
+                "{method} {path} has no responses"
+            );
             let concrete = path.replace("{id}", &acme).replace("{run}", "1");
             if method == "get" {
                 let reply = http.get(&format!("/api/v1{concrete}"), Some(&team.admin.token));
                 assert_eq!(reply.status, 200, "GET {concrete}: {}", reply.body);
             } else {
                 // An empty body is refused by the handler (400/415), not by routing (404/405).
-                let reply = http.send(&method.to_uppercase(), &format!("/api/v1{concrete}"), Some(&team.readonly.token), "application/json", "", &[]);
-                assert!(![404, 405].contains(&reply.status) || concrete.ends_with("/undo"), "{method} {concrete}: {}", reply.status);
+                let reply = http.send(
+                    &method.to_uppercase(),
+                    &format!("/api/v1{concrete}"),
+                    Some(&team.readonly.token),
+                    "application/json",
+                    "",
+                    &[],
+                );
+                assert!(
+                    ![404, 405].contains(&reply.status) || concrete.ends_with("/undo"),
+                    "{method} {concrete}: {}",
+                    reply.status
+                );
             }
         }
     }
     let text = document.to_string();
     for reference in text.split("\"$ref\":\"#/").skip(1) {
         let pointer = reference.split('"').next().unwrap_or("");
-        assert!(document.pointer(&format!("/{pointer}")).is_some(), "dangling $ref {pointer}");
+        assert!(
+            document.pointer(&format!("/{pointer}")).is_some(),
+            "dangling $ref {pointer}"
+        );
     }
     // A route that is not documented does not exist.
-    http.send("DELETE", &format!("/api/v1/deals/{acme}"), Some(&team.admin.token), "application/json", "", &[])
-        .assert_status(405);
+    http.send(
+        "DELETE",
+        &format!("/api/v1/deals/{acme}"),
+        Some(&team.admin.token),
+        "application/json",
+        "",
+        &[],
+    )
+    .assert_status(405);
 }
 
 #[test]
@@ -380,10 +667,20 @@ fn the_pages_log_in_once_with_a_token_limit_failures_and_check_forms() {
     redirected.assert_status(303);
     assert_eq!(redirected.header("location"), Some("/login?next=/deals"));
     // A good token gives a session cookie a script cannot read and other sites do not send.
-    let login = http.send("POST", "/login", None, "application/x-www-form-urlencoded", format!("token={}&next=/deals", team.manager.token), &[]);
+    let login = http.send(
+        "POST",
+        "/login",
+        None,
+        "application/x-www-form-urlencoded",
+        format!("token={}&next=/deals", team.manager.token),
+        &[],
+    );
     login.assert_status(303);
     assert_eq!(login.header("location"), Some("/deals"));
-    let cookie = login.header("set-cookie").expect("a session cookie").to_string();
+    let cookie = login
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_string();
     for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
         assert!(cookie.contains(flag), "{cookie}");
     }
@@ -393,19 +690,53 @@ fn the_pages_log_in_once_with_a_token_limit_failures_and_check_forms() {
     assert!(page.body.contains("Globex") && page.body.contains("Acme"));
     // A form without the session's CSRF token changes nothing.
     let acme = team.id_of("Acme");
-    let forged = http.send("POST", &format!("/deals/{acme}/move"), None, "application/x-www-form-urlencoded", "stage=Won&csrf=guess", &[("Cookie", &session)]);
+    let forged = http.send(
+        "POST",
+        &format!("/deals/{acme}/move"),
+        None,
+        "application/x-www-form-urlencoded",
+        "stage=Won&csrf=guess",
+        &[("Cookie", &session)],
+    );
     forged.assert_status(403);
-    assert_eq!(http.get(&format!("/api/v1/deals/{acme}"), Some(&team.admin.token)).json()["stage"], "Lead");
+    assert_eq!(
+        http.get(&format!("/api/v1/deals/{acme}"), Some(&team.admin.token))
+            .json()["stage"],
+        "Lead"
+    );
     // Chinese for a browser that prefers it.
-    let chinese = http.get_with("/funnel", None, &[("Cookie", &session), ("Accept-Language", "zh-CN,zh;q=0.9,en;q=0.5")]);
+    let chinese = http.get_with(
+        "/funnel",
+        None,
+        &[
+            ("Cookie", &session),
+            ("Accept-Language", "zh-CN,zh;q=0.9,en;q=0.5"),
+        ],
+    );
     assert!(chinese.body.contains("销售漏斗"), "{}", chinese.body);
     // Wrong tokens: refused, then (after five) even the right one waits.
     for _ in 0..5 {
-        http.send("POST", "/login", None, "application/x-www-form-urlencoded", "token=guess", &[]).assert_status(401);
+        http.send(
+            "POST",
+            "/login",
+            None,
+            "application/x-www-form-urlencoded",
+            "token=guess",
+            &[],
+        )
+        .assert_status(401);
     }
-    let limited = http.send("POST", "/login", None, "application/x-www-form-urlencoded", format!("token={}", team.manager.token), &[]);
+    let limited = http.send(
+        "POST",
+        "/login",
+        None,
+        "application/x-www-form-urlencoded",
+        format!("token={}", team.manager.token),
+        &[],
+    );
     limited.assert_status(429);
-    http.get("/api/v1/deals", Some(&team.manager.token)).assert_status(429);
+    http.get("/api/v1/deals", Some(&team.manager.token))
+        .assert_status(429);
     let _ = team.port;
 }
 
@@ -414,15 +745,38 @@ fn sheet_values_are_escaped_in_the_pages() {
     let dir = TestDir::new();
     XlsxBuilder::new()
         .row(&["Company", "Contact", "Email", "Owner", "Next Step"])
-        .row(&["<script>alert(1)</script>", "Eve", "eve@x.example", "Eve", "\"><img src=x onerror=alert(2)>"])
+        .row(&[
+            "<script>alert(1)</script>",
+            "Eve",
+            "eve@x.example",
+            "Eve",
+            "\"><img src=x onerror=alert(2)>",
+        ])
         .save(&dir.path("p.xlsx"));
     let admin = dir.token("root", "admin", None);
     let port = free_port();
-    dir.single_source("p.xlsx", &format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\nlanguage = \"en\"\n{}\n", admin.config_lines));
+    dir.single_source(
+        "p.xlsx",
+        &format!(
+            "\n[http]\nlisten = \"127.0.0.1:{port}\"\nlanguage = \"en\"\n{}\n",
+            admin.config_lines
+        ),
+    );
     dir.sync().assert_code(0);
     let (_daemon, http) = dir.start_serving(&["serve"], port);
-    let login = http.send("POST", "/login", None, "application/x-www-form-urlencoded", format!("token={}", admin.token), &[]);
-    let session = login.header("set-cookie").and_then(|cookie| cookie.split(';').next()).expect("cookie").to_string();
+    let login = http.send(
+        "POST",
+        "/login",
+        None,
+        "application/x-www-form-urlencoded",
+        format!("token={}", admin.token),
+        &[],
+    );
+    let session = login
+        .header("set-cookie")
+        .and_then(|cookie| cookie.split(';').next())
+        .expect("cookie")
+        .to_string();
     let page = http.get_with("/deals/1", None, &[("Cookie", &session)]);
     page.assert_status(200);
     assert!(!page.body.contains("<script>alert"), "{}", page.body);
@@ -437,12 +791,20 @@ fn token_new_prints_a_token_and_the_config_line_and_http_config_is_checked() {
     let dir = TestDir::new();
     let user = dir.token("ops", "rep", Some("Alice Wang"));
     assert_eq!(user.token.len(), 64);
-    assert!(user.config_lines.contains("role = \"rep\"") && user.config_lines.contains("rep = \"Alice Wang\""));
-    assert!(!user.config_lines.contains(&user.token), "the config holds the hash, not the token");
+    assert!(
+        user.config_lines.contains("role = \"rep\"")
+            && user.config_lines.contains("rep = \"Alice Wang\"")
+    );
+    assert!(
+        !user.config_lines.contains(&user.token),
+        "the config holds the hash, not the token"
+    );
     let other = dir.token("ops", "admin", None);
     assert_ne!(user.token, other.token);
-    dir.run(&["token", "new", "x", "--role", "boss"]).assert_code(2);
-    dir.run(&["token", "new", "x", "--role", "rep"]).assert_code(2);
+    dir.run(&["token", "new", "x", "--role", "boss"])
+        .assert_code(2);
+    dir.run(&["token", "new", "x", "--role", "rep"])
+        .assert_code(2);
 
     // Every problem of [http] is reported with its line.
     std::fs::write(dir.path("p.csv"), "Company\nAcme\n").expect("csv");
@@ -461,7 +823,14 @@ fn token_new_prints_a_token_and_the_config_line_and_http_config_is_checked() {
         "line 25: `http.users[3].token`",
     ];
     for line in expected {
-        assert!(run.stderr.contains(line), "missing {line:?} in\n{}", run.stderr);
+        assert!(
+            run.stderr.contains(line),
+            "missing {line:?} in\n{}",
+            run.stderr
+        );
     }
-    assert!(!run.stderr.contains("plain"), "a token in the config is never repeated");
+    assert!(
+        !run.stderr.contains("plain"),
+        "a token in the config is never repeated"
+    );
 }
