@@ -565,18 +565,11 @@ pub fn deals_list(
         include_archived: args.include_archived,
     };
     let mut deals = store.crm().list_deals(&filter)?;
-    let mut reasons: std::collections::HashMap<i64, String> = std::collections::HashMap::new();
-    if args.stalled {
-        let calendar = crate::remind::Calendar::of(config);
-        let stalls = crate::remind::stalls(&deals, &config.stages, &calendar, calendar.day_of(now));
-        let order: Vec<i64> = stalls.iter().map(|stall| stall.deal_id).collect();
-        reasons = stalls
-            .into_iter()
-            .map(|stall| (stall.deal_id, stall.reason))
-            .collect();
-        deals.retain(|deal| reasons.contains_key(&deal.id));
-        deals.sort_by_key(|deal| order.iter().position(|id| *id == deal.id));
-    }
+    let reasons = if args.stalled {
+        crate::remind::keep_stalled(&mut deals, config, now)
+    } else {
+        std::collections::HashMap::new()
+    };
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {
@@ -1334,7 +1327,7 @@ fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
 }
 
 /// The owners of live deals, as written (first spelling of each), for messages.
-fn known_owners(store: &Store) -> anyhow::Result<Vec<String>> {
+pub fn known_owners(store: &Store) -> anyhow::Result<Vec<String>> {
     let mut owners: Vec<String> = Vec::new();
     for deal in store.crm().list_deals(&DealFilter::default())? {
         if let Some(owner) = deal.text(Field::Owner).map(str::trim) {

@@ -109,6 +109,25 @@ pub struct EditOutcome {
     pub version: i64,
 }
 
+/// Records an edit's run (of no file) and returns its id.
+fn record_run(
+    crm: &SqliteCrm<'_>,
+    origin: Origin<'_>,
+    counts: RunCounts,
+    now: DateTime<Utc>,
+) -> Result<i64, StoreError> {
+    crm.record_run(&crate::store::SyncRun {
+        id: 0,
+        source: origin.source.to_string(),
+        file: String::new(),
+        started_at: now,
+        finished_at: now,
+        status: "synced".to_string(),
+        counts,
+        message: origin.message(),
+    })
+}
+
 /// Cleans a value written by a person exactly as a sheet cell would be cleaned. An empty value
 /// clears the field; an amount with a currency sign also sets the currency.
 pub fn clean_value(config: &Config, field: Field, written: &str) -> Result<Changes, String> {
@@ -254,19 +273,15 @@ pub fn apply_changes(
     crate::sync::diff::date_stage_change(&mut changes, &deal, today);
     crm.update_deal(id, &changes, &extra_changes, origin.source, now)?;
     // The change is a run of its own in the history, so it can be undone like a sheet's.
-    let run_id = crm.record_run(&crate::store::SyncRun {
-        id: 0,
-        source: origin.source.to_string(),
-        file: String::new(),
-        started_at: now,
-        finished_at: now,
-        status: "synced".to_string(),
-        counts: RunCounts {
+    let run_id = record_run(
+        &crm,
+        origin,
+        RunCounts {
             updated: 1,
             ..RunCounts::default()
         },
-        message: origin.message(),
-    })?;
+        now,
+    )?;
     let records: Vec<ChangeRecord> = changes
         .iter()
         .map(|(field, value)| ChangeRecord {
@@ -332,19 +347,15 @@ pub fn create_deal(
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     let id = crm.create_deal(&fields, &Default::default(), origin.source, now, Some(now))?;
-    let run_id = crm.record_run(&crate::store::SyncRun {
-        id: 0,
-        source: origin.source.to_string(),
-        file: String::new(),
-        started_at: now,
-        finished_at: now,
-        status: "synced".to_string(),
-        counts: RunCounts {
+    let run_id = record_run(
+        &crm,
+        origin,
+        RunCounts {
             created: 1,
             ..RunCounts::default()
         },
-        message: origin.message(),
-    })?;
+        now,
+    )?;
     crm.record_changes(
         run_id,
         &[ChangeRecord {

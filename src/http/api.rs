@@ -191,6 +191,12 @@ fn json_object(
     }
 }
 
+/// A body object as a typed request (unknown members are refused by the type).
+fn typed<T: serde::de::DeserializeOwned>(object: Map<String, Value>) -> Result<T, ApiError> {
+    serde_json::from_value(Value::Object(object))
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("{error}")))
+}
+
 /// The `extra` member of a body: values of unmapped columns by header (a string, or null to
 /// remove one), such as a contract number an ERP pushes back.
 fn extra_assignments(object: &Map<String, Value>) -> Result<edit::ExtraChanges, ApiError> {
@@ -374,6 +380,22 @@ pub struct DealQuery {
     pub offset: Option<usize>,
 }
 
+impl DealQuery {
+    /// Every stalled deal the user sees, worst first.
+    pub fn stalled() -> DealQuery {
+        DealQuery {
+            stage: None,
+            owner: None,
+            stalled: Some(true),
+            q: None,
+            updated_since: None,
+            include_archived: None,
+            limit: Some(1000),
+            offset: None,
+        }
+    }
+}
+
 /// The deals a user sees for a query, worst stall first when `stalled`, with each stall's reason.
 pub struct DealList {
     pub deals: Vec<(Deal, i64, Option<String>)>,
@@ -462,18 +484,11 @@ pub fn query_deals(
             })
         });
     }
-    let mut reasons: std::collections::HashMap<DealId, String> = Default::default();
-    if query.stalled.unwrap_or(false) {
-        let calendar = crate::remind::Calendar::of(config);
-        let stalls = crate::remind::stalls(&deals, &config.stages, &calendar, calendar.day_of(now));
-        let order: Vec<DealId> = stalls.iter().map(|stall| stall.deal_id).collect();
-        reasons = stalls
-            .into_iter()
-            .map(|stall| (stall.deal_id, stall.reason))
-            .collect();
-        deals.retain(|deal| reasons.contains_key(&deal.id));
-        deals.sort_by_key(|deal| order.iter().position(|id| *id == deal.id));
-    }
+    let mut reasons = if query.stalled.unwrap_or(false) {
+        crate::remind::keep_stalled(&mut deals, config, now)
+    } else {
+        Default::default()
+    };
     let total = deals.len();
     let offset = query.offset.unwrap_or(0);
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
@@ -620,12 +635,22 @@ async fn patch_deal(
     }
     may_set(&user, &pairs)?;
     let changes = cleaned(&state.config(), &pairs)?;
-    with_store(&state, move |store, config| {
-        let request = edit::EditRequest {
-            changes,
-            extra_changes: extra,
-            expected_version: expected,
-        };
+    let request = edit::EditRequest {
+        changes,
+        extra_changes: extra,
+        expected_version: expected,
+    };
+    apply_edit(&state, user, id, request).await
+}
+
+/// Applies an edit as `user` on a blocking thread and answers with the deal.
+async fn apply_edit(
+    state: &SharedState,
+    user: std::sync::Arc<User>,
+    id: DealId,
+    request: edit::EditRequest,
+) -> Result<Response, ApiError> {
+    with_store(state, move |store, config| {
         let outcome = change_deal(store, config, &user, id, request)?;
         Ok(edited(&user, outcome))
     })
@@ -646,23 +671,17 @@ async fn move_deal(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let object = json_object(&headers, body)?;
-    let body: MoveBody = serde_json::from_value(Value::Object(object)).map_err(|error| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("{error}"))
-    })?;
+    let body: MoveBody = typed(object)?;
     let expected = if_match(&headers)?;
     may_set(&user, &[(Field::Stage, body.stage.clone())])?;
     let changes = edit::clean_stage(&state.config(), &body.stage)
         .map_err(|problem| invalid(vec![problem]))?;
-    with_store(&state, move |store, config| {
-        let request = edit::EditRequest {
-            changes,
-            expected_version: expected,
-            ..edit::EditRequest::default()
-        };
-        let outcome = change_deal(store, config, &user, id, request)?;
-        Ok(edited(&user, outcome))
-    })
-    .await
+    let request = edit::EditRequest {
+        changes,
+        expected_version: expected,
+        ..edit::EditRequest::default()
+    };
+    apply_edit(&state, user, id, request).await
 }
 
 async fn create_deal(
@@ -816,16 +835,7 @@ async fn stalled(
     ApiUser(user): ApiUser,
 ) -> Result<Json<Value>, ApiError> {
     with_store(&state, move |store, config| {
-        let query = DealQuery {
-            stage: None,
-            owner: None,
-            stalled: Some(true),
-            q: None,
-            updated_since: None,
-            include_archived: None,
-            limit: Some(1000),
-            offset: None,
-        };
+        let query = DealQuery::stalled();
         let list = query_deals(store, config, &user, &query, chrono::Utc::now())?;
         let stalled: Vec<Value> = list
             .deals
@@ -842,14 +852,22 @@ fn administer(user: &User) -> Result<(), ApiError> {
         .map_err(|refusal| ApiError::from_refusal(refusal, "such page"))
 }
 
+/// An admin-only read: authorised first, then `job` on the store, answered as JSON.
+async fn admin_read<T: serde::Serialize + Send + 'static>(
+    state: &SharedState,
+    user: &User,
+    job: impl FnOnce(&crate::store::Store) -> Result<T, ApiError> + Send + 'static,
+) -> Result<Json<Value>, ApiError> {
+    administer(user)?;
+    with_store(state, move |store, _| Ok(Json(json!(job(store)?)))).await
+}
+
 async fn status(
     State(state): State<SharedState>,
     ApiUser(user): ApiUser,
 ) -> Result<Json<Value>, ApiError> {
-    administer(&user)?;
-    with_store(&state, |store, _| {
-        let overview = crate::mirror::file_overview(store.connection())?;
-        Ok(Json(json!(overview)))
+    admin_read(&state, &user, |store| {
+        Ok(crate::mirror::file_overview(store.connection())?)
     })
     .await
 }
@@ -858,10 +876,8 @@ async fn errors(
     State(state): State<SharedState>,
     ApiUser(user): ApiUser,
 ) -> Result<Json<Value>, ApiError> {
-    administer(&user)?;
-    with_store(&state, |store, _| {
-        let issues = crate::mirror::current_issues(store.connection())?;
-        Ok(Json(json!(issues)))
+    admin_read(&state, &user, |store| {
+        Ok(crate::mirror::current_issues(store.connection())?)
     })
     .await
 }
@@ -879,12 +895,10 @@ async fn conflicts(
     query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-    administer(&user)?;
-    with_store(&state, move |store, _| {
-        let conflicts = store
+    admin_read(&state, &user, move |store| {
+        Ok(store
             .crm()
-            .conflicts(query.limit.unwrap_or(50).min(10_000))?;
-        Ok(Json(json!(conflicts)))
+            .conflicts(query.limit.unwrap_or(50).min(10_000))?)
     })
     .await
 }
@@ -895,14 +909,13 @@ async fn history(
     query: Result<Query<LimitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-    administer(&user)?;
-    with_store(&state, move |store, _| {
+    admin_read(&state, &user, move |store| {
         let mut runs = store.crm().last_runs(10_000)?;
         if let Some(source) = &query.source {
             runs.retain(|run| &run.source == source);
         }
         runs.truncate(query.limit.unwrap_or(20).min(10_000));
-        Ok(Json(json!(runs)))
+        Ok(runs)
     })
     .await
 }
@@ -912,14 +925,13 @@ async fn history_run(
     ApiUser(user): ApiUser,
     Path(run_id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
-    administer(&user)?;
-    with_store(&state, move |store, _| {
+    admin_read(&state, &user, move |store| {
         let crm = store.crm();
         let run = crm
             .run(run_id)?
             .ok_or_else(|| ApiError::not_found(format!("there is no run {run_id}")))?;
         let changes = crm.changes_of_run(run_id)?;
-        Ok(Json(json!({"run": run, "changes": changes})))
+        Ok(json!({"run": run, "changes": changes}))
     })
     .await
 }
@@ -999,9 +1011,7 @@ async fn force_file(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let object = json_object(&headers, body)?;
-    let body: ForceBody = serde_json::from_value(Value::Object(object)).map_err(|error| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("{error}"))
-    })?;
+    let body: ForceBody = typed(object)?;
     force(&state, &user, &body.file).await?;
     Ok((
         StatusCode::ACCEPTED,

@@ -23,6 +23,7 @@ use super::auth::{authorize, same_secret, Action, Session, User};
 use super::{with_store, ApiError, ClientAddress, SharedState};
 use crate::config::{Language, Role};
 use crate::deal::{Deal, DealId, Field};
+use crate::report::{days, money, percent};
 
 const STYLE: &str = include_str!("assets/style.css");
 const SCRIPT: &str = include_str!("assets/app.js");
@@ -121,19 +122,13 @@ fn shown(deal: &Deal, field: Field) -> String {
         .unwrap_or_default()
 }
 
-fn money(amount: f64) -> String {
-    crate::cli::group_thousands(&format!("{:.0}", amount + 0.0))
-}
-
-fn percent(rate: Option<f64>) -> String {
-    rate.map(|rate| format!("{:.0}%", rate * 100.0))
-        .unwrap_or_else(|| "–".to_string())
-}
-
-fn days(value: Option<f64>) -> String {
-    value
-        .map(|value| format!("{value:.1}"))
-        .unwrap_or_else(|| "–".to_string())
+fn stage_names(config: &crate::config::Config) -> Vec<String> {
+    config
+        .stages
+        .names()
+        .iter()
+        .map(|name| name.to_string())
+        .collect()
 }
 
 /// A logged-in browser: its user and session.
@@ -537,21 +532,7 @@ async fn funnel_page(
 
 /// The owners of live deals, for the owner picker.
 fn owners(store: &crate::store::Store) -> Result<Vec<String>, ApiError> {
-    use crate::store::CrmStore;
-    let mut owners: Vec<String> = Vec::new();
-    for deal in store.crm().list_deals(&Default::default())? {
-        if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
-            let folded = crate::deal::normalize_label(owner);
-            if !owners
-                .iter()
-                .any(|known| crate::deal::normalize_label(known) == folded)
-            {
-                owners.push(owner.to_string());
-            }
-        }
-    }
-    owners.sort();
-    Ok(owners)
+    crate::cli::known_owners(store).map_err(ApiError::internal)
 }
 
 fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason: bool) -> Markup {
@@ -584,16 +565,7 @@ fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason
 
 async fn stalled_page(State(state): State<SharedState>, page: PageUser) -> Response {
     let user = std::sync::Arc::clone(&page.user);
-    let query = DealQuery {
-        stage: None,
-        owner: None,
-        stalled: Some(true),
-        q: None,
-        updated_since: None,
-        include_archived: None,
-        limit: Some(1000),
-        offset: None,
-    };
+    let query = DealQuery::stalled();
     let list = match with_store(&state, move |store, config| {
         api::query_deals(store, config, &user, &query, chrono::Utc::now())
     })
@@ -642,12 +614,7 @@ async fn deals_page(
     };
     let loaded = with_store(&state, move |store, config| {
         let list = api::query_deals(store, config, &user, &query, chrono::Utc::now())?;
-        let stages: Vec<String> = config
-            .stages
-            .names()
-            .iter()
-            .map(|name| name.to_string())
-            .collect();
+        let stages = stage_names(config);
         Ok((list, stages))
     })
     .await;
@@ -793,12 +760,7 @@ async fn render_deal(
     let user = std::sync::Arc::clone(&page.user);
     let loaded = with_store(state, move |store, config| {
         let detail = api::load_deal(store, &user, id)?;
-        let stages: Vec<String> = config
-            .stages
-            .names()
-            .iter()
-            .map(|name| name.to_string())
-            .collect();
+        let stages = stage_names(config);
         Ok((detail, stages))
     })
     .await;

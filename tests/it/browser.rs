@@ -190,14 +190,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
         ])
         .save(&dir.path("pipeline.xlsx"));
     let manager = dir.token("mia", "manager", None);
-    let port = free_port();
-    dir.single_source(
-        "pipeline.xlsx",
-        &format!(
-            "\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n{}\n",
-            manager.config_lines
-        ),
-    );
+    let port = dir.http_source("pipeline.xlsx", "", &[&manager]);
     dir.sync().assert_code(0);
     let (daemon, _http) = dir.start_serving(&["run"], port);
     daemon.wait_ready();

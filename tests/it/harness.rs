@@ -775,6 +775,24 @@ impl TestDir {
         }
     }
 
+    /// A config with one source on `file` and `[http]` on a free port of 127.0.0.1 (plus
+    /// `http_extra` lines) for these users; returns the port.
+    pub fn http_source(&self, file: &str, http_extra: &str, users: &[&HttpUser]) -> u16 {
+        let port = free_port();
+        let users: Vec<&str> = users
+            .iter()
+            .map(|user| user.config_lines.as_str())
+            .collect();
+        self.single_source(
+            file,
+            &format!(
+                "\n[http]\nlisten = \"127.0.0.1:{port}\"\n{http_extra}\n\n{}\n",
+                users.join("\n\n")
+            ),
+        );
+        port
+    }
+
     /// Starts `funnelsync ARGS` (run or serve) and waits until its `/healthz` answers 200.
     #[track_caller]
     pub fn start_serving(&self, args: &[&str], port: u16) -> (Daemon, Http) {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{free_port, read_xlsx, wait_until, Http, HttpUser, TestDir, XlsxBuilder};
+use crate::harness::{read_xlsx, wait_until, Http, HttpUser, TestDir, XlsxBuilder};
 
 /// A team workbook, four users (admin, manager, Alice the rep who does not see amounts, a
 /// read-only user) and the daemon serving HTTP on a free port.
@@ -64,13 +64,10 @@ impl Team {
         let manager = dir.token("mia", "manager", None);
         let alice = dir.token("alice", "rep", Some("Alice Wang"));
         let readonly = dir.token("erp", "readonly", None);
-        let port = free_port();
-        dir.single_source(
+        let port = dir.http_source(
             "pipeline.xlsx",
-            &format!(
-                "\n[http]\nlisten = \"127.0.0.1:{port}\"\nhidden_fields = {{ rep = [\"amount\"] }}\n{extra_http}\n\n{}\n\n{}\n\n{}\n\n{}\n",
-                admin.config_lines, manager.config_lines, alice.config_lines, readonly.config_lines
-            ),
+            &format!("hidden_fields = {{ rep = [\"amount\"] }}\n{extra_http}"),
+            &[&admin, &manager, &alice, &readonly],
         );
         dir.sync().assert_code(0);
         let (daemon, http) = dir.start_serving(&["run"], port);
@@ -754,14 +751,7 @@ fn sheet_values_are_escaped_in_the_pages() {
         ])
         .save(&dir.path("p.xlsx"));
     let admin = dir.token("root", "admin", None);
-    let port = free_port();
-    dir.single_source(
-        "p.xlsx",
-        &format!(
-            "\n[http]\nlisten = \"127.0.0.1:{port}\"\nlanguage = \"en\"\n{}\n",
-            admin.config_lines
-        ),
-    );
+    let port = dir.http_source("p.xlsx", "language = \"en\"", &[&admin]);
     dir.sync().assert_code(0);
     let (_daemon, http) = dir.start_serving(&["serve"], port);
     let login = http.send(
