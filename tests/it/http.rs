@@ -824,3 +824,125 @@ fn token_new_prints_a_token_and_the_config_line_and_http_config_is_checked() {
         "a token in the config is never repeated"
     );
 }
+
+#[test]
+fn the_funnel_of_the_api_is_the_funnel_of_the_command_line() {
+    let team = Team::start("");
+    let from_api = team
+        .http
+        .get(
+            "/api/v1/funnel?since=2026-01-01&until=2026-12-31",
+            Some(&team.manager.token),
+        )
+        .assert_status(200)
+        .json();
+    let run = team.dir.run(&[
+        "funnel",
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2026-12-31",
+        "--format",
+        "json",
+    ]);
+    run.assert_code(0);
+    let from_cli = run.json();
+    for key in ["period", "owner", "stages", "totals", "by_owner"] {
+        assert_eq!(from_api[key], from_cli[key], "{key}");
+    }
+    assert_eq!(from_api["stages"][0]["open_count"], 1);
+}
+
+#[test]
+fn an_admin_forces_a_held_file_from_the_files_page() {
+    let dir = TestDir::new();
+    let sheet = |companies: &[&str]| {
+        let mut builder = XlsxBuilder::new()
+            .sheet("Pipeline")
+            .row(&["Company", "Email", "Stage"]);
+        for company in companies {
+            let email = format!("{}@example.com", company.to_lowercase());
+            builder = builder.row(&[company, &email, "Lead"]);
+        }
+        builder
+    };
+    sheet(&["Acme", "Beta", "Core", "Delta"]).save(&dir.path("p.xlsx"));
+    let admin = dir.token("root", "admin", None);
+    let manager = dir.token("mia", "manager", None);
+    let port = dir.http_source("p.xlsx", "", &[&admin, &manager]);
+    dir.sync().assert_code(0);
+    let (daemon, http) = dir.start_serving(&["run"], port);
+    daemon.wait_ready();
+    // Three of four rows gone: the daemon holds the file.
+    sheet(&["Acme"]).save(&dir.path("p.xlsx"));
+    wait_until(std::time::Duration::from_secs(20), "the file held", || {
+        http.get("/api/v1/status", Some(&admin.token)).json()[0]["state"] == "held"
+    });
+    let live = |http: &Http| {
+        http.get("/api/v1/deals", Some(&admin.token)).json()["total"]
+            .as_i64()
+            .unwrap_or(-1)
+    };
+    assert_eq!(live(&http), 4, "nothing applied while held");
+    let file = http.get("/api/v1/status", Some(&admin.token)).json()[0]["file"]
+        .as_str()
+        .expect("file")
+        .to_string();
+
+    // The manager may not force; the admin does, through the page's form.
+    http.json(
+        "POST",
+        "/api/v1/files/force",
+        &manager.token,
+        &json!({"file": file}),
+    )
+    .assert_status(403);
+    let login = http.send(
+        "POST",
+        "/login",
+        None,
+        "application/x-www-form-urlencoded",
+        format!("token={}", admin.token),
+        &[],
+    );
+    let session = login
+        .header("set-cookie")
+        .and_then(|cookie| cookie.split(';').next())
+        .expect("cookie")
+        .to_string();
+    let page = http.get_with("/files", None, &[("Cookie", &session)]);
+    page.assert_status(200);
+    assert!(page.body.contains("Force"), "{}", page.body);
+    let csrf = page
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_string();
+    let form = format!("csrf={csrf}&file={}", file.replace('/', "%2F"));
+    let forced = http.send(
+        "POST",
+        "/files/force",
+        None,
+        "application/x-www-form-urlencoded",
+        form,
+        &[("Cookie", &session)],
+    );
+    forced.assert_status(303);
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "the forced sync",
+        || live(&http) == 1,
+    );
+    // `serve` has no daemon to force anything: 409.
+    drop(daemon);
+    let (_served, http) = dir.start_serving(&["serve"], port);
+    http.json(
+        "POST",
+        "/api/v1/files/force",
+        &admin.token,
+        &json!({"file": file}),
+    )
+    .assert_status(409);
+}
