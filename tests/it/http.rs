@@ -946,3 +946,51 @@ fn an_admin_forces_a_held_file_from_the_files_page() {
     )
     .assert_status(409);
 }
+
+#[test]
+fn with_tls_files_the_server_speaks_https_only() {
+    let dir = TestDir::new();
+    std::fs::write(dir.path("p.csv"), "Company,Email\nAcme,a@acme.example\n").expect("csv");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    std::fs::write(dir.path("cert.pem"), certified.cert.pem()).expect("cert");
+    std::fs::write(dir.path("key.pem"), certified.signing_key.serialize_pem()).expect("key");
+    let admin = dir.token("root", "admin", None);
+    let port = dir.http_source(
+        "p.csv",
+        "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"",
+        &[&admin],
+    );
+    dir.sync().assert_code(0);
+    let daemon = dir.start_process(&["serve"]);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certificate =
+        ureq::tls::Certificate::from_pem(certified.cert.pem().as_bytes()).expect("pem");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[certificate]))
+                .build(),
+        )
+        .build()
+        .into();
+    let url = format!("https://localhost:{port}/api/v1/deals");
+    let mut status = 0;
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "HTTPS to answer",
+        || {
+            status = agent
+                .get(&url)
+                .header("Authorization", format!("Bearer {}", admin.token))
+                .call()
+                .map(|response| response.status().as_u16())
+                .unwrap_or(0);
+            status != 0
+        },
+    );
+    assert_eq!(status, 200, "{}", daemon.log());
+    // Plain HTTP on the same port gets no answer.
+    assert!(!Http::new(port).answers_healthy());
+}
