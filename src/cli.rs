@@ -349,6 +349,20 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     if let Some(alerts) = &config.alerts {
         writeln!(out, "alerts: to {}", alerts.to)?;
     }
+    if let Some(http) = &config.http {
+        let users: Vec<String> = http
+            .users
+            .iter()
+            .map(|user| format!("{} ({})", user.name, user.role.name()))
+            .collect();
+        writeln!(
+            out,
+            "http: {}://{} (API, pages, /metrics, /healthz); users: {}",
+            if http.tls.is_some() { "https" } else { "http" },
+            http.listen,
+            users.join(", ")
+        )?;
+    }
     Ok(ExitCode::from(EXIT_OK))
 }
 

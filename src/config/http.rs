@@ -331,6 +331,44 @@ pub(super) fn validate_http(
 mod tests {
     use super::*;
 
+    fn users(http: &str) -> Result<Vec<HttpUser>, String> {
+        let text = format!(
+            "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"p.csv\"\n{http}"
+        );
+        crate::config::Config::from_text(&text, Path::new("/tmp/funnelsync.toml"))
+            .map(|config| config.http.map(|http| http.users).unwrap_or_default())
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn a_user_hides_the_fields_of_their_role_unless_they_list_their_own() {
+        let hash = "ab".repeat(32);
+        let other = "cd".repeat(32);
+        let found = users(&format!(
+            "[http]\nhidden_fields = {{ rep = [\"amount\", \"phone\"] }}\n             [[http.users]]\nname = \"a\"\nrole = \"rep\"\nrep = \"A\"\ntoken_sha256 = \"{hash}\"\n             [[http.users]]\nname = \"b\"\nrole = \"rep\"\nrep = \"B\"\ntoken_sha256 = \"{other}\"\nhidden_fields = []\n"
+        ))
+        .expect("valid");
+        assert_eq!(found[0].hidden_fields, [Field::Amount, Field::Phone]);
+        assert!(found[1].hidden_fields.is_empty());
+    }
+
+    #[test]
+    fn the_same_token_for_two_users_is_refused() {
+        let hash = "ab".repeat(32);
+        let problems = users(&format!(
+            "[http]\n[[http.users]]\nname = \"a\"\nrole = \"admin\"\ntoken_sha256 = \"{hash}\"\n             [[http.users]]\nname = \"b\"\nrole = \"readonly\"\ntoken_sha256 = \"{hash}\"\n"
+        ))
+        .expect_err("refused");
+        assert!(
+            problems.contains("`http.users[2].token_sha256`"),
+            "{problems}"
+        );
+        assert!(
+            !problems.contains(&hash),
+            "the hash is not repeated: {problems}"
+        );
+    }
+
     #[test]
     fn sha256_is_parsed_from_hex_only() {
         let cases: [(&str, bool); 5] = [

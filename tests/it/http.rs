@@ -790,6 +790,16 @@ fn token_new_prints_a_token_and_the_config_line_and_http_config_is_checked() {
         "the config holds the hash, not the token"
     );
     let other = dir.token("ops", "admin", None);
+    std::fs::write(dir.path("a.csv"), "Company\nAcme\n").expect("csv");
+    dir.http_source("a.csv", "", &[&user]);
+    let summary = dir.run(&["check-config"]);
+    summary.assert_code(0);
+    assert!(
+        summary.stdout.contains("http: http://127.0.0.1:")
+            && summary.stdout.contains("users: ops (rep)"),
+        "{}",
+        summary.stdout
+    );
     assert_ne!(user.token, other.token);
     dir.run(&["token", "new", "x", "--role", "boss"])
         .assert_code(2);
