@@ -936,6 +936,24 @@ impl Http {
         Http::reply(self.agent.run(request))
     }
 
+    /// Logs in on the pages with a token; returns the session cookie (`name=value`).
+    #[track_caller]
+    pub fn log_in(&self, token: &str) -> String {
+        let login = self.send(
+            "POST",
+            "/login",
+            None,
+            "application/x-www-form-urlencoded",
+            format!("token={token}"),
+            &[],
+        );
+        login
+            .header("set-cookie")
+            .and_then(|cookie| cookie.split(';').next())
+            .unwrap_or_else(|| panic!("no session cookie: {} {}", login.status, login.body))
+            .to_string()
+    }
+
     /// JSON to the API with a token.
     pub fn json(&self, method: &str, path: &str, token: &str, body: &Value) -> Reply {
         self.send(

@@ -754,19 +754,7 @@ fn sheet_values_are_escaped_in_the_pages() {
     let port = dir.http_source("p.xlsx", "language = \"en\"", &[&admin]);
     dir.sync().assert_code(0);
     let (_daemon, http) = dir.start_serving(&["serve"], port);
-    let login = http.send(
-        "POST",
-        "/login",
-        None,
-        "application/x-www-form-urlencoded",
-        format!("token={}", admin.token),
-        &[],
-    );
-    let session = login
-        .header("set-cookie")
-        .and_then(|cookie| cookie.split(';').next())
-        .expect("cookie")
-        .to_string();
+    let session = http.log_in(&admin.token);
     let page = http.get_with("/deals/1", None, &[("Cookie", &session)]);
     page.assert_status(200);
     assert!(!page.body.contains("<script>alert"), "{}", page.body);
@@ -907,19 +895,7 @@ fn an_admin_forces_a_held_file_from_the_files_page() {
         &json!({"file": file}),
     )
     .assert_status(403);
-    let login = http.send(
-        "POST",
-        "/login",
-        None,
-        "application/x-www-form-urlencoded",
-        format!("token={}", admin.token),
-        &[],
-    );
-    let session = login
-        .header("set-cookie")
-        .and_then(|cookie| cookie.split(';').next())
-        .expect("cookie")
-        .to_string();
+    let session = http.log_in(&admin.token);
     let page = http.get_with("/files", None, &[("Cookie", &session)]);
     page.assert_status(200);
     assert!(page.body.contains("Force"), "{}", page.body);
