@@ -141,6 +141,13 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
         return;
     };
     let dir = TestDir::new();
+    // Two deals idle for longer than their stage allows, so the stalled page has something.
+    let days_ago = |days: i64| {
+        (chrono::Utc::now().date_naive() - chrono::Duration::days(days))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let today = days_ago(0);
     XlsxBuilder::new()
         .sheet("Pipeline")
         .row(&[
@@ -151,6 +158,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             "Amount",
             "Owner",
             "Next Step",
+            "Last Contact",
         ])
         .row(&[
             "Acme Robotics",
@@ -160,6 +168,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             "12000",
             "Alice Wang",
             "Send proposal",
+            &today,
         ])
         .row(&[
             "北京星辰科技",
@@ -169,6 +178,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             "8000",
             "李明",
             "电话跟进",
+            &days_ago(12),
         ])
         .row(&[
             "Globex",
@@ -178,6 +188,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             "30000",
             "Bob Li",
             "Demo",
+            &days_ago(30),
         ])
         .row(&[
             "Initech",
@@ -186,6 +197,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             "Won",
             "5000",
             "Bob Li",
+            "",
             "",
         ])
         .save(&dir.path("pipeline.xlsx"));
@@ -265,6 +277,12 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             .goto(&format!("{base}/stalled"))
             .await
             .expect("stalled");
+        let stalled = phone.source().await.expect("stalled page");
+        let (globex, beijing) = (stalled.find("Globex"), stalled.find("北京星辰科技"));
+        assert!(
+            globex.is_some() && beijing.is_some() && globex < beijing,
+            "worst first: {stalled}"
+        );
         screenshot(&phone, "stalled-375x812.png").await;
         phone.close().await.expect("close");
 
