@@ -71,6 +71,26 @@ pub enum Command {
     History(HistoryArgs),
     /// Revert every change a run applied (recorded as a run of its own).
     Undo(UndoArgs),
+    /// Serve the HTTP API and the pages of `[http]` without watching files (a reporting host on
+    /// a shared store).
+    Serve,
+    /// Make API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a fresh token for user NAME and the `[[http.users]]` lines to paste into the config.
+    New {
+        name: String,
+        /// The user's role: admin, manager, rep or readonly.
+        #[arg(long, default_value = "readonly")]
+        role: String,
+        /// For role rep: the owner name they are in the sheets.
+        #[arg(long)]
+        rep: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -329,6 +349,20 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     if let Some(alerts) = &config.alerts {
         writeln!(out, "alerts: to {}", alerts.to)?;
     }
+    if let Some(http) = &config.http {
+        let users: Vec<String> = http
+            .users
+            .iter()
+            .map(|user| format!("{} ({})", user.name, user.role.name()))
+            .collect();
+        writeln!(
+            out,
+            "http: {}://{} (API, pages, /metrics, /healthz); users: {}",
+            if http.tls.is_some() { "https" } else { "http" },
+            http.listen,
+            users.join(", ")
+        )?;
+    }
     Ok(ExitCode::from(EXIT_OK))
 }
 
@@ -545,18 +579,11 @@ pub fn deals_list(
         include_archived: args.include_archived,
     };
     let mut deals = store.crm().list_deals(&filter)?;
-    let mut reasons: std::collections::HashMap<i64, String> = std::collections::HashMap::new();
-    if args.stalled {
-        let calendar = crate::remind::Calendar::of(config);
-        let stalls = crate::remind::stalls(&deals, &config.stages, &calendar, calendar.day_of(now));
-        let order: Vec<i64> = stalls.iter().map(|stall| stall.deal_id).collect();
-        reasons = stalls
-            .into_iter()
-            .map(|stall| (stall.deal_id, stall.reason))
-            .collect();
-        deals.retain(|deal| reasons.contains_key(&deal.id));
-        deals.sort_by_key(|deal| order.iter().position(|id| *id == deal.id));
-    }
+    let reasons = if args.stalled {
+        crate::remind::keep_stalled(&mut deals, config, now)
+    } else {
+        std::collections::HashMap::new()
+    };
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {
@@ -1112,105 +1139,80 @@ pub fn funnel(
     Ok(ExitCode::from(EXIT_OK))
 }
 
-/// Cleans a value given on the command line exactly as a sheet cell would be cleaned.
-fn clean_cli_value(
-    config: &Config,
-    field: Field,
-    written: &str,
-) -> Result<Vec<(Field, Option<crate::deal::FieldValue>)>, String> {
-    use crate::deal::{FieldKind, FieldValue};
-    use crate::mapping::clean;
-    let cell = crate::workbook::Cell::Text(written.to_string());
-    if cell.is_empty() {
-        return Ok(vec![(field, None)]);
-    }
-    let date_order = config
-        .sources
-        .first()
-        .map(|source| source.date_order)
-        .unwrap_or(crate::config::DateOrder::YearMonthDay);
-    let cleaned = match field.kind() {
-        FieldKind::Text => clean::text(&cell),
-        FieldKind::Email => clean::email(&cell),
-        FieldKind::Phone => clean::phone(&cell),
-        FieldKind::Stage => clean::stage(&cell, &config.stages),
-        FieldKind::Currency => clean::currency(&cell),
-        FieldKind::Date => clean::date(&cell, date_order).map(FieldValue::date),
-        FieldKind::Amount => {
-            return clean::amount(&cell)
-                .map(|(amount, currency)| {
-                    let mut changes = vec![(Field::Amount, Some(FieldValue::Amount(amount)))];
-                    if let Some(currency) = currency {
-                        changes.push((
-                            Field::Currency,
-                            Some(FieldValue::Text(currency.to_string())),
-                        ));
-                    }
-                    changes
-                })
-                .map_err(|why| format!("{field}: \"{written}\" {why}"));
-        }
+/// `token new NAME`: a fresh token on stdout's first line and the config lines below it. Only the
+/// token's hash goes into the config; the token itself is shown once.
+pub fn token_new(name: &str, role: &str, rep: Option<&str>) -> anyhow::Result<ExitCode> {
+    let Some(role) = crate::config::Role::from_name(role) else {
+        eprintln!("error: --role \"{role}\" is not one of admin, manager, rep, readonly");
+        return Ok(ExitCode::from(EXIT_CONFIG));
     };
-    cleaned
-        .map(|value| vec![(field, Some(value))])
-        .map_err(|why| format!("{field}: \"{written}\" {why}"))
+    if name.trim().is_empty() || name.contains(['"', '\\', '\n']) {
+        eprintln!(
+            "error: a user name must not be empty or hold quotes, backslashes or line breaks"
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    if role == crate::config::Role::Rep && rep.is_none() {
+        eprintln!("error: a rep needs --rep \"OWNER NAME\" (as the sheets write it)");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let token = crate::http::auth::new_token()?;
+    let hash = crate::http::auth::hex(&crate::http::auth::hash_token(&token));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{token}")?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "# Give the token above to {} (it is shown only once); paste these lines into the config:",
+        name.trim()
+    )?;
+    writeln!(out, "[[http.users]]")?;
+    writeln!(out, "name = \"{}\"", name.trim())?;
+    writeln!(out, "role = \"{}\"", role.name())?;
+    if let Some(rep) = rep.filter(|_| role == crate::config::Role::Rep) {
+        writeln!(out, "rep = {}", toml::Value::String(rep.trim().to_string()))?;
+    }
+    writeln!(out, "token_sha256 = \"{hash}\"")?;
+    Ok(ExitCode::from(EXIT_OK))
 }
 
-/// Applies field changes made on the command line, recorded with origin "cli".
+pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    if config.http.is_none() {
+        eprintln!("error: {}", crate::http::HttpError::NotConfigured);
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    crate::http::serve(config)?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// Applies field changes made on the command line through [`crate::edit::apply_changes`] (a run
+/// of source "cli") and prints what changed.
 fn apply_cli_changes(
     config: &Config,
     id: i64,
-    changes: Vec<(Field, Option<crate::deal::FieldValue>)>,
+    changes: crate::edit::Changes,
 ) -> anyhow::Result<ExitCode> {
     let mut store = open_existing_store(config)?;
-    let transaction = store.transaction()?;
-    let crm = crate::store::SqliteCrm::new(&transaction);
-    let Some(deal) = crm.deals_by_ids(&[id])?.remove(&id) else {
-        eprintln!("error: there is no deal {id}");
-        return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+    let outcome = match crate::edit::apply_changes(
+        &mut store,
+        config,
+        id,
+        changes.into(),
+        crate::edit::Origin::CLI,
+        |_| Ok(()),
+        chrono::Utc::now(),
+    ) {
+        Ok(outcome) => outcome,
+        Err(crate::edit::EditError::NoSuchDeal(id)) => {
+            eprintln!("error: there is no deal {id}");
+            return Ok(ExitCode::from(EXIT_ROW_ERRORS));
+        }
+        Err(error) => return Err(error.into()),
     };
-    let mut changes: Vec<_> = changes
-        .into_iter()
-        .filter(|(field, value)| deal.fields.get(field) != value.as_ref())
-        .collect();
-    if changes.is_empty() {
+    if outcome.run_id.is_none() {
         println!("deal {id} already has these values");
-        return Ok(ExitCode::from(EXIT_OK));
     }
-    let now = chrono::Utc::now();
-    // A move to another stage is dated today, unless the command says since when.
-    let today = crate::remind::Calendar::of(config).day_of(now);
-    crate::sync::diff::date_stage_change(&mut changes, &deal, today);
-    crm.update_deal(id, &changes, &[], "cli", now)?;
-    // The change is a run of its own in the history, so it can be undone like a sheet's.
-    let run_id = crm.record_run(&crate::store::SyncRun {
-        id: 0,
-        source: "cli".to_string(),
-        file: String::new(),
-        started_at: now,
-        finished_at: now,
-        status: "synced".to_string(),
-        counts: crate::store::RunCounts {
-            updated: 1,
-            ..crate::store::RunCounts::default()
-        },
-        message: None,
-    })?;
-    let records: Vec<crate::store::ChangeRecord> = changes
-        .iter()
-        .map(|(field, value)| crate::store::ChangeRecord {
-            id: 0,
-            run_id,
-            deal_id: id,
-            kind: crate::store::ChangeKind::Update,
-            field: Some(field.name().to_string()),
-            old_value: deal.fields.get(field).map(|old| old.to_string()),
-            new_value: value.as_ref().map(|new| new.to_string()),
-        })
-        .collect();
-    crm.record_changes(run_id, &records)?;
-    transaction.commit()?;
-    for (field, value) in &changes {
+    for (field, value) in &outcome.applied {
         let shown = value
             .as_ref()
             .map(|value| format!("\"{value}\""))
@@ -1221,27 +1223,22 @@ fn apply_cli_changes(
 }
 
 pub fn deals_set(config: &Config, id: i64, assignments: &[String]) -> anyhow::Result<ExitCode> {
-    let mut changes = Vec::new();
+    let mut pairs = Vec::new();
     let mut problems = Vec::new();
     for assignment in assignments {
-        let Some((name, value)) = assignment.split_once('=') else {
-            problems.push(format!("\"{assignment}\" is not FIELD=VALUE"));
-            continue;
-        };
-        let Some(field) = Field::from_name(name.trim()) else {
-            let fields: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
-            problems.push(format!(
-                "\"{}\" is not a field ({})",
-                name.trim(),
-                fields.join(", ")
-            ));
-            continue;
-        };
-        match clean_cli_value(config, field, value) {
-            Ok(cleaned) => changes.extend(cleaned),
-            Err(problem) => problems.push(problem),
+        match assignment.split_once('=') {
+            Some(pair) => pairs.push(pair),
+            None => problems.push(format!("\"{assignment}\" is not FIELD=VALUE")),
         }
     }
+    let changes = match crate::edit::clean_assignments(config, pairs) {
+        Ok(changes) if problems.is_empty() => changes,
+        Ok(_) => Vec::new(),
+        Err(more) => {
+            problems.extend(more.into_iter().map(|problem| problem.message));
+            Vec::new()
+        }
+    };
     if !problems.is_empty() {
         for problem in problems {
             eprintln!("error: {problem}");
@@ -1252,14 +1249,8 @@ pub fn deals_set(config: &Config, id: i64, assignments: &[String]) -> anyhow::Re
 }
 
 pub fn deals_move(config: &Config, id: i64, stage: &str) -> anyhow::Result<ExitCode> {
-    match clean_cli_value(config, Field::Stage, stage) {
-        Ok(changes) if changes.iter().all(|(_, value)| value.is_some()) => {
-            apply_cli_changes(config, id, changes)
-        }
-        Ok(_) => {
-            eprintln!("error: a stage is needed");
-            Ok(ExitCode::from(EXIT_CONFIG))
-        }
+    match crate::edit::clean_stage(config, stage) {
+        Ok(changes) => apply_cli_changes(config, id, changes),
         Err(problem) => {
             eprintln!("error: {problem}");
             Ok(ExitCode::from(EXIT_CONFIG))
@@ -1350,7 +1341,7 @@ fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
 }
 
 /// The owners of live deals, as written (first spelling of each), for messages.
-fn known_owners(store: &Store) -> anyhow::Result<Vec<String>> {
+pub fn known_owners(store: &Store) -> anyhow::Result<Vec<String>> {
     let mut owners: Vec<String> = Vec::new();
     for deal in store.crm().list_deals(&DealFilter::default())? {
         if let Some(owner) = deal.text(Field::Owner).map(str::trim) {

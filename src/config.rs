@@ -15,6 +15,9 @@ use toml::Spanned;
 
 use crate::deal::{normalize_label, Field};
 
+mod http;
+pub use http::{parse_sha256, HttpConfig, HttpUser, Role, TlsFiles, TokenSource, DEFAULT_LISTEN};
+
 /// The config path used when neither `--config` nor `FUNNELSYNC_CONFIG` names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/funnelsync/funnelsync.toml";
 
@@ -80,6 +83,7 @@ struct RawTopLevel {
     report: Option<Spanned<toml::Value>>,
     alerts: Option<Spanned<toml::Value>>,
     limits: Option<Spanned<toml::Value>>,
+    http: Option<Spanned<toml::Value>>,
     log_level: Option<Spanned<String>>,
     /// Keys funnelsync does not know. They are errors, collected here (rather than by serde's
     /// `deny_unknown_fields`, which stops at the first) so all of them are reported at once.
@@ -88,7 +92,7 @@ struct RawTopLevel {
 }
 
 const TOP_LEVEL_KEYS: &str =
-    "store, sources, stages, watch, remind, reps, smtp, report, alerts, limits, log_level";
+    "store, sources, stages, watch, remind, reps, smtp, report, alerts, limits, http, log_level";
 
 /// The whole file, as written, once every section has been read.
 #[derive(Debug, Default)]
@@ -105,7 +109,40 @@ pub struct RawConfig {
     pub report: Option<RawReport>,
     pub alerts: Option<RawAlerts>,
     pub limits: Option<RawLimits>,
+    pub http: Option<RawHttp>,
     pub log_level: Option<String>,
+}
+
+/// `[http]`: the API and the pages. Its `[[http.users]]` are read one by one (see
+/// [`RawConfig::parse_partial`]) so that every user's problems are reported.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub listen: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub language: Option<String>,
+    pub request_timeout: Option<String>,
+    pub max_body_kb: Option<i64>,
+    pub session_ttl: Option<String>,
+    pub secure_cookie: Option<bool>,
+    pub hidden_fields: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(skip)]
+    pub users: Vec<RawHttpUser>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpUser {
+    /// 1-based position among the file's `[[http.users]]`, for messages.
+    #[serde(skip)]
+    pub position: usize,
+    pub name: String,
+    pub role: String,
+    pub rep: Option<String>,
+    pub token_sha256: Option<String>,
+    pub token_file: Option<String>,
+    pub hidden_fields: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,6 +338,7 @@ impl RawConfig {
         raw.report = read_section(text, "report", top.report, &mut problems);
         raw.alerts = read_section(text, "alerts", top.alerts, &mut problems);
         raw.limits = read_section(text, "limits", top.limits, &mut problems);
+        raw.http = read_http(text, top.http, &mut problems);
         raw.n_sources_written = top.sources.len();
         for (index, source) in top.sources.into_iter().enumerate() {
             let key = format!("sources[{}]", index + 1);
@@ -387,6 +425,53 @@ fn set_aside_unknown_keys(
     Spanned::new(span, inner)
 }
 
+/// `[http]` without its users, then each `[[http.users]]` entry on its own.
+fn read_http(
+    text: &str,
+    value: Option<Spanned<toml::Value>>,
+    problems: &mut Vec<ConfigProblem>,
+) -> Option<RawHttp> {
+    let value = value?;
+    let span = value.span();
+    let mut inner = value.into_inner();
+    let users = match inner.as_table_mut().and_then(|table| table.remove("users")) {
+        Some(toml::Value::Array(users)) => users,
+        Some(_) => {
+            problems.push(ConfigProblem {
+                key: "http.users".to_string(),
+                line: locate_key(text, "http.users"),
+                message: "must be a list of [[http.users]] tables".to_string(),
+            });
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let mut http = read_section::<RawHttp>(text, "http", Some(Spanned::new(span, inner)), problems);
+    for (index, user) in users.into_iter().enumerate() {
+        let key = format!("http.users[{}]", index + 1);
+        match user.try_into::<RawHttpUser>() {
+            Ok(mut user) => {
+                user.position = index + 1;
+                if let Some(http) = http.as_mut() {
+                    http.users.push(user);
+                }
+            }
+            Err(error) => {
+                let message = error.message().trim_end_matches('.').to_string();
+                let key = unknown_field_name(&message)
+                    .map(|inner| format!("{key}.{inner}"))
+                    .unwrap_or(key);
+                problems.push(ConfigProblem {
+                    line: locate_key(text, &key),
+                    key,
+                    message,
+                });
+            }
+        }
+    }
+    http
+}
+
 fn read_section<T: serde::de::DeserializeOwned>(
     text: &str,
     key: &str,
@@ -422,7 +507,23 @@ fn read_section<T: serde::de::DeserializeOwned>(
 /// The line of a validated key such as `sources[2].header_row` or `watch.settle`: the line that
 /// assigns it inside its section, else the section's header line.
 fn locate_key(text: &str, key: &str) -> Option<usize> {
-    let (section, rest) = key.split_once('.').unwrap_or((key, ""));
+    // A key of a nested array of tables (`http.users[2].role`) is under the second
+    // `[[http.users]]`.
+    let nested = key.split_once('.').and_then(|(section, rest)| {
+        let (sub, after) = rest.split_once('[')?;
+        if sub.contains('.') {
+            return None;
+        }
+        let (index, field) = after.split_once(']')?;
+        Some((
+            format!("{section}.{sub}[{index}]"),
+            field.trim_start_matches('.').to_string(),
+        ))
+    });
+    let (section, rest) = match &nested {
+        Some((section, rest)) => (section.as_str(), rest.as_str()),
+        None => key.split_once('.').unwrap_or((key, "")),
+    };
     let (name, index) = match section.split_once('[') {
         Some((name, index)) => (name, index.trim_end_matches(']').parse::<usize>().ok()?),
         None => (section, 1),
@@ -517,6 +618,8 @@ pub struct Config {
     pub report: Option<ReportConfig>,
     pub alerts: Option<AlertsConfig>,
     pub limits: Limits,
+    /// `[http]`: the API and the pages; off when absent.
+    pub http: Option<HttpConfig>,
     pub log_level: Option<String>,
 }
 
@@ -660,32 +763,24 @@ impl Config {
     /// is missing or readable by others than its owner, and a login sent in clear.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        for user in self.http.iter().flat_map(|http| &http.users) {
+            if let TokenSource::File(path) = &user.token {
+                warnings.extend(secret_file_warning(
+                    &format!("http user \"{}\": token_file", user.name),
+                    path,
+                    "the server does not start until it can",
+                ));
+            }
+        }
         let Some(smtp) = &self.smtp else {
             return warnings;
         };
         if let Some(path) = &smtp.password_file {
-            use std::os::unix::fs::PermissionsExt;
-            match std::fs::metadata(path) {
-                Err(error) => warnings.push(format!(
-                    "smtp.password_file: {} cannot be read ({error}); mail will fail until it can",
-                    path.display()
-                )),
-                Ok(metadata) if metadata.permissions().mode() & 0o077 != 0 => {
-                    warnings.push(format!(
-                        "smtp.password_file: {} is readable by {} (mode {:o}); make it readable by \
-                         the service user only: chmod 600 {}",
-                        path.display(),
-                        if metadata.permissions().mode() & 0o007 != 0 {
-                            "everyone"
-                        } else {
-                            "its group"
-                        },
-                        metadata.permissions().mode() & 0o777,
-                        path.display()
-                    ))
-                }
-                Ok(_) => {}
-            }
+            warnings.extend(secret_file_warning(
+                "smtp.password_file",
+                path,
+                "mail will fail until it can",
+            ));
         }
         if smtp.username.is_some() && smtp.security == SmtpSecurity::None {
             warnings.push(
@@ -1200,6 +1295,10 @@ impl Config {
             );
         }
 
+        let http = raw
+            .http
+            .and_then(|http| http::validate_http(http, base, &mut problem));
+
         let log_level = raw.log_level;
         if let Some(level) = &log_level {
             if tracing_subscriber::EnvFilter::try_new(level).is_err() {
@@ -1223,6 +1322,7 @@ impl Config {
                 report,
                 alerts,
                 limits,
+                http,
                 log_level,
             }),
             _ => Err(problems),
@@ -1236,6 +1336,30 @@ impl Config {
 
 /// A path from the file, resolved against the config's folder and written without `.` and `..`
 /// (`config/../target/demo/crm.db` is `target/demo/crm.db`), as messages show it.
+/// A file holding a secret that cannot be read, or that others than the service user may read.
+fn secret_file_warning(key: &str, path: &Path, consequence: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Err(error) => Some(format!(
+            "{key}: {} cannot be read ({error}); {consequence}",
+            path.display()
+        )),
+        Ok(metadata) if metadata.permissions().mode() & 0o077 != 0 => Some(format!(
+            "{key}: {} is readable by {} (mode {:o}); make it readable by \
+             the service user only: chmod 600 {}",
+            path.display(),
+            if metadata.permissions().mode() & 0o007 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            },
+            metadata.permissions().mode() & 0o777,
+            path.display()
+        )),
+        Ok(_) => None,
+    }
+}
+
 fn resolve(base: &Path, written: &str) -> PathBuf {
     let path = Path::new(written);
     let joined = if path.is_absolute() {
@@ -1720,12 +1844,12 @@ fn validate_source(
     if raw.name.trim().is_empty() {
         fail("name", "must not be empty".to_string());
     }
-    // The history names command-line edits and undos by these.
-    if ["cli", "undo"].contains(&raw.name.trim()) {
+    // The history names command-line edits, API edits and undos by these.
+    if ["cli", "api", "undo"].contains(&raw.name.trim()) {
         fail(
             "name",
             format!(
-                "\"{}\" is reserved for changes made on the command line; choose another name",
+                "\"{}\" is reserved for changes made on the command line or through the API; choose another name",
                 raw.name.trim()
             ),
         );

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use funnelsync::cli::{self, Cli, Command, DealsCommand};
+use funnelsync::cli::{self, Cli, Command, DealsCommand, TokenCommand};
 
 fn main() -> ExitCode {
     match run() {
@@ -44,11 +44,15 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    // A token is made before there is a config to put it in.
+    if let Command::Token(TokenCommand::New { name, role, rep }) = &cli.command {
+        return cli::token_new(name, role, rep.as_deref());
+    }
     let config = match cli::load_config(&cli) {
         Ok(config) => config,
         Err(code) => return Ok(code),
     };
-    let default_level = if matches!(cli.command, Command::Run) {
+    let default_level = if matches!(cli.command, Command::Run | Command::Serve) {
         "info"
     } else {
         "warn"
@@ -70,6 +74,10 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Undo(args) => cli::undo(&config, args),
         Command::Errors(args) => cli::errors(&config, args),
         Command::Status(args) => cli::status(&config, args),
+        Command::Serve => cli::serve(config),
+        Command::Token(TokenCommand::New { name, role, rep }) => {
+            cli::token_new(name, role, rep.as_deref())
+        }
         Command::Run => {
             funnelsync::daemon::run(config)?;
             Ok(ExitCode::SUCCESS)

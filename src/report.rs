@@ -70,17 +70,17 @@ pub fn load(
     ))
 }
 
-fn money(amount: f64) -> String {
+pub fn money(amount: f64) -> String {
     // An empty sum is -0.0; nobody wants to read "-0".
     crate::cli::group_thousands(&format!("{:.0}", amount + 0.0))
 }
 
-fn percent(rate: Option<f64>) -> String {
+pub fn percent(rate: Option<f64>) -> String {
     rate.map(|rate| format!("{:.0}%", rate * 100.0))
         .unwrap_or_else(|| "–".to_string())
 }
 
-fn days(value: Option<f64>) -> String {
+pub fn days(value: Option<f64>) -> String {
     value
         .map(|value| format!("{value:.1}"))
         .unwrap_or_else(|| "–".to_string())

@@ -618,6 +618,9 @@ pub trait CrmStore {
     ) -> Result<std::collections::HashSet<DealId>, StoreError>;
     /// Every live deal's id with the values of a few fields (those a view's filter looks at).
     fn live_deal_fields(&self, fields: &[Field]) -> Result<Vec<(DealId, FieldMap)>, StoreError>;
+    /// Each deal's version: the change counter as the deal's last change left it (deals that do
+    /// not exist are left out).
+    fn deal_versions(&self, ids: &[DealId]) -> Result<HashMap<DealId, i64>, StoreError>;
     /// For many values of one field at once: the deal holding each (live before archived, older
     /// before newer), keyed by the value's text.
     fn find_ids_by_values(
@@ -979,6 +982,23 @@ impl CrmStore for SqliteCrm<'_> {
             ids.insert(row?);
         }
         Ok(ids)
+    }
+
+    fn deal_versions(&self, ids: &[DealId]) -> Result<HashMap<DealId, i64>, StoreError> {
+        let mut versions = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            let sql = format!("SELECT id, changed_version FROM deals WHERE id IN ({placeholders})");
+            let mut statement = self.connection.prepare_cached(&sql)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(chunk.iter()), |row| {
+                Ok((row.get::<_, DealId>(0)?, row.get::<_, i64>(1)?))
+            })?;
+            for row in rows {
+                let (id, version) = row?;
+                versions.insert(id, version);
+            }
+        }
+        Ok(versions)
     }
 
     fn find_ids_by_values(

@@ -44,6 +44,8 @@ pub enum DaemonError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
 }
 
 /// Everything that can make the loop act.
@@ -75,6 +77,8 @@ pub enum Event {
     WeeklyDigestDue,
     /// The funnel report file was written (or could not be).
     ReportWritten(Result<(), String>),
+    /// An admin asked (through HTTP) to apply this held file (by its key) despite the guard.
+    ForceSync(String),
 }
 
 /// The loop's knowledge of one file.
@@ -102,6 +106,9 @@ struct Tracked {
     /// limit, given up on): a change in the store does not make it worth reading again, only a
     /// change of the file does.
     refused: bool,
+    /// The next sync applies the file even where the mass-delete guard would hold it (asked for
+    /// by an admin).
+    force: bool,
 }
 
 impl Tracked {
@@ -119,6 +126,7 @@ impl Tracked {
             initial: true,
             write_deferred: false,
             refused: false,
+            force: false,
         }
     }
 }
@@ -169,6 +177,9 @@ struct Daemon {
     /// Symbolic links in watched folders that are not sources, by path: (source, reason). Each
     /// is logged once, when first seen.
     links_not_synced: HashMap<PathBuf, (String, String)>,
+    /// The HTTP server of `[http]`, on a runtime of its own, and the loop's heartbeat it shows.
+    http: Option<crate::http::Server>,
+    heartbeat: Arc<crate::http::Heartbeat>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error only for fatal problems.
@@ -207,7 +218,21 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         report_busy: false,
         report_next_at: Instant::now(),
         links_not_synced: HashMap::new(),
+        http: None,
+        heartbeat: Arc::new(crate::http::Heartbeat::default()),
     };
+    daemon.heartbeat.beat();
+    if daemon.config.http.is_some() {
+        let events = daemon.sender.clone();
+        let link = crate::http::DaemonLink {
+            heartbeat: Arc::clone(&daemon.heartbeat),
+            force_sync: Box::new(move |file| events.send(Event::ForceSync(file)).is_ok()),
+        };
+        daemon.http = Some(crate::http::Server::start(
+            Arc::clone(&daemon.config),
+            Some(link),
+        )?);
+    }
     daemon.store_version = daemon.current_store_version();
     info!(
         n_sources = daemon.config.sources.len(),
@@ -244,6 +269,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             Event::RemindDue(due) => daemon.start_reminders(due),
             Event::WeeklyDigestDue => daemon.start_weekly_digest(),
             Event::ReportWritten(result) => daemon.on_report_written(result),
+            Event::ForceSync(file) => daemon.force_sync(&file),
             Event::MailFinished(result) => {
                 daemon.mail_busy = false;
                 match result {
@@ -290,6 +316,9 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         }
         daemon.start_due_syncs();
         daemon.check_ready();
+    }
+    if let Some(http) = daemon.http.take() {
+        http.stop();
     }
     info!("funnelsync daemon stopped");
     Ok(())
@@ -638,6 +667,8 @@ impl Daemon {
     }
 
     fn on_tick(&mut self) {
+        // `/healthz` tells a stuck loop by this.
+        self.heartbeat.beat();
         if let Some((interval, last)) = self.watchdog {
             if last.elapsed() >= interval / 2 {
                 systemd::watchdog();
@@ -977,12 +1008,43 @@ impl Daemon {
             tracked.in_flight = true;
             tracked.dirty_again = false;
             let source_name = tracked.source.clone();
+            let force = std::mem::take(&mut tracked.force);
             self.n_in_flight += 1;
-            self.spawn_sync(path, source_name, fingerprint);
+            self.spawn_sync(path, source_name, fingerprint, force);
         }
     }
 
-    fn spawn_sync(&self, path: PathBuf, source_name: String, fingerprint: Option<Fingerprint>) {
+    /// Schedules a sync of a held file that applies it despite the mass-delete guard.
+    fn force_sync(&mut self, file: &str) {
+        let settle = self.config.watch.settle;
+        let now = Instant::now();
+        match self
+            .files
+            .iter_mut()
+            .find(|(_, tracked)| tracked.key == file)
+        {
+            Some((path, tracked)) => {
+                info!(file = %path.display(), "applying the file as asked, even where the guard would hold it");
+                tracked.force = true;
+                tracked.done = None;
+                tracked.retry_at = None;
+                if tracked.in_flight {
+                    tracked.dirty_again = true;
+                } else {
+                    tracked.changed_at = Some(now.checked_sub(settle).unwrap_or(now));
+                }
+            }
+            None => warn!(file, "asked to apply a file the daemon does not watch"),
+        }
+    }
+
+    fn spawn_sync(
+        &self,
+        path: PathBuf,
+        source_name: String,
+        fingerprint: Option<Fingerprint>,
+        force: bool,
+    ) {
         let config = Arc::clone(&self.config);
         let sender = self.sender.clone();
         tokio::task::spawn_blocking(move || {
@@ -991,7 +1053,7 @@ impl Daemon {
                     "source \"{source_name}\" is no longer in the config"
                 )),
                 Some(source) => with_store(&config, |store| {
-                    sync::sync_file(store, &config, source, &path, Utc::now())
+                    sync::sync_file_with(store, &config, source, &path, Utc::now(), force)
                         .map_err(|error| error.to_string())
                 }),
             };
@@ -1272,6 +1334,11 @@ impl Daemon {
                 let mut new_config = new_config;
                 new_config.store = self.config.store.clone();
                 self.config = Arc::new(new_config);
+                if let Some(http) = &self.http {
+                    if let Err(error) = http.reload(Arc::clone(&self.config)) {
+                        error!("the HTTP users could not be reloaded; still serving the old ones: {error}");
+                    }
+                }
                 // Forget files of removed sources without treating them as removed files.
                 self.files
                     .retain(|_, tracked| new_names.contains(&tracked.source) || tracked.in_flight);

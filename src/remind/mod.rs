@@ -197,6 +197,25 @@ pub fn stall_of(
 }
 
 /// Every stalled deal, worst first.
+/// Keeps only the stalled deals, worst first, and returns each one's reason (`deals list
+/// --stalled`, the API and the pages).
+pub fn keep_stalled(
+    deals: &mut Vec<Deal>,
+    config: &crate::config::Config,
+    now: DateTime<Utc>,
+) -> std::collections::HashMap<DealId, String> {
+    let calendar = Calendar::of(config);
+    let stalls = stalls(deals, &config.stages, &calendar, calendar.day_of(now));
+    let order: Vec<DealId> = stalls.iter().map(|stall| stall.deal_id).collect();
+    let reasons: std::collections::HashMap<DealId, String> = stalls
+        .into_iter()
+        .map(|stall| (stall.deal_id, stall.reason))
+        .collect();
+    deals.retain(|deal| reasons.contains_key(&deal.id));
+    deals.sort_by_key(|deal| order.iter().position(|id| *id == deal.id));
+    reasons
+}
+
 pub fn stalls(
     deals: &[Deal],
     stages: &Stages,

@@ -353,6 +353,17 @@ fn the_systemd_unit_is_valid_and_hardened() {
         .and_then(|number| number.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
     assert!(exposure <= 2.5, "exposure {exposure} is above 2.5");
+    // With [http] on, the daemon may bind the default port of `listen` and no other.
+    let unit_text = std::fs::read_to_string(&unit_path).expect("unit");
+    let port = funnelsync::config::DEFAULT_LISTEN
+        .rsplit(':')
+        .next()
+        .expect("a port");
+    assert!(
+        unit_text.contains(&format!("SocketBindAllow=tcp:{port}")),
+        "{unit_text}"
+    );
+    assert!(unit_text.contains("SocketBindDeny=any"));
 }
 
 #[test]

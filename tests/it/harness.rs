@@ -412,6 +412,12 @@ pub struct Daemon {
 impl TestDir {
     /// Starts the daemon on this folder's config.
     pub fn start_daemon(&self) -> Daemon {
+        self.start_process(&["run"])
+    }
+
+    /// Starts the binary with these arguments as a long-running process (`run`, `serve`), with a
+    /// notify socket and its log in `daemon.log`.
+    pub fn start_process(&self, args: &[&str]) -> Daemon {
         let socket_path = self.path(&format!("notify-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&socket_path);
         let socket =
@@ -446,7 +452,7 @@ impl TestDir {
         let log_path = self.path("daemon.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = self
-            .command(&["run"])
+            .command(args)
             .env("RUST_LOG", "funnelsync=debug")
             .env("NOTIFY_SOCKET", &socket_path)
             .stdout(std::process::Stdio::null())
@@ -729,5 +735,234 @@ impl SmtpServer {
             .into_iter()
             .filter(|mail| mail.to.iter().any(|to| to.contains(address)))
             .collect()
+    }
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A user of `[http]` made with `funnelsync token new`: their token and config lines.
+#[derive(Debug, Clone)]
+pub struct HttpUser {
+    pub token: String,
+    pub config_lines: String,
+}
+
+impl TestDir {
+    /// Runs `funnelsync token new NAME --role ROLE [--rep REP]` and keeps what it printed.
+    pub fn token(&self, name: &str, role: &str, rep: Option<&str>) -> HttpUser {
+        let mut args = vec!["token", "new", name, "--role", role];
+        if let Some(rep) = rep {
+            args.extend(["--rep", rep]);
+        }
+        let run = self.run(&args);
+        run.assert_code(0);
+        let token = run.stdout.lines().next().expect("a token line").to_string();
+        let config_lines = run
+            .stdout
+            .lines()
+            .skip_while(|line| !line.starts_with("[[http.users]]"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        HttpUser {
+            token,
+            config_lines,
+        }
+    }
+
+    /// A config with one source on `file` and `[http]` on a free port of 127.0.0.1 (plus
+    /// `http_extra` lines) for these users; returns the port.
+    pub fn http_source(&self, file: &str, http_extra: &str, users: &[&HttpUser]) -> u16 {
+        let port = free_port();
+        let users: Vec<&str> = users
+            .iter()
+            .map(|user| user.config_lines.as_str())
+            .collect();
+        self.single_source(
+            file,
+            &format!(
+                "\n[http]\nlisten = \"127.0.0.1:{port}\"\n{http_extra}\n\n{}\n",
+                users.join("\n\n")
+            ),
+        );
+        port
+    }
+
+    /// Starts `funnelsync ARGS` (run or serve) and waits until its `/healthz` answers 200.
+    #[track_caller]
+    pub fn start_serving(&self, args: &[&str], port: u16) -> (Daemon, Http) {
+        let daemon = self.start_process(args);
+        let http = Http::new(port);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if http.answers_healthy() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/healthz did not answer 200 in 30 s; log:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (daemon, http)
+    }
+}
+
+/// An HTTP reply: status, headers (names in lower case) and body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {} {}", self.status, self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    #[track_caller]
+    pub fn assert_status(&self, expected: u16) -> &Reply {
+        assert_eq!(self.status, expected, "status; body: {}", self.body);
+        self
+    }
+}
+
+/// A client for the server on 127.0.0.1:PORT (statuses are answers, not errors).
+pub struct Http {
+    pub base: String,
+    agent: ureq::Agent,
+}
+
+impl Http {
+    pub fn new(port: u16) -> Http {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        Http {
+            base: format!("http://127.0.0.1:{port}"),
+            agent,
+        }
+    }
+
+    fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+        let mut response = result.expect("HTTP request");
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_string(),
+                    value.to_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .unwrap_or_default();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Whether `/healthz` answers 200 (false while nothing listens yet).
+    pub fn answers_healthy(&self) -> bool {
+        self.agent
+            .get(format!("{}/healthz", self.base))
+            .call()
+            .is_ok_and(|response| response.status().as_u16() == 200)
+    }
+
+    pub fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        self.get_with(path, token, &[])
+    }
+
+    pub fn get_with(&self, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self.agent.get(format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Http::reply(request.call())
+    }
+
+    /// A request with a body (POST, PATCH), with extra headers such as If-Match.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: impl AsRef<[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut builder = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("Content-Type", content_type);
+        if let Some(token) = token {
+            builder = builder.header("Authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(body.as_ref().to_vec()).expect("request");
+        Http::reply(self.agent.run(request))
+    }
+
+    /// Logs in on the pages with a token; returns the session cookie (`name=value`).
+    #[track_caller]
+    pub fn log_in(&self, token: &str) -> String {
+        let login = self.send(
+            "POST",
+            "/login",
+            None,
+            "application/x-www-form-urlencoded",
+            format!("token={token}"),
+            &[],
+        );
+        login
+            .header("set-cookie")
+            .and_then(|cookie| cookie.split(';').next())
+            .unwrap_or_else(|| panic!("no session cookie: {} {}", login.status, login.body))
+            .to_string()
+    }
+
+    /// JSON to the API with a token.
+    pub fn json(&self, method: &str, path: &str, token: &str, body: &Value) -> Reply {
+        self.send(
+            method,
+            path,
+            Some(token),
+            "application/json",
+            body.to_string(),
+            &[],
+        )
     }
 }

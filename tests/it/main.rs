@@ -1,6 +1,7 @@
 //! The one integration test binary: user scenarios against the real `funnelsync` binary, real
 //! spreadsheets in temp folders and a real SQLite store.
 
+mod browser;
 mod command_line;
 mod config_cli;
 mod crash;
@@ -8,6 +9,7 @@ mod daemon;
 mod funnel;
 mod hardening;
 mod harness;
+mod http;
 mod in_place;
 mod remind;
 mod safety;

@@ -1,0 +1,385 @@
+//! `[http]` validated: where the API and pages listen, TLS, the users with their roles and token
+//! hashes, and the fields each role or user does not see.
+//!
+//! Tokens are never in the config in clear: `token_sha256` holds a hash, `token_file` names a
+//! file the server reads when it starts. This module checks the shape of both; it does not read
+//! token files (that is `http::auth`, and `check-config` warns about them).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{parse_duration, resolve, Language, RawHttp};
+use crate::deal::Field;
+
+/// What a user may do; see `http::auth::authorize` for the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Admin,
+    Manager,
+    Rep,
+    Readonly,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Manager, Role::Rep, Role::Readonly];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Manager => "manager",
+            Role::Rep => "rep",
+            Role::Readonly => "readonly",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.name() == name)
+    }
+}
+
+/// Where a user's token is checked against.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// The SHA-256 of the token.
+    Sha256([u8; 32]),
+    /// A file holding the token itself, read when the server starts.
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Sha256(_) => formatter.write_str("Sha256(..)"),
+            TokenSource::File(path) => formatter.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUser {
+    pub name: String,
+    pub role: Role,
+    /// For role `rep`: the owner name they are in the sheets.
+    pub rep: Option<String>,
+    pub token: TokenSource,
+    /// Fields this user does not see or change: their own list, else their role's.
+    pub hidden_fields: Vec<Field>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    /// The pages' language; `None`: by each browser's `Accept-Language`.
+    pub language: Option<Language>,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub session_ttl: Duration,
+    /// Whether the session cookie is marked `Secure` (only sent over HTTPS, or to localhost).
+    pub secure_cookie: bool,
+    pub users: Vec<HttpUser>,
+}
+
+/// The default address: loopback only, for a reverse proxy in front.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8750";
+
+/// Parses a hex SHA-256 (64 hex digits, either case).
+pub fn parse_sha256(written: &str) -> Option<[u8; 32]> {
+    let written = written.trim();
+    if written.len() != 64 || !written.is_ascii() {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (index, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&written[index * 2..index * 2 + 2], 16).ok()?;
+    }
+    Some(hash)
+}
+
+fn fields(
+    key: &str,
+    names: &[String],
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Vec<Field>> {
+    let mut fields = Vec::new();
+    let mut ok = true;
+    for name in names {
+        match Field::from_name(name.trim()) {
+            Some(field) => fields.push(field),
+            None => {
+                problem(
+                    key,
+                    format!("\"{name}\" is not a field ({})", super::field_list()),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(fields)
+}
+
+pub(super) fn validate_http(
+    raw: RawHttp,
+    base: &Path,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<HttpConfig> {
+    let mut ok = true;
+    let mut fail = |key: &str, message: String| {
+        problem(key, message);
+        ok = false;
+    };
+    let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen = match listen_text.trim().parse::<SocketAddr>() {
+        Ok(listen) => listen,
+        Err(_) => {
+            fail(
+                "http.listen",
+                format!("\"{listen_text}\" is not an address and port such as \"127.0.0.1:8750\" or \"[::1]:8750\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8750))
+        }
+    };
+    let tls = match (raw.tls_cert, raw.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: resolve(base, &cert),
+            key: resolve(base, &key),
+        }),
+        (Some(_), None) => {
+            fail("http.tls_cert", "needs `tls_key` beside it".to_string());
+            None
+        }
+        (None, Some(_)) => {
+            fail("http.tls_key", "needs `tls_cert` beside it".to_string());
+            None
+        }
+    };
+    let language = match raw.language.as_deref() {
+        None | Some("auto") => None,
+        Some("en") => Some(Language::English),
+        Some("zh") => Some(Language::Chinese),
+        Some(other) => {
+            fail(
+                "http.language",
+                format!("\"{other}\" is not one of auto, en, zh"),
+            );
+            None
+        }
+    };
+    let mut duration =
+        |key: &str, written: Option<String>, default: u64, longest: u64| match written {
+            None => Duration::from_secs(default),
+            Some(written) => parse_duration(key, &written, Duration::from_secs(longest), &mut fail)
+                .filter(|duration| !duration.is_zero())
+                .unwrap_or(Duration::from_secs(default)),
+        };
+    let request_timeout = duration("http.request_timeout", raw.request_timeout, 30, 600);
+    let session_ttl = duration("http.session_ttl", raw.session_ttl, 12 * 3600, 30 * 86400);
+    let max_body_bytes = match raw.max_body_kb {
+        None => 64 * 1024,
+        Some(kilobytes) if (1..=10 * 1024).contains(&kilobytes) => kilobytes as usize * 1024,
+        Some(kilobytes) => {
+            fail(
+                "http.max_body_kb",
+                format!("{kilobytes} must be between 1 and 10240"),
+            );
+            64 * 1024
+        }
+    };
+    let mut role_hidden: BTreeMap<Role, Vec<Field>> = BTreeMap::new();
+    for (role_name, names) in raw.hidden_fields.unwrap_or_default() {
+        let key = format!("http.hidden_fields.{role_name}");
+        let Some(role) = Role::from_name(&role_name) else {
+            fail(
+                &key,
+                format!("\"{role_name}\" is not a role (admin, manager, rep, readonly)"),
+            );
+            continue;
+        };
+        match fields(&key, &names, &mut fail) {
+            Some(fields) => {
+                role_hidden.insert(role, fields);
+            }
+            None => continue,
+        }
+    }
+    // "No users" is said only when none was written: a user with a mistake is reported as such.
+    let raw_users_valid = raw.users.is_empty();
+    let mut users: Vec<HttpUser> = Vec::new();
+    let mut seen_hashes: BTreeMap<[u8; 32], String> = BTreeMap::new();
+    for raw_user in raw.users {
+        let key = format!("http.users[{}]", raw_user.position);
+        let name = raw_user.name.trim().to_string();
+        if name.is_empty() {
+            fail(&format!("{key}.name"), "must not be empty".to_string());
+        } else if users.iter().any(|user| user.name == name) {
+            fail(
+                &format!("{key}.name"),
+                format!("\"{name}\" is already the name of another user"),
+            );
+        }
+        let Some(role) = Role::from_name(raw_user.role.trim()) else {
+            fail(
+                &format!("{key}.role"),
+                format!(
+                    "\"{}\" is not one of admin, manager, rep, readonly",
+                    raw_user.role
+                ),
+            );
+            continue;
+        };
+        let rep = raw_user
+            .rep
+            .map(|rep| rep.trim().to_string())
+            .filter(|rep| !rep.is_empty());
+        match (role, &rep) {
+            (Role::Rep, None) => fail(
+                &format!("{key}.rep"),
+                "a user with role \"rep\" needs `rep`: the owner name they are in the sheets"
+                    .to_string(),
+            ),
+            (Role::Admin | Role::Manager | Role::Readonly, Some(_)) => fail(
+                &format!("{key}.rep"),
+                format!(
+                    "only a user with role \"rep\" has `rep` (this one is \"{}\")",
+                    role.name()
+                ),
+            ),
+            _ => {}
+        }
+        let token = match (raw_user.token_sha256, raw_user.token_file) {
+            (Some(hash), None) => match parse_sha256(&hash) {
+                Some(hash) => {
+                    if let Some(other) = seen_hashes.insert(hash, name.clone()) {
+                        fail(
+                            &format!("{key}.token_sha256"),
+                            format!("is the same token as user \"{other}\"'s; give each user a token of their own"),
+                        );
+                    }
+                    Some(TokenSource::Sha256(hash))
+                }
+                None => {
+                    // The value is a secret's hash (or a token pasted by mistake): never repeat it.
+                    fail(
+                        &format!("{key}.token_sha256"),
+                        "must be 64 hex digits, as printed by `funnelsync token new NAME`"
+                            .to_string(),
+                    );
+                    None
+                }
+            },
+            (None, Some(file)) => Some(TokenSource::File(resolve(base, &file))),
+            (Some(_), Some(_)) => {
+                fail(
+                    &format!("{key}.token_file"),
+                    "give `token_sha256` or `token_file`, not both".to_string(),
+                );
+                None
+            }
+            (None, None) => {
+                fail(
+                    &key,
+                    "needs `token_sha256` (see `funnelsync token new NAME`) or `token_file`"
+                        .to_string(),
+                );
+                None
+            }
+        };
+        let hidden_fields = match raw_user.hidden_fields {
+            Some(names) => fields(&format!("{key}.hidden_fields"), &names, &mut fail),
+            None => Some(role_hidden.get(&role).cloned().unwrap_or_default()),
+        };
+        if let (Some(token), Some(hidden_fields)) = (token, hidden_fields) {
+            users.push(HttpUser {
+                name,
+                role,
+                rep,
+                token,
+                hidden_fields,
+            });
+        }
+    }
+    if users.is_empty() && raw_users_valid {
+        fail(
+            "http",
+            "has no [[http.users]]: add one (see `funnelsync token new NAME`), or remove [http]"
+                .to_string(),
+        );
+    }
+    let http = HttpConfig {
+        listen,
+        tls,
+        language,
+        request_timeout,
+        max_body_bytes,
+        session_ttl,
+        secure_cookie: raw.secure_cookie.unwrap_or(true),
+        users,
+    };
+    ok.then_some(http)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users(http: &str) -> Result<Vec<HttpUser>, String> {
+        let text = format!(
+            "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"p.csv\"\n{http}"
+        );
+        crate::config::Config::from_text(&text, Path::new("/tmp/funnelsync.toml"))
+            .map(|config| config.http.map(|http| http.users).unwrap_or_default())
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn a_user_hides_the_fields_of_their_role_unless_they_list_their_own() {
+        let hash = "ab".repeat(32);
+        let other = "cd".repeat(32);
+        let found = users(&format!(
+            "[http]\nhidden_fields = {{ rep = [\"amount\", \"phone\"] }}\n             [[http.users]]\nname = \"a\"\nrole = \"rep\"\nrep = \"A\"\ntoken_sha256 = \"{hash}\"\n             [[http.users]]\nname = \"b\"\nrole = \"rep\"\nrep = \"B\"\ntoken_sha256 = \"{other}\"\nhidden_fields = []\n"
+        ))
+        .expect("valid");
+        assert_eq!(found[0].hidden_fields, [Field::Amount, Field::Phone]);
+        assert!(found[1].hidden_fields.is_empty());
+    }
+
+    #[test]
+    fn the_same_token_for_two_users_is_refused() {
+        let hash = "ab".repeat(32);
+        let problems = users(&format!(
+            "[http]\n[[http.users]]\nname = \"a\"\nrole = \"admin\"\ntoken_sha256 = \"{hash}\"\n             [[http.users]]\nname = \"b\"\nrole = \"readonly\"\ntoken_sha256 = \"{hash}\"\n"
+        ))
+        .expect_err("refused");
+        assert!(
+            problems.contains("`http.users[2].token_sha256`"),
+            "{problems}"
+        );
+        assert!(
+            !problems.contains(&hash),
+            "the hash is not repeated: {problems}"
+        );
+    }
+
+    #[test]
+    fn sha256_is_parsed_from_hex_only() {
+        let cases: [(&str, bool); 5] = [
+            (&"ab".repeat(32), true),
+            (&"AB".repeat(32), true),
+            (&"ab".repeat(31), false),
+            (&"zz".repeat(32), false),
+            (&"é".repeat(32), false),
+        ];
+        for (written, valid) in cases {
+            assert_eq!(parse_sha256(written).is_some(), valid, "{written}");
+        }
+    }
+}

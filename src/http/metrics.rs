@@ -1,0 +1,290 @@
+//! `/metrics` in the Prometheus text format (OpenMetrics, through `prometheus-client`) and
+//! `/healthz`. Both answer without a token: bind the server to an address only the monitoring
+//! can reach, or let the reverse proxy keep them inside.
+//!
+//! The figures about syncs, files, mail and deals are read from the store at each scrape, so they
+//! are the same whichever process wrote them; only the HTTP request counts live in memory. This
+//! module must not change anything.
+
+use std::sync::atomic::AtomicU64;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rusqlite::Connection;
+use serde_json::json;
+
+use super::{with_store, ApiError, SharedState};
+use crate::store::{parse_timestamp, StoreError};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    method: String,
+    route: String,
+    status: String,
+}
+
+/// The HTTP requests served, by method, route pattern and status.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+}
+
+impl HttpMetrics {
+    pub fn count(&self, method: &str, route: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+}
+
+type Labelled<M> = Family<Vec<(String, String)>, M>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
+}
+
+/// Rows of `(label, count)` from a query.
+fn grouped(connection: &Connection, sql: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut statement = connection.prepare(sql)?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, Option<String>>(0)?.unwrap_or_default(),
+            row.get::<_, i64>(1)?,
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Everything the store says, as a registry to encode.
+fn store_registry(
+    connection: &Connection,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Registry, StoreError> {
+    let mut registry = Registry::default();
+    // Runs of files (command-line edits, API edits and undos are runs too, but of no file).
+    let syncs = Labelled::<Counter>::default();
+    for (result, count) in grouped(
+        connection,
+        "SELECT status, count(*) FROM sync_runs WHERE file LIKE '/%' GROUP BY status",
+    )? {
+        syncs
+            .get_or_create(&labels(&[("result", &result)]))
+            .inc_by(count.max(0) as u64);
+    }
+    registry.register(
+        "funnelsync_syncs",
+        "File syncs that changed something, by result",
+        syncs,
+    );
+
+    let rows = Labelled::<Counter>::default();
+    let totals: (i64, i64, i64, i64) = connection.query_row(
+        "SELECT coalesce(sum(n_created), 0), coalesce(sum(n_updated), 0), coalesce(sum(n_archived), 0), \
+         coalesce(sum(n_deleted), 0) FROM sync_runs WHERE file LIKE '/%'",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+    )?;
+    for (change, count) in [
+        ("created", totals.0),
+        ("updated", totals.1),
+        ("archived", totals.2),
+        ("deleted", totals.3),
+    ] {
+        rows.get_or_create(&labels(&[("change", change)]))
+            .inc_by(count.max(0) as u64);
+    }
+    registry.register(
+        "funnelsync_rows",
+        "Rows applied to deals by file syncs, by change",
+        rows,
+    );
+
+    let issues = Labelled::<Gauge>::default();
+    for severity in ["error", "warning"] {
+        issues
+            .get_or_create(&labels(&[("severity", severity)]))
+            .set(0);
+    }
+    for (severity, count) in grouped(
+        connection,
+        "SELECT severity, count(*) FROM row_errors GROUP BY severity",
+    )? {
+        issues
+            .get_or_create(&labels(&[("severity", &severity)]))
+            .set(count);
+    }
+    registry.register(
+        "funnelsync_row_issues",
+        "Row errors and warnings of the latest sync of each file",
+        issues,
+    );
+
+    let files = Labelled::<Gauge>::default();
+    for state in ["ok", "retrying", "failed", "held", "removed", "ignored"] {
+        files.get_or_create(&labels(&[("state", state)])).set(0);
+    }
+    for (state, count) in grouped(
+        connection,
+        "SELECT state, count(*) FROM file_status GROUP BY state",
+    )? {
+        files
+            .get_or_create(&labels(&[("state", &state)]))
+            .set(count);
+    }
+    registry.register(
+        "funnelsync_files",
+        "Source files by the daemon's state",
+        files,
+    );
+
+    let ages = Labelled::<FloatGauge>::default();
+    let mut statement = connection.prepare(
+        "SELECT source, max(coalesce(checked_at, synced_at)) FROM mirror_files GROUP BY source",
+    )?;
+    let last_syncs: Vec<(String, Option<String>)> = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (source, at) in last_syncs {
+        if let Some(at) = at {
+            let age = (now - parse_timestamp(&at)?).num_milliseconds() as f64 / 1000.0;
+            ages.get_or_create(&labels(&[("source", &source)]))
+                .set(age.max(0.0));
+        }
+    }
+    registry.register(
+        "funnelsync_last_successful_sync_age_seconds",
+        "Seconds since a file of the source was last read whole",
+        ages,
+    );
+
+    let outbox = Labelled::<Gauge>::default();
+    for status in ["pending", "sent", "failed"] {
+        outbox.get_or_create(&labels(&[("status", status)])).set(0);
+    }
+    for (status, count) in grouped(
+        connection,
+        "SELECT status, count(*) FROM outbox GROUP BY status",
+    )? {
+        outbox
+            .get_or_create(&labels(&[("status", &status)]))
+            .set(count);
+    }
+    registry.register(
+        "funnelsync_outbox_messages",
+        "Mail in the outbox, by status",
+        outbox,
+    );
+
+    let reminders: Counter = Counter::default();
+    let n_sent: i64 = connection.query_row(
+        "SELECT count(*) FROM reminders JOIN outbox ON outbox.id = reminders.message_id \
+         WHERE outbox.status = 'sent'",
+        [],
+        |row| row.get(0),
+    )?;
+    reminders.inc_by(n_sent.max(0) as u64);
+    registry.register(
+        "funnelsync_reminders_sent",
+        "Stalled-deal reminders delivered",
+        reminders,
+    );
+
+    let deals = Labelled::<Gauge>::default();
+    for (stage, count) in grouped(
+        connection,
+        "SELECT stage, count(*) FROM deals WHERE archived_at IS NULL GROUP BY stage",
+    )? {
+        deals
+            .get_or_create(&labels(&[("stage", &stage)]))
+            .set(count);
+    }
+    registry.register("funnelsync_deals", "Live deals by stage", deals);
+    Ok(registry)
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    let store_text = with_store(&state, |store, _| {
+        let registry = store_registry(store.connection(), chrono::Utc::now())?;
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut text, &registry)
+            .map_err(ApiError::internal)?;
+        Ok(text)
+    })
+    .await;
+    let mut http_registry = Registry::default();
+    http_registry.register(
+        "funnelsync_http_requests",
+        "HTTP requests served, by method, route and status",
+        state.metrics.requests.clone(),
+    );
+    let mut text = match store_text {
+        Ok(text) => text,
+        Err(error) => return error.into_response(),
+    };
+    if let Err(error) =
+        prometheus_client::encoding::text::encode_registry(&mut text, &http_registry)
+    {
+        return ApiError::internal(error).into_response();
+    }
+    if let Err(error) = prometheus_client::encoding::text::encode_eof(&mut text) {
+        return ApiError::internal(error).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// How long the daemon's loop may be silent before `/healthz` says it is stuck.
+const MAX_HEARTBEAT_AGE: i64 = 30;
+
+/// `GET /healthz`: 200 when the store answers and (under `funnelsync run`) the daemon's loop is
+/// alive; 503 otherwise. The body says which part is wrong.
+pub async fn healthz(State(state): State<SharedState>) -> Response {
+    let store = with_store(&state, |store, _| {
+        use crate::store::CrmStore;
+        Ok(store.crm().version()?)
+    })
+    .await;
+    let store_ok = store.is_ok();
+    let watcher = match &state.daemon {
+        None => "off",
+        Some(link) if link.heartbeat.age() <= MAX_HEARTBEAT_AGE => "ok",
+        Some(_) => "stalled",
+    };
+    let healthy = store_ok && watcher != "stalled";
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "status": if healthy { "ok" } else { "unhealthy" },
+            "store": if store_ok { "ok" } else { "unreachable" },
+            "watcher": watcher,
+        })),
+    )
+        .into_response()
+}

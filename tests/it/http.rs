@@ -1,0 +1,982 @@
+//! The HTTP API and pages against the real daemon on 127.0.0.1: each role's view and refusals, an
+//! edit reaching the workbook, stale writes, metrics, hostile bodies, the OpenAPI document, logins.
+
+use serde_json::{json, Value};
+
+use crate::harness::{read_xlsx, wait_until, Http, HttpUser, TestDir, XlsxBuilder};
+
+/// A team workbook, four users (admin, manager, Alice the rep who does not see amounts, a
+/// read-only user) and the daemon serving HTTP on a free port.
+struct Team {
+    dir: TestDir,
+    daemon: crate::harness::Daemon,
+    http: Http,
+    port: u16,
+    admin: HttpUser,
+    manager: HttpUser,
+    alice: HttpUser,
+    readonly: HttpUser,
+}
+
+impl Team {
+    fn start(extra_http: &str) -> Team {
+        let dir = TestDir::new();
+        XlsxBuilder::new()
+            .sheet("Pipeline")
+            .row(&[
+                "Company",
+                "Contact",
+                "Email",
+                "Stage",
+                "Amount",
+                "Owner",
+                "Next Step",
+            ])
+            .row(&[
+                "Acme",
+                "Ann",
+                "ann@acme.example",
+                "Lead",
+                "1000",
+                "Alice Wang",
+                "Call",
+            ])
+            .row(&[
+                "Globex",
+                "Gus",
+                "gus@globex.example",
+                "Prospect",
+                "2000",
+                "Bob Li",
+                "Demo",
+            ])
+            .row(&[
+                "Initech",
+                "Ivy",
+                "ivy@initech.example",
+                "Opportunity",
+                "3000",
+                "alice wang",
+                "",
+            ])
+            .save(&dir.path("pipeline.xlsx"));
+        let admin = dir.token("root", "admin", None);
+        let manager = dir.token("mia", "manager", None);
+        let alice = dir.token("alice", "rep", Some("Alice Wang"));
+        let readonly = dir.token("erp", "readonly", None);
+        let port = dir.http_source(
+            "pipeline.xlsx",
+            &format!("hidden_fields = {{ rep = [\"amount\"] }}\n{extra_http}"),
+            &[&admin, &manager, &alice, &readonly],
+        );
+        dir.sync().assert_code(0);
+        let (daemon, http) = dir.start_serving(&["run"], port);
+        daemon.wait_ready();
+        Team {
+            dir,
+            daemon,
+            http,
+            port,
+            admin,
+            manager,
+            alice,
+            readonly,
+        }
+    }
+
+    /// The id of the deal of this company, as the admin sees it.
+    fn id_of(&self, company: &str) -> i64 {
+        let deals = self
+            .http
+            .get("/api/v1/deals", Some(&self.admin.token))
+            .assert_status(200)
+            .json();
+        deals["deals"]
+            .as_array()
+            .and_then(|deals| deals.iter().find(|deal| deal["company"] == company))
+            .and_then(|deal| deal["id"].as_i64())
+            .unwrap_or_else(|| panic!("no deal of {company} in {deals}"))
+    }
+}
+
+fn companies(list: &Value) -> Vec<String> {
+    let mut names: Vec<String> = list["deals"]
+        .as_array()
+        .expect("deals")
+        .iter()
+        .map(|deal| deal["company"].as_str().unwrap_or("").to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn each_role_sees_and_changes_only_what_it_may() {
+    let team = Team::start("");
+    let http = &team.http;
+    let acme = team.id_of("Acme");
+    let globex = team.id_of("Globex");
+
+    // Alice sees her own deals (owner spelled either way), never an amount.
+    let mine = http
+        .get("/api/v1/deals", Some(&team.alice.token))
+        .assert_status(200)
+        .json();
+    assert_eq!(companies(&mine), ["Acme", "Initech"]);
+    assert!(mine["deals"][0].get("amount").is_none(), "{mine}");
+    let funnel = http
+        .get("/api/v1/funnel", Some(&team.alice.token))
+        .assert_status(200)
+        .json();
+    assert_eq!(funnel["owner"], "Alice Wang");
+    assert!(funnel["stages"][0]["open_amount"].is_null(), "{funnel}");
+    // Another rep's deal does not exist for her, read or written; ids do not leak.
+    let read = http.get(&format!("/api/v1/deals/{globex}"), Some(&team.alice.token));
+    read.assert_status(404);
+    assert_eq!(read.json()["error"]["code"], "not_found");
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{globex}"),
+        &team.alice.token,
+        &json!({"next_step": "x"}),
+    )
+    .assert_status(404);
+    http.json(
+        "POST",
+        &format!("/api/v1/deals/{globex}/move"),
+        &team.alice.token,
+        &json!({"stage": "Won"}),
+    )
+    .assert_status(404);
+    // She changes her own deal, but gives it to nobody else and sets no amount.
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.alice.token,
+        &json!({"next_step": "Send quote"}),
+    )
+    .assert_status(200);
+    let refused = http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.alice.token,
+        &json!({"owner": "Bob Li"}),
+    );
+    refused.assert_status(403);
+    assert_eq!(refused.json()["error"]["field"], "owner");
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.alice.token,
+        &json!({"amount": 5}),
+    )
+    .assert_status(403);
+    http.get("/api/v1/funnel?owner=Bob%20Li", Some(&team.alice.token))
+        .assert_status(403);
+    http.get("/api/v1/status", Some(&team.alice.token))
+        .assert_status(403);
+    // A deal she creates is hers.
+    let created = http.json(
+        "POST",
+        "/api/v1/deals",
+        &team.alice.token,
+        &json!({"company": "Hooli", "contact": "Hal"}),
+    );
+    created.assert_status(201);
+    assert_eq!(created.json()["owner"], "Alice Wang");
+    assert_eq!(created.json()["stage"], "Lead");
+
+    // Read-only sees everything and changes nothing.
+    let all = http
+        .get("/api/v1/deals", Some(&team.readonly.token))
+        .assert_status(200)
+        .json();
+    assert_eq!(companies(&all), ["Acme", "Globex", "Hooli", "Initech"]);
+    assert_eq!(all["deals"][0]["amount"], 1000.0);
+    http.get(
+        &format!("/api/v1/deals/{globex}"),
+        Some(&team.readonly.token),
+    )
+    .assert_status(200);
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{globex}"),
+        &team.readonly.token,
+        &json!({"next_step": "x"}),
+    )
+    .assert_status(403);
+    http.json(
+        "POST",
+        "/api/v1/deals",
+        &team.readonly.token,
+        &json!({"company": "X"}),
+    )
+    .assert_status(403);
+
+    // The manager changes any deal but administers nothing.
+    let moved = http.json(
+        "POST",
+        &format!("/api/v1/deals/{globex}/move"),
+        &team.manager.token,
+        &json!({"stage": "成交"}),
+    );
+    moved.assert_status(200);
+    assert_eq!(moved.json()["stage"], "Won");
+    let run = moved.json()["run_id"].as_i64().expect("run id");
+    for path in [
+        "/api/v1/status",
+        "/api/v1/errors",
+        "/api/v1/history",
+        "/api/v1/conflicts",
+    ] {
+        http.get(path, Some(&team.manager.token)).assert_status(403);
+    }
+    http.send(
+        "POST",
+        &format!("/api/v1/history/{run}/undo"),
+        Some(&team.manager.token),
+        "application/json",
+        "",
+        &[],
+    )
+    .assert_status(403);
+
+    // The admin sees files, errors, history, and undoes the manager's move.
+    let status = http
+        .get("/api/v1/status", Some(&team.admin.token))
+        .assert_status(200)
+        .json();
+    assert!(
+        status[0]["file"]
+            .as_str()
+            .is_some_and(|file| file.ends_with("pipeline.xlsx")),
+        "{status}"
+    );
+    http.get("/api/v1/errors", Some(&team.admin.token))
+        .assert_status(200);
+    let runs = http
+        .get("/api/v1/history?source=api", Some(&team.admin.token))
+        .assert_status(200)
+        .json();
+    assert!(
+        runs.as_array()
+            .is_some_and(|runs| runs.iter().any(|entry| entry["message"] == "by mia")),
+        "{runs}"
+    );
+    let changes = http
+        .get(&format!("/api/v1/history/{run}"), Some(&team.admin.token))
+        .assert_status(200)
+        .json();
+    assert_eq!(changes["changes"][0]["field"], "stage");
+    http.send(
+        "POST",
+        &format!("/api/v1/history/{run}/undo"),
+        Some(&team.admin.token),
+        "application/json",
+        "",
+        &[],
+    )
+    .assert_status(200);
+    let globex_now = http
+        .get(&format!("/api/v1/deals/{globex}"), Some(&team.admin.token))
+        .json();
+    assert_eq!(globex_now["stage"], "Prospect");
+
+    // No token, or a wrong one: 401; health and metrics need none.
+    http.get("/api/v1/deals", None).assert_status(401);
+    let wrong = http.get("/api/v1/deals", Some("not-a-token"));
+    wrong.assert_status(401);
+    assert_eq!(wrong.header("www-authenticate"), Some("Bearer"));
+    http.get("/healthz", None).assert_status(200);
+    http.get("/metrics", None).assert_status(200);
+    assert!(
+        !team.daemon.log().contains(&team.alice.token),
+        "a token reached the log"
+    );
+}
+
+#[test]
+fn a_patch_reaches_the_spreadsheet_and_a_stale_one_is_refused() {
+    let team = Team::start("");
+    let http = &team.http;
+    let acme = team.id_of("Acme");
+    let read = http
+        .get(&format!("/api/v1/deals/{acme}"), Some(&team.manager.token))
+        .assert_status(200)
+        .clone();
+    let etag = read.header("etag").expect("an ETag").to_string();
+    assert_eq!(etag, format!("\"{}\"", read.json()["version"]));
+    assert_eq!(
+        read.json()["files"][0]
+            .as_str()
+            .map(|file| file.ends_with("pipeline.xlsx")),
+        Some(true)
+    );
+    assert_eq!(read.json()["stage_history"][0]["to_stage"], "Lead");
+
+    // Cleaned like a cell: a currency sign sets the currency, an alias names the stage.
+    let changed = http.send(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        Some(&team.manager.token),
+        "application/json",
+        json!({"amount": "¥12,500", "next_step": "Sign <contract>"}).to_string(),
+        &[("If-Match", &etag)],
+    );
+    changed.assert_status(200);
+    assert_eq!(changed.json()["amount"], 12500.0);
+    assert_eq!(changed.json()["currency"], "CNY");
+    assert_ne!(changed.header("etag"), Some(etag.as_str()));
+
+    // The same old version again: someone else's change would be lost, so 412.
+    let stale = http.send(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        Some(&team.manager.token),
+        "application/json",
+        json!({"amount": "1"}).to_string(),
+        &[("If-Match", &etag)],
+    );
+    stale.assert_status(412);
+    assert_eq!(stale.json()["error"]["code"], "precondition_failed");
+    let bad = http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.manager.token,
+        &json!({"amount": "twelve"}),
+    );
+    bad.assert_status(400);
+    assert_eq!(bad.json()["error"]["field"], "amount");
+    assert!(bad.json()["error"]["message"]
+        .as_str()
+        .is_some_and(|message| message.contains("not a number")));
+
+    // The ERP pushes back a contract number: kept with the deal, in the history as extra.NAME.
+    let contract = http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.manager.token,
+        &json!({"extra": {"Contract No": "HT-2026-001"}}),
+    );
+    contract.assert_status(200);
+    assert_eq!(contract.json()["extra"]["Contract No"], "HT-2026-001");
+    let run = contract.json()["run_id"].as_i64().expect("run");
+    let recorded = http
+        .get(&format!("/api/v1/history/{run}"), Some(&team.admin.token))
+        .json();
+    assert_eq!(recorded["changes"][0]["field"], "extra.Contract No");
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &team.manager.token,
+        &json!({"extra": {"Contract No": 5}}),
+    )
+    .assert_status(400);
+
+    // The daemon writes the change into the workbook, as for `deals set`.
+    let workbook = team.dir.path("pipeline.xlsx");
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "the amount in the workbook",
+        || {
+            read_xlsx(&workbook, "Pipeline")
+                .column("Next Step")
+                .first()
+                .map(String::as_str)
+                == Some("Sign <contract>")
+        },
+    );
+    let sheet = read_xlsx(&workbook, "Pipeline");
+    assert_eq!(sheet.column("Amount")[0], "12500");
+    assert_eq!(sheet.column("Company")[1], "Globex", "other rows stay");
+    // A run of its own, by the user, that the CLI lists too.
+    let history = team
+        .dir
+        .run(&["history", "--source", "api", "--format", "json"]);
+    history.assert_code(0);
+    assert_eq!(history.json()[0]["message"], "by mia");
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text() {
+    let team = Team::start("");
+    team.http
+        .get("/api/v1/deals", Some(&team.admin.token))
+        .assert_status(200);
+    let reply = team.http.get("/metrics", None).assert_status(200).clone();
+    assert!(reply
+        .header("content-type")
+        .is_some_and(|value| value.contains("text")));
+    let lines = reply.body.lines().map(|line| Ok(line.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let value = |name: &str, label: Option<(&str, &str)>| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|sample| {
+                sample.metric == name
+                    && label.is_none_or(|(key, wanted)| sample.labels.get(key) == Some(wanted))
+            })
+            .map(|sample| match sample.value {
+                prometheus_parse::Value::Counter(value)
+                | prometheus_parse::Value::Gauge(value)
+                | prometheus_parse::Value::Untyped(value) => value,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value("funnelsync_syncs_total", Some(("result", "synced"))),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("funnelsync_rows_total", Some(("change", "created"))),
+        Some(3.0)
+    );
+    assert_eq!(value("funnelsync_files", Some(("state", "ok"))), Some(1.0));
+    assert_eq!(
+        value("funnelsync_files", Some(("state", "held"))),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("funnelsync_outbox_messages", Some(("status", "pending"))),
+        Some(0.0)
+    );
+    assert_eq!(
+        value("funnelsync_deals", Some(("stage", "Lead"))),
+        Some(1.0)
+    );
+    assert!(value(
+        "funnelsync_last_successful_sync_age_seconds",
+        Some(("source", "pipeline"))
+    )
+    .is_some_and(|age| age >= 0.0));
+    assert!(value("funnelsync_reminders_sent_total", None).is_some());
+    assert!(
+        value(
+            "funnelsync_http_requests_total",
+            Some(("route", "/api/v1/deals"))
+        )
+        .is_some_and(|count| count >= 1.0),
+        "{}",
+        reply.body
+    );
+}
+
+#[test]
+fn hostile_requests_get_400_or_413_never_500() {
+    let team = Team::start("max_body_kb = 16");
+    let http = &team.http;
+    let acme = team.id_of("Acme");
+    let path = format!("/api/v1/deals/{acme}");
+    let token = team.manager.token.as_str();
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let cases: Vec<(&str, &str, Vec<u8>, u16)> = vec![
+        ("PATCH", "application/json", b"{\"amount\": ".to_vec(), 400),
+        ("PATCH", "application/json", b"[1, 2]".to_vec(), 400),
+        ("PATCH", "application/json", b"null".to_vec(), 400),
+        ("PATCH", "application/json", b"{}".to_vec(), 400),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"amount\": {\"$gt\": 1}}".to_vec(),
+            400,
+        ),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"__proto__\": 1}".to_vec(),
+            400,
+        ),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"amount\": 1e999}".to_vec(),
+            400,
+        ),
+        (
+            "PATCH",
+            "application/json",
+            b"{\"company\": \"\xff\xfe\"}".to_vec(),
+            400,
+        ),
+        ("PATCH", "application/json", deep.into_bytes(), 413),
+        ("PATCH", "application/json", vec![b' '; 40 * 1024], 413),
+        (
+            "PATCH",
+            "text/plain",
+            b"{\"next_step\": \"x\"}".to_vec(),
+            415,
+        ),
+        (
+            "POST",
+            "application/json",
+            b"{\"stage\": \"Won\", \"extra\": 1}".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "application/json",
+            b"{\"stage\": \"no such stage\"}".to_vec(),
+            400,
+        ),
+    ];
+    for (method, content_type, body, expected) in cases {
+        let target = if method == "POST" {
+            format!("{path}/move")
+        } else {
+            path.clone()
+        };
+        let reply = http.send(method, &target, Some(token), content_type, &body, &[]);
+        let shown = String::from_utf8_lossy(&body)
+            .chars()
+            .take(40)
+            .collect::<String>();
+        assert_eq!(reply.status, expected, "{method} {shown:?}: {}", reply.body);
+        let error = reply.json();
+        assert!(
+            error["error"]["code"].is_string() && error["error"]["message"].is_string(),
+            "{shown:?}: {error}"
+        );
+    }
+    for (target, expected) in [
+        ("/api/v1/deals/99999999999999999999999", 400),
+        ("/api/v1/deals/-1", 404),
+        ("/api/v1/deals?limit=-5", 400),
+        ("/api/v1/deals?stage=nonsense", 400),
+        ("/api/v1/deals?updated_since=yesterday", 400),
+        ("/api/v1/funnel?since=2026-13-45", 400),
+        ("/api/v1/history/abc", 400),
+        ("/api/v1/no/such/path", 404),
+    ] {
+        let reply = http.get(target, Some(&team.admin.token));
+        assert_eq!(reply.status, expected, "{target}: {}", reply.body);
+        assert!(reply.json()["error"]["code"].is_string(), "{target}");
+    }
+    let bad_etag = http.send(
+        "PATCH",
+        &path,
+        Some(token),
+        "application/json",
+        "{\"next_step\": \"x\"}",
+        &[("If-Match", "yesterday")],
+    );
+    bad_etag.assert_status(400);
+    // The daemon is still fine, and nothing changed the deal.
+    http.get("/healthz", None).assert_status(200);
+    let acme_now = http.get(&path, Some(token)).json();
+    assert_eq!(acme_now["next_step"], "Call");
+    assert_eq!(acme_now["company"], "Acme");
+}
+
+#[test]
+fn the_openapi_document_describes_every_route() {
+    let team = Team::start("");
+    let http = &team.http;
+    let document = http
+        .get("/api/v1/openapi.json", None)
+        .assert_status(200)
+        .json();
+    assert!(document["openapi"]
+        .as_str()
+        .is_some_and(|version| version.starts_with("3.")));
+    let paths = document["paths"].as_object().expect("paths");
+    let named_by_the_issue = [
+        ("/deals", "get"),
+        ("/deals", "post"),
+        ("/deals/{id}", "get"),
+        ("/deals/{id}", "patch"),
+        ("/deals/{id}/move", "post"),
+        ("/funnel", "get"),
+        ("/stalled", "get"),
+        ("/status", "get"),
+        ("/errors", "get"),
+        ("/conflicts", "get"),
+        ("/history", "get"),
+        ("/history/{run}", "get"),
+        ("/history/{run}/undo", "post"),
+    ];
+    for (path, method) in named_by_the_issue {
+        assert!(
+            paths
+                .get(path)
+                .and_then(|operations| operations.get(method))
+                .is_some(),
+            "{method} {path} is not documented"
+        );
+    }
+    // Every documented read answers as documented (no 404 or 405 for a route that exists), and
+    // every $ref points at a component that exists.
+    let acme = team.id_of("Acme").to_string();
+    for (path, operations) in paths {
+        for (method, operation) in operations.as_object().expect("operations") {
+            assert!(
+                operation["responses"].is_object(),
+                "{method} {path} has no responses"
+            );
+            let concrete = path.replace("{id}", &acme).replace("{run}", "1");
+            if method == "get" {
+                let reply = http.get(&format!("/api/v1{concrete}"), Some(&team.admin.token));
+                assert_eq!(reply.status, 200, "GET {concrete}: {}", reply.body);
+            } else {
+                // An empty body is refused by the handler (400/415), not by routing (404/405).
+                let reply = http.send(
+                    &method.to_uppercase(),
+                    &format!("/api/v1{concrete}"),
+                    Some(&team.readonly.token),
+                    "application/json",
+                    "",
+                    &[],
+                );
+                assert!(
+                    ![404, 405].contains(&reply.status) || concrete.ends_with("/undo"),
+                    "{method} {concrete}: {}",
+                    reply.status
+                );
+            }
+        }
+    }
+    let text = document.to_string();
+    for reference in text.split("\"$ref\":\"#/").skip(1) {
+        let pointer = reference.split('"').next().unwrap_or("");
+        assert!(
+            document.pointer(&format!("/{pointer}")).is_some(),
+            "dangling $ref {pointer}"
+        );
+    }
+    // A route that is not documented does not exist.
+    http.send(
+        "DELETE",
+        &format!("/api/v1/deals/{acme}"),
+        Some(&team.admin.token),
+        "application/json",
+        "",
+        &[],
+    )
+    .assert_status(405);
+}
+
+#[test]
+fn the_pages_log_in_once_with_a_token_limit_failures_and_check_forms() {
+    let team = Team::start("");
+    let http = &team.http;
+    // Not logged in: the pages send the browser to the login form.
+    let redirected = http.get("/deals", None);
+    redirected.assert_status(303);
+    assert_eq!(redirected.header("location"), Some("/login?next=/deals"));
+    // A good token gives a session cookie a script cannot read and other sites do not send.
+    let login = http.send(
+        "POST",
+        "/login",
+        None,
+        "application/x-www-form-urlencoded",
+        format!("token={}&next=/deals", team.manager.token),
+        &[],
+    );
+    login.assert_status(303);
+    assert_eq!(login.header("location"), Some("/deals"));
+    let cookie = login
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_string();
+    for flag in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    let session = cookie.split(';').next().expect("cookie").to_string();
+    let page = http.get_with("/deals", None, &[("Cookie", &session)]);
+    page.assert_status(200);
+    assert!(page.body.contains("Globex") && page.body.contains("Acme"));
+    // A form without the session's CSRF token changes nothing.
+    let acme = team.id_of("Acme");
+    let forged = http.send(
+        "POST",
+        &format!("/deals/{acme}/move"),
+        None,
+        "application/x-www-form-urlencoded",
+        "stage=Won&csrf=guess",
+        &[("Cookie", &session)],
+    );
+    forged.assert_status(403);
+    assert_eq!(
+        http.get(&format!("/api/v1/deals/{acme}"), Some(&team.admin.token))
+            .json()["stage"],
+        "Lead"
+    );
+    // Chinese for a browser that prefers it.
+    let chinese = http.get_with(
+        "/funnel",
+        None,
+        &[
+            ("Cookie", &session),
+            ("Accept-Language", "zh-CN,zh;q=0.9,en;q=0.5"),
+        ],
+    );
+    assert!(chinese.body.contains("销售漏斗"), "{}", chinese.body);
+    // Wrong tokens: refused, then (after five) even the right one waits.
+    for _ in 0..5 {
+        http.send(
+            "POST",
+            "/login",
+            None,
+            "application/x-www-form-urlencoded",
+            "token=guess",
+            &[],
+        )
+        .assert_status(401);
+    }
+    let limited = http.send(
+        "POST",
+        "/login",
+        None,
+        "application/x-www-form-urlencoded",
+        format!("token={}", team.manager.token),
+        &[],
+    );
+    limited.assert_status(429);
+    http.get("/api/v1/deals", Some(&team.manager.token))
+        .assert_status(429);
+    let _ = team.port;
+}
+
+#[test]
+fn sheet_values_are_escaped_in_the_pages() {
+    let dir = TestDir::new();
+    XlsxBuilder::new()
+        .row(&["Company", "Contact", "Email", "Owner", "Next Step"])
+        .row(&[
+            "<script>alert(1)</script>",
+            "Eve",
+            "eve@x.example",
+            "Eve",
+            "\"><img src=x onerror=alert(2)>",
+        ])
+        .save(&dir.path("p.xlsx"));
+    let admin = dir.token("root", "admin", None);
+    let port = dir.http_source("p.xlsx", "language = \"en\"", &[&admin]);
+    dir.sync().assert_code(0);
+    let (_daemon, http) = dir.start_serving(&["serve"], port);
+    let session = http.log_in(&admin.token);
+    let page = http.get_with("/deals/1", None, &[("Cookie", &session)]);
+    page.assert_status(200);
+    assert!(!page.body.contains("<script>alert"), "{}", page.body);
+    assert!(page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(!page.body.contains("<img src=x"));
+    // `serve` watches no file: health says so.
+    assert_eq!(http.get("/healthz", None).json()["watcher"], "off");
+}
+
+#[test]
+fn token_new_prints_a_token_and_the_config_line_and_http_config_is_checked() {
+    let dir = TestDir::new();
+    let user = dir.token("ops", "rep", Some("Alice Wang"));
+    assert_eq!(user.token.len(), 64);
+    assert!(
+        user.config_lines.contains("role = \"rep\"")
+            && user.config_lines.contains("rep = \"Alice Wang\"")
+    );
+    assert!(
+        !user.config_lines.contains(&user.token),
+        "the config holds the hash, not the token"
+    );
+    let other = dir.token("ops", "admin", None);
+    std::fs::write(dir.path("a.csv"), "Company\nAcme\n").expect("csv");
+    dir.http_source("a.csv", "", &[&user]);
+    let summary = dir.run(&["check-config"]);
+    summary.assert_code(0);
+    assert!(
+        summary.stdout.contains("http: http://127.0.0.1:")
+            && summary.stdout.contains("users: ops (rep)"),
+        "{}",
+        summary.stdout
+    );
+    assert_ne!(user.token, other.token);
+    dir.run(&["token", "new", "x", "--role", "boss"])
+        .assert_code(2);
+    dir.run(&["token", "new", "x", "--role", "rep"])
+        .assert_code(2);
+
+    // Every problem of [http] is reported with its line.
+    std::fs::write(dir.path("p.csv"), "Company\nAcme\n").expect("csv");
+    dir.single_source(
+        "p.csv",
+        "\n[http]\nlisten = \"localhost\"\nlanguage = \"fr\"\n\n[[http.users]]\nname = \"a\"\nrole = \"rep\"\ntoken_sha256 = \"abc\"\n\n[[http.users]]\nname = \"b\"\nrole = \"boss\"\ntoken_file = \"t\"\n\n[[http.users]]\nname = \"c\"\nrole = \"admin\"\ntoken = \"plain\"\n",
+    );
+    let run = dir.run(&["check-config"]);
+    run.assert_code(2);
+    let expected = [
+        "line 9: `http.listen`",
+        "line 10: `http.language`",
+        "line 12: `http.users[1].rep`",
+        "line 15: `http.users[1].token_sha256`",
+        "line 19: `http.users[2].role`",
+        "line 25: `http.users[3].token`",
+    ];
+    for line in expected {
+        assert!(
+            run.stderr.contains(line),
+            "missing {line:?} in\n{}",
+            run.stderr
+        );
+    }
+    assert!(
+        !run.stderr.contains("plain"),
+        "a token in the config is never repeated"
+    );
+}
+
+#[test]
+fn the_funnel_of_the_api_is_the_funnel_of_the_command_line() {
+    let team = Team::start("");
+    let from_api = team
+        .http
+        .get(
+            "/api/v1/funnel?since=2026-01-01&until=2026-12-31",
+            Some(&team.manager.token),
+        )
+        .assert_status(200)
+        .json();
+    let run = team.dir.run(&[
+        "funnel",
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2026-12-31",
+        "--format",
+        "json",
+    ]);
+    run.assert_code(0);
+    let from_cli = run.json();
+    for key in ["period", "owner", "stages", "totals", "by_owner"] {
+        assert_eq!(from_api[key], from_cli[key], "{key}");
+    }
+    assert_eq!(from_api["stages"][0]["open_count"], 1);
+}
+
+#[test]
+fn an_admin_forces_a_held_file_from_the_files_page() {
+    let dir = TestDir::new();
+    let sheet = |companies: &[&str]| {
+        let mut builder = XlsxBuilder::new()
+            .sheet("Pipeline")
+            .row(&["Company", "Email", "Stage"]);
+        for company in companies {
+            let email = format!("{}@example.com", company.to_lowercase());
+            builder = builder.row(&[company, &email, "Lead"]);
+        }
+        builder
+    };
+    sheet(&["Acme", "Beta", "Core", "Delta"]).save(&dir.path("p.xlsx"));
+    let admin = dir.token("root", "admin", None);
+    let manager = dir.token("mia", "manager", None);
+    let port = dir.http_source("p.xlsx", "", &[&admin, &manager]);
+    dir.sync().assert_code(0);
+    let (daemon, http) = dir.start_serving(&["run"], port);
+    daemon.wait_ready();
+    // Three of four rows gone: the daemon holds the file.
+    sheet(&["Acme"]).save(&dir.path("p.xlsx"));
+    wait_until(std::time::Duration::from_secs(20), "the file held", || {
+        http.get("/api/v1/status", Some(&admin.token)).json()[0]["state"] == "held"
+    });
+    let live = |http: &Http| {
+        http.get("/api/v1/deals", Some(&admin.token)).json()["total"]
+            .as_i64()
+            .unwrap_or(-1)
+    };
+    assert_eq!(live(&http), 4, "nothing applied while held");
+    let file = http.get("/api/v1/status", Some(&admin.token)).json()[0]["file"]
+        .as_str()
+        .expect("file")
+        .to_string();
+
+    // The manager may not force; the admin does, through the page's form.
+    http.json(
+        "POST",
+        "/api/v1/files/force",
+        &manager.token,
+        &json!({"file": file}),
+    )
+    .assert_status(403);
+    let session = http.log_in(&admin.token);
+    let page = http.get_with("/files", None, &[("Cookie", &session)]);
+    page.assert_status(200);
+    assert!(page.body.contains("Force"), "{}", page.body);
+    let csrf = page
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_string();
+    let form = format!("csrf={csrf}&file={}", file.replace('/', "%2F"));
+    let forced = http.send(
+        "POST",
+        "/files/force",
+        None,
+        "application/x-www-form-urlencoded",
+        form,
+        &[("Cookie", &session)],
+    );
+    forced.assert_status(303);
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "the forced sync",
+        || live(&http) == 1,
+    );
+    // `serve` has no daemon to force anything: 409.
+    drop(daemon);
+    let (_served, http) = dir.start_serving(&["serve"], port);
+    http.json(
+        "POST",
+        "/api/v1/files/force",
+        &admin.token,
+        &json!({"file": file}),
+    )
+    .assert_status(409);
+}
+
+#[test]
+fn with_tls_files_the_server_speaks_https_only() {
+    let dir = TestDir::new();
+    std::fs::write(dir.path("p.csv"), "Company,Email\nAcme,a@acme.example\n").expect("csv");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("a certificate");
+    std::fs::write(dir.path("cert.pem"), certified.cert.pem()).expect("cert");
+    std::fs::write(dir.path("key.pem"), certified.signing_key.serialize_pem()).expect("key");
+    let admin = dir.token("root", "admin", None);
+    let port = dir.http_source(
+        "p.csv",
+        "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"",
+        &[&admin],
+    );
+    dir.sync().assert_code(0);
+    let daemon = dir.start_process(&["serve"]);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certificate =
+        ureq::tls::Certificate::from_pem(certified.cert.pem().as_bytes()).expect("pem");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::new_with_certs(&[certificate]))
+                .build(),
+        )
+        .build()
+        .into();
+    let url = format!("https://localhost:{port}/api/v1/deals");
+    let mut status = 0;
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "HTTPS to answer",
+        || {
+            status = agent
+                .get(&url)
+                .header("Authorization", format!("Bearer {}", admin.token))
+                .call()
+                .map(|response| response.status().as_u16())
+                .unwrap_or(0);
+            status != 0
+        },
+    );
+    assert_eq!(status, 200, "{}", daemon.log());
+    // Plain HTTP on the same port gets no answer.
+    assert!(!Http::new(port).answers_healthy());
+}
