@@ -18,6 +18,7 @@ pub mod remind;
 pub mod report;
 pub mod store;
 pub mod sync;
+pub mod text;
 pub mod watch;
 pub mod workbook;
 pub mod writeback;

@@ -72,7 +72,7 @@ pub fn load(
 
 pub fn money(amount: f64) -> String {
     // An empty sum is -0.0; nobody wants to read "-0".
-    crate::cli::group_thousands(&format!("{:.0}", amount + 0.0))
+    crate::text::group_thousands(&format!("{:.0}", amount + 0.0))
 }
 
 pub fn percent(rate: Option<f64>) -> String {
@@ -140,7 +140,7 @@ pub fn text_table(report: &FunnelReport) -> String {
         ]);
     }
     let mut table = Vec::new();
-    let _ = crate::cli::write_table(
+    let _ = crate::text::write_table(
         &mut table,
         &rows,
         &[

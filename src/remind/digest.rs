@@ -128,9 +128,9 @@ fn cells(line: &DigestLine<'_>, words: &Words) -> [String; 8] {
     ) {
         (Some(amount), Some(currency)) => format!(
             "{} {currency}",
-            crate::cli::group_thousands(&format_amount(amount))
+            crate::text::group_thousands(&format_amount(amount))
         ),
-        (Some(amount), None) => crate::cli::group_thousands(&format_amount(amount)),
+        (Some(amount), None) => crate::text::group_thousands(&format_amount(amount)),
         _ => String::new(),
     };
     let last_contact = match (
