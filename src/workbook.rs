@@ -13,7 +13,10 @@
 //! store lives. Errors say whether trying again later can help ([`WorkbookError::is_retryable`]).
 
 pub mod csv_reader;
+mod escape;
 pub mod xml_guard;
+
+pub use escape::{escape_csv_field, looks_like_formula, needs_csv_escape, unescape_csv_field};
 
 use std::fmt;
 use std::io::{BufReader, Read, Seek, SeekFrom};

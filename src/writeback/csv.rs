@@ -1,47 +1,9 @@
 //! The .csv writer: the delimiter, encoding, BOM and line ending the file was read with, and the
 //! formula escape on every cell that a spreadsheet could take for a formula.
 
-use super::{looks_like_formula, OutCell, SheetPlan, WriteError};
+use super::{OutCell, SheetPlan, WriteError};
 
-/// Whether a text must be written to a .csv with a leading apostrophe, the way Excel itself marks
-/// text: it starts with `=`, `+`, `-`, `@`, tab or CR (a spreadsheet would run it as a formula),
-/// unless it is a plain number such as `-500` or `+86 138 0000 0000`, which no spreadsheet
-/// runs; or it is such an escaped text itself (`'=x`), so that reading strips exactly the one
-/// apostrophe writing added and every value comes back as it was.
-pub fn needs_csv_escape(text: &str) -> bool {
-    match text.strip_prefix('\'') {
-        Some(rest) => needs_csv_escape(rest),
-        None => looks_like_formula(text) && !is_plain_number(text),
-    }
-}
-
-/// The value of a .csv field as read: the field without the apostrophe [`needs_csv_escape`]
-/// added when it was written.
-pub fn unescape_csv_field(field: &str) -> &str {
-    match field.strip_prefix('\'') {
-        Some(rest) if needs_csv_escape(rest) => rest,
-        _ => field,
-    }
-}
-
-/// A sign followed by digits, spaces and separators only: a number, never a formula.
-fn is_plain_number(text: &str) -> bool {
-    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
-    unsigned.starts_with(|character: char| character.is_ascii_digit())
-        && unsigned
-            .chars()
-            .all(|character| character.is_ascii_digit() || matches!(character, '.' | ',' | ' '))
-}
-
-/// A cell as written to the .csv: escaped when [`needs_csv_escape`] says so.
-fn escaped(text: String) -> String {
-    if needs_csv_escape(&text) {
-        format!("'{text}")
-    } else {
-        text
-    }
-}
-use crate::workbook::{Cell, CsvFormat, SheetData, SheetRow};
+use crate::workbook::{escape_csv_field, Cell, CsvFormat, SheetData, SheetRow};
 
 /// Writes the planned file: the file as read (`original`, read again row by row, so that the sync
 /// need not hold its rows), each row with the plan's changes, without the rows that leave, and
@@ -73,7 +35,7 @@ pub fn build(
     };
     // Every cell goes through the escape, whether funnelsync changed it or not: a value the rep
     // typed as `'=cmd|…` must not come back as a live formula.
-    let raw = |cell: &Cell| escaped(cell.to_string());
+    let raw = |cell: &Cell| escape_csv_field(cell.to_string());
     let headers: Vec<String> = plan
         .headers
         .iter()
@@ -84,7 +46,7 @@ pub fn build(
             {
                 "CRM ID".to_string()
             } else {
-                escaped(header.clone())
+                escape_csv_field(header.clone())
             }
         })
         .collect();
@@ -113,8 +75,8 @@ pub fn build(
         for column_idx in 0..n_columns {
             let text = match planned.overrides.get(&column_idx) {
                 Some(OutCell::Empty) => String::new(),
-                Some(OutCell::Text(text)) => escaped(text.clone()),
-                Some(OutCell::Number(number)) => escaped(crate::deal::format_amount(*number)),
+                Some(OutCell::Text(text)) => escape_csv_field(text.clone()),
+                Some(OutCell::Number(number)) => escape_csv_field(crate::deal::format_amount(*number)),
                 Some(OutCell::Date(date)) => date.format("%Y-%m-%d").to_string(),
                 None => original
                     .map(|row| raw(row.cell(column_idx)))
@@ -222,41 +184,4 @@ pub fn build(
         source,
     })?;
     Ok(row_numbers)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formula_text_is_escaped_and_every_value_round_trips() {
-        let cases = [
-            ("=cmd|' /C calc'!A0", true),
-            ("+1+1", true),
-            ("-2+3", true),
-            ("@SUM(A1)", true),
-            ("\tx", true),
-            ("\rx", true),
-            ("'=x", true),
-            ("''=x", true),
-            ("-500", false),
-            ("+86 138 0000 0000", false),
-            ("-1,200.50", false),
-            ("-", true),
-            ("'", false),
-            ("'-500", false),
-            ("Acme", false),
-            ("it's", false),
-            ("", false),
-        ];
-        for (text, expected) in cases {
-            assert_eq!(needs_csv_escape(text), expected, "{text:?}");
-            let written = escaped(text.to_string());
-            assert_eq!(
-                unescape_csv_field(&written),
-                text,
-                "{text:?} written as {written:?}"
-            );
-        }
-    }
 }

@@ -255,11 +255,6 @@ pub trait WriteSeek: std::io::Write + std::io::Seek {}
 
 impl<T: std::io::Write + std::io::Seek> WriteSeek for T {}
 
-/// Whether text written into a cell could be taken for a formula by a spreadsheet program.
-pub fn looks_like_formula(text: &str) -> bool {
-    text.starts_with(['=', '+', '-', '@', '\t', '\r'])
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("{path} is open in {program} ({lock}); the write-back waits until it is closed")]
@@ -396,5 +391,3 @@ pub fn write(
 mod csv;
 mod replace;
 mod xlsx;
-
-pub use csv::{needs_csv_escape, unescape_csv_field};
