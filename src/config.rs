@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::deal::{normalize_label, Field};
+use crate::workbook::{CsvEncoding, Limits};
 
 mod http;
 pub use http::{parse_sha256, HttpConfig, HttpUser, Role, TlsFiles, TokenSource, DEFAULT_LISTEN};
@@ -631,42 +632,6 @@ pub struct AlertsConfig {
     pub every: Duration,
 }
 
-/// Safe maximums against hostile or broken input. Beyond them a file is refused, nothing of it
-/// is applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub max_file_bytes: u64,
-    pub max_unzipped_bytes: u64,
-    pub max_rows: usize,
-    pub max_columns: usize,
-    pub max_cell_chars: usize,
-}
-
-impl Limits {
-    /// No limit at all: for reading again a file already read under the configured ones.
-    pub fn unbounded() -> Limits {
-        Limits {
-            max_file_bytes: u64::MAX,
-            max_unzipped_bytes: u64::MAX,
-            max_rows: usize::MAX,
-            max_columns: usize::MAX,
-            max_cell_chars: usize::MAX,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_file_bytes: 100 << 20,
-            max_unzipped_bytes: 1 << 30,
-            max_rows: 1_048_576,
-            max_columns: 1_000,
-            max_cell_chars: 32_767,
-        }
-    }
-}
-
 /// When the daemon rewrites the report file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReportRefresh {
@@ -836,13 +801,6 @@ pub enum DateOrder {
     YearMonthDay,
     DayMonthYear,
     MonthDayYear,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CsvEncoding {
-    /// UTF-8 (with or without BOM), UTF-16 with a BOM, else GB18030.
-    Auto,
-    Fixed(&'static encoding_rs::Encoding),
 }
 
 /// Where a source's files are.

@@ -26,10 +26,52 @@ use calamine::{Data, DataRef, Reader, SheetType, SheetVisible};
 use chrono::NaiveDateTime;
 use sha2::{Digest, Sha256};
 
-use crate::config::Limits;
-
 /// File extensions (lower case) funnelsync reads.
 pub const SUPPORTED_EXTENSIONS: [&str; 5] = ["xlsx", "xlsm", "xls", "ods", "csv"];
+
+/// Safe maximums against hostile or broken input (the config's `[limits]`). Beyond them a file is
+/// refused, nothing of it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_file_bytes: u64,
+    pub max_unzipped_bytes: u64,
+    pub max_rows: usize,
+    pub max_columns: usize,
+    pub max_cell_chars: usize,
+}
+
+impl Limits {
+    /// No limit at all: for reading again a file already read under the configured ones.
+    pub fn unbounded() -> Limits {
+        Limits {
+            max_file_bytes: u64::MAX,
+            max_unzipped_bytes: u64::MAX,
+            max_rows: usize::MAX,
+            max_columns: usize::MAX,
+            max_cell_chars: usize::MAX,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_file_bytes: 100 << 20,
+            max_unzipped_bytes: 1 << 30,
+            max_rows: 1_048_576,
+            max_columns: 1_000,
+            max_cell_chars: 32_767,
+        }
+    }
+}
+
+/// The text encoding of a source's .csv files (the config's `encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsvEncoding {
+    /// UTF-8 (with or without BOM), UTF-16 with a BOM, else GB18030.
+    Auto,
+    Fixed(&'static encoding_rs::Encoding),
+}
 
 /// One cell's value, independent of the file format.
 #[derive(Debug, Clone, PartialEq)]
@@ -545,7 +587,7 @@ pub fn format_of(path: &Path) -> Option<FileFormat> {
 pub fn read_sheet(
     path: &Path,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     limits: &Limits,
 ) -> Result<SheetData, WorkbookError> {
     let opened = open_file(path, limits)?;
@@ -684,7 +726,7 @@ pub fn read_bytes(path: &Path, limits: &Limits) -> Result<Vec<u8>, WorkbookError
 pub fn parse_file(
     opened: OpenedFile,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     limits: &Limits,
 ) -> Result<SheetData, WorkbookError> {
     let OpenedFile {
@@ -773,7 +815,7 @@ impl SheetStream {
     pub fn start(
         opened: OpenedFile,
         sheet: Option<&str>,
-        csv_encoding: crate::config::CsvEncoding,
+        csv_encoding: CsvEncoding,
         limits: &Limits,
     ) -> Result<SheetStream, WorkbookError> {
         let path = opened.path.clone();
@@ -937,7 +979,7 @@ fn parse_format(
     file: &mut std::fs::File,
     format: FileFormat,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     census: Option<&csv_reader::Utf8Census>,
     limits: &Limits,
 ) -> Result<Parsed, WorkbookError> {
@@ -978,7 +1020,7 @@ fn stream_format(
     file: &mut std::fs::File,
     format: FileFormat,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     census: Option<&csv_reader::Utf8Census>,
     limits: &Limits,
     emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
@@ -1362,7 +1404,7 @@ mod tests {
         let sheet = read_sheet(
             &path,
             None,
-            crate::config::CsvEncoding::Auto,
+            CsvEncoding::Auto,
             &Limits::default(),
         )
         .expect("reads");
@@ -1397,7 +1439,7 @@ mod tests {
                 &mut file,
                 FileFormat::Xlsx,
                 None,
-                crate::config::CsvEncoding::Auto,
+                CsvEncoding::Auto,
                 None,
                 &Limits::default(),
             );

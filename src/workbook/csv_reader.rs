@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::{Cell, CsvFormat, RowCollector, SheetRow, Violation, WorkbookError};
-use crate::config::{CsvEncoding, Limits};
+use super::{CsvEncoding, Limits};
 
 /// How much of the file is read at a time.
 const CHUNK: usize = 64 << 10;

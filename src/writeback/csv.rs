@@ -119,9 +119,9 @@ pub fn build(
     crate::workbook::csv_reader::stream(
         &sheet.path,
         &mut std::io::Cursor::new(original),
-        crate::config::CsvEncoding::Fixed(format.encoding),
+        crate::workbook::CsvEncoding::Fixed(format.encoding),
         None,
-        &crate::config::Limits::unbounded(),
+        &crate::workbook::Limits::unbounded(),
         &mut sink,
     )
     .map_err(|error| WriteError::Build {
