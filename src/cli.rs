@@ -256,7 +256,7 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             SourcePath::Folder(path) => ("folder", path.display().to_string()),
             SourcePath::Glob(pattern) => ("glob", pattern.clone()),
         };
-        let files = config.source_files(source);
+        let files = crate::watch::source_files(config, source);
         let n_files = match &files {
             Ok(files) => files.len().to_string(),
             Err(_) => "none, see the warning".to_string(),

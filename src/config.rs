@@ -756,25 +756,6 @@ impl Config {
         }
         warnings
     }
-
-    /// A source's files as they are now, without the report file.
-    pub fn source_files(
-        &self,
-        source: &SourceConfig,
-    ) -> Result<Vec<PathBuf>, crate::watch::DiscoverError> {
-        self.discover(source).map(|discovery| discovery.files)
-    }
-
-    /// A source's files as they are now, without the report file, and the symbolic links beside
-    /// them that are not sources (one listing of the folder).
-    pub fn discover(
-        &self,
-        source: &SourceConfig,
-    ) -> Result<crate::watch::Discovery, crate::watch::DiscoverError> {
-        let mut discovery = crate::watch::discover(source)?;
-        discovery.files.retain(|file| !self.is_report(file));
-        Ok(discovery)
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{SourceConfig, SourcePath};
+use crate::config::{Config, SourceConfig, SourcePath};
 use crate::workbook::format_of;
 
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +95,7 @@ fn admit_link(source: &SourceConfig, path: &Path) -> Admission {
 /// The source's files that exist now, sorted, and the links in its folder that are not sources.
 /// A single-file source whose file is missing is an error; a folder or glob matching nothing is an
 /// empty list. A followed link whose target is itself one of the files is left to that file.
-pub fn discover(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
+fn list_source(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     let mut discovery = Discovery::default();
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut take = |path: PathBuf, admission: Admission, discovery: &mut Discovery| match admission
@@ -201,9 +201,17 @@ pub fn discover(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     Ok(discovery)
 }
 
-/// The source's files that exist now, sorted (see [`discover`]).
-pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError> {
-    discover(source).map(|discovery| discovery.files)
+/// A source's files as they are now, without the report file, and the symbolic links beside
+/// them that are not sources (one listing of the folder).
+pub fn discover(config: &Config, source: &SourceConfig) -> Result<Discovery, DiscoverError> {
+    let mut discovery = list_source(source)?;
+    discovery.files.retain(|file| !config.is_report(file));
+    Ok(discovery)
+}
+
+/// A source's files as they are now, without the report file (see [`discover`]).
+pub fn source_files(config: &Config, source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError> {
+    discover(config, source).map(|discovery| discovery.files)
 }
 
 /// Why a source folder cannot be listed, in words an admin can act on.

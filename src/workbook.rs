@@ -1401,13 +1401,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("p.xlsx");
         std::fs::write(&path, stored_workbook()).expect("write");
-        let sheet = read_sheet(
-            &path,
-            None,
-            CsvEncoding::Auto,
-            &Limits::default(),
-        )
-        .expect("reads");
+        let sheet = read_sheet(&path, None, CsvEncoding::Auto, &Limits::default()).expect("reads");
         assert_eq!(sheet.rows.len(), 2);
         assert_eq!(sheet.rows[1].cell(2), &Cell::Number(1200.0));
     }

@@ -493,7 +493,7 @@ impl Daemon {
         let mut links_not_synced: HashMap<PathBuf, (String, String)> = HashMap::new();
         let config = Arc::clone(&self.config);
         for source in &config.sources {
-            let files = match config.discover(source) {
+            let files = match crate::watch::discover(&config, source) {
                 Ok(discovery) => {
                     links_not_synced.extend(
                         discovery

@@ -464,7 +464,7 @@ fn sync_pass(
     }
     let mut claimed: HashMap<PathBuf, String> = HashMap::new();
     for source in &config.sources {
-        let files = match config.discover(source) {
+        let files = match crate::watch::discover(config, source) {
             Ok(discovery) => {
                 note_links_not_synced(store, source, &discovery.not_sources, now)?;
                 discovery.files

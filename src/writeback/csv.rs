@@ -76,7 +76,9 @@ pub fn build(
             let text = match planned.overrides.get(&column_idx) {
                 Some(OutCell::Empty) => String::new(),
                 Some(OutCell::Text(text)) => escape_csv_field(text.clone()),
-                Some(OutCell::Number(number)) => escape_csv_field(crate::deal::format_amount(*number)),
+                Some(OutCell::Number(number)) => {
+                    escape_csv_field(crate::deal::format_amount(*number))
+                }
                 Some(OutCell::Date(date)) => date.format("%Y-%m-%d").to_string(),
                 None => original
                     .map(|row| raw(row.cell(column_idx)))
