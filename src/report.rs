@@ -537,7 +537,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
 /// Writes the report to `path`: never while it is open in Excel or LibreOffice; through a temp
 /// file in the same folder, renamed into place.
 pub fn write_file(path: &Path, report: &FunnelReport) -> Result<(), ReportError> {
-    if let Some((program, _)) = crate::writeback::open_by(path) {
+    if let Some((program, _)) = crate::watch::open_by(path) {
         return Err(ReportError::Open {
             path: path.to_path_buf(),
             program,

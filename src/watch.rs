@@ -1,6 +1,7 @@
 //! Which files are sources and when they change: expanding a source's file, folder or glob into
 //! spreadsheet paths, telling Excel's and LibreOffice's lock and temp files apart from real
-//! spreadsheets, fingerprinting files by one `stat` each (size, modification time to the
+//! spreadsheets, telling from their lock files whether Excel or LibreOffice has a file open
+//! ([`open_by`]), fingerprinting files by one `stat` each (size, modification time to the
 //! nanosecond, inode), and the file-system event watcher.
 //!
 //! This module owns the file system view of the sources. It must not read spreadsheet contents,
@@ -279,6 +280,30 @@ pub fn source_matches(source: &SourceConfig, path: &Path) -> bool {
             glob::Pattern::new(pattern).is_ok_and(|pattern| pattern.matches_path(path))
         }
     }
+}
+
+/// The lock file that says a program has `path` open, if there is one: Excel's `~$NAME` owner
+/// file (Excel drops the first two characters of long names) or LibreOffice's `.~lock.NAME#`.
+pub fn open_by(path: &Path) -> Option<(&'static str, PathBuf)> {
+    let folder = path.parent()?;
+    let name = path.file_name()?.to_str()?;
+    let libreoffice = folder.join(format!(".~lock.{name}#"));
+    if libreoffice.exists() {
+        return Some(("LibreOffice", libreoffice));
+    }
+    let mut excel_names = vec![format!("~${name}")];
+    let characters: Vec<char> = name.chars().collect();
+    if characters.len() > 2 {
+        excel_names.push(format!("~${}", characters[2..].iter().collect::<String>()));
+    }
+    if characters.len() > 1 {
+        excel_names.push(format!("~${}", characters[1..].iter().collect::<String>()));
+    }
+    excel_names
+        .into_iter()
+        .map(|owner| folder.join(owner))
+        .find(|owner| owner.exists())
+        .map(|owner| ("Excel", owner))
 }
 
 /// What one `stat` says about a file: enough to tell that it changed without reading it.

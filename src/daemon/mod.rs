@@ -686,7 +686,7 @@ impl Daemon {
             .iter_mut()
             .filter(|(_, tracked)| tracked.write_deferred && !tracked.in_flight)
         {
-            if crate::writeback::open_by(path).is_none() {
+            if crate::watch::open_by(path).is_none() {
                 debug!(file = %path.display(), "closed; writing back");
                 tracked.write_deferred = false;
                 tracked.changed_at = Some(

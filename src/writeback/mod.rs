@@ -300,30 +300,6 @@ impl WriteError {
     }
 }
 
-/// The lock file that says a program has `path` open, if there is one: Excel's `~$NAME` owner
-/// file (Excel drops the first two characters of long names) or LibreOffice's `.~lock.NAME#`.
-pub fn open_by(path: &Path) -> Option<(&'static str, PathBuf)> {
-    let folder = path.parent()?;
-    let name = path.file_name()?.to_str()?;
-    let libreoffice = folder.join(format!(".~lock.{name}#"));
-    if libreoffice.exists() {
-        return Some(("LibreOffice", libreoffice));
-    }
-    let mut excel_names = vec![format!("~${name}")];
-    let characters: Vec<char> = name.chars().collect();
-    if characters.len() > 2 {
-        excel_names.push(format!("~${}", characters[2..].iter().collect::<String>()));
-    }
-    if characters.len() > 1 {
-        excel_names.push(format!("~${}", characters[1..].iter().collect::<String>()));
-    }
-    excel_names
-        .into_iter()
-        .map(|owner| folder.join(owner))
-        .find(|owner| owner.exists())
-        .map(|owner| ("Excel", owner))
-}
-
 /// What a write produced.
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -350,7 +326,7 @@ pub fn write(
                 .to_string(),
         });
     }
-    if let Some((program, lock)) = open_by(path) {
+    if let Some((program, lock)) = crate::watch::open_by(path) {
         return Err(WriteError::Locked {
             path: path.to_path_buf(),
             program,
