@@ -419,7 +419,7 @@ fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Work
             let sender = sender.clone();
             tokio::spawn(async move {
                 let mut after = Utc::now();
-                while let Some(due) = crate::remind::next_weekly(timezone, weekday, at, after) {
+                while let Some(due) = crate::clock::next_weekly(timezone, weekday, at, after) {
                     loop {
                         let left = (due - Utc::now()).to_std().unwrap_or_default();
                         if left.is_zero() {

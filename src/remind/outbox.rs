@@ -252,7 +252,9 @@ pub fn record(
     let today = calendar.day_of(now);
     let give_up_at = today
         .succ_opt()
-        .and_then(|tomorrow| super::moment(remind.timezone, tomorrow, chrono::NaiveTime::MIN))
+        .and_then(|tomorrow| {
+            crate::clock::moment(remind.timezone, tomorrow, chrono::NaiveTime::MIN)
+        })
         .unwrap_or(now + chrono::Duration::hours(24));
     let transaction = store.transaction()?;
     for message in &report.messages {
@@ -300,7 +302,7 @@ pub fn record_message(
     let give_up_at = calendar
         .day_of(now)
         .succ_opt()
-        .and_then(|tomorrow| super::moment(timezone, tomorrow, chrono::NaiveTime::MIN))
+        .and_then(|tomorrow| crate::clock::moment(timezone, tomorrow, chrono::NaiveTime::MIN))
         .unwrap_or(now + chrono::Duration::hours(24));
     store.connection().execute(
         "INSERT INTO outbox (recipient, kind, subject, text_body, html_body, created_at, status, attempts, give_up_at, attachment_name, attachment) \

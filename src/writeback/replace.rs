@@ -258,7 +258,8 @@ pub(super) fn replace_file<T>(
         )?;
     }
     // A save that happened while we built the new content wins; we read it again next time.
-    if fingerprint_at(&folder, name) != fingerprint_before || crate::watch::open_by(path).is_some() {
+    if fingerprint_at(&folder, name) != fingerprint_before || crate::watch::open_by(path).is_some()
+    {
         return Err(WriteError::ChangedMeanwhile {
             path: path.to_path_buf(),
         });
