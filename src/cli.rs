@@ -412,12 +412,27 @@ pub fn open_existing_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open_existing(&config.store.path)?)
 }
 
+/// The runtime a command's mail goes out on: the SMTP transport is async, a command is not.
+fn mail_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the mail runtime")
+}
+
 pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
     let mut store = open_store(config)?;
     let forced: Vec<String> = args.force.iter().map(|path| sync::file_key(path)).collect();
     let reports = sync::sync_all_forcing(&mut store, config, chrono::Utc::now(), &forced)?;
+    let mut runtime = None;
     for report in &reports {
         if let sync::WriteBack::Failed(message) = &report.write_back {
+            let runtime = match runtime.as_mut() {
+                Some(runtime) => runtime,
+                None => runtime.insert(mail_runtime()?),
+            };
             // The admin hears of it as from the daemon (rate-limited per file).
             let subject = format!("{} cannot be written back", display_file(&report.file));
             let key = format!("write-back:{}", display_file(&report.file));
@@ -428,6 +443,7 @@ pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
                 &subject,
                 message,
                 chrono::Utc::now(),
+                runtime.handle(),
             ) {
                 eprintln!("warning: cannot send an alert: {error}");
             }
@@ -672,8 +688,16 @@ pub fn remind(
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     let mut store = open_existing_store(config)?;
-    let report =
-        crate::remind::outbox::run(&mut store, config, now, now, args.force, args.dry_run)?;
+    let runtime = mail_runtime()?;
+    let report = crate::remind::outbox::run(
+        &mut store,
+        config,
+        now,
+        now,
+        args.force,
+        args.dry_run,
+        runtime.handle(),
+    )?;
     let mut out = std::io::stdout().lock();
     if args.dry_run {
         if report.messages.is_empty() {
@@ -687,7 +711,7 @@ pub fn remind(
             writeln!(
                 out,
                 "To: {}\nSubject: {}\n\n{}\n----",
-                message.recipient, message.subject, message.text
+                message.message.recipient, message.message.subject, message.message.text
             )?;
         }
     } else {
@@ -1118,7 +1142,9 @@ pub fn funnel(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
         let mut store = open_existing_store(config)?;
-        let delivery = crate::report::send_weekly_digest(&mut store, config, now)?;
+        let runtime = mail_runtime()?;
+        let delivery =
+            crate::report::send_weekly_digest(&mut store, config, now, runtime.handle())?;
         for error in &delivery.errors {
             eprintln!("mail error: {error}");
         }

@@ -708,6 +708,15 @@ impl fmt::Debug for SmtpConfig {
 }
 
 impl Config {
+    /// The time zone in which time stamps become days and the schedules run: `[remind]`'s, else
+    /// UTC.
+    pub fn timezone(&self) -> chrono_tz::Tz {
+        self.remind
+            .as_ref()
+            .map(|remind| remind.timezone)
+            .unwrap_or(chrono_tz::UTC)
+    }
+
     /// The email address for an owner as written in a sheet (case and spaces ignored).
     pub fn rep_address(&self, owner: &str) -> Option<&str> {
         self.reps.get(&normalize_label(owner)).map(String::as_str)

@@ -14,6 +14,8 @@ use rust_xlsxwriter::{Chart, ChartType, Format, Workbook, Worksheet, XlsxError};
 use crate::config::Config;
 use crate::deal::normalize_label;
 use crate::funnel::{compute, FunnelReport, Period};
+use crate::mail::outbox::{self, DeliveryReport, MessageKind, OutboxError};
+use crate::mail::Message;
 use crate::remind::Calendar;
 use crate::store::{CrmStore, DealFilter, Store, StoreError};
 
@@ -21,8 +23,12 @@ use crate::store::{CrmStore, DealFilter, Store, StoreError};
 pub enum ReportError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot build the report: {0}")]
+    #[error("cannot build the report")]
     Build(#[from] XlsxError),
+    #[error("the weekly digest goes to [remind] manager, which is not set")]
+    NoManager,
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
     #[error("{path} is open in {program}; the report is written once it is closed")]
     Open {
         path: PathBuf,
@@ -595,18 +601,18 @@ fn signed(value: f64) -> String {
 
 /// The weekly digest for the manager: the funnel table over the last week, the change since the
 /// previous digest, the top stalled deals, and the Excel report attached. Recorded in the outbox
-/// as pending, then delivered like the reminders.
+/// as pending, then delivered like the reminders (on `runtime`, see [`outbox::deliver`]).
 pub fn send_weekly_digest(
     store: &mut Store,
     config: &Config,
     now: DateTime<Utc>,
-) -> Result<crate::remind::outbox::DeliveryReport, crate::remind::outbox::RemindError> {
-    use crate::remind::outbox::RemindError;
+    runtime: &tokio::runtime::Handle,
+) -> Result<DeliveryReport, ReportError> {
     let manager = config
         .remind
         .as_ref()
         .and_then(|remind| remind.manager.clone())
-        .ok_or(RemindError::NotConfigured)?;
+        .ok_or(ReportError::NoManager)?;
     let period_days = config
         .report
         .as_ref()
@@ -658,20 +664,19 @@ pub fn send_weekly_digest(
         "<!DOCTYPE html><html><body><pre style=\"font-family:monospace\">{}</pre></body></html>",
         html_escape::encode_safe(&text)
     );
-    let digest = crate::remind::digest::Digest {
+    let message = Message {
         recipient: manager,
         subject: format!("Weekly funnel report {}", now.format("%Y-%m-%d")),
         text,
         html,
     };
-    let bytes = workbook_bytes(&report)
-        .map_err(|error| RemindError::Store(StoreError::Corrupt(error.to_string())))?;
+    let bytes = workbook_bytes(&report)?;
     let name = format!("Funnel report {}.xlsx", now.format("%Y-%m-%d"));
-    crate::remind::outbox::record_message(
+    outbox::record(
         store,
         config,
-        "weekly",
-        &digest,
+        MessageKind::Weekly,
+        &message,
         Some((&name, &bytes)),
         now,
     )?;
@@ -683,5 +688,7 @@ pub fn send_weekly_digest(
             rusqlite::params![crate::store::timestamp(now), snapshot],
         )
         .map_err(StoreError::from)?;
-    crate::remind::outbox::deliver(store, config, now, false)
+    let delivery = outbox::deliver(store, config, now, false, runtime)?;
+    crate::alerts::mail_refused(store, config, &delivery.refusals, now, runtime);
+    Ok(delivery)
 }

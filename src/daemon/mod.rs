@@ -800,8 +800,16 @@ impl Daemon {
             // The run in progress covers it; a run about the same stalls would be deduplicated anyway.
             return;
         }
-        self.spawn_mail_job(move |store, config| {
-            let report = crate::remind::outbox::run(store, config, Utc::now(), due, false, false)
+        self.spawn_mail_job(move |store, config, runtime| {
+            let report = crate::remind::outbox::run(
+                store,
+                config,
+                Utc::now(),
+                due,
+                false,
+                false,
+                runtime,
+            )
                 .map_err(|error| error.to_string())?;
             let summary = format!(
                 "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} refused, {} given up; {}",
@@ -818,16 +826,20 @@ impl Daemon {
     }
 
     /// Runs a mail job (reminders, digest, retries) on a worker thread, one at a time; the loop
-    /// hears how it went through [`Event::MailFinished`].
+    /// hears how it went through [`Event::MailFinished`]. The mail itself goes out on the
+    /// daemon's runtime.
     fn spawn_mail_job(
         &mut self,
-        job: impl FnOnce(&mut Store, &Config) -> Result<(String, bool), String> + Send + 'static,
+        job: impl FnOnce(&mut Store, &Config, &tokio::runtime::Handle) -> Result<(String, bool), String>
+            + Send
+            + 'static,
     ) {
         self.mail_busy = true;
         let config = Arc::clone(&self.config);
         let sender = self.sender.clone();
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let result = with_store(&config, |store| job(store, &config));
+            let result = with_store(&config, |store| job(store, &config, &runtime));
             let _ = sender.send(Event::MailFinished(result));
         });
     }
@@ -892,8 +904,8 @@ impl Daemon {
         if self.mail_busy || self.shutting_down {
             return;
         }
-        self.spawn_mail_job(|store, config| {
-            let delivery = crate::report::send_weekly_digest(store, config, Utc::now())
+        self.spawn_mail_job(|store, config, runtime| {
+            let delivery = crate::report::send_weekly_digest(store, config, Utc::now(), runtime)
                 .map_err(|error| error.to_string())?;
             let summary = format!(
                 "weekly digest: {} sent, {} to retry",
@@ -909,9 +921,10 @@ impl Daemon {
             return;
         }
         let config = Arc::clone(&self.config);
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let result = with_store(&config, |store| {
-                crate::alerts::raise(store, &config, &key, &subject, &body, Utc::now())
+                crate::alerts::raise(store, &config, &key, &subject, &body, Utc::now(), &runtime)
                     .map_err(|error| error.to_string())
             });
             if let Err(message) = result {
@@ -925,14 +938,16 @@ impl Daemon {
         if self.mail_busy || self.shutting_down || self.config.smtp.is_none() {
             return;
         }
-        let pending = tokio::task::block_in_place(|| crate::remind::outbox::n_pending(&self.store))
+        let pending = tokio::task::block_in_place(|| crate::mail::outbox::n_pending(&self.store))
             .unwrap_or(0);
         if pending == 0 {
             return;
         }
-        self.spawn_mail_job(|store, config| {
-            let report = crate::remind::outbox::deliver(store, config, Utc::now(), false)
+        self.spawn_mail_job(|store, config, runtime| {
+            let now = Utc::now();
+            let report = crate::mail::outbox::deliver(store, config, now, false, runtime)
                 .map_err(|error| error.to_string())?;
+            crate::alerts::mail_refused(store, config, &report.refusals, now, runtime);
             let summary = format!(
                 "mail retry: {} sent, {} to retry, {} refused, {} given up; {}",
                 report.sent,

@@ -2,8 +2,9 @@
 //! (calendar or business days, holidays), the reminder schedule (time zone and DST aware), and
 //! which stalls are due a reminder or an escalation. Time is always a parameter.
 //!
-//! `remind::digest` turns stalls into email text; `remind::outbox` records and sends them (the
-//! only part that does I/O). This module must not send mail, read files or touch the store.
+//! `remind::digest` turns stalls into email text; `remind::outbox` records them, with the
+//! reminders they carry, in the mail outbox (the only part that does I/O). This module must not
+//! send mail, read files or touch the store.
 
 pub mod digest;
 pub mod outbox;

@@ -1,17 +1,17 @@
-//! Sending mail over SMTP with lettre (tokio, rustls): the transport built from `[smtp]`, the
-//! password read from a file, the environment or a systemd credential at send time, and one
-//! message sent with a timeout.
+//! The SMTP transport (lettre over tokio and rustls): built from `[smtp]`, with the password read
+//! from a file, the environment or a systemd credential when mail is sent, and one message sent
+//! with a timeout around the whole exchange.
 //!
-//! This module must not decide what to send or when; it only sends. The password never appears
-//! in a log line or an error message, and neither does a server's reply that could repeat the
-//! login ([`redact_reply`]).
+//! The password never appears in a log line or an error message, and neither does a server's
+//! reply that could repeat the login ([`redact_reply`]).
 
 use std::time::Duration;
 
 use lettre::message::{header::ContentType, Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor};
 
+use super::Message;
 use crate::config::{SmtpConfig, SmtpSecurity};
 
 #[derive(Debug, thiserror::Error)]
@@ -181,33 +181,31 @@ impl Mailer {
     /// Sends one multipart (text + HTML) message, with an optional .xlsx attachment.
     pub async fn send(
         &self,
-        recipient: &str,
-        subject: &str,
-        text: &str,
-        html: &str,
+        message: &Message,
         attachment: Option<(&str, &[u8])>,
     ) -> Result<(), MailError> {
+        let recipient = message.recipient.as_str();
         let to = recipient
             .parse::<Mailbox>()
             .map_err(|error| MailError::Address {
                 address: recipient.to_string(),
                 message: error.to_string(),
             })?;
-        let message = Message::builder()
+        let email = Email::builder()
             .from(self.from.clone())
             .to(to)
-            .subject(subject)
+            .subject(message.subject.as_str())
             .multipart({
                 let alternative = MultiPart::alternative()
                     .singlepart(
                         SinglePart::builder()
                             .header(ContentType::TEXT_PLAIN)
-                            .body(text.to_string()),
+                            .body(message.text.clone()),
                     )
                     .singlepart(
                         SinglePart::builder()
                             .header(ContentType::TEXT_HTML)
-                            .body(html.to_string()),
+                            .body(message.html.clone()),
                     );
                 match attachment {
                     None => alternative,
@@ -224,7 +222,7 @@ impl Mailer {
             })
             .map_err(|error| MailError::Build(error.to_string()))?;
         // lettre's own timeout covers connecting only; this one covers the whole exchange.
-        match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
+        match tokio::time::timeout(self.timeout, self.transport.send(email)).await {
             Ok(Ok(_)) => Ok(()),
             // A 4xx or 5xx reply (to the end of the data, or to the sender or a recipient) is an
             // answer, not a lost connection: say which kind it is.
