@@ -402,13 +402,13 @@ fn store_folder_problem(path: &std::path::Path) -> Option<String> {
     }
 }
 
-pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+pub(crate) fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open(&config.store.path)?)
 }
 
 /// Opens the store that must already exist: every command but `sync` and `run`, so that a
 /// mistyped path says so instead of leaving an empty store behind.
-pub fn open_existing_store(config: &Config) -> anyhow::Result<Store> {
+pub(crate) fn open_existing_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open_existing(&config.store.path)?)
 }
 
@@ -741,7 +741,7 @@ pub fn remind(
 
 /// A deal as JSON: every field by name (null when empty), dates as ISO strings, unmapped columns
 /// under `extra`.
-pub fn deal_json(deal: &Deal) -> Value {
+pub(crate) fn deal_json(deal: &Deal) -> Value {
     let mut object = serde_json::Map::new();
     object.insert("id".to_string(), json!(deal.id));
     for field in Field::ALL {
@@ -1090,7 +1090,7 @@ pub fn undo(config: &Config, args: &UndoArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The period of a funnel report: whole days, `until` included.
-pub fn funnel_period(
+pub(crate) fn funnel_period(
     since: Option<chrono::NaiveDate>,
     until: Option<chrono::NaiveDate>,
     now: chrono::DateTime<chrono::Utc>,

@@ -286,16 +286,6 @@ pub struct RawWatch {
 }
 
 impl RawConfig {
-    /// Parses the text of a config file. Syntax errors stop here; every section is then read on
-    /// its own so that a mistake in one does not hide the mistakes in the others.
-    pub fn parse(text: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
-        let (raw, problems) = RawConfig::parse_partial(text);
-        match raw {
-            Some(raw) if problems.is_empty() => Ok(raw),
-            _ => Err(problems),
-        }
-    }
-
     /// Parses what can be parsed: a file with a syntax error gives `None`; otherwise every section
     /// that reads cleanly is kept, so that stage two can still check it, and the problems of the
     /// others are returned beside it.

@@ -421,10 +421,6 @@ impl Store {
         Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Opens an existing store; a missing file is [`StoreError::Missing`], not a new empty store.
     /// For the commands that only read: a mistyped path must not leave an empty store behind.
     pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
@@ -600,9 +596,6 @@ pub struct ConflictRecord {
 pub trait CrmStore {
     /// The deals with these ids that exist (archived ones included).
     fn deals_by_ids(&self, ids: &[DealId]) -> Result<HashMap<DealId, Deal>, StoreError>;
-    /// The deal whose field holds exactly this cleaned value, preferring live deals over archived
-    /// ones and older over newer.
-    fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError>;
     /// Ids of live deals whose last change is covered by the change counter `version` (nothing
     /// changed them after a reader saw that counter).
     fn live_ids_unchanged_since(
@@ -879,16 +872,6 @@ impl CrmStore for SqliteCrm<'_> {
             }
         }
         Ok(found)
-    }
-
-    fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError> {
-        let sql = format!(
-            "SELECT {} FROM deals WHERE {} = ?1 ORDER BY archived_at IS NOT NULL, id LIMIT 1",
-            deal_columns(),
-            field.name()
-        );
-        let value = to_sql(Some(value));
-        Ok(self.query_deals(&sql, &[&value])?.into_iter().next())
     }
 
     fn live_ids_unchanged_since(
@@ -1302,35 +1285,6 @@ impl CrmStore for SqliteCrm<'_> {
         self.query_deals(&sql, &parameters)
     }
 
-    fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError> {
-        let mut statement = self
-            .connection
-            .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
-        let rows = statement.query_map([id], |row| {
-            Ok((
-                row.get::<_, DealId>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, bool>(5)?,
-            ))
-        })?;
-        let mut changes = Vec::new();
-        for row in rows {
-            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
-            changes.push(StageChange {
-                deal_id,
-                from_stage,
-                to_stage,
-                at: parse_timestamp(&at)?,
-                source,
-                start_known,
-            });
-        }
-        Ok(changes)
-    }
-
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError> {
         use rusqlite::types::Value;
         let text = |value: &Option<String>| value.clone().map_or(Value::Null, Value::Text);
@@ -1413,6 +1367,35 @@ impl CrmStore for SqliteCrm<'_> {
             rusqlite::params_from_iter(values.iter()),
         )?;
         Ok(())
+    }
+
+    fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
+        let rows = statement.query_map([id], |row| {
+            Ok((
+                row.get::<_, DealId>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, bool>(5)?,
+            ))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
+            changes.push(StageChange {
+                deal_id,
+                from_stage,
+                to_stage,
+                at: parse_timestamp(&at)?,
+                source,
+                start_known,
+            });
+        }
+        Ok(changes)
     }
 
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError> {

@@ -16,7 +16,7 @@ pub mod csv_reader;
 mod escape;
 pub mod xml_guard;
 
-pub use escape::{escape_csv_field, looks_like_formula, needs_csv_escape, unescape_csv_field};
+pub use escape::{escape_csv_field, unescape_csv_field};
 
 use std::fmt;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -128,6 +128,7 @@ pub struct SheetRow {
 
 impl SheetRow {
     /// A row from its cells in column order (empty ones are not kept).
+    #[cfg(test)]
     pub fn new(row_number: u32, cells: Vec<Cell>) -> SheetRow {
         let mut row = SheetRow {
             row_number,
@@ -511,18 +512,6 @@ pub struct SheetData {
     pub formula_cells: Vec<(u32, u32)>,
 }
 
-impl SheetData {
-    /// Whether the cell at this Excel row number and 0-based column holds a formula.
-    pub fn is_formula(&self, row_number: u32, column_idx: usize) -> bool {
-        let Ok(column_idx) = u32::try_from(column_idx) else {
-            return false;
-        };
-        self.formula_cells
-            .binary_search(&(row_number, column_idx))
-            .is_ok()
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum WorkbookError {
     #[error("cannot read {path}: {source}")]
@@ -698,28 +687,6 @@ pub fn open_file(path: &Path, limits: &Limits) -> Result<OpenedFile, WorkbookErr
         content_hash: hex(&hasher.finalize()),
         census,
     })
-}
-
-/// A file's bytes, refused beyond `max_file_mb`, never read through a symbolic link.
-pub fn read_bytes(path: &Path, limits: &Limits) -> Result<Vec<u8>, WorkbookError> {
-    let io_error = |source| WorkbookError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = open_no_follow(path).map_err(io_error)?;
-    let size = FileStamp::of(path, &file)?.size;
-    if size > limits.max_file_bytes {
-        return Err(WorkbookError::OverLimit {
-            path: path.to_path_buf(),
-            what: format!("the file size ({} MB)", size >> 20),
-            limit: format!("{} MB", limits.max_file_bytes >> 20),
-        });
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    file.take(limits.max_file_bytes)
-        .read_to_end(&mut bytes)
-        .map_err(io_error)?;
-    Ok(bytes)
 }
 
 /// Parses an opened file (from [`open_file`]) into the managed sheet.

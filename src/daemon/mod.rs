@@ -9,7 +9,7 @@
 //! store cannot be opened) stop the daemon; per-file and per-row ones are logged, recorded and the
 //! daemon goes on. This module must not know how a file is parsed or diffed (that is `sync`).
 
-pub mod systemd;
+pub(crate) mod systemd;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -50,7 +50,7 @@ pub enum DaemonError {
 
 /// Everything that can make the loop act.
 #[derive(Debug)]
-pub enum Event {
+enum Event {
     /// The watcher saw something happen to this path.
     FileChanged(PathBuf),
     /// The watcher failed; the periodic rescan still covers every file.

@@ -547,7 +547,7 @@ fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason
                         span.meta {
                             span.stage { (shown(deal, Field::Stage)) }
                             @if sees_amounts && deal.fields.contains_key(&Field::Amount) {
-                                span.amount { (crate::cli::group_thousands(&shown(deal, Field::Amount))) " " (shown(deal, Field::Currency)) }
+                                span.amount { (crate::text::group_thousands(&shown(deal, Field::Amount))) " " (shown(deal, Field::Currency)) }
                             }
                             @if page.user.sees(Field::Owner) { span.owner { (shown(deal, Field::Owner)) } }
                         }

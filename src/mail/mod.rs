@@ -9,7 +9,7 @@
 pub mod outbox;
 mod smtp;
 
-pub use smtp::{redact_reply, MailError, Mailer};
+pub use smtp::Mailer;
 
 /// A message ready to record and send: its recipient, subject, and the same content as plain text
 /// and as HTML.

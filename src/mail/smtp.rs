@@ -85,7 +85,6 @@ impl MailError {
 pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
-    host: String,
     timeout: Duration,
     /// The forms the credentials take on the wire, to keep them out of error messages.
     secrets: Vec<String>,
@@ -168,14 +167,9 @@ impl Mailer {
         Ok(Mailer {
             transport: builder.build(),
             from,
-            host: smtp.host.clone(),
             timeout: smtp.timeout,
             secrets,
         })
-    }
-
-    pub fn host(&self) -> &str {
-        &self.host
     }
 
     /// Sends one multipart (text + HTML) message, with an optional .xlsx attachment.

@@ -348,17 +348,8 @@ fn deals_in_other_files(
 /// One pass over every file of every source. A file claimed by two sources is synced by the
 /// first only; the second reports it. When the pass changed the store and some source writes
 /// back, the files of those sources are synced once more, so that a change read from one file
-/// reaches the others in the same command.
-pub fn sync_all(
-    store: &mut Store,
-    config: &Config,
-    now: DateTime<Utc>,
-) -> Result<Vec<FileReport>, SyncError> {
-    sync_all_forcing(store, config, now, &[])
-}
-
-/// [`sync_all`], applying the files in `forced` (by [`file_key`]) even where the mass-delete
-/// guard would hold them.
+/// reaches the others in the same command. The files in `forced` (by [`file_key`]) are applied
+/// even where the mass-delete guard would hold them.
 pub fn sync_all_forcing(
     store: &mut Store,
     config: &Config,
