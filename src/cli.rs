@@ -808,7 +808,7 @@ fn local_time(at: chrono::DateTime<chrono::Utc>) -> String {
 
 pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
     let store = open_existing_store(config)?;
-    let overview = mirror::file_overview(store.connection())?;
+    let overview = crate::status::file_overview(store.connection())?;
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&overview)?)?,
@@ -832,7 +832,7 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
             .to_vec()];
             for file in &overview {
                 let state = match (file.state, file.next_retry_at) {
-                    (Some(mirror::FileState::Retrying), Some(retry_at)) => {
+                    (Some(crate::status::FileState::Retrying), Some(retry_at)) => {
                         format!(
                             "retry {} at {}",
                             file.attempts + 1,
@@ -868,13 +868,13 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                 &[false, false, false, false, false, true, true, false, false],
             )?;
             for file in &overview {
-                let ignored = file.state == Some(mirror::FileState::Ignored);
+                let ignored = file.state == Some(crate::status::FileState::Ignored);
                 if file.last_status.as_deref() == Some("failed") || ignored {
                     if let Some(message) = &file.last_message {
                         writeln!(out, "\n{}: {message}", display_file(&file.file))?;
                     }
                 }
-                if let Some(mirror::WriteBackState {
+                if let Some(crate::status::WriteBackState {
                     status,
                     message: Some(message),
                 }) = &file.write_back

@@ -17,6 +17,7 @@ pub mod mapping;
 pub mod mirror;
 pub(crate) mod remind;
 pub(crate) mod report;
+pub(crate) mod status;
 pub mod store;
 pub mod sync;
 pub(crate) mod text;

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, WatchMode};
-use crate::mirror::{self, FileState, FileStatusRecord};
+use crate::status::{self, FileState, FileStatusRecord};
 use crate::store::Store;
 use crate::sync::{self, FileReport, FileStatus};
 use crate::watch::{self, Fingerprint};
@@ -587,7 +587,7 @@ impl Daemon {
         let now = Utc::now();
         let result = tokio::task::block_in_place(|| {
             by_source.iter().try_for_each(|(source, noted)| {
-                mirror::replace_ignored(store.connection(), source, noted, now)
+                status::replace_ignored(store.connection(), source, noted, now)
             })
         });
         if let Err(error) = result {
@@ -1278,7 +1278,7 @@ impl Daemon {
         };
         let store = &self.store;
         if let Err(error) =
-            tokio::task::block_in_place(|| mirror::record_file_status(store.connection(), &record))
+            tokio::task::block_in_place(|| status::record(store.connection(), &record))
         {
             warn!(file = %path.display(), "cannot record the file's status: {error}");
         }

@@ -422,7 +422,7 @@ pub fn note_links_not_synced(
             (file_key(path), format!("{}: {reason}", path.display()))
         })
         .collect();
-    mirror::replace_ignored(store.connection(), &source.name, &noted, now)?;
+    crate::status::replace_ignored(store.connection(), &source.name, &noted, now)?;
     Ok(())
 }
 
