@@ -2,7 +2,7 @@
 //! spreadsheet paths, telling Excel's and LibreOffice's lock and temp files apart from real
 //! spreadsheets, telling from their lock files whether Excel or LibreOffice has a file open
 //! ([`open_by`]), fingerprinting files by one `stat` each (size, modification time to the
-//! nanosecond, inode), and the file-system event watcher.
+//! nanosecond, inode), and the file-system event watcher over the sources' folders ([`Watcher`]).
 //!
 //! This module owns the file system view of the sources. It must not read spreadsheet contents,
 //! decide when a file has settled (that is the daemon's loop) or touch the store.
@@ -344,9 +344,65 @@ pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     })
 }
 
+/// A file-system watcher over the sources' folders (inotify on Linux). Dropping it stops it.
+pub struct Watcher {
+    _inner: notify::RecommendedWatcher,
+}
+
+/// What the watcher tells.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// Something happened to a path that may be a source and may have new content.
+    Changed(PathBuf),
+    /// The watcher failed (an event queue overflowed, a watched folder went away).
+    Failed(notify::Error),
+}
+
+impl Watcher {
+    /// Starts watching every source's folder, handing each event to `deliver` (on the watcher's
+    /// own thread). Returns `None`, after saying why, when no watcher can start; a folder that
+    /// cannot be watched is left to polling and said so.
+    pub fn start(
+        config: &Config,
+        deliver: impl Fn(WatchEvent) + Send + 'static,
+    ) -> Option<Watcher> {
+        use notify::Watcher as _;
+        let handler = move |result: notify::Result<notify::Event>| match result {
+            Ok(event) if is_change(&event.kind) => event
+                .paths
+                .into_iter()
+                .filter(|path| is_candidate(path))
+                .for_each(|path| deliver(WatchEvent::Changed(path))),
+            Ok(_) => {}
+            Err(error) => deliver(WatchEvent::Failed(error)),
+        };
+        let mut watcher = match notify::recommended_watcher(handler) {
+            Ok(watcher) => watcher,
+            Err(error) => {
+                tracing::warn!(
+                    "cannot start the file watcher, polling every {:?} instead: {error}",
+                    config.watch.poll_interval
+                );
+                return None;
+            }
+        };
+        for (folder, mode) in watch_roots(&config.sources) {
+            match watcher.watch(&folder, mode) {
+                Ok(()) => tracing::debug!(folder = %folder.display(), "watching"),
+                Err(error) => tracing::warn!(
+                    folder = %folder.display(),
+                    "cannot watch this folder for events; it is polled every {:?} instead: {error}",
+                    config.watch.poll_interval
+                ),
+            }
+        }
+        Some(Watcher { _inner: watcher })
+    }
+}
+
 /// Whether a file-system event may mean new content. Opening and reading (funnelsync's own reads
 /// among them) do not; closing after writing does.
-pub fn is_change(kind: &notify::EventKind) -> bool {
+fn is_change(kind: &notify::EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode};
     use notify::EventKind;
     match kind {
@@ -358,7 +414,7 @@ pub fn is_change(kind: &notify::EventKind) -> bool {
 
 /// The folders to watch for a set of sources, and whether each needs its subfolders too (a glob
 /// with a wildcard in a folder part).
-pub fn watch_roots(sources: &[SourceConfig]) -> Vec<(PathBuf, notify::RecursiveMode)> {
+fn watch_roots(sources: &[SourceConfig]) -> Vec<(PathBuf, notify::RecursiveMode)> {
     let mut roots: Vec<(PathBuf, notify::RecursiveMode)> = Vec::new();
     for source in sources {
         let folder = source_folder(source);

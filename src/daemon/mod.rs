@@ -54,7 +54,7 @@ enum Event {
     /// The watcher saw something happen to this path.
     FileChanged(PathBuf),
     /// The watcher failed; the periodic rescan still covers every file.
-    WatcherFailed(String),
+    WatcherFailed(notify::Error),
     /// Time to stat every source file (poll mode, and the safety net in auto mode).
     Rescan,
     /// Time to look at timers.
@@ -134,7 +134,7 @@ impl Tracked {
 /// The worker tasks that depend on the config; replaced on reload.
 struct Workers {
     /// Held only to keep it alive: dropping the watcher stops its events.
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<watch::Watcher>,
     rescan: Option<JoinHandle<()>>,
     remind: Option<JoinHandle<()>>,
     weekly: Option<JoinHandle<()>>,
@@ -255,8 +255,8 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     while let Some(event) = receiver.recv().await {
         match event {
             Event::FileChanged(path) => daemon.on_file_changed(path),
-            Event::WatcherFailed(message) => {
-                warn!("file watcher error (the periodic rescan still covers every file): {message}")
+            Event::WatcherFailed(error) => {
+                warn!("file watcher error (the periodic rescan still covers every file): {error}")
             }
             Event::Rescan => daemon.rescan(false),
             Event::Tick => daemon.on_tick(),
@@ -367,7 +367,13 @@ fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Work
     let watcher = if mode == WatchMode::Poll {
         None
     } else {
-        start_watcher(config, sender)
+        let sender = sender.clone();
+        watch::Watcher::start(config, move |event| {
+            let _ = sender.send(match event {
+                watch::WatchEvent::Changed(path) => Event::FileChanged(path),
+                watch::WatchEvent::Failed(error) => Event::WatcherFailed(error),
+            });
+        })
     };
     let rescan = if mode == WatchMode::Events && watcher.is_some() {
         None
@@ -440,50 +446,6 @@ fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Work
         remind,
         weekly,
     }
-}
-
-fn start_watcher(
-    config: &Config,
-    sender: &mpsc::UnboundedSender<Event>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let event_sender = sender.clone();
-    let handler = move |result: notify::Result<notify::Event>| {
-        let event = match result {
-            Ok(event) if watch::is_change(&event.kind) => event,
-            Ok(_) => return,
-            Err(error) => {
-                let _ = event_sender.send(Event::WatcherFailed(error.to_string()));
-                return;
-            }
-        };
-        for path in event.paths {
-            if watch::is_candidate(&path) {
-                let _ = event_sender.send(Event::FileChanged(path));
-            }
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(watcher) => watcher,
-        Err(error) => {
-            warn!(
-                "cannot start the file watcher, polling every {:?} instead: {error}",
-                config.watch.poll_interval
-            );
-            return None;
-        }
-    };
-    for (folder, mode) in watch::watch_roots(&config.sources) {
-        match watcher.watch(&folder, mode) {
-            Ok(()) => debug!(folder = %folder.display(), "watching"),
-            Err(error) => warn!(
-                folder = %folder.display(),
-                "cannot watch this folder for events; it is polled every {:?} instead: {error}",
-                config.watch.poll_interval
-            ),
-        }
-    }
-    Some(watcher)
 }
 
 impl Daemon {
