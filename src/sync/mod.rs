@@ -110,12 +110,6 @@ impl FileReport {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// The key a file goes by in the mirror and the run history: its absolute path, with its folder
 /// resolved but its own name kept, so a symbolic link is known by its own name, never by what it
 /// points to.
@@ -138,7 +132,7 @@ pub fn sync_file(
     source: &SourceConfig,
     path: &Path,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     sync_file_with(store, config, source, path, now, false)
 }
 
@@ -150,7 +144,7 @@ pub fn sync_file_with(
     path: &Path,
     now: DateTime<Utc>,
     force: bool,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     file::sync(store, config, source, path, now, force)
 }
 
@@ -220,7 +214,7 @@ fn unchanged(
     mut report: FileReport,
     summary: &mirror::MirrorSummary,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     tracing::debug!(file = %report.file, "content, settings and store unchanged since the last sync; not parsed");
     report.counts.unchanged = summary.n_rows;
     report.sheet = Some(summary.sheet.clone());
@@ -238,7 +232,7 @@ fn record_lone_run(
     status: FileStatus,
     message: String,
     now: DateTime<Utc>,
-) -> Result<(i64, i64), SyncError> {
+) -> Result<(i64, i64), StoreError> {
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     let run_id = crm.record_run(&SyncRun {
@@ -280,7 +274,7 @@ fn hold(
     report: FileReport,
     message: String,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     end_without_applying(store, report, FileStatus::Held, message, now)
 }
 
@@ -306,7 +300,7 @@ fn fail(
     report: FileReport,
     message: String,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     end_without_applying(store, report, FileStatus::Failed, message, now)
 }
 
@@ -317,7 +311,7 @@ fn end_without_applying(
     status: FileStatus,
     message: String,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     let (run_id, _) = record_lone_run(store, &report, status, message.clone(), now)?;
     report.status = status;
     report.error = Some(message);
@@ -355,7 +349,7 @@ pub fn sync_all_forcing(
     config: &Config,
     now: DateTime<Utc>,
     forced: &[String],
-) -> Result<Vec<FileReport>, SyncError> {
+) -> Result<Vec<FileReport>, StoreError> {
     let version_before = store.crm().version()?;
     let (mut reports, files) = sync_pass(store, config, now, None, forced)?;
     let writing: Vec<&SourceConfig> = config
@@ -414,7 +408,7 @@ pub fn note_links_not_synced(
     source: &SourceConfig,
     not_sources: &[(PathBuf, String)],
     now: DateTime<Utc>,
-) -> Result<(), SyncError> {
+) -> Result<(), StoreError> {
     let noted: Vec<(String, String)> = not_sources
         .iter()
         .map(|(path, reason)| {
@@ -437,7 +431,7 @@ fn sync_pass(
     now: DateTime<Utc>,
     only: Option<&[(String, PathBuf)]>,
     forced: &[String],
-) -> Result<(Vec<FileReport>, SourceFiles), SyncError> {
+) -> Result<(Vec<FileReport>, SourceFiles), StoreError> {
     let mut reports = Vec::new();
     let mut synced = Vec::new();
     if let Some(files) = only {
