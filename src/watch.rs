@@ -14,10 +14,21 @@ use crate::config::{Config, SourceConfig, SourcePath};
 use crate::workbook::format_of;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot list {}: {message}", path.display())]
-pub struct DiscoverError {
-    pub path: PathBuf,
-    pub message: String,
+pub enum DiscoverError {
+    #[error("cannot list {}: {}", path.display(), folder_problem(source))]
+    Folder {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot list {}: the file does not exist", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("cannot list {pattern}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: glob::PatternError,
+    },
 }
 
 /// Whether a file name is one an office program writes while saving or while a file is open,
@@ -108,23 +119,18 @@ fn list_source(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     };
     match &source.path {
         SourcePath::File(path) => match admit(source, path) {
-            Admission::Missing => {
-                return Err(DiscoverError {
-                    path: path.clone(),
-                    message: "the file does not exist".to_string(),
-                })
-            }
+            Admission::Missing => return Err(DiscoverError::MissingFile { path: path.clone() }),
             admission => take(path.clone(), admission, &mut discovery),
         },
         SourcePath::Folder(folder) => {
-            let entries = std::fs::read_dir(folder).map_err(|error| DiscoverError {
+            let entries = std::fs::read_dir(folder).map_err(|source| DiscoverError::Folder {
                 path: folder.clone(),
-                message: folder_error(&error),
+                source,
             })?;
             for entry in entries {
-                let entry = entry.map_err(|error| DiscoverError {
+                let entry = entry.map_err(|source| DiscoverError::Folder {
                     path: folder.clone(),
-                    message: error.to_string(),
+                    source,
                 })?;
                 let path = entry.path();
                 if !is_candidate(&path) {
@@ -144,14 +150,14 @@ fn list_source(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
             // files": the share may not be mounted.
             let folder = source_folder(source);
             if let Err(error) = std::fs::metadata(&folder) {
-                return Err(DiscoverError {
+                return Err(DiscoverError::Folder {
                     path: folder,
-                    message: folder_error(&error),
+                    source: error,
                 });
             }
-            let paths = glob::glob(pattern).map_err(|error| DiscoverError {
-                path: PathBuf::from(pattern),
-                message: error.to_string(),
+            let paths = glob::glob(pattern).map_err(|source| DiscoverError::Pattern {
+                pattern: pattern.clone(),
+                source,
             })?;
             let folder = source_folder(source);
             let folder = std::fs::canonicalize(&folder).unwrap_or(folder);
@@ -215,8 +221,20 @@ pub fn source_files(config: &Config, source: &SourceConfig) -> Result<Vec<PathBu
     discover(config, source).map(|discovery| discovery.files)
 }
 
+impl DiscoverError {
+    /// The file, folder or pattern that could not be listed.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            DiscoverError::Folder { path, .. } | DiscoverError::MissingFile { path } => {
+                path.clone()
+            }
+            DiscoverError::Pattern { pattern, .. } => PathBuf::from(pattern),
+        }
+    }
+}
+
 /// Why a source folder cannot be listed, in words an admin can act on.
-fn folder_error(error: &std::io::Error) -> String {
+fn folder_problem(error: &std::io::Error) -> String {
     if error.kind() == std::io::ErrorKind::NotFound {
         "the folder does not exist (is the share mounted?)".to_string()
     } else {

@@ -457,7 +457,7 @@ fn sync_pass(
             Err(error) => {
                 let mut report = FileReport::failed(
                     &source.name,
-                    &error.path.display().to_string(),
+                    &error.path().display().to_string(),
                     Some(error.to_string()),
                 );
                 report.retryable = true;

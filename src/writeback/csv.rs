@@ -31,7 +31,7 @@ pub fn build(
         .from_writer(Vec::new());
     let csv_error = |error: csv::Error| WriteError::Build {
         path: sheet.path.clone(),
-        message: error.to_string(),
+        source: Box::new(error),
     };
     // Every cell goes through the escape, whether funnelsync changed it or not: a value the rep
     // typed as `'=cmd|…` must not come back as a live formula.
@@ -128,7 +128,7 @@ pub fn build(
     )
     .map_err(|error| WriteError::Build {
         path: sheet.path.clone(),
-        message: error.to_string(),
+        source: Box::new(error),
     })?;
     if !header_written {
         writer.write_record(&headers).map_err(csv_error)?;
@@ -144,7 +144,7 @@ pub fn build(
     }
     let text = writer.into_inner().map_err(|error| WriteError::Build {
         path: sheet.path.clone(),
-        message: error.to_string(),
+        source: Box::new(error.into_error()),
     })?;
     let text = String::from_utf8_lossy(&text).into_owned();
     let mut bytes = Vec::new();

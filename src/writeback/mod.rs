@@ -272,8 +272,12 @@ pub enum WriteError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot build the workbook for {path}: {message}")]
-    Build { path: PathBuf, message: String },
+    #[error("cannot build the workbook for {path}: {source}")]
+    Build {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot edit {path} in place: {source}")]
     Edit {
         path: PathBuf,
@@ -281,12 +285,13 @@ pub enum WriteError {
         source: xlsx::PackageError,
     },
     #[error(
-        "the backup failed, so {path} was not written: cannot keep a backup in {folder}: {message}"
+        "the backup failed, so {path} was not written: cannot keep a backup in {folder}: {source}"
     )]
     Backup {
         path: PathBuf,
         folder: PathBuf,
-        message: String,
+        #[source]
+        source: BackupError,
     },
 }
 
@@ -367,3 +372,5 @@ pub fn write(
 mod csv;
 mod replace;
 mod xlsx;
+
+pub use replace::BackupError;
