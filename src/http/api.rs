@@ -867,7 +867,7 @@ async fn status(
     ApiUser(user): ApiUser,
 ) -> Result<Json<Value>, ApiError> {
     admin_read(&state, &user, |store| {
-        Ok(crate::mirror::file_overview(store.connection())?)
+        Ok(crate::status::file_overview(store.connection())?)
     })
     .await
 }
@@ -980,7 +980,7 @@ pub async fn force(state: &SharedState, user: &User, file: &str) -> Result<(), A
         .map_err(|refusal| ApiError::from_refusal(refusal, "such page"))?;
     let file_owned = file.to_string();
     let known: HashSet<String> = with_store(state, |store, _| {
-        Ok(crate::mirror::file_overview(store.connection())?
+        Ok(crate::status::file_overview(store.connection())?
             .into_iter()
             .map(|file| file.file)
             .collect())
