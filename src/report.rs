@@ -250,7 +250,8 @@ struct Formats {
     days: Format,
 }
 
-/// The report workbook's bytes.
+/// The report workbook's bytes: one sheet each for the funnel, conversion, the forecast, the
+/// reps and the stalled deals.
 pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
     let formats = Formats {
         header: Format::new().set_bold(),
@@ -259,10 +260,22 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         days: Format::new().set_num_format("0.0"),
     };
     let mut workbook = Workbook::new();
-    let n_stages = report.stages.len() as u32;
+    funnel_sheet(workbook.add_worksheet(), report, &formats)?;
+    conversion_sheet(workbook.add_worksheet(), report, &formats)?;
+    forecast_sheet(workbook.add_worksheet(), report, &formats)?;
+    by_rep_sheet(workbook.add_worksheet(), report, &formats)?;
+    stalled_sheet(workbook.add_worksheet(), report, &formats)?;
+    workbook.save_to_buffer()
+}
 
-    // Funnel: the per-stage table and a bar chart, stages top to bottom.
-    let sheet = workbook.add_worksheet().set_name("Funnel")?;
+/// "Funnel": the per-stage table, the totals below it and a bar chart, stages top to bottom.
+fn funnel_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    let n_stages = report.stages.len() as u32;
+    sheet.set_name("Funnel")?;
     let title = format!(
         "Funnel {} to {}{}",
         report.period.since.format("%Y-%m-%d"),
@@ -291,7 +304,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         "Stalled",
         "Visits with unknown start (not in the days)",
     ];
-    write_row(sheet, 2, &headers.map(Cell::Header), &formats)?;
+    write_row(sheet, 2, &headers.map(Cell::Header), formats)?;
     for (index, stage) in report.stages.iter().enumerate() {
         let row = 3 + index as u32;
         write_row(
@@ -314,63 +327,38 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Count(stage.n_stalled),
                 Cell::Count(stage.n_unknown_start),
             ],
-            &formats,
+            formats,
         )?;
     }
     let totals_row = 4 + n_stages;
     let totals = &report.totals;
-    write_row(
-        sheet,
-        totals_row,
-        &[
+    let total_lines = [
+        vec![
             Cell::Header("Won"),
             Cell::Count(totals.won_count),
             Cell::Money(totals.won_amount),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 1,
-        &[Cell::Header("Lost"), Cell::Count(totals.lost_count)],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 2,
-        &[
+        vec![Cell::Header("Lost"), Cell::Count(totals.lost_count)],
+        vec![
             Cell::Header("Lead to won"),
             Cell::Rate(totals.lead_to_won_rate),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 3,
-        &[
+        vec![
             Cell::Header("Average days to won"),
             Cell::Days(totals.average_days_to_won),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 4,
-        &[
+        vec![
             Cell::Header("Weighted pipeline"),
             Cell::Money(report.forecast.weighted_pipeline),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 5,
-        &[
+        vec![
             Cell::Header("History-based forecast"),
             Cell::Money(report.forecast.history_based),
         ],
-        &formats,
-    )?;
+    ];
+    for (offset, cells) in total_lines.iter().enumerate() {
+        write_row(sheet, totals_row + offset as u32, cells, formats)?;
+    }
     sheet.set_column_width(0, 22)?;
     for column in 1..headers.len() as u16 {
         sheet.set_column_width(column, 14)?;
@@ -388,14 +376,22 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         chart.legend().set_hidden();
         sheet.insert_chart(totals_row + 8, 0, &chart)?;
     }
+    Ok(())
+}
 
-    // Conversion: rates per stage and a column chart.
-    let sheet = workbook.add_worksheet().set_name("Conversion")?;
+/// "Conversion": the rates per stage and a column chart.
+fn conversion_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    let n_stages = report.stages.len() as u32;
+    sheet.set_name("Conversion")?;
     write_row(
         sheet,
         0,
         &["Stage", "Conversion to a later stage", "Win rate"].map(Cell::Header),
-        &formats,
+        formats,
     )?;
     for (index, stage) in report.stages.iter().enumerate() {
         write_row(
@@ -406,7 +402,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Rate(stage.conversion_rate),
                 Cell::Rate(stage.win_rate),
             ],
-            &formats,
+            formats,
         )?;
     }
     sheet.set_column_width(0, 22)?;
@@ -428,9 +424,16 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         chart.y_axis().set_num_format("0%");
         sheet.insert_chart(1, 4, &chart)?;
     }
+    Ok(())
+}
 
-    // Forecast.
-    let sheet = workbook.add_worksheet().set_name("Forecast")?;
+/// "Forecast": every open deal with its weighted and history-based amounts.
+fn forecast_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    sheet.set_name("Forecast")?;
     let forecast_headers = [
         "Company",
         "Owner",
@@ -443,7 +446,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         "Expected close",
         "Closes in period",
     ];
-    write_row(sheet, 0, &forecast_headers.map(Cell::Header), &formats)?;
+    write_row(sheet, 0, &forecast_headers.map(Cell::Header), formats)?;
     for (index, line) in report.forecast.deals.iter().enumerate() {
         let row = 1 + index as u32;
         write_row(
@@ -461,15 +464,22 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Text(line.expected_close.as_deref().unwrap_or("")),
                 Cell::Text(if line.closes_in_period { "yes" } else { "" }),
             ],
-            &formats,
+            formats,
         )?;
     }
     for column in 0..forecast_headers.len() as u16 {
         sheet.set_column_width(column, if column < 2 { 24 } else { 15 })?;
     }
+    Ok(())
+}
 
-    // By rep.
-    let sheet = workbook.add_worksheet().set_name("By rep")?;
+/// "By rep": open deals, weighted pipeline, wins and stalled deals per owner.
+fn by_rep_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    sheet.set_name("By rep")?;
     write_row(
         sheet,
         0,
@@ -482,7 +492,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
             "Stalled",
         ]
         .map(Cell::Header),
-        &formats,
+        formats,
     )?;
     for (index, owner) in report.by_owner.iter().enumerate() {
         write_row(
@@ -500,21 +510,28 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Money(owner.won_amount),
                 Cell::Count(owner.n_stalled),
             ],
-            &formats,
+            formats,
         )?;
     }
     sheet.set_column_width(0, 24)?;
     for column in 1..6 {
         sheet.set_column_width(column, 16)?;
     }
+    Ok(())
+}
 
-    // Stalled.
-    let sheet = workbook.add_worksheet().set_name("Stalled")?;
+/// "Stalled": the stalled deals, worst first, with why.
+fn stalled_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    sheet.set_name("Stalled")?;
     write_row(
         sheet,
         0,
         &["Company", "Owner", "Stage", "Amount", "Why"].map(Cell::Header),
-        &formats,
+        formats,
     )?;
     for (index, line) in report.stalled.iter().enumerate() {
         let row = 1 + index as u32;
@@ -526,7 +543,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Text(line.owner.as_deref().unwrap_or("")),
                 Cell::Text(&line.stage),
             ],
-            &formats,
+            formats,
         )?;
         if let Some(amount) = line.amount {
             sheet.write_number_with_format(row, 3, amount, &formats.money)?;
@@ -536,8 +553,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
     sheet.set_column_width(0, 24)?;
     sheet.set_column_width(1, 16)?;
     sheet.set_column_width(4, 60)?;
-
-    workbook.save_to_buffer()
+    Ok(())
 }
 
 /// Writes the report to `path`: never while it is open in Excel or LibreOffice; through a temp
