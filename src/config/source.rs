@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::raw::{RawHeaderRow, RawMaxDelete, RawSource};
-use super::validate::resolve;
+use super::raw::{OneOrMany, RawHeaderRow, RawMaxDelete, RawSource};
+use super::validate::{keyword, resolve};
 use super::Stages;
 use crate::deal::{normalize_label, Field};
 use crate::workbook::CsvEncoding;
@@ -140,6 +140,17 @@ impl ConflictPolicy {
     }
 }
 
+/// The key column's header when the config names none.
+const DEFAULT_KEY_COLUMN: &str = "CRM ID";
+/// What a row is matched on when the config says nothing.
+const DEFAULT_MATCH_ON: &str = "email";
+/// How many previous versions of a file are kept when the config says nothing.
+const DEFAULT_BACKUPS: usize = 5;
+/// The mass-delete guard when the config says nothing: half of a file's rows.
+const DEFAULT_MAX_DELETE: MaxDelete = MaxDelete::Share(0.5);
+
+/// Validates one `[[sources]]` entry (`key` is its place, `sources[N]`), saying every problem
+/// through `problem`; `None` when there was one.
 pub(super) fn validate_source(
     raw: RawSource,
     key: &str,
@@ -152,62 +163,174 @@ pub(super) fn validate_source(
         problem(&format!("{key}.{suffix}"), message);
         ok = false;
     };
-    if raw.name.trim().is_empty() {
+    check_name(&raw.name, &mut fail);
+    let path = source_path(&raw.path, base, &mut fail);
+    let header_row = header_row(raw.header_row, &mut fail);
+    let key_column = raw
+        .key_column
+        .unwrap_or_else(|| DEFAULT_KEY_COLUMN.to_string());
+    if key_column.trim().is_empty() {
+        fail("key_column", "must not be empty".to_string());
+    }
+    let mut match_on = Vec::new();
+    for name in raw
+        .match_on
+        .unwrap_or_else(|| vec![DEFAULT_MATCH_ON.to_string()])
+    {
+        match Field::from_name(&name) {
+            Some(field) => match_on.push(field),
+            None => fail(
+                "match_on",
+                format!("\"{name}\" is not a field ({})", field_list()),
+            ),
+        }
+    }
+    let on_row_removed = keyword(
+        "on_row_removed",
+        raw.on_row_removed.as_deref(),
+        &[
+            ("archive", RowRemoved::Archive),
+            ("delete", RowRemoved::Delete),
+            ("ignore", RowRemoved::Ignore),
+        ],
+        RowRemoved::Archive,
+        &mut fail,
+    );
+    let date_order = keyword(
+        "date_order",
+        raw.date_order.as_deref(),
+        &[
+            ("ymd", DateOrder::YearMonthDay),
+            ("dmy", DateOrder::DayMonthYear),
+            ("mdy", DateOrder::MonthDayYear),
+        ],
+        DateOrder::YearMonthDay,
+        &mut fail,
+    );
+    let encoding = encoding(raw.encoding.as_deref(), &mut fail);
+    let columns = columns(raw.columns.unwrap_or_default(), &key_column, &mut fail);
+    let write_back = write_back(&raw.path, raw.write_back, &mut fail);
+    let conflict = keyword(
+        "conflict",
+        raw.conflict.as_deref(),
+        &[
+            ("store", ConflictPolicy::Store),
+            ("sheet", ConflictPolicy::Sheet),
+            ("newest", ConflictPolicy::Newest),
+        ],
+        ConflictPolicy::Store,
+        &mut fail,
+    );
+    let filter = filter(raw.filter.unwrap_or_default(), stages, &mut fail);
+    // A filtered source shows every deal the filter lets through, unless it says otherwise.
+    let view = keyword(
+        "view",
+        raw.view.as_deref(),
+        &[("rows", View::Rows), ("all", View::All)],
+        if filter.is_empty() {
+            View::Rows
+        } else {
+            View::All
+        },
+        &mut fail,
+    );
+    let backups = match raw.backups {
+        None => DEFAULT_BACKUPS,
+        Some(count) => match usize::try_from(count) {
+            Ok(count) if count <= 1000 => count,
+            _ => {
+                fail("backups", format!("{count} must be between 0 and 1000"));
+                DEFAULT_BACKUPS
+            }
+        },
+    };
+    let max_delete = max_delete(raw.max_delete, &mut fail);
+    let source = SourceConfig {
+        name: raw.name.trim().to_string(),
+        path: path?,
+        sheet: raw.sheet.filter(|sheet| !sheet.trim().is_empty()),
+        header_row,
+        key_column,
+        match_on,
+        on_row_removed,
+        date_order,
+        encoding,
+        columns,
+        write_back,
+        conflict,
+        filter,
+        view,
+        backups,
+        max_delete,
+        follow_symlinks: raw.follow_symlinks.unwrap_or(false),
+    };
+    ok.then_some(source)
+}
+
+fn check_name(name: &str, fail: &mut impl FnMut(&str, String)) {
+    if name.trim().is_empty() {
         fail("name", "must not be empty".to_string());
     }
     // The history names command-line edits, API edits and undos by these.
-    if ["cli", "api", "undo"].contains(&raw.name.trim()) {
+    if ["cli", "api", "undo"].contains(&name.trim()) {
         fail(
             "name",
             format!(
                 "\"{}\" is reserved for changes made on the command line or through the API; choose another name",
-                raw.name.trim()
+                name.trim()
             ),
         );
     }
+}
 
-    let path = if raw.path.trim().is_empty() {
+/// Where the source's files are: a glob when the path has a wildcard, a folder when it is one
+/// (or names no file type: a share not mounted yet), else a spreadsheet file.
+fn source_path(
+    written: &str,
+    base: &Path,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<SourcePath> {
+    if written.trim().is_empty() {
         fail("path", "must name a file, a folder or a glob".to_string());
-        None
-    } else if raw.path.contains(['*', '?', '[']) {
-        let pattern = resolve(base, &raw.path).to_string_lossy().into_owned();
-        match glob::Pattern::new(&pattern) {
+        return None;
+    }
+    if written.contains(['*', '?', '[']) {
+        let pattern = resolve(base, written).to_string_lossy().into_owned();
+        return match glob::Pattern::new(&pattern) {
             Ok(_) => Some(SourcePath::Glob(pattern)),
             Err(error) => {
                 fail(
                     "path",
-                    format!("\"{}\" is not a valid glob: {error}", raw.path),
+                    format!("\"{written}\" is not a valid glob: {error}"),
                 );
                 None
             }
-        }
+        };
+    }
+    let resolved = resolve(base, written);
+    if resolved.is_dir() || (resolved.extension().is_none() && !resolved.is_file()) {
+        return Some(SourcePath::Folder(resolved));
+    }
+    let extension = resolved
+        .extension()
+        .and_then(|ext| ext.to_str())
+        .unwrap_or("")
+        .to_lowercase();
+    if crate::workbook::SUPPORTED_EXTENSIONS.contains(&extension.as_str()) {
+        Some(SourcePath::File(resolved))
     } else {
-        let resolved = resolve(base, &raw.path);
-        // A path without an extension is a folder even before it exists (a share not mounted yet).
-        if resolved.is_dir() || (resolved.extension().is_none() && !resolved.is_file()) {
-            Some(SourcePath::Folder(resolved))
-        } else {
-            let extension = resolved
-                .extension()
-                .and_then(|ext| ext.to_str())
-                .unwrap_or("")
-                .to_lowercase();
-            if !crate::workbook::SUPPORTED_EXTENSIONS.contains(&extension.as_str()) {
-                fail(
-                    "path",
-                    format!(
-                        "\"{}\" is neither a folder nor a spreadsheet (.xlsx .xlsm .xls .ods .csv)",
-                        raw.path
-                    ),
-                );
-                None
-            } else {
-                Some(SourcePath::File(resolved))
-            }
-        }
-    };
+        fail(
+            "path",
+            format!(
+                "\"{written}\" is neither a folder nor a spreadsheet (.xlsx .xlsm .xls .ods .csv)"
+            ),
+        );
+        None
+    }
+}
 
-    let header_row = match raw.header_row {
+fn header_row(raw: Option<RawHeaderRow>, fail: &mut impl FnMut(&str, String)) -> HeaderRow {
+    match raw {
         None => HeaderRow::Auto,
         Some(RawHeaderRow::Word(word)) if word == "auto" => HeaderRow::Auto,
         Some(RawHeaderRow::Word(word)) => {
@@ -227,65 +350,35 @@ pub(super) fn validate_source(
                 HeaderRow::Auto
             }
         },
-    };
-
-    let key_column = raw.key_column.unwrap_or_else(|| "CRM ID".to_string());
-    if key_column.trim().is_empty() {
-        fail("key_column", "must not be empty".to_string());
     }
+}
 
-    let mut match_on = Vec::new();
-    for name in raw.match_on.unwrap_or_else(|| vec!["email".to_string()]) {
-        match Field::from_name(&name) {
-            Some(field) => match_on.push(field),
-            None => fail(
-                "match_on",
-                format!("\"{name}\" is not a field ({})", field_list()),
-            ),
-        }
-    }
-
-    let on_row_removed = match raw.on_row_removed.as_deref() {
-        None | Some("archive") => RowRemoved::Archive,
-        Some("delete") => RowRemoved::Delete,
-        Some("ignore") => RowRemoved::Ignore,
-        Some(other) => {
-            fail(
-                "on_row_removed",
-                format!("\"{other}\" is not one of archive, delete, ignore"),
-            );
-            RowRemoved::Archive
-        }
-    };
-
-    let date_order = match raw.date_order.as_deref() {
-        None | Some("ymd") => DateOrder::YearMonthDay,
-        Some("dmy") => DateOrder::DayMonthYear,
-        Some("mdy") => DateOrder::MonthDayYear,
-        Some(other) => {
-            fail(
-                "date_order",
-                format!("\"{other}\" is not one of ymd, dmy, mdy"),
-            );
-            DateOrder::YearMonthDay
-        }
-    };
-
-    let encoding = match raw.encoding.as_deref() {
+fn encoding(label: Option<&str>, fail: &mut impl FnMut(&str, String)) -> CsvEncoding {
+    match label {
         None | Some("auto") => CsvEncoding::Auto,
         Some(label) => match encoding_rs::Encoding::for_label(label.as_bytes()) {
             Some(encoding) => CsvEncoding::Fixed(encoding),
             None => {
-                fail("encoding", format!("\"{label}\" is not an encoding label such as utf-8, gb18030 or windows-1252"));
+                fail(
+                    "encoding",
+                    format!("\"{label}\" is not an encoding label such as utf-8, gb18030 or windows-1252"),
+                );
                 CsvEncoding::Auto
             }
         },
-    };
+    }
+}
 
-    // Aliases the config gives for a field replace the built-in ones for that field; a header
-    // text the config claims for one field is taken away from every other field's built-ins.
+/// The accepted header texts per field. Aliases the config gives for a field replace the
+/// built-in ones for that field; a header text the config claims for one field is taken away
+/// from every other field's built-ins. No field may claim the key column's header.
+fn columns(
+    written: BTreeMap<String, OneOrMany>,
+    key_column: &str,
+    fail: &mut impl FnMut(&str, String),
+) -> BTreeMap<Field, Vec<String>> {
     let mut configured: BTreeMap<Field, Vec<String>> = BTreeMap::new();
-    for (name, aliases) in raw.columns.unwrap_or_default() {
+    for (name, aliases) in written {
         match Field::from_name(&name) {
             Some(field) => {
                 let aliases: Vec<String> = aliases
@@ -320,7 +413,7 @@ pub(super) fn validate_source(
             }
         }
     }
-    let normalized_key = normalize_label(&key_column);
+    let normalized_key = normalize_label(key_column);
     let mut columns = BTreeMap::new();
     for field in Field::ALL {
         let aliases = match configured.get(&field) {
@@ -340,34 +433,35 @@ pub(super) fn validate_source(
         }
         columns.insert(field, aliases);
     }
+    columns
+}
 
-    // .xls and .ods cannot be written; a source made only of them cannot write back.
+/// Whether the source writes back: by default unless its path names a read-only format (.xls and
+/// .ods cannot be written), which may not write back at all.
+fn write_back(path: &str, written: Option<bool>, fail: &mut impl FnMut(&str, String)) -> bool {
     let read_only = {
-        let written = raw.path.to_ascii_lowercase();
-        written.ends_with(".xls") || written.ends_with(".ods")
+        let path = path.to_ascii_lowercase();
+        path.ends_with(".xls") || path.ends_with(".ods")
     };
-    let write_back = match raw.write_back {
+    match written {
         Some(true) if read_only => {
-            fail("write_back", format!("\"{}\" is a read-only format (.xls, .ods): funnelsync can read it but not write it; save it as .xlsx to sync both ways, or set write_back = false", raw.path));
+            fail("write_back", format!("\"{path}\" is a read-only format (.xls, .ods): funnelsync can read it but not write it; save it as .xlsx to sync both ways, or set write_back = false"));
             false
         }
         Some(write_back) => write_back,
         None => !read_only,
-    };
-    let conflict = match raw.conflict.as_deref() {
-        None | Some("store") => ConflictPolicy::Store,
-        Some("sheet") => ConflictPolicy::Sheet,
-        Some("newest") => ConflictPolicy::Newest,
-        Some(other) => {
-            fail(
-                "conflict",
-                format!("\"{other}\" is not one of store, sheet, newest"),
-            );
-            ConflictPolicy::Store
-        }
-    };
+    }
+}
+
+/// The deals the source's files show: per field, the values let through (stages by canonical
+/// name, the rest trimmed).
+fn filter(
+    written: BTreeMap<String, OneOrMany>,
+    stages: &Stages,
+    fail: &mut impl FnMut(&str, String),
+) -> BTreeMap<Field, Vec<String>> {
     let mut filter = BTreeMap::new();
-    for (name, values) in raw.filter.unwrap_or_default() {
+    for (name, values) in written {
         let Some(field) = Field::from_name(&name) else {
             fail(
                 &format!("filter.{name}"),
@@ -397,34 +491,18 @@ pub(super) fn validate_source(
         }
         filter.insert(field, accepted);
     }
-    let view = match raw.view.as_deref() {
-        None if filter.is_empty() => View::Rows,
-        None => View::All,
-        Some("rows") => View::Rows,
-        Some("all") => View::All,
-        Some(other) => {
-            fail("view", format!("\"{other}\" is not one of rows, all"));
-            View::Rows
-        }
-    };
-    let backups = match raw.backups {
-        None => 5,
-        Some(count) => match usize::try_from(count) {
-            Ok(count) if count <= 1000 => count,
-            _ => {
-                fail("backups", format!("{count} must be between 0 and 1000"));
-                5
-            }
-        },
-    };
+    filter
+}
 
-    let max_delete = match raw.max_delete {
-        None => MaxDelete::Share(0.5),
+/// The mass-delete guard: a count of rows, or a share such as "50%".
+fn max_delete(raw: Option<RawMaxDelete>, fail: &mut impl FnMut(&str, String)) -> MaxDelete {
+    match raw {
+        None => DEFAULT_MAX_DELETE,
         Some(RawMaxDelete::Count(count)) => match u64::try_from(count) {
             Ok(count) => MaxDelete::Count(count),
             Err(_) => {
                 fail("max_delete", format!("{count} must not be negative"));
-                MaxDelete::Share(0.5)
+                DEFAULT_MAX_DELETE
             }
         },
         Some(RawMaxDelete::Text(text)) => match text
@@ -440,31 +518,10 @@ pub(super) fn validate_source(
                     "max_delete",
                     format!("\"{text}\" must be a share such as \"50%\" or a count such as 200"),
                 );
-                MaxDelete::Share(0.5)
+                DEFAULT_MAX_DELETE
             }
         },
-    };
-
-    let source = SourceConfig {
-        name: raw.name.trim().to_string(),
-        path: path?,
-        sheet: raw.sheet.filter(|sheet| !sheet.trim().is_empty()),
-        header_row,
-        key_column,
-        match_on,
-        on_row_removed,
-        date_order,
-        encoding,
-        columns,
-        write_back,
-        conflict,
-        filter,
-        view,
-        backups,
-        max_delete,
-        follow_symlinks: raw.follow_symlinks.unwrap_or(false),
-    };
-    ok.then_some(source)
+    }
 }
 
 pub(super) fn field_list() -> String {

@@ -1,18 +1,23 @@
 //! Stage two: [`Config::from_raw`] checks every section of a [`RawConfig`] and builds the
 //! [`Config`], collecting every problem (key and message; the line is found afterwards) instead of
-//! stopping at the first. Paths are resolved against the config file's folder ([`resolve`]), and
-//! every duration is capped ([`parse_duration`]).
+//! stopping at the first. Paths are resolved against the config file's folder ([`resolve`]), every
+//! duration is capped ([`parse_duration`]), and a keyword is one of a closed list ([`keyword`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawRemind, RawReport, RawSmtp, RawStage, RawWatch};
+use super::raw::{
+    RawAlerts, RawConfig, RawLimits, RawRemind, RawReport, RawSmtp, RawSource, RawStage, RawStore,
+    RawWatch,
+};
 use super::source::validate_source;
 use super::*;
 use crate::deal::normalize_label;
 
 impl Config {
+    /// Validates every section of the file as read (relative paths resolved against `base`, the
+    /// config file's folder) and the sections' needs of one another; every problem at once.
     pub(super) fn from_raw(
         raw: RawConfig,
         path: &Path,
@@ -26,65 +31,20 @@ impl Config {
                 message,
             })
         };
-
-        let store = match raw.store {
-            Some(store) if store.path.trim().is_empty() => {
-                problem("store.path", "must name a SQLite file".to_string());
-                None
-            }
-            Some(store) => Some(StoreConfig {
-                path: resolve(base, &store.path),
-            }),
-            None => {
-                problem(
-                    "store",
-                    "is missing: add a [store] section with `path = \"…/crm.db\"`".to_string(),
-                );
-                None
-            }
-        };
-
+        let store = validate_store(raw.store, base, &mut problem);
         let stages = match raw.stages {
             None => Stages::built_in(),
             Some(raw_stages) => validate_stages(raw_stages, &mut problem),
         };
-
-        if raw.n_sources_written == 0 {
-            problem(
-                "sources",
-                "no [[sources]] given: add at least one spreadsheet to sync".to_string(),
-            );
-        }
-        let mut sources = Vec::new();
-        let mut seen_names: HashMap<String, usize> = HashMap::new();
-        for raw_source in raw.sources {
-            let key = format!("sources[{}]", raw_source.position);
-            if let Some(previous) = seen_names.insert(raw_source.name.clone(), raw_source.position)
-            {
-                problem(
-                    &format!("{key}.name"),
-                    format!(
-                        "\"{}\" is already the name of sources[{previous}]",
-                        raw_source.name
-                    ),
-                );
-            }
-            if let Some(source) = validate_source(raw_source, &key, base, &stages, &mut problem) {
-                sources.push(source);
-            }
-        }
-
+        let sources = validate_sources(
+            raw.sources,
+            raw.n_sources_written,
+            base,
+            &stages,
+            &mut problem,
+        );
         let watch = validate_watch(raw.watch, &mut problem);
-        let mut reps = BTreeMap::new();
-        for (owner, address) in raw.reps.unwrap_or_default() {
-            if address.parse::<lettre::Address>().is_err() {
-                problem(
-                    &format!("reps.{owner}"),
-                    format!("\"{address}\" is not an email address"),
-                );
-            }
-            reps.insert(normalize_label(&owner), address.trim().to_string());
-        }
+        let reps = validate_reps(raw.reps.unwrap_or_default(), &mut problem);
         let smtp = raw
             .smtp
             .and_then(|smtp| validate_smtp(smtp, base, &mut problem));
@@ -94,83 +54,23 @@ impl Config {
         let report = raw
             .report
             .and_then(|report| validate_report(report, base, &mut problem));
-        let alerts = raw.alerts.and_then(|alerts| {
-            let to = check_address("alerts.to", &alerts.to, &mut problem)?;
-            let every = match alerts.every {
-                None => Duration::from_secs(3600),
-                Some(written) => {
-                    parse_duration("alerts.every", &written, MAX_ALERT_EVERY, &mut problem)?
-                }
-            };
-            Some(AlertsConfig { to, every })
-        });
-        if alerts.is_some() && smtp.is_none() {
-            problem(
-                "alerts",
-                "[alerts] needs an [smtp] section to send mail".to_string(),
-            );
-        }
-        let mut limits = Limits::default();
-        if let Some(raw_limits) = raw.limits {
-            let mut positive = |key: &str, value: Option<i64>| -> Option<u64> {
-                let value = value?;
-                match u64::try_from(value) {
-                    Ok(value) if value >= 1 => Some(value),
-                    _ => {
-                        problem(key, format!("{value} must be a whole number of at least 1"));
-                        None
-                    }
-                }
-            };
-            if let Some(megabytes) = positive("limits.max_file_mb", raw_limits.max_file_mb) {
-                limits.max_file_bytes = megabytes.saturating_mul(1 << 20);
-            }
-            if let Some(megabytes) = positive("limits.max_unzipped_mb", raw_limits.max_unzipped_mb)
-            {
-                limits.max_unzipped_bytes = megabytes.saturating_mul(1 << 20);
-            }
-            if let Some(rows) = positive("limits.max_rows", raw_limits.max_rows) {
-                limits.max_rows = rows as usize;
-            }
-            if let Some(columns) = positive("limits.max_columns", raw_limits.max_columns) {
-                limits.max_columns = columns as usize;
-            }
-            if let Some(chars) = positive("limits.max_cell_chars", raw_limits.max_cell_chars) {
-                limits.max_cell_chars = chars as usize;
-            }
-        }
-        if report
-            .as_ref()
-            .is_some_and(|report| report.weekly_digest.is_some())
-        {
-            if smtp.is_none() {
-                problem(
-                    "report.weekly_digest",
-                    "needs an [smtp] section to send mail".to_string(),
-                );
-            }
-            if remind
-                .as_ref()
-                .and_then(|remind| remind.manager.as_ref())
-                .is_none()
-            {
-                problem(
-                    "report.weekly_digest",
-                    "is sent to the manager: set `manager` in [remind]".to_string(),
-                );
-            }
-        }
-        if remind.is_some() && smtp.is_none() {
-            problem(
-                "smtp",
-                "[remind] needs an [smtp] section to send mail".to_string(),
-            );
-        }
-
+        let alerts = raw
+            .alerts
+            .and_then(|alerts| validate_alerts(alerts, &mut problem));
         let http = raw
             .http
             .and_then(|http| http::validate_http(http, base, &mut problem));
-
+        let limits = raw
+            .limits
+            .map(|limits| validate_limits(limits, &mut problem))
+            .unwrap_or_default();
+        check_mail_needs(
+            smtp.as_ref(),
+            remind.as_ref(),
+            report.as_ref(),
+            alerts.as_ref(),
+            &mut problem,
+        );
         let log_level = raw.log_level;
         if let Some(level) = &log_level {
             if tracing_subscriber::EnvFilter::try_new(level).is_err() {
@@ -180,7 +80,6 @@ impl Config {
                 );
             }
         }
-
         match (store, problems.is_empty()) {
             (Some(store), true) => Ok(Config {
                 path: path.to_path_buf(),
@@ -200,6 +99,157 @@ impl Config {
             _ => Err(problems),
         }
     }
+}
+
+fn validate_store(
+    raw: Option<RawStore>,
+    base: &Path,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<StoreConfig> {
+    match raw {
+        Some(store) if store.path.trim().is_empty() => {
+            problem("store.path", "must name a SQLite file".to_string());
+            None
+        }
+        Some(store) => Some(StoreConfig {
+            path: resolve(base, &store.path),
+        }),
+        None => {
+            problem(
+                "store",
+                "is missing: add a [store] section with `path = \"…/crm.db\"`".to_string(),
+            );
+            None
+        }
+    }
+}
+
+/// Every source that is valid (each with a unique name); the others' problems are said.
+fn validate_sources(
+    raw_sources: Vec<RawSource>,
+    n_written: usize,
+    base: &Path,
+    stages: &Stages,
+    problem: &mut impl FnMut(&str, String),
+) -> Vec<SourceConfig> {
+    if n_written == 0 {
+        problem(
+            "sources",
+            "no [[sources]] given: add at least one spreadsheet to sync".to_string(),
+        );
+    }
+    let mut sources = Vec::new();
+    let mut seen_names: HashMap<String, usize> = HashMap::new();
+    for raw_source in raw_sources {
+        let key = format!("sources[{}]", raw_source.position);
+        if let Some(previous) = seen_names.insert(raw_source.name.clone(), raw_source.position) {
+            problem(
+                &format!("{key}.name"),
+                format!(
+                    "\"{}\" is already the name of sources[{previous}]",
+                    raw_source.name
+                ),
+            );
+        }
+        if let Some(source) = validate_source(raw_source, &key, base, stages, problem) {
+            sources.push(source);
+        }
+    }
+    sources
+}
+
+/// Owner names as written in sheets (folded with [`normalize_label`]) → email address.
+fn validate_reps(
+    raw: BTreeMap<String, String>,
+    problem: &mut impl FnMut(&str, String),
+) -> BTreeMap<String, String> {
+    let mut reps = BTreeMap::new();
+    for (owner, address) in raw {
+        if address.parse::<lettre::Address>().is_err() {
+            problem(
+                &format!("reps.{owner}"),
+                format!("\"{address}\" is not an email address"),
+            );
+        }
+        reps.insert(normalize_label(&owner), address.trim().to_string());
+    }
+    reps
+}
+
+fn validate_alerts(raw: RawAlerts, problem: &mut impl FnMut(&str, String)) -> Option<AlertsConfig> {
+    let to = check_address("alerts.to", &raw.to, problem)?;
+    let every = match raw.every {
+        None => DEFAULT_ALERT_EVERY,
+        Some(written) => parse_duration("alerts.every", &written, MAX_ALERT_EVERY, problem)?,
+    };
+    Some(AlertsConfig { to, every })
+}
+
+/// What sends mail needs `[smtp]`, and the weekly digest goes to `[remind]`'s manager.
+fn check_mail_needs(
+    smtp: Option<&SmtpConfig>,
+    remind: Option<&RemindConfig>,
+    report: Option<&ReportConfig>,
+    alerts: Option<&AlertsConfig>,
+    problem: &mut impl FnMut(&str, String),
+) {
+    if alerts.is_some() && smtp.is_none() {
+        problem(
+            "alerts",
+            "[alerts] needs an [smtp] section to send mail".to_string(),
+        );
+    }
+    if report.is_some_and(|report| report.weekly_digest.is_some()) {
+        if smtp.is_none() {
+            problem(
+                "report.weekly_digest",
+                "needs an [smtp] section to send mail".to_string(),
+            );
+        }
+        if remind.and_then(|remind| remind.manager.as_ref()).is_none() {
+            problem(
+                "report.weekly_digest",
+                "is sent to the manager: set `manager` in [remind]".to_string(),
+            );
+        }
+    }
+    if remind.is_some() && smtp.is_none() {
+        problem(
+            "smtp",
+            "[remind] needs an [smtp] section to send mail".to_string(),
+        );
+    }
+}
+
+/// `[limits]`: each a whole number of at least 1; the ones not given keep their defaults.
+fn validate_limits(raw: RawLimits, problem: &mut impl FnMut(&str, String)) -> Limits {
+    let mut limits = Limits::default();
+    let mut positive = |key: &str, value: Option<i64>| -> Option<u64> {
+        let value = value?;
+        match u64::try_from(value) {
+            Ok(value) if value >= 1 => Some(value),
+            _ => {
+                problem(key, format!("{value} must be a whole number of at least 1"));
+                None
+            }
+        }
+    };
+    if let Some(megabytes) = positive("limits.max_file_mb", raw.max_file_mb) {
+        limits.max_file_bytes = megabytes.saturating_mul(1 << 20);
+    }
+    if let Some(megabytes) = positive("limits.max_unzipped_mb", raw.max_unzipped_mb) {
+        limits.max_unzipped_bytes = megabytes.saturating_mul(1 << 20);
+    }
+    if let Some(rows) = positive("limits.max_rows", raw.max_rows) {
+        limits.max_rows = rows as usize;
+    }
+    if let Some(columns) = positive("limits.max_columns", raw.max_columns) {
+        limits.max_columns = columns as usize;
+    }
+    if let Some(chars) = positive("limits.max_cell_chars", raw.max_cell_chars) {
+        limits.max_cell_chars = chars as usize;
+    }
+    limits
 }
 
 /// A path from the file, resolved against the config's folder and written without `.` and `..`
@@ -230,9 +280,37 @@ pub(super) fn resolve(base: &Path, written: &str) -> PathBuf {
 /// enough that no clock arithmetic in the daemon can overflow with it.
 const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 const MAX_SETTLE: Duration = Duration::from_secs(3600);
+/// How often an alert about one file and kind may go out when the config says nothing.
+const DEFAULT_ALERT_EVERY: Duration = Duration::from_secs(3600);
 const MAX_ALERT_EVERY: Duration = Duration::from_secs(30 * 24 * 3600);
 const MAX_REPORT_REFRESH: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_SMTP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The value a keyword names among `choices`, listed in the order the message gives them; no
+/// keyword is `default`. An unknown keyword is a problem that lists the choices, and gives the
+/// default so that the rest of the section is still checked.
+pub(super) fn keyword<T: Copy>(
+    key: &str,
+    written: Option<&str>,
+    choices: &[(&str, T)],
+    default: T,
+    problem: &mut impl FnMut(&str, String),
+) -> T {
+    let Some(written) = written else {
+        return default;
+    };
+    match choices.iter().find(|(word, _)| *word == written) {
+        Some((_, value)) => *value,
+        None => {
+            let words: Vec<&str> = choices.iter().map(|(word, _)| *word).collect();
+            problem(
+                key,
+                format!("\"{written}\" is not one of {}", words.join(", ")),
+            );
+            default
+        }
+    }
+}
 
 /// A duration of at most `longest`.
 pub(super) fn parse_duration(
@@ -266,17 +344,17 @@ pub(super) fn parse_duration(
 fn validate_watch(raw: Option<RawWatch>, problem: &mut impl FnMut(&str, String)) -> WatchConfig {
     let mut watch = WatchConfig::default();
     let Some(raw) = raw else { return watch };
-    if let Some(mode) = raw.mode {
-        match mode.as_str() {
-            "auto" => watch.mode = WatchMode::Auto,
-            "events" => watch.mode = WatchMode::Events,
-            "poll" => watch.mode = WatchMode::Poll,
-            other => problem(
-                "watch.mode",
-                format!("\"{other}\" is not one of auto, events, poll"),
-            ),
-        }
-    }
+    watch.mode = keyword(
+        "watch.mode",
+        raw.mode.as_deref(),
+        &[
+            ("auto", WatchMode::Auto),
+            ("events", WatchMode::Events),
+            ("poll", WatchMode::Poll),
+        ],
+        watch.mode,
+        problem,
+    );
     if let Some(written) = raw.poll_interval {
         if let Some(duration) =
             parse_duration("watch.poll_interval", &written, MAX_POLL_INTERVAL, problem)
@@ -382,17 +460,13 @@ fn validate_remind(raw: RawRemind, problem: &mut impl FnMut(&str, String)) -> Op
     };
     let manager = address("remind.manager", raw.manager);
     let fallback_to = address("remind.fallback_to", raw.fallback_to);
-    let language = match raw.language.as_deref() {
-        None | Some("en") => Language::English,
-        Some("zh") => Language::Chinese,
-        Some(other) => {
-            fail(
-                "remind.language",
-                format!("\"{other}\" is not one of en, zh"),
-            );
-            Language::English
-        }
-    };
+    let language = keyword(
+        "remind.language",
+        raw.language.as_deref(),
+        &[("en", Language::English), ("zh", Language::Chinese)],
+        Language::English,
+        &mut fail,
+    );
     let mut holidays = Vec::new();
     for day in raw.holidays.unwrap_or_default() {
         match chrono::NaiveDate::parse_from_str(&day, "%Y-%m-%d") {
@@ -513,18 +587,17 @@ fn validate_smtp(
     if raw.host.trim().is_empty() {
         fail("smtp.host", "must name the mail server".to_string());
     }
-    let security = match raw.security.as_deref() {
-        None | Some("starttls") => SmtpSecurity::StartTls,
-        Some("tls") => SmtpSecurity::Tls,
-        Some("none") => SmtpSecurity::None,
-        Some(other) => {
-            fail(
-                "smtp.security",
-                format!("\"{other}\" is not one of none, starttls, tls"),
-            );
-            SmtpSecurity::StartTls
-        }
-    };
+    let security = keyword(
+        "smtp.security",
+        raw.security.as_deref(),
+        &[
+            ("none", SmtpSecurity::None),
+            ("starttls", SmtpSecurity::StartTls),
+            ("tls", SmtpSecurity::Tls),
+        ],
+        SmtpSecurity::StartTls,
+        &mut fail,
+    );
     let default_port = match security {
         SmtpSecurity::None => 25,
         SmtpSecurity::StartTls => 587,
@@ -607,18 +680,13 @@ fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, Str
                 );
             }
         }
-        let terminal = match raw.terminal.as_deref() {
-            None => None,
-            Some("won") => Some(Terminal::Won),
-            Some("lost") => Some(Terminal::Lost),
-            Some(other) => {
-                problem(
-                    &format!("{key}.terminal"),
-                    format!("\"{other}\" is not one of won, lost"),
-                );
-                None
-            }
-        };
+        let terminal = keyword(
+            &format!("{key}.terminal"),
+            raw.terminal.as_deref(),
+            &[("won", Some(Terminal::Won)), ("lost", Some(Terminal::Lost))],
+            None,
+            problem,
+        );
         let default_probability = match terminal {
             Some(Terminal::Won) => 1.0,
             Some(Terminal::Lost) => 0.0,
@@ -671,4 +739,44 @@ fn validate_stages(raw_stages: Vec<RawStage>, problem: &mut impl FnMut(&str, Str
         return Stages::built_in();
     }
     Stages::new(stages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keyword_is_one_of_its_choices_or_a_problem_that_lists_them() {
+        let choices = [
+            ("archive", RowRemoved::Archive),
+            ("delete", RowRemoved::Delete),
+            ("ignore", RowRemoved::Ignore),
+        ];
+        let cases = [
+            (None, RowRemoved::Archive, None),
+            (Some("delete"), RowRemoved::Delete, None),
+            (Some("ignore"), RowRemoved::Ignore, None),
+            (
+                Some("Delete"),
+                RowRemoved::Archive,
+                Some("\"Delete\" is not one of archive, delete, ignore"),
+            ),
+        ];
+        for (written, expected, message) in cases {
+            let mut problems = Vec::new();
+            let value = keyword(
+                "on_row_removed",
+                written,
+                &choices,
+                RowRemoved::Archive,
+                &mut |key: &str, message: String| problems.push((key.to_string(), message)),
+            );
+            assert_eq!(value, expected, "{written:?}");
+            let expected_problems: Vec<(String, String)> = message
+                .map(|message| ("on_row_removed".to_string(), message.to_string()))
+                .into_iter()
+                .collect();
+            assert_eq!(problems, expected_problems, "{written:?}");
+        }
+    }
 }
