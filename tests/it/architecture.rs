@@ -162,3 +162,19 @@ fn the_check_sees_an_import_in_every_form() {
         .collect();
     assert_eq!(modules_named(code), expected);
 }
+
+#[test]
+fn a_module_with_submodules_lives_in_its_folder_as_mod_rs() {
+    // One module-file style throughout: `workbook/mod.rs`, never `workbook.rs` beside `workbook/`.
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let beside_their_folder: Vec<String> = files
+        .iter()
+        .filter(|file| file.with_extension("").is_dir())
+        .map(|file| file.display().to_string())
+        .collect();
+    assert!(
+        beside_their_folder.is_empty(),
+        "move these into their folder as mod.rs: {beside_their_folder:?}"
+    );
+}
