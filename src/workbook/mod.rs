@@ -1336,6 +1336,22 @@ pub fn column_letters(column_idx: usize) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_workbook_saved_with_a_password_is_encrypted_not_half_saved() {
+        // Office agile encryption, as Excel writes it (tests/fixtures/make_encrypted.py).
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("locked.xlsx");
+        std::fs::write(&path, include_bytes!("../../tests/fixtures/encrypted.xlsx"))
+            .expect("write");
+        let error = read_sheet(&path, None, CsvEncoding::Auto, &Limits::default())
+            .expect_err("an encrypted workbook cannot be read");
+        assert!(
+            matches!(&error, WorkbookError::Encrypted { path: refused } if *refused == path),
+            "{error:?}"
+        );
+        assert!(!error.is_retryable(), "waiting does not decrypt it");
+    }
+
     /// A small real workbook, its parts stored uncompressed so that changed bytes reach the XML.
     fn stored_workbook() -> Vec<u8> {
         use std::io::Write;

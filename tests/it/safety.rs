@@ -232,10 +232,12 @@ fn hostile_and_odd_inputs_have_defined_behaviour() {
         "share/not-a-zip.xlsx",
         b"this is a text file renamed to .xlsx",
     );
-    // An encrypted workbook is an OLE compound file, as Excel writes it.
-    let mut encrypted = vec![0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
-    encrypted.extend(std::iter::repeat_n(0u8, 2048));
-    test.write("share/encrypted.xlsx", &encrypted);
+    // A workbook Excel saved with a password (Office agile encryption; see
+    // tests/fixtures/make_encrypted.py).
+    test.write(
+        "share/encrypted.xlsx",
+        include_bytes!("../fixtures/encrypted.xlsx"),
+    );
     // Binary junk in a .csv.
     test.write(
         "share/binary.csv",
@@ -269,13 +271,16 @@ fn hostile_and_odd_inputs_have_defined_behaviour() {
     assert_eq!(not_zip["status"], "failed");
     let encrypted = file_report(&report, "encrypted.xlsx");
     assert_eq!(encrypted["status"], "failed");
-    assert!(
-        encrypted["error"]
-            .as_str()
-            .is_some_and(|error| error.contains("password-protected")
-                || error.contains("not a complete workbook")),
+    assert_eq!(
+        encrypted["error"],
+        format!(
+            "{} is password-protected; funnelsync cannot read encrypted workbooks",
+            test.path("share/encrypted.xlsx").display()
+        ),
         "{encrypted}"
     );
+    // Waiting does not decrypt it: it is not retried as if half-saved.
+    assert_eq!(encrypted["retryable"], false, "{encrypted}");
     let binary = file_report(&report, "binary.csv");
     assert_eq!(binary["status"], "failed");
     assert!(
