@@ -289,6 +289,7 @@ pub(super) fn sync(
         .filter(|issue| issue.severity == Severity::Warning)
         .count() as u64;
 
+    tracing::debug!(file = %path.display(), phase = "transaction", "sync phase");
     // Phase 7, the commit: the run, the changes, the row errors and the mirror of the file as
     // read commit with the store; only then is the file written. New deals' ids are thus
     // committed before any file shows them, and a crash at any point leaves a mirror that
@@ -385,6 +386,7 @@ pub(super) fn sync(
                 csv_format: stream.end().and_then(|end| end.csv_format.clone()),
                 formula_cells: plan.formula_cells.clone(),
             };
+            tracing::debug!(file = %path.display(), phase = "write-back", "sync phase");
             match crate::writeback::write(&sheet_file, &plan, &stage_names, source.backups) {
                 Ok(written) => {
                     report.write_back = WriteBack::Written;

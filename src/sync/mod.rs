@@ -145,7 +145,12 @@ pub fn sync_file_with(
     now: DateTime<Utc>,
     force: bool,
 ) -> Result<FileReport, StoreError> {
-    file::sync(store, config, source, path, now, force)
+    // The phases of a sync are logged (at debug) as they begin, so that a log shows where a sync
+    // was when the process stopped: read, transaction, write-back, done.
+    tracing::debug!(file = %path.display(), phase = "read", "sync phase");
+    let report = file::sync(store, config, source, path, now, force);
+    tracing::debug!(file = %path.display(), phase = "done", "sync phase");
+    report
 }
 
 /// Sets a recorded run's message (what happened to the write-back after it), and its status when

@@ -127,6 +127,96 @@ impl XlsxBuilder {
     }
 }
 
+/// A workbook as a user edits it in Excel: the sheet as the file holds it now (read back, with
+/// the ids funnelsync wrote into it), cells changed by column header, rows added at the end, then
+/// saved the way Excel saves (a new file beside it, renamed over the original).
+pub struct UserEdit {
+    path: PathBuf,
+    sheet: String,
+    /// The header row first, then the data rows, as text.
+    rows: Vec<Vec<String>>,
+}
+
+impl UserEdit {
+    pub fn open(path: &Path, sheet: &str) -> UserEdit {
+        UserEdit {
+            path: path.to_path_buf(),
+            sheet: sheet.to_string(),
+            rows: read_xlsx(path, sheet).values,
+        }
+    }
+
+    #[track_caller]
+    fn column(&self, header: &str) -> usize {
+        self.rows[0]
+            .iter()
+            .position(|cell| cell == header)
+            .unwrap_or_else(|| panic!("no column {header} in {:?}", self.rows[0]))
+    }
+
+    /// Sets `column` to `value` in every data row `which` picks (by the row's cells, by header).
+    pub fn set_where(
+        mut self,
+        which: impl Fn(&dyn Fn(&str) -> String) -> bool,
+        column: &str,
+        value: &str,
+    ) -> UserEdit {
+        let column_idx = self.column(column);
+        let headers = self.rows[0].clone();
+        for row in self.rows.iter_mut().skip(1) {
+            let cell = |header: &str| {
+                headers
+                    .iter()
+                    .position(|name| name == header)
+                    .and_then(|idx| row.get(idx).cloned())
+                    .unwrap_or_default()
+            };
+            if which(&cell) {
+                if row.len() <= column_idx {
+                    row.resize(column_idx + 1, String::new());
+                }
+                row[column_idx] = value.to_string();
+            }
+        }
+        self
+    }
+
+    /// Sets `column` to `value` in the row whose `key` column holds `key_value`.
+    pub fn set(self, key: &str, key_value: &str, column: &str, value: &str) -> UserEdit {
+        self.set_where(|cell| cell(key) == key_value, column, value)
+    }
+
+    /// Sets `column` to `value` in every data row.
+    pub fn set_all(self, column: &str, value: &str) -> UserEdit {
+        self.set_where(|_| true, column, value)
+    }
+
+    /// Adds a row at the end.
+    pub fn add_row(mut self, cells: &[&str]) -> UserEdit {
+        self.rows
+            .push(cells.iter().map(|cell| cell.to_string()).collect());
+        self
+    }
+
+    /// The workbook as it will be saved.
+    pub fn builder(&self) -> XlsxBuilder {
+        let mut builder = XlsxBuilder::new().sheet(&self.sheet);
+        for row in &self.rows {
+            builder = builder.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        builder
+    }
+
+    /// Saves like Excel: the new content to a temp file beside the original (an extension-less
+    /// name, as Excel's are), renamed over it.
+    pub fn save(self) {
+        let folder = self.path.parent().expect("a folder");
+        let temp = folder.join(format!("{:08X}", std::process::id()));
+        self.builder().save(&temp);
+        std::fs::rename(&temp, &self.path).expect("rename into place");
+    }
+}
+
 /// The outcome of one run of the binary.
 #[derive(Debug)]
 pub struct Run {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{file_report, read_xlsx, Cell, TestDir, XlsxBuilder};
+use crate::harness::{file_report, read_xlsx, Cell, TestDir, UserEdit, XlsxBuilder};
 
 const HEADER: [&str; 4] = ["Company", "Email", "Stage", "Amount"];
 
@@ -199,19 +199,9 @@ fn undo_in_a_write_back_file_reaches_the_file() {
     sheet_of(2).save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
-    let current = read_xlsx(&test.path("p.xlsx"), "Pipeline");
-    let mut edited = XlsxBuilder::new().sheet("Pipeline").row(
-        &current.values[0]
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    for row in &current.values[1..] {
-        let mut row = row.clone();
-        row[2] = "Prospect".to_string();
-        edited = edited.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-    edited.save(&test.path("p.xlsx"));
+    UserEdit::open(&test.path("p.xlsx"), "Pipeline")
+        .set_all("Stage", "Prospect")
+        .save();
     let run_id = file_report(&test.sync().json(), "p.xlsx")["run_id"]
         .as_i64()
         .expect("run");
