@@ -386,11 +386,15 @@ impl Watcher {
     ) -> Option<Watcher> {
         use notify::Watcher as _;
         let handler = move |result: notify::Result<notify::Event>| match result {
-            Ok(event) if is_change(&event.kind) => event
-                .paths
-                .into_iter()
-                .filter(|path| is_candidate(path))
-                .for_each(|path| deliver(WatchEvent::Changed(path))),
+            Ok(event) if is_change(&event.kind) => {
+                for path in event.paths {
+                    if is_candidate(&path) {
+                        deliver(WatchEvent::Changed(path));
+                    } else {
+                        tracing::debug!(file = %path.display(), "not a source (a lock, temp or other file)");
+                    }
+                }
+            }
             Ok(_) => {}
             Err(error) => deliver(WatchEvent::Failed(error)),
         };

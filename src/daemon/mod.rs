@@ -422,6 +422,7 @@ impl Daemon {
             self.on_file_gone(&path);
         }
         self.note_links_not_synced(links_not_synced);
+        debug!(n_files = self.files.len(), "rescanned the sources");
     }
 
     /// Logs each symbolic link that is not a source once, and keeps `status` showing the links
@@ -591,6 +592,9 @@ impl Daemon {
                 (Some(View::Rows), Some(behind)) => behind.contains(&tracked.key),
             };
             if shows_change && Some(path.as_path()) != except {
+                if tracked.waiting == tracked::Waiting::NewVersion {
+                    debug!(file = %path.display(), "refused until the file changes; the store's change does not make it readable");
+                }
                 tracked.store_changed(now, settle);
             }
         }
@@ -605,7 +609,9 @@ impl Daemon {
             return;
         };
         match last {
-            Ok(Some(last)) if last >= due => {}
+            Ok(Some(last)) if last >= due => {
+                debug!(due = %due, "the reminder run last due has run; nothing to catch up")
+            }
             // A store that never ran reminders starts with the next due time: installing
             // funnelsync does not send a burst of mail.
             Ok(None) => {}
@@ -790,7 +796,7 @@ impl Daemon {
                 Event::AlertDone
             },
             move || {
-                with_store(&config, |store| {
+                let sent = with_store(&config, |store| {
                     Ok(crate::alerts::raise(
                         store,
                         &config,
@@ -800,7 +806,11 @@ impl Daemon {
                         Utc::now(),
                         &runtime,
                     )?)
-                })
+                })?;
+                if !sent {
+                    debug!(key = %key, "an alert like this went out within [alerts] every; not sent again");
+                }
+                Ok(sent)
             },
         );
     }
@@ -850,8 +860,10 @@ impl Daemon {
                 Look::Changed => {
                     debug!(file = %path.display(), "changed again while settling; settling again")
                 }
-                // An event without new content (a touch of metadata, our own access).
-                Look::NothingNew => {}
+                // An event without new content (a touch of metadata, our own write).
+                Look::NothingNew => {
+                    debug!(file = %path.display(), "unchanged since its last sync; nothing to do")
+                }
                 Look::Sync => {
                     let source_name = tracked.source.clone();
                     let force = std::mem::take(&mut tracked.force);

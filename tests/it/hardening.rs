@@ -248,7 +248,7 @@ fn one_files_backup_rotation_never_touches_anothers() {
         test.run(&["deals", "set", &id, &format!("amount={}", 200 + round)])
             .assert_code(0);
         // Backups are named to the millisecond.
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        crate::harness::next_millisecond();
         test.sync().assert_code(0);
     }
     let names = names_in(&test.path("share/.funnelsync/backups"));
@@ -488,7 +488,7 @@ fn the_daemon_logs_a_link_that_is_not_a_source_once() {
         status_of(&test, "share/leads.csv").is_some_and(|status| status["state"] == "ignored")
     });
     // Several rescans later it is still logged once.
-    std::thread::sleep(Duration::from_millis(1500));
+    daemon.wait_rescans(3);
     let log = daemon.log();
     assert_eq!(log.matches("links are not sources").count(), 1, "{log}");
     assert!(!log.contains("Salary"), "{log}");
@@ -929,8 +929,14 @@ fn a_refused_file_is_not_read_again_until_it_changes() {
                 .is_ok_and(|text| text.contains("Acme 10,"))
         },
     );
-    // Longer than the first retries of a file that would be retried.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Given up on, not waiting to retry; and rescans that could read them again have come and
+    // gone.
+    for name in ["nul.csv", "mixed.csv", "long.csv"] {
+        crate::harness::wait_until(Duration::from_secs(10), "the file to be failed", || {
+            status_of(&test, name).is_some_and(|status| status["state"] == "failed")
+        });
+    }
+    daemon.wait_rescans(3);
     let runs_now: Vec<i64> = ["long.csv", "nul.csv", "mixed.csv"]
         .iter()
         .map(|name| n_runs_of(&test, name))

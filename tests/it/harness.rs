@@ -491,6 +491,21 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut condition: impl 
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// Waits until the wall clock shows a later millisecond than now: the store's time stamps have
+/// millisecond precision, so two changes made either side of this are told apart.
+pub fn next_millisecond() {
+    let millisecond = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_millis())
+            .unwrap_or(0)
+    };
+    let now = millisecond();
+    while millisecond() <= now {
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+}
+
 /// A running `funnelsync run`, with a real sd_notify socket to hear what it tells systemd. Killed
 /// when dropped.
 pub struct Daemon {
@@ -564,6 +579,24 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// How many lines of the log contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains(text))
+            .count()
+    }
+
+    /// Waits until the daemon has looked at every source file `n` more times (each rescan logs
+    /// one line), so that whatever a rescan would do has had its chances.
+    #[track_caller]
+    pub fn wait_rescans(&self, n: usize) {
+        let target = self.log_count("rescanned the sources") + n;
+        wait_until(std::time::Duration::from_secs(20), "the rescans", || {
+            self.log_count("rescanned the sources") >= target
+        });
     }
 
     /// Waits for READY=1 (sent after the first scan's syncs), up to 20 s.

@@ -392,7 +392,11 @@ fn the_admin_is_alerted_once_when_a_file_is_held() {
     crate::harness::wait_until(Duration::from_secs(10), "the second hold", || {
         test.count("SELECT count(*) FROM sync_runs WHERE status = 'held'") >= 2
     });
-    std::thread::sleep(Duration::from_millis(1000));
+    crate::harness::wait_until(
+        Duration::from_secs(10),
+        "the second alert held back",
+        || daemon.log().contains("not sent again"),
+    );
     assert_eq!(smtp.to("it@example.com").len(), 1, "{}", daemon.log());
     let status = test.run(&["status"]);
     assert!(status.stdout.contains("held"), "{}", status.stdout);

@@ -205,11 +205,11 @@ fn conflict_case(policy: &str, cli_first: bool) -> (TestDir, Value) {
     if cli_first {
         test.run(&["deals", "set", &id, "amount=3000"])
             .assert_code(0);
-        std::thread::sleep(Duration::from_millis(50));
+        crate::harness::next_millisecond();
         save_sheet();
     } else {
         save_sheet();
-        std::thread::sleep(Duration::from_millis(50));
+        crate::harness::next_millisecond();
         test.run(&["deals", "set", &id, "amount=3000"])
             .assert_code(0);
     }
@@ -402,7 +402,7 @@ fn an_unchanged_store_leaves_the_file_untouched() {
     let modified = std::fs::metadata(test.path("p.xlsx"))
         .and_then(|metadata| metadata.modified())
         .expect("mtime");
-    std::thread::sleep(Duration::from_millis(20));
+    crate::harness::next_millisecond();
     let report = test.sync().json();
     assert_eq!(
         file_report(&report, "p.xlsx")["write_back"]["status"],
@@ -458,7 +458,18 @@ fn the_cli_change_reaches_the_file_through_the_running_daemon() {
         || read_xlsx(&test.path("share/p.xlsx"), "Pipeline").column("Stage") == vec!["Opportunity"],
     );
     let n_runs = test.count("SELECT count(*) FROM sync_runs");
-    std::thread::sleep(Duration::from_millis(1500));
+    // The daemon sees its own write as a change of the file, lets it settle, and finds it holds
+    // what it wrote.
+    wait_until(
+        Duration::from_secs(10),
+        "the daemon to look at its own write",
+        || {
+            daemon
+                .log()
+                .lines()
+                .any(|line| line.contains("nothing to do") && line.contains("p.xlsx"))
+        },
+    );
     assert_eq!(
         test.count("SELECT count(*) FROM sync_runs"),
         n_runs,
