@@ -491,6 +491,22 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut condition: impl 
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// A test that cannot run here says so loudly — on the terminal, past the test harness's capture
+/// of its output, so a passing run still shows what it did not test — and fails in CI (where
+/// `CI` is set), where everything it needs is installed (.ci/run).
+#[track_caller]
+pub fn skip(test_name: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test_name} cannot be skipped in CI: {why}"
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n*** SKIPPED {test_name}: {why} ***\n"
+    );
+}
+
 /// Waits until the wall clock shows a later millisecond than now: the store's time stamps have
 /// millisecond precision, so two changes made either side of this are told apart.
 pub fn next_millisecond() {
