@@ -147,6 +147,23 @@ pub fn build(
         source: Box::new(error.into_error()),
     })?;
     let text = String::from_utf8_lossy(&text).into_owned();
+    let bytes = encode(&text, &format).ok_or_else(|| WriteError::Unsupported {
+        path: sheet.path.clone(),
+        reason: format!(
+            "some values cannot be written in {}; set the file's encoding to UTF-8",
+            format.encoding.name()
+        ),
+    })?;
+    out.write_all(&bytes).map_err(|source| WriteError::Io {
+        path: sheet.path.clone(),
+        source,
+    })?;
+    Ok(row_numbers)
+}
+
+/// The text of a .csv in the encoding it was read with, with its byte order mark if it had one;
+/// `None` when some character has no place in that encoding.
+fn encode(text: &str, format: &CsvFormat) -> Option<Vec<u8>> {
     let mut bytes = Vec::new();
     if format.encoding == encoding_rs::UTF_16LE || format.encoding == encoding_rs::UTF_16BE {
         // encoding_rs does not encode UTF-16; do it by hand.
@@ -165,25 +182,111 @@ pub fn build(
                 unit.to_be_bytes()
             });
         }
-    } else {
-        if format.has_bom && format.encoding == encoding_rs::UTF_8 {
-            bytes.extend_from_slice(&[0xEF, 0xBB, 0xBF]);
-        }
-        let (encoded, _, had_unmappable) = format.encoding.encode(&text);
-        if had_unmappable {
-            return Err(WriteError::Unsupported {
-                path: sheet.path.clone(),
-                reason: format!(
-                    "some values cannot be written in {}; set the file's encoding to UTF-8",
-                    format.encoding.name()
-                ),
-            });
-        }
-        bytes.extend_from_slice(&encoded);
+        return Some(bytes);
     }
-    out.write_all(&bytes).map_err(|source| WriteError::Io {
-        path: sheet.path.clone(),
-        source,
-    })?;
-    Ok(row_numbers)
+    if format.has_bom && format.encoding == encoding_rs::UTF_8 {
+        bytes.extend_from_slice(&[0xEF, 0xBB, 0xBF]);
+    }
+    let (encoded, _, had_unmappable) = format.encoding.encode(text);
+    if had_unmappable {
+        return None;
+    }
+    bytes.extend_from_slice(&encoded);
+    Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn format(encoding: &'static encoding_rs::Encoding, has_bom: bool) -> CsvFormat {
+        CsvFormat {
+            delimiter: b',',
+            encoding,
+            has_bom,
+            line_ending_crlf: true,
+        }
+    }
+
+    #[test]
+    fn a_csv_is_written_in_the_encoding_and_byte_order_it_was_read_with() {
+        let text = "公司,€\r\n";
+        let cases: [(&str, CsvFormat, Vec<u8>); 6] = [
+            (
+                "UTF-8",
+                format(encoding_rs::UTF_8, false),
+                text.as_bytes().to_vec(),
+            ),
+            (
+                "UTF-8 with BOM",
+                format(encoding_rs::UTF_8, true),
+                [&[0xEF, 0xBB, 0xBF][..], text.as_bytes()].concat(),
+            ),
+            (
+                "UTF-16LE with BOM",
+                format(encoding_rs::UTF_16LE, true),
+                vec![
+                    0xFF, 0xFE, 0x6C, 0x51, 0xF8, 0x53, 0x2C, 0x00, 0xAC, 0x20, 0x0D, 0x00, 0x0A,
+                    0x00,
+                ],
+            ),
+            (
+                "UTF-16BE with BOM",
+                format(encoding_rs::UTF_16BE, true),
+                vec![
+                    0xFE, 0xFF, 0x51, 0x6C, 0x53, 0xF8, 0x00, 0x2C, 0x20, 0xAC, 0x00, 0x0D, 0x00,
+                    0x0A,
+                ],
+            ),
+            (
+                "UTF-16LE without BOM",
+                format(encoding_rs::UTF_16LE, false),
+                vec![
+                    0x6C, 0x51, 0xF8, 0x53, 0x2C, 0x00, 0xAC, 0x20, 0x0D, 0x00, 0x0A, 0x00,
+                ],
+            ),
+            (
+                "GB18030 (a BOM is for UTF-8 only)",
+                format(encoding_rs::GB18030, true),
+                vec![0xB9, 0xAB, 0xCB, 0xBE, 0x2C, 0xA2, 0xE3, 0x0D, 0x0A],
+            ),
+        ];
+        for (name, format, expected) in cases {
+            assert_eq!(encode(text, &format), Some(expected), "{name}");
+        }
+        // A character with a surrogate pair in UTF-16.
+        assert_eq!(
+            encode("😀", &format(encoding_rs::UTF_16LE, false)),
+            Some(vec![0x3D, 0xD8, 0x00, 0xDE])
+        );
+        // Every value round-trips through the reader's decoding.
+        for encoding in [
+            encoding_rs::UTF_8,
+            encoding_rs::UTF_16LE,
+            encoding_rs::UTF_16BE,
+        ] {
+            let bytes = encode(text, &format(encoding, true)).expect("encodes");
+            let (decoded, used, _) = encoding_rs::Encoding::for_bom(&bytes)
+                .map(|(found, _)| found)
+                .unwrap_or(encoding)
+                .decode(&bytes);
+            assert_eq!(used, encoding);
+            assert_eq!(decoded, text, "{}", encoding.name());
+        }
+    }
+
+    #[test]
+    fn text_an_encoding_cannot_hold_is_refused_not_garbled() {
+        assert_eq!(
+            encode("Müller,€\r\n", &format(encoding_rs::WINDOWS_1252, false)),
+            Some(vec![
+                0x4D, 0xFC, 0x6C, 0x6C, 0x65, 0x72, 0x2C, 0x80, 0x0D, 0x0A
+            ])
+        );
+        assert_eq!(
+            encode("公司\r\n", &format(encoding_rs::WINDOWS_1252, false)),
+            None
+        );
+        assert_eq!(encode("🙂", &format(encoding_rs::GBK, false)), None);
+    }
 }
