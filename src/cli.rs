@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use crate::config::{Config, ConfigError, SourcePath, DEFAULT_CONFIG_PATH};
-use crate::deal::{Deal, Field};
+use crate::deal::Field;
 use crate::mapping::Severity;
 use crate::mirror;
 use crate::store::{CrmStore, DealFilter, Store};
@@ -606,7 +606,7 @@ pub fn deals_list(
             let array: Vec<Value> = deals
                 .iter()
                 .map(|deal| {
-                    let mut value = deal_json(deal);
+                    let mut value = deal.to_json();
                     if let Some(reason) = reasons.get(&deal.id) {
                         value["stalled"] = json!(reason);
                     }
@@ -737,39 +737,6 @@ pub fn remind(
     } else {
         EXIT_OK
     }))
-}
-
-/// A deal as JSON: every field by name (null when empty), dates as ISO strings, unmapped columns
-/// under `extra`.
-pub(crate) fn deal_json(deal: &Deal) -> Value {
-    let mut object = serde_json::Map::new();
-    object.insert("id".to_string(), json!(deal.id));
-    for field in Field::ALL {
-        let value = match deal.fields.get(&field) {
-            Some(crate::deal::FieldValue::Amount(amount)) => json!(amount),
-            Some(crate::deal::FieldValue::Text(text)) => json!(text),
-            None => Value::Null,
-        };
-        object.insert(field.name().to_string(), value);
-    }
-    object.insert("extra".to_string(), json!(deal.extra));
-    object.insert(
-        "created_at".to_string(),
-        json!(crate::store::timestamp(deal.created_at)),
-    );
-    object.insert(
-        "updated_at".to_string(),
-        json!(crate::store::timestamp(deal.updated_at)),
-    );
-    object.insert(
-        "stage_entered_at".to_string(),
-        json!(deal.stage_entered_at.map(crate::store::timestamp)),
-    );
-    object.insert(
-        "archived_at".to_string(),
-        json!(deal.archived_at.map(crate::store::timestamp)),
-    );
-    Value::Object(object)
 }
 
 pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
@@ -1089,25 +1056,6 @@ pub fn undo(config: &Config, args: &UndoArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// The period of a funnel report: whole days, `until` included.
-pub(crate) fn funnel_period(
-    since: Option<chrono::NaiveDate>,
-    until: Option<chrono::NaiveDate>,
-    now: chrono::DateTime<chrono::Utc>,
-) -> crate::funnel::Period {
-    let until_day = until.unwrap_or_else(|| now.date_naive());
-    let since_day = since.unwrap_or_else(|| until_day - chrono::Duration::days(90));
-    let start = since_day.and_time(chrono::NaiveTime::MIN).and_utc();
-    let end = until_day
-        .and_hms_opt(23, 59, 59)
-        .map(|end| end.and_utc())
-        .unwrap_or(now);
-    crate::funnel::Period {
-        since: start,
-        until: end,
-    }
-}
-
 pub fn funnel(
     config: &Config,
     args: &FunnelArgs,
@@ -1125,7 +1073,7 @@ pub fn funnel(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     }
-    let period = funnel_period(args.since, args.until, now);
+    let period = crate::funnel::Period::between(args.since, args.until, now);
     let report = crate::report::load(&store, config, period, now, args.owner.as_deref())?;
     if let Some(path) = &args.xlsx {
         crate::report::write_file(path, &report)?;
@@ -1330,7 +1278,7 @@ pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCod
 /// Whether some live deal has this owner (case and spaces ignored); if none has, says so with
 /// the owners there are, since a mistyped name is likelier than an owner without deals.
 fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
-    let owners = known_owners(store)?;
+    let owners = store.crm().owners()?;
     let wanted = crate::deal::normalize_label(owner);
     if owners
         .iter()
@@ -1347,22 +1295,4 @@ fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
         }
     );
     Ok(false)
-}
-
-/// The owners of live deals, as written (first spelling of each), for messages.
-pub fn known_owners(store: &Store) -> anyhow::Result<Vec<String>> {
-    let mut owners: Vec<String> = Vec::new();
-    for deal in store.crm().list_deals(&DealFilter::default())? {
-        if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
-            let folded = crate::deal::normalize_label(owner);
-            if !owners
-                .iter()
-                .any(|known| crate::deal::normalize_label(known) == folded)
-            {
-                owners.push(owner.to_string());
-            }
-        }
-    }
-    owners.sort();
-    Ok(owners)
 }

@@ -27,6 +27,26 @@ pub struct Period {
 }
 
 impl Period {
+    /// The period from the start of `since` to the end of `until` (UTC days); without `until`,
+    /// up to today, and without `since`, the 90 days before `until`.
+    pub fn between(
+        since: Option<NaiveDate>,
+        until: Option<NaiveDate>,
+        now: DateTime<Utc>,
+    ) -> Period {
+        let until_day = until.unwrap_or_else(|| now.date_naive());
+        let since_day = since.unwrap_or_else(|| until_day - chrono::Duration::days(90));
+        let start = since_day.and_time(chrono::NaiveTime::MIN).and_utc();
+        let end = until_day
+            .and_hms_opt(23, 59, 59)
+            .map(|end| end.and_utc())
+            .unwrap_or(now);
+        Period {
+            since: start,
+            until: end,
+        }
+    }
+
     fn contains(&self, at: DateTime<Utc>) -> bool {
         at >= self.since && at <= self.until
     }

@@ -20,6 +20,7 @@ pub(crate) mod report;
 pub(crate) mod status;
 pub mod store;
 pub mod sync;
+pub(crate) mod systemd;
 pub(crate) mod text;
 pub mod watch;
 pub mod workbook;

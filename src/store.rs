@@ -675,6 +675,25 @@ pub trait CrmStore {
     fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, StoreError>;
     /// A number that changes whenever any deal changes.
     fn version(&self) -> Result<i64, StoreError>;
+
+    /// The owners of live deals as written (the first spelling of each; case and spaces
+    /// ignored), sorted: for messages and lists.
+    fn owners(&self) -> Result<Vec<String>, StoreError> {
+        let mut owners: Vec<String> = Vec::new();
+        for deal in self.list_deals(&DealFilter::default())? {
+            if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
+                let folded = crate::deal::normalize_label(owner);
+                if !owners
+                    .iter()
+                    .any(|known| crate::deal::normalize_label(known) == folded)
+                {
+                    owners.push(owner.to_string());
+                }
+            }
+        }
+        owners.sort();
+        Ok(owners)
+    }
 }
 
 /// A deal to create: its fields, extra fields, where it came from, when, and when it entered its

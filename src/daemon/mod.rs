@@ -14,7 +14,6 @@
 //! must not know how a file is parsed or diffed (that is `sync`).
 
 mod store_thread;
-pub(crate) mod systemd;
 mod tracked;
 mod workers;
 
@@ -35,6 +34,7 @@ use crate::report::ReportError;
 use crate::status::{FileState, FileStatusRecord};
 use crate::store::{CrmStore, Store, StoreError};
 use crate::sync::{self, FileReport, FileStatus};
+use crate::systemd;
 use crate::watch::{self, Fingerprint};
 use store_thread::{StoreJob, StoreThread};
 use tracked::{Look, Outcome, Tracked, Verdict};
