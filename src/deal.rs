@@ -293,6 +293,22 @@ mod tests {
         }
         assert_eq!(Field::from_name("nonsense"), None);
     }
+
+    #[test]
+    fn field_names_are_plain_sql_column_names() {
+        // SQL column names are built only from these (ARCHITECTURE.md): each must be a bare
+        // identifier that needs no quoting and can carry nothing else into a statement.
+        for field in Field::ALL {
+            let name = field.name();
+            assert!(
+                name.starts_with(|character: char| character.is_ascii_lowercase())
+                    && name
+                        .chars()
+                        .all(|character| character.is_ascii_lowercase() || character == '_'),
+                "{name}"
+            );
+        }
+    }
 }
 
 /// The hash of a row's cleaned content: equal hashes mean nothing in the row changed.

@@ -658,6 +658,14 @@ pub trait CrmStore {
     /// Brings a recorded run up to date (a run recorded early, while its changes were still being
     /// applied, gets its final counts and status).
     fn finish_run(&self, run_id: i64, run: &SyncRun) -> Result<(), StoreError>;
+    /// Sets a recorded run's message (what happened after it, such as its write-back), and its
+    /// status when given.
+    fn note_on_run(
+        &self,
+        run_id: i64,
+        status: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError>;
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError>;
     fn changes_of_run(&self, run_id: i64) -> Result<Vec<ChangeRecord>, StoreError>;
     /// Changes to this deal's field (or of any kind when `field` is None) made by runs after `run_id`.
@@ -1444,6 +1452,20 @@ impl CrmStore for SqliteCrm<'_> {
             });
         }
         Ok(changes)
+    }
+
+    fn note_on_run(
+        &self,
+        run_id: i64,
+        status: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.connection
+            .prepare_cached(
+                "UPDATE sync_runs SET status = coalesce(?1, status), message = ?2 WHERE id = ?3",
+            )?
+            .execute(params![status, message, run_id])?;
+        Ok(())
     }
 
     fn finish_run(&self, run_id: i64, run: &SyncRun) -> Result<(), StoreError> {

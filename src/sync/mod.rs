@@ -161,11 +161,9 @@ fn note_on_run(
     status: Option<FileStatus>,
     message: &str,
 ) -> Result<(), StoreError> {
-    store.connection().execute(
-        "UPDATE sync_runs SET status = coalesce(?1, status), message = ?2 WHERE id = ?3",
-        rusqlite::params![status.map(status_name), message, run_id],
-    )?;
-    Ok(())
+    store
+        .crm()
+        .note_on_run(run_id, status.map(status_name), message)
 }
 
 /// Whether a file that writes back still shows the store as its last sync left it: for a file

@@ -178,3 +178,89 @@ fn a_module_with_submodules_lives_in_its_folder_as_mod_rs() {
         "move these into their folder as mod.rs: {beside_their_folder:?}"
     );
 }
+
+/// The SQL statements (string literals that start with a statement keyword) of the `.rs` files
+/// below `folder` (or of the one file), with the file each is in.
+fn sql_statements(path: &Path) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        rust_files(path, &mut files);
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut statements = Vec::new();
+    for file in files {
+        let code = std::fs::read_to_string(&file).expect("read source");
+        for literal in code.split('"').skip(1).step_by(2) {
+            let upper = literal.trim_start().to_ascii_uppercase();
+            if ["SELECT ", "INSERT ", "UPDATE ", "DELETE ", "WITH "]
+                .iter()
+                .any(|keyword| upper.starts_with(keyword))
+            {
+                statements.push((file.display().to_string(), upper));
+            }
+        }
+    }
+    statements
+}
+
+/// The CRM tables: what a shared PostgreSQL store would hold instead of this SQLite file.
+const CRM_TABLES: [&str; 5] = [
+    "DEALS",
+    "STAGE_HISTORY",
+    "SYNC_RUNS",
+    "CHANGES",
+    "CONFLICTS",
+];
+
+fn names_a_table(statement: &str, tables: &[&str]) -> bool {
+    statement
+        .split(|character: char| !character.is_ascii_alphanumeric() && character != '_')
+        .any(|word| tables.contains(&word))
+}
+
+#[test]
+fn the_sync_reaches_crm_data_only_through_crm_store() {
+    // ARCHITECTURE.md: the sync code touches CRM data only through `CrmStore`; the mirror's own
+    // tables are local state.
+    let offending: Vec<(String, String)> = sql_statements(&root().join("src/sync"))
+        .into_iter()
+        .filter(|(_, statement)| names_a_table(statement, &CRM_TABLES))
+        .collect();
+    assert!(
+        offending.is_empty(),
+        "SQL on CRM tables in sync: {offending:?}"
+    );
+}
+
+#[test]
+fn the_command_line_and_the_api_change_the_store_only_through_edit() {
+    // ARCHITECTURE.md: nothing in `http` or `cli` writes to the store but through `edit` (and
+    // the library functions it calls).
+    let mut offending = sql_statements(&root().join("src/http"));
+    offending.extend(sql_statements(&root().join("src/cli.rs")));
+    offending.retain(|(_, statement)| {
+        ["INSERT ", "UPDATE ", "DELETE "]
+            .iter()
+            .any(|keyword| statement.starts_with(keyword))
+    });
+    assert!(
+        offending.is_empty(),
+        "SQL writes in cli or http: {offending:?}"
+    );
+}
+
+#[test]
+fn the_source_checks_see_sql_in_string_literals() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("probe.rs");
+    std::fs::write(
+        &file,
+        "fn f() { c.execute(\"UPDATE sync_runs SET message = ?1\", []); let x = \"deals\"; }",
+    )
+    .expect("write");
+    let statements = sql_statements(&file);
+    assert_eq!(statements.len(), 1, "{statements:?}");
+    assert!(names_a_table(&statements[0].1, &CRM_TABLES));
+    assert!(!names_a_table("SELECT * FROM MIRROR_ROWS", &CRM_TABLES));
+}
