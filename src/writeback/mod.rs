@@ -1,7 +1,9 @@
-//! Writing the store's view of a file back into it: .xlsx through rust_xlsxwriter, .csv through
-//! the csv crate, always safely — never while the file is open in Excel or LibreOffice, never over
-//! a file that changed since it was read, through a temp file in the same folder that is fsynced
-//! and renamed over the original, with the previous version kept in `.funnelsync/backups/`.
+//! Writing the store's view of a file back into it: .xlsx/.xlsm edited in place (only the changed
+//! cells of the managed sheet, every other part copied byte for byte: [`xlsx`]), .csv through the
+//! csv crate in the encoding it was read with, always safely — never while the file is open in
+//! Excel or LibreOffice, never over a file that changed since it was read, through a temp file in
+//! the same folder that is fsynced and exchanged with the original, with the previous version kept
+//! in `.funnelsync/backups/` ([`replace`]).
 //!
 //! [`plan`] is pure: from the rows as read and the merge outcome it decides which cells change,
 //! which rows leave and which come in. [`write`] does the I/O. This module must not decide what a
