@@ -746,6 +746,41 @@ fn deal_columns() -> String {
 const AFTER_FIELDS: usize = Field::ALL.len() + 1;
 
 impl<'c> SqliteCrm<'c> {
+    /// The stage changes the `filter` (a `WHERE` clause over `stage_history`, or nothing) picks,
+    /// oldest first.
+    fn stage_changes(
+        &self,
+        filter: &str,
+        parameters: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<StageChange>, StoreError> {
+        let mut statement = self.connection.prepare_cached(&format!(
+            "SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history {filter} ORDER BY at, id"
+        ))?;
+        let rows = statement.query_map(parameters, |row| {
+            Ok((
+                row.get::<_, DealId>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, bool>(5)?,
+            ))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
+            changes.push(StageChange {
+                deal_id,
+                from_stage,
+                to_stage,
+                at: parse_timestamp(&at)?,
+                source,
+                start_known,
+            });
+        }
+        Ok(changes)
+    }
+
     pub fn new(connection: &'c Connection) -> SqliteCrm<'c> {
         SqliteCrm {
             connection,
@@ -1397,61 +1432,11 @@ impl CrmStore for SqliteCrm<'_> {
     }
 
     fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError> {
-        let mut statement = self
-            .connection
-            .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
-        let rows = statement.query_map([id], |row| {
-            Ok((
-                row.get::<_, DealId>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, bool>(5)?,
-            ))
-        })?;
-        let mut changes = Vec::new();
-        for row in rows {
-            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
-            changes.push(StageChange {
-                deal_id,
-                from_stage,
-                to_stage,
-                at: parse_timestamp(&at)?,
-                source,
-                start_known,
-            });
-        }
-        Ok(changes)
+        self.stage_changes("WHERE deal_id = ?1", &[&id])
     }
 
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError> {
-        let mut statement = self.connection.prepare_cached(
-            "SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history ORDER BY at, id",
-        )?;
-        let rows = statement.query_map([], |row| {
-            Ok((
-                row.get::<_, DealId>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, bool>(5)?,
-            ))
-        })?;
-        let mut changes = Vec::new();
-        for row in rows {
-            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
-            changes.push(StageChange {
-                deal_id,
-                from_stage,
-                to_stage,
-                at: parse_timestamp(&at)?,
-                source,
-                start_known,
-            });
-        }
-        Ok(changes)
+        self.stage_changes("", &[])
     }
 
     fn note_on_run(

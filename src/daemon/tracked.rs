@@ -486,6 +486,23 @@ mod tests {
         }
     }
 
+    /// The file's sync ended with `report` at `now`; the file then looks like `fingerprint`.
+    fn finish(
+        file: &mut Tracked,
+        report: &FileReport,
+        fingerprint: Option<Fingerprint>,
+        now: Instant,
+    ) -> Applied {
+        file.apply_outcome(
+            Path::new("/share/p.xlsx"),
+            Outcome::Report(report),
+            fingerprint,
+            MAX_ATTEMPTS,
+            SETTLE,
+            now,
+        )
+    }
+
     #[test]
     fn a_change_settles_once_and_a_settled_file_is_synced_unless_nothing_is_new() {
         let start = Instant::now();
@@ -578,14 +595,7 @@ mod tests {
         assert_eq!(file.phase, Phase::Syncing { again: true });
         let synced = report(FileStatus::Synced, WriteBack::Off, false);
         let later = now + SETTLE;
-        let applied = file.apply_outcome(
-            Path::new("/share/p.xlsx"),
-            Outcome::Report(&synced),
-            print(2),
-            MAX_ATTEMPTS,
-            SETTLE,
-            later,
-        );
+        let applied = finish(&mut file, &synced, print(2), later);
         assert_eq!(applied.verdict, Verdict::Synced);
         assert_eq!(file.phase, Phase::Settling { since: later });
         // Even after a failure, the change is read after settling rather than after a backoff.
@@ -700,14 +710,7 @@ mod tests {
             WriteBack::Deferred("open in Excel".to_string()),
             false,
         );
-        let applied = file.apply_outcome(
-            Path::new("/share/p.xlsx"),
-            Outcome::Report(&deferred),
-            print(1),
-            MAX_ATTEMPTS,
-            SETTLE,
-            now,
-        );
+        let applied = finish(&mut file, &deferred, print(1), now);
         assert_eq!(applied.verdict, Verdict::WriteDeferred);
         assert_eq!(applied.state, FileState::Ok);
         assert!(file.waits_for_close());
