@@ -466,7 +466,14 @@ mod tests {
     #[test]
     fn only_the_cells_the_store_changed_are_written() {
         let read = fields("Acme", Some(1000.0), Some("2026-12-01"));
-        let cases: Vec<(&str, FieldMap, Option<DealId>, BTreeMap<usize, OutCell>)> = vec![
+        /// What the merge wants the row to show, the id its key cell holds, the cells written.
+        type Case = (
+            &'static str,
+            FieldMap,
+            Option<DealId>,
+            BTreeMap<usize, OutCell>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "an amount is a number",
                 fields("Acme", Some(2500.0), Some("2026-12-01")),
