@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::deal::normalize_label;
 use crate::workbook::Limits;
 
-pub use http::{parse_sha256, HttpConfig, HttpUser, Role, TlsFiles, TokenSource, DEFAULT_LISTEN};
+pub use http::{HttpConfig, Role, TlsFiles, TokenSource, DEFAULT_LISTEN};
 use raw::locate_key;
 use raw::RawConfig;
 pub use source::{

@@ -238,13 +238,8 @@ fn out_cell(field: Field, value: Option<&FieldValue>) -> OutCell {
     }
 }
 
-/// Whether funnelsync can write this file: .xlsx, .xlsm (edited in place, so its macros stay)
-/// and .csv, not the read-only .xls and .ods.
-pub fn is_writable(sheet: &SheetData) -> bool {
-    is_writable_path(&sheet.path)
-}
-
-/// [`is_writable`] by the file's name alone.
+/// Whether funnelsync can write this file, by its name: .xlsx, .xlsm (edited in place, so its
+/// macros stay) and .csv, not the read-only .xls and .ods.
 pub fn is_writable_path(path: &Path) -> bool {
     matches!(
         crate::workbook::format_of(path),
