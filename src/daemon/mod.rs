@@ -284,6 +284,9 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         daemon.start_due_syncs();
         daemon.check_ready();
     }
+    // Nothing is received any more: a worker still waiting for room in the queue (the store
+    // thread, the watcher) is let go rather than left waiting for ever.
+    drop(receiver);
     if let Some(http) = daemon.http.take() {
         http.stop();
     }
