@@ -477,7 +477,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             std::fs::write(&config_path, text).expect("config");
             let config = Config::load(&config_path).expect("config");
             let started = Instant::now();
-            let files = config.source_files(&config.sources[0]).expect("list");
+            let files = funnelsync::watch::source_files(&config, &config.sources[0]).expect("list");
             let fingerprints: Vec<_> = files
                 .iter()
                 .map(|file| funnelsync::watch::fingerprint(file))

@@ -10,14 +10,14 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use unicode_width::UnicodeWidthStr;
 
 use crate::config::{Config, ConfigError, SourcePath, DEFAULT_CONFIG_PATH};
-use crate::deal::{Deal, Field};
+use crate::deal::Field;
 use crate::mapping::Severity;
 use crate::mirror;
 use crate::store::{CrmStore, DealFilter, Store};
 use crate::sync::{self, FileReport, FileStatus};
+use crate::text::{amount_column, write_table};
 
 /// Exit code: everything applied.
 pub const EXIT_OK: u8 = 0;
@@ -256,7 +256,7 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             SourcePath::Folder(path) => ("folder", path.display().to_string()),
             SourcePath::Glob(pattern) => ("glob", pattern.clone()),
         };
-        let files = config.source_files(source);
+        let files = crate::watch::source_files(config, source);
         let n_files = match &files {
             Ok(files) => files.len().to_string(),
             Err(_) => "none, see the warning".to_string(),
@@ -402,22 +402,37 @@ fn store_folder_problem(path: &std::path::Path) -> Option<String> {
     }
 }
 
-pub fn open_store(config: &Config) -> anyhow::Result<Store> {
+pub(crate) fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open(&config.store.path)?)
 }
 
 /// Opens the store that must already exist: every command but `sync` and `run`, so that a
 /// mistyped path says so instead of leaving an empty store behind.
-pub fn open_existing_store(config: &Config) -> anyhow::Result<Store> {
+pub(crate) fn open_existing_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::open_existing(&config.store.path)?)
+}
+
+/// The runtime a command's mail goes out on: the SMTP transport is async, a command is not.
+fn mail_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the mail runtime")
 }
 
 pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
     let mut store = open_store(config)?;
     let forced: Vec<String> = args.force.iter().map(|path| sync::file_key(path)).collect();
     let reports = sync::sync_all_forcing(&mut store, config, chrono::Utc::now(), &forced)?;
+    let mut runtime = None;
     for report in &reports {
         if let sync::WriteBack::Failed(message) = &report.write_back {
+            let runtime = match runtime.as_mut() {
+                Some(runtime) => runtime,
+                None => runtime.insert(mail_runtime()?),
+            };
             // The admin hears of it as from the daemon (rate-limited per file).
             let subject = format!("{} cannot be written back", display_file(&report.file));
             let key = format!("write-back:{}", display_file(&report.file));
@@ -428,6 +443,7 @@ pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
                 &subject,
                 message,
                 chrono::Utc::now(),
+                runtime.handle(),
             ) {
                 eprintln!("warning: cannot send an alert: {error}");
             }
@@ -590,7 +606,7 @@ pub fn deals_list(
             let array: Vec<Value> = deals
                 .iter()
                 .map(|deal| {
-                    let mut value = deal_json(deal);
+                    let mut value = deal.to_json();
                     if let Some(reason) = reasons.get(&deal.id) {
                         value["stalled"] = json!(reason);
                     }
@@ -672,8 +688,16 @@ pub fn remind(
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     let mut store = open_existing_store(config)?;
-    let report =
-        crate::remind::outbox::run(&mut store, config, now, now, args.force, args.dry_run)?;
+    let runtime = mail_runtime()?;
+    let report = crate::remind::outbox::run(
+        &mut store,
+        config,
+        now,
+        now,
+        args.force,
+        args.dry_run,
+        runtime.handle(),
+    )?;
     let mut out = std::io::stdout().lock();
     if args.dry_run {
         if report.messages.is_empty() {
@@ -687,7 +711,7 @@ pub fn remind(
             writeln!(
                 out,
                 "To: {}\nSubject: {}\n\n{}\n----",
-                message.recipient, message.subject, message.text
+                message.message.recipient, message.message.subject, message.message.text
             )?;
         }
     } else {
@@ -713,39 +737,6 @@ pub fn remind(
     } else {
         EXIT_OK
     }))
-}
-
-/// A deal as JSON: every field by name (null when empty), dates as ISO strings, unmapped columns
-/// under `extra`.
-pub fn deal_json(deal: &Deal) -> Value {
-    let mut object = serde_json::Map::new();
-    object.insert("id".to_string(), json!(deal.id));
-    for field in Field::ALL {
-        let value = match deal.fields.get(&field) {
-            Some(crate::deal::FieldValue::Amount(amount)) => json!(amount),
-            Some(crate::deal::FieldValue::Text(text)) => json!(text),
-            None => Value::Null,
-        };
-        object.insert(field.name().to_string(), value);
-    }
-    object.insert("extra".to_string(), json!(deal.extra));
-    object.insert(
-        "created_at".to_string(),
-        json!(crate::store::timestamp(deal.created_at)),
-    );
-    object.insert(
-        "updated_at".to_string(),
-        json!(crate::store::timestamp(deal.updated_at)),
-    );
-    object.insert(
-        "stage_entered_at".to_string(),
-        json!(deal.stage_entered_at.map(crate::store::timestamp)),
-    );
-    object.insert(
-        "archived_at".to_string(),
-        json!(deal.archived_at.map(crate::store::timestamp)),
-    );
-    Value::Object(object)
 }
 
 pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
@@ -784,7 +775,7 @@ fn local_time(at: chrono::DateTime<chrono::Utc>) -> String {
 
 pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
     let store = open_existing_store(config)?;
-    let overview = mirror::file_overview(store.connection())?;
+    let overview = crate::status::file_overview(store.connection())?;
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&overview)?)?,
@@ -808,7 +799,7 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
             .to_vec()];
             for file in &overview {
                 let state = match (file.state, file.next_retry_at) {
-                    (Some(mirror::FileState::Retrying), Some(retry_at)) => {
+                    (Some(crate::status::FileState::Retrying), Some(retry_at)) => {
                         format!(
                             "retry {} at {}",
                             file.attempts + 1,
@@ -844,13 +835,13 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                 &[false, false, false, false, false, true, true, false, false],
             )?;
             for file in &overview {
-                let ignored = file.state == Some(mirror::FileState::Ignored);
+                let ignored = file.state == Some(crate::status::FileState::Ignored);
                 if file.last_status.as_deref() == Some("failed") || ignored {
                     if let Some(message) = &file.last_message {
                         writeln!(out, "\n{}: {message}", display_file(&file.file))?;
                     }
                 }
-                if let Some(mirror::WriteBackState {
+                if let Some(crate::status::WriteBackState {
                     status,
                     message: Some(message),
                 }) = &file.write_back
@@ -1065,25 +1056,6 @@ pub fn undo(config: &Config, args: &UndoArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// The period of a funnel report: whole days, `until` included.
-pub fn funnel_period(
-    since: Option<chrono::NaiveDate>,
-    until: Option<chrono::NaiveDate>,
-    now: chrono::DateTime<chrono::Utc>,
-) -> crate::funnel::Period {
-    let until_day = until.unwrap_or_else(|| now.date_naive());
-    let since_day = since.unwrap_or_else(|| until_day - chrono::Duration::days(90));
-    let start = since_day.and_time(chrono::NaiveTime::MIN).and_utc();
-    let end = until_day
-        .and_hms_opt(23, 59, 59)
-        .map(|end| end.and_utc())
-        .unwrap_or(now);
-    crate::funnel::Period {
-        since: start,
-        until: end,
-    }
-}
-
 pub fn funnel(
     config: &Config,
     args: &FunnelArgs,
@@ -1101,7 +1073,7 @@ pub fn funnel(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     }
-    let period = funnel_period(args.since, args.until, now);
+    let period = crate::funnel::Period::between(args.since, args.until, now);
     let report = crate::report::load(&store, config, period, now, args.owner.as_deref())?;
     if let Some(path) = &args.xlsx {
         crate::report::write_file(path, &report)?;
@@ -1118,7 +1090,9 @@ pub fn funnel(
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
         let mut store = open_existing_store(config)?;
-        let delivery = crate::report::send_weekly_digest(&mut store, config, now)?;
+        let runtime = mail_runtime()?;
+        let delivery =
+            crate::report::send_weekly_digest(&mut store, config, now, runtime.handle())?;
         for error in &delivery.errors {
             eprintln!("mail error: {error}");
         }
@@ -1301,27 +1275,10 @@ pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::from(EXIT_OK))
 }
 
-/// Amounts for a table column: thousands grouped and the same number of decimals on every line
-/// (two when any amount has cents, else none), so that right-aligned they line up on the digit.
-pub fn amount_column(amounts: &[Option<f64>]) -> Vec<String> {
-    let cents = amounts
-        .iter()
-        .flatten()
-        .any(|amount| (amount * 100.0).round() % 100.0 != 0.0);
-    amounts
-        .iter()
-        .map(|amount| match amount {
-            Some(amount) if cents => group_thousands(&format!("{:.2}", amount + 0.0)),
-            Some(amount) => group_thousands(&format!("{:.0}", amount + 0.0)),
-            None => String::new(),
-        })
-        .collect()
-}
-
 /// Whether some live deal has this owner (case and spaces ignored); if none has, says so with
 /// the owners there are, since a mistyped name is likelier than an owner without deals.
 fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
-    let owners = known_owners(store)?;
+    let owners = store.crm().owners()?;
     let wanted = crate::deal::normalize_label(owner);
     if owners
         .iter()
@@ -1338,110 +1295,4 @@ fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
         }
     );
     Ok(false)
-}
-
-/// The owners of live deals, as written (first spelling of each), for messages.
-pub fn known_owners(store: &Store) -> anyhow::Result<Vec<String>> {
-    let mut owners: Vec<String> = Vec::new();
-    for deal in store.crm().list_deals(&DealFilter::default())? {
-        if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
-            let folded = crate::deal::normalize_label(owner);
-            if !owners
-                .iter()
-                .any(|known| crate::deal::normalize_label(known) == folded)
-            {
-                owners.push(owner.to_string());
-            }
-        }
-    }
-    owners.sort();
-    Ok(owners)
-}
-
-/// "1234567.5" → "1,234,567.5".
-pub fn group_thousands(number: &str) -> String {
-    let (sign, rest) = number
-        .strip_prefix('-')
-        .map(|rest| ("-", rest))
-        .unwrap_or(("", number));
-    let (integer, fraction) = rest
-        .split_once('.')
-        .map(|(integer, fraction)| (integer, Some(fraction)))
-        .unwrap_or((rest, None));
-    let mut grouped = String::new();
-    for (position, digit) in integer.chars().enumerate() {
-        if position > 0 && (integer.len() - position) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(digit);
-    }
-    match fraction {
-        Some(fraction) => format!("{sign}{grouped}.{fraction}"),
-        None => format!("{sign}{grouped}"),
-    }
-}
-
-/// Prints rows as an aligned table, measuring text by terminal width (CJK characters take two
-/// columns). The first row is the header.
-pub fn write_table(
-    out: &mut impl Write,
-    rows: &[Vec<String>],
-    right_aligned: &[bool],
-) -> std::io::Result<()> {
-    let n_columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let mut widths = vec![0; n_columns];
-    for row in rows {
-        for (column_idx, cell) in row.iter().enumerate() {
-            widths[column_idx] = widths[column_idx].max(UnicodeWidthStr::width(cell.as_str()));
-        }
-    }
-    for row in rows {
-        let mut line = String::new();
-        for (column_idx, cell) in row.iter().enumerate() {
-            let padding = " ".repeat(widths[column_idx] - UnicodeWidthStr::width(cell.as_str()));
-            if column_idx > 0 {
-                line.push_str("  ");
-            }
-            if right_aligned.get(column_idx).copied().unwrap_or(false) {
-                line.push_str(&padding);
-                line.push_str(cell);
-            } else {
-                line.push_str(cell);
-                line.push_str(&padding);
-            }
-        }
-        writeln!(out, "{}", line.trim_end())?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thousands_are_grouped() {
-        let cases = [
-            ("0", "0"),
-            ("999", "999"),
-            ("1000", "1,000"),
-            ("1234567.5", "1,234,567.5"),
-            ("-12000", "-12,000"),
-        ];
-        for (input, expected) in cases {
-            assert_eq!(group_thousands(input), expected);
-        }
-    }
-
-    #[test]
-    fn tables_align_wide_characters() {
-        let rows = vec![
-            vec!["公司".to_string(), "n".to_string()],
-            vec!["Acme".to_string(), "10".to_string()],
-        ];
-        let mut out = Vec::new();
-        write_table(&mut out, &rows, &[false, true]).expect("write");
-        let text = String::from_utf8(out).expect("utf8");
-        assert_eq!(text, "公司   n\nAcme  10\n");
-    }
 }

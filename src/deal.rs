@@ -227,6 +227,36 @@ pub struct Deal {
 }
 
 impl Deal {
+    /// The deal as the command line's and the API's JSON show it: `id`, every field by name (null
+    /// when empty; amounts as numbers), `extra`, and the time stamps in the store's RFC 3339 form
+    /// with milliseconds (null when unknown).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{json, Value};
+        let timestamp = |at: DateTime<Utc>| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut object = serde_json::Map::new();
+        object.insert("id".to_string(), json!(self.id));
+        for field in Field::ALL {
+            let value = match self.fields.get(&field) {
+                Some(FieldValue::Amount(amount)) => json!(amount),
+                Some(FieldValue::Text(text)) => json!(text),
+                None => Value::Null,
+            };
+            object.insert(field.name().to_string(), value);
+        }
+        object.insert("extra".to_string(), json!(self.extra));
+        object.insert("created_at".to_string(), json!(timestamp(self.created_at)));
+        object.insert("updated_at".to_string(), json!(timestamp(self.updated_at)));
+        object.insert(
+            "stage_entered_at".to_string(),
+            json!(self.stage_entered_at.map(timestamp)),
+        );
+        object.insert(
+            "archived_at".to_string(),
+            json!(self.archived_at.map(timestamp)),
+        );
+        Value::Object(object)
+    }
+
     pub fn text(&self, field: Field) -> Option<&str> {
         self.fields.get(&field).and_then(FieldValue::as_text)
     }
@@ -262,6 +292,22 @@ mod tests {
             assert_eq!(Field::from_name(field.name()), Some(field));
         }
         assert_eq!(Field::from_name("nonsense"), None);
+    }
+
+    #[test]
+    fn field_names_are_plain_sql_column_names() {
+        // SQL column names are built only from these (ARCHITECTURE.md): each must be a bare
+        // identifier that needs no quoting and can carry nothing else into a statement.
+        for field in Field::ALL {
+            let name = field.name();
+            assert!(
+                name.starts_with(|character: char| character.is_ascii_lowercase())
+                    && name
+                        .chars()
+                        .all(|character| character.is_ascii_lowercase() || character == '_'),
+                "{name}"
+            );
+        }
     }
 }
 

@@ -212,12 +212,6 @@ pub fn clean_stage(config: &Config, written: &str) -> Result<Changes, FieldProbl
     }
 }
 
-/// A deal's version: the store's change counter as the deal's last change left it. It moves on
-/// with every change of the deal, whoever makes it.
-pub fn version_of(store: &Store, id: DealId) -> Result<Option<i64>, StoreError> {
-    Ok(store.crm().deal_versions(&[id])?.remove(&id))
-}
-
 /// Applies an edit to a deal in one transaction, recorded as a run of `origin`. With an expected
 /// version, the edit is refused when the deal changed since (a stale form or a lost update).
 /// `allowed` sees the deal before the change and may refuse it (an owner check, say); its refusal

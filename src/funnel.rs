@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
-use crate::config::{Stages, Terminal};
+use crate::config::{Stage, Stages, Terminal};
 use crate::deal::{Deal, DealId, Field};
 use crate::remind::{entered_day, stall_of, Calendar};
 use crate::store::StageChange;
@@ -27,6 +27,26 @@ pub struct Period {
 }
 
 impl Period {
+    /// The period from the start of `since` to the end of `until` (UTC days); without `until`,
+    /// up to today, and without `since`, the 90 days before `until`.
+    pub fn between(
+        since: Option<NaiveDate>,
+        until: Option<NaiveDate>,
+        now: DateTime<Utc>,
+    ) -> Period {
+        let until_day = until.unwrap_or_else(|| now.date_naive());
+        let since_day = since.unwrap_or_else(|| until_day - chrono::Duration::days(90));
+        let start = since_day.and_time(chrono::NaiveTime::MIN).and_utc();
+        let end = until_day
+            .and_hms_opt(23, 59, 59)
+            .map(|end| end.and_utc())
+            .unwrap_or(now);
+        Period {
+            since: start,
+            until: end,
+        }
+    }
+
     fn contains(&self, at: DateTime<Utc>) -> bool {
         at >= self.since && at <= self.until
     }
@@ -154,7 +174,8 @@ fn median(values: &mut [f64]) -> Option<f64> {
     })
 }
 
-/// The funnel over `deals` (already filtered by owner if wanted) and their stage history.
+/// The funnel over `deals` (already filtered by owner if wanted) and their stage history: one
+/// phase each for the stages, the totals, the forecast and the owners with the stalled list.
 pub fn compute(
     deals: &[Deal],
     history: &[StageChange],
@@ -164,49 +185,122 @@ pub fn compute(
     now: DateTime<Utc>,
     owner: Option<String>,
 ) -> FunnelReport {
-    // Ranks: open stages in order, then won stages share the last rank.
-    let open_stages: Vec<&crate::config::Stage> = stages
-        .stages
-        .iter()
-        .filter(|stage| stage.terminal.is_none())
-        .collect();
-    let won_rank = open_stages.len();
-    let rank_of = |name: &str| -> Option<usize> {
-        let stage = stages.resolve(name)?;
+    let funnel = Funnel::new(deals, history, stages, calendar, period, now);
+    let won_in_period = funnel.won_in_period();
+    let (by_owner, stalled) = funnel.owners_and_stalled(&won_in_period);
+    FunnelReport {
+        period,
+        owner,
+        stages: funnel.stage_stats(),
+        totals: funnel.totals(&won_in_period),
+        forecast: funnel.forecast(),
+        by_owner,
+        stalled,
+    }
+}
+
+/// A deal's amount, when it has one.
+fn amount_of(deal: &Deal) -> Option<f64> {
+    deal.fields
+        .get(&Field::Amount)
+        .and_then(|value| value.as_amount())
+}
+
+/// What every phase of [`compute`] works from: the stages by rank, the history by deal, when each
+/// deal first reached each rank, and the live deals.
+struct Funnel<'a> {
+    deals: &'a [Deal],
+    stages: &'a Stages,
+    calendar: &'a Calendar,
+    period: Period,
+    now: DateTime<Utc>,
+    today: NaiveDate,
+    /// The open stages in funnel order; the won stages share the rank after the last of them.
+    open_stages: Vec<&'a Stage>,
+    won_rank: usize,
+    /// Each deal's stage changes, oldest first.
+    by_deal: HashMap<DealId, Vec<&'a StageChange>>,
+    /// When each deal first reached each rank (up to now).
+    first_reached: HashMap<DealId, Vec<Option<DateTime<Utc>>>>,
+    live: Vec<&'a Deal>,
+}
+
+impl<'a> Funnel<'a> {
+    fn new(
+        deals: &'a [Deal],
+        history: &'a [StageChange],
+        stages: &'a Stages,
+        calendar: &'a Calendar,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Funnel<'a> {
+        let open_stages: Vec<&Stage> = stages
+            .stages
+            .iter()
+            .filter(|stage| stage.terminal.is_none())
+            .collect();
+        let mut by_deal: HashMap<DealId, Vec<&StageChange>> = HashMap::new();
+        for change in history {
+            by_deal.entry(change.deal_id).or_default().push(change);
+        }
+        for changes in by_deal.values_mut() {
+            changes.sort_by_key(|change| change.at);
+        }
+        let mut funnel = Funnel {
+            deals,
+            stages,
+            calendar,
+            period,
+            now,
+            today: calendar.day_of(now),
+            won_rank: open_stages.len(),
+            open_stages,
+            by_deal,
+            first_reached: HashMap::new(),
+            live: deals
+                .iter()
+                .filter(|deal| deal.archived_at.is_none())
+                .collect(),
+        };
+        funnel.first_reached = deals
+            .iter()
+            .map(|deal| (deal.id, funnel.ranks_reached(deal.id)))
+            .collect();
+        funnel
+    }
+
+    /// A stage's rank: its place among the open stages, the won rank, or none for a lost stage.
+    fn rank_of(&self, name: &str) -> Option<usize> {
+        let stage = self.stages.resolve(name)?;
         match stage.terminal {
-            None => open_stages.iter().position(|open| open.name == stage.name),
-            Some(Terminal::Won) => Some(won_rank),
+            None => self
+                .open_stages
+                .iter()
+                .position(|open| open.name == stage.name),
+            Some(Terminal::Won) => Some(self.won_rank),
             Some(Terminal::Lost) => None,
         }
-    };
-    let is_lost = |name: &str| {
-        stages
+    }
+
+    fn is_lost(&self, name: &str) -> bool {
+        self.stages
             .resolve(name)
             .is_some_and(|stage| stage.terminal == Some(Terminal::Lost))
-    };
-
-    let mut by_deal: HashMap<DealId, Vec<&StageChange>> = HashMap::new();
-    for change in history {
-        by_deal.entry(change.deal_id).or_default().push(change);
     }
-    for changes in by_deal.values_mut() {
-        changes.sort_by_key(|change| change.at);
-    }
-    let live: Vec<&Deal> = deals
-        .iter()
-        .filter(|deal| deal.archived_at.is_none())
-        .collect();
-    let today = calendar.day_of(now);
 
-    // When each deal first reached each rank (up to now), and its highest rank.
-    let mut first_reached: HashMap<DealId, Vec<Option<DateTime<Utc>>>> = HashMap::new();
-    for deal in deals {
-        let mut reached = vec![None; won_rank + 1];
-        for change in by_deal.get(&deal.id).map(Vec::as_slice).unwrap_or(&[]) {
-            if change.at > now {
+    fn changes_of(&self, deal_id: DealId) -> &[&'a StageChange] {
+        self.by_deal.get(&deal_id).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// When the deal first reached each rank up to now: reaching a rank reaches every rank
+    /// before it too.
+    fn ranks_reached(&self, deal_id: DealId) -> Vec<Option<DateTime<Utc>>> {
+        let mut reached = vec![None; self.won_rank + 1];
+        for change in self.changes_of(deal_id) {
+            if change.at > self.now {
                 continue;
             }
-            if let Some(rank) = rank_of(&change.to_stage) {
+            if let Some(rank) = self.rank_of(&change.to_stage) {
                 for slot in reached.iter_mut().take(rank + 1) {
                     if slot.is_none() {
                         *slot = Some(change.at);
@@ -214,34 +308,57 @@ pub fn compute(
                 }
             }
         }
-        first_reached.insert(deal.id, reached);
+        reached
     }
-    let historical_win_rate = |rank: usize| -> Option<f64> {
-        let reached = first_reached
+
+    /// Of the deals that ever reached `rank`, the share won.
+    fn historical_win_rate(&self, rank: usize) -> Option<f64> {
+        let reached = self
+            .first_reached
             .values()
             .filter(|ranks| ranks[rank].is_some())
             .count() as u64;
-        let won = first_reached
+        let won = self
+            .first_reached
             .values()
-            .filter(|ranks| ranks[rank].is_some() && ranks[won_rank].is_some())
+            .filter(|ranks| ranks[rank].is_some() && ranks[self.won_rank].is_some())
             .count() as u64;
         ratio(won, reached)
-    };
+    }
 
-    let mut stage_stats = Vec::new();
-    for (rank, stage) in open_stages.iter().enumerate() {
-        let open: Vec<&&Deal> = live
+    /// The deals that reached the won rank in the period.
+    fn won_in_period(&self) -> Vec<&'a Deal> {
+        self.deals
             .iter()
+            .filter(|deal| {
+                self.first_reached
+                    .get(&deal.id)
+                    .and_then(|ranks| ranks[self.won_rank])
+                    .is_some_and(|at| self.period.contains(at))
+            })
+            .collect()
+    }
+
+    fn stage_stats(&self) -> Vec<StageStats> {
+        self.open_stages
+            .iter()
+            .enumerate()
+            .map(|(rank, stage)| self.stage_stats_of(rank, stage))
+            .collect()
+    }
+
+    fn stage_stats_of(&self, rank: usize, stage: &Stage) -> StageStats {
+        let open: Vec<&Deal> = self
+            .live
+            .iter()
+            .copied()
             .filter(|deal| deal.text(Field::Stage) == Some(stage.name.as_str()))
             .collect();
-        let open_amount = total(open.iter().filter_map(|deal| {
-            deal.fields
-                .get(&Field::Amount)
-                .and_then(|value| value.as_amount())
-        }));
-        let entered: Vec<&Vec<Option<DateTime<Utc>>>> = first_reached
+        let open_amount = total(open.iter().copied().filter_map(amount_of));
+        let entered: Vec<&Vec<Option<DateTime<Utc>>>> = self
+            .first_reached
             .values()
-            .filter(|ranks| ranks[rank].is_some_and(|at| period.contains(at)))
+            .filter(|ranks| ranks[rank].is_some_and(|at| self.period.contains(at)))
             .collect();
         let converted = entered
             .iter()
@@ -249,39 +366,21 @@ pub fn compute(
             .count() as u64;
         let won = entered
             .iter()
-            .filter(|ranks| ranks[won_rank].is_some())
+            .filter(|ranks| ranks[self.won_rank].is_some())
             .count() as u64;
-        // Visits of this stage that ended in the period.
-        let mut durations = Vec::new();
-        let mut n_unknown_start = 0;
-        for changes in by_deal.values() {
-            for (change_idx, change) in changes.iter().enumerate() {
-                if change.to_stage != stage.name {
-                    continue;
-                }
-                if let Some(next) = changes.get(change_idx + 1) {
-                    if period.contains(next.at) && next.at <= now {
-                        if change.start_known {
-                            durations.push(days(change.at, next.at));
-                        } else {
-                            n_unknown_start += 1;
-                        }
-                    }
-                }
-            }
-        }
+        let (mut durations, n_unknown_start) = self.visits_ended(&stage.name);
         let mean_days =
             (!durations.is_empty()).then(|| durations.iter().sum::<f64>() / durations.len() as f64);
         let oldest_open_days = open
             .iter()
-            .filter_map(|deal| entered_day(deal, calendar))
-            .map(|day| (today - day).num_days())
+            .filter_map(|deal| entered_day(deal, self.calendar))
+            .map(|day| (self.today - day).num_days())
             .max();
         let n_stalled = open
             .iter()
-            .filter(|deal| stall_of(deal, stages, calendar, today).is_some())
+            .filter(|deal| stall_of(deal, self.stages, self.calendar, self.today).is_some())
             .count() as u64;
-        stage_stats.push(StageStats {
+        StageStats {
             stage: stage.name.clone(),
             probability: stage.probability,
             open_count: open.len() as u64,
@@ -298,182 +397,202 @@ pub fn compute(
             n_unknown_start,
             oldest_open_days,
             n_stalled,
-        });
-    }
-
-    // Totals over the period.
-    let won_in_period: Vec<&Deal> = deals
-        .iter()
-        .filter(|deal| {
-            first_reached
-                .get(&deal.id)
-                .and_then(|ranks| ranks[won_rank])
-                .is_some_and(|at| period.contains(at))
-        })
-        .collect();
-    let won_amount = total(won_in_period.iter().filter_map(|deal| {
-        deal.fields
-            .get(&Field::Amount)
-            .and_then(|value| value.as_amount())
-    }));
-    let lost_count = by_deal
-        .values()
-        .filter(|changes| {
-            changes
-                .iter()
-                .any(|change| is_lost(&change.to_stage) && period.contains(change.at))
-        })
-        .count() as u64;
-    let started: Vec<&Vec<Option<DateTime<Utc>>>> = first_reached
-        .values()
-        .filter(|ranks| ranks[0].is_some_and(|at| period.contains(at)))
-        .collect();
-    let started_won = started
-        .iter()
-        .filter(|ranks| ranks[won_rank].is_some())
-        .count() as u64;
-    let days_to_won: Vec<f64> = won_in_period
-        .iter()
-        .filter_map(|deal| {
-            let ranks = first_reached.get(&deal.id)?;
-            // A deal first seen mid-funnel without a stage date, or first seen already won, has no
-            // known start of its way to won.
-            let first = by_deal
-                .get(&deal.id)?
-                .first()
-                .filter(|first| {
-                    first.start_known
-                        && rank_of(&first.to_stage).is_some_and(|rank| rank < won_rank)
-                })?
-                .at;
-            Some(days(first, ranks[won_rank]?))
-        })
-        .collect();
-    let totals = Totals {
-        won_count: won_in_period.len() as u64,
-        won_amount,
-        lost_count,
-        lead_to_won_rate: ratio(started_won, started.len() as u64),
-        average_days_to_won: (!days_to_won.is_empty())
-            .then(|| days_to_won.iter().sum::<f64>() / days_to_won.len() as f64),
-    };
-
-    // Forecast over open deals.
-    let period_days = (period.since.date_naive(), period.until.date_naive());
-    let mut lines: Vec<ForecastLine> = live
-        .iter()
-        .filter_map(|deal| {
-            let stage_name = deal.text(Field::Stage)?;
-            let rank = rank_of(stage_name).filter(|rank| *rank < won_rank)?;
-            let stage = open_stages[rank];
-            let amount = deal
-                .fields
-                .get(&Field::Amount)
-                .and_then(|value| value.as_amount())
-                .unwrap_or(0.0);
-            let win_rate = historical_win_rate(rank);
-            let expected_close = deal.text(Field::ExpectedClose).map(str::to_string);
-            let closes_in_period = expected_close
-                .as_deref()
-                .and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
-                .is_some_and(|day| day >= period_days.0 && day <= period_days.1);
-            Some(ForecastLine {
-                deal_id: deal.id,
-                company: deal.text(Field::Company).map(str::to_string),
-                owner: deal.text(Field::Owner).map(str::to_string),
-                stage: stage.name.clone(),
-                amount,
-                probability: stage.probability,
-                weighted: amount * stage.probability,
-                historical_win_rate: win_rate,
-                history_based: amount * win_rate.unwrap_or(0.0),
-                expected_close,
-                closes_in_period,
-            })
-        })
-        .collect();
-    lines.sort_by(|left, right| {
-        right
-            .closes_in_period
-            .cmp(&left.closes_in_period)
-            .then(right.weighted.total_cmp(&left.weighted))
-            .then(left.deal_id.cmp(&right.deal_id))
-    });
-    let forecast = Forecast {
-        weighted_pipeline: total(lines.iter().map(|line| line.weighted)),
-        history_based: total(lines.iter().map(|line| line.history_based)),
-        deals: lines,
-    };
-
-    // By owner and the stalled list.
-    let mut owners: BTreeMap<String, OwnerStats> = BTreeMap::new();
-    let mut stalled = Vec::new();
-    for deal in &live {
-        let owner_name = deal
-            .text(Field::Owner)
-            .map(|owner| owner.trim().to_string())
-            .unwrap_or_default();
-        let entry = owners
-            .entry(owner_name.clone())
-            .or_insert_with(|| OwnerStats {
-                owner: owner_name.clone(),
-                open_count: 0,
-                weighted_pipeline: 0.0,
-                won_count: 0,
-                won_amount: 0.0,
-                n_stalled: 0,
-            });
-        let amount = deal
-            .fields
-            .get(&Field::Amount)
-            .and_then(|value| value.as_amount());
-        match deal
-            .text(Field::Stage)
-            .and_then(|name| stages.resolve(name))
-        {
-            Some(stage) if stage.terminal.is_none() => {
-                entry.open_count += 1;
-                entry.weighted_pipeline += amount.unwrap_or(0.0) * stage.probability;
-                if let Some(stall) = stall_of(deal, stages, calendar, today) {
-                    entry.n_stalled += 1;
-                    stalled.push((
-                        stall.overdue(),
-                        StalledLine {
-                            deal_id: deal.id,
-                            company: deal.text(Field::Company).map(str::to_string),
-                            owner: deal.text(Field::Owner).map(str::to_string),
-                            stage: stage.name.clone(),
-                            amount,
-                            reason: stall.reason,
-                        },
-                    ));
-                }
-            }
-            Some(stage)
-                if stage.terminal == Some(Terminal::Won)
-                    && won_in_period.iter().any(|won| won.id == deal.id) =>
-            {
-                entry.won_count += 1;
-                entry.won_amount += amount.unwrap_or(0.0);
-            }
-            _ => {}
         }
     }
-    stalled.sort_by(|left, right| {
-        right
-            .0
-            .cmp(&left.0)
-            .then(left.1.deal_id.cmp(&right.1.deal_id))
-    });
 
-    FunnelReport {
-        period,
-        owner,
-        stages: stage_stats,
-        totals,
-        forecast,
-        by_owner: owners.into_values().collect(),
-        stalled: stalled.into_iter().map(|(_, line)| line).collect(),
+    /// The days spent in a stage by the visits of it that ended in the period, and how many such
+    /// visits have no known start (left out rather than counted as 0 days).
+    fn visits_ended(&self, stage_name: &str) -> (Vec<f64>, u64) {
+        let mut durations = Vec::new();
+        let mut n_unknown_start = 0;
+        for changes in self.by_deal.values() {
+            for (change_idx, change) in changes.iter().enumerate() {
+                if change.to_stage != stage_name {
+                    continue;
+                }
+                let Some(next) = changes.get(change_idx + 1) else {
+                    continue;
+                };
+                if self.period.contains(next.at) && next.at <= self.now {
+                    if change.start_known {
+                        durations.push(days(change.at, next.at));
+                    } else {
+                        n_unknown_start += 1;
+                    }
+                }
+            }
+        }
+        (durations, n_unknown_start)
+    }
+
+    fn totals(&self, won_in_period: &[&Deal]) -> Totals {
+        let won_amount = total(won_in_period.iter().copied().filter_map(amount_of));
+        let lost_count = self
+            .by_deal
+            .values()
+            .filter(|changes| {
+                changes
+                    .iter()
+                    .any(|change| self.is_lost(&change.to_stage) && self.period.contains(change.at))
+            })
+            .count() as u64;
+        let started: Vec<&Vec<Option<DateTime<Utc>>>> = self
+            .first_reached
+            .values()
+            .filter(|ranks| ranks[0].is_some_and(|at| self.period.contains(at)))
+            .collect();
+        let started_won = started
+            .iter()
+            .filter(|ranks| ranks[self.won_rank].is_some())
+            .count() as u64;
+        let days_to_won: Vec<f64> = won_in_period
+            .iter()
+            .filter_map(|deal| self.days_to_won(deal))
+            .collect();
+        Totals {
+            won_count: won_in_period.len() as u64,
+            won_amount,
+            lost_count,
+            lead_to_won_rate: ratio(started_won, started.len() as u64),
+            average_days_to_won: (!days_to_won.is_empty())
+                .then(|| days_to_won.iter().sum::<f64>() / days_to_won.len() as f64),
+        }
+    }
+
+    /// Days from a won deal's first stage to won. A deal first seen mid-funnel without a stage
+    /// date, or first seen already won, has no known start of its way to won.
+    fn days_to_won(&self, deal: &Deal) -> Option<f64> {
+        let ranks = self.first_reached.get(&deal.id)?;
+        let first = self
+            .changes_of(deal.id)
+            .first()
+            .filter(|first| {
+                first.start_known
+                    && self
+                        .rank_of(&first.to_stage)
+                        .is_some_and(|rank| rank < self.won_rank)
+            })?
+            .at;
+        Some(days(first, ranks[self.won_rank]?))
+    }
+
+    /// The open deals, weighted by their stage's probability and by the historical win rate;
+    /// those expected to close in the period first, then by weighted amount.
+    fn forecast(&self) -> Forecast {
+        let mut lines: Vec<ForecastLine> = self
+            .live
+            .iter()
+            .filter_map(|deal| self.forecast_line(deal))
+            .collect();
+        lines.sort_by(|left, right| {
+            right
+                .closes_in_period
+                .cmp(&left.closes_in_period)
+                .then(right.weighted.total_cmp(&left.weighted))
+                .then(left.deal_id.cmp(&right.deal_id))
+        });
+        Forecast {
+            weighted_pipeline: total(lines.iter().map(|line| line.weighted)),
+            history_based: total(lines.iter().map(|line| line.history_based)),
+            deals: lines,
+        }
+    }
+
+    fn forecast_line(&self, deal: &Deal) -> Option<ForecastLine> {
+        let stage_name = deal.text(Field::Stage)?;
+        let rank = self
+            .rank_of(stage_name)
+            .filter(|rank| *rank < self.won_rank)?;
+        let stage = self.open_stages[rank];
+        let amount = amount_of(deal).unwrap_or(0.0);
+        let win_rate = self.historical_win_rate(rank);
+        let expected_close = deal.text(Field::ExpectedClose).map(str::to_string);
+        let (first_day, last_day) = (
+            self.period.since.date_naive(),
+            self.period.until.date_naive(),
+        );
+        let closes_in_period = expected_close
+            .as_deref()
+            .and_then(|text| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
+            .is_some_and(|day| day >= first_day && day <= last_day);
+        Some(ForecastLine {
+            deal_id: deal.id,
+            company: deal.text(Field::Company).map(str::to_string),
+            owner: deal.text(Field::Owner).map(str::to_string),
+            stage: stage.name.clone(),
+            amount,
+            probability: stage.probability,
+            weighted: amount * stage.probability,
+            historical_win_rate: win_rate,
+            history_based: amount * win_rate.unwrap_or(0.0),
+            expected_close,
+            closes_in_period,
+        })
+    }
+
+    /// Per owner (as written, trimmed): open deals, weighted pipeline, won in the period,
+    /// stalled; and the stalled deals, worst first.
+    fn owners_and_stalled(&self, won_in_period: &[&Deal]) -> (Vec<OwnerStats>, Vec<StalledLine>) {
+        let mut owners: BTreeMap<String, OwnerStats> = BTreeMap::new();
+        let mut stalled = Vec::new();
+        for deal in &self.live {
+            let owner_name = deal
+                .text(Field::Owner)
+                .map(|owner| owner.trim().to_string())
+                .unwrap_or_default();
+            let entry = owners
+                .entry(owner_name.clone())
+                .or_insert_with(|| OwnerStats {
+                    owner: owner_name.clone(),
+                    open_count: 0,
+                    weighted_pipeline: 0.0,
+                    won_count: 0,
+                    won_amount: 0.0,
+                    n_stalled: 0,
+                });
+            let amount = amount_of(deal);
+            match deal
+                .text(Field::Stage)
+                .and_then(|name| self.stages.resolve(name))
+            {
+                Some(stage) if stage.terminal.is_none() => {
+                    entry.open_count += 1;
+                    entry.weighted_pipeline += amount.unwrap_or(0.0) * stage.probability;
+                    if let Some(stall) = stall_of(deal, self.stages, self.calendar, self.today) {
+                        entry.n_stalled += 1;
+                        stalled.push((
+                            stall.overdue(),
+                            StalledLine {
+                                deal_id: deal.id,
+                                company: deal.text(Field::Company).map(str::to_string),
+                                owner: deal.text(Field::Owner).map(str::to_string),
+                                stage: stage.name.clone(),
+                                amount,
+                                reason: stall.reason,
+                            },
+                        ));
+                    }
+                }
+                Some(stage)
+                    if stage.terminal == Some(Terminal::Won)
+                        && won_in_period.iter().any(|won| won.id == deal.id) =>
+                {
+                    entry.won_count += 1;
+                    entry.won_amount += amount.unwrap_or(0.0);
+                }
+                _ => {}
+            }
+        }
+        stalled.sort_by(|left, right| {
+            right
+                .0
+                .cmp(&left.0)
+                .then(left.1.deal_id.cmp(&right.1.deal_id))
+        });
+        (
+            owners.into_values().collect(),
+            stalled.into_iter().map(|(_, line)| line).collect(),
+        )
     }
 }
 

@@ -73,6 +73,48 @@ fn record(
     }
 }
 
+/// Which count of the undo's own run a reverted change adds to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Count {
+    Created,
+    Updated,
+    Archived,
+    Nothing,
+}
+
+/// What reverting one change did.
+enum Reverted {
+    /// Reverted (or already as it should be): the change that reverses it, for the undo's own
+    /// run, and the count it adds to.
+    Done {
+        inverse: Option<ChangeRecord>,
+        count: Count,
+    },
+    /// Not reverted, and why.
+    Skipped(String),
+}
+
+impl Reverted {
+    fn done(inverse: ChangeRecord, count: Count) -> Reverted {
+        Reverted::Done {
+            inverse: Some(inverse),
+            count,
+        }
+    }
+
+    /// A change to the archive flag: done when the flag changed, else already so.
+    fn archive_flag(changed: bool, inverse: ChangeRecord, count: Count) -> Reverted {
+        if changed {
+            Reverted::done(inverse, count)
+        } else {
+            Reverted::Done {
+                inverse: None,
+                count: Count::Nothing,
+            }
+        }
+    }
+}
+
 /// Reverses run `run_id`. With `force`, fields changed again by later runs are reverted too.
 pub fn undo(
     store: &mut Store,
@@ -83,7 +125,6 @@ pub fn undo(
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     crm.run(run_id)?.ok_or(UndoError::NoSuchRun(run_id))?;
-    let changes = crm.changes_of_run(run_id)?;
     let mut report = UndoReport {
         undone_run: run_id,
         run_id: None,
@@ -92,104 +133,36 @@ pub fn undo(
     };
     let mut inverse: Vec<ChangeRecord> = Vec::new();
     let mut counts = RunCounts::default();
-    for change in changes.iter().rev() {
+    for change in crm.changes_of_run(run_id)?.iter().rev() {
         let later = crm.later_changes(run_id, change.deal_id, change.field.as_deref())?;
-        if !later.is_empty() && !force {
+        let reverted = if !later.is_empty() && !force {
             let runs: Vec<String> = later.iter().map(|later| later.run_id.to_string()).collect();
-            report.skipped.push(SkippedChange {
+            Reverted::Skipped(format!(
+                "changed again by run {}; use --force to revert it anyway",
+                runs.join(", ")
+            ))
+        } else {
+            revert(&crm, change, now)?
+        };
+        match reverted {
+            Reverted::Skipped(reason) => report.skipped.push(SkippedChange {
                 change: change.clone(),
-                reason: format!(
-                    "changed again by run {}; use --force to revert it anyway",
-                    runs.join(", ")
-                ),
-            });
-            continue;
-        }
-        let exists = crm.deals_by_ids(&[change.deal_id])?.remove(&change.deal_id);
-        match (change.kind, exists) {
-            (ChangeKind::Update, Some(deal)) => {
-                let field_name = change.field.clone().unwrap_or_default();
-                if let Some(key) = field_name.strip_prefix("extra.") {
-                    crm.update_deal(
-                        deal.id,
-                        &[],
-                        &[(key.to_string(), change.old_value.clone())],
-                        "undo",
-                        now,
-                    )?;
-                    inverse.push(record(
-                        deal.id,
-                        ChangeKind::Update,
-                        Some(field_name.clone()),
-                        deal.extra.get(key).cloned(),
-                        change.old_value.clone(),
-                    ));
-                } else if let Some(field) = Field::from_name(&field_name) {
-                    let old = field_value(field, change.old_value.as_deref());
-                    crm.update_deal(deal.id, &[(field, old.clone())], &[], "undo", now)?;
-                    inverse.push(record(
-                        deal.id,
-                        ChangeKind::Update,
-                        Some(field_name.clone()),
-                        deal.fields.get(&field).map(FieldValue::to_string),
-                        old.map(|value| value.to_string()),
-                    ));
+                reason,
+            }),
+            Reverted::Done {
+                inverse: reversing,
+                count,
+            } => {
+                inverse.extend(reversing);
+                match count {
+                    Count::Created => counts.created += 1,
+                    Count::Updated => counts.updated += 1,
+                    Count::Archived => counts.archived += 1,
+                    Count::Nothing => {}
                 }
-                counts.updated += 1;
-            }
-            (ChangeKind::Create, Some(deal)) => {
-                if crm.set_archived(deal.id, true, now)? {
-                    inverse.push(record(deal.id, ChangeKind::Archive, None, None, None));
-                    counts.archived += 1;
-                }
-            }
-            (ChangeKind::Archive, Some(deal)) => {
-                if crm.set_archived(deal.id, false, now)? {
-                    inverse.push(record(deal.id, ChangeKind::Unarchive, None, None, None));
-                    counts.updated += 1;
-                }
-            }
-            (ChangeKind::Unarchive, Some(deal)) => {
-                if crm.set_archived(deal.id, true, now)? {
-                    inverse.push(record(deal.id, ChangeKind::Archive, None, None, None));
-                    counts.archived += 1;
-                }
-            }
-            (ChangeKind::Delete, None) => {
-                let snapshot: Option<Deal> = change
-                    .old_value
-                    .as_deref()
-                    .and_then(|text| serde_json::from_str(text).ok());
-                match snapshot {
-                    Some(deal) => {
-                        crm.restore_deal(&deal)?;
-                        inverse.push(record(
-                            deal.id,
-                            ChangeKind::Create,
-                            None,
-                            None,
-                            serde_json::to_string(&deal.fields).ok(),
-                        ));
-                        counts.created += 1;
-                    }
-                    None => {
-                        report.skipped.push(SkippedChange {
-                            change: change.clone(),
-                            reason: "no copy of the deleted deal was kept".to_string(),
-                        });
-                        continue;
-                    }
-                }
-            }
-            (_, _) => {
-                report.skipped.push(SkippedChange {
-                    change: change.clone(),
-                    reason: "the deal is no longer in the store".to_string(),
-                });
-                continue;
+                report.n_reverted += 1;
             }
         }
-        report.n_reverted += 1;
     }
     let undo_run = crm.record_run(&SyncRun {
         id: 0,
@@ -209,4 +182,94 @@ pub fn undo(
     transaction.commit().map_err(StoreError::from)?;
     report.run_id = Some(undo_run);
     Ok(report)
+}
+
+/// Reverses one change in the store: a field set back, an archival or creation reversed, a
+/// deletion restored from the copy kept of the deal.
+fn revert(
+    crm: &SqliteCrm<'_>,
+    change: &ChangeRecord,
+    now: DateTime<Utc>,
+) -> Result<Reverted, StoreError> {
+    let exists = crm.deals_by_ids(&[change.deal_id])?.remove(&change.deal_id);
+    Ok(match (change.kind, exists) {
+        (ChangeKind::Update, Some(deal)) => revert_field(crm, change, &deal, now)?,
+        (ChangeKind::Create, Some(deal)) | (ChangeKind::Unarchive, Some(deal)) => {
+            Reverted::archive_flag(
+                crm.set_archived(deal.id, true, now)?,
+                record(deal.id, ChangeKind::Archive, None, None, None),
+                Count::Archived,
+            )
+        }
+        (ChangeKind::Archive, Some(deal)) => Reverted::archive_flag(
+            crm.set_archived(deal.id, false, now)?,
+            record(deal.id, ChangeKind::Unarchive, None, None, None),
+            Count::Updated,
+        ),
+        (ChangeKind::Delete, None) => {
+            let snapshot: Option<Deal> = change
+                .old_value
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok());
+            match snapshot {
+                Some(deal) => {
+                    crm.restore_deal(&deal)?;
+                    Reverted::done(
+                        record(
+                            deal.id,
+                            ChangeKind::Create,
+                            None,
+                            None,
+                            serde_json::to_string(&deal.fields).ok(),
+                        ),
+                        Count::Created,
+                    )
+                }
+                None => Reverted::Skipped("no copy of the deleted deal was kept".to_string()),
+            }
+        }
+        (_, _) => Reverted::Skipped("the deal is no longer in the store".to_string()),
+    })
+}
+
+/// Sets one field (or extra column, `extra.NAME`) of `deal` back to the value before `change`.
+fn revert_field(
+    crm: &SqliteCrm<'_>,
+    change: &ChangeRecord,
+    deal: &Deal,
+    now: DateTime<Utc>,
+) -> Result<Reverted, StoreError> {
+    let field_name = change.field.clone().unwrap_or_default();
+    let inverse = if let Some(key) = field_name.strip_prefix("extra.") {
+        crm.update_deal(
+            deal.id,
+            &[],
+            &[(key.to_string(), change.old_value.clone())],
+            "undo",
+            now,
+        )?;
+        Some(record(
+            deal.id,
+            ChangeKind::Update,
+            Some(field_name.clone()),
+            deal.extra.get(key).cloned(),
+            change.old_value.clone(),
+        ))
+    } else if let Some(field) = Field::from_name(&field_name) {
+        let old = field_value(field, change.old_value.as_deref());
+        crm.update_deal(deal.id, &[(field, old.clone())], &[], "undo", now)?;
+        Some(record(
+            deal.id,
+            ChangeKind::Update,
+            Some(field_name.clone()),
+            deal.fields.get(&field).map(FieldValue::to_string),
+            old.map(|value| value.to_string()),
+        ))
+    } else {
+        None
+    };
+    Ok(Reverted::Done {
+        inverse,
+        count: Count::Updated,
+    })
 }

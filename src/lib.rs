@@ -2,22 +2,26 @@
 //! sync with a CRM store in SQLite. The library holds every stage of the flow, one module each;
 //! the binary (`src/main.rs`) only parses the command line and dispatches. See ARCHITECTURE.md.
 
-pub mod alerts;
+pub(crate) mod alerts;
 pub mod cli;
+pub(crate) mod clock;
 pub mod config;
 pub mod daemon;
 pub mod deal;
-pub mod edit;
-pub mod funnel;
-pub mod history;
-pub mod http;
-pub mod mail;
+pub(crate) mod edit;
+pub(crate) mod funnel;
+pub(crate) mod history;
+pub(crate) mod http;
+pub(crate) mod mail;
 pub mod mapping;
 pub mod mirror;
-pub mod remind;
-pub mod report;
+pub(crate) mod remind;
+pub(crate) mod report;
+pub(crate) mod status;
 pub mod store;
 pub mod sync;
+pub(crate) mod systemd;
+pub(crate) mod text;
 pub mod watch;
 pub mod workbook;
 pub mod writeback;

@@ -14,6 +14,8 @@ use rust_xlsxwriter::{Chart, ChartType, Format, Workbook, Worksheet, XlsxError};
 use crate::config::Config;
 use crate::deal::normalize_label;
 use crate::funnel::{compute, FunnelReport, Period};
+use crate::mail::outbox::{self, DeliveryReport, MessageKind, OutboxError};
+use crate::mail::Message;
 use crate::remind::Calendar;
 use crate::store::{CrmStore, DealFilter, Store, StoreError};
 
@@ -21,8 +23,12 @@ use crate::store::{CrmStore, DealFilter, Store, StoreError};
 pub enum ReportError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot build the report: {0}")]
+    #[error("cannot build the report")]
     Build(#[from] XlsxError),
+    #[error("the weekly digest goes to [remind] manager, which is not set")]
+    NoManager,
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
     #[error("{path} is open in {program}; the report is written once it is closed")]
     Open {
         path: PathBuf,
@@ -72,7 +78,7 @@ pub fn load(
 
 pub fn money(amount: f64) -> String {
     // An empty sum is -0.0; nobody wants to read "-0".
-    crate::cli::group_thousands(&format!("{:.0}", amount + 0.0))
+    crate::text::group_thousands(&format!("{:.0}", amount + 0.0))
 }
 
 pub fn percent(rate: Option<f64>) -> String {
@@ -140,7 +146,7 @@ pub fn text_table(report: &FunnelReport) -> String {
         ]);
     }
     let mut table = Vec::new();
-    let _ = crate::cli::write_table(
+    let _ = crate::text::write_table(
         &mut table,
         &rows,
         &[
@@ -244,7 +250,8 @@ struct Formats {
     days: Format,
 }
 
-/// The report workbook's bytes.
+/// The report workbook's bytes: one sheet each for the funnel, conversion, the forecast, the
+/// reps and the stalled deals.
 pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
     let formats = Formats {
         header: Format::new().set_bold(),
@@ -253,10 +260,22 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         days: Format::new().set_num_format("0.0"),
     };
     let mut workbook = Workbook::new();
-    let n_stages = report.stages.len() as u32;
+    funnel_sheet(workbook.add_worksheet(), report, &formats)?;
+    conversion_sheet(workbook.add_worksheet(), report, &formats)?;
+    forecast_sheet(workbook.add_worksheet(), report, &formats)?;
+    by_rep_sheet(workbook.add_worksheet(), report, &formats)?;
+    stalled_sheet(workbook.add_worksheet(), report, &formats)?;
+    workbook.save_to_buffer()
+}
 
-    // Funnel: the per-stage table and a bar chart, stages top to bottom.
-    let sheet = workbook.add_worksheet().set_name("Funnel")?;
+/// "Funnel": the per-stage table, the totals below it and a bar chart, stages top to bottom.
+fn funnel_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    let n_stages = report.stages.len() as u32;
+    sheet.set_name("Funnel")?;
     let title = format!(
         "Funnel {} to {}{}",
         report.period.since.format("%Y-%m-%d"),
@@ -285,7 +304,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         "Stalled",
         "Visits with unknown start (not in the days)",
     ];
-    write_row(sheet, 2, &headers.map(Cell::Header), &formats)?;
+    write_row(sheet, 2, &headers.map(Cell::Header), formats)?;
     for (index, stage) in report.stages.iter().enumerate() {
         let row = 3 + index as u32;
         write_row(
@@ -308,63 +327,38 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Count(stage.n_stalled),
                 Cell::Count(stage.n_unknown_start),
             ],
-            &formats,
+            formats,
         )?;
     }
     let totals_row = 4 + n_stages;
     let totals = &report.totals;
-    write_row(
-        sheet,
-        totals_row,
-        &[
+    let total_lines = [
+        vec![
             Cell::Header("Won"),
             Cell::Count(totals.won_count),
             Cell::Money(totals.won_amount),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 1,
-        &[Cell::Header("Lost"), Cell::Count(totals.lost_count)],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 2,
-        &[
+        vec![Cell::Header("Lost"), Cell::Count(totals.lost_count)],
+        vec![
             Cell::Header("Lead to won"),
             Cell::Rate(totals.lead_to_won_rate),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 3,
-        &[
+        vec![
             Cell::Header("Average days to won"),
             Cell::Days(totals.average_days_to_won),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 4,
-        &[
+        vec![
             Cell::Header("Weighted pipeline"),
             Cell::Money(report.forecast.weighted_pipeline),
         ],
-        &formats,
-    )?;
-    write_row(
-        sheet,
-        totals_row + 5,
-        &[
+        vec![
             Cell::Header("History-based forecast"),
             Cell::Money(report.forecast.history_based),
         ],
-        &formats,
-    )?;
+    ];
+    for (offset, cells) in total_lines.iter().enumerate() {
+        write_row(sheet, totals_row + offset as u32, cells, formats)?;
+    }
     sheet.set_column_width(0, 22)?;
     for column in 1..headers.len() as u16 {
         sheet.set_column_width(column, 14)?;
@@ -382,14 +376,22 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         chart.legend().set_hidden();
         sheet.insert_chart(totals_row + 8, 0, &chart)?;
     }
+    Ok(())
+}
 
-    // Conversion: rates per stage and a column chart.
-    let sheet = workbook.add_worksheet().set_name("Conversion")?;
+/// "Conversion": the rates per stage and a column chart.
+fn conversion_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    let n_stages = report.stages.len() as u32;
+    sheet.set_name("Conversion")?;
     write_row(
         sheet,
         0,
         &["Stage", "Conversion to a later stage", "Win rate"].map(Cell::Header),
-        &formats,
+        formats,
     )?;
     for (index, stage) in report.stages.iter().enumerate() {
         write_row(
@@ -400,7 +402,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Rate(stage.conversion_rate),
                 Cell::Rate(stage.win_rate),
             ],
-            &formats,
+            formats,
         )?;
     }
     sheet.set_column_width(0, 22)?;
@@ -422,9 +424,16 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         chart.y_axis().set_num_format("0%");
         sheet.insert_chart(1, 4, &chart)?;
     }
+    Ok(())
+}
 
-    // Forecast.
-    let sheet = workbook.add_worksheet().set_name("Forecast")?;
+/// "Forecast": every open deal with its weighted and history-based amounts.
+fn forecast_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    sheet.set_name("Forecast")?;
     let forecast_headers = [
         "Company",
         "Owner",
@@ -437,7 +446,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
         "Expected close",
         "Closes in period",
     ];
-    write_row(sheet, 0, &forecast_headers.map(Cell::Header), &formats)?;
+    write_row(sheet, 0, &forecast_headers.map(Cell::Header), formats)?;
     for (index, line) in report.forecast.deals.iter().enumerate() {
         let row = 1 + index as u32;
         write_row(
@@ -455,15 +464,22 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Text(line.expected_close.as_deref().unwrap_or("")),
                 Cell::Text(if line.closes_in_period { "yes" } else { "" }),
             ],
-            &formats,
+            formats,
         )?;
     }
     for column in 0..forecast_headers.len() as u16 {
         sheet.set_column_width(column, if column < 2 { 24 } else { 15 })?;
     }
+    Ok(())
+}
 
-    // By rep.
-    let sheet = workbook.add_worksheet().set_name("By rep")?;
+/// "By rep": open deals, weighted pipeline, wins and stalled deals per owner.
+fn by_rep_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    sheet.set_name("By rep")?;
     write_row(
         sheet,
         0,
@@ -476,7 +492,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
             "Stalled",
         ]
         .map(Cell::Header),
-        &formats,
+        formats,
     )?;
     for (index, owner) in report.by_owner.iter().enumerate() {
         write_row(
@@ -494,21 +510,28 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Money(owner.won_amount),
                 Cell::Count(owner.n_stalled),
             ],
-            &formats,
+            formats,
         )?;
     }
     sheet.set_column_width(0, 24)?;
     for column in 1..6 {
         sheet.set_column_width(column, 16)?;
     }
+    Ok(())
+}
 
-    // Stalled.
-    let sheet = workbook.add_worksheet().set_name("Stalled")?;
+/// "Stalled": the stalled deals, worst first, with why.
+fn stalled_sheet(
+    sheet: &mut Worksheet,
+    report: &FunnelReport,
+    formats: &Formats,
+) -> Result<(), XlsxError> {
+    sheet.set_name("Stalled")?;
     write_row(
         sheet,
         0,
         &["Company", "Owner", "Stage", "Amount", "Why"].map(Cell::Header),
-        &formats,
+        formats,
     )?;
     for (index, line) in report.stalled.iter().enumerate() {
         let row = 1 + index as u32;
@@ -520,7 +543,7 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
                 Cell::Text(line.owner.as_deref().unwrap_or("")),
                 Cell::Text(&line.stage),
             ],
-            &formats,
+            formats,
         )?;
         if let Some(amount) = line.amount {
             sheet.write_number_with_format(row, 3, amount, &formats.money)?;
@@ -530,14 +553,13 @@ pub fn workbook_bytes(report: &FunnelReport) -> Result<Vec<u8>, XlsxError> {
     sheet.set_column_width(0, 24)?;
     sheet.set_column_width(1, 16)?;
     sheet.set_column_width(4, 60)?;
-
-    workbook.save_to_buffer()
+    Ok(())
 }
 
 /// Writes the report to `path`: never while it is open in Excel or LibreOffice; through a temp
 /// file in the same folder, renamed into place.
 pub fn write_file(path: &Path, report: &FunnelReport) -> Result<(), ReportError> {
-    if let Some((program, _)) = crate::writeback::open_by(path) {
+    if let Some((program, _)) = crate::watch::open_by(path) {
         return Err(ReportError::Open {
             path: path.to_path_buf(),
             program,
@@ -595,18 +617,18 @@ fn signed(value: f64) -> String {
 
 /// The weekly digest for the manager: the funnel table over the last week, the change since the
 /// previous digest, the top stalled deals, and the Excel report attached. Recorded in the outbox
-/// as pending, then delivered like the reminders.
+/// as pending, then delivered like the reminders (on `runtime`, see [`outbox::deliver`]).
 pub fn send_weekly_digest(
     store: &mut Store,
     config: &Config,
     now: DateTime<Utc>,
-) -> Result<crate::remind::outbox::DeliveryReport, crate::remind::outbox::RemindError> {
-    use crate::remind::outbox::RemindError;
+    runtime: &tokio::runtime::Handle,
+) -> Result<DeliveryReport, ReportError> {
     let manager = config
         .remind
         .as_ref()
         .and_then(|remind| remind.manager.clone())
-        .ok_or(RemindError::NotConfigured)?;
+        .ok_or(ReportError::NoManager)?;
     let period_days = config
         .report
         .as_ref()
@@ -658,20 +680,19 @@ pub fn send_weekly_digest(
         "<!DOCTYPE html><html><body><pre style=\"font-family:monospace\">{}</pre></body></html>",
         html_escape::encode_safe(&text)
     );
-    let digest = crate::remind::digest::Digest {
+    let message = Message {
         recipient: manager,
         subject: format!("Weekly funnel report {}", now.format("%Y-%m-%d")),
         text,
         html,
     };
-    let bytes = workbook_bytes(&report)
-        .map_err(|error| RemindError::Store(StoreError::Corrupt(error.to_string())))?;
+    let bytes = workbook_bytes(&report)?;
     let name = format!("Funnel report {}.xlsx", now.format("%Y-%m-%d"));
-    crate::remind::outbox::record_message(
+    outbox::record(
         store,
         config,
-        "weekly",
-        &digest,
+        MessageKind::Weekly,
+        &message,
         Some((&name, &bytes)),
         now,
     )?;
@@ -683,5 +704,7 @@ pub fn send_weekly_digest(
             rusqlite::params![crate::store::timestamp(now), snapshot],
         )
         .map_err(StoreError::from)?;
-    crate::remind::outbox::deliver(store, config, now, false)
+    let delivery = outbox::deliver(store, config, now, false, runtime)?;
+    crate::alerts::mail_refused(store, config, &delivery.refusals, now, runtime);
+    Ok(delivery)
 }

@@ -421,10 +421,6 @@ impl Store {
         Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Opens an existing store; a missing file is [`StoreError::Missing`], not a new empty store.
     /// For the commands that only read: a mistyped path must not leave an empty store behind.
     pub fn open_existing(path: &Path) -> Result<Store, StoreError> {
@@ -600,9 +596,6 @@ pub struct ConflictRecord {
 pub trait CrmStore {
     /// The deals with these ids that exist (archived ones included).
     fn deals_by_ids(&self, ids: &[DealId]) -> Result<HashMap<DealId, Deal>, StoreError>;
-    /// The deal whose field holds exactly this cleaned value, preferring live deals over archived
-    /// ones and older over newer.
-    fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError>;
     /// Ids of live deals whose last change is covered by the change counter `version` (nothing
     /// changed them after a reader saw that counter).
     fn live_ids_unchanged_since(
@@ -665,6 +658,14 @@ pub trait CrmStore {
     /// Brings a recorded run up to date (a run recorded early, while its changes were still being
     /// applied, gets its final counts and status).
     fn finish_run(&self, run_id: i64, run: &SyncRun) -> Result<(), StoreError>;
+    /// Sets a recorded run's message (what happened after it, such as its write-back), and its
+    /// status when given.
+    fn note_on_run(
+        &self,
+        run_id: i64,
+        status: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError>;
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError>;
     fn changes_of_run(&self, run_id: i64) -> Result<Vec<ChangeRecord>, StoreError>;
     /// Changes to this deal's field (or of any kind when `field` is None) made by runs after `run_id`.
@@ -682,6 +683,25 @@ pub trait CrmStore {
     fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, StoreError>;
     /// A number that changes whenever any deal changes.
     fn version(&self) -> Result<i64, StoreError>;
+
+    /// The owners of live deals as written (the first spelling of each; case and spaces
+    /// ignored), sorted: for messages and lists.
+    fn owners(&self) -> Result<Vec<String>, StoreError> {
+        let mut owners: Vec<String> = Vec::new();
+        for deal in self.list_deals(&DealFilter::default())? {
+            if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
+                let folded = crate::deal::normalize_label(owner);
+                if !owners
+                    .iter()
+                    .any(|known| crate::deal::normalize_label(known) == folded)
+                {
+                    owners.push(owner.to_string());
+                }
+            }
+        }
+        owners.sort();
+        Ok(owners)
+    }
 }
 
 /// A deal to create: its fields, extra fields, where it came from, when, and when it entered its
@@ -726,6 +746,41 @@ fn deal_columns() -> String {
 const AFTER_FIELDS: usize = Field::ALL.len() + 1;
 
 impl<'c> SqliteCrm<'c> {
+    /// The stage changes the `filter` (a `WHERE` clause over `stage_history`, or nothing) picks,
+    /// oldest first.
+    fn stage_changes(
+        &self,
+        filter: &str,
+        parameters: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<StageChange>, StoreError> {
+        let mut statement = self.connection.prepare_cached(&format!(
+            "SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history {filter} ORDER BY at, id"
+        ))?;
+        let rows = statement.query_map(parameters, |row| {
+            Ok((
+                row.get::<_, DealId>(0)?,
+                row.get::<_, Option<String>>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, bool>(5)?,
+            ))
+        })?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
+            changes.push(StageChange {
+                deal_id,
+                from_stage,
+                to_stage,
+                at: parse_timestamp(&at)?,
+                source,
+                start_known,
+            });
+        }
+        Ok(changes)
+    }
+
     pub fn new(connection: &'c Connection) -> SqliteCrm<'c> {
         SqliteCrm {
             connection,
@@ -879,16 +934,6 @@ impl CrmStore for SqliteCrm<'_> {
             }
         }
         Ok(found)
-    }
-
-    fn find_by_field(&self, field: Field, value: &FieldValue) -> Result<Option<Deal>, StoreError> {
-        let sql = format!(
-            "SELECT {} FROM deals WHERE {} = ?1 ORDER BY archived_at IS NOT NULL, id LIMIT 1",
-            deal_columns(),
-            field.name()
-        );
-        let value = to_sql(Some(value));
-        Ok(self.query_deals(&sql, &[&value])?.into_iter().next())
     }
 
     fn live_ids_unchanged_since(
@@ -1302,35 +1347,6 @@ impl CrmStore for SqliteCrm<'_> {
         self.query_deals(&sql, &parameters)
     }
 
-    fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError> {
-        let mut statement = self
-            .connection
-            .prepare_cached("SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history WHERE deal_id = ?1 ORDER BY at, id")?;
-        let rows = statement.query_map([id], |row| {
-            Ok((
-                row.get::<_, DealId>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, bool>(5)?,
-            ))
-        })?;
-        let mut changes = Vec::new();
-        for row in rows {
-            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
-            changes.push(StageChange {
-                deal_id,
-                from_stage,
-                to_stage,
-                at: parse_timestamp(&at)?,
-                source,
-                start_known,
-            });
-        }
-        Ok(changes)
-    }
-
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError> {
         use rusqlite::types::Value;
         let text = |value: &Option<String>| value.clone().map_or(Value::Null, Value::Text);
@@ -1415,33 +1431,26 @@ impl CrmStore for SqliteCrm<'_> {
         Ok(())
     }
 
+    fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError> {
+        self.stage_changes("WHERE deal_id = ?1", &[&id])
+    }
+
     fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError> {
-        let mut statement = self.connection.prepare_cached(
-            "SELECT deal_id, from_stage, to_stage, at, source, start_known FROM stage_history ORDER BY at, id",
-        )?;
-        let rows = statement.query_map([], |row| {
-            Ok((
-                row.get::<_, DealId>(0)?,
-                row.get::<_, Option<String>>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, bool>(5)?,
-            ))
-        })?;
-        let mut changes = Vec::new();
-        for row in rows {
-            let (deal_id, from_stage, to_stage, at, source, start_known) = row?;
-            changes.push(StageChange {
-                deal_id,
-                from_stage,
-                to_stage,
-                at: parse_timestamp(&at)?,
-                source,
-                start_known,
-            });
-        }
-        Ok(changes)
+        self.stage_changes("", &[])
+    }
+
+    fn note_on_run(
+        &self,
+        run_id: i64,
+        status: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.connection
+            .prepare_cached(
+                "UPDATE sync_runs SET status = coalesce(?1, status), message = ?2 WHERE id = ?3",
+            )?
+            .execute(params![status, message, run_id])?;
+        Ok(())
     }
 
     fn finish_run(&self, run_id: i64, run: &SyncRun) -> Result<(), StoreError> {

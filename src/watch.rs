@@ -1,7 +1,8 @@
 //! Which files are sources and when they change: expanding a source's file, folder or glob into
 //! spreadsheet paths, telling Excel's and LibreOffice's lock and temp files apart from real
-//! spreadsheets, fingerprinting files by one `stat` each (size, modification time to the
-//! nanosecond, inode), and the file-system event watcher.
+//! spreadsheets, telling from their lock files whether Excel or LibreOffice has a file open
+//! ([`open_by`]), fingerprinting files by one `stat` each (size, modification time to the
+//! nanosecond, inode), and the file-system event watcher over the sources' folders ([`Watcher`]).
 //!
 //! This module owns the file system view of the sources. It must not read spreadsheet contents,
 //! decide when a file has settled (that is the daemon's loop) or touch the store.
@@ -9,14 +10,25 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{SourceConfig, SourcePath};
+use crate::config::{Config, SourceConfig, SourcePath};
 use crate::workbook::format_of;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot list {}: {message}", path.display())]
-pub struct DiscoverError {
-    pub path: PathBuf,
-    pub message: String,
+pub enum DiscoverError {
+    #[error("cannot list {}: {}", path.display(), folder_problem(source))]
+    Folder {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot list {}: the file does not exist", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("cannot list {pattern}: {source}")]
+    Pattern {
+        pattern: String,
+        #[source]
+        source: glob::PatternError,
+    },
 }
 
 /// Whether a file name is one an office program writes while saving or while a file is open,
@@ -95,7 +107,7 @@ fn admit_link(source: &SourceConfig, path: &Path) -> Admission {
 /// The source's files that exist now, sorted, and the links in its folder that are not sources.
 /// A single-file source whose file is missing is an error; a folder or glob matching nothing is an
 /// empty list. A followed link whose target is itself one of the files is left to that file.
-pub fn discover(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
+fn list_source(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     let mut discovery = Discovery::default();
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut take = |path: PathBuf, admission: Admission, discovery: &mut Discovery| match admission
@@ -107,23 +119,18 @@ pub fn discover(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     };
     match &source.path {
         SourcePath::File(path) => match admit(source, path) {
-            Admission::Missing => {
-                return Err(DiscoverError {
-                    path: path.clone(),
-                    message: "the file does not exist".to_string(),
-                })
-            }
+            Admission::Missing => return Err(DiscoverError::MissingFile { path: path.clone() }),
             admission => take(path.clone(), admission, &mut discovery),
         },
         SourcePath::Folder(folder) => {
-            let entries = std::fs::read_dir(folder).map_err(|error| DiscoverError {
+            let entries = std::fs::read_dir(folder).map_err(|source| DiscoverError::Folder {
                 path: folder.clone(),
-                message: folder_error(&error),
+                source,
             })?;
             for entry in entries {
-                let entry = entry.map_err(|error| DiscoverError {
+                let entry = entry.map_err(|source| DiscoverError::Folder {
                     path: folder.clone(),
-                    message: error.to_string(),
+                    source,
                 })?;
                 let path = entry.path();
                 if !is_candidate(&path) {
@@ -143,14 +150,14 @@ pub fn discover(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
             // files": the share may not be mounted.
             let folder = source_folder(source);
             if let Err(error) = std::fs::metadata(&folder) {
-                return Err(DiscoverError {
+                return Err(DiscoverError::Folder {
                     path: folder,
-                    message: folder_error(&error),
+                    source: error,
                 });
             }
-            let paths = glob::glob(pattern).map_err(|error| DiscoverError {
-                path: PathBuf::from(pattern),
-                message: error.to_string(),
+            let paths = glob::glob(pattern).map_err(|source| DiscoverError::Pattern {
+                pattern: pattern.clone(),
+                source,
             })?;
             let folder = source_folder(source);
             let folder = std::fs::canonicalize(&folder).unwrap_or(folder);
@@ -201,13 +208,33 @@ pub fn discover(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     Ok(discovery)
 }
 
-/// The source's files that exist now, sorted (see [`discover`]).
-pub fn source_files(source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError> {
-    discover(source).map(|discovery| discovery.files)
+/// A source's files as they are now, without the report file, and the symbolic links beside
+/// them that are not sources (one listing of the folder).
+pub fn discover(config: &Config, source: &SourceConfig) -> Result<Discovery, DiscoverError> {
+    let mut discovery = list_source(source)?;
+    discovery.files.retain(|file| !config.is_report(file));
+    Ok(discovery)
+}
+
+/// A source's files as they are now, without the report file (see [`discover`]).
+pub fn source_files(config: &Config, source: &SourceConfig) -> Result<Vec<PathBuf>, DiscoverError> {
+    discover(config, source).map(|discovery| discovery.files)
+}
+
+impl DiscoverError {
+    /// The file, folder or pattern that could not be listed.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            DiscoverError::Folder { path, .. } | DiscoverError::MissingFile { path } => {
+                path.clone()
+            }
+            DiscoverError::Pattern { pattern, .. } => PathBuf::from(pattern),
+        }
+    }
 }
 
 /// Why a source folder cannot be listed, in words an admin can act on.
-fn folder_error(error: &std::io::Error) -> String {
+fn folder_problem(error: &std::io::Error) -> String {
     if error.kind() == std::io::ErrorKind::NotFound {
         "the folder does not exist (is the share mounted?)".to_string()
     } else {
@@ -273,6 +300,30 @@ pub fn source_matches(source: &SourceConfig, path: &Path) -> bool {
     }
 }
 
+/// The lock file that says a program has `path` open, if there is one: Excel's `~$NAME` owner
+/// file (Excel drops the first two characters of long names) or LibreOffice's `.~lock.NAME#`.
+pub fn open_by(path: &Path) -> Option<(&'static str, PathBuf)> {
+    let folder = path.parent()?;
+    let name = path.file_name()?.to_str()?;
+    let libreoffice = folder.join(format!(".~lock.{name}#"));
+    if libreoffice.exists() {
+        return Some(("LibreOffice", libreoffice));
+    }
+    let mut excel_names = vec![format!("~${name}")];
+    let characters: Vec<char> = name.chars().collect();
+    if characters.len() > 2 {
+        excel_names.push(format!("~${}", characters[2..].iter().collect::<String>()));
+    }
+    if characters.len() > 1 {
+        excel_names.push(format!("~${}", characters[1..].iter().collect::<String>()));
+    }
+    excel_names
+        .into_iter()
+        .map(|owner| folder.join(owner))
+        .find(|owner| owner.exists())
+        .map(|owner| ("Excel", owner))
+}
+
 /// What one `stat` says about a file: enough to tell that it changed without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fingerprint {
@@ -311,9 +362,69 @@ pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     })
 }
 
+/// A file-system watcher over the sources' folders (inotify on Linux). Dropping it stops it.
+pub struct Watcher {
+    _inner: notify::RecommendedWatcher,
+}
+
+/// What the watcher tells.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// Something happened to a path that may be a source and may have new content.
+    Changed(PathBuf),
+    /// The watcher failed (an event queue overflowed, a watched folder went away).
+    Failed(notify::Error),
+}
+
+impl Watcher {
+    /// Starts watching every source's folder, handing each event to `deliver` (on the watcher's
+    /// own thread). Returns `None`, after saying why, when no watcher can start; a folder that
+    /// cannot be watched is left to polling and said so.
+    pub fn start(
+        config: &Config,
+        deliver: impl Fn(WatchEvent) + Send + 'static,
+    ) -> Option<Watcher> {
+        use notify::Watcher as _;
+        let handler = move |result: notify::Result<notify::Event>| match result {
+            Ok(event) if is_change(&event.kind) => {
+                for path in event.paths {
+                    if is_candidate(&path) {
+                        deliver(WatchEvent::Changed(path));
+                    } else {
+                        tracing::debug!(file = %path.display(), "not a source (a lock, temp or other file)");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(error) => deliver(WatchEvent::Failed(error)),
+        };
+        let mut watcher = match notify::recommended_watcher(handler) {
+            Ok(watcher) => watcher,
+            Err(error) => {
+                tracing::warn!(
+                    "cannot start the file watcher, polling every {:?} instead: {error}",
+                    config.watch.poll_interval
+                );
+                return None;
+            }
+        };
+        for (folder, mode) in watch_roots(&config.sources) {
+            match watcher.watch(&folder, mode) {
+                Ok(()) => tracing::debug!(folder = %folder.display(), "watching"),
+                Err(error) => tracing::warn!(
+                    folder = %folder.display(),
+                    "cannot watch this folder for events; it is polled every {:?} instead: {error}",
+                    config.watch.poll_interval
+                ),
+            }
+        }
+        Some(Watcher { _inner: watcher })
+    }
+}
+
 /// Whether a file-system event may mean new content. Opening and reading (funnelsync's own reads
 /// among them) do not; closing after writing does.
-pub fn is_change(kind: &notify::EventKind) -> bool {
+fn is_change(kind: &notify::EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode};
     use notify::EventKind;
     match kind {
@@ -325,7 +436,7 @@ pub fn is_change(kind: &notify::EventKind) -> bool {
 
 /// The folders to watch for a set of sources, and whether each needs its subfolders too (a glob
 /// with a wildcard in a folder part).
-pub fn watch_roots(sources: &[SourceConfig]) -> Vec<(PathBuf, notify::RecursiveMode)> {
+fn watch_roots(sources: &[SourceConfig]) -> Vec<(PathBuf, notify::RecursiveMode)> {
     let mut roots: Vec<(PathBuf, notify::RecursiveMode)> = Vec::new();
     for source in sources {
         let folder = source_folder(source);

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{parse_duration, resolve, Language, RawHttp};
+use super::raw::RawHttp;
+use super::validate::{parse_duration, resolve};
+use super::Language;
 use crate::deal::Field;
 
 /// What a user may do; see `http::auth::authorize` for the rules.
@@ -117,7 +119,10 @@ fn fields(
             None => {
                 problem(
                     key,
-                    format!("\"{name}\" is not a field ({})", super::field_list()),
+                    format!(
+                        "\"{name}\" is not a field ({})",
+                        super::source::field_list()
+                    ),
                 );
                 ok = false;
             }

@@ -1,15 +1,21 @@
 //! `funnelsync run`: the long-running daemon. Every source of events — the file-system watcher,
-//! the timers, the signals and the sync workers — is a worker task that sends one closed [`Event`]
-//! to a single loop, so every trigger is handled in one place.
+//! the timers, the signals, the sync, mail and report workers and the store thread — sends one
+//! closed [`Event`] through a bounded channel to a single loop, so every trigger is handled in one
+//! place.
 //!
-//! The loop owns the per-file state machine: a file is read only once it has been unchanged for
-//! `settle`; at most one sync per file runs at a time (changes during a sync cause exactly one more
-//! sync afterwards); failed reads are retried with backoff and then left alone until the file
-//! changes; a file gone from the folder archives nothing. Two classes of error: fatal ones (the
-//! store cannot be opened) stop the daemon; per-file and per-row ones are logged, recorded and the
-//! daemon goes on. This module must not know how a file is parsed or diffed (that is `sync`).
+//! The loop owns every file's state ([`tracked::Tracked`], whose transitions are pure and
+//! unit-tested): a file is read only once it has been unchanged for `settle`; at most one sync per
+//! file runs at a time (changes during a sync cause exactly one more sync afterwards); failed reads
+//! are retried with backoff and then left alone until the file changes; a file gone from the
+//! folder archives nothing. The loop never waits for SQLite: syncs, mail and the report run on
+//! worker threads with their own connections, and the loop's own reads and writes go to the store
+//! thread ([`store_thread`]). Two classes of error: fatal ones (the store cannot be opened) stop
+//! the daemon; per-file and per-row ones are logged, recorded and the daemon goes on. This module
+//! must not know how a file is parsed or diffed (that is `sync`).
 
-pub mod systemd;
+mod store_thread;
+mod tracked;
+mod workers;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,43 +24,69 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, WatchMode};
-use crate::mirror::{self, FileState, FileStatusRecord};
-use crate::store::Store;
+use crate::alerts::AlertError;
+use crate::config::{Config, View};
+use crate::mail::outbox::OutboxError;
+use crate::remind::outbox::RemindError;
+use crate::report::ReportError;
+use crate::status::{FileState, FileStatusRecord};
+use crate::store::{CrmStore, Store, StoreError};
 use crate::sync::{self, FileReport, FileStatus};
+use crate::systemd;
 use crate::watch::{self, Fingerprint};
+use store_thread::{StoreJob, StoreThread};
+use tracked::{Look, Outcome, Tracked, Verdict};
+use workers::Workers;
 
-/// How often the loop looks at its timers (settling, retries, the watchdog).
-const TICK: Duration = Duration::from_millis(100);
-/// The longest wait between retries of a failing file.
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How many events may wait for the loop; a worker with more to say waits for room.
+const EVENT_QUEUE: usize = 1024;
 /// How often the store's change counter is checked.
 const STORE_POLL: Duration = Duration::from_millis(500);
 /// How often pending mail is looked at for retries.
 const MAIL_RETRY: Duration = Duration::from_secs(20);
-/// How long a shutdown waits for syncs in progress to commit.
+/// How long a shutdown waits for syncs, mail, the report and alerts in progress to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] StoreError),
     #[error("cannot start the async runtime: {0}")]
-    Runtime(std::io::Error),
+    Runtime(#[source] std::io::Error),
+    #[error("cannot start the store thread: {0}")]
+    StoreThread(#[source] std::io::Error),
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
 }
 
+/// Why a job on a worker thread failed.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Remind(#[from] RemindError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Alert(#[from] AlertError),
+    #[error("source \"{0}\" is no longer in the config")]
+    SourceGone(String),
+    #[error("the worker stopped before it finished: {0}")]
+    Panicked(String),
+}
+
 /// Everything that can make the loop act.
 #[derive(Debug)]
-pub enum Event {
+enum Event {
     /// The watcher saw something happen to this path.
     FileChanged(PathBuf),
     /// The watcher failed; the periodic rescan still covers every file.
-    WatcherFailed(String),
+    WatcherFailed(notify::Error),
     /// Time to stat every source file (poll mode, and the safety net in auto mode).
     Rescan,
     /// Time to look at timers.
@@ -63,7 +95,7 @@ pub enum Event {
     SyncFinished {
         path: PathBuf,
         fingerprint: Option<Fingerprint>,
-        outcome: Box<Result<FileReport, String>>,
+        outcome: Box<Result<FileReport, JobError>>,
     },
     /// SIGHUP: re-read the config.
     Reload,
@@ -71,91 +103,34 @@ pub enum Event {
     Shutdown,
     /// The daily reminder run is due (the due time it is for).
     RemindDue(chrono::DateTime<Utc>),
-    /// A reminder run or a delivery of pending mail finished.
-    MailFinished(Result<(String, bool), String>),
+    /// A reminder run, a digest or a delivery of pending mail finished: what it did, and whether
+    /// mail is in trouble.
+    MailFinished(Result<(String, bool), JobError>),
     /// The weekly digest to the manager is due.
     WeeklyDigestDue,
     /// The funnel report file was written (or could not be).
-    ReportWritten(Result<(), String>),
+    ReportWritten(Result<(), JobError>),
+    /// An alert worker finished.
+    AlertDone,
+    /// The store's change counter, as the store thread read it.
+    StoreVersion(Result<i64, StoreError>),
+    /// The files that show a deal changed since the counter the loop last knew (`except` shows
+    /// them already).
+    FilesBehind {
+        behind: Result<HashSet<String>, StoreError>,
+        except: Option<PathBuf>,
+    },
+    /// How many messages wait for delivery.
+    MailPending(i64),
     /// An admin asked (through HTTP) to apply this held file (by its key) despite the guard.
     ForceSync(String),
 }
 
-/// The loop's knowledge of one file.
-#[derive(Debug, Clone)]
-struct Tracked {
-    source: String,
-    /// The file's key in the store ([`sync::file_key`]), worked out once.
-    key: String,
-    /// The fingerprint last seen by a stat.
-    seen: Option<Fingerprint>,
-    /// The fingerprint of the content last read successfully (or given up on).
-    done: Option<Fingerprint>,
-    /// When a change was last observed; the file is read once `settle` has passed since.
-    changed_at: Option<Instant>,
-    in_flight: bool,
-    /// A change came in while a sync was running.
-    dirty_again: bool,
-    attempts: u32,
-    retry_at: Option<Instant>,
-    /// Whether the first attempt after start (or after being added by a reload) is still to come.
-    initial: bool,
-    /// The write-back waits for the file to be closed in Excel or LibreOffice.
-    write_deferred: bool,
-    /// The last read refused the file for a reason only a new version can fix (malformed, over a
-    /// limit, given up on): a change in the store does not make it worth reading again, only a
-    /// change of the file does.
-    refused: bool,
-    /// The next sync applies the file even where the mass-delete guard would hold it (asked for
-    /// by an admin).
-    force: bool,
-}
-
-impl Tracked {
-    fn new(source: &str, path: &Path) -> Tracked {
-        Tracked {
-            source: source.to_string(),
-            key: sync::file_key(path),
-            seen: None,
-            done: None,
-            changed_at: None,
-            in_flight: false,
-            dirty_again: false,
-            attempts: 0,
-            retry_at: None,
-            initial: true,
-            write_deferred: false,
-            refused: false,
-            force: false,
-        }
-    }
-}
-
-/// The worker tasks that depend on the config; replaced on reload.
-struct Workers {
-    /// Held only to keep it alive: dropping the watcher stops its events.
-    _watcher: Option<notify::RecommendedWatcher>,
-    rescan: Option<JoinHandle<()>>,
-    remind: Option<JoinHandle<()>>,
-    weekly: Option<JoinHandle<()>>,
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for worker in [self.rescan.take(), self.remind.take(), self.weekly.take()]
-            .into_iter()
-            .flatten()
-        {
-            worker.abort();
-        }
-    }
-}
-
 struct Daemon {
     config: Arc<Config>,
-    sender: mpsc::UnboundedSender<Event>,
+    sender: mpsc::Sender<Event>,
     files: HashMap<PathBuf, Tracked>,
-    store: Store,
+    store: StoreThread,
     workers: Workers,
     n_in_flight: usize,
     ready_sent: bool,
@@ -165,6 +140,8 @@ struct Daemon {
     /// The store's change counter when last looked at, and when that was.
     store_version: Option<i64>,
     store_checked_at: Instant,
+    /// A read of the change counter was asked for and not answered yet.
+    store_version_asked: bool,
     /// A reminder run or mail delivery is in progress.
     mail_busy: bool,
     /// When pending mail was last looked at.
@@ -174,6 +151,8 @@ struct Daemon {
     report_busy: bool,
     /// Not before this (the file was open, or the next interval).
     report_next_at: Instant,
+    /// Alert workers not finished yet; a shutdown waits for them.
+    n_alerts_in_flight: usize,
     /// Symbolic links in watched folders that are not sources, by path: (source, reason). Each
     /// is logged once, when first seen.
     links_not_synced: HashMap<PathBuf, (String, String)>,
@@ -192,13 +171,45 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     runtime.block_on(run_async(config))
 }
 
-async fn run_async(config: Config) -> Result<(), DaemonError> {
+/// What the daemon reads from the store before its loop starts.
+struct Opening {
+    store: Store,
+    version: Option<i64>,
+    last_reminder_run: Result<Option<chrono::DateTime<Utc>>, StoreError>,
+}
+
+fn open_store(config: &Config) -> Result<Opening, StoreError> {
     let store = Store::open(&config.store.path)?;
-    let (sender, mut receiver) = mpsc::unbounded_channel();
-    spawn_signal_workers(&sender);
-    spawn_tick_worker(&sender);
+    let version = match store.crm().version() {
+        Ok(version) => Some(version),
+        Err(error) => {
+            warn!("cannot read the store's change counter: {error}");
+            None
+        }
+    };
+    let last_reminder_run = crate::remind::outbox::last_run_due(&store);
+    Ok(Opening {
+        store,
+        version,
+        last_reminder_run,
+    })
+}
+
+async fn run_async(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
-    let workers = start_workers(&config, &sender);
+    let opening = {
+        let config = Arc::clone(&config);
+        match tokio::task::spawn_blocking(move || open_store(&config)).await {
+            Ok(opening) => opening?,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    };
+    let (sender, mut receiver) = mpsc::channel(EVENT_QUEUE);
+    let store =
+        StoreThread::start(opening.store, sender.clone()).map_err(DaemonError::StoreThread)?;
+    workers::spawn_signal_workers(&sender);
+    workers::spawn_tick_worker(&sender);
+    let workers = workers::start_workers(&config, &sender);
     let mut daemon = Daemon {
         config,
         sender,
@@ -210,13 +221,15 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         shutting_down: false,
         last_sync_summary: None,
         watchdog: systemd::watchdog_interval().map(|interval| (interval, Instant::now())),
-        store_version: None,
+        store_version: opening.version,
         store_checked_at: Instant::now(),
+        store_version_asked: false,
         mail_busy: false,
         mail_checked_at: Instant::now(),
         report_dirty: true,
         report_busy: false,
         report_next_at: Instant::now(),
+        n_alerts_in_flight: 0,
         links_not_synced: HashMap::new(),
         http: None,
         heartbeat: Arc::new(crate::http::Heartbeat::default()),
@@ -226,14 +239,14 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         let events = daemon.sender.clone();
         let link = crate::http::DaemonLink {
             heartbeat: Arc::clone(&daemon.heartbeat),
-            force_sync: Box::new(move |file| events.send(Event::ForceSync(file)).is_ok()),
+            // Called from the HTTP server: never waits for room in the loop's queue.
+            force_sync: Box::new(move |file| events.try_send(Event::ForceSync(file)).is_ok()),
         };
         daemon.http = Some(crate::http::Server::start(
             Arc::clone(&daemon.config),
             Some(link),
         )?);
     }
-    daemon.store_version = daemon.current_store_version();
     info!(
         n_sources = daemon.config.sources.len(),
         mode = ?daemon.config.watch.mode,
@@ -249,66 +262,20 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     daemon.rescan(true);
     daemon.start_due_syncs();
     daemon.check_ready();
-    daemon.catch_up_reminders();
+    daemon.catch_up_reminders(opening.last_reminder_run);
 
     let mut shutdown_deadline: Option<Instant> = None;
     while let Some(event) = receiver.recv().await {
-        match event {
-            Event::FileChanged(path) => daemon.on_file_changed(path),
-            Event::WatcherFailed(message) => {
-                warn!("file watcher error (the periodic rescan still covers every file): {message}")
-            }
-            Event::Rescan => daemon.rescan(false),
-            Event::Tick => daemon.on_tick(),
-            Event::SyncFinished {
-                path,
-                fingerprint,
-                outcome,
-            } => daemon.on_sync_finished(path, fingerprint, *outcome),
-            Event::Reload => daemon.reload(),
-            Event::RemindDue(due) => daemon.start_reminders(due),
-            Event::WeeklyDigestDue => daemon.start_weekly_digest(),
-            Event::ReportWritten(result) => daemon.on_report_written(result),
-            Event::ForceSync(file) => daemon.force_sync(&file),
-            Event::MailFinished(result) => {
-                daemon.mail_busy = false;
-                match result {
-                    Ok((summary, trouble)) => {
-                        info!("{summary}");
-                        if trouble {
-                            daemon.alert(
-                                "mail".to_string(),
-                                "mail cannot be delivered".to_string(),
-                                summary,
-                            );
-                        }
-                    }
-                    Err(message) => {
-                        error!("reminders: {message}");
-                        daemon.alert("mail".to_string(), "reminders failed".to_string(), message);
-                    }
-                }
-            }
-            Event::Shutdown => {
-                if !daemon.shutting_down {
-                    info!(
-                        n_in_flight = daemon.n_in_flight,
-                        "shutting down: no new syncs; waiting for syncs in progress"
-                    );
-                    systemd::stopping();
-                    daemon.shutting_down = true;
-                    shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
-                }
-            }
-        }
+        daemon.handle(event, &mut shutdown_deadline);
         if daemon.shutting_down {
-            if daemon.n_in_flight == 0 && !daemon.mail_busy && !daemon.report_busy {
+            if daemon.is_idle() {
                 break;
             }
             if shutdown_deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 warn!(
                     n_in_flight = daemon.n_in_flight,
-                    "syncs still running at shutdown; they will be rolled back"
+                    n_alerts = daemon.n_alerts_in_flight,
+                    "work still running at shutdown; syncs in progress will be rolled back"
                 );
                 break;
             }
@@ -317,183 +284,91 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         daemon.start_due_syncs();
         daemon.check_ready();
     }
+    // Nothing is received any more: a worker still waiting for room in the queue (the store
+    // thread, the watcher) is let go rather than left waiting for ever.
+    drop(receiver);
     if let Some(http) = daemon.http.take() {
         http.stop();
     }
+    let Daemon { store, .. } = daemon;
+    store.finish().await;
     info!("funnelsync daemon stopped");
     Ok(())
 }
 
-fn spawn_signal_workers(sender: &mpsc::UnboundedSender<Event>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    for (kind, make_event) in [
-        (SignalKind::hangup(), (|| Event::Reload) as fn() -> Event),
-        (SignalKind::terminate(), || Event::Shutdown),
-        (SignalKind::interrupt(), || Event::Shutdown),
-    ] {
-        let sender = sender.clone();
-        match signal(kind) {
-            Ok(mut stream) => {
-                tokio::spawn(async move {
-                    while stream.recv().await.is_some() {
-                        if sender.send(make_event()).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-            Err(error) => warn!("cannot listen for signal {kind:?}: {error}"),
-        }
-    }
-}
-
-fn spawn_tick_worker(sender: &mpsc::UnboundedSender<Event>) {
-    let sender = sender.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(TICK);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            if sender.send(Event::Tick).is_err() {
-                break;
-            }
-        }
-    });
-}
-
-/// Starts the watcher (unless polling) and the rescan timer (unless events only).
-fn start_workers(config: &Config, sender: &mpsc::UnboundedSender<Event>) -> Workers {
-    let mode = config.watch.mode;
-    let watcher = if mode == WatchMode::Poll {
-        None
-    } else {
-        start_watcher(config, sender)
-    };
-    let rescan = if mode == WatchMode::Events && watcher.is_some() {
-        None
-    } else {
-        let sender = sender.clone();
-        let period = config.watch.poll_interval;
-        Some(tokio::spawn(async move {
-            let mut interval = tokio::time::interval_at(later(period).into(), period.min(FAR_AWAY));
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                interval.tick().await;
-                if sender.send(Event::Rescan).is_err() {
-                    break;
-                }
-            }
-        }))
-    };
-    let remind = config.remind.clone().map(|remind| {
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            let mut after = Utc::now();
-            while let Some(due) = crate::remind::next_due(&remind, after) {
-                // Wake at least every minute and look at the wall clock again, so a clock change
-                // or a suspended machine does not push the run off.
-                loop {
-                    let left = (due - Utc::now()).to_std().unwrap_or_default();
-                    if left.is_zero() {
-                        break;
-                    }
-                    tokio::time::sleep(left.min(Duration::from_secs(60))).await;
-                }
-                if sender.send(Event::RemindDue(due)).is_err() {
-                    break;
-                }
-                after = due;
-            }
-        })
-    });
-    let timezone = config
-        .remind
-        .as_ref()
-        .map(|remind| remind.timezone)
-        .unwrap_or(chrono_tz::UTC);
-    let weekly = config
-        .report
-        .as_ref()
-        .and_then(|report| report.weekly_digest)
-        .map(|(weekday, at)| {
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                let mut after = Utc::now();
-                while let Some(due) = crate::remind::next_weekly(timezone, weekday, at, after) {
-                    loop {
-                        let left = (due - Utc::now()).to_std().unwrap_or_default();
-                        if left.is_zero() {
-                            break;
-                        }
-                        tokio::time::sleep(left.min(Duration::from_secs(60))).await;
-                    }
-                    if sender.send(Event::WeeklyDigestDue).is_err() {
-                        break;
-                    }
-                    after = due;
-                }
-            })
-        });
-    Workers {
-        _watcher: watcher,
-        rescan,
-        remind,
-        weekly,
-    }
-}
-
-fn start_watcher(
-    config: &Config,
-    sender: &mpsc::UnboundedSender<Event>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let event_sender = sender.clone();
-    let handler = move |result: notify::Result<notify::Event>| {
-        let event = match result {
-            Ok(event) if watch::is_change(&event.kind) => event,
-            Ok(_) => return,
-            Err(error) => {
-                let _ = event_sender.send(Event::WatcherFailed(error.to_string()));
-                return;
-            }
-        };
-        for path in event.paths {
-            if watch::is_candidate(&path) {
-                let _ = event_sender.send(Event::FileChanged(path));
-            }
-        }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(watcher) => watcher,
-        Err(error) => {
-            warn!(
-                "cannot start the file watcher, polling every {:?} instead: {error}",
-                config.watch.poll_interval
-            );
-            return None;
-        }
-    };
-    for (folder, mode) in watch::watch_roots(&config.sources) {
-        match watcher.watch(&folder, mode) {
-            Ok(()) => debug!(folder = %folder.display(), "watching"),
-            Err(error) => warn!(
-                folder = %folder.display(),
-                "cannot watch this folder for events; it is polled every {:?} instead: {error}",
-                config.watch.poll_interval
-            ),
-        }
-    }
-    Some(watcher)
-}
-
 impl Daemon {
+    fn handle(&mut self, event: Event, shutdown_deadline: &mut Option<Instant>) {
+        match event {
+            Event::FileChanged(path) => self.on_file_changed(path),
+            Event::WatcherFailed(error) => {
+                warn!("file watcher error (the periodic rescan still covers every file): {error}")
+            }
+            Event::Rescan => self.rescan(false),
+            Event::Tick => self.on_tick(),
+            Event::SyncFinished {
+                path,
+                fingerprint,
+                outcome,
+            } => self.on_sync_finished(path, fingerprint, *outcome),
+            Event::Reload => self.reload(),
+            Event::RemindDue(due) => self.start_reminders(due),
+            Event::WeeklyDigestDue => self.start_weekly_digest(),
+            Event::ReportWritten(result) => self.on_report_written(result),
+            Event::MailFinished(result) => self.on_mail_finished(result),
+            Event::AlertDone => self.n_alerts_in_flight = self.n_alerts_in_flight.saturating_sub(1),
+            Event::StoreVersion(version) => {
+                self.store_version_asked = false;
+                match version {
+                    Ok(version) => self.store_moved_to(version, None),
+                    Err(error) => warn!("cannot read the store's change counter: {error}"),
+                }
+            }
+            Event::FilesBehind { behind, except } => {
+                let behind = match behind {
+                    Ok(files) => Some(files),
+                    Err(error) => {
+                        warn!("cannot tell which files show the store's changes; syncing every file that writes back: {error}");
+                        None
+                    }
+                };
+                self.resync_files_behind(behind.as_ref(), except.as_deref());
+            }
+            Event::ForceSync(file) => self.force_sync(&file),
+            Event::MailPending(n_pending) => {
+                if n_pending > 0 {
+                    self.retry_mail();
+                }
+            }
+            Event::Shutdown => {
+                if !self.shutting_down {
+                    info!(
+                        n_in_flight = self.n_in_flight,
+                        "shutting down: no new syncs; waiting for syncs in progress"
+                    );
+                    systemd::stopping();
+                    self.shutting_down = true;
+                    *shutdown_deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+                }
+            }
+        }
+    }
+
+    /// Whether nothing runs that a shutdown must wait for.
+    fn is_idle(&self) -> bool {
+        self.n_in_flight == 0
+            && !self.mail_busy
+            && !self.report_busy
+            && self.n_alerts_in_flight == 0
+    }
+
     /// Stats every source file: new and changed files start settling, vanished ones are removed.
     fn rescan(&mut self, initial: bool) {
         let mut present: HashSet<PathBuf> = HashSet::new();
         let mut links_not_synced: HashMap<PathBuf, (String, String)> = HashMap::new();
         let config = Arc::clone(&self.config);
+        let settle = config.watch.settle;
         for source in &config.sources {
-            let files = match config.discover(source) {
+            let files = match crate::watch::discover(&config, source) {
                 Ok(discovery) => {
                     links_not_synced.extend(
                         discovery
@@ -530,22 +405,14 @@ impl Daemon {
                     if !initial {
                         info!(file = %path.display(), source = %source.name, "new file");
                     }
-                    Tracked::new(&source.name, &path)
+                    Tracked::new(&source.name, sync::file_key(&path), true)
                 });
                 tracked.source = source.name.clone();
-                if fingerprint != tracked.seen {
-                    tracked.seen = fingerprint;
-                    // A file untouched for longer than `settle` (by its own time stamp) needs no
-                    // further wait; otherwise settling starts now.
-                    let settled_already = fingerprint
-                        .is_some_and(|fingerprint| fingerprint.age() >= config.watch.settle);
-                    let now = Instant::now();
-                    tracked.changed_at = Some(if settled_already {
-                        now.checked_sub(config.watch.settle).unwrap_or(now)
-                    } else {
-                        now
-                    });
-                }
+                // A file untouched for longer than `settle` (by its own time stamp) needs no
+                // further wait.
+                let settled_already =
+                    fingerprint.is_some_and(|fingerprint| fingerprint.age() >= settle);
+                tracked.rescanned(fingerprint, settled_already, Instant::now(), settle);
             }
         }
         let gone: Vec<PathBuf> = self
@@ -558,6 +425,7 @@ impl Daemon {
             self.on_file_gone(&path);
         }
         self.note_links_not_synced(links_not_synced);
+        debug!(n_files = self.files.len(), "rescanned the sources");
     }
 
     /// Logs each symbolic link that is not a source once, and keeps `status` showing the links
@@ -571,28 +439,20 @@ impl Daemon {
                 warn!(file = %path.display(), source = %source, "{reason}");
             }
         }
-        let mut by_source: HashMap<&str, Vec<(String, String)>> = self
+        let mut by_source: HashMap<String, Vec<(String, String)>> = self
             .config
             .sources
             .iter()
-            .map(|source| (source.name.as_str(), Vec::new()))
+            .map(|source| (source.name.clone(), Vec::new()))
             .collect();
         for (path, (source, reason)) in &links {
-            by_source.entry(source.as_str()).or_default().push((
+            by_source.entry(source.clone()).or_default().push((
                 sync::file_key(path),
                 format!("{}: {reason}", path.display()),
             ));
         }
-        let store = &self.store;
-        let now = Utc::now();
-        let result = tokio::task::block_in_place(|| {
-            by_source.iter().try_for_each(|(source, noted)| {
-                mirror::replace_ignored(store.connection(), source, noted, now)
-            })
-        });
-        if let Err(error) = result {
-            warn!("cannot record the links that are not sources: {error}");
-        }
+        self.store
+            .send(StoreJob::ReplaceIgnored(by_source.into_iter().collect()));
         self.links_not_synced = links;
     }
 
@@ -623,26 +483,13 @@ impl Daemon {
                 return;
             }
             info!(file = %path.display(), source = %source, "new file");
-            let mut tracked = Tracked::new(&source, &path);
-            tracked.initial = false;
+            let tracked = Tracked::new(&source, sync::file_key(&path), false);
             self.files.insert(path.clone(), tracked);
         }
         let max_attempts = self.config.watch.max_attempts;
-        // What the file looks like at this event: when it still looks so once `settle` has passed,
-        // it has settled (one settle, not a second one started by the first look).
         let fingerprint = watch::fingerprint(&path);
         if let Some(tracked) = self.files.get_mut(&path) {
-            tracked.seen = fingerprint;
-            tracked.changed_at = Some(Instant::now());
-            // New content is read after `settle`, not after the retry backoff; a file that was
-            // given up on gets a fresh set of attempts.
-            tracked.retry_at = None;
-            if tracked.attempts >= max_attempts {
-                tracked.attempts = 0;
-            }
-            if tracked.in_flight {
-                tracked.dirty_again = true;
-            }
+            tracked.saw_change(fingerprint, Instant::now(), max_attempts);
         }
     }
 
@@ -650,7 +497,7 @@ impl Daemon {
         let Some(tracked) = self.files.remove(path) else {
             return;
         };
-        if tracked.in_flight {
+        if tracked.is_syncing() {
             // Keep tracking until the sync finishes; the next rescan decides again.
             self.files.insert(path.to_path_buf(), tracked);
             return;
@@ -681,36 +528,30 @@ impl Daemon {
         // A write-back waiting for Excel or LibreOffice to close the file goes ahead once the
         // lock file is gone.
         let settle = self.config.watch.settle;
+        let now = Instant::now();
         for (path, tracked) in self
             .files
             .iter_mut()
-            .filter(|(_, tracked)| tracked.write_deferred && !tracked.in_flight)
+            .filter(|(_, tracked)| tracked.waits_for_close())
         {
-            if crate::writeback::open_by(path).is_none() {
+            if crate::watch::open_by(path).is_none() {
                 debug!(file = %path.display(), "closed; writing back");
-                tracked.write_deferred = false;
-                tracked.changed_at = Some(
-                    Instant::now()
-                        .checked_sub(settle)
-                        .unwrap_or_else(Instant::now),
-                );
-                // The content on disk is what was last synced; the sync is owed to the store's
-                // changes, so it must not be dropped as "nothing new".
-                tracked.done = None;
+                tracked.closed(now, settle);
             }
         }
         self.maybe_write_report();
         if self.mail_checked_at.elapsed() >= MAIL_RETRY {
             self.mail_checked_at = Instant::now();
-            self.retry_mail();
+            if !self.mail_busy && !self.shutting_down && self.config.smtp.is_some() {
+                self.store.send(StoreJob::CountPendingMail);
+            }
         }
         // Deals changed by another process (the CLI) or by another file's sync must reach the
         // files that show them.
-        if self.store_checked_at.elapsed() >= STORE_POLL {
+        if self.store_checked_at.elapsed() >= STORE_POLL && !self.store_version_asked {
             self.store_checked_at = Instant::now();
-            if let Some(version) = self.current_store_version() {
-                self.store_moved_to(version, None);
-            }
+            self.store_version_asked = true;
+            self.store.send(StoreJob::ReadVersion);
         }
     }
 
@@ -723,66 +564,57 @@ impl Daemon {
             return;
         }
         self.store_version = Some(version);
-        self.resync_files_behind(since, except);
+        match since {
+            // Unknown before: every file that writes back may be behind.
+            None => self.resync_files_behind(None, except),
+            Some(since) => self.store.send(StoreJob::FilesBehind {
+                since,
+                except: except.map(Path::to_path_buf),
+            }),
+        }
     }
 
-    /// Schedules a sync of every file that writes back and shows a deal changed after the
-    /// counter was `since` (every such file when `since` is unknown): files that show every deal
-    /// (or a filter's), and files holding a changed deal. A file that shows only its own rows
-    /// is not touched by changes to other deals, so a new deal does not rewrite every file.
-    fn resync_files_behind(&mut self, since: Option<i64>, except: Option<&Path>) {
+    /// Schedules a sync of every file that writes back and shows a changed deal (`behind`, by
+    /// file key; every such file when it is unknown): files that show every deal (or a
+    /// filter's), and files holding a changed deal. A file that shows only its own rows is not
+    /// touched by changes to other deals, so a new deal does not rewrite every file.
+    fn resync_files_behind(&mut self, behind: Option<&HashSet<String>>, except: Option<&Path>) {
         let settle = self.config.watch.settle;
-        let views: HashMap<String, crate::config::View> = self
+        let views: HashMap<String, View> = self
             .config
             .sources
             .iter()
             .filter(|source| source.write_back)
             .map(|source| (source.name.clone(), source.view))
             .collect();
-        let behind = match since {
-            None => None,
-            Some(since) => {
-                let store = &self.store;
-                match tokio::task::block_in_place(|| sync::files_with_changes_since(store, since)) {
-                    Ok(files) => Some(files),
-                    Err(error) => {
-                        warn!("cannot tell which files show the store's changes; syncing every file that writes back: {error}");
-                        None
-                    }
-                }
-            }
-        };
         let now = Instant::now();
         for (path, tracked) in self.files.iter_mut() {
-            let shows_change = match (views.get(&tracked.source), &behind) {
+            let shows_change = match (views.get(&tracked.source), behind) {
                 (None, _) => false,
-                (Some(_), None) | (Some(crate::config::View::All), _) => true,
-                (Some(crate::config::View::Rows), Some(behind)) => behind.contains(&tracked.key),
+                (Some(_), None) | (Some(View::All), _) => true,
+                (Some(View::Rows), Some(behind)) => behind.contains(&tracked.key),
             };
-            if !shows_change || Some(path.as_path()) == except || tracked.refused {
-                continue;
-            }
-            if tracked.in_flight {
-                tracked.dirty_again = true;
-            } else if tracked.retry_at.is_none() {
-                tracked.changed_at = Some(now.checked_sub(settle).unwrap_or(now));
-                // Same content on disk, new content in the store: sync even so.
-                tracked.done = None;
+            if shows_change && Some(path.as_path()) != except {
+                if tracked.waiting == tracked::Waiting::NewVersion {
+                    debug!(file = %path.display(), "refused until the file changes; the store's change does not make it readable");
+                }
+                tracked.store_changed(now, settle);
             }
         }
     }
 
     /// If the daemon was down when a run was due, run once now (not once per missed day).
-    fn catch_up_reminders(&mut self) {
+    fn catch_up_reminders(&mut self, last: Result<Option<chrono::DateTime<Utc>>, StoreError>) {
         let Some(remind) = self.config.remind.clone() else {
             return;
         };
         let Some(due) = crate::remind::previous_due(&remind, Utc::now()) else {
             return;
         };
-        let last = tokio::task::block_in_place(|| crate::remind::outbox::last_run_due(&self.store));
         match last {
-            Ok(Some(last)) if last >= due => {}
+            Ok(Some(last)) if last >= due => {
+                debug!(due = %due, "the reminder run last due has run; nothing to catch up")
+            }
             // A store that never ran reminders starts with the next due time: installing
             // funnelsync does not send a burst of mail.
             Ok(None) => {}
@@ -800,9 +632,16 @@ impl Daemon {
             // The run in progress covers it; a run about the same stalls would be deduplicated anyway.
             return;
         }
-        self.spawn_mail_job(move |store, config| {
-            let report = crate::remind::outbox::run(store, config, Utc::now(), due, false, false)
-                .map_err(|error| error.to_string())?;
+        self.spawn_mail_job(move |store, config, runtime| {
+            let report = crate::remind::outbox::run(
+                store,
+                config,
+                Utc::now(),
+                due,
+                false,
+                false,
+                runtime,
+            )?;
             let summary = format!(
                 "reminder run: {} stalled deal(s), {} message(s): {} sent, {} to retry, {} refused, {} given up; {}",
                 report.n_stalled,
@@ -818,18 +657,61 @@ impl Daemon {
     }
 
     /// Runs a mail job (reminders, digest, retries) on a worker thread, one at a time; the loop
-    /// hears how it went through [`Event::MailFinished`].
+    /// hears how it went through [`Event::MailFinished`]. The mail itself goes out on the
+    /// daemon's runtime.
     fn spawn_mail_job(
         &mut self,
-        job: impl FnOnce(&mut Store, &Config) -> Result<(String, bool), String> + Send + 'static,
+        job: impl FnOnce(&mut Store, &Config, &tokio::runtime::Handle) -> Result<(String, bool), JobError>
+            + Send
+            + 'static,
     ) {
         self.mail_busy = true;
         let config = Arc::clone(&self.config);
-        let sender = self.sender.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = with_store(&config, |store| job(store, &config));
-            let _ = sender.send(Event::MailFinished(result));
+        let runtime = tokio::runtime::Handle::current();
+        self.spawn_job(Event::MailFinished, move || {
+            with_store(&config, |store| job(store, &config, &runtime))
         });
+    }
+
+    /// Runs `job` on a worker thread and tells the loop its result as `event(result)`, even when
+    /// the job panics.
+    fn spawn_job<T: Send + 'static>(
+        &self,
+        event: fn(Result<T, JobError>) -> Event,
+        job: impl FnOnce() -> Result<T, JobError> + Send + 'static,
+    ) {
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            let result = match tokio::task::spawn_blocking(job).await {
+                Ok(result) => result,
+                Err(error) => Err(JobError::Panicked(error.to_string())),
+            };
+            let _ = sender.send(event(result)).await;
+        });
+    }
+
+    fn on_mail_finished(&mut self, result: Result<(String, bool), JobError>) {
+        self.mail_busy = false;
+        match result {
+            Ok((summary, trouble)) => {
+                info!("{summary}");
+                if trouble {
+                    self.alert(
+                        "mail".to_string(),
+                        "mail cannot be delivered".to_string(),
+                        summary,
+                    );
+                }
+            }
+            Err(error) => {
+                error!("reminders: {error}");
+                self.alert(
+                    "mail".to_string(),
+                    "reminders failed".to_string(),
+                    error.to_string(),
+                );
+            }
+        }
     }
 
     /// Rewrites the funnel report when it is due: after syncs changed the store (once they are
@@ -859,29 +741,27 @@ impl Daemon {
             self.report_next_at = later(every);
         }
         let config = Arc::clone(&self.config);
-        let sender = self.sender.clone();
-        tokio::task::spawn_blocking(move || {
+        self.spawn_job(Event::ReportWritten, move || {
             let now = Utc::now();
             let period = crate::funnel::Period {
                 since: now - chrono::Duration::days(i64::from(report.period_days)),
                 until: now,
             };
-            let result = with_store(&config, |store| {
-                let funnel = crate::report::load(store, &config, period, now, None)
-                    .map_err(|error| error.to_string())?;
-                crate::report::write_file(&report.path, &funnel).map_err(|error| error.to_string())
-            });
-            let _ = sender.send(Event::ReportWritten(result));
+            with_store(&config, |store| {
+                let funnel = crate::report::load(store, &config, period, now, None)?;
+                crate::report::write_file(&report.path, &funnel)?;
+                Ok(())
+            })
         });
     }
 
-    fn on_report_written(&mut self, result: Result<(), String>) {
+    fn on_report_written(&mut self, result: Result<(), JobError>) {
         self.report_busy = false;
         match result {
             Ok(()) => debug!("funnel report written"),
-            Err(message) => {
+            Err(error) => {
                 // Open in Excel, or the share is away: try again in a while.
-                info!("funnel report not written yet: {message}");
+                info!("funnel report not written yet: {error}");
                 self.report_dirty = true;
                 self.report_next_at = Instant::now() + Duration::from_secs(30);
             }
@@ -892,9 +772,8 @@ impl Daemon {
         if self.mail_busy || self.shutting_down {
             return;
         }
-        self.spawn_mail_job(|store, config| {
-            let delivery = crate::report::send_weekly_digest(store, config, Utc::now())
-                .map_err(|error| error.to_string())?;
+        self.spawn_mail_job(|store, config, runtime| {
+            let delivery = crate::report::send_weekly_digest(store, config, Utc::now(), runtime)?;
             let summary = format!(
                 "weekly digest: {} sent, {} to retry",
                 delivery.sent, delivery.retrying
@@ -903,21 +782,40 @@ impl Daemon {
         });
     }
 
-    /// Emails the admin (rate-limited per key) on a worker thread; never blocks the loop.
-    fn alert(&self, key: String, subject: String, body: String) {
+    /// Emails the admin (rate-limited per key) on a worker thread; never blocks the loop, and a
+    /// shutdown waits for it.
+    fn alert(&mut self, key: String, subject: String, body: String) {
         if self.config.alerts.is_none() {
             return;
         }
+        self.n_alerts_in_flight += 1;
         let config = Arc::clone(&self.config);
-        tokio::task::spawn_blocking(move || {
-            let result = with_store(&config, |store| {
-                crate::alerts::raise(store, &config, &key, &subject, &body, Utc::now())
-                    .map_err(|error| error.to_string())
-            });
-            if let Err(message) = result {
-                warn!("cannot send an alert: {message}");
-            }
-        });
+        let runtime = tokio::runtime::Handle::current();
+        self.spawn_job(
+            |result: Result<bool, JobError>| {
+                if let Err(error) = result {
+                    warn!("cannot send an alert: {error}");
+                }
+                Event::AlertDone
+            },
+            move || {
+                let sent = with_store(&config, |store| {
+                    Ok(crate::alerts::raise(
+                        store,
+                        &config,
+                        &key,
+                        &subject,
+                        &body,
+                        Utc::now(),
+                        &runtime,
+                    )?)
+                })?;
+                if !sent {
+                    debug!(key = %key, "an alert like this went out within [alerts] every; not sent again");
+                }
+                Ok(sent)
+            },
+        );
     }
 
     /// Sends pending mail whose retry time has come, on a worker thread.
@@ -925,14 +823,10 @@ impl Daemon {
         if self.mail_busy || self.shutting_down || self.config.smtp.is_none() {
             return;
         }
-        let pending = tokio::task::block_in_place(|| crate::remind::outbox::n_pending(&self.store))
-            .unwrap_or(0);
-        if pending == 0 {
-            return;
-        }
-        self.spawn_mail_job(|store, config| {
-            let report = crate::remind::outbox::deliver(store, config, Utc::now(), false)
-                .map_err(|error| error.to_string())?;
+        self.spawn_mail_job(|store, config, runtime| {
+            let now = Utc::now();
+            let report = crate::mail::outbox::deliver(store, config, now, false, runtime)?;
+            crate::alerts::mail_refused(store, config, &report.refusals, now, runtime);
             let summary = format!(
                 "mail retry: {} sent, {} to retry, {} refused, {} given up; {}",
                 report.sent,
@@ -945,17 +839,6 @@ impl Daemon {
         });
     }
 
-    fn current_store_version(&self) -> Option<i64> {
-        use crate::store::CrmStore;
-        match tokio::task::block_in_place(|| self.store.crm().version()) {
-            Ok(version) => Some(version),
-            Err(error) => {
-                warn!("cannot read the store's change counter: {error}");
-                None
-            }
-        }
-    }
-
     /// Starts syncs for files that have settled, up to the parallel bound.
     fn start_due_syncs(&mut self) {
         let now = Instant::now();
@@ -963,14 +846,7 @@ impl Daemon {
         let mut due: Vec<PathBuf> = self
             .files
             .iter()
-            .filter(|(_, tracked)| !tracked.in_flight)
-            .filter(
-                |(_, tracked)| match (tracked.retry_at, tracked.changed_at) {
-                    (Some(retry_at), _) => now >= retry_at,
-                    (None, Some(changed_at)) => now.duration_since(changed_at) >= settle,
-                    (None, None) => false,
-                },
-            )
+            .filter(|(_, tracked)| tracked.is_due(now, settle))
             .map(|(path, _)| path.clone())
             .collect();
         due.sort();
@@ -978,39 +854,26 @@ impl Daemon {
             if self.n_in_flight >= self.config.watch.parallel {
                 break;
             }
-            // Settled means: still the same as when the change was last seen.
             let fingerprint = watch::fingerprint(&path);
             let Some(tracked) = self.files.get_mut(&path) else {
                 continue;
             };
-            if fingerprint.is_none() {
-                tracked.changed_at = None;
-                tracked.retry_at = None;
-                self.on_file_gone(&path);
-                continue;
-            }
-            if fingerprint != tracked.seen {
-                debug!(file = %path.display(), "changed again while settling; settling again");
-                tracked.seen = fingerprint;
-                tracked.changed_at = Some(now);
-                continue;
-            }
-            if tracked.retry_at.is_none() && fingerprint == tracked.done {
-                // An event without new content (a touch of metadata, our own access).
-                tracked.changed_at = None;
-                if tracked.initial {
-                    tracked.initial = false;
+            match tracked.look(fingerprint, now) {
+                Look::Gone => self.on_file_gone(&path),
+                Look::Changed => {
+                    debug!(file = %path.display(), "changed again while settling; settling again")
                 }
-                continue;
+                // An event without new content (a touch of metadata, our own write).
+                Look::NothingNew => {
+                    debug!(file = %path.display(), "unchanged since its last sync; nothing to do")
+                }
+                Look::Sync => {
+                    let source_name = tracked.source.clone();
+                    let force = std::mem::take(&mut tracked.force);
+                    self.n_in_flight += 1;
+                    self.spawn_sync(path, source_name, fingerprint, force);
+                }
             }
-            tracked.changed_at = None;
-            tracked.retry_at = None;
-            tracked.in_flight = true;
-            tracked.dirty_again = false;
-            let source_name = tracked.source.clone();
-            let force = std::mem::take(&mut tracked.force);
-            self.n_in_flight += 1;
-            self.spawn_sync(path, source_name, fingerprint, force);
         }
     }
 
@@ -1025,14 +888,7 @@ impl Daemon {
         {
             Some((path, tracked)) => {
                 info!(file = %path.display(), "applying the file as asked, even where the guard would hold it");
-                tracked.force = true;
-                tracked.done = None;
-                tracked.retry_at = None;
-                if tracked.in_flight {
-                    tracked.dirty_again = true;
-                } else {
-                    tracked.changed_at = Some(now.checked_sub(settle).unwrap_or(now));
-                }
+                tracked.forced(now, settle);
             }
             None => warn!(file, "asked to apply a file the daemon does not watch"),
         }
@@ -1047,29 +903,44 @@ impl Daemon {
     ) {
         let config = Arc::clone(&self.config);
         let sender = self.sender.clone();
-        tokio::task::spawn_blocking(move || {
-            let outcome = match config.source(&source_name) {
-                None => Err(format!(
-                    "source \"{source_name}\" is no longer in the config"
-                )),
-                Some(source) => with_store(&config, |store| {
-                    sync::sync_file_with(store, &config, source, &path, Utc::now(), force)
-                        .map_err(|error| error.to_string())
-                }),
-            };
-            // After writing the file back, its new fingerprint is what "already synced" means,
-            // so the daemon's own write does not trigger another sync.
-            let fingerprint = match &outcome {
-                Ok(report) if report.write_back == sync::WriteBack::Written => {
-                    watch::fingerprint(&path)
-                }
-                _ => fingerprint,
-            };
-            let _ = sender.send(Event::SyncFinished {
-                path,
-                fingerprint,
-                outcome: Box::new(outcome),
+        tokio::spawn(async move {
+            let worker_path = path.clone();
+            let worker = tokio::task::spawn_blocking(move || {
+                let path = worker_path;
+                let outcome = match config.source(&source_name) {
+                    None => Err(JobError::SourceGone(source_name)),
+                    Some(source) => with_store(&config, |store| {
+                        Ok(sync::sync_file_with(
+                            store,
+                            &config,
+                            source,
+                            &path,
+                            Utc::now(),
+                            force,
+                        )?)
+                    }),
+                };
+                // After writing the file back, its new fingerprint is what "already synced"
+                // means, so the daemon's own write does not trigger another sync.
+                let written = match &outcome {
+                    Ok(report) if report.write_back == sync::WriteBack::Written => {
+                        Some(watch::fingerprint(&path))
+                    }
+                    _ => None,
+                };
+                (outcome, written)
             });
+            let (outcome, fingerprint) = match worker.await {
+                Ok((outcome, written)) => (outcome, written.unwrap_or(fingerprint)),
+                Err(error) => (Err(JobError::Panicked(error.to_string())), fingerprint),
+            };
+            let _ = sender
+                .send(Event::SyncFinished {
+                    path,
+                    fingerprint,
+                    outcome: Box::new(outcome),
+                })
+                .await;
         });
     }
 
@@ -1077,138 +948,33 @@ impl Daemon {
         &mut self,
         path: PathBuf,
         fingerprint: Option<Fingerprint>,
-        outcome: Result<FileReport, String>,
+        outcome: Result<FileReport, JobError>,
     ) {
         self.n_in_flight = self.n_in_flight.saturating_sub(1);
         let settle = self.config.watch.settle;
         let max_attempts = self.config.watch.max_attempts;
-        let mut alerts: Vec<(String, String, String)> = Vec::new();
         let Some(tracked) = self.files.get_mut(&path) else {
             return;
         };
-        tracked.in_flight = false;
-        tracked.refused = false;
-        tracked.initial = false;
+        let error_text = outcome.as_ref().err().map(ToString::to_string);
+        let applied = tracked.apply_outcome(
+            &path,
+            match (&outcome, &error_text) {
+                (Ok(report), _) => Outcome::Report(report),
+                (Err(_), Some(message)) => Outcome::Error(message),
+                (Err(_), None) => Outcome::Error(""),
+            },
+            fingerprint,
+            max_attempts,
+            settle,
+            Instant::now(),
+        );
         let source = tracked.source.clone();
-        let file_name = path.display().to_string();
-        let (state, error_text) = match &outcome {
-            Ok(report) if report.status == FileStatus::Held => {
-                let message = report.error.clone().unwrap_or_default();
-                error!(file = %file_name, "{message}");
-                alerts.push((
-                    format!("held:{file_name}"),
-                    format!("{} is held", short_name(&path)),
-                    message.clone(),
-                ));
-                tracked.done = fingerprint;
-                tracked.attempts = 0;
-                (FileState::Held, Some(message))
-            }
-            Ok(report) if report.status != FileStatus::Failed => {
-                let counts = &report.counts;
-                let n_errors = report.n_row_errors();
-                if report.status == FileStatus::Synced || n_errors > 0 {
-                    info!(
-                        file = %file_name,
-                        created = counts.created,
-                        updated = counts.updated,
-                        archived = counts.archived + counts.deleted,
-                        unchanged = counts.unchanged,
-                        row_errors = n_errors,
-                        "synced"
-                    );
-                } else {
-                    debug!(file = %file_name, unchanged = counts.unchanged, "no changes");
-                }
-                for issue in report
-                    .issues
-                    .iter()
-                    .filter(|issue| issue.severity == crate::mapping::Severity::Error)
-                {
-                    warn!(file = %file_name, sheet = report.sheet.as_deref().unwrap_or(""), "{issue}");
-                }
-                tracked.done = fingerprint;
-                tracked.seen = fingerprint;
-                tracked.attempts = 0;
-                match &report.write_back {
-                    sync::WriteBack::Written => {
-                        info!(file = %file_name, "wrote the store's changes back into the file");
-                        (FileState::Ok, None)
-                    }
-                    sync::WriteBack::Deferred(message) => {
-                        info!(file = %file_name, "{message}");
-                        tracked.write_deferred = true;
-                        (FileState::Ok, None)
-                    }
-                    sync::WriteBack::Failed(message) => {
-                        warn!(file = %file_name, "cannot write back: {message}");
-                        alerts.push((
-                            format!("write-back:{file_name}"),
-                            format!("{} cannot be written back", short_name(&path)),
-                            message.clone(),
-                        ));
-                        (
-                            FileState::Failed,
-                            Some(format!("write-back failed: {message}")),
-                        )
-                    }
-                    sync::WriteBack::Off | sync::WriteBack::UpToDate => (FileState::Ok, None),
-                }
-            }
-            Ok(report) if report.retryable => {
-                tracked.attempts += 1;
-                let message = report.error.clone().unwrap_or_default();
-                if tracked.attempts >= max_attempts {
-                    error!(file = %file_name, attempts = tracked.attempts, "cannot read the file; giving up until it changes: {message}");
-                    alerts.push((
-                        format!("unreadable:{file_name}"),
-                        format!("{} cannot be read", short_name(&path)),
-                        message.clone(),
-                    ));
-                    tracked.done = fingerprint;
-                    tracked.refused = true;
-                    (FileState::Failed, Some(message))
-                } else {
-                    let backoff = backoff(settle, tracked.attempts);
-                    if tracked.attempts == 1 {
-                        warn!(file = %file_name, "cannot read the file yet, will retry (nothing applied): {message}");
-                    } else {
-                        debug!(file = %file_name, attempts = tracked.attempts, "still cannot read the file: {message}");
-                    }
-                    tracked.retry_at = Some(Instant::now() + backoff);
-                    (FileState::Retrying, Some(message))
-                }
-            }
-            Ok(report) => {
-                let message = report.error.clone().unwrap_or_default();
-                error!(file = %file_name, "cannot sync the file until it changes (nothing applied): {message}");
-                alerts.push((
-                    format!("unreadable:{file_name}"),
-                    format!("{} cannot be synced", short_name(&path)),
-                    message.clone(),
-                ));
-                tracked.done = fingerprint;
-                tracked.attempts = 0;
-                tracked.refused = true;
-                (FileState::Failed, Some(message))
-            }
-            Err(message) => {
-                // The store failed (disk full, locked for too long): try the file again later.
-                tracked.attempts += 1;
-                error!(file = %file_name, "sync failed, will retry: {message}");
-                tracked.retry_at = Some(Instant::now() + backoff(settle, tracked.attempts));
-                (FileState::Retrying, Some(message.clone()))
-            }
-        };
-        if tracked.dirty_again {
-            tracked.dirty_again = false;
-            tracked.retry_at = None;
-            tracked.changed_at = Some(Instant::now());
-        }
         let attempts = tracked.attempts;
         let retry_at = tracked
-            .retry_at
+            .retry_at()
             .map(|retry_at| Utc::now() + (retry_at.saturating_duration_since(Instant::now())));
+        log_outcome(&path, &outcome, &applied.verdict);
         // The file now shows the store as of its sync; the other files that write back need a
         // look if the store moved on.
         if let Ok(FileReport {
@@ -1236,10 +1002,17 @@ impl Daemon {
                 }
             ));
         }
-        self.record_status(&path, &source, state, attempts, retry_at, error_text);
+        self.record_status(
+            &path,
+            &source,
+            applied.state,
+            attempts,
+            retry_at,
+            applied.error,
+        );
         self.publish_status();
-        for (key, subject, body) in alerts {
-            self.alert(key, subject, body);
+        for alert in applied.alerts {
+            self.alert(alert.key, alert.subject, alert.body);
         }
     }
 
@@ -1252,7 +1025,7 @@ impl Daemon {
         next_retry_at: Option<chrono::DateTime<Utc>>,
         last_error: Option<String>,
     ) {
-        let record = FileStatusRecord {
+        self.store.send(StoreJob::RecordStatus(FileStatusRecord {
             file: sync::file_key(path),
             source: source.to_string(),
             state,
@@ -1260,13 +1033,7 @@ impl Daemon {
             next_retry_at,
             last_error,
             updated_at: Utc::now(),
-        };
-        let store = &self.store;
-        if let Err(error) =
-            tokio::task::block_in_place(|| mirror::record_file_status(store.connection(), &record))
-        {
-            warn!(file = %path.display(), "cannot record the file's status: {error}");
-        }
+        }));
     }
 
     fn publish_status(&self) {
@@ -1291,10 +1058,7 @@ impl Daemon {
         if self.ready_sent {
             return;
         }
-        let waiting = self
-            .files
-            .values()
-            .any(|tracked| tracked.initial && (tracked.in_flight || tracked.changed_at.is_some()));
+        let waiting = self.files.values().any(Tracked::holds_up_start);
         if !waiting {
             self.ready_sent = true;
             info!(n_files = self.files.len(), "initial scan done; ready");
@@ -1340,9 +1104,10 @@ impl Daemon {
                     }
                 }
                 // Forget files of removed sources without treating them as removed files.
-                self.files
-                    .retain(|_, tracked| new_names.contains(&tracked.source) || tracked.in_flight);
-                self.workers = start_workers(&self.config, &self.sender);
+                self.files.retain(|_, tracked| {
+                    new_names.contains(&tracked.source) || tracked.is_syncing()
+                });
+                self.workers = workers::start_workers(&self.config, &self.sender);
                 self.rescan(false);
                 info!("config reloaded");
             }
@@ -1352,19 +1117,86 @@ impl Daemon {
     }
 }
 
-/// Opens a connection to the store for one job on a worker thread; errors become text for the log.
-fn with_store<T>(
-    config: &Config,
-    job: impl FnOnce(&mut Store) -> Result<T, String>,
-) -> Result<T, String> {
-    let mut store = Store::open(&config.store.path).map_err(|error| error.to_string())?;
-    job(&mut store)
+/// Logs how a sync ended, as the transition judged it.
+fn log_outcome(path: &Path, outcome: &Result<FileReport, JobError>, verdict: &Verdict) {
+    let file_name = path.display().to_string();
+    if let Ok(report) = outcome {
+        if !matches!(report.status, FileStatus::Failed | FileStatus::Held) {
+            let counts = &report.counts;
+            let n_errors = report.n_row_errors();
+            if report.status == FileStatus::Synced || n_errors > 0 {
+                info!(
+                    file = %file_name,
+                    created = counts.created,
+                    updated = counts.updated,
+                    archived = counts.archived + counts.deleted,
+                    unchanged = counts.unchanged,
+                    row_errors = n_errors,
+                    "synced"
+                );
+            } else {
+                debug!(file = %file_name, unchanged = counts.unchanged, "no changes");
+            }
+            for issue in report
+                .issues
+                .iter()
+                .filter(|issue| issue.severity == crate::mapping::Severity::Error)
+            {
+                warn!(file = %file_name, sheet = report.sheet.as_deref().unwrap_or(""), "{issue}");
+            }
+        }
+    }
+    match verdict {
+        Verdict::Synced => {
+            if let Ok(FileReport {
+                write_back: sync::WriteBack::Written,
+                ..
+            }) = outcome
+            {
+                info!(file = %file_name, "wrote the store's changes back into the file");
+            }
+        }
+        Verdict::WriteDeferred => {
+            if let Ok(FileReport {
+                write_back: sync::WriteBack::Deferred(message),
+                ..
+            }) = outcome
+            {
+                info!(file = %file_name, "{message}");
+            }
+        }
+        Verdict::WriteBackFailed(message) => {
+            warn!(file = %file_name, "cannot write back: {message}")
+        }
+        Verdict::Held(message) => error!(file = %file_name, "{message}"),
+        Verdict::Retry {
+            attempt: 1,
+            message,
+        } => {
+            warn!(file = %file_name, "cannot read the file yet, will retry (nothing applied): {message}")
+        }
+        Verdict::Retry { attempt, message } => {
+            debug!(file = %file_name, attempts = attempt, "still cannot read the file: {message}")
+        }
+        Verdict::GaveUp { attempts, message } => {
+            error!(file = %file_name, attempts = attempts, "cannot read the file; giving up until it changes: {message}")
+        }
+        Verdict::Refused(message) => {
+            error!(file = %file_name, "cannot sync the file until it changes (nothing applied): {message}")
+        }
+        Verdict::StoreFailed(message) => {
+            error!(file = %file_name, "sync failed, will retry: {message}")
+        }
+    }
 }
 
-fn short_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
+/// Opens a connection to the store for one job on a worker thread.
+fn with_store<T>(
+    config: &Config,
+    job: impl FnOnce(&mut Store) -> Result<T, JobError>,
+) -> Result<T, JobError> {
+    let mut store = Store::open(&config.store.path)?;
+    job(&mut store)
 }
 
 /// Farther than any configured duration may reach (the config caps them far below).
@@ -1376,27 +1208,4 @@ fn later(wait: Duration) -> Instant {
     now.checked_add(wait)
         .or_else(|| now.checked_add(FAR_AWAY))
         .unwrap_or(now)
-}
-
-/// The wait before retry number `attempts` (1-based): settle, 2×, 4×, … capped.
-fn backoff(settle: Duration, attempts: u32) -> Duration {
-    let base = settle.max(Duration::from_millis(200));
-    base.saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::backoff;
-    use std::time::Duration;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let settle = Duration::from_secs(2);
-        assert_eq!(backoff(settle, 1), Duration::from_secs(2));
-        assert_eq!(backoff(settle, 2), Duration::from_secs(4));
-        assert_eq!(backoff(settle, 4), Duration::from_secs(16));
-        assert_eq!(backoff(settle, 30), Duration::from_secs(300));
-        assert_eq!(backoff(Duration::ZERO, 1), Duration::from_millis(200));
-    }
 }

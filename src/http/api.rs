@@ -342,7 +342,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 /// A deal as the user may see it: every field they see (null when empty), `extra`, the times, and
 /// its `version` (also its ETag).
 pub fn deal_view(user: &User, deal: &Deal, version: i64) -> Value {
-    let mut value = crate::cli::deal_json(deal);
+    let mut value = deal.to_json();
     if let Value::Object(object) = &mut value {
         for field in Field::ALL {
             if !user.sees(field) {
@@ -763,7 +763,7 @@ pub fn load_funnel(
         .or_else(|| user.rep.clone());
     authorize(user, Action::ReadFunnel(owner.as_deref()))
         .map_err(|refusal| ApiError::from_refusal(refusal, "funnel"))?;
-    let period = crate::cli::funnel_period(query.since, query.until, now);
+    let period = crate::funnel::Period::between(query.since, query.until, now);
     let mut report = crate::report::load(store, config, period, now, owner.as_deref())?;
     let deals = store.crm().deals_by_ids(
         &report
@@ -867,7 +867,7 @@ async fn status(
     ApiUser(user): ApiUser,
 ) -> Result<Json<Value>, ApiError> {
     admin_read(&state, &user, |store| {
-        Ok(crate::mirror::file_overview(store.connection())?)
+        Ok(crate::status::file_overview(store.connection())?)
     })
     .await
 }
@@ -980,7 +980,7 @@ pub async fn force(state: &SharedState, user: &User, file: &str) -> Result<(), A
         .map_err(|refusal| ApiError::from_refusal(refusal, "such page"))?;
     let file_owned = file.to_string();
     let known: HashSet<String> = with_store(state, |store, _| {
-        Ok(crate::mirror::file_overview(store.connection())?
+        Ok(crate::status::file_overview(store.connection())?
             .into_iter()
             .map(|file| file.file)
             .collect())

@@ -279,7 +279,6 @@ async fn count_request(State(state): State<SharedState>, request: Request, next:
 
 /// A running server. Dropping it does not stop it; call [`Server::stop`].
 pub struct Server {
-    pub local_address: SocketAddr,
     state: SharedState,
     handle: axum_server::Handle<SocketAddr>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -351,7 +350,6 @@ impl Server {
             .map_err(HttpError::Runtime)?;
         info!(address = %local_address, "serving the API and the pages on {scheme}://{local_address}");
         Ok(Server {
-            local_address,
             state,
             handle,
             thread: Some(thread),
@@ -456,7 +454,7 @@ pub fn serve(config: Config) -> Result<(), HttpError> {
             error!("cannot listen for signals");
             return;
         };
-        crate::daemon::systemd::ready();
+        crate::systemd::ready();
         loop {
             tokio::select! {
                 _ = terminate.recv() => break,
@@ -474,7 +472,7 @@ pub fn serve(config: Config) -> Result<(), HttpError> {
             }
         }
     });
-    crate::daemon::systemd::stopping();
+    crate::systemd::stopping();
     server.stop();
     info!("funnelsync serve stopped");
     Ok(())

@@ -532,7 +532,8 @@ async fn funnel_page(
 
 /// The owners of live deals, for the owner picker.
 fn owners(store: &crate::store::Store) -> Result<Vec<String>, ApiError> {
-    crate::cli::known_owners(store).map_err(ApiError::internal)
+    use crate::store::CrmStore;
+    store.crm().owners().map_err(ApiError::internal)
 }
 
 fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason: bool) -> Markup {
@@ -547,7 +548,7 @@ fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason
                         span.meta {
                             span.stage { (shown(deal, Field::Stage)) }
                             @if sees_amounts && deal.fields.contains_key(&Field::Amount) {
-                                span.amount { (crate::cli::group_thousands(&shown(deal, Field::Amount))) " " (shown(deal, Field::Currency)) }
+                                span.amount { (crate::text::group_thousands(&shown(deal, Field::Amount))) " " (shown(deal, Field::Currency)) }
                             }
                             @if page.user.sees(Field::Owner) { span.owner { (shown(deal, Field::Owner)) } }
                         }
@@ -928,7 +929,7 @@ async fn files_page(State(state): State<SharedState>, page: PageUser) -> Respons
     }
     let loaded = with_store(&state, |store, _| {
         Ok((
-            crate::mirror::file_overview(store.connection())?,
+            crate::status::file_overview(store.connection())?,
             crate::mirror::current_issues(store.connection())?,
         ))
     })
@@ -965,7 +966,7 @@ async fn files_page(State(state): State<SharedState>, page: PageUser) -> Respons
                     @if let Some(message) = file.write_back.as_ref().and_then(|write_back| write_back.message.as_ref()) {
                         p.reason { (message) }
                     }
-                    @if file.state == Some(crate::mirror::FileState::Held) {
+                    @if file.state == Some(crate::status::FileState::Held) {
                         form method="post" action="/files/force" data-confirm=(tr(language, "Apply this file's changes, removals included?", "确定应用该文件的更改（包括删除）？")) {
                             input type="hidden" name="csrf" value=(page.session.csrf);
                             input type="hidden" name="file" value=(file.file);

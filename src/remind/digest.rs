@@ -6,6 +6,7 @@
 
 use crate::config::Language;
 use crate::deal::{format_amount, Deal, Field};
+use crate::mail::Message;
 
 use super::Stall;
 
@@ -16,15 +17,6 @@ pub struct DigestLine<'a> {
     pub stall: &'a Stall,
     /// The file that shows the deal, if any.
     pub file: Option<String>,
-}
-
-/// A message ready to record and send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Digest {
-    pub recipient: String,
-    pub subject: String,
-    pub text: String,
-    pub html: String,
 }
 
 struct Words {
@@ -128,9 +120,9 @@ fn cells(line: &DigestLine<'_>, words: &Words) -> [String; 8] {
     ) {
         (Some(amount), Some(currency)) => format!(
             "{} {currency}",
-            crate::cli::group_thousands(&format_amount(amount))
+            crate::text::group_thousands(&format_amount(amount))
         ),
-        (Some(amount), None) => crate::cli::group_thousands(&format_amount(amount)),
+        (Some(amount), None) => crate::text::group_thousands(&format_amount(amount)),
         _ => String::new(),
     };
     let last_contact = match (
@@ -222,7 +214,7 @@ pub fn rep_digest(
     recipient: &str,
     owner: &str,
     lines: &[DigestLine<'_>],
-) -> Digest {
+) -> Message {
     let words = words(language);
     let greeting = format!("{} {},", words.greeting, one_line(owner));
     let text = format!(
@@ -238,7 +230,7 @@ pub fn rep_digest(
         html_table(lines, &words),
         words.footer
     );
-    Digest {
+    Message {
         recipient: recipient.to_string(),
         subject: subject(language, lines.len(), false),
         text,
@@ -251,7 +243,7 @@ pub fn escalation_digest(
     language: Language,
     recipient: &str,
     by_owner: &[(String, Vec<DigestLine<'_>>)],
-) -> Digest {
+) -> Message {
     let words = words(language);
     let n_deals = by_owner.iter().map(|(_, lines)| lines.len()).sum();
     let mut text = format!("{}\n\n", words.escalation_intro);
@@ -279,7 +271,7 @@ pub fn escalation_digest(
         "<p style=\"color:#666\">{}</p></body></html>",
         words.footer
     ));
-    Digest {
+    Message {
         recipient: recipient.to_string(),
         subject: subject(language, n_deals, true),
         text,

@@ -2,15 +2,17 @@
 //! (calendar or business days, holidays), the reminder schedule (time zone and DST aware), and
 //! which stalls are due a reminder or an escalation. Time is always a parameter.
 //!
-//! `remind::digest` turns stalls into email text; `remind::outbox` records and sends them (the
-//! only part that does I/O). This module must not send mail, read files or touch the store.
+//! `remind::digest` turns stalls into email text; `remind::outbox` records them, with the
+//! reminders they carry, in the mail outbox (the only part that does I/O). This module must not
+//! send mail, read files or touch the store.
 
 pub mod digest;
 pub mod outbox;
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, TimeZone, Utc, Weekday};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Utc, Weekday};
 use chrono_tz::Tz;
 
+use crate::clock::moment;
 use crate::config::{Config, RemindConfig, Stages};
 use crate::deal::{Deal, DealId, Field};
 
@@ -273,24 +275,6 @@ pub fn decide(
     }
 }
 
-/// The moment `at` happens on `day` in `timezone`: the earlier one when the clock is set back, the
-/// first valid moment after a gap when it is set forward.
-pub(crate) fn moment(timezone: Tz, day: NaiveDate, at: NaiveTime) -> Option<DateTime<Utc>> {
-    let local = day.and_time(at);
-    match timezone.from_local_datetime(&local) {
-        chrono::LocalResult::Single(moment) => Some(moment.with_timezone(&Utc)),
-        chrono::LocalResult::Ambiguous(earlier, _) => Some(earlier.with_timezone(&Utc)),
-        chrono::LocalResult::None => {
-            // In a spring-forward gap: the same wall time an hour later exists.
-            let later = local + chrono::Duration::hours(1);
-            timezone
-                .from_local_datetime(&later)
-                .earliest()
-                .map(|moment| moment.with_timezone(&Utc))
-        }
-    }
-}
-
 fn is_run_day(remind: &RemindConfig, day: NaiveDate) -> bool {
     !remind.weekdays_only || !matches!(day.weekday(), Weekday::Sat | Weekday::Sun)
 }
@@ -303,22 +287,6 @@ pub fn next_due(remind: &RemindConfig, after: DateTime<Utc>) -> Option<DateTime<
         .take(15)
         .filter(|day| is_run_day(remind, *day))
         .filter_map(|day| moment(remind.timezone, day, remind.at))
-        .find(|due| *due > after)
-}
-
-/// The first moment strictly after `after` that is `weekday` at `at` in `timezone`.
-pub fn next_weekly(
-    timezone: Tz,
-    weekday: Weekday,
-    at: NaiveTime,
-    after: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
-    let today = after.with_timezone(&timezone).date_naive();
-    today
-        .iter_days()
-        .take(15)
-        .filter(|day| day.weekday() == weekday)
-        .filter_map(|day| moment(timezone, day, at))
         .find(|due| *due > after)
 }
 

@@ -19,7 +19,7 @@ use super::diff::{self, DiffInput, Removal, RowAction};
 use super::{
     change_record, deals_in_other_files, fail, hold, note_on_run, quoted, record_lone_run,
     shows_the_store_still, source_fingerprint, status_name, unchanged, FileReport, FileStatus,
-    SyncError, WriteBack,
+    WriteBack,
 };
 use crate::config::{Config, SourceConfig, View};
 use crate::deal::{Deal, DealId, Field, FieldKind, FieldMap, FieldValue};
@@ -133,7 +133,7 @@ pub(super) fn sync(
     path: &Path,
     now: DateTime<Utc>,
     force: bool,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     let file = super::file_key(path);
     // Failed until it gets further.
     let mut report = FileReport::failed(&source.name, &file, None);
@@ -289,6 +289,7 @@ pub(super) fn sync(
         .filter(|issue| issue.severity == Severity::Warning)
         .count() as u64;
 
+    tracing::debug!(file = %path.display(), phase = "transaction", "sync phase");
     // Phase 7, the commit: the run, the changes, the row errors and the mirror of the file as
     // read commit with the store; only then is the file written. New deals' ids are thus
     // committed before any file shows them, and a crash at any point leaves a mirror that
@@ -385,6 +386,7 @@ pub(super) fn sync(
                 csv_format: stream.end().and_then(|end| end.csv_format.clone()),
                 formula_cells: plan.formula_cells.clone(),
             };
+            tracing::debug!(file = %path.display(), phase = "write-back", "sync phase");
             match crate::writeback::write(&sheet_file, &plan, &stage_names, source.backups) {
                 Ok(written) => {
                     report.write_back = WriteBack::Written;
@@ -560,7 +562,7 @@ fn sync_rows(
     stream: &mut SheetStream,
     first_rows: Vec<SheetRow>,
     force: bool,
-) -> Result<Result<Synced, Stop>, SyncError> {
+) -> Result<Result<Synced, Stop>, StoreError> {
     let crm = SqliteCrm::new(transaction);
     let header = context.header;
     let head = mirror::load_head(transaction, context.file)?;
@@ -652,7 +654,7 @@ fn sync_rows(
             let _ = sender.send(batch);
             Ok(classifier)
         });
-        let mut applied: Result<(), SyncError> = Ok(());
+        let mut applied: Result<(), StoreError> = Ok(());
         for batch in receiver {
             if import {
                 // A first import has no mirror to match against: its rows are applied as they
@@ -898,7 +900,7 @@ impl<'a, 'c> Applier<'a, 'c> {
     /// Writes the changes recorded so far under the sync's run (recorded now if need be, its
     /// counts brought up to date at the commit), so that an import holds no more than a batch of
     /// them.
-    fn flush_changes(&mut self) -> Result<(), SyncError> {
+    fn flush_changes(&mut self) -> Result<(), StoreError> {
         if self.applied.is_empty() {
             return Ok(());
         }
@@ -934,7 +936,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         (import, force): (bool, bool),
         n_file_rows: usize,
         head: Option<&MirrorHead>,
-    ) -> Result<Result<(), Stop>, SyncError> {
+    ) -> Result<Result<(), Stop>, StoreError> {
         let (changeset, diff_issues, deals) = self.diff(&rows, mirror_rows, state, head)?;
         // The mass-delete guard: a sync that would archive or delete too many of the file's rows
         // is held — nothing of it is applied — until someone looks (`sync --force FILE`).
@@ -970,7 +972,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         mirror_rows: &[MirrorRow],
         state: &mut RowsState,
         _import: bool,
-    ) -> Result<(), SyncError> {
+    ) -> Result<(), StoreError> {
         let (changeset, diff_issues, deals) = self.diff(&rows, mirror_rows, state, None)?;
         state.issues.extend(diff_issues);
         self.apply(rows, mirror_rows, changeset, deals, state)
@@ -983,7 +985,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         mirror_rows: &[MirrorRow],
         state: &RowsState,
         head: Option<&MirrorHead>,
-    ) -> Result<Diffed, SyncError> {
+    ) -> Result<Diffed, StoreError> {
         let context = self.context;
         let source = context.source;
         let clean_rows = &rows.rows;
@@ -1054,7 +1056,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         changeset: diff::Changeset,
         deals: HashMap<DealId, Deal>,
         state: &mut RowsState,
-    ) -> Result<(), SyncError> {
+    ) -> Result<(), StoreError> {
         let context = self.context;
         let source = context.source;
         let crm = self.crm;
@@ -1322,7 +1324,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         &self,
         state: &mut RowsState,
         _mirror_rows: &[MirrorRow],
-    ) -> Result<crate::writeback::SheetPlan, SyncError> {
+    ) -> Result<crate::writeback::SheetPlan, StoreError> {
         let context = self.context;
         let source = context.source;
         // New deals created by this sync are not among the deals loaded for the diff.

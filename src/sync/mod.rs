@@ -110,12 +110,6 @@ impl FileReport {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// The key a file goes by in the mirror and the run history: its absolute path, with its folder
 /// resolved but its own name kept, so a symbolic link is known by its own name, never by what it
 /// points to.
@@ -138,7 +132,7 @@ pub fn sync_file(
     source: &SourceConfig,
     path: &Path,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     sync_file_with(store, config, source, path, now, false)
 }
 
@@ -150,8 +144,13 @@ pub fn sync_file_with(
     path: &Path,
     now: DateTime<Utc>,
     force: bool,
-) -> Result<FileReport, SyncError> {
-    file::sync(store, config, source, path, now, force)
+) -> Result<FileReport, StoreError> {
+    // The phases of a sync are logged (at debug) as they begin, so that a log shows where a sync
+    // was when the process stopped: read, transaction, write-back, done.
+    tracing::debug!(file = %path.display(), phase = "read", "sync phase");
+    let report = file::sync(store, config, source, path, now, force);
+    tracing::debug!(file = %path.display(), phase = "done", "sync phase");
+    report
 }
 
 /// Sets a recorded run's message (what happened to the write-back after it), and its status when
@@ -162,11 +161,9 @@ fn note_on_run(
     status: Option<FileStatus>,
     message: &str,
 ) -> Result<(), StoreError> {
-    store.connection().execute(
-        "UPDATE sync_runs SET status = coalesce(?1, status), message = ?2 WHERE id = ?3",
-        rusqlite::params![status.map(status_name), message, run_id],
-    )?;
-    Ok(())
+    store
+        .crm()
+        .note_on_run(run_id, status.map(status_name), message)
 }
 
 /// Whether a file that writes back still shows the store as its last sync left it: for a file
@@ -220,7 +217,7 @@ fn unchanged(
     mut report: FileReport,
     summary: &mirror::MirrorSummary,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     tracing::debug!(file = %report.file, "content, settings and store unchanged since the last sync; not parsed");
     report.counts.unchanged = summary.n_rows;
     report.sheet = Some(summary.sheet.clone());
@@ -238,7 +235,7 @@ fn record_lone_run(
     status: FileStatus,
     message: String,
     now: DateTime<Utc>,
-) -> Result<(i64, i64), SyncError> {
+) -> Result<(i64, i64), StoreError> {
     let transaction = store.transaction()?;
     let crm = SqliteCrm::new(&transaction);
     let run_id = crm.record_run(&SyncRun {
@@ -280,7 +277,7 @@ fn hold(
     report: FileReport,
     message: String,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     end_without_applying(store, report, FileStatus::Held, message, now)
 }
 
@@ -306,7 +303,7 @@ fn fail(
     report: FileReport,
     message: String,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     end_without_applying(store, report, FileStatus::Failed, message, now)
 }
 
@@ -317,7 +314,7 @@ fn end_without_applying(
     status: FileStatus,
     message: String,
     now: DateTime<Utc>,
-) -> Result<FileReport, SyncError> {
+) -> Result<FileReport, StoreError> {
     let (run_id, _) = record_lone_run(store, &report, status, message.clone(), now)?;
     report.status = status;
     report.error = Some(message);
@@ -348,23 +345,14 @@ fn deals_in_other_files(
 /// One pass over every file of every source. A file claimed by two sources is synced by the
 /// first only; the second reports it. When the pass changed the store and some source writes
 /// back, the files of those sources are synced once more, so that a change read from one file
-/// reaches the others in the same command.
-pub fn sync_all(
-    store: &mut Store,
-    config: &Config,
-    now: DateTime<Utc>,
-) -> Result<Vec<FileReport>, SyncError> {
-    sync_all_forcing(store, config, now, &[])
-}
-
-/// [`sync_all`], applying the files in `forced` (by [`file_key`]) even where the mass-delete
-/// guard would hold them.
+/// reaches the others in the same command. The files in `forced` (by [`file_key`]) are applied
+/// even where the mass-delete guard would hold them.
 pub fn sync_all_forcing(
     store: &mut Store,
     config: &Config,
     now: DateTime<Utc>,
     forced: &[String],
-) -> Result<Vec<FileReport>, SyncError> {
+) -> Result<Vec<FileReport>, StoreError> {
     let version_before = store.crm().version()?;
     let (mut reports, files) = sync_pass(store, config, now, None, forced)?;
     let writing: Vec<&SourceConfig> = config
@@ -423,7 +411,7 @@ pub fn note_links_not_synced(
     source: &SourceConfig,
     not_sources: &[(PathBuf, String)],
     now: DateTime<Utc>,
-) -> Result<(), SyncError> {
+) -> Result<(), StoreError> {
     let noted: Vec<(String, String)> = not_sources
         .iter()
         .map(|(path, reason)| {
@@ -431,7 +419,7 @@ pub fn note_links_not_synced(
             (file_key(path), format!("{}: {reason}", path.display()))
         })
         .collect();
-    mirror::replace_ignored(store.connection(), &source.name, &noted, now)?;
+    crate::status::replace_ignored(store.connection(), &source.name, &noted, now)?;
     Ok(())
 }
 
@@ -446,7 +434,7 @@ fn sync_pass(
     now: DateTime<Utc>,
     only: Option<&[(String, PathBuf)]>,
     forced: &[String],
-) -> Result<(Vec<FileReport>, SourceFiles), SyncError> {
+) -> Result<(Vec<FileReport>, SourceFiles), StoreError> {
     let mut reports = Vec::new();
     let mut synced = Vec::new();
     if let Some(files) = only {
@@ -464,7 +452,7 @@ fn sync_pass(
     }
     let mut claimed: HashMap<PathBuf, String> = HashMap::new();
     for source in &config.sources {
-        let files = match config.discover(source) {
+        let files = match crate::watch::discover(config, source) {
             Ok(discovery) => {
                 note_links_not_synced(store, source, &discovery.not_sources, now)?;
                 discovery.files
@@ -472,7 +460,7 @@ fn sync_pass(
             Err(error) => {
                 let mut report = FileReport::failed(
                     &source.name,
-                    &error.path.display().to_string(),
+                    &error.path().display().to_string(),
                     Some(error.to_string()),
                 );
                 report.retryable = true;

@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use super::{Cell, CsvFormat, RowCollector, SheetRow, Violation, WorkbookError};
-use crate::config::{CsvEncoding, Limits};
+use super::{CsvEncoding, Limits};
 
 /// How much of the file is read at a time.
 const CHUNK: usize = 64 << 10;
@@ -480,7 +480,7 @@ impl RecordParser {
         if !text.trim().is_empty() {
             // A leading apostrophe marks text that could be taken for a formula (funnelsync
             // writes values that way); the value is what follows it.
-            let value = crate::writeback::unescape_csv_field(&text);
+            let value = super::unescape_csv_field(&text);
             if let Some(violation) = collector.violation(self.column_idx, Some(value)) {
                 return Err(collector.refusal(self.state.row_idx(), violation));
             }

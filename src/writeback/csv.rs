@@ -1,47 +1,9 @@
 //! The .csv writer: the delimiter, encoding, BOM and line ending the file was read with, and the
 //! formula escape on every cell that a spreadsheet could take for a formula.
 
-use super::{looks_like_formula, OutCell, SheetPlan, WriteError};
+use super::{OutCell, SheetPlan, WriteError};
 
-/// Whether a text must be written to a .csv with a leading apostrophe, the way Excel itself marks
-/// text: it starts with `=`, `+`, `-`, `@`, tab or CR (a spreadsheet would run it as a formula),
-/// unless it is a plain number such as `-500` or `+86 138 0000 0000`, which no spreadsheet
-/// runs; or it is such an escaped text itself (`'=x`), so that reading strips exactly the one
-/// apostrophe writing added and every value comes back as it was.
-pub fn needs_csv_escape(text: &str) -> bool {
-    match text.strip_prefix('\'') {
-        Some(rest) => needs_csv_escape(rest),
-        None => looks_like_formula(text) && !is_plain_number(text),
-    }
-}
-
-/// The value of a .csv field as read: the field without the apostrophe [`needs_csv_escape`]
-/// added when it was written.
-pub fn unescape_csv_field(field: &str) -> &str {
-    match field.strip_prefix('\'') {
-        Some(rest) if needs_csv_escape(rest) => rest,
-        _ => field,
-    }
-}
-
-/// A sign followed by digits, spaces and separators only: a number, never a formula.
-fn is_plain_number(text: &str) -> bool {
-    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
-    unsigned.starts_with(|character: char| character.is_ascii_digit())
-        && unsigned
-            .chars()
-            .all(|character| character.is_ascii_digit() || matches!(character, '.' | ',' | ' '))
-}
-
-/// A cell as written to the .csv: escaped when [`needs_csv_escape`] says so.
-fn escaped(text: String) -> String {
-    if needs_csv_escape(&text) {
-        format!("'{text}")
-    } else {
-        text
-    }
-}
-use crate::workbook::{Cell, CsvFormat, SheetData, SheetRow};
+use crate::workbook::{escape_csv_field, Cell, CsvFormat, SheetData, SheetRow};
 
 /// Writes the planned file: the file as read (`original`, read again row by row, so that the sync
 /// need not hold its rows), each row with the plan's changes, without the rows that leave, and
@@ -69,11 +31,11 @@ pub fn build(
         .from_writer(Vec::new());
     let csv_error = |error: csv::Error| WriteError::Build {
         path: sheet.path.clone(),
-        message: error.to_string(),
+        source: Box::new(error),
     };
     // Every cell goes through the escape, whether funnelsync changed it or not: a value the rep
     // typed as `'=cmd|…` must not come back as a live formula.
-    let raw = |cell: &Cell| escaped(cell.to_string());
+    let raw = |cell: &Cell| escape_csv_field(cell.to_string());
     let headers: Vec<String> = plan
         .headers
         .iter()
@@ -84,7 +46,7 @@ pub fn build(
             {
                 "CRM ID".to_string()
             } else {
-                escaped(header.clone())
+                escape_csv_field(header.clone())
             }
         })
         .collect();
@@ -113,8 +75,10 @@ pub fn build(
         for column_idx in 0..n_columns {
             let text = match planned.overrides.get(&column_idx) {
                 Some(OutCell::Empty) => String::new(),
-                Some(OutCell::Text(text)) => escaped(text.clone()),
-                Some(OutCell::Number(number)) => escaped(crate::deal::format_amount(*number)),
+                Some(OutCell::Text(text)) => escape_csv_field(text.clone()),
+                Some(OutCell::Number(number)) => {
+                    escape_csv_field(crate::deal::format_amount(*number))
+                }
                 Some(OutCell::Date(date)) => date.format("%Y-%m-%d").to_string(),
                 None => original
                     .map(|row| raw(row.cell(column_idx)))
@@ -157,14 +121,14 @@ pub fn build(
     crate::workbook::csv_reader::stream(
         &sheet.path,
         &mut std::io::Cursor::new(original),
-        crate::config::CsvEncoding::Fixed(format.encoding),
+        crate::workbook::CsvEncoding::Fixed(format.encoding),
         None,
-        &crate::config::Limits::unbounded(),
+        &crate::workbook::Limits::unbounded(),
         &mut sink,
     )
     .map_err(|error| WriteError::Build {
         path: sheet.path.clone(),
-        message: error.to_string(),
+        source: Box::new(error),
     })?;
     if !header_written {
         writer.write_record(&headers).map_err(csv_error)?;
@@ -180,9 +144,26 @@ pub fn build(
     }
     let text = writer.into_inner().map_err(|error| WriteError::Build {
         path: sheet.path.clone(),
-        message: error.to_string(),
+        source: Box::new(error.into_error()),
     })?;
     let text = String::from_utf8_lossy(&text).into_owned();
+    let bytes = encode(&text, &format).ok_or_else(|| WriteError::Unsupported {
+        path: sheet.path.clone(),
+        reason: format!(
+            "some values cannot be written in {}; set the file's encoding to UTF-8",
+            format.encoding.name()
+        ),
+    })?;
+    out.write_all(&bytes).map_err(|source| WriteError::Io {
+        path: sheet.path.clone(),
+        source,
+    })?;
+    Ok(row_numbers)
+}
+
+/// The text of a .csv in the encoding it was read with, with its byte order mark if it had one;
+/// `None` when some character has no place in that encoding.
+fn encode(text: &str, format: &CsvFormat) -> Option<Vec<u8>> {
     let mut bytes = Vec::new();
     if format.encoding == encoding_rs::UTF_16LE || format.encoding == encoding_rs::UTF_16BE {
         // encoding_rs does not encode UTF-16; do it by hand.
@@ -201,62 +182,111 @@ pub fn build(
                 unit.to_be_bytes()
             });
         }
-    } else {
-        if format.has_bom && format.encoding == encoding_rs::UTF_8 {
-            bytes.extend_from_slice(&[0xEF, 0xBB, 0xBF]);
-        }
-        let (encoded, _, had_unmappable) = format.encoding.encode(&text);
-        if had_unmappable {
-            return Err(WriteError::Unsupported {
-                path: sheet.path.clone(),
-                reason: format!(
-                    "some values cannot be written in {}; set the file's encoding to UTF-8",
-                    format.encoding.name()
-                ),
-            });
-        }
-        bytes.extend_from_slice(&encoded);
+        return Some(bytes);
     }
-    out.write_all(&bytes).map_err(|source| WriteError::Io {
-        path: sheet.path.clone(),
-        source,
-    })?;
-    Ok(row_numbers)
+    if format.has_bom && format.encoding == encoding_rs::UTF_8 {
+        bytes.extend_from_slice(&[0xEF, 0xBB, 0xBF]);
+    }
+    let (encoded, _, had_unmappable) = format.encoding.encode(text);
+    if had_unmappable {
+        return None;
+    }
+    bytes.extend_from_slice(&encoded);
+    Some(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn formula_text_is_escaped_and_every_value_round_trips() {
-        let cases = [
-            ("=cmd|' /C calc'!A0", true),
-            ("+1+1", true),
-            ("-2+3", true),
-            ("@SUM(A1)", true),
-            ("\tx", true),
-            ("\rx", true),
-            ("'=x", true),
-            ("''=x", true),
-            ("-500", false),
-            ("+86 138 0000 0000", false),
-            ("-1,200.50", false),
-            ("-", true),
-            ("'", false),
-            ("'-500", false),
-            ("Acme", false),
-            ("it's", false),
-            ("", false),
-        ];
-        for (text, expected) in cases {
-            assert_eq!(needs_csv_escape(text), expected, "{text:?}");
-            let written = escaped(text.to_string());
-            assert_eq!(
-                unescape_csv_field(&written),
-                text,
-                "{text:?} written as {written:?}"
-            );
+    fn format(encoding: &'static encoding_rs::Encoding, has_bom: bool) -> CsvFormat {
+        CsvFormat {
+            delimiter: b',',
+            encoding,
+            has_bom,
+            line_ending_crlf: true,
         }
+    }
+
+    #[test]
+    fn a_csv_is_written_in_the_encoding_and_byte_order_it_was_read_with() {
+        let text = "公司,€\r\n";
+        let cases: [(&str, CsvFormat, Vec<u8>); 6] = [
+            (
+                "UTF-8",
+                format(encoding_rs::UTF_8, false),
+                text.as_bytes().to_vec(),
+            ),
+            (
+                "UTF-8 with BOM",
+                format(encoding_rs::UTF_8, true),
+                [&[0xEF, 0xBB, 0xBF][..], text.as_bytes()].concat(),
+            ),
+            (
+                "UTF-16LE with BOM",
+                format(encoding_rs::UTF_16LE, true),
+                vec![
+                    0xFF, 0xFE, 0x6C, 0x51, 0xF8, 0x53, 0x2C, 0x00, 0xAC, 0x20, 0x0D, 0x00, 0x0A,
+                    0x00,
+                ],
+            ),
+            (
+                "UTF-16BE with BOM",
+                format(encoding_rs::UTF_16BE, true),
+                vec![
+                    0xFE, 0xFF, 0x51, 0x6C, 0x53, 0xF8, 0x00, 0x2C, 0x20, 0xAC, 0x00, 0x0D, 0x00,
+                    0x0A,
+                ],
+            ),
+            (
+                "UTF-16LE without BOM",
+                format(encoding_rs::UTF_16LE, false),
+                vec![
+                    0x6C, 0x51, 0xF8, 0x53, 0x2C, 0x00, 0xAC, 0x20, 0x0D, 0x00, 0x0A, 0x00,
+                ],
+            ),
+            (
+                "GB18030 (a BOM is for UTF-8 only)",
+                format(encoding_rs::GB18030, true),
+                vec![0xB9, 0xAB, 0xCB, 0xBE, 0x2C, 0xA2, 0xE3, 0x0D, 0x0A],
+            ),
+        ];
+        for (name, format, expected) in cases {
+            assert_eq!(encode(text, &format), Some(expected), "{name}");
+        }
+        // A character with a surrogate pair in UTF-16.
+        assert_eq!(
+            encode("😀", &format(encoding_rs::UTF_16LE, false)),
+            Some(vec![0x3D, 0xD8, 0x00, 0xDE])
+        );
+        // Every value round-trips through the reader's decoding.
+        for encoding in [
+            encoding_rs::UTF_8,
+            encoding_rs::UTF_16LE,
+            encoding_rs::UTF_16BE,
+        ] {
+            let bytes = encode(text, &format(encoding, true)).expect("encodes");
+            let (decoded, used, _) = encoding_rs::Encoding::for_bom(&bytes)
+                .map(|(found, _)| found)
+                .unwrap_or(encoding)
+                .decode(&bytes);
+            assert_eq!(used, encoding);
+            assert_eq!(decoded, text, "{}", encoding.name());
+        }
+    }
+
+    #[test]
+    fn text_an_encoding_cannot_hold_is_refused_not_garbled() {
+        assert_eq!(
+            encode("Müller,€\r\n", &format(encoding_rs::WINDOWS_1252, false)),
+            Some(vec![
+                0x4D, 0xFC, 0x6C, 0x6C, 0x65, 0x72, 0x2C, 0x80, 0x0D, 0x0A
+            ])
+        );
+        assert_eq!(
+            encode("公司\r\n", &format(encoding_rs::WINDOWS_1252, false)),
+            None
+        );
+        assert_eq!(encode("🙂", &format(encoding_rs::GBK, false)), None);
     }
 }

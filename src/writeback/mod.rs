@@ -1,7 +1,9 @@
-//! Writing the store's view of a file back into it: .xlsx through rust_xlsxwriter, .csv through
-//! the csv crate, always safely — never while the file is open in Excel or LibreOffice, never over
-//! a file that changed since it was read, through a temp file in the same folder that is fsynced
-//! and renamed over the original, with the previous version kept in `.funnelsync/backups/`.
+//! Writing the store's view of a file back into it: .xlsx/.xlsm edited in place (only the changed
+//! cells of the managed sheet, every other part copied byte for byte: [`xlsx`]), .csv through the
+//! csv crate in the encoding it was read with, always safely — never while the file is open in
+//! Excel or LibreOffice, never over a file that changed since it was read, through a temp file in
+//! the same folder that is fsynced and exchanged with the original, with the previous version kept
+//! in `.funnelsync/backups/` ([`replace`]).
 //!
 //! [`plan`] is pure: from the rows as read and the merge outcome it decides which cells change,
 //! which rows leave and which come in. [`write`] does the I/O. This module must not decide what a
@@ -236,13 +238,8 @@ fn out_cell(field: Field, value: Option<&FieldValue>) -> OutCell {
     }
 }
 
-/// Whether funnelsync can write this file: .xlsx, .xlsm (edited in place, so its macros stay)
-/// and .csv, not the read-only .xls and .ods.
-pub fn is_writable(sheet: &SheetData) -> bool {
-    is_writable_path(&sheet.path)
-}
-
-/// [`is_writable`] by the file's name alone.
+/// Whether funnelsync can write this file, by its name: .xlsx, .xlsm (edited in place, so its
+/// macros stay) and .csv, not the read-only .xls and .ods.
 pub fn is_writable_path(path: &Path) -> bool {
     matches!(
         crate::workbook::format_of(path),
@@ -254,11 +251,6 @@ pub fn is_writable_path(path: &Path) -> bool {
 pub trait WriteSeek: std::io::Write + std::io::Seek {}
 
 impl<T: std::io::Write + std::io::Seek> WriteSeek for T {}
-
-/// Whether text written into a cell could be taken for a formula by a spreadsheet program.
-pub fn looks_like_formula(text: &str) -> bool {
-    text.starts_with(['=', '+', '-', '@', '\t', '\r'])
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -277,8 +269,12 @@ pub enum WriteError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot build the workbook for {path}: {message}")]
-    Build { path: PathBuf, message: String },
+    #[error("cannot build the workbook for {path}: {source}")]
+    Build {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot edit {path} in place: {source}")]
     Edit {
         path: PathBuf,
@@ -286,12 +282,13 @@ pub enum WriteError {
         source: xlsx::PackageError,
     },
     #[error(
-        "the backup failed, so {path} was not written: cannot keep a backup in {folder}: {message}"
+        "the backup failed, so {path} was not written: cannot keep a backup in {folder}: {source}"
     )]
     Backup {
         path: PathBuf,
         folder: PathBuf,
-        message: String,
+        #[source]
+        source: BackupError,
     },
 }
 
@@ -303,30 +300,6 @@ impl WriteError {
             WriteError::Locked { .. } | WriteError::ChangedMeanwhile { .. }
         )
     }
-}
-
-/// The lock file that says a program has `path` open, if there is one: Excel's `~$NAME` owner
-/// file (Excel drops the first two characters of long names) or LibreOffice's `.~lock.NAME#`.
-pub fn open_by(path: &Path) -> Option<(&'static str, PathBuf)> {
-    let folder = path.parent()?;
-    let name = path.file_name()?.to_str()?;
-    let libreoffice = folder.join(format!(".~lock.{name}#"));
-    if libreoffice.exists() {
-        return Some(("LibreOffice", libreoffice));
-    }
-    let mut excel_names = vec![format!("~${name}")];
-    let characters: Vec<char> = name.chars().collect();
-    if characters.len() > 2 {
-        excel_names.push(format!("~${}", characters[2..].iter().collect::<String>()));
-    }
-    if characters.len() > 1 {
-        excel_names.push(format!("~${}", characters[1..].iter().collect::<String>()));
-    }
-    excel_names
-        .into_iter()
-        .map(|owner| folder.join(owner))
-        .find(|owner| owner.exists())
-        .map(|owner| ("Excel", owner))
 }
 
 /// What a write produced.
@@ -355,7 +328,7 @@ pub fn write(
                 .to_string(),
         });
     }
-    if let Some((program, lock)) = open_by(path) {
+    if let Some((program, lock)) = crate::watch::open_by(path) {
         return Err(WriteError::Locked {
             path: path.to_path_buf(),
             program,
@@ -397,4 +370,264 @@ mod csv;
 mod replace;
 mod xlsx;
 
-pub use csv::{needs_csv_escape, unescape_csv_field};
+pub use replace::BackupError;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Company, Amount, Close date, Region (an extra column) and, unless `without_key`, CRM ID.
+    fn header(without_key: bool) -> HeaderMap {
+        let mut columns = vec![
+            ("Company", Some(ColumnRole::Field(Field::Company))),
+            ("Amount", Some(ColumnRole::Field(Field::Amount))),
+            ("Close", Some(ColumnRole::Field(Field::ExpectedClose))),
+            ("Region", Some(ColumnRole::Extra("Region".to_string()))),
+        ];
+        if !without_key {
+            columns.push(("CRM ID", Some(ColumnRole::Key)));
+        }
+        HeaderMap {
+            row_number: 1,
+            row_position: 0,
+            headers: columns.iter().map(|(name, _)| name.to_string()).collect(),
+            roles: columns.into_iter().map(|(_, role)| role).collect(),
+        }
+    }
+
+    fn fields(company: &str, amount: Option<f64>, close: Option<&str>) -> FieldMap {
+        let mut fields = FieldMap::new();
+        fields.insert(Field::Company, FieldValue::Text(company.to_string()));
+        if let Some(amount) = amount {
+            fields.insert(Field::Amount, FieldValue::Amount(amount));
+        }
+        if let Some(close) = close {
+            fields.insert(Field::ExpectedClose, FieldValue::Text(close.to_string()));
+        }
+        fields
+    }
+
+    fn deal(id: DealId, fields: FieldMap, region: Option<&str>) -> Deal {
+        let at = chrono::DateTime::from_timestamp(1_790_000_000, 0).expect("time");
+        Deal {
+            id,
+            fields,
+            extra: region
+                .map(|region| ExtraMap::from([("Region".to_string(), region.to_string())]))
+                .unwrap_or_default(),
+            created_at: at,
+            updated_at: at,
+            stage_entered_at: None,
+            archived_at: None,
+        }
+    }
+
+    /// A data row as read: its deal, what it holds, what the merge wants it to show.
+    fn row(
+        row_number: u32,
+        deal_id: Option<DealId>,
+        read: FieldMap,
+        merged: Option<FieldMap>,
+        key_cell: Option<DealId>,
+    ) -> RowOutcome {
+        RowOutcome {
+            row_number,
+            deal_id,
+            read,
+            merged,
+            extras: ExtraMap::new(),
+            key_cell,
+        }
+    }
+
+    #[test]
+    fn a_file_that_shows_the_store_already_is_left_as_it_is() {
+        let acme = fields("Acme", Some(1000.0), Some("2026-12-01"));
+        let plan = plan(
+            &header(false),
+            5,
+            &[row(2, Some(7), acme.clone(), Some(acme.clone()), Some(7))],
+            &[deal(7, acme.clone(), None)],
+        );
+        assert!(!plan.changed);
+        assert_eq!(plan.rows.len(), 1);
+        assert!(plan.rows[0].overrides.is_empty());
+        assert_eq!(plan.rows[0].origin, Some(2));
+        assert_eq!(plan.rows[0].fields, acme);
+        assert!(plan.removed.is_empty());
+        assert_eq!(plan.added_key_column, None);
+    }
+
+    #[test]
+    fn only_the_cells_the_store_changed_are_written() {
+        let read = fields("Acme", Some(1000.0), Some("2026-12-01"));
+        /// What the merge wants the row to show, the id its key cell holds, the cells written.
+        type Case = (
+            &'static str,
+            FieldMap,
+            Option<DealId>,
+            BTreeMap<usize, OutCell>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "an amount is a number",
+                fields("Acme", Some(2500.0), Some("2026-12-01")),
+                Some(7),
+                BTreeMap::from([(1, OutCell::Number(2500.0))]),
+            ),
+            (
+                "a date is a date",
+                fields("Acme", Some(1000.0), Some("2027-01-15")),
+                Some(7),
+                BTreeMap::from([(
+                    2,
+                    OutCell::Date(NaiveDate::from_ymd_opt(2027, 1, 15).expect("day")),
+                )]),
+            ),
+            (
+                "a cleared field is an empty cell",
+                fields("Acme", None, Some("2026-12-01")),
+                Some(7),
+                BTreeMap::from([(1, OutCell::Empty)]),
+            ),
+            (
+                "a row without its id gets it",
+                read.clone(),
+                None,
+                BTreeMap::from([(4, OutCell::Number(7.0))]),
+            ),
+            (
+                "a wrong id is set right",
+                read.clone(),
+                Some(8),
+                BTreeMap::from([(4, OutCell::Number(7.0))]),
+            ),
+        ];
+        for (name, merged, key_cell, expected) in cases {
+            let plan = plan(
+                &header(false),
+                5,
+                &[row(
+                    2,
+                    Some(7),
+                    read.clone(),
+                    Some(merged.clone()),
+                    key_cell,
+                )],
+                &[deal(7, merged.clone(), None)],
+            );
+            assert!(plan.changed, "{name}");
+            assert_eq!(plan.rows[0].overrides, expected, "{name}");
+            assert_eq!(
+                plan.rows[0].fields, merged,
+                "{name}: the mirror gets what is written"
+            );
+        }
+    }
+
+    #[test]
+    fn rows_leave_when_their_deal_leaves_the_view_or_is_shown_twice() {
+        let acme = fields("Acme", Some(1000.0), None);
+        let beta = fields("Beta", Some(200.0), None);
+        let plan = plan(
+            &header(false),
+            5,
+            &[
+                row(2, Some(7), acme.clone(), Some(acme.clone()), Some(7)),
+                row(3, Some(8), beta.clone(), Some(beta.clone()), Some(8)),
+                row(4, Some(7), acme.clone(), Some(acme.clone()), Some(7)),
+            ],
+            // Beta was archived (or no longer matches the filter).
+            &[deal(7, acme.clone(), None)],
+        );
+        assert!(plan.changed);
+        assert_eq!(plan.removed, vec![3, 4]);
+        assert_eq!(
+            plan.removed_deals,
+            vec![8],
+            "a second row of a deal is not its leaving"
+        );
+        assert_eq!(
+            plan.rows.iter().map(|row| row.origin).collect::<Vec<_>>(),
+            vec![Some(2)]
+        );
+    }
+
+    #[test]
+    fn a_row_with_errors_stays_as_the_rep_wrote_it() {
+        let written = fields("Acme", None, Some("next Tuesday"));
+        // Not recognised at all, or recognised but with cells that could not be cleaned.
+        for deal_id in [None, Some(7)] {
+            let plan = plan(
+                &header(false),
+                5,
+                &[row(2, deal_id, written.clone(), None, None)],
+                &[],
+            );
+            assert!(!plan.changed);
+            assert_eq!(plan.removed, Vec::<u32>::new());
+            assert_eq!(plan.rows[0].origin, Some(2));
+            assert!(plan.rows[0].overrides.is_empty());
+            assert_eq!(plan.rows[0].fields, written);
+        }
+    }
+
+    #[test]
+    fn deals_new_to_the_file_are_added_at_the_end() {
+        let acme = fields("Acme", Some(1000.0), None);
+        let gamma = fields("Gamma", Some(300.0), Some("2026-12-24"));
+        let plan = plan(
+            &header(false),
+            5,
+            &[row(2, Some(7), acme.clone(), Some(acme.clone()), Some(7))],
+            &[deal(7, acme, None), deal(9, gamma.clone(), Some("East"))],
+        );
+        assert!(plan.changed);
+        let added = &plan.rows[1];
+        assert_eq!(added.origin, None);
+        assert_eq!(added.deal_id, Some(9));
+        assert_eq!(
+            added.overrides,
+            BTreeMap::from([
+                (0, OutCell::Text("Gamma".to_string())),
+                (1, OutCell::Number(300.0)),
+                (
+                    2,
+                    OutCell::Date(NaiveDate::from_ymd_opt(2026, 12, 24).expect("day"))
+                ),
+                (3, OutCell::Text("East".to_string())),
+                (4, OutCell::Number(9.0)),
+            ])
+        );
+        assert_eq!(added.fields, gamma);
+        assert_eq!(
+            added.extras,
+            ExtraMap::from([("Region".to_string(), "East".to_string())])
+        );
+    }
+
+    #[test]
+    fn a_missing_key_column_goes_after_the_widest_row() {
+        let acme = fields("Acme", Some(1000.0), None);
+        // The sheet has data under an empty header in column G (index 6).
+        let planned = plan(
+            &header(true),
+            7,
+            &[row(2, Some(7), acme.clone(), Some(acme.clone()), None)],
+            &[deal(7, acme.clone(), None)],
+        );
+        assert!(planned.changed);
+        assert_eq!(planned.added_key_column, Some(7));
+        assert_eq!(planned.headers.len(), 8);
+        assert_eq!(planned.roles[7], Some(ColumnRole::Key));
+        assert_eq!(planned.roles[4..7], [None, None, None]);
+        assert_eq!(
+            planned.rows[0].overrides,
+            BTreeMap::from([(7, OutCell::Number(7.0))])
+        );
+        // A sheet with no deal to show gets no key column.
+        let empty = plan(&header(true), 4, &[], &[]);
+        assert!(!empty.changed);
+        assert_eq!(empty.added_key_column, None);
+    }
+}

@@ -29,6 +29,57 @@ const BACKUP_FOLDER: &str = "backups";
 const STAMP_FORMAT: &str = "%Y%m%dT%H%M%S%.3fZ";
 const STAMP_LEN: usize = 20;
 
+/// Why a backup could not be kept (and so the file was not written).
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot inspect {}: {source}", path.display())]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is a symbolic link; funnelsync never follows links for files it creates or deletes",
+        path.display()
+    )]
+    Link { path: PathBuf },
+    #[error("{} is not a folder", path.display())]
+    NotAFolder { path: PathBuf },
+    #[error(
+        "{} is owned by user id {owner}, not by the service user (user id {service_user}); \
+         funnelsync refuses to keep backups in a folder someone else controls",
+        path.display()
+    )]
+    ForeignOwner {
+        path: PathBuf,
+        owner: u32,
+        service_user: u32,
+    },
+    #[error("{source}")]
+    Write {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove the old backup {name}: {source}")]
+    RemoveOld {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A file created in a folder (by handle) that is removed again unless it was renamed away.
 struct TempEntry<'a> {
     folder: &'a OwnedFd,
@@ -250,15 +301,16 @@ pub(super) fn replace_file<T>(
     temp.file.sync_all().map_err(io_error)?;
     if n_backups > 0 {
         keep_backup(&folder, folder_path, name, original, &current, n_backups).map_err(
-            |message| WriteError::Backup {
+            |source| WriteError::Backup {
                 path: path.to_path_buf(),
                 folder: folder_path.join(PRIVATE_FOLDER).join(BACKUP_FOLDER),
-                message,
+                source,
             },
         )?;
     }
     // A save that happened while we built the new content wins; we read it again next time.
-    if fingerprint_at(&folder, name) != fingerprint_before || super::open_by(path).is_some() {
+    if fingerprint_at(&folder, name) != fingerprint_before || crate::watch::open_by(path).is_some()
+    {
         return Err(WriteError::ChangedMeanwhile {
             path: path.to_path_buf(),
         });
@@ -306,7 +358,11 @@ pub(super) fn replace_file<T>(
 /// Opens (creating it if needed) a folder funnelsync keeps its own files in, refusing one that
 /// is a symbolic link, not a folder, or not owned by the service user: someone else could make
 /// it point anywhere, or swap what is inside.
-fn open_private_folder(parent: &OwnedFd, name: &str, shown_as: &Path) -> Result<OwnedFd, String> {
+fn open_private_folder(
+    parent: &OwnedFd,
+    name: &str,
+    shown_as: &Path,
+) -> Result<OwnedFd, BackupError> {
     let open = || {
         rustix::fs::openat(
             parent,
@@ -321,32 +377,27 @@ fn open_private_folder(parent: &OwnedFd, name: &str, shown_as: &Path) -> Result<
             match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o750)) {
                 Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                 Err(errno) => {
-                    return Err(format!(
-                        "cannot create {}: {}",
-                        shown_as.display(),
-                        std::io::Error::from(errno)
-                    ))
+                    return Err(BackupError::Create {
+                        path: shown_as.to_path_buf(),
+                        source: errno.into(),
+                    })
                 }
             }
             open().map_err(|errno| describe_open_failure(parent, name, shown_as, errno))?
         }
         Err(errno) => return Err(describe_open_failure(parent, name, shown_as, errno)),
     };
-    let stat = rustix::fs::fstat(&folder).map_err(|errno| {
-        format!(
-            "cannot inspect {}: {}",
-            shown_as.display(),
-            std::io::Error::from(errno)
-        )
+    let stat = rustix::fs::fstat(&folder).map_err(|errno| BackupError::Inspect {
+        path: shown_as.to_path_buf(),
+        source: errno.into(),
     })?;
     let service_user = rustix::process::geteuid().as_raw();
     if stat.st_uid != service_user {
-        return Err(format!(
-            "{} is owned by user id {}, not by the service user (user id {service_user}); \
-             funnelsync refuses to keep backups in a folder someone else controls",
-            shown_as.display(),
-            stat.st_uid
-        ));
+        return Err(BackupError::ForeignOwner {
+            path: shown_as.to_path_buf(),
+            owner: stat.st_uid,
+            service_user,
+        });
     }
     Ok(folder)
 }
@@ -356,22 +407,19 @@ fn describe_open_failure(
     name: &str,
     shown_as: &Path,
     errno: rustix::io::Errno,
-) -> String {
+) -> BackupError {
+    let path = shown_as.to_path_buf();
     let is_link = stat_entry(parent, name)
         .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Symlink);
     if is_link {
-        format!(
-            "{} is a symbolic link; funnelsync never follows links for files it creates or deletes",
-            shown_as.display()
-        )
+        BackupError::Link { path }
     } else if errno == rustix::io::Errno::NOTDIR {
-        format!("{} is not a folder", shown_as.display())
+        BackupError::NotAFolder { path }
     } else {
-        format!(
-            "cannot open {}: {}",
-            shown_as.display(),
-            std::io::Error::from(errno)
-        )
+        BackupError::Open {
+            path,
+            source: errno.into(),
+        }
     }
 }
 
@@ -405,8 +453,7 @@ fn is_backup_of(entry: &str, file_name: &str) -> bool {
 /// Copies the old content to `.funnelsync/backups/NAME.YYYYmmddTHHMMSS.fffZ.EXT` beside the file
 /// and keeps the newest `n_backups` of that file. The backup gets the file's owner, group and
 /// permissions, is written under a temp name and renamed only once complete and fsynced, so a
-/// failed write never leaves a partial backup that counts in the rotation. Returns why it could
-/// not, as text for the write-back's error.
+/// failed write never leaves a partial backup that counts in the rotation.
 fn keep_backup(
     source_folder: &OwnedFd,
     source_folder_path: &Path,
@@ -414,12 +461,12 @@ fn keep_backup(
     original: &[u8],
     original_stat: &Stat,
     n_backups: usize,
-) -> Result<(), String> {
+) -> Result<(), BackupError> {
     let private_path = source_folder_path.join(PRIVATE_FOLDER);
     let backups_path = private_path.join(BACKUP_FOLDER);
     let private = open_private_folder(source_folder, PRIVATE_FOLDER, &private_path)?;
     let backups = open_private_folder(&private, BACKUP_FOLDER, &backups_path)?;
-    let io_text = |error: std::io::Error| error.to_string();
+    let io_text = |source: std::io::Error| BackupError::Write { source };
     let stamp = chrono::Utc::now().format(STAMP_FORMAT).to_string();
     let final_name = backup_name(file_name, &stamp);
     let mut temp =
@@ -460,10 +507,10 @@ fn keep_backup(
     let excess = kept.len().saturating_sub(n_backups);
     for old in &kept[..excess] {
         rustix::fs::unlinkat(&backups, old.as_str(), AtFlags::empty()).map_err(|errno| {
-            format!(
-                "cannot remove the old backup {old}: {}",
-                std::io::Error::from(errno)
-            )
+            BackupError::RemoveOld {
+                name: old.clone(),
+                source: errno.into(),
+            }
         })?;
     }
     Ok(())
@@ -476,7 +523,7 @@ fn c_name(name: &CStr) -> Option<String> {
 /// Whether funnelsync's own folders beside `path` are safe to use: used by tests and by callers
 /// that want to report a bad backup folder before writing. Kept private to the module's tests.
 #[cfg(test)]
-fn private_folder_problem(folder: &Path) -> Option<String> {
+fn private_folder_problem(folder: &Path) -> Option<BackupError> {
     let handle = open_folder(folder).ok()?;
     open_private_folder(&handle, PRIVATE_FOLDER, &folder.join(PRIVATE_FOLDER))
         .and_then(|private| {
@@ -529,6 +576,9 @@ mod tests {
         std::os::unix::fs::symlink(&victim, dir.path().join("share/.funnelsync/backups"))
             .expect("link");
         let problem = private_folder_problem(&dir.path().join("share")).expect("refused");
-        assert!(problem.contains("symbolic link"), "{problem}");
+        assert!(
+            matches!(&problem, BackupError::Link { path } if path.ends_with("share/.funnelsync/backups")),
+            "{problem}"
+        );
     }
 }

@@ -1,50 +1,44 @@
 //! Crash consistency: the daemon runs on a folder of workbooks while edits keep coming through
-//! file saves and the CLI, and is killed with SIGKILL at random moments (during reads, store
-//! transactions and write-backs), then restarted. At the end store, mirror and files agree.
+//! file saves and the CLI, and is killed with SIGKILL — at random moments, and aimed at each
+//! phase of a sync (reading, the store transaction, the write-back) as the daemon logs it — then
+//! restarted. Where each kill landed is recorded, and every phase must have been hit a few times.
+//! At the end store, mirror and files agree.
 //!
 //! `FUNNELSYNC_CRASH_ROUNDS` sets the number of kill/restart rounds (default 50).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::harness::{read_xlsx, Random, TestDir, XlsxBuilder};
+use crate::harness::{read_xlsx, Random, TestDir, UserEdit, XlsxBuilder};
 
-/// Saves a workbook the way Excel does: a temp file, then a rename over the original.
-fn save_like_excel(test: &TestDir, name: &str, builder: &XlsxBuilder) {
-    let temp = test.path(&format!("share/{:08X}", std::process::id()));
-    builder.save(&temp);
-    std::fs::rename(&temp, test.path(&format!("share/{name}"))).expect("rename into place");
-}
+/// The phases of a sync, as the daemon logs them when each begins (`sync phase … phase="…"`).
+const PHASES: [&str; 3] = ["read", "transaction", "write-back"];
 
-/// The workbook as a rep would edit it: what the file holds now (with the ids written back), plus
-/// new rows.
-fn edited(
-    test: &TestDir,
-    name: &str,
-    new_companies: &[String],
-    new_stage: Option<(&str, &str)>,
-) -> XlsxBuilder {
-    let current = read_xlsx(&test.path(&format!("share/{name}")), "Pipeline");
-    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(
-        &current.values[0]
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    for row in &current.values[1..] {
-        let mut row = row.clone();
-        if let Some((company, stage)) = new_stage {
-            if row.first().map(String::as_str) == Some(company) {
-                row[1] = stage.to_string();
-            }
-        }
-        builder = builder.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
+/// The phases the syncs in a daemon's log were in when it stopped: each file's last logged phase,
+/// unless that is "done". Empty when no sync was running.
+fn phases_at_stop(log: &str) -> Vec<String> {
+    let mut last_phase: HashMap<String, String> = HashMap::new();
+    for line in log.lines().filter(|line| line.contains("sync phase")) {
+        let field = |name: &str| {
+            line.split(&format!("{name}="))
+                .nth(1)
+                .map(|rest| {
+                    rest.trim_start_matches('"')
+                        .split(['"', ' '])
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .unwrap_or_default()
+        };
+        last_phase.insert(field("file"), field("phase"));
     }
-    let owner = if name.starts_with('a') { "A" } else { "B" };
-    for company in new_companies {
-        builder = builder.row(&[company, "Lead", "1000", owner]);
-    }
-    builder
+    let mut phases: Vec<String> = last_phase
+        .into_values()
+        .filter(|phase| phase != "done")
+        .collect();
+    phases.sort();
+    phases
 }
 
 #[test]
@@ -70,26 +64,34 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
 
     let mut added: Vec<(String, &str)> = Vec::new();
     let mut amounts: HashMap<String, String> = HashMap::new();
+    // Where each kill landed: how many kills found a sync in each phase, and how many found none.
+    let mut landed: HashMap<String, u64> = HashMap::new();
     for round in 0..rounds {
         let mut daemon = test.start_daemon();
-        // Let it get somewhere: start-up scan, a sync, a write-back, or nothing at all.
-        std::thread::sleep(Duration::from_millis(random.below(150)));
+        // One round in five kills at a random moment; the others aim at a phase, the kill coming
+        // as soon as the daemon logs that a sync entered it. The store transaction, the shortest
+        // phase, is aimed at twice as often.
+        let aim = [
+            None,
+            Some("read"),
+            Some("transaction"),
+            Some("write-back"),
+            Some("transaction"),
+        ][(round % 5) as usize];
+        if aim.is_none() {
+            // Let it get somewhere: start-up scan, a sync, a write-back, or nothing at all.
+            std::thread::sleep(Duration::from_millis(random.below(150)));
+        }
         // A rep saves a new row (and moves a deal on) in one of the files.
         let name = files[random.below(2) as usize];
         let company = format!("{name} round {round}");
-        let move_first = (random.below(2) == 0).then_some((
-            format!("{name} first"),
-            ["Prospect", "Opportunity", "Lead"][random.below(3) as usize],
-        ));
-        let builder = edited(
-            &test,
-            name,
-            std::slice::from_ref(&company),
-            move_first
-                .as_ref()
-                .map(|(company, stage)| (company.as_str(), *stage)),
-        );
-        save_like_excel(&test, name, &builder);
+        let mut edit = UserEdit::open(&test.path(&format!("share/{name}")), "Pipeline");
+        if random.below(2) == 0 {
+            let stage = ["Prospect", "Opportunity", "Lead"][random.below(3) as usize];
+            edit = edit.set("Company", &format!("{name} first"), "Stage", stage);
+        }
+        let owner = if name.starts_with('a') { "A" } else { "B" };
+        edit.add_row(&[&company, "Lead", "1000", owner]).save();
         added.push((company, name));
         // Someone changes an amount through the CLI.
         if random.below(2) == 0 {
@@ -106,9 +108,34 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(random.below(200)));
+        match aim {
+            None => std::thread::sleep(Duration::from_millis(random.below(200))),
+            Some(phase) => {
+                let marker = format!("phase=\"{phase}\"");
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                while !daemon.log().contains(&marker) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
         daemon.child.kill().expect("SIGKILL");
         let _ = daemon.child.wait();
+        let phases = phases_at_stop(&daemon.log());
+        if phases.is_empty() {
+            *landed.entry("between syncs".to_string()).or_default() += 1;
+        }
+        for phase in phases {
+            *landed.entry(phase).or_default() += 1;
+        }
+    }
+    eprintln!("where the kills landed: {landed:?}");
+    // A kill in every phase, a few times over: the rounds tested what they say.
+    let enough = (rounds / 16).clamp(1, 3);
+    for phase in PHASES {
+        assert!(
+            landed.get(phase).copied().unwrap_or(0) >= enough,
+            "fewer than {enough} kills landed in the {phase} phase: {landed:?}"
+        );
     }
 
     // Restart once more and let everything settle.
@@ -139,7 +166,32 @@ fn killing_the_daemon_at_any_moment_loses_nothing() {
             daemon.log()
         );
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    // Then until every file shows the store: each row with its id and the store's amount (the
+    // CLI's changes written back).
+    let files_show_the_store = || {
+        let stored_amounts: HashMap<String, String> = test
+            .deals()
+            .into_iter()
+            .map(|deal| (deal["id"].to_string(), deal["amount"].to_string()))
+            .collect();
+        files.iter().all(|name| {
+            let sheet = read_xlsx(&test.path(&format!("share/{name}")), "Pipeline");
+            sheet
+                .column("CRM ID")
+                .iter()
+                .zip(sheet.column("Amount"))
+                .all(|(id, amount)| {
+                    stored_amounts
+                        .get(id)
+                        .is_some_and(|stored| stored.trim_end_matches(".0") == amount)
+                })
+        })
+    };
+    crate::harness::wait_until(
+        Duration::from_secs(20),
+        "the files to show the store",
+        files_show_the_store,
+    );
     daemon.signal("TERM");
     assert_eq!(
         daemon.wait_exit(Duration::from_secs(10)),

@@ -127,6 +127,96 @@ impl XlsxBuilder {
     }
 }
 
+/// A workbook as a user edits it in Excel: the sheet as the file holds it now (read back, with
+/// the ids funnelsync wrote into it), cells changed by column header, rows added at the end, then
+/// saved the way Excel saves (a new file beside it, renamed over the original).
+pub struct UserEdit {
+    path: PathBuf,
+    sheet: String,
+    /// The header row first, then the data rows, as text.
+    rows: Vec<Vec<String>>,
+}
+
+impl UserEdit {
+    pub fn open(path: &Path, sheet: &str) -> UserEdit {
+        UserEdit {
+            path: path.to_path_buf(),
+            sheet: sheet.to_string(),
+            rows: read_xlsx(path, sheet).values,
+        }
+    }
+
+    #[track_caller]
+    fn column(&self, header: &str) -> usize {
+        self.rows[0]
+            .iter()
+            .position(|cell| cell == header)
+            .unwrap_or_else(|| panic!("no column {header} in {:?}", self.rows[0]))
+    }
+
+    /// Sets `column` to `value` in every data row `which` picks (by the row's cells, by header).
+    pub fn set_where(
+        mut self,
+        which: impl Fn(&dyn Fn(&str) -> String) -> bool,
+        column: &str,
+        value: &str,
+    ) -> UserEdit {
+        let column_idx = self.column(column);
+        let headers = self.rows[0].clone();
+        for row in self.rows.iter_mut().skip(1) {
+            let cell = |header: &str| {
+                headers
+                    .iter()
+                    .position(|name| name == header)
+                    .and_then(|idx| row.get(idx).cloned())
+                    .unwrap_or_default()
+            };
+            if which(&cell) {
+                if row.len() <= column_idx {
+                    row.resize(column_idx + 1, String::new());
+                }
+                row[column_idx] = value.to_string();
+            }
+        }
+        self
+    }
+
+    /// Sets `column` to `value` in the row whose `key` column holds `key_value`.
+    pub fn set(self, key: &str, key_value: &str, column: &str, value: &str) -> UserEdit {
+        self.set_where(|cell| cell(key) == key_value, column, value)
+    }
+
+    /// Sets `column` to `value` in every data row.
+    pub fn set_all(self, column: &str, value: &str) -> UserEdit {
+        self.set_where(|_| true, column, value)
+    }
+
+    /// Adds a row at the end.
+    pub fn add_row(mut self, cells: &[&str]) -> UserEdit {
+        self.rows
+            .push(cells.iter().map(|cell| cell.to_string()).collect());
+        self
+    }
+
+    /// The workbook as it will be saved.
+    pub fn builder(&self) -> XlsxBuilder {
+        let mut builder = XlsxBuilder::new().sheet(&self.sheet);
+        for row in &self.rows {
+            builder = builder.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        builder
+    }
+
+    /// Saves like Excel: the new content to a temp file beside the original (an extension-less
+    /// name, as Excel's are), renamed over it.
+    pub fn save(self) {
+        let folder = self.path.parent().expect("a folder");
+        let temp = folder.join(format!("{:08X}", std::process::id()));
+        self.builder().save(&temp);
+        std::fs::rename(&temp, &self.path).expect("rename into place");
+    }
+}
+
 /// The outcome of one run of the binary.
 #[derive(Debug)]
 pub struct Run {
@@ -401,6 +491,37 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut condition: impl 
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// A test that cannot run here says so loudly — on the terminal, past the test harness's capture
+/// of its output, so a passing run still shows what it did not test — and fails in CI (where
+/// `CI` is set), where everything it needs is installed (.ci/run).
+#[track_caller]
+pub fn skip(test_name: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test_name} cannot be skipped in CI: {why}"
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n*** SKIPPED {test_name}: {why} ***\n"
+    );
+}
+
+/// Waits until the wall clock shows a later millisecond than now: the store's time stamps have
+/// millisecond precision, so two changes made either side of this are told apart.
+pub fn next_millisecond() {
+    let millisecond = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_millis())
+            .unwrap_or(0)
+    };
+    let now = millisecond();
+    while millisecond() <= now {
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+}
+
 /// A running `funnelsync run`, with a real sd_notify socket to hear what it tells systemd. Killed
 /// when dropped.
 pub struct Daemon {
@@ -474,6 +595,24 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// How many lines of the log contain `text`.
+    pub fn log_count(&self, text: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains(text))
+            .count()
+    }
+
+    /// Waits until the daemon has looked at every source file `n` more times (each rescan logs
+    /// one line), so that whatever a rescan would do has had its chances.
+    #[track_caller]
+    pub fn wait_rescans(&self, n: usize) {
+        let target = self.log_count("rescanned the sources") + n;
+        wait_until(std::time::Duration::from_secs(20), "the rescans", || {
+            self.log_count("rescanned the sources") >= target
+        });
     }
 
     /// Waits for READY=1 (sent after the first scan's syncs), up to 20 s.

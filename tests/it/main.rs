@@ -1,6 +1,7 @@
 //! The one integration test binary: user scenarios against the real `funnelsync` binary, real
 //! spreadsheets in temp folders and a real SQLite store.
 
+mod architecture;
 mod browser;
 mod command_line;
 mod config_cli;

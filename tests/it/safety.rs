@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{file_report, read_xlsx, Cell, TestDir, XlsxBuilder};
+use crate::harness::{file_report, read_xlsx, Cell, TestDir, UserEdit, XlsxBuilder};
 
 const HEADER: [&str; 4] = ["Company", "Email", "Stage", "Amount"];
 
@@ -199,19 +199,9 @@ fn undo_in_a_write_back_file_reaches_the_file() {
     sheet_of(2).save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
-    let current = read_xlsx(&test.path("p.xlsx"), "Pipeline");
-    let mut edited = XlsxBuilder::new().sheet("Pipeline").row(
-        &current.values[0]
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    for row in &current.values[1..] {
-        let mut row = row.clone();
-        row[2] = "Prospect".to_string();
-        edited = edited.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-    edited.save(&test.path("p.xlsx"));
+    UserEdit::open(&test.path("p.xlsx"), "Pipeline")
+        .set_all("Stage", "Prospect")
+        .save();
     let run_id = file_report(&test.sync().json(), "p.xlsx")["run_id"]
         .as_i64()
         .expect("run");
@@ -232,10 +222,12 @@ fn hostile_and_odd_inputs_have_defined_behaviour() {
         "share/not-a-zip.xlsx",
         b"this is a text file renamed to .xlsx",
     );
-    // An encrypted workbook is an OLE compound file, as Excel writes it.
-    let mut encrypted = vec![0xD0, 0xCF, 0x11, 0xE0, 0xA1, 0xB1, 0x1A, 0xE1];
-    encrypted.extend(std::iter::repeat_n(0u8, 2048));
-    test.write("share/encrypted.xlsx", &encrypted);
+    // A workbook Excel saved with a password (Office agile encryption; see
+    // tests/fixtures/make_encrypted.py).
+    test.write(
+        "share/encrypted.xlsx",
+        include_bytes!("../fixtures/encrypted.xlsx"),
+    );
     // Binary junk in a .csv.
     test.write(
         "share/binary.csv",
@@ -269,13 +261,16 @@ fn hostile_and_odd_inputs_have_defined_behaviour() {
     assert_eq!(not_zip["status"], "failed");
     let encrypted = file_report(&report, "encrypted.xlsx");
     assert_eq!(encrypted["status"], "failed");
-    assert!(
-        encrypted["error"]
-            .as_str()
-            .is_some_and(|error| error.contains("password-protected")
-                || error.contains("not a complete workbook")),
+    assert_eq!(
+        encrypted["error"],
+        format!(
+            "{} is password-protected; funnelsync cannot read encrypted workbooks",
+            test.path("share/encrypted.xlsx").display()
+        ),
         "{encrypted}"
     );
+    // Waiting does not decrypt it: it is not retried as if half-saved.
+    assert_eq!(encrypted["retryable"], false, "{encrypted}");
     let binary = file_report(&report, "binary.csv");
     assert_eq!(binary["status"], "failed");
     assert!(
@@ -397,7 +392,11 @@ fn the_admin_is_alerted_once_when_a_file_is_held() {
     crate::harness::wait_until(Duration::from_secs(10), "the second hold", || {
         test.count("SELECT count(*) FROM sync_runs WHERE status = 'held'") >= 2
     });
-    std::thread::sleep(Duration::from_millis(1000));
+    crate::harness::wait_until(
+        Duration::from_secs(10),
+        "the second alert held back",
+        || daemon.log().contains("not sent again"),
+    );
     assert_eq!(smtp.to("it@example.com").len(), 1, "{}", daemon.log());
     let status = test.run(&["status"]);
     assert!(status.stdout.contains("held"), "{}", status.stdout);

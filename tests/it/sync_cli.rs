@@ -383,7 +383,7 @@ fn syncing_an_unchanged_file_writes_nothing() {
     let before = test.deals();
     let history_before = test.count("SELECT count(*) FROM stage_history");
 
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    crate::harness::next_millisecond();
     let run = test.sync();
     run.assert_code(0);
     let report = run.json();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{file_report, read_xlsx, wait_until, Cell, TestDir, XlsxBuilder};
+use crate::harness::{file_report, read_xlsx, wait_until, Cell, TestDir, UserEdit, XlsxBuilder};
 
 const HEADER: [&str; 6] = ["Company", "Contact", "Email", "Stage", "Amount", "Owner"];
 
@@ -134,21 +134,9 @@ fn an_edit_in_one_file_reaches_the_other_and_filters_shape_the_view() {
     );
 
     // In the master file the deal is handed to Bob: it leaves Alice's file, and is not archived.
-    let master = read_xlsx(&test.path("all.xlsx"), "Pipeline");
-    let mut rebuilt = XlsxBuilder::new().sheet("Pipeline").row(
-        &master.values[0]
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    for row in &master.values[1..] {
-        let mut row = row.clone();
-        if row[0] == "Acme" {
-            row[5] = "Bob".to_string();
-        }
-        rebuilt = rebuilt.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-    rebuilt.save(&test.path("all.xlsx"));
+    UserEdit::open(&test.path("all.xlsx"), "Pipeline")
+        .set("Company", "Acme", "Owner", "Bob")
+        .save();
     test.sync().assert_code(0);
     let alice = read_xlsx(&test.path("alice.xlsx"), "Pipeline");
     assert_eq!(alice.column("Company"), vec!["Gamma"]);
@@ -176,17 +164,9 @@ fn sheet_and_cli_changes_to_different_fields_are_both_kept() {
     ])
     .assert_code(0);
 
-    let current = read_xlsx(&test.path("p.xlsx"), "Pipeline");
-    let mut edited = XlsxBuilder::new().sheet("Pipeline").row(
-        &current.values[0]
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    let mut row = current.values[1].clone();
-    row[3] = "Prospect".to_string();
-    edited = edited.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
-    edited.save(&test.path("p.xlsx"));
+    UserEdit::open(&test.path("p.xlsx"), "Pipeline")
+        .set("Company", "Acme", "Stage", "Prospect")
+        .save();
     test.sync().assert_code(0);
 
     let acme = test.deal_by("company", "Acme");
@@ -217,28 +197,19 @@ fn conflict_case(policy: &str, cli_first: bool) -> (TestDir, Value) {
     test.single_source("p.xlsx", &format!("conflict = \"{policy}\""));
     test.sync().assert_code(0);
     let id = id_of(&test, "Acme");
-    let current = read_xlsx(&test.path("p.xlsx"), "Pipeline");
-    let save_sheet = || {
-        let mut edited = XlsxBuilder::new().sheet("Pipeline").row(
-            &current.values[0]
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        let mut row = current.values[1].clone();
-        row[4] = "2000".to_string();
-        edited = edited.row(&row.iter().map(String::as_str).collect::<Vec<_>>());
-        edited.save(&test.path("p.xlsx"));
-    };
+    // The rep's edit of the file as it was before either change.
+    let edit =
+        UserEdit::open(&test.path("p.xlsx"), "Pipeline").set("Company", "Acme", "Amount", "2000");
+    let save_sheet = move || edit.save();
     // Time stamps have millisecond precision: keep the two edits apart.
     if cli_first {
         test.run(&["deals", "set", &id, "amount=3000"])
             .assert_code(0);
-        std::thread::sleep(Duration::from_millis(50));
+        crate::harness::next_millisecond();
         save_sheet();
     } else {
         save_sheet();
-        std::thread::sleep(Duration::from_millis(50));
+        crate::harness::next_millisecond();
         test.run(&["deals", "set", &id, "amount=3000"])
             .assert_code(0);
     }
@@ -431,7 +402,7 @@ fn an_unchanged_store_leaves_the_file_untouched() {
     let modified = std::fs::metadata(test.path("p.xlsx"))
         .and_then(|metadata| metadata.modified())
         .expect("mtime");
-    std::thread::sleep(Duration::from_millis(20));
+    crate::harness::next_millisecond();
     let report = test.sync().json();
     assert_eq!(
         file_report(&report, "p.xlsx")["write_back"]["status"],
@@ -487,7 +458,18 @@ fn the_cli_change_reaches_the_file_through_the_running_daemon() {
         || read_xlsx(&test.path("share/p.xlsx"), "Pipeline").column("Stage") == vec!["Opportunity"],
     );
     let n_runs = test.count("SELECT count(*) FROM sync_runs");
-    std::thread::sleep(Duration::from_millis(1500));
+    // The daemon sees its own write as a change of the file, lets it settle, and finds it holds
+    // what it wrote.
+    wait_until(
+        Duration::from_secs(10),
+        "the daemon to look at its own write",
+        || {
+            daemon
+                .log()
+                .lines()
+                .any(|line| line.contains("nothing to do") && line.contains("p.xlsx"))
+        },
+    );
     assert_eq!(
         test.count("SELECT count(*) FROM sync_runs"),
         n_runs,

@@ -1,35 +1,53 @@
-//! Sending mail over SMTP with lettre (tokio, rustls): the transport built from `[smtp]`, the
-//! password read from a file, the environment or a systemd credential at send time, and one
-//! message sent with a timeout.
+//! The SMTP transport (lettre over tokio and rustls): built from `[smtp]`, with the password read
+//! from a file, the environment or a systemd credential when mail is sent, and one message sent
+//! with a timeout around the whole exchange.
 //!
-//! This module must not decide what to send or when; it only sends. The password never appears
-//! in a log line or an error message, and neither does a server's reply that could repeat the
-//! login ([`redact_reply`]).
+//! The password never appears in a log line or an error message, and neither does a server's
+//! reply that could repeat the login ([`redact_reply`]).
 
 use std::time::Duration;
 
 use lettre::message::{header::ContentType, Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor};
 
+use super::Message;
 use crate::config::{SmtpConfig, SmtpSecurity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
-    #[error("cannot read the SMTP password from {path}: {message}")]
-    Password { path: String, message: String },
+    #[error("cannot read the SMTP password from {path}: {source}")]
+    Password {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("an SMTP username is set but no password was found (password_file, FUNNELSYNC_SMTP_PASSWORD or the smtp-password credential)")]
     NoPassword,
-    #[error("invalid address {address}: {message}")]
-    Address { address: String, message: String },
-    #[error("cannot build the message: {0}")]
-    Build(String),
-    #[error("cannot set up the SMTP connection to {host}: {message}")]
-    Transport { host: String, message: String },
+    #[error("invalid address {address}: {source}")]
+    Address {
+        address: String,
+        #[source]
+        source: lettre::address::AddressError,
+    },
+    #[error("cannot build the message: {source}")]
+    Build {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot set up the SMTP connection to {host}: {source}")]
+    Transport {
+        host: String,
+        #[source]
+        source: lettre::transport::smtp::Error,
+    },
+    /// No answer, or a broken exchange. The server's error is kept as text with the credentials
+    /// taken out ([`redact_reply`]), never as the error itself, which could repeat the login.
     #[error("sending to {recipient} failed: {message}")]
     Send { recipient: String, message: String },
     /// The server answered with a refusal: `permanent` for a 5xx reply (sending it again will
-    /// not help), else a 4xx reply (try again later).
+    /// not help), else a 4xx reply (try again later). Its reply is kept as redacted text, like
+    /// [`MailError::Send`]'s.
     #[error("the mail server refused the message to {recipient}: {message}")]
     Refused {
         recipient: String,
@@ -48,9 +66,9 @@ fn password(smtp: &SmtpConfig) -> Result<Option<String>, MailError> {
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map(|text| text.trim_end_matches(['\r', '\n']).to_string())
-            .map_err(|error| MailError::Password {
+            .map_err(|source| MailError::Password {
                 path: path.display().to_string(),
-                message: error.to_string(),
+                source,
             })
     };
     if let Some(path) = &smtp.password_file {
@@ -85,7 +103,6 @@ impl MailError {
 pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
-    host: String,
     timeout: Duration,
     /// The forms the credentials take on the wire, to keep them out of error messages.
     secrets: Vec<String>,
@@ -134,9 +151,9 @@ fn credential_forms(username: &str, password: &str) -> Vec<String> {
 
 impl Mailer {
     pub fn new(smtp: &SmtpConfig) -> Result<Mailer, MailError> {
-        let transport_error = |error: lettre::transport::smtp::Error| MailError::Transport {
+        let transport_error = |source: lettre::transport::smtp::Error| MailError::Transport {
             host: smtp.host.clone(),
-            message: error.to_string(),
+            source,
         };
         let mut builder = match smtp.security {
             SmtpSecurity::None => {
@@ -161,53 +178,46 @@ impl Mailer {
         let from = smtp
             .from
             .parse::<Mailbox>()
-            .map_err(|error| MailError::Address {
+            .map_err(|source| MailError::Address {
                 address: smtp.from.clone(),
-                message: error.to_string(),
+                source,
             })?;
         Ok(Mailer {
             transport: builder.build(),
             from,
-            host: smtp.host.clone(),
             timeout: smtp.timeout,
             secrets,
         })
     }
 
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
     /// Sends one multipart (text + HTML) message, with an optional .xlsx attachment.
     pub async fn send(
         &self,
-        recipient: &str,
-        subject: &str,
-        text: &str,
-        html: &str,
+        message: &Message,
         attachment: Option<(&str, &[u8])>,
     ) -> Result<(), MailError> {
+        let recipient = message.recipient.as_str();
         let to = recipient
             .parse::<Mailbox>()
-            .map_err(|error| MailError::Address {
+            .map_err(|source| MailError::Address {
                 address: recipient.to_string(),
-                message: error.to_string(),
+                source,
             })?;
-        let message = Message::builder()
+        let email = Email::builder()
             .from(self.from.clone())
             .to(to)
-            .subject(subject)
+            .subject(message.subject.as_str())
             .multipart({
                 let alternative = MultiPart::alternative()
                     .singlepart(
                         SinglePart::builder()
                             .header(ContentType::TEXT_PLAIN)
-                            .body(text.to_string()),
+                            .body(message.text.clone()),
                     )
                     .singlepart(
                         SinglePart::builder()
                             .header(ContentType::TEXT_HTML)
-                            .body(html.to_string()),
+                            .body(message.html.clone()),
                     );
                 match attachment {
                     None => alternative,
@@ -215,16 +225,20 @@ impl Mailer {
                         let content_type = ContentType::parse(
                             "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
                         )
-                        .map_err(|error| MailError::Build(error.to_string()))?;
+                        .map_err(|error| MailError::Build {
+                            source: Box::new(error),
+                        })?;
                         MultiPart::mixed().multipart(alternative).singlepart(
                             Attachment::new(name.to_string()).body(bytes.to_vec(), content_type),
                         )
                     }
                 }
             })
-            .map_err(|error| MailError::Build(error.to_string()))?;
+            .map_err(|error| MailError::Build {
+                source: Box::new(error),
+            })?;
         // lettre's own timeout covers connecting only; this one covers the whole exchange.
-        match tokio::time::timeout(self.timeout, self.transport.send(message)).await {
+        match tokio::time::timeout(self.timeout, self.transport.send(email)).await {
             Ok(Ok(_)) => Ok(()),
             // A 4xx or 5xx reply (to the end of the data, or to the sender or a recipient) is an
             // answer, not a lost connection: say which kind it is.

@@ -13,7 +13,10 @@
 //! store lives. Errors say whether trying again later can help ([`WorkbookError::is_retryable`]).
 
 pub mod csv_reader;
+mod escape;
 pub mod xml_guard;
+
+pub use escape::{escape_csv_field, unescape_csv_field};
 
 use std::fmt;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -23,10 +26,52 @@ use calamine::{Data, DataRef, Reader, SheetType, SheetVisible};
 use chrono::NaiveDateTime;
 use sha2::{Digest, Sha256};
 
-use crate::config::Limits;
-
 /// File extensions (lower case) funnelsync reads.
 pub const SUPPORTED_EXTENSIONS: [&str; 5] = ["xlsx", "xlsm", "xls", "ods", "csv"];
+
+/// Safe maximums against hostile or broken input (the config's `[limits]`). Beyond them a file is
+/// refused, nothing of it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_file_bytes: u64,
+    pub max_unzipped_bytes: u64,
+    pub max_rows: usize,
+    pub max_columns: usize,
+    pub max_cell_chars: usize,
+}
+
+impl Limits {
+    /// No limit at all: for reading again a file already read under the configured ones.
+    pub fn unbounded() -> Limits {
+        Limits {
+            max_file_bytes: u64::MAX,
+            max_unzipped_bytes: u64::MAX,
+            max_rows: usize::MAX,
+            max_columns: usize::MAX,
+            max_cell_chars: usize::MAX,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_file_bytes: 100 << 20,
+            max_unzipped_bytes: 1 << 30,
+            max_rows: 1_048_576,
+            max_columns: 1_000,
+            max_cell_chars: 32_767,
+        }
+    }
+}
+
+/// The text encoding of a source's .csv files (the config's `encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsvEncoding {
+    /// UTF-8 (with or without BOM), UTF-16 with a BOM, else GB18030.
+    Auto,
+    Fixed(&'static encoding_rs::Encoding),
+}
 
 /// One cell's value, independent of the file format.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +128,7 @@ pub struct SheetRow {
 
 impl SheetRow {
     /// A row from its cells in column order (empty ones are not kept).
+    #[cfg(test)]
     pub fn new(row_number: u32, cells: Vec<Cell>) -> SheetRow {
         let mut row = SheetRow {
             row_number,
@@ -466,18 +512,6 @@ pub struct SheetData {
     pub formula_cells: Vec<(u32, u32)>,
 }
 
-impl SheetData {
-    /// Whether the cell at this Excel row number and 0-based column holds a formula.
-    pub fn is_formula(&self, row_number: u32, column_idx: usize) -> bool {
-        let Ok(column_idx) = u32::try_from(column_idx) else {
-            return false;
-        };
-        self.formula_cells
-            .binary_search(&(row_number, column_idx))
-            .is_ok()
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum WorkbookError {
     #[error("cannot read {path}: {source}")]
@@ -542,7 +576,7 @@ pub fn format_of(path: &Path) -> Option<FileFormat> {
 pub fn read_sheet(
     path: &Path,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     limits: &Limits,
 ) -> Result<SheetData, WorkbookError> {
     let opened = open_file(path, limits)?;
@@ -655,33 +689,11 @@ pub fn open_file(path: &Path, limits: &Limits) -> Result<OpenedFile, WorkbookErr
     })
 }
 
-/// A file's bytes, refused beyond `max_file_mb`, never read through a symbolic link.
-pub fn read_bytes(path: &Path, limits: &Limits) -> Result<Vec<u8>, WorkbookError> {
-    let io_error = |source| WorkbookError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = open_no_follow(path).map_err(io_error)?;
-    let size = FileStamp::of(path, &file)?.size;
-    if size > limits.max_file_bytes {
-        return Err(WorkbookError::OverLimit {
-            path: path.to_path_buf(),
-            what: format!("the file size ({} MB)", size >> 20),
-            limit: format!("{} MB", limits.max_file_bytes >> 20),
-        });
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    file.take(limits.max_file_bytes)
-        .read_to_end(&mut bytes)
-        .map_err(io_error)?;
-    Ok(bytes)
-}
-
 /// Parses an opened file (from [`open_file`]) into the managed sheet.
 pub fn parse_file(
     opened: OpenedFile,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     limits: &Limits,
 ) -> Result<SheetData, WorkbookError> {
     let OpenedFile {
@@ -770,7 +782,7 @@ impl SheetStream {
     pub fn start(
         opened: OpenedFile,
         sheet: Option<&str>,
-        csv_encoding: crate::config::CsvEncoding,
+        csv_encoding: CsvEncoding,
         limits: &Limits,
     ) -> Result<SheetStream, WorkbookError> {
         let path = opened.path.clone();
@@ -934,7 +946,7 @@ fn parse_format(
     file: &mut std::fs::File,
     format: FileFormat,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     census: Option<&csv_reader::Utf8Census>,
     limits: &Limits,
 ) -> Result<Parsed, WorkbookError> {
@@ -975,7 +987,7 @@ fn stream_format(
     file: &mut std::fs::File,
     format: FileFormat,
     sheet: Option<&str>,
-    csv_encoding: crate::config::CsvEncoding,
+    csv_encoding: CsvEncoding,
     census: Option<&csv_reader::Utf8Census>,
     limits: &Limits,
     emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
@@ -1324,6 +1336,22 @@ pub fn column_letters(column_idx: usize) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_workbook_saved_with_a_password_is_encrypted_not_half_saved() {
+        // Office agile encryption, as Excel writes it (tests/fixtures/make_encrypted.py).
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("locked.xlsx");
+        std::fs::write(&path, include_bytes!("../../tests/fixtures/encrypted.xlsx"))
+            .expect("write");
+        let error = read_sheet(&path, None, CsvEncoding::Auto, &Limits::default())
+            .expect_err("an encrypted workbook cannot be read");
+        assert!(
+            matches!(&error, WorkbookError::Encrypted { path: refused } if *refused == path),
+            "{error:?}"
+        );
+        assert!(!error.is_retryable(), "waiting does not decrypt it");
+    }
+
     /// A small real workbook, its parts stored uncompressed so that changed bytes reach the XML.
     fn stored_workbook() -> Vec<u8> {
         use std::io::Write;
@@ -1356,13 +1384,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("p.xlsx");
         std::fs::write(&path, stored_workbook()).expect("write");
-        let sheet = read_sheet(
-            &path,
-            None,
-            crate::config::CsvEncoding::Auto,
-            &Limits::default(),
-        )
-        .expect("reads");
+        let sheet = read_sheet(&path, None, CsvEncoding::Auto, &Limits::default()).expect("reads");
         assert_eq!(sheet.rows.len(), 2);
         assert_eq!(sheet.rows[1].cell(2), &Cell::Number(1200.0));
     }
@@ -1394,7 +1416,7 @@ mod tests {
                 &mut file,
                 FileFormat::Xlsx,
                 None,
-                crate::config::CsvEncoding::Auto,
+                CsvEncoding::Auto,
                 None,
                 &Limits::default(),
             );

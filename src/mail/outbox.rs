@@ -1,0 +1,326 @@
+//! The outbox: every message is recorded as `pending` before it is sent ([`enqueue`], [`record`]),
+//! and [`deliver`] sends what is due. A message the server took is marked `sent`; one that got no
+//! answer or a temporary (4xx) refusal stays pending and is tried again with backoff
+//! ([`retry_backoff`]) until the end of its local day, then `failed`; one refused for good (a 5xx
+//! reply) is `failed` at once and listed in [`DeliveryReport::refusals`], for the caller to tell
+//! the admin. Mail being down never stops anything else.
+//!
+//! This module owns the `outbox` table. It must not decide what to send or to whom.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection};
+use serde::Serialize;
+
+use super::{Mailer, Message};
+use crate::config::Config;
+use crate::store::{parse_timestamp, timestamp, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("mail is not configured: add an [smtp] section")]
+    NoSmtp,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(error: rusqlite::Error) -> OutboxError {
+        OutboxError::Store(StoreError::Sqlite(error))
+    }
+}
+
+/// What a message is, as recorded in the outbox (the reminder dedupe counts `rep` messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    /// A rep's digest of their stalled deals.
+    Rep,
+    /// The manager's digest of deals still stalled after reminders.
+    Escalation,
+    /// The manager's weekly funnel digest.
+    Weekly,
+    /// An alert to the admin.
+    Alert,
+}
+
+impl MessageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Rep => "rep",
+            MessageKind::Escalation => "escalation",
+            MessageKind::Weekly => "weekly",
+            MessageKind::Alert => "alert",
+        }
+    }
+}
+
+/// A message the server refused for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    /// The message's kind as recorded (`rep`, `escalation`, `weekly`, `alert`).
+    pub kind: String,
+    pub recipient: String,
+    pub subject: String,
+    /// The server's reply, with the credentials taken out.
+    pub reason: String,
+}
+
+/// What a delivery did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeliveryReport {
+    pub sent: usize,
+    /// Not delivered yet (no answer, or a temporary 4xx refusal); tried again with backoff.
+    pub retrying: usize,
+    /// Given up at the end of the day after failed attempts.
+    pub failed: usize,
+    /// Refused for good by the server (a 5xx reply): failed at once for that recipient.
+    pub refused: usize,
+    /// Each distinct error, once.
+    pub errors: Vec<String>,
+    /// The messages refused for good, for the caller to tell the admin about.
+    pub refusals: Vec<Refusal>,
+}
+
+/// Records one message as pending, to be given up at `give_up_at`, on a connection or inside the
+/// caller's transaction. Returns the message's id.
+pub fn enqueue(
+    connection: &Connection,
+    kind: MessageKind,
+    message: &Message,
+    attachment: Option<(&str, &[u8])>,
+    now: DateTime<Utc>,
+    give_up_at: DateTime<Utc>,
+) -> Result<i64, StoreError> {
+    connection.execute(
+        "INSERT INTO outbox (recipient, kind, subject, text_body, html_body, created_at, status, attempts, give_up_at, attachment_name, attachment) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?8, ?9)",
+        params![
+            message.recipient,
+            kind.name(),
+            message.subject,
+            message.text,
+            message.html,
+            timestamp(now),
+            timestamp(give_up_at),
+            attachment.map(|(name, _)| name),
+            attachment.map(|(_, bytes)| bytes)
+        ],
+    )?;
+    Ok(connection.last_insert_rowid())
+}
+
+/// When a message recorded at `now` is given up if it cannot be delivered: the end of the local
+/// day (in `[remind]`'s time zone, else UTC).
+pub fn give_up_at(config: &Config, now: DateTime<Utc>) -> DateTime<Utc> {
+    crate::clock::end_of_day(config.timezone(), now)
+}
+
+/// Records one message as pending, given up at the end of the day like the reminders.
+pub fn record(
+    store: &Store,
+    config: &Config,
+    kind: MessageKind,
+    message: &Message,
+    attachment: Option<(&str, &[u8])>,
+    now: DateTime<Utc>,
+) -> Result<(), OutboxError> {
+    enqueue(
+        store.connection(),
+        kind,
+        message,
+        attachment,
+        now,
+        give_up_at(config, now),
+    )?;
+    Ok(())
+}
+
+/// How many messages wait for delivery.
+pub fn n_pending(store: &Store) -> Result<i64, StoreError> {
+    Ok(store.connection().query_row(
+        "SELECT count(*) FROM outbox WHERE status = 'pending'",
+        [],
+        |row| row.get(0),
+    )?)
+}
+
+/// The wait before the next try of a message that failed `attempts` times (1-based): a minute,
+/// doubling, at most an hour.
+pub fn retry_backoff(attempts: u32) -> Duration {
+    Duration::from_secs(60)
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(6))
+        .min(Duration::from_secs(3600))
+}
+
+/// A pending message as loaded for delivery.
+struct Pending {
+    id: i64,
+    kind: String,
+    message: Message,
+    attempts: i64,
+    give_up_at: String,
+    attachment: Option<(String, Vec<u8>)>,
+}
+
+fn pending_messages(
+    store: &Store,
+    now: DateTime<Utc>,
+    all: bool,
+) -> Result<Vec<Pending>, StoreError> {
+    let mut statement = store.connection().prepare(
+        "SELECT id, recipient, subject, text_body, html_body, attempts, give_up_at, attachment_name, attachment, kind FROM outbox \
+         WHERE status = 'pending' AND (?1 OR next_attempt_at IS NULL OR next_attempt_at <= ?2) ORDER BY id",
+    )?;
+    let rows = statement.query_map(params![all, timestamp(now)], |row| {
+        let attachment_name: Option<String> = row.get(7)?;
+        let attachment: Option<Vec<u8>> = row.get(8)?;
+        Ok(Pending {
+            id: row.get(0)?,
+            message: Message {
+                recipient: row.get(1)?,
+                subject: row.get(2)?,
+                text: row.get(3)?,
+                html: row.get(4)?,
+            },
+            attempts: row.get(5)?,
+            give_up_at: row.get(6)?,
+            attachment: attachment_name.zip(attachment),
+            kind: row.get(9)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Sends pending messages: those whose retry time has come, or all of them with `all` (an explicit
+/// `funnelsync remind`). Each message is marked sent right after the server accepted it. The SMTP
+/// exchange runs on `runtime` (the daemon's, or the one a command made for its mail); this
+/// function blocks on it, so it must be called off the runtime's own threads.
+pub fn deliver(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    all: bool,
+    runtime: &tokio::runtime::Handle,
+) -> Result<DeliveryReport, OutboxError> {
+    let mut report = DeliveryReport::default();
+    let pending = pending_messages(store, now, all)?;
+    if pending.is_empty() {
+        return Ok(report);
+    }
+    let smtp = config.smtp.as_ref().ok_or(OutboxError::NoSmtp)?;
+    // The transport's connection pool lives in the runtime: build and drop it inside.
+    let runtime_guard = runtime.enter();
+    let mailer = match Mailer::new(smtp) {
+        Ok(mailer) => Some(mailer),
+        Err(error) => {
+            // A missing password or a bad host fails every message the same way; they stay
+            // pending and are retried.
+            report.errors.push(error.to_string());
+            None
+        }
+    };
+    for pending in pending {
+        let attachment = pending
+            .attachment
+            .as_ref()
+            .map(|(name, bytes)| (name.as_str(), bytes.as_slice()));
+        let result = match &mailer {
+            Some(mailer) => runtime
+                .block_on(mailer.send(&pending.message, attachment))
+                .map_err(|error| (error.is_permanent(), error.to_string())),
+            None => Err((false, report.errors.last().cloned().unwrap_or_default())),
+        };
+        let recipient = &pending.message.recipient;
+        let attempts = u32::try_from(pending.attempts + 1).unwrap_or(u32::MAX);
+        match result {
+            Ok(()) => {
+                store.connection().execute(
+                    "UPDATE outbox SET status = 'sent', sent_at = ?1, attempts = attempts + 1, last_error = NULL WHERE id = ?2",
+                    params![timestamp(now.max(Utc::now())), pending.id],
+                )?;
+                tracing::info!(recipient = %recipient, subject = %pending.message.subject, "mail sent");
+                report.sent += 1;
+            }
+            Err((true, message)) => {
+                // A 5xx reply: the server will not take this message, now or later.
+                mark_failed(store, pending.id, attempts, &message)?;
+                tracing::error!(recipient = %recipient, "the mail server refused a message for good: {message}");
+                report.refused += 1;
+                report.refusals.push(Refusal {
+                    kind: pending.kind.clone(),
+                    recipient: recipient.clone(),
+                    subject: pending.message.subject.clone(),
+                    reason: message.clone(),
+                });
+                note_error(&mut report, message);
+            }
+            Err((false, message)) => {
+                let give_up = parse_timestamp(&pending.give_up_at)
+                    .map(|give_up| now >= give_up)
+                    .unwrap_or(true);
+                if give_up {
+                    mark_failed(store, pending.id, attempts, &message)?;
+                    tracing::error!(recipient = %recipient, "giving up on a message after {attempts} attempts: {message}");
+                    report.failed += 1;
+                } else {
+                    let next = now
+                        + chrono::Duration::from_std(retry_backoff(attempts))
+                            .unwrap_or(chrono::Duration::minutes(1));
+                    store.connection().execute(
+                        "UPDATE outbox SET attempts = ?1, last_error = ?2, next_attempt_at = ?3 WHERE id = ?4",
+                        params![attempts, message, timestamp(next), pending.id],
+                    )?;
+                    tracing::warn!(recipient = %recipient, "mail not sent, will retry: {message}");
+                    report.retrying += 1;
+                }
+                note_error(&mut report, message);
+            }
+        }
+    }
+    drop(mailer);
+    drop(runtime_guard);
+    Ok(report)
+}
+
+fn mark_failed(store: &Store, id: i64, attempts: u32, message: &str) -> Result<(), StoreError> {
+    store.connection().execute(
+        "UPDATE outbox SET status = 'failed', attempts = ?1, last_error = ?2 WHERE id = ?3",
+        params![attempts, message, id],
+    )?;
+    Ok(())
+}
+
+fn note_error(report: &mut DeliveryReport, message: String) {
+    if !report.errors.contains(&message) {
+        report.errors.push(message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_a_minute_to_an_hour() {
+        let minutes = |n: u64| Duration::from_secs(60 * n);
+        let cases = [
+            (0, minutes(1)),
+            (1, minutes(1)),
+            (2, minutes(2)),
+            (3, minutes(4)),
+            (6, minutes(32)),
+            (7, minutes(60)),
+            (8, minutes(60)),
+            (u32::MAX, minutes(60)),
+        ];
+        for (attempts, expected) in cases {
+            assert_eq!(
+                retry_backoff(attempts),
+                expected,
+                "after {attempts} attempt(s)"
+            );
+        }
+    }
+}
