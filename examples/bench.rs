@@ -118,7 +118,7 @@ fn config_for(folder: &Path, file: &str, write_back: bool) -> Config {
 
 fn sync_once(folder: &Path, file: &str, write_back: bool) -> sync::FileReport {
     let config = config_for(folder, file, write_back);
-    let mut store = Store::open(&config.store.path).expect("store");
+    let mut store = Store::open(&config.store).expect("store");
     sync::sync_file(
         &mut store,
         &config,
@@ -172,18 +172,17 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             use funnelsync::store::CrmStore;
             let config = config_for(folder, file, true);
             let source = &config.sources[0];
-            let store = Store::open(&config.store.path).expect("store");
+            let store = Store::open(&config.store).expect("store");
             let sheet =
                 funnelsync::workbook::read_sheet(&path, None, source.encoding, &config.limits)
                     .expect("read");
             let header = funnelsync::mapping::locate_header(&sheet.rows, source).expect("header");
             let (rows, _) =
                 funnelsync::mapping::map_rows(&sheet.rows, &header, source, &config.stages);
-            let mirror = funnelsync::mirror::load(store.connection(), &sync::file_key(&path))
-                .expect("mirror")
-                .expect("synced");
-            let by_row: std::collections::HashMap<u32, i64> = mirror
-                .rows
+            let mirror_rows =
+                funnelsync::store::mirror::load_all_rows(&store.db(), &sync::file_key(&path))
+                    .expect("mirror");
+            let by_row: std::collections::HashMap<u32, i64> = mirror_rows
                 .iter()
                 .map(|row| (row.row_number, row.deal_id))
                 .collect();
@@ -227,7 +226,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             use funnelsync::store::CrmStore;
             let config = config_for(folder, file, true);
             let source = &config.sources[0];
-            let store = Store::open(&config.store.path).expect("store");
+            let store = Store::open(&config.store).expect("store");
             let sheet =
                 funnelsync::workbook::read_sheet(&path, None, source.encoding, &config.limits)
                     .expect("read");
@@ -291,9 +290,9 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             use funnelsync::store::CrmStore;
             let config = config_for(folder, file, true);
             {
-                let mut store = Store::open(&config.store.path).expect("store");
+                let mut store = Store::open(&config.store).expect("store");
                 let transaction = store.transaction().expect("transaction");
-                let crm = funnelsync::store::SqliteCrm::new(&transaction);
+                let crm = &*transaction;
                 let deal_id = i64::from(n_rows / 2);
                 let amount = crm
                     .deals_by_ids(&[deal_id])
@@ -336,7 +335,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
         "schema-floor" => {
             use funnelsync::store::CrmStore;
             let config = config_for(folder, file, false);
-            let mut store = Store::open(&config.store.path).expect("store");
+            let mut store = Store::open(&config.store).expect("store");
             let now = chrono::Utc::now();
             let rows: Vec<(funnelsync::deal::FieldMap, funnelsync::deal::ExtraMap)> = (1..=n_rows)
                 .map(|row| {
@@ -365,10 +364,10 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             let file_key = sync::file_key(&path);
             let started = Instant::now();
             let transaction = store.transaction().expect("transaction");
-            let crm = funnelsync::store::SqliteCrm::new(&transaction);
-            funnelsync::mirror::save_head(
+            let crm = &*transaction;
+            funnelsync::store::mirror::save_head(
                 &transaction,
-                &funnelsync::mirror::MirrorHead {
+                &funnelsync::store::mirror::MirrorHead {
                     file: file_key.clone(),
                     source: "bench".into(),
                     sheet: "Pipeline".into(),
@@ -397,7 +396,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                     })
                     .collect();
                 let ids = crm.create_deals(&new).expect("deals");
-                let mirror_rows: Vec<funnelsync::mirror::MirrorRow> = chunk
+                let mirror_rows: Vec<funnelsync::store::mirror::MirrorRow> = chunk
                     .iter()
                     .zip(&ids)
                     .enumerate()
@@ -411,17 +410,17 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                             old_value: None,
                             new_value: serde_json::to_string(fields).ok(),
                         });
-                        funnelsync::mirror::MirrorRow {
+                        funnelsync::store::mirror::MirrorRow {
                             deal_id: *id,
                             row_number: (chunk_idx * 2048 + offset + 2) as u32,
-                            row_hash: funnelsync::mirror::row_hash(fields, extras),
+                            row_hash: funnelsync::deal::row_hash(fields, extras),
                             raw_hash: Some(*id),
                             fields: fields.clone(),
                             extras: extras.clone(),
                         }
                     })
                     .collect();
-                funnelsync::mirror::upsert_rows(&transaction, &file_key, &mirror_rows)
+                funnelsync::store::mirror::upsert_rows(&transaction, &file_key, &mirror_rows)
                     .expect("mirror");
             }
             let run_id = crm

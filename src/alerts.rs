@@ -3,15 +3,17 @@
 //! key (file and kind) every `every` (an hour by default), recorded in the `alerts` table and sent
 //! through the outbox.
 //!
-//! This module owns the `alerts` table. It must not decide what is alarming; its callers (the
-//! daemon, `sync` on the command line, the outbox's refusals) say so.
+//! The `alerts` table is kept by `store::jobs`; daemons sharing a store decide and record an
+//! alert under one claim, so the rate limit holds for the whole store. This module must not
+//! decide what is alarming; its callers (the daemon, `sync` on the command line, the outbox's
+//! refusals) say so.
 
 use chrono::{DateTime, Utc};
 
 use crate::config::Config;
 use crate::mail::outbox::{self, MessageKind, OutboxError, Refusal};
 use crate::mail::Message;
-use crate::store::{parse_timestamp, timestamp, Store, StoreError};
+use crate::store::{jobs, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
@@ -19,12 +21,6 @@ pub enum AlertError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
-}
-
-impl From<rusqlite::Error> for AlertError {
-    fn from(error: rusqlite::Error) -> AlertError {
-        AlertError::Store(StoreError::Sqlite(error))
-    }
 }
 
 /// Raises an alert unless one with the same key went out within the rate limit, and delivers it
@@ -41,20 +37,20 @@ pub fn raise(
     let Some(alerts) = &config.alerts else {
         return Ok(false);
     };
-    let last: Option<String> = store.connection().query_row(
-        "SELECT max(at) FROM alerts WHERE key = ?1",
-        [key],
-        |row| row.get(0),
-    )?;
-    if let Some(last) = last.as_deref().and_then(|last| parse_timestamp(last).ok()) {
-        if (now - last).to_std().unwrap_or_default() < alerts.every {
-            return Ok(false);
+    let every = alerts.every;
+    let due = store.exclusively("alerts", |store| -> Result<bool, StoreError> {
+        let db = store.db();
+        if let Some(last) = jobs::last_alert(&db, key)? {
+            if (now - last).to_std().unwrap_or_default() < every {
+                return Ok(false);
+            }
         }
+        jobs::record_alert(&db, subject, key, now)?;
+        Ok(true)
+    })?;
+    if !due {
+        return Ok(false);
     }
-    store.connection().execute(
-        "INSERT INTO alerts (subject, key, at) VALUES (?1, ?2, ?3)",
-        rusqlite::params![subject, key, timestamp(now)],
-    )?;
     let text = format!("{body}\n\nfunnelsync on {}\n", hostname());
     let html = format!(
         "<!DOCTYPE html><html><body><pre>{}</pre></body></html>",

@@ -14,7 +14,6 @@ use serde_json::{json, Value};
 use crate::config::{Config, ConfigError, SourcePath, DEFAULT_CONFIG_PATH};
 use crate::deal::Field;
 use crate::mapping::Severity;
-use crate::mirror;
 use crate::store::{CrmStore, DealFilter, Store};
 use crate::sync::{self, FileReport, FileStatus};
 use crate::text::{amount_column, write_table};
@@ -77,6 +76,23 @@ pub enum Command {
     /// Make API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Look after the store: bring its schema up to date, or copy it into PostgreSQL.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Apply the schema migrations this funnelsync knows to the store (creating it if needed).
+    Migrate,
+    /// Copy this SQLite store (deals, history, runs, mirror, outbox, …) into an empty PostgreSQL
+    /// database, check counts and checksums, and say which config line to change. The password
+    /// comes from FUNNELSYNC_STORE_PASSWORD or the store-password credential.
+    Copy {
+        /// The database: postgresql://USER@HOST/DATABASE[?sslmode=require].
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -237,7 +253,7 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     // The store's folder must exist or be creatable, and be writable: found now, not at the
     // daemon's first start.
-    if let Some(problem) = store_folder_problem(&config.store.path) {
+    if let Some(problem) = config.store.path().and_then(store_folder_problem) {
         eprintln!(
             "error: config file {} is valid, but the store cannot be created: {problem}",
             config.path.display()
@@ -248,7 +264,17 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     for warning in config.warnings() {
         eprintln!("warning: {warning}");
     }
-    writeln!(out, "store: {}", config.store.path.display())?;
+    match &config.store.location {
+        crate::config::StoreLocation::Sqlite(path) => {
+            writeln!(out, "store: {} (SQLite)", path.display())?
+        }
+        crate::config::StoreLocation::Postgres(postgres) => writeln!(
+            out,
+            "store: {} (PostgreSQL), site \"{}\"",
+            postgres.shown_url(),
+            config.store.site
+        )?,
+    }
     writeln!(out, "sources:")?;
     for source in &config.sources {
         let (kind, path) = match &source.path {
@@ -402,14 +428,91 @@ fn store_folder_problem(path: &std::path::Path) -> Option<String> {
     }
 }
 
+/// `funnelsync store migrate`.
+pub fn store_migrate(config: &Config) -> anyhow::Result<ExitCode> {
+    let (_, migrated) = Store::open_migrating(&config.store)?;
+    let mut out = std::io::stdout().lock();
+    if migrated.from == migrated.to {
+        writeln!(
+            out,
+            "the store {} is up to date (schema version {})",
+            config.store.describe(),
+            migrated.to
+        )?;
+    } else {
+        writeln!(
+            out,
+            "migrated the store {} from schema version {} to {}",
+            config.store.describe(),
+            migrated.from,
+            migrated.to
+        )?;
+    }
+    Ok(ExitCode::from(EXIT_OK))
+}
+
+/// `funnelsync store copy --to URL`.
+pub fn store_copy(config: &Config, to: &str) -> anyhow::Result<ExitCode> {
+    let crate::config::StoreLocation::Sqlite(path) = &config.store.location else {
+        eprintln!("error: store copy copies a SQLite store ([store] path); this config's store is already PostgreSQL");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
+    let shown = crate::config::PostgresConfig {
+        url: to.to_string(),
+        password_file: None,
+    }
+    .shown_url();
+    if shown != to {
+        eprintln!("error: --to holds a password; give it in FUNNELSYNC_STORE_PASSWORD or the store-password credential instead");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let target = crate::config::StoreConfig {
+        location: crate::config::StoreLocation::Postgres(crate::config::PostgresConfig {
+            url: to.to_string(),
+            password_file: None,
+        }),
+        site: config.store.site.clone(),
+    };
+    let from = Store::open_existing(&config.store)?;
+    let mut into = Store::open(&target)?;
+    let report = crate::store::copy_to_postgres(&from, &mut into)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "copied {} into {} (site \"{}\"), and checked:",
+        path.display(),
+        shown,
+        config.store.site
+    )?;
+    let rows: Vec<Vec<String>> = std::iter::once(vec![
+        "table".to_string(),
+        "rows".to_string(),
+        "checksum".to_string(),
+    ])
+    .chain(report.tables.iter().map(|(table, n_rows, checksum)| {
+        vec![table.clone(), n_rows.to_string(), checksum.clone()]
+    }))
+    .collect();
+    write_table(&mut out, &rows, &[false, true, false])?;
+    writeln!(
+        out,
+        "\nTo use it, stop funnelsync and replace in [store] of {}:\n    path = \"{}\"\nwith:\n    url = \"{}\"\n    site = \"{}\"\nThen start funnelsync again. The SQLite file is left as it was.",
+        config.path.display(),
+        path.display(),
+        shown,
+        config.store.site
+    )?;
+    Ok(ExitCode::from(EXIT_OK))
+}
+
 pub(crate) fn open_store(config: &Config) -> anyhow::Result<Store> {
-    Ok(Store::open(&config.store.path)?)
+    Ok(Store::open(&config.store)?)
 }
 
 /// Opens the store that must already exist: every command but `sync` and `run`, so that a
 /// mistyped path says so instead of leaving an empty store behind.
 pub(crate) fn open_existing_store(config: &Config) -> anyhow::Result<Store> {
-    Ok(Store::open_existing(&config.store.path)?)
+    Ok(Store::open_existing(&config.store)?)
 }
 
 /// The runtime a command's mail goes out on: the SMTP transport is async, a command is not.
@@ -741,7 +844,7 @@ pub fn remind(
 
 pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
     let store = open_existing_store(config)?;
-    let issues = mirror::current_issues(store.connection())?;
+    let issues = crate::store::mirror::current_issues(&store.db())?;
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&issues)?)?,
@@ -775,7 +878,7 @@ fn local_time(at: chrono::DateTime<chrono::Utc>) -> String {
 
 pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
     let store = open_existing_store(config)?;
-    let overview = crate::status::file_overview(store.connection())?;
+    let overview = crate::store::files::file_overview(&store.db())?;
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&overview)?)?,
@@ -799,7 +902,7 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
             .to_vec()];
             for file in &overview {
                 let state = match (file.state, file.next_retry_at) {
-                    (Some(crate::status::FileState::Retrying), Some(retry_at)) => {
+                    (Some(crate::store::files::FileState::Retrying), Some(retry_at)) => {
                         format!(
                             "retry {} at {}",
                             file.attempts + 1,
@@ -835,13 +938,13 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                 &[false, false, false, false, false, true, true, false, false],
             )?;
             for file in &overview {
-                let ignored = file.state == Some(crate::status::FileState::Ignored);
+                let ignored = file.state == Some(crate::store::files::FileState::Ignored);
                 if file.last_status.as_deref() == Some("failed") || ignored {
                     if let Some(message) = &file.last_message {
                         writeln!(out, "\n{}: {message}", display_file(&file.file))?;
                     }
                 }
-                if let Some(crate::status::WriteBackState {
+                if let Some(crate::store::files::WriteBackState {
                     status,
                     message: Some(message),
                 }) = &file.write_back
@@ -1092,7 +1195,8 @@ pub fn funnel(
         let mut store = open_existing_store(config)?;
         let runtime = mail_runtime()?;
         let delivery =
-            crate::report::send_weekly_digest(&mut store, config, now, runtime.handle())?;
+            crate::report::send_weekly_digest(&mut store, config, now, None, runtime.handle())?
+                .unwrap_or_default();
         for error in &delivery.errors {
             eprintln!("mail error: {error}");
         }

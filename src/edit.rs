@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::Config;
 use crate::deal::{Deal, DealId, Field, FieldKind, FieldMap, FieldValue};
-use crate::store::{ChangeKind, ChangeRecord, CrmStore, RunCounts, SqliteCrm, Store, StoreError};
+use crate::store::{ChangeKind, ChangeRecord, CrmStore, Db, RunCounts, Store, StoreError};
 
 /// Field changes as they are applied: `None` clears a field.
 pub type Changes = Vec<(Field, Option<FieldValue>)>;
@@ -52,12 +52,6 @@ pub enum EditError {
     Invalid(Vec<FieldProblem>),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<rusqlite::Error> for EditError {
-    fn from(error: rusqlite::Error) -> EditError {
-        EditError::Store(StoreError::Sqlite(error))
-    }
 }
 
 /// Who makes an edit: the run's source (`cli`, `api`) and, for the API, the user, which the run's
@@ -111,7 +105,7 @@ pub struct EditOutcome {
 
 /// Records an edit's run (of no file) and returns its id.
 fn record_run(
-    crm: &SqliteCrm<'_>,
+    crm: &Db<'_>,
     origin: Origin<'_>,
     counts: RunCounts,
     now: DateTime<Utc>,
@@ -231,7 +225,7 @@ pub fn apply_changes(
         expected_version,
     } = request;
     let transaction = store.transaction()?;
-    let crm = SqliteCrm::new(&transaction);
+    let crm = &*transaction;
     let Some(deal) = crm.deals_by_ids(&[id])?.remove(&id) else {
         return Err(EditError::NoSuchDeal(id));
     };
@@ -268,7 +262,7 @@ pub fn apply_changes(
     crm.update_deal(id, &changes, &extra_changes, origin.source, now)?;
     // The change is a run of its own in the history, so it can be undone like a sheet's.
     let run_id = record_run(
-        &crm,
+        crm,
         origin,
         RunCounts {
             updated: 1,
@@ -339,10 +333,10 @@ pub fn create_deal(
         .entry(Field::Stage)
         .or_insert_with(|| FieldValue::Text(config.stages.first().name.clone()));
     let transaction = store.transaction()?;
-    let crm = SqliteCrm::new(&transaction);
+    let crm = &*transaction;
     let id = crm.create_deal(&fields, &Default::default(), origin.source, now, Some(now))?;
     let run_id = record_run(
-        &crm,
+        crm,
         origin,
         RunCounts {
             created: 1,

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::deal::{Deal, Field, FieldKind, FieldValue};
 use crate::store::{
-    ChangeKind, ChangeRecord, CrmStore, RunCounts, SqliteCrm, Store, StoreError, SyncRun,
+    ChangeKind, ChangeRecord, CrmStore, Db, RunCounts, Store, StoreError, SyncRun,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -35,12 +35,6 @@ pub enum UndoError {
     NoSuchRun(i64),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<rusqlite::Error> for UndoError {
-    fn from(error: rusqlite::Error) -> UndoError {
-        UndoError::Store(StoreError::Sqlite(error))
-    }
 }
 
 /// A stored text value back as a field value.
@@ -123,7 +117,7 @@ pub fn undo(
     now: DateTime<Utc>,
 ) -> Result<UndoReport, UndoError> {
     let transaction = store.transaction()?;
-    let crm = SqliteCrm::new(&transaction);
+    let crm = &*transaction;
     crm.run(run_id)?.ok_or(UndoError::NoSuchRun(run_id))?;
     let mut report = UndoReport {
         undone_run: run_id,
@@ -142,7 +136,7 @@ pub fn undo(
                 runs.join(", ")
             ))
         } else {
-            revert(&crm, change, now)?
+            revert(crm, change, now)?
         };
         match reverted {
             Reverted::Skipped(reason) => report.skipped.push(SkippedChange {
@@ -179,7 +173,7 @@ pub fn undo(
         )),
     })?;
     crm.record_changes(undo_run, &inverse)?;
-    transaction.commit().map_err(StoreError::from)?;
+    transaction.commit()?;
     report.run_id = Some(undo_run);
     Ok(report)
 }
@@ -187,7 +181,7 @@ pub fn undo(
 /// Reverses one change in the store: a field set back, an archival or creation reversed, a
 /// deletion restored from the copy kept of the deal.
 fn revert(
-    crm: &SqliteCrm<'_>,
+    crm: &Db<'_>,
     change: &ChangeRecord,
     now: DateTime<Utc>,
 ) -> Result<Reverted, StoreError> {
@@ -234,7 +228,7 @@ fn revert(
 
 /// Sets one field (or extra column, `extra.NAME`) of `deal` back to the value before `change`.
 fn revert_field(
-    crm: &SqliteCrm<'_>,
+    crm: &Db<'_>,
     change: &ChangeRecord,
     deal: &Deal,
     now: DateTime<Utc>,

@@ -1,5 +1,5 @@
 //! funnelsync keeps a sales team's pipeline spreadsheets (.xlsx, .csv, and .xls/.ods read-only) in
-//! sync with a CRM store in SQLite. The library holds every stage of the flow, one module each;
+//! sync with a CRM store (SQLite, or PostgreSQL shared by several daemons). The library holds every stage of the flow, one module each;
 //! the binary (`src/main.rs`) only parses the command line and dispatches. See ARCHITECTURE.md.
 
 pub(crate) mod alerts;
@@ -14,10 +14,8 @@ pub(crate) mod history;
 pub(crate) mod http;
 pub(crate) mod mail;
 pub mod mapping;
-pub mod mirror;
 pub(crate) mod remind;
 pub(crate) mod report;
-pub(crate) mod status;
 pub mod store;
 pub mod sync;
 pub(crate) mod systemd;

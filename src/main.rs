@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use funnelsync::cli::{self, Cli, Command, DealsCommand, TokenCommand};
+use funnelsync::cli::{self, Cli, Command, DealsCommand, StoreCommand, TokenCommand};
 
 fn main() -> ExitCode {
     match run() {
@@ -78,6 +78,8 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Token(TokenCommand::New { name, role, rep }) => {
             cli::token_new(name, role, rep.as_deref())
         }
+        Command::Store(StoreCommand::Migrate) => cli::store_migrate(&config),
+        Command::Store(StoreCommand::Copy { to }) => cli::store_copy(&config, to),
         Command::Run => {
             funnelsync::daemon::run(config)?;
             Ok(ExitCode::SUCCESS)

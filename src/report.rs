@@ -49,7 +49,16 @@ pub fn load(
     now: DateTime<Utc>,
     owner: Option<&str>,
 ) -> Result<FunnelReport, StoreError> {
-    let crm = store.crm();
+    load_from(&store.db(), config, period, now, owner)
+}
+
+fn load_from(
+    crm: &crate::store::Db<'_>,
+    config: &Config,
+    period: Period,
+    now: DateTime<Utc>,
+    owner: Option<&str>,
+) -> Result<FunnelReport, StoreError> {
     let mut deals = crm.list_deals(&DealFilter {
         include_archived: true,
         ..DealFilter::default()
@@ -617,13 +626,42 @@ fn signed(value: f64) -> String {
 
 /// The weekly digest for the manager: the funnel table over the last week, the change since the
 /// previous digest, the top stalled deals, and the Excel report attached. Recorded in the outbox
-/// as pending, then delivered like the reminders (on `runtime`, see [`outbox::deliver`]).
+/// as pending, then delivered like the reminders (on `runtime`, see [`outbox::deliver`]). With
+/// `due_at` (the daemon's schedule), the digest due then is recorded once for the whole store:
+/// when another daemon sharing the store sent it, this one sends nothing (`Ok(None)`).
 pub fn send_weekly_digest(
     store: &mut Store,
     config: &Config,
     now: DateTime<Utc>,
+    due_at: Option<DateTime<Utc>>,
     runtime: &tokio::runtime::Handle,
-) -> Result<DeliveryReport, ReportError> {
+) -> Result<Option<DeliveryReport>, ReportError> {
+    let recorded = store.exclusively("weekly-digest", |store| -> Result<bool, ReportError> {
+        let transaction = store.transaction()?;
+        if let Some(due_at) = due_at {
+            if !crate::store::jobs::claim_due(&transaction, "weekly-digest", due_at, now)? {
+                return Ok(false);
+            }
+        }
+        record_weekly_digest(&transaction, config, now, due_at)?;
+        transaction.commit()?;
+        Ok(true)
+    })?;
+    if !recorded {
+        return Ok(None);
+    }
+    let delivery = outbox::deliver(store, config, now, false, runtime)?;
+    crate::alerts::mail_refused(store, config, &delivery.refusals, now, runtime);
+    Ok(Some(delivery))
+}
+
+/// Records the weekly digest (and its snapshot) as pending mail, in the caller's transaction.
+fn record_weekly_digest(
+    db: &crate::store::Db<'_>,
+    config: &Config,
+    now: DateTime<Utc>,
+    due_at: Option<DateTime<Utc>>,
+) -> Result<(), ReportError> {
     let manager = config
         .remind
         .as_ref()
@@ -638,15 +676,8 @@ pub fn send_weekly_digest(
         since: now - chrono::Duration::days(i64::from(period_days)),
         until: now,
     };
-    let report = load(store, config, period, now, None)?;
-    let previous: Option<Snapshot> = store
-        .connection()
-        .query_row(
-            "SELECT stages FROM report_snapshots ORDER BY id DESC LIMIT 1",
-            [],
-            |row| row.get::<_, String>(0),
-        )
-        .ok()
+    let report = load_from(db, config, period, now, None)?;
+    let previous: Option<Snapshot> = crate::store::jobs::last_snapshot(db)?
         .and_then(|text| serde_json::from_str(&text).ok());
     let current = snapshot_of(&report);
     let mut text = text_table(&report);
@@ -688,23 +719,15 @@ pub fn send_weekly_digest(
     };
     let bytes = workbook_bytes(&report)?;
     let name = format!("Funnel report {}.xlsx", now.format("%Y-%m-%d"));
-    outbox::record(
-        store,
-        config,
+    outbox::enqueue(
+        db,
         MessageKind::Weekly,
         &message,
         Some((&name, &bytes)),
         now,
+        outbox::give_up_at(config, now),
     )?;
     let snapshot = serde_json::to_string(&current).unwrap_or_default();
-    store
-        .connection()
-        .execute(
-            "INSERT INTO report_snapshots (at, stages) VALUES (?1, ?2)",
-            rusqlite::params![crate::store::timestamp(now), snapshot],
-        )
-        .map_err(StoreError::from)?;
-    let delivery = outbox::deliver(store, config, now, false, runtime)?;
-    crate::alerts::mail_refused(store, config, &delivery.refusals, now, runtime);
-    Ok(delivery)
+    crate::store::jobs::record_snapshot(db, now, &snapshot, due_at)?;
+    Ok(())
 }

@@ -238,9 +238,87 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone)]
+/// Where the store is and which site this process syncs files for.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
-    pub path: PathBuf,
+    pub location: StoreLocation,
+    /// The name of this daemon's share among those that use the same store (`[store] site`,
+    /// default [`DEFAULT_SITE`]): its files' mirror and states are kept under it.
+    pub site: String,
+}
+
+/// The site of a store whose config names none.
+pub const DEFAULT_SITE: &str = "local";
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreLocation {
+    /// One SQLite file (`[store] path`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`[store] url`), which several daemons may share.
+    Postgres(PostgresConfig),
+}
+
+/// A PostgreSQL store: the connection URL (which may carry `sslmode`) and where its password is
+/// read from. The password itself is never kept in the config.
+#[derive(Clone, PartialEq)]
+pub struct PostgresConfig {
+    pub url: String,
+    /// A file holding the password; else `FUNNELSYNC_STORE_PASSWORD`, else systemd's credential
+    /// `$CREDENTIALS_DIRECTORY/store-password`.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Never prints a password a URL may carry.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("PostgresConfig")
+            .field("url", &self.shown_url())
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+impl PostgresConfig {
+    /// The URL with any password in it left out: for messages.
+    pub fn shown_url(&self) -> String {
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return self.url.clone();
+        };
+        match rest.split_once('@') {
+            Some((credentials, host)) => {
+                let user = credentials.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}@{host}")
+            }
+            None => self.url.clone(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// A SQLite store at `path`, of the default site.
+    pub fn sqlite(path: PathBuf) -> StoreConfig {
+        StoreConfig {
+            location: StoreLocation::Sqlite(path),
+            site: DEFAULT_SITE.to_string(),
+        }
+    }
+
+    /// The SQLite file, if the store is one.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.location {
+            StoreLocation::Sqlite(path) => Some(path),
+            StoreLocation::Postgres(_) => None,
+        }
+    }
+
+    /// The file, or the URL without its password: for messages.
+    pub fn describe(&self) -> String {
+        match &self.location {
+            StoreLocation::Sqlite(path) => path.display().to_string(),
+            StoreLocation::Postgres(postgres) => postgres.shown_url(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,7 +558,10 @@ mod tests {
             "[store]\npath = \"crm.db\"\n[[sources]]\nname = \"p\"\npath = \"sales/*.xlsx\"\n";
         let config =
             Config::from_text(text, Path::new("/etc/funnelsync/funnelsync.toml")).expect("valid");
-        assert_eq!(config.store.path, PathBuf::from("/etc/funnelsync/crm.db"));
+        assert_eq!(
+            config.store.path(),
+            Some(Path::new("/etc/funnelsync/crm.db"))
+        );
         assert_eq!(
             config.sources[0].path,
             SourcePath::Glob("/etc/funnelsync/sales/*.xlsx".to_string())

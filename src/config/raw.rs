@@ -144,7 +144,10 @@ pub struct RawSmtp {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    pub path: String,
+    pub path: Option<String>,
+    pub url: Option<String>,
+    pub site: Option<String>,
+    pub password_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

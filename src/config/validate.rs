@@ -106,22 +106,94 @@ fn validate_store(
     base: &Path,
     problem: &mut impl FnMut(&str, String),
 ) -> Option<StoreConfig> {
-    match raw {
-        Some(store) if store.path.trim().is_empty() => {
-            problem("store.path", "must name a SQLite file".to_string());
-            None
+    let Some(store) = raw else {
+        problem(
+            "store",
+            "is missing: add a [store] section with `path = \"…/crm.db\"` (or `url = \"postgresql://…\"`)"
+                .to_string(),
+        );
+        return None;
+    };
+    let site = match store.site.as_deref().map(str::trim) {
+        None => crate::config::DEFAULT_SITE.to_string(),
+        Some(site)
+            if !site.is_empty()
+                && site.len() <= 64
+                && site
+                    .chars()
+                    .all(|character| character.is_alphanumeric() || "-_.".contains(character)) =>
+        {
+            site.to_string()
         }
-        Some(store) => Some(StoreConfig {
-            path: resolve(base, &store.path),
-        }),
-        None => {
+        Some(_) => {
+            problem(
+                "store.site",
+                "must be a short name of letters, digits, `-`, `_` or `.` (such as \"beijing\")"
+                    .to_string(),
+            );
+            return None;
+        }
+    };
+    let location = match (store.path, store.url) {
+        (Some(_), Some(_)) => {
             problem(
                 "store",
-                "is missing: add a [store] section with `path = \"…/crm.db\"`".to_string(),
+                "has both `path` (a SQLite file) and `url` (a PostgreSQL database): keep one"
+                    .to_string(),
             );
-            None
+            return None;
         }
-    }
+        (None, None) => {
+            problem(
+                "store",
+                "names no store: add `path = \"…/crm.db\"` (SQLite) or `url = \"postgresql://…\"`"
+                    .to_string(),
+            );
+            return None;
+        }
+        (Some(path), None) if path.trim().is_empty() => {
+            problem("store.path", "must name a SQLite file".to_string());
+            return None;
+        }
+        (Some(path), None) => {
+            if store.password_file.is_some() {
+                problem(
+                    "store.password_file",
+                    "is for a PostgreSQL store (`url`); a SQLite file has no password".to_string(),
+                );
+                return None;
+            }
+            StoreLocation::Sqlite(resolve(base, &path))
+        }
+        (None, Some(url)) => {
+            let scheme_ok = url.starts_with("postgresql://") || url.starts_with("postgres://");
+            if !scheme_ok || url.parse::<postgres::Config>().is_err() {
+                problem(
+                    "store.url",
+                    "must be a PostgreSQL URL such as \"postgresql://funnelsync@db.example/crm?sslmode=require\""
+                        .to_string(),
+                );
+                return None;
+            }
+            let postgres = PostgresConfig {
+                url,
+                password_file: store.password_file.map(|file| resolve(base, &file)),
+            };
+            if postgres.url.split_once("://").is_some_and(|(_, rest)| {
+                rest.split_once('@')
+                    .is_some_and(|(credentials, _)| credentials.contains(':'))
+            }) {
+                problem(
+                    "store.url",
+                    "holds a password: put it in `password_file`, FUNNELSYNC_STORE_PASSWORD or the store-password credential instead"
+                        .to_string(),
+                );
+                return None;
+            }
+            StoreLocation::Postgres(postgres)
+        }
+    };
+    Some(StoreConfig { location, site })
 }
 
 /// Every source that is valid (each with a unique name); the others' problems are said.

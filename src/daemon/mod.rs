@@ -27,11 +27,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::alerts::AlertError;
-use crate::config::{Config, View};
+use crate::config::{Config, StoreLocation, View};
 use crate::mail::outbox::OutboxError;
 use crate::remind::outbox::RemindError;
 use crate::report::ReportError;
-use crate::status::{FileState, FileStatusRecord};
+use crate::store::files::{FileState, FileStatusRecord};
 use crate::store::{CrmStore, Store, StoreError};
 use crate::sync::{self, FileReport, FileStatus};
 use crate::systemd;
@@ -44,6 +44,9 @@ use workers::Workers;
 const EVENT_QUEUE: usize = 1024;
 /// How often the store's change counter is checked.
 const STORE_POLL: Duration = Duration::from_millis(500);
+/// How often it is checked while a PostgreSQL store's notifications arrive: the poll is then only
+/// a safety net.
+const STORE_POLL_LISTENING: Duration = Duration::from_secs(10);
 /// How often pending mail is looked at for retries.
 const MAIL_RETRY: Duration = Duration::from_secs(20);
 /// How long a shutdown waits for syncs, mail, the report and alerts in progress to finish.
@@ -57,6 +60,8 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("cannot start the store thread: {0}")]
     StoreThread(#[source] std::io::Error),
+    #[error("another daemon runs as site \"{0}\" on this store; give each daemon sharing a store its own [store] site")]
+    SiteTaken(String),
     #[error(transparent)]
     Http(#[from] crate::http::HttpError),
 }
@@ -107,13 +112,17 @@ enum Event {
     /// mail is in trouble.
     MailFinished(Result<(String, bool), JobError>),
     /// The weekly digest to the manager is due.
-    WeeklyDigestDue,
+    WeeklyDigestDue(chrono::DateTime<Utc>),
     /// The funnel report file was written (or could not be).
     ReportWritten(Result<(), JobError>),
     /// An alert worker finished.
     AlertDone,
     /// The store's change counter, as the store thread read it.
     StoreVersion(Result<i64, StoreError>),
+    /// A PostgreSQL store said a transaction committed this change counter.
+    StoreNotified(i64),
+    /// The connection that listens for the store's notifications is up (or down: polling).
+    Listening(bool),
     /// The files that show a deal changed since the counter the loop last knew (`except` shows
     /// them already).
     FilesBehind {
@@ -142,6 +151,8 @@ struct Daemon {
     store_checked_at: Instant,
     /// A read of the change counter was asked for and not answered yet.
     store_version_asked: bool,
+    /// The store's notifications arrive (PostgreSQL): the counter is polled only as a safety net.
+    listening: bool,
     /// A reminder run or mail delivery is in progress.
     mail_busy: bool,
     /// When pending mail was last looked at.
@@ -178,8 +189,12 @@ struct Opening {
     last_reminder_run: Result<Option<chrono::DateTime<Utc>>, StoreError>,
 }
 
-fn open_store(config: &Config) -> Result<Opening, StoreError> {
-    let store = Store::open(&config.store.path)?;
+fn open_store(config: &Config) -> Result<Opening, DaemonError> {
+    let store = Store::open(&config.store)?;
+    // Held for the daemon's life on the store thread's connection, let go when it closes.
+    if !store.claim_site()? {
+        return Err(DaemonError::SiteTaken(config.store.site.clone()));
+    }
     let version = match store.crm().version() {
         Ok(version) => Some(version),
         Err(error) => {
@@ -226,6 +241,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         store_version_asked: false,
         mail_busy: false,
         mail_checked_at: Instant::now(),
+        listening: false,
         report_dirty: true,
         report_busy: false,
         report_next_at: Instant::now(),
@@ -250,7 +266,8 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     info!(
         n_sources = daemon.config.sources.len(),
         mode = ?daemon.config.watch.mode,
-        store = %daemon.config.store.path.display(),
+        store = %daemon.config.store.describe(),
+        site = %daemon.config.store.site,
         "funnelsync daemon starting"
     );
     for source in &daemon.config.sources {
@@ -258,6 +275,9 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         if n_removed > 0 {
             info!(source = %source.name, n_removed, "removed temp files left by an interrupted write");
         }
+    }
+    if matches!(daemon.config.store.location, StoreLocation::Postgres(_)) {
+        listen_for_changes(daemon.config.store.clone(), daemon.sender.clone());
     }
     daemon.rescan(true);
     daemon.start_due_syncs();
@@ -312,10 +332,19 @@ impl Daemon {
             } => self.on_sync_finished(path, fingerprint, *outcome),
             Event::Reload => self.reload(),
             Event::RemindDue(due) => self.start_reminders(due),
-            Event::WeeklyDigestDue => self.start_weekly_digest(),
+            Event::WeeklyDigestDue(due) => self.start_weekly_digest(due),
             Event::ReportWritten(result) => self.on_report_written(result),
             Event::MailFinished(result) => self.on_mail_finished(result),
             Event::AlertDone => self.n_alerts_in_flight = self.n_alerts_in_flight.saturating_sub(1),
+            Event::StoreNotified(version) => self.store_moved_to(version, None),
+            Event::Listening(listening) => {
+                if listening {
+                    info!("listening for the store's changes");
+                } else {
+                    warn!("the store's notifications stopped; polling the change counter until they are back");
+                }
+                self.listening = listening;
+            }
             Event::StoreVersion(version) => {
                 self.store_version_asked = false;
                 match version {
@@ -548,7 +577,12 @@ impl Daemon {
         }
         // Deals changed by another process (the CLI) or by another file's sync must reach the
         // files that show them.
-        if self.store_checked_at.elapsed() >= STORE_POLL && !self.store_version_asked {
+        let poll = if self.listening {
+            STORE_POLL_LISTENING
+        } else {
+            STORE_POLL
+        };
+        if self.store_checked_at.elapsed() >= poll && !self.store_version_asked {
             self.store_checked_at = Instant::now();
             self.store_version_asked = true;
             self.store.send(StoreJob::ReadVersion);
@@ -747,10 +781,30 @@ impl Daemon {
                 since: now - chrono::Duration::days(i64::from(report.period_days)),
                 until: now,
             };
+            // Daemons sharing a store write the report one at a time, and an interval's report
+            // once: the one that finds its interval done leaves it.
+            let slot = match report.refresh {
+                crate::config::ReportRefresh::Every(every) => {
+                    let seconds = every.as_secs().max(1) as i64;
+                    chrono::DateTime::from_timestamp(now.timestamp() / seconds * seconds, 0)
+                }
+                crate::config::ReportRefresh::AfterSync => None,
+            };
             with_store(&config, |store| {
-                let funnel = crate::report::load(store, &config, period, now, None)?;
-                crate::report::write_file(&report.path, &funnel)?;
-                Ok(())
+                store.exclusively("report", |store| -> Result<(), JobError> {
+                    if let Some(slot) = slot {
+                        if crate::store::jobs::done(&store.db(), "report", slot)? {
+                            debug!("the funnel report of this interval was written by another daemon");
+                            return Ok(());
+                        }
+                    }
+                    let funnel = crate::report::load(store, &config, period, now, None)?;
+                    crate::report::write_file(&report.path, &funnel)?;
+                    if let Some(slot) = slot {
+                        crate::store::jobs::claim_due(&store.db(), "report", slot, now)?;
+                    }
+                    Ok(())
+                })
             })
         });
     }
@@ -768,12 +822,19 @@ impl Daemon {
         }
     }
 
-    fn start_weekly_digest(&mut self) {
+    fn start_weekly_digest(&mut self, due: chrono::DateTime<Utc>) {
         if self.mail_busy || self.shutting_down {
             return;
         }
-        self.spawn_mail_job(|store, config, runtime| {
-            let delivery = crate::report::send_weekly_digest(store, config, Utc::now(), runtime)?;
+        self.spawn_mail_job(move |store, config, runtime| {
+            let Some(delivery) =
+                crate::report::send_weekly_digest(store, config, Utc::now(), Some(due), runtime)?
+            else {
+                return Ok((
+                    "weekly digest: sent by another daemon sharing the store".to_string(),
+                    false,
+                ));
+            };
             let summary = format!(
                 "weekly digest: {} sent, {} to retry",
                 delivery.sent, delivery.retrying
@@ -1092,8 +1153,8 @@ impl Daemon {
                 for removed in old_names.difference(&new_names) {
                     info!(source = %removed, "source removed; its files are no longer synced and their deals stay");
                 }
-                if new_config.store.path != self.config.store.path {
-                    warn!("a new [store] path takes effect only after a restart");
+                if new_config.store != self.config.store {
+                    warn!("a new [store] takes effect only after a restart");
                 }
                 let mut new_config = new_config;
                 new_config.store = self.config.store.clone();
@@ -1195,8 +1256,63 @@ fn with_store<T>(
     config: &Config,
     job: impl FnOnce(&mut Store) -> Result<T, JobError>,
 ) -> Result<T, JobError> {
-    let mut store = Store::open(&config.store.path)?;
-    job(&mut store)
+    crate::store::with_store(&config.store, false, job)
+}
+
+/// Listens, on a thread and a connection of its own, for the commits a PostgreSQL store
+/// announces, and tells the loop the new change counter at once. When the connection drops the
+/// loop polls the counter (every half second) until it is back; it is opened again with backoff.
+/// The thread ends when the loop is gone.
+fn listen_for_changes(config: crate::config::StoreConfig, events: mpsc::Sender<Event>) {
+    let StoreLocation::Postgres(postgres) = config.location else {
+        return;
+    };
+    let started = std::thread::Builder::new()
+        .name("funnelsync-listen".to_string())
+        .spawn(move || {
+            let mut backoff = Duration::from_secs(1);
+            while !events.is_closed() {
+                match crate::store::Listener::start(&postgres) {
+                    Ok(mut listener) => {
+                        backoff = Duration::from_secs(1);
+                        if events.blocking_send(Event::Listening(true)).is_err() {
+                            return;
+                        }
+                        loop {
+                            if events.is_closed() {
+                                return;
+                            }
+                            match listener.wait(Duration::from_secs(1)) {
+                                Ok(Some(version)) => {
+                                    if events.blocking_send(Event::StoreNotified(version)).is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(error) => {
+                                    warn!("lost the connection that listens for the store's changes: {error}");
+                                    break;
+                                }
+                            }
+                        }
+                        if events.blocking_send(Event::Listening(false)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        debug!("cannot listen for the store's changes yet: {error}");
+                    }
+                }
+                let deadline = Instant::now() + backoff;
+                while Instant::now() < deadline && !events.is_closed() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        });
+    if let Err(error) = started {
+        warn!("cannot start listening for the store's changes; polling instead: {error}");
+    }
 }
 
 /// Farther than any configured duration may reach (the config caps them far below).

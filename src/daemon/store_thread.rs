@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::Event;
-use crate::status::{self, FileStatusRecord};
+use crate::store::files::{self as status, FileStatusRecord};
 use crate::store::{CrmStore, Store};
 
 /// Work for the daemon's store connection.
@@ -68,7 +68,7 @@ impl StoreThread {
 fn run(store: &Store, job: StoreJob) -> Option<Event> {
     match job {
         StoreJob::RecordStatus(record) => {
-            if let Err(error) = status::record(store.connection(), &record) {
+            if let Err(error) = status::record(&store.db(), &record) {
                 warn!(file = %record.file, "cannot record the file's status: {error}");
             }
             None
@@ -76,7 +76,7 @@ fn run(store: &Store, job: StoreJob) -> Option<Event> {
         StoreJob::ReplaceIgnored(by_source) => {
             let now = Utc::now();
             let result = by_source.iter().try_for_each(|(source, noted)| {
-                status::replace_ignored(store.connection(), source, noted, now)
+                status::replace_ignored(&store.db(), source, noted, now)
             });
             if let Err(error) = result {
                 warn!("cannot record the links that are not sources: {error}");

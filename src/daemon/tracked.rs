@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::status::FileState;
+use crate::store::files::FileState;
 use crate::sync::{FileReport, FileStatus, WriteBack};
 use crate::watch::Fingerprint;
 

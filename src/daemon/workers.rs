@@ -126,7 +126,7 @@ pub(super) fn start_workers(config: &Config, sender: &mpsc::Sender<Event>) -> Wo
             spawn_wall_clock_timer(
                 sender.clone(),
                 move |after| crate::clock::next_weekly(timezone, weekday, at, after),
-                |_| Event::WeeklyDigestDue,
+                Event::WeeklyDigestDue,
             )
         });
     Workers {

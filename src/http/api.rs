@@ -559,7 +559,7 @@ pub fn load_deal(
         .map_err(|refusal| ApiError::from_refusal(refusal, &format!("deal {id}")))?;
     let version = crm.deal_versions(&[id])?.remove(&id).unwrap_or(0);
     let history = crm.stage_history(id)?;
-    let mut files: Vec<String> = crate::mirror::files_holding(store.connection(), &[id])?
+    let mut files: Vec<String> = crate::store::mirror::files_holding(&store.db(), &[id])?
         .into_iter()
         .collect();
     files.sort();
@@ -867,7 +867,7 @@ async fn status(
     ApiUser(user): ApiUser,
 ) -> Result<Json<Value>, ApiError> {
     admin_read(&state, &user, |store| {
-        Ok(crate::status::file_overview(store.connection())?)
+        Ok(crate::store::files::file_overview(&store.db())?)
     })
     .await
 }
@@ -877,7 +877,7 @@ async fn errors(
     ApiUser(user): ApiUser,
 ) -> Result<Json<Value>, ApiError> {
     admin_read(&state, &user, |store| {
-        Ok(crate::mirror::current_issues(store.connection())?)
+        Ok(crate::store::mirror::current_issues(&store.db())?)
     })
     .await
 }
@@ -980,7 +980,7 @@ pub async fn force(state: &SharedState, user: &User, file: &str) -> Result<(), A
         .map_err(|refusal| ApiError::from_refusal(refusal, "such page"))?;
     let file_owned = file.to_string();
     let known: HashSet<String> = with_store(state, |store, _| {
-        Ok(crate::status::file_overview(store.connection())?
+        Ok(crate::store::files::file_overview(&store.db())?
             .into_iter()
             .map(|file| file.file)
             .collect())

@@ -17,10 +17,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rusqlite::Connection;
 use serde_json::json;
 
 use super::{with_store, ApiError, SharedState};
+use crate::store::stats::Figures;
 use crate::store::{parse_timestamp, StoreError};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,30 +58,15 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Rows of `(label, count)` from a query.
-fn grouped(connection: &Connection, sql: &str) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut statement = connection.prepare(sql)?;
-    let rows = statement.query_map([], |row| {
-        Ok((
-            row.get::<_, Option<String>>(0)?.unwrap_or_default(),
-            row.get::<_, i64>(1)?,
-        ))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 /// Everything the store says, as a registry to encode.
 fn store_registry(
-    connection: &Connection,
+    figures: Figures,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Registry, StoreError> {
     let mut registry = Registry::default();
     // Runs of files (command-line edits, API edits and undos are runs too, but of no file).
     let syncs = Labelled::<Counter>::default();
-    for (result, count) in grouped(
-        connection,
-        "SELECT status, count(*) FROM sync_runs WHERE file LIKE '/%' GROUP BY status",
-    )? {
+    for (result, count) in figures.syncs {
         syncs
             .get_or_create(&labels(&[("result", &result)]))
             .inc_by(count.max(0) as u64);
@@ -93,17 +78,12 @@ fn store_registry(
     );
 
     let rows = Labelled::<Counter>::default();
-    let totals: (i64, i64, i64, i64) = connection.query_row(
-        "SELECT coalesce(sum(n_created), 0), coalesce(sum(n_updated), 0), coalesce(sum(n_archived), 0), \
-         coalesce(sum(n_deleted), 0) FROM sync_runs WHERE file LIKE '/%'",
-        [],
-        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-    )?;
+    let totals = figures.rows;
     for (change, count) in [
-        ("created", totals.0),
-        ("updated", totals.1),
-        ("archived", totals.2),
-        ("deleted", totals.3),
+        ("created", totals[0]),
+        ("updated", totals[1]),
+        ("archived", totals[2]),
+        ("deleted", totals[3]),
     ] {
         rows.get_or_create(&labels(&[("change", change)]))
             .inc_by(count.max(0) as u64);
@@ -120,10 +100,7 @@ fn store_registry(
             .get_or_create(&labels(&[("severity", severity)]))
             .set(0);
     }
-    for (severity, count) in grouped(
-        connection,
-        "SELECT severity, count(*) FROM row_errors GROUP BY severity",
-    )? {
+    for (severity, count) in figures.issues_by_severity {
         issues
             .get_or_create(&labels(&[("severity", &severity)]))
             .set(count);
@@ -138,10 +115,7 @@ fn store_registry(
     for state in ["ok", "retrying", "failed", "held", "removed", "ignored"] {
         files.get_or_create(&labels(&[("state", state)])).set(0);
     }
-    for (state, count) in grouped(
-        connection,
-        "SELECT state, count(*) FROM file_status GROUP BY state",
-    )? {
+    for (state, count) in figures.files_by_state {
         files
             .get_or_create(&labels(&[("state", &state)]))
             .set(count);
@@ -153,13 +127,7 @@ fn store_registry(
     );
 
     let ages = Labelled::<FloatGauge>::default();
-    let mut statement = connection.prepare(
-        "SELECT source, max(coalesce(checked_at, synced_at)) FROM mirror_files GROUP BY source",
-    )?;
-    let last_syncs: Vec<(String, Option<String>)> = statement
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    for (source, at) in last_syncs {
+    for (source, at) in figures.last_sync_by_source {
         if let Some(at) = at {
             let age = (now - parse_timestamp(&at)?).num_milliseconds() as f64 / 1000.0;
             ages.get_or_create(&labels(&[("source", &source)]))
@@ -176,10 +144,7 @@ fn store_registry(
     for status in ["pending", "sent", "failed"] {
         outbox.get_or_create(&labels(&[("status", status)])).set(0);
     }
-    for (status, count) in grouped(
-        connection,
-        "SELECT status, count(*) FROM outbox GROUP BY status",
-    )? {
+    for (status, count) in figures.outbox_by_status {
         outbox
             .get_or_create(&labels(&[("status", &status)]))
             .set(count);
@@ -191,13 +156,7 @@ fn store_registry(
     );
 
     let reminders: Counter = Counter::default();
-    let n_sent: i64 = connection.query_row(
-        "SELECT count(*) FROM reminders JOIN outbox ON outbox.id = reminders.message_id \
-         WHERE outbox.status = 'sent'",
-        [],
-        |row| row.get(0),
-    )?;
-    reminders.inc_by(n_sent.max(0) as u64);
+    reminders.inc_by(figures.reminders_sent.max(0) as u64);
     registry.register(
         "funnelsync_reminders_sent",
         "Stalled-deal reminders delivered",
@@ -205,10 +164,7 @@ fn store_registry(
     );
 
     let deals = Labelled::<Gauge>::default();
-    for (stage, count) in grouped(
-        connection,
-        "SELECT stage, count(*) FROM deals WHERE archived_at IS NULL GROUP BY stage",
-    )? {
+    for (stage, count) in figures.live_deals_by_stage {
         deals
             .get_or_create(&labels(&[("stage", &stage)]))
             .set(count);
@@ -220,7 +176,10 @@ fn store_registry(
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     let store_text = with_store(&state, |store, _| {
-        let registry = store_registry(store.connection(), chrono::Utc::now())?;
+        let registry = store_registry(
+            crate::store::stats::figures(&store.db())?,
+            chrono::Utc::now(),
+        )?;
         let mut text = String::new();
         prometheus_client::encoding::text::encode_registry(&mut text, &registry)
             .map_err(ApiError::internal)?;

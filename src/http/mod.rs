@@ -188,8 +188,7 @@ pub async fn with_store<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let config = state.config();
     tokio::task::spawn_blocking(move || {
-        let mut store = Store::open_existing(&config.store.path)?;
-        job(&mut store, &config)
+        crate::store::with_store(&config.store, true, |store: &mut Store| job(store, &config))
     })
     .await
     .map_err(ApiError::internal)?

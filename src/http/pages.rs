@@ -929,8 +929,8 @@ async fn files_page(State(state): State<SharedState>, page: PageUser) -> Respons
     }
     let loaded = with_store(&state, |store, _| {
         Ok((
-            crate::status::file_overview(store.connection())?,
-            crate::mirror::current_issues(store.connection())?,
+            crate::store::files::file_overview(&store.db())?,
+            crate::store::mirror::current_issues(&store.db())?,
         ))
     })
     .await;
@@ -966,7 +966,7 @@ async fn files_page(State(state): State<SharedState>, page: PageUser) -> Respons
                     @if let Some(message) = file.write_back.as_ref().and_then(|write_back| write_back.message.as_ref()) {
                         p.reason { (message) }
                     }
-                    @if file.state == Some(crate::status::FileState::Held) {
+                    @if file.state == Some(crate::store::files::FileState::Held) {
                         form method="post" action="/files/force" data-confirm=(tr(language, "Apply this file's changes, removals included?", "确定应用该文件的更改（包括删除）？")) {
                             input type="hidden" name="csrf" value=(page.session.csrf);
                             input type="hidden" name="file" value=(file.file);

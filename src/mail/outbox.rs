@@ -5,17 +5,18 @@
 //! reply) is `failed` at once and listed in [`DeliveryReport::refusals`], for the caller to tell
 //! the admin. Mail being down never stops anything else.
 //!
-//! This module owns the `outbox` table. It must not decide what to send or to whom.
+//! The outbox's table is kept by `store::mail`. This module must not decide what to send or to
+//! whom.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection};
 use serde::Serialize;
 
 use super::{Mailer, Message};
 use crate::config::Config;
-use crate::store::{parse_timestamp, timestamp, Store, StoreError};
+use crate::store::mail::{self as stored, NewMessage};
+use crate::store::{parse_timestamp, Db, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -23,12 +24,6 @@ pub enum OutboxError {
     NoSmtp,
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<rusqlite::Error> for OutboxError {
-    fn from(error: rusqlite::Error) -> OutboxError {
-        OutboxError::Store(StoreError::Sqlite(error))
-    }
 }
 
 /// What a message is, as recorded in the outbox (the reminder dedupe counts `rep` messages).
@@ -86,29 +81,26 @@ pub struct DeliveryReport {
 /// Records one message as pending, to be given up at `give_up_at`, on a connection or inside the
 /// caller's transaction. Returns the message's id.
 pub fn enqueue(
-    connection: &Connection,
+    db: &Db<'_>,
     kind: MessageKind,
     message: &Message,
     attachment: Option<(&str, &[u8])>,
     now: DateTime<Utc>,
     give_up_at: DateTime<Utc>,
 ) -> Result<i64, StoreError> {
-    connection.execute(
-        "INSERT INTO outbox (recipient, kind, subject, text_body, html_body, created_at, status, attempts, give_up_at, attachment_name, attachment) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?8, ?9)",
-        params![
-            message.recipient,
-            kind.name(),
-            message.subject,
-            message.text,
-            message.html,
-            timestamp(now),
-            timestamp(give_up_at),
-            attachment.map(|(name, _)| name),
-            attachment.map(|(_, bytes)| bytes)
-        ],
-    )?;
-    Ok(connection.last_insert_rowid())
+    stored::enqueue(
+        db,
+        &NewMessage {
+            kind: kind.name(),
+            recipient: &message.recipient,
+            subject: &message.subject,
+            text: &message.text,
+            html: &message.html,
+            attachment,
+            now,
+            give_up_at,
+        },
+    )
 }
 
 /// When a message recorded at `now` is given up if it cannot be delivered: the end of the local
@@ -127,7 +119,7 @@ pub fn record(
     now: DateTime<Utc>,
 ) -> Result<(), OutboxError> {
     enqueue(
-        store.connection(),
+        &store.db(),
         kind,
         message,
         attachment,
@@ -139,11 +131,7 @@ pub fn record(
 
 /// How many messages wait for delivery.
 pub fn n_pending(store: &Store) -> Result<i64, StoreError> {
-    Ok(store.connection().query_row(
-        "SELECT count(*) FROM outbox WHERE status = 'pending'",
-        [],
-        |row| row.get(0),
-    )?)
+    stored::n_pending(&store.db())
 }
 
 /// The wait before the next try of a message that failed `attempts` times (1-based): a minute,
@@ -152,45 +140,6 @@ pub fn retry_backoff(attempts: u32) -> Duration {
     Duration::from_secs(60)
         .saturating_mul(1u32 << attempts.saturating_sub(1).min(6))
         .min(Duration::from_secs(3600))
-}
-
-/// A pending message as loaded for delivery.
-struct Pending {
-    id: i64,
-    kind: String,
-    message: Message,
-    attempts: i64,
-    give_up_at: String,
-    attachment: Option<(String, Vec<u8>)>,
-}
-
-fn pending_messages(
-    store: &Store,
-    now: DateTime<Utc>,
-    all: bool,
-) -> Result<Vec<Pending>, StoreError> {
-    let mut statement = store.connection().prepare(
-        "SELECT id, recipient, subject, text_body, html_body, attempts, give_up_at, attachment_name, attachment, kind FROM outbox \
-         WHERE status = 'pending' AND (?1 OR next_attempt_at IS NULL OR next_attempt_at <= ?2) ORDER BY id",
-    )?;
-    let rows = statement.query_map(params![all, timestamp(now)], |row| {
-        let attachment_name: Option<String> = row.get(7)?;
-        let attachment: Option<Vec<u8>> = row.get(8)?;
-        Ok(Pending {
-            id: row.get(0)?,
-            message: Message {
-                recipient: row.get(1)?,
-                subject: row.get(2)?,
-                text: row.get(3)?,
-                html: row.get(4)?,
-            },
-            attempts: row.get(5)?,
-            give_up_at: row.get(6)?,
-            attachment: attachment_name.zip(attachment),
-            kind: row.get(9)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Sends pending messages: those whose retry time has come, or all of them with `all` (an explicit
@@ -204,8 +153,19 @@ pub fn deliver(
     all: bool,
     runtime: &tokio::runtime::Handle,
 ) -> Result<DeliveryReport, OutboxError> {
+    // Two daemons sharing a store deliver one after the other, so that no message is sent twice.
+    store.exclusively("mail", |store| deliver_claimed(store, config, now, all, runtime))
+}
+
+fn deliver_claimed(
+    store: &mut Store,
+    config: &Config,
+    now: DateTime<Utc>,
+    all: bool,
+    runtime: &tokio::runtime::Handle,
+) -> Result<DeliveryReport, OutboxError> {
     let mut report = DeliveryReport::default();
-    let pending = pending_messages(store, now, all)?;
+    let pending = stored::pending_messages(&store.db(), now, all)?;
     if pending.is_empty() {
         return Ok(report);
     }
@@ -226,32 +186,35 @@ pub fn deliver(
             .attachment
             .as_ref()
             .map(|(name, bytes)| (name.as_str(), bytes.as_slice()));
+        let message = Message {
+            recipient: pending.recipient.clone(),
+            subject: pending.subject.clone(),
+            text: pending.text.clone(),
+            html: pending.html.clone(),
+        };
         let result = match &mailer {
             Some(mailer) => runtime
-                .block_on(mailer.send(&pending.message, attachment))
+                .block_on(mailer.send(&message, attachment))
                 .map_err(|error| (error.is_permanent(), error.to_string())),
             None => Err((false, report.errors.last().cloned().unwrap_or_default())),
         };
-        let recipient = &pending.message.recipient;
+        let recipient = &pending.recipient;
         let attempts = u32::try_from(pending.attempts + 1).unwrap_or(u32::MAX);
         match result {
             Ok(()) => {
-                store.connection().execute(
-                    "UPDATE outbox SET status = 'sent', sent_at = ?1, attempts = attempts + 1, last_error = NULL WHERE id = ?2",
-                    params![timestamp(now.max(Utc::now())), pending.id],
-                )?;
-                tracing::info!(recipient = %recipient, subject = %pending.message.subject, "mail sent");
+                stored::mark_sent(&store.db(), pending.id, now.max(Utc::now()))?;
+                tracing::info!(recipient = %recipient, subject = %pending.subject, "mail sent");
                 report.sent += 1;
             }
             Err((true, message)) => {
                 // A 5xx reply: the server will not take this message, now or later.
-                mark_failed(store, pending.id, attempts, &message)?;
+                stored::mark_failed(&store.db(), pending.id, attempts, &message)?;
                 tracing::error!(recipient = %recipient, "the mail server refused a message for good: {message}");
                 report.refused += 1;
                 report.refusals.push(Refusal {
                     kind: pending.kind.clone(),
                     recipient: recipient.clone(),
-                    subject: pending.message.subject.clone(),
+                    subject: pending.subject.clone(),
                     reason: message.clone(),
                 });
                 note_error(&mut report, message);
@@ -261,17 +224,14 @@ pub fn deliver(
                     .map(|give_up| now >= give_up)
                     .unwrap_or(true);
                 if give_up {
-                    mark_failed(store, pending.id, attempts, &message)?;
+                    stored::mark_failed(&store.db(), pending.id, attempts, &message)?;
                     tracing::error!(recipient = %recipient, "giving up on a message after {attempts} attempts: {message}");
                     report.failed += 1;
                 } else {
                     let next = now
                         + chrono::Duration::from_std(retry_backoff(attempts))
                             .unwrap_or(chrono::Duration::minutes(1));
-                    store.connection().execute(
-                        "UPDATE outbox SET attempts = ?1, last_error = ?2, next_attempt_at = ?3 WHERE id = ?4",
-                        params![attempts, message, timestamp(next), pending.id],
-                    )?;
+                    stored::schedule_retry(&store.db(), pending.id, attempts, &message, next)?;
                     tracing::warn!(recipient = %recipient, "mail not sent, will retry: {message}");
                     report.retrying += 1;
                 }
@@ -282,14 +242,6 @@ pub fn deliver(
     drop(mailer);
     drop(runtime_guard);
     Ok(report)
-}
-
-fn mark_failed(store: &Store, id: i64, attempts: u32, message: &str) -> Result<(), StoreError> {
-    store.connection().execute(
-        "UPDATE outbox SET status = 'failed', attempts = ?1, last_error = ?2 WHERE id = ?3",
-        params![attempts, message, id],
-    )?;
-    Ok(())
 }
 
 fn note_error(report: &mut DeliveryReport, message: String) {

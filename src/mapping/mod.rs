@@ -9,87 +9,15 @@
 pub mod clean;
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-use serde::Serialize;
 
 use crate::config::{HeaderRow, SourceConfig, Stages};
 use crate::deal::{normalize_label, DealId, ExtraMap, Field, FieldKind, FieldMap, FieldValue};
+pub use crate::deal::{RowIssue, Severity};
 use crate::workbook::{column_letters, Cell, SheetRow};
 
 /// How many rows from the top are searched for the header row.
 pub const HEADER_SEARCH_ROWS: usize = 20;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// The row was not applied.
-    Error,
-    /// The row was applied, but something about it needs a look.
-    Warning,
-}
-
-/// A problem with one row (or one cell) of a sheet. The file and sheet are the caller's context.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RowIssue {
-    pub severity: Severity,
-    /// The row number as Excel shows it.
-    pub row_number: Option<u32>,
-    /// The column's header text (or its letter when it has none).
-    pub column: Option<String>,
-    /// The raw value as written in the cell.
-    pub value: Option<String>,
-    pub message: String,
-}
-
-impl RowIssue {
-    pub fn error(
-        row_number: u32,
-        column: Option<String>,
-        value: Option<String>,
-        message: impl Into<String>,
-    ) -> RowIssue {
-        RowIssue {
-            severity: Severity::Error,
-            row_number: Some(row_number),
-            column,
-            value,
-            message: message.into(),
-        }
-    }
-
-    pub fn warning(row_number: Option<u32>, message: impl Into<String>) -> RowIssue {
-        RowIssue {
-            severity: Severity::Warning,
-            row_number,
-            column: None,
-            value: None,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for RowIssue {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if let Some(row_number) = self.row_number {
-            parts.push(format!("row {row_number}"));
-        }
-        if let Some(column) = &self.column {
-            parts.push(format!("column \"{column}\""));
-        }
-        let location = parts.join(", ");
-        let message = match &self.value {
-            Some(value) => format!("\"{value}\" {}", self.message),
-            None => self.message.clone(),
-        };
-        if location.is_empty() {
-            formatter.write_str(&message)
-        } else {
-            write!(formatter, "{location}: {message}")
-        }
-    }
-}
 
 /// What one column of the sheet holds.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,12 +3,14 @@
 //! reminders in one transaction before anything is sent; then the outbox delivers them
 //! ([`crate::mail::outbox::deliver`]), so a restart neither loses nor repeats a reminder.
 //!
-//! This module owns the `reminders` and `remind_runs` tables.
+//! The `reminders` and `remind_runs` tables are kept by `store::mail`. Two daemons sharing a
+//! store run the reminders due at a time once: the run is claimed ([`Store::exclusively`]) and
+//! recorded with its due time in the transaction that records its messages, so the second
+//! daemon finds it done.
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, NaiveDate, Utc};
-use rusqlite::{params, OptionalExtension};
+use chrono::{DateTime, Utc};
 
 use super::digest::{escalation_digest, rep_digest, DigestLine};
 use super::{decide, stalls, Calendar, Decision, ReminderHistory};
@@ -16,7 +18,7 @@ use crate::config::{Config, RemindConfig};
 use crate::deal::{Deal, DealId, Field};
 use crate::mail::outbox::{self, DeliveryReport, MessageKind, OutboxError};
 use crate::mail::Message;
-use crate::store::{parse_timestamp, timestamp, CrmStore, DealFilter, Store, StoreError};
+use crate::store::{self, CrmStore, DealFilter, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemindError {
@@ -26,12 +28,6 @@ pub enum RemindError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
-}
-
-impl From<rusqlite::Error> for RemindError {
-    fn from(error: rusqlite::Error) -> RemindError {
-        RemindError::Store(StoreError::Sqlite(error))
-    }
 }
 
 /// A message a run wants to send, with the stalls it reminds about.
@@ -66,7 +62,7 @@ pub fn plan(
     let deals = store.crm().list_deals(&DealFilter::default())?;
     let by_id: HashMap<DealId, &Deal> = deals.iter().map(|deal| (deal.id, deal)).collect();
     let found = stalls(&deals, &config.stages, &calendar, today);
-    let files = deal_files(store)?;
+    let files = store::mirror::deal_files(&store.db())?;
     let mut report = RunReport {
         n_stalled: found.len(),
         ..RunReport::default()
@@ -169,33 +165,12 @@ fn planned<'a>(
     }
 }
 
-/// The file each deal is shown in (the first, by name), for the digest.
-fn deal_files(store: &Store) -> Result<HashMap<DealId, String>, StoreError> {
-    let mut statement = store
-        .connection()
-        .prepare("SELECT deal_id, min(file) FROM mirror_rows GROUP BY deal_id")?;
-    let rows = statement.query_map([], |row| {
-        Ok((row.get::<_, DealId>(0)?, row.get::<_, String>(1)?))
-    })?;
-    let mut files = HashMap::new();
-    for row in rows {
-        let (deal_id, file) = row?;
-        files.insert(deal_id, file);
-    }
-    Ok(files)
-}
-
 /// How often, and when last, reps were reminded about a stall (pending and sent messages count).
 fn history_of(store: &Store, stall_key: &str) -> Result<ReminderHistory, StoreError> {
-    let (n_reminders, last_day): (i64, Option<String>) = store.connection().query_row(
-        "SELECT count(*), max(reminders.day) FROM reminders JOIN outbox ON outbox.id = reminders.message_id \
-         WHERE reminders.stall_key = ?1 AND reminders.kind = 'rep' AND outbox.status IN ('pending', 'sent')",
-        [stall_key],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
+    let (n_reminders, last_day) = store::mail::reminders_of(&store.db(), stall_key)?;
     Ok(ReminderHistory {
         n_reminders: u32::try_from(n_reminders).unwrap_or(u32::MAX),
-        last_day: last_day.and_then(|day| NaiveDate::parse_from_str(&day, "%Y-%m-%d").ok()),
+        last_day,
     })
 }
 
@@ -221,32 +196,25 @@ pub fn record(
             give_up_at,
         )?;
         for (deal_id, stall_key) in &planned.reminders {
-            transaction.execute(
-                "INSERT INTO reminders (message_id, deal_id, stall_key, recipient, kind, day, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![message_id, deal_id, stall_key, planned.message.recipient, planned.kind.name(), today.to_string(), timestamp(now)],
+            store::mail::record_reminder(
+                &transaction,
+                message_id,
+                (*deal_id, stall_key),
+                &planned.message.recipient,
+                planned.kind.name(),
+                today,
+                now,
             )?;
         }
     }
-    transaction.execute(
-        "INSERT INTO remind_runs (due_at, ran_at, n_messages) VALUES (?1, ?2, ?3)",
-        params![
-            timestamp(due_at),
-            timestamp(now),
-            report.messages.len() as i64
-        ],
-    )?;
-    transaction.commit().map_err(StoreError::from)?;
+    store::mail::record_remind_run(&transaction, due_at, now, report.messages.len())?;
+    transaction.commit()?;
     Ok(())
 }
 
 /// The due time of the latest run, for catching up after downtime.
 pub fn last_run_due(store: &Store) -> Result<Option<DateTime<Utc>>, StoreError> {
-    let due: Option<String> = store
-        .connection()
-        .query_row("SELECT max(due_at) FROM remind_runs", [], |row| row.get(0))
-        .optional()?
-        .flatten();
-    due.as_deref().map(parse_timestamp).transpose()
+    store::mail::last_remind_run_due(&store.db())
 }
 
 /// A whole run: plan, record, deliver (on `runtime`, see [`outbox::deliver`]), and tell the admin
@@ -261,11 +229,23 @@ pub fn run(
     runtime: &tokio::runtime::Handle,
 ) -> Result<RunReport, RemindError> {
     let remind = config.remind.as_ref().ok_or(RemindError::NotConfigured)?;
-    let mut report = plan(store, config, now, force)?;
     if dry_run {
-        return Ok(report);
+        return plan(store, config, now, force);
     }
-    record(store, remind, &report, due_at, now)?;
+    // Planned and recorded under the claim: a daemon that finds the run due at this time done
+    // by another records nothing. A forced run (the command line) is always run.
+    let planned = store.exclusively("remind", |store| -> Result<_, RemindError> {
+        if !force && last_run_due(store)?.is_some_and(|last| last >= due_at) {
+            return Ok(None);
+        }
+        let report = plan(store, config, now, force)?;
+        record(store, remind, &report, due_at, now)?;
+        Ok(Some(report))
+    })?;
+    let Some(mut report) = planned else {
+        tracing::info!(due = %due_at, "the reminder run due then was done by another daemon");
+        return Ok(RunReport::default());
+    };
     report.delivery = outbox::deliver(store, config, now, true, runtime)?;
     crate::alerts::mail_refused(store, config, &report.delivery.refusals, now, runtime);
     Ok(report)

@@ -12,7 +12,7 @@ use crate::deal::{
     normalize_label, Deal, DealId, ExtraChanges, Field, FieldChanges, FieldMap, FieldValue,
 };
 use crate::mapping::{CleanRow, RowIssue};
-use crate::mirror::MirrorRow;
+use crate::store::mirror::MirrorRow;
 
 /// What the store is asked to look up before the diff: deals whose `match_on` field holds one of
 /// these values. Keyed by field and the value's text.

@@ -17,16 +17,16 @@ use chrono::{DateTime, Utc};
 
 use super::diff::{self, DiffInput, Removal, RowAction};
 use super::{
-    change_record, deals_in_other_files, fail, hold, note_on_run, quoted, record_lone_run,
+    change_record, fail, hold, note_on_run, quoted, record_lone_run,
     shows_the_store_still, source_fingerprint, status_name, unchanged, FileReport, FileStatus,
     WriteBack,
 };
 use crate::config::{Config, SourceConfig, View};
 use crate::deal::{Deal, DealId, Field, FieldKind, FieldMap, FieldValue};
 use crate::mapping::{self, CleanRow, ColumnRole, HeaderMap, RowIssue, Severity};
-use crate::mirror::{self, MirrorHead, MirrorRow};
+use crate::store::mirror::{self, MirrorHead, MirrorRow};
 use crate::store::{
-    ChangeKind, ChangeRecord, ConflictRecord, CrmStore, SqliteCrm, Store, StoreError, SyncRun,
+    ChangeKind, ChangeRecord, ConflictRecord, CrmStore, Db, Store, StoreError, SyncRun,
 };
 use crate::workbook::{self, SheetRow, SheetStream, WorkbookError};
 use crate::writeback::RowOutcome;
@@ -140,7 +140,7 @@ pub(super) fn sync(
 
     // A file synced before whose sheet or header is now gone is held, not just failed: that is
     // how "all rows deleted" would look, and someone should look.
-    let summary = mirror::summary(store.connection(), &file)?;
+    let summary = mirror::summary(&store.db(), &file)?;
     let synced_before = summary.as_ref().is_some_and(|summary| summary.n_rows > 0);
     // A symbolic link is read only when the source follows links and it leads inside the
     // source's folder; it is read through the file it points to, and never written back.
@@ -294,7 +294,7 @@ pub(super) fn sync(
     // read commit with the store; only then is the file written. New deals' ids are thus
     // committed before any file shows them, and a crash at any point leaves a mirror that
     // matches what the file holds (or held).
-    let crm = SqliteCrm::new(&transaction);
+    let crm = &*transaction;
     let changed = {
         let counts = &report.counts;
         counts.created + counts.updated + counts.archived + counts.deleted > 0
@@ -363,7 +363,7 @@ pub(super) fn sync(
         known_error_rows,
     };
     mirror::save_head(&transaction, &read_head)?;
-    transaction.commit().map_err(StoreError::from)?;
+    transaction.commit()?;
 
     // Phase 8, the write.
     if let Some(plan) = plan {
@@ -407,7 +407,7 @@ pub(super) fn sync(
                             written_rows.push(MirrorRow {
                                 deal_id,
                                 row_number: *row_number,
-                                row_hash: mirror::row_hash(&planned.fields, &planned.extras),
+                                row_hash: crate::deal::row_hash(&planned.fields, &planned.extras),
                                 raw_hash: None,
                                 fields: planned.fields.clone(),
                                 extras: planned.extras.clone(),
@@ -424,7 +424,7 @@ pub(super) fn sync(
                         ..read_head.clone()
                     };
                     mirror::save_head(&transaction, &written_head)?;
-                    transaction.commit().map_err(StoreError::from)?;
+                    transaction.commit()?;
                 }
                 Err(error) => {
                     let message = error.to_string();
@@ -461,7 +461,7 @@ pub(super) fn sync(
                         };
                         run_id = Some(failed_run);
                         mirror::add_issue(
-                            store.connection(),
+                            &store.db(),
                             &source.name,
                             &file,
                             Some(&stream.sheet_name),
@@ -481,7 +481,7 @@ pub(super) fn sync(
         }
     }
     let (write_back, message) = report.write_back.parts();
-    mirror::record_check(store.connection(), &file, now, Some((write_back, message)))?;
+    mirror::record_check(&store.db(), &file, now, Some((write_back, message)))?;
     report.run_id = run_id;
     report.issues = issues;
     Ok(report)
@@ -557,13 +557,13 @@ fn read_header(
 /// Phases 2 to 6 inside the transaction: the rest of the read, classing, matching and merging,
 /// the guard, applying, the mirror of the rows as read, and the write-back plan.
 fn sync_rows(
-    transaction: &rusqlite::Transaction<'_>,
+    transaction: &Db<'_>,
     context: &Context<'_>,
     stream: &mut SheetStream,
     first_rows: Vec<SheetRow>,
     force: bool,
 ) -> Result<Result<Synced, Stop>, StoreError> {
-    let crm = SqliteCrm::new(transaction);
+    let crm = transaction;
     let header = context.header;
     let head = mirror::load_head(transaction, context.file)?;
     if head.is_none() {
@@ -623,7 +623,7 @@ fn sync_rows(
         .collect();
 
     let mut state = RowsState::default();
-    let mut applier = Applier::new(context, &crm, transaction);
+    let mut applier = Applier::new(context, crm);
     let mut classifier = Classifier {
         context,
         index,
@@ -875,8 +875,7 @@ type Diffed = (diff::Changeset, Vec<RowIssue>, HashMap<DealId, Deal>);
 /// Matches, merges and applies changed rows.
 struct Applier<'a, 'c> {
     context: &'a Context<'a>,
-    crm: &'a SqliteCrm<'c>,
-    transaction: &'a rusqlite::Transaction<'c>,
+    crm: &'a Db<'c>,
     applied: Vec<ChangeRecord>,
     /// The run the changes are recorded under, once a first import had some to write out.
     run_id: Option<i64>,
@@ -885,13 +884,11 @@ struct Applier<'a, 'c> {
 impl<'a, 'c> Applier<'a, 'c> {
     fn new(
         context: &'a Context<'a>,
-        crm: &'a SqliteCrm<'c>,
-        transaction: &'a rusqlite::Transaction<'c>,
+        crm: &'a Db<'c>,
     ) -> Applier<'a, 'c> {
         Applier {
             context,
             crm,
-            transaction,
             applied: Vec::new(),
             run_id: None,
         }
@@ -1017,7 +1014,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         // Only mirror rows no row holds as they were can be removals.
         let removal_candidates: Vec<DealId> = mirror_rows.iter().map(|row| row.deal_id).collect();
         let deals_in_other_files =
-            deals_in_other_files(self.transaction, context.file, &removal_candidates)?;
+            mirror::deals_in_other_files(self.crm, context.file, &removal_candidates)?;
         let formula_fields: HashMap<u32, Vec<Field>> = rows
             .rows
             .iter()
@@ -1280,8 +1277,8 @@ impl<'a, 'c> Applier<'a, 'c> {
         }
         // Mirror rows whose deal is now held by another row of this sheet are re-keyed by the
         // upsert; the deals that left the sheet go.
-        mirror::upsert_rows(self.transaction, context.file, &new_mirror_rows)?;
-        mirror::delete_rows(self.transaction, context.file, &gone)?;
+        mirror::upsert_rows(self.crm, context.file, &new_mirror_rows)?;
+        mirror::delete_rows(self.crm, context.file, &gone)?;
 
         // What the write-back needs of these rows.
         let Pending { rows, meta } = rows;

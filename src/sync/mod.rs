@@ -18,10 +18,8 @@ use serde::Serialize;
 use crate::config::{Config, SourceConfig};
 use crate::deal::{DealId, FieldValue};
 use crate::mapping::{RowIssue, Severity};
-use crate::mirror;
-use crate::store::{
-    ChangeKind, ChangeRecord, CrmStore, RunCounts, SqliteCrm, Store, StoreError, SyncRun,
-};
+use crate::store::mirror;
+use crate::store::{ChangeKind, ChangeRecord, CrmStore, RunCounts, Store, StoreError, SyncRun};
 use crate::workbook;
 
 /// How a file's sync ended.
@@ -148,7 +146,10 @@ pub fn sync_file_with(
     // The phases of a sync are logged (at debug) as they begin, so that a log shows where a sync
     // was when the process stopped: read, transaction, write-back, done.
     tracing::debug!(file = %path.display(), phase = "read", "sync phase");
-    let report = file::sync(store, config, source, path, now, force);
+    // Concurrent writers to a PostgreSQL store may make it ask for a transaction again: the
+    // whole sync is run again, not reported as failed.
+    let report =
+        crate::store::retrying(|| file::sync(store, config, source, path, now, force));
     tracing::debug!(file = %path.display(), phase = "done", "sync phase");
     report
 }
@@ -185,7 +186,7 @@ fn shows_the_store_still(
     match source.view {
         crate::config::View::All => Ok(crm.version()? == version),
         crate::config::View::Rows => {
-            let held = mirror::deal_ids(store.connection(), file)?;
+            let held = mirror::deal_ids(&crm, file)?;
             Ok(!crm.any_changed_since(&held, version)?)
         }
     }
@@ -202,7 +203,7 @@ pub fn files_with_changes_since(
         .ids_changed_since(version)?
         .into_iter()
         .collect();
-    mirror::files_holding(store.connection(), &changed)
+    mirror::files_holding(&store.db(), &changed)
 }
 
 /// A hash of everything in the config that decides how a file is read and merged.
@@ -223,7 +224,7 @@ fn unchanged(
     report.sheet = Some(summary.sheet.clone());
     report.status = FileStatus::Unchanged;
     report.store_version = Some(store.crm().version()?);
-    mirror::record_check(store.connection(), &report.file, now, None)?;
+    mirror::record_check(&store.db(), &report.file, now, None)?;
     Ok(report)
 }
 
@@ -237,7 +238,7 @@ fn record_lone_run(
     now: DateTime<Utc>,
 ) -> Result<(i64, i64), StoreError> {
     let transaction = store.transaction()?;
-    let crm = SqliteCrm::new(&transaction);
+    let crm = &*transaction;
     let run_id = crm.record_run(&SyncRun {
         id: 0,
         source: report.source.clone(),
@@ -249,7 +250,7 @@ fn record_lone_run(
         message: Some(message),
     })?;
     let version = crm.version()?;
-    transaction.commit().map_err(StoreError::from)?;
+    transaction.commit()?;
     Ok((run_id, version))
 }
 
@@ -320,26 +321,6 @@ fn end_without_applying(
     report.error = Some(message);
     report.run_id = Some(run_id);
     Ok(report)
-}
-
-fn deals_in_other_files(
-    connection: &rusqlite::Connection,
-    file: &str,
-    deal_ids: &[DealId],
-) -> Result<HashSet<DealId>, StoreError> {
-    let mut found = HashSet::new();
-    for chunk in deal_ids.chunks(500) {
-        let placeholders = vec!["?"; chunk.len()].join(",");
-        let sql = format!("SELECT DISTINCT deal_id FROM mirror_rows WHERE file != ? AND deal_id IN ({placeholders})");
-        let mut statement = connection.prepare(&sql)?;
-        let mut parameters: Vec<&dyn rusqlite::ToSql> = vec![&file];
-        parameters.extend(chunk.iter().map(|id| id as &dyn rusqlite::ToSql));
-        let rows = statement.query_map(parameters.as_slice(), |row| row.get::<_, DealId>(0))?;
-        for row in rows {
-            found.insert(row?);
-        }
-    }
-    Ok(found)
 }
 
 /// One pass over every file of every source. A file claimed by two sources is synced by the
@@ -419,7 +400,7 @@ pub fn note_links_not_synced(
             (file_key(path), format!("{}: {reason}", path.display()))
         })
         .collect();
-    crate::status::replace_ignored(store.connection(), &source.name, &noted, now)?;
+    crate::store::files::replace_ignored(&store.db(), &source.name, &noted, now)?;
     Ok(())
 }
 

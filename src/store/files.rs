@@ -1,16 +1,17 @@
-//! Where each file stands, for `funnelsync status`: the daemon's state of a file ([`FileState`]:
-//! ok, retrying, failed, held, removed, or ignored for a symbolic link that is not a source) as it
-//! records it ([`record`], [`replace_ignored`]), and the overview of every file the store knows
-//! ([`file_overview`]: its latest run, its mirror's rows and write-back, its row errors, its state).
+//! The file states (`file_status`): where the daemon of each site stands with each of its files
+//! ([`FileState`]: ok, retrying, failed, held, removed, or ignored for a symbolic link that is
+//! not a source) as it records them ([`record`], [`replace_ignored`]), and the overview of every
+//! file of this site the store knows ([`file_overview`]: its latest run, its mirror's rows and
+//! write-back, its row errors, its state), for `funnelsync status` and the files page.
 //!
-//! This module owns the `file_status` table and reads the others only for the overview. It must
-//! not decide a file's state: the daemon (and `sync`, for links that are not sources) says it.
+//! Storage only: the daemon (and `sync`, for links that are not sources) decides a file's state.
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection};
 use serde::Serialize;
 
-use crate::store::{parse_timestamp, timestamp, StoreError};
+use super::sql::Db;
+use super::{parse_timestamp, timestamp, StoreError};
+use crate::sql_params;
 
 /// Where the daemon stands with a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,22 +69,23 @@ pub struct FileStatusRecord {
 }
 
 /// Records the daemon's state of one file, replacing the one before.
-pub fn record(connection: &Connection, record: &FileStatusRecord) -> Result<(), StoreError> {
-    connection
-        .prepare_cached(
-            "INSERT INTO file_status (file, source, state, attempts, next_retry_at, last_error, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(file) DO UPDATE SET source = ?2, state = ?3, \
-             attempts = ?4, next_retry_at = ?5, last_error = ?6, updated_at = ?7",
-        )?
-        .execute(params![
-            record.file,
-            record.source,
+pub fn record(db: &Db<'_>, record: &FileStatusRecord) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO file_status (site, file, source, state, attempts, next_retry_at, last_error, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (site, file) DO UPDATE SET source = excluded.source, \
+         state = excluded.state, attempts = excluded.attempts, next_retry_at = excluded.next_retry_at, \
+         last_error = excluded.last_error, updated_at = excluded.updated_at",
+        &sql_params![
+            db.site(),
+            record.file.as_str(),
+            record.source.as_str(),
             record.state.name(),
             record.attempts,
             record.next_retry_at.map(timestamp),
-            record.last_error,
+            record.last_error.clone(),
             timestamp(record.updated_at)
-        ])?;
+        ],
+    )?;
     Ok(())
 }
 
@@ -99,26 +101,27 @@ pub struct WriteBackState {
 /// Records the files of `source` that are not sources (`(file key, reason)`, state `ignored`)
 /// and forgets the ones recorded before that are no longer there or no longer ignored.
 pub fn replace_ignored(
-    connection: &Connection,
+    db: &Db<'_>,
     source: &str,
     ignored: &[(String, String)],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let keep: std::collections::HashSet<&str> =
         ignored.iter().map(|(file, _)| file.as_str()).collect();
-    let recorded: Vec<String> = connection
-        .prepare_cached("SELECT file FROM file_status WHERE source = ?1 AND state = 'ignored'")?
-        .query_map([source], |row| row.get::<_, String>(0))?
-        .collect::<Result<_, _>>()?;
+    let recorded: Vec<String> = db.query(
+        "SELECT file FROM file_status WHERE site = ?1 AND source = ?2 AND state = 'ignored'",
+        &sql_params![db.site(), source],
+        |row| row.get::<String>(0),
+    )?;
     for file in recorded.iter().filter(|file| !keep.contains(file.as_str())) {
-        connection.execute(
-            "DELETE FROM file_status WHERE file = ?1 AND state = 'ignored'",
-            [file],
+        db.execute(
+            "DELETE FROM file_status WHERE site = ?1 AND file = ?2 AND state = 'ignored'",
+            &sql_params![db.site(), file.as_str()],
         )?;
     }
     for (file, reason) in ignored {
         record(
-            connection,
+            db,
             &FileStatusRecord {
                 file: file.clone(),
                 source: source.to_string(),
@@ -154,95 +157,66 @@ pub struct FileOverview {
     pub next_retry_at: Option<DateTime<Utc>>,
 }
 
-/// Every file the store knows of (synced, attempted, or tracked by the daemon).
-pub fn file_overview(connection: &Connection) -> Result<Vec<FileOverview>, StoreError> {
-    let mut statement = connection.prepare(
+/// Every file of this site the store knows of (synced, attempted, or tracked by the daemon).
+pub fn file_overview(db: &Db<'_>) -> Result<Vec<FileOverview>, StoreError> {
+    db.query(
         // Command-line edits and undos are runs, not files: files are the absolute paths.
         "WITH files AS (
-             SELECT file, source FROM mirror_files
-             UNION SELECT file, source FROM sync_runs WHERE file LIKE '/%'
-             UNION SELECT file, source FROM file_status
+             SELECT file, min(source) AS source FROM (
+                 SELECT file, source FROM mirror_files WHERE site = ?1
+                 UNION SELECT file, source FROM sync_runs WHERE site = ?1 AND file LIKE '/%'
+                 UNION SELECT file, source FROM file_status WHERE site = ?1
+             ) AS known GROUP BY file
          ),
          last_runs AS (
-             SELECT file, max(id) AS id FROM sync_runs WHERE file LIKE '/%' GROUP BY file
+             SELECT file, max(id) AS id FROM sync_runs WHERE site = ?1 AND file LIKE '/%' GROUP BY file
          )
          SELECT files.file, files.source, runs.finished_at, runs.status,
                 CASE WHEN file_status.state = 'ignored' THEN file_status.last_error ELSE runs.message END,
                 mirror_files.synced_at, mirror_files.checked_at, mirror_files.write_back,
                 mirror_files.write_back_message,
-                (SELECT count(*) FROM mirror_rows WHERE mirror_rows.file = files.file),
-                (SELECT count(*) FROM row_errors WHERE row_errors.file = files.file AND severity = 'error'),
-                (SELECT count(*) FROM row_errors WHERE row_errors.file = files.file AND severity = 'warning'),
+                (SELECT count(*) FROM mirror_rows WHERE mirror_rows.site = ?1 AND mirror_rows.file = files.file),
+                (SELECT count(*) FROM row_errors WHERE row_errors.site = ?1 AND row_errors.file = files.file AND severity = 'error'),
+                (SELECT count(*) FROM row_errors WHERE row_errors.site = ?1 AND row_errors.file = files.file AND severity = 'warning'),
                 file_status.state, file_status.attempts, file_status.next_retry_at
          FROM files
          LEFT JOIN last_runs ON last_runs.file = files.file
          LEFT JOIN sync_runs AS runs ON runs.id = last_runs.id
-         LEFT JOIN mirror_files ON mirror_files.file = files.file
-         LEFT JOIN file_status ON file_status.file = files.file
-         GROUP BY files.file
+         LEFT JOIN mirror_files ON mirror_files.site = ?1 AND mirror_files.file = files.file
+         LEFT JOIN file_status ON file_status.site = ?1 AND file_status.file = files.file
          ORDER BY files.source, files.file",
-    )?;
-    let rows = statement.query_map([], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, Option<String>>(2)?,
-            row.get::<_, Option<String>>(3)?,
-            row.get::<_, Option<String>>(4)?,
-            row.get::<_, Option<String>>(5)?,
-            [
-                row.get::<_, Option<String>>(6)?,
-                row.get::<_, Option<String>>(7)?,
-                row.get::<_, Option<String>>(8)?,
-            ],
-            row.get::<_, i64>(9)?,
-            row.get::<_, i64>(10)?,
-            row.get::<_, i64>(11)?,
-            row.get::<_, Option<String>>(12)?,
-            row.get::<_, Option<i64>>(13)?,
-            row.get::<_, Option<String>>(14)?,
-        ))
-    })?;
-    let mut overview = Vec::new();
-    for row in rows {
-        let (
-            file,
-            source,
-            last_run_at,
-            last_status,
-            last_message,
-            synced_at,
-            [checked_at, write_back, write_back_message],
-            n_rows,
-            n_errors,
-            n_warnings,
-            state,
-            attempts,
-            retry_at,
-        ) = row?;
-        overview.push(FileOverview {
-            file,
-            source,
-            last_run_at: last_run_at.as_deref().map(parse_timestamp).transpose()?,
-            last_status,
-            last_message,
-            last_synced_at: synced_at.as_deref().map(parse_timestamp).transpose()?,
-            last_checked_at: checked_at
-                .or(synced_at)
-                .as_deref()
-                .map(parse_timestamp)
-                .transpose()?,
-            write_back: write_back.map(|status| WriteBackState {
-                status,
-                message: write_back_message,
-            }),
-            n_rows: n_rows.max(0) as u64,
-            n_row_errors: n_errors.max(0) as u64,
-            n_warnings: n_warnings.max(0) as u64,
-            state: state.as_deref().map(FileState::from_name),
-            attempts: attempts.unwrap_or(0).max(0) as u32,
-            next_retry_at: retry_at.as_deref().map(parse_timestamp).transpose()?,
-        });
-    }
-    Ok(overview)
+        &sql_params![db.site()],
+        |row| {
+            let synced_at: Option<String> = row.get(5)?;
+            let checked_at: Option<String> = row.get(6)?;
+            let write_back: Option<String> = row.get(7)?;
+            let write_back_message: Option<String> = row.get(8)?;
+            let state: Option<String> = row.get(12)?;
+            let retry_at: Option<String> = row.get(14)?;
+            let last_run_at: Option<String> = row.get(2)?;
+            Ok(FileOverview {
+                file: row.get(0)?,
+                source: row.get(1)?,
+                last_run_at: last_run_at.as_deref().map(parse_timestamp).transpose()?,
+                last_status: row.get(3)?,
+                last_message: row.get(4)?,
+                last_synced_at: synced_at.as_deref().map(parse_timestamp).transpose()?,
+                last_checked_at: checked_at
+                    .or(synced_at)
+                    .as_deref()
+                    .map(parse_timestamp)
+                    .transpose()?,
+                write_back: write_back.map(|status| WriteBackState {
+                    status,
+                    message: write_back_message,
+                }),
+                n_rows: row.get::<i64>(9)?.max(0) as u64,
+                n_row_errors: row.get::<i64>(10)?.max(0) as u64,
+                n_warnings: row.get::<i64>(11)?.max(0) as u64,
+                state: state.as_deref().map(FileState::from_name),
+                attempts: row.get::<Option<i64>>(13)?.unwrap_or(0).max(0) as u32,
+                next_retry_at: retry_at.as_deref().map(parse_timestamp).transpose()?,
+            })
+        },
+    )
 }

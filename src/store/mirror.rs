@@ -1,0 +1,422 @@
+//! The mirror's tables: for each file of this site (`mirror_files`, `mirror_rows`), what it held
+//! at its last sync, by deal id, with its row hashes; its compact index; the rows written many
+//! to a statement; and the row errors of its last sync (`row_errors`). Every query is keyed by
+//! the site of the [`Db`] and the file, so daemons sharing a store never see each other's files.
+//!
+//! This is storage only: what to keep is the sync's decision.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::crm::{IN_CHUNK, ROWS_PER_INSERT};
+use super::sql::{placeholders, value_groups, Db, Row, Value};
+use super::{parse_timestamp, timestamp, StoreError};
+use crate::deal::{DealId, ExtraMap, FieldMap, RowIssue, Severity};
+use crate::sql_params;
+
+/// One row as the file held it at the last sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorRow {
+    pub deal_id: DealId,
+    pub row_number: u32,
+    pub row_hash: String,
+    /// The hash of the row's cells as read (`workbook::SheetRow::raw_hash`), when known.
+    pub raw_hash: Option<i64>,
+    pub fields: FieldMap,
+    pub extras: ExtraMap,
+}
+
+/// The parts of a file's mirror that decide whether a sync can be skipped, without its rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorSummary {
+    pub sheet: String,
+    pub content_hash: String,
+    pub config_hash: Option<String>,
+    pub store_version: Option<i64>,
+    pub n_rows: u64,
+}
+
+/// A row error as stored, with its context.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredIssue {
+    pub source: String,
+    pub file: String,
+    pub sheet: Option<String>,
+    #[serde(flatten)]
+    pub issue: RowIssue,
+    pub seen_at: DateTime<Utc>,
+}
+
+/// A file's mirror without its rows: what it was at the last sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorHead {
+    pub file: String,
+    pub source: String,
+    pub sheet: String,
+    pub content_hash: String,
+    pub header_row: u32,
+    pub headers: Vec<String>,
+    pub synced_at: DateTime<Utc>,
+    /// A hash of the source's settings at that sync.
+    pub config_hash: String,
+    /// The store's change counter the file shows, when nothing was left to write back.
+    pub store_version: Option<i64>,
+    /// The store's change counter when the file was last synced.
+    pub synced_version: Option<i64>,
+    /// The store's change counter the file is known to show (kept while a write-back is owed).
+    pub shown_version: Option<i64>,
+    /// Hashes of the rows with errors the sync could not recognise and that were there beside
+    /// every row the file held, so that they cannot be a row that goes missing later.
+    pub known_error_rows: Vec<String>,
+}
+
+fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {error}"))
+}
+
+pub fn summary(db: &Db<'_>, file: &str) -> Result<Option<MirrorSummary>, StoreError> {
+    db.query_row(
+        "SELECT content_hash, config_hash, store_version, \
+         (SELECT count(*) FROM mirror_rows WHERE mirror_rows.site = mirror_files.site AND mirror_rows.file = mirror_files.file), sheet \
+         FROM mirror_files WHERE site = ?1 AND file = ?2",
+        &sql_params![db.site(), file],
+        |row| {
+            Ok(MirrorSummary {
+                content_hash: row.get(0)?,
+                config_hash: row.get(1)?,
+                store_version: row.get(2)?,
+                n_rows: row.get::<i64>(3)?.max(0) as u64,
+                sheet: row.get(4)?,
+            })
+        },
+    )
+}
+
+/// The deals a file held at its last sync.
+pub fn deal_ids(db: &Db<'_>, file: &str) -> Result<Vec<DealId>, StoreError> {
+    db.query(
+        "SELECT deal_id FROM mirror_rows WHERE site = ?1 AND file = ?2",
+        &sql_params![db.site(), file],
+        |row| row.get::<DealId>(0),
+    )
+}
+
+/// The files of this site whose mirror holds any of these deals.
+pub fn files_holding(db: &Db<'_>, deal_ids: &[DealId]) -> Result<HashSet<String>, StoreError> {
+    let mut files = HashSet::new();
+    for chunk in deal_ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT DISTINCT file FROM mirror_rows WHERE site = ? AND deal_id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut parameters = vec![Value::from(db.site())];
+        parameters.extend(chunk.iter().map(|id| Value::Integer(*id)));
+        files.extend(db.query(&sql, &parameters, |row| row.get::<String>(0))?);
+    }
+    Ok(files)
+}
+
+/// Which of these deals a file of any site other than this file holds (a row that moved to
+/// another file, even one another daemon syncs, is no removal).
+pub fn deals_in_other_files(
+    db: &Db<'_>,
+    file: &str,
+    deal_ids: &[DealId],
+) -> Result<HashSet<DealId>, StoreError> {
+    let mut found = HashSet::new();
+    for chunk in deal_ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT DISTINCT deal_id FROM mirror_rows WHERE NOT (site = ? AND file = ?) AND deal_id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut parameters = vec![Value::from(db.site()), Value::from(file)];
+        parameters.extend(chunk.iter().map(|id| Value::Integer(*id)));
+        found.extend(db.query(&sql, &parameters, |row| row.get::<DealId>(0))?);
+    }
+    Ok(found)
+}
+
+/// The file each deal is shown in (the first by name, of any site): for the reminder digests.
+pub fn deal_files(db: &Db<'_>) -> Result<std::collections::HashMap<DealId, String>, StoreError> {
+    Ok(db
+        .query(
+            "SELECT deal_id, min(file) FROM mirror_rows GROUP BY deal_id",
+            &[],
+            |row| Ok((row.get::<DealId>(0)?, row.get::<String>(1)?)),
+        )?
+        .into_iter()
+        .collect())
+}
+
+pub fn load_head(db: &Db<'_>, file: &str) -> Result<Option<MirrorHead>, StoreError> {
+    db.query_row(
+        "SELECT source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows, \
+         synced_version, shown_version FROM mirror_files WHERE site = ?1 AND file = ?2",
+        &sql_params![db.site(), file],
+        |row| {
+            let headers: String = row.get(4)?;
+            let known_error_rows: Option<String> = row.get(8)?;
+            Ok(MirrorHead {
+                file: file.to_string(),
+                source: row.get(0)?,
+                sheet: row.get(1)?,
+                content_hash: row.get(2)?,
+                header_row: row.get(3)?,
+                headers: serde_json::from_str(&headers)
+                    .map_err(|error| corrupt("mirror headers", error))?,
+                synced_at: parse_timestamp(&row.get::<String>(5)?)?,
+                config_hash: row.get::<Option<String>>(6)?.unwrap_or_default(),
+                store_version: row.get(7)?,
+                synced_version: row.get(9)?,
+                shown_version: row.get(10)?,
+                // Unknown (a store from before this was kept): every row with errors counts as
+                // new.
+                known_error_rows: known_error_rows
+                    .as_deref()
+                    .map(serde_json::from_str)
+                    .transpose()
+                    .map_err(|error| corrupt("mirror error rows", error))?
+                    .unwrap_or_default(),
+            })
+        },
+    )
+}
+
+pub fn save_head(db: &Db<'_>, head: &MirrorHead) -> Result<(), StoreError> {
+    let headers =
+        serde_json::to_string(&head.headers).map_err(|error| corrupt("mirror headers", error))?;
+    db.execute(
+        "INSERT INTO mirror_files (site, file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows, synced_version, shown_version) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+         ON CONFLICT (site, file) DO UPDATE SET source = excluded.source, sheet = excluded.sheet, content_hash = excluded.content_hash, \
+         header_row = excluded.header_row, headers = excluded.headers, synced_at = excluded.synced_at, config_hash = excluded.config_hash, \
+         store_version = excluded.store_version, known_error_rows = excluded.known_error_rows, synced_version = excluded.synced_version, \
+         shown_version = excluded.shown_version",
+        &sql_params![
+            db.site(),
+            head.file.as_str(),
+            head.source.as_str(),
+            head.sheet.as_str(),
+            head.content_hash.as_str(),
+            head.header_row,
+            headers,
+            timestamp(head.synced_at),
+            head.config_hash.as_str(),
+            head.store_version,
+            serde_json::to_string(&head.known_error_rows)
+                .map_err(|error| corrupt("mirror error rows", error))?,
+            head.synced_version,
+            head.shown_version,
+        ],
+    )?;
+    Ok(())
+}
+
+/// The compact index of a file's mirror: (raw hash, deal id) of every row whose raw hash is
+/// known, sorted. What a sync holds of the whole mirror.
+pub fn load_index(db: &Db<'_>, file: &str) -> Result<Vec<(i64, DealId)>, StoreError> {
+    let mut index = db.query(
+        "SELECT raw_hash, deal_id FROM mirror_rows WHERE site = ?1 AND file = ?2 AND raw_hash IS NOT NULL",
+        &sql_params![db.site(), file],
+        |row| Ok((row.get::<i64>(0)?, row.get::<DealId>(1)?)),
+    )?;
+    index.sort_unstable();
+    Ok(index)
+}
+
+fn mirror_row(row: &Row<'_>) -> Result<MirrorRow, StoreError> {
+    let fields: String = row.get(4)?;
+    let extras: String = row.get(5)?;
+    Ok(MirrorRow {
+        deal_id: row.get(0)?,
+        row_number: row.get(1)?,
+        row_hash: row.get(2)?,
+        raw_hash: row.get(3)?,
+        fields: serde_json::from_str(&fields).map_err(|error| corrupt("mirror fields", error))?,
+        extras: serde_json::from_str(&extras).map_err(|error| corrupt("mirror extras", error))?,
+    })
+}
+
+/// The mirror rows of these deals (those the file holds), in no particular order.
+pub fn load_rows(
+    db: &Db<'_>,
+    file: &str,
+    deal_ids: &[DealId],
+) -> Result<Vec<MirrorRow>, StoreError> {
+    let mut rows = Vec::new();
+    for chunk in deal_ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows \
+             WHERE site = ? AND file = ? AND deal_id IN ({})",
+            placeholders(chunk.len())
+        );
+        let mut parameters = vec![Value::from(db.site()), Value::from(file)];
+        parameters.extend(chunk.iter().map(|id| Value::Integer(*id)));
+        rows.extend(db.query(&sql, &parameters, mirror_row)?);
+    }
+    Ok(rows)
+}
+
+/// Every mirror row of a file, in row order.
+pub fn load_all_rows(db: &Db<'_>, file: &str) -> Result<Vec<MirrorRow>, StoreError> {
+    db.query(
+        "SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows \
+         WHERE site = ?1 AND file = ?2 ORDER BY row_number",
+        &sql_params![db.site(), file],
+        mirror_row,
+    )
+}
+
+/// Writes (inserts or replaces) mirror rows of a file, many to a statement: an import writes one
+/// mirror row per deal.
+pub fn upsert_rows(db: &Db<'_>, file: &str, rows: &[MirrorRow]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
+        for row in chunk {
+            values.extend([
+                Value::from(db.site()),
+                Value::from(file),
+                Value::Integer(row.deal_id),
+                Value::from(row.row_number),
+                Value::from(row.row_hash.as_str()),
+                Value::from(row.raw_hash),
+                Value::Text(
+                    serde_json::to_string(&row.fields)
+                        .map_err(|error| corrupt("mirror fields", error))?,
+                ),
+                Value::Text(
+                    serde_json::to_string(&row.extras)
+                        .map_err(|error| corrupt("mirror extras", error))?,
+                ),
+            ]);
+        }
+        let sql = format!(
+            "INSERT INTO mirror_rows (site, file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES {} \
+             ON CONFLICT (site, file, deal_id) DO UPDATE SET row_number = excluded.row_number, row_hash = excluded.row_hash, \
+             raw_hash = excluded.raw_hash, fields = excluded.fields, extras = excluded.extras",
+            value_groups(chunk.len(), 8)
+        );
+        db.execute(&sql, &values)?;
+    }
+    Ok(())
+}
+
+/// Forgets mirror rows of a file.
+pub fn delete_rows(db: &Db<'_>, file: &str, deal_ids: &[DealId]) -> Result<(), StoreError> {
+    for deal_id in deal_ids {
+        db.execute(
+            "DELETE FROM mirror_rows WHERE site = ?1 AND file = ?2 AND deal_id = ?3",
+            &sql_params![db.site(), file, *deal_id],
+        )?;
+    }
+    Ok(())
+}
+
+/// Records one more issue of a file beside those its sync stored (a write-back that failed after
+/// the sync committed).
+pub fn add_issue(
+    db: &Db<'_>,
+    source: &str,
+    file: &str,
+    sheet: Option<&str>,
+    run_id: Option<i64>,
+    issue: &RowIssue,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let severity = match issue.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+    };
+    db.execute(
+        "INSERT INTO row_errors (site, source, file, sheet, row_number, column_name, value, severity, message, run_id, seen_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        &sql_params![
+            db.site(),
+            source,
+            file,
+            sheet,
+            issue.row_number,
+            issue.column.clone(),
+            issue.value.clone(),
+            severity,
+            issue.message.as_str(),
+            run_id,
+            timestamp(now)
+        ],
+    )?;
+    Ok(())
+}
+
+/// Records that a file was looked at now (a pass that found it unchanged records no run), and,
+/// when given, how its write-back went (`off`, `up_to_date`, `written`, `deferred`, `failed`,
+/// with the reason).
+pub fn record_check(
+    db: &Db<'_>,
+    file: &str,
+    now: DateTime<Utc>,
+    write_back: Option<(&str, Option<&str>)>,
+) -> Result<(), StoreError> {
+    match write_back {
+        None => db.execute(
+            "UPDATE mirror_files SET checked_at = ?1 WHERE site = ?2 AND file = ?3",
+            &sql_params![timestamp(now), db.site(), file],
+        )?,
+        Some((status, message)) => db.execute(
+            "UPDATE mirror_files SET checked_at = ?1, write_back = ?2, write_back_message = ?3 WHERE site = ?4 AND file = ?5",
+            &sql_params![timestamp(now), status, message, db.site(), file],
+        )?,
+    };
+    Ok(())
+}
+
+/// Replaces the stored row errors of one file with those of its latest sync (which is a run,
+/// or not when it changed nothing).
+pub fn replace_issues(
+    db: &Db<'_>,
+    source: &str,
+    file: &str,
+    sheet: Option<&str>,
+    run_id: Option<i64>,
+    issues: &[RowIssue],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    db.execute(
+        "DELETE FROM row_errors WHERE site = ?1 AND file = ?2",
+        &sql_params![db.site(), file],
+    )?;
+    for issue in issues {
+        add_issue(db, source, file, sheet, run_id, issue, now)?;
+    }
+    Ok(())
+}
+
+/// Every stored row error and warning of this site's files, by file and row.
+pub fn current_issues(db: &Db<'_>) -> Result<Vec<StoredIssue>, StoreError> {
+    db.query(
+        "SELECT source, file, sheet, row_number, column_name, value, severity, message, seen_at FROM row_errors \
+         WHERE site = ?1 ORDER BY file, row_number IS NOT NULL, row_number, id",
+        &sql_params![db.site()],
+        |row| {
+            let severity: String = row.get(6)?;
+            Ok(StoredIssue {
+                source: row.get(0)?,
+                file: row.get(1)?,
+                sheet: row.get(2)?,
+                issue: RowIssue {
+                    severity: if severity == "warning" {
+                        Severity::Warning
+                    } else {
+                        Severity::Error
+                    },
+                    row_number: row.get(3)?,
+                    column: row.get(4)?,
+                    value: row.get(5)?,
+                    message: row.get(7)?,
+                },
+                seen_at: parse_timestamp(&row.get::<String>(8)?)?,
+            })
+        },
+    )
+}

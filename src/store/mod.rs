@@ -1,0 +1,848 @@
+//! The CRM store: deals, their stage history and the record of sync runs, together with the
+//! state of the sync (the mirror of each file, row errors, file states), the mail outbox and what
+//! the daemon does once per due time — in one SQLite file (WAL mode, foreign keys on, versioned
+//! migrations) or in a PostgreSQL database that several daemons share.
+//!
+//! Every statement funnelsync runs is in this module: the interfaces the rest of the code uses
+//! are [`CrmStore`] (deals, history, runs, changes, conflicts), [`mirror`], [`files`], [`mail`],
+//! [`jobs`] (report snapshots, alerts, claimed runs) and [`stats`], each written once in SQL both
+//! engines understand ([`sql::Db`]), with the engines' differences (bulk inserts, ids, locks,
+//! notifications) asked of [`sql::Db::engine`]. This module must not know about spreadsheets,
+//! column headers or mail servers.
+
+mod crm;
+pub mod files;
+pub mod jobs;
+pub mod mail;
+pub mod mirror;
+mod postgres_link;
+mod schema;
+pub mod sql;
+pub mod stats;
+mod transfer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use crate::config::{StoreConfig, StoreLocation};
+use crate::deal::{Deal, DealId, ExtraMap, Field, FieldMap, FieldValue};
+
+pub use sql::{Db, Engine, Row, Value};
+pub use crm::CHANGES_CHANNEL;
+pub use postgres_link::Listener;
+
+use crate::sql_params;
+pub use transfer::{copy_to_postgres, CopyReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the folder for the store {path}: {source}")]
+    CreateFolder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create the store {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot connect to the store {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("the store {path} has schema version {found}, newer than this funnelsync understands ({supported}); upgrade funnelsync")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("no store at {} (has funnelsync synced yet?)", path.display())]
+    Missing { path: PathBuf },
+    #[error("store query failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store query failed: {}", postgres_link::describe(.0))]
+    Postgres(#[from] postgres::Error),
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl StoreError {
+    /// Whether running the same work again may succeed: PostgreSQL gave up on a transaction to
+    /// keep concurrent ones apart (a serialization failure or a deadlock).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Postgres(error) => error.code().is_some_and(|code| {
+                *code == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// Runs `work` again (up to five times in all) while the store says concurrent writers got in
+/// each other's way: such a failure is not the work's.
+pub fn retrying<T>(mut work: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match work() {
+            Err(error) if error.is_retryable() && attempt < 5 => {
+                tracing::debug!("the store asked to try again ({error}); attempt {attempt}");
+                std::thread::sleep(Duration::from_millis(20 * attempt));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|error| StoreError::Corrupt(format!("timestamp \"{text}\": {error}")))
+}
+
+/// Runs `step` again while SQLite says the database is busy or locked, for up to ten seconds:
+/// for the few steps (switching to WAL, starting the first migration) where SQLite does not wait
+/// on the busy handler by itself.
+fn retry_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if matches!(
+                    failure.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Creates the store's folder (0700) and an empty database file (0600) when they do not exist
+/// yet, whatever the process umask: the store holds personal data and the mail outbox. SQLite
+/// gives the `-wal` and `-shm` files the database file's mode. A folder or file the admin
+/// created beforehand keeps the mode they gave it.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        if !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| StoreError::CreateFolder {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The connection a store holds.
+enum Connection {
+    Sqlite(rusqlite::Connection),
+    Postgres(sql::PgConnection),
+}
+
+/// An open store: one connection, its schema brought up to date, and the site this process
+/// syncs files for.
+pub struct Store {
+    /// The SQLite file, or the PostgreSQL URL without its password.
+    location: PathBuf,
+    site: String,
+    connection: Connection,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    pub from: i64,
+    pub to: i64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store the config names and brings its schema up to date.
+    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        Ok(Store::open_migrating(config)?.0)
+    }
+
+    /// [`Store::open`], saying what the migration did.
+    pub fn open_migrating(config: &StoreConfig) -> Result<(Store, Migrated), StoreError> {
+        match &config.location {
+            StoreLocation::Sqlite(path) => Store::open_sqlite(path, &config.site),
+            StoreLocation::Postgres(postgres) => {
+                let client = postgres_link::connect(postgres)?;
+                let mut store = Store {
+                    location: PathBuf::from(postgres.shown_url()),
+                    site: config.site.clone(),
+                    connection: Connection::Postgres(sql::PgConnection::new(client)),
+                };
+                let migrated = store.migrate_postgres()?;
+                Ok((store, migrated))
+            }
+        }
+    }
+
+    /// Opens an existing store; a missing SQLite file is [`StoreError::Missing`], not a new empty
+    /// store. For the commands that only read: a mistyped path must not leave an empty store
+    /// behind.
+    pub fn open_existing(config: &StoreConfig) -> Result<Store, StoreError> {
+        if let StoreLocation::Sqlite(path) = &config.location {
+            if !path.exists() {
+                return Err(StoreError::Missing { path: path.clone() });
+            }
+        }
+        Store::open(config)
+    }
+
+    /// Opens (creating if needed) a SQLite store file.
+    pub fn open_sqlite(path: &Path, site: &str) -> Result<(Store, Migrated), StoreError> {
+        create_private(path)?;
+        let open_error = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let connection = rusqlite::Connection::open(path).map_err(open_error)?;
+        connection
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(open_error)?;
+        // Switching a new file to WAL takes an exclusive lock without waiting on the busy
+        // handler: another process creating the same store at the same moment makes it fail at
+        // once with "database is locked". Wait for that process instead.
+        retry_while_busy(|| {
+            connection
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
+        })
+        .map_err(open_error)?;
+        connection
+            .pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_error)?;
+        connection
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_error)?;
+        // Statement journals and sorts stay in memory instead of spilling to a temp file.
+        connection
+            .pragma_update(None, "temp_store", "MEMORY")
+            .map_err(open_error)?;
+        let mut store = Store {
+            location: path.to_path_buf(),
+            site: site.to_string(),
+            connection: Connection::Sqlite(connection),
+        };
+        let migrated = store.migrate_sqlite()?;
+        Ok((store, migrated))
+    }
+
+    fn migrate_sqlite(&mut self) -> Result<Migrated, StoreError> {
+        let Connection::Sqlite(connection) = &self.connection else {
+            return Err(StoreError::Corrupt("not a SQLite store".to_string()));
+        };
+        let supported = schema::SQLITE_MIGRATIONS.len() as i64;
+        let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version == supported {
+            return Ok(Migrated {
+                from: version,
+                to: version,
+            });
+        }
+        // The version is read again under the write lock: another process may have migrated the
+        // store while this one waited for the lock, and must not be migrated twice.
+        let transaction = retry_while_busy(|| {
+            rusqlite::Transaction::new_unchecked(
+                connection,
+                rusqlite::TransactionBehavior::Immediate,
+            )
+        })?;
+        let version: i64 =
+            transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > supported {
+            return Err(StoreError::TooNew {
+                path: self.location.clone(),
+                found: version,
+                supported,
+            });
+        }
+        for migration in schema::SQLITE_MIGRATIONS.iter().skip(version.max(0) as usize) {
+            transaction.execute_batch(migration)?;
+        }
+        transaction.pragma_update(None, "user_version", supported)?;
+        transaction.commit()?;
+        Ok(Migrated {
+            from: version,
+            to: supported,
+        })
+    }
+
+    fn migrate_postgres(&mut self) -> Result<Migrated, StoreError> {
+        let supported = schema::POSTGRES_MIGRATIONS.len() as i64;
+        let db = self.db();
+        // Daemons starting together on a new database: one migrates, the others wait for it and
+        // find the work done.
+        db.execute_batch(
+            "BEGIN; SELECT pg_advisory_xact_lock(7370702841157623809); \
+             CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);",
+        )?;
+        let result = (|| {
+            let version: Option<i64> =
+                db.query_value("SELECT max(version) FROM schema_version", &[])?;
+            let version = version.unwrap_or(0);
+            if version > supported {
+                return Err(StoreError::TooNew {
+                    path: self.location.clone(),
+                    found: version,
+                    supported,
+                });
+            }
+            for migration in schema::POSTGRES_MIGRATIONS.iter().skip(version.max(0) as usize) {
+                db.execute_batch(migration)?;
+            }
+            if version < supported {
+                db.execute("DELETE FROM schema_version", &[])?;
+                db.execute(
+                    "INSERT INTO schema_version (version) VALUES (?1)",
+                    &sql_params![supported],
+                )?;
+            }
+            Ok(Migrated {
+                from: version,
+                to: supported,
+            })
+        })();
+        match result {
+            Ok(migrated) => {
+                db.execute_batch("COMMIT")?;
+                Ok(migrated)
+            }
+            Err(error) => {
+                let _ = db.execute_batch("ROLLBACK");
+                Err(error)
+            }
+        }
+    }
+
+    /// The SQLite file, or the PostgreSQL URL without its password: for messages.
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    pub fn engine(&self) -> Engine {
+        match self.connection {
+            Connection::Sqlite(_) => Engine::Sqlite,
+            Connection::Postgres(_) => Engine::Postgres,
+        }
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    fn link(&self) -> sql::Link<'_> {
+        match &self.connection {
+            Connection::Sqlite(connection) => sql::Link::Sqlite(connection),
+            Connection::Postgres(connection) => sql::Link::Postgres(connection),
+        }
+    }
+
+    /// The store outside a transaction: each statement commits by itself.
+    pub fn db(&self) -> Db<'_> {
+        Db::new(self.link(), &self.site, false)
+    }
+
+    /// The CRM data ([`CrmStore`]) outside a transaction.
+    pub fn crm(&self) -> Db<'_> {
+        self.db()
+    }
+
+    /// Starts a write transaction. Writers take the store's write lock up front — SQLite's
+    /// (`BEGIN IMMEDIATE`), or on PostgreSQL the row of the change counter (`SELECT … FOR
+    /// UPDATE`), which every change to a deal updates — so two writers never interleave: what a
+    /// sync or an edit reads of a deal is what it overwrites, and the change counter moves in
+    /// the order transactions commit.
+    pub fn transaction(&mut self) -> Result<Transaction<'_>, StoreError> {
+        let db = Db::new(self.link(), &self.site, true);
+        match db.engine() {
+            Engine::Sqlite => {
+                retry_while_busy(|| match db.link() {
+                    sql::Link::Sqlite(connection) => connection.execute_batch("BEGIN IMMEDIATE"),
+                    sql::Link::Postgres(_) => Ok(()),
+                })?;
+            }
+            Engine::Postgres => {
+                db.execute_batch("BEGIN")?;
+                if let Err(error) =
+                    db.query_value::<i64>("SELECT version FROM store_meta WHERE id = 1 FOR UPDATE", &[])
+                {
+                    let _ = db.execute_batch("ROLLBACK");
+                    return Err(error);
+                }
+            }
+        }
+        Ok(Transaction {
+            db,
+            finished: false,
+        })
+    }
+
+    /// Runs `work` while this process holds the store-wide claim on `job`: on PostgreSQL an
+    /// advisory lock, which waits for a daemon doing the same job and is let go when the work
+    /// ends or the connection does (a daemon that dies holds nothing); on SQLite there is no
+    /// other daemon to wait for.
+    pub fn exclusively<T, E: From<StoreError>>(
+        &mut self,
+        job: &str,
+        work: impl FnOnce(&mut Store) -> Result<T, E>,
+    ) -> Result<T, E> {
+        if self.engine() == Engine::Sqlite {
+            return work(self);
+        }
+        let key = claim_key(job);
+        self.db()
+            .query_value::<Value>("SELECT pg_advisory_lock(?1)", &sql_params![key])
+            .map_err(E::from)?;
+        let result = work(self);
+        if let Err(error) = self
+            .db()
+            .query_value::<Value>("SELECT pg_advisory_unlock(?1)", &sql_params![key])
+        {
+            tracing::warn!("cannot let go of the claim on {job}: {error}");
+        }
+        result
+    }
+
+    /// Claims this store's site for this process for as long as the connection lives: on
+    /// PostgreSQL, a second daemon with the same `[store] site` would take the other's files for
+    /// its own. False when another process holds it.
+    pub fn claim_site(&self) -> Result<bool, StoreError> {
+        if self.engine() == Engine::Sqlite {
+            return Ok(true);
+        }
+        self.db().query_value::<bool>(
+            "SELECT pg_try_advisory_lock(?1)",
+            &sql_params![claim_key(&format!("site:{}", self.site))],
+        )
+    }
+}
+
+/// How many idle PostgreSQL connections a process keeps per store.
+const POOL_IDLE: usize = 4;
+
+/// Idle PostgreSQL connections, by the config they were opened with: a connection costs a
+/// handshake (and TLS), and the daemon's jobs and the HTTP requests each want one.
+static POOL: std::sync::Mutex<Vec<(StoreConfig, Store)>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs `work` with a connection to the store the config names: a pooled one for PostgreSQL,
+/// a fresh one for SQLite (whose connections cost nothing). `existing` refuses to create a
+/// SQLite store that is not there (see [`Store::open_existing`]).
+pub fn with_store<T, E: From<StoreError>>(
+    config: &StoreConfig,
+    existing: bool,
+    work: impl FnOnce(&mut Store) -> Result<T, E>,
+) -> Result<T, E> {
+    let pooled = if matches!(config.location, StoreLocation::Postgres(_)) {
+        let mut idle = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        idle.iter()
+            .position(|(opened_with, _)| opened_with == config)
+            .map(|position| idle.swap_remove(position).1)
+    } else {
+        None
+    };
+    let mut store = match pooled {
+        Some(store) => store,
+        None if existing => Store::open_existing(config)?,
+        None => Store::open(config)?,
+    };
+    let result = work(&mut store);
+    if let Connection::Postgres(connection) = &store.connection {
+        let healthy = !connection.client.borrow().is_closed();
+        let mut idle = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let n_same = idle.iter().filter(|(opened_with, _)| opened_with == config).count();
+        if healthy && n_same < POOL_IDLE {
+            idle.push((config.clone(), store));
+        }
+    }
+    result
+}
+
+/// The advisory-lock key of a claim: a hash of its name.
+fn claim_key(job: &str) -> i64 {
+    let digest = xxhash_rust::xxh3::xxh3_64(format!("funnelsync:{job}").as_bytes());
+    i64::from_ne_bytes(digest.to_ne_bytes())
+}
+
+/// A write transaction: rolled back when dropped without [`Transaction::commit`].
+pub struct Transaction<'s> {
+    db: Db<'s>,
+    finished: bool,
+}
+
+impl<'s> std::ops::Deref for Transaction<'s> {
+    type Target = Db<'s>;
+
+    fn deref(&self) -> &Db<'s> {
+        &self.db
+    }
+}
+
+impl Transaction<'_> {
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.finished = true;
+        self.db.execute_batch("COMMIT")
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Err(error) = self.db.execute_batch("ROLLBACK") {
+                tracing::warn!("cannot roll back a transaction: {error}");
+            }
+        }
+    }
+}
+
+/// Which deals to list.
+#[derive(Debug, Clone, Default)]
+pub struct DealFilter {
+    pub stage: Option<String>,
+    pub owner: Option<String>,
+    pub include_archived: bool,
+}
+
+/// What a sync run did, as recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunCounts {
+    pub created: u64,
+    pub updated: u64,
+    pub archived: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+    pub errors: u64,
+    pub warnings: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncRun {
+    pub id: i64,
+    pub source: String,
+    pub file: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub status: String,
+    pub counts: RunCounts,
+    pub message: Option<String>,
+}
+
+/// One stage change of a deal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageChange {
+    pub deal_id: DealId,
+    pub from_stage: Option<String>,
+    pub to_stage: String,
+    pub at: DateTime<Utc>,
+    pub source: String,
+    /// Whether `at` is when the deal entered `to_stage`; false when it is only when funnelsync
+    /// first saw the deal there (imported without a stage-since date).
+    pub start_known: bool,
+}
+
+/// What a change did to a deal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Create,
+    Update,
+    Archive,
+    Unarchive,
+    Delete,
+}
+
+impl ChangeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Create => "create",
+            ChangeKind::Update => "update",
+            ChangeKind::Archive => "archive",
+            ChangeKind::Unarchive => "unarchive",
+            ChangeKind::Delete => "delete",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ChangeKind> {
+        [
+            ChangeKind::Create,
+            ChangeKind::Update,
+            ChangeKind::Archive,
+            ChangeKind::Unarchive,
+            ChangeKind::Delete,
+        ]
+        .into_iter()
+        .find(|kind| kind.name() == name)
+    }
+}
+
+/// One applied change. For `update`, a field's old and new value (as text, or JSON for extra
+/// fields under `extra.NAME`); for `create` and `delete`, the whole deal as JSON in `new_value` or
+/// `old_value`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChangeRecord {
+    pub id: i64,
+    pub run_id: i64,
+    pub deal_id: DealId,
+    pub kind: ChangeKind,
+    pub field: Option<String>,
+    pub old_value: Option<String>,
+    pub new_value: Option<String>,
+}
+
+/// A field changed on both sides since the last sync, and how it was decided.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConflictRecord {
+    pub id: i64,
+    pub deal_id: DealId,
+    pub field: String,
+    pub base_value: Option<String>,
+    pub sheet_value: Option<String>,
+    pub store_value: Option<String>,
+    /// "sheet" or "store".
+    pub winner: String,
+    pub policy: String,
+    pub source: String,
+    pub file: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The CRM store as the sync code sees it. `origin` names what made a change (a source name, or
+/// "cli"); it goes into the stage history.
+pub trait CrmStore {
+    /// The deals with these ids that exist (archived ones included).
+    fn deals_by_ids(&self, ids: &[DealId]) -> Result<HashMap<DealId, Deal>, StoreError>;
+    /// Ids of live deals whose last change is covered by the change counter `version` (nothing
+    /// changed them after a reader saw that counter).
+    fn live_ids_unchanged_since(
+        &self,
+        version: i64,
+    ) -> Result<std::collections::HashSet<DealId>, StoreError>;
+    /// Whether any of these deals changed (or is gone) after the change counter was `version`.
+    fn any_changed_since(&self, ids: &[DealId], version: i64) -> Result<bool, StoreError>;
+    /// The deals (archived ones included) changed after the change counter was `version`.
+    fn ids_changed_since(
+        &self,
+        version: i64,
+    ) -> Result<std::collections::HashSet<DealId>, StoreError>;
+    /// Every live deal's id with the values of a few fields (those a view's filter looks at).
+    fn live_deal_fields(&self, fields: &[Field]) -> Result<Vec<(DealId, FieldMap)>, StoreError>;
+    /// Each deal's version: the change counter as the deal's last change left it (deals that do
+    /// not exist are left out).
+    fn deal_versions(&self, ids: &[DealId]) -> Result<HashMap<DealId, i64>, StoreError>;
+    /// For many values of one field at once: the deal holding each (live before archived, older
+    /// before newer), keyed by the value's text.
+    fn find_ids_by_values(
+        &self,
+        field: Field,
+        values: &[FieldValue],
+    ) -> Result<HashMap<String, DealId>, StoreError>;
+    /// Creates many deals at once (an import), as [`CrmStore::create_deal`] would one by one;
+    /// returns their ids in order.
+    fn create_deals(&self, deals: &[NewDeal<'_>]) -> Result<Vec<DealId>, StoreError>;
+    /// Creates a deal. `stage_entered_at` is when it entered its stage, `None` when unknown (a
+    /// deal imported from a sheet that does not say): then its time in stage is not counted.
+    fn create_deal(
+        &self,
+        fields: &FieldMap,
+        extra: &ExtraMap,
+        origin: &str,
+        now: DateTime<Utc>,
+        stage_entered_at: Option<DateTime<Utc>>,
+    ) -> Result<DealId, StoreError>;
+    /// Sets the given fields (`None` clears one) and extra keys (`None` removes one).
+    fn update_deal(
+        &self,
+        id: DealId,
+        changes: &[(Field, Option<FieldValue>)],
+        extra_changes: &[(String, Option<String>)],
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    fn set_archived(
+        &self,
+        id: DealId,
+        archived: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+    fn delete_deal(&self, id: DealId) -> Result<bool, StoreError>;
+    fn list_deals(&self, filter: &DealFilter) -> Result<Vec<Deal>, StoreError>;
+    fn stage_history(&self, id: DealId) -> Result<Vec<StageChange>, StoreError>;
+    /// Every stage change of every deal, oldest first.
+    fn all_stage_history(&self) -> Result<Vec<StageChange>, StoreError>;
+    fn record_run(&self, run: &SyncRun) -> Result<i64, StoreError>;
+    /// Brings a recorded run up to date (a run recorded early, while its changes were still being
+    /// applied, gets its final counts and status).
+    fn finish_run(&self, run_id: i64, run: &SyncRun) -> Result<(), StoreError>;
+    /// Sets a recorded run's message (what happened after it, such as its write-back), and its
+    /// status when given.
+    fn note_on_run(
+        &self,
+        run_id: i64,
+        status: Option<&str>,
+        message: &str,
+    ) -> Result<(), StoreError>;
+    fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError>;
+    fn changes_of_run(&self, run_id: i64) -> Result<Vec<ChangeRecord>, StoreError>;
+    /// Changes to this deal's field (or of any kind when `field` is None) made by runs after `run_id`.
+    fn later_changes(
+        &self,
+        run_id: i64,
+        deal_id: DealId,
+        field: Option<&str>,
+    ) -> Result<Vec<ChangeRecord>, StoreError>;
+    fn run(&self, run_id: i64) -> Result<Option<SyncRun>, StoreError>;
+    /// Creates a deal again under its old id (undoing a delete).
+    fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError>;
+    fn last_runs(&self, limit: usize) -> Result<Vec<SyncRun>, StoreError>;
+    fn record_conflict(&self, conflict: &ConflictRecord) -> Result<(), StoreError>;
+    fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, StoreError>;
+    /// A number that changes whenever any deal changes.
+    fn version(&self) -> Result<i64, StoreError>;
+
+    /// The owners of live deals as written (the first spelling of each; case and spaces
+    /// ignored), sorted: for messages and lists.
+    fn owners(&self) -> Result<Vec<String>, StoreError> {
+        let mut owners: Vec<String> = Vec::new();
+        for deal in self.list_deals(&DealFilter::default())? {
+            if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
+                let folded = crate::deal::normalize_label(owner);
+                if !owners
+                    .iter()
+                    .any(|known| crate::deal::normalize_label(known) == folded)
+                {
+                    owners.push(owner.to_string());
+                }
+            }
+        }
+        owners.sort();
+        Ok(owners)
+    }
+}
+
+/// A deal to create: its fields, extra fields, where it came from, when, and when it entered its
+/// stage (`None` when unknown).
+#[derive(Debug, Clone)]
+pub struct NewDeal<'a> {
+    pub fields: &'a FieldMap,
+    pub extra: &'a ExtraMap,
+    pub origin: &'a str,
+    pub now: DateTime<Utc>,
+    pub stage_entered_at: Option<DateTime<Utc>>,
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(hour: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 28, hour, 0, 0)
+            .single()
+            .expect("valid time")
+    }
+
+    #[test]
+    fn deals_round_trip_and_stage_changes_are_recorded() {
+        let folder = tempfile::tempdir().expect("temp dir");
+        let (store, _) = Store::open_sqlite(&folder.path().join("nested/crm.db"), "local").expect("open");
+        let crm = store.crm();
+        let mut fields = FieldMap::new();
+        fields.insert(Field::Company, FieldValue::Text("Acme".to_string()));
+        fields.insert(Field::Stage, FieldValue::Text("Lead".to_string()));
+        fields.insert(Field::Amount, FieldValue::Amount(1200.5));
+        let extra = ExtraMap::from([("Notes".to_string(), "VIP".to_string())]);
+        let id = crm
+            .create_deal(&fields, &extra, "test", at(9), Some(at(9)))
+            .expect("create");
+        crm.update_deal(
+            id,
+            &[(Field::Stage, Some(FieldValue::Text("Prospect".to_string())))],
+            &[
+                ("Notes".to_string(), None),
+                ("Region".to_string(), Some("East".to_string())),
+            ],
+            "test",
+            at(10),
+        )
+        .expect("update");
+        let deal = crm
+            .deals_by_ids(&[id])
+            .expect("read")
+            .remove(&id)
+            .expect("exists");
+        assert_eq!(deal.text(Field::Stage), Some("Prospect"));
+        assert_eq!(deal.fields[&Field::Amount], FieldValue::Amount(1200.5));
+        assert_eq!(
+            deal.extra,
+            ExtraMap::from([("Region".to_string(), "East".to_string())])
+        );
+        assert_eq!(deal.stage_entered_at, Some(at(10)));
+        let history = crm.stage_history(id).expect("history");
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1].from_stage.as_deref(), Some("Lead"));
+        assert_eq!(history[1].to_stage, "Prospect");
+    }
+
+    #[test]
+    fn reopening_keeps_schema_version() {
+        let folder = tempfile::tempdir().expect("temp dir");
+        let path = folder.path().join("crm.db");
+        drop(Store::open_sqlite(&path, "local").expect("first open"));
+        let (store, migrated) = Store::open_sqlite(&path, "local").expect("second open");
+        assert_eq!(migrated.from, migrated.to, "nothing left to migrate");
+        let Connection::Sqlite(connection) = &store.connection else {
+            panic!("a SQLite store");
+        };
+        let version: i64 = connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, schema::SQLITE_MIGRATIONS.len() as i64);
+        connection
+            .pragma_update(None, "user_version", 99)
+            .expect("set");
+        drop(store);
+        assert!(matches!(
+            Store::open_sqlite(&path, "local"),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}
