@@ -179,11 +179,10 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             let header = funnelsync::mapping::locate_header(&sheet.rows, source).expect("header");
             let (rows, _) =
                 funnelsync::mapping::map_rows(&sheet.rows, &header, source, &config.stages);
-            let mirror = funnelsync::mirror::load(store.connection(), &sync::file_key(&path))
-                .expect("mirror")
-                .expect("synced");
+            let mirror =
+                funnelsync::mirror::load_all_rows(store.connection(), &sync::file_key(&path))
+                    .expect("mirror");
             let by_row: std::collections::HashMap<u32, i64> = mirror
-                .rows
                 .iter()
                 .map(|row| (row.row_number, row.deal_id))
                 .collect();

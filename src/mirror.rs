@@ -6,8 +6,6 @@
 //! anything: it stores and loads what the sync module tells it. The daemon's view of each file is
 //! `status`, not this.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -26,26 +24,6 @@ pub struct MirrorRow {
     pub raw_hash: Option<i64>,
     pub fields: FieldMap,
     pub extras: ExtraMap,
-}
-
-/// The file as a whole at the last sync.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MirrorFile {
-    pub file: String,
-    pub source: String,
-    pub sheet: String,
-    pub content_hash: String,
-    pub header_row: u32,
-    pub headers: Vec<String>,
-    pub synced_at: DateTime<Utc>,
-    /// A hash of the source's settings at that sync.
-    pub config_hash: String,
-    /// The store's change counter as that sync left it.
-    pub store_version: Option<i64>,
-    /// Hashes of the rows with errors the sync could not recognise and that were there beside
-    /// every row the file held, so that they cannot be a row that goes missing later.
-    pub known_error_rows: Vec<String>,
-    pub rows: Vec<MirrorRow>,
 }
 
 /// The parts of a file's mirror that decide whether a sync can be skipped, without its rows.
@@ -249,14 +227,6 @@ pub fn load_index(connection: &Connection, file: &str) -> Result<Vec<(i64, DealI
     Ok(index)
 }
 
-/// How many rows a file's mirror holds.
-pub fn n_rows(connection: &Connection, file: &str) -> Result<usize, StoreError> {
-    let n_rows: i64 = connection
-        .prepare_cached("SELECT count(*) FROM mirror_rows WHERE file = ?1")?
-        .query_row([file], |row| row.get(0))?;
-    Ok(n_rows.max(0) as usize)
-}
-
 fn mirror_row_from(
     (deal_id, row_number, row_hash, raw_hash, fields, extras): (
         DealId,
@@ -389,146 +359,6 @@ pub use crate::deal::row_hash;
 
 fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {error}"))
-}
-
-pub fn load(connection: &Connection, file: &str) -> Result<Option<MirrorFile>, StoreError> {
-    let header = connection
-        .prepare_cached(
-            "SELECT source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows \
-             FROM mirror_files WHERE file = ?1",
-        )?
-        .query_row([file], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, u32>(3)?,
-                row.get::<_, String>(4)?,
-                row.get::<_, String>(5)?,
-                row.get::<_, Option<String>>(6)?,
-                row.get::<_, Option<i64>>(7)?,
-                row.get::<_, Option<String>>(8)?,
-            ))
-        })
-        .optional()?;
-    let Some((
-        source,
-        sheet,
-        content_hash,
-        header_row,
-        headers,
-        synced_at,
-        config_hash,
-        store_version,
-        known_error_rows,
-    )) = header
-    else {
-        return Ok(None);
-    };
-    let mut statement = connection
-        .prepare_cached("SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows WHERE file = ?1 ORDER BY row_number")?;
-    let raw_rows = statement.query_map([file], |row| {
-        Ok((
-            row.get(0)?,
-            row.get(1)?,
-            row.get(2)?,
-            row.get(3)?,
-            row.get(4)?,
-            row.get(5)?,
-        ))
-    })?;
-    let mut rows = Vec::new();
-    for raw in raw_rows {
-        rows.push(mirror_row_from(raw?)?);
-    }
-    Ok(Some(MirrorFile {
-        file: file.to_string(),
-        source,
-        sheet,
-        content_hash,
-        header_row,
-        headers: serde_json::from_str(&headers)
-            .map_err(|error| corrupt("mirror headers", error))?,
-        synced_at: parse_timestamp(&synced_at)?,
-        config_hash: config_hash.unwrap_or_default(),
-        store_version,
-        // Unknown (a store from before this was kept): every row with errors counts as new.
-        known_error_rows: known_error_rows
-            .as_deref()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|error| corrupt("mirror error rows", error))?
-            .unwrap_or_default(),
-        rows,
-    }))
-}
-
-/// Writes the new state of a file's mirror, touching only rows that differ from `previous`.
-/// Returns how many rows were written or removed.
-pub fn save(
-    connection: &Connection,
-    new: &MirrorFile,
-    previous: Option<&MirrorFile>,
-) -> Result<usize, StoreError> {
-    let headers =
-        serde_json::to_string(&new.headers).map_err(|error| corrupt("mirror headers", error))?;
-    connection
-        .prepare_cached(
-            "INSERT INTO mirror_files (file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-             ON CONFLICT(file) DO UPDATE SET source = ?2, sheet = ?3, content_hash = ?4, header_row = ?5, headers = ?6, synced_at = ?7, \
-             config_hash = ?8, store_version = ?9, known_error_rows = ?10",
-        )?
-        .execute(params![
-            new.file,
-            new.source,
-            new.sheet,
-            new.content_hash,
-            new.header_row,
-            headers,
-            timestamp(new.synced_at),
-            new.config_hash,
-            new.store_version,
-            serde_json::to_string(&new.known_error_rows)
-                .map_err(|error| corrupt("mirror error rows", error))?
-        ])?;
-    let old_rows: HashMap<DealId, &MirrorRow> = previous
-        .map(|previous| previous.rows.iter().map(|row| (row.deal_id, row)).collect())
-        .unwrap_or_default();
-    let mut n_written = 0;
-    let mut upsert = connection.prepare_cached(
-        "INSERT INTO mirror_rows (file, deal_id, row_number, row_hash, fields, extras) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-         ON CONFLICT(file, deal_id) DO UPDATE SET row_number = ?3, row_hash = ?4, fields = ?5, extras = ?6",
-    )?;
-    for row in &new.rows {
-        let unchanged = old_rows
-            .get(&row.deal_id)
-            .is_some_and(|old| old.row_hash == row.row_hash && old.row_number == row.row_number);
-        if unchanged {
-            continue;
-        }
-        let fields =
-            serde_json::to_string(&row.fields).map_err(|error| corrupt("mirror fields", error))?;
-        let extras =
-            serde_json::to_string(&row.extras).map_err(|error| corrupt("mirror extras", error))?;
-        upsert.execute(params![
-            new.file,
-            row.deal_id,
-            row.row_number,
-            row.row_hash,
-            fields,
-            extras
-        ])?;
-        n_written += 1;
-    }
-    let kept: std::collections::HashSet<DealId> = new.rows.iter().map(|row| row.deal_id).collect();
-    let mut delete =
-        connection.prepare_cached("DELETE FROM mirror_rows WHERE file = ?1 AND deal_id = ?2")?;
-    for deal_id in old_rows.keys().filter(|deal_id| !kept.contains(deal_id)) {
-        delete.execute(params![new.file, deal_id])?;
-        n_written += 1;
-    }
-    Ok(n_written)
 }
 
 /// Records one more issue of a file beside those its sync stored (a write-back that failed after

@@ -596,12 +596,6 @@ pub struct ConflictRecord {
 pub trait CrmStore {
     /// The deals with these ids that exist (archived ones included).
     fn deals_by_ids(&self, ids: &[DealId]) -> Result<HashMap<DealId, Deal>, StoreError>;
-    /// Ids of live deals whose last change is covered by the change counter `version` (nothing
-    /// changed them after a reader saw that counter).
-    fn live_ids_unchanged_since(
-        &self,
-        version: i64,
-    ) -> Result<std::collections::HashSet<DealId>, StoreError>;
     /// Whether any of these deals changed (or is gone) after the change counter was `version`.
     fn any_changed_since(&self, ids: &[DealId], version: i64) -> Result<bool, StoreError>;
     /// The deals (archived ones included) changed after the change counter was `version`.
@@ -934,21 +928,6 @@ impl CrmStore for SqliteCrm<'_> {
             }
         }
         Ok(found)
-    }
-
-    fn live_ids_unchanged_since(
-        &self,
-        version: i64,
-    ) -> Result<std::collections::HashSet<DealId>, StoreError> {
-        let mut statement = self.connection.prepare_cached(
-            "SELECT id FROM deals WHERE archived_at IS NULL AND changed_version <= ?1",
-        )?;
-        let rows = statement.query_map([version], |row| row.get::<_, DealId>(0))?;
-        let mut ids = std::collections::HashSet::new();
-        for row in rows {
-            ids.insert(row?);
-        }
-        Ok(ids)
     }
 
     fn any_changed_since(&self, ids: &[DealId], version: i64) -> Result<bool, StoreError> {
