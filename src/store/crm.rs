@@ -185,14 +185,6 @@ impl CrmStore for Db<'_> {
         Ok(found)
     }
 
-    fn live_ids_unchanged_since(&self, version: i64) -> Result<HashSet<DealId>, StoreError> {
-        ids(
-            self,
-            "SELECT id FROM deals WHERE archived_at IS NULL AND changed_version <= ?1",
-            &sql_params![version],
-        )
-    }
-
     fn any_changed_since(&self, ids: &[DealId], version: i64) -> Result<bool, StoreError> {
         let mut unique = ids.to_vec();
         unique.sort_unstable();

@@ -649,12 +649,6 @@ pub struct ConflictRecord {
 pub trait CrmStore {
     /// The deals with these ids that exist (archived ones included).
     fn deals_by_ids(&self, ids: &[DealId]) -> Result<HashMap<DealId, Deal>, StoreError>;
-    /// Ids of live deals whose last change is covered by the change counter `version` (nothing
-    /// changed them after a reader saw that counter).
-    fn live_ids_unchanged_since(
-        &self,
-        version: i64,
-    ) -> Result<std::collections::HashSet<DealId>, StoreError>;
     /// Whether any of these deals changed (or is gone) after the change counter was `version`.
     fn any_changed_since(&self, ids: &[DealId], version: i64) -> Result<bool, StoreError>;
     /// The deals (archived ones included) changed after the change counter was `version`.

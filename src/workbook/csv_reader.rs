@@ -141,23 +141,6 @@ fn decide_encoding(
     Ok((encoding_rs::GB18030, 0))
 }
 
-/// Reads a .csv file from `file` (positioned anywhere): the rows and how it was written.
-pub fn read(
-    path: &Path,
-    file: &mut (impl Read + Seek),
-    encoding: CsvEncoding,
-    census: Option<&Utf8Census>,
-    limits: &Limits,
-) -> Result<(Vec<SheetRow>, CsvFormat), WorkbookError> {
-    let mut rows = Vec::new();
-    let mut sink = |batch: Vec<SheetRow>| {
-        rows.extend(batch);
-        Ok(())
-    };
-    let format = stream(path, file, encoding, census, limits, &mut sink)?;
-    Ok((rows, format))
-}
-
 /// Reads a .csv file in one pass, handing its rows to `sink` in batches as they are complete;
 /// every cell is checked against the limits before it is kept. Returns how the file was written.
 pub fn stream(
@@ -557,13 +540,19 @@ mod tests {
         let mut census = Utf8Census::default();
         census.feed(bytes);
         census.finish();
-        read(
+        let mut rows = Vec::new();
+        let format = stream(
             Path::new("x.csv"),
             &mut std::io::Cursor::new(bytes),
             encoding,
             Some(&census),
             limits,
-        )
+            &mut |batch| {
+                rows.extend(batch);
+                Ok(())
+            },
+        )?;
+        Ok((rows, format))
     }
 
     #[test]

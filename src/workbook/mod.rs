@@ -248,11 +248,10 @@ pub enum Violation {
     },
 }
 
-/// Where a collector puts the rows it completes: nowhere (a check that keeps nothing), a list, or
-/// a sink that takes them in batches as the reader goes.
+/// Where a collector puts the rows it completes: nowhere (a check that keeps nothing), or a sink
+/// that takes them in batches as the reader goes.
 enum Keep<'a> {
     Nothing,
-    All(Vec<SheetRow>),
     Batches {
         /// Completed rows not handed over yet, then the row being filled.
         rows: Vec<SheetRow>,
@@ -265,8 +264,8 @@ pub const ROW_BATCH: usize = 512;
 
 /// Takes cells as a reader finds them and checks each against the limits before anything is kept
 /// for it: its column, its length, and the number of rows. A counting collector keeps nothing; a
-/// keeping one builds the sparse rows; a streaming one hands them to a sink in batches, so that
-/// memory does not grow with the sheet.
+/// streaming one hands the sparse rows to a sink in batches, so that memory does not grow with the
+/// sheet.
 pub struct RowCollector<'a> {
     path: &'a Path,
     pub(crate) limits: &'a Limits,
@@ -283,13 +282,6 @@ impl<'a> RowCollector<'a> {
             keep: Keep::Nothing,
             n_rows: 0,
             last_row: None,
-        }
-    }
-
-    pub fn keeping(path: &'a Path, limits: &'a Limits) -> RowCollector<'a> {
-        RowCollector {
-            keep: Keep::All(Vec::new()),
-            ..RowCollector::counting(path, limits)
         }
     }
 
@@ -319,13 +311,6 @@ impl<'a> RowCollector<'a> {
 
     pub fn keeps_cells(&self) -> bool {
         !matches!(self.keep, Keep::Nothing)
-    }
-
-    pub fn into_rows(self) -> Vec<SheetRow> {
-        match self.keep {
-            Keep::All(rows) => rows,
-            _ => Vec::new(),
-        }
     }
 
     /// Whether a non-empty cell in this column (with this text) goes past a limit.
@@ -406,7 +391,7 @@ impl<'a> RowCollector<'a> {
         self.start_row(row_idx)?;
         let row = match &mut self.keep {
             Keep::Nothing => None,
-            Keep::All(rows) | Keep::Batches { rows, .. } => rows.last_mut(),
+            Keep::Batches { rows, .. } => rows.last_mut(),
         };
         if let Some(row) = row {
             row.set(column_idx, value);
@@ -422,7 +407,7 @@ impl<'a> RowCollector<'a> {
         self.start_row(row_idx)?;
         let row = match &mut self.keep {
             Keep::Nothing => None,
-            Keep::All(rows) | Keep::Batches { rows, .. } => rows.last_mut(),
+            Keep::Batches { rows, .. } => rows.last_mut(),
         };
         if let Some(row) = row {
             if row
@@ -454,11 +439,6 @@ impl<'a> RowCollector<'a> {
             self.last_row = Some(row_number);
             match &mut self.keep {
                 Keep::Nothing => {}
-                Keep::All(rows) => rows.push(SheetRow {
-                    row_number,
-                    cells: Vec::new(),
-                    formula_columns: Vec::new(),
-                }),
                 Keep::Batches { rows, sink } => {
                     // The rows before the new one are complete.
                     if rows.len() >= ROW_BATCH {
@@ -580,7 +560,29 @@ pub fn read_sheet(
     limits: &Limits,
 ) -> Result<SheetData, WorkbookError> {
     let opened = open_file(path, limits)?;
-    parse_file(opened, sheet, csv_encoding, limits)
+    let mut stream = SheetStream::start(opened, sheet, csv_encoding, limits)?;
+    let mut rows = Vec::new();
+    while let Some(batch) = stream.next_rows()? {
+        rows.extend(batch);
+    }
+    let formula_cells = rows
+        .iter()
+        .flat_map(|row: &SheetRow| {
+            row.formula_columns
+                .iter()
+                .map(move |column_idx| (row.row_number, *column_idx))
+        })
+        .collect();
+    Ok(SheetData {
+        path: stream.path.clone(),
+        format: stream.format,
+        sheet_name: stream.sheet_name.clone(),
+        rows,
+        content_hash: stream.content_hash.clone(),
+        modified: stream.modified,
+        csv_format: stream.end().and_then(|end| end.csv_format.clone()),
+        formula_cells,
+    })
 }
 
 /// What one `fstat` says about an open file: enough to notice it changed while being read.
@@ -686,70 +688,6 @@ pub fn open_file(path: &Path, limits: &Limits) -> Result<OpenedFile, WorkbookErr
         stamp,
         content_hash: hex(&hasher.finalize()),
         census,
-    })
-}
-
-/// Parses an opened file (from [`open_file`]) into the managed sheet.
-pub fn parse_file(
-    opened: OpenedFile,
-    sheet: Option<&str>,
-    csv_encoding: CsvEncoding,
-    limits: &Limits,
-) -> Result<SheetData, WorkbookError> {
-    let OpenedFile {
-        path,
-        mut file,
-        stamp,
-        content_hash,
-        census,
-    } = opened;
-    let path = path.as_path();
-    let format = format_of(path).ok_or_else(|| WorkbookError::Unsupported {
-        path: path.to_path_buf(),
-    })?;
-    // The parsers are other people's code fed with hostile bytes: should one of them panic, the
-    // file is refused like any malformed file rather than taking the daemon down.
-    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        parse_format(
-            path,
-            &mut file,
-            format,
-            sheet,
-            csv_encoding,
-            census.as_ref(),
-            limits,
-        )
-    }));
-    let (sheet_name, rows, csv_format, formula_cells) = match parsed {
-        Ok(parsed) => parsed?,
-        Err(_) => {
-            return Err(WorkbookError::Malformed {
-                path: path.to_path_buf(),
-                expected: "readable workbook",
-                detail: "the reader stopped on an internal error reading it".to_string(),
-            })
-        }
-    };
-    // The rows must describe the bytes that were hashed.
-    if FileStamp::of(path, &file)? != stamp {
-        return Err(WorkbookError::Incomplete {
-            path: path.to_path_buf(),
-            detail: "the file changed while it was being read".to_string(),
-        });
-    }
-    let modified = std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(
-        u64::try_from(stamp.modified_seconds).unwrap_or(0),
-        u32::try_from(stamp.modified_nanoseconds).unwrap_or(0),
-    ));
-    Ok(SheetData {
-        path: path.to_path_buf(),
-        format,
-        sheet_name,
-        rows,
-        content_hash,
-        modified: modified.map(chrono::DateTime::<chrono::Utc>::from),
-        csv_format,
-        formula_cells,
     })
 }
 
@@ -924,10 +862,6 @@ fn guarded<T>(
 /// Where a sheet's formulas are: (Excel row number, 0-based column), in sheet order.
 pub type FormulaCells = Vec<(u32, u32)>;
 
-/// The managed sheet's name and rows, for a .csv how it was written, and for an .xlsx where its
-/// formulas are.
-type Parsed = (String, Vec<SheetRow>, Option<CsvFormat>, FormulaCells);
-
 /// What a streaming read hands over as it goes: first the managed sheet's name, then its rows in
 /// batches.
 pub enum Piece {
@@ -939,45 +873,6 @@ pub enum Piece {
 #[derive(Debug, Clone, Default)]
 pub struct StreamEnd {
     pub csv_format: Option<CsvFormat>,
-}
-
-fn parse_format(
-    path: &Path,
-    file: &mut std::fs::File,
-    format: FileFormat,
-    sheet: Option<&str>,
-    csv_encoding: CsvEncoding,
-    census: Option<&csv_reader::Utf8Census>,
-    limits: &Limits,
-) -> Result<Parsed, WorkbookError> {
-    let mut sheet_name = String::new();
-    let mut rows = Vec::new();
-    let mut emit = |piece: Piece| {
-        match piece {
-            Piece::Sheet(name) => sheet_name = name,
-            Piece::Rows(batch) => rows.extend(batch),
-        }
-        Ok(())
-    };
-    let end = stream_format(
-        path,
-        file,
-        format,
-        sheet,
-        csv_encoding,
-        census,
-        limits,
-        &mut emit,
-    )?;
-    let formula_cells = rows
-        .iter()
-        .flat_map(|row| {
-            row.formula_columns
-                .iter()
-                .map(move |column_idx| (row.row_number, *column_idx))
-        })
-        .collect();
-    Ok((sheet_name, rows, end.csv_format, formula_cells))
 }
 
 /// Reads the managed sheet in one pass, handing its name and then its rows to `emit` as they come.
@@ -1411,7 +1306,7 @@ mod tests {
             let path = dir.path().join("p.xlsx");
             std::fs::write(&path, &bytes).expect("write");
             let mut file = std::fs::File::open(&path).expect("open");
-            let _ = parse_format(
+            let _ = stream_format(
                 &path,
                 &mut file,
                 FileFormat::Xlsx,
@@ -1419,6 +1314,7 @@ mod tests {
                 CsvEncoding::Auto,
                 None,
                 &Limits::default(),
+                &mut |_| Ok(()),
             );
         }
     }

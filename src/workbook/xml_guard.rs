@@ -218,7 +218,11 @@ impl Scanner<'_> {
                         break;
                     }
                 }
-                Some(Markup::Element) if self.name_done && self.quote.is_none() => {
+                // Outside shared strings an element's name is never looked at: only its length
+                // and where it ends count.
+                Some(Markup::Element)
+                    if (self.name_done || !self.shared_strings) && self.quote.is_none() =>
+                {
                     let rest = &bytes[position..];
                     let run = memchr::memchr3(b'"', b'\'', b'>', rest).unwrap_or(rest.len());
                     let room = 1024usize.saturating_sub(self.tag_head.len());

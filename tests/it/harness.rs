@@ -316,49 +316,47 @@ impl TestDir {
         Run::from_output(self.command(args).output().expect("run funnelsync"))
     }
 
-    /// Runs the binary and measures its peak memory: the high-water mark of its resident set
-    /// (VmHWM), as the kernel reports it for the child when it is reaped (`wait4`'s
-    /// `ru_maxrss`), in bytes.
-    // The child is reaped by `wait4` below, not by `Child::wait`, so that its usage comes back.
-    #[allow(clippy::zombie_processes)]
+    /// Runs the binary and measures its peak memory: the high-water mark of its resident set, in
+    /// bytes, as GNU time reports it.
+    ///
+    /// The figure cannot come from this process's own `wait4`: a child started from here begins
+    /// as a copy of (or shares) the test process, and Linux carries that address space's
+    /// high-water mark over `exec` into the child's `ru_maxrss`, so the figure would be the test
+    /// process's size, large while other tests run. GNU time forks the binary from a process of a
+    /// megabyte or two and reports only that child's figure.
     pub fn run_measuring_memory(&self, args: &[&str]) -> (Run, u64) {
-        use std::io::Read;
-        let mut child = self
-            .command(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run funnelsync");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let mut stderr = child.stderr.take().expect("stderr");
-        let stdout = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stdout.read_to_string(&mut text);
-            text
-        });
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
-        let pid = child.id() as libc::pid_t;
-        let mut status: libc::c_int = 0;
-        // SAFETY: `rusage` is plain data that wait4 fills; the pid is our own unreaped child.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        assert_eq!(reaped, pid, "wait4 failed");
-        let code = if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            128 + libc::WTERMSIG(status)
-        };
-        let run = Run {
-            code,
-            stdout: stdout.join().expect("stdout thread"),
-            stderr: stderr.join().expect("stderr thread"),
-        };
-        // Linux reports ru_maxrss in kilobytes.
-        (run, (usage.ru_maxrss.max(0) as u64) * 1024)
+        const TIME: &str = "/usr/bin/time";
+        assert!(
+            std::path::Path::new(TIME).exists(),
+            "{TIME} (Debian package time) is needed to measure peak memory; .ci/run installs it"
+        );
+        let inner = self.command(args);
+        let report = self.path(".peak-memory");
+        let mut command = Command::new(TIME);
+        command
+            .arg("--format=%M")
+            .arg(format!("--output={}", report.display()))
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        if let Some(directory) = inner.get_current_dir() {
+            command.current_dir(directory);
+        }
+        for (name, value) in inner.get_envs() {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        let run = Run::from_output(command.output().expect("run funnelsync under time"));
+        let text = std::fs::read_to_string(&report).expect("time's report");
+        // GNU time prints "Command exited with non-zero status N" before the figure when the
+        // command fails, and reports the resident set in kilobytes.
+        let kilobytes: u64 = text
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .next_back()
+            .unwrap_or_else(|| panic!("no figure in time's report: {text:?}"));
+        (run, kilobytes * 1024)
     }
 
     pub fn sync(&self) -> Run {
@@ -1073,6 +1071,96 @@ impl Http {
         }
         let request = builder.body(body.as_ref().to_vec()).expect("request");
         Http::reply(self.agent.run(request))
+    }
+
+    /// Sends a request whose body the server may refuse before reading it (413 on its
+    /// Content-Length), as curl or a browser would: the body is written on another thread while
+    /// the reply is read, and a write the server cut short is not an error. (A client that writes
+    /// the whole body first, as `send` does, gets a broken pipe instead of the reply whenever the
+    /// body outgrows the socket buffers.)
+    pub fn send_streaming(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Reply {
+        use std::io::{Read, Write};
+        let address = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("read timeout");
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        if let Some(token) = token {
+            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut writer = stream.try_clone().expect("clone stream");
+        let writing = std::thread::spawn(move || {
+            // The server may answer and close before reading it all: the write then fails.
+            let _ = writer
+                .write_all(head.as_bytes())
+                .and_then(|()| writer.write_all(&body));
+        });
+        let mut raw = Vec::new();
+        let mut buffer = [0u8; 8192];
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buffer[..n]),
+                // A reset after the reply arrived (the server closed with body bytes unread).
+                Err(error)
+                    if !raw.is_empty() && error.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    break
+                }
+                Err(error) => panic!("reading the reply: {error}"),
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let _ = writing.join();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no reply head: {text:?}"));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status line: {head:?}"));
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+            .collect();
+        let chunked = headers
+            .iter()
+            .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+        let body = if chunked {
+            let mut decoded = String::new();
+            let mut rest = body;
+            while let Some((size, after)) = rest.split_once("\r\n") {
+                let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+                if size == 0 || after.len() < size {
+                    break;
+                }
+                decoded.push_str(&after[..size]);
+                rest = after[size..].trim_start_matches("\r\n");
+            }
+            decoded
+        } else {
+            body.to_string()
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// Logs in on the pages with a token; returns the session cookie (`name=value`).

@@ -526,7 +526,11 @@ fn hostile_requests_get_400_or_413_never_500() {
         } else {
             path.clone()
         };
-        let reply = http.send(method, &target, Some(token), content_type, &body, &[]);
+        let reply = if expected == 413 {
+            http.send_streaming(method, &target, Some(token), content_type, body.clone())
+        } else {
+            http.send(method, &target, Some(token), content_type, &body, &[])
+        };
         let shown = String::from_utf8_lossy(&body)
             .chars()
             .take(40)
