@@ -484,15 +484,16 @@ pub fn store_copy(config: &Config, to: &str) -> anyhow::Result<ExitCode> {
         shown,
         config.store.site
     )?;
-    let rows: Vec<Vec<String>> = std::iter::once(vec![
-        "table".to_string(),
-        "rows".to_string(),
-        "checksum".to_string(),
-    ])
-    .chain(report.tables.iter().map(|(table, n_rows, checksum)| {
-        vec![table.clone(), n_rows.to_string(), checksum.clone()]
-    }))
-    .collect();
+    let rows: Vec<Vec<String>> =
+        std::iter::once(vec![
+            "table".to_string(),
+            "rows".to_string(),
+            "checksum".to_string(),
+        ])
+        .chain(report.tables.iter().map(|(table, n_rows, checksum)| {
+            vec![table.clone(), n_rows.to_string(), checksum.clone()]
+        }))
+        .collect();
     write_table(&mut out, &rows, &[false, true, false])?;
     writeln!(
         out,

@@ -10,9 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::deal::{Deal, Field, FieldKind, FieldValue};
-use crate::store::{
-    ChangeKind, ChangeRecord, CrmStore, Db, RunCounts, Store, StoreError, SyncRun,
-};
+use crate::store::{ChangeKind, ChangeRecord, CrmStore, Db, RunCounts, Store, StoreError, SyncRun};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SkippedChange {
@@ -180,11 +178,7 @@ pub fn undo(
 
 /// Reverses one change in the store: a field set back, an archival or creation reversed, a
 /// deletion restored from the copy kept of the deal.
-fn revert(
-    crm: &Db<'_>,
-    change: &ChangeRecord,
-    now: DateTime<Utc>,
-) -> Result<Reverted, StoreError> {
+fn revert(crm: &Db<'_>, change: &ChangeRecord, now: DateTime<Utc>) -> Result<Reverted, StoreError> {
     let exists = crm.deals_by_ids(&[change.deal_id])?.remove(&change.deal_id);
     Ok(match (change.kind, exists) {
         (ChangeKind::Update, Some(deal)) => revert_field(crm, change, &deal, now)?,

@@ -677,8 +677,8 @@ fn record_weekly_digest(
         until: now,
     };
     let report = load_from(db, config, period, now, None)?;
-    let previous: Option<Snapshot> = crate::store::jobs::last_snapshot(db)?
-        .and_then(|text| serde_json::from_str(&text).ok());
+    let previous: Option<Snapshot> =
+        crate::store::jobs::last_snapshot(db)?.and_then(|text| serde_json::from_str(&text).ok());
     let current = snapshot_of(&report);
     let mut text = text_table(&report);
     text.push_str("\nchange since the last digest:\n");

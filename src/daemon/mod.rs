@@ -794,7 +794,9 @@ impl Daemon {
                 store.exclusively("report", |store| -> Result<(), JobError> {
                     if let Some(slot) = slot {
                         if crate::store::jobs::done(&store.db(), "report", slot)? {
-                            debug!("the funnel report of this interval was written by another daemon");
+                            debug!(
+                                "the funnel report of this interval was written by another daemon"
+                            );
                             return Ok(());
                         }
                     }

@@ -154,7 +154,9 @@ pub fn deliver(
     runtime: &tokio::runtime::Handle,
 ) -> Result<DeliveryReport, OutboxError> {
     // Two daemons sharing a store deliver one after the other, so that no message is sent twice.
-    store.exclusively("mail", |store| deliver_claimed(store, config, now, all, runtime))
+    store.exclusively("mail", |store| {
+        deliver_claimed(store, config, now, all, runtime)
+    })
 }
 
 fn deliver_claimed(

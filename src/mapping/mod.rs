@@ -10,7 +10,6 @@ pub mod clean;
 
 use std::collections::BTreeMap;
 
-
 use crate::config::{HeaderRow, SourceConfig, Stages};
 use crate::deal::{normalize_label, DealId, ExtraMap, Field, FieldKind, FieldMap, FieldValue};
 pub use crate::deal::{RowIssue, Severity};

@@ -12,7 +12,7 @@ use super::{
     NewDeal, RunCounts, StageChange, StoreError, SyncRun,
 };
 use crate::deal::{Deal, DealId, ExtraMap, Field, FieldKind, FieldMap, FieldValue};
-use crate::sql_params;
+use super::sql::sql_params;
 
 /// How many rows one multi-row INSERT takes: well under SQLite's limit on bound values, large
 /// enough that the cost of a statement is spread thin.
@@ -69,9 +69,8 @@ fn deal_from_row(row: &Row<'_>) -> Result<Deal, StoreError> {
     Ok(Deal {
         id,
         fields,
-        extra: serde_json::from_str(&extra_text).map_err(|error| {
-            StoreError::Corrupt(format!("extra fields of deal {id}: {error}"))
-        })?,
+        extra: serde_json::from_str(&extra_text)
+            .map_err(|error| StoreError::Corrupt(format!("extra fields of deal {id}: {error}")))?,
         created_at: parse_timestamp(&row.get::<String>(AFTER_FIELDS + 1)?)?,
         updated_at: parse_timestamp(&row.get::<String>(AFTER_FIELDS + 2)?)?,
         stage_entered_at: stage_entered_at
@@ -116,7 +115,7 @@ impl Db<'_> {
             &[],
         )?;
         if self.engine() == Engine::Postgres {
-            self.query_value::<Value>(
+            self.execute(
                 "SELECT pg_notify(?1, ?2)",
                 &sql_params![CHANGES_CHANNEL, version.to_string()],
             )?;
@@ -336,7 +335,9 @@ impl CrmStore for Db<'_> {
                     // One statement inserts its rows one after the other, each taking the next id.
                     let last: i64 = self.query_value("SELECT last_insert_rowid()", &[])?;
                     let first = last - chunk.len() as i64 + 1;
-                    (0..chunk.len()).map(|offset| first + offset as i64).collect()
+                    (0..chunk.len())
+                        .map(|offset| first + offset as i64)
+                        .collect()
                 }
             };
             for (deal, id) in chunk.iter().zip(&chunk_ids) {
@@ -563,14 +564,16 @@ impl CrmStore for Db<'_> {
     ) -> Result<Vec<ChangeRecord>, StoreError> {
         self.query(
             "SELECT id, run_id, deal_id, kind, field, old_value, new_value FROM changes \
-             WHERE run_id > ?1 AND deal_id = ?2 AND (?3 IS NULL OR field = ?3 OR field IS NULL) ORDER BY id",
+             WHERE run_id > ?1 AND deal_id = ?2 AND (CAST(?3 AS TEXT) IS NULL OR field = ?3 OR field IS NULL) ORDER BY id",
             &sql_params![run_id, deal_id, field],
             change_from_row,
         )
     }
 
     fn run(&self, run_id: i64) -> Result<Option<SyncRun>, StoreError> {
-        Ok(self.runs_where("WHERE id = ?1", &sql_params![run_id])?.pop())
+        Ok(self
+            .runs_where("WHERE id = ?1", &sql_params![run_id])?
+            .pop())
     }
 
     fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::sql::Db;
 use super::{parse_timestamp, timestamp, StoreError};
-use crate::sql_params;
+use super::sql::sql_params;
 
 /// Where the daemon stands with a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

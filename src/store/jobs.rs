@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::sql::Db;
 use super::{parse_timestamp, timestamp, StoreError};
-use crate::sql_params;
+use super::sql::sql_params;
 
 /// The stages of the latest weekly digest's snapshot (JSON), if there is one.
 pub fn last_snapshot(db: &Db<'_>) -> Result<Option<String>, StoreError> {
@@ -36,8 +36,10 @@ pub fn record_snapshot(
 
 /// When an alert with this key last went out.
 pub fn last_alert(db: &Db<'_>, key: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-    let last: Option<String> =
-        db.query_value("SELECT max(at) FROM alerts WHERE key = ?1", &sql_params![key])?;
+    let last: Option<String> = db.query_value(
+        "SELECT max(at) FROM alerts WHERE key = ?1",
+        &sql_params![key],
+    )?;
     Ok(last.as_deref().and_then(|last| parse_timestamp(last).ok()))
 }
 

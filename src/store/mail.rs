@@ -8,7 +8,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use super::sql::Db;
 use super::{parse_timestamp, timestamp, StoreError};
 use crate::deal::DealId;
-use crate::sql_params;
+use super::sql::sql_params;
 
 /// A message to record as pending.
 #[derive(Debug, Clone, Copy)]
@@ -59,10 +59,7 @@ pub fn enqueue(db: &Db<'_>, message: &NewMessage<'_>) -> Result<i64, StoreError>
 
 /// How many messages wait for delivery.
 pub fn n_pending(db: &Db<'_>) -> Result<i64, StoreError> {
-    db.query_value(
-        "SELECT count(*) FROM outbox WHERE status = 'pending'",
-        &[],
-    )
+    db.query_value("SELECT count(*) FROM outbox WHERE status = 'pending'", &[])
 }
 
 /// The pending messages due at `now` (all of them with `all`), oldest first.

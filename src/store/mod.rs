@@ -31,11 +31,11 @@ use serde::Serialize;
 use crate::config::{StoreConfig, StoreLocation};
 use crate::deal::{Deal, DealId, ExtraMap, Field, FieldMap, FieldValue};
 
-pub use sql::{Db, Engine, Row, Value};
 pub use crm::CHANGES_CHANNEL;
 pub use postgres_link::Listener;
+pub use sql::{Db, Engine, Row, Value};
 
-use crate::sql_params;
+use sql::sql_params;
 pub use transfer::{copy_to_postgres, CopyReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -295,7 +295,10 @@ impl Store {
                 supported,
             });
         }
-        for migration in schema::SQLITE_MIGRATIONS.iter().skip(version.max(0) as usize) {
+        for migration in schema::SQLITE_MIGRATIONS
+            .iter()
+            .skip(version.max(0) as usize)
+        {
             transaction.execute_batch(migration)?;
         }
         transaction.pragma_update(None, "user_version", supported)?;
@@ -326,7 +329,10 @@ impl Store {
                     supported,
                 });
             }
-            for migration in schema::POSTGRES_MIGRATIONS.iter().skip(version.max(0) as usize) {
+            for migration in schema::POSTGRES_MIGRATIONS
+                .iter()
+                .skip(version.max(0) as usize)
+            {
                 db.execute_batch(migration)?;
             }
             if version < supported {
@@ -402,9 +408,10 @@ impl Store {
             }
             Engine::Postgres => {
                 db.execute_batch("BEGIN")?;
-                if let Err(error) =
-                    db.query_value::<i64>("SELECT version FROM store_meta WHERE id = 1 FOR UPDATE", &[])
-                {
+                if let Err(error) = db.query_value::<i64>(
+                    "SELECT version FROM store_meta WHERE id = 1 FOR UPDATE",
+                    &[],
+                ) {
                     let _ = db.execute_batch("ROLLBACK");
                     return Err(error);
                 }
@@ -430,12 +437,12 @@ impl Store {
         }
         let key = claim_key(job);
         self.db()
-            .query_value::<Value>("SELECT pg_advisory_lock(?1)", &sql_params![key])
+            .execute("SELECT pg_advisory_lock(?1)", &sql_params![key])
             .map_err(E::from)?;
         let result = work(self);
         if let Err(error) = self
             .db()
-            .query_value::<Value>("SELECT pg_advisory_unlock(?1)", &sql_params![key])
+            .execute("SELECT pg_advisory_unlock(?1)", &sql_params![key])
         {
             tracing::warn!("cannot let go of the claim on {job}: {error}");
         }
@@ -488,7 +495,10 @@ pub fn with_store<T, E: From<StoreError>>(
     if let Connection::Postgres(connection) = &store.connection {
         let healthy = !connection.client.borrow().is_closed();
         let mut idle = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let n_same = idle.iter().filter(|(opened_with, _)| opened_with == config).count();
+        let n_same = idle
+            .iter()
+            .filter(|(opened_with, _)| opened_with == config)
+            .count();
         if healthy && n_same < POOL_IDLE {
             idle.push((config.clone(), store));
         }
@@ -762,7 +772,6 @@ pub struct NewDeal<'a> {
     pub stage_entered_at: Option<DateTime<Utc>>,
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -777,7 +786,8 @@ mod tests {
     #[test]
     fn deals_round_trip_and_stage_changes_are_recorded() {
         let folder = tempfile::tempdir().expect("temp dir");
-        let (store, _) = Store::open_sqlite(&folder.path().join("nested/crm.db"), "local").expect("open");
+        let (store, _) =
+            Store::open_sqlite(&folder.path().join("nested/crm.db"), "local").expect("open");
         let crm = store.crm();
         let mut fields = FieldMap::new();
         fields.insert(Field::Company, FieldValue::Text("Acme".to_string()));

@@ -300,7 +300,8 @@ CREATE TABLE mirror_rows_new (
     extras     TEXT NOT NULL,
     raw_hash   INTEGER,
     PRIMARY KEY (site, file, deal_id),
-    FOREIGN KEY (site, file) REFERENCES mirror_files(site, file) ON DELETE CASCADE
+    -- Renaming mirror_files_new below makes this name the renamed table.
+    FOREIGN KEY (site, file) REFERENCES mirror_files_new(site, file) ON DELETE CASCADE
 );
 INSERT INTO mirror_rows_new (file, deal_id, row_number, row_hash, fields, extras, raw_hash)
 SELECT file, deal_id, row_number, row_hash, fields, extras, raw_hash FROM mirror_rows;

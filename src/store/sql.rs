@@ -80,12 +80,12 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 }
 
 /// `[Value::from(a), Value::from(b), …]`: the parameters of a statement.
-#[macro_export]
 macro_rules! sql_params {
     ($($value:expr),* $(,)?) => {
         [$($crate::store::Value::from($value)),*]
     };
 }
+pub(crate) use sql_params;
 
 impl rusqlite::ToSql for Value {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
@@ -499,7 +499,10 @@ mod tests {
             ("SELECT ?1, ?2", "SELECT $1, $2"),
             ("x IN (?,?) AND y = ?", "x IN ($1,$2) AND y = $3"),
             ("LIKE '/%?' || ?1", "LIKE '/%?' || $1"),
-            ("state = 'ignored' AND file = ?1", "state = 'ignored' AND file = $1"),
+            (
+                "state = 'ignored' AND file = ?1",
+                "state = 'ignored' AND file = $1",
+            ),
         ];
         for (sql, expected) in cases {
             assert_eq!(numbered_placeholders(sql), expected, "{sql}");

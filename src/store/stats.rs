@@ -4,7 +4,7 @@
 
 use super::sql::Db;
 use super::StoreError;
-use crate::sql_params;
+use super::sql::sql_params;
 
 /// Everything the store says about itself, counted.
 #[derive(Debug, Clone, Default)]

@@ -7,7 +7,7 @@
 use super::schema::TABLES;
 use super::sql::{value_groups, Db, Engine, Value};
 use super::{Store, StoreError};
-use crate::sql_params;
+use super::sql::sql_params;
 
 /// What was copied: per table, its rows and their checksum.
 #[derive(Debug, Clone, Default)]

@@ -17,9 +17,8 @@ use chrono::{DateTime, Utc};
 
 use super::diff::{self, DiffInput, Removal, RowAction};
 use super::{
-    change_record, fail, hold, note_on_run, quoted, record_lone_run,
-    shows_the_store_still, source_fingerprint, status_name, unchanged, FileReport, FileStatus,
-    WriteBack,
+    change_record, fail, hold, note_on_run, quoted, record_lone_run, shows_the_store_still,
+    source_fingerprint, status_name, unchanged, FileReport, FileStatus, WriteBack,
 };
 use crate::config::{Config, SourceConfig, View};
 use crate::deal::{Deal, DealId, Field, FieldKind, FieldMap, FieldValue};
@@ -882,10 +881,7 @@ struct Applier<'a, 'c> {
 }
 
 impl<'a, 'c> Applier<'a, 'c> {
-    fn new(
-        context: &'a Context<'a>,
-        crm: &'a Db<'c>,
-    ) -> Applier<'a, 'c> {
+    fn new(context: &'a Context<'a>, crm: &'a Db<'c>) -> Applier<'a, 'c> {
         Applier {
             context,
             crm,

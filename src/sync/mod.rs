@@ -148,8 +148,7 @@ pub fn sync_file_with(
     tracing::debug!(file = %path.display(), phase = "read", "sync phase");
     // Concurrent writers to a PostgreSQL store may make it ask for a transaction again: the
     // whole sync is run again, not reported as failed.
-    let report =
-        crate::store::retrying(|| file::sync(store, config, source, path, now, force));
+    let report = crate::store::retrying(|| file::sync(store, config, source, path, now, force));
     tracing::debug!(file = %path.display(), phase = "done", "sync phase");
     report
 }

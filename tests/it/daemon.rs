@@ -29,13 +29,9 @@ fn n_deals(test: &TestDir) -> i64 {
 }
 
 fn n_runs(test: &TestDir, file_name: &str) -> i64 {
-    test.store()
-        .query_row(
-            "SELECT count(*) FROM sync_runs WHERE file LIKE '%/' || ?1",
-            [file_name],
-            |row| row.get(0),
-        )
-        .expect("count runs")
+    test.count(&format!(
+        "SELECT count(*) FROM sync_runs WHERE file LIKE '%/{file_name}'"
+    ))
 }
 
 fn n_archived(test: &TestDir) -> i64 {

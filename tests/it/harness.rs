@@ -255,14 +255,112 @@ impl Run {
 }
 
 /// A temp folder with a config file, a store and spreadsheets.
+/// Whether this run of the suite is the PostgreSQL pass (`FUNNELSYNC_TEST_STORE=postgres`, set
+/// by `tests/run`): every scenario's store is then a fresh database on the server
+/// `FUNNELSYNC_TEST_POSTGRES` names, instead of a SQLite file in its temp folder.
+pub fn on_postgres() -> bool {
+    std::env::var("FUNNELSYNC_TEST_STORE").is_ok_and(|store| store == "postgres")
+}
+
+/// The URL of the test server's maintenance database (`FUNNELSYNC_TEST_POSTGRES`, exported by
+/// `tests/run` after it started a throwaway cluster). `None` outside CI when no server was
+/// started; in CI a missing server fails the test instead.
+pub fn postgres_server() -> Option<String> {
+    match std::env::var("FUNNELSYNC_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "FUNNELSYNC_TEST_POSTGRES is not set: run the tests with tests/run, which starts a throwaway PostgreSQL cluster"
+            );
+            None
+        }
+    }
+}
+
+/// A fresh, empty database on the test server, dropped with its [`TestDatabase`].
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+    server: String,
+}
+
+impl TestDatabase {
+    /// Creates one; panics when the server cannot be reached (a PostgreSQL test must fail, not
+    /// skip, when its server is missing).
+    pub fn create(server: &str) -> TestDatabase {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "funnelsync_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut client =
+            postgres::Client::connect(server, postgres::NoTls).unwrap_or_else(|error| {
+                panic!("cannot reach the test PostgreSQL server {server}: {error}")
+            });
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create the test database");
+        let (base, _) = server
+            .rsplit_once('/')
+            .unwrap_or_else(|| panic!("no database in {server}"));
+        let query = server
+            .split_once('?')
+            .map(|(_, query)| format!("?{query}"))
+            .unwrap_or_default();
+        TestDatabase {
+            url: format!("{base}/{name}{query}"),
+            name,
+            server: server.to_string(),
+        }
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut client) = postgres::Client::connect(&self.server, postgres::NoTls) {
+            let _ = client.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
 pub struct TestDir {
     pub dir: tempfile::TempDir,
+    /// The scenario's store on the PostgreSQL pass; `None` on SQLite.
+    pub database: Option<TestDatabase>,
 }
 
 impl TestDir {
     pub fn new() -> TestDir {
+        let database = if on_postgres() {
+            let server = postgres_server().unwrap_or_else(|| {
+                panic!("FUNNELSYNC_TEST_STORE=postgres needs FUNNELSYNC_TEST_POSTGRES (tests/run sets both)")
+            });
+            Some(TestDatabase::create(&server))
+        } else {
+            None
+        };
         TestDir {
             dir: tempfile::tempdir().expect("temp dir"),
+            database,
+        }
+    }
+
+    /// The `[store]` section of this scenario's config: two lines, as tests that count config
+    /// lines expect.
+    pub fn store_section(&self) -> String {
+        match &self.database {
+            Some(database) => format!("[store]\nurl = \"{}\"\n", database.url),
+            None => "[store]\npath = \"state/crm.db\"\n".to_string(),
         }
     }
 
@@ -280,7 +378,7 @@ impl TestDir {
 
     /// Writes the config: a `[store]` in the temp folder plus the given text.
     pub fn config(&self, sources_and_more: &str) -> &TestDir {
-        let text = format!("[store]\npath = \"state/crm.db\"\n\n{sources_and_more}");
+        let text = format!("{}\n{sources_and_more}", self.store_section());
         std::fs::write(self.config_path(), text).expect("write config");
         self
     }
@@ -386,14 +484,83 @@ impl TestDir {
         matching[0].clone()
     }
 
-    pub fn store(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.store_path()).expect("open store")
+    /// Runs SQL on the scenario's store (SQLite or PostgreSQL) and returns every row, each value
+    /// as text (`None` for NULL). For checks that look beneath the commands; the SQL must be
+    /// what both engines understand.
+    #[track_caller]
+    pub fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        match &self.database {
+            Some(database) => {
+                let mut client = database.client();
+                let messages = client
+                    .simple_query(sql)
+                    .unwrap_or_else(|error| panic!("{sql}: {error}"));
+                messages
+                    .into_iter()
+                    .filter_map(|message| match message {
+                        postgres::SimpleQueryMessage::Row(row) => Some(
+                            (0..row.len())
+                                .map(|column| row.get(column).map(str::to_string))
+                                .collect(),
+                        ),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            None => {
+                let connection = rusqlite::Connection::open(self.store_path()).expect("open store");
+                connection
+                    .busy_timeout(std::time::Duration::from_secs(10))
+                    .expect("busy timeout");
+                let mut statement = connection
+                    .prepare(sql)
+                    .unwrap_or_else(|error| panic!("{sql}: {error}"));
+                let n_columns = statement.column_count();
+                let rows = statement
+                    .query_map([], |row| {
+                        (0..n_columns)
+                            .map(|column| {
+                                use rusqlite::types::ValueRef;
+                                Ok(match row.get_ref(column)? {
+                                    ValueRef::Null => None,
+                                    ValueRef::Integer(number) => Some(number.to_string()),
+                                    ValueRef::Real(number) => Some(number.to_string()),
+                                    ValueRef::Text(text) | ValueRef::Blob(text) => {
+                                        Some(String::from_utf8_lossy(text).into_owned())
+                                    }
+                                })
+                            })
+                            .collect::<rusqlite::Result<Vec<Option<String>>>>()
+                    })
+                    .unwrap_or_else(|error| panic!("{sql}: {error}"));
+                rows.collect::<Result<_, _>>()
+                    .unwrap_or_else(|error| panic!("{sql}: {error}"))
+            }
+        }
     }
 
+    /// The one value a query returns (`None` for NULL or no row).
+    #[track_caller]
+    pub fn query_value(&self, sql: &str) -> Option<String> {
+        self.query(sql)
+            .into_iter()
+            .next()
+            .and_then(|row| row.into_iter().next().flatten())
+    }
+
+    /// Runs a statement that changes the store (a test setting the scene).
+    #[track_caller]
+    pub fn execute(&self, sql: &str) {
+        self.query(sql);
+    }
+
+    #[track_caller]
     pub fn count(&self, sql: &str) -> i64 {
-        self.store()
-            .query_row(sql, [], |row| row.get(0))
-            .expect("count query")
+        let value = self.query_value(sql);
+        value
+            .as_deref()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or_else(|| panic!("{sql}: not a number: {value:?}"))
     }
 }
 
@@ -410,13 +577,11 @@ pub fn keys(value: &Value) -> Vec<String> {
 impl TestDir {
     /// Every `last_error` of the mail outbox, joined with `|`.
     pub fn outbox_errors(&self) -> String {
-        self.store()
-            .query_row(
-                "SELECT coalesce(group_concat(coalesce(last_error, ''), '|'), '') FROM outbox",
-                [],
-                |row| row.get(0),
-            )
-            .expect("outbox errors")
+        self.query("SELECT coalesce(last_error, '') FROM outbox ORDER BY id")
+            .into_iter()
+            .map(|row| row.into_iter().next().flatten().unwrap_or_default())
+            .collect::<Vec<String>>()
+            .join("|")
     }
 }
 

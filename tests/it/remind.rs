@@ -196,14 +196,12 @@ fn a_refused_message_stays_pending_and_is_delivered_once() {
     );
     // The 451 was recognised as the server's answer (a temporary refusal, retried with backoff),
     // not waited out until the timeout.
-    let (last_error, next_attempt): (String, Option<String>) = test
-        .store()
-        .query_row(
-            "SELECT last_error, next_attempt_at FROM outbox WHERE status = 'pending'",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .expect("the pending message");
+    let pending =
+        test.query("SELECT last_error, next_attempt_at FROM outbox WHERE status = 'pending'");
+    let (last_error, next_attempt) = match pending.as_slice() {
+        [row] => (row[0].clone().unwrap_or_default(), row[1].clone()),
+        other => panic!("not one pending message: {other:?}"),
+    };
     assert!(
         last_error.contains("the mail server refused") && last_error.contains("451"),
         "{last_error}"
@@ -245,14 +243,15 @@ fn a_message_refused_for_good_fails_at_once_and_alerts_the_admin() {
         run.stdout
     );
     // The 550 failed that message at once: it is not pending and not retried.
-    let (status, last_error): (String, String) = test
-        .store()
-        .query_row(
-            "SELECT status, last_error FROM outbox WHERE recipient = 'alice@example.com'",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .expect("alice's message");
+    let alice =
+        test.query("SELECT status, last_error FROM outbox WHERE recipient = 'alice@example.com'");
+    let (status, last_error) = match alice.as_slice() {
+        [row] => (
+            row[0].clone().unwrap_or_default(),
+            row[1].clone().unwrap_or_default(),
+        ),
+        other => panic!("not one message to alice: {other:?}"),
+    };
     assert_eq!(status, "failed");
     assert!(
         last_error.contains("the mail server refused") && last_error.contains("550"),
@@ -411,12 +410,7 @@ fn the_daemon_sends_at_the_configured_time_and_catches_up_once() {
     let test = TestDir::new();
     team(&test, &smtp, "");
     // Make the open deals old, in the real store.
-    test.store()
-        .execute(
-            "UPDATE deals SET stage_entered_at = '2026-01-05T00:00:00.000Z'",
-            [],
-        )
-        .expect("age deals");
+    test.execute("UPDATE deals SET stage_entered_at = '2026-01-05T00:00:00.000Z'");
     let due = chrono::Utc::now() + chrono::Duration::seconds(8);
     let at = due.format("%H:%M:%S").to_string();
     let config = std::fs::read_to_string(test.config_path()).expect("config");
@@ -453,15 +447,8 @@ fn the_daemon_sends_at_the_configured_time_and_catches_up_once() {
 
     // Down at the due time (the last run was days ago, the one an hour ago never happened): one
     // catch-up run on start.
-    test.store()
-        .execute(
-            "UPDATE remind_runs SET due_at = '2026-01-01T00:00:00.000Z'",
-            [],
-        )
-        .expect("old runs");
-    test.store()
-        .execute("UPDATE outbox SET status = 'failed'", [])
-        .expect("forget mail");
+    test.execute("UPDATE remind_runs SET due_at = '2026-01-01T00:00:00.000Z'");
+    test.execute("UPDATE outbox SET status = 'failed'");
     let earlier = (chrono::Utc::now() - chrono::Duration::hours(1))
         .format("%H:%M:%S")
         .to_string();

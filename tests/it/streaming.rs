@@ -118,13 +118,25 @@ fn a_sync_killed_in_the_middle_of_a_streamed_import_leaves_the_store_as_it_was()
     test.single_source("leads.csv", "write_back = false");
 
     let mut child = test.command(&["sync"]).spawn().expect("start sync");
-    // Kill it once the import's transaction has written a good part of its pages.
+    // Kill it once the import's transaction has written a good part of its pages (SQLite), or
+    // has been writing for a moment (PostgreSQL: the server gave it a transaction id).
     let wal = test.path("state/crm.db-wal");
     wait_until(
         Duration::from_secs(60),
         "the import to be under way",
-        || std::fs::metadata(&wal).is_ok_and(|metadata| metadata.len() > 1 << 20),
+        || match &test.database {
+            None => std::fs::metadata(&wal).is_ok_and(|metadata| metadata.len() > 1 << 20),
+            Some(_) => {
+                test.count(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND application_name = 'funnelsync' AND backend_xid IS NOT NULL",
+                ) > 0
+            }
+        },
     );
+    if test.database.is_some() {
+        std::thread::sleep(Duration::from_millis(300));
+    }
     child.kill().expect("kill");
     let _ = child.wait();
     assert_eq!(

@@ -429,9 +429,7 @@ fn only_changed_fields_are_written_and_stage_changes_are_history() {
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
     // Another tool changes the owner in the store; the sheet then changes only the stage.
-    test.store()
-        .execute("UPDATE deals SET owner = 'Carol'", [])
-        .expect("edit store");
+    test.execute("UPDATE deals SET owner = 'Carol'");
     pipeline(&[["Acme", "Ann", "ann@acme.com", "机会", "1000", "Alice", ""]])
         .save(&test.path("p.xlsx"));
     let report = test.sync().json();
@@ -443,13 +441,10 @@ fn only_changed_fields_are_written_and_stage_changes_are_history() {
         "a field the sheet did not change is not overwritten"
     );
     let history: Vec<(Option<String>, String)> = test
-        .store()
-        .prepare("SELECT from_stage, to_stage FROM stage_history ORDER BY id")
-        .expect("prepare")
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+        .query("SELECT from_stage, to_stage FROM stage_history ORDER BY id")
+        .into_iter()
+        .map(|row| (row[0].clone(), row[1].clone().unwrap_or_default()))
+        .collect();
     assert_eq!(
         history,
         vec![
@@ -459,12 +454,7 @@ fn only_changed_fields_are_written_and_stage_changes_are_history() {
     );
     assert_eq!(
         acme["stage_entered_at"],
-        test.store()
-            .query_row(
-                "SELECT at FROM stage_history ORDER BY id DESC LIMIT 1",
-                [],
-                |row| row.get::<_, String>(0)
-            )
+        test.query_value("SELECT at FROM stage_history ORDER BY id DESC LIMIT 1")
             .expect("at")
     );
 }
@@ -840,6 +830,12 @@ fn processes_creating_the_store_at_once_all_succeed() {
 
 #[test]
 fn commands_that_only_read_never_create_a_store() {
+    if crate::harness::on_postgres() {
+        // A PostgreSQL store is a database the admin created; a mistyped URL cannot leave a file
+        // behind.
+        eprintln!("a mistyped store path: not a question on the PostgreSQL pass");
+        return;
+    }
     let test = TestDir::new();
     test.write("leads.csv", "Company,Contact,Stage\nAcme,Ann,Lead\n");
     test.single_source("leads.csv", "write_back = false");
