@@ -6,13 +6,13 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
+use super::sql::sql_params;
 use super::sql::{placeholders, value_groups, Db, Engine, Row, Value};
 use super::{
     parse_timestamp, timestamp, ChangeKind, ChangeRecord, ConflictRecord, CrmStore, DealFilter,
     NewDeal, RunCounts, StageChange, StoreError, SyncRun,
 };
 use crate::deal::{Deal, DealId, ExtraMap, Field, FieldKind, FieldMap, FieldValue};
-use super::sql::sql_params;
 
 /// How many rows one multi-row INSERT takes: well under SQLite's limit on bound values, large
 /// enough that the cost of a statement is spread thin.

@@ -9,9 +9,9 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::sql::sql_params;
 use super::sql::Db;
 use super::{parse_timestamp, timestamp, StoreError};
-use super::sql::sql_params;
 
 /// Where the daemon stands with a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

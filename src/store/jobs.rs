@@ -7,9 +7,9 @@
 
 use chrono::{DateTime, Utc};
 
+use super::sql::sql_params;
 use super::sql::Db;
 use super::{parse_timestamp, timestamp, StoreError};
-use super::sql::sql_params;
 
 /// The stages of the latest weekly digest's snapshot (JSON), if there is one.
 pub fn last_snapshot(db: &Db<'_>) -> Result<Option<String>, StoreError> {

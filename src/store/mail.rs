@@ -5,10 +5,10 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+use super::sql::sql_params;
 use super::sql::Db;
 use super::{parse_timestamp, timestamp, StoreError};
 use crate::deal::DealId;
-use super::sql::sql_params;
 
 /// A message to record as pending.
 #[derive(Debug, Clone, Copy)]

@@ -11,10 +11,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::crm::{IN_CHUNK, ROWS_PER_INSERT};
+use super::sql::sql_params;
 use super::sql::{placeholders, value_groups, Db, Row, Value};
 use super::{parse_timestamp, timestamp, StoreError};
 use crate::deal::{DealId, ExtraMap, FieldMap, RowIssue, Severity};
-use super::sql::sql_params;
 
 /// One row as the file held it at the last sync.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,9 +2,9 @@
 //! them, every daemon reports the same. Sync figures and file states are this site's; mail,
 //! reminders and deals are the whole store's.
 
+use super::sql::sql_params;
 use super::sql::Db;
 use super::StoreError;
-use super::sql::sql_params;
 
 /// Everything the store says about itself, counted.
 #[derive(Debug, Clone, Default)]

@@ -5,9 +5,9 @@
 //! the site of the config the copy runs with.
 
 use super::schema::TABLES;
+use super::sql::sql_params;
 use super::sql::{value_groups, Db, Engine, Value};
 use super::{Store, StoreError};
-use super::sql::sql_params;
 
 /// What was copied: per table, its rows and their checksum.
 #[derive(Debug, Clone, Default)]

@@ -316,10 +316,6 @@ impl TestDatabase {
             server: server.to_string(),
         }
     }
-
-    pub fn client(&self) -> postgres::Client {
-        postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the test database")
-    }
 }
 
 impl Drop for TestDatabase {
@@ -337,6 +333,10 @@ pub struct TestDir {
     pub dir: tempfile::TempDir,
     /// The scenario's store on the PostgreSQL pass; `None` on SQLite.
     pub database: Option<TestDatabase>,
+    /// Another scenario's PostgreSQL store this one's daemon shares (a second office).
+    shared_url: Option<String>,
+    /// `[store] site`, when the scenario names one.
+    site: Option<String>,
 }
 
 impl TestDir {
@@ -352,16 +352,48 @@ impl TestDir {
         TestDir {
             dir: tempfile::tempdir().expect("temp dir"),
             database,
+            shared_url: None,
+            site: None,
         }
+    }
+
+    /// A scenario on the PostgreSQL pass whose config names this site (`[store] site`).
+    pub fn for_site(site: &str) -> TestDir {
+        let mut test = TestDir::new();
+        test.site = Some(site.to_string());
+        test
+    }
+
+    /// A second office: its own temp folder (its share, config and logs), the same PostgreSQL
+    /// store as `other`, and its own site name.
+    pub fn joining(other: &TestDir, site: &str) -> TestDir {
+        TestDir {
+            dir: tempfile::tempdir().expect("temp dir"),
+            database: None,
+            shared_url: Some(other.store_url().expect("a PostgreSQL store to share")),
+            site: Some(site.to_string()),
+        }
+    }
+
+    /// The PostgreSQL store's URL; `None` on SQLite.
+    pub fn store_url(&self) -> Option<String> {
+        self.database
+            .as_ref()
+            .map(|database| database.url.clone())
+            .or_else(|| self.shared_url.clone())
     }
 
     /// The `[store]` section of this scenario's config: two lines, as tests that count config
     /// lines expect.
     pub fn store_section(&self) -> String {
-        match &self.database {
-            Some(database) => format!("[store]\nurl = \"{}\"\n", database.url),
+        let mut section = match self.store_url() {
+            Some(url) => format!("[store]\nurl = \"{url}\"\n"),
             None => "[store]\npath = \"state/crm.db\"\n".to_string(),
+        };
+        if let Some(site) = &self.site {
+            section.push_str(&format!("site = \"{site}\"\n"));
         }
+        section
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -489,9 +521,10 @@ impl TestDir {
     /// what both engines understand.
     #[track_caller]
     pub fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
-        match &self.database {
-            Some(database) => {
-                let mut client = database.client();
+        match self.store_url() {
+            Some(url) => {
+                let mut client = postgres::Client::connect(&url, postgres::NoTls)
+                    .expect("connect to the test database");
                 let messages = client
                     .simple_query(sql)
                     .unwrap_or_else(|error| panic!("{sql}: {error}"));

@@ -14,6 +14,7 @@ mod http;
 mod in_place;
 mod remind;
 mod safety;
+mod shared_store;
 mod streaming;
 mod sync_cli;
 mod two_way;

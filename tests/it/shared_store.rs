@@ -1,0 +1,458 @@
+//! Several offices, one CRM: a daemon per office share, each with its own site name, on one
+//! PostgreSQL store. An edit in one office's file reaches the other office's master file; edits
+//! through both daemons and the command line at once arrive exactly once; a rep gets one digest
+//! per due time however many daemons run; killing one daemon mid-sync loses nothing and the other
+//! goes on.
+//!
+//! These scenarios need a PostgreSQL server: they run on the PostgreSQL pass of `tests/run`, and
+//! on the SQLite pass say so and end.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use crate::harness::{
+    on_postgres, read_xlsx, wait_until, SmtpServer, TestDir, UserEdit, XlsxBuilder,
+};
+
+const HEADER: [&str; 6] = ["Company", "Contact", "Email", "Stage", "Amount", "Owner"];
+
+fn sheet(rows: &[[&str; 6]]) -> XlsxBuilder {
+    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&HEADER);
+    for row in rows {
+        builder = builder.row(row);
+    }
+    builder
+}
+
+/// Whether this is the PostgreSQL pass; on the SQLite pass the scenario says why it ends.
+fn shared_store_available(test_name: &str) -> bool {
+    if !on_postgres() {
+        eprintln!(
+            "{test_name}: needs a PostgreSQL store; runs on the PostgreSQL pass of tests/run"
+        );
+    }
+    on_postgres()
+}
+
+/// The watch settings of both offices' daemons: quick to settle, polling as a safety net.
+const WATCH: &str = "[watch]\nsettle = \"100ms\"\npoll_interval = \"300ms\"\n";
+
+/// Shanghai (the manager's master file of every deal) and Beijing (Bob's file of his own deals),
+/// each with its share, config and daemon log, on one store.
+fn two_offices(beijing_rows: &[[&str; 6]]) -> (TestDir, TestDir) {
+    let shanghai = TestDir::for_site("shanghai");
+    let beijing = TestDir::joining(&shanghai, "beijing");
+    sheet(&[]).save(&shanghai.path("share/master.xlsx"));
+    shanghai.config(&format!(
+        "{WATCH}\n[[sources]]\nname = \"master\"\npath = \"share/master.xlsx\"\nview = \"all\"\n"
+    ));
+    sheet(beijing_rows).save(&beijing.path("share/bob.xlsx"));
+    beijing.config(&format!(
+        "{WATCH}\n[[sources]]\nname = \"beijing\"\npath = \"share/bob.xlsx\"\nfilter = {{ owner = \"Bob\" }}\n"
+    ));
+    (shanghai, beijing)
+}
+
+fn companies_in(path: &std::path::Path) -> Vec<String> {
+    read_xlsx(path, "Pipeline").column("Company")
+}
+
+#[test]
+fn an_edit_in_one_office_reaches_the_other_offices_master_file() {
+    if !shared_store_available("an_edit_in_one_office_reaches_the_other_offices_master_file") {
+        return;
+    }
+    let (shanghai, beijing) = two_offices(&[
+        ["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Bob"],
+        ["Beta", "Ben", "ben@beta.com", "Lead", "2000", "Bob"],
+    ]);
+    let shanghai_daemon = shanghai.start_daemon();
+    shanghai_daemon.wait_ready();
+    let beijing_daemon = beijing.start_daemon();
+    beijing_daemon.wait_ready();
+    let master = shanghai.path("share/master.xlsx");
+    wait_until(
+        Duration::from_secs(15),
+        "Beijing's deals in Shanghai's master file",
+        || {
+            let companies = companies_in(&master);
+            companies.contains(&"Acme".to_string()) && companies.contains(&"Beta".to_string())
+        },
+    );
+
+    // Bob moves Acme on and adds a row in Beijing; the master file in Shanghai follows.
+    UserEdit::open(&beijing.path("share/bob.xlsx"), "Pipeline")
+        .set("Company", "Acme", "Stage", "Opportunity")
+        .add_row(&["Gamma", "Gus", "gus@gamma.com", "Lead", "700", "Bob"])
+        .save();
+    wait_until(
+        Duration::from_secs(15),
+        "the Beijing edit in Shanghai's master file",
+        || {
+            let sheet = read_xlsx(&master, "Pipeline");
+            let companies = sheet.column("Company");
+            let stages = sheet.column("Stage");
+            companies
+                .iter()
+                .zip(&stages)
+                .any(|(company, stage)| company == "Acme" && stage == "Opportunity")
+                && companies.contains(&"Gamma".to_string())
+        },
+    );
+    // It came by notification: the Shanghai daemon listens for the store's changes.
+    assert!(
+        shanghai_daemon
+            .log()
+            .contains("listening for the store's changes"),
+        "{}",
+        shanghai_daemon.log()
+    );
+
+    // And back: the manager hands Beta to Carol in the master file; it leaves Bob's file in
+    // Beijing, and is not archived.
+    UserEdit::open(&master, "Pipeline")
+        .set("Company", "Beta", "Owner", "Carol")
+        .save();
+    wait_until(
+        Duration::from_secs(15),
+        "Beta to leave Bob's file in Beijing",
+        || !companies_in(&beijing.path("share/bob.xlsx")).contains(&"Beta".to_string()),
+    );
+    let beta = shanghai.deal_by("company", "Beta");
+    assert_eq!(beta["owner"], "Carol");
+    assert!(beta["archived_at"].is_null());
+
+    // Each daemon's file state and mirror are its own site's.
+    let sites: HashSet<String> = shanghai
+        .query("SELECT DISTINCT site FROM mirror_files")
+        .into_iter()
+        .filter_map(|row| row.into_iter().next().flatten())
+        .collect();
+    assert_eq!(
+        sites,
+        HashSet::from(["shanghai".to_string(), "beijing".to_string()])
+    );
+    let status = beijing.run(&["status", "--format", "json"]).json();
+    let files: Vec<String> = status
+        .as_array()
+        .expect("status array")
+        .iter()
+        .map(|file| file["file"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        files.iter().all(|file| file.ends_with("bob.xlsx")),
+        "Beijing's status shows Beijing's files only: {files:?}"
+    );
+}
+
+#[test]
+fn concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_once() {
+    if !shared_store_available(
+        "concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_once",
+    ) {
+        return;
+    }
+    let rows: Vec<[String; 6]> = (0..20)
+        .map(|index| {
+            [
+                format!("Deal {index}"),
+                format!("Contact {index}"),
+                format!("c{index}@example.com"),
+                "Lead".to_string(),
+                "100".to_string(),
+                "Bob".to_string(),
+            ]
+        })
+        .collect();
+    let row_refs: Vec<[&str; 6]> = rows
+        .iter()
+        .map(|row| {
+            [
+                row[0].as_str(),
+                row[1].as_str(),
+                row[2].as_str(),
+                row[3].as_str(),
+                row[4].as_str(),
+                row[5].as_str(),
+            ]
+        })
+        .collect();
+    let (shanghai, beijing) = two_offices(&row_refs);
+    let shanghai_daemon = shanghai.start_daemon();
+    shanghai_daemon.wait_ready();
+    let beijing_daemon = beijing.start_daemon();
+    beijing_daemon.wait_ready();
+    wait_until(Duration::from_secs(20), "the 20 deals", || {
+        shanghai.count("SELECT count(*) FROM deals") == 20
+    });
+    let ids: Vec<String> = shanghai
+        .deals()
+        .iter()
+        .map(|deal| deal["id"].to_string())
+        .collect();
+
+    // 200 `deals set` from eight command lines at once (each deal's amount set ten times, the
+    // last value known), while reps add rows in both offices' files.
+    let expected_amounts: HashMap<String, String> = ids
+        .iter()
+        .enumerate()
+        .map(|(index, id)| (id.clone(), format!("{}", 9000 + index)))
+        .collect();
+    let commands: Vec<(String, String)> = (0..200)
+        .map(|index| {
+            let id = ids[index % ids.len()].clone();
+            let round = index / ids.len();
+            let amount = if round == 9 {
+                expected_amounts[&id].clone()
+            } else {
+                format!("{}", 1000 + index)
+            };
+            (id, amount)
+        })
+        .collect();
+    let failures = std::sync::Mutex::new(Vec::new());
+    // A deal's ten sets go out in order (one worker per group of deals), the groups at once.
+    let per_deal: Vec<Vec<(String, String)>> = {
+        let mut by_deal: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for (id, amount) in commands {
+            by_deal.entry(id.clone()).or_default().push((id, amount));
+        }
+        by_deal.into_values().collect()
+    };
+    std::thread::scope(|scope| {
+        for (worker, chunk) in per_deal.chunks(per_deal.len().div_ceil(8)).enumerate() {
+            // Half the command lines run with Shanghai's config, half with Beijing's.
+            let office = if worker % 2 == 0 { &shanghai } else { &beijing };
+            let failures = &failures;
+            scope.spawn(move || {
+                for sets in chunk {
+                    for (id, amount) in sets {
+                        let run = office.run(&["deals", "set", id, &format!("amount={amount}")]);
+                        if run.code != 0 {
+                            failures
+                                .lock()
+                                .expect("failures")
+                                .push(format!("deals set {id} amount={amount}: {}", run.stderr));
+                        }
+                    }
+                }
+            });
+        }
+        scope.spawn(|| {
+            for round in 0..5 {
+                UserEdit::open(&beijing.path("share/bob.xlsx"), "Pipeline")
+                    .add_row(&[
+                        &format!("Beijing new {round}"),
+                        "N",
+                        &format!("bj{round}@example.com"),
+                        "Lead",
+                        "50",
+                        "Bob",
+                    ])
+                    .save();
+                std::thread::sleep(Duration::from_millis(150));
+                UserEdit::open(&shanghai.path("share/master.xlsx"), "Pipeline")
+                    .add_row(&[
+                        &format!("Shanghai new {round}"),
+                        "S",
+                        &format!("sh{round}@example.com"),
+                        "Lead",
+                        "60",
+                        "Carol",
+                    ])
+                    .save();
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        });
+    });
+    let failures = failures.into_inner().expect("failures");
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    // Every added row arrives, once; every deal ends at its last amount.
+    let n_expected: usize = 20 + 10;
+    wait_until(
+        Duration::from_secs(30),
+        "every added row in the store",
+        || shanghai.count("SELECT count(*) FROM deals") >= n_expected as i64,
+    );
+    for round in 0..5 {
+        for company in [
+            format!("Beijing new {round}"),
+            format!("Shanghai new {round}"),
+        ] {
+            assert_eq!(
+                shanghai.count(&format!(
+                    "SELECT count(*) FROM deals WHERE company = '{company}'"
+                )),
+                1,
+                "{company} exactly once\nShanghai:\n{}\nBeijing:\n{}",
+                shanghai_daemon.log(),
+                beijing_daemon.log()
+            );
+        }
+    }
+    assert_eq!(shanghai.count("SELECT count(*) FROM deals"), n_expected as i64);
+    let amounts: HashMap<String, String> = shanghai
+        .deals()
+        .iter()
+        .map(|deal| (deal["id"].to_string(), deal["amount"].to_string()))
+        .collect();
+    for (id, amount) in &expected_amounts {
+        assert_eq!(
+            amounts[id].trim_end_matches(".0"),
+            amount,
+            "deal {id} ends at its last amount"
+        );
+    }
+    assert_eq!(
+        shanghai.count(
+            "SELECT count(*) FROM changes c JOIN sync_runs r ON r.id = c.run_id \
+             WHERE r.source = 'cli' AND c.field = 'amount'"
+        ),
+        200,
+        "each of the 200 sets is recorded once"
+    );
+
+    // Both files come to show the store: the master every deal with its amount, Bob's file his.
+    let shown_amounts = |path: &std::path::Path| -> HashMap<String, String> {
+        let sheet = read_xlsx(path, "Pipeline");
+        sheet
+            .column("CRM ID")
+            .into_iter()
+            .zip(sheet.column("Amount"))
+            .collect()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "both files to show the final amounts",
+        || {
+            let master = shown_amounts(&shanghai.path("share/master.xlsx"));
+            let bob = shown_amounts(&beijing.path("share/bob.xlsx"));
+            master.len() == n_expected
+                && expected_amounts.iter().all(|(id, amount)| {
+                    master.get(id) == Some(amount) && bob.get(id) == Some(amount)
+                })
+        },
+    );
+}
+
+#[test]
+fn a_rep_gets_one_digest_per_due_time_however_many_daemons_run() {
+    if !shared_store_available("a_rep_gets_one_digest_per_due_time_however_many_daemons_run") {
+        return;
+    }
+    let smtp = SmtpServer::start(0);
+    let (shanghai, beijing) = two_offices(&[
+        ["Acme", "Ann", "ann@acme.com", "Prospect", "1000", "Bob"],
+        ["Beta", "Ben", "ben@beta.com", "Lead", "2000", "Bob"],
+    ]);
+    beijing.sync().assert_code(0);
+    // Make the open deals old, in the shared store.
+    shanghai.execute("UPDATE deals SET stage_entered_at = '2026-01-05T00:00:00.000Z'");
+    let due = chrono::Utc::now() + chrono::Duration::seconds(8);
+    let remind = format!(
+        "\n[remind]\nat = \"{}\"\ntimezone = \"UTC\"\nweekdays_only = false\nmanager = \"lead@example.com\"\n\n[reps]\nBob = \"bob@example.com\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"Funnel Sync <funnelsync@example.com>\"\n",
+        due.format("%H:%M:%S"),
+        smtp.port
+    );
+    for office in [&shanghai, &beijing] {
+        let config = std::fs::read_to_string(office.config_path()).expect("config");
+        std::fs::write(office.config_path(), format!("{config}{remind}")).expect("config");
+    }
+    let shanghai_daemon = shanghai.start_daemon();
+    let beijing_daemon = beijing.start_daemon();
+    shanghai_daemon.wait_ready();
+    beijing_daemon.wait_ready();
+    wait_until(Duration::from_secs(20), "Bob's digest", || {
+        !smtp.to("bob@example.com").is_empty()
+    });
+    // Both daemons had their chance at the due time, and a while more.
+    wait_until(
+        Duration::from_secs(20),
+        "both daemons past the due time",
+        || {
+            [&shanghai_daemon, &beijing_daemon].iter().all(|daemon| {
+                daemon.log().contains("reminder run") || daemon.log().contains("done by another")
+            })
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        smtp.to("bob@example.com").len(),
+        1,
+        "one digest for Bob, not one per daemon\nShanghai:\n{}\nBeijing:\n{}",
+        shanghai_daemon.log(),
+        beijing_daemon.log()
+    );
+}
+
+#[test]
+fn killing_one_office_daemon_mid_sync_loses_nothing_and_the_other_goes_on() {
+    if !shared_store_available(
+        "killing_one_office_daemon_mid_sync_loses_nothing_and_the_other_goes_on",
+    ) {
+        return;
+    }
+    let (shanghai, beijing) =
+        two_offices(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Bob"]]);
+    let shanghai_daemon = shanghai.start_daemon();
+    shanghai_daemon.wait_ready();
+    let mut beijing_daemon = beijing.start_daemon();
+    beijing_daemon.wait_ready();
+
+    // A big save in Beijing; its daemon is killed as soon as the store transaction begins.
+    let mut edit = UserEdit::open(&beijing.path("share/bob.xlsx"), "Pipeline");
+    for index in 0..2000 {
+        edit = edit.add_row(&[
+            &format!("Bulk {index}"),
+            "B",
+            &format!("bulk{index}@example.com"),
+            "Lead",
+            "10",
+            "Bob",
+        ]);
+    }
+    edit.save();
+    wait_until(
+        Duration::from_secs(30),
+        "the Beijing sync's transaction",
+        || beijing_daemon.log().contains("phase=\"transaction\""),
+    );
+    beijing_daemon.child.kill().expect("SIGKILL");
+    let _ = beijing_daemon.child.wait();
+
+    // Shanghai goes on: an edit in the master file is synced while Beijing is down.
+    UserEdit::open(&shanghai.path("share/master.xlsx"), "Pipeline")
+        .set("Company", "Acme", "Stage", "Prospect")
+        .save();
+    wait_until(
+        Duration::from_secs(15),
+        "Shanghai's edit in the store",
+        || shanghai.deal_by("company", "Acme")["stage"] == "Prospect",
+    );
+
+    // Beijing comes back: its save arrives whole, once, and reaches the master file.
+    let beijing_daemon = beijing.start_daemon();
+    beijing_daemon.wait_ready_within(Duration::from_secs(60));
+    wait_until(
+        Duration::from_secs(60),
+        "the bulk rows in the store",
+        || shanghai.count("SELECT count(*) FROM deals WHERE company LIKE 'Bulk %'") == 2000,
+    );
+    assert_eq!(
+        shanghai.count("SELECT count(DISTINCT company) FROM deals WHERE company LIKE 'Bulk %'"),
+        2000
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the bulk rows in Shanghai's master file",
+        || {
+            companies_in(&shanghai.path("share/master.xlsx"))
+                .iter()
+                .filter(|company| company.starts_with("Bulk "))
+                .count()
+                == 2000
+        },
+    );
+    assert_eq!(shanghai.deal_by("company", "Acme")["stage"], "Prospect");
+}
