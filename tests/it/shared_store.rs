@@ -42,6 +42,9 @@ const WATCH: &str = "[watch]\nsettle = \"100ms\"\npoll_interval = \"300ms\"\n";
 fn two_offices(beijing_rows: &[[&str; 6]]) -> (TestDir, TestDir) {
     let shanghai = TestDir::for_site("shanghai");
     let beijing = TestDir::joining(&shanghai, "beijing");
+    for office in [&shanghai, &beijing] {
+        std::fs::create_dir_all(office.path("share")).expect("share");
+    }
     sheet(&[]).save(&shanghai.path("share/master.xlsx"));
     shanghai.config(&format!(
         "{WATCH}\n[[sources]]\nname = \"master\"\npath = \"share/master.xlsx\"\nview = \"all\"\n"
@@ -291,7 +294,10 @@ fn concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_onc
             );
         }
     }
-    assert_eq!(shanghai.count("SELECT count(*) FROM deals"), n_expected as i64);
+    assert_eq!(
+        shanghai.count("SELECT count(*) FROM deals"),
+        n_expected as i64
+    );
     let amounts: HashMap<String, String> = shanghai
         .deals()
         .iter()
@@ -377,6 +383,17 @@ fn a_rep_gets_one_digest_per_due_time_however_many_daemons_run() {
         },
     );
     std::thread::sleep(Duration::from_secs(2));
+    let n_done_by_the_other = [&shanghai_daemon, &beijing_daemon]
+        .iter()
+        .filter(|daemon| daemon.log().contains("was done by another daemon"))
+        .count();
+    assert_eq!(
+        n_done_by_the_other,
+        1,
+        "one daemon ran the reminders, the other found them done\nShanghai:\n{}\nBeijing:\n{}",
+        shanghai_daemon.log(),
+        beijing_daemon.log()
+    );
     assert_eq!(
         smtp.to("bob@example.com").len(),
         1,
