@@ -174,7 +174,7 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
 /// The connection a store holds.
 enum Connection {
     Sqlite(rusqlite::Connection),
-    Postgres(sql::PgConnection),
+    Postgres(Box<sql::PgConnection>),
 }
 
 /// An open store: one connection, its schema brought up to date, and the site this process
@@ -208,7 +208,7 @@ impl Store {
                 let mut store = Store {
                     location: PathBuf::from(postgres.shown_url()),
                     site: config.site.clone(),
-                    connection: Connection::Postgres(sql::PgConnection::new(client)),
+                    connection: Connection::Postgres(Box::new(sql::PgConnection::new(client))),
                 };
                 let migrated = store.migrate_postgres()?;
                 Ok((store, migrated))
