@@ -114,8 +114,10 @@ fn validate_store(
         );
         return None;
     };
+    // The site and the location are checked apart, so that a config with problems in both
+    // hears of both.
     let site = match store.site.as_deref().map(str::trim) {
-        None => crate::config::DEFAULT_SITE.to_string(),
+        None => Some(crate::config::DEFAULT_SITE.to_string()),
         Some(site)
             if !site.is_empty()
                 && site.len() <= 64
@@ -123,7 +125,7 @@ fn validate_store(
                     .chars()
                     .all(|character| character.is_alphanumeric() || "-_.".contains(character)) =>
         {
-            site.to_string()
+            Some(site.to_string())
         }
         Some(_) => {
             problem(
@@ -131,7 +133,7 @@ fn validate_store(
                 "must be a short name of letters, digits, `-`, `_` or `.` (such as \"beijing\")"
                     .to_string(),
             );
-            return None;
+            None
         }
     };
     let location = match (store.path, store.url) {
@@ -193,7 +195,10 @@ fn validate_store(
             StoreLocation::Postgres(postgres)
         }
     };
-    Some(StoreConfig { location, site })
+    Some(StoreConfig {
+        location,
+        site: site?,
+    })
 }
 
 /// Every source that is valid (each with a unique name); the others' problems are said.

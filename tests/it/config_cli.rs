@@ -1,6 +1,6 @@
 //! `funnelsync check-config` and how config problems reach the admin.
 
-use crate::harness::TestDir;
+use crate::harness::{Run, TestDir};
 
 #[test]
 fn check_config_reports_every_problem_with_key_and_exits_2() {
@@ -278,4 +278,69 @@ fn write_back_on_a_read_only_format_is_a_config_error() {
         "{}",
         run.stderr
     );
+}
+
+#[test]
+fn a_postgresql_store_is_checked_and_its_password_never_shown() {
+    let test = TestDir::new();
+    test.write("leads.csv", "Company,Stage\nAcme,Lead\n");
+    // Every problem of the section at once: both a file and a database, a site that is not a
+    // name, a password in the URL.
+    std::fs::write(
+        test.config_path(),
+        "[store]\npath = \"state/crm.db\"\nurl = \"postgresql://funnelsync:hunter2@db.example/crm\"\nsite = \"Bei jing\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\n",
+    )
+    .expect("config");
+    let run = test.run(&["check-config"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("has both `path` (a SQLite file) and `url`"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("`store.site`"), "{}", run.stderr);
+    std::fs::write(
+        test.config_path(),
+        "[store]\nurl = \"postgresql://funnelsync:hunter2@db.example/crm\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\n",
+    )
+    .expect("config");
+    let run = test.run(&["check-config"]);
+    run.assert_code(2);
+    assert!(run.stderr.contains("holds a password"), "{}", run.stderr);
+    assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+
+    // A sound one: check-config says where the store is and which site this daemon is; a
+    // server that does not answer is an error that names the URL without the password, which
+    // comes from the environment and is never printed.
+    let port = crate::harness::free_port();
+    std::fs::write(
+        test.config_path(),
+        format!("[store]\nurl = \"postgresql://funnelsync@127.0.0.1:{port}/crm\"\nsite = \"beijing\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\n"),
+    )
+    .expect("config");
+    let run = test.run(&["check-config"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains(&format!(
+            "store: postgresql://funnelsync@127.0.0.1:{port}/crm (PostgreSQL), site \"beijing\""
+        )),
+        "{}",
+        run.stdout
+    );
+    let sync = Run::from_output(
+        test.command(&["sync"])
+            .env("FUNNELSYNC_STORE_PASSWORD", "s3cret-Passw0rd")
+            .output()
+            .expect("sync"),
+    );
+    sync.assert_code(3);
+    assert!(
+        sync.stderr.contains(&format!(
+            "cannot connect to the store postgresql://funnelsync@127.0.0.1:{port}/crm"
+        )),
+        "{}",
+        sync.stderr
+    );
+    assert!(!sync.stderr.contains("s3cret"), "{}", sync.stderr);
 }

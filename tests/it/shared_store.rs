@@ -473,3 +473,133 @@ fn killing_one_office_daemon_mid_sync_loses_nothing_and_the_other_goes_on() {
     );
     assert_eq!(shanghai.deal_by("company", "Acme")["stage"], "Prospect");
 }
+
+/// Runs the binary with another config of the same scenario.
+fn run_with(test: &TestDir, config: &str, args: &[&str]) -> crate::harness::Run {
+    crate::harness::Run::from_output(
+        std::process::Command::new(crate::harness::BINARY)
+            .current_dir(test.path(""))
+            .env_remove("FUNNELSYNC_CONFIG")
+            .env_remove("RUST_LOG")
+            .arg("--config")
+            .arg(test.path(config))
+            .args(args)
+            .output()
+            .expect("run funnelsync"),
+    )
+}
+
+#[test]
+fn store_copy_moves_a_sqlite_store_to_postgresql_and_every_command_answers_the_same() {
+    if !shared_store_available(
+        "store_copy_moves_a_sqlite_store_to_postgresql_and_every_command_answers_the_same",
+    ) {
+        return;
+    }
+    // A team on SQLite with some history: a sync, command-line edits, an undo, a removal, and
+    // reminder mail the server has not taken yet (pending in the outbox).
+    let smtp = SmtpServer::start(1000);
+    let test = TestDir::new();
+    let url = test.store_url().expect("the scenario's database");
+    sheet(&[
+        ["Acme", "Ann", "ann@acme.com", "Prospect", "1000", "Alice"],
+        ["Beta", "Ben", "ben@beta.com", "Lead", "2000", "Bob"],
+        [
+            "Gamma",
+            "Gus",
+            "gus@gamma.com",
+            "Opportunity",
+            "3000",
+            "Alice",
+        ],
+        ["Delta", "Dan", "dan@delta.com", "Lead", "400", "Bob"],
+    ])
+    .save(&test.path("p.xlsx"));
+    let rest = format!(
+        "\n[[sources]]\nname = \"pipeline\"\npath = \"p.xlsx\"\n\n[remind]\nat = \"09:00\"\ntimezone = \"UTC\"\n\n[reps]\nAlice = \"alice@example.com\"\nBob = \"bob@example.com\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"Funnel Sync <funnelsync@example.com>\"\n",
+        smtp.port
+    );
+    std::fs::write(
+        test.path("sqlite.toml"),
+        format!("[store]\npath = \"state/crm.db\"\n{rest}"),
+    )
+    .expect("config");
+    run_with(&test, "sqlite.toml", &["sync"]).assert_code(0);
+    let acme = run_with(&test, "sqlite.toml", &["deals", "list", "--format", "json"]).json()[0]
+        ["id"]
+        .to_string();
+    run_with(
+        &test,
+        "sqlite.toml",
+        &["deals", "set", &acme, "amount=1500"],
+    )
+    .assert_code(0);
+    run_with(
+        &test,
+        "sqlite.toml",
+        &["deals", "move", &acme, "Opportunity"],
+    )
+    .assert_code(0);
+    let history = run_with(&test, "sqlite.toml", &["history", "--format", "json"]).json();
+    let move_run = history[0]["id"].to_string();
+    run_with(&test, "sqlite.toml", &["undo", &move_run]).assert_code(0);
+    UserEdit::open(&test.path("p.xlsx"), "Pipeline")
+        .set("Company", "Beta", "Stage", "Won")
+        .save();
+    run_with(&test, "sqlite.toml", &["sync"]).assert_code(0);
+    let later = (chrono::Utc::now() + chrono::Duration::days(40)).to_rfc3339();
+    // The server refuses for now: the digests stay pending.
+    run_with(&test, "sqlite.toml", &["--now", &later, "remind"]).assert_code(1);
+
+    // The copy: it checks what it copied and says which lines to change.
+    let copy = run_with(&test, "sqlite.toml", &["store", "copy", "--to", &url]);
+    copy.assert_code(0);
+    assert!(copy.stdout.contains("and checked"), "{}", copy.stdout);
+    assert!(
+        copy.stdout.contains(&format!("url = \"{url}\"")),
+        "{}",
+        copy.stdout
+    );
+    // Into a database that is not empty it refuses.
+    let again = run_with(&test, "sqlite.toml", &["store", "copy", "--to", &url]);
+    assert_ne!(again.code, 0, "{}", again.stdout);
+    assert!(
+        again.stderr.contains("already holds a store") && again.stderr.contains("empty database"),
+        "{}",
+        again.stderr
+    );
+
+    std::fs::write(
+        test.path("postgres.toml"),
+        format!("[store]\nurl = \"{url}\"\n{rest}"),
+    )
+    .expect("config");
+    let since = (chrono::Utc::now() - chrono::Duration::days(30))
+        .format("%Y-%m-%d")
+        .to_string();
+    let until = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    for args in [
+        vec!["deals", "list", "--include-archived", "--format", "json"],
+        vec!["history", "--format", "json"],
+        vec!["history", &move_run, "--format", "json"],
+        vec!["conflicts", "--format", "json"],
+        vec![
+            "funnel", "--since", &since, "--until", &until, "--format", "json",
+        ],
+    ] {
+        let on_sqlite = run_with(&test, "sqlite.toml", &args);
+        let on_postgres = run_with(&test, "postgres.toml", &args);
+        on_postgres.assert_code(on_sqlite.code);
+        assert_eq!(
+            on_postgres.json(),
+            on_sqlite.json(),
+            "{args:?} answers the same on PostgreSQL"
+        );
+    }
+    assert!(test.count("SELECT count(*) FROM outbox WHERE status = 'pending'") > 0);
+    // The mirror came along: the file is known, nothing to create or change.
+    let sync = run_with(&test, "postgres.toml", &["sync", "--format", "json"]).json();
+    let counts = &sync["files"][0]["counts"];
+    assert_eq!(counts["created"], 0, "{sync}");
+    assert_eq!(counts["updated"], 0, "{sync}");
+}
