@@ -107,9 +107,55 @@ fn generate(path: &Path, n_rows: u32, changed: Option<u32>) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// The store of the phases the parent is measuring now: a PostgreSQL database's URL, or `None`
+/// for the SQLite file `crm.db` in the bench folder. Handed to each child in
+/// `FUNNELSYNC_BENCH_STORE_URL`.
+static POSTGRES_STORE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn store_section() -> String {
+    match std::env::var("FUNNELSYNC_BENCH_STORE_URL") {
+        Ok(url) if !url.is_empty() => format!("[store]\nurl = \"{url}\"\n"),
+        _ => "[store]\npath = \"crm.db\"\n".to_string(),
+    }
+}
+
+/// The PostgreSQL column's database: dropped and created again before each measured import.
+struct PostgresBench {
+    server: String,
+    url: String,
+}
+
+impl PostgresBench {
+    const DATABASE: &'static str = "funnelsync_bench";
+
+    fn new(server: &str) -> Result<PostgresBench, String> {
+        let (base, _) = server
+            .rsplit_once('/')
+            .ok_or_else(|| format!("no database in {server}"))?;
+        let bench = PostgresBench {
+            server: server.to_string(),
+            url: format!("{base}/{}", PostgresBench::DATABASE),
+        };
+        bench.reset()?;
+        Ok(bench)
+    }
+
+    fn reset(&self) -> Result<(), String> {
+        let mut client = postgres::Client::connect(&self.server, postgres::NoTls)
+            .map_err(|error| error.to_string())?;
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {0} WITH (FORCE); CREATE DATABASE {0}",
+                PostgresBench::DATABASE
+            ))
+            .map_err(|error| error.to_string())
+    }
+}
+
 fn config_for(folder: &Path, file: &str, write_back: bool) -> Config {
     let text = format!(
-        "[store]\npath = \"crm.db\"\n\n[[sources]]\nname = \"bench\"\npath = \"{file}\"\nwrite_back = {write_back}\nmax_delete = \"100%\"\n\n[limits]\nmax_rows = 2000000\n"
+        "{}\n[[sources]]\nname = \"bench\"\npath = \"{file}\"\nwrite_back = {write_back}\nmax_delete = \"100%\"\n\n[limits]\nmax_rows = 2000000\n",
+        store_section()
     );
     let path = folder.join("bench.toml");
     std::fs::write(&path, text).expect("config");
@@ -497,7 +543,13 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
 }
 
 fn child(phase: &str, folder: &Path, n_rows: u32) -> (f64, u64) {
+    let store_url = POSTGRES_STORE
+        .lock()
+        .map(|url| url.clone())
+        .unwrap_or_default()
+        .unwrap_or_default();
     let output = Command::new(std::env::current_exe().expect("exe"))
+        .env("FUNNELSYNC_BENCH_STORE_URL", store_url)
         .args(["--phase", phase, "--folder"])
         .arg(folder)
         .args(["--rows", &n_rows.to_string()])
@@ -698,6 +750,42 @@ fn main() {
             .is_none_or(|only| only.iter().any(|item| item == name))
     };
 
+    // `--postgres URL` (a server's maintenance database, as tests/run's
+    // FUNNELSYNC_TEST_POSTGRES) adds a PostgreSQL column: import, one-cell change and unchanged
+    // file again with the store in a database there, as ratios to the SQLite figures.
+    let postgres_server = value("--postgres")
+        .or_else(|| std::env::var("FUNNELSYNC_BENCH_POSTGRES").ok())
+        .or_else(|| std::env::var("FUNNELSYNC_TEST_POSTGRES").ok())
+        .filter(|url| !url.is_empty());
+    let postgres = match postgres_server.as_deref().map(PostgresBench::new) {
+        Some(Ok(bench)) => Some(bench),
+        Some(Err(why)) => {
+            println!("PostgreSQL column: not measured ({why})");
+            None
+        }
+        None => {
+            println!("PostgreSQL column: not measured (give --postgres postgresql://USER@HOST:PORT/postgres)");
+            None
+        }
+    };
+    let on_postgres = |measure_it: &dyn Fn() -> (f64, u64)| -> Option<(f64, u64)> {
+        let bench = postgres.as_ref()?;
+        *POSTGRES_STORE.lock().expect("store lock") = Some(bench.url.clone());
+        let figure = measure_it();
+        *POSTGRES_STORE.lock().expect("store lock") = None;
+        Some(figure)
+    };
+    let postgres_line = |name: &str, figure: Option<(f64, u64)>, sqlite: (f64, u64)| {
+        if let Some((seconds, kb)) = figure {
+            println!(
+                "  {:<58} {seconds:>9.3} {:>7.2}× {:>9.1}   (ratio to SQLite's figure above)",
+                format!("  on PostgreSQL: {name}"),
+                seconds / sqlite.0,
+                kb as f64 / 1024.0
+            );
+        }
+    };
+
     println!(
         "funnelsync benchmark ({} cores)",
         std::thread::available_parallelism()
@@ -777,6 +865,14 @@ fn main() {
                 baseline,
                 "target ≤ 2.0×, ≤ 50 MB",
             );
+            let import_on_postgres = on_postgres(&|| {
+                measure("import", dir, size, &|| {
+                    if let Some(bench) = &postgres {
+                        bench.reset().expect("reset the PostgreSQL database");
+                    }
+                })
+            });
+            postgres_line("first import", import_on_postgres, import);
         }
         if wanted("peer") {
             match pandas_peer(dir) {
@@ -791,6 +887,10 @@ fn main() {
                 }
             }
         }
+        // The SQLite figures the PostgreSQL column is compared with; it is measured after them,
+        // so that its writes of the workbook do not change what SQLite's phases find.
+        let mut one_cell_figure = None;
+        let mut unchanged_figure = None;
         if wanted("one-cell") {
             let one_cell = measure("one-cell", dir, size, &|| {
                 reset_store();
@@ -804,6 +904,7 @@ fn main() {
                 baseline,
                 "target ≤ 1.2×",
             );
+            one_cell_figure = Some(one_cell);
         }
         if wanted("unchanged") {
             let unchanged = measure("unchanged", dir, size, &|| {
@@ -817,6 +918,35 @@ fn main() {
                 baseline,
                 "target ≤ 0.1×",
             );
+            unchanged_figure = Some(unchanged);
+        }
+        if postgres.is_some() && (one_cell_figure.is_some() || unchanged_figure.is_some()) {
+            let reset_postgres = || {
+                if let Some(bench) = &postgres {
+                    bench.reset().expect("reset the PostgreSQL database");
+                }
+            };
+            // One cell changed after an import; then the same file again, touched.
+            let one_cell = on_postgres(&|| {
+                measure("one-cell", dir, size, &|| {
+                    reset_postgres();
+                    generate(&path, size, None);
+                    let _ = child("import", dir, size);
+                    generate(&path, size, Some(size / 2));
+                })
+            });
+            if let Some(sqlite) = one_cell_figure {
+                postgres_line("sync after one cell changed", one_cell, sqlite);
+            }
+            let unchanged = on_postgres(&|| {
+                measure("unchanged", dir, size, &|| {
+                    let bytes = std::fs::read(&path).expect("read");
+                    std::fs::write(&path, bytes).expect("touch");
+                })
+            });
+            if let Some(sqlite) = unchanged_figure {
+                postgres_line("sync of an unchanged file", unchanged, sqlite);
+            }
         }
         if wanted("write-one-cell") || wanted("one-cell-write-back") {
             reset_store();
