@@ -59,6 +59,9 @@ pub(super) struct Tracked {
     /// The next sync applies the file even where the mass-delete guard would hold it (asked for
     /// by an admin).
     pub force: bool,
+    /// The store changed a deal the file shows while a sync of it ran: the sync may have read
+    /// the store before the change, so the one that follows must run even on the same content.
+    pub store_changed_while_syncing: bool,
 }
 
 /// What a due file turned out to be when the loop looked at it again ([`Tracked::look`]).
@@ -152,6 +155,7 @@ impl Tracked {
             attempts: 0,
             initial,
             force: false,
+            store_changed_while_syncing: false,
         }
     }
 
@@ -218,7 +222,10 @@ impl Tracked {
             return;
         }
         match &mut self.phase {
-            Phase::Syncing { again } => *again = true,
+            Phase::Syncing { again } => {
+                *again = true;
+                self.store_changed_while_syncing = true;
+            }
             Phase::Retrying { .. } => {}
             Phase::Idle | Phase::Settling { .. } => {
                 self.phase = Phase::Settling {
@@ -310,6 +317,7 @@ impl Tracked {
         now: Instant,
     ) -> Applied {
         let again = matches!(self.phase, Phase::Syncing { again: true });
+        let store_changed = std::mem::take(&mut self.store_changed_while_syncing);
         self.phase = Phase::Idle;
         self.waiting = Waiting::Nothing;
         self.initial = false;
@@ -424,8 +432,13 @@ impl Tracked {
             }
         };
         if again {
-            // A change came in during the sync: it settles from now, whatever the outcome.
+            // A change came in during the sync: it settles from now, whatever the outcome. A
+            // change in the store leaves the file as it is on disk, so the content just synced
+            // must not count as done: the sync may have read the store before the change.
             self.phase = Phase::Settling { since: now };
+            if store_changed {
+                self.done = None;
+            }
         }
         Applied {
             state,
@@ -584,6 +597,28 @@ mod tests {
         let mut file = tracked(Phase::Syncing { again: false });
         file.rescanned(print(2), false, now, SETTLE);
         assert_eq!(file.phase, Phase::Syncing { again: true });
+    }
+
+    #[test]
+    fn a_store_change_during_a_sync_is_synced_after_it_on_the_same_content() {
+        let now = Instant::now();
+        let mut file = tracked(Phase::Syncing { again: false });
+        file.store_changed(now, SETTLE);
+        assert_eq!(file.phase, Phase::Syncing { again: true });
+        // The sync wrote the file back (print 2) from what it read of the store before the
+        // change.
+        let synced = report(FileStatus::Synced, WriteBack::Written, false);
+        let later = now + SETTLE;
+        finish(&mut file, &synced, print(2), later);
+        assert_eq!(file.phase, Phase::Settling { since: later });
+        file.seen = print(2);
+        // Settled: the same content on disk, and still a sync, for the store's change.
+        assert_eq!(file.look(print(2), later + SETTLE), Look::Sync);
+        // Without a store change the written content is done.
+        let mut file = tracked(Phase::Syncing { again: false });
+        file.saw_change(print(2), now, MAX_ATTEMPTS);
+        finish(&mut file, &synced, print(2), later);
+        assert_eq!(file.look(print(2), later + SETTLE), Look::NothingNew);
     }
 
     #[test]

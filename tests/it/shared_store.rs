@@ -56,6 +56,24 @@ fn two_offices(beijing_rows: &[[&str; 6]]) -> (TestDir, TestDir) {
     (shanghai, beijing)
 }
 
+/// A rep's edit the way Excel makes it: the file is opened (Excel's `~$` owner file appears, and
+/// funnelsync holds its write-backs to the file from then on), edited over a moment, saved, and
+/// closed. An edit made without the owner file, against a write-back landing between the read
+/// and the save, would save stale cells over the written ones: a change of the rep's as far as
+/// anyone can tell.
+fn edit_in_excel(path: &std::path::Path, edit: impl FnOnce(UserEdit) -> UserEdit) {
+    let name = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .expect("file name");
+    let owner_file = path.with_file_name(format!("~${}", &name[2..]));
+    std::fs::write(&owner_file, b"rep").expect("owner file");
+    // A write-back that began before the file was opened ends first.
+    std::thread::sleep(Duration::from_millis(300));
+    edit(UserEdit::open(path, "Pipeline")).save();
+    std::fs::remove_file(&owner_file).expect("close the file");
+}
+
 fn companies_in(path: &std::path::Path) -> Vec<String> {
     read_xlsx(path, "Pipeline").column("Company")
 }
@@ -243,8 +261,8 @@ fn concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_onc
         }
         scope.spawn(|| {
             for round in 0..5 {
-                UserEdit::open(&beijing.path("share/bob.xlsx"), "Pipeline")
-                    .add_row(&[
+                edit_in_excel(&beijing.path("share/bob.xlsx"), |edit| {
+                    edit.add_row(&[
                         &format!("Beijing new {round}"),
                         "N",
                         &format!("bj{round}@example.com"),
@@ -252,10 +270,10 @@ fn concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_onc
                         "50",
                         "Bob",
                     ])
-                    .save();
+                });
                 std::thread::sleep(Duration::from_millis(150));
-                UserEdit::open(&shanghai.path("share/master.xlsx"), "Pipeline")
-                    .add_row(&[
+                edit_in_excel(&shanghai.path("share/master.xlsx"), |edit| {
+                    edit.add_row(&[
                         &format!("Shanghai new {round}"),
                         "S",
                         &format!("sh{round}@example.com"),
@@ -263,7 +281,7 @@ fn concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_onc
                         "60",
                         "Carol",
                     ])
-                    .save();
+                });
                 std::thread::sleep(Duration::from_millis(150));
             }
         });
@@ -328,17 +346,25 @@ fn concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_onc
             .zip(sheet.column("Amount"))
             .collect()
     };
-    wait_until(
-        Duration::from_secs(30),
-        "both files to show the final amounts",
-        || {
-            let master = shown_amounts(&shanghai.path("share/master.xlsx"));
-            let bob = shown_amounts(&beijing.path("share/bob.xlsx"));
-            master.len() == n_expected
-                && expected_amounts.iter().all(|(id, amount)| {
-                    master.get(id) == Some(amount) && bob.get(id) == Some(amount)
-                })
-        },
+    let files_show_the_store = || {
+        let master = shown_amounts(&shanghai.path("share/master.xlsx"));
+        let bob = shown_amounts(&beijing.path("share/bob.xlsx"));
+        master.len() == n_expected
+            && expected_amounts
+                .iter()
+                .all(|(id, amount)| master.get(id) == Some(amount) && bob.get(id) == Some(amount))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !files_show_the_store() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        files_show_the_store(),
+        "both files show the final amounts\nexpected {expected_amounts:?}\nmaster {:?}\nbob {:?}\nShanghai:\n{}\nBeijing:\n{}",
+        shown_amounts(&shanghai.path("share/master.xlsx")),
+        shown_amounts(&beijing.path("share/bob.xlsx")),
+        shanghai_daemon.log(),
+        beijing_daemon.log()
     );
 }
 
