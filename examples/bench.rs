@@ -143,12 +143,21 @@ impl PostgresBench {
     fn reset(&self) -> Result<(), String> {
         let mut client = postgres::Client::connect(&self.server, postgres::NoTls)
             .map_err(|error| error.to_string())?;
+        // Two statements, not one batch: a batch is one transaction, and CREATE DATABASE may
+        // not run in one.
+        let describe = |error: postgres::Error| match error.as_db_error() {
+            Some(db_error) => db_error.message().to_string(),
+            None => error.to_string(),
+        };
         client
             .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {0} WITH (FORCE); CREATE DATABASE {0}",
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 PostgresBench::DATABASE
             ))
-            .map_err(|error| error.to_string())
+            .map_err(describe)?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {}", PostgresBench::DATABASE))
+            .map_err(describe)
     }
 }
 

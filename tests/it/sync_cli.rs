@@ -926,3 +926,38 @@ fn an_old_row_with_errors_no_longer_blocks_every_removal() {
     assert_eq!(acme["archived_at"], json!(null));
     assert_eq!(acme["contact"], "Ann Smith");
 }
+
+#[test]
+fn store_migrate_brings_the_schema_up_to_date_and_a_newer_schema_is_refused() {
+    let test = TestDir::new();
+    test.write("leads.csv", "Company,Contact,Stage\nAcme,Ann,Lead\n");
+    test.single_source("leads.csv", "write_back = false");
+    let run = test.run(&["store", "migrate"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("migrated the store") && run.stdout.contains("from schema version 0 to"),
+        "{}",
+        run.stdout
+    );
+    let run = test.run(&["store", "migrate"]);
+    run.assert_code(0);
+    assert!(run.stdout.contains("is up to date"), "{}", run.stdout);
+    test.sync().assert_code(0);
+
+    // A store a newer funnelsync migrated: this one refuses it rather than write into a schema
+    // it does not know — the commands and the daemon alike.
+    if crate::harness::on_postgres() {
+        test.execute("UPDATE schema_version SET version = 999");
+    } else {
+        test.execute("PRAGMA user_version = 999");
+    }
+    for args in [vec!["deals", "list"], vec!["sync"], vec!["run"]] {
+        let run = test.run(&args);
+        run.assert_code(3);
+        assert!(
+            run.stderr.contains("schema version 999, newer than this funnelsync understands"),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+}
