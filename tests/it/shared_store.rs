@@ -129,6 +129,38 @@ fn an_edit_in_one_office_reaches_the_other_offices_master_file() {
         shanghai_daemon.log()
     );
 
+    // The connections that listen are cut (a database restart, a network blip): the daemons
+    // poll the change counter meanwhile, an edit still arrives, and they listen again.
+    shanghai.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    );
+    wait_until(Duration::from_secs(15), "the daemon to notice", || {
+        shanghai_daemon
+            .log()
+            .contains("the store's notifications stopped; polling the change counter")
+    });
+    UserEdit::open(&beijing.path("share/bob.xlsx"), "Pipeline")
+        .set("Company", "Gamma", "Amount", "777")
+        .save();
+    wait_until(
+        Duration::from_secs(15),
+        "the edit made while nobody listened in the master file",
+        || {
+            let sheet = read_xlsx(&master, "Pipeline");
+            sheet
+                .column("Company")
+                .iter()
+                .zip(sheet.column("Amount"))
+                .any(|(company, amount)| company == "Gamma" && amount == "777")
+        },
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the daemon to listen again",
+        || shanghai_daemon.log_count("listening for the store's changes") >= 2,
+    );
+
     // And back: the manager hands Beta to Carol in the master file; it leaves Bob's file in
     // Beijing, and is not archived.
     UserEdit::open(&master, "Pipeline")

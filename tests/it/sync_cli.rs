@@ -935,7 +935,8 @@ fn store_migrate_brings_the_schema_up_to_date_and_a_newer_schema_is_refused() {
     let run = test.run(&["store", "migrate"]);
     run.assert_code(0);
     assert!(
-        run.stdout.contains("migrated the store") && run.stdout.contains("from schema version 0 to"),
+        run.stdout.contains("migrated the store")
+            && run.stdout.contains("from schema version 0 to"),
         "{}",
         run.stdout
     );
@@ -955,7 +956,8 @@ fn store_migrate_brings_the_schema_up_to_date_and_a_newer_schema_is_refused() {
         let run = test.run(&args);
         run.assert_code(3);
         assert!(
-            run.stderr.contains("schema version 999, newer than this funnelsync understands"),
+            run.stderr
+                .contains("schema version 999, newer than this funnelsync understands"),
             "{args:?}: {}",
             run.stderr
         );
