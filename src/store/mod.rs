@@ -314,10 +314,11 @@ impl Store {
         let db = self.db();
         // Daemons starting together on a new database: one migrates, the others wait for it and
         // find the work done.
-        db.execute_batch(
-            "BEGIN; SELECT pg_advisory_xact_lock(7370702841157623809); \
+        db.execute_batch(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}); \
              CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);",
-        )?;
+            claim_key("schema migration")
+        ))?;
         let result = (|| {
             let version: Option<i64> =
                 db.query_value("SELECT max(version) FROM schema_version", &[])?;

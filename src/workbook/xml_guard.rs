@@ -197,34 +197,18 @@ impl Scanner<'_> {
                         break;
                     }
                 }
-                Some(Markup::Element) if self.quote.is_some() => {
-                    // Inside a quoted attribute value: only its closing quote matters.
-                    let quote = self.quote.unwrap_or(b'"');
-                    let rest = &bytes[position..];
-                    let run = memchr::memchr(quote, rest).unwrap_or(rest.len());
-                    let room = 1024usize.saturating_sub(self.tag_head.len());
-                    self.tag_head.extend_from_slice(&rest[..run.min(room)]);
-                    if run >= 2 {
-                        self.previous = [rest[run - 2], rest[run - 1]];
-                    } else if run == 1 {
-                        self.previous = [self.previous[1], rest[0]];
-                    }
-                    self.run_bytes += run;
-                    if self.run_bytes > self.bounds.tag_bytes {
-                        return Err(self.refuse_tag());
-                    }
-                    position += run;
-                    if position == bytes.len() {
-                        break;
-                    }
-                }
-                // Outside shared strings an element's name is never looked at: only its length
-                // and where it ends count.
+                // Inside a quoted attribute value only its closing quote matters; elsewhere in an
+                // element, a quote or `>`. Outside shared strings an element's name is never
+                // looked at: only its length and where it ends count.
                 Some(Markup::Element)
-                    if (self.name_done || !self.shared_strings) && self.quote.is_none() =>
+                    if self.quote.is_some() || self.name_done || !self.shared_strings =>
                 {
                     let rest = &bytes[position..];
-                    let run = memchr::memchr3(b'"', b'\'', b'>', rest).unwrap_or(rest.len());
+                    let run = match self.quote {
+                        Some(quote) => memchr::memchr(quote, rest),
+                        None => memchr::memchr3(b'"', b'\'', b'>', rest),
+                    }
+                    .unwrap_or(rest.len());
                     let room = 1024usize.saturating_sub(self.tag_head.len());
                     self.tag_head.extend_from_slice(&rest[..run.min(room)]);
                     // Only the two bytes before the special one matter (for `/>`).

@@ -37,6 +37,18 @@ impl From<f64> for Cell {
     }
 }
 
+/// The header of the plain pipeline sheet several scenarios build.
+pub const DEAL_HEADER: [&str; 6] = ["Company", "Contact", "Email", "Stage", "Amount", "Owner"];
+
+/// A sheet "Pipeline" with [`DEAL_HEADER`] and these rows.
+pub fn deal_sheet(rows: &[[&str; 6]]) -> XlsxBuilder {
+    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&DEAL_HEADER);
+    for row in rows {
+        builder = builder.row(row);
+    }
+    builder
+}
+
 /// Builds a real .xlsx file with one or more sheets.
 /// A sheet being built: its name and its rows by 0-based row index.
 type SheetRows = (String, Vec<(u32, Vec<Cell>)>);
@@ -431,19 +443,33 @@ impl TestDir {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_with_config(&self.config_path(), args)
+    }
+
+    /// The binary with another config of this scenario (a second store, a second office).
+    pub fn command_with_config(&self, config: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(BINARY);
         command
             .current_dir(self.dir.path())
             .env_remove("FUNNELSYNC_CONFIG")
             .env_remove("RUST_LOG")
             .arg("--config")
-            .arg(self.config_path())
+            .arg(config)
             .args(args);
         command
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
         Run::from_output(self.command(args).output().expect("run funnelsync"))
+    }
+
+    /// [`TestDir::run`] with another config of this scenario.
+    pub fn run_with_config(&self, config: &Path, args: &[&str]) -> Run {
+        Run::from_output(
+            self.command_with_config(config, args)
+                .output()
+                .expect("run funnelsync"),
+        )
     }
 
     /// Runs the binary and measures its peak memory: the high-water mark of its resident set, in

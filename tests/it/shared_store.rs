@@ -11,18 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::harness::{
-    on_postgres, read_xlsx, wait_until, SmtpServer, TestDir, UserEdit, XlsxBuilder,
+    deal_sheet, on_postgres, read_xlsx, wait_until, SmtpServer, TestDir, UserEdit,
 };
-
-const HEADER: [&str; 6] = ["Company", "Contact", "Email", "Stage", "Amount", "Owner"];
-
-fn sheet(rows: &[[&str; 6]]) -> XlsxBuilder {
-    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&HEADER);
-    for row in rows {
-        builder = builder.row(row);
-    }
-    builder
-}
 
 /// Whether this is the PostgreSQL pass; on the SQLite pass the scenario says why it ends.
 fn shared_store_available(test_name: &str) -> bool {
@@ -45,11 +35,11 @@ fn two_offices(beijing_rows: &[[&str; 6]]) -> (TestDir, TestDir) {
     for office in [&shanghai, &beijing] {
         std::fs::create_dir_all(office.path("share")).expect("share");
     }
-    sheet(&[]).save(&shanghai.path("share/master.xlsx"));
+    deal_sheet(&[]).save(&shanghai.path("share/master.xlsx"));
     shanghai.config(&format!(
         "{WATCH}\n[[sources]]\nname = \"master\"\npath = \"share/master.xlsx\"\nview = \"all\"\n"
     ));
-    sheet(beijing_rows).save(&beijing.path("share/bob.xlsx"));
+    deal_sheet(beijing_rows).save(&beijing.path("share/bob.xlsx"));
     beijing.config(&format!(
         "{WATCH}\n[[sources]]\nname = \"beijing\"\npath = \"share/bob.xlsx\"\nfilter = {{ owner = \"Bob\" }}\n"
     ));
@@ -534,17 +524,7 @@ fn killing_one_office_daemon_mid_sync_loses_nothing_and_the_other_goes_on() {
 
 /// Runs the binary with another config of the same scenario.
 fn run_with(test: &TestDir, config: &str, args: &[&str]) -> crate::harness::Run {
-    crate::harness::Run::from_output(
-        std::process::Command::new(crate::harness::BINARY)
-            .current_dir(test.path(""))
-            .env_remove("FUNNELSYNC_CONFIG")
-            .env_remove("RUST_LOG")
-            .arg("--config")
-            .arg(test.path(config))
-            .args(args)
-            .output()
-            .expect("run funnelsync"),
-    )
+    test.run_with_config(&test.path(config), args)
 }
 
 #[test]
@@ -559,7 +539,7 @@ fn store_copy_moves_a_sqlite_store_to_postgresql_and_every_command_answers_the_s
     let smtp = SmtpServer::start(1000);
     let test = TestDir::new();
     let url = test.store_url().expect("the scenario's database");
-    sheet(&[
+    deal_sheet(&[
         ["Acme", "Ann", "ann@acme.com", "Prospect", "1000", "Alice"],
         ["Beta", "Ben", "ben@beta.com", "Lead", "2000", "Bob"],
         [

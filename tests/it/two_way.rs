@@ -5,17 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{file_report, read_xlsx, wait_until, Cell, TestDir, UserEdit, XlsxBuilder};
-
-const HEADER: [&str; 6] = ["Company", "Contact", "Email", "Stage", "Amount", "Owner"];
-
-fn sheet(rows: &[[&str; 6]]) -> XlsxBuilder {
-    let mut builder = XlsxBuilder::new().sheet("Pipeline").row(&HEADER);
-    for row in rows {
-        builder = builder.row(row);
-    }
-    builder
-}
+use crate::harness::{
+    deal_sheet, file_report, read_xlsx, wait_until, Cell, TestDir, UserEdit, XlsxBuilder,
+};
 
 fn id_of(test: &TestDir, company: &str) -> String {
     test.deal_by("company", company)["id"]
@@ -35,7 +27,7 @@ fn n_conflicts(test: &TestDir) -> usize {
 #[test]
 fn new_rows_get_their_crm_id_written_back_and_are_found_by_it() {
     let test = TestDir::new();
-    sheet(&[
+    deal_sheet(&[
         ["Acme", "Ann", "", "Lead", "1000", "Alice"],
         ["Beta", "Ben", "", "Lead", "2000", "Bob"],
     ])
@@ -76,12 +68,12 @@ fn new_rows_get_their_crm_id_written_back_and_are_found_by_it() {
 #[test]
 fn an_edit_in_one_file_reaches_the_other_and_filters_shape_the_view() {
     let test = TestDir::new();
-    sheet(&[
+    deal_sheet(&[
         ["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"],
         ["Beta", "Ben", "ben@beta.com", "Lead", "2000", "Bob"],
     ])
     .save(&test.path("all.xlsx"));
-    sheet(&[]).save(&test.path("alice.xlsx"));
+    deal_sheet(&[]).save(&test.path("alice.xlsx"));
     test.config(
         "[[sources]]\nname = \"all\"\npath = \"all.xlsx\"\nview = \"all\"\n\n[[sources]]\nname = \"alice\"\npath = \"alice.xlsx\"\nfilter = { owner = \"Alice\" }\n",
     );
@@ -151,7 +143,8 @@ fn an_edit_in_one_file_reaches_the_other_and_filters_shape_the_view() {
 #[test]
 fn sheet_and_cli_changes_to_different_fields_are_both_kept() {
     let test = TestDir::new();
-    sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]]).save(&test.path("p.xlsx"));
+    deal_sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]])
+        .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
     let id = id_of(&test, "Acme");
@@ -193,7 +186,8 @@ fn sheet_and_cli_changes_to_different_fields_are_both_kept() {
 /// The same field changed in the sheet and through the CLI between two syncs.
 fn conflict_case(policy: &str, cli_first: bool) -> (TestDir, Value) {
     let test = TestDir::new();
-    sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]]).save(&test.path("p.xlsx"));
+    deal_sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]])
+        .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", &format!("conflict = \"{policy}\""));
     test.sync().assert_code(0);
     let id = id_of(&test, "Acme");
@@ -259,7 +253,8 @@ fn conflicts_follow_the_policy_and_are_recorded() {
 #[test]
 fn an_open_file_is_written_once_it_is_closed() {
     let test = TestDir::new();
-    sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]]).save(&test.path("p.xlsx"));
+    deal_sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]])
+        .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
     let id = id_of(&test, "Acme");
@@ -395,7 +390,8 @@ fn other_sheets_unmapped_columns_and_their_formulas_survive() {
 #[test]
 fn an_unchanged_store_leaves_the_file_untouched() {
     let test = TestDir::new();
-    sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]]).save(&test.path("p.xlsx"));
+    deal_sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]])
+        .save(&test.path("p.xlsx"));
     test.single_source("p.xlsx", "");
     test.sync().assert_code(0);
     let bytes = std::fs::read(test.path("p.xlsx")).expect("read");
@@ -444,7 +440,7 @@ fn a_gb18030_csv_is_written_back_in_gb18030_with_its_delimiter() {
 fn the_cli_change_reaches_the_file_through_the_running_daemon() {
     let test = TestDir::new();
     std::fs::create_dir_all(test.path("share")).expect("share");
-    sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]])
+    deal_sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Alice"]])
         .save(&test.path("share/p.xlsx"));
     test.config("[watch]\nsettle = \"300ms\"\npoll_interval = \"30s\"\n\n[[sources]]\nname = \"share\"\npath = \"share\"\n");
     let daemon = test.start_daemon();
