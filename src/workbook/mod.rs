@@ -3,10 +3,10 @@
 //!
 //! Memory is bounded while reading, not after: the file is never held whole (it is hashed and
 //! parsed from its open handle), rows are held sparsely, every cell is checked against
-//! `[limits]` before it is kept, the XML parts of a zip are scanned with a fixed budget before
-//! calamine sees them ([`xml_guard`]), and a sheet or a .csv is checked in a first pass that
-//! keeps nothing before a second pass keeps its cells — so a file refused for a limit never
-//! costs more than a few buffers.
+//! `[limits]` before it is kept, and the XML parts of a zip are scanned with a fixed budget before
+//! calamine sees them ([`xml_guard`]) — an .xlsx's worksheets as calamine reads them, on a thread
+//! of their own ([`guarded_zip`]), every other part before calamine opens the file — so a file
+//! refused for a limit never costs more than a few buffers.
 //!
 //! This module owns file formats and nothing else: it knows sheets, rows and cells, and how a
 //! half-written or protected file looks, but not what a column means, what a deal is or where the
@@ -14,7 +14,10 @@
 
 pub mod csv_reader;
 mod escape;
+mod guarded_zip;
 pub mod xml_guard;
+
+use guarded_zip::GuardedZip;
 
 pub use escape::{escape_csv_field, unescape_csv_field};
 
@@ -887,8 +890,21 @@ fn stream_format(
     limits: &Limits,
     emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
 ) -> Result<StreamEnd, WorkbookError> {
+    // An .xlsx's worksheets are checked as calamine reads them, on the other core, when the
+    // archive is plain enough to present that way; every other part is checked before.
+    let guarded = if format == FileFormat::Xlsx {
+        GuardedZip::over(file, xml_guard::Bounds::for_cells(limits.max_cell_chars)).map_err(
+            |source| WorkbookError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?
+    } else {
+        None
+    };
     if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
-        check_zip(path, file, limits)?;
+        let checked_later: &[String] = guarded.as_ref().map_or(&[], |(_, names)| names);
+        check_zip(path, file, limits, checked_later)?;
     }
     match format {
         FileFormat::Csv => {
@@ -905,7 +921,20 @@ fn stream_format(
             })
         }
         FileFormat::Xlsx => {
-            stream_xlsx(path, file, sheet, limits, emit)?;
+            match guarded {
+                Some((archive, _)) => {
+                    let refusal = archive.refusal_slot();
+                    let read = stream_xlsx(path, archive, sheet, limits, emit);
+                    // When the guard stopped a worksheet, calamine only saw its stream end: the
+                    // guard's reason is the one to give.
+                    let refused = refusal.lock().ok().and_then(|mut slot| slot.take());
+                    if let Some(refused) = refused {
+                        return Err(refusal_error(path, refused));
+                    }
+                    read?;
+                }
+                None => stream_xlsx(path, BufReader::new(file), sheet, limits, emit)?,
+            }
             Ok(StreamEnd::default())
         }
         FileFormat::Xls | FileFormat::Ods => {
@@ -919,7 +948,12 @@ fn stream_format(
 /// unpacks to gigabytes; the sizes its directory declares are summed before anything is unpacked
 /// (the zip reader stops any entry at its declared size). Then every XML part is scanned with a
 /// fixed budget ([`xml_guard`]). A file that is not a zip at all is left to calamine to report.
-fn check_zip(path: &Path, file: &std::fs::File, limits: &Limits) -> Result<(), WorkbookError> {
+fn check_zip(
+    path: &Path,
+    file: &std::fs::File,
+    limits: &Limits,
+    checked_later: &[String],
+) -> Result<(), WorkbookError> {
     let mut reader = BufReader::new(file);
     reader
         .seek(SeekFrom::Start(0))
@@ -958,27 +992,33 @@ fn check_zip(path: &Path, file: &std::fs::File, limits: &Limits) -> Result<(), W
         let Ok(name) = entry.name().map(|name| name.into_owned()) else {
             continue;
         };
-        if !xml_guard::is_scanned(&name) {
+        if !xml_guard::is_scanned(&name) || checked_later.contains(&name) {
             continue;
         }
-        xml_guard::check_part(&name, entry, bounds).map_err(|refusal| match refusal {
-            xml_guard::Refusal::OverLimit { what, limit } => WorkbookError::OverLimit {
-                path: path.to_path_buf(),
-                what,
-                limit,
-            },
-            xml_guard::Refusal::Malformed(detail) => WorkbookError::Malformed {
-                path: path.to_path_buf(),
-                expected: "valid workbook",
-                detail,
-            },
-            xml_guard::Refusal::Unreadable(detail) => WorkbookError::Incomplete {
-                path: path.to_path_buf(),
-                detail,
-            },
-        })?;
+        xml_guard::check_part(&name, entry, bounds)
+            .map_err(|refusal| refusal_error(path, refusal))?;
     }
     Ok(())
+}
+
+/// The error for a part the XML guard refused.
+fn refusal_error(path: &Path, refusal: xml_guard::Refusal) -> WorkbookError {
+    match refusal {
+        xml_guard::Refusal::OverLimit { what, limit } => WorkbookError::OverLimit {
+            path: path.to_path_buf(),
+            what,
+            limit,
+        },
+        xml_guard::Refusal::Malformed(detail) => WorkbookError::Malformed {
+            path: path.to_path_buf(),
+            expected: "valid workbook",
+            detail,
+        },
+        xml_guard::Refusal::Unreadable(detail) => WorkbookError::Incomplete {
+            path: path.to_path_buf(),
+            detail,
+        },
+    }
 }
 
 fn hex(digest: &[u8]) -> String {
@@ -1045,18 +1085,18 @@ fn xlsx_error(path: &Path, error: calamine::XlsxError) -> WorkbookError {
     }
 }
 
-/// Streams the cells of an .xlsx sheet twice: once checking every cell against the limits and
-/// keeping nothing, then keeping them. Memory grows with the cells present, never with the
-/// sheet's declared dimension, and a file refused for a limit holds no rows.
-fn stream_xlsx(
+/// Streams the cells of an .xlsx sheet from `archive` (the file, or the [`GuardedZip`] over it),
+/// checking each cell against the limits before anything is made of it. Memory grows with the
+/// cells of a batch, never with the sheet's declared dimension.
+fn stream_xlsx<RS: Read + Seek>(
     path: &Path,
-    file: &std::fs::File,
+    archive: RS,
     wanted: Option<&str>,
     limits: &Limits,
     emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
 ) -> Result<(), WorkbookError> {
-    let mut workbook: calamine::Xlsx<_> = calamine::open_workbook_from_rs(BufReader::new(file))
-        .map_err(|error| xlsx_error(path, error))?;
+    let mut workbook: calamine::Xlsx<RS> =
+        calamine::open_workbook_from_rs(archive).map_err(|error| xlsx_error(path, error))?;
     let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
     emit(Piece::Sheet(sheet_name.clone()))?;
     let mut sink = |batch: Vec<SheetRow>| emit(Piece::Rows(batch));

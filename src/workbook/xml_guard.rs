@@ -368,7 +368,20 @@ fn unique_count(tag: &[u8]) -> Option<u64> {
 }
 
 /// Scans one XML part of the archive, named `part`, read from `reader`.
-pub fn check_part(part: &str, mut reader: impl Read, bounds: Bounds) -> Result<(), Refusal> {
+pub fn check_part(part: &str, reader: impl Read, bounds: Bounds) -> Result<(), Refusal> {
+    check_part_passing(part, reader, bounds, &mut |_| true)
+}
+
+/// [`check_part`], handing each chunk of the part to `pass` once it has been checked, for a
+/// reader that reads the part as it is checked. The last chunk is handed on only after the whole
+/// part passed, so that the reader never finishes a part the check refuses at its end. When
+/// `pass` returns false (nobody reads any more), the check stops there and passes.
+pub fn check_part_passing(
+    part: &str,
+    mut reader: impl Read,
+    bounds: Bounds,
+    pass: &mut dyn FnMut(&[u8]) -> bool,
+) -> Result<(), Refusal> {
     let mut scanner = Scanner {
         part,
         bounds,
@@ -390,6 +403,7 @@ pub fn check_part(part: &str, mut reader: impl Read, bounds: Bounds) -> Result<(
         declared_strings: None,
     };
     let mut buffer = vec![0u8; 64 << 10];
+    let mut checked: Vec<u8> = Vec::new();
     loop {
         let n_read = match reader.read(&mut buffer) {
             Ok(0) => break,
@@ -398,6 +412,11 @@ pub fn check_part(part: &str, mut reader: impl Read, bounds: Bounds) -> Result<(
             Err(error) => return Err(Refusal::Unreadable(format!("{part}: {error}"))),
         };
         scanner.feed(&buffer[..n_read])?;
+        if !checked.is_empty() && !pass(&checked) {
+            return Ok(());
+        }
+        checked.clear();
+        checked.extend_from_slice(&buffer[..n_read]);
     }
     // calamine reserves room for the declared number of strings before reading them.
     if let Some(declared) = scanner.declared_strings {
@@ -407,6 +426,9 @@ pub fn check_part(part: &str, mut reader: impl Read, bounds: Bounds) -> Result<(
                 scanner.n_strings
             )));
         }
+    }
+    if !checked.is_empty() {
+        pass(&checked);
     }
     Ok(())
 }
