@@ -651,6 +651,15 @@ fn new_deals_are_appended_in_the_styles_of_the_row_above() {
 
 /// A plain pipeline sheet, optionally with a total row below the data.
 fn plain_workbook(path: &Path, total_row: bool) {
+    plain_workbook_with(path, total_row, |_| {});
+}
+
+/// The plain pipeline sheet, with more cells written by `more` before it is saved.
+fn plain_workbook_with(
+    path: &Path,
+    total_row: bool,
+    more: impl FnOnce(&mut rust_xlsxwriter::Worksheet),
+) {
     let mut workbook = Workbook::new();
     let sheet = workbook.add_worksheet();
     sheet.set_name("Pipeline").expect("name");
@@ -693,6 +702,7 @@ fn plain_workbook(path: &Path, total_row: bool) {
             .write_formula(6, 3, Formula::new("=SUM(D2:D5)").set_result("10000"))
             .expect("formula");
     }
+    more(sheet);
     workbook.save(path).expect("save");
 }
 
@@ -754,6 +764,29 @@ fn a_deal_leaving_the_view_leaves_a_blank_row_when_a_formula_points_below() {
         cells["A3"]
     );
     assert!(cells["A3"].style.is_some(), "but keeps its fill");
+}
+
+#[test]
+fn a_deal_leaving_the_view_leaves_a_blank_row_when_a_formula_above_it_points_below() {
+    let test = TestDir::new();
+    let path = test.path("alice.xlsx");
+    // G2 sits above the row that leaves (Globex, row 3) and reads Hooli's amount in row 5.
+    plain_workbook_with(&path, false, |sheet| {
+        sheet
+            .write_formula(1, 6, Formula::new("=D5").set_result("4000"))
+            .expect("formula");
+    });
+    test.single_source("alice.xlsx", "filter = { owner = \"Alice\" }");
+    test.sync();
+    let written = read_xlsx(&path, "Pipeline");
+    assert_eq!(
+        written.column("Company"),
+        ["Acme", "", "Initech", "Hooli"],
+        "Globex's row is blank, the rows below did not move"
+    );
+    assert_eq!(written.formulas[&(1, 6)], "D5");
+    assert_eq!(written.values[4][0], "Hooli", "D5 is still Hooli's amount");
+    assert_eq!(written.values[4][3], "4000");
 }
 
 #[test]

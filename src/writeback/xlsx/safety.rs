@@ -190,8 +190,9 @@ fn check_sheet_tail<R: Read + Seek>(
                 let local = element.local_name().as_ref().to_string();
                 if local == "sheetData" {
                     if is_start {
-                        let end = element.to_end().into_owned();
-                        reader.read_to_end_into(end.name(), &mut Vec::new())?;
+                        if let Some(reason) = formula_reaching(&mut reader, first_deleted)? {
+                            return Ok(Err(reason));
+                        }
                     }
                     continue;
                 }
@@ -259,6 +260,71 @@ fn check_sheet_tail<R: Read + Seek>(
                     }
                 }
             }
+            _ => {}
+        }
+    }
+}
+
+/// Reads `<sheetData>` to its end and finds the first formula whose references reach
+/// `first_deleted` or below — wherever the formula itself is (`G2` = `=D5` breaks when row 3
+/// goes). A shared formula is written once, on its first cell, for the cells of its `ref`: the
+/// rows it reaches grow by how far that range goes below the first cell.
+fn formula_reaching<B: std::io::BufRead>(
+    reader: &mut Reader<B>,
+    first_deleted: u32,
+) -> Result<Option<Reason>, PackageError> {
+    let mut buffer = Vec::new();
+    let mut cell: Option<(u32, u32)> = None;
+    // Inside an `<f>`: how far its references reach below the text's, and the text so far.
+    let mut formula: Option<(u32, String)> = None;
+    loop {
+        buffer.clear();
+        match reader.read_event_into(&mut buffer)? {
+            Event::Eof => return Ok(None),
+            Event::Start(element) | Event::Empty(element)
+                if element.local_name().as_ref() == "c" =>
+            {
+                cell = xml::attribute(&element, "r")
+                    .and_then(|reference| cellref::parse_cell(reference.as_bytes()));
+            }
+            Event::Start(element) if element.local_name().as_ref() == "f" => {
+                let below = match (xml::attribute(&element, "t").as_deref(), cell) {
+                    (Some("shared"), Some((row, _))) => xml::attribute(&element, "ref")
+                        .and_then(|text| Range::parse(&text))
+                        .map_or(0, |range| range.last_row.saturating_sub(row)),
+                    _ => 0,
+                };
+                formula = Some((below, String::new()));
+            }
+            Event::Text(text) => {
+                if let Some((_, formula_text)) = &mut formula {
+                    formula_text.push_str(&super::package::unescape(&text));
+                }
+            }
+            Event::GeneralRef(reference) => {
+                if let Some((_, formula_text)) = &mut formula {
+                    formula_text.push_str(&super::package::unescape(&format!("&{};", &*reference)));
+                }
+            }
+            Event::End(element) => match element.local_name().as_ref() {
+                "f" => {
+                    let Some((below, formula_text)) = formula.take() else {
+                        continue;
+                    };
+                    let reached = cellref::max_referenced_row(&formula_text)
+                        .map(|row| row.saturating_add(below));
+                    if reached.is_some_and(|row| row >= first_deleted) {
+                        let at = cell.map_or_else(String::new, |(row, column)| {
+                            format!(" at {}", cellref::cell_name(row, column))
+                        });
+                        return Ok(Some(format!(
+                            "the formula{at} (={formula_text}) points at or below it"
+                        )));
+                    }
+                }
+                "sheetData" => return Ok(None),
+                _ => {}
+            },
             _ => {}
         }
     }
