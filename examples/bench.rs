@@ -77,6 +77,9 @@ fn cell(row: u32, column: usize, changed: Option<u32>) -> String {
 }
 
 /// Writes the test workbook with rust_xlsxwriter (constant memory); returns the seconds taken.
+/// The most data rows a sheet holds under its header row.
+const EXCEL_MAX_DATA_ROWS: u32 = 1_048_575;
+
 fn generate(path: &Path, n_rows: u32, changed: Option<u32>) -> f64 {
     let started = Instant::now();
     let mut workbook = rust_xlsxwriter::Workbook::new();
@@ -744,8 +747,9 @@ fn main() {
             .cloned()
     };
     let n_rows: u32 = value("--rows")
-        .and_then(|rows| rows.parse().ok())
-        .unwrap_or(100_000);
+        .and_then(|rows| rows.parse::<u32>().ok())
+        .unwrap_or(100_000)
+        .min(EXCEL_MAX_DATA_ROWS);
     if let Some(phase) = value("--phase") {
         let folder = PathBuf::from(value("--folder").expect("--folder"));
         run_phase(&phase, &folder, n_rows);
@@ -802,9 +806,12 @@ fn main() {
             .unwrap_or(1)
     );
     let sizes: std::collections::BTreeSet<u32> = match value("--sizes") {
+        // A sheet holds at most 1,048,576 rows, the header among them: `--sizes 1048576` means a
+        // full sheet.
         Some(list) => list
             .split(',')
-            .filter_map(|size| size.parse().ok())
+            .filter_map(|size| size.parse::<u32>().ok())
+            .map(|size| size.min(EXCEL_MAX_DATA_ROWS))
             .collect(),
         None => [10_000u32.min(n_rows), n_rows].into_iter().collect(),
     };
