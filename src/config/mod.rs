@@ -495,7 +495,10 @@ impl Config {
             .any(|problem| problem.key.starts_with("store"));
         match Config::from_raw(raw, path, &base) {
             Ok(config) if problems.is_empty() => Ok(config),
-            Ok(_) => Err(invalid(problems)),
+            Ok(_) => {
+                problems.sort_by_key(|problem| problem.line.unwrap_or(usize::MAX));
+                Err(invalid(problems))
+            }
             Err(more) => {
                 let located = more.into_iter().map(|mut problem| {
                     problem.line = problem.line.or_else(|| locate_key(text, &problem.key));

@@ -1,7 +1,9 @@
 //! Stage one: the file as written. [`RawConfig`] mirrors the TOML (`RawStore`, `RawSource`,
 //! `RawStage`, `RawWatch`, `RawHttp`, …, all `deny_unknown_fields`); each section is deserialised
-//! on its own so one broken section does not hide the others, and a source's unknown keys are set
-//! aside one by one ([`set_aside_unknown_keys`]) so its other problems are still found.
+//! on its own so one broken section does not hide the others, and a source's unknown keys and
+//! values of the wrong type are set aside one by one ([`set_aside_unknown_keys`],
+//! [`set_aside_bad_source_values`]), each said at its own line, so its other problems are still
+//! found.
 
 use std::collections::BTreeMap;
 
@@ -156,6 +158,11 @@ pub struct RawSource {
     /// 1-based position among the file's `[[sources]]`, for messages.
     #[serde(skip)]
     pub position: usize,
+    /// The keys (`write_back`, `name`) whose problem was already said while reading: a value of
+    /// the wrong type, set aside, or a missing name or path, standing in as empty. Stage two says
+    /// nothing more about them, and does not accept the source.
+    #[serde(skip)]
+    pub said: Vec<String>,
     pub name: String,
     pub path: String,
     pub sheet: Option<String>,
@@ -279,11 +286,15 @@ impl RawConfig {
             let key = format!("sources[{}]", index + 1);
             // Unknown keys are reported one by one, each at its line, and set aside, so that the
             // source's other problems are still found.
-            let source = set_aside_unknown_keys(text, &key, source, SOURCE_KEYS, &mut problems);
+            let known: Vec<&str> = SOURCE_KEYS.iter().map(|(name, _)| *name).collect();
+            let source = set_aside_unknown_keys(text, &key, source, &known, &mut problems);
+            // So are keys whose value has the wrong type, and a missing name or path.
+            let (source, said) = set_aside_bad_source_values(text, &key, source, &mut problems);
             if let Some(mut source) =
                 read_section::<RawSource>(text, &key, Some(source), &mut problems)
             {
                 source.position = index + 1;
+                source.said = said;
                 raw.sources.push(source);
             }
         }
@@ -306,26 +317,165 @@ impl RawConfig {
     }
 }
 
-/// The keys a `[[sources]]` entry may have.
-const SOURCE_KEYS: &[&str] = &[
-    "name",
-    "path",
-    "sheet",
-    "header_row",
-    "key_column",
-    "match_on",
-    "on_row_removed",
-    "date_order",
-    "encoding",
-    "columns",
-    "write_back",
-    "max_delete",
-    "conflict",
-    "filter",
-    "view",
-    "backups",
-    "follow_symlinks",
+/// The keys a `[[sources]]` entry may have, each with what its value must be (for a value of the
+/// wrong type).
+const SOURCE_KEYS: &[(&str, &str)] = &[
+    ("name", "a name in quotes, such as \"pipeline\""),
+    (
+        "path",
+        "a file, folder or glob in quotes, such as \"share/*.xlsx\"",
+    ),
+    ("sheet", "a sheet name in quotes"),
+    ("header_row", "\"auto\" or a row number such as 1"),
+    ("key_column", "a header text in quotes"),
+    ("match_on", "a list of fields, such as [\"email\"]"),
+    (
+        "on_row_removed",
+        "one of \"archive\", \"delete\", \"ignore\"",
+    ),
+    ("date_order", "one of \"ymd\", \"dmy\", \"mdy\""),
+    ("encoding", "an encoding label in quotes, such as \"utf-8\""),
+    (
+        "columns",
+        "a table of field = header text(s), such as [sources.columns]",
+    ),
+    ("write_back", "true or false"),
+    (
+        "max_delete",
+        "a share such as \"50%\" or a count such as 200",
+    ),
+    ("conflict", "one of \"store\", \"sheet\", \"newest\""),
+    (
+        "filter",
+        "a table of field = value(s), such as filter = { stage = \"Lead\" }",
+    ),
+    ("view", "\"rows\" or \"all\""),
+    ("backups", "a count such as 5"),
+    ("follow_symlinks", "true or false"),
 ];
+
+/// The keys of `[sources.columns]` and `[sources.filter]` each map a field to what they must be.
+const SOURCE_TABLE_ENTRIES: &[(&str, &str)] = &[
+    (
+        "columns",
+        "a header text or a list of them, such as [\"Amount\", \"Total\"]",
+    ),
+    (
+        "filter",
+        "a value or a list of values, such as [\"Lead\", \"Qualified\"]",
+    ),
+];
+
+/// The keys a source cannot do without.
+const REQUIRED_SOURCE_KEYS: &[&str] = &["name", "path"];
+
+/// Reports every key of a `[[sources]]` entry whose value has the wrong type (each at its own
+/// line, in plain words) and returns the entry without them, with the keys whose problems were
+/// said. Each key is tried on its own, and each entry of `columns` and `filter`, so one wrong type
+/// does not hide the source's other problems. A missing (or set aside) name or path is said once
+/// and given an empty stand-in, so that the rest of the source is still checked.
+fn set_aside_bad_source_values(
+    text: &str,
+    key: &str,
+    value: Spanned<toml::Value>,
+    problems: &mut Vec<ConfigProblem>,
+) -> (Spanned<toml::Value>, Vec<String>) {
+    let span = value.span();
+    let mut inner = value.into_inner();
+    let mut said = Vec::new();
+    let Some(table) = inner.as_table_mut() else {
+        return (Spanned::new(span, inner), said);
+    };
+    let mut report = |name: &str, message: String| {
+        let full = format!("{key}.{name}");
+        problems.push(ConfigProblem {
+            line: locate_key(text, &full),
+            key: full,
+            message,
+        });
+    };
+    for (name, expected) in SOURCE_KEYS {
+        let Some(value) = table.get_mut(*name) else {
+            continue;
+        };
+        let entry_expected = SOURCE_TABLE_ENTRIES
+            .iter()
+            .find(|(table_name, _)| table_name == name)
+            .map(|(_, expected)| *expected);
+        if let (Some(entry_expected), toml::Value::Table(entries)) = (entry_expected, &mut *value) {
+            let bad: Vec<String> = entries
+                .iter()
+                .filter(|(_, entry)| !is_text_or_texts(entry))
+                .map(|(entry_name, _)| entry_name.clone())
+                .collect();
+            for entry_name in bad {
+                if let Some(entry) = entries.remove(&entry_name) {
+                    report(
+                        &format!("{name}.{entry_name}"),
+                        format!("must be {entry_expected}, not {}", describe(&entry)),
+                    );
+                }
+            }
+            continue;
+        }
+        if value_fits(name, value) {
+            continue;
+        }
+        if let Some(value) = table.remove(*name) {
+            report(
+                name,
+                format!("must be {expected}, not {}", describe(&value)),
+            );
+            said.push((*name).to_string());
+        }
+    }
+    for name in REQUIRED_SOURCE_KEYS {
+        if table.contains_key(*name) {
+            continue;
+        }
+        if !said.iter().any(|said| said == name) {
+            report(name, format!("missing field `{name}`"));
+            said.push((*name).to_string());
+        }
+        table.insert((*name).to_string(), toml::Value::String(String::new()));
+    }
+    (Spanned::new(span, inner), said)
+}
+
+/// Whether `value` is a fitting value for the `[[sources]]` key `name`: [`RawSource`] is tried
+/// with that key alone (it then misses its required keys, which does not count).
+fn value_fits(name: &str, value: &toml::Value) -> bool {
+    let mut alone = toml::Table::new();
+    alone.insert(name.to_string(), value.clone());
+    match toml::Value::Table(alone).try_into::<RawSource>() {
+        Ok(_) => true,
+        Err(error) => error.message().starts_with("missing field `"),
+    }
+}
+
+fn is_text_or_texts(value: &toml::Value) -> bool {
+    match value {
+        toml::Value::String(_) => true,
+        toml::Value::Array(items) => items.iter().all(toml::Value::is_str),
+        _ => false,
+    }
+}
+
+/// A value as a message names it: `the text "yes"`, `the number 5`, `a list`.
+fn describe(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(text) => format!("the text {text:?}"),
+        toml::Value::Integer(number) => format!("the number {number}"),
+        toml::Value::Float(number) => format!("the number {number}"),
+        toml::Value::Boolean(flag) => flag.to_string(),
+        toml::Value::Datetime(date) => format!("the date {date}"),
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
+            "a list of texts".to_string()
+        }
+        toml::Value::Array(_) => "a list with values that are not texts".to_string(),
+        toml::Value::Table(_) => "a table".to_string(),
+    }
+}
 
 /// Reports every key of a table section that is not one of `known` (each at its own line) and
 /// returns the section without them.

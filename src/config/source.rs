@@ -152,15 +152,21 @@ const DEFAULT_MAX_DELETE: MaxDelete = MaxDelete::Share(0.5);
 /// Validates one `[[sources]]` entry (`key` is its place, `sources[N]`), saying every problem
 /// through `problem`; `None` when there was one.
 pub(super) fn validate_source(
-    raw: RawSource,
+    mut raw: RawSource,
     key: &str,
     base: &Path,
     stages: &Stages,
     problem: &mut impl FnMut(&str, String),
 ) -> Option<SourceConfig> {
-    let mut ok = true;
+    // A key whose problem was said while reading (a wrong type, a missing name or path) has a
+    // stand-in value here: nothing more is said about it, and the source is not accepted.
+    let mut ok = raw.said.is_empty();
+    let said = std::mem::take(&mut raw.said);
     let mut fail = |suffix: &str, message: String| {
-        problem(&format!("{key}.{suffix}"), message);
+        let field = suffix.split('.').next().unwrap_or(suffix);
+        if !said.iter().any(|said| said == field) {
+            problem(&format!("{key}.{suffix}"), message);
+        }
         ok = false;
     };
     check_name(&raw.name, &mut fail);

@@ -219,7 +219,14 @@ fn validate_sources(
     let mut seen_names: HashMap<String, usize> = HashMap::new();
     for raw_source in raw_sources {
         let key = format!("sources[{}]", raw_source.position);
-        if let Some(previous) = seen_names.insert(raw_source.name.clone(), raw_source.position) {
+        // A source whose name was missing or not a text (which was said) has a stand-in name.
+        let name_said = raw_source.said.iter().any(|said| said == "name");
+        let previous = if name_said {
+            None
+        } else {
+            seen_names.insert(raw_source.name.clone(), raw_source.position)
+        };
+        if let Some(previous) = previous {
             problem(
                 &format!("{key}.name"),
                 format!(

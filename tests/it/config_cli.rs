@@ -113,6 +113,85 @@ name = "leads"
 }
 
 #[test]
+fn a_value_of_the_wrong_type_is_said_at_its_line_and_hides_nothing() {
+    let test = TestDir::new();
+    test.config(
+        r#"[[sources]]
+name = "pipeline"
+path = "pipeline.xlsx"
+write_back = "yes"
+max_delete = true
+on_row_removed = "shred"
+conflict = 3
+backups = -1
+
+[sources.columns]
+amount = 5
+owner = "Rep"
+budget = "Budget"
+
+[[sources]]
+name = 7
+path = "leads.csv"
+view = "everything"
+max_delete = "lots"
+
+[[sources]]
+name = "third"
+header_row = 0
+"#,
+    );
+    let run = test.run(&["check-config"]);
+    run.assert_code(2);
+    // Line 4 is the first `[[sources]]` (the harness writes `[store]` first).
+    for expected in [
+        "line 7: `sources[1].write_back`: must be true or false, not the text \"yes\"",
+        "line 8: `sources[1].max_delete`: must be a share such as \"50%\" or a count such as 200, not true",
+        "line 9: `sources[1].on_row_removed`: \"shred\" is not one of archive, delete, ignore",
+        "line 10: `sources[1].conflict`: must be one of \"store\", \"sheet\", \"newest\", not the number 3",
+        "line 11: `sources[1].backups`: -1 must be between 0 and 1000",
+        "line 14: `sources[1].columns.amount`: must be a header text or a list of them",
+        "line 16: `sources[1].columns.budget`: \"budget\" is not a field",
+        "line 19: `sources[2].name`: must be a name in quotes, such as \"pipeline\", not the number 7",
+        "line 21: `sources[2].view`: \"everything\" is not one of rows, all",
+        "line 22: `sources[2].max_delete`: \"lots\" must be a share such as \"50%\"",
+        "line 24: `sources[3].path`: missing field `path`",
+        "line 26: `sources[3].header_row`: 0 is not a row number",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "missing {expected:?} in:\n{}",
+            run.stderr
+        );
+    }
+    for unwanted in [
+        "untagged",
+        "did not match",
+        "`sources[2].name`: missing",
+        "no [[sources]] given",
+    ] {
+        assert!(
+            !run.stderr.contains(unwanted),
+            "{unwanted:?} in:\n{}",
+            run.stderr
+        );
+    }
+    // Nothing is said twice (the stand-in for a missing or mistyped name or path says nothing).
+    assert_eq!(
+        run.stderr.matches("`sources[2].name`").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.stderr.matches("`sources[3].path`").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn check_config_checks_the_store_folder_and_warns_about_missing_source_folders() {
     let test = TestDir::new();
     test.write("blocked", "a file where the store's folder should be");
