@@ -559,7 +559,7 @@ pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
             let document = json!({ "ok": !sync::has_problems(&reports), "files": reports });
             writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
         }
-        Format::Table => print_sync_table(&mut out, &reports)?,
+        Format::Table => print_sync_table(&mut out, config, &reports)?,
     }
     Ok(ExitCode::from(if sync::has_problems(&reports) {
         EXIT_ROW_ERRORS
@@ -568,7 +568,20 @@ pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
     }))
 }
 
-fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Result<()> {
+/// Whether a failed report is about its source's folder (it could not be listed: a share that is
+/// not mounted) rather than about one of its files.
+fn is_listing_failure(config: &Config, report: &FileReport) -> bool {
+    config.source(&report.source).is_some_and(|source| {
+        report.file == crate::watch::source_folder(source).display().to_string()
+            || matches!(&source.path, SourcePath::Glob(pattern) if *pattern == report.file)
+    })
+}
+
+fn print_sync_table(
+    out: &mut impl Write,
+    config: &Config,
+    reports: &[FileReport],
+) -> anyhow::Result<()> {
     if reports.is_empty() {
         writeln!(out, "no source files found")?;
         return Ok(());
@@ -604,6 +617,12 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
             counts.unchanged.to_string(),
             report.n_row_errors().to_string(),
             match &report.write_back {
+                // A file that failed or was held did not get as far as a write-back.
+                sync::WriteBack::Off
+                    if matches!(report.status, FileStatus::Failed | FileStatus::Held) =>
+                {
+                    "—"
+                }
                 sync::WriteBack::Off => "off",
                 sync::WriteBack::UpToDate => "up to date",
                 sync::WriteBack::Written => "yes",
@@ -628,7 +647,9 @@ fn print_sync_table(out: &mut impl Write, reports: &[FileReport]) -> anyhow::Res
         }
         if let Some(error) = &report.error {
             writeln!(out, "\nerror: {error}")?;
-            if report.retryable {
+            // A folder that cannot be listed says why itself (a share that is not mounted); the
+            // hint is about a file read in the middle of its save.
+            if report.retryable && !is_listing_failure(config, report) {
                 writeln!(
                     out,
                     "  (the file may still be being saved; it will be read again on the next sync)"

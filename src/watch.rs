@@ -105,8 +105,8 @@ fn admit_link(source: &SourceConfig, path: &Path) -> Admission {
 }
 
 /// The source's files that exist now, sorted, and the links in its folder that are not sources.
-/// A single-file source whose file is missing is an error; a folder or glob matching nothing is an
-/// empty list. A followed link whose target is itself one of the files is left to that file.
+/// A single-file source whose file is missing is an error (about its folder when that is missing
+/// too); a folder or glob matching nothing is an empty list. A followed link whose target is itself one of the files is left to that file.
 fn list_source(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     let mut discovery = Discovery::default();
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
@@ -119,7 +119,18 @@ fn list_source(source: &SourceConfig) -> Result<Discovery, DiscoverError> {
     };
     match &source.path {
         SourcePath::File(path) => match admit(source, path) {
-            Admission::Missing => return Err(DiscoverError::MissingFile { path: path.clone() }),
+            Admission::Missing => {
+                // A file whose folder is not there is a share that is not mounted, not a file
+                // being saved.
+                let folder = source_folder(source);
+                if let Err(error) = std::fs::metadata(&folder) {
+                    return Err(DiscoverError::Folder {
+                        path: folder,
+                        source: error,
+                    });
+                }
+                return Err(DiscoverError::MissingFile { path: path.clone() });
+            }
             admission => take(path.clone(), admission, &mut discovery),
         },
         SourcePath::Folder(folder) => {

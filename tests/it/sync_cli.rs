@@ -655,6 +655,66 @@ fn a_truncated_workbook_is_retried_not_read_as_empty() {
     assert_eq!(file["status"], "failed");
     assert_eq!(file["retryable"], true);
     assert_eq!(test.deal_by("company", "Acme")["archived_at"], json!(null));
+    // The table says it may be a save in progress, and that nothing was written back.
+    let table = test.run(&["sync"]);
+    table.assert_code(1);
+    assert!(
+        table.stdout.contains(
+            "(the file may still be being saved; it will be read again on the next sync)"
+        ),
+        "{}",
+        table.stdout
+    );
+    let line = table
+        .stdout
+        .lines()
+        .find(|line| line.contains("p.xlsx") && line.contains("FAILED"))
+        .expect("the file's line");
+    assert!(line.trim_end().ends_with('—'), "{}", table.stdout);
+}
+
+#[test]
+fn a_missing_source_folder_is_a_share_not_mounted_not_a_file_being_saved() {
+    let test = TestDir::new();
+    test.write("leads.csv", "Company,Stage\nAcme,Lead\n");
+    test.config(
+        "[[sources]]\nname = \"share\"\npath = \"share/*.xlsx\"\n\n[[sources]]\nname = \"mount\"\npath = \"nomount/a.csv\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\nwrite_back = false\n",
+    );
+    let run = test.run(&["sync"]);
+    run.assert_code(1);
+    for folder in ["share", "nomount"] {
+        assert!(
+            run.stdout.contains(&format!(
+                "{folder}: the folder does not exist (is the share mounted?)"
+            )),
+            "{folder}: {}",
+            run.stdout
+        );
+    }
+    assert!(!run.stdout.contains("being saved"), "{}", run.stdout);
+    // The failed sources wrote nothing back (`—`); `off` is for a source that never writes back.
+    let line_of = |source: &str| {
+        run.stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("{source} ")))
+            .unwrap_or_else(|| panic!("no line for {source}: {}", run.stdout))
+            .trim_end()
+    };
+    assert!(line_of("share").ends_with('—'), "{}", run.stdout);
+    assert!(line_of("mount").ends_with('—'), "{}", run.stdout);
+    assert!(line_of("leads").ends_with("off"), "{}", run.stdout);
+    assert_eq!(test.deal_by("company", "Acme")["stage"], "Lead");
+
+    // check-config warns about the single file's folder in the same words.
+    let check = test.run(&["check-config"]);
+    assert!(
+        check.stderr.contains("warning: source \"mount\"")
+            && check
+                .stderr
+                .contains("nomount: the folder does not exist (is the share mounted?)"),
+        "{}",
+        check.stderr
+    );
 }
 
 #[test]
