@@ -430,7 +430,8 @@ fn store_folder_problem(path: &std::path::Path) -> Option<String> {
 
 /// `funnelsync store migrate`.
 pub fn store_migrate(config: &Config) -> anyhow::Result<ExitCode> {
-    let (_, migrated) = Store::open_migrating(&config.store)?;
+    // Like every command but `sync` and `run`, it does not create a store at a mistyped path.
+    let (_, migrated) = Store::open_existing_migrating(&config.store)?;
     let mut out = std::io::stdout().lock();
     if migrated.from == migrated.to {
         writeln!(

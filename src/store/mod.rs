@@ -220,12 +220,18 @@ impl Store {
     /// store. For the commands that only read: a mistyped path must not leave an empty store
     /// behind.
     pub fn open_existing(config: &StoreConfig) -> Result<Store, StoreError> {
+        Ok(Store::open_existing_migrating(config)?.0)
+    }
+
+    /// [`Store::open_existing`], saying what the migration did: `store migrate` brings a store up
+    /// to date and never creates one.
+    pub fn open_existing_migrating(config: &StoreConfig) -> Result<(Store, Migrated), StoreError> {
         if let StoreLocation::Sqlite(path) = &config.location {
             if !path.exists() {
                 return Err(StoreError::Missing { path: path.clone() });
             }
         }
-        Store::open(config)
+        Store::open_migrating(config)
     }
 
     /// Opens (creating if needed) a SQLite store file.

@@ -992,6 +992,23 @@ fn store_migrate_brings_the_schema_up_to_date_and_a_newer_schema_is_refused() {
     let test = TestDir::new();
     test.write("leads.csv", "Company,Contact,Stage\nAcme,Ann,Lead\n");
     test.single_source("leads.csv", "write_back = false");
+    if !crate::harness::on_postgres() {
+        // Only `sync` and `run` create a store: at a path where there is none, `store migrate`
+        // refuses like every other command, and leaves nothing behind.
+        let run = test.run(&["store", "migrate"]);
+        run.assert_code(3);
+        assert!(
+            run.stderr.contains(&format!(
+                "no store at {} (has funnelsync synced yet?)",
+                test.store_path().display()
+            )),
+            "{}",
+            run.stderr
+        );
+        assert!(!test.store_path().exists());
+        // An empty SQLite file is a store at schema version 0.
+        test.write("state/crm.db", b"");
+    }
     let run = test.run(&["store", "migrate"]);
     run.assert_code(0);
     assert!(
