@@ -927,24 +927,27 @@ fn commands_that_only_read_never_create_a_store() {
 fn an_old_row_with_errors_no_longer_blocks_every_removal() {
     let test = TestDir::new();
     let header = "Company,Contact,Email,Stage,Amount";
-    // A long-standing bad row (no company, contact or email) from the first sync on.
+    // A long-standing bad row (an email cut short) from the first sync on, with Beta's company:
+    // it shares an identifying value with Beta, but was there, unchanged, beside Beta's row.
+    let old_bad_row = "Beta,Bob,bob@,Lead,4000";
     test.write(
         "leads.csv",
         format!(
             "{header}\nAcme,Ann,ann@acme.com,Lead,1000\nBeta,Ben,ben@beta.com,Lead,2000\n\
-             Gamma,Gus,gus@gamma.com,Lead,3000\n,,,Lead,4000\n"
+             Gamma,Gus,gus@gamma.com,Lead,3000\n{old_bad_row}\n"
         ),
     );
     test.single_source("leads.csv", "write_back = false");
     test.sync().assert_code(1);
     assert_eq!(test.deals().len(), 3);
 
-    // Beta's row is deleted: the old bad row was there beside it, so it cannot be Beta's row.
+    // Beta's row is deleted. The old bad row names Beta too, but it is neither new nor changed
+    // since the last sync, so it cannot be Beta's row: the removal proceeds.
     test.write(
         "leads.csv",
         format!(
             "{header}\nAcme,Ann,ann@acme.com,Lead,1000\nGamma,Gus,gus@gamma.com,Lead,3000\n\
-             ,,,Lead,4000\n"
+             {old_bad_row}\n"
         ),
     );
     let run = test.sync();
@@ -952,16 +955,18 @@ fn an_old_row_with_errors_no_longer_blocks_every_removal() {
     let beta = test.deal_by("company", "Beta");
     assert!(
         beta["archived_at"].is_string(),
-        "the removal happened despite the old bad row: {}",
+        "the removal happened despite the old bad row that shares its company: {}",
         run.stdout
     );
+    let issues = run.json()["files"][0]["issues"].to_string();
+    assert!(!issues.contains("may be row"), "nothing was held: {issues}");
 
     // Now a rep edits Acme's row into a row with errors that nothing recognises (new contact,
     // unreadable email) and deletes Gamma's row. The bad row shares Acme's company, so Acme may
     // be it and waits; Gamma shares nothing with it and is archived.
     test.write(
         "leads.csv",
-        format!("{header}\nAcme,Ann Smith,ann@,Lead,1000\n,,,Lead,4000\n"),
+        format!("{header}\nAcme,Ann Smith,ann@,Lead,1000\n{old_bad_row}\n"),
     );
     let run = test.sync();
     run.assert_code(1);
@@ -979,12 +984,32 @@ fn an_old_row_with_errors_no_longer_blocks_every_removal() {
     // Fixing the row recognises it as Acme again.
     test.write(
         "leads.csv",
-        format!("{header}\nAcme,Ann Smith,ann@acme.com,Lead,1000\n,,,Lead,4000\n"),
+        format!("{header}\nAcme,Ann Smith,ann@acme.com,Lead,1000\n{old_bad_row}\n"),
     );
     test.sync().assert_code(1);
     let acme = test.deal_by("company", "Acme");
     assert_eq!(acme["archived_at"], json!(null));
     assert_eq!(acme["contact"], "Ann Smith");
+
+    // Acme's row is deleted and a new row with errors names Acme: a new row may be Acme's row
+    // retyped, so Acme's removal waits, and says so.
+    test.write(
+        "leads.csv",
+        format!("{header}\n{old_bad_row}\nAcme,Al,al@,Lead,1000\n"),
+    );
+    let run = test.sync();
+    run.assert_code(1);
+    let acme = test.deal_by("company", "Acme");
+    assert_eq!(
+        acme["archived_at"],
+        json!(null),
+        "Acme may be the new bad row"
+    );
+    let issues = run.json()["files"][0]["issues"].to_string();
+    assert!(
+        issues.contains(&format!("deal {} (Acme) may be row 3", acme["id"])),
+        "the held removal is named: {issues}"
+    );
 }
 
 #[test]
