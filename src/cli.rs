@@ -554,19 +554,57 @@ pub fn sync(config: &Config, args: &SyncArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let report_written = write_report_after_sync(&mut store, config, &reports);
     let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {
             let document = json!({ "ok": !sync::has_problems(&reports), "files": reports });
             writeln!(out, "{}", serde_json::to_string_pretty(&document)?)?;
         }
-        Format::Table => print_sync_table(&mut out, config, &reports)?,
+        Format::Table => {
+            print_sync_table(&mut out, config, &reports)?;
+            if let Some(path) = report_written {
+                writeln!(
+                    out,
+                    "\nfunnel report written to {}",
+                    display_file(&path.display().to_string())
+                )?;
+            }
+        }
     }
     Ok(ExitCode::from(if sync::has_problems(&reports) {
         EXIT_ROW_ERRORS
     } else {
         EXIT_OK
     }))
+}
+
+/// Writes the configured funnel report (`[report]`) after a pass, as the daemon keeps it fresh:
+/// when the pass changed the store, or when the report is not there yet. A report that cannot be
+/// written (open in Excel, say) is a warning; the sync's outcome stands. The path when written.
+fn write_report_after_sync(
+    store: &mut Store,
+    config: &Config,
+    reports: &[FileReport],
+) -> Option<std::path::PathBuf> {
+    let report = config.report.as_ref()?;
+    let changed = reports
+        .iter()
+        .any(|report| report.status == FileStatus::Synced);
+    if !changed && report.path.exists() {
+        return None;
+    }
+    let now = chrono::Utc::now();
+    // Daemons sharing the store write the report one at a time; so does this.
+    match store.exclusively("report", |store| {
+        crate::report::write_configured(store, config, report, now)
+    }) {
+        Ok(()) => Some(report.path.clone()),
+        Err(error) => {
+            eprintln!("warning: the funnel report was not written: {error}");
+            None
+        }
+    }
 }
 
 /// Whether a failed report is about its source's folder (it could not be listed: a share that is

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use rust_xlsxwriter::{Chart, ChartType, Format, Workbook, Worksheet, XlsxError};
 
-use crate::config::Config;
+use crate::config::{Config, ReportConfig};
 use crate::deal::normalize_label;
 use crate::funnel::{compute, FunnelReport, Period};
 use crate::mail::outbox::{self, DeliveryReport, MessageKind, OutboxError};
@@ -39,6 +39,26 @@ pub enum ReportError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The period the configured report (`[report]`) covers at `now`: its `period_days` back.
+pub fn configured_period(report: &ReportConfig, now: DateTime<Utc>) -> Period {
+    Period {
+        since: now - chrono::Duration::days(i64::from(report.period_days)),
+        until: now,
+    }
+}
+
+/// Writes the configured report (`[report]`) from the store as it is at `now`: the daemon's
+/// refresh, and `sync` after a pass.
+pub fn write_configured(
+    store: &Store,
+    config: &Config,
+    report: &ReportConfig,
+    now: DateTime<Utc>,
+) -> Result<(), ReportError> {
+    let funnel = load(store, config, configured_period(report, now), now, None)?;
+    write_file(&report.path, &funnel)
 }
 
 /// Computes the funnel from the store for a period, optionally for one owner.

@@ -777,10 +777,6 @@ impl Daemon {
         let config = Arc::clone(&self.config);
         self.spawn_job(Event::ReportWritten, move || {
             let now = Utc::now();
-            let period = crate::funnel::Period {
-                since: now - chrono::Duration::days(i64::from(report.period_days)),
-                until: now,
-            };
             // Daemons sharing a store write the report one at a time, and an interval's report
             // once: the one that finds its interval done leaves it.
             let slot = match report.refresh {
@@ -800,8 +796,7 @@ impl Daemon {
                             return Ok(());
                         }
                     }
-                    let funnel = crate::report::load(store, &config, period, now, None)?;
-                    crate::report::write_file(&report.path, &funnel)?;
+                    crate::report::write_configured(store, &config, &report, now)?;
                     if let Some(slot) = slot {
                         crate::store::jobs::claim_due(&store.db(), "report", slot, now)?;
                     }

@@ -787,6 +787,43 @@ fn the_demo_shows_the_product() {
         test.path("target/demo/crm.db").is_file(),
         "the store lives where demo.toml says"
     );
+    // The sync also wrote the funnel report the demo's [report] names, as the daemon keeps it.
+    let report_path = test.path("target/demo/Funnel report.xlsx");
+    let open_deals = crate::harness::read_xlsx(&report_path, "Funnel").column("Open deals");
+    assert!(
+        open_deals
+            .iter()
+            .any(|cell| cell.parse::<u32>().is_ok_and(|n| n > 0)),
+        "the report counts the open deals: {open_deals:?}"
+    );
+    // A pass that changes nothing leaves it as it is.
+    let written_at = std::fs::metadata(&report_path)
+        .and_then(|metadata| metadata.modified())
+        .expect("report time");
+    let again = demo(&["sync"]);
+    again.assert_code(0);
+    assert!(
+        !again.stdout.contains("funnel report written"),
+        "{}",
+        again.stdout
+    );
+    assert_eq!(
+        std::fs::metadata(&report_path)
+            .and_then(|metadata| metadata.modified())
+            .expect("report time"),
+        written_at
+    );
+    // It is rewritten when it is gone, and the table says where.
+    std::fs::remove_file(&report_path).expect("remove report");
+    let again = demo(&["sync"]);
+    assert!(
+        again
+            .stdout
+            .contains("funnel report written to target/demo/Funnel report.xlsx"),
+        "{}",
+        again.stdout
+    );
+    assert!(report_path.is_file());
 
     // After the demo, look around: each command shows something.
     let errors = demo(&["errors"]);
