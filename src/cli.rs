@@ -749,7 +749,7 @@ pub fn deals_list(
     };
     let store = open_existing_store(config)?;
     if let Some(owner) = args.owner.as_deref() {
-        if !owns_deals(&store, owner)? {
+        if !owns_deals(&store, owner, args.include_archived)? {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     }
@@ -1233,7 +1233,8 @@ pub fn funnel(
     }
     let store = open_existing_store(config)?;
     if let Some(owner) = args.owner.as_deref() {
-        if !owns_deals(&store, owner)? {
+        // The funnel counts archived deals too (won and lost ones whose rows are gone).
+        if !owns_deals(&store, owner, true)? {
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     }
@@ -1440,10 +1441,11 @@ pub fn conflicts(config: &Config, args: &ConflictArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::from(EXIT_OK))
 }
 
-/// Whether some live deal has this owner (case and spaces ignored); if none has, says so with
-/// the owners there are, since a mistyped name is likelier than an owner without deals.
-fn owns_deals(store: &Store, owner: &str) -> anyhow::Result<bool> {
-    let owners = store.crm().owners()?;
+/// Whether some live deal (or any deal, with `include_archived`) has this owner (case and spaces
+/// ignored); if none has, says so with the owners there are, since a mistyped name is likelier
+/// than an owner without deals.
+fn owns_deals(store: &Store, owner: &str, include_archived: bool) -> anyhow::Result<bool> {
+    let owners = store.crm().owners(include_archived)?;
     let wanted = crate::deal::normalize_label(owner);
     if owners
         .iter()

@@ -533,7 +533,7 @@ async fn funnel_page(
 /// The owners of live deals, for the owner picker.
 fn owners(store: &crate::store::Store) -> Result<Vec<String>, ApiError> {
     use crate::store::CrmStore;
-    store.crm().owners().map_err(ApiError::internal)
+    store.crm().owners(false).map_err(ApiError::internal)
 }
 
 fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason: bool) -> Markup {

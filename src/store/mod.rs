@@ -748,11 +748,15 @@ pub trait CrmStore {
     /// A number that changes whenever any deal changes.
     fn version(&self) -> Result<i64, StoreError>;
 
-    /// The owners of live deals as written (the first spelling of each; case and spaces
-    /// ignored), sorted: for messages and lists.
-    fn owners(&self) -> Result<Vec<String>, StoreError> {
+    /// The owners of live deals (and of archived ones with `include_archived`) as written (the
+    /// first spelling of each; case and spaces ignored), sorted: for messages and lists.
+    fn owners(&self, include_archived: bool) -> Result<Vec<String>, StoreError> {
         let mut owners: Vec<String> = Vec::new();
-        for deal in self.list_deals(&DealFilter::default())? {
+        let filter = DealFilter {
+            include_archived,
+            ..DealFilter::default()
+        };
+        for deal in self.list_deals(&filter)? {
             if let Some(owner) = deal.text(Field::Owner).map(str::trim) {
                 let folded = crate::deal::normalize_label(owner);
                 if !owners

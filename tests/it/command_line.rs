@@ -128,6 +128,53 @@ fn filters_that_match_nothing_that_exists_are_errors() {
 }
 
 #[test]
+fn an_owner_of_archived_deals_only_is_found_with_include_archived() {
+    let test = TestDir::new();
+    team(&test);
+    // Carol's one deal joins, then its row is deleted: the deal is archived.
+    let carol = ["Gamma", "Gus", "gus@gamma.example", "Lead", "500", "Carol"];
+    crate::harness::UserEdit::open(&test.path("team.xlsx"), "Pipeline")
+        .add_row(&carol)
+        .save();
+    test.sync().assert_code(0);
+    team(&test);
+    assert!(test.deal_by("company", "Gamma")["archived_at"].is_string());
+
+    // Without --include-archived Carol owns no deal, and the owners listed are the live ones.
+    let run = test.run(&["deals", "list", "--owner", "carol"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("the owners are Alice Wang, Bob"),
+        "{}",
+        run.stderr
+    );
+    // With it, her archived deal is listed.
+    let run = test.run(&[
+        "deals",
+        "list",
+        "--owner",
+        "carol",
+        "--include-archived",
+        "--format",
+        "json",
+    ]);
+    run.assert_code(0);
+    let deals = run.json();
+    let companies: Vec<&str> = deals
+        .as_array()
+        .map(|deals| {
+            deals
+                .iter()
+                .filter_map(|deal| deal["company"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(companies, ["Gamma"], "{deals}");
+    // The funnel counts archived deals, so it knows her too.
+    test.run(&["funnel", "--owner", "carol"]).assert_code(0);
+}
+
+#[test]
 fn tables_line_up_and_empty_columns_say_what_they_mean() {
     let test = TestDir::new();
     team(&test);
