@@ -252,15 +252,15 @@ pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
 pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     // The store's folder must exist or be creatable, and be writable: found now, not at the
-    // daemon's first start.
-    if let Some(problem) = config.store.path().and_then(store_folder_problem) {
-        eprintln!(
-            "error: config file {} is valid, but the store cannot be created: {problem}",
+    // daemon's first start. Said with the other problems and warnings, not instead of them.
+    let store_problem = config.store.path().and_then(store_folder_problem);
+    match &store_problem {
+        Some(problem) => eprintln!(
+            "error: config file {} is valid, but the store cannot be used: {problem}",
             config.path.display()
-        );
-        return Ok(ExitCode::from(EXIT_CONFIG));
+        ),
+        None => writeln!(out, "config {} is valid", config.path.display())?,
     }
-    writeln!(out, "config {} is valid", config.path.display())?;
     for warning in config.warnings() {
         eprintln!("warning: {warning}");
     }
@@ -389,20 +389,35 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             users.join(", ")
         )?;
     }
-    Ok(ExitCode::from(EXIT_OK))
+    Ok(ExitCode::from(if store_problem.is_some() {
+        EXIT_CONFIG
+    } else {
+        EXIT_OK
+    }))
 }
 
-/// Opens the store, creating it when it does not exist yet: only for commands that sync.
 /// Why the store at `path` could not be created or written, if it could not: its folder, or the
-/// nearest folder above it that exists, must be a writable folder.
+/// nearest folder above it that exists, must be a writable folder. An existing store must be
+/// writable, and so must its folder: SQLite makes its `-wal` and `-shm` files beside it.
 fn store_folder_problem(path: &std::path::Path) -> Option<String> {
     use rustix::fs::{access, Access};
     let writable =
         |folder: &std::path::Path| access(folder, Access::WRITE_OK | Access::EXEC_OK).is_ok();
     if path.exists() {
-        return access(path, Access::WRITE_OK)
-            .is_err()
-            .then(|| format!("{} is not writable", path.display()));
+        if access(path, Access::WRITE_OK).is_err() {
+            return Some(format!("{} is not writable", path.display()));
+        }
+        let folder = path
+            .parent()
+            .filter(|folder| !folder.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        return (!writable(folder)).then(|| {
+            format!(
+                "the folder {} is not writable, so SQLite cannot make the store's -wal and -shm files beside {}",
+                folder.display(),
+                path.display()
+            )
+        });
     }
     let mut folder = path.parent()?;
     loop {

@@ -207,6 +207,16 @@ fn check_config_checks_the_store_folder_and_warns_about_missing_source_folders()
         "{}",
         run.stderr
     );
+    // The store's problem does not hide the rest: the missing source folder is warned about too.
+    assert!(
+        run.stderr.contains("warning: source \"share\"")
+            && run
+                .stderr
+                .contains("the folder does not exist (is the share mounted?)"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stdout.contains("is valid"), "{}", run.stdout);
 
     // A sound store, a source folder that is not there and a CSV source: the summary says what
     // each source does, with clean paths.

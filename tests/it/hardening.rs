@@ -1146,6 +1146,50 @@ fn check_config_warns_about_password_files_and_refuses_a_login_in_clear() {
 }
 
 #[test]
+fn check_config_says_when_the_store_folder_is_not_writable_for_the_service() {
+    if !running_as_root("check_config_says_when_the_store_folder_is_not_writable_for_the_service") {
+        return;
+    }
+    if crate::harness::on_postgres() {
+        return; // a SQLite store's folder
+    }
+    let test = TestDir::new();
+    test.write("leads.csv", leads_csv(&["Acme"]));
+    test.single_source("leads.csv", "write_back = false");
+    test.sync().assert_code(0);
+    chmod(test.dir.path(), 0o755);
+    // The store file is the service's, but its folder is root's: SQLite cannot make the -wal and
+    // -shm files beside it.
+    chown(&test.store_path(), NOBODY, NOBODY);
+    chmod(&test.path("state"), 0o755);
+    let check_config_as_nobody = || {
+        let output = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(crate::harness::BINARY)
+            .arg("--config")
+            .arg(test.config_path())
+            .arg("check-config")
+            .current_dir(test.dir.path())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("setpriv");
+        crate::harness::Run::from_output(output)
+    };
+    let run = check_config_as_nobody();
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains(&format!(
+            "the folder {} is not writable, so SQLite cannot make the store's -wal and -shm files",
+            test.path("state").display()
+        )),
+        "{}",
+        run.stderr
+    );
+    chown(&test.path("state"), NOBODY, NOBODY);
+    check_config_as_nobody().assert_code(0);
+}
+
+#[test]
 fn a_service_that_may_not_give_files_away_keeps_the_group_or_drops_group_access() {
     if !running_as_root("a_service_that_may_not_give_files_away") {
         return;
