@@ -51,7 +51,6 @@ fn an_excel_style_save_is_synced_once() {
     let test = TestDir::new();
     // A longer settle than the other tests: the save's steps must land within one settle window
     // even on a loaded CI machine.
-    let settle = Duration::from_secs(1);
     folder_config(&test, "[watch]\nsettle = \"1s\"\npoll_interval = \"30s\"\n");
     pipeline(&["Acme"]).save(&test.path("share/Pipeline.xlsx"));
     let daemon = test.start_daemon();
