@@ -216,8 +216,12 @@ fn team_workbook(path: &Path) {
         .define_name("PipelineAmounts", "=Pipeline!$E$3:$E$6")
         .expect("name");
     workbook.save(path).expect("save workbook");
-    // rust_xlsxwriter asks every workbook to recalculate on opening; a workbook Excel saved does
-    // not, and funnelsync asks only when a formula may read a cell it changed.
+    drop_recalculation_flag(path);
+}
+
+/// rust_xlsxwriter asks every workbook to recalculate on opening; a workbook Excel saved does
+/// not, and funnelsync asks only when a formula may read a cell it changed.
+fn drop_recalculation_flag(path: &Path) {
     let workbook_xml =
         String::from_utf8(entries(path)["xl/workbook.xml"].2.clone()).expect("utf-8");
     let quiet = workbook_xml.replace(" fullCalcOnLoad=\"1\"", "");
@@ -546,6 +550,72 @@ fn a_store_change_changes_one_cell_and_keeps_its_style() {
     );
     assert_eq!(elements_after, elements_before);
     assert_eq!(read_xlsx(&path, "Pipeline").column("Amount")[1], "7777");
+}
+
+#[test]
+fn a_change_read_by_another_sheets_formula_asks_for_recalculation_without_a_calc_chain() {
+    let test = TestDir::new();
+    let path = test.path("pipeline.xlsx");
+    let mut workbook = Workbook::new();
+    let pipeline = workbook.add_worksheet();
+    pipeline.set_name("Pipeline").expect("name");
+    for (column, text) in ["Company", "Email", "Stage", "Amount", "Owner"]
+        .iter()
+        .enumerate()
+    {
+        pipeline
+            .write_string(0, column as u16, *text)
+            .expect("header");
+    }
+    for (idx, company) in ["Acme", "Globex", "Initech"].iter().enumerate() {
+        let row = idx as u32 + 1;
+        pipeline.write_string(row, 0, *company).expect("cell");
+        pipeline
+            .write_string(
+                row,
+                1,
+                format!("{}@example.com", company.to_lowercase()).as_str(),
+            )
+            .expect("cell");
+        pipeline.write_string(row, 2, "Lead").expect("cell");
+        pipeline.write_number(row, 3, 1000.0).expect("cell");
+        pipeline.write_string(row, 4, "Alice").expect("cell");
+    }
+    let summary = workbook.add_worksheet();
+    summary.set_name("Summary").expect("name");
+    summary
+        .write_formula(
+            0,
+            0,
+            Formula::new("=SUM(Pipeline!D2:D4)").set_result("3000"),
+        )
+        .expect("formula");
+    workbook.save(&path).expect("save");
+    drop_recalculation_flag(&path);
+    let before = entries(&path);
+    assert!(
+        !before.keys().any(|name| name.contains("calcChain")),
+        "the workbook has no calculation chain: {:?}",
+        before.keys().collect::<Vec<_>>()
+    );
+    test.single_source("pipeline.xlsx", "sheet = \"Pipeline\"");
+    sync_writing(&test, "pipeline.xlsx");
+    let first = entries(&path);
+    assert!(
+        !String::from_utf8_lossy(&first["xl/workbook.xml"].2).contains("fullCalcOnLoad"),
+        "adding the CRM ID column asked for no recalculation: Summary reads only the amounts"
+    );
+
+    let globex = deal_id(&test, "Globex");
+    test.run(&["deals", "set", &globex, "amount=7777"])
+        .assert_code(0);
+    sync_writing(&test, "pipeline.xlsx");
+    let after = entries(&path);
+    assert!(
+        String::from_utf8_lossy(&after["xl/workbook.xml"].2).contains("fullCalcOnLoad=\"1\""),
+        "Summary's SUM reads the changed amount: its cached 3000 is stale"
+    );
+    assert_other_entries_unchanged(&first, &after, &[PIPELINE_PART, "xl/workbook.xml"]);
 }
 
 #[test]

@@ -122,16 +122,16 @@ fn build_package(
     removed.sort_unstable();
     let mut shift = RowShift::default();
     let mut cleared = Vec::new();
+    let parts = safety::SheetParts {
+        sheet_name: &sheet.sheet_name,
+        sheet_index,
+        sheet_part: &sheet_part,
+        relationships: &sheet_relationships,
+        workbook: &workbook,
+        formula_cells: &sheet.formula_cells,
+    };
     if let Some(first_deleted) = removed.first().copied() {
         let candidate = RowShift::new(removed.clone());
-        let parts = safety::SheetParts {
-            sheet_name: &sheet.sheet_name,
-            sheet_index,
-            sheet_part: &sheet_part,
-            relationships: &sheet_relationships,
-            workbook: &workbook,
-            formula_cells: &sheet.formula_cells,
-        };
         match safety::check(&mut package, &parts, &candidate, first_deleted)? {
             Ok(()) => shift = candidate,
             Err(reason) => {
@@ -286,16 +286,30 @@ fn build_package(
         }
     }
     // A formula may read a changed cell when the sheet has formulas of its own, when the
-    // workbook's calculation chain says formulas exist (Excel writes one whenever they do), or
-    // when a defined name covers a changed cell. Formulas on other sheets of a workbook without a
-    // calculation chain are not looked for (such a file was not last saved by Excel, and Excel
-    // recalculates those on opening anyway).
-    let formulas_may_read_changes = !sheet.formula_cells.is_empty()
-        || workbook_relationships
+    // workbook's calculation chain says formulas exist (Excel writes one whenever they do), when
+    // a defined name covers a changed cell, or when a formula on another sheet reads one
+    // (`=SUM(Pipeline!D2:D5)` on Summary, in a workbook without a calculation chain).
+    let formulas_may_read_changes = |package: &mut Package<_>| -> Result<bool, PackageError> {
+        if !sheet.formula_cells.is_empty()
+            || workbook_relationships
+                .iter()
+                .any(|relationship| relationship.kind == "calcChain")
+            || footprint.touches_names(&workbook, &sheet.sheet_name)
+        {
+            return Ok(true);
+        }
+        let other_sheets: Vec<String> = workbook_relationships
             .iter()
-            .any(|relationship| relationship.kind == "calcChain")
-        || footprint.touches_names(&workbook, &sheet.sheet_name);
-    if outcome.values_changed && formulas_may_read_changes {
+            .filter(|relationship| relationship.kind == "worksheet")
+            .filter_map(|relationship| relationship.part.clone())
+            .filter(|part| !part.eq_ignore_ascii_case(&sheet_part))
+            .collect();
+        let formulas = safety::formulas_naming_sheet(package, &other_sheets, &sheet.sheet_name)?;
+        Ok(formulas
+            .iter()
+            .any(|formula| footprint.touches_formula(formula, &sheet.sheet_name)))
+    };
+    if outcome.values_changed && formulas_may_read_changes(&mut package)? {
         // Cached results of formulas that read the changed cells are stale: Excel and
         // LibreOffice recalculate on opening.
         if let Some(bytes) = package.read(&workbook.part)? {
@@ -420,6 +434,23 @@ impl Footprint {
             || self
                 .appended
                 .is_some_and(|(first, last)| first <= range.last_row && last >= range.first_row)
+    }
+
+    /// Whether a formula on another sheet reads a changed cell of the sheet. A formula that
+    /// names the sheet in a way no range can be read from (`INDIRECT`, a name) is taken to.
+    fn touches_formula(&self, formula: &safety::ForeignFormula, sheet_name: &str) -> bool {
+        let ranges = ranges_on_sheet(&formula.text, sheet_name);
+        ranges.is_empty()
+            || ranges.into_iter().any(|range| {
+                // A shared formula's references move with its cells: the range it reads grows
+                // by as far as the formula's own range reaches.
+                let grown = Range {
+                    last_row: range.last_row.saturating_add(formula.rows_below),
+                    last_column: range.last_column.saturating_add(formula.columns_right),
+                    ..range
+                };
+                self.touches(&grown)
+            })
     }
 
     /// Whether a defined name (other than the autofilter's) covers a changed cell of the sheet.

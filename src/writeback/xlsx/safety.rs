@@ -77,12 +77,7 @@ pub fn check<R: Read + Seek>(
             "the workbook has macros, which may refer to rows by number".to_string(),
         ));
     }
-    let references = [
-        format!("{}!", xml::escape(parts.sheet_name)),
-        format!("{}'!", xml::escape(parts.sheet_name)),
-        format!("{}&apos;!", xml::escape(parts.sheet_name)),
-        format!("sheet=\"{}\"", xml::escape(parts.sheet_name)),
-    ];
+    let references = sheet_references(parts.sheet_name);
     for (name, local_sheet, formula) in &parts.workbook.defined_names {
         if name.eq_ignore_ascii_case("_xlnm._FilterDatabase") {
             continue;
@@ -102,6 +97,34 @@ pub fn check<R: Read + Seek>(
     }
     // Any other part that names the sheet (formulas on other sheets, chart series, pivot
     // caches) may point at the moving rows.
+    if let Some(name) = part_naming_sheet(package, parts)? {
+        return Ok(Err(format!(
+            "{name} refers to the sheet \"{}\"",
+            parts.sheet_name
+        )));
+    }
+    Ok(Ok(()))
+}
+
+/// The forms a reference to the sheet takes in a part's XML: `Pipeline!`, `'Pipe line'!` (and
+/// its escaped apostrophe), and a pivot cache's `sheet="Pipeline"`.
+fn sheet_references(sheet_name: &str) -> [String; 4] {
+    [
+        format!("{}!", xml::escape(sheet_name)),
+        format!("{}'!", xml::escape(sheet_name)),
+        format!("{}&apos;!", xml::escape(sheet_name)),
+        format!("sheet=\"{}\"", xml::escape(sheet_name)),
+    ]
+}
+
+/// The first part of the workbook other than the sheet, its own parts, the workbook, styles,
+/// themes, shared strings and the calculation chain that names the sheet: another sheet's
+/// formula, a chart's series, a pivot cache. Such a part may read or point at the sheet's cells.
+fn part_naming_sheet<R: Read + Seek>(
+    package: &mut Package<R>,
+    parts: &SheetParts<'_>,
+) -> Result<Option<String>, PackageError> {
+    let references = sheet_references(parts.sheet_name);
     let own_parts: Vec<&str> = parts
         .relationships
         .iter()
@@ -134,13 +157,95 @@ pub fn check<R: Read + Seek>(
             .iter()
             .any(|reference| contains(&bytes, reference.as_bytes()))
         {
-            return Ok(Err(format!(
-                "{name} refers to the sheet \"{}\"",
-                parts.sheet_name
-            )));
+            return Ok(Some(name));
         }
     }
-    Ok(Ok(()))
+    Ok(None)
+}
+
+/// A formula on another sheet that names the managed sheet: its text, and how far a shared
+/// formula's range reaches below and to the right of its first cell (its references move with it).
+pub struct ForeignFormula {
+    pub text: String,
+    pub rows_below: u32,
+    pub columns_right: u32,
+}
+
+/// The formulas of the worksheet parts `other_sheets` whose text names `sheet_name` (`Pipeline!`
+/// or `'Pipe line'!`). Each part is streamed: only the formulas are kept.
+pub fn formulas_naming_sheet<R: Read + Seek>(
+    package: &mut Package<R>,
+    other_sheets: &[String],
+    sheet_name: &str,
+) -> Result<Vec<ForeignFormula>, PackageError> {
+    let plain = format!("{sheet_name}!");
+    let quoted = format!("'{}'!", sheet_name.replace('\'', "''"));
+    let mut found = Vec::new();
+    for part in other_sheets {
+        let Some(entry_idx) = package.index_of(part) else {
+            continue;
+        };
+        let entry = package.archive.by_index(entry_idx)?;
+        let mut reader = Reader::from_reader(BufReader::with_capacity(1 << 16, entry));
+        reader.config_mut().check_end_names = false;
+        let mut buffer = Vec::new();
+        let mut cell_row_column: Option<(u32, u32)> = None;
+        let mut formula: Option<ForeignFormula> = None;
+        loop {
+            buffer.clear();
+            match reader.read_event_into(&mut buffer)? {
+                Event::Eof => break,
+                Event::Start(element) | Event::Empty(element)
+                    if element.local_name().as_ref() == "c" =>
+                {
+                    cell_row_column = xml::attribute(&element, "r")
+                        .and_then(|reference| cellref::parse_cell(reference.as_bytes()));
+                }
+                Event::Start(element) if element.local_name().as_ref() == "f" => {
+                    let (rows_below, columns_right) =
+                        match (xml::attribute(&element, "t").as_deref(), cell_row_column) {
+                            (Some("shared"), Some((row, column))) => {
+                                xml::attribute(&element, "ref")
+                                    .and_then(|text| Range::parse(&text))
+                                    .map_or((0, 0), |range| {
+                                        (
+                                            range.last_row.saturating_sub(row),
+                                            range.last_column.saturating_sub(column),
+                                        )
+                                    })
+                            }
+                            _ => (0, 0),
+                        };
+                    formula = Some(ForeignFormula {
+                        text: String::new(),
+                        rows_below,
+                        columns_right,
+                    });
+                }
+                Event::Text(text) => {
+                    if let Some(formula) = &mut formula {
+                        formula.text.push_str(&super::package::unescape(&text));
+                    }
+                }
+                Event::GeneralRef(reference) => {
+                    if let Some(formula) = &mut formula {
+                        formula
+                            .text
+                            .push_str(&super::package::unescape(&format!("&{};", &*reference)));
+                    }
+                }
+                Event::End(element) if element.local_name().as_ref() == "f" => {
+                    if let Some(formula) = formula.take() {
+                        if formula.text.contains(&plain) || formula.text.contains(&quoted) {
+                            found.push(formula);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
