@@ -101,6 +101,7 @@ pub struct RawAlerts {
 pub struct RawLimits {
     pub max_file_mb: Option<i64>,
     pub max_unzipped_mb: Option<i64>,
+    pub max_shared_strings_mb: Option<i64>,
     pub max_rows: Option<i64>,
     pub max_columns: Option<i64>,
     pub max_cell_chars: Option<i64>,

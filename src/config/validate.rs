@@ -324,6 +324,9 @@ fn validate_limits(raw: RawLimits, problem: &mut impl FnMut(&str, String)) -> Li
     if let Some(megabytes) = positive("limits.max_unzipped_mb", raw.max_unzipped_mb) {
         limits.max_unzipped_bytes = megabytes.saturating_mul(1 << 20);
     }
+    if let Some(megabytes) = positive("limits.max_shared_strings_mb", raw.max_shared_strings_mb) {
+        limits.max_shared_strings_bytes = megabytes.saturating_mul(1 << 20);
+    }
     if let Some(rows) = positive("limits.max_rows", raw.max_rows) {
         limits.max_rows = rows as usize;
     }

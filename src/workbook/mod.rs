@@ -38,6 +38,9 @@ pub const SUPPORTED_EXTENSIONS: [&str; 5] = ["xlsx", "xlsm", "xls", "ods", "csv"
 pub struct Limits {
     pub max_file_bytes: u64,
     pub max_unzipped_bytes: u64,
+    /// The uncompressed size of an .xlsx's shared-strings part: calamine holds every shared
+    /// string, used or not, while it reads the sheet.
+    pub max_shared_strings_bytes: u64,
     pub max_rows: usize,
     pub max_columns: usize,
     pub max_cell_chars: usize,
@@ -49,6 +52,7 @@ impl Limits {
         Limits {
             max_file_bytes: u64::MAX,
             max_unzipped_bytes: u64::MAX,
+            max_shared_strings_bytes: u64::MAX,
             max_rows: usize::MAX,
             max_columns: usize::MAX,
             max_cell_chars: usize::MAX,
@@ -61,6 +65,7 @@ impl Default for Limits {
         Limits {
             max_file_bytes: 100 << 20,
             max_unzipped_bytes: 1 << 30,
+            max_shared_strings_bytes: 256 << 20,
             max_rows: 1_048_576,
             max_columns: 1_000,
             max_cell_chars: 32_767,
@@ -965,10 +970,29 @@ fn check_zip(
         return Ok(());
     };
     let mut unzipped: u128 = 0;
+    let mut shared_strings: u128 = 0;
     for entry_idx in 0..archive.len() {
         if let Ok(entry) = archive.by_index_raw(entry_idx) {
             unzipped += u128::from(entry.size());
+            // calamine keeps every shared string in memory, used or not: a small file whose
+            // strings unpack to hundreds of megabytes is refused before they are read.
+            let is_shared_strings = entry
+                .name()
+                .is_ok_and(|name| name.to_lowercase().ends_with("sharedstrings.xml"));
+            if is_shared_strings {
+                shared_strings += u128::from(entry.size());
+            }
         }
+    }
+    if shared_strings > u128::from(limits.max_shared_strings_bytes) {
+        return Err(WorkbookError::OverLimit {
+            path: path.to_path_buf(),
+            what: format!(
+                "the size of the shared strings ({} MB uncompressed)",
+                shared_strings >> 20
+            ),
+            limit: format!("{} MB", limits.max_shared_strings_bytes >> 20),
+        });
     }
     if unzipped > u128::from(limits.max_unzipped_bytes) {
         return Err(WorkbookError::OverLimit {

@@ -545,9 +545,9 @@ fn far_column_workbook(path: &Path, n_rows: u32, with_data: bool) {
     workbook.save(path).expect("save");
 }
 
-/// Copies an .xlsx, appending to its shared strings one more (unused) string of `n_chars`
-/// characters, streamed into the zip so the test never holds it.
-fn with_huge_shared_string(from: &Path, to: &Path, n_chars: usize) {
+/// Copies an .xlsx, appending to its shared strings `n_strings` more (unused) strings of
+/// `n_chars` characters each, streamed into the zip so the test never holds them.
+fn with_unused_shared_strings(from: &Path, to: &Path, n_strings: usize, n_chars: usize) {
     use std::io::{Read, Write};
     let mut archive = zip::ZipArchive::new(std::fs::File::open(from).expect("open")).expect("zip");
     let mut writer = zip::ZipWriter::new(std::fs::File::create(to).expect("create"));
@@ -569,20 +569,23 @@ fn with_huge_shared_string(from: &Path, to: &Path, n_chars: usize) {
             let unique: u64 = digits.parse().expect("count");
             let content = content.replacen(
                 &format!("uniqueCount=\"{digits}\""),
-                &format!("uniqueCount=\"{}\"", unique + 1),
+                &format!("uniqueCount=\"{}\"", unique + n_strings as u64),
                 1,
             );
             let end = content.rfind("</sst>").expect("end of sst");
             writer.write_all(&content.as_bytes()[..end]).expect("write");
-            writer.write_all(b"<si><t>").expect("write");
             let block = vec![b'A'; 1 << 20];
-            let mut left = n_chars;
-            while left > 0 {
-                let n = left.min(block.len());
-                writer.write_all(&block[..n]).expect("write");
-                left -= n;
+            for _ in 0..n_strings {
+                writer.write_all(b"<si><t>").expect("write");
+                let mut left = n_chars;
+                while left > 0 {
+                    let n = left.min(block.len());
+                    writer.write_all(&block[..n]).expect("write");
+                    left -= n;
+                }
+                writer.write_all(b"</t></si>").expect("write");
             }
-            writer.write_all(b"</t></si></sst>").expect("write");
+            writer.write_all(b"</sst>").expect("write");
         } else {
             writer.write_all(content.as_bytes()).expect("write");
         }
@@ -616,10 +619,27 @@ fn hostile_files_are_refused_with_bounded_memory() {
         .row(&["Company", "Stage"])
         .row(&["Acme", "Lead"])
         .save(&test.path("small.xlsx"));
-    with_huge_shared_string(
+    with_unused_shared_strings(
         &test.path("small.xlsx"),
         &test.path("share/strings.xlsx"),
+        1,
         1_000 << 20,
+    );
+    // One whose single unused string (100 MB) is within the size limit of the shared strings
+    // but not within `max_cell_chars`.
+    with_unused_shared_strings(
+        &test.path("small.xlsx"),
+        &test.path("share/long-string.xlsx"),
+        1,
+        100 << 20,
+    );
+    // And one whose shared strings hold 10,000 unused strings of 30,000 characters: each within
+    // `max_cell_chars`, 286 MB together.
+    with_unused_shared_strings(
+        &test.path("small.xlsx"),
+        &test.path("share/many-strings.xlsx"),
+        10_000,
+        30_000,
     );
     assert!(
         std::fs::metadata(test.path("share/xfd-2000.xlsx"))
@@ -633,6 +653,12 @@ fn hostile_files_are_refused_with_bounded_memory() {
             .len()
             < 4 << 20
     );
+    assert!(
+        std::fs::metadata(test.path("share/many-strings.xlsx"))
+            .expect("size")
+            .len()
+            < 4 << 20
+    );
     test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n");
 
     for (name, fragment) in [
@@ -640,6 +666,8 @@ fn hostile_files_are_refused_with_bounded_memory() {
         ("xfd-10000.xlsx", "column XFD"),
         ("commas.csv", "fields"),
         ("strings.xlsx", "shared string"),
+        ("long-string.xlsx", "shared string"),
+        ("many-strings.xlsx", "size of the shared strings"),
     ] {
         // Each file alone, so each peak is that file's.
         test.config(&format!(
