@@ -67,6 +67,12 @@ pub enum BackupError {
         owner: u32,
         service_user: u32,
     },
+    #[error(
+        "{} can be written by other users (mode {mode:04o}) and funnelsync could not restrict it; \
+         it refuses to keep backups where someone else could swap or remove them",
+        path.display()
+    )]
+    WritableByOthers { path: PathBuf, mode: u32 },
     #[error("{source}")]
     Write {
         #[source]
@@ -398,6 +404,30 @@ fn open_private_folder(
             owner: stat.st_uid,
             service_user,
         });
+    }
+    // A folder others may write to lets them remove or replace the backups in it (links inside
+    // are never followed, but a backup could be swapped for another file). The service owns the
+    // folder, so it takes write access from group and others; a mount that ignores modes keeps
+    // it open, and such a folder is refused.
+    const WRITABLE_BY_OTHERS: u32 = 0o022;
+    let mode = stat.st_mode & 0o7777;
+    if mode & WRITABLE_BY_OTHERS != 0 {
+        let restricted = mode & !WRITABLE_BY_OTHERS;
+        let _ = rustix::fs::fchmod(&folder, Mode::from_raw_mode(restricted));
+        let now = rustix::fs::fstat(&folder)
+            .map(|stat| stat.st_mode & 0o7777)
+            .unwrap_or(mode);
+        if now & WRITABLE_BY_OTHERS != 0 {
+            return Err(BackupError::WritableByOthers {
+                path: shown_as.to_path_buf(),
+                mode: now,
+            });
+        }
+        tracing::warn!(
+            "{} could be written by other users (mode {mode:04o}); funnelsync took that away \
+             (mode {now:04o}) because it keeps backups there",
+            shown_as.display()
+        );
     }
     Ok(folder)
 }

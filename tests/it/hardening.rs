@@ -107,6 +107,31 @@ fn a_symlinked_backup_folder_is_refused_and_nothing_outside_the_share_changes() 
 }
 
 #[test]
+fn backup_folders_others_could_write_to_are_closed_to_them_before_a_backup_goes_in() {
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share/.funnelsync/backups")).expect("folders");
+    chmod(&test.path("share/.funnelsync"), 0o777);
+    chmod(&test.path("share/.funnelsync/backups"), 0o775);
+    test.write("share/a.csv", leads_csv(&["Acme"]));
+    test.config("[[sources]]\nname = \"share\"\npath = \"share/a.csv\"\n");
+    let run = test.sync();
+    let report = run.json();
+    assert_eq!(write_back_of(&report, "a.csv").0, "written", "{report}");
+    assert_eq!(mode_of(&test.path("share/.funnelsync")), 0o755);
+    assert_eq!(mode_of(&test.path("share/.funnelsync/backups")), 0o755);
+    assert_eq!(names_in(&test.path("share/.funnelsync/backups")).len(), 1);
+    assert!(
+        run.stderr
+            .contains("could be written by other users (mode 0777)")
+            && run
+                .stderr
+                .contains("could be written by other users (mode 0775)"),
+        "the admin is told: {}",
+        run.stderr
+    );
+}
+
+#[test]
 fn a_backup_folder_owned_by_someone_else_is_refused() {
     if !running_as_root("a_backup_folder_owned_by_someone_else_is_refused") {
         return;
