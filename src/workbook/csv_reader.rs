@@ -46,10 +46,19 @@ pub struct Utf8Census {
     n_invalid: u64,
     /// Where the first invalid sequence starts: byte offset and Excel row.
     first_invalid: Option<(u64, u64)>,
+    /// Where the first row that reads as Chinese (or other) text in UTF-8 starts: byte offset and
+    /// Excel row. Such a row in a file that is otherwise not UTF-8 was pasted from another file.
+    first_utf8_text_row: Option<(u64, u64)>,
     /// Bytes of an incomplete character at the end of the previous chunk.
     carry: Vec<u8>,
     offset: u64,
     rows: RowTracker,
+    /// The row being read: where it starts, and what its bytes were so far.
+    row_start: u64,
+    row_has_invalid: bool,
+    /// Its valid UTF-8 characters of two bytes, and of three or four.
+    row_n_two_byte: u32,
+    row_n_longer: u32,
 }
 
 impl Utf8Census {
@@ -72,6 +81,8 @@ impl Utf8Census {
                             if self.first_invalid.is_none() {
                                 self.first_invalid = Some((self.offset, self.rows.row()));
                             }
+                            self.row_has_invalid = true;
+                            // The bad bytes are never ASCII, so they hold no quote or newline.
                             self.offset += n_bad as u64;
                             start = valid_end + n_bad;
                         }
@@ -93,16 +104,59 @@ impl Utf8Census {
             if self.first_invalid.is_none() {
                 self.first_invalid = Some((self.offset, self.rows.row()));
             }
+            self.row_has_invalid = true;
             self.carry.clear();
         }
+        self.end_row(false);
     }
 
     fn count_valid(&mut self, valid: &[u8]) {
-        self.n_valid_multibyte += valid.iter().filter(|byte| **byte >= 0xC0).count() as u64;
-        if self.first_invalid.is_none() {
-            self.rows.feed(valid);
+        for &byte in valid {
+            match byte {
+                0xC0..=0xDF => {
+                    self.n_valid_multibyte += 1;
+                    self.row_n_two_byte += 1;
+                }
+                0xE0.. => {
+                    self.n_valid_multibyte += 1;
+                    self.row_n_longer += 1;
+                }
+                b'\n' => {
+                    let was_in_quotes = self.rows.in_quotes;
+                    self.rows.feed(&[byte]);
+                    if !was_in_quotes {
+                        self.offset += 1;
+                        self.end_row(true);
+                        continue;
+                    }
+                }
+                _ => self.rows.feed(&[byte]),
+            }
+            self.offset += 1;
         }
-        self.offset += valid.len() as u64;
+    }
+
+    /// A row ended (or the file did). Text that happens to be valid UTF-8 in a GB18030 file
+    /// decodes to two-byte characters almost always, and to whole rows of three-byte characters
+    /// next to never; a row of at least two such characters, more than it has of two bytes and
+    /// none invalid, was written as UTF-8.
+    fn end_row(&mut self, newline_counted: bool) {
+        let is_utf8_text = !self.row_has_invalid
+            && self.row_n_longer >= 2
+            && self.row_n_longer > self.row_n_two_byte;
+        if is_utf8_text && self.first_utf8_text_row.is_none() {
+            // Once the tracker has counted the row's newline, its number is one less.
+            let row = if newline_counted {
+                self.rows.row() - 1
+            } else {
+                self.rows.row()
+            };
+            self.first_utf8_text_row = Some((self.row_start, row));
+        }
+        self.row_start = self.offset;
+        self.row_has_invalid = false;
+        self.row_n_two_byte = 0;
+        self.row_n_longer = 0;
     }
 }
 
@@ -135,6 +189,17 @@ fn decide_encoding(
                 "row {row} (byte {offset}) is not valid UTF-8 though the rest of the file is \
                  UTF-8: the file mixes encodings; save it again as UTF-8 (or set `encoding` for \
                  this source)"
+            ),
+        });
+    }
+    if let Some((offset, row)) = census.first_utf8_text_row {
+        return Err(WorkbookError::Malformed {
+            path: path.to_path_buf(),
+            expected: "text in one encoding (.csv)",
+            detail: format!(
+                "row {row} (byte {offset}) is UTF-8 though the rest of the file is not (it reads \
+                 as GB18030): the file mixes encodings; save it again in one encoding (or set \
+                 `encoding` for this source)"
             ),
         });
     }
@@ -308,7 +373,7 @@ fn scan(
         raw_offset += n_raw as u64;
         if at_end {
             // Let the parser finish the last record.
-            records.feed(&[], collector)?;
+            records.end(collector)?;
             return Ok(endings);
         }
     }
@@ -395,9 +460,28 @@ impl RecordParser {
         }
     }
 
-    /// Parses decoded text (empty at the end of the file), handing each finished record's cells
-    /// to `collector`.
+    /// Parses decoded text, handing each finished record's cells to `collector`. The text may
+    /// end anywhere, in a field or between two.
     fn feed(
+        &mut self,
+        input: &[u8],
+        collector: &mut RowCollector<'_>,
+    ) -> Result<(), WorkbookError> {
+        if input.is_empty() {
+            // csv-core takes empty input for the end of the file: a chunk that decoded to
+            // nothing (a character cut by the chunk's end) must not end the parse.
+            return Ok(());
+        }
+        self.parse(input, collector)
+    }
+
+    /// The file ended: finishes the last record.
+    fn end(&mut self, collector: &mut RowCollector<'_>) -> Result<(), WorkbookError> {
+        self.parse(&[], collector)
+    }
+
+    /// Parses `input`; empty input means the end of the file.
+    fn parse(
         &mut self,
         mut input: &[u8],
         collector: &mut RowCollector<'_>,
@@ -405,8 +489,14 @@ impl RecordParser {
         if self.state.finished {
             return Ok(());
         }
+        let is_end = input.is_empty();
         let max_chars = collector.limits.max_cell_chars;
         loop {
+            if input.is_empty() && !is_end {
+                // All of this text is parsed; calling csv-core with nothing left would tell it
+                // the file ended (and drop every row after this chunk).
+                return Ok(());
+            }
             let (result, n_in, n_out) = self.parser.read_field(input, &mut self.scratch);
             self.state.consume(&input[..n_in]);
             input = &input[n_in..];
@@ -583,6 +673,73 @@ mod tests {
     }
 
     #[test]
+    fn every_row_is_read_wherever_the_chunks_of_the_file_end() {
+        // The first row's length moves every later byte, so over these paddings the end of a
+        // 64 KB chunk falls after a delimiter, after a newline, inside a field and inside a
+        // multi-byte character.
+        for (encoding, company) in [
+            (encoding_rs::UTF_8, "Acme"),
+            (encoding_rs::UTF_8, "上海甲公司"),
+            (encoding_rs::GB18030, "上海甲公司"),
+        ] {
+            for padding in 0..24 {
+                let mut text =
+                    format!("Company,Stage,Amount\n{},Lead,1\n", "x".repeat(padding + 1));
+                let n_rows = 9_000;
+                for row_idx in 0..n_rows {
+                    text.push_str(&format!("{company}{row_idx},Lead,{row_idx}\n"));
+                }
+                let (bytes, _, _) = encoding.encode(&text);
+                let (rows, _) = read_bytes(&bytes, CsvEncoding::Auto).expect("reads");
+                assert_eq!(
+                    rows.len(),
+                    n_rows + 2,
+                    "{} {company} padding {padding}: the last row read is {:?}",
+                    encoding.name(),
+                    rows.last()
+                );
+                assert_eq!(
+                    rows.last().map(|row| row.cell(2).clone()),
+                    Some(Cell::Text((n_rows - 1).to_string()))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gbk_text_that_happens_to_look_like_utf8_is_not_taken_for_a_pasted_row() {
+        // Every pair of these common characters, as names, companies and cities: GBK bytes
+        // that are valid UTF-8 by chance must not make the file look mixed.
+        let characters: Vec<char> = "张王李赵刘陈杨黄周吴徐孙马朱胡郭何林高罗郑梁谢宋唐许韩冯邓曹\
+            彭曾肖田董潘袁蔡蒋余于杜叶程魏苏吕丁任沈姚卢钟姜崔谭陆范汪廖石金韦贾夏付方邹熊白孟秦\
+            邱侯江尹薛闫段雷龙黎史陶贺毛郝顾龚邵万覃武钱戴严欧莫孔向常汤康易乔赖文伟芳娜敏静丽强\
+            磊军洋勇艳杰娟涛明超秀霞平刚桂英华玉兰飞红春鑫波斌宇浩凯健俊帆帅旭宁龙林欣佳琳晨辉\
+            上海北京深圳广州成都杭州南京武汉天津重庆科技有限公司贸易集团机会成交线索潜在赢单输单"
+            .chars()
+            .filter(|character| !character.is_whitespace())
+            .collect();
+        let mut text = String::from("公司,联系人,阶段,城市\n");
+        for (idx, first) in characters.iter().enumerate() {
+            for second in characters.iter().skip(idx % 3).step_by(3) {
+                text.push_str(&format!(
+                    "{first}{second}公司,{first}{second},机会,{second}\n"
+                ));
+            }
+        }
+        let (bytes, _, _) = encoding_rs::GB18030.encode(&text);
+        let (rows, format) = read_bytes(&bytes, CsvEncoding::Auto).expect("reads as GB18030");
+        assert_eq!(format.encoding, encoding_rs::GB18030);
+        assert!(
+            rows.len() > 5_000,
+            "{} rows, last {:?}, lines {} bytes {}",
+            rows.len(),
+            rows.last(),
+            text.lines().count(),
+            bytes.len()
+        );
+    }
+
+    #[test]
     fn a_file_mixing_utf8_and_gbk_is_refused_with_its_row_and_offset() {
         let mut bytes = "公司,阶段\n甲公司,机会\n乙公司,成交\n".as_bytes().to_vec();
         let (gbk, _, _) = encoding_rs::GB18030.encode("丙公司");
@@ -595,6 +752,20 @@ mod tests {
             "{text}"
         );
         assert!(!error.is_retryable());
+        // A GBK file with one row pasted from a UTF-8 file is refused too, naming that row.
+        let mut gbk_first = encoding_rs::GB18030
+            .encode("公司,阶段\n甲公司,机会\n")
+            .0
+            .into_owned();
+        gbk_first.extend_from_slice("上海乙公司,成交\n".as_bytes());
+        gbk_first.extend_from_slice(&encoding_rs::GB18030.encode("丙公司,机会\n丁公司,成交\n").0);
+        let text = read_bytes(&gbk_first, CsvEncoding::Auto)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            text.contains("row 3 (byte 22) is UTF-8") && text.contains("mixes encodings"),
+            "{text}"
+        );
         // A whole GBK file is still read as GB18030.
         let (gbk_file, _, _) = encoding_rs::GB18030.encode("公司,阶段\n丙公司,机会\n");
         assert!(read_bytes(&gbk_file, CsvEncoding::Auto).is_ok());

@@ -919,6 +919,30 @@ fn n_runs_of(test: &TestDir, name: &str) -> i64 {
 }
 
 #[test]
+fn a_gbk_file_with_a_row_pasted_from_a_utf8_file_is_refused_naming_that_row() {
+    let test = TestDir::new();
+    let mut pasted = encoding_rs::GB18030
+        .encode("公司,阶段\r\n甲公司,机会\r\n乙公司,成交\r\n")
+        .0
+        .into_owned();
+    pasted.extend_from_slice("上海丙公司,机会\r\n".as_bytes());
+    pasted.extend_from_slice(&encoding_rs::GB18030.encode("丁公司,线索\r\n").0);
+    test.write("share/pasted.csv", &pasted);
+    test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n");
+    let run = test.sync();
+    run.assert_code(1);
+    let report = run.json();
+    let file = file_report(&report, "pasted.csv");
+    assert_eq!(file["status"], "failed", "{file}");
+    let error = file["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("row 4") && error.contains("is UTF-8") && error.contains("mixes encodings"),
+        "{error}"
+    );
+    assert_eq!(test.deals().len(), 0, "no row is stored as mojibake");
+}
+
+#[test]
 fn a_refused_file_is_not_read_again_until_it_changes() {
     use std::time::Duration;
     let test = TestDir::new();

@@ -97,6 +97,36 @@ fn chinese_headers_and_stage_names_become_deals() {
 }
 
 #[test]
+fn a_large_csv_in_utf8_or_gb18030_is_read_to_its_last_row() {
+    // Well past the reader's 64 KB chunks: every chunk boundary must continue the parse, in
+    // whichever byte of a row (or of a Chinese character) it falls.
+    for (name, encoding) in [
+        ("utf8.csv", encoding_rs::UTF_8),
+        ("gbk.csv", encoding_rs::GB18030),
+    ] {
+        let test = TestDir::new();
+        let n_rows = 8_000;
+        let mut text = String::from("公司,阶段,金额,负责人\r\n");
+        for row_idx in 0..n_rows {
+            text.push_str(&format!("上海云帆物流{row_idx},线索,{row_idx},王伟\r\n"));
+        }
+        let (bytes, _, _) = encoding.encode(&text);
+        assert!(bytes.len() > 3 * 65_536, "{}", bytes.len());
+        test.write(&format!("share/{name}"), &*bytes);
+        test.config("[[sources]]\nname = \"share\"\npath = \"share\"\nwrite_back = false\n");
+        test.sync().assert_code(0);
+        let deals = test.deals();
+        assert_eq!(deals.len(), n_rows, "{name}");
+        assert!(
+            deals
+                .iter()
+                .any(|deal| deal["company"] == format!("上海云帆物流{}", n_rows - 1)),
+            "{name}: the last row is a deal"
+        );
+    }
+}
+
+#[test]
 fn dates_and_amounts_in_every_written_form_are_cleaned() {
     let test = TestDir::new();
     let header = ["Company", "Amount", "Last Contact", "Expected Close"]
