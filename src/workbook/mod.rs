@@ -15,6 +15,7 @@
 pub mod csv_reader;
 mod escape;
 mod guarded_zip;
+mod ods_guard;
 pub mod xml_guard;
 
 use guarded_zip::GuardedZip;
@@ -1021,6 +1022,17 @@ fn check_zip(
         }
         xml_guard::check_part(&name, entry, bounds)
             .map_err(|refusal| refusal_error(path, refusal))?;
+        if name == "content.xml" {
+            // An .ods: calamine expands its repeated cells and rows into a grid when it opens.
+            let entry = archive
+                .by_index(entry_idx)
+                .map_err(|error| WorkbookError::Incomplete {
+                    path: path.to_path_buf(),
+                    detail: error.to_string(),
+                })?;
+            ods_guard::check_content(entry, limits)
+                .map_err(|refusal| refusal_error(path, refusal))?;
+        }
     }
     Ok(())
 }

@@ -714,6 +714,125 @@ fn hostile_files_are_refused_with_bounded_memory() {
     assert_eq!(test.deals().len(), 0);
 }
 
+/// Writes an .ods whose first sheet's rows are `rows_xml` (`<table:table-row>` elements).
+fn ods_file(path: &Path, rows_xml: &str) {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::fs::File::create(path).expect("create"));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    writer.start_file("mimetype", stored).expect("start");
+    writer
+        .write_all(b"application/vnd.oasis.opendocument.spreadsheet")
+        .expect("write");
+    let deflated = zip::write::SimpleFileOptions::default();
+    writer
+        .start_file("META-INF/manifest.xml", deflated)
+        .expect("start");
+    writer
+        .write_all(
+            br#"<?xml version="1.0" encoding="UTF-8"?>
+<manifest:manifest xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2"><manifest:file-entry manifest:full-path="/" manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/><manifest:file-entry manifest:full-path="content.xml" manifest:media-type="text/xml"/></manifest:manifest>"#,
+        )
+        .expect("write");
+    writer.start_file("content.xml", deflated).expect("start");
+    write!(
+        writer,
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<office:document-content xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body><office:spreadsheet><table:table table:name="Pipeline">{rows_xml}</table:table></office:spreadsheet></office:body></office:document-content>"#
+    )
+    .expect("write");
+    writer.finish().expect("finish");
+}
+
+fn ods_text_row(texts: &[&str]) -> String {
+    let cells: String = texts
+        .iter()
+        .map(|text| {
+            format!(
+                r#"<table:table-cell office:value-type="string"><text:p>{text}</text:p></table:table-cell>"#
+            )
+        })
+        .collect();
+    format!("<table:table-row>{cells}</table:table-row>")
+}
+
+#[test]
+fn an_ods_whose_repeated_cells_would_expand_to_gigabytes_is_refused_in_little_memory() {
+    let test = TestDir::new();
+    std::fs::create_dir_all(test.path("share")).expect("share");
+    // As LibreOffice saves a sheet: a few values, then empty cells and rows repeated to the edge.
+    let edge = r#"<table:table-row table:number-rows-repeated="1048573"><table:table-cell table:number-columns-repeated="16384"/></table:table-row>"#;
+    let filler = r#"<table:table-cell table:number-columns-repeated="16382"/>"#;
+    let header = ods_text_row(&["Company", "Stage"])
+        .replace("</table:table-row>", &format!("{filler}</table:table-row>"));
+    ods_file(
+        &test.path("share/team.ods"),
+        &format!(
+            "{header}{}{}{edge}",
+            ods_text_row(&["Acme", "Lead"]),
+            ods_text_row(&["Globex", "Won"])
+        ),
+    );
+    // One value repeated over 16,384 columns in a row repeated 6,000 times: a few hundred bytes
+    // that calamine would expand to 98 million cells (just under its own cap), 5 GB.
+    ods_file(
+        &test.path("share/bomb.ods"),
+        &format!(
+            r#"{}<table:table-row table:number-rows-repeated="6000"><table:table-cell table:number-columns-repeated="16384" office:value-type="float" office:value="1"/></table:table-row>"#,
+            ods_text_row(&["Company", "Stage"])
+        ),
+    );
+    // Within the rows and columns allowed, but 90 million cells, 5 GB, once expanded.
+    ods_file(
+        &test.path("share/grid.ods"),
+        &format!(
+            r#"{}<table:table-row table:number-rows-repeated="100000"><table:table-cell table:number-columns-repeated="900" office:value-type="float" office:value="1"/></table:table-row>"#,
+            ods_text_row(&["Company", "Stage"])
+        ),
+    );
+    assert!(
+        std::fs::metadata(test.path("share/bomb.ods"))
+            .expect("size")
+            .len()
+            < 2_000
+    );
+    for (name, fragment) in [
+        ("team.ods", None),
+        ("bomb.ods", Some("column 16384")),
+        ("grid.ods", Some("expanded")),
+    ] {
+        test.config(&format!(
+            "[[sources]]\nname = \"share\"\npath = \"share/{name}\"\nwrite_back = false\n"
+        ));
+        let (run, peak) = test.run_measuring_memory(&["sync", "--format", "json"]);
+        eprintln!("{name}: peak memory {} MB", peak >> 20);
+        let report = run.json();
+        let file = file_report(&report, name);
+        match fragment {
+            None => {
+                run.assert_code(0);
+                assert_eq!(file["status"], "synced", "{name}: {file}");
+            }
+            Some(fragment) => {
+                run.assert_code(1);
+                assert_eq!(file["status"], "failed", "{name}: {file}");
+                let error = file["error"].as_str().unwrap_or("");
+                assert!(
+                    error.contains(fragment) && error.contains("limit"),
+                    "{name}: {error}"
+                );
+            }
+        }
+        assert!(peak < PEAK_LIMIT, "{name}: peak memory {} MB", peak >> 20);
+    }
+    let companies: Vec<String> = test
+        .deals()
+        .iter()
+        .map(|deal| deal["company"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(companies.len(), 2, "{companies:?}");
+}
+
 #[test]
 fn a_sparse_wide_sheet_within_the_limits_is_read_in_little_memory() {
     let test = TestDir::new();
