@@ -265,26 +265,42 @@ fn row_tags(bytes: &[u8]) -> BTreeMap<String, Vec<(String, String)>> {
 }
 
 /// Every zip entry of a package: name → (compression method, CRC, uncompressed bytes).
-fn entries(path: &Path) -> BTreeMap<String, (String, u32, Vec<u8>)> {
+/// Each entry's name → its compression method, CRC, content and bytes as stored (compressed):
+/// "copied through" is checked on the stored bytes, not only on what they inflate to.
+fn entries(path: &Path) -> BTreeMap<String, Entry> {
     let mut archive = zip::ZipArchive::new(std::fs::File::open(path).expect("open")).expect("zip");
     let mut entries = BTreeMap::new();
     for entry_idx in 0..archive.len() {
+        let mut raw = Vec::new();
+        archive
+            .by_index_raw(entry_idx)
+            .expect("entry")
+            .read_to_end(&mut raw)
+            .expect("read stored bytes");
         let mut entry = archive.by_index(entry_idx).expect("entry");
         let mut bytes = Vec::new();
         entry.read_to_end(&mut bytes).expect("read entry");
         entries.insert(
             entry.name().expect("entry name").into_owned(),
-            (format!("{:?}", entry.compression()), entry.crc32(), bytes),
+            (
+                format!("{:?}", entry.compression()),
+                entry.crc32(),
+                bytes,
+                raw,
+            ),
         );
     }
     entries
 }
 
+/// An entry of a package: compression method, CRC, content, stored bytes.
+type Entry = (String, u32, Vec<u8>, Vec<u8>);
+
 /// Asserts that every entry but `changed` is exactly as it was, and no entry came or went.
 #[track_caller]
 fn assert_other_entries_unchanged(
-    before: &BTreeMap<String, (String, u32, Vec<u8>)>,
-    after: &BTreeMap<String, (String, u32, Vec<u8>)>,
+    before: &BTreeMap<String, Entry>,
+    after: &BTreeMap<String, Entry>,
     changed: &[&str],
 ) {
     assert_eq!(
@@ -296,7 +312,10 @@ fn assert_other_entries_unchanged(
         if changed.contains(&name.as_str()) {
             continue;
         }
-        assert!(after[name] == *entry, "{name} changed");
+        assert!(
+            after[name] == *entry,
+            "{name} changed (its stored bytes, CRC or content differ)"
+        );
     }
 }
 
