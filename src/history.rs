@@ -47,24 +47,6 @@ fn field_value(field: Field, text: Option<&str>) -> Option<FieldValue> {
     })
 }
 
-fn record(
-    deal_id: i64,
-    kind: ChangeKind,
-    field: Option<String>,
-    old_value: Option<String>,
-    new_value: Option<String>,
-) -> ChangeRecord {
-    ChangeRecord {
-        id: 0,
-        run_id: 0,
-        deal_id,
-        kind,
-        field,
-        old_value,
-        new_value,
-    }
-}
-
 /// Which count of the undo's own run a reverted change adds to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Count {
@@ -185,13 +167,13 @@ fn revert(crm: &Db<'_>, change: &ChangeRecord, now: DateTime<Utc>) -> Result<Rev
         (ChangeKind::Create, Some(deal)) | (ChangeKind::Unarchive, Some(deal)) => {
             Reverted::archive_flag(
                 crm.set_archived(deal.id, true, now)?,
-                record(deal.id, ChangeKind::Archive, None, None, None),
+                ChangeRecord::new(deal.id, ChangeKind::Archive, None, None, None),
                 Count::Archived,
             )
         }
         (ChangeKind::Archive, Some(deal)) => Reverted::archive_flag(
             crm.set_archived(deal.id, false, now)?,
-            record(deal.id, ChangeKind::Unarchive, None, None, None),
+            ChangeRecord::new(deal.id, ChangeKind::Unarchive, None, None, None),
             Count::Updated,
         ),
         (ChangeKind::Delete, None) => {
@@ -203,7 +185,7 @@ fn revert(crm: &Db<'_>, change: &ChangeRecord, now: DateTime<Utc>) -> Result<Rev
                 Some(deal) => {
                     crm.restore_deal(&deal)?;
                     Reverted::done(
-                        record(
+                        ChangeRecord::new(
                             deal.id,
                             ChangeKind::Create,
                             None,
@@ -236,7 +218,7 @@ fn revert_field(
             "undo",
             now,
         )?;
-        Some(record(
+        Some(ChangeRecord::new(
             deal.id,
             ChangeKind::Update,
             Some(field_name.clone()),
@@ -246,7 +228,7 @@ fn revert_field(
     } else if let Some(field) = Field::from_name(&field_name) {
         let old = field_value(field, change.old_value.as_deref());
         crm.update_deal(deal.id, &[(field, old.clone())], &[], "undo", now)?;
-        Some(record(
+        Some(ChangeRecord::new(
             deal.id,
             ChangeKind::Update,
             Some(field_name.clone()),

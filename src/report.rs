@@ -23,7 +23,7 @@ use crate::store::{CrmStore, DealFilter, Store, StoreError};
 pub enum ReportError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot build the report")]
+    #[error("cannot build the report: {0}")]
     Build(#[from] XlsxError),
     #[error("the weekly digest goes to [remind] manager, which is not set")]
     NoManager,

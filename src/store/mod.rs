@@ -644,6 +644,27 @@ pub struct ChangeRecord {
     pub new_value: Option<String>,
 }
 
+impl ChangeRecord {
+    /// A change not yet recorded: the store gives it its id and its run's.
+    pub fn new(
+        deal_id: DealId,
+        kind: ChangeKind,
+        field: Option<String>,
+        old_value: Option<String>,
+        new_value: Option<String>,
+    ) -> ChangeRecord {
+        ChangeRecord {
+            id: 0,
+            run_id: 0,
+            deal_id,
+            kind,
+            field,
+            old_value,
+            new_value,
+        }
+    }
+}
+
 /// A field changed on both sides since the last sync, and how it was decided.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ConflictRecord {

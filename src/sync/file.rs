@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 
 use super::diff::{self, DiffInput, Removal, RowAction};
 use super::{
-    change_record, fail, hold, note_on_run, quoted, record_lone_run, shows_the_store_still,
-    source_fingerprint, status_name, unchanged, FileReport, FileStatus, WriteBack,
+    fail, hold, note_on_run, quoted, record_lone_run, shows_the_store_still, source_fingerprint,
+    status_name, unchanged, FileReport, FileStatus, WriteBack,
 };
 use crate::config::{Config, SourceConfig, View};
 use crate::deal::{Deal, DealId, Field, FieldKind, FieldMap, FieldValue};
@@ -1094,7 +1094,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                 } => {
                     if *unarchive {
                         crm.set_archived(*deal_id, false, now)?;
-                        self.applied.push(change_record(
+                        self.applied.push(ChangeRecord::new(
                             *deal_id,
                             ChangeKind::Unarchive,
                             None,
@@ -1108,7 +1108,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                         let old = before
                             .and_then(|deal| deal.fields.get(field))
                             .map(FieldValue::to_string);
-                        self.applied.push(change_record(
+                        self.applied.push(ChangeRecord::new(
                             *deal_id,
                             ChangeKind::Update,
                             Some(field.name().to_string()),
@@ -1118,7 +1118,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                     }
                     for (key, value) in extra_changes {
                         let old = before.and_then(|deal| deal.extra.get(key)).cloned();
-                        self.applied.push(change_record(
+                        self.applied.push(ChangeRecord::new(
                             *deal_id,
                             ChangeKind::Update,
                             Some(format!("extra.{key}")),
@@ -1217,7 +1217,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                 Removal::Archive(deal_id) => {
                     if crm.set_archived(*deal_id, true, now)? {
                         state.counts.archived += 1;
-                        self.applied.push(change_record(
+                        self.applied.push(ChangeRecord::new(
                             *deal_id,
                             ChangeKind::Archive,
                             None,
@@ -1233,7 +1233,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                         .and_then(|deal| serde_json::to_string(deal).ok());
                     if crm.delete_deal(*deal_id)? {
                         state.counts.deleted += 1;
-                        self.applied.push(change_record(
+                        self.applied.push(ChangeRecord::new(
                             *deal_id,
                             ChangeKind::Delete,
                             None,

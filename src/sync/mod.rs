@@ -19,7 +19,7 @@ use crate::config::{Config, SourceConfig};
 use crate::deal::{DealId, FieldValue};
 use crate::mapping::{RowIssue, Severity};
 use crate::store::mirror;
-use crate::store::{ChangeKind, ChangeRecord, CrmStore, RunCounts, Store, StoreError, SyncRun};
+use crate::store::{CrmStore, RunCounts, Store, StoreError, SyncRun};
 use crate::workbook;
 
 /// How a file's sync ended.
@@ -251,24 +251,6 @@ fn record_lone_run(
     let version = crm.version()?;
     transaction.commit()?;
     Ok((run_id, version))
-}
-
-fn change_record(
-    deal_id: DealId,
-    kind: ChangeKind,
-    field: Option<String>,
-    old_value: Option<String>,
-    new_value: Option<String>,
-) -> ChangeRecord {
-    ChangeRecord {
-        id: 0,
-        run_id: 0,
-        deal_id,
-        kind,
-        field,
-        old_value,
-        new_value,
-    }
 }
 
 /// Records a held run (nothing applied) and returns the held report.
