@@ -87,6 +87,8 @@ pub struct HttpConfig {
     pub session_ttl: Duration,
     /// Whether the session cookie is marked `Secure` (only sent over HTTPS, or to localhost).
     pub secure_cookie: bool,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (for the login limiter).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub users: Vec<HttpUser>,
 }
 
@@ -216,6 +218,16 @@ pub(super) fn validate_http(
             None => continue,
         }
     }
+    let mut trusted_proxies = Vec::new();
+    for written in raw.trusted_proxies.unwrap_or_default() {
+        match written.trim().parse::<std::net::IpAddr>() {
+            Ok(address) => trusted_proxies.push(address),
+            Err(_) => fail(
+                "http.trusted_proxies",
+                format!("\"{written}\" is not an IP address such as \"127.0.0.1\" or \"::1\""),
+            ),
+        }
+    }
     // "No users" is said only when none was written: a user with a mistake is reported as such.
     let raw_users_valid = raw.users.is_empty();
     let mut users: Vec<HttpUser> = Vec::new();
@@ -327,6 +339,7 @@ pub(super) fn validate_http(
         max_body_bytes,
         session_ttl,
         secure_cookie: raw.secure_cookie.unwrap_or(true),
+        trusted_proxies,
         users,
     };
     ok.then_some(http)

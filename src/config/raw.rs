@@ -71,6 +71,7 @@ pub struct RawHttp {
     pub session_ttl: Option<String>,
     pub secure_cookie: Option<bool>,
     pub hidden_fields: Option<BTreeMap<String, Vec<String>>>,
+    pub trusted_proxies: Option<Vec<String>>,
     #[serde(skip)]
     pub users: Vec<RawHttpUser>,
 }

@@ -15,7 +15,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post, MethodRouter};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -27,21 +27,44 @@ use crate::deal::{normalize_label, Deal, DealId, Field};
 use crate::edit::{self, EditError, Origin};
 use crate::store::{CrmStore, DealFilter};
 
+/// Every operation of the API: its method and path (as `openapi.json` spells them) and its
+/// handler. The router is made from this list alone, so a test comparing [`operations`] with the
+/// document compares the document with what is served.
+fn endpoints() -> Vec<(&'static str, &'static str, MethodRouter<SharedState>)> {
+    vec![
+        ("get", "/openapi.json", get(openapi)),
+        ("get", "/deals", get(list_deals)),
+        ("post", "/deals", post(create_deal)),
+        ("get", "/deals/{id}", get(get_deal)),
+        ("patch", "/deals/{id}", patch(patch_deal)),
+        ("post", "/deals/{id}/move", post(move_deal)),
+        ("get", "/funnel", get(funnel)),
+        ("get", "/stalled", get(stalled)),
+        ("get", "/status", get(status)),
+        ("get", "/errors", get(errors)),
+        ("get", "/conflicts", get(conflicts)),
+        ("get", "/history", get(history)),
+        ("get", "/history/{run}", get(history_run)),
+        ("post", "/history/{run}/undo", post(undo)),
+        ("post", "/files/force", post(force_file)),
+    ]
+}
+
+/// The method and path of every operation the router serves under `/api/v1`.
+#[cfg(test)]
+fn operations() -> Vec<(&'static str, &'static str)> {
+    endpoints()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect()
+}
+
 pub fn routes() -> Router<SharedState> {
-    Router::new()
-        .route("/openapi.json", get(openapi))
-        .route("/deals", get(list_deals).post(create_deal))
-        .route("/deals/{id}", get(get_deal).patch(patch_deal))
-        .route("/deals/{id}/move", post(move_deal))
-        .route("/funnel", get(funnel))
-        .route("/stalled", get(stalled))
-        .route("/status", get(status))
-        .route("/errors", get(errors))
-        .route("/conflicts", get(conflicts))
-        .route("/history", get(history))
-        .route("/history/{run}", get(history_run))
-        .route("/history/{run}/undo", post(undo))
-        .route("/files/force", post(force_file))
+    endpoints()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, handler)| {
+            router.route(path, handler)
+        })
         .fallback(|| async { ApiError::not_found("there is no such API path") })
 }
 
@@ -127,21 +150,20 @@ impl FromRequestParts<SharedState> for ApiUser {
                 "send the token as `Authorization: Bearer TOKEN`",
             ));
         };
-        if !state.limiter.allows(address) {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_requests",
-                "too many failed logins from this address; wait a few minutes",
-            )
-            .into_response());
-        }
+        // The token is looked up first: a valid one is never refused by the limiter, which
+        // counts and refuses failures only.
         match state.users().by_token(token) {
-            Some(user) => {
-                state.limiter.succeeded(address);
-                Ok(ApiUser(user))
+            Some(user) => Ok(ApiUser(user)),
+            None if state.limiter.failed(address) => {
+                tracing::warn!(client = %address, "refused an API request with an unknown token from a limited address");
+                Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    "too many failed logins from this address; wait a few minutes",
+                )
+                .into_response())
             }
             None => {
-                state.limiter.failed(address);
                 tracing::warn!(client = %address, "refused an API request with an unknown token");
                 Err(unauthorized("the token is not valid"))
             }
@@ -450,10 +472,23 @@ pub fn query_deals(
             .with_field("updated_since")
         })?),
     };
+    let owner = query.owner.clone().filter(|owner| !owner.trim().is_empty());
+    // A filter on a field the user does not see would tell its values by what it lets through.
+    for (field, asked) in [
+        (Field::Stage, stage.is_some()),
+        (Field::Owner, owner.is_some()),
+    ] {
+        if asked && !user.sees(field) {
+            return Err(ApiError::bad_request(format!(
+                "the field {field} is not shown to this user; it cannot filter by it"
+            ))
+            .with_field(field.name()));
+        }
+    }
     let crm = store.crm();
     let mut deals = crm.list_deals(&DealFilter {
         stage,
-        owner: query.owner.clone().filter(|owner| !owner.trim().is_empty()),
+        owner,
         include_archived: query.include_archived.unwrap_or(false),
     })?;
     deals.retain(|deal| authorize(user, Action::ReadDeal(deal)).is_ok());
@@ -579,7 +614,10 @@ async fn get_deal(
     with_store(&state, move |store, _| {
         let detail = load_deal(store, &user, id)?;
         let mut body = deal_view(&user, &detail.deal, detail.version);
-        body["stage_history"] = json!(detail.history);
+        // The stage history is the stage field over time: hidden with it.
+        if user.sees(Field::Stage) {
+            body["stage_history"] = json!(detail.history);
+        }
         body["files"] = json!(detail.files);
         Ok(with_etag(detail.version, StatusCode::OK, body))
     })
@@ -756,11 +794,14 @@ pub fn load_funnel(
             );
         }
     }
-    let owner = query
-        .owner
-        .clone()
-        .filter(|owner| !owner.trim().is_empty())
-        .or_else(|| user.rep.clone());
+    let asked_owner = query.owner.clone().filter(|owner| !owner.trim().is_empty());
+    if asked_owner.is_some() && !user.sees(Field::Owner) {
+        return Err(ApiError::bad_request(
+            "the field owner is not shown to this user; it cannot filter by it",
+        )
+        .with_field("owner"));
+    }
+    let owner = asked_owner.or_else(|| user.rep.clone());
     authorize(user, Action::ReadFunnel(owner.as_deref()))
         .map_err(|refusal| ApiError::from_refusal(refusal, "funnel"))?;
     let period = crate::funnel::Period::between(query.since, query.until, now);
@@ -1018,4 +1059,41 @@ async fn force_file(
         Json(json!({"file": body.file, "status": "scheduled"})),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// The document and the router name the same operations: none served undocumented, none
+    /// documented that is not served.
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_served() {
+        let document: serde_json::Value =
+            serde_json::from_str(super::super::OPENAPI).expect("openapi.json is JSON");
+        let mut documented = BTreeSet::new();
+        for (path, operations) in document["paths"].as_object().expect("paths") {
+            for method in operations.as_object().expect("operations").keys() {
+                if ["get", "put", "post", "delete", "patch", "head", "options"]
+                    .contains(&method.as_str())
+                {
+                    documented.insert((method.clone(), path.clone()));
+                }
+            }
+        }
+        let served: BTreeSet<(String, String)> = super::operations()
+            .into_iter()
+            .map(|(method, path)| (method.to_string(), path.to_string()))
+            .collect();
+        assert_eq!(
+            served.difference(&documented).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "served but not documented"
+        );
+        assert_eq!(
+            documented.difference(&served).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "documented but not served"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! Who is asking and what they may do. Tokens are known only by their SHA-256 (from the config,
 //! or hashed from a token file when the server starts); the pages trade a token for a session
-//! cookie once; failed logins and bad tokens are rate-limited per client address.
+//! cookie once; failed logins and bad tokens are rate-limited per client address (a valid token
+//! is never refused by the limiter).
 //!
 //! [`authorize`] is the one place that decides whether a user may do something: every handler of
 //! the API and the pages asks it, and nothing else decides. This module must not know about HTTP
@@ -276,27 +277,34 @@ pub fn same_secret(left: &str, right: &str) -> bool {
 pub const MAX_FAILURES: u32 = 5;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(600);
 
-/// Failed logins per client address: after [`MAX_FAILURES`] within [`FAILURE_WINDOW`], that
-/// address is refused until the window has passed.
+/// Failed logins per client address: after [`MAX_FAILURES`] within [`FAILURE_WINDOW`], further
+/// failing attempts from that address are refused (429) until the window has passed. Only
+/// failures are counted and only failures are refused: a valid token is let in whatever the
+/// count of its address, so an attacker sharing an address (a NAT, a proxy) with the team locks
+/// nobody out, and a success does not reset the count, so a colleague's login does not give the
+/// attacker fresh tries.
 #[derive(Debug, Default)]
 pub struct LoginLimiter {
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
 impl LoginLimiter {
-    /// Whether this address may try now.
-    pub fn allows(&self, address: IpAddr) -> bool {
+    /// Whether this address has used up its failures: its next failing attempt is refused.
+    #[cfg(test)]
+    pub fn is_limited(&self, address: IpAddr) -> bool {
         let failures = self
             .failures
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         match failures.get(&address) {
-            Some((count, since)) => *count < MAX_FAILURES || since.elapsed() >= FAILURE_WINDOW,
-            None => true,
+            Some((count, since)) => *count >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW,
+            None => false,
         }
     }
 
-    pub fn failed(&self, address: IpAddr) {
+    /// Counts a failed attempt; returns whether the address is limited (the attempt is to be
+    /// answered 429 rather than 401).
+    pub fn failed(&self, address: IpAddr) -> bool {
         let mut failures = self
             .failures
             .lock()
@@ -308,15 +316,9 @@ impl LoginLimiter {
         if entry.1.elapsed() >= FAILURE_WINDOW {
             *entry = (0, Instant::now());
         }
-        entry.0 += 1;
-    }
-
-    pub fn succeeded(&self, address: IpAddr) {
-        let mut failures = self
-            .failures
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        failures.remove(&address);
+        let limited = entry.0 >= MAX_FAILURES;
+        entry.0 = entry.0.saturating_add(1);
+        limited
     }
 }
 
@@ -448,11 +450,12 @@ mod tests {
         let address: IpAddr = [127, 0, 0, 1].into();
         let other: IpAddr = [127, 0, 0, 2].into();
         for _ in 0..MAX_FAILURES {
-            assert!(limiter.allows(address));
-            limiter.failed(address);
+            assert!(!limiter.is_limited(address));
+            assert!(!limiter.failed(address));
         }
-        assert!(!limiter.allows(address));
-        assert!(limiter.allows(other));
+        assert!(limiter.is_limited(address));
+        assert!(limiter.failed(address), "the sixth failure is refused");
+        assert!(!limiter.is_limited(other));
     }
 
     #[test]

@@ -194,23 +194,73 @@ pub async fn with_store<T: Send + 'static>(
     .map_err(ApiError::internal)?
 }
 
-/// The client's address, for the login limiter (behind a reverse proxy: the proxy's).
+/// The client's address, for the login limiter: the TCP peer, or, when the peer is one of
+/// `[http] trusted_proxies`, the last address in `X-Forwarded-For` that is not a trusted proxy
+/// (entries left of it are written by the client and may be forged).
 pub struct ClientAddress(pub std::net::IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+impl FromRequestParts<SharedState> for ClientAddress {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _state: &S,
+        state: &SharedState,
     ) -> Result<Self, Self::Rejection> {
-        let address = parts
+        let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(address)| address.ip())
             .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-        Ok(ClientAddress(address))
+        let trusted = state
+            .config()
+            .http
+            .as_ref()
+            .map(|http| http.trusted_proxies.clone())
+            .unwrap_or_default();
+        Ok(ClientAddress(client_address(
+            peer,
+            &parts.headers,
+            &trusted,
+        )))
     }
+}
+
+/// The client behind a chain of proxies: walking `X-Forwarded-For` from its right end (the
+/// entry the nearest proxy wrote) while the hop is trusted. A value that is not an address
+/// stops the walk at the last trusted hop, so a forged entry never names the client.
+pub fn client_address(
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> std::net::IpAddr {
+    let canonical = |address: std::net::IpAddr| address.to_canonical();
+    let is_trusted = |address: std::net::IpAddr| {
+        trusted
+            .iter()
+            .any(|proxy| canonical(*proxy) == canonical(address))
+    };
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .collect();
+    let mut client = peer;
+    for entry in forwarded.iter().rev() {
+        let Ok(address) = entry.parse::<std::net::IpAddr>() else {
+            break;
+        };
+        client = address;
+        if !is_trusted(address) {
+            break;
+        }
+    }
+    client
 }
 
 /// The OpenAPI document of `/api/v1`, embedded.

@@ -122,6 +122,16 @@ fn shown(deal: &Deal, field: Field) -> String {
         .unwrap_or_default()
 }
 
+/// What names a deal on the pages: its company, when the user sees it, else its number.
+fn title_of(user: &User, deal: &Deal) -> String {
+    let company = shown(deal, Field::Company);
+    if company.is_empty() || !user.sees(Field::Company) {
+        format!("#{}", deal.id)
+    } else {
+        company
+    }
+}
+
 fn stage_names(config: &crate::config::Config) -> Vec<String> {
     config
         .stages
@@ -323,20 +333,21 @@ async fn login(
 ) -> Response {
     let language = language(&state, &headers);
     let next = local_target(form.next.as_deref());
-    if !state.limiter.allows(address) {
-        let message = tr(
-            language,
-            "Too many failed logins from here. Wait a few minutes.",
-            "登录失败次数过多，请稍后再试。",
-        );
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            login_form(language, &next, Some(message)),
-        )
-            .into_response();
-    }
+    // The token is looked up first: a valid one is never refused by the limiter.
     let Some(user) = state.users().by_token(&form.token) else {
-        state.limiter.failed(address);
+        if state.limiter.failed(address) {
+            tracing::warn!(client = %address, "failed login on the pages from a limited address");
+            let message = tr(
+                language,
+                "Too many failed logins from here. Wait a few minutes.",
+                "登录失败次数过多，请稍后再试。",
+            );
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                login_form(language, &next, Some(message)),
+            )
+                .into_response();
+        }
         tracing::warn!(client = %address, "failed login on the pages");
         let message = tr(language, "That token is not valid.", "令牌无效。");
         return (
@@ -345,7 +356,6 @@ async fn login(
         )
             .into_response();
     };
-    state.limiter.succeeded(address);
     let http = state.http();
     let (cookie, _) = match state.sessions.open(&user.name, http.session_ttl) {
         Ok(opened) => opened,
@@ -441,7 +451,7 @@ async fn funnel_page(
     let user = std::sync::Arc::clone(&page.user);
     let loaded = with_store(&state, move |store, config| {
         let (report, _) = api::load_funnel(store, config, &user, &query, chrono::Utc::now())?;
-        let owners = if user.role == Role::Rep {
+        let owners = if user.role == Role::Rep || !user.sees(Field::Owner) {
             Vec::new()
         } else {
             owners(store)?
@@ -544,9 +554,9 @@ fn deal_rows(page: &PageUser, deals: &[(Deal, i64, Option<String>)], with_reason
             @for (deal, _, reason) in deals {
                 li {
                     a href=(format!("/deals/{}", deal.id)) {
-                        span.company { (shown(deal, Field::Company).as_str().chars().take(80).collect::<String>()) }
+                        span.company { (title_of(&page.user, deal).chars().take(80).collect::<String>()) }
                         span.meta {
-                            span.stage { (shown(deal, Field::Stage)) }
+                            @if page.user.sees(Field::Stage) { span.stage { (shown(deal, Field::Stage)) } }
                             @if sees_amounts && deal.fields.contains_key(&Field::Amount) {
                                 span.amount { (crate::text::group_thousands(&shown(deal, Field::Amount))) " " (shown(deal, Field::Currency)) }
                             }
@@ -628,10 +638,12 @@ async fn deals_page(
         h1 { (tr(language, "Deals", "商机")) }
         form.search method="get" action="/deals" {
             input type="search" name="q" value=(form.q.as_deref().unwrap_or("")) placeholder=(tr(language, "Search company, contact, email…", "搜索公司、联系人、邮箱…"));
-            select name="stage" {
-                option value="" { (tr(language, "All stages", "全部阶段")) }
-                @for stage in &stages {
-                    option value=(stage) selected[form.stage.as_deref() == Some(stage.as_str())] { (stage) }
+            @if page.user.sees(Field::Stage) {
+                select name="stage" {
+                    option value="" { (tr(language, "All stages", "全部阶段")) }
+                    @for stage in &stages {
+                        option value=(stage) selected[form.stage.as_deref() == Some(stage.as_str())] { (stage) }
+                    }
                 }
             }
             label.check { input type="checkbox" name="stalled" value="1" checked[form.stalled.is_some()]; (tr(language, "Stalled", "停滞")) }
@@ -663,10 +675,11 @@ fn deal_markup(
         .into_iter()
         .filter(|field| page.user.sees(*field))
         .collect();
-    let title = shown(deal, Field::Company);
+    let may_move =
+        may_change && authorize(&page.user, Action::SetField(Field::Stage, None)).is_ok();
     html! {
         p.back { a href="/deals" { "← " (tr(language, "Deals", "商机")) } }
-        h1 { (if title.is_empty() { format!("#{}", deal.id) } else { title }) }
+        h1 { (title_of(&page.user, deal)) }
         @if saved {
             p.notice { (tr(language, "Saved. The spreadsheets are updated in a moment.", "已保存。表格稍后会同步更新。")) }
         }
@@ -676,7 +689,7 @@ fn deal_markup(
         @if deal.archived_at.is_some() {
             p.notice { (tr(language, "This deal is archived.", "该商机已归档。")) }
         }
-        @if may_change {
+        @if may_move {
             form.card.move method="post" action=(format!("/deals/{}/move", deal.id)) {
                 input type="hidden" name="csrf" value=(page.session.csrf);
                 input type="hidden" name="version" value=(detail.version);
@@ -690,6 +703,8 @@ fn deal_markup(
                     button type="submit" { (tr(language, "Move", "移动")) }
                 }
             }
+        }
+        @if may_change {
             form.card.edit method="post" action=(format!("/deals/{}", deal.id)) {
                 h2 { (tr(language, "Details", "详情")) }
                 input type="hidden" name="csrf" value=(page.session.csrf);
@@ -723,7 +738,7 @@ fn deal_markup(
                 }
             }
         }
-        section.card {
+        @if page.user.sees(Field::Stage) { section.card {
             h2 { (tr(language, "Stage history", "阶段历史")) }
             ol.history {
                 @for change in &detail.history {
@@ -736,7 +751,7 @@ fn deal_markup(
                     }
                 }
             }
-        }
+        } }
         section.card {
             h2 { (tr(language, "Shown in", "所在文件")) }
             @if detail.files.is_empty() {
@@ -767,7 +782,7 @@ async fn render_deal(
     .await;
     match loaded {
         Ok((detail, stages)) => {
-            let title = shown(&detail.deal, Field::Company);
+            let title = title_of(&page.user, &detail.deal);
             let markup = layout(
                 &title,
                 page,

@@ -63,7 +63,11 @@ impl Team {
         let admin = dir.token("root", "admin", None);
         let manager = dir.token("mia", "manager", None);
         let alice = dir.token("alice", "rep", Some("Alice Wang"));
-        let readonly = dir.token("erp", "readonly", None);
+        let mut readonly = dir.token("erp", "readonly", None);
+        // The ERP is not shown contacts' email, owners or stages.
+        readonly
+            .config_lines
+            .push_str("\nhidden_fields = [\"email\", \"owner\", \"stage\"]");
         let port = dir.http_source(
             "pipeline.xlsx",
             &format!("hidden_fields = {{ rep = [\"amount\"] }}\n{extra_http}"),
@@ -622,7 +626,8 @@ fn the_openapi_document_describes_every_route() {
                 let reply = http.get(&format!("/api/v1{concrete}"), Some(&team.admin.token));
                 assert_eq!(reply.status, 200, "GET {concrete}: {}", reply.body);
             } else {
-                // An empty body is refused by the handler (400/415), not by routing (404/405).
+                // An empty body is refused by the handler (400/403/415), not by routing: no 405,
+                // and no 404 from the API's fallback for unknown paths.
                 let reply = http.send(
                     &method.to_uppercase(),
                     &format!("/api/v1{concrete}"),
@@ -632,9 +637,15 @@ fn the_openapi_document_describes_every_route() {
                     &[],
                 );
                 assert!(
-                    ![404, 405].contains(&reply.status) || concrete.ends_with("/undo"),
-                    "{method} {concrete}: {}",
-                    reply.status
+                    [400, 403, 415].contains(&reply.status),
+                    "{method} {concrete}: {} {}",
+                    reply.status,
+                    reply.body
+                );
+                assert_ne!(
+                    reply.json()["error"]["message"],
+                    "there is no such API path",
+                    "{method} {concrete} is not routed"
                 );
             }
         }
@@ -715,15 +726,19 @@ fn the_pages_log_in_once_with_a_token_limit_failures_and_check_forms() {
         ],
     );
     assert!(chinese.body.contains("销售漏斗"), "{}", chinese.body);
-    // Wrong tokens: refused, then (after five) even the right one waits.
-    for _ in 0..5 {
+    // Wrong tokens: refused, then (after five) refused with 429 — but only the wrong ones: the
+    // team behind the same address still gets in with valid tokens. Without trusted proxies,
+    // `X-Forwarded-For` is the client's own word and is ignored: each try below names another
+    // address, and all count against the one peer.
+    for attempt in 0..5 {
+        let forwarded = format!("198.51.100.{attempt}");
         http.send(
             "POST",
             "/login",
             None,
             "application/x-www-form-urlencoded",
             "token=guess",
-            &[],
+            &[("X-Forwarded-For", &forwarded)],
         )
         .assert_status(401);
     }
@@ -732,13 +747,231 @@ fn the_pages_log_in_once_with_a_token_limit_failures_and_check_forms() {
         "/login",
         None,
         "application/x-www-form-urlencoded",
+        "token=guess",
+        &[("X-Forwarded-For", "198.51.100.99")],
+    );
+    limited.assert_status(429);
+    http.get("/api/v1/deals", Some("another-guess"))
+        .assert_status(429);
+    let still_in = http.send(
+        "POST",
+        "/login",
+        None,
+        "application/x-www-form-urlencoded",
         format!("token={}", team.manager.token),
         &[],
     );
-    limited.assert_status(429);
+    still_in.assert_status(303);
+    assert!(still_in.header("set-cookie").is_some());
     http.get("/api/v1/deals", Some(&team.manager.token))
-        .assert_status(429);
+        .assert_status(200);
+    http.get("/api/v1/deals", Some(&team.alice.token))
+        .assert_status(200);
     let _ = team.port;
+}
+
+#[test]
+fn behind_a_trusted_proxy_each_client_is_limited_on_its_own() {
+    let team = Team::start("trusted_proxies = [\"127.0.0.1\"]");
+    let http = &team.http;
+    let login = |forwarded: &str, token: &str| {
+        http.send(
+            "POST",
+            "/login",
+            None,
+            "application/x-www-form-urlencoded",
+            format!("token={token}"),
+            &[("X-Forwarded-For", forwarded)],
+        )
+        .status
+    };
+    // The attacker, as nginx's `$proxy_add_x_forwarded_for` forwards them.
+    for _ in 0..5 {
+        assert_eq!(login("203.0.113.7", "guess"), 401);
+    }
+    assert_eq!(login("203.0.113.7", "guess"), 429);
+    // An entry the attacker writes in front of the proxy's does not make them someone else.
+    assert_eq!(login("192.0.2.1, 203.0.113.7", "guess"), 429);
+    let api = |forwarded: &str, token: &str| {
+        http.get_with(
+            "/api/v1/deals",
+            Some(token),
+            &[("X-Forwarded-For", forwarded)],
+        )
+        .status
+    };
+    assert_eq!(api("203.0.113.7", "guess"), 429);
+    // Another client behind the same proxy is not limited, for a mistake or a good token.
+    assert_eq!(login("203.0.113.8", "typo"), 401);
+    assert_eq!(api("203.0.113.8", "typo"), 401);
+    assert_eq!(login("203.0.113.8", &team.manager.token), 303);
+    assert_eq!(api("203.0.113.8", &team.manager.token), 200);
+    // And the attacker's address with a valid token is let in too.
+    assert_eq!(api("203.0.113.7", &team.admin.token), 200);
+    // A bad list of proxies is refused by check-config, with its key.
+    let config = std::fs::read_to_string(team.dir.config_path()).expect("config");
+    std::fs::write(
+        team.dir.config_path(),
+        config.replace(
+            "trusted_proxies = [\"127.0.0.1\"]",
+            "trusted_proxies = [\"nginx\"]",
+        ),
+    )
+    .expect("config");
+    let check = team.dir.run(&["check-config"]);
+    check.assert_code(2);
+    assert!(
+        check.stderr.contains("`http.trusted_proxies`")
+            && check.stderr.contains("\"nginx\" is not an IP address"),
+        "{}",
+        check.stderr
+    );
+}
+
+/// The CSRF token of a page's forms.
+fn csrf_of(page: &str) -> String {
+    page.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_string()
+}
+
+#[test]
+fn each_role_sees_on_the_pages_only_what_it_may() {
+    let team = Team::start("");
+    let http = &team.http;
+    let acme = team.id_of("Acme");
+    let globex = team.id_of("Globex");
+    let page = |session: &str, path: &str| http.get_with(path, None, &[("Cookie", session)]);
+    let every_page = [
+        "/funnel".to_string(),
+        "/stalled".to_string(),
+        "/deals".to_string(),
+        format!("/deals/{acme}"),
+    ];
+
+    // Alice: another rep's deal does not exist; no amount anywhere; no files page.
+    let alice = http.log_in(&team.alice.token);
+    let other = page(&alice, &format!("/deals/{globex}"));
+    other.assert_status(404);
+    assert!(
+        !other.body.contains("Globex") && !other.body.contains("gus@"),
+        "{}",
+        other.body
+    );
+    for path in &every_page {
+        let shown = page(&alice, path);
+        shown.assert_status(200);
+        for hidden in [
+            "1,000",
+            "3,000",
+            "1000.0",
+            "name=\"amount\"",
+            ">Amount<",
+            "Won amount",
+            "Open amount",
+        ] {
+            assert!(
+                !shown.body.contains(hidden),
+                "{path} shows {hidden:?} to a rep:\n{}",
+                shown.body
+            );
+        }
+        assert!(
+            !shown.body.contains("href=\"/files\""),
+            "{path} links the files page for a rep"
+        );
+    }
+    let files = page(&alice, "/files");
+    assert!([403, 404].contains(&files.status), "{}", files.status);
+    assert!(!files.body.contains("pipeline.xlsx"), "{}", files.body);
+
+    // The read-only ERP: no email, owner or stage on any page; no form to change a deal, and a
+    // forged post is refused.
+    let erp = http.log_in(&team.readonly.token);
+    for path in &every_page {
+        let shown = page(&erp, path);
+        shown.assert_status(200);
+        for hidden in [
+            "ann@acme.example",
+            "ivy@initech",
+            "Alice Wang",
+            "alice wang",
+            "Bob Li",
+        ] {
+            assert!(
+                !shown.body.contains(hidden),
+                "{path} shows {hidden:?} to readonly:\n{}",
+                shown.body
+            );
+        }
+    }
+    let deal = page(&erp, &format!("/deals/{acme}"));
+    assert!(
+        !deal.body.contains("Lead"),
+        "the stage of the deal is shown:\n{}",
+        deal.body
+    );
+    assert!(
+        !deal.body.contains(&format!("action=\"/deals/{acme}"))
+            && !deal.body.contains("name=\"version\""),
+        "readonly gets an edit form:\n{}",
+        deal.body
+    );
+    let csrf = csrf_of(&deal.body);
+    for (path, form) in [
+        (
+            format!("/deals/{acme}"),
+            format!("csrf={csrf}&next_step=Hacked"),
+        ),
+        (
+            format!("/deals/{acme}/move"),
+            format!("csrf={csrf}&stage=Won"),
+        ),
+    ] {
+        let posted = http.send(
+            "POST",
+            &path,
+            None,
+            "application/x-www-form-urlencoded",
+            form,
+            &[("Cookie", &erp)],
+        );
+        posted.assert_status(403);
+    }
+    let acme_now = http
+        .get(&format!("/api/v1/deals/{acme}"), Some(&team.admin.token))
+        .json();
+    assert_eq!(
+        (acme_now["next_step"].as_str(), acme_now["stage"].as_str()),
+        (Some("Call"), Some("Lead"))
+    );
+
+    // The API hides the same: no stage history without the stage, no filter on a hidden field.
+    let read = http
+        .get(&format!("/api/v1/deals/{acme}"), Some(&team.readonly.token))
+        .assert_status(200)
+        .json();
+    for hidden in ["stage", "stage_history", "owner", "email"] {
+        assert!(read.get(hidden).is_none(), "{hidden} in {read}");
+    }
+    for (query, field) in [("owner=Bob%20Li", "owner"), ("stage=Lead", "stage")] {
+        let refused = http.get(
+            &format!("/api/v1/deals?{query}"),
+            Some(&team.readonly.token),
+        );
+        refused.assert_status(400);
+        assert_eq!(refused.json()["error"]["field"], field);
+    }
+    http.get("/api/v1/funnel?owner=Bob%20Li", Some(&team.readonly.token))
+        .assert_status(400);
+    // The manager, who sees them, still filters by them.
+    let bobs = http
+        .get("/api/v1/deals?owner=Bob%20Li", Some(&team.manager.token))
+        .assert_status(200)
+        .json();
+    assert_eq!(companies(&bobs), ["Globex"]);
 }
 
 #[test]
