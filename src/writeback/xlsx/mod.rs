@@ -84,25 +84,14 @@ fn build_package(
     out: &mut dyn WriteSeek,
 ) -> Result<Vec<u32>, PackageError> {
     let mut package = Package::open(Cursor::new(original))?;
-    let workbook = package.workbook()?;
-    let workbook_relationships = package.relationships(&workbook.part)?;
-    let sheet_index = workbook
-        .sheets
-        .iter()
-        .position(|(name, _)| *name == sheet.sheet_name)
-        .ok_or_else(|| PackageError::Missing(format!("sheet \"{}\"", sheet.sheet_name)))?;
-    let sheet_relationship_id = &workbook.sheets[sheet_index].1;
-    let sheet_part = workbook_relationships
-        .iter()
-        .find(|relationship| &relationship.id == sheet_relationship_id)
-        .and_then(|relationship| relationship.part.clone())
-        .ok_or_else(|| {
-            PackageError::Missing(format!("the part of sheet \"{}\"", sheet.sheet_name))
-        })?;
-    let sheet_entry = package
-        .index_of(&sheet_part)
-        .ok_or_else(|| PackageError::Missing(sheet_part.clone()))?;
-    let sheet_relationships = package.relationships(&sheet_part)?;
+    let SheetLocation {
+        workbook,
+        workbook_relationships,
+        sheet_index,
+        sheet_part,
+        sheet_entry,
+        sheet_relationships,
+    } = locate_sheet(&mut package, &sheet.sheet_name)?;
     let styles_part = workbook_relationships
         .iter()
         .find(|relationship| relationship.kind == "styles")
@@ -116,12 +105,6 @@ fn build_package(
         None => Styles::default(),
     };
 
-    // Rows that leave are deleted (the rows below moving up) where nothing points below them,
-    // and cleared where something might.
-    let mut removed = plan.removed.clone();
-    removed.sort_unstable();
-    let mut shift = RowShift::default();
-    let mut cleared = Vec::new();
     let parts = safety::SheetParts {
         sheet_name: &sheet.sheet_name,
         sheet_index,
@@ -130,56 +113,12 @@ fn build_package(
         workbook: &workbook,
         formula_cells: &sheet.formula_cells,
     };
-    if let Some(first_deleted) = removed.first().copied() {
-        let candidate = RowShift::new(removed.clone());
-        match safety::check(&mut package, &parts, &candidate, first_deleted)? {
-            Ok(()) => shift = candidate,
-            Err(reason) => {
-                tracing::info!(
-                    "{}: {} row(s) left blank rather than deleted: {reason}",
-                    sheet.path.display(),
-                    removed.len()
-                );
-                cleared = removed.clone();
-            }
-        }
-    }
+    let mut removed = plan.removed.clone();
+    removed.sort_unstable();
+    let (shift, cleared) = decide_removals(&mut package, &parts, &removed, &sheet.path)?;
 
     let layout = Layout::of(plan, &removed, &shift);
-    let mut rows: BTreeMap<u32, RowEdit> = BTreeMap::new();
-    let mut max_column = 0u32;
-    for planned in &plan.rows {
-        let Some(origin) = planned.origin else {
-            continue;
-        };
-        if planned.overrides.is_empty() {
-            continue;
-        }
-        let cells = column_cells(&planned.overrides, &mut max_column);
-        rows.insert(origin, RowEdit::Cells(cells));
-    }
-    for row_number in &cleared {
-        rows.insert(*row_number, RowEdit::Clear);
-    }
-    if let Some(key_column) = plan.added_key_column {
-        let column = u32::try_from(key_column).unwrap_or(u32::MAX);
-        max_column = max_column.max(column);
-        let mut header = BTreeMap::new();
-        header.insert(column, OutCell::Text("CRM ID".to_string()));
-        rows.insert(plan.header_row_number, RowEdit::Cells(header));
-    }
-    let new_rows: Vec<(u32, BTreeMap<u32, OutCell>)> = plan
-        .rows
-        .iter()
-        .filter(|planned| planned.origin.is_none())
-        .zip(layout.first_new_row..)
-        .map(|(planned, row_number)| {
-            (
-                row_number,
-                column_cells(&planned.overrides, &mut max_column),
-            )
-        })
-        .collect();
+    let (rows, new_rows, max_column) = row_edits(plan, &cleared, layout.first_new_row);
     let last_new_row = new_rows.last().map(|(row_number, _)| *row_number);
     let fresh = layout.is_fresh.then(|| {
         fresh_niceties(
@@ -219,47 +158,8 @@ fn build_package(
         date1904: workbook.date1904,
     };
 
-    // The sheet is patched into a staging archive first, so that every entry of the new package
-    // keeps its place and the parts written after it (styles) can use what the patch found.
-    let mut staging = zip::ZipWriter::new(std::io::BufWriter::with_capacity(
-        1 << 16,
-        tempfile::tempfile()?,
-    ));
-    let (sheet_entry_name, sheet_options) = {
-        let entry = package.archive.by_index_raw(sheet_entry)?;
-        let options = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated)
-            .compression_level(Some(SHEET_COMPRESSION_LEVEL))
-            .last_modified_time(entry.last_modified().unwrap_or_default())
-            .large_file(entry.size() >= u64::from(u32::MAX));
-        (entry.name()?.into_owned(), options)
-    };
-    staging.start_file(sheet_entry_name.as_str(), sheet_options)?;
-    let outcome = {
-        let entry = package.archive.by_index(sheet_entry)?;
-        // The patcher writes many small pieces; the compressor is fed in large ones.
-        let mut sheet_writer = std::io::BufWriter::with_capacity(1 << 16, &mut staging);
-        let outcome = sheet::patch(
-            BufReader::with_capacity(1 << 16, entry),
-            &mut sheet_writer,
-            edit,
-            &mut styles,
-        )?;
-        sheet_writer.flush()?;
-        outcome
-    };
-    for (row_number, column) in &outcome.kept_formulas {
-        tracing::warn!(
-            "{}: {} holds a formula; it was kept and not overwritten",
-            sheet.path.display(),
-            cellref::cell_name(*row_number, *column)
-        );
-    }
-    let staged_file = staging
-        .finish()?
-        .into_inner()
-        .map_err(|error| PackageError::Io(error.into_error()))?;
-    let mut staged = zip::ZipArchive::new(staged_file)?;
+    let (mut staged, outcome) =
+        patch_into_staging(&mut package, sheet_entry, edit, &mut styles, &sheet.path)?;
 
     // The parts besides the sheet that this write changes.
     let mut changed_parts: HashMap<String, Vec<u8>> = HashMap::new();
@@ -319,6 +219,137 @@ fn build_package(
         }
     }
 
+    assemble(&mut package, sheet_entry, &mut staged, &changed_parts, out)?;
+
+    Ok(written_row_numbers(plan, layout.first_new_row, &shift))
+}
+
+/// The cells to write into existing rows (changed cells, cleared rows, the CRM ID header) and
+/// the new rows with their numbers, and the widest column either reaches.
+fn row_edits(
+    plan: &SheetPlan,
+    cleared: &[u32],
+    first_new_row: u32,
+) -> (
+    BTreeMap<u32, RowEdit>,
+    Vec<(u32, BTreeMap<u32, OutCell>)>,
+    u32,
+) {
+    let mut rows: BTreeMap<u32, RowEdit> = BTreeMap::new();
+    let mut max_column = 0u32;
+    for planned in &plan.rows {
+        let Some(origin) = planned.origin else {
+            continue;
+        };
+        if planned.overrides.is_empty() {
+            continue;
+        }
+        let cells = column_cells(&planned.overrides, &mut max_column);
+        rows.insert(origin, RowEdit::Cells(cells));
+    }
+    for row_number in cleared {
+        rows.insert(*row_number, RowEdit::Clear);
+    }
+    if let Some(key_column) = plan.added_key_column {
+        let column = u32::try_from(key_column).unwrap_or(u32::MAX);
+        max_column = max_column.max(column);
+        let mut header = BTreeMap::new();
+        header.insert(column, OutCell::Text("CRM ID".to_string()));
+        rows.insert(plan.header_row_number, RowEdit::Cells(header));
+    }
+    let new_rows: Vec<(u32, BTreeMap<u32, OutCell>)> = plan
+        .rows
+        .iter()
+        .filter(|planned| planned.origin.is_none())
+        .zip(first_new_row..)
+        .map(|(planned, row_number)| {
+            (
+                row_number,
+                column_cells(&planned.overrides, &mut max_column),
+            )
+        })
+        .collect();
+    (rows, new_rows, max_column)
+}
+
+/// Rows that leave are deleted (the rows below moving up) where nothing points below them, and
+/// cleared where something might: the shift of the rows below, or the rows to clear.
+fn decide_removals(
+    package: &mut Package<Cursor<&[u8]>>,
+    parts: &safety::SheetParts<'_>,
+    removed: &[u32],
+    path: &std::path::Path,
+) -> Result<(RowShift, Vec<u32>), PackageError> {
+    let Some(first_deleted) = removed.first().copied() else {
+        return Ok((RowShift::default(), Vec::new()));
+    };
+    let candidate = RowShift::new(removed.to_vec());
+    Ok(
+        match safety::check(package, parts, &candidate, first_deleted)? {
+            Ok(()) => (candidate, Vec::new()),
+            Err(reason) => {
+                tracing::info!(
+                    "{}: {} row(s) left blank rather than deleted: {reason}",
+                    path.display(),
+                    removed.len()
+                );
+                (RowShift::default(), removed.to_vec())
+            }
+        },
+    )
+}
+
+/// Where the managed sheet is in the package, and what the workbook says around it.
+struct SheetLocation {
+    workbook: package::WorkbookInfo,
+    workbook_relationships: Vec<package::Relationship>,
+    /// Its position among the workbook's sheets.
+    sheet_index: usize,
+    sheet_part: String,
+    sheet_entry: usize,
+    sheet_relationships: Vec<package::Relationship>,
+}
+
+fn locate_sheet(
+    package: &mut Package<Cursor<&[u8]>>,
+    sheet_name: &str,
+) -> Result<SheetLocation, PackageError> {
+    let workbook = package.workbook()?;
+    let workbook_relationships = package.relationships(&workbook.part)?;
+    let sheet_index = workbook
+        .sheets
+        .iter()
+        .position(|(name, _)| *name == sheet_name)
+        .ok_or_else(|| PackageError::Missing(format!("sheet \"{}\"", sheet_name)))?;
+    let sheet_relationship_id = &workbook.sheets[sheet_index].1;
+    let sheet_part = workbook_relationships
+        .iter()
+        .find(|relationship| &relationship.id == sheet_relationship_id)
+        .and_then(|relationship| relationship.part.clone())
+        .ok_or_else(|| PackageError::Missing(format!("the part of sheet \"{}\"", sheet_name)))?;
+    let sheet_entry = package
+        .index_of(&sheet_part)
+        .ok_or_else(|| PackageError::Missing(sheet_part.clone()))?;
+    let sheet_relationships = package.relationships(&sheet_part)?;
+    Ok(SheetLocation {
+        workbook,
+        workbook_relationships,
+        sheet_index,
+        sheet_part,
+        sheet_entry,
+        sheet_relationships,
+    })
+}
+
+/// Writes the new package: the staged sheet part, the changed parts, and every other entry
+/// copied through as stored (compressed bytes untouched), in the original order.
+fn assemble(
+    package: &mut Package<Cursor<&[u8]>>,
+    sheet_entry: usize,
+    staged: &mut zip::ZipArchive<std::fs::File>,
+    changed_parts: &HashMap<String, Vec<u8>>,
+    out: &mut dyn WriteSeek,
+) -> Result<(), PackageError> {
     let mut writer = zip::ZipWriter::new(out);
     for entry_idx in 0..package.archive.len() {
         if entry_idx == sheet_entry {
@@ -349,11 +380,15 @@ fn build_package(
         writer.set_raw_comment(comment.into_boxed_slice())?;
     }
     writer.finish()?;
+    Ok(())
+}
 
-    Ok(plan
-        .rows
+/// The Excel row number of each planned row in the written file, in plan order: a kept row
+/// where the deletions above moved it, a new row in the order appended.
+fn written_row_numbers(plan: &SheetPlan, first_new_row: u32, shift: &RowShift) -> Vec<u32> {
+    plan.rows
         .iter()
-        .scan(layout.first_new_row, |next_new_row, planned| {
+        .scan(first_new_row, |next_new_row, planned| {
             Some(match planned.origin {
                 Some(origin) => shift.map(origin).unwrap_or(origin),
                 None => {
@@ -363,7 +398,58 @@ fn build_package(
                 }
             })
         })
-        .collect())
+        .collect()
+}
+
+/// Patches the sheet part into an archive of its own, so that every entry of the new package
+/// keeps its place and the parts written after it (styles) can use what the patch found.
+fn patch_into_staging(
+    package: &mut Package<Cursor<&[u8]>>,
+    sheet_entry: usize,
+    edit: SheetEdit,
+    styles: &mut Styles,
+    path: &std::path::Path,
+) -> Result<(zip::ZipArchive<std::fs::File>, sheet::EditOutcome), PackageError> {
+    let mut staging = zip::ZipWriter::new(std::io::BufWriter::with_capacity(
+        1 << 16,
+        tempfile::tempfile()?,
+    ));
+    let (sheet_entry_name, sheet_options) = {
+        let entry = package.archive.by_index_raw(sheet_entry)?;
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .compression_level(Some(SHEET_COMPRESSION_LEVEL))
+            .last_modified_time(entry.last_modified().unwrap_or_default())
+            .large_file(entry.size() >= u64::from(u32::MAX));
+        (entry.name()?.into_owned(), options)
+    };
+    staging.start_file(sheet_entry_name.as_str(), sheet_options)?;
+    let outcome = {
+        let entry = package.archive.by_index(sheet_entry)?;
+        // The patcher writes many small pieces; the compressor is fed in large ones.
+        let mut sheet_writer = std::io::BufWriter::with_capacity(1 << 16, &mut staging);
+        let outcome = sheet::patch(
+            BufReader::with_capacity(1 << 16, entry),
+            &mut sheet_writer,
+            edit,
+            styles,
+        )?;
+        sheet_writer.flush()?;
+        outcome
+    };
+    for (row_number, column) in &outcome.kept_formulas {
+        tracing::warn!(
+            "{}: {} holds a formula; it was kept and not overwritten",
+            path.display(),
+            cellref::cell_name(*row_number, *column)
+        );
+    }
+    let staged_file = staging
+        .finish()?
+        .into_inner()
+        .map_err(|error| PackageError::Io(error.into_error()))?;
+    let staged = zip::ZipArchive::new(staged_file)?;
+    Ok((staged, outcome))
 }
 
 /// For each date going into an existing row, the nearest row above it that holds a date in the
