@@ -133,6 +133,9 @@ enum Event {
     MailPending(i64),
     /// An admin asked (through HTTP) to apply this held file (by its key) despite the guard.
     ForceSync(String),
+    /// The store thread's connection was lost, and another daemon of this site took the site
+    /// claim before it could connect again: this daemon must stop.
+    SiteLost,
 }
 
 struct Daemon {
@@ -170,6 +173,8 @@ struct Daemon {
     /// The HTTP server of `[http]`, on a runtime of its own, and the loop's heartbeat it shows.
     http: Option<crate::http::Server>,
     heartbeat: Arc<crate::http::Heartbeat>,
+    /// Why the daemon must stop with an error once its work in progress is done.
+    fatal: Option<DaemonError>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error only for fatal problems.
@@ -220,8 +225,8 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         }
     };
     let (sender, mut receiver) = mpsc::channel(EVENT_QUEUE);
-    let store =
-        StoreThread::start(opening.store, sender.clone()).map_err(DaemonError::StoreThread)?;
+    let store = StoreThread::start(opening.store, config.store.clone(), sender.clone())
+        .map_err(DaemonError::StoreThread)?;
     workers::spawn_signal_workers(&sender);
     workers::spawn_tick_worker(&sender);
     let workers = workers::start_workers(&config, &sender);
@@ -249,6 +254,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         links_not_synced: HashMap::new(),
         http: None,
         heartbeat: Arc::new(crate::http::Heartbeat::default()),
+        fatal: None,
     };
     daemon.heartbeat.beat();
     if daemon.config.http.is_some() {
@@ -310,8 +316,11 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     if let Some(http) = daemon.http.take() {
         http.stop();
     }
-    let Daemon { store, .. } = daemon;
+    let Daemon { store, fatal, .. } = daemon;
     store.finish().await;
+    if let Some(fatal) = fatal {
+        return Err(fatal);
+    }
     info!("funnelsync daemon stopped");
     Ok(())
 }
@@ -363,6 +372,12 @@ impl Daemon {
                 self.resync_files_behind(behind.as_ref(), except.as_deref());
             }
             Event::ForceSync(file) => self.force_sync(&file),
+            Event::SiteLost => {
+                let site = self.config.store.site.clone();
+                error!(site = %site, "lost the connection to the store, and another daemon claimed this site meanwhile; stopping");
+                self.fatal = Some(DaemonError::SiteTaken(site));
+                self.handle(Event::Shutdown, shutdown_deadline);
+            }
             Event::MailPending(n_pending) => {
                 if n_pending > 0 {
                     self.retry_mail();

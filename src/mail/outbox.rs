@@ -153,10 +153,16 @@ pub fn deliver(
     all: bool,
     runtime: &tokio::runtime::Handle,
 ) -> Result<DeliveryReport, OutboxError> {
-    // Two daemons sharing a store deliver one after the other, so that no message is sent twice.
-    store.exclusively("mail", |store| {
+    // Two daemons sharing a store never deliver at once, so that no message is sent twice. The
+    // claim is held through the SMTP exchange, so it is not waited for: a daemon whose mail
+    // server hangs must not hang the others, and the one holding it delivers what is due.
+    let delivered = store.try_exclusively("mail", |store| {
         deliver_claimed(store, config, now, all, runtime)
-    })
+    })?;
+    Ok(delivered.unwrap_or_else(|| {
+        tracing::info!("mail delivery is being done by another daemon");
+        DeliveryReport::default()
+    }))
 }
 
 fn deliver_claimed(

@@ -73,6 +73,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Refused(String),
+    #[error("another daemon has held the claim on {job} for over {} s; try again later", waited.as_secs())]
+    ClaimHeld { job: String, waited: Duration },
 }
 
 impl StoreError {
@@ -84,6 +86,24 @@ impl StoreError {
                 *code == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
                     || *code == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
             }),
+            _ => false,
+        }
+    }
+
+    /// Whether the connection this came from is gone (a server restart, a terminated backend, a
+    /// network cut): nothing more can be done on it, and a new one may well work.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            StoreError::Postgres(error) => {
+                error.is_closed()
+                    || error.code().is_some_and(|code| {
+                        *code == postgres::error::SqlState::ADMIN_SHUTDOWN
+                            || *code == postgres::error::SqlState::CRASH_SHUTDOWN
+                            || *code == postgres::error::SqlState::CANNOT_CONNECT_NOW
+                    })
+                    || std::error::Error::source(error)
+                        .is_some_and(|source| source.is::<std::io::Error>())
+            }
             _ => false,
         }
     }
@@ -382,6 +402,29 @@ impl Store {
         &self.site
     }
 
+    /// Whether the connection is known to be gone: PostgreSQL closed it (or the network did) and
+    /// no statement on it can succeed any more. A SQLite connection is never lost.
+    pub fn connection_lost(&self) -> bool {
+        match &self.connection {
+            Connection::Sqlite(_) => false,
+            Connection::Postgres(connection) => connection.client.borrow().is_closed(),
+        }
+    }
+
+    /// Whether a connection that sat idle still answers: a backend terminated meanwhile is only
+    /// found out on the next statement, which the work it was lent to should not be the one to
+    /// fail.
+    fn still_answers(&self) -> bool {
+        match &self.connection {
+            Connection::Sqlite(_) => true,
+            Connection::Postgres(connection) => connection
+                .client
+                .borrow_mut()
+                .is_valid(Duration::from_secs(5))
+                .is_ok(),
+        }
+    }
+
     fn link(&self) -> sql::Link<'_> {
         match &self.connection {
             Connection::Sqlite(connection) => sql::Link::Sqlite(connection),
@@ -431,29 +474,65 @@ impl Store {
     }
 
     /// Runs `work` while this process holds the store-wide claim on `job`: on PostgreSQL an
-    /// advisory lock, which waits for a daemon doing the same job and is let go when the work
-    /// ends or the connection does (a daemon that dies holds nothing); on SQLite there is no
-    /// other daemon to wait for.
+    /// advisory lock, let go when the work ends or the connection does (a daemon that dies holds
+    /// nothing; one whose host vanished holds it until the server finds the connection dead,
+    /// which the client's TCP keepalives bring down to about a minute). A daemon doing the same
+    /// job is waited for, [`CLAIM_WAIT`] at most, so this is for short work on the store only:
+    /// work that talks to another server (mail) uses [`Store::try_exclusively`]. On SQLite there
+    /// is no other daemon to wait for.
     pub fn exclusively<T, E: From<StoreError>>(
         &mut self,
         job: &str,
         work: impl FnOnce(&mut Store) -> Result<T, E>,
     ) -> Result<T, E> {
+        let deadline = std::time::Instant::now() + CLAIM_WAIT;
+        let mut work = Some(work);
+        loop {
+            let attempt = self.try_exclusively(job, |store| match work.take() {
+                Some(work) => work(store),
+                None => Err(StoreError::Corrupt("a claimed job ran twice".to_string()).into()),
+            })?;
+            if let Some(done) = attempt {
+                return Ok(done);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::ClaimHeld {
+                    job: job.to_string(),
+                    waited: CLAIM_WAIT,
+                }
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `work` if no other process holds the store-wide claim on `job` (see
+    /// [`Store::exclusively`]); `None`, without waiting, when one does: that daemon is doing the
+    /// job.
+    pub fn try_exclusively<T, E: From<StoreError>>(
+        &mut self,
+        job: &str,
+        work: impl FnOnce(&mut Store) -> Result<T, E>,
+    ) -> Result<Option<T>, E> {
         if self.engine() == Engine::Sqlite {
-            return work(self);
+            return work(self).map(Some);
         }
         let key = claim_key(job);
-        self.db()
-            .execute("SELECT pg_advisory_lock(?1)", &sql_params![key])
+        let claimed = self
+            .db()
+            .query_value::<bool>("SELECT pg_try_advisory_lock(?1)", &sql_params![key])
             .map_err(E::from)?;
+        if !claimed {
+            return Ok(None);
+        }
         let result = work(self);
         if let Err(error) = self
             .db()
-            .execute("SELECT pg_advisory_unlock(?1)", &sql_params![key])
+            .query_value::<bool>("SELECT pg_advisory_unlock(?1)", &sql_params![key])
         {
             tracing::warn!("cannot let go of the claim on {job}: {error}");
         }
-        result
+        result.map(Some)
     }
 
     /// Claims this store's site for this process for as long as the connection lives: on
@@ -470,12 +549,19 @@ impl Store {
     }
 }
 
+/// How long [`Store::exclusively`] waits for another daemon doing the same job.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(30);
+
 /// How many idle PostgreSQL connections a process keeps per store.
 const POOL_IDLE: usize = 4;
 
 /// Idle PostgreSQL connections, by the config they were opened with: a connection costs a
 /// handshake (and TLS), and the daemon's jobs and the HTTP requests each want one.
-static POOL: std::sync::Mutex<Vec<(StoreConfig, Store)>> = std::sync::Mutex::new(Vec::new());
+static POOL: std::sync::Mutex<Vec<(StoreConfig, Store, std::time::Instant)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// How long a pooled connection may sit idle before it is checked (one round trip) before use.
+const POOL_CHECK_AFTER: Duration = Duration::from_secs(1);
 
 /// Runs `work` with a connection to the store the config names: a pooled one for PostgreSQL,
 /// a fresh one for SQLite (whose connections cost nothing). `existing` refuses to create a
@@ -486,10 +572,16 @@ pub fn with_store<T, E: From<StoreError>>(
     work: impl FnOnce(&mut Store) -> Result<T, E>,
 ) -> Result<T, E> {
     let pooled = if matches!(config.location, StoreLocation::Postgres(_)) {
-        let mut idle = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        idle.iter()
-            .position(|(opened_with, _)| opened_with == config)
-            .map(|position| idle.swap_remove(position).1)
+        let taken = {
+            let mut idle = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            idle.iter()
+                .position(|(opened_with, _, _)| opened_with == config)
+                .map(|position| idle.swap_remove(position))
+        };
+        // Checked outside the pool's lock: the check is a round trip to the server.
+        taken.and_then(|(_, store, returned_at)| {
+            (returned_at.elapsed() < POOL_CHECK_AFTER || store.still_answers()).then_some(store)
+        })
     } else {
         None
     };
@@ -504,10 +596,10 @@ pub fn with_store<T, E: From<StoreError>>(
         let mut idle = POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let n_same = idle
             .iter()
-            .filter(|(opened_with, _)| opened_with == config)
+            .filter(|(opened_with, _, _)| opened_with == config)
             .count();
         if healthy && n_same < POOL_IDLE {
-            idle.push((config.clone(), store));
+            idle.push((config.clone(), store, std::time::Instant::now()));
         }
     }
     result

@@ -77,6 +77,19 @@ pub fn connect(config: &PostgresConfig) -> Result<postgres::Client, StoreError> 
         settings.connect_timeout(Duration::from_secs(10));
     }
     settings.application_name("funnelsync");
+    // A host that vanishes (powered off, cut from the network) keeps its backends, and the
+    // advisory locks they hold (a site, a claimed job), until the server finds the connection
+    // dead; keepalives make both ends find out within about a minute instead of hours.
+    // The driver's own default idle time is two hours; one the URL gives is kept.
+    if settings.get_keepalives() && settings.get_keepalives_idle() >= Duration::from_secs(7200) {
+        settings.keepalives_idle(Duration::from_secs(30));
+        if settings.get_keepalives_interval().is_none() {
+            settings.keepalives_interval(Duration::from_secs(10));
+        }
+        if settings.get_keepalives_retries().is_none() {
+            settings.keepalives_retries(3);
+        }
+    }
     let client = match settings.get_ssl_mode() {
         postgres::config::SslMode::Disable => settings.connect(postgres::NoTls),
         _ => settings.connect(tls().map_err(&refused)?),

@@ -641,3 +641,131 @@ fn store_copy_moves_a_sqlite_store_to_postgresql_and_every_command_answers_the_s
     assert_eq!(counts["created"], 0, "{sync}");
     assert_eq!(counts["updated"], 0, "{sync}");
 }
+
+/// Ends every connection to the scenario's database but the one asking: a database restart, or
+/// an admin cleaning up, as far as the daemon can tell.
+const TERMINATE_EVERY_BACKEND: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+     WHERE datname = current_database() AND pid <> pg_backend_pid()";
+
+/// The advisory-lock key of a store-wide claim, as funnelsync computes it.
+fn claim_key(name: &str) -> i64 {
+    let digest = xxhash_rust::xxh3::xxh3_64(format!("funnelsync:{name}").as_bytes());
+    i64::from_ne_bytes(digest.to_ne_bytes())
+}
+
+#[test]
+fn a_daemon_whose_connections_are_all_cut_connects_again_and_keeps_syncing() {
+    if !shared_store_available(
+        "a_daemon_whose_connections_are_all_cut_connects_again_and_keeps_syncing",
+    ) {
+        return;
+    }
+    let (shanghai, beijing) =
+        two_offices(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Bob"]]);
+    let shanghai_daemon = shanghai.start_daemon();
+    shanghai_daemon.wait_ready();
+    let beijing_daemon = beijing.start_daemon();
+    beijing_daemon.wait_ready();
+    let bob = beijing.path("share/bob.xlsx");
+    wait_until(Duration::from_secs(15), "Acme in the store", || {
+        shanghai.count("SELECT count(*) FROM deals WHERE company = 'Acme'") == 1
+    });
+
+    let cut_at = chrono::Utc::now();
+    shanghai.execute(TERMINATE_EVERY_BACKEND);
+    wait_until(
+        Duration::from_secs(15),
+        "Beijing's daemon to connect again",
+        || {
+            beijing_daemon
+                .log()
+                .contains("connected to the store again; the site is claimed again")
+        },
+    );
+    assert_eq!(
+        beijing_daemon.log_count("lost the daemon's connection to the store"),
+        1,
+        "the loss is logged once\n{}",
+        beijing_daemon.log()
+    );
+
+    // An edit in Beijing's share still reaches the store, and a change in the store still
+    // reaches Beijing's file.
+    UserEdit::open(&bob, "Pipeline")
+        .set("Company", "Acme", "Amount", "1234")
+        .save();
+    wait_until(Duration::from_secs(15), "the edit in the store", || {
+        shanghai.deal_by("company", "Acme")["amount"]
+            .to_string()
+            .trim_end_matches(".0")
+            == "1234"
+    });
+    let acme = shanghai.deal_by("company", "Acme")["id"].to_string();
+    shanghai
+        .run(&["deals", "set", &acme, "stage=Prospect"])
+        .assert_code(0);
+    wait_until(
+        Duration::from_secs(15),
+        "the store's change in Bob's file",
+        || read_xlsx(&bob, "Pipeline").column("Stage") == vec!["Prospect".to_string()],
+    );
+
+    // `status` answers, and shows the file's state as recorded after the cut.
+    let status = beijing.run(&["status", "--format", "json"]);
+    status.assert_code(0);
+    let files = status.json();
+    let bob_status = files
+        .as_array()
+        .expect("status array")
+        .iter()
+        .find(|file| {
+            file["file"]
+                .as_str()
+                .is_some_and(|file| file.ends_with("bob.xlsx"))
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("bob.xlsx in the status: {files}"));
+    let checked_at: chrono::DateTime<chrono::Utc> = bob_status["last_checked_at"]
+        .as_str()
+        .and_then(|at| at.parse().ok())
+        .unwrap_or_else(|| panic!("a time: {bob_status}"));
+    assert!(checked_at > cut_at, "{bob_status}");
+}
+
+#[test]
+fn a_daemon_whose_site_was_taken_while_it_was_cut_off_stops() {
+    if !shared_store_available("a_daemon_whose_site_was_taken_while_it_was_cut_off_stops") {
+        return;
+    }
+    let shanghai = TestDir::for_site("shanghai");
+    std::fs::create_dir_all(shanghai.path("share")).expect("share");
+    deal_sheet(&[]).save(&shanghai.path("share/master.xlsx"));
+    shanghai.config(&format!(
+        "{WATCH}\n[[sources]]\nname = \"master\"\npath = \"share/master.xlsx\"\nview = \"all\"\n"
+    ));
+    let mut daemon = shanghai.start_daemon();
+    daemon.wait_ready();
+    // Another process takes the site the moment the daemon's connections are cut.
+    let url = shanghai.store_url().expect("the scenario's database");
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    other
+        .batch_execute(&format!(
+            "{TERMINATE_EVERY_BACKEND}; SELECT pg_advisory_lock({})",
+            claim_key("site:shanghai")
+        ))
+        .expect("take the site");
+    let code = daemon.wait_exit(Duration::from_secs(20));
+    assert!(
+        code.is_some_and(|code| code != 0),
+        "the daemon stops with an error ({code:?})\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("another daemon claimed this site meanwhile"),
+        "{}",
+        daemon.log()
+    );
+    drop(other);
+}
