@@ -130,6 +130,30 @@ async fn inner_width(client: &Client) -> i64 {
         .unwrap_or(0)
 }
 
+/// How wide the page's content is, in CSS pixels: wider than the window means the page scrolls
+/// sideways (or a phone zooms out to show it all).
+async fn scroll_width(client: &Client) -> i64 {
+    client
+        .execute(
+            "return Math.max(document.documentElement.scrollWidth, document.body.scrollWidth)",
+            Vec::new(),
+        )
+        .await
+        .expect("scrollWidth")
+        .as_i64()
+        .unwrap_or(i64::MAX)
+}
+
+/// Asserts that the current page fits a 375-px-wide phone without horizontal scrolling.
+async fn fits_the_phone(client: &Client, what: &str) {
+    assert_eq!(inner_width(client).await, 375, "{what}: the window");
+    let width = scroll_width(client).await;
+    assert!(
+        width <= 375,
+        "{what} is {width} px wide on a 375-px phone: it scrolls sideways"
+    );
+}
+
 #[test]
 fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
     let (Some(chromium), Some(_)) = (program("chromium"), program("chromedriver")) else {
@@ -163,7 +187,8 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
         .row(&[
             "Acme Robotics",
             "Ann",
-            "ann@acme.example",
+            // Long words with no place to break must wrap rather than widen the phone's page.
+            "ann.procurement.department.contact@acme-robotics-international.example",
             "Prospect",
             "12000",
             "Alice Wang",
@@ -191,7 +216,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             &days_ago(30),
         ])
         .row(&[
-            "Initech",
+            "InitechInternationalHoldingsAndSubsidiariesLimited",
             "Ivy",
             "ivy@initech.example",
             "Won",
@@ -225,7 +250,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
         log_in(&phone, &base, &manager.token).await;
         screenshot(&phone, "funnel-375x812.png").await;
         // Nothing is wider than the phone (a wider page would make the phone zoom out).
-        assert_eq!(inner_width(&phone).await, 375);
+        fits_the_phone(&phone, "the funnel").await;
         let page = phone.source().await.expect("page source");
         assert!(
             page.contains("Prospect") && page.contains("Sales funnel"),
@@ -273,6 +298,7 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             .expect("value");
         assert_eq!(value.as_deref(), Some("Visit on Friday"));
         screenshot(&phone, "deal-375x812.png").await;
+        fits_the_phone(&phone, "the deal").await;
         phone
             .goto(&format!("{base}/stalled"))
             .await
@@ -284,6 +310,9 @@ fn a_manager_edits_a_deal_on_a_phone_and_the_workbook_follows() {
             "worst first: {stalled}"
         );
         screenshot(&phone, "stalled-375x812.png").await;
+        fits_the_phone(&phone, "the stalled deals").await;
+        phone.goto(&format!("{base}/deals")).await.expect("deals");
+        fits_the_phone(&phone, "the deal list").await;
         phone.close().await.expect("close");
 
         let desktop = browser(
