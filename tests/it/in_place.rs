@@ -1209,3 +1209,126 @@ fn a_header_only_sheet_keeps_its_own_pane_widths_and_validation() {
         ["Acme"]
     );
 }
+
+/// Runs the binary with its files limited to `max_file_bytes` (as a full disk or a quota stops a
+/// write partway): a write past it fails with EFBIG instead of the process being killed.
+fn run_with_file_size_limit(
+    test: &TestDir,
+    max_file_bytes: u64,
+    args: &[&str],
+) -> crate::harness::Run {
+    use std::os::unix::process::CommandExt;
+    let mut command = test.command(args);
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // async-signal-safe functions (signal, setrlimit).
+    unsafe {
+        command.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: max_file_bytes,
+                rlim_max: max_file_bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    crate::harness::Run::from_output(command.output().expect("run funnelsync"))
+}
+
+/// Adds a stored (uncompressed) entry of `n_bytes` that nothing reads, so the workbook is larger
+/// than anything else funnelsync writes.
+fn add_padding_entry(path: &Path, n_bytes: usize) {
+    use std::io::Write;
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(path).expect("open")).expect("zip");
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for entry_idx in 0..archive.len() {
+        out.raw_copy_file(archive.by_index_raw(entry_idx).expect("entry"))
+            .expect("copy");
+    }
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    out.start_file("customXml/padding.bin", stored)
+        .expect("start");
+    let bytes = crate::harness::Random(0x9E37_79B9_7F4A_7C15).bytes(n_bytes);
+    out.write_all(&bytes).expect("write");
+    let bytes = out.finish().expect("finish").into_inner();
+    std::fs::write(path, bytes).expect("save");
+}
+
+#[test]
+fn a_write_back_cut_short_by_a_full_disk_fails_and_leaves_the_workbook_whole() {
+    let test = TestDir::new();
+    let path = test.path("share/alice.xlsx");
+    std::fs::create_dir_all(test.path("share")).expect("share");
+    plain_workbook(&path, false);
+    add_padding_entry(&path, 600_000);
+    for backups in [1, 0] {
+        test.config(&format!(
+            "[[sources]]\nname = \"pipeline\"\npath = \"share/alice.xlsx\"\nbackups = {backups}\n"
+        ));
+        let before = std::fs::read(&path).expect("read");
+        let backups_before = backup_names(&test);
+        // Half the workbook's size: the backup copy (when kept) or the new file stops partway,
+        // while the store's small writes go through.
+        let run = run_with_file_size_limit(&test, 300_000, &["sync", "--format", "json"]);
+        run.assert_code(1);
+        let report = run.json();
+        let file = file_report(&report, "alice.xlsx");
+        // The first time the store takes the rows; the second time it has them already, and the
+        // write-back is tried again all the same.
+        let expected = if backups == 1 { "synced" } else { "unchanged" };
+        assert_eq!(file["status"], expected, "{file}");
+        assert_eq!(
+            file["write_back"]["status"], "failed",
+            "backups = {backups}: {file}"
+        );
+        let message = file["write_back"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("File too large") && !message.contains("not a valid zip"),
+            "the message says the write failed, not that the workbook is broken: {message}"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "the workbook is untouched"
+        );
+        let share: Vec<String> = std::fs::read_dir(test.path("share"))
+            .expect("share")
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != ".funnelsync")
+            .collect();
+        assert_eq!(share, ["alice.xlsx"], "no temp file is left beside it");
+        assert_eq!(
+            backup_names(&test),
+            backups_before,
+            "no partial backup is left"
+        );
+        let status = test.run(&["status", "--format", "json"]).json();
+        assert_eq!(status[0]["last_status"], "failed", "{status}");
+    }
+    // With room again, the next sync writes the CRM IDs in.
+    let run = test.sync();
+    run.assert_code(0);
+    assert_eq!(
+        file_report(&run.json(), "alice.xlsx")["write_back"]["status"],
+        "written"
+    );
+    assert_eq!(read_xlsx(&path, "Pipeline").column("CRM ID").len(), 4);
+}
+
+/// The backups funnelsync keeps of the share's files (hidden temp files included).
+fn backup_names(test: &TestDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(test.path("share/.funnelsync/backups"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

@@ -38,7 +38,7 @@ use sheet::date_serial;
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
     #[error("the workbook is not a valid zip package: {0}")]
-    Zip(#[from] zip::result::ZipError),
+    Zip(zip::result::ZipError),
     #[error("a part of the workbook is not valid XML: {0}")]
     Xml(#[from] quick_xml::Error),
     #[error("{0}")]
@@ -47,6 +47,17 @@ pub enum PackageError {
     Missing(String),
     #[error("{0}")]
     Malformed(String),
+}
+
+impl From<zip::result::ZipError> for PackageError {
+    /// A read or write that failed (a full disk, a file-size limit) is an I/O error, not a sign
+    /// that the package is broken.
+    fn from(error: zip::result::ZipError) -> PackageError {
+        match error {
+            zip::result::ZipError::Io(source) => PackageError::Io(source),
+            other => PackageError::Zip(other),
+        }
+    }
 }
 
 impl From<quick_xml::events::attributes::AttrError> for PackageError {
