@@ -282,17 +282,102 @@ impl std::fmt::Debug for PostgresConfig {
 impl PostgresConfig {
     /// The URL with any password in it left out: for messages.
     pub fn shown_url(&self) -> String {
-        let Some((scheme, rest)) = self.url.split_once("://") else {
-            return self.url.clone();
-        };
-        match rest.split_once('@') {
-            Some((credentials, host)) => {
-                let user = credentials.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}@{host}")
+        shown_postgres_url(&self.url)
+    }
+
+    /// Whether the URL carries a password, in either form the driver takes
+    /// (`postgresql://user:password@host/db` or `…?password=…`): a URL is shown in logs and
+    /// messages, and a password in it would end up there too.
+    pub fn holds_password(&self) -> bool {
+        let parsed = self
+            .url
+            .parse::<postgres::Config>()
+            .is_ok_and(|parsed| parsed.get_password().is_some());
+        let (_, authority, _, query) = url_parts(&self.url);
+        parsed
+            || authority
+                .rsplit_once('@')
+                .is_some_and(|(credentials, _)| credentials.contains(':'))
+            || query.is_some_and(|query| query.split('&').any(is_password_parameter))
+    }
+}
+
+/// A PostgreSQL URL split into its scheme, authority (`user@host:port`), path and query, each
+/// as written; the scheme is empty when there is none.
+fn url_parts(url: &str) -> (&str, &str, &str, Option<&str>) {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(slash) => before_query.split_at(slash),
+        None => (before_query, ""),
+    };
+    (scheme, authority, path, query)
+}
+
+/// Whether a query parameter (`key=value`) of a URL is its password.
+fn is_password_parameter(parameter: &str) -> bool {
+    let key = parameter.split('=').next().unwrap_or("");
+    percent_decoded(key).eq_ignore_ascii_case("password")
+}
+
+/// `text` with its `%XX` escapes decoded (an escape that is not one is kept as written).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escape = (bytes[index] == b'%')
+            .then(|| text.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escape {
+            Some(byte) => {
+                decoded.push(byte);
+                index += 3;
             }
-            None => self.url.clone(),
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
         }
     }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// A PostgreSQL URL rebuilt from its parts without its password: the user but not `:password`
+/// before the host, every query parameter but `password`. Anything that is not a URL is not
+/// shown at all, since it may be a connection string with a password anywhere in it.
+pub fn shown_postgres_url(url: &str) -> String {
+    let (scheme, authority, path, query) = url_parts(url);
+    if scheme.is_empty() {
+        return "(a connection string that is not a postgresql:// URL)".to_string();
+    }
+    let authority = match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or("");
+            format!("{user}@{host}")
+        }
+        None => authority.to_string(),
+    };
+    let query = match query {
+        Some(query) if query.split('&').any(is_password_parameter) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|parameter| !is_password_parameter(parameter))
+                .collect();
+            if kept.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", kept.join("&"))
+            }
+        }
+        Some(query) => format!("?{query}"),
+        None => String::new(),
+    };
+    format!("{scheme}://{authority}{path}{query}")
 }
 
 impl StoreConfig {
@@ -553,6 +638,41 @@ mod tests {
             Err(ConfigError::Invalid { problems, .. }) => problems,
             Err(other) => panic!("unexpected error {other}"),
         }
+    }
+
+    #[test]
+    fn a_shown_postgres_url_never_holds_its_password() {
+        let shown = |url: &str| {
+            let config = PostgresConfig {
+                url: url.to_string(),
+                password_file: None,
+            };
+            (config.shown_url(), config.holds_password())
+        };
+        assert_eq!(
+            shown("postgresql://funnelsync@db.example:5433/crm?sslmode=require"),
+            (
+                "postgresql://funnelsync@db.example:5433/crm?sslmode=require".to_string(),
+                false
+            )
+        );
+        assert_eq!(
+            shown("postgresql://funnelsync:hunter2@db.example/crm"),
+            ("postgresql://funnelsync@db.example/crm".to_string(), true)
+        );
+        assert_eq!(
+            shown("postgres://u@h/db?sslmode=require&password=hunter2&application_name=x"),
+            (
+                "postgres://u@h/db?sslmode=require&application_name=x".to_string(),
+                true
+            )
+        );
+        assert_eq!(
+            shown("postgresql://u@h/db?%50ASSWORD=hunter2"),
+            ("postgresql://u@h/db".to_string(), true)
+        );
+        let (text, holds) = shown("host=db.example user=u password=hunter2");
+        assert!(!text.contains("hunter2") && holds, "{text}");
     }
 
     #[test]

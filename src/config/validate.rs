@@ -168,26 +168,25 @@ fn validate_store(
             StoreLocation::Sqlite(resolve(base, &path))
         }
         (None, Some(url)) => {
-            let scheme_ok = url.starts_with("postgresql://") || url.starts_with("postgres://");
-            if !scheme_ok || url.parse::<postgres::Config>().is_err() {
-                problem(
-                    "store.url",
-                    "must be a PostgreSQL URL such as \"postgresql://funnelsync@db.example/crm?sslmode=require\""
-                        .to_string(),
-                );
-                return None;
-            }
             let postgres = PostgresConfig {
                 url,
                 password_file: store.password_file.map(|file| resolve(base, &file)),
             };
-            if postgres.url.split_once("://").is_some_and(|(_, rest)| {
-                rest.split_once('@')
-                    .is_some_and(|(credentials, _)| credentials.contains(':'))
-            }) {
+            // Before anything else: a URL the driver would refuse may still hold one.
+            if postgres.holds_password() {
                 problem(
                     "store.url",
-                    "holds a password: put it in `password_file`, FUNNELSYNC_STORE_PASSWORD or the store-password credential instead"
+                    "holds a password (as user:password@ or ?password=), which would show wherever the URL does: put it in `password_file`, FUNNELSYNC_STORE_PASSWORD or the store-password credential instead"
+                        .to_string(),
+                );
+                return None;
+            }
+            let scheme_ok = postgres.url.starts_with("postgresql://")
+                || postgres.url.starts_with("postgres://");
+            if !scheme_ok || postgres.url.parse::<postgres::Config>().is_err() {
+                problem(
+                    "store.url",
+                    "must be a PostgreSQL URL such as \"postgresql://funnelsync@db.example/crm?sslmode=require\""
                         .to_string(),
                 );
                 return None;

@@ -433,3 +433,52 @@ fn a_postgresql_store_is_checked_and_its_password_never_shown() {
     );
     assert!(!sync.stderr.contains("s3cret"), "{}", sync.stderr);
 }
+
+#[test]
+fn a_password_given_as_a_url_parameter_is_refused_and_never_shown() {
+    let test = TestDir::new();
+    test.write("leads.csv", "Company,Stage\nAcme,Lead\n");
+    for url in [
+        "postgresql://funnelsync@db.example/crm?password=hunter2",
+        "postgresql://funnelsync@db.example/crm?sslmode=require&PassWord=hunter2",
+        "postgresql://funnelsync@db.example/crm?%70assword=hunter2",
+    ] {
+        std::fs::write(
+            test.config_path(),
+            format!(
+                "[store]\nurl = \"{url}\"\n\n[[sources]]\nname = \"leads\"\npath = \"leads.csv\"\n"
+            ),
+        )
+        .expect("config");
+        let run = test.run(&["check-config"]);
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains("`store.url`") && run.stderr.contains("holds a password"),
+            "{url}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("password_file")
+                && run.stderr.contains("FUNNELSYNC_STORE_PASSWORD"),
+            "{url}: {}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("hunter2"), "{url}: {}", run.stderr);
+        assert!(!run.stdout.contains("hunter2"), "{url}: {}", run.stdout);
+    }
+
+    // `store copy --to` refuses one too, before it prints or connects to anything.
+    test.single_source("leads.csv", "");
+    test.sync().assert_code(0);
+    let port = crate::harness::free_port();
+    for to in [
+        format!("postgresql://funnelsync@127.0.0.1:{port}/crm?password=hunter2"),
+        format!("postgresql://funnelsync:hunter2@127.0.0.1:{port}/crm"),
+    ] {
+        let copy = test.run(&["store", "copy", "--to", &to]);
+        copy.assert_code(2);
+        assert!(copy.stderr.contains("holds a password"), "{}", copy.stderr);
+        assert!(!copy.stderr.contains("hunter2"), "{}", copy.stderr);
+        assert!(!copy.stdout.contains("hunter2"), "{}", copy.stdout);
+    }
+}
