@@ -376,6 +376,8 @@ pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
 /// A file-system watcher over the sources' folders (inotify on Linux). Dropping it stops it.
 pub struct Watcher {
     _inner: notify::RecommendedWatcher,
+    /// The folders it could not watch, with why (their files are seen by rescans only).
+    unwatched: Vec<String>,
 }
 
 /// What the watcher tells.
@@ -419,17 +421,29 @@ impl Watcher {
                 return None;
             }
         };
+        let mut unwatched = Vec::new();
         for (folder, mode) in watch_roots(&config.sources) {
             match watcher.watch(&folder, mode) {
                 Ok(()) => tracing::debug!(folder = %folder.display(), "watching"),
-                Err(error) => tracing::warn!(
-                    folder = %folder.display(),
-                    "cannot watch this folder for events; it is polled every {:?} instead: {error}",
-                    config.watch.poll_interval
-                ),
+                Err(error) => {
+                    tracing::warn!(
+                        folder = %folder.display(),
+                        "cannot watch this folder for events; it is polled every {:?} instead: {error}",
+                        config.watch.poll_interval
+                    );
+                    unwatched.push(format!("cannot watch {}: {error}", folder.display()));
+                }
             }
         }
-        Some(Watcher { _inner: watcher })
+        Some(Watcher {
+            _inner: watcher,
+            unwatched,
+        })
+    }
+
+    /// The folders it could not watch, with why.
+    pub fn unwatched(&self) -> &[String] {
+        &self.unwatched
     }
 }
 

@@ -257,6 +257,8 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         fatal: None,
     };
     daemon.heartbeat.beat();
+    let watcher = daemon.workers.watcher_health(daemon.config.watch.mode);
+    daemon.heartbeat.set_watcher(watcher);
     if daemon.config.http.is_some() {
         let events = daemon.sender.clone();
         let link = crate::http::DaemonLink {
@@ -330,7 +332,9 @@ impl Daemon {
         match event {
             Event::FileChanged(path) => self.on_file_changed(path),
             Event::WatcherFailed(error) => {
-                warn!("file watcher error (the periodic rescan still covers every file): {error}")
+                warn!("file watcher error (the periodic rescan still covers every file): {error}");
+                self.heartbeat
+                    .set_watcher(crate::http::WatcherHealth::Failed(error.to_string()));
             }
             Event::Rescan => self.rescan(false),
             Event::Tick => self.on_tick(),
@@ -1181,6 +1185,8 @@ impl Daemon {
                     new_names.contains(&tracked.source) || tracked.is_syncing()
                 });
                 self.workers = workers::start_workers(&self.config, &self.sender);
+                let watcher = self.workers.watcher_health(self.config.watch.mode);
+                self.heartbeat.set_watcher(watcher);
                 self.rescan(false);
                 info!("config reloaded");
             }

@@ -28,6 +28,21 @@ pub(super) struct Workers {
     weekly: Option<JoinHandle<()>>,
 }
 
+impl Workers {
+    /// How the file watcher is, for `/healthz` and `/metrics`.
+    pub(super) fn watcher_health(&self, mode: WatchMode) -> crate::http::WatcherHealth {
+        use crate::http::WatcherHealth;
+        match &self._watcher {
+            None if mode == WatchMode::Poll => WatcherHealth::Polling,
+            None => WatcherHealth::Failed("the file watcher could not start".to_string()),
+            Some(watcher) if !watcher.unwatched().is_empty() => {
+                WatcherHealth::Failed(watcher.unwatched().join("; "))
+            }
+            Some(_) => WatcherHealth::Alive,
+        }
+    }
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         for worker in [self.rescan.take(), self.remind.take(), self.weekly.take()]

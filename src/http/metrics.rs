@@ -3,8 +3,9 @@
 //! can reach, or let the reverse proxy keep them inside.
 //!
 //! The figures about syncs, files, mail and deals are read from the store at each scrape, so they
-//! are the same whichever process wrote them; only the HTTP request counts live in memory. This
-//! module must not change anything.
+//! are the same whichever process wrote them; only the HTTP request counts and the daemon's own
+//! signs of life (its loop's heartbeat, its file watcher) live in memory. This module must not
+//! change anything.
 
 use std::sync::atomic::AtomicU64;
 
@@ -192,6 +193,23 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         "HTTP requests served, by method, route and status",
         state.metrics.requests.clone(),
     );
+    // Only `funnelsync run` has a watcher: 1 while it watches every folder, 0 once it failed.
+    if let Some(link) = &state.daemon {
+        let up = match link.heartbeat.watcher() {
+            super::WatcherHealth::Alive => Some(1),
+            super::WatcherHealth::Failed(_) => Some(0),
+            super::WatcherHealth::Polling => None,
+        };
+        if let Some(up) = up {
+            let gauge: Gauge = Gauge::default();
+            gauge.set(up);
+            http_registry.register(
+                "funnelsync_watcher_up",
+                "Whether the file watcher watches every source folder (0: failed; rescans only)",
+                gauge,
+            );
+        }
+    }
     let mut text = match store_text {
         Ok(text) => text,
         Err(error) => return error.into_response(),
@@ -218,7 +236,8 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
 const MAX_HEARTBEAT_AGE: i64 = 30;
 
 /// `GET /healthz`: 200 when the store answers and (under `funnelsync run`) the daemon's loop is
-/// alive; 503 otherwise. The body says which part is wrong.
+/// alive and its file watcher works; 503 otherwise. The body says which part is wrong: `loop`
+/// (ok, stalled, off), `watcher` (ok, polling, failed, off, with `watcher_error` saying why).
 pub async fn healthz(State(state): State<SharedState>) -> Response {
     let store = with_store(&state, |store, _| {
         use crate::store::CrmStore;
@@ -226,24 +245,35 @@ pub async fn healthz(State(state): State<SharedState>) -> Response {
     })
     .await;
     let store_ok = store.is_ok();
-    let watcher = match &state.daemon {
-        None => "off",
-        Some(link) if link.heartbeat.age() <= MAX_HEARTBEAT_AGE => "ok",
-        Some(_) => "stalled",
+    let (daemon_loop, watcher, watcher_error) = match &state.daemon {
+        None => ("off", "off", None),
+        Some(link) => {
+            let daemon_loop = if link.heartbeat.age() <= MAX_HEARTBEAT_AGE {
+                "ok"
+            } else {
+                "stalled"
+            };
+            match link.heartbeat.watcher() {
+                super::WatcherHealth::Alive => (daemon_loop, "ok", None),
+                super::WatcherHealth::Polling => (daemon_loop, "polling", None),
+                super::WatcherHealth::Failed(why) => (daemon_loop, "failed", Some(why)),
+            }
+        }
     };
-    let healthy = store_ok && watcher != "stalled";
+    let healthy = store_ok && daemon_loop != "stalled" && watcher != "failed";
     let status = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({
-            "status": if healthy { "ok" } else { "unhealthy" },
-            "store": if store_ok { "ok" } else { "unreachable" },
-            "watcher": watcher,
-        })),
-    )
-        .into_response()
+    let mut body = json!({
+        "status": if healthy { "ok" } else { "unhealthy" },
+        "store": if store_ok { "ok" } else { "unreachable" },
+        "loop": daemon_loop,
+        "watcher": watcher,
+    });
+    if let Some(why) = watcher_error {
+        body["watcher_error"] = json!(why);
+    }
+    (status, Json(body)).into_response()
 }

@@ -16,7 +16,7 @@ pub mod pages;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
@@ -52,7 +52,8 @@ pub enum HttpError {
     Runtime(std::io::Error),
 }
 
-/// What the daemon shares with the server: its heartbeat (for `/healthz`) and a way to ask it to
+/// What the daemon shares with the server: its heartbeat and watcher state (for `/healthz` and
+/// `/metrics`) and a way to ask it to
 /// apply a held file. `funnelsync serve` has no daemon.
 pub struct DaemonLink {
     pub heartbeat: Arc<Heartbeat>,
@@ -60,10 +61,25 @@ pub struct DaemonLink {
     pub force_sync: Box<dyn Fn(String) -> bool + Send + Sync>,
 }
 
-/// The daemon loop's last sign of life, in Unix seconds.
+/// The daemon's signs of life for `/healthz` and `/metrics`: the loop's last beat, in Unix
+/// seconds, and the state of its file watcher.
 #[derive(Debug, Default)]
 pub struct Heartbeat {
     last_beat: AtomicI64,
+    watcher: Mutex<WatcherHealth>,
+}
+
+/// Whether the daemon's file watcher works.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum WatcherHealth {
+    /// It watches every source's folder.
+    #[default]
+    Alive,
+    /// `[watch] mode = "poll"`: no watcher is wanted; the rescan sees every change.
+    Polling,
+    /// It could not start, could not watch a folder, or failed since: events are missed, and
+    /// only a rescan (if the mode has one) still sees the changes. The text says why.
+    Failed(String),
 }
 
 impl Heartbeat {
@@ -75,6 +91,21 @@ impl Heartbeat {
     /// Seconds since the last beat.
     pub fn age(&self) -> i64 {
         chrono::Utc::now().timestamp() - self.last_beat.load(Ordering::Relaxed)
+    }
+
+    /// Says how the watcher is (when it starts, and when it fails).
+    pub fn set_watcher(&self, health: WatcherHealth) {
+        *self
+            .watcher
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = health;
+    }
+
+    pub fn watcher(&self) -> WatcherHealth {
+        self.watcher
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
     }
 }
 

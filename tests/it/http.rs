@@ -975,6 +975,69 @@ fn each_role_sees_on_the_pages_only_what_it_may() {
 }
 
 #[test]
+fn a_dead_file_watcher_shows_in_healthz_and_metrics() {
+    let dir = TestDir::new();
+    let admin = dir.token("root", "admin", None);
+    // The share's folder is not there when the daemon starts (not mounted yet): the watcher
+    // cannot watch it, so no event of it will ever come; only rescans see its files.
+    let port = dir.http_source("share/p.csv", "", &[&admin]);
+    let daemon = dir.start_process(&["run"]);
+    daemon.wait_ready();
+    let http = Http::new(port);
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "the server to listen",
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    let health = http.get("/healthz", None);
+    health.assert_status(503);
+    let body = health.json();
+    assert_eq!(
+        (
+            body["status"].as_str(),
+            body["store"].as_str(),
+            body["loop"].as_str(),
+            body["watcher"].as_str()
+        ),
+        (Some("unhealthy"), Some("ok"), Some("ok"), Some("failed")),
+        "{body}"
+    );
+    assert!(
+        body["watcher_error"]
+            .as_str()
+            .is_some_and(|why| why.contains("share")),
+        "{body}"
+    );
+    let metrics = http.get("/metrics", None).assert_status(200).clone();
+    assert!(
+        metrics
+            .body
+            .lines()
+            .any(|line| line == "funnelsync_watcher_up 0"),
+        "{}",
+        metrics.body
+    );
+    drop(daemon);
+    // With the folder there, the watcher is alive again after a restart.
+    std::fs::create_dir_all(dir.path("share")).expect("share");
+    std::fs::write(dir.path("share/p.csv"), "Company\nAcme\n").expect("csv");
+    let (_daemon, http) = dir.start_serving(&["run"], port);
+    let body = http.get("/healthz", None).assert_status(200).json();
+    assert_eq!(
+        (body["loop"].as_str(), body["watcher"].as_str()),
+        (Some("ok"), Some("ok")),
+        "{body}"
+    );
+    let metrics = http.get("/metrics", None).body;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "funnelsync_watcher_up 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn sheet_values_are_escaped_in_the_pages() {
     let dir = TestDir::new();
     XlsxBuilder::new()
