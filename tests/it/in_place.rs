@@ -1332,3 +1332,96 @@ fn backup_names(test: &TestDir) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Rewrites the sheet part stored (uncompressed) with `n_bytes` of XML comments after its data:
+/// a large file whose rewrite (compressed again) is small.
+fn store_sheet_with_comment_padding(path: &Path, n_bytes: usize) {
+    use std::io::Write;
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(path).expect("open")).expect("zip");
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for entry_idx in 0..archive.len() {
+        let name = archive.name_for_index(entry_idx).expect("name").expect("name").to_string();
+        if name != PIPELINE_PART {
+            out.raw_copy_file(archive.by_index_raw(entry_idx).expect("entry"))
+                .expect("copy");
+            continue;
+        }
+        let mut xml = String::new();
+        archive
+            .by_index(entry_idx)
+            .expect("entry")
+            .read_to_string(&mut xml)
+            .expect("read");
+        // Comments of up to 500 KB each: within what the reader allows one comment.
+        let mut padding = String::new();
+        let mut left = n_bytes;
+        while left > 0 {
+            let n = left.min(500_000);
+            padding.push_str(&format!("<!--{}-->", "x".repeat(n)));
+            left -= n;
+        }
+        let xml = xml.replacen("</sheetData>", &format!("</sheetData>{padding}"), 1);
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        out.start_file(name.as_str(), stored).expect("start");
+        out.write_all(xml.as_bytes()).expect("write");
+    }
+    let bytes = out.finish().expect("finish").into_inner();
+    std::fs::write(path, bytes).expect("save");
+}
+
+#[test]
+fn a_backup_cut_short_by_a_full_disk_fails_the_write_back_and_leaves_no_partial_backup() {
+    let test = TestDir::new();
+    let path = test.path("share/alice.xlsx");
+    std::fs::create_dir_all(test.path("share")).expect("share");
+    plain_workbook(&path, false);
+    store_sheet_with_comment_padding(&path, 1_400_000);
+    let before = std::fs::read(&path).expect("read");
+    assert!(before.len() > 1_400_000, "{}", before.len());
+    test.config("[[sources]]\nname = \"pipeline\"\npath = \"share/alice.xlsx\"\nbackups = 2\n");
+    // The new file (its sheet compressed again) fits under the limit; the backup, a copy of the
+    // 1.4 MB original, does not.
+    let run = run_with_file_size_limit(&test, 800_000, &["sync", "--format", "json"]);
+    run.assert_code(1);
+    let report = run.json();
+    let file = file_report(&report, "alice.xlsx");
+    assert_eq!(file["status"], "synced", "{file}");
+    assert_eq!(file["write_back"]["status"], "failed", "{file}");
+    let message = file["write_back"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("backup") && message.contains("File too large"),
+        "the message says it was the backup: {message}"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        before,
+        "the workbook is untouched"
+    );
+    assert_eq!(
+        backup_names(&test),
+        Vec::<String>::new(),
+        "the partial backup is gone and does not count in the rotation"
+    );
+    let status = test.run(&["status", "--format", "json"]).json();
+    assert_eq!(status[0]["last_status"], "failed", "{status}");
+    assert!(
+        status[0]["last_message"]
+            .as_str()
+            .is_some_and(|message| message.contains("backup")),
+        "{status}"
+    );
+    // With room again: written, and exactly one backup, whole.
+    let run = test.sync();
+    run.assert_code(0);
+    assert_eq!(
+        file_report(&run.json(), "alice.xlsx")["write_back"]["status"],
+        "written"
+    );
+    let backups = backup_names(&test);
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(
+        std::fs::read(test.path("share/.funnelsync/backups").join(&backups[0])).expect("backup"),
+        before
+    );
+}
