@@ -1034,6 +1034,13 @@ impl Daemon {
             return;
         };
         let error_text = outcome.as_ref().err().map(ToString::to_string);
+        if let Ok(FileReport {
+            status: crate::sync::FileStatus::Unchanged,
+            ..
+        }) = &outcome
+        {
+            self.heartbeat.count_unchanged_sync();
+        }
         let applied = tracked.apply_outcome(
             &path,
             match (&outcome, &error_text) {

@@ -999,7 +999,22 @@ async fn undo(
             query.force.unwrap_or(false),
             chrono::Utc::now(),
         ) {
-            Ok(report) => Ok(Json(json!(report))),
+            Ok(report) => {
+                // The undo's run names who asked for it, as an API edit's does. History's undo
+                // knows no user, so the message is completed right after, in a statement of its
+                // own: at worst a crash between the two leaves the run without the name.
+                if let Some(undo_run) = report.run_id {
+                    let crm = store.crm();
+                    if let Some(run) = crm.run(undo_run)? {
+                        let message = match run.message {
+                            Some(message) => format!("{message}; by {}", user.name),
+                            None => format!("by {}", user.name),
+                        };
+                        crm.note_on_run(undo_run, None, &message)?;
+                    }
+                }
+                Ok(Json(json!(report)))
+            }
             Err(crate::history::UndoError::NoSuchRun(run)) => {
                 Err(ApiError::not_found(format!("there is no run {run}")))
             }

@@ -60,21 +60,36 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 /// Everything the store says, as a registry to encode.
+/// Everything the store says, as a registry to encode; `unchanged_syncs` is the daemon's count of
+/// syncs that changed nothing (`None` under `funnelsync serve`).
 fn store_registry(
     figures: Figures,
+    unchanged_syncs: Option<u64>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Registry, StoreError> {
     let mut registry = Registry::default();
-    // Runs of files (command-line edits, API edits and undos are runs too, but of no file).
+    // Runs of files (command-line edits, API edits and undos are runs too, but of no file): synced,
+    // failed and held. A sync that changed nothing records no run; the daemon counts those.
     let syncs = Labelled::<Counter>::default();
+    for result in ["synced", "failed", "held"] {
+        syncs
+            .get_or_create(&labels(&[("result", result)]))
+            .inc_by(0);
+    }
     for (result, count) in figures.syncs {
         syncs
             .get_or_create(&labels(&[("result", &result)]))
             .inc_by(count.max(0) as u64);
     }
+    if let Some(unchanged) = unchanged_syncs {
+        syncs
+            .get_or_create(&labels(&[("result", "unchanged")]))
+            .inc_by(unchanged);
+    }
     registry.register(
         "funnelsync_syncs",
-        "File syncs that changed something, by result",
+        "File syncs by result: synced, failed and held from the store's runs of this site; \
+         unchanged counted by this daemon since it started",
         syncs,
     );
 
@@ -176,9 +191,14 @@ fn store_registry(
 
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<SharedState>) -> Response {
-    let store_text = with_store(&state, |store, _| {
+    let unchanged_syncs = state
+        .daemon
+        .as_ref()
+        .map(|link| link.heartbeat.unchanged_syncs());
+    let store_text = with_store(&state, move |store, _| {
         let registry = store_registry(
             crate::store::stats::figures(&store.db())?,
+            unchanged_syncs,
             chrono::Utc::now(),
         )?;
         let mut text = String::new();

@@ -67,6 +67,9 @@ pub struct DaemonLink {
 pub struct Heartbeat {
     last_beat: AtomicI64,
     watcher: Mutex<WatcherHealth>,
+    /// File syncs that found nothing to change since the daemon started: they record no run in
+    /// the store, so only the daemon can count them.
+    unchanged_syncs: std::sync::atomic::AtomicU64,
 }
 
 /// Whether the daemon's file watcher works.
@@ -99,6 +102,15 @@ impl Heartbeat {
             .watcher
             .lock()
             .unwrap_or_else(|poison| poison.into_inner()) = health;
+    }
+
+    /// Counts a file sync that found nothing to change.
+    pub fn count_unchanged_sync(&self) {
+        self.unchanged_syncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn unchanged_syncs(&self) -> u64 {
+        self.unchanged_syncs.load(Ordering::Relaxed)
     }
 
     pub fn watcher(&self) -> WatcherHealth {

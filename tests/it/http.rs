@@ -272,15 +272,31 @@ fn each_role_sees_and_changes_only_what_it_may() {
         .assert_status(200)
         .json();
     assert_eq!(changes["changes"][0]["field"], "stage");
-    http.send(
+    let undone = http.send(
         "POST",
         &format!("/api/v1/history/{run}/undo"),
         Some(&team.admin.token),
         "application/json",
         "",
         &[],
-    )
-    .assert_status(200);
+    );
+    undone.assert_status(200);
+    // The undo is a run that names who did it.
+    let undo_run = undone.json()["run_id"].as_i64().expect("the undo's run");
+    let recorded = http
+        .get(
+            &format!("/api/v1/history/{undo_run}"),
+            Some(&team.admin.token),
+        )
+        .assert_status(200)
+        .json();
+    assert!(
+        recorded["run"]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with(&format!("undo of run {run}"))
+                && message.ends_with("; by root")),
+        "{recorded}"
+    );
     let globex_now = http
         .get(&format!("/api/v1/deals/{globex}"), Some(&team.admin.token))
         .json();
@@ -411,23 +427,7 @@ fn metrics_parse_as_prometheus_text() {
     assert!(reply
         .header("content-type")
         .is_some_and(|value| value.contains("text")));
-    let lines = reply.body.lines().map(|line| Ok(line.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
-    let value = |name: &str, label: Option<(&str, &str)>| -> Option<f64> {
-        scrape
-            .samples
-            .iter()
-            .find(|sample| {
-                sample.metric == name
-                    && label.is_none_or(|(key, wanted)| sample.labels.get(key) == Some(wanted))
-            })
-            .map(|sample| match sample.value {
-                prometheus_parse::Value::Counter(value)
-                | prometheus_parse::Value::Gauge(value)
-                | prometheus_parse::Value::Untyped(value) => value,
-                _ => f64::NAN,
-            })
-    };
+    let value = |name: &str, label: Option<(&str, &str)>| metric(&reply.body, name, label);
     assert_eq!(
         value("funnelsync_syncs_total", Some(("result", "synced"))),
         Some(1.0)
@@ -454,7 +454,15 @@ fn metrics_parse_as_prometheus_text() {
         Some(("source", "pipeline"))
     )
     .is_some_and(|age| age >= 0.0));
-    assert!(value("funnelsync_reminders_sent_total", None).is_some());
+    assert_eq!(value("funnelsync_reminders_sent_total", None), Some(0.0));
+    // Every result is there, also the ones that did not happen yet.
+    for result in ["failed", "held"] {
+        assert_eq!(
+            value("funnelsync_syncs_total", Some(("result", result))),
+            Some(0.0),
+            "{result}"
+        );
+    }
     assert!(
         value(
             "funnelsync_http_requests_total",
@@ -463,6 +471,110 @@ fn metrics_parse_as_prometheus_text() {
         .is_some_and(|count| count >= 1.0),
         "{}",
         reply.body
+    );
+
+    // A save that changes nothing is a sync too: it records no run, and is counted all the same.
+    let before = value("funnelsync_syncs_total", Some(("result", "unchanged"))).unwrap_or(-1.0);
+    assert!(before >= 0.0, "{}", reply.body);
+    crate::harness::UserEdit::open(&team.dir.path("pipeline.xlsx"), "Pipeline").save();
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "an unchanged sync counted",
+        || {
+            let body = team.http.get("/metrics", None).body;
+            metric(
+                &body,
+                "funnelsync_syncs_total",
+                Some(("result", "unchanged")),
+            )
+            .is_some_and(|now| now > before)
+        },
+    );
+    let body = team.http.get("/metrics", None).body;
+    assert_eq!(
+        metric(&body, "funnelsync_syncs_total", Some(("result", "synced"))),
+        Some(1.0),
+        "{body}"
+    );
+}
+
+/// The value of a sample of Prometheus text, by name and one label.
+fn metric(text: &str, name: &str, label: Option<(&str, &str)>) -> Option<f64> {
+    let lines = text.lines().map(|line| Ok(line.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .find(|sample| {
+            sample.metric == name
+                && label.is_none_or(|(key, wanted)| sample.labels.get(key) == Some(wanted))
+        })
+        .map(|sample| match sample.value {
+            prometheus_parse::Value::Counter(value)
+            | prometheus_parse::Value::Gauge(value)
+            | prometheus_parse::Value::Untyped(value) => value,
+            _ => f64::NAN,
+        })
+}
+
+#[test]
+fn metrics_count_the_reminders_sent() {
+    let dir = TestDir::new();
+    let smtp = crate::harness::SmtpServer::start(0);
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Company", "Contact", "Stage", "Owner"])
+        .row(&["Acme", "Ann", "Prospect", "Alice Wang"])
+        .save(&dir.path("p.xlsx"));
+    let admin = dir.token("root", "admin", None);
+    let port = crate::harness::free_port();
+    dir.config(&format!(
+        r#"[[sources]]
+name = "pipeline"
+path = "p.xlsx"
+write_back = false
+
+[remind]
+at = "09:00"
+timezone = "Asia/Shanghai"
+
+[reps]
+"Alice Wang" = "alice@example.com"
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp}
+security = "none"
+from = "Funnel Sync <funnelsync@example.com>"
+timeout = "5s"
+
+[http]
+listen = "127.0.0.1:{port}"
+
+{users}
+"#,
+        smtp = smtp.port,
+        users = admin.config_lines
+    ));
+    dir.sync().assert_code(0);
+    let month_later = (chrono::Utc::now() + chrono::Duration::days(30)).to_rfc3339();
+    dir.run(&["--now", &month_later, "remind"]).assert_code(0);
+    assert_eq!(smtp.to("alice@example.com").len(), 1, "one reminder sent");
+    let (_served, http) = dir.start_serving(&["serve"], port);
+    let body = http.get("/metrics", None).assert_status(200).body.clone();
+    assert_eq!(
+        metric(&body, "funnelsync_reminders_sent_total", None),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "funnelsync_outbox_messages",
+            Some(("status", "sent"))
+        ),
+        Some(1.0),
+        "{body}"
     );
 }
 
