@@ -929,14 +929,19 @@ pub fn errors(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
             if issues.is_empty() {
                 writeln!(out, "no row errors")?;
             }
+            // A store several daemons share holds every site's files: each says whose it is.
             for stored in &issues {
                 let label = match stored.issue.severity {
                     Severity::Error => "error",
                     Severity::Warning => "warning",
                 };
+                let site = match &stored.site {
+                    Some(site) => format!("site \"{site}\", "),
+                    None => String::new(),
+                };
                 writeln!(
                     out,
-                    "{label}: {}, sheet \"{}\", {}",
+                    "{label}: {site}{}, sheet \"{}\", {}",
                     display_file(&stored.file),
                     stored.sheet.as_deref().unwrap_or(""),
                     stored.issue
@@ -964,7 +969,12 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                 writeln!(out, "no file has been synced yet")?;
                 return Ok(ExitCode::from(EXIT_OK));
             }
+            // A store several daemons share holds every site's files: a column says whose each
+            // is, and only this daemon's config tells whether a file writes back.
+            let several_sites = overview.iter().any(|file| file.site.is_some());
+            let own_site = config.store.site.as_str();
             let mut rows = vec![[
+                "site",
                 "source",
                 "file",
                 "last change",
@@ -989,15 +999,17 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                     (Some(state), _) => state.name().to_string(),
                     (None, _) => "not running".to_string(),
                 };
-                let writes_back = config
-                    .source(&file.source)
-                    .is_some_and(|source| source.write_back);
+                let writes_back = file.site.as_deref().is_some_and(|site| site != own_site)
+                    || config
+                        .source(&file.source)
+                        .is_some_and(|source| source.write_back);
                 let write_back = match &file.write_back {
                     _ if !writes_back => "off".to_string(),
                     Some(state) => state.status.replace('_', " "),
                     None => "not yet".to_string(),
                 };
                 rows.push(vec![
+                    file.site.clone().unwrap_or_default(),
                     file.source.clone(),
                     display_file(&file.file),
                     file.last_run_at.map(local_time).unwrap_or_default(),
@@ -1009,11 +1021,16 @@ pub fn status(config: &Config, args: &FormatArgs) -> anyhow::Result<ExitCode> {
                     state,
                 ]);
             }
-            write_table(
-                &mut out,
-                &rows,
-                &[false, false, false, false, false, true, true, false, false],
-            )?;
+            let mut right_aligned = vec![
+                false, false, false, false, false, false, true, true, false, false,
+            ];
+            if !several_sites {
+                for row in &mut rows {
+                    row.remove(0);
+                }
+                right_aligned.remove(0);
+            }
+            write_table(&mut out, &rows, &right_aligned)?;
             for file in &overview {
                 let ignored = file.state == Some(crate::store::files::FileState::Ignored);
                 if file.last_status.as_deref() == Some("failed") || ignored {

@@ -1,8 +1,9 @@
 //! The file states (`file_status`): where the daemon of each site stands with each of its files
 //! ([`FileState`]: ok, retrying, failed, held, removed, or ignored for a symbolic link that is
 //! not a source) as it records them ([`record`], [`replace_ignored`]), and the overview of every
-//! file of this site the store knows ([`file_overview`]: its latest run, its mirror's rows and
-//! write-back, its row errors, its state), for `funnelsync status` and the files page.
+//! file the store knows, of every site ([`file_overview`]: its latest run, its mirror's rows and
+//! write-back, its row errors, its state, and its site when the store holds several), for
+//! `funnelsync status` and the files page.
 //!
 //! Storage only: the daemon (and `sync`, for links that are not sources) decides a file's state.
 
@@ -139,6 +140,10 @@ pub fn replace_ignored(
 /// One line of `funnelsync status`: a file with its latest run, daemon state and error count.
 #[derive(Debug, Clone, Serialize)]
 pub struct FileOverview {
+    /// The site of the daemon that syncs the file (`[store] site`); left out while the store
+    /// has files of one site only, as every store of one daemon has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     pub file: String,
     pub source: String,
     pub last_run_at: Option<DateTime<Utc>>,
@@ -157,35 +162,48 @@ pub struct FileOverview {
     pub next_retry_at: Option<DateTime<Utc>>,
 }
 
-/// Every file of this site the store knows of (synced, attempted, or tracked by the daemon).
+/// The sites whose daemons have tracked or synced a file in this store, sorted: more than one
+/// means the store is shared, and the admin's views say whose each file is.
+pub fn sites(db: &Db<'_>) -> Result<Vec<String>, StoreError> {
+    db.query(
+        "SELECT site FROM mirror_files UNION SELECT site FROM file_status ORDER BY 1",
+        &[],
+        |row| row.get::<String>(0),
+    )
+}
+
+/// Every file the store knows of (synced, attempted, or tracked by a daemon), of every site:
+/// the admin's views (`status`, the HTTP pages) show the whole store, whichever daemon's config
+/// they run with. A daemon's own sync logic never reads this.
 pub fn file_overview(db: &Db<'_>) -> Result<Vec<FileOverview>, StoreError> {
+    let several_sites = sites(db)?.len() > 1;
     db.query(
         // Command-line edits and undos are runs, not files: files are the absolute paths.
         "WITH files AS (
-             SELECT file, min(source) AS source FROM (
-                 SELECT file, source FROM mirror_files WHERE site = ?1
-                 UNION SELECT file, source FROM sync_runs WHERE site = ?1 AND file LIKE '/%'
-                 UNION SELECT file, source FROM file_status WHERE site = ?1
-             ) AS known GROUP BY file
+             SELECT site, file, min(source) AS source FROM (
+                 SELECT site, file, source FROM mirror_files
+                 UNION SELECT site, file, source FROM sync_runs WHERE file LIKE '/%'
+                 UNION SELECT site, file, source FROM file_status
+             ) AS known GROUP BY site, file
          ),
          last_runs AS (
-             SELECT file, max(id) AS id FROM sync_runs WHERE site = ?1 AND file LIKE '/%' GROUP BY file
+             SELECT site, file, max(id) AS id FROM sync_runs WHERE file LIKE '/%' GROUP BY site, file
          )
          SELECT files.file, files.source, runs.finished_at, runs.status,
                 CASE WHEN file_status.state = 'ignored' THEN file_status.last_error ELSE runs.message END,
                 mirror_files.synced_at, mirror_files.checked_at, mirror_files.write_back,
                 mirror_files.write_back_message,
-                (SELECT count(*) FROM mirror_rows WHERE mirror_rows.site = ?1 AND mirror_rows.file = files.file),
-                (SELECT count(*) FROM row_errors WHERE row_errors.site = ?1 AND row_errors.file = files.file AND severity = 'error'),
-                (SELECT count(*) FROM row_errors WHERE row_errors.site = ?1 AND row_errors.file = files.file AND severity = 'warning'),
-                file_status.state, file_status.attempts, file_status.next_retry_at
+                (SELECT count(*) FROM mirror_rows WHERE mirror_rows.site = files.site AND mirror_rows.file = files.file),
+                (SELECT count(*) FROM row_errors WHERE row_errors.site = files.site AND row_errors.file = files.file AND severity = 'error'),
+                (SELECT count(*) FROM row_errors WHERE row_errors.site = files.site AND row_errors.file = files.file AND severity = 'warning'),
+                file_status.state, file_status.attempts, file_status.next_retry_at, files.site
          FROM files
-         LEFT JOIN last_runs ON last_runs.file = files.file
+         LEFT JOIN last_runs ON last_runs.site = files.site AND last_runs.file = files.file
          LEFT JOIN sync_runs AS runs ON runs.id = last_runs.id
-         LEFT JOIN mirror_files ON mirror_files.site = ?1 AND mirror_files.file = files.file
-         LEFT JOIN file_status ON file_status.site = ?1 AND file_status.file = files.file
-         ORDER BY files.source, files.file",
-        &sql_params![db.site()],
+         LEFT JOIN mirror_files ON mirror_files.site = files.site AND mirror_files.file = files.file
+         LEFT JOIN file_status ON file_status.site = files.site AND file_status.file = files.file
+         ORDER BY files.site, files.source, files.file",
+        &[],
         |row| {
             let synced_at: Option<String> = row.get(5)?;
             let checked_at: Option<String> = row.get(6)?;
@@ -195,6 +213,11 @@ pub fn file_overview(db: &Db<'_>) -> Result<Vec<FileOverview>, StoreError> {
             let retry_at: Option<String> = row.get(14)?;
             let last_run_at: Option<String> = row.get(2)?;
             Ok(FileOverview {
+                site: if several_sites {
+                    Some(row.get(15)?)
+                } else {
+                    None
+                },
                 file: row.get(0)?,
                 source: row.get(1)?,
                 last_run_at: last_run_at.as_deref().map(parse_timestamp).transpose()?,

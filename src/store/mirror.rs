@@ -1,7 +1,9 @@
 //! The mirror's tables: for each file of this site (`mirror_files`, `mirror_rows`), what it held
 //! at its last sync, by deal id, with its row hashes; its compact index; the rows written many
-//! to a statement; and the row errors of its last sync (`row_errors`). Every query is keyed by
-//! the site of the [`Db`] and the file, so daemons sharing a store never see each other's files.
+//! to a statement; and the row errors of its last sync (`row_errors`). Every query the sync makes
+//! is keyed by the site of the [`Db`] and the file, so daemons sharing a store never see each
+//! other's files; only the admin's views ([`current_issues`], [`files_holding_on_any_site`])
+//! read every site's.
 //!
 //! This is storage only: what to keep is the sync's decision.
 
@@ -41,6 +43,10 @@ pub struct MirrorSummary {
 /// A row error as stored, with its context.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredIssue {
+    /// The site of the daemon that syncs the file (`[store] site`); left out while the store
+    /// has files of one site only (see [`super::files::sites`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     pub source: String,
     pub file: String,
     pub sheet: Option<String>,
@@ -116,6 +122,20 @@ pub fn files_holding(db: &Db<'_>, deal_ids: &[DealId]) -> Result<HashSet<String>
         files.extend(db.query(&sql, &parameters, |row| row.get::<String>(0))?);
     }
     Ok(files)
+}
+
+/// The files of every site whose mirror holds this deal, as (site, file), sorted: for the
+/// admin's view of a deal ("the files that show it"). The sync uses [`files_holding`], which
+/// keeps to its own site.
+pub fn files_holding_on_any_site(
+    db: &Db<'_>,
+    deal_id: DealId,
+) -> Result<Vec<(String, String)>, StoreError> {
+    db.query(
+        "SELECT DISTINCT site, file FROM mirror_rows WHERE deal_id = ?1 ORDER BY site, file",
+        &sql_params![deal_id],
+        |row| Ok((row.get::<String>(0)?, row.get::<String>(1)?)),
+    )
 }
 
 /// Which of these deals a file of any site other than this file holds (a row that moved to
@@ -392,15 +412,22 @@ pub fn replace_issues(
     Ok(())
 }
 
-/// Every stored row error and warning of this site's files, by file and row.
+/// Every stored row error and warning of every site's files, by site, file and row: for the
+/// admin's views, which show the whole store.
 pub fn current_issues(db: &Db<'_>) -> Result<Vec<StoredIssue>, StoreError> {
+    let several_sites = super::files::sites(db)?.len() > 1;
     db.query(
-        "SELECT source, file, sheet, row_number, column_name, value, severity, message, seen_at FROM row_errors \
-         WHERE site = ?1 ORDER BY file, row_number IS NOT NULL, row_number, id",
-        &sql_params![db.site()],
+        "SELECT source, file, sheet, row_number, column_name, value, severity, message, seen_at, site FROM row_errors \
+         ORDER BY site, file, row_number IS NOT NULL, row_number, id",
+        &[],
         |row| {
             let severity: String = row.get(6)?;
             Ok(StoredIssue {
+                site: if several_sites {
+                    Some(row.get(9)?)
+                } else {
+                    None
+                },
                 source: row.get(0)?,
                 file: row.get(1)?,
                 sheet: row.get(2)?,

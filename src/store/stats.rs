@@ -1,8 +1,7 @@
 //! The figures `/metrics` shows, counted in the store at each scrape: whichever process wrote
-//! them, every daemon reports the same. Sync figures and file states are this site's; mail,
-//! reminders and deals are the whole store's.
+//! them, every daemon (and `funnelsync serve` on a reporting host) reports the same: every
+//! figure is the whole store's, of every site.
 
-use super::sql::sql_params;
 use super::sql::Db;
 use super::StoreError;
 
@@ -22,13 +21,8 @@ pub struct Figures {
     pub live_deals_by_stage: Vec<(String, i64)>,
 }
 
-fn grouped(db: &Db<'_>, sql: &str, site: bool) -> Result<Vec<(String, i64)>, StoreError> {
-    let parameters = if site {
-        sql_params![db.site()].to_vec()
-    } else {
-        Vec::new()
-    };
-    db.query(sql, &parameters, |row| {
+fn grouped(db: &Db<'_>, sql: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    db.query(sql, &[], |row| {
         Ok((
             row.get::<Option<String>>(0)?.unwrap_or_default(),
             row.get::<i64>(1)?,
@@ -41,8 +35,8 @@ pub fn figures(db: &Db<'_>) -> Result<Figures, StoreError> {
         .query_row(
             "SELECT CAST(coalesce(sum(n_created), 0) AS BIGINT), CAST(coalesce(sum(n_updated), 0) AS BIGINT), \
              CAST(coalesce(sum(n_archived), 0) AS BIGINT), CAST(coalesce(sum(n_deleted), 0) AS BIGINT) \
-             FROM sync_runs WHERE site = ?1 AND file LIKE '/%'",
-            &sql_params![db.site()],
+             FROM sync_runs WHERE file LIKE '/%'",
+            &[],
             |row| Ok([row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?]),
         )?
         .unwrap_or_default();
@@ -50,30 +44,20 @@ pub fn figures(db: &Db<'_>) -> Result<Figures, StoreError> {
         // Runs of files (command-line edits, API edits and undos are runs too, but of no file).
         syncs: grouped(
             db,
-            "SELECT status, count(*) FROM sync_runs WHERE site = ?1 AND file LIKE '/%' GROUP BY status",
-            true,
+            "SELECT status, count(*) FROM sync_runs WHERE file LIKE '/%' GROUP BY status",
         )?,
         rows,
         issues_by_severity: grouped(
             db,
-            "SELECT severity, count(*) FROM row_errors WHERE site = ?1 GROUP BY severity",
-            true,
+            "SELECT severity, count(*) FROM row_errors GROUP BY severity",
         )?,
-        files_by_state: grouped(
-            db,
-            "SELECT state, count(*) FROM file_status WHERE site = ?1 GROUP BY state",
-            true,
-        )?,
+        files_by_state: grouped(db, "SELECT state, count(*) FROM file_status GROUP BY state")?,
         last_sync_by_source: db.query(
-            "SELECT source, max(coalesce(checked_at, synced_at)) FROM mirror_files WHERE site = ?1 GROUP BY source",
-            &sql_params![db.site()],
+            "SELECT source, max(coalesce(checked_at, synced_at)) FROM mirror_files GROUP BY source",
+            &[],
             |row| Ok((row.get::<String>(0)?, row.get::<Option<String>>(1)?)),
         )?,
-        outbox_by_status: grouped(
-            db,
-            "SELECT status, count(*) FROM outbox GROUP BY status",
-            false,
-        )?,
+        outbox_by_status: grouped(db, "SELECT status, count(*) FROM outbox GROUP BY status")?,
         reminders_sent: db.query_value(
             "SELECT count(*) FROM reminders JOIN outbox ON outbox.id = reminders.message_id \
              WHERE outbox.status = 'sent'",
@@ -82,7 +66,6 @@ pub fn figures(db: &Db<'_>) -> Result<Figures, StoreError> {
         live_deals_by_stage: grouped(
             db,
             "SELECT stage, count(*) FROM deals WHERE archived_at IS NULL GROUP BY stage",
-            false,
         )?,
     })
 }

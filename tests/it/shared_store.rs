@@ -175,16 +175,66 @@ fn an_edit_in_one_office_reaches_the_other_offices_master_file() {
         sites,
         HashSet::from(["shanghai".to_string(), "beijing".to_string()])
     );
+    // The admin's views show the whole store, whichever office's config they run with: every
+    // site's files, each with its site (a reporting host runs with a config of its own).
     let status = beijing.run(&["status", "--format", "json"]).json();
-    let files: Vec<String> = status
+    let files: HashSet<(String, String)> = status
         .as_array()
         .expect("status array")
         .iter()
-        .map(|file| file["file"].as_str().unwrap_or("").to_string())
+        .map(|file| {
+            let name = file["file"].as_str().unwrap_or("");
+            let name = name.rsplit('/').next().unwrap_or(name);
+            (
+                file["site"].as_str().unwrap_or("").to_string(),
+                name.to_string(),
+            )
+        })
         .collect();
+    assert_eq!(
+        files,
+        HashSet::from([
+            ("shanghai".to_string(), "master.xlsx".to_string()),
+            ("beijing".to_string(), "bob.xlsx".to_string()),
+        ]),
+        "{status}"
+    );
+    let table = beijing.run(&["status"]);
+    table.assert_code(0);
+    let header = table.stdout.lines().next().unwrap_or("");
+    assert!(header.starts_with("site"), "{}", table.stdout);
     assert!(
-        files.iter().all(|file| file.ends_with("bob.xlsx")),
-        "Beijing's status shows Beijing's files only: {files:?}"
+        table
+            .stdout
+            .lines()
+            .any(|line| line.starts_with("shanghai") && line.contains("master.xlsx")),
+        "{}",
+        table.stdout
+    );
+    // A row error in Shanghai's file shows in `errors` run with Beijing's config, named by site.
+    UserEdit::open(&master, "Pipeline")
+        .add_row(&["Zeta", "Zed", "not an address", "Lead", "abc", "Carol"])
+        .save();
+    wait_until(
+        Duration::from_secs(15),
+        "Shanghai's row error in `errors`",
+        || {
+            let errors = beijing.run(&["errors", "--format", "json"]).json();
+            errors.as_array().is_some_and(|issues| {
+                issues.iter().any(|issue| {
+                    issue["site"] == "shanghai"
+                        && issue["file"]
+                            .as_str()
+                            .is_some_and(|file| file.ends_with("master.xlsx"))
+                })
+            })
+        },
+    );
+    let errors = beijing.run(&["errors"]);
+    assert!(
+        errors.stdout.contains("site \"shanghai\""),
+        "{}",
+        errors.stdout
     );
 }
 
