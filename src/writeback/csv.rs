@@ -10,7 +10,7 @@ use crate::workbook::{escape_csv_field, Cell, CsvFormat, SheetData, SheetRow};
 /// the new rows at the end.
 pub fn build(
     sheet: &SheetData,
-    original: &[u8],
+    original: &std::fs::File,
     plan: &SheetPlan,
     out: &mut dyn std::io::Write,
 ) -> Result<Vec<u32>, WriteError> {
@@ -120,7 +120,7 @@ pub fn build(
     };
     crate::workbook::csv_reader::stream(
         &sheet.path,
-        &mut std::io::Cursor::new(original),
+        &mut std::io::BufReader::with_capacity(1 << 16, original),
         crate::workbook::CsvEncoding::Fixed(format.encoding),
         None,
         &crate::workbook::Limits::unbounded(),

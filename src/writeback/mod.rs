@@ -340,8 +340,9 @@ pub fn write(
         source,
     };
     let fingerprint_before = crate::watch::fingerprint(path);
-    let original = std::fs::read(path).map_err(io_error)?;
-    if crate::workbook::hash_bytes(&original) != sheet.content_hash {
+    // The file is read from its handle, never held whole: the write streams its parts through.
+    let (original, original_hash) = open_original(path).map_err(io_error)?;
+    if original_hash != sheet.content_hash {
         return Err(WriteError::ChangedMeanwhile {
             path: path.to_path_buf(),
         });
@@ -364,6 +365,26 @@ pub fn write(
         content_hash,
         row_numbers,
     })
+}
+
+/// Opens the file as it is now (never through a link) and hashes it in one streaming pass.
+fn open_original(path: &std::path::Path) -> std::io::Result<(std::fs::File, String)> {
+    use sha2::Digest;
+    use std::io::Seek;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    file.rewind()?;
+    let hash = hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    Ok((file, hash))
 }
 
 mod csv;

@@ -239,7 +239,7 @@ fn copy_ownership(
 /// returned.
 pub(super) fn replace_file<T>(
     path: &Path,
-    original: &[u8],
+    original: &std::fs::File,
     fingerprint_before: Option<Fingerprint>,
     n_backups: usize,
     build: impl FnOnce(&mut dyn super::WriteSeek) -> Result<T, WriteError>,
@@ -488,7 +488,7 @@ fn keep_backup(
     source_folder: &OwnedFd,
     source_folder_path: &Path,
     file_name: &str,
-    original: &[u8],
+    original: &std::fs::File,
     original_stat: &Stat,
     n_backups: usize,
 ) -> Result<(), BackupError> {
@@ -501,7 +501,13 @@ fn keep_backup(
     let final_name = backup_name(file_name, &stamp);
     let mut temp =
         TempEntry::create(&backups, &format!(".~funnelsync-{file_name}.")).map_err(io_text)?;
-    temp.file.write_all(original).map_err(io_text)?;
+    {
+        let mut reader = original;
+        reader.rewind().map_err(io_text)?;
+        let mut writer = std::io::BufWriter::with_capacity(1 << 16, &temp.file);
+        std::io::copy(&mut reader, &mut writer).map_err(io_text)?;
+        writer.flush().map_err(io_text)?;
+    }
     copy_ownership(
         &temp.file,
         original_stat,

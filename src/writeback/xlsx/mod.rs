@@ -19,7 +19,7 @@ mod styles;
 mod xml;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufReader, Cursor, Write};
+use std::io::{BufReader, Write};
 
 use quick_xml::events::Event;
 
@@ -71,11 +71,11 @@ impl From<quick_xml::events::attributes::AttrError> for PackageError {
 /// is faster still but 60 % larger). Excel recompresses at its own level on its next save.
 const SHEET_COMPRESSION_LEVEL: i64 = 3;
 
-/// Writes the plan into the workbook `original` (the bytes the sync read), into `out`. Returns
+/// Writes the plan into the workbook `original` (the file the sync read, open), into `out`. Returns
 /// the Excel row number of each planned row in the written file, in plan order.
 pub fn build(
     sheet: &SheetData,
-    original: &[u8],
+    original: &std::fs::File,
     plan: &SheetPlan,
     stage_names: &[String],
     out: &mut dyn WriteSeek,
@@ -89,12 +89,12 @@ pub fn build(
 
 fn build_package(
     sheet: &SheetData,
-    original: &[u8],
+    original: &std::fs::File,
     plan: &SheetPlan,
     stage_names: &[String],
     out: &mut dyn WriteSeek,
 ) -> Result<Vec<u32>, PackageError> {
-    let mut package = Package::open(Cursor::new(original))?;
+    let mut package = Package::open(BufReader::with_capacity(1 << 16, original))?;
     let SheetLocation {
         workbook,
         workbook_relationships,
@@ -286,7 +286,7 @@ fn row_edits(
 /// Rows that leave are deleted (the rows below moving up) where nothing points below them, and
 /// cleared where something might: the shift of the rows below, or the rows to clear.
 fn decide_removals(
-    package: &mut Package<Cursor<&[u8]>>,
+    package: &mut Package<BufReader<&std::fs::File>>,
     parts: &safety::SheetParts<'_>,
     removed: &[u32],
     path: &std::path::Path,
@@ -322,7 +322,7 @@ struct SheetLocation {
 }
 
 fn locate_sheet(
-    package: &mut Package<Cursor<&[u8]>>,
+    package: &mut Package<BufReader<&std::fs::File>>,
     sheet_name: &str,
 ) -> Result<SheetLocation, PackageError> {
     let workbook = package.workbook()?;
@@ -355,7 +355,7 @@ fn locate_sheet(
 /// Writes the new package: the staged sheet part, the changed parts, and every other entry
 /// copied through as stored (compressed bytes untouched), in the original order.
 fn assemble(
-    package: &mut Package<Cursor<&[u8]>>,
+    package: &mut Package<BufReader<&std::fs::File>>,
     sheet_entry: usize,
     staged: &mut zip::ZipArchive<std::fs::File>,
     changed_parts: &HashMap<String, Vec<u8>>,
@@ -415,7 +415,7 @@ fn written_row_numbers(plan: &SheetPlan, first_new_row: u32, shift: &RowShift) -
 /// Patches the sheet part into an archive of its own, so that every entry of the new package
 /// keeps its place and the parts written after it (styles) can use what the patch found.
 fn patch_into_staging(
-    package: &mut Package<Cursor<&[u8]>>,
+    package: &mut Package<BufReader<&std::fs::File>>,
     sheet_entry: usize,
     edit: SheetEdit,
     styles: &mut Styles,

@@ -269,7 +269,9 @@ proptest! {
             formula_cells,
         };
         let mut out = Cursor::new(Vec::new());
-        let row_numbers = super::build(&sheet, &original, &plan, &[], &mut out).expect("build");
+        let mut original_file = tempfile::tempfile().expect("temp file");
+        std::io::Write::write_all(&mut original_file, &original).expect("write the original");
+        let row_numbers = super::build(&sheet, &original_file, &plan, &[], &mut out).expect("build");
         let written = out.into_inner();
 
         let before = entries(&original);
