@@ -524,6 +524,13 @@ pub fn query_deals(
     } else {
         Default::default()
     };
+    // A stall's reason names the stage ("in Prospect for 12 days"): without the stage, only that
+    // the deal is over its limit is said.
+    if !user.sees(Field::Stage) {
+        for reason in reasons.values_mut() {
+            *reason = "over its stage's time limit".to_string();
+        }
+    }
     let total = deals.len();
     let offset = query.offset.unwrap_or(0);
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
@@ -838,7 +845,8 @@ const AMOUNT_KEYS: [&str; 7] = [
     "weighted",
 ];
 
-/// Nulls what the user does not see: amounts when `amount` is hidden, and hidden fields by name.
+/// Nulls what the user does not see: amounts when `amount` is hidden, stall reasons when `stage`
+/// is, and hidden fields by name.
 fn redact(value: &mut Value, user: &User) {
     match value {
         Value::Object(object) => {
@@ -846,7 +854,9 @@ fn redact(value: &mut Value, user: &User) {
                 let hidden_field = Field::from_name(key).is_some_and(|field| !user.sees(field));
                 let hidden_amount =
                     !user.sees(Field::Amount) && AMOUNT_KEYS.contains(&key.as_str());
-                if hidden_field || hidden_amount {
+                // A stall's reason names the deal's stage.
+                let hidden_reason = !user.sees(Field::Stage) && key == "reason";
+                if hidden_field || hidden_amount || hidden_reason {
                     *inner = Value::Null;
                 } else {
                     redact(inner, user);

@@ -520,7 +520,7 @@ async fn funnel_page(
             div.scroll { table.list {
                 thead { tr {
                     th { (tr(language, "Company", "公司")) }
-                    th { (tr(language, "Stage", "阶段")) }
+                    @if page.user.sees(Field::Stage) { th { (tr(language, "Stage", "阶段")) } }
                     @if sees_amounts { th.number { (tr(language, "Weighted", "加权金额")) } }
                     th { (tr(language, "Expected close", "预计成交")) }
                 } }
@@ -528,7 +528,7 @@ async fn funnel_page(
                     @for line in report.forecast.deals.iter().take(20) {
                         tr {
                             td { a href=(format!("/deals/{}", line.deal_id)) { (line.company.as_deref().filter(|_| page.user.sees(Field::Company)).unwrap_or("—")) } }
-                            td { (line.stage) }
+                            @if page.user.sees(Field::Stage) { td { (line.stage) } }
                             @if sees_amounts { td.number { (money(line.weighted)) } }
                             td { (line.expected_close.as_deref().unwrap_or("")) }
                         }

@@ -1150,6 +1150,56 @@ fn a_dead_file_watcher_shows_in_healthz_and_metrics() {
 }
 
 #[test]
+fn a_hidden_stage_is_not_told_by_the_reason_of_a_stall() {
+    let dir = TestDir::new();
+    let month_ago = (chrono::Utc::now().date_naive() - chrono::Duration::days(30))
+        .format("%Y-%m-%d")
+        .to_string();
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Company", "Stage", "Owner", "Last Contact"])
+        .row(&["Acme", "Prospect", "Alice Wang", &month_ago])
+        .save(&dir.path("p.xlsx"));
+    let manager = dir.token("mia", "manager", None);
+    let mut erp = dir.token("erp", "readonly", None);
+    erp.config_lines.push_str("\nhidden_fields = [\"stage\"]");
+    let port = dir.http_source("p.xlsx", "language = \"en\"", &[&manager, &erp]);
+    dir.sync().assert_code(0);
+    let (_served, http) = dir.start_serving(&["serve"], port);
+    // The manager is told why, stage and all.
+    let stalled = http
+        .get("/api/v1/stalled", Some(&manager.token))
+        .assert_status(200)
+        .json();
+    assert!(
+        stalled[0]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("Prospect")),
+        "{stalled}"
+    );
+    // The ERP is told that the deal is stalled, never in which stage.
+    for path in [
+        "/api/v1/stalled",
+        "/api/v1/deals?stalled=true",
+        "/api/v1/funnel",
+    ] {
+        let body = http
+            .get(path, Some(&erp.token))
+            .assert_status(200)
+            .body
+            .clone();
+        assert!(!body.contains("Prospect"), "{path}: {body}");
+        assert!(body.contains("Acme"), "{path}: {body}");
+    }
+    let session = http.log_in(&erp.token);
+    for path in ["/stalled", "/deals?stalled=1", "/deals/1"] {
+        let page = http.get_with(path, None, &[("Cookie", &session)]);
+        page.assert_status(200);
+        assert!(!page.body.contains("Prospect"), "{path}: {}", page.body);
+    }
+}
+
+#[test]
 fn sheet_values_are_escaped_in_the_pages() {
     let dir = TestDir::new();
     XlsxBuilder::new()
