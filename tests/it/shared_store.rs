@@ -819,3 +819,136 @@ fn a_daemon_whose_site_was_taken_while_it_was_cut_off_stops() {
     );
     drop(other);
 }
+
+/// An amount as the store's history and conflicts write it, without a trailing `.0`.
+fn amount_text(value: &str) -> String {
+    value.trim_end_matches(".0").to_string()
+}
+
+#[test]
+fn sheet_edits_and_command_lines_of_both_offices_on_one_deal_lose_no_update() {
+    if !shared_store_available(
+        "sheet_edits_and_command_lines_of_both_offices_on_one_deal_lose_no_update",
+    ) {
+        return;
+    }
+    let (shanghai, beijing) = two_offices(&[["Acme", "Ann", "ann@acme.com", "Lead", "100", "Bob"]]);
+    let shanghai_daemon = shanghai.start_daemon();
+    shanghai_daemon.wait_ready();
+    let beijing_daemon = beijing.start_daemon();
+    beijing_daemon.wait_ready();
+    let master = shanghai.path("share/master.xlsx");
+    let bob = beijing.path("share/bob.xlsx");
+    wait_until(Duration::from_secs(15), "Acme in both files", || {
+        companies_in(&master) == vec!["Acme".to_string()]
+            && read_xlsx(&bob, "Pipeline").column("CRM ID").len() == 1
+    });
+    let acme = shanghai.deal_by("company", "Acme")["id"].to_string();
+
+    // Acme's amount, written at once by a command line with each office's config and by a rep
+    // in each office's file: every value is a different one.
+    let failures = std::sync::Mutex::new(Vec::new());
+    let mut written: Vec<String> = Vec::new();
+    std::thread::scope(|scope| {
+        for (worker, office) in [&shanghai, &beijing].into_iter().enumerate() {
+            let failures = &failures;
+            let acme = &acme;
+            scope.spawn(move || {
+                for index in 0..10 {
+                    let amount = format!("{}", 1000 + worker * 100 + index);
+                    let run = office.run(&["deals", "set", acme, &format!("amount={amount}")]);
+                    if run.code != 0 {
+                        failures
+                            .lock()
+                            .expect("failures")
+                            .push(format!("deals set amount={amount}: {}", run.stderr));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        scope.spawn(|| {
+            for round in 0..4 {
+                for (path, base) in [(&bob, 5000), (&master, 6000)] {
+                    edit_in_excel(path, |edit| {
+                        edit.set("Company", "Acme", "Amount", &format!("{}", base + round))
+                    });
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        });
+    });
+    let failures = failures.into_inner().expect("failures");
+    assert!(failures.is_empty(), "{failures:#?}");
+    written.extend(
+        (0..2).flat_map(|worker| {
+            (0..10).map(move |index| format!("{}", 1000 + worker * 100 + index))
+        }),
+    );
+    written.extend(
+        (0..4).flat_map(|round| [format!("{}", 5000 + round), format!("{}", 6000 + round)]),
+    );
+
+    // Once both files have settled on the store's value: it is one of the writes, and each
+    // write is in the history or was recorded as a conflict, none silently dropped.
+    let settled = || {
+        let store = amount_text(&shanghai.deal_by("company", "Acme")["amount"].to_string());
+        let shown = |path: &std::path::Path| {
+            read_xlsx(path, "Pipeline")
+                .column("Amount")
+                .first()
+                .map(|amount| amount_text(amount))
+        };
+        (shown(&master) == Some(store.clone()) && shown(&bob) == Some(store.clone()))
+            .then_some(store)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut final_amount = settled();
+    while final_amount.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        final_amount = settled();
+    }
+    let final_amount = final_amount.unwrap_or_else(|| {
+        panic!(
+            "both files show the store's amount\nShanghai:\n{}\nBeijing:\n{}",
+            shanghai_daemon.log(),
+            beijing_daemon.log()
+        )
+    });
+    assert!(
+        written.contains(&final_amount),
+        "{final_amount} is one of {written:?}"
+    );
+    let in_history: HashSet<String> = shanghai
+        .query(&format!(
+            "SELECT new_value FROM changes WHERE deal_id = {acme} AND field = 'amount'"
+        ))
+        .into_iter()
+        .filter_map(|row| row.into_iter().next().flatten())
+        .map(|value| amount_text(&value))
+        .collect();
+    let in_conflicts: HashSet<String> = shanghai
+        .query(&format!(
+            "SELECT sheet_value FROM conflicts WHERE deal_id = {acme} AND field = 'amount' \
+             UNION SELECT store_value FROM conflicts WHERE deal_id = {acme} AND field = 'amount'"
+        ))
+        .into_iter()
+        .filter_map(|row| row.into_iter().next().flatten())
+        .map(|value| amount_text(&value))
+        .collect();
+    let lost: Vec<&String> = written
+        .iter()
+        .filter(|amount| !in_history.contains(*amount) && !in_conflicts.contains(*amount))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "every write is in the history or a conflict; lost: {lost:?}\nhistory {in_history:?}\nconflicts {in_conflicts:?}\nShanghai:\n{}\nBeijing:\n{}",
+        shanghai_daemon.log(),
+        beijing_daemon.log()
+    );
+    // The history's last amount is the store's.
+    let last = shanghai.query_value(&format!(
+        "SELECT new_value FROM changes WHERE deal_id = {acme} AND field = 'amount' ORDER BY id DESC LIMIT 1"
+    ));
+    assert_eq!(last.as_deref().map(amount_text), Some(final_amount));
+}
