@@ -154,6 +154,27 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     let mut issues = Vec::new();
     let mirror_by_deal: HashMap<DealId, &MirrorRow> =
         input.mirror.iter().map(|row| (row.deal_id, row)).collect();
+    let (matched, claimed) = match_rows(input, &mirror_by_deal, &mut issues);
+    let (mut changeset, unrecognised_error_rows) = classify_rows(input, &matched, &mirror_by_deal);
+    decide_removals(
+        input,
+        &claimed,
+        &unrecognised_error_rows,
+        &mut changeset,
+        &mut issues,
+    );
+    (changeset, issues)
+}
+
+/// Which deal each row is, found in passes from the surest evidence to the weakest: its CRM ID,
+/// an identical mirror row, the natural key and then company + contact against the mirror, the
+/// natural key against the whole store. Returns each row's deal and every deal claimed by a row
+/// (or by another file).
+fn match_rows(
+    input: &DiffInput<'_>,
+    mirror_by_deal: &HashMap<DealId, &MirrorRow>,
+    issues: &mut Vec<RowIssue>,
+) -> (Vec<Option<DealId>>, HashSet<DealId>) {
     let mut matched: Vec<Option<DealId>> = vec![None; input.rows.len()];
     let mut claimed: HashSet<DealId> = input.claimed.keys().copied().collect();
     // Rows whose id repeats an earlier row's: people copy rows, so these become new deals.
@@ -289,6 +310,17 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         }
     }
 
+    (matched, claimed)
+}
+
+/// What each row does to its deal: created, updated with the merged changes, unchanged, or
+/// skipped for its errors. Returns the changeset so far and the rows with errors that match no
+/// deal (each may be a deal's row the rep is editing).
+fn classify_rows(
+    input: &DiffInput<'_>,
+    matched: &[Option<DealId>],
+    mirror_by_deal: &HashMap<DealId, &MirrorRow>,
+) -> (Changeset, Vec<usize>) {
     let mut changeset = Changeset::default();
     // Rows with errors that match no deal: each may be a deal's row the rep is editing.
     let mut unrecognised_error_rows: Vec<usize> = Vec::new();
@@ -408,6 +440,18 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         }
     }
 
+    (changeset, unrecognised_error_rows)
+}
+
+/// What happens to the deals of mirror rows no row claimed: archived, deleted, forgotten, moved
+/// to another file, or held back while a row with errors may be theirs.
+fn decide_removals(
+    input: &DiffInput<'_>,
+    claimed: &HashSet<DealId>,
+    unrecognised_error_rows: &[usize],
+    changeset: &mut Changeset,
+    issues: &mut Vec<RowIssue>,
+) {
     let removed: Vec<&MirrorRow> = input
         .mirror
         .iter()
@@ -494,7 +538,6 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
         };
         changeset.removals.push(removal);
     }
-    (changeset, issues)
 }
 
 /// A stage change dates itself: when `changes` move the deal to another stage and do not say
