@@ -148,6 +148,71 @@ fn every_module_imports_only_modules_in_lower_layers() {
     assert!(violations.is_empty(), "{}", violations.join("\n"));
 }
 
+/// The `super::` paths in `code` (a file at module depth `file_depth`, `src/http/api.rs` being 2)
+/// that climb out of its top-level module, where the layer check, which reads `crate::` paths,
+/// would not see them. An inline `mod name {` opened above a path lets it climb one more.
+fn paths_climbing_out(code: &str, file_depth: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut n_inline_modules = 0;
+    for line in code.lines() {
+        let line = line.split("//").next().unwrap_or("");
+        let trimmed = line.trim_start();
+        if (trimmed.starts_with("mod ") || trimmed.starts_with("pub mod "))
+            && trimmed.ends_with('{')
+        {
+            n_inline_modules += 1;
+        }
+        for (position, _) in line.match_indices("super::") {
+            // Count each chain once, from its first `super::`.
+            if line[..position].ends_with("super::") {
+                continue;
+            }
+            let n_supers = line[position..]
+                .as_bytes()
+                .chunks(7)
+                .take_while(|chunk| *chunk == b"super::")
+                .count();
+            if n_supers + 1 > file_depth + n_inline_modules {
+                found.push(line.trim().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_path_climbs_out_of_its_top_level_module_with_super() {
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let mut violations = Vec::new();
+    for path in files {
+        let relative = path.strip_prefix(root().join("src")).expect("under src");
+        let n_components = relative.components().count();
+        let file_depth = if relative.ends_with("mod.rs") {
+            n_components - 1
+        } else if relative == Path::new("lib.rs") || relative == Path::new("main.rs") {
+            // The crate root.
+            0
+        } else {
+            n_components
+        };
+        let code = std::fs::read_to_string(&path).expect("read source");
+        for line in paths_climbing_out(&code, file_depth) {
+            violations.push(format!("{}: {line}", relative.display()));
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "use crate:: paths to reach another module:\n{}",
+        violations.join("\n")
+    );
+    // The check sees what it must: from src/sync/file.rs (depth 2) one `super::` stays in `sync`,
+    // two reach the crate root.
+    assert!(paths_climbing_out("use super::diff;", 2).is_empty());
+    assert_eq!(paths_climbing_out("use super::super::store;", 2).len(), 1);
+    assert!(paths_climbing_out("mod tests {\n use super::super::diff;", 2).is_empty());
+}
+
 #[test]
 fn the_check_sees_an_import_in_every_form() {
     // The check above is only as good as its reading of the source.
