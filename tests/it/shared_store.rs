@@ -952,3 +952,52 @@ fn sheet_edits_and_command_lines_of_both_offices_on_one_deal_lose_no_update() {
     ));
     assert_eq!(last.as_deref().map(amount_text), Some(final_amount));
 }
+
+#[test]
+fn a_delivery_under_way_elsewhere_is_left_to_it_not_waited_for() {
+    if !shared_store_available("a_delivery_under_way_elsewhere_is_left_to_it_not_waited_for") {
+        return;
+    }
+    let smtp = SmtpServer::start(0);
+    let test = TestDir::for_site("shanghai");
+    deal_sheet(&[["Acme", "Ann", "ann@acme.com", "Prospect", "1000", "Bob"]])
+        .save(&test.path("p.xlsx"));
+    test.config(&format!(
+        "[[sources]]\nname = \"pipeline\"\npath = \"p.xlsx\"\n\n[remind]\nat = \"09:00\"\ntimezone = \"UTC\"\n\n[reps]\nBob = \"bob@example.com\"\n\n[smtp]\nhost = \"127.0.0.1\"\nport = {}\nsecurity = \"none\"\nfrom = \"Funnel Sync <funnelsync@example.com>\"\n",
+        smtp.port
+    ));
+    test.sync().assert_code(0);
+    test.execute("UPDATE deals SET stage_entered_at = '2026-01-05T00:00:00.000Z'");
+
+    // Another daemon is delivering (its mail server hangs, say): it holds the mail claim.
+    let url = test.store_url().expect("the scenario's database");
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    other
+        .batch_execute(&format!("SELECT pg_advisory_lock({})", claim_key("mail")))
+        .expect("take the mail claim");
+    let later = (chrono::Utc::now() + chrono::Duration::days(40)).to_rfc3339();
+    let mut remind = test
+        .command(&["--now", &later, "remind"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("remind");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut finished = false;
+    while std::time::Instant::now() < deadline {
+        if remind.try_wait().expect("wait").is_some() {
+            finished = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !finished {
+        let _ = remind.kill();
+        let _ = remind.wait();
+    }
+    assert!(finished, "remind waited for the other daemon's delivery");
+    // The digest is recorded, and left pending for the daemon that holds the claim.
+    assert!(smtp.to("bob@example.com").is_empty());
+    assert!(test.count("SELECT count(*) FROM outbox WHERE status = 'pending'") > 0);
+    drop(other);
+}
