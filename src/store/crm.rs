@@ -22,7 +22,8 @@ pub(super) const ROWS_PER_INSERT: usize = 64;
 pub(super) const IN_CHUNK: usize = 500;
 
 /// The channel PostgreSQL notifies with the new change counter when a transaction that changed
-/// deals commits.
+/// deals commits: the trigger of the second PostgreSQL migration sends it whenever the counter
+/// moves, so every writer notifies, whatever code (or admin) moved it.
 pub const CHANGES_CHANNEL: &str = "funnelsync_changes";
 
 /// The columns a deal is read from, in this order: the id, every field (in `Field::ALL` order,
@@ -105,7 +106,8 @@ fn ids(db: &Db<'_>, sql: &str, parameters: &[Value]) -> Result<HashSet<DealId>, 
 impl Db<'_> {
     /// Moves the store's change counter on for a change to deals and returns its new value, which
     /// the changed deals record. Within a transaction the counter moves once, however many deals
-    /// change; outside one, once per change. On PostgreSQL the commit notifies the daemons.
+    /// change; outside one, once per change. On PostgreSQL a trigger on the counter's row
+    /// notifies [`CHANGES_CHANNEL`] with it, which reaches the daemons when the change commits.
     fn stamp(&self) -> Result<i64, StoreError> {
         if let Some(version) = self.stamped.get() {
             return Ok(version);
@@ -114,12 +116,6 @@ impl Db<'_> {
             "UPDATE store_meta SET version = version + 1 WHERE id = 1 RETURNING version",
             &[],
         )?;
-        if self.engine() == Engine::Postgres {
-            self.execute(
-                "SELECT pg_notify(?1, ?2)",
-                &sql_params![CHANGES_CHANNEL, version.to_string()],
-            )?;
-        }
         if self.in_transaction() {
             self.stamped.set(Some(version));
         }

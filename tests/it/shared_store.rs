@@ -238,6 +238,95 @@ fn an_edit_in_one_office_reaches_the_other_offices_master_file() {
     );
 }
 
+/// The notifications heard on the change channel: those that come within `wait`, and whatever
+/// follows them closely; as the change counters they carry.
+fn heard(listener: &mut postgres::Client, wait: Duration) -> Vec<i64> {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut versions = Vec::new();
+    let mut notifications = listener.notifications();
+    let mut next = notifications
+        .timeout_iter(wait)
+        .next()
+        .expect("the listening connection");
+    while let Some(notification) = next {
+        assert_eq!(notification.channel(), "funnelsync_changes");
+        versions.push(
+            notification
+                .payload()
+                .parse()
+                .unwrap_or_else(|_| panic!("a change counter: {:?}", notification.payload())),
+        );
+        next = notifications
+            .timeout_iter(Duration::from_millis(300))
+            .next()
+            .expect("the listening connection");
+    }
+    versions
+}
+
+#[test]
+fn the_store_itself_announces_every_committed_change_on_the_change_channel() {
+    if !shared_store_available(
+        "the_store_itself_announces_every_committed_change_on_the_change_channel",
+    ) {
+        return;
+    }
+    let test = TestDir::new();
+    deal_sheet(&[["Acme", "Ann", "ann@acme.com", "Lead", "1000", "Bob"]])
+        .save(&test.path("p.xlsx"));
+    test.single_source("p.xlsx", "");
+    test.sync().assert_code(0);
+    let url = test.store_url().expect("the scenario's database");
+    let mut listener = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    listener
+        .batch_execute("LISTEN funnelsync_changes")
+        .expect("listen");
+    let version = || test.count("SELECT version FROM store_meta WHERE id = 1");
+
+    // A command-line edit: one notification, with the counter it committed.
+    let acme = test.deal_by("company", "Acme")["id"].to_string();
+    test.run(&["deals", "set", &acme, "amount=1500"])
+        .assert_code(0);
+    assert_eq!(
+        heard(&mut listener, Duration::from_secs(5)),
+        vec![version()]
+    );
+
+    // A transaction that moves the counter and rolls back announces nothing.
+    let mut writer = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    writer
+        .batch_execute("BEGIN; UPDATE store_meta SET version = version + 1 WHERE id = 1; ROLLBACK")
+        .expect("a rolled-back change");
+    assert_eq!(
+        heard(&mut listener, Duration::from_millis(500)),
+        Vec::<i64>::new()
+    );
+
+    // Any writer that moves the counter is announced at its commit, not only funnelsync's code:
+    // an admin's fix made in SQL reaches the daemons like an edit.
+    writer
+        .batch_execute(
+            "BEGIN; \
+             UPDATE store_meta SET version = version + 1 WHERE id = 1; \
+             UPDATE deals SET amount = 1600, changed_version = (SELECT version FROM store_meta) \
+             WHERE company = 'Acme'; \
+             COMMIT",
+        )
+        .expect("an admin's change");
+    assert_eq!(
+        heard(&mut listener, Duration::from_secs(5)),
+        vec![version()]
+    );
+    // Statements that leave the counter where it was announce nothing.
+    writer
+        .batch_execute("UPDATE store_meta SET version = version WHERE id = 1")
+        .expect("a no-op");
+    assert_eq!(
+        heard(&mut listener, Duration::from_millis(500)),
+        Vec::<i64>::new()
+    );
+}
+
 #[test]
 fn concurrent_edits_through_both_offices_and_the_command_line_arrive_exactly_once() {
     if !shared_store_available(
