@@ -9,6 +9,7 @@
 mod http;
 mod raw;
 mod source;
+mod store_tls;
 mod validate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,7 @@ use crate::deal::normalize_label;
 use crate::workbook::Limits;
 
 pub use http::{HttpConfig, Role, TlsFiles, TokenSource, DEFAULT_LISTEN};
+pub use store_tls::{read_root_certs, ConnectionUrl, StoreRootCerts, StoreSslMode};
 use raw::locate_key;
 use raw::RawConfig;
 pub use source::{

@@ -183,13 +183,27 @@ fn validate_store(
             }
             let scheme_ok = postgres.url.starts_with("postgresql://")
                 || postgres.url.starts_with("postgres://");
-            if !scheme_ok || postgres.url.parse::<postgres::Config>().is_err() {
+            // `sslmode` and `sslrootcert` as libpq spells them, and the CA file they name.
+            let connection = match postgres.connection_url() {
+                Ok(connection) => connection,
+                Err(message) => {
+                    problem("store.url", message);
+                    return None;
+                }
+            };
+            if !scheme_ok || connection.driver_url.parse::<postgres::Config>().is_err() {
                 problem(
                     "store.url",
-                    "must be a PostgreSQL URL such as \"postgresql://funnelsync@db.example/crm?sslmode=require\""
+                    "must be a PostgreSQL URL such as \"postgresql://funnelsync@db.example/crm?sslmode=verify-full\""
                         .to_string(),
                 );
                 return None;
+            }
+            if let super::StoreRootCerts::File(file) = &connection.root_certs {
+                if let Err(message) = super::read_root_certs(file) {
+                    problem("store.url", message);
+                    return None;
+                }
             }
             StoreLocation::Postgres(postgres)
         }

@@ -1,21 +1,36 @@
 //! Connecting to a PostgreSQL store: the URL from `[store] url`, the password from
 //! `password_file`, `FUNNELSYNC_STORE_PASSWORD` or systemd's `store-password` credential (never
 //! from the URL in a log line, never logged), TLS through rustls as the URL's `sslmode` asks
-//! (`disable`, `prefer` — the default — or `require`; the server's certificate is checked against
-//! the system's trust store).
+//! (`disable`, `prefer` — the default — `require`, `verify-ca` or `verify-full`). Whenever TLS is
+//! used the server's certificate is checked, against the certificate authorities of the URL's
+//! `sslrootcert` or else the system's trust store; only `verify-ca` lets it name another host
+//! (see `config::store_tls`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::StoreError;
-use crate::config::PostgresConfig;
+use crate::config::{ConnectionUrl, PostgresConfig, StoreRootCerts, StoreSslMode};
 
 /// What PostgreSQL said, for an error message: its own message (the driver's `Display` says only
-/// "db error").
+/// "db error"), or the driver's with its causes (which its `Display` leaves out: "error
+/// performing TLS handshake" alone does not say the server offers no TLS).
 pub fn describe(error: &postgres::Error) -> String {
     match error.as_db_error() {
         Some(db_error) => format!("{}: {}", db_error.severity(), db_error.message()),
-        None => error.to_string(),
+        None => {
+            let mut message = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(current) = cause {
+                let said = current.to_string();
+                if !said.is_empty() && !message.ends_with(&said) {
+                    message.push_str(": ");
+                    message.push_str(&said);
+                }
+                cause = current.source();
+            }
+            message
+        }
     }
 }
 
@@ -46,17 +61,131 @@ pub fn password(config: &PostgresConfig) -> Result<Option<String>, StoreError> {
     Ok(None)
 }
 
-fn tls() -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
-    use rustls_platform_verifier::BuilderVerifierExt;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|error| error.to_string())?
-    .with_platform_verifier()
-    .map_err(|error| error.to_string())?
-    .with_no_client_auth();
+/// Accepts a certificate that chains to a trusted authority whatever host it names
+/// (`sslmode=verify-ca`): the chain is checked before the name, so a certificate refused only
+/// for its name has passed every other check.
+#[derive(Debug)]
+struct ChainOnly(Arc<dyn rustls::client::danger::ServerCertVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        certificate: &rustls::pki_types::CertificateDer<'_>,
+        signature: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .verify_tls12_signature(message, certificate, signature)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        certificate: &rustls::pki_types::CertificateDer<'_>,
+        signature: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0
+            .verify_tls13_signature(message, certificate, signature)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The TLS set-up `sslmode` and `sslrootcert` ask for.
+fn tls(url: &ConnectionUrl) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match &url.root_certs {
+        StoreRootCerts::System => Arc::new(
+            rustls_platform_verifier::Verifier::new(provider.clone())
+                .map_err(|error| format!("cannot use the system's trust store: {error}"))?,
+        ),
+        StoreRootCerts::File(file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for certificate in crate::config::read_root_certs(file)? {
+                roots.add(certificate).map_err(|error| {
+                    format!(
+                        "sslrootcert {} holds a certificate that cannot be trusted: {error}",
+                        file.display()
+                    )
+                })?;
+            }
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|error| format!("sslrootcert {}: {error}", file.display()))?
+        }
+    };
+    let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
+        if url.ssl_mode.checks_host_name() {
+            verifier
+        } else {
+            Arc::new(ChainOnly(verifier))
+        };
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Why a connection failed, in words that say what to do where the driver's do not: a server
+/// certificate refused, a password the server asked for and was not given.
+fn connect_failure(error: &postgres::Error) -> String {
+    let described = describe(error);
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        let inner = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => None,
+        };
+        if let Some(rustls::Error::InvalidCertificate(refusal)) =
+            inner.unwrap_or(current).downcast_ref::<rustls::Error>()
+        {
+            let what_to_do = match refusal {
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. } => {
+                    "connect by a host name the certificate holds (or use sslmode=verify-ca, which checks the certificate authority only)"
+                }
+                _ => "name the certificate authority that signed it with sslrootcert=/path/to/ca.pem in the URL",
+            };
+            return format!("{described} (the server's certificate was refused: {what_to_do})");
+        }
+        cause = inner.or_else(|| current.source());
+    }
+    if described.ends_with("password missing") {
+        return format!(
+            "{described} (the server asks for a password: put it in password_file, FUNNELSYNC_STORE_PASSWORD or the store-password credential)"
+        );
+    }
+    described
 }
 
 /// A connection to the store's database.
@@ -66,8 +195,9 @@ pub fn connect(config: &PostgresConfig) -> Result<postgres::Client, StoreError> 
         url: shown.clone(),
         message,
     };
-    let mut settings: postgres::Config = config
-        .url
+    let url = config.connection_url().map_err(&refused)?;
+    let mut settings: postgres::Config = url
+        .driver_url
         .parse()
         .map_err(|error: postgres::Error| refused(describe(&error)))?;
     if let Some(password) = password(config)? {
@@ -90,11 +220,11 @@ pub fn connect(config: &PostgresConfig) -> Result<postgres::Client, StoreError> 
             settings.keepalives_retries(3);
         }
     }
-    let client = match settings.get_ssl_mode() {
-        postgres::config::SslMode::Disable => settings.connect(postgres::NoTls),
-        _ => settings.connect(tls().map_err(&refused)?),
+    let client = match url.ssl_mode {
+        StoreSslMode::Disable => settings.connect(postgres::NoTls),
+        _ => settings.connect(tls(&url).map_err(&refused)?),
     };
-    client.map_err(|error| refused(describe(&error)))
+    client.map_err(|error| refused(connect_failure(&error)))
 }
 
 /// A connection that listens on the change channel: each transaction that changes deals

@@ -1417,3 +1417,261 @@ impl Http {
         )
     }
 }
+
+/// A certificate authority made for one test, and server certificates it signs.
+pub struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// The authority's certificate, PEM: what a client that trusts it is given.
+    pub pem: String,
+}
+
+/// A server's certificate and key, PEM.
+pub struct ServerCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let certificate = params.self_signed(&key).expect("the CA certificate");
+        TestCa {
+            issuer: rcgen::Issuer::new(params, key),
+            pem: certificate.pem(),
+        }
+    }
+
+    /// A server certificate for these host names, signed by this authority.
+    pub fn server_cert(&self, names: &[&str]) -> ServerCert {
+        let key = rcgen::KeyPair::generate().expect("a server key");
+        let mut params = rcgen::CertificateParams::new(
+            names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .expect("server params");
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .expect("the server certificate");
+        ServerCert {
+            cert_pem: certificate.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// A throwaway PostgreSQL cluster of a test's own, started from the server binaries the machine
+/// has (`/usr/lib/postgresql/<version>/bin`) — as the `postgres` user when the tests run as root,
+/// since PostgreSQL refuses to run as root — on 127.0.0.1 and a free port, with password
+/// (`scram-sha-256`) authentication over TCP and, when given a certificate, `ssl = on` and TCP
+/// connections refused without TLS (`hostssl`). The Unix socket in its folder trusts the local
+/// `postgres` superuser, for setting the scene. Stopped and removed when dropped.
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    as_postgres: bool,
+}
+
+/// The server binaries' folder, newest version first; `None` when PostgreSQL is not installed.
+fn postgres_bin() -> Option<PathBuf> {
+    let mut folders: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin")))
+        .filter(|bin| bin.join("initdb").is_file() && bin.join("pg_ctl").is_file())
+        .collect();
+    folders.sort_by_key(|bin| {
+        bin.parent()
+            .and_then(|version| version.file_name())
+            .and_then(|version| version.to_str())
+            .and_then(|version| version.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    folders.pop()
+}
+
+impl TestCluster {
+    /// Starts one; `None` (after [`skip`], which fails in CI) when there are no server binaries.
+    pub fn start(test_name: &str, tls: Option<&ServerCert>) -> Option<TestCluster> {
+        let Some(bin) = postgres_bin() else {
+            skip(
+                test_name,
+                "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin (install postgresql)",
+            );
+            return None;
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let as_postgres = rustix::process::geteuid().is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("fs-pg-")
+            .tempdir()
+            .expect("cluster folder");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("cluster folder mode");
+        let mut cluster = TestCluster {
+            dir,
+            bin,
+            port: 0,
+            as_postgres,
+        };
+        cluster.give_to_server(cluster.dir.path());
+        let data = cluster.path("data");
+        let initdb = cluster
+            .server_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
+            .output()
+            .expect("run initdb");
+        assert!(
+            initdb.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        let host_line = if tls.is_some() { "hostssl" } else { "host" };
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!("local all all trust\n{host_line} all all 127.0.0.1/32 scram-sha-256\n"),
+        )
+        .expect("pg_hba.conf");
+        let mut options = format!(
+            "-c listen_addresses=127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            cluster.dir.path().display()
+        );
+        if let Some(tls) = tls {
+            let (cert, key) = (cluster.path("server.crt"), cluster.path("server.key"));
+            std::fs::write(&cert, &tls.cert_pem).expect("server certificate");
+            std::fs::write(&key, &tls.key_pem).expect("server key");
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .expect("key mode");
+            cluster.give_to_server(&cert);
+            cluster.give_to_server(&key);
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
+        cluster.give_to_server(&data.join("pg_hba.conf"));
+        for _ in 0..8 {
+            let port = free_port();
+            let started = cluster
+                .server_command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(cluster.path("server.log"))
+                .args(["-w", "-t", "60", "-o"])
+                .arg(format!("{options} -p {port}"))
+                .arg("start")
+                .output()
+                .expect("run pg_ctl");
+            if started.status.success() {
+                cluster.port = port;
+                return Some(cluster);
+            }
+        }
+        panic!(
+            "the test cluster did not start: {}",
+            std::fs::read_to_string(cluster.path("server.log")).unwrap_or_default()
+        );
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A server binary, run as the `postgres` user when the tests run as root.
+    fn server_command(&self, program: &str) -> Command {
+        let binary = self.bin.join(program);
+        if self.as_postgres {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(binary);
+            command
+        } else {
+            Command::new(binary)
+        }
+    }
+
+    /// Hands a file or folder to the user the server runs as.
+    fn give_to_server(&self, path: &Path) {
+        if !self.as_postgres {
+            return;
+        }
+        let id = |flag: &str| -> u32 {
+            let output = Command::new("id")
+                .args([flag, "postgres"])
+                .output()
+                .expect("run id");
+            String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("no `postgres` user to run the test cluster as"))
+        };
+        std::os::unix::fs::chown(path, Some(id("-u")), Some(id("-g"))).expect("chown");
+    }
+
+    /// The superuser over the cluster's Unix socket (trusted), on `database`.
+    pub fn admin(&self, database: &str) -> postgres::Client {
+        postgres::Client::connect(
+            &format!(
+                "host={} port={} user=postgres dbname={database}",
+                self.dir.path().display(),
+                self.port
+            ),
+            postgres::NoTls,
+        )
+        .expect("the test cluster's superuser")
+    }
+
+    /// A login role with this password, owning a new database of the same name.
+    pub fn create_login(&self, name: &str, password: &str) {
+        let mut admin = self.admin("postgres");
+        // Two statements: CREATE DATABASE cannot run in the transaction a batch is.
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {name} LOGIN PASSWORD '{}'",
+                password.replace('\'', "''")
+            ))
+            .expect("create the login");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER {name}"))
+            .expect("create its database");
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if self.port != 0 {
+            let _ = self
+                .server_command("pg_ctl")
+                .arg("-D")
+                .arg(self.path("data"))
+                .args(["-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}

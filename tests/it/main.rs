@@ -15,6 +15,7 @@ mod in_place;
 mod remind;
 mod safety;
 mod shared_store;
+mod store_login;
 mod streaming;
 mod sync_cli;
 mod two_way;
