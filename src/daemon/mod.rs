@@ -32,7 +32,7 @@ use crate::mail::outbox::OutboxError;
 use crate::remind::outbox::RemindError;
 use crate::report::ReportError;
 use crate::store::files::{FileState, FileStatusRecord};
-use crate::store::{CrmStore, Store, StoreError};
+use crate::store::{BlockingScope, CrmStore, Store, StoreError};
 use crate::sync::{self, FileReport, FileStatus};
 use crate::systemd;
 use crate::watch::{self, Fingerprint};
@@ -219,7 +219,12 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let opening = {
         let config = Arc::clone(&config);
-        match tokio::task::spawn_blocking(move || open_store(&config)).await {
+        match tokio::task::spawn_blocking(move || {
+            let _scope = BlockingScope::enter();
+            open_store(&config)
+        })
+        .await
+        {
             Ok(opening) => opening?,
             Err(error) => std::panic::resume_unwind(error.into_panic()),
         }
@@ -735,7 +740,12 @@ impl Daemon {
     ) {
         let sender = self.sender.clone();
         tokio::spawn(async move {
-            let result = match tokio::task::spawn_blocking(job).await {
+            let result = match tokio::task::spawn_blocking(move || {
+                let _scope = BlockingScope::enter();
+                job()
+            })
+            .await
+            {
                 Ok(result) => result,
                 Err(error) => Err(JobError::Panicked(error.to_string())),
             };
@@ -983,6 +993,7 @@ impl Daemon {
         tokio::spawn(async move {
             let worker_path = path.clone();
             let worker = tokio::task::spawn_blocking(move || {
+                let _scope = BlockingScope::enter();
                 let path = worker_path;
                 let outcome = match config.source(&source_name) {
                     None => Err(JobError::SourceGone(source_name)),
@@ -1295,6 +1306,7 @@ fn listen_for_changes(config: crate::config::StoreConfig, events: mpsc::Sender<E
     let started = std::thread::Builder::new()
         .name("funnelsync-listen".to_string())
         .spawn(move || {
+            let _scope = BlockingScope::enter();
             let mut backoff = Duration::from_secs(1);
             while !events.is_closed() {
                 match crate::store::Listener::start(&postgres) {

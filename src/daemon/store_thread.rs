@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::Event;
 use crate::config::StoreConfig;
 use crate::store::files::{self as status, FileStatusRecord};
-use crate::store::{CrmStore, Store, StoreError};
+use crate::store::{BlockingScope, CrmStore, Store, StoreError};
 
 /// The first wait before connecting again, doubled after each failure up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -58,6 +58,7 @@ impl StoreThread {
         let thread = std::thread::Builder::new()
             .name("funnelsync-store".to_string())
             .spawn(move || {
+                let _scope = BlockingScope::enter();
                 let mut store = store;
                 for job in queue {
                     let mut answer = attempt(&store, &job);

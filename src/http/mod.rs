@@ -231,6 +231,7 @@ pub async fn with_store<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let config = state.config();
     tokio::task::spawn_blocking(move || {
+        let _scope = crate::store::BlockingScope::enter();
         crate::store::with_store(&config.store, true, |store: &mut Store| job(store, &config))
     })
     .await

@@ -178,6 +178,9 @@ fn deliver_claimed(
         return Ok(report);
     }
     let smtp = config.smtp.as_ref().ok_or(OutboxError::NoSmtp)?;
+    // Entering the runtime makes this thread look async to the store's check; it is not (a
+    // command's main thread, or a daemon job's blocking thread), and it stays as it was.
+    let _scope = crate::store::BlockingScope::unless_async();
     // The transport's connection pool lives in the runtime: build and drop it inside.
     let runtime_guard = runtime.enter();
     let mailer = match Mailer::new(smtp) {

@@ -33,7 +33,7 @@ use crate::deal::{Deal, DealId, ExtraMap, Field, FieldMap, FieldValue};
 
 pub use crm::CHANGES_CHANNEL;
 pub use postgres_link::Listener;
-pub use sql::{Db, Engine, Row, Value};
+pub use sql::{BlockingScope, Db, Engine, Row, Value};
 
 use sql::sql_params;
 pub use transfer::{copy_to_postgres, CopyReport};
@@ -221,6 +221,7 @@ impl Store {
 
     /// [`Store::open`], saying what the migration did.
     pub fn open_migrating(config: &StoreConfig) -> Result<(Store, Migrated), StoreError> {
+        sql::assert_may_block();
         match &config.location {
             StoreLocation::Sqlite(path) => Store::open_sqlite(path, &config.site),
             StoreLocation::Postgres(postgres) => {
@@ -256,6 +257,7 @@ impl Store {
 
     /// Opens (creating if needed) a SQLite store file.
     pub fn open_sqlite(path: &Path, site: &str) -> Result<(Store, Migrated), StoreError> {
+        sql::assert_may_block();
         create_private(path)?;
         let open_error = |source| StoreError::Open {
             path: path.to_path_buf(),
@@ -415,6 +417,7 @@ impl Store {
     /// found out on the next statement, which the work it was lent to should not be the one to
     /// fail.
     fn still_answers(&self) -> bool {
+        sql::assert_may_block();
         match &self.connection {
             Connection::Sqlite(_) => true,
             Connection::Postgres(connection) => connection
@@ -425,7 +428,10 @@ impl Store {
         }
     }
 
+    /// The connection, for a [`Db`]: checked not to block an async thread.
+    #[track_caller]
     fn link(&self) -> sql::Link<'_> {
+        sql::assert_may_block();
         match &self.connection {
             Connection::Sqlite(connection) => sql::Link::Sqlite(connection),
             Connection::Postgres(connection) => sql::Link::Postgres(connection),
@@ -948,6 +954,69 @@ mod tests {
         assert_eq!(history.len(), 2);
         assert_eq!(history[1].from_stage.as_deref(), Some("Lead"));
         assert_eq!(history[1].to_stage, "Prospect");
+    }
+
+    /// The message of a panic caught by `catch_unwind`, if `work` panicked.
+    fn panic_message(work: impl FnOnce()) -> Option<String> {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).err()?;
+        Some(match caught.downcast::<String>() {
+            Ok(message) => *message,
+            Err(caught) => caught
+                .downcast::<&str>()
+                .map(|message| message.to_string())
+                .unwrap_or_default(),
+        })
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    fn store_work_on_an_async_thread_panics_and_runs_inside_a_blocking_scope() {
+        let folder = tempfile::tempdir().expect("temp dir");
+        let path = folder.path().join("crm.db");
+        let (store, _) = Store::open_sqlite(&path, "local").expect("open outside a runtime");
+        let select_one = |store: &Store| {
+            assert_eq!(
+                store
+                    .db()
+                    .query_value::<i64>("SELECT 1", &[])
+                    .expect("query"),
+                1
+            );
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let refused = panic_message(|| select_one(&store))
+                .expect("a statement on an async thread panics");
+            assert!(refused.contains("async thread"), "{refused}");
+            assert!(
+                panic_message(|| drop(Store::open_sqlite(&path, "local"))).is_some(),
+                "opening panics too"
+            );
+            let scope = BlockingScope::enter();
+            select_one(&store);
+            drop(scope);
+            assert!(
+                panic_message(|| select_one(&store)).is_some(),
+                "the scope ended"
+            );
+        });
+        // A blocking thread looks like a runtime's thread: it needs the scope too.
+        let (store, unmarked) = runtime
+            .block_on(runtime.spawn_blocking(move || {
+                let refused = panic_message(|| select_one(&store));
+                (store, refused)
+            }))
+            .expect("blocking task");
+        assert!(unmarked.is_some(), "a blocking thread without the scope");
+        // Outside a runtime the thread may block, and entering one only to build something in it
+        // (after `unless_async`) leaves it so.
+        select_one(&store);
+        let _scope = BlockingScope::unless_async();
+        let _entered = runtime.enter();
+        select_one(&store);
     }
 
     #[test]

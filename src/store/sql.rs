@@ -6,6 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::marker::PhantomData;
 
 use super::StoreError;
 
@@ -341,6 +342,78 @@ pub(crate) enum Link<'c> {
     Postgres(&'c PgConnection),
 }
 
+thread_local! {
+    /// How many [`BlockingScope`]s are open on this thread.
+    static BLOCKING_SCOPES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the thread it is made on, for as long as it lives, as one where store work may block:
+/// a `spawn_blocking` closure or a thread of its own. A `spawn_blocking` thread looks like a
+/// runtime's thread to [`tokio::runtime::Handle::try_current`], so without this mark the check in
+/// [`assert_may_block`] could not tell it from an async worker.
+#[must_use = "the thread may block on the store only while the scope lives"]
+pub struct BlockingScope {
+    /// Whether this scope counts: [`BlockingScope::unless_async`] on an async thread does not.
+    counted: bool,
+    /// The count is per thread, so the scope must end on the thread it began on.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl BlockingScope {
+    /// Marks this thread as one that may block on the store.
+    pub fn enter() -> BlockingScope {
+        BLOCKING_SCOPES.with(|scopes| scopes.set(scopes.get() + 1));
+        BlockingScope {
+            counted: true,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Marks this thread as one that may block on the store unless it is an async thread now.
+    /// For code that enters a runtime only to build something that lives in it (the mail
+    /// transport): inside that runtime's context every thread looks async, and the store work
+    /// that follows on this same thread is no more async than it was before.
+    pub fn unless_async() -> BlockingScope {
+        if on_async_thread() {
+            BlockingScope {
+                counted: false,
+                _not_send: PhantomData,
+            }
+        } else {
+            BlockingScope::enter()
+        }
+    }
+}
+
+impl Drop for BlockingScope {
+    fn drop(&mut self) {
+        if self.counted {
+            BLOCKING_SCOPES.with(|scopes| scopes.set(scopes.get().saturating_sub(1)));
+        }
+    }
+}
+
+/// Whether this thread runs async tasks: it is in a tokio runtime's context and no
+/// [`BlockingScope`] says it may block.
+fn on_async_thread() -> bool {
+    tokio::runtime::Handle::try_current().is_ok() && BLOCKING_SCOPES.with(Cell::get) == 0
+}
+
+/// Panics, in debug builds, when store work is about to block an async thread: a statement there
+/// stalls every task of the runtime (the daemon's loop, the HTTP server) for as long as SQLite
+/// waits for its lock or PostgreSQL answers. Every statement, connection and transaction goes
+/// through here, so the test suite, which runs the debug binary, checks every path it takes.
+#[track_caller]
+pub(crate) fn assert_may_block() {
+    if cfg!(debug_assertions) && on_async_thread() {
+        panic!(
+            "store work on an async thread of a tokio runtime: run it through http::with_store, \
+             a daemon job (spawn_blocking) or the daemon's store thread, inside a \
+             store::BlockingScope"
+        );
+    }
+}
+
 /// A connection to the store, or a transaction on it: every statement goes through here.
 pub struct Db<'c> {
     link: Link<'c>,
@@ -379,7 +452,7 @@ impl<'c> Db<'c> {
 
     /// Runs one statement; returns how many rows it changed.
     pub fn execute(&self, sql: &str, parameters: &[Value]) -> Result<usize, StoreError> {
-        match self.link {
+        match self.link() {
             Link::Sqlite(connection) => Ok(connection
                 .prepare_cached(sql)?
                 .execute(rusqlite::params_from_iter(parameters.iter()))?),
@@ -400,7 +473,7 @@ impl<'c> Db<'c> {
 
     /// Runs statements without parameters, such as a migration.
     pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
-        match self.link {
+        match self.link() {
             Link::Sqlite(connection) => Ok(connection.execute_batch(sql)?),
             Link::Postgres(connection) => Ok(connection.client.borrow_mut().batch_execute(sql)?),
         }
@@ -414,7 +487,7 @@ impl<'c> Db<'c> {
         mut map: impl FnMut(&Row<'_>) -> Result<T, StoreError>,
     ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
-        match self.link {
+        match self.link() {
             Link::Sqlite(connection) => {
                 let mut statement = connection.prepare_cached(sql)?;
                 let mut rows = statement.query(rusqlite::params_from_iter(parameters.iter()))?;
@@ -464,7 +537,7 @@ impl<'c> Db<'c> {
 
     /// Inserts one row into a table whose key is `id` and returns that id.
     pub fn insert_returning_id(&self, sql: &str, parameters: &[Value]) -> Result<i64, StoreError> {
-        match self.link {
+        match self.link() {
             Link::Sqlite(connection) => {
                 self.execute(sql, parameters)?;
                 Ok(connection.last_insert_rowid())
@@ -473,7 +546,10 @@ impl<'c> Db<'c> {
         }
     }
 
+    /// The connection, for a statement: checked not to block an async thread.
+    #[track_caller]
     pub(crate) fn link(&self) -> Link<'c> {
+        assert_may_block();
         self.link
     }
 }
