@@ -1090,3 +1090,96 @@ fn a_delivery_under_way_elsewhere_is_left_to_it_not_waited_for() {
     assert!(test.count("SELECT count(*) FROM outbox WHERE status = 'pending'") > 0);
     drop(other);
 }
+
+/// A SQLite store of `n_deals` deals, imported from a .csv, over `n_owners` owners who each have
+/// an address (the digests of their stalled deals wait in the outbox: the SMTP server refuses).
+fn a_sqlite_store_of(test: &TestDir, n_deals: usize, n_owners: usize, smtp_port: u16) {
+    let mut csv = String::from("Company,Contact,Email,Stage,Amount,Owner\n");
+    for n in 0..n_deals {
+        csv.push_str(&format!(
+            "Company {n},Contact {n},contact{n}@example{}.com,Lead,{},Rep {}\n",
+            n % 97,
+            1000 + n,
+            n % n_owners
+        ));
+    }
+    test.write("p.csv", csv);
+    let reps: String = (0..n_owners)
+        .map(|n| format!("\"Rep {n}\" = \"rep{n}@example.com\"\n"))
+        .collect();
+    std::fs::write(
+        test.config_path(),
+        format!(
+            "[store]\npath = \"state/crm.db\"\n\n[[sources]]\nname = \"pipeline\"\npath = \"p.csv\"\n\n[remind]\nat = \"09:00\"\ntimezone = \"UTC\"\n\n[reps]\n{reps}\n[smtp]\nhost = \"127.0.0.1\"\nport = {smtp_port}\nsecurity = \"none\"\nfrom = \"Funnel Sync <funnelsync@example.com>\"\n"
+        ),
+    )
+    .expect("config");
+    test.run(&["sync"]).assert_code(0);
+    let later = (chrono::Utc::now() + chrono::Duration::days(40)).to_rfc3339();
+    test.run(&["--now", &later, "remind"]);
+}
+
+#[test]
+fn store_copy_streams_a_large_store_in_batches_and_checks_every_row() {
+    if !shared_store_available("store_copy_streams_a_large_store_in_batches_and_checks_every_row") {
+        return;
+    }
+    // The same store small and large: a few hundred deals, and 20,000 (ten times the largest
+    // batch) over 60 reps whose digests (a few hundred kilobytes each) wait in the outbox.
+    let smtp = SmtpServer::start(1_000_000);
+    let small = TestDir::new();
+    a_sqlite_store_of(&small, 200, 3, smtp.port);
+    let small_url = small.store_url().expect("the scenario's database");
+    let (copy, small_peak) = small.run_measuring_memory(&["store", "copy", "--to", &small_url]);
+    copy.assert_code(0);
+
+    let large = TestDir::new();
+    a_sqlite_store_of(&large, 20_000, 60, smtp.port);
+    let url = large.store_url().expect("the scenario's database");
+    let (copy, peak) = large.run_measuring_memory(&["store", "copy", "--to", &url]);
+    copy.assert_code(0);
+    assert!(copy.stdout.contains("and checked"), "{}", copy.stdout);
+
+    // Every row came, in every table that took many batches.
+    let counted = |table: &str, n: i64| {
+        assert_eq!(
+            large.count(&format!("SELECT count(*) FROM {table}")),
+            n,
+            "{table} in PostgreSQL"
+        );
+        assert!(
+            copy.stdout
+                .lines()
+                .any(|line| line.split_whitespace().take(2).eq([table, &n.to_string()])),
+            "{table} {n} in the report\n{}",
+            copy.stdout
+        );
+    };
+    for table in ["deals", "stage_history", "changes", "mirror_rows"] {
+        counted(table, 20_000);
+    }
+    counted("outbox", 60);
+    std::fs::write(
+        large.path("postgres.toml"),
+        std::fs::read_to_string(large.config_path())
+            .expect("config")
+            .replace("path = \"state/crm.db\"", &format!("url = \"{url}\"")),
+    )
+    .expect("config");
+    let args = ["deals", "list", "--include-archived", "--format", "json"];
+    let on_sqlite = large.run(&args);
+    let on_postgres = run_with(&large, "postgres.toml", &args);
+    on_postgres.assert_code(0);
+    assert_eq!(on_postgres.json(), on_sqlite.json());
+
+    // The copy's memory does not grow with the store: it holds a batch, not a table (holding
+    // the tables, it took about 90 MB more for the large store than for the small one).
+    let grew = peak.saturating_sub(small_peak);
+    assert!(
+        grew < 24 << 20,
+        "the copy of 20,000 deals took {} MB more than that of 200 ({} MB against {} MB)",
+        grew >> 20,
+        peak >> 20,
+        small_peak >> 20
+    );
+}
