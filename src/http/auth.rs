@@ -33,7 +33,7 @@ pub enum AuthError {
     #[error("http users \"{first}\" and \"{second}\" have the same token; give each user a token of their own")]
     SharedToken { first: String, second: String },
     #[error("cannot make a random token: {0}")]
-    Random(String),
+    Random(#[source] getrandom::Error),
 }
 
 /// A user as the server knows them (the token is not kept).
@@ -145,7 +145,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// `n_bytes` random bytes as hex.
 pub fn random_hex(n_bytes: usize) -> Result<String, AuthError> {
     let mut bytes = vec![0u8; n_bytes];
-    getrandom::fill(&mut bytes).map_err(|error| AuthError::Random(error.to_string()))?;
+    getrandom::fill(&mut bytes).map_err(AuthError::Random)?;
     Ok(hex(&bytes))
 }
 

@@ -56,6 +56,14 @@ fn to_value(value: Option<&FieldValue>) -> Value {
     }
 }
 
+/// A deal's extra fields as the JSON text the store keeps.
+fn encode_extra(extra: &ExtraMap) -> Result<String, StoreError> {
+    serde_json::to_string(extra).map_err(|source| StoreError::Encode {
+        what: "the extra fields of a deal",
+        source,
+    })
+}
+
 fn deal_from_row(row: &Row<'_>) -> Result<Deal, StoreError> {
     let mut fields = FieldMap::new();
     for (offset, field) in Field::ALL.iter().enumerate() {
@@ -71,7 +79,7 @@ fn deal_from_row(row: &Row<'_>) -> Result<Deal, StoreError> {
         id,
         fields,
         extra: serde_json::from_str(&extra_text)
-            .map_err(|error| StoreError::Corrupt(format!("extra fields of deal {id}: {error}")))?,
+            .map_err(|source| StoreError::damaged(format!("extra fields of deal {id}"), source))?,
         created_at: parse_timestamp(&row.get::<String>(AFTER_FIELDS + 1)?)?,
         updated_at: parse_timestamp(&row.get::<String>(AFTER_FIELDS + 2)?)?,
         stage_entered_at: stage_entered_at
@@ -302,10 +310,7 @@ impl CrmStore for Db<'_> {
                         .iter()
                         .map(|field| to_value(deal.fields.get(field))),
                 );
-                values.push(Value::Text(
-                    serde_json::to_string(deal.extra)
-                        .map_err(|error| StoreError::Corrupt(error.to_string()))?,
-                ));
+                values.push(Value::Text(encode_extra(deal.extra)?));
                 values.push(Value::Text(now_text.clone()));
                 values.push(Value::Text(now_text));
                 let has_stage = deal
@@ -426,8 +431,8 @@ impl CrmStore for Db<'_> {
         if !extra_changes.is_empty() {
             let extra_text: String =
                 self.query_value("SELECT extra FROM deals WHERE id = ?1", &sql_params![id])?;
-            let mut extra: ExtraMap = serde_json::from_str(&extra_text).map_err(|error| {
-                StoreError::Corrupt(format!("extra fields of deal {id}: {error}"))
+            let mut extra: ExtraMap = serde_json::from_str(&extra_text).map_err(|source| {
+                StoreError::damaged(format!("extra fields of deal {id}"), source)
             })?;
             for (key, value) in extra_changes {
                 match value {
@@ -435,8 +440,7 @@ impl CrmStore for Db<'_> {
                     None => extra.remove(key),
                 };
             }
-            let extra_text = serde_json::to_string(&extra)
-                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            let extra_text = encode_extra(&extra)?;
             self.execute(
                 "UPDATE deals SET extra = ?1 WHERE id = ?2",
                 &sql_params![extra_text, id],
@@ -573,8 +577,7 @@ impl CrmStore for Db<'_> {
     }
 
     fn restore_deal(&self, deal: &Deal) -> Result<(), StoreError> {
-        let extra = serde_json::to_string(&deal.extra)
-            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let extra = encode_extra(&deal.extra)?;
         let optional_time =
             |at: Option<DateTime<Utc>>| at.map_or(Value::Null, |at| Value::Text(timestamp(at)));
         let mut values: Vec<Value> = vec![Value::Integer(deal.id)];

@@ -78,8 +78,14 @@ pub struct MirrorHead {
     pub known_error_rows: Vec<String>,
 }
 
-fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {error}"))
+/// Stored JSON that does not read back.
+fn corrupt(what: &str, source: serde_json::Error) -> StoreError {
+    StoreError::damaged(what.to_string(), source)
+}
+
+/// A value that cannot be written as JSON.
+fn unencodable(what: &'static str, source: serde_json::Error) -> StoreError {
+    StoreError::Encode { what, source }
 }
 
 pub fn summary(db: &Db<'_>, file: &str) -> Result<Option<MirrorSummary>, StoreError> {
@@ -205,8 +211,8 @@ pub fn load_head(db: &Db<'_>, file: &str) -> Result<Option<MirrorHead>, StoreErr
 }
 
 pub fn save_head(db: &Db<'_>, head: &MirrorHead) -> Result<(), StoreError> {
-    let headers =
-        serde_json::to_string(&head.headers).map_err(|error| corrupt("mirror headers", error))?;
+    let headers = serde_json::to_string(&head.headers)
+        .map_err(|error| unencodable("mirror headers", error))?;
     db.execute(
         "INSERT INTO mirror_files (site, file, source, sheet, content_hash, header_row, headers, synced_at, config_hash, store_version, known_error_rows, synced_version, shown_version) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
@@ -226,7 +232,7 @@ pub fn save_head(db: &Db<'_>, head: &MirrorHead) -> Result<(), StoreError> {
             head.config_hash.as_str(),
             head.store_version,
             serde_json::to_string(&head.known_error_rows)
-                .map_err(|error| corrupt("mirror error rows", error))?,
+                .map_err(|error| unencodable("mirror error rows", error))?,
             head.synced_version,
             head.shown_version,
         ],
@@ -304,11 +310,11 @@ pub fn upsert_rows(db: &Db<'_>, file: &str, rows: &[MirrorRow]) -> Result<(), St
                 Value::from(row.raw_hash),
                 Value::Text(
                     serde_json::to_string(&row.fields)
-                        .map_err(|error| corrupt("mirror fields", error))?,
+                        .map_err(|error| unencodable("mirror fields", error))?,
                 ),
                 Value::Text(
                     serde_json::to_string(&row.extras)
-                        .map_err(|error| corrupt("mirror extras", error))?,
+                        .map_err(|error| unencodable("mirror extras", error))?,
                 ),
             ]);
         }

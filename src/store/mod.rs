@@ -32,7 +32,7 @@ use crate::config::{StoreConfig, StoreLocation};
 use crate::deal::{Deal, DealId, ExtraMap, Field, FieldMap, FieldValue};
 
 pub use crm::CHANGES_CHANNEL;
-pub use postgres_link::Listener;
+pub use postgres_link::{ConnectError, Listener};
 pub use sql::{BlockingScope, Db, Engine, Row, Value};
 
 use sql::sql_params;
@@ -55,8 +55,12 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("cannot connect to the store {url}: {message}")]
-    Connect { url: String, message: String },
+    #[error("cannot connect to the store {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: ConnectError,
+    },
     #[error("the store {path} has schema version {found}, newer than this funnelsync understands ({supported}); upgrade funnelsync")]
     TooNew {
         path: PathBuf,
@@ -71,6 +75,19 @@ pub enum StoreError {
     Postgres(#[from] postgres::Error),
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    /// A stored value that does not read back as what was written (JSON, a timestamp).
+    #[error("stored data is damaged: {what}: {source}")]
+    Damaged {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot write {what} to the store: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("{0}")]
     Refused(String),
     #[error("another daemon has held the claim on {job} for over {} s; try again later", waited.as_secs())]
@@ -78,6 +95,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A stored value that does not read back: `what` names it, `source` says why.
+    pub(crate) fn damaged(
+        what: String,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Damaged {
+            what,
+            source: Box::new(source),
+        }
+    }
+
     /// Whether running the same work again may succeed: PostgreSQL gave up on a transaction to
     /// keep concurrent ones apart (a serialization failure or a deadlock).
     pub fn is_retryable(&self) -> bool {
@@ -132,7 +160,7 @@ pub fn timestamp(at: DateTime<Utc>) -> String {
 pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(text)
         .map(|at| at.with_timezone(&Utc))
-        .map_err(|error| StoreError::Corrupt(format!("timestamp \"{text}\": {error}")))
+        .map_err(|source| StoreError::damaged(format!("timestamp \"{text}\""), source))
 }
 
 /// Runs `step` again while SQLite says the database is busy or locked, for up to ten seconds:

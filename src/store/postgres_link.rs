@@ -6,6 +6,7 @@
 //! `sslrootcert` or else the system's trust store; only `verify-ca` lets it name another host
 //! (see `config::store_tls`).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,30 +114,70 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
     }
 }
 
+/// Why a PostgreSQL store cannot be connected to: the cause of [`StoreError::Connect`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL, or the certificate authorities it names, cannot be used: said in the words
+    /// `check-config` uses for the same problem.
+    #[error("{0}")]
+    Settings(String),
+    #[error("cannot use the system's trust store: {0}")]
+    SystemTrust(#[source] rustls::Error),
+    #[error("sslrootcert {} holds a certificate that cannot be trusted: {source}", path.display())]
+    UntrustedRoot {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("sslrootcert {}: {source}", path.display())]
+    RootVerifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::client::VerifierBuilderError,
+    },
+    #[error("{0}")]
+    TlsVersions(#[source] rustls::Error),
+    /// The driver, the server or the network refused: `said` is what they said, causes
+    /// included, with what to do where they do not say it (see `connect_failure`). The driver's
+    /// error is kept whole beside it but is not this error's `source`: its `Display` says only
+    /// "db error" or "error performing TLS handshake", and the binary, which prints every cause
+    /// not already said, would repeat it after the clear message.
+    #[error("{said}")]
+    Refused {
+        said: String,
+        driver: postgres::Error,
+    },
+}
+
 /// The TLS set-up `sslmode` and `sslrootcert` ask for.
-fn tls(url: &ConnectionUrl) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+fn tls(url: &ConnectionUrl) -> Result<tokio_postgres_rustls::MakeRustlsConnect, ConnectError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match &url.root_certs {
         StoreRootCerts::System => Arc::new(
             rustls_platform_verifier::Verifier::new(provider.clone())
-                .map_err(|error| format!("cannot use the system's trust store: {error}"))?,
+                .map_err(ConnectError::SystemTrust)?,
         ),
         StoreRootCerts::File(file) => {
             let mut roots = rustls::RootCertStore::empty();
-            for certificate in crate::config::read_root_certs(file)? {
-                roots.add(certificate).map_err(|error| {
-                    format!(
-                        "sslrootcert {} holds a certificate that cannot be trusted: {error}",
-                        file.display()
-                    )
-                })?;
+            for certificate in
+                crate::config::read_root_certs(file).map_err(ConnectError::Settings)?
+            {
+                roots
+                    .add(certificate)
+                    .map_err(|source| ConnectError::UntrustedRoot {
+                        path: file.clone(),
+                        source,
+                    })?;
             }
             rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider.clone(),
             )
             .build()
-            .map_err(|error| format!("sslrootcert {}: {error}", file.display()))?
+            .map_err(|source| ConnectError::RootVerifier {
+                path: file.clone(),
+                source,
+            })?
         }
     };
     let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
@@ -147,7 +188,7 @@ fn tls(url: &ConnectionUrl) -> Result<tokio_postgres_rustls::MakeRustlsConnect, 
         };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| error.to_string())?
+        .map_err(ConnectError::TlsVersions)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -191,15 +232,20 @@ fn connect_failure(error: &postgres::Error) -> String {
 /// A connection to the store's database.
 pub fn connect(config: &PostgresConfig) -> Result<postgres::Client, StoreError> {
     let shown = config.shown_url();
-    let refused = |message: String| StoreError::Connect {
+    let refused = |source: ConnectError| StoreError::Connect {
         url: shown.clone(),
-        message,
+        source,
     };
-    let url = config.connection_url().map_err(&refused)?;
-    let mut settings: postgres::Config = url
-        .driver_url
-        .parse()
-        .map_err(|error: postgres::Error| refused(describe(&error)))?;
+    let url = config
+        .connection_url()
+        .map_err(|message| refused(ConnectError::Settings(message)))?;
+    let mut settings: postgres::Config =
+        url.driver_url.parse().map_err(|driver: postgres::Error| {
+            refused(ConnectError::Refused {
+                said: describe(&driver),
+                driver,
+            })
+        })?;
     if let Some(password) = password(config)? {
         settings.password(password);
     }
@@ -224,7 +270,12 @@ pub fn connect(config: &PostgresConfig) -> Result<postgres::Client, StoreError> 
         StoreSslMode::Disable => settings.connect(postgres::NoTls),
         _ => settings.connect(tls(&url).map_err(&refused)?),
     };
-    client.map_err(|error| refused(connect_failure(&error)))
+    client.map_err(|driver| {
+        refused(ConnectError::Refused {
+            said: connect_failure(&driver),
+            driver,
+        })
+    })
 }
 
 /// A connection that listens on the change channel: each transaction that changes deals
