@@ -1349,6 +1349,12 @@ pub fn token_new(name: &str, role: &str, rep: Option<&str>) -> anyhow::Result<Ex
     Ok(ExitCode::from(EXIT_OK))
 }
 
+/// `funnelsync run`: the daemon, until SIGTERM or SIGINT.
+pub fn run(config: Config) -> anyhow::Result<ExitCode> {
+    crate::daemon::run(config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
     if config.http.is_none() {
         eprintln!("error: {}", crate::http::HttpError::NotConfigured);

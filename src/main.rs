@@ -80,10 +80,7 @@ fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Store(StoreCommand::Migrate) => cli::store_migrate(&config),
         Command::Store(StoreCommand::Copy { to }) => cli::store_copy(&config, to),
-        Command::Run => {
-            funnelsync::daemon::run(config)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run => cli::run(config),
     }
 }
 

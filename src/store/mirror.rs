@@ -2,8 +2,8 @@
 //! at its last sync, by deal id, with its row hashes; its compact index; the rows written many
 //! to a statement; and the row errors of its last sync (`row_errors`). Every query the sync makes
 //! is keyed by the site of the [`Db`] and the file, so daemons sharing a store never see each
-//! other's files; only the admin's views ([`current_issues`], [`files_holding_on_any_site`])
-//! read every site's.
+//! other's files; only the admin's view of the row errors ([`current_issues`]) reads every
+//! site's.
 //!
 //! This is storage only: what to keep is the sync's decision.
 
@@ -128,20 +128,6 @@ pub fn files_holding(db: &Db<'_>, deal_ids: &[DealId]) -> Result<HashSet<String>
         files.extend(db.query(&sql, &parameters, |row| row.get::<String>(0))?);
     }
     Ok(files)
-}
-
-/// The files of every site whose mirror holds this deal, as (site, file), sorted: for the
-/// admin's view of a deal ("the files that show it"). The sync uses [`files_holding`], which
-/// keeps to its own site.
-pub fn files_holding_on_any_site(
-    db: &Db<'_>,
-    deal_id: DealId,
-) -> Result<Vec<(String, String)>, StoreError> {
-    db.query(
-        "SELECT DISTINCT site, file FROM mirror_rows WHERE deal_id = ?1 ORDER BY site, file",
-        &sql_params![deal_id],
-        |row| Ok((row.get::<String>(0)?, row.get::<String>(1)?)),
-    )
 }
 
 /// Which of these deals a file of any site other than this file holds (a row that moved to

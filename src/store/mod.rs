@@ -33,10 +33,10 @@ use crate::deal::{Deal, DealId, ExtraMap, Field, FieldMap, FieldValue};
 
 pub use crm::CHANGES_CHANNEL;
 pub use postgres_link::{ConnectError, Listener};
-pub use sql::{BlockingScope, Db, Engine, Row, Value};
+pub use sql::{BlockingScope, Db, Engine, Value};
 
 use sql::sql_params;
-pub use transfer::{copy_to_postgres, CopyReport};
+pub use transfer::copy_to_postgres;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -58,8 +58,9 @@ pub enum StoreError {
     #[error("cannot connect to the store {url}: {source}")]
     Connect {
         url: String,
+        /// Boxed: the TLS errors it may hold would make every `StoreError` large.
         #[source]
-        source: ConnectError,
+        source: Box<ConnectError>,
     },
     #[error("the store {path} has schema version {found}, newer than this funnelsync understands ({supported}); upgrade funnelsync")]
     TooNew {

@@ -234,7 +234,7 @@ pub fn connect(config: &PostgresConfig) -> Result<postgres::Client, StoreError> 
     let shown = config.shown_url();
     let refused = |source: ConnectError| StoreError::Connect {
         url: shown.clone(),
-        source,
+        source: Box::new(source),
     };
     let url = config
         .connection_url()

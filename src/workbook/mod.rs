@@ -868,9 +868,6 @@ fn guarded<T>(
     }
 }
 
-/// Where a sheet's formulas are: (Excel row number, 0-based column), in sheet order.
-pub type FormulaCells = Vec<(u32, u32)>;
-
 /// What a streaming read hands over as it goes: first the managed sheet's name, then its rows in
 /// batches.
 pub enum Piece {

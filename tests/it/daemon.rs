@@ -365,7 +365,7 @@ fn the_systemd_unit_is_valid_and_hardened() {
     assert!(exposure <= 2.5, "exposure {exposure} is above 2.5");
     // With [http] on, the daemon may bind the default port of `listen` and no other.
     let unit_text = std::fs::read_to_string(&unit_path).expect("unit");
-    let port = funnelsync::config::DEFAULT_LISTEN
+    let port = funnelsync::internals::config::DEFAULT_LISTEN
         .rsplit(':')
         .next()
         .expect("a port");
