@@ -264,84 +264,104 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
     for warning in config.warnings() {
         eprintln!("warning: {warning}");
     }
-    match &config.store.location {
-        crate::config::StoreLocation::Sqlite(path) => {
-            writeln!(out, "store: {} (SQLite)", path.display())?
-        }
-        crate::config::StoreLocation::Postgres(postgres) => writeln!(
-            out,
-            "store: {} (PostgreSQL), site \"{}\"",
-            postgres.shown_url(),
-            config.store.site
-        )?,
-    }
+    writeln!(out, "store: {}", store_summary(config))?;
     writeln!(out, "sources:")?;
     for source in &config.sources {
-        let (kind, path) = match &source.path {
-            SourcePath::File(path) => ("file", path.display().to_string()),
-            SourcePath::Folder(path) => ("folder", path.display().to_string()),
-            SourcePath::Glob(pattern) => ("glob", pattern.clone()),
-        };
         let files = crate::watch::source_files(config, source);
-        let n_files = match &files {
-            Ok(files) => files.len().to_string(),
-            Err(_) => "none, see the warning".to_string(),
-        };
-        let mut details = vec![format!("files now: {n_files}")];
-        let only_csv = match &source.path {
-            SourcePath::Glob(pattern) => pattern.to_ascii_lowercase().ends_with(".csv"),
-            SourcePath::File(path) | SourcePath::Folder(path) => {
-                path.extension()
-                    .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
-                    || files.as_ref().is_ok_and(|files| {
-                        !files.is_empty()
-                            && files.iter().all(|file| {
-                                file.extension()
-                                    .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
-                            })
-                    })
-            }
-        };
-        if !only_csv {
-            details.push(format!(
-                "sheet: {}",
-                source.sheet.as_deref().unwrap_or("the first visible one")
-            ));
-        }
-        details.push(format!("key column: \"{}\"", source.key_column));
-        details.push(format!(
-            "match on: {}",
-            source
-                .match_on
-                .iter()
-                .map(|field| field.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        details.push(if source.write_back {
-            format!(
-                "write-back: on, showing {}",
-                match (source.view, source.filter.is_empty()) {
-                    (crate::config::View::Rows, _) => "the deals of its own rows",
-                    (crate::config::View::All, true) => "every deal",
-                    (crate::config::View::All, false) => "every deal its filter lets through",
-                }
-            )
-        } else {
-            "write-back: off".to_string()
-        });
         writeln!(
             out,
-            "  {}: {kind} {path} ({})",
-            source.name,
-            details.join("; ")
+            "  {}",
+            source_summary(source, files.as_ref().ok().map(Vec::as_slice))
         )?;
         if let Err(error) = files {
             eprintln!("warning: source \"{}\": {error}", source.name);
         }
     }
-    let stages: Vec<String> = config
-        .stages
+    writeln!(out, "stages: {}", stages_summary(&config.stages))?;
+    write_optional_sections(&mut out, config)?;
+    Ok(ExitCode::from(if store_problem.is_some() {
+        EXIT_CONFIG
+    } else {
+        EXIT_OK
+    }))
+}
+
+/// Where the store is, for `check-config`.
+fn store_summary(config: &Config) -> String {
+    match &config.store.location {
+        crate::config::StoreLocation::Sqlite(path) => format!("{} (SQLite)", path.display()),
+        crate::config::StoreLocation::Postgres(postgres) => format!(
+            "{} (PostgreSQL), site \"{}\"",
+            postgres.shown_url(),
+            config.store.site
+        ),
+    }
+}
+
+/// A source's line of `check-config`: what it names, how many files it has now (`None` when they
+/// cannot be listed, which a warning says) and how they are synced.
+fn source_summary(source: &crate::config::SourceConfig, files: Option<&[PathBuf]>) -> String {
+    let (kind, path) = match &source.path {
+        SourcePath::File(path) => ("file", path.display().to_string()),
+        SourcePath::Folder(path) => ("folder", path.display().to_string()),
+        SourcePath::Glob(pattern) => ("glob", pattern.clone()),
+    };
+    let n_files = match files {
+        Some(files) => files.len().to_string(),
+        None => "none, see the warning".to_string(),
+    };
+    let mut details = vec![format!("files now: {n_files}")];
+    // A .csv has no sheets: naming one would only confuse.
+    if !holds_only_csv(source, files) {
+        details.push(format!(
+            "sheet: {}",
+            source.sheet.as_deref().unwrap_or("the first visible one")
+        ));
+    }
+    details.push(format!("key column: \"{}\"", source.key_column));
+    details.push(format!(
+        "match on: {}",
+        source
+            .match_on
+            .iter()
+            .map(|field| field.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    details.push(if source.write_back {
+        format!(
+            "write-back: on, showing {}",
+            match (source.view, source.filter.is_empty()) {
+                (crate::config::View::Rows, _) => "the deals of its own rows",
+                (crate::config::View::All, true) => "every deal",
+                (crate::config::View::All, false) => "every deal its filter lets through",
+            }
+        )
+    } else {
+        "write-back: off".to_string()
+    });
+    format!("{}: {kind} {path} ({})", source.name, details.join("; "))
+}
+
+/// Whether a source names .csv files only: by its path or pattern, or by the files it has now.
+fn holds_only_csv(source: &crate::config::SourceConfig, files: Option<&[PathBuf]>) -> bool {
+    let is_csv = |path: &std::path::Path| {
+        path.extension()
+            .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
+    };
+    match &source.path {
+        SourcePath::Glob(pattern) => pattern.to_ascii_lowercase().ends_with(".csv"),
+        SourcePath::File(path) | SourcePath::Folder(path) => {
+            is_csv(path)
+                || files
+                    .is_some_and(|files| !files.is_empty() && files.iter().all(|file| is_csv(file)))
+        }
+    }
+}
+
+/// The stages in order, each with its probability or its end, for `check-config`.
+fn stages_summary(stages: &crate::config::Stages) -> String {
+    let stages: Vec<String> = stages
         .stages
         .iter()
         .map(|stage| match stage.terminal {
@@ -350,7 +370,11 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             None => format!("{} ({:.0}%)", stage.name, stage.probability * 100.0),
         })
         .collect();
-    writeln!(out, "stages: {}", stages.join(" → "))?;
+    stages.join(" → ")
+}
+
+/// One line of `check-config` for each optional section the config has.
+fn write_optional_sections(out: &mut impl Write, config: &Config) -> std::io::Result<()> {
     if let Some(remind) = &config.remind {
         writeln!(
             out,
@@ -389,11 +413,7 @@ pub fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
             users.join(", ")
         )?;
     }
-    Ok(ExitCode::from(if store_problem.is_some() {
-        EXIT_CONFIG
-    } else {
-        EXIT_OK
-    }))
+    Ok(())
 }
 
 /// Why the store at `path` could not be created or written, if it could not: its folder, or the

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::RawHttp;
+use super::raw::{RawHttp, RawHttpUser};
 use super::validate::{parse_duration, resolve};
 use super::Language;
 use crate::deal::Field;
@@ -143,8 +143,46 @@ pub(super) fn validate_http(
         problem(key, message);
         ok = false;
     };
-    let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let listen = match listen_text.trim().parse::<SocketAddr>() {
+    let listen = validate_listen(raw.listen, &mut fail);
+    let tls = validate_tls(raw.tls_cert, raw.tls_key, base, &mut fail);
+    let language = validate_language(raw.language.as_deref(), &mut fail);
+    let request_timeout = validate_duration(
+        "http.request_timeout",
+        raw.request_timeout,
+        30,
+        600,
+        &mut fail,
+    );
+    let session_ttl = validate_duration(
+        "http.session_ttl",
+        raw.session_ttl,
+        12 * 3600,
+        30 * 86400,
+        &mut fail,
+    );
+    let max_body_bytes = validate_max_body(raw.max_body_kb, &mut fail);
+    let role_hidden = validate_role_hidden(raw.hidden_fields.unwrap_or_default(), &mut fail);
+    let trusted_proxies =
+        validate_trusted_proxies(raw.trusted_proxies.unwrap_or_default(), &mut fail);
+    let users = validate_users(raw.users, base, &role_hidden, &mut fail);
+    let http = HttpConfig {
+        listen,
+        tls,
+        language,
+        request_timeout,
+        max_body_bytes,
+        session_ttl,
+        secure_cookie: raw.secure_cookie.unwrap_or(true),
+        trusted_proxies,
+        users,
+    };
+    ok.then_some(http)
+}
+
+/// `listen`, [`DEFAULT_LISTEN`] when not given (and after a mistake, which is reported).
+fn validate_listen(written: Option<String>, fail: &mut impl FnMut(&str, String)) -> SocketAddr {
+    let listen_text = written.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    match listen_text.trim().parse::<SocketAddr>() {
         Ok(listen) => listen,
         Err(_) => {
             fail(
@@ -153,8 +191,17 @@ pub(super) fn validate_http(
             );
             SocketAddr::from(([127, 0, 0, 1], 8750))
         }
-    };
-    let tls = match (raw.tls_cert, raw.tls_key) {
+    }
+}
+
+/// `tls_cert` and `tls_key`, which come together or not at all.
+fn validate_tls(
+    cert: Option<String>,
+    key: Option<String>,
+    base: &Path,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<TlsFiles> {
+    match (cert, key) {
         (None, None) => None,
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert: resolve(base, &cert),
@@ -168,8 +215,15 @@ pub(super) fn validate_http(
             fail("http.tls_key", "needs `tls_cert` beside it".to_string());
             None
         }
-    };
-    let language = match raw.language.as_deref() {
+    }
+}
+
+/// `language`: `None` for `auto` (the browser's choice).
+fn validate_language(
+    written: Option<&str>,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<Language> {
+    match written {
         None | Some("auto") => None,
         Some("en") => Some(Language::English),
         Some("zh") => Some(Language::Chinese),
@@ -180,17 +234,28 @@ pub(super) fn validate_http(
             );
             None
         }
-    };
-    let mut duration =
-        |key: &str, written: Option<String>, default: u64, longest: u64| match written {
-            None => Duration::from_secs(default),
-            Some(written) => parse_duration(key, &written, Duration::from_secs(longest), &mut fail)
-                .filter(|duration| !duration.is_zero())
-                .unwrap_or(Duration::from_secs(default)),
-        };
-    let request_timeout = duration("http.request_timeout", raw.request_timeout, 30, 600);
-    let session_ttl = duration("http.session_ttl", raw.session_ttl, 12 * 3600, 30 * 86400);
-    let max_body_bytes = match raw.max_body_kb {
+    }
+}
+
+/// A duration of `[http]` in seconds, at most `longest`; `default` when not given, zero or wrong.
+fn validate_duration(
+    key: &str,
+    written: Option<String>,
+    default: u64,
+    longest: u64,
+    fail: &mut impl FnMut(&str, String),
+) -> Duration {
+    match written {
+        None => Duration::from_secs(default),
+        Some(written) => parse_duration(key, &written, Duration::from_secs(longest), fail)
+            .filter(|duration| !duration.is_zero())
+            .unwrap_or(Duration::from_secs(default)),
+    }
+}
+
+/// `max_body_kb` in bytes: 64 KiB unless given, 10 MiB at most.
+fn validate_max_body(written: Option<i64>, fail: &mut impl FnMut(&str, String)) -> usize {
+    match written {
         None => 64 * 1024,
         Some(kilobytes) if (1..=10 * 1024).contains(&kilobytes) => kilobytes as usize * 1024,
         Some(kilobytes) => {
@@ -200,9 +265,16 @@ pub(super) fn validate_http(
             );
             64 * 1024
         }
-    };
-    let mut role_hidden: BTreeMap<Role, Vec<Field>> = BTreeMap::new();
-    for (role_name, names) in raw.hidden_fields.unwrap_or_default() {
+    }
+}
+
+/// `hidden_fields`: the fields each role does not see, by role.
+fn validate_role_hidden(
+    written: BTreeMap<String, Vec<String>>,
+    fail: &mut impl FnMut(&str, String),
+) -> BTreeMap<Role, Vec<Field>> {
+    let mut role_hidden = BTreeMap::new();
+    for (role_name, names) in written {
         let key = format!("http.hidden_fields.{role_name}");
         let Some(role) = Role::from_name(&role_name) else {
             fail(
@@ -211,15 +283,20 @@ pub(super) fn validate_http(
             );
             continue;
         };
-        match fields(&key, &names, &mut fail) {
-            Some(fields) => {
-                role_hidden.insert(role, fields);
-            }
-            None => continue,
+        if let Some(fields) = fields(&key, &names, fail) {
+            role_hidden.insert(role, fields);
         }
     }
+    role_hidden
+}
+
+/// `trusted_proxies`: the addresses whose `X-Forwarded-For` is believed.
+fn validate_trusted_proxies(
+    written: Vec<String>,
+    fail: &mut impl FnMut(&str, String),
+) -> Vec<std::net::IpAddr> {
     let mut trusted_proxies = Vec::new();
-    for written in raw.trusted_proxies.unwrap_or_default() {
+    for written in written {
         match written.trim().parse::<std::net::IpAddr>() {
             Ok(address) => trusted_proxies.push(address),
             Err(_) => fail(
@@ -228,121 +305,155 @@ pub(super) fn validate_http(
             ),
         }
     }
+    trusted_proxies
+}
+
+/// `[[http.users]]`: every user without a mistake, names and tokens each used once.
+fn validate_users(
+    raw_users: Vec<RawHttpUser>,
+    base: &Path,
+    role_hidden: &BTreeMap<Role, Vec<Field>>,
+    fail: &mut impl FnMut(&str, String),
+) -> Vec<HttpUser> {
     // "No users" is said only when none was written: a user with a mistake is reported as such.
-    let raw_users_valid = raw.users.is_empty();
+    let none_written = raw_users.is_empty();
     let mut users: Vec<HttpUser> = Vec::new();
     let mut seen_hashes: BTreeMap<[u8; 32], String> = BTreeMap::new();
-    for raw_user in raw.users {
-        let key = format!("http.users[{}]", raw_user.position);
-        let name = raw_user.name.trim().to_string();
-        if name.is_empty() {
-            fail(&format!("{key}.name"), "must not be empty".to_string());
-        } else if users.iter().any(|user| user.name == name) {
-            fail(
-                &format!("{key}.name"),
-                format!("\"{name}\" is already the name of another user"),
-            );
-        }
-        let Some(role) = Role::from_name(raw_user.role.trim()) else {
-            fail(
-                &format!("{key}.role"),
-                format!(
-                    "\"{}\" is not one of admin, manager, rep, readonly",
-                    raw_user.role
-                ),
-            );
-            continue;
-        };
-        let rep = raw_user
-            .rep
-            .map(|rep| rep.trim().to_string())
-            .filter(|rep| !rep.is_empty());
-        match (role, &rep) {
-            (Role::Rep, None) => fail(
-                &format!("{key}.rep"),
-                "a user with role \"rep\" needs `rep`: the owner name they are in the sheets"
-                    .to_string(),
-            ),
-            (Role::Admin | Role::Manager | Role::Readonly, Some(_)) => fail(
-                &format!("{key}.rep"),
-                format!(
-                    "only a user with role \"rep\" has `rep` (this one is \"{}\")",
-                    role.name()
-                ),
-            ),
-            _ => {}
-        }
-        let token = match (raw_user.token_sha256, raw_user.token_file) {
-            (Some(hash), None) => match parse_sha256(&hash) {
-                Some(hash) => {
-                    if let Some(other) = seen_hashes.insert(hash, name.clone()) {
-                        fail(
-                            &format!("{key}.token_sha256"),
-                            format!("is the same token as user \"{other}\"'s; give each user a token of their own"),
-                        );
-                    }
-                    Some(TokenSource::Sha256(hash))
-                }
-                None => {
-                    // The value is a secret's hash (or a token pasted by mistake): never repeat it.
-                    fail(
-                        &format!("{key}.token_sha256"),
-                        "must be 64 hex digits, as printed by `funnelsync token new NAME`"
-                            .to_string(),
-                    );
-                    None
-                }
-            },
-            (None, Some(file)) => Some(TokenSource::File(resolve(base, &file))),
-            (Some(_), Some(_)) => {
-                fail(
-                    &format!("{key}.token_file"),
-                    "give `token_sha256` or `token_file`, not both".to_string(),
-                );
-                None
-            }
-            (None, None) => {
-                fail(
-                    &key,
-                    "needs `token_sha256` (see `funnelsync token new NAME`) or `token_file`"
-                        .to_string(),
-                );
-                None
-            }
-        };
-        let hidden_fields = match raw_user.hidden_fields {
-            Some(names) => fields(&format!("{key}.hidden_fields"), &names, &mut fail),
-            None => Some(role_hidden.get(&role).cloned().unwrap_or_default()),
-        };
-        if let (Some(token), Some(hidden_fields)) = (token, hidden_fields) {
-            users.push(HttpUser {
-                name,
-                role,
-                rep,
-                token,
-                hidden_fields,
-            });
+    for raw_user in raw_users {
+        if let Some(user) =
+            validate_user(raw_user, base, &users, &mut seen_hashes, role_hidden, fail)
+        {
+            users.push(user);
         }
     }
-    if users.is_empty() && raw_users_valid {
+    if users.is_empty() && none_written {
         fail(
             "http",
             "has no [[http.users]]: add one (see `funnelsync token new NAME`), or remove [http]"
                 .to_string(),
         );
     }
-    let http = HttpConfig {
-        listen,
-        tls,
-        language,
-        request_timeout,
-        max_body_bytes,
-        session_ttl,
-        secure_cookie: raw.secure_cookie.unwrap_or(true),
-        trusted_proxies,
-        users,
+    users
+}
+
+/// One `[[http.users]]` entry; `None` when it cannot be used (every mistake is reported, and
+/// the name, role and rep are checked even when the token is wrong).
+fn validate_user(
+    raw_user: RawHttpUser,
+    base: &Path,
+    users: &[HttpUser],
+    seen_hashes: &mut BTreeMap<[u8; 32], String>,
+    role_hidden: &BTreeMap<Role, Vec<Field>>,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<HttpUser> {
+    let key = format!("http.users[{}]", raw_user.position);
+    let name = raw_user.name.trim().to_string();
+    if name.is_empty() {
+        fail(&format!("{key}.name"), "must not be empty".to_string());
+    } else if users.iter().any(|user| user.name == name) {
+        fail(
+            &format!("{key}.name"),
+            format!("\"{name}\" is already the name of another user"),
+        );
+    }
+    let Some(role) = Role::from_name(raw_user.role.trim()) else {
+        fail(
+            &format!("{key}.role"),
+            format!(
+                "\"{}\" is not one of admin, manager, rep, readonly",
+                raw_user.role
+            ),
+        );
+        return None;
     };
-    ok.then_some(http)
+    let rep = raw_user
+        .rep
+        .map(|rep| rep.trim().to_string())
+        .filter(|rep| !rep.is_empty());
+    match (role, &rep) {
+        (Role::Rep, None) => fail(
+            &format!("{key}.rep"),
+            "a user with role \"rep\" needs `rep`: the owner name they are in the sheets"
+                .to_string(),
+        ),
+        (Role::Admin | Role::Manager | Role::Readonly, Some(_)) => fail(
+            &format!("{key}.rep"),
+            format!(
+                "only a user with role \"rep\" has `rep` (this one is \"{}\")",
+                role.name()
+            ),
+        ),
+        _ => {}
+    }
+    let token = validate_token(
+        &key,
+        &name,
+        raw_user.token_sha256,
+        raw_user.token_file,
+        base,
+        seen_hashes,
+        fail,
+    );
+    let hidden_fields = match raw_user.hidden_fields {
+        Some(names) => fields(&format!("{key}.hidden_fields"), &names, fail),
+        None => Some(role_hidden.get(&role).cloned().unwrap_or_default()),
+    };
+    Some(HttpUser {
+        name,
+        role,
+        rep,
+        token: token?,
+        hidden_fields: hidden_fields?,
+    })
+}
+
+/// A user's `token_sha256` or `token_file` (one of them), a hash no other user has.
+fn validate_token(
+    key: &str,
+    name: &str,
+    sha256: Option<String>,
+    file: Option<String>,
+    base: &Path,
+    seen_hashes: &mut BTreeMap<[u8; 32], String>,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<TokenSource> {
+    match (sha256, file) {
+        (Some(hash), None) => match parse_sha256(&hash) {
+            Some(hash) => {
+                if let Some(other) = seen_hashes.insert(hash, name.to_string()) {
+                    fail(
+                        &format!("{key}.token_sha256"),
+                        format!("is the same token as user \"{other}\"'s; give each user a token of their own"),
+                    );
+                }
+                Some(TokenSource::Sha256(hash))
+            }
+            None => {
+                // The value is a secret's hash (or a token pasted by mistake): never repeat it.
+                fail(
+                    &format!("{key}.token_sha256"),
+                    "must be 64 hex digits, as printed by `funnelsync token new NAME`".to_string(),
+                );
+                None
+            }
+        },
+        (None, Some(file)) => Some(TokenSource::File(resolve(base, &file))),
+        (Some(_), Some(_)) => {
+            fail(
+                &format!("{key}.token_file"),
+                "give `token_sha256` or `token_file`, not both".to_string(),
+            );
+            None
+        }
+        (None, None) => {
+            fail(
+                key,
+                "needs `token_sha256` (see `funnelsync token new NAME`) or `token_file`"
+                    .to_string(),
+            );
+            None
+        }
+    }
 }
 
 #[cfg(test)]
