@@ -256,6 +256,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                     read: row.fields.clone(),
                     merged: Some(row.fields.clone()),
                     extras: row.extras.clone(),
+                    merged_extras: None,
                     key_cell: row.id,
                 })
                 .collect();
@@ -318,6 +319,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                         read: row.fields.clone(),
                         merged: Some(merged),
                         extras: row.extras.clone(),
+                        merged_extras: None,
                         key_cell: row.id,
                     }
                 })

@@ -18,7 +18,8 @@ use crate::store::{ChangeKind, ChangeRecord, CrmStore, Db, RunCounts, Store, Sto
 pub type Changes = Vec<(Field, Option<FieldValue>)>;
 
 /// Changes to a deal's extra values (the sheets' unmapped columns, by header): `None` removes one.
-/// They are kept with the deal; like the sheets' own extra columns they are not written back.
+/// They are kept with the deal and, like fields, written back into the files that have a column
+/// by that header (never as a new column).
 pub type ExtraChanges = Vec<(String, Option<String>)>;
 
 /// One value that cannot be taken, with the field it is about.

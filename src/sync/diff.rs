@@ -6,10 +6,11 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::merge::{merge_fields, FieldConflict};
+use super::merge::{merge_extras, merge_fields, ExtraConflict, FieldConflict};
 use crate::config::{ConflictPolicy, RowRemoved};
 use crate::deal::{
-    normalize_label, Deal, DealId, ExtraChanges, Field, FieldChanges, FieldMap, FieldValue,
+    normalize_label, Deal, DealId, ExtraChanges, ExtraMap, Field, FieldChanges, FieldMap,
+    FieldValue,
 };
 use crate::mapping::{CleanRow, RowIssue};
 use crate::store::mirror::MirrorRow;
@@ -38,12 +39,18 @@ pub struct DiffInput<'a> {
     pub on_row_removed: RowRemoved,
     /// The fields the sheet has columns for: the only ones merged both ways.
     pub sheet_fields: &'a [Field],
+    /// The sheet's extra columns by header (its named columns that map to no field): merged both
+    /// ways like the mapped fields. Other extras (data under an empty header) flow to the store
+    /// only.
+    pub sheet_extras: &'a [String],
     pub conflict_policy: ConflictPolicy,
     /// When the file was last modified, for [`ConflictPolicy::Newest`].
     pub file_modified: Option<DateTime<Utc>>,
     /// Per Excel row number, the mapped fields whose cell holds a formula. Empty unless the
     /// file is written back (only then can a store value overwrite a formula).
     pub formula_fields: &'a HashMap<u32, Vec<Field>>,
+    /// Per Excel row number, the extra columns (of `sheet_extras`) whose cell holds a formula.
+    pub formula_extras: &'a HashMap<u32, Vec<String>>,
     /// Rows with errors (by [`CleanRow::error_hash`]) that the last sync saw beside every row the
     /// file held: they cannot be the row of a deal whose row is gone now.
     pub known_error_rows: &'a HashSet<String>,
@@ -99,8 +106,12 @@ pub struct Changeset {
     pub removals: Vec<Removal>,
     /// For each recognised row (by index), what its mapped cells should show after the merge.
     pub sheet_values: HashMap<usize, FieldMap>,
+    /// For each recognised row (by index), what its extra columns should show after the merge.
+    pub sheet_extras: HashMap<usize, ExtraMap>,
     /// Fields both sides changed, by row index and deal.
     pub conflicts: Vec<(usize, DealId, FieldConflict)>,
+    /// Extra columns both sides changed, by row index and deal.
+    pub extra_conflicts: Vec<(usize, DealId, ExtraConflict)>,
     /// What the mirror should remember as known rows with errors (see
     /// [`DiffInput::known_error_rows`]): the unrecognised ones that held back no removal.
     pub known_error_rows: Vec<String>,
@@ -382,10 +393,54 @@ fn classify_rows(
                         .map(|conflict| (row_idx, deal_id, conflict)),
                 );
                 changeset.sheet_values.insert(row_idx, outcome.merged);
-                (changes, extra_changes_since_mirror(row, mirror_row, deal))
+                let extras = merge_extras(
+                    input.sheet_extras,
+                    &mirror_row.extras,
+                    &row.extras,
+                    &deal.extra,
+                    input.conflict_policy,
+                    sheet_is_newer,
+                    input
+                        .formula_extras
+                        .get(&row.row_number)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
+                );
+                let mut extra_changes = extras.to_store;
+                extra_changes.extend(extra_changes_since_mirror(
+                    row,
+                    mirror_row,
+                    deal,
+                    input.sheet_extras,
+                ));
+                changeset.extra_conflicts.extend(
+                    extras
+                        .conflicts
+                        .into_iter()
+                        .map(|conflict| (row_idx, deal_id, conflict)),
+                );
+                changeset.sheet_extras.insert(row_idx, extras.merged);
+                (changes, extra_changes)
             }
             None => {
                 let (changes, extra_changes) = changes_against_store(row, deal);
+                // Extra columns the row leaves empty show what the store holds, like fields.
+                let formula_extras = input.formula_extras.get(&row.row_number);
+                let shown_extras: ExtraMap = input
+                    .sheet_extras
+                    .iter()
+                    .filter_map(|column| {
+                        let value = match row.extras.get(column) {
+                            Some(value) => value,
+                            None if formula_extras.is_some_and(|f| f.contains(column)) => {
+                                return None
+                            }
+                            None => deal.extra.get(column)?,
+                        };
+                        Some((column.clone(), value.clone()))
+                    })
+                    .collect();
+                changeset.sheet_extras.insert(row_idx, shown_extras);
                 let mut shown: FieldMap = deal.fields.clone();
                 shown.extend(
                     row.fields
@@ -587,12 +642,22 @@ fn deal_name(fields: &FieldMap) -> Option<String> {
         .find_map(|field| fields.get(field).map(FieldValue::to_string))
 }
 
-/// Extra fields the sheet changed since the last sync (cleared cells included), leaving out those
-/// the store already holds. Extra fields flow from sheets to the store only.
-fn extra_changes_since_mirror(row: &CleanRow, mirror_row: &MirrorRow, deal: &Deal) -> ExtraChanges {
+/// Extras outside the sheet's named extra columns (data under an empty header) that the sheet
+/// changed since the last sync (cleared cells included), leaving out those the store already
+/// holds. These flow from the sheet to the store only; the named columns are merged.
+fn extra_changes_since_mirror(
+    row: &CleanRow,
+    mirror_row: &MirrorRow,
+    deal: &Deal,
+    sheet_extras: &[String],
+) -> ExtraChanges {
     let mut extra_changes = Vec::new();
-    let keys: std::collections::BTreeSet<&String> =
-        row.extras.keys().chain(mirror_row.extras.keys()).collect();
+    let keys: std::collections::BTreeSet<&String> = row
+        .extras
+        .keys()
+        .chain(mirror_row.extras.keys())
+        .filter(|key| !sheet_extras.contains(key))
+        .collect();
     for key in keys {
         let now = row.extras.get(key);
         if now != mirror_row.extras.get(key) && now != deal.extra.get(key) {
@@ -1012,6 +1077,8 @@ mod tests {
             sheet_fields: &[Company, Contact, Email, Stage],
             conflict_policy: ConflictPolicy::Store,
             file_modified: None,
+            sheet_extras: &[],
+            formula_extras: &HashMap::new(),
             formula_fields: &HashMap::new(),
             claimed: &HashMap::new(),
             known_error_rows: &known_error_rows,

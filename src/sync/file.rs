@@ -16,12 +16,13 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 
 use super::diff::{self, DiffInput, Removal, RowAction};
+use super::merge::Conflict;
 use super::{
     fail, hold, note_on_run, quoted, record_lone_run, shows_the_store_still, source_fingerprint,
     status_name, unchanged, FileReport, FileStatus, WriteBack,
 };
 use crate::config::{Config, SourceConfig, View};
-use crate::deal::{Deal, DealId, Field, FieldKind, FieldMap, FieldValue};
+use crate::deal::{Deal, DealId, ExtraMap, Field, FieldKind, FieldMap, FieldValue};
 use crate::mapping::{self, CleanRow, ColumnRole, HeaderMap, RowIssue, Severity};
 use crate::store::mirror::{self, MirrorHead, MirrorRow};
 use crate::store::{
@@ -43,6 +44,8 @@ pub(super) struct RowMeta {
     pub clean_without_issues: bool,
     /// Mapped fields whose cell holds a formula.
     pub formula_fields: Vec<Field>,
+    /// Named extra columns whose cell holds a formula.
+    pub formula_extras: Vec<String>,
     /// For each date column, the nearest row above that holds a date there (its style is the
     /// column's date style).
     pub date_rows_above: Vec<u32>,
@@ -247,6 +250,14 @@ pub(super) fn sync(
         sheet_fields: Field::ALL
             .into_iter()
             .filter(|field| header.column_of(*field).is_some())
+            .collect(),
+        sheet_extras: header
+            .roles
+            .iter()
+            .filter_map(|role| match role {
+                Some(ColumnRole::Extra(name)) => Some(name.clone()),
+                _ => None,
+            })
             .collect(),
         file_modified: stream.modified,
     };
@@ -502,6 +513,8 @@ struct Context<'a> {
     writes_back: bool,
     calendar: crate::remind::Calendar,
     sheet_fields: Vec<Field>,
+    /// The sheet's named extra columns (see `DiffInput::sheet_extras`).
+    sheet_extras: Vec<String>,
     file_modified: Option<DateTime<Utc>>,
 }
 
@@ -816,22 +829,31 @@ impl Classifier<'_> {
                         self.context.source,
                         &self.context.config.stages,
                     );
-                    let formula_fields = if self.context.writes_back {
+                    let formula_roles = || {
                         row.formula_columns
                             .iter()
-                            .filter_map(|column_idx| match header.roles.get(*column_idx as usize) {
-                                Some(Some(ColumnRole::Field(field))) => Some(*field),
-                                _ => None,
-                            })
-                            .collect()
-                    } else {
-                        Vec::new()
+                            .filter(|_| self.context.writes_back)
+                            .filter_map(|column_idx| header.roles.get(*column_idx as usize))
+                            .flatten()
                     };
+                    let formula_fields = formula_roles()
+                        .filter_map(|role| match role {
+                            ColumnRole::Field(field) => Some(*field),
+                            _ => None,
+                        })
+                        .collect();
+                    let formula_extras = formula_roles()
+                        .filter_map(|role| match role {
+                            ColumnRole::Extra(name) => Some(name.clone()),
+                            _ => None,
+                        })
+                        .collect();
                     batch.rows.push(clean);
                     batch.meta.push(RowMeta {
                         raw_hash,
                         clean_without_issues: row_issues.is_empty(),
                         formula_fields,
+                        formula_extras,
                         date_rows_above: self
                             .date_columns
                             .iter()
@@ -1018,6 +1040,13 @@ impl<'a, 'c> Applier<'a, 'c> {
             .filter(|(_, meta)| !meta.formula_fields.is_empty())
             .map(|(row, meta)| (row.row_number, meta.formula_fields.clone()))
             .collect();
+        let formula_extras: HashMap<u32, Vec<String>> = rows
+            .rows
+            .iter()
+            .zip(&rows.meta)
+            .filter(|(_, meta)| !meta.formula_extras.is_empty())
+            .map(|(row, meta)| (row.row_number, meta.formula_extras.clone()))
+            .collect();
         let known_error_rows: HashSet<String> = head
             .map(|head| head.known_error_rows.iter().cloned().collect())
             .unwrap_or_default();
@@ -1030,9 +1059,11 @@ impl<'a, 'c> Applier<'a, 'c> {
             match_on: &source.match_on,
             on_row_removed: source.on_row_removed,
             sheet_fields: &context.sheet_fields,
+            sheet_extras: &context.sheet_extras,
             conflict_policy: source.conflict,
             file_modified: context.file_modified,
             formula_fields: &formula_fields,
+            formula_extras: &formula_extras,
             known_error_rows: &known_error_rows,
             today: context.calendar.day_of(context.now),
             claimed: &state.claimed,
@@ -1057,6 +1088,7 @@ impl<'a, 'c> Applier<'a, 'c> {
         let _ = mirror_rows;
         let mut row_deals: Vec<Option<DealId>> = vec![None; rows.len()];
         let mut row_merged: Vec<Option<FieldMap>> = vec![None; rows.len()];
+        let mut row_merged_extras: Vec<Option<ExtraMap>> = vec![None; rows.len()];
         // New deals are created together, many to a statement.
         let mut creations: Vec<(usize, FieldMap, Option<DateTime<Utc>>)> = Vec::new();
         for action in &changeset.actions {
@@ -1129,11 +1161,13 @@ impl<'a, 'c> Applier<'a, 'c> {
                     state.counts.updated += 1;
                     row_deals[*row_idx] = Some(*deal_id);
                     row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
+                    row_merged_extras[*row_idx] = changeset.sheet_extras.get(row_idx).cloned();
                 }
                 RowAction::Unchanged { row_idx, deal_id } => {
                     state.counts.unchanged += 1;
                     row_deals[*row_idx] = Some(*deal_id);
                     row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
+                    row_merged_extras[*row_idx] = changeset.sheet_extras.get(row_idx).cloned();
                 }
                 RowAction::Skipped { row_idx, deal_id } => {
                     state.counts.errors += 1;
@@ -1168,15 +1202,52 @@ impl<'a, 'c> Applier<'a, 'c> {
             fields.retain(|field, _| context.sheet_fields.contains(field));
             row_merged[row_idx] = Some(fields);
         }
-        for (row_idx, deal_id, conflict) in &changeset.conflicts {
-            let text = |value: &Option<FieldValue>| value.as_ref().map(FieldValue::to_string);
+        // Conflicts on extra columns are recorded like those on fields, named `extra.NAME` as in
+        // the history.
+        let text = |value: &Option<FieldValue>| value.as_ref().map(FieldValue::to_string);
+        let conflicts = changeset
+            .conflicts
+            .iter()
+            .map(|(row_idx, deal_id, conflict)| {
+                (
+                    *row_idx,
+                    *deal_id,
+                    Conflict {
+                        field: conflict.field.name().to_string(),
+                        base: text(&conflict.base),
+                        sheet: text(&conflict.sheet),
+                        store: text(&conflict.store),
+                        winner: conflict.winner,
+                        formula: conflict.formula,
+                    },
+                )
+            })
+            .chain(
+                changeset
+                    .extra_conflicts
+                    .iter()
+                    .map(|(row_idx, deal_id, conflict)| {
+                        (
+                            *row_idx,
+                            *deal_id,
+                            Conflict {
+                                field: format!("extra.{}", conflict.field),
+                                ..conflict.clone()
+                            },
+                        )
+                    }),
+            );
+        for (row_idx, deal_id, conflict) in conflicts {
+            let quoted = |value: &Option<String>| {
+                quoted(&value.as_ref().map(|value| FieldValue::Text(value.clone())))
+            };
             crm.record_conflict(&ConflictRecord {
                 id: 0,
-                deal_id: *deal_id,
-                field: conflict.field.name().to_string(),
-                base_value: text(&conflict.base),
-                sheet_value: text(&conflict.sheet),
-                store_value: text(&conflict.store),
+                deal_id,
+                field: conflict.field.clone(),
+                base_value: conflict.base.clone(),
+                sheet_value: conflict.sheet.clone(),
+                store_value: conflict.store.clone(),
                 winner: conflict.winner.name().to_string(),
                 policy: if conflict.formula {
                     "formula".to_string()
@@ -1206,11 +1277,11 @@ impl<'a, 'c> Applier<'a, 'c> {
                 )
             };
             state.issues.push(RowIssue::warning(
-                Some(rows.rows[*row_idx].row_number),
+                Some(rows.rows[row_idx].row_number),
                 message,
             ));
         }
-        state.conflicts += changeset.conflicts.len() as u64;
+        state.conflicts += (changeset.conflicts.len() + changeset.extra_conflicts.len()) as u64;
         let mut gone: Vec<DealId> = Vec::new();
         for removal in &changeset.removals {
             match removal {
@@ -1290,6 +1361,11 @@ impl<'a, 'c> Applier<'a, 'c> {
                         None
                     } else {
                         row_merged[row_idx].take()
+                    },
+                    merged_extras: if row.has_error {
+                        None
+                    } else {
+                        row_merged_extras[row_idx].take()
                     },
                     key_cell: row.id,
                     read: row.fields,

@@ -5,14 +5,19 @@
 //! different values is a conflict, decided by the source's [`ConflictPolicy`] and returned so the
 //! caller can record it: the losing value is never silently dropped.
 //!
+//! Extra columns (the sheet's unmapped columns, kept in the deal's `extra` by header) are merged
+//! the same way ([`merge_extras`]).
+//!
 //! A field whose cell holds a formula the user wrote is the sheet's: the write-back never
 //! replaces a formula with a constant, so a store change to such a field is a conflict the sheet
 //! wins, whatever the policy.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::config::ConflictPolicy;
-use crate::deal::{Field, FieldChanges, FieldMap, FieldValue};
+use crate::deal::{ExtraMap, Field, FieldMap, FieldValue};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,25 +35,42 @@ impl Side {
     }
 }
 
-/// A field both sides changed to different values.
+/// A value both sides changed to different values: a mapped field ([`FieldConflict`]) or an
+/// extra column ([`ExtraConflict`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct FieldConflict {
-    pub field: Field,
-    pub base: Option<FieldValue>,
-    pub sheet: Option<FieldValue>,
-    pub store: Option<FieldValue>,
+pub struct Conflict<K, V> {
+    pub field: K,
+    pub base: Option<V>,
+    pub sheet: Option<V>,
+    pub store: Option<V>,
     pub winner: Side,
     /// The sheet won because its cell holds a formula.
     pub formula: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct MergeOutcome {
-    /// Fields the store must take from the sheet.
-    pub to_store: FieldChanges,
-    /// What the sheet should show for the merged fields.
-    pub merged: FieldMap,
-    pub conflicts: Vec<FieldConflict>,
+/// A mapped field both sides changed to different values.
+pub type FieldConflict = Conflict<Field, FieldValue>;
+
+/// An extra column (by its header) both sides changed to different values.
+pub type ExtraConflict = Conflict<String, String>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeOutcome<K = Field, V = FieldValue> {
+    /// Values the store must take from the sheet.
+    pub to_store: Vec<(K, Option<V>)>,
+    /// What the sheet should show for the merged keys.
+    pub merged: BTreeMap<K, V>,
+    pub conflicts: Vec<Conflict<K, V>>,
+}
+
+impl<K, V> Default for MergeOutcome<K, V> {
+    fn default() -> Self {
+        MergeOutcome {
+            to_store: Vec::new(),
+            merged: BTreeMap::new(),
+            conflicts: Vec::new(),
+        }
+    }
 }
 
 /// Merges the given fields (those the sheet has columns for). `sheet_is_newer` decides conflicts
@@ -63,18 +85,62 @@ pub fn merge_fields(
     sheet_is_newer: bool,
     formula_fields: &[Field],
 ) -> MergeOutcome {
+    merge_values(
+        fields,
+        base,
+        sheet,
+        store,
+        policy,
+        sheet_is_newer,
+        formula_fields,
+    )
+}
+
+/// Merges a row's extra columns (by header: those the sheet has as named columns) exactly as
+/// [`merge_fields`] merges mapped fields: base (the mirror's extras), sheet, store (the deal's
+/// `extra`).
+pub fn merge_extras(
+    columns: &[String],
+    base: &ExtraMap,
+    sheet: &ExtraMap,
+    store: &ExtraMap,
+    policy: ConflictPolicy,
+    sheet_is_newer: bool,
+    formula_columns: &[String],
+) -> MergeOutcome<String, String> {
+    merge_values(
+        columns,
+        base,
+        sheet,
+        store,
+        policy,
+        sheet_is_newer,
+        formula_columns,
+    )
+}
+
+/// The three-way merge of the given keys, for fields and extras alike.
+fn merge_values<K: Ord + Clone, V: PartialEq + Clone>(
+    keys: &[K],
+    base: &BTreeMap<K, V>,
+    sheet: &BTreeMap<K, V>,
+    store: &BTreeMap<K, V>,
+    policy: ConflictPolicy,
+    sheet_is_newer: bool,
+    formula_keys: &[K],
+) -> MergeOutcome<K, V> {
     let mut outcome = MergeOutcome::default();
-    for field in fields {
+    for field in keys {
         let base_value = base.get(field);
         let sheet_value = sheet.get(field);
         let store_value = store.get(field);
         let sheet_changed = sheet_value != base_value;
         let store_changed = store_value != base_value;
-        let is_formula = formula_fields.contains(field);
+        let is_formula = formula_keys.contains(field);
         let winner = match (sheet_changed, store_changed) {
             (_, true) if is_formula && sheet_value != store_value => {
-                outcome.conflicts.push(FieldConflict {
-                    field: *field,
+                outcome.conflicts.push(Conflict {
+                    field: field.clone(),
                     base: base_value.cloned(),
                     sheet: sheet_value.cloned(),
                     store: store_value.cloned(),
@@ -93,8 +159,8 @@ pub fn merge_fields(
                     ConflictPolicy::Newest if sheet_is_newer => Side::Sheet,
                     ConflictPolicy::Newest => Side::Store,
                 };
-                outcome.conflicts.push(FieldConflict {
-                    field: *field,
+                outcome.conflicts.push(Conflict {
+                    field: field.clone(),
                     base: base_value.cloned(),
                     sheet: sheet_value.cloned(),
                     store: store_value.cloned(),
@@ -106,13 +172,13 @@ pub fn merge_fields(
         };
         let value = match winner {
             Side::Sheet => {
-                outcome.to_store.push((*field, sheet_value.cloned()));
+                outcome.to_store.push((field.clone(), sheet_value.cloned()));
                 sheet_value
             }
             Side::Store => store_value,
         };
         if let Some(value) = value {
-            outcome.merged.insert(*field, value.clone());
+            outcome.merged.insert(field.clone(), value.clone());
         }
     }
     outcome
@@ -278,6 +344,65 @@ mod tests {
         );
         assert!(outcome.conflicts.is_empty());
         assert_eq!(outcome.merged, changed);
+    }
+
+    #[test]
+    fn extra_columns_merge_like_fields() {
+        let extras = |pairs: &[(&str, &str)]| -> ExtraMap {
+            pairs
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect()
+        };
+        let columns = ["Contract No".to_string(), "Region".to_string()];
+        let base = extras(&[("Contract No", "HT-1"), ("Region", "North")]);
+        // The store alone changed one, the sheet alone the other: each side's change is kept.
+        let outcome = merge_extras(
+            &columns,
+            &base,
+            &extras(&[("Contract No", "HT-1"), ("Region", "East")]),
+            &extras(&[("Contract No", "HT-2"), ("Region", "North"), ("PO", "7")]),
+            ConflictPolicy::Store,
+            false,
+            &[],
+        );
+        assert_eq!(
+            outcome.merged,
+            extras(&[("Contract No", "HT-2"), ("Region", "East")]),
+            "an extra the sheet has no column for is not the sheet's"
+        );
+        assert_eq!(
+            outcome.to_store,
+            vec![("Region".to_string(), Some("East".to_string()))]
+        );
+        assert!(outcome.conflicts.is_empty());
+        // Both changed it: a conflict under the policy; a formula cell is the sheet's.
+        let sheet = extras(&[("Contract No", "HT-REP")]);
+        let store = extras(&[("Contract No", "HT-API")]);
+        let outcome = merge_extras(
+            &columns[..1],
+            &base,
+            &sheet,
+            &store,
+            ConflictPolicy::Store,
+            false,
+            &[],
+        );
+        assert_eq!(outcome.merged, store);
+        assert_eq!(outcome.conflicts.len(), 1);
+        assert_eq!(outcome.conflicts[0].field, "Contract No");
+        assert_eq!(outcome.conflicts[0].winner, Side::Store);
+        let outcome = merge_extras(
+            &columns[..1],
+            &base,
+            &base,
+            &store,
+            ConflictPolicy::Store,
+            false,
+            &columns[..1],
+        );
+        assert_eq!(outcome.merged["Contract No"], "HT-1");
+        assert!(outcome.conflicts[0].formula);
     }
 
     fn field_map_strategy() -> impl Strategy<Value = FieldMap> {

@@ -80,7 +80,11 @@ pub struct RowOutcome {
     /// What the merge says the row's mapped cells should show; `None` keeps the row as it is
     /// (a row with errors).
     pub merged: Option<FieldMap>,
+    /// The row's extras (unmapped cells, by header) as read.
     pub extras: ExtraMap,
+    /// What the merge says the row's named extra columns should show; `None` keeps them as
+    /// they are. An extra the sheet has no column for is never written.
+    pub merged_extras: Option<ExtraMap>,
     /// The id the key cell holds now.
     pub key_cell: Option<DealId>,
 }
@@ -142,13 +146,33 @@ pub fn plan(
         }
         shown.insert(deal_id);
         let mut overrides = BTreeMap::new();
+        let mut extras = outcome.extras.clone();
         for (column_idx, role) in roles.iter().enumerate() {
-            let Some(ColumnRole::Field(field)) = role else {
-                continue;
-            };
-            let wanted = merged.get(field);
-            if wanted != outcome.read.get(field) {
-                overrides.insert(column_idx, out_cell(*field, wanted));
+            match role {
+                Some(ColumnRole::Field(field)) => {
+                    let wanted = merged.get(field);
+                    if wanted != outcome.read.get(field) {
+                        overrides.insert(column_idx, out_cell(*field, wanted));
+                    }
+                }
+                Some(ColumnRole::Extra(name)) => {
+                    let Some(merged_extras) = outcome.merged_extras.as_ref() else {
+                        continue;
+                    };
+                    let wanted = merged_extras.get(name);
+                    if wanted != outcome.extras.get(name) {
+                        // An extra is text: written as a text cell, never as a formula.
+                        overrides.insert(
+                            column_idx,
+                            wanted.map_or(OutCell::Empty, |value| OutCell::Text(value.clone())),
+                        );
+                        match wanted {
+                            Some(value) => extras.insert(name.clone(), value.clone()),
+                            None => extras.remove(name),
+                        };
+                    }
+                }
+                _ => {}
             }
         }
         if outcome.key_cell != Some(deal_id) {
@@ -170,7 +194,7 @@ pub fn plan(
             overrides,
             deal_id: Some(deal_id),
             fields,
-            extras: outcome.extras.clone(),
+            extras,
         });
     }
     for deal in view.iter().filter(|deal| !shown.contains(&deal.id)) {
@@ -457,6 +481,7 @@ mod tests {
             read,
             merged,
             extras: ExtraMap::new(),
+            merged_extras: None,
             key_cell,
         }
     }
@@ -625,6 +650,55 @@ mod tests {
             added.extras,
             ExtraMap::from([("Region".to_string(), "East".to_string())])
         );
+    }
+
+    #[test]
+    fn named_extra_columns_are_written_and_other_extras_are_not() {
+        let acme = fields("Acme", Some(1000.0), None);
+        let read_extras = ExtraMap::from([
+            ("Region".to_string(), "North".to_string()),
+            ("Column G".to_string(), "loose".to_string()),
+        ]);
+        let outcome = |merged_extras: Option<ExtraMap>| RowOutcome {
+            extras: read_extras.clone(),
+            merged_extras,
+            ..row(2, Some(7), acme.clone(), Some(acme.clone()), Some(7))
+        };
+        let cases = [
+            (
+                "a changed extra is text",
+                Some(ExtraMap::from([("Region".to_string(), "=1+2".to_string())])),
+                BTreeMap::from([(3, OutCell::Text("=1+2".to_string()))]),
+                Some("=1+2"),
+            ),
+            (
+                "a removed extra is an empty cell",
+                Some(ExtraMap::new()),
+                BTreeMap::from([(3, OutCell::Empty)]),
+                None,
+            ),
+            (
+                "no merge keeps the row",
+                None,
+                BTreeMap::new(),
+                Some("North"),
+            ),
+        ];
+        for (name, merged_extras, expected, region) in cases {
+            let plan = plan(
+                &header(false),
+                5,
+                &[outcome(merged_extras)],
+                &[deal(7, acme.clone(), Some("North"))],
+            );
+            assert_eq!(plan.rows[0].overrides, expected, "{name}");
+            assert_eq!(
+                plan.rows[0].extras.get("Region").map(String::as_str),
+                region,
+                "{name}: the mirror gets what is written"
+            );
+            assert_eq!(plan.rows[0].extras["Column G"], "loose", "{name}");
+        }
     }
 
     #[test]

@@ -1442,3 +1442,223 @@ fn with_tls_files_the_server_speaks_https_only() {
     // Plain HTTP on the same port gets no answer.
     assert!(!Http::new(port).answers_healthy());
 }
+
+/// A pipeline with extra columns a team formats: "Contract No" (a yellow fill, Globex's filled
+/// in) and "Region".
+fn workbook_with_extra_columns(path: &std::path::Path) {
+    use rust_xlsxwriter::{Color, Format, Workbook};
+    let mut workbook = Workbook::new();
+    let sheet = workbook.add_worksheet();
+    sheet.set_name("Pipeline").expect("name");
+    let fill = Format::new().set_background_color(Color::Yellow).set_bold();
+    let headers = [
+        "Company",
+        "Email",
+        "Stage",
+        "Owner",
+        "Contract No",
+        "Region",
+    ];
+    for (column, text) in headers.iter().enumerate() {
+        sheet.write_string(0, column as u16, *text).expect("header");
+    }
+    let rows = [
+        [
+            "Acme",
+            "ann@acme.example",
+            "Lead",
+            "Alice Wang",
+            "",
+            "North",
+        ],
+        [
+            "Globex",
+            "gus@globex.example",
+            "Prospect",
+            "Bob Li",
+            "HT-OLD",
+            "South",
+        ],
+    ];
+    for (row_idx, row) in rows.iter().enumerate() {
+        let row_number = row_idx as u32 + 1;
+        for (column, text) in row.iter().enumerate() {
+            let column = column as u16;
+            if headers[column as usize] == "Contract No" {
+                if text.is_empty() {
+                    sheet.write_blank(row_number, column, &fill).expect("cell");
+                } else {
+                    sheet
+                        .write_string_with_format(row_number, column, *text, &fill)
+                        .expect("cell");
+                }
+            } else {
+                sheet.write_string(row_number, column, *text).expect("cell");
+            }
+        }
+    }
+    workbook.save(path).expect("save");
+}
+
+#[test]
+fn an_extra_set_through_the_api_reaches_the_workbook_that_has_its_column() {
+    use crate::in_place::{assert_other_entries_unchanged, entries, sheet_xml, PIPELINE_PART};
+    let dir = TestDir::new();
+    let path = dir.path("pipeline.xlsx");
+    workbook_with_extra_columns(&path);
+    let manager = dir.token("mia", "manager", None);
+    let port = dir.http_source("pipeline.xlsx", "", &[&manager]);
+    // The first sync adds the CRM ID column; what follows is measured against that.
+    dir.sync().assert_code(0);
+    let before = entries(&path);
+    let (daemon, http) = dir.start_serving(&["run"], port);
+    daemon.wait_ready();
+    let acme = dir.deal_by("company", "Acme")["id"].as_i64().expect("id");
+    let globex = dir.deal_by("company", "Globex")["id"].as_i64().expect("id");
+    // The ERP pushes back a contract number, and one more value the sheet has no column for.
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &manager.token,
+        &json!({"extra": {"Contract No": "HT-2026-001", "PO Number": "PO-7"}}),
+    )
+    .assert_status(200);
+    // A value that looks like a formula is text in the cell, never a live formula.
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{globex}"),
+        &manager.token,
+        &json!({"extra": {"Contract No": "=HYPERLINK(\"http://evil.example\")"}}),
+    )
+    .assert_status(200);
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "both contract numbers in the workbook",
+        || {
+            read_xlsx(&path, "Pipeline").column("Contract No")
+                == ["HT-2026-001", "=HYPERLINK(\"http://evil.example\")"]
+        },
+    );
+    let sheet = read_xlsx(&path, "Pipeline");
+    assert!(
+        !sheet.values[0].iter().any(|header| header == "PO Number"),
+        "an extra the file has no column for is not added: {:?}",
+        sheet.values[0]
+    );
+    assert_eq!(sheet.column("Region"), ["North", "South"]);
+    assert!(sheet.formulas.is_empty(), "{:?}", sheet.formulas);
+    let after = entries(&path);
+    assert_other_entries_unchanged(&before, &after, &[PIPELINE_PART]);
+    let (cells_before, elements_before) = sheet_xml(&before[PIPELINE_PART].2);
+    let (cells_after, elements_after) = sheet_xml(&after[PIPELINE_PART].2);
+    let references: std::collections::BTreeSet<&String> =
+        cells_before.keys().chain(cells_after.keys()).collect();
+    let changed: Vec<&String> = references
+        .into_iter()
+        .filter(|reference| cells_after.get(*reference) != cells_before.get(*reference))
+        .collect();
+    assert_eq!(
+        changed,
+        ["E2", "E3"],
+        "only the two contract numbers changed"
+    );
+    for reference in ["E2", "E3"] {
+        assert!(
+            cells_before[reference].style.is_some(),
+            "{:?}",
+            cells_before[reference]
+        );
+        assert_eq!(
+            cells_after[reference].style, cells_before[reference].style,
+            "{reference} keeps its fill"
+        );
+        assert_eq!(cells_after[reference].kind.as_deref(), Some("inlineStr"));
+        assert!(
+            !cells_after[reference].xml.contains("<f"),
+            "{:?}",
+            cells_after[reference]
+        );
+    }
+    assert_eq!(elements_after, elements_before);
+    // The store keeps the value no sheet shows; the sheet's own extras are as they were.
+    let deal = http
+        .get(&format!("/api/v1/deals/{acme}"), Some(&manager.token))
+        .assert_status(200)
+        .json();
+    assert_eq!(deal["extra"]["PO Number"], "PO-7", "{deal}");
+    assert_eq!(deal["extra"]["Region"], "North", "{deal}");
+    assert_eq!(deal["extra"]["Contract No"], "HT-2026-001", "{deal}");
+}
+
+#[test]
+fn a_reps_edit_of_an_extra_the_api_changed_too_is_a_conflict() {
+    let dir = TestDir::new();
+    let path = dir.path("pipeline.xlsx");
+    workbook_with_extra_columns(&path);
+    let manager = dir.token("mia", "manager", None);
+    let admin = dir.token("root", "admin", None);
+    let port = dir.http_source("pipeline.xlsx", "", &[&manager, &admin]);
+    dir.sync().assert_code(0);
+    // `serve` watches no file: the syncs below are the command line's, one at a time.
+    let (_served, http) = dir.start_serving(&["serve"], port);
+    let globex = dir.deal_by("company", "Globex")["id"].as_i64().expect("id");
+    // The rep types a contract number into the cell while the ERP sends another one, and changes
+    // a region the API leaves alone.
+    crate::harness::UserEdit::open(&path, "Pipeline")
+        .set("Company", "Globex", "Contract No", "HT-REP")
+        .set("Company", "Acme", "Region", "East")
+        .save();
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{globex}"),
+        &manager.token,
+        &json!({"extra": {"Contract No": "HT-API"}}),
+    )
+    .assert_status(200);
+    let run = dir.sync();
+    run.assert_code(0);
+    let report = run.json();
+    let file = crate::harness::file_report(&report, "pipeline.xlsx");
+    assert_eq!(file["conflicts"], 1, "{file}");
+    assert!(
+        file["issues"]
+            .as_array()
+            .is_some_and(|issues| issues.iter().any(|issue| {
+                issue["message"].as_str().is_some_and(|message| {
+                    message.contains("extra.Contract No")
+                        && message.contains("HT-REP")
+                        && message.contains("HT-API")
+                })
+            })),
+        "{file}"
+    );
+    assert_eq!(
+        dir.query(
+            "SELECT base_value, sheet_value, store_value, winner FROM conflicts WHERE field = 'extra.Contract No'"
+        ),
+        [[
+            Some("HT-OLD".to_string()),
+            Some("HT-REP".to_string()),
+            Some("HT-API".to_string()),
+            Some("store".to_string())
+        ]]
+    );
+    // The store's policy (the default) keeps the API's value and the sheet is set to it; the
+    // rep's one-sided change reaches the store.
+    let sheet = read_xlsx(&path, "Pipeline");
+    assert_eq!(sheet.column("Contract No"), ["", "HT-API"]);
+    assert_eq!(sheet.column("Region"), ["East", "South"]);
+    assert_eq!(
+        dir.deal_by("company", "Globex")["extra"]["Contract No"],
+        "HT-API"
+    );
+    assert_eq!(dir.deal_by("company", "Acme")["extra"]["Region"], "East");
+    let conflicts = http
+        .get("/api/v1/conflicts", Some(&admin.token))
+        .assert_status(200)
+        .json();
+    assert!(
+        conflicts.to_string().contains("extra.Contract No"),
+        "{conflicts}"
+    );
+}

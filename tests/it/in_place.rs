@@ -267,7 +267,7 @@ fn row_tags(bytes: &[u8]) -> BTreeMap<String, Vec<(String, String)>> {
 /// Every zip entry of a package: name → (compression method, CRC, uncompressed bytes).
 /// Each entry's name → its compression method, CRC, content and bytes as stored (compressed):
 /// "copied through" is checked on the stored bytes, not only on what they inflate to.
-fn entries(path: &Path) -> BTreeMap<String, Entry> {
+pub(crate) fn entries(path: &Path) -> BTreeMap<String, Entry> {
     let mut archive = zip::ZipArchive::new(std::fs::File::open(path).expect("open")).expect("zip");
     let mut entries = BTreeMap::new();
     for entry_idx in 0..archive.len() {
@@ -294,11 +294,11 @@ fn entries(path: &Path) -> BTreeMap<String, Entry> {
 }
 
 /// An entry of a package: compression method, CRC, content, stored bytes.
-type Entry = (String, u32, Vec<u8>, Vec<u8>);
+pub(crate) type Entry = (String, u32, Vec<u8>, Vec<u8>);
 
 /// Asserts that every entry but `changed` is exactly as it was, and no entry came or went.
 #[track_caller]
-fn assert_other_entries_unchanged(
+pub(crate) fn assert_other_entries_unchanged(
     before: &BTreeMap<String, Entry>,
     after: &BTreeMap<String, Entry>,
     changed: &[&str],
@@ -321,15 +321,15 @@ fn assert_other_entries_unchanged(
 
 /// One cell of a sheet part as written: its style index, type and raw XML.
 #[derive(Debug, Clone, PartialEq)]
-struct XmlCell {
-    style: Option<String>,
-    kind: Option<String>,
-    xml: String,
+pub(crate) struct XmlCell {
+    pub style: Option<String>,
+    pub kind: Option<String>,
+    pub xml: String,
 }
 
 /// The cells of a sheet part by reference (`B3`), and the raw text of each top-level element
 /// other than `sheetData`.
-fn sheet_xml(bytes: &[u8]) -> (BTreeMap<String, XmlCell>, BTreeMap<String, String>) {
+pub(crate) fn sheet_xml(bytes: &[u8]) -> (BTreeMap<String, XmlCell>, BTreeMap<String, String>) {
     use quick_xml::events::Event;
     let text = std::str::from_utf8(bytes).expect("utf-8");
     let mut reader = quick_xml::Reader::from_str(text);
@@ -406,7 +406,7 @@ fn sheet_xml(bytes: &[u8]) -> (BTreeMap<String, XmlCell>, BTreeMap<String, Strin
     (cells, elements)
 }
 
-const PIPELINE_PART: &str = "xl/worksheets/sheet1.xml";
+pub(crate) const PIPELINE_PART: &str = "xl/worksheets/sheet1.xml";
 
 /// Syncs, expecting success and the file `name` written back; returns the JSON report.
 #[track_caller]
@@ -1340,7 +1340,11 @@ fn store_sheet_with_comment_padding(path: &Path, n_bytes: usize) {
     let mut archive = zip::ZipArchive::new(std::fs::File::open(path).expect("open")).expect("zip");
     let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for entry_idx in 0..archive.len() {
-        let name = archive.name_for_index(entry_idx).expect("name").expect("name").to_string();
+        let name = archive
+            .name_for_index(entry_idx)
+            .expect("name")
+            .expect("name")
+            .to_string();
         if name != PIPELINE_PART {
             out.raw_copy_file(archive.by_index_raw(entry_idx).expect("entry"))
                 .expect("copy");
