@@ -62,6 +62,11 @@ pub enum StoreError {
         #[source]
         source: Box<ConnectError>,
     },
+    #[error("cannot read the store's password from {}: {source}", path.display())]
+    PasswordFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the store {path} has schema version {found}, newer than this funnelsync understands ({supported}); upgrade funnelsync")]
     TooNew {
         path: PathBuf,

@@ -40,11 +40,9 @@ pub fn password(config: &PostgresConfig) -> Result<Option<String>, StoreError> {
     let read = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .map(|text| text.trim_end_matches(['\r', '\n']).to_string())
-            .map_err(|error| {
-                StoreError::Refused(format!(
-                    "cannot read the store's password from {}: {error}",
-                    path.display()
-                ))
+            .map_err(|source| StoreError::PasswordFile {
+                path: path.to_path_buf(),
+                source,
             })
     };
     if let Some(path) = &config.password_file {

@@ -510,6 +510,13 @@ pub enum WorkbookError {
     },
     #[error("{path} is not a complete workbook yet (it may still be being saved): {detail}")]
     Incomplete { path: PathBuf, detail: String },
+    /// As [`WorkbookError::Incomplete`], for the archive's own error (ZIP or I/O), kept whole.
+    #[error("{path} is not a complete workbook yet (it may still be being saved): {source}")]
+    IncompleteRead {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{path} is password-protected; funnelsync cannot read encrypted workbooks")]
     Encrypted { path: PathBuf },
     #[error("{path}: sheet \"{sheet}\" not found (sheets: {})", available.join(", "))]
@@ -525,6 +532,14 @@ pub enum WorkbookError {
         path: PathBuf,
         expected: &'static str,
         detail: String,
+    },
+    /// As [`WorkbookError::Malformed`], for the reader's own error, kept whole.
+    #[error("{path} is not a {expected} file: {source}")]
+    Rejected {
+        path: PathBuf,
+        expected: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("{path}: unsupported file type (funnelsync reads .xlsx .xlsm .xls .ods .csv)")]
     Unsupported { path: PathBuf },
@@ -544,8 +559,34 @@ impl WorkbookError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            WorkbookError::Io { .. } | WorkbookError::Incomplete { .. }
+            WorkbookError::Io { .. }
+                | WorkbookError::Incomplete { .. }
+                | WorkbookError::IncompleteRead { .. }
         )
+    }
+
+    /// The archive could not be read whole: see [`WorkbookError::IncompleteRead`].
+    fn incomplete_read(
+        path: &Path,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> WorkbookError {
+        WorkbookError::IncompleteRead {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        }
+    }
+
+    /// The reader refused the file: see [`WorkbookError::Rejected`].
+    fn rejected(
+        path: &Path,
+        expected: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> WorkbookError {
+        WorkbookError::Rejected {
+            path: path.to_path_buf(),
+            expected,
+            source: Box::new(source),
+        }
     }
 }
 
@@ -1004,12 +1045,7 @@ fn check_zip(
         let entry = match archive.by_index(entry_idx) {
             Ok(entry) => entry,
             Err(zip::result::ZipError::UnsupportedArchive(_)) => continue,
-            Err(error) => {
-                return Err(WorkbookError::Incomplete {
-                    path: path.to_path_buf(),
-                    detail: error.to_string(),
-                })
-            }
+            Err(error) => return Err(WorkbookError::incomplete_read(path, error)),
         };
         let Ok(name) = entry.name().map(|name| name.into_owned()) else {
             continue;
@@ -1023,10 +1059,7 @@ fn check_zip(
             // An .ods: calamine expands its repeated cells and rows into a grid when it opens.
             let entry = archive
                 .by_index(entry_idx)
-                .map_err(|error| WorkbookError::Incomplete {
-                    path: path.to_path_buf(),
-                    detail: error.to_string(),
-                })?;
+                .map_err(|error| WorkbookError::incomplete_read(path, error))?;
             ods_guard::check_content(entry, limits)
                 .map_err(|refusal| refusal_error(path, refusal))?;
         }
@@ -1102,19 +1135,9 @@ fn xlsx_error(path: &Path, error: calamine::XlsxError) -> WorkbookError {
         XlsxError::Password => WorkbookError::Encrypted {
             path: path.to_path_buf(),
         },
-        XlsxError::Zip(zip_error) => WorkbookError::Incomplete {
-            path: path.to_path_buf(),
-            detail: zip_error.to_string(),
-        },
-        XlsxError::Io(io_error) => WorkbookError::Incomplete {
-            path: path.to_path_buf(),
-            detail: io_error.to_string(),
-        },
-        other => WorkbookError::Malformed {
-            path: path.to_path_buf(),
-            expected: "valid .xlsx",
-            detail: other.to_string(),
-        },
+        XlsxError::Zip(zip_error) => WorkbookError::incomplete_read(path, zip_error),
+        XlsxError::Io(io_error) => WorkbookError::incomplete_read(path, io_error),
+        other => WorkbookError::rejected(path, "valid .xlsx", other),
     }
 }
 
@@ -1216,20 +1239,12 @@ fn read_with_range(
                     calamine::XlsError::Password => WorkbookError::Encrypted {
                         path: path.to_path_buf(),
                     },
-                    other => WorkbookError::Malformed {
-                        path: path.to_path_buf(),
-                        expected: "valid .xls",
-                        detail: other.to_string(),
-                    },
+                    other => WorkbookError::rejected(path, "valid .xls", other),
                 })?;
             let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
-            let range = workbook.worksheet_range(&sheet_name).map_err(|error| {
-                WorkbookError::Malformed {
-                    path: path.to_path_buf(),
-                    expected: "valid .xls",
-                    detail: error.to_string(),
-                }
-            })?;
+            let range = workbook
+                .worksheet_range(&sheet_name)
+                .map_err(|error| WorkbookError::rejected(path, "valid .xls", error))?;
             (sheet_name, range)
         }
         _ => {
@@ -1238,24 +1253,15 @@ fn read_with_range(
                     calamine::OdsError::Password => WorkbookError::Encrypted {
                         path: path.to_path_buf(),
                     },
-                    calamine::OdsError::Zip(zip_error) => WorkbookError::Incomplete {
-                        path: path.to_path_buf(),
-                        detail: zip_error.to_string(),
-                    },
-                    other => WorkbookError::Malformed {
-                        path: path.to_path_buf(),
-                        expected: "valid .ods",
-                        detail: other.to_string(),
-                    },
+                    calamine::OdsError::Zip(zip_error) => {
+                        WorkbookError::incomplete_read(path, zip_error)
+                    }
+                    other => WorkbookError::rejected(path, "valid .ods", other),
                 })?;
             let sheet_name = choose_sheet(path, workbook.sheets_metadata(), wanted)?;
-            let range = workbook.worksheet_range(&sheet_name).map_err(|error| {
-                WorkbookError::Malformed {
-                    path: path.to_path_buf(),
-                    expected: "valid .ods",
-                    detail: error.to_string(),
-                }
-            })?;
+            let range = workbook
+                .worksheet_range(&sheet_name)
+                .map_err(|error| WorkbookError::rejected(path, "valid .ods", error))?;
             (sheet_name, range)
         }
     };
