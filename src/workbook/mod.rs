@@ -576,8 +576,9 @@ impl WorkbookError {
         }
     }
 
-    /// The reader refused the file: see [`WorkbookError::Rejected`].
-    fn rejected(
+    /// The reader (or the write-back re-reading the file) refused it: see
+    /// [`WorkbookError::Rejected`].
+    pub(crate) fn rejected(
         path: &Path,
         expected: &'static str,
         source: impl std::error::Error + Send + Sync + 'static,

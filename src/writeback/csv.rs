@@ -109,10 +109,8 @@ pub fn build(
                     .write_record((0..row.width()).map(|column_idx| raw(row.cell(column_idx))))
                     .map_err(csv_error)
             };
-            outcome.map_err(|error| crate::workbook::WorkbookError::Malformed {
-                path: sheet.path.clone(),
-                expected: "writable .csv",
-                detail: error.to_string(),
+            outcome.map_err(|error| {
+                crate::workbook::WorkbookError::rejected(&sheet.path, "writable .csv", error)
             })?;
             n_written += 1;
         }
