@@ -83,6 +83,10 @@ pub struct StageStats {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Totals {
+    /// Open deals now, in every open stage (the sum of the stages' `open_count`).
+    pub open_count: u64,
+    /// Their amount (the sum of the stages' `open_amount`).
+    pub open_amount: f64,
     pub won_count: u64,
     pub won_amount: f64,
     pub lost_count: u64,
@@ -188,11 +192,15 @@ pub fn compute(
     let funnel = Funnel::new(deals, history, stages, calendar, period, now);
     let won_in_period = funnel.won_in_period();
     let (by_owner, stalled) = funnel.owners_and_stalled(&won_in_period);
+    let stage_stats = funnel.stage_stats();
+    let mut totals = funnel.totals(&won_in_period);
+    totals.open_count = stage_stats.iter().map(|stats| stats.open_count).sum();
+    totals.open_amount = total(stage_stats.iter().map(|stats| stats.open_amount));
     FunnelReport {
         period,
         owner,
-        stages: funnel.stage_stats(),
-        totals: funnel.totals(&won_in_period),
+        stages: stage_stats,
+        totals,
         forecast: funnel.forecast(),
         by_owner,
         stalled,
@@ -450,6 +458,8 @@ impl<'a> Funnel<'a> {
             .filter_map(|deal| self.days_to_won(deal))
             .collect();
         Totals {
+            open_count: 0,
+            open_amount: 0.0,
             won_count: won_in_period.len() as u64,
             won_amount,
             lost_count,

@@ -829,10 +829,32 @@ pub fn load_funnel(
     };
     report.forecast.deals.retain(|line| visible(&line.deal_id));
     report.stalled.retain(|line| visible(&line.deal_id));
+    if !user.sees(Field::Stage) {
+        hide_stages(&mut report);
+    }
     let mut value = serde_json::to_value(&report).map_err(ApiError::internal)?;
     redact(&mut value, user);
     Ok((report, value))
 }
+
+/// The funnel of a user who may not see stages: the totals (open, won and lost deals, their
+/// amounts, the win rate), the forecast and the owners, without the per-stage figures and without
+/// a stage's name, probability or win rate on any line.
+fn hide_stages(report: &mut crate::funnel::FunnelReport) {
+    report.stages.clear();
+    for line in &mut report.forecast.deals {
+        line.stage.clear();
+        line.probability = 0.0;
+        line.historical_win_rate = None;
+    }
+    for line in &mut report.stalled {
+        line.stage.clear();
+        line.reason.clear();
+    }
+}
+
+/// Keys of a funnel line that tell its stage (besides `stage` itself).
+const STAGE_KEYS: [&str; 3] = ["reason", "probability", "historical_win_rate"];
 
 /// Keys of the funnel object that are amounts.
 const AMOUNT_KEYS: [&str; 7] = [
@@ -845,8 +867,8 @@ const AMOUNT_KEYS: [&str; 7] = [
     "weighted",
 ];
 
-/// Nulls what the user does not see: amounts when `amount` is hidden, stall reasons when `stage`
-/// is, and hidden fields by name.
+/// Nulls what the user does not see: amounts when `amount` is hidden, stall reasons and what
+/// else tells a stage ([`STAGE_KEYS`]) when `stage` is, and hidden fields by name.
 fn redact(value: &mut Value, user: &User) {
     match value {
         Value::Object(object) => {
@@ -854,8 +876,8 @@ fn redact(value: &mut Value, user: &User) {
                 let hidden_field = Field::from_name(key).is_some_and(|field| !user.sees(field));
                 let hidden_amount =
                     !user.sees(Field::Amount) && AMOUNT_KEYS.contains(&key.as_str());
-                // A stall's reason names the deal's stage.
-                let hidden_reason = !user.sees(Field::Stage) && key == "reason";
+                // A stall's reason names the deal's stage; a line's probability is its stage's.
+                let hidden_reason = !user.sees(Field::Stage) && STAGE_KEYS.contains(&key.as_str());
                 if hidden_field || hidden_amount || hidden_reason {
                     *inner = Value::Null;
                 } else {

@@ -465,6 +465,9 @@ async fn funnel_page(
     };
     let language = page.language;
     let sees_amounts = page.user.sees(Field::Amount);
+    // A user who may not see stages gets the totals without the funnel by stage (the API leaves
+    // the stages out of the report for them too).
+    let sees_stages = page.user.sees(Field::Stage) && !report.stages.is_empty();
     let body = html! {
         h1 { (tr(language, "Sales funnel", "销售漏斗")) }
         form.pickers method="get" action="/funnel" {
@@ -482,10 +485,16 @@ async fn funnel_page(
             }
             button type="submit" { (tr(language, "Show", "查看")) }
         }
-        section.card {
-            (funnel_svg(&report.stages))
+        @if sees_stages {
+            section.card {
+                (funnel_svg(&report.stages))
+            }
         }
         section.totals {
+            div.figure { span.label { (tr(language, "Open deals", "在途商机")) } span.value { (report.totals.open_count) } }
+            @if sees_amounts {
+                div.figure { span.label { (tr(language, "Open amount", "在途金额")) } span.value { (money(report.totals.open_amount)) } }
+            }
             div.figure { span.label { (tr(language, "Won", "赢单")) } span.value { (report.totals.won_count) } }
             @if sees_amounts {
                 div.figure { span.label { (tr(language, "Won amount", "赢单金额")) } span.value { (money(report.totals.won_amount)) } }
@@ -493,27 +502,33 @@ async fn funnel_page(
                 div.figure { span.label { (tr(language, "Forecast", "预测")) } span.value { (money(report.forecast.history_based)) } }
             }
             div.figure { span.label { (tr(language, "Lost", "输单")) } span.value { (report.totals.lost_count) } }
-            div.figure { span.label { (tr(language, "Lead → won", "线索→赢单")) } span.value { (percent(report.totals.lead_to_won_rate)) } }
+            @if sees_stages {
+                div.figure { span.label { (tr(language, "Lead → won", "线索→赢单")) } span.value { (percent(report.totals.lead_to_won_rate)) } }
+            } @else {
+                div.figure { span.label { (tr(language, "Win rate", "赢单率")) } span.value { (percent(report.totals.lead_to_won_rate)) } }
+            }
         }
-        h2 { (tr(language, "By stage", "各阶段")) }
-        div.stages {
-            @for stage in &report.stages {
-                section.card.stage {
-                    h3 { (stage.stage) }
-                    dl {
-                        dt { (tr(language, "Open deals", "在途商机")) } dd { (stage.open_count) }
-                        @if sees_amounts {
-                            dt { (tr(language, "Open amount", "在途金额")) } dd { (money(stage.open_amount)) }
-                            dt { (tr(language, "Weighted", "加权金额")) } dd { (money(stage.weighted_amount)) }
+        @if sees_stages {
+            h2 { (tr(language, "By stage", "各阶段")) }
+            div.stages {
+                @for stage in &report.stages {
+                    section.card.stage {
+                        h3 { (stage.stage) }
+                        dl {
+                            dt { (tr(language, "Open deals", "在途商机")) } dd { (stage.open_count) }
+                            @if sees_amounts {
+                                dt { (tr(language, "Open amount", "在途金额")) } dd { (money(stage.open_amount)) }
+                                dt { (tr(language, "Weighted", "加权金额")) } dd { (money(stage.weighted_amount)) }
+                            }
+                            dt { (tr(language, "Reached", "到达")) } dd { (stage.entered) }
+                            dt { (tr(language, "Conversion", "转化率")) } dd { (percent(stage.conversion_rate)) }
+                            dt { (tr(language, "Win rate", "赢单率")) } dd { (percent(stage.win_rate)) }
+                            dt { (tr(language, "Median days", "停留中位天数")) } dd { (days(stage.median_days)) }
+                            dt { (tr(language, "Stalled", "停滞")) } dd { (stage.n_stalled) }
                         }
-                        dt { (tr(language, "Reached", "到达")) } dd { (stage.entered) }
-                        dt { (tr(language, "Conversion", "转化率")) } dd { (percent(stage.conversion_rate)) }
-                        dt { (tr(language, "Win rate", "赢单率")) } dd { (percent(stage.win_rate)) }
-                        dt { (tr(language, "Median days", "停留中位天数")) } dd { (days(stage.median_days)) }
-                        dt { (tr(language, "Stalled", "停滞")) } dd { (stage.n_stalled) }
                     }
                 }
-            }
+        }
         }
         @if !report.forecast.deals.is_empty() {
             h2 { (tr(language, "Forecast", "预测")) }

@@ -71,6 +71,8 @@ fn the_funnel_counts_moves_and_its_json_shape_is_stable() {
             "average_days_to_won",
             "lead_to_won_rate",
             "lost_count",
+            "open_amount",
+            "open_count",
             "won_amount",
             "won_count"
         ]

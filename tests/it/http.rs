@@ -1662,3 +1662,70 @@ fn a_reps_edit_of_an_extra_the_api_changed_too_is_a_conflict() {
         "{conflicts}"
     );
 }
+
+#[test]
+fn a_user_who_may_not_see_stages_gets_the_funnel_totals_without_stages() {
+    let team = Team::start("language = \"en\"");
+    let http = &team.http;
+    let open_stages = ["Lead", "Prospect", "Opportunity"];
+    // (user, sees stages, sees amounts)
+    let users = [
+        (&team.admin, true, true),
+        (&team.manager, true, true),
+        (&team.alice, true, false),
+        (&team.readonly, false, true),
+    ];
+    for (user, sees_stages, sees_amounts) in users {
+        let reply = http
+            .get("/api/v1/funnel", Some(&user.token))
+            .assert_status(200)
+            .clone();
+        let funnel = reply.json();
+        let totals = &funnel["totals"];
+        // Alice sees her own two deals; everyone else all three.
+        let n_open = if user.token == team.alice.token { 2 } else { 3 };
+        assert_eq!(totals["open_count"], n_open, "{funnel}");
+        if sees_amounts {
+            assert!(
+                totals["open_amount"]
+                    .as_f64()
+                    .is_some_and(|amount| amount > 0.0),
+                "{funnel}"
+            );
+        } else {
+            assert_eq!(totals["open_amount"], Value::Null, "{funnel}");
+        }
+        assert!(totals.get("lead_to_won_rate").is_some(), "{funnel}");
+        let session = http.log_in(&user.token);
+        let page = http.get_with("/funnel", None, &[("Cookie", &session)]);
+        page.assert_status(200);
+        assert!(page.body.contains("Open deals"), "{}", page.body);
+        if sees_stages {
+            assert_eq!(
+                funnel["stages"].as_array().map(Vec::len),
+                Some(3),
+                "{funnel}"
+            );
+            for stage in open_stages {
+                assert!(reply.body.contains(stage), "{stage}: {}", reply.body);
+                assert!(page.body.contains(stage), "{stage}: {}", page.body);
+            }
+        } else {
+            assert_eq!(
+                funnel["stages"],
+                json!([]),
+                "no per-stage entries: {funnel}"
+            );
+            for line in funnel["forecast"]["deals"].as_array().expect("forecast") {
+                assert_eq!(line["stage"], Value::Null, "{line}");
+                assert_eq!(line["probability"], Value::Null, "{line}");
+            }
+            for stage in open_stages {
+                assert!(!reply.body.contains(stage), "{stage}: {}", reply.body);
+                assert!(!page.body.contains(stage), "{stage}: {}", page.body);
+            }
+            assert!(!page.body.contains("By stage"), "{}", page.body);
+            assert!(page.body.contains("Win rate"), "{}", page.body);
+        }
+    }
+}
