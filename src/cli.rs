@@ -161,10 +161,8 @@ pub struct RemindArgs {
     pub force: bool,
 }
 
-fn parse_now(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|at| at.with_timezone(&chrono::Utc))
-        .map_err(|error| error.to_string())
+fn parse_now(text: &str) -> Result<chrono::DateTime<chrono::Utc>, chrono::ParseError> {
+    chrono::DateTime::parse_from_rfc3339(text).map(|at| at.with_timezone(&chrono::Utc))
 }
 
 #[derive(Debug, Args)]

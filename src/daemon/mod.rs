@@ -82,7 +82,7 @@ enum JobError {
     #[error("source \"{0}\" is no longer in the config")]
     SourceGone(String),
     #[error("the worker stopped before it finished: {0}")]
-    Panicked(String),
+    Panicked(#[source] tokio::task::JoinError),
 }
 
 /// Everything that can make the loop act.
@@ -747,7 +747,7 @@ impl Daemon {
             .await
             {
                 Ok(result) => result,
-                Err(error) => Err(JobError::Panicked(error.to_string())),
+                Err(error) => Err(JobError::Panicked(error)),
             };
             let _ = sender.send(event(result)).await;
         });
@@ -1020,7 +1020,7 @@ impl Daemon {
             });
             let (outcome, fingerprint) = match worker.await {
                 Ok((outcome, written)) => (outcome, written.unwrap_or(fingerprint)),
-                Err(error) => (Err(JobError::Panicked(error.to_string())), fingerprint),
+                Err(error) => (Err(JobError::Panicked(error)), fingerprint),
             };
             let _ = sender
                 .send(Event::SyncFinished {

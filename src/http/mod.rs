@@ -494,10 +494,7 @@ fn load_tls(
         source,
     };
     let invalid = |error: rustls::pki_types::pem::Error| {
-        tls_error(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            error.to_string(),
-        ))
+        tls_error(std::io::Error::new(std::io::ErrorKind::InvalidData, error))
     };
     let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(invalid)?
@@ -507,20 +504,10 @@ fn load_tls(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server_config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| {
-            tls_error(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                error.to_string(),
-            ))
-        })?
+        .map_err(|error| tls_error(std::io::Error::new(std::io::ErrorKind::InvalidData, error)))?
         .with_no_client_auth()
         .with_single_cert(certificates, key)
-        .map_err(|error| {
-            tls_error(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                error.to_string(),
-            ))
-        })?;
+        .map_err(|error| tls_error(std::io::Error::new(std::io::ErrorKind::InvalidData, error)))?;
     let mut server_config = server_config;
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(axum_server::tls_rustls::RustlsConfig::from_config(
