@@ -1729,3 +1729,71 @@ fn a_user_who_may_not_see_stages_gets_the_funnel_totals_without_stages() {
         }
     }
 }
+
+#[test]
+fn the_deal_list_filters_by_stage_alias_search_update_time_and_pages() {
+    let team = Team::start("");
+    let http = &team.http;
+    let list = |query: &str, token: &str| {
+        http.get(&format!("/api/v1/deals?{query}"), Some(token))
+            .assert_status(200)
+            .json()
+    };
+    let manager = team.manager.token.as_str();
+    // A stage by its name or any alias, in any case.
+    for stage in ["Opportunity", "proposal", "%E5%95%86%E6%9C%BA"] {
+        assert_eq!(
+            companies(&list(&format!("stage={stage}"), manager)),
+            ["Initech"],
+            "{stage}"
+        );
+    }
+    // A search over the visible text fields, folded.
+    assert_eq!(companies(&list("q=GLOBEX", manager)), ["Globex"]);
+    assert_eq!(companies(&list("q=demo", manager)), ["Globex"], "next step");
+    assert_eq!(
+        companies(&list("q=alice%20wang", manager)),
+        ["Acme", "Initech"],
+        "owner"
+    );
+    // The rep searches her own deals only, and not by the amount she does not see.
+    assert_eq!(
+        companies(&list("q=globex", &team.alice.token)),
+        Vec::<String>::new()
+    );
+    // Changed since: only the deal changed after the moment.
+    let acme = team.id_of("Acme");
+    crate::harness::next_millisecond();
+    let moment = chrono::Utc::now()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        .replace('+', "%2B");
+    crate::harness::next_millisecond();
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        manager,
+        &json!({"next_step": "Send the offer"}),
+    )
+    .assert_status(200);
+    assert_eq!(
+        companies(&list(&format!("updated_since={moment}"), manager)),
+        ["Acme"]
+    );
+    assert_eq!(
+        companies(&list("updated_since=2000-01-01", manager)).len(),
+        3
+    );
+    // Pages: disjoint, together the whole list, with the total.
+    let mut seen = Vec::new();
+    for offset in [0, 2, 4] {
+        let page = list(&format!("limit=2&offset={offset}"), manager);
+        assert_eq!(page["total"], 3, "{page}");
+        assert_eq!(page["limit"], 2);
+        assert_eq!(page["offset"], offset);
+        let n = page["deals"].as_array().map(Vec::len).unwrap_or(0);
+        assert_eq!(n, [2, 1, 0][offset / 2], "{page}");
+        seen.extend(companies(&page));
+    }
+    seen.sort();
+    assert_eq!(seen, ["Acme", "Globex", "Initech"]);
+}
