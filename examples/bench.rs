@@ -460,11 +460,16 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                     })
                     .collect();
                 let ids = crm.create_deals(&new).expect("deals");
-                let mirror_rows: Vec<funnelsync::store::mirror::MirrorRow> = chunk
+                let hashes: Vec<String> = chunk
+                    .iter()
+                    .map(|(fields, extras)| funnelsync::deal::row_hash(fields, extras))
+                    .collect();
+                let mirror_rows: Vec<funnelsync::store::mirror::MirrorRowRef<'_>> = chunk
                     .iter()
                     .zip(&ids)
+                    .zip(&hashes)
                     .enumerate()
-                    .map(|(offset, ((fields, extras), id))| {
+                    .map(|(offset, (((fields, extras), id), hash))| {
                         changes.push(funnelsync::store::ChangeRecord {
                             id: 0,
                             run_id: 0,
@@ -474,17 +479,18 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                             old_value: None,
                             new_value: serde_json::to_string(fields).ok(),
                         });
-                        funnelsync::store::mirror::MirrorRow {
+                        // As the sync does, the mirror row borrows the row's values.
+                        funnelsync::store::mirror::MirrorRowRef {
                             deal_id: *id,
                             row_number: (chunk_idx * 2048 + offset + 2) as u32,
-                            row_hash: funnelsync::deal::row_hash(fields, extras),
+                            row_hash: hash,
                             raw_hash: Some(*id),
-                            fields: fields.clone(),
-                            extras: extras.clone(),
+                            fields,
+                            extras,
                         }
                     })
                     .collect();
-                funnelsync::store::mirror::upsert_rows(&transaction, &file_key, &mirror_rows)
+                funnelsync::store::mirror::upsert_row_refs(&transaction, &file_key, &mirror_rows)
                     .expect("mirror");
             }
             let run_id = crm

@@ -49,7 +49,8 @@ pub mod internals {
         };
         pub mod mirror {
             pub use crate::store::mirror::{
-                load_all_rows, save_head, upsert_rows, MirrorHead, MirrorRow,
+                load_all_rows, save_head, upsert_row_refs, upsert_rows, MirrorHead, MirrorRow,
+                MirrorRowRef,
             };
         }
     }

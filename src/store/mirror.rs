@@ -281,9 +281,43 @@ pub fn load_all_rows(db: &Db<'_>, file: &str) -> Result<Vec<MirrorRow>, StoreErr
     )
 }
 
+/// A mirror row to write, borrowing its values: the rows of a sync are not copied to be written.
+#[derive(Debug, Clone, Copy)]
+pub struct MirrorRowRef<'a> {
+    pub deal_id: DealId,
+    pub row_number: u32,
+    pub row_hash: &'a str,
+    pub raw_hash: Option<i64>,
+    pub fields: &'a FieldMap,
+    pub extras: &'a ExtraMap,
+}
+
+impl<'a> From<&'a MirrorRow> for MirrorRowRef<'a> {
+    fn from(row: &'a MirrorRow) -> MirrorRowRef<'a> {
+        MirrorRowRef {
+            deal_id: row.deal_id,
+            row_number: row.row_number,
+            row_hash: &row.row_hash,
+            raw_hash: row.raw_hash,
+            fields: &row.fields,
+            extras: &row.extras,
+        }
+    }
+}
+
 /// Writes (inserts or replaces) mirror rows of a file, many to a statement: an import writes one
 /// mirror row per deal.
 pub fn upsert_rows(db: &Db<'_>, file: &str, rows: &[MirrorRow]) -> Result<(), StoreError> {
+    let rows: Vec<MirrorRowRef<'_>> = rows.iter().map(MirrorRowRef::from).collect();
+    upsert_row_refs(db, file, &rows)
+}
+
+/// [`upsert_rows`] of rows whose values are borrowed.
+pub fn upsert_row_refs(
+    db: &Db<'_>,
+    file: &str,
+    rows: &[MirrorRowRef<'_>],
+) -> Result<(), StoreError> {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
         for row in chunk {
@@ -292,14 +326,14 @@ pub fn upsert_rows(db: &Db<'_>, file: &str, rows: &[MirrorRow]) -> Result<(), St
                 Value::from(file),
                 Value::Integer(row.deal_id),
                 Value::from(row.row_number),
-                Value::from(row.row_hash.as_str()),
+                Value::from(row.row_hash),
                 Value::from(row.raw_hash),
                 Value::Text(
-                    serde_json::to_string(&row.fields)
+                    serde_json::to_string(row.fields)
                         .map_err(|error| unencodable("mirror fields", error))?,
                 ),
                 Value::Text(
-                    serde_json::to_string(&row.extras)
+                    serde_json::to_string(row.extras)
                         .map_err(|error| unencodable("mirror extras", error))?,
                 ),
             ]);

@@ -344,6 +344,13 @@ CREATE TABLE job_runs (
     PRIMARY KEY (job, due_at)
 );
 "#,
+    r#"
+-- Indexes no query can use go: the deal list's stage and owner filters compare lower(stage) and
+-- lower(trim(owner)), and the funnel and the metrics count stages over every live deal; each
+-- index cost an import a B-tree insert per deal.
+DROP INDEX IF EXISTS deals_owner;
+DROP INDEX IF EXISTS deals_stage;
+"#,
 ];
 
 /// PostgreSQL's migrations, in order; the `schema_version` table says how many have run. The
@@ -579,6 +586,11 @@ CREATE TRIGGER store_meta_notify_change
     FOR EACH ROW
     WHEN (NEW.version IS DISTINCT FROM OLD.version)
     EXECUTE FUNCTION funnelsync_notify_change();
+"#,
+    // 3: as SQLite's twelfth migration, the indexes no query uses go.
+    r#"
+DROP INDEX IF EXISTS deals_owner;
+DROP INDEX IF EXISTS deals_stage;
 "#,
 ];
 

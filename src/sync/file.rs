@@ -1160,14 +1160,18 @@ impl<'a, 'c> Applier<'a, 'c> {
                     }
                     state.counts.updated += 1;
                     row_deals[*row_idx] = Some(*deal_id);
-                    row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
-                    row_merged_extras[*row_idx] = changeset.sheet_extras.get(row_idx).cloned();
+                    if context.writes_back {
+                        row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
+                        row_merged_extras[*row_idx] = changeset.sheet_extras.get(row_idx).cloned();
+                    }
                 }
                 RowAction::Unchanged { row_idx, deal_id } => {
                     state.counts.unchanged += 1;
                     row_deals[*row_idx] = Some(*deal_id);
-                    row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
-                    row_merged_extras[*row_idx] = changeset.sheet_extras.get(row_idx).cloned();
+                    if context.writes_back {
+                        row_merged[*row_idx] = changeset.sheet_values.get(row_idx).cloned();
+                        row_merged_extras[*row_idx] = changeset.sheet_extras.get(row_idx).cloned();
+                    }
                 }
                 RowAction::Skipped { row_idx, deal_id } => {
                     state.counts.errors += 1;
@@ -1199,8 +1203,11 @@ impl<'a, 'c> Applier<'a, 'c> {
                 new_value: serde_json::to_string(&fields).ok(),
             });
             row_deals[row_idx] = Some(deal_id);
-            fields.retain(|field, _| context.sheet_fields.contains(field));
-            row_merged[row_idx] = Some(fields);
+            // What the row should show: only the write-back asks.
+            if context.writes_back {
+                fields.retain(|field, _| context.sheet_fields.contains(field));
+                row_merged[row_idx] = Some(fields);
+            }
         }
         // Conflicts on extra columns are recorded like those on fields, named `extra.NAME` as in
         // the history.
@@ -1333,18 +1340,19 @@ impl<'a, 'c> Applier<'a, 'c> {
             if row.has_error {
                 continue;
             }
-            new_mirror_rows.push(MirrorRow {
+            new_mirror_rows.push(mirror::MirrorRowRef {
                 deal_id,
                 row_number: row.row_number,
-                row_hash: row.hash.clone(),
+                row_hash: &row.hash,
                 raw_hash: meta.clean_without_issues.then_some(meta.raw_hash),
-                fields: row.fields.clone(),
-                extras: row.extras.clone(),
+                fields: &row.fields,
+                extras: &row.extras,
             });
         }
         // Mirror rows whose deal is now held by another row of this sheet are re-keyed by the
         // upsert; the deals that left the sheet go.
-        mirror::upsert_rows(self.crm, context.file, &new_mirror_rows)?;
+        mirror::upsert_row_refs(self.crm, context.file, &new_mirror_rows)?;
+        drop(new_mirror_rows);
         mirror::delete_rows(self.crm, context.file, &gone)?;
 
         // What the write-back needs of these rows.
