@@ -1797,3 +1797,83 @@ fn the_deal_list_filters_by_stage_alias_search_update_time_and_pages() {
     seen.sort();
     assert_eq!(seen, ["Acme", "Globex", "Initech"]);
 }
+
+#[test]
+fn the_files_page_shows_synced_deferred_and_failed_files_with_their_reasons() {
+    let dir = TestDir::new();
+    let admin = dir.token("root", "admin", None);
+    let port = crate::harness::free_port();
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Company", "Email", "Stage"])
+        .row(&["Acme", "ann@acme.example", "Lead"])
+        .save(&dir.path("open.xlsx"));
+    XlsxBuilder::new()
+        .sheet("Pipeline")
+        .row(&["Company", "Email", "Stage"])
+        .row(&["Globex", "gus@globex.example", "Lead"])
+        .save(&dir.path("broken.xlsx"));
+    std::fs::write(
+        dir.path("fine.csv"),
+        "Company,Email\nInitech,ivy@initech.example\n",
+    )
+    .expect("csv");
+    dir.config(&format!(
+        "[[sources]]\nname = \"open\"\npath = \"open.xlsx\"\n\n\
+         [[sources]]\nname = \"broken\"\npath = \"broken.xlsx\"\n\n\
+         [[sources]]\nname = \"fine\"\npath = \"fine.csv\"\n\n\
+         [http]\nlisten = \"127.0.0.1:{port}\"\nlanguage = \"en\"\n\n{}\n",
+        admin.config_lines
+    ));
+    dir.sync().assert_code(0);
+    // broken.xlsx is cut short while the daemon is down: it cannot be read.
+    let bytes = std::fs::read(dir.path("broken.xlsx")).expect("read");
+    std::fs::write(dir.path("broken.xlsx"), &bytes[..bytes.len() / 2]).expect("truncate");
+    // A rep has open.xlsx open in Excel when the store changes: its write-back waits.
+    std::fs::write(dir.path("~$open.xlsx"), "owner").expect("lock file");
+    let (daemon, http) = dir.start_serving(&["run"], port);
+    daemon.wait_ready();
+    let acme = dir.deal_by("company", "Acme")["id"].to_string();
+    dir.run(&["deals", "set", &acme, "stage=Prospect"])
+        .assert_code(0);
+    let session = http.log_in(&admin.token);
+    let item = |name: &str| -> String {
+        let page = http.get_with("/files", None, &[("Cookie", &session)]);
+        page.assert_status(200);
+        page.body
+            .split("<li")
+            .find(|item| item.contains(&format!("<div class=\"file-name\">{name}</div>")))
+            .unwrap_or_else(|| panic!("no {name} in {}", page.body))
+            .to_string()
+    };
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "open.xlsx deferred on the files page",
+        || item("open.xlsx").contains("<span class=\"badge\">deferred</span>"),
+    );
+    assert!(
+        item("open.xlsx").contains("is open in Excel"),
+        "{}",
+        item("open.xlsx")
+    );
+    let broken = item("broken.xlsx");
+    assert!(
+        broken.contains("class=\"state-failed\"") || broken.contains("class=\"state-retrying\""),
+        "{broken}"
+    );
+    assert!(broken.contains("not a complete workbook"), "{broken}");
+    let fine = item("fine.csv");
+    assert!(fine.contains("<span class=\"badge\">ok</span>"), "{fine}");
+    // Once the file is closed, the write-back happens and the page no longer says deferred.
+    std::fs::remove_file(dir.path("~$open.xlsx")).expect("close");
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "the stage written",
+        || read_xlsx(&dir.path("open.xlsx"), "Pipeline").column("Stage") == ["Prospect"],
+    );
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "open.xlsx no longer deferred",
+        || !item("open.xlsx").contains("deferred"),
+    );
+}
