@@ -1877,3 +1877,80 @@ fn the_files_page_shows_synced_deferred_and_failed_files_with_their_reasons() {
         || !item("open.xlsx").contains("deferred"),
     );
 }
+
+#[test]
+fn the_funnel_page_and_api_for_one_owner_show_the_numbers_of_the_command_line() {
+    let team = Team::start("language = \"en\"");
+    let http = &team.http;
+    let query = "since=2026-01-01&until=2026-12-31&owner=Bob%20Li";
+    let from_api = http
+        .get(
+            &format!("/api/v1/funnel?{query}"),
+            Some(&team.manager.token),
+        )
+        .assert_status(200)
+        .json();
+    let run = team.dir.run(&[
+        "funnel",
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2026-12-31",
+        "--owner",
+        "Bob Li",
+        "--format",
+        "json",
+    ]);
+    run.assert_code(0);
+    let from_cli = run.json();
+    for key in [
+        "period", "owner", "stages", "totals", "forecast", "by_owner",
+    ] {
+        assert_eq!(from_api[key], from_cli[key], "{key}");
+    }
+    assert_eq!(from_api["totals"]["open_count"], 1, "Bob's Globex only");
+    // The page shows the same figures, stage by stage, with the owner picked.
+    let session = http.log_in(&team.manager.token);
+    let page = http.get_with(&format!("/funnel?{query}"), None, &[("Cookie", &session)]);
+    page.assert_status(200);
+    assert!(
+        page.body
+            .contains("<option value=\"Bob Li\" selected>Bob Li</option>"),
+        "{}",
+        page.body
+    );
+    for stage in from_api["stages"].as_array().expect("stages") {
+        let name = stage["stage"].as_str().expect("name");
+        let card = format!(
+            "<h3>{name}</h3><dl><dt>Open deals</dt><dd>{}</dd><dt>Open amount</dt><dd>{}</dd>",
+            stage["open_count"],
+            thousands(stage["open_amount"].as_f64().unwrap_or(-1.0))
+        );
+        assert!(page.body.contains(&card), "{card} in {}", page.body);
+    }
+    assert!(
+        page.body.contains(&format!(
+            "<span class=\"label\">Open deals</span><span class=\"value\">{}</span>",
+            from_api["totals"]["open_count"]
+        )),
+        "{}",
+        page.body
+    );
+}
+
+/// An amount as the pages show it: whole, with thousands separated by commas.
+fn thousands(amount: f64) -> String {
+    let digits = format!("{:.0}", amount.abs());
+    let mut grouped = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    if amount < 0.0 {
+        format!("-{grouped}")
+    } else {
+        grouped
+    }
+}
