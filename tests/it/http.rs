@@ -1954,3 +1954,45 @@ fn thousands(amount: f64) -> String {
         grouped
     }
 }
+
+#[test]
+fn a_token_kept_in_a_token_file_logs_in_and_check_config_warns_when_others_may_read_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new();
+    std::fs::write(dir.path("p.csv"), "Company,Email\nAcme,a@acme.example\n").expect("csv");
+    // A fresh token, kept in a file of its own instead of as a hash in the config.
+    let token = dir.token("erp", "readonly", None).token;
+    let token_path = dir.path("erp.token");
+    std::fs::write(&token_path, format!("{token}\n")).expect("token file");
+    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let port = crate::harness::free_port();
+    dir.single_source(
+        "p.csv",
+        &format!(
+            "\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n[[http.users]]\nname = \"erp\"\nrole = \"readonly\"\ntoken_file = \"erp.token\"\n"
+        ),
+    );
+    let checked = dir.run(&["check-config"]);
+    assert!(
+        checked.stdout.contains("token_file") && checked.stdout.contains("chmod 600")
+            || checked.stderr.contains("token_file") && checked.stderr.contains("chmod 600"),
+        "{checked:?}"
+    );
+    std::fs::set_permissions(&token_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let quiet = dir.run(&["check-config"]);
+    quiet.assert_code(0);
+    assert!(
+        !format!("{}{}", quiet.stdout, quiet.stderr).contains("chmod 600"),
+        "{quiet:?}"
+    );
+    dir.sync().assert_code(0);
+    let (served, http) = dir.start_serving(&["serve"], port);
+    let deals = http
+        .get("/api/v1/deals", Some(&token))
+        .assert_status(200)
+        .json();
+    assert_eq!(companies(&deals), ["Acme"]);
+    http.get("/api/v1/deals", Some(&format!("{token}x")))
+        .assert_status(401);
+    assert!(!served.log().contains(&token), "the token reached the log");
+}
