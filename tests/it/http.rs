@@ -1996,3 +1996,49 @@ fn a_token_kept_in_a_token_file_logs_in_and_check_config_warns_when_others_may_r
         .assert_status(401);
     assert!(!served.log().contains(&token), "the token reached the log");
 }
+
+#[test]
+fn an_extra_set_through_the_api_reaches_a_csv_escaped_and_other_lines_stay() {
+    let dir = TestDir::new();
+    std::fs::write(
+        dir.path("p.csv"),
+        "Company,Email,Contract No,Region\nAcme,a@acme.example,,North\nGlobex,g@globex.example,HT-OLD,South\n",
+    )
+    .expect("csv");
+    let manager = dir.token("mia", "manager", None);
+    let port = dir.http_source("p.csv", "", &[&manager]);
+    dir.sync().assert_code(0);
+    let before = std::fs::read_to_string(dir.path("p.csv")).expect("read");
+    let (_served, http) = dir.start_serving(&["serve"], port);
+    let acme = dir.deal_by("company", "Acme")["id"].as_i64().expect("id");
+    http.json(
+        "PATCH",
+        &format!("/api/v1/deals/{acme}"),
+        &manager.token,
+        &json!({"extra": {"Contract No": "=1+2", "PO Number": "PO-7"}}),
+    )
+    .assert_status(200);
+    dir.sync().assert_code(0);
+    let after = std::fs::read_to_string(dir.path("p.csv")).expect("read");
+    let before_lines: Vec<&str> = before.lines().collect();
+    let after_lines: Vec<&str> = after.lines().collect();
+    assert_eq!(after_lines.len(), before_lines.len(), "{after}");
+    assert_eq!(after_lines[0], before_lines[0], "no column added: {after}");
+    assert_eq!(
+        after_lines[1],
+        before_lines[1].replace(",,North", ",'=1+2,North"),
+        "the value is escaped, never a formula"
+    );
+    assert_eq!(after_lines[2], before_lines[2], "the other row stays");
+    // Read back, it is the value the API set.
+    assert_eq!(
+        dir.deal_by("company", "Acme")["extra"]["Contract No"],
+        "=1+2"
+    );
+    dir.sync().assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(dir.path("p.csv")).expect("read"),
+        after,
+        "a second sync changes nothing"
+    );
+}
