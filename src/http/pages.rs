@@ -619,6 +619,44 @@ struct DealsPageQuery {
     stage: Option<String>,
     owner: Option<String>,
     stalled: Option<String>,
+    offset: Option<usize>,
+}
+
+/// How many deals the deals page lists at a time.
+const DEALS_PER_PAGE: usize = 200;
+
+/// A query value written into a link: every byte but the unreserved ones percent-escaped.
+fn query_escape(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
+/// The deals page with the same search and filters, from another offset.
+fn deals_link(form: &DealsPageQuery, offset: usize) -> String {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for (key, value) in [
+        ("q", &form.q),
+        ("stage", &form.stage),
+        ("owner", &form.owner),
+        ("stalled", &form.stalled),
+    ] {
+        if let Some(value) = value.as_deref().filter(|value| !value.is_empty()) {
+            pairs.push((key, value));
+        }
+    }
+    let mut link = String::from("/deals?");
+    for (key, value) in pairs {
+        link.push_str(&format!("{key}={}&", query_escape(value)));
+    }
+    link.push_str(&format!("offset={offset}"));
+    link
 }
 
 async fn deals_page(
@@ -635,8 +673,8 @@ async fn deals_page(
         q: form.q.clone(),
         updated_since: None,
         include_archived: None,
-        limit: Some(200),
-        offset: None,
+        limit: Some(DEALS_PER_PAGE),
+        offset: form.offset,
     };
     let loaded = with_store(&state, move |store, config| {
         let list = api::query_deals(store, config, &user, &query, chrono::Utc::now())?;
@@ -666,6 +704,18 @@ async fn deals_page(
         }
         p.count { (list.total) " " (tr(language, "deal(s)", "个商机")) }
         (deal_rows(&page, &list.deals, form.stalled.is_some()))
+        @let offset = form.offset.unwrap_or(0);
+        @if offset > 0 || offset + list.deals.len() < list.total {
+            nav.pager {
+                @if offset > 0 {
+                    a rel="prev" href=(deals_link(&form, offset.saturating_sub(DEALS_PER_PAGE))) { (tr(language, "← Previous", "← 上一页")) }
+                }
+                span { ((offset + 1).min(list.total)) "–" (offset + list.deals.len()) " / " (list.total) }
+                @if offset + list.deals.len() < list.total {
+                    a rel="next" href=(deals_link(&form, offset + DEALS_PER_PAGE)) { (tr(language, "Next →", "下一页 →")) }
+                }
+            }
+        }
     };
     layout(tr(language, "Deals", "商机"), &page, "/deals", body).into_response()
 }

@@ -2042,3 +2042,52 @@ fn an_extra_set_through_the_api_reaches_a_csv_escaped_and_other_lines_stay() {
         "a second sync changes nothing"
     );
 }
+
+#[test]
+fn the_deals_page_pages_through_a_long_list_keeping_its_search() {
+    let dir = TestDir::new();
+    let mut csv = String::from("Company,Email\nOther Co,o@other.example\n");
+    for n in 1..=205 {
+        csv.push_str(&format!("Firm {n:03},f{n}@firm.example\n"));
+    }
+    std::fs::write(dir.path("p.csv"), csv).expect("csv");
+    let manager = dir.token("mia", "manager", None);
+    let port = dir.http_source("p.csv", "language = \"en\"", &[&manager]);
+    dir.sync().assert_code(0);
+    let (_served, http) = dir.start_serving(&["serve"], port);
+    let session = http.log_in(&manager.token);
+    let firms = |body: &str| -> Vec<String> {
+        body.split("<span class=\"company\">")
+            .skip(1)
+            .filter_map(|rest| rest.split('<').next())
+            .map(str::to_string)
+            .collect()
+    };
+    let first = http.get_with("/deals?q=firm%20", None, &[("Cookie", &session)]);
+    first.assert_status(200);
+    assert!(first.body.contains("205 deal(s)"), "{}", first.body);
+    let mut seen = firms(&first.body);
+    assert_eq!(seen.len(), 200);
+    let next = first
+        .body
+        .split("rel=\"next\" href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("a link to the next page in {}", first.body))
+        .replace("&amp;", "&");
+    assert_eq!(next, "/deals?q=firm%20&offset=200", "the search is kept");
+    let second = http.get_with(&next, None, &[("Cookie", &session)]);
+    second.assert_status(200);
+    let rest = firms(&second.body);
+    assert_eq!(rest.len(), 5, "{}", second.body);
+    assert!(second.body.contains("rel=\"prev\""), "{}", second.body);
+    assert!(!second.body.contains("rel=\"next\""), "{}", second.body);
+    seen.extend(rest);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 205, "every firm once, and no other company");
+    assert!(seen.iter().all(|company| company.starts_with("Firm ")));
+    // A list that fits one page has no pager.
+    let short = http.get_with("/deals?q=other", None, &[("Cookie", &session)]);
+    assert!(!short.body.contains("class=\"pager\""), "{}", short.body);
+}
