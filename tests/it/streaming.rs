@@ -157,3 +157,62 @@ fn a_sync_killed_in_the_middle_of_a_streamed_import_leaves_the_store_as_it_was()
         n_rows as i64 + 3
     );
 }
+
+#[test]
+fn a_sheet_reordered_across_batches_loses_only_the_rows_taken_out() {
+    // Far more rows than one batch of the stream (512 rows read at a time, 2,048 applied at a
+    // time), so that a row moved from the top to the bottom is read in a different batch than the
+    // one its deal was matched in last time.
+    let n_rows = 6_000;
+    let test = TestDir::new();
+    test.write("leads.csv", leads(n_rows, None));
+    test.single_source("leads.csv", "write_back = false");
+    test.sync().assert_code(0);
+    assert_eq!(test.count("SELECT count(*) FROM deals"), n_rows as i64);
+
+    let moved_ids: Vec<(&str, serde_json::Value)> = ["Company 0", "Company 99", "Company 5999"]
+        .into_iter()
+        .map(|company| (company, test.deal_by("company", company)["id"].clone()))
+        .collect();
+
+    // The first 100 rows go to the bottom and the last 100 to the top; three rows, each in another
+    // batch, are taken out; one cell changes in the middle.
+    let text = leads(n_rows, Some(4_500));
+    let mut lines: Vec<&str> = text.lines().collect();
+    let header = lines.remove(0);
+    let removed = ["Company 10,", "Company 3000,", "Company 5990,"];
+    lines.retain(|line| !removed.iter().any(|prefix| line.starts_with(prefix)));
+    let n_kept = lines.len();
+    let mut reordered: Vec<&str> = Vec::with_capacity(n_kept);
+    reordered.extend_from_slice(&lines[n_kept - 100..]);
+    reordered.extend_from_slice(&lines[100..n_kept - 100]);
+    reordered.extend_from_slice(&lines[..100]);
+    test.write("leads.csv", format!("{header}\n{}\n", reordered.join("\n")));
+    let (report, log) = sync_logging(&test);
+    let counts = &file_report(&report, "leads.csv")["counts"];
+    assert_eq!(counts["archived"], 3, "{log}");
+    assert_eq!(counts["updated"], 1, "{log}");
+    assert_eq!(counts["created"], 0, "{log}");
+    assert_eq!(
+        test.count("SELECT count(*) FROM deals WHERE archived_at IS NULL"),
+        n_rows as i64 - 3
+    );
+    assert_eq!(test.deal_by("company", "Company 4500")["amount"], 99_999.0);
+    for company in ["Company 10", "Company 3000", "Company 5990"] {
+        assert!(
+            !test.deal_by("company", company)["archived_at"].is_null(),
+            "{company} was taken out of the sheet"
+        );
+    }
+    // The moved rows kept their deals.
+    assert_eq!(test.count("SELECT count(*) FROM deals"), n_rows as i64);
+    for (company, id) in &moved_ids {
+        assert_eq!(&test.deal_by("company", company)["id"], id, "{company}");
+    }
+
+    // Nothing is left to do.
+    let (report, log) = sync_logging(&test);
+    let counts = &file_report(&report, "leads.csv")["counts"];
+    assert_eq!(counts["archived"], 0, "{log}");
+    assert_eq!(counts["updated"], 0, "{log}");
+}
