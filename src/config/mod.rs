@@ -21,12 +21,12 @@ use crate::deal::normalize_label;
 use crate::workbook::Limits;
 
 pub use http::{HttpConfig, Role, TlsFiles, TokenSource, DEFAULT_LISTEN};
-pub use store_tls::{read_root_certs, ConnectionUrl, StoreRootCerts, StoreSslMode};
 use raw::locate_key;
 use raw::RawConfig;
 pub use source::{
     ConflictPolicy, DateOrder, HeaderRow, MaxDelete, RowRemoved, SourceConfig, SourcePath, View,
 };
+pub use store_tls::{read_root_certs, ConnectionUrl, StoreRootCerts, StoreSslMode};
 
 /// The config path used when neither `--config` nor `FUNNELSYNC_CONFIG` names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/funnelsync/funnelsync.toml";
