@@ -407,8 +407,21 @@ pub fn short_hex(digest: &[u8]) -> String {
 /// "ＡＢＣ" and half-width "ABC" agree), lower case, inner white space collapsed, ends trimmed.
 pub fn normalize_label(text: &str) -> String {
     use unicode_normalization::UnicodeNormalization;
-    let folded: String = text.nfkc().collect::<String>().to_lowercase();
-    folded.split_whitespace().collect::<Vec<_>>().join(" ")
+    // NFKC leaves ASCII as it is, and ASCII lowercases byte by byte: the common case (English
+    // labels, stage names, companies) skips the normalization, which is most of the cost.
+    let folded: String = if text.is_ascii() {
+        text.to_ascii_lowercase()
+    } else {
+        text.nfkc().collect::<String>().to_lowercase()
+    };
+    let mut joined = String::with_capacity(folded.len());
+    for word in folded.split_whitespace() {
+        if !joined.is_empty() {
+            joined.push(' ');
+        }
+        joined.push_str(word);
+    }
+    joined
 }
 
 #[cfg(test)]
@@ -423,6 +436,9 @@ mod label_tests {
             ("阶段", "阶段"),
             ("Ｅｍａｉｌ\u{3000}", "email"),
             ("CRM ID", "crm id"),
+            ("\tACME\x0b  Ltd\r\n", "acme ltd"),
+            ("Ａcme", "acme"),
+            ("", ""),
         ];
         for (input, expected) in cases {
             assert_eq!(normalize_label(input), expected, "input {input:?}");

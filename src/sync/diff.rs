@@ -284,7 +284,13 @@ fn match_rows(
             }
         }
         let mut rows_by_identity: HashMap<String, Vec<usize>> = HashMap::new();
-        for row_idx in unmatched_rows(&matched) {
+        // With no mirror row left to match (a first import), no row can match by identity.
+        let unmatched = if mirror_by_identity.is_empty() {
+            Vec::new()
+        } else {
+            unmatched_rows(&matched)
+        };
+        for row_idx in unmatched {
             if let Some(identity) = identity(&input.rows[row_idx].fields) {
                 rows_by_identity.entry(identity).or_default().push(row_idx);
             }
