@@ -729,6 +729,35 @@ pub fn skip(test_name: &str, why: &str) {
     );
 }
 
+/// Waits until a file written in `dir` is stamped with a later millisecond than the wall clock
+/// shows now. The kernel stamps files from a coarse clock that can lag the wall clock by a tick
+/// (up to 10 ms), so [`next_millisecond`] alone does not order a store change before a file write.
+pub fn next_file_millisecond(dir: &Path) {
+    let as_millis = |time: std::time::SystemTime| {
+        time.duration_since(std::time::UNIX_EPOCH)
+            .map(|since| since.as_millis())
+            .unwrap_or(0)
+    };
+    let now = as_millis(std::time::SystemTime::now());
+    let probe = dir.join(".clock-probe");
+    for _ in 0..10_000 {
+        std::fs::write(&probe, b"tick").expect("write the clock probe");
+        let stamped = std::fs::metadata(&probe)
+            .and_then(|metadata| metadata.modified())
+            .map(as_millis)
+            .expect("read the clock probe");
+        if stamped > now {
+            let _ = std::fs::remove_file(&probe);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    panic!(
+        "files written in {} are never stamped after {now} ms",
+        dir.display()
+    );
+}
+
 /// Waits until the wall clock shows a later millisecond than now: the store's time stamps have
 /// millisecond precision, so two changes made either side of this are told apart.
 pub fn next_millisecond() {
