@@ -460,16 +460,17 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                     })
                     .collect();
                 let ids = crm.create_deals(&new).expect("deals");
-                let hashes: Vec<String> = chunk
+                // As the sync does, each row is encoded once, as it is hashed.
+                let hashes: Vec<(String, Option<funnelsync::deal::RowJson>)> = chunk
                     .iter()
-                    .map(|(fields, extras)| funnelsync::deal::row_hash(fields, extras))
+                    .map(|(fields, extras)| funnelsync::deal::encode_row(fields, extras))
                     .collect();
                 let mirror_rows: Vec<funnelsync::store::mirror::MirrorRowRef<'_>> = chunk
                     .iter()
                     .zip(&ids)
                     .zip(&hashes)
                     .enumerate()
-                    .map(|(offset, (((fields, extras), id), hash))| {
+                    .map(|(offset, (((fields, extras), id), (hash, json)))| {
                         changes.push(funnelsync::store::ChangeRecord {
                             id: 0,
                             run_id: 0,
@@ -477,7 +478,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                             kind: funnelsync::store::ChangeKind::Create,
                             field: None,
                             old_value: None,
-                            new_value: serde_json::to_string(fields).ok(),
+                            new_value: json.as_ref().map(|json| json.fields.clone()),
                         });
                         // As the sync does, the mirror row borrows the row's values.
                         funnelsync::store::mirror::MirrorRowRef {
@@ -487,6 +488,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                             raw_hash: Some(*id),
                             fields,
                             extras,
+                            json: json.as_ref(),
                         }
                     })
                     .collect();

@@ -385,13 +385,32 @@ mod tests {
 
 /// The hash of a row's cleaned content: equal hashes mean nothing in the row changed.
 pub fn row_hash(fields: &FieldMap, extras: &ExtraMap) -> String {
+    encode_row(fields, extras).0
+}
+
+/// A row's fields and extras as the JSON the store keeps them in (the mirror row, a created
+/// deal's change record), encoded once while the row is hashed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowJson {
+    pub fields: String,
+    pub extras: String,
+}
+
+/// [`row_hash`], with the JSON it hashed (none if either map did not encode).
+pub fn encode_row(fields: &FieldMap, extras: &ExtraMap) -> (String, Option<RowJson>) {
     use sha2::{Digest, Sha256};
+    let fields_json = serde_json::to_string(fields);
+    let extras_json = serde_json::to_string(extras);
     let mut hasher = Sha256::new();
     // BTreeMaps serialise in key order, so equal content gives equal bytes.
-    hasher.update(serde_json::to_string(fields).unwrap_or_default().as_bytes());
+    hasher.update(fields_json.as_deref().unwrap_or_default().as_bytes());
     hasher.update([0]);
-    hasher.update(serde_json::to_string(extras).unwrap_or_default().as_bytes());
-    short_hex(&hasher.finalize())
+    hasher.update(extras_json.as_deref().unwrap_or_default().as_bytes());
+    let json = match (fields_json, extras_json) {
+        (Ok(fields), Ok(extras)) => Some(RowJson { fields, extras }),
+        _ => None,
+    };
+    (short_hex(&hasher.finalize()), json)
 }
 
 /// The first 16 bytes of a digest as hex: enough to tell rows apart, short enough to store per row.
@@ -422,6 +441,30 @@ pub fn normalize_label(text: &str) -> String {
         joined.push_str(word);
     }
     joined
+}
+
+#[cfg(test)]
+mod encode_tests {
+    use super::{encode_row, row_hash, ExtraMap, Field, FieldMap, FieldValue};
+
+    #[test]
+    fn a_row_is_encoded_as_the_store_would_encode_it_and_hashed_from_those_bytes() {
+        let mut fields = FieldMap::new();
+        fields.insert(
+            Field::Company,
+            FieldValue::Text("Acme \"East\" 东".to_string()),
+        );
+        fields.insert(Field::Amount, FieldValue::Amount(12_500.5));
+        let mut extras = ExtraMap::new();
+        extras.insert("Region".to_string(), "华东".to_string());
+        let (hash, json) = encode_row(&fields, &extras);
+        let json = json.expect("both maps encode");
+        assert_eq!(json.fields, serde_json::to_string(&fields).expect("fields"));
+        assert_eq!(json.extras, serde_json::to_string(&extras).expect("extras"));
+        assert_eq!(hash, row_hash(&fields, &extras));
+        extras.insert("Notes".to_string(), String::new());
+        assert_ne!(encode_row(&fields, &extras).0, hash);
+    }
 }
 
 #[cfg(test)]

@@ -38,7 +38,9 @@ pub mod internals {
         pub use crate::config::{Config, DEFAULT_LISTEN};
     }
     pub mod deal {
-        pub use crate::deal::{row_hash, ExtraMap, Field, FieldMap, FieldValue};
+        pub use crate::deal::{
+            encode_row, row_hash, ExtraMap, Field, FieldMap, FieldValue, RowJson,
+        };
     }
     pub mod mapping {
         pub use crate::mapping::{locate_header, map_rows};

@@ -87,6 +87,9 @@ pub struct CleanRow {
     /// For a row with errors: a hash of every cell as written (the bad values included), so a
     /// later sync can tell whether the row is the same as before or new or changed.
     pub error_hash: Option<String>,
+    /// `fields` and `extras` as JSON, as they were hashed: the mirror row and a created deal's
+    /// change record reuse them instead of encoding the row again.
+    pub json: Option<crate::deal::RowJson>,
 }
 
 /// Finds the header row: the configured one, or the row among the first
@@ -310,7 +313,7 @@ pub fn map_row(
         ));
     }
     let has_error = issues.iter().any(|issue| issue.severity == Severity::Error);
-    let hash = crate::deal::row_hash(&fields, &extras);
+    let (hash, json) = crate::deal::encode_row(&fields, &extras);
     let error_hash = has_error.then(|| raw_row_hash(row));
     (
         CleanRow {
@@ -321,6 +324,7 @@ pub fn map_row(
             has_error,
             hash,
             error_hash,
+            json,
         },
         issues,
     )

@@ -290,6 +290,8 @@ pub struct MirrorRowRef<'a> {
     pub raw_hash: Option<i64>,
     pub fields: &'a FieldMap,
     pub extras: &'a ExtraMap,
+    /// `fields` and `extras` already encoded (as the row was hashed), if they were.
+    pub json: Option<&'a crate::deal::RowJson>,
 }
 
 impl<'a> From<&'a MirrorRow> for MirrorRowRef<'a> {
@@ -301,6 +303,7 @@ impl<'a> From<&'a MirrorRow> for MirrorRowRef<'a> {
             raw_hash: row.raw_hash,
             fields: &row.fields,
             extras: &row.extras,
+            json: None,
         }
     }
 }
@@ -321,6 +324,15 @@ pub fn upsert_row_refs(
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
         for row in chunk {
+            let (fields, extras) = match row.json {
+                Some(json) => (json.fields.clone(), json.extras.clone()),
+                None => (
+                    serde_json::to_string(row.fields)
+                        .map_err(|error| unencodable("mirror fields", error))?,
+                    serde_json::to_string(row.extras)
+                        .map_err(|error| unencodable("mirror extras", error))?,
+                ),
+            };
             values.extend([
                 Value::from(db.site()),
                 Value::from(file),
@@ -328,14 +340,8 @@ pub fn upsert_row_refs(
                 Value::from(row.row_number),
                 Value::from(row.row_hash),
                 Value::from(row.raw_hash),
-                Value::Text(
-                    serde_json::to_string(row.fields)
-                        .map_err(|error| unencodable("mirror fields", error))?,
-                ),
-                Value::Text(
-                    serde_json::to_string(row.extras)
-                        .map_err(|error| unencodable("mirror extras", error))?,
-                ),
+                Value::Text(fields),
+                Value::Text(extras),
             ]);
         }
         let sql = format!(

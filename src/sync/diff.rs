@@ -718,6 +718,7 @@ mod tests {
             has_error: false,
             hash,
             error_hash: None,
+            json: None,
         }
     }
 

@@ -1193,6 +1193,13 @@ impl<'a, 'c> Applier<'a, 'c> {
         drop(new_deals);
         for ((row_idx, mut fields, _), deal_id) in creations.into_iter().zip(created) {
             state.counts.created += 1;
+            // Defaults only add fields the row lacks: as many fields as the row means its own,
+            // already encoded when the row was hashed.
+            let row = &rows.rows[row_idx];
+            let new_value = match &row.json {
+                Some(json) if fields.len() == row.fields.len() => Some(json.fields.clone()),
+                _ => serde_json::to_string(&fields).ok(),
+            };
             self.applied.push(ChangeRecord {
                 id: 0,
                 run_id: 0,
@@ -1200,7 +1207,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                 kind: ChangeKind::Create,
                 field: None,
                 old_value: None,
-                new_value: serde_json::to_string(&fields).ok(),
+                new_value,
             });
             row_deals[row_idx] = Some(deal_id);
             // What the row should show: only the write-back asks.
@@ -1347,6 +1354,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                 raw_hash: meta.clean_without_issues.then_some(meta.raw_hash),
                 fields: &row.fields,
                 extras: &row.extras,
+                json: row.json.as_ref(),
             });
         }
         // Mirror rows whose deal is now held by another row of this sheet are re-keyed by the
