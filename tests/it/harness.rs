@@ -729,17 +729,23 @@ pub fn skip(test_name: &str, why: &str) {
     );
 }
 
-/// Waits until a file written in `dir` is stamped with a later millisecond than the wall clock
-/// shows now. The kernel stamps files from a coarse clock that can lag the wall clock by a tick
-/// (up to 10 ms), so [`next_millisecond`] alone does not order a store change before a file write.
-pub fn next_file_millisecond(dir: &Path) {
+/// Waits until a later millisecond than now has begun on the wall clock (the store's time stamps
+/// have millisecond precision) and on the clock the kernel stamps files with, which is coarser and
+/// can lag the wall clock by a tick (up to 10 ms): two changes made either side of this, in the
+/// store or in a file, are told apart and come in order.
+pub fn next_millisecond() {
     let as_millis = |time: std::time::SystemTime| {
         time.duration_since(std::time::UNIX_EPOCH)
             .map(|since| since.as_millis())
             .unwrap_or(0)
     };
     let now = as_millis(std::time::SystemTime::now());
-    let probe = dir.join(".clock-probe");
+    // One probe per test thread, so that tests running side by side do not share one.
+    let probe = std::env::temp_dir().join(format!(
+        "funnelsync-clock-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     for _ in 0..10_000 {
         std::fs::write(&probe, b"tick").expect("write the clock probe");
         let stamped = std::fs::metadata(&probe)
@@ -752,25 +758,7 @@ pub fn next_file_millisecond(dir: &Path) {
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    panic!(
-        "files written in {} are never stamped after {now} ms",
-        dir.display()
-    );
-}
-
-/// Waits until the wall clock shows a later millisecond than now: the store's time stamps have
-/// millisecond precision, so two changes made either side of this are told apart.
-pub fn next_millisecond() {
-    let millisecond = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|since| since.as_millis())
-            .unwrap_or(0)
-    };
-    let now = millisecond();
-    while millisecond() <= now {
-        std::thread::sleep(std::time::Duration::from_micros(100));
-    }
+    panic!("files are never stamped after {now} ms");
 }
 
 /// A running `funnelsync run`, with a real sd_notify socket to hear what it tells systemd. Killed

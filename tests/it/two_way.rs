@@ -199,9 +199,7 @@ fn conflict_case(policy: &str, cli_first: bool) -> (TestDir, Value) {
     if cli_first {
         test.run(&["deals", "set", &id, "amount=3000"])
             .assert_code(0);
-        // The file's time comes from the kernel's coarse clock, which can lag the store's by a
-        // few milliseconds: wait until a file written now is stamped after the CLI's change.
-        crate::harness::next_file_millisecond(&test.path("."));
+        crate::harness::next_millisecond();
         save_sheet();
     } else {
         save_sheet();
