@@ -38,9 +38,7 @@ pub mod internals {
         pub use crate::config::{Config, DEFAULT_LISTEN};
     }
     pub mod deal {
-        pub use crate::deal::{
-            encode_row, row_hash, ExtraMap, Field, FieldMap, FieldValue, RowJson,
-        };
+        pub use crate::deal::{encode_row, ExtraMap, Field, FieldMap, FieldValue, RowJson};
     }
     pub mod mapping {
         pub use crate::mapping::{locate_header, map_rows};
@@ -51,8 +49,7 @@ pub mod internals {
         };
         pub mod mirror {
             pub use crate::store::mirror::{
-                load_all_rows, save_head, upsert_row_refs, upsert_rows, MirrorHead, MirrorRow,
-                MirrorRowRef,
+                load_all_rows, save_head, upsert_row_refs, MirrorHead, MirrorRow, MirrorRowRef,
             };
         }
     }
