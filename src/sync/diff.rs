@@ -177,17 +177,39 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
     (changeset, issues)
 }
 
+/// The deals rows have claimed: those the caller says rows held before these (quiet rows, an
+/// import's earlier batches), looked up where they are, and those these rows claim. The earlier
+/// ones are not copied: an import applied batch by batch would otherwise copy every deal it had
+/// created so far once per batch, a cost that grows with the square of the sheet.
+struct Claimed<'a> {
+    before: &'a HashMap<DealId, u32>,
+    now: HashSet<DealId>,
+}
+
+impl Claimed<'_> {
+    fn contains(&self, deal_id: &DealId) -> bool {
+        self.now.contains(deal_id) || self.before.contains_key(deal_id)
+    }
+
+    fn insert(&mut self, deal_id: DealId) {
+        self.now.insert(deal_id);
+    }
+}
+
 /// Which deal each row is, found in passes from the surest evidence to the weakest: its CRM ID,
 /// an identical mirror row, the natural key and then company + contact against the mirror, the
 /// natural key against the whole store. Returns each row's deal and every deal claimed by a row
 /// (or by another file).
-fn match_rows(
-    input: &DiffInput<'_>,
+fn match_rows<'a>(
+    input: &DiffInput<'a>,
     mirror_by_deal: &HashMap<DealId, &MirrorRow>,
     issues: &mut Vec<RowIssue>,
-) -> (Vec<Option<DealId>>, HashSet<DealId>) {
+) -> (Vec<Option<DealId>>, Claimed<'a>) {
     let mut matched: Vec<Option<DealId>> = vec![None; input.rows.len()];
-    let mut claimed: HashSet<DealId> = input.claimed.keys().copied().collect();
+    let mut claimed = Claimed {
+        before: input.claimed,
+        now: HashSet::new(),
+    };
     // Rows whose id repeats an earlier row's: people copy rows, so these become new deals.
     let mut forced_new: HashSet<usize> = HashSet::new();
     let hashes: Vec<&str> = input.rows.iter().map(|row| row.hash.as_str()).collect();
@@ -223,7 +245,7 @@ fn match_rows(
             .filter(|row_idx| matched[*row_idx].is_none() && !forced_new.contains(row_idx))
             .collect()
     };
-    let live_mirror = |claimed: &HashSet<DealId>| -> Vec<&MirrorRow> {
+    let live_mirror = |claimed: &Claimed<'_>| -> Vec<&MirrorRow> {
         input
             .mirror
             .iter()
@@ -508,7 +530,7 @@ fn classify_rows(
 /// to another file, or held back while a row with errors may be theirs.
 fn decide_removals(
     input: &DiffInput<'_>,
-    claimed: &HashSet<DealId>,
+    claimed: &Claimed<'_>,
     unrecognised_error_rows: &[usize],
     changeset: &mut Changeset,
     issues: &mut Vec<RowIssue>,
