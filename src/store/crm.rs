@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::sql::sql_params;
-use super::sql::{placeholders, value_groups, Db, Engine, Row, Value};
+use super::sql::{placeholders, value_groups, Db, Engine, Param, Row, Value};
 use super::{
     parse_timestamp, timestamp, ChangeKind, ChangeRecord, ConflictRecord, CrmStore, DealFilter,
     NewDeal, RunCounts, StageChange, StoreError, SyncRun,
@@ -295,32 +295,72 @@ impl CrmStore for Db<'_> {
         }
         let version = self.stamp()?;
         let field_names: Vec<&str> = Field::ALL.iter().map(|field| field.name()).collect();
-        for chunk in deals.chunks(ROWS_PER_INSERT) {
+        // The deals of a batch share one instant, so each time is formatted once; the values are
+        // bound borrowed, not copied into owned parameters first.
+        let mut stamps: Vec<(DateTime<Utc>, String)> = Vec::new();
+        let mut stamp_of = |at: DateTime<Utc>| -> usize {
+            match stamps.iter().position(|(known, _)| *known == at) {
+                Some(position) => position,
+                None => {
+                    stamps.push((at, timestamp(at)));
+                    stamps.len() - 1
+                }
+            }
+        };
+        struct Times {
+            now: usize,
+            entered: Option<usize>,
+            history_at: usize,
+        }
+        let times: Vec<Times> = deals
+            .iter()
+            .map(|deal| Times {
+                now: stamp_of(deal.now),
+                entered: deal.stage_entered_at.map(&mut stamp_of),
+                history_at: stamp_of(deal.stage_entered_at.unwrap_or(deal.now)),
+            })
+            .collect();
+        // Extras arrive encoded when the sync has encoded them already (as it hashed the row).
+        let encoded: Vec<Option<String>> = deals
+            .iter()
+            .map(|deal| match deal.extra_json {
+                Some(_) => Ok(None),
+                None => encode_extra(deal.extra).map(Some),
+            })
+            .collect::<Result<_, _>>()?;
+        for (chunk_idx, chunk) in deals.chunks(ROWS_PER_INSERT).enumerate() {
+            let first_idx = chunk_idx * ROWS_PER_INSERT;
             let drawn = self.new_deal_ids(chunk.len())?;
             let n_columns = field_names.len() + 5 + usize::from(drawn.is_some());
-            let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * n_columns);
-            let mut history: Vec<Value> = Vec::new();
+            let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * n_columns);
             for (offset, deal) in chunk.iter().enumerate() {
+                let deal_idx = first_idx + offset;
                 if let Some(drawn) = &drawn {
-                    values.push(Value::Integer(drawn[offset]));
+                    values.push(Param::Integer(drawn[offset]));
                 }
-                let now_text = timestamp(deal.now);
-                values.extend(
-                    Field::ALL
-                        .iter()
-                        .map(|field| to_value(deal.fields.get(field))),
-                );
-                values.push(Value::Text(encode_extra(deal.extra)?));
-                values.push(Value::Text(now_text.clone()));
-                values.push(Value::Text(now_text));
+                let now_text = stamps[times[deal_idx].now].1.as_str();
+                values.extend(Field::ALL.iter().map(|field| match deal.fields.get(field) {
+                    Some(FieldValue::Text(text)) => Param::Text(text),
+                    Some(FieldValue::Amount(amount)) => Param::Real(*amount),
+                    None => Param::Null,
+                }));
+                values.push(Param::Text(
+                    deal.extra_json
+                        .or(encoded[deal_idx].as_deref())
+                        .unwrap_or("{}"),
+                ));
+                values.push(Param::Text(now_text));
+                values.push(Param::Text(now_text));
                 let has_stage = deal
                     .fields
                     .get(&Field::Stage)
                     .and_then(FieldValue::as_text)
                     .is_some();
-                let entered = deal.stage_entered_at.filter(|_| has_stage);
-                values.push(entered.map_or(Value::Null, |at| Value::Text(timestamp(at))));
-                values.push(Value::Integer(version));
+                let entered = times[deal_idx].entered.filter(|_| has_stage);
+                values.push(entered.map_or(Param::Null, |position| {
+                    Param::Text(stamps[position].1.as_str())
+                }));
+                values.push(Param::Integer(version));
             }
             // Column names come from the closed Field enum, never from input.
             let sql = format!(
@@ -329,7 +369,8 @@ impl CrmStore for Db<'_> {
                 field_names.join(", "),
                 value_groups(chunk.len(), n_columns)
             );
-            self.execute(&sql, &values)?;
+            self.execute_params(&sql, &values)?;
+            drop(values);
             let chunk_ids: Vec<DealId> = match drawn {
                 Some(drawn) => drawn,
                 None => {
@@ -341,18 +382,19 @@ impl CrmStore for Db<'_> {
                         .collect()
                 }
             };
-            for (deal, id) in chunk.iter().zip(&chunk_ids) {
+            let mut history: Vec<Param<'_>> = Vec::new();
+            for (offset, (deal, id)) in chunk.iter().zip(&chunk_ids).enumerate() {
                 ids.push(*id);
                 if let Some(stage) = deal.fields.get(&Field::Stage).and_then(FieldValue::as_text) {
                     // Without a known entry time the history still says where the deal was first
                     // seen, marked so that time in stage does not count from there.
                     history.extend([
-                        Value::Integer(*id),
-                        Value::Null,
-                        Value::Text(stage.to_string()),
-                        Value::Text(timestamp(deal.stage_entered_at.unwrap_or(deal.now))),
-                        Value::Text(deal.origin.to_string()),
-                        Value::Integer(i64::from(deal.stage_entered_at.is_some())),
+                        Param::Integer(*id),
+                        Param::Null,
+                        Param::Text(stage),
+                        Param::Text(stamps[times[first_idx + offset].history_at].1.as_str()),
+                        Param::Text(deal.origin),
+                        Param::Integer(i64::from(deal.stage_entered_at.is_some())),
                     ]);
                 }
             }
@@ -361,7 +403,7 @@ impl CrmStore for Db<'_> {
                     "INSERT INTO stage_history (deal_id, from_stage, to_stage, at, source, start_known) VALUES {}",
                     value_groups(history.len() / 6, 6)
                 );
-                self.execute(&sql, &history)?;
+                self.execute_params(&sql, &history)?;
             }
         }
         Ok(ids)
@@ -378,6 +420,7 @@ impl CrmStore for Db<'_> {
         let ids = self.create_deals(&[NewDeal {
             fields,
             extra,
+            extra_json: None,
             origin,
             now,
             stage_entered_at,
@@ -528,22 +571,22 @@ impl CrmStore for Db<'_> {
 
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError> {
         for chunk in changes.chunks(ROWS_PER_INSERT) {
-            let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 6);
+            let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 6);
             for change in chunk {
                 values.extend([
-                    Value::Integer(run_id),
-                    Value::Integer(change.deal_id),
-                    Value::from(change.kind.name()),
-                    Value::from(change.field.clone()),
-                    Value::from(change.old_value.clone()),
-                    Value::from(change.new_value.clone()),
+                    Param::Integer(run_id),
+                    Param::Integer(change.deal_id),
+                    Param::Text(change.kind.name()),
+                    Param::from(change.field.as_deref()),
+                    Param::from(change.old_value.as_deref()),
+                    Param::from(change.new_value.as_deref()),
                 ]);
             }
             let sql = format!(
                 "INSERT INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES {}",
                 value_groups(chunk.len(), 6)
             );
-            self.execute(&sql, &values)?;
+            self.execute_params(&sql, &values)?;
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::crm::{IN_CHUNK, ROWS_PER_INSERT};
 use super::sql::sql_params;
-use super::sql::{placeholders, value_groups, Db, Row, Value};
+use super::sql::{placeholders, value_groups, Db, Param, Row, Value};
 use super::{parse_timestamp, timestamp, StoreError};
 use crate::deal::{DealId, ExtraMap, FieldMap, RowIssue, Severity};
 
@@ -238,6 +238,17 @@ pub fn load_index(db: &Db<'_>, file: &str) -> Result<Vec<(i64, DealId)>, StoreEr
     Ok(index)
 }
 
+/// What a mirror row holds as its fields when they are those of its deal's creation record: not
+/// JSON, so never a real row's fields.
+const FIELDS_AS_CREATED: &str = "";
+
+/// The mirror row's fields as JSON, read from the deal's first creation record where the row
+/// refers to it. A deal is created once; a later creation record (a deletion undone) is a copy
+/// of the deal as it was then, not what the file held.
+const FIELDS_COLUMN: &str = "CASE WHEN fields = '' THEN (SELECT new_value FROM changes \
+     WHERE changes.deal_id = mirror_rows.deal_id AND changes.kind = 'create' ORDER BY changes.id LIMIT 1) \
+     ELSE fields END";
+
 fn mirror_row(row: &Row<'_>) -> Result<MirrorRow, StoreError> {
     let fields: String = row.get(4)?;
     let extras: String = row.get(5)?;
@@ -260,7 +271,7 @@ pub fn load_rows(
     let mut rows = Vec::new();
     for chunk in deal_ids.chunks(IN_CHUNK) {
         let sql = format!(
-            "SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows \
+            "SELECT deal_id, row_number, row_hash, raw_hash, {FIELDS_COLUMN}, extras FROM mirror_rows \
              WHERE site = ? AND file = ? AND deal_id IN ({})",
             placeholders(chunk.len())
         );
@@ -274,8 +285,10 @@ pub fn load_rows(
 /// Every mirror row of a file, in row order.
 pub fn load_all_rows(db: &Db<'_>, file: &str) -> Result<Vec<MirrorRow>, StoreError> {
     db.query(
-        "SELECT deal_id, row_number, row_hash, raw_hash, fields, extras FROM mirror_rows \
-         WHERE site = ?1 AND file = ?2 ORDER BY row_number",
+        &format!(
+            "SELECT deal_id, row_number, row_hash, raw_hash, {FIELDS_COLUMN}, extras FROM mirror_rows \
+             WHERE site = ?1 AND file = ?2 ORDER BY row_number"
+        ),
         &sql_params![db.site(), file],
         mirror_row,
     )
@@ -292,6 +305,10 @@ pub struct MirrorRowRef<'a> {
     pub extras: &'a ExtraMap,
     /// `fields` and `extras` already encoded (as the row was hashed), if they were.
     pub json: Option<&'a crate::deal::RowJson>,
+    /// Whether the deal's creation record (in `changes`, written in the same transaction) holds
+    /// `fields` exactly, as for a row a sync has just created a deal from: the mirror row then
+    /// refers to that record rather than hold the same JSON again.
+    pub fields_as_created: bool,
 }
 
 impl<'a> From<&'a MirrorRow> for MirrorRowRef<'a> {
@@ -304,6 +321,7 @@ impl<'a> From<&'a MirrorRow> for MirrorRowRef<'a> {
             fields: &row.fields,
             extras: &row.extras,
             json: None,
+            fields_as_created: false,
         }
     }
 }
@@ -322,26 +340,41 @@ pub fn upsert_row_refs(
     rows: &[MirrorRowRef<'_>],
 ) -> Result<(), StoreError> {
     for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
-        for row in chunk {
-            let (fields, extras) = match row.json {
-                Some(json) => (json.fields.clone(), json.extras.clone()),
-                None => (
+        // Rows arrive with their JSON when the sync encoded them as it hashed them; only the
+        // others are encoded here. Everything is bound borrowed.
+        let encoded: Vec<Option<(String, String)>> = chunk
+            .iter()
+            .map(|row| match row.json {
+                Some(_) => Ok(None),
+                None => Ok(Some((
                     serde_json::to_string(row.fields)
                         .map_err(|error| unencodable("mirror fields", error))?,
                     serde_json::to_string(row.extras)
                         .map_err(|error| unencodable("mirror extras", error))?,
-                ),
+                ))),
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 8);
+        for (row, encoded) in chunk.iter().zip(&encoded) {
+            let (fields, extras) = match (row.json, encoded) {
+                (Some(json), _) => (json.fields.as_str(), json.extras.as_str()),
+                (None, Some((fields, extras))) => (fields.as_str(), extras.as_str()),
+                (None, None) => ("{}", "{}"),
+            };
+            let fields = if row.fields_as_created {
+                FIELDS_AS_CREATED
+            } else {
+                fields
             };
             values.extend([
-                Value::from(db.site()),
-                Value::from(file),
-                Value::Integer(row.deal_id),
-                Value::from(row.row_number),
-                Value::from(row.row_hash),
-                Value::from(row.raw_hash),
-                Value::Text(fields),
-                Value::Text(extras),
+                Param::Text(db.site()),
+                Param::Text(file),
+                Param::Integer(row.deal_id),
+                Param::Integer(i64::from(row.row_number)),
+                Param::Text(row.row_hash),
+                row.raw_hash.map_or(Param::Null, Param::Integer),
+                Param::Text(fields),
+                Param::Text(extras),
             ]);
         }
         let sql = format!(
@@ -350,7 +383,7 @@ pub fn upsert_row_refs(
              raw_hash = excluded.raw_hash, fields = excluded.fields, extras = excluded.extras",
             value_groups(chunk.len(), 8)
         );
-        db.execute(&sql, &values)?;
+        db.execute_params(&sql, &values)?;
     }
     Ok(())
 }

@@ -931,6 +931,8 @@ pub trait CrmStore {
 pub struct NewDeal<'a> {
     pub fields: &'a FieldMap,
     pub extra: &'a ExtraMap,
+    /// `extra` as JSON, when the caller has encoded it already (as `serde_json` does).
+    pub extra_json: Option<&'a str>,
     pub origin: &'a str,
     pub now: DateTime<Utc>,
     pub stage_entered_at: Option<DateTime<Utc>>,

@@ -88,6 +88,79 @@ macro_rules! sql_params {
 }
 pub(crate) use sql_params;
 
+/// A parameter borrowed from the caller's data, for statements that bind many values (bulk
+/// inserts): nothing is copied until the engine takes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Param<'a> {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl Value {
+    fn as_param(&self) -> Param<'_> {
+        match self {
+            Value::Null => Param::Null,
+            Value::Integer(number) => Param::Integer(*number),
+            Value::Real(number) => Param::Real(*number),
+            Value::Text(text) => Param::Text(text),
+            Value::Blob(bytes) => Param::Blob(bytes),
+        }
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Param<'a> {
+    fn from(text: Option<&'a str>) -> Param<'a> {
+        text.map_or(Param::Null, Param::Text)
+    }
+}
+
+impl rusqlite::ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Param::Null => ValueRef::Null,
+            Param::Integer(number) => ValueRef::Integer(number),
+            Param::Real(number) => ValueRef::Real(number),
+            Param::Text(text) => ValueRef::Text(text.as_bytes()),
+            Param::Blob(bytes) => ValueRef::Blob(bytes),
+        }))
+    }
+}
+
+impl postgres::types::ToSql for Param<'_> {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use postgres::types::Type;
+        // PostgreSQL says what type each parameter has; the value is sent as that type.
+        match (*self, ty) {
+            (Param::Null, _) => Ok(postgres::types::IsNull::Yes),
+            (Param::Integer(number), &Type::INT8) => number.to_sql(ty, out),
+            (Param::Integer(number), &Type::INT4) => i32::try_from(number)?.to_sql(ty, out),
+            (Param::Integer(number), &Type::INT2) => i16::try_from(number)?.to_sql(ty, out),
+            (Param::Integer(number), &Type::FLOAT8) => (number as f64).to_sql(ty, out),
+            (Param::Integer(number), &Type::BOOL) => (number != 0).to_sql(ty, out),
+            (Param::Integer(number), _) => number.to_string().to_sql(ty, out),
+            (Param::Real(number), &Type::FLOAT4) => (number as f32).to_sql(ty, out),
+            (Param::Real(number), &Type::FLOAT8) => number.to_sql(ty, out),
+            (Param::Real(number), _) => number.to_string().to_sql(ty, out),
+            (Param::Text(text), _) => text.to_sql(ty, out),
+            (Param::Blob(bytes), _) => bytes.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
 impl rusqlite::ToSql for Value {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
         use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -107,22 +180,7 @@ impl postgres::types::ToSql for Value {
         ty: &postgres::types::Type,
         out: &mut bytes::BytesMut,
     ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        use postgres::types::Type;
-        // PostgreSQL says what type each parameter has; the value is sent as that type.
-        match (self, ty) {
-            (Value::Null, _) => Ok(postgres::types::IsNull::Yes),
-            (Value::Integer(number), &Type::INT8) => number.to_sql(ty, out),
-            (Value::Integer(number), &Type::INT4) => i32::try_from(*number)?.to_sql(ty, out),
-            (Value::Integer(number), &Type::INT2) => i16::try_from(*number)?.to_sql(ty, out),
-            (Value::Integer(number), &Type::FLOAT8) => (*number as f64).to_sql(ty, out),
-            (Value::Integer(number), &Type::BOOL) => (*number != 0).to_sql(ty, out),
-            (Value::Integer(number), _) => number.to_string().to_sql(ty, out),
-            (Value::Real(number), &Type::FLOAT4) => (*number as f32).to_sql(ty, out),
-            (Value::Real(number), &Type::FLOAT8) => number.to_sql(ty, out),
-            (Value::Real(number), _) => number.to_string().to_sql(ty, out),
-            (Value::Text(text), _) => text.as_str().to_sql(ty, out),
-            (Value::Blob(bytes), _) => bytes.as_slice().to_sql(ty, out),
-        }
+        self.as_param().to_sql(ty, out)
     }
 
     fn accepts(_: &postgres::types::Type) -> bool {
@@ -452,6 +510,18 @@ impl<'c> Db<'c> {
 
     /// Runs one statement; returns how many rows it changed.
     pub fn execute(&self, sql: &str, parameters: &[Value]) -> Result<usize, StoreError> {
+        self.execute_with(sql, parameters)
+    }
+
+    /// [`Db::execute`] with borrowed parameters, for bulk inserts.
+    pub fn execute_params(&self, sql: &str, parameters: &[Param<'_>]) -> Result<usize, StoreError> {
+        self.execute_with(sql, parameters)
+    }
+
+    fn execute_with<P>(&self, sql: &str, parameters: &[P]) -> Result<usize, StoreError>
+    where
+        P: rusqlite::ToSql + postgres::types::ToSql + Sync,
+    {
         match self.link() {
             Link::Sqlite(connection) => Ok(connection
                 .prepare_cached(sql)?

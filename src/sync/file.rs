@@ -10,6 +10,7 @@
 //! it is one transaction, so a sync stopped anywhere (a read error, a kill) leaves the store as it
 //! was.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
@@ -1090,24 +1091,30 @@ impl<'a, 'c> Applier<'a, 'c> {
         let mut row_merged: Vec<Option<FieldMap>> = vec![None; rows.len()];
         let mut row_merged_extras: Vec<Option<ExtraMap>> = vec![None; rows.len()];
         // New deals are created together, many to a statement.
-        let mut creations: Vec<(usize, FieldMap, Option<DateTime<Utc>>)> = Vec::new();
+        // A row's fields are copied only when defaults add to them.
+        let mut creations: Vec<(usize, Cow<'_, FieldMap>, Option<DateTime<Utc>>)> = Vec::new();
         for action in &changeset.actions {
             match action {
                 RowAction::Create { row_idx } => {
                     let row = &rows.rows[*row_idx];
-                    let mut fields = row.fields.clone();
+                    let mut fields = Cow::Borrowed(&row.fields);
                     // A new row in a filtered file belongs to that file's view: it takes the
                     // filter's values for the fields it leaves empty.
                     for (field, accepted) in &source.filter {
                         if let (false, Some(first)) = (fields.contains_key(field), accepted.first())
                         {
-                            fields.insert(*field, FieldValue::Text(first.clone()));
+                            fields
+                                .to_mut()
+                                .insert(*field, FieldValue::Text(first.clone()));
                         }
                     }
                     // A new deal without a stage starts at the top of the funnel.
-                    fields.entry(Field::Stage).or_insert_with(|| {
-                        FieldValue::Text(context.config.stages.first().name.clone())
-                    });
+                    if !fields.contains_key(&Field::Stage) {
+                        fields.to_mut().insert(
+                            Field::Stage,
+                            FieldValue::Text(context.config.stages.first().name.clone()),
+                        );
+                    }
                     // The day the deal entered its stage is known only when the sheet says so.
                     let entered = row
                         .fields
@@ -1182,8 +1189,12 @@ impl<'a, 'c> Applier<'a, 'c> {
         let new_deals: Vec<crate::store::NewDeal<'_>> = creations
             .iter()
             .map(|(row_idx, fields, entered)| crate::store::NewDeal {
-                fields,
+                fields: fields.as_ref(),
                 extra: &rows.rows[*row_idx].extras,
+                extra_json: rows.rows[*row_idx]
+                    .json
+                    .as_ref()
+                    .map(|json| json.extras.as_str()),
                 origin: &source.name,
                 now,
                 stage_entered_at: *entered,
@@ -1191,14 +1202,19 @@ impl<'a, 'c> Applier<'a, 'c> {
             .collect();
         let created = crm.create_deals(&new_deals)?;
         drop(new_deals);
-        for ((row_idx, mut fields, _), deal_id) in creations.into_iter().zip(created) {
+        // Rows whose creation record holds exactly the fields the mirror row would: the mirror
+        // row refers to it instead of holding a second copy.
+        let mut fields_as_created = vec![false; rows.len()];
+        for ((row_idx, fields, _), deal_id) in creations.into_iter().zip(created) {
             state.counts.created += 1;
-            // Defaults only add fields the row lacks: as many fields as the row means its own,
-            // already encoded when the row was hashed.
+            // Fields the defaults did not add to were encoded when the row was hashed.
             let row = &rows.rows[row_idx];
-            let new_value = match &row.json {
-                Some(json) if fields.len() == row.fields.len() => Some(json.fields.clone()),
-                _ => serde_json::to_string(&fields).ok(),
+            let new_value = match (&row.json, &fields) {
+                (Some(json), Cow::Borrowed(_)) => {
+                    fields_as_created[row_idx] = true;
+                    Some(json.fields.clone())
+                }
+                _ => serde_json::to_string(fields.as_ref()).ok(),
             };
             self.applied.push(ChangeRecord {
                 id: 0,
@@ -1212,6 +1228,7 @@ impl<'a, 'c> Applier<'a, 'c> {
             row_deals[row_idx] = Some(deal_id);
             // What the row should show: only the write-back asks.
             if context.writes_back {
+                let mut fields = fields.into_owned();
                 fields.retain(|field, _| context.sheet_fields.contains(field));
                 row_merged[row_idx] = Some(fields);
             }
@@ -1355,6 +1372,7 @@ impl<'a, 'c> Applier<'a, 'c> {
                 fields: &row.fields,
                 extras: &row.extras,
                 json: row.json.as_ref(),
+                fields_as_created: fields_as_created[row_idx],
             });
         }
         // Mirror rows whose deal is now held by another row of this sheet are re-keyed by the

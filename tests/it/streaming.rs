@@ -216,3 +216,44 @@ fn a_sheet_reordered_across_batches_loses_only_the_rows_taken_out() {
     assert_eq!(counts["archived"], 0, "{log}");
     assert_eq!(counts["updated"], 0, "{log}");
 }
+
+#[test]
+fn a_new_deals_row_is_stored_once_and_still_serves_as_the_base_of_a_merge() {
+    let test = TestDir::new();
+    test.write("leads.csv", leads(3, None));
+    test.single_source("leads.csv", "write_back = false");
+    test.sync().assert_code(0);
+    // The mirror rows of the deals the import created refer to their creation records instead
+    // of holding the same fields again.
+    assert_eq!(
+        test.count("SELECT count(*) FROM mirror_rows WHERE fields = ''"),
+        3
+    );
+    assert_eq!(
+        test.count(
+            "SELECT count(*) FROM changes WHERE kind = 'create' AND new_value LIKE '%Contact 1%'"
+        ),
+        1
+    );
+
+    // The store moves the deal on; the rep retypes the contact on its row. The three-way merge
+    // needs the row as imported as its base: with it, the stage the sheet never touched is the
+    // store's, and the contact is the sheet's, without a conflict.
+    let id = test.deal_by("company", "Company 1")["id"].to_string();
+    test.run(&["deals", "set", &id, "stage=Prospect"])
+        .assert_code(0);
+    test.write(
+        "leads.csv",
+        leads(3, None).replace("Contact 1,", "Contact One,"),
+    );
+    test.sync().assert_code(0);
+    let deal = test.deal_by("company", "Company 1");
+    assert_eq!(deal["stage"], "Prospect", "{deal}");
+    assert_eq!(deal["contact"], "Contact One", "{deal}");
+    assert_eq!(test.count("SELECT count(*) FROM conflicts"), 0);
+    // The changed row now holds its own values; the others still refer to their creation.
+    assert_eq!(
+        test.count("SELECT count(*) FROM mirror_rows WHERE fields = ''"),
+        2
+    );
+}
