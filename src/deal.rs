@@ -165,7 +165,20 @@ pub enum FieldValue {
 
 impl FieldValue {
     pub fn date(date: NaiveDate) -> FieldValue {
-        FieldValue::Text(date.format("%Y-%m-%d").to_string())
+        use chrono::Datelike;
+        // Written directly rather than through a strftime pattern, which is parsed each time: a
+        // sheet of dates formats one per row and column. Years outside four digits keep chrono's
+        // spelling (a sign and more digits).
+        if (0..=9999).contains(&date.year()) {
+            FieldValue::Text(format!(
+                "{:04}-{:02}-{:02}",
+                date.year(),
+                date.month(),
+                date.day()
+            ))
+        } else {
+            FieldValue::Text(date.format("%Y-%m-%d").to_string())
+        }
     }
 
     pub fn as_text(&self) -> Option<&str> {
@@ -415,11 +428,13 @@ pub fn encode_row(fields: &FieldMap, extras: &ExtraMap) -> (String, Option<RowJs
 
 /// The first 16 bytes of a digest as hex: enough to tell rows apart, short enough to store per row.
 pub fn short_hex(digest: &[u8]) -> String {
-    digest
-        .iter()
-        .take(16)
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(32);
+    for byte in digest.iter().take(16) {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    hex
 }
 
 /// Folds a header text or stage name for matching: Unicode compatibility form (so full-width
@@ -464,6 +479,35 @@ mod encode_tests {
         assert_eq!(hash, row_hash(&fields, &extras));
         extras.insert("Notes".to_string(), String::new());
         assert_ne!(encode_row(&fields, &extras).0, hash);
+    }
+
+    /// Stored hashes and dates are compared with what the next sync computes: their spelling
+    /// must stay as it was.
+    #[test]
+    fn hashes_and_dates_are_spelled_as_stored_before() {
+        let digest: Vec<u8> = (0u8..20).map(|byte| byte.wrapping_mul(37)).collect();
+        assert_eq!(
+            super::short_hex(&digest),
+            digest[..16]
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<String>()
+        );
+        for (year, month, day) in [
+            (2026, 12, 3),
+            (1, 1, 1),
+            (999, 10, 31),
+            (9999, 12, 31),
+            (10_000, 1, 1),
+            (-5, 3, 9),
+        ] {
+            let date = chrono::NaiveDate::from_ymd_opt(year, month, day).expect("a real day");
+            assert_eq!(
+                FieldValue::date(date),
+                FieldValue::Text(date.format("%Y-%m-%d").to_string()),
+                "{date:?}"
+            );
+        }
     }
 }
 

@@ -209,8 +209,11 @@ impl Scanner<'_> {
                         None => memchr::memchr3(b'"', b'\'', b'>', rest),
                     }
                     .unwrap_or(rest.len());
-                    let room = 1024usize.saturating_sub(self.tag_head.len());
-                    self.tag_head.extend_from_slice(&rest[..run.min(room)]);
+                    // Only the shared strings' `<sst …>` tag is read back (for its count).
+                    if self.shared_strings {
+                        let room = 1024usize.saturating_sub(self.tag_head.len());
+                        self.tag_head.extend_from_slice(&rest[..run.min(room)]);
+                    }
                     // Only the two bytes before the special one matter (for `/>`).
                     if run >= 2 {
                         self.previous = [rest[run - 2], rest[run - 1]];
@@ -326,7 +329,7 @@ impl Scanner<'_> {
                 }
             }
             Markup::Element => {
-                if self.tag_head.len() < 1024 {
+                if self.shared_strings && self.tag_head.len() < 1024 {
                     self.tag_head.push(byte);
                 }
                 match self.quote {
