@@ -23,6 +23,65 @@ pub fn natural_key(field: Field, value: &FieldValue) -> NaturalKey {
     (field, value.to_string())
 }
 
+/// Deals held by rows of a sheet, each with the row that first held it. Consecutive deals on
+/// consecutive rows (what an import creates, and what the next sync finds again) are kept as one
+/// run, so that the deals of a sheet at Excel's limit take a few entries, not a million.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DealRows {
+    /// The first deal of each run, with the row that holds it and how many deals the run has.
+    runs: std::collections::BTreeMap<DealId, (u32, u32)>,
+    n_deals: usize,
+}
+
+impl DealRows {
+    /// The row that holds `deal_id`, if a row does.
+    pub fn get(&self, deal_id: &DealId) -> Option<u32> {
+        let (first, (row_number, n_deals)) = self.runs.range(..=*deal_id).next_back()?;
+        let offset = u32::try_from(deal_id.checked_sub(*first)?).ok()?;
+        (offset < *n_deals).then(|| row_number + offset)
+    }
+
+    pub fn contains_key(&self, deal_id: &DealId) -> bool {
+        self.get(deal_id).is_some()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.n_deals
+    }
+
+    /// Records that `row_number` holds `deal_id`. A deal already held keeps its first row.
+    pub fn insert(&mut self, deal_id: DealId, row_number: u32) {
+        if self.contains_key(&deal_id) {
+            return;
+        }
+        self.n_deals += 1;
+        if let Some((first, (first_row, n_deals))) = self.runs.range_mut(..deal_id).next_back() {
+            let follows_deal = first.checked_add(i64::from(*n_deals)) == Some(deal_id);
+            let follows_row = first_row.checked_add(*n_deals) == Some(row_number);
+            if follows_deal && follows_row {
+                *n_deals += 1;
+                return;
+            }
+        }
+        self.runs.insert(deal_id, (row_number, 1));
+    }
+
+    /// Every deal with its row, in deal order.
+    pub fn iter(&self) -> impl Iterator<Item = (DealId, u32)> + '_ {
+        self.runs.iter().flat_map(|(first, (row_number, n_deals))| {
+            (0..*n_deals).map(move |offset| (first + i64::from(offset), row_number + offset))
+        })
+    }
+
+    /// Takes in the deals of `other` (those already held keep their row).
+    pub fn extend(&mut self, other: &DealRows) {
+        for (deal_id, row_number) in other.iter() {
+            self.insert(deal_id, row_number);
+        }
+    }
+}
+
 /// Everything the diff needs, already loaded.
 #[derive(Debug)]
 pub struct DiffInput<'a> {
@@ -58,7 +117,7 @@ pub struct DiffInput<'a> {
     pub today: NaiveDate,
     /// Deals already held by rows the diff does not see (rows unchanged since the last sync, or
     /// rows of earlier batches), with the row that holds each: no row here can be them.
-    pub claimed: &'a HashMap<DealId, u32>,
+    pub claimed: &'a DealRows,
 }
 
 /// What happens to one row of the sheet.
@@ -182,7 +241,7 @@ pub fn diff(input: &DiffInput<'_>) -> (Changeset, Vec<RowIssue>) {
 /// ones are not copied: an import applied batch by batch would otherwise copy every deal it had
 /// created so far once per batch, a cost that grows with the square of the sheet.
 struct Claimed<'a> {
-    before: &'a HashMap<DealId, u32>,
+    before: &'a DealRows,
     now: HashSet<DealId>,
 }
 
@@ -218,7 +277,7 @@ fn match_rows<'a>(
     let mut first_row_of_id: HashMap<DealId, u32> = HashMap::new();
     for (row_idx, row) in input.rows.iter().enumerate() {
         let Some(id) = row.id else { continue };
-        if let Some(first_row) = first_row_of_id.get(&id).or(input.claimed.get(&id)) {
+        if let Some(first_row) = first_row_of_id.get(&id).copied().or(input.claimed.get(&id)) {
             issues.push(RowIssue::warning(
                 Some(row.row_number),
                 format!("CRM ID {id} is also on row {first_row}; this row is treated as a new deal (a copied row?)"),
@@ -714,6 +773,60 @@ fn changes_against_store(row: &CleanRow, deal: &Deal) -> (FieldChanges, ExtraCha
 }
 
 #[cfg(test)]
+mod deal_rows_tests {
+    use super::DealRows;
+
+    #[test]
+    fn deals_on_rows_are_kept_as_runs_and_found_as_a_map_would() {
+        let cases: &[(&str, &[(i64, u32)], usize)] = &[
+            ("an import: one run", &[(1, 2), (2, 3), (3, 4), (4, 5)], 1),
+            ("a gap in the rows", &[(1, 2), (2, 3), (3, 5), (4, 6)], 2),
+            ("a gap in the deals", &[(1, 2), (2, 3), (5, 4), (6, 5)], 2),
+            ("out of order", &[(7, 9), (3, 2), (1, 4), (2, 5)], 3),
+            (
+                "a deal twice keeps its first row",
+                &[(1, 2), (1, 9), (2, 3)],
+                1,
+            ),
+            (
+                "at the ends of the ranges",
+                &[(i64::MAX, u32::MAX), (i64::MIN, 1)],
+                2,
+            ),
+        ];
+        for (name, inserts, n_runs) in cases {
+            let mut rows = DealRows::default();
+            let mut map = std::collections::HashMap::new();
+            for (deal_id, row_number) in inserts.iter() {
+                rows.insert(*deal_id, *row_number);
+                map.entry(*deal_id).or_insert(*row_number);
+            }
+            assert_eq!(rows.runs.len(), *n_runs, "{name}");
+            assert_eq!(rows.len(), map.len(), "{name}");
+            for deal_id in -2..12 {
+                assert_eq!(
+                    rows.get(&deal_id),
+                    map.get(&deal_id).copied(),
+                    "{name}: {deal_id}"
+                );
+            }
+            let mut listed: Vec<(i64, u32)> = rows.iter().collect();
+            let mut expected: Vec<(i64, u32)> = map.into_iter().collect();
+            listed.sort_unstable();
+            expected.sort_unstable();
+            assert_eq!(listed, expected, "{name}");
+            let mut copy = DealRows::default();
+            copy.extend(&rows);
+            assert_eq!(
+                copy.iter().collect::<Vec<_>>(),
+                rows.iter().collect::<Vec<_>>(),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use chrono::{TimeZone, Utc};
@@ -1109,7 +1222,7 @@ mod tests {
             sheet_extras: &[],
             formula_extras: &HashMap::new(),
             formula_fields: &HashMap::new(),
-            claimed: &HashMap::new(),
+            claimed: &DealRows::default(),
             known_error_rows: &known_error_rows,
             today: NaiveDate::from_ymd_opt(2026, 11, 28).expect("date"),
         })

@@ -759,7 +759,7 @@ fn sync_rows(
 struct RowsState {
     /// Deals held by rows seen so far that need nothing (quiet rows) or were applied already (a
     /// first import's earlier batches), with their row.
-    claimed: HashMap<DealId, u32>,
+    claimed: diff::DealRows,
     /// Deals whose mirror row a changed row needs as its base.
     mirror_wanted: Vec<DealId>,
     counts: crate::store::RunCounts,
@@ -876,7 +876,7 @@ impl Classifier<'_> {
 impl RowsState {
     /// Takes in what classing gathered.
     fn absorb(&mut self, gathered: RowsState) {
-        self.claimed.extend(gathered.claimed);
+        self.claimed.extend(&gathered.claimed);
         self.mirror_wanted.extend(gathered.mirror_wanted);
         self.counts.unchanged += gathered.counts.unchanged;
         self.n_quiet += gathered.n_quiet;
