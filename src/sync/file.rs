@@ -654,13 +654,17 @@ fn sync_rows(
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Pending>(2);
         let classing = scope.spawn(move || -> Result<Classifier<'_>, WorkbookError> {
             let mut batch = Pending::default();
-            classifier.class_rows(first_rows, &mut batch);
+            classifier.class_rows(&first_rows, &mut batch);
+            stream.give_back(first_rows);
             loop {
                 if batch.len() >= IMPORT_BATCH && sender.send(std::mem::take(&mut batch)).is_err() {
                     return Ok(classifier);
                 }
                 match stream.next_rows()? {
-                    Some(rows) => classifier.class_rows(rows, &mut batch),
+                    Some(rows) => {
+                        classifier.class_rows(&rows, &mut batch);
+                        stream.give_back(rows);
+                    }
                     None => break,
                 }
             }
@@ -794,7 +798,7 @@ struct Classifier<'a> {
 }
 
 impl Classifier<'_> {
-    fn class_rows(&mut self, rows: Vec<SheetRow>, batch: &mut Pending) {
+    fn class_rows(&mut self, rows: &[SheetRow], batch: &mut Pending) {
         let header = self.context.header;
         let state = &mut self.gathered;
         for row in rows {

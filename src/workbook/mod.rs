@@ -267,6 +267,8 @@ enum Keep<'a> {
         /// Completed rows not handed over yet, then the row being filled.
         rows: Vec<SheetRow>,
         sink: &'a mut dyn FnMut(Vec<SheetRow>) -> Result<(), WorkbookError>,
+        /// How many cells the last completed row has.
+        width: usize,
     },
 }
 
@@ -305,6 +307,7 @@ impl<'a> RowCollector<'a> {
             keep: Keep::Batches {
                 rows: Vec::with_capacity(ROW_BATCH + 1),
                 sink,
+                width: 0,
             },
             ..RowCollector::counting(path, limits)
         }
@@ -312,7 +315,7 @@ impl<'a> RowCollector<'a> {
 
     /// Hands the last rows to a streaming collector's sink.
     pub fn finish(&mut self) -> Result<(), WorkbookError> {
-        if let Keep::Batches { rows, sink } = &mut self.keep {
+        if let Keep::Batches { rows, sink, .. } = &mut self.keep {
             if !rows.is_empty() {
                 sink(std::mem::take(rows))?;
             }
@@ -450,14 +453,19 @@ impl<'a> RowCollector<'a> {
             self.last_row = Some(row_number);
             match &mut self.keep {
                 Keep::Nothing => {}
-                Keep::Batches { rows, sink } => {
+                Keep::Batches { rows, sink, width } => {
+                    // Rows of a sheet are mostly as wide as the one before: sized so, a row's
+                    // cells are gathered in one allocation instead of four growing ones.
+                    if let Some(row) = rows.last() {
+                        *width = row.cells.len();
+                    }
                     // The rows before the new one are complete.
                     if rows.len() >= ROW_BATCH {
                         sink(std::mem::take(rows))?;
                     }
                     rows.push(SheetRow {
                         row_number,
-                        cells: Vec::new(),
+                        cells: Vec::with_capacity(*width),
                         formula_columns: Vec::new(),
                     });
                 }
@@ -756,6 +764,8 @@ pub struct SheetStream {
     /// The file's modification time.
     pub modified: Option<chrono::DateTime<chrono::Utc>>,
     receiver: std::sync::mpsc::Receiver<Message>,
+    /// Rows the reader of the stream is done with, on their way back to the reading thread.
+    spent: std::sync::mpsc::Sender<Vec<SheetRow>>,
     end: Option<StreamEnd>,
 }
 
@@ -789,6 +799,7 @@ impl SheetStream {
             ))
             .map(chrono::DateTime::<chrono::Utc>::from);
         let (sender, receiver) = std::sync::mpsc::sync_channel(BATCHES_IN_FLIGHT);
+        let (spent, spent_receiver) = std::sync::mpsc::channel::<Vec<SheetRow>>();
         let wanted = sheet.map(str::to_string);
         let limits = *limits;
         let spawned = std::thread::Builder::new()
@@ -802,6 +813,11 @@ impl SheetStream {
                     ..
                 } = opened;
                 let mut emit = |piece: Piece| {
+                    // The rows given back are freed here, before the next are made: the
+                    // allocator serves this thread's next cells from what it frees itself.
+                    while let Ok(rows) = spent_receiver.try_recv() {
+                        drop(rows);
+                    }
                     sender.send(Message::Piece(piece)).map_err(|_| {
                         // The caller stopped listening: nothing more to read for.
                         WorkbookError::Incomplete {
@@ -844,6 +860,7 @@ impl SheetStream {
             content_hash,
             modified,
             receiver,
+            spent,
             end: None,
         };
         match stream.receive()? {
@@ -888,6 +905,15 @@ impl SheetStream {
                 None => return Ok(None),
             }
         }
+    }
+
+    /// Hands rows the caller is done with back to the reading thread, which frees them. Memory
+    /// freed by the thread that got it is quickest to free and to get again (the allocator keeps
+    /// a cache per thread); freed on the other core, every cell of a sheet cost both threads a
+    /// trip through the allocator's shared, locked lists.
+    pub fn give_back(&self, rows: Vec<SheetRow>) {
+        // Once the reading thread is gone, the rows are simply dropped here.
+        let _ = self.spent.send(rows);
     }
 
     /// What the read learnt at the end; `None` until [`Self::next_rows`] returned `None`.
