@@ -26,11 +26,10 @@ pub fn natural_key(field: Field, value: &FieldValue) -> NaturalKey {
 /// Deals held by rows of a sheet, each with the row that first held it. Consecutive deals on
 /// consecutive rows (what an import creates, and what the next sync finds again) are kept as one
 /// run, so that the deals of a sheet at Excel's limit take a few entries, not a million.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 pub struct DealRows {
     /// The first deal of each run, with the row that holds it and how many deals the run has.
     runs: std::collections::BTreeMap<DealId, (u32, u32)>,
-    n_deals: usize,
 }
 
 impl DealRows {
@@ -47,7 +46,10 @@ impl DealRows {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.n_deals
+        self.runs
+            .values()
+            .map(|(_, n_deals)| *n_deals as usize)
+            .sum()
     }
 
     /// Records that `row_number` holds `deal_id`. A deal already held keeps its first row.
@@ -55,7 +57,6 @@ impl DealRows {
         if self.contains_key(&deal_id) {
             return;
         }
-        self.n_deals += 1;
         if let Some((first, (first_row, n_deals))) = self.runs.range_mut(..deal_id).next_back() {
             let follows_deal = first.checked_add(i64::from(*n_deals)) == Some(deal_id);
             let follows_row = first_row.checked_add(*n_deals) == Some(row_number);
@@ -75,7 +76,13 @@ impl DealRows {
     }
 
     /// Takes in the deals of `other` (those already held keep their row).
-    pub fn extend(&mut self, other: &DealRows) {
+    pub fn extend(&mut self, other: DealRows) {
+        // Mostly one side is empty (the quiet rows of a sync, or the deals an import created):
+        // the other is then taken whole instead of deal by deal.
+        if self.runs.is_empty() {
+            *self = other;
+            return;
+        }
         for (deal_id, row_number) in other.iter() {
             self.insert(deal_id, row_number);
         }
@@ -277,7 +284,11 @@ fn match_rows<'a>(
     let mut first_row_of_id: HashMap<DealId, u32> = HashMap::new();
     for (row_idx, row) in input.rows.iter().enumerate() {
         let Some(id) = row.id else { continue };
-        if let Some(first_row) = first_row_of_id.get(&id).copied().or(input.claimed.get(&id)) {
+        if let Some(first_row) = first_row_of_id
+            .get(&id)
+            .copied()
+            .or_else(|| input.claimed.get(&id))
+        {
             issues.push(RowIssue::warning(
                 Some(row.row_number),
                 format!("CRM ID {id} is also on row {first_row}; this row is treated as a new deal (a copied row?)"),
@@ -816,11 +827,26 @@ mod deal_rows_tests {
             expected.sort_unstable();
             assert_eq!(listed, expected, "{name}");
             let mut copy = DealRows::default();
-            copy.extend(&rows);
+            copy.extend(rows.clone());
             assert_eq!(
                 copy.iter().collect::<Vec<_>>(),
                 rows.iter().collect::<Vec<_>>(),
                 "{name}"
+            );
+            // Taken in half by half, as a sync takes in what classing gathered.
+            let (first_half, second_half) = inserts.split_at(inserts.len() / 2);
+            let mut halves = [DealRows::default(), DealRows::default()];
+            for (half, inserts) in halves.iter_mut().zip([first_half, second_half]) {
+                for (deal_id, row_number) in inserts {
+                    half.insert(*deal_id, *row_number);
+                }
+            }
+            let [mut joined, second] = halves;
+            joined.extend(second);
+            assert_eq!(
+                joined.iter().collect::<Vec<_>>(),
+                rows.iter().collect::<Vec<_>>(),
+                "{name}: in halves"
             );
         }
     }

@@ -880,7 +880,7 @@ impl Classifier<'_> {
 impl RowsState {
     /// Takes in what classing gathered.
     fn absorb(&mut self, gathered: RowsState) {
-        self.claimed.extend(&gathered.claimed);
+        self.claimed.extend(gathered.claimed);
         self.mirror_wanted.extend(gathered.mirror_wanted);
         self.counts.unchanged += gathered.counts.unchanged;
         self.n_quiet += gathered.n_quiet;
