@@ -1263,7 +1263,7 @@ fn a_write_back_cut_short_by_a_full_disk_fails_and_leaves_the_workbook_whole() {
     let path = test.path("share/alice.xlsx");
     std::fs::create_dir_all(test.path("share")).expect("share");
     plain_workbook(&path, false);
-    add_padding_entry(&path, 600_000);
+    add_padding_entry(&path, 6_000_000);
     for backups in [1, 0] {
         test.config(&format!(
             "[[sources]]\nname = \"pipeline\"\npath = \"share/alice.xlsx\"\nbackups = {backups}\n"
@@ -1271,8 +1271,9 @@ fn a_write_back_cut_short_by_a_full_disk_fails_and_leaves_the_workbook_whole() {
         let before = std::fs::read(&path).expect("read");
         let backups_before = backup_names(&test);
         // Half the workbook's size: the backup copy (when kept) or the new file stops partway,
-        // while the store's small writes go through.
-        let run = run_with_file_size_limit(&test, 300_000, &["sync", "--format", "json"]);
+        // while the store's writes go through (a new store with its 16 KB pages and its WAL is
+        // under 1 MB).
+        let run = run_with_file_size_limit(&test, 3_000_000, &["sync", "--format", "json"]);
         run.assert_code(1);
         let report = run.json();
         let file = file_report(&report, "alice.xlsx");
@@ -1380,13 +1381,13 @@ fn a_backup_cut_short_by_a_full_disk_fails_the_write_back_and_leaves_no_partial_
     let path = test.path("share/alice.xlsx");
     std::fs::create_dir_all(test.path("share")).expect("share");
     plain_workbook(&path, false);
-    store_sheet_with_comment_padding(&path, 1_400_000);
+    store_sheet_with_comment_padding(&path, 6_000_000);
     let before = std::fs::read(&path).expect("read");
-    assert!(before.len() > 1_400_000, "{}", before.len());
+    assert!(before.len() > 6_000_000, "{}", before.len());
     test.config("[[sources]]\nname = \"pipeline\"\npath = \"share/alice.xlsx\"\nbackups = 2\n");
-    // The new file (its sheet compressed again) fits under the limit; the backup, a copy of the
-    // 1.4 MB original, does not.
-    let run = run_with_file_size_limit(&test, 800_000, &["sync", "--format", "json"]);
+    // The new file (its sheet compressed again) and the store (under 1 MB with its WAL) fit
+    // under the limit; the backup, a copy of the 6 MB original, does not.
+    let run = run_with_file_size_limit(&test, 3_000_000, &["sync", "--format", "json"]);
     run.assert_code(1);
     let report = run.json();
     let file = file_report(&report, "alice.xlsx");
