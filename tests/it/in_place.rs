@@ -1271,8 +1271,7 @@ fn a_write_back_cut_short_by_a_full_disk_fails_and_leaves_the_workbook_whole() {
         let before = std::fs::read(&path).expect("read");
         let backups_before = backup_names(&test);
         // Half the workbook's size: the backup copy (when kept) or the new file stops partway,
-        // while the store's writes go through (a new store with its 16 KB pages and its WAL is
-        // under 1 MB).
+        // while the store's writes go through (a new store of 16 KB pages is ≈ 640 KB).
         let run = run_with_file_size_limit(&test, 3_000_000, &["sync", "--format", "json"]);
         run.assert_code(1);
         let report = run.json();
@@ -1385,7 +1384,7 @@ fn a_backup_cut_short_by_a_full_disk_fails_the_write_back_and_leaves_no_partial_
     let before = std::fs::read(&path).expect("read");
     assert!(before.len() > 6_000_000, "{}", before.len());
     test.config("[[sources]]\nname = \"pipeline\"\npath = \"share/alice.xlsx\"\nbackups = 2\n");
-    // The new file (its sheet compressed again) and the store (under 1 MB with its WAL) fit
+    // The new file (its sheet compressed again) and the store (≈ 640 KB of 16 KB pages) fit
     // under the limit; the backup, a copy of the 6 MB original, does not.
     let run = run_with_file_size_limit(&test, 3_000_000, &["sync", "--format", "json"]);
     run.assert_code(1);
