@@ -120,6 +120,12 @@ fn generate(path: &Path, n_rows: u32, changed: Option<u32>) -> f64 {
 /// `FUNNELSYNC_BENCH_STORE_URL`.
 static POSTGRES_STORE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
+/// How many baseline-and-phase pairs a paired figure takes (`--pairs N`, odd; 3 by default).
+static PAIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(3);
+
+/// The lowest and highest pair ratio of the last paired figure, printed beside it.
+static LAST_SPREAD: std::sync::Mutex<Option<(f64, f64)>> = std::sync::Mutex::new(None);
+
 fn store_section() -> String {
     match std::env::var("FUNNELSYNC_BENCH_STORE_URL") {
         Ok(url) if !url.is_empty() => format!("[store]\nurl = \"{url}\"\n"),
@@ -398,142 +404,60 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
         // deals, stage history, change records and mirror rows, built beforehand, written in one
         // transaction through the same batched statements.
         "schema-floor" => {
-            use funnelsync::store::CrmStore;
             let config = config_for(folder, file, false);
             let mut store = Store::open(&config.store).expect("store");
-            let now = chrono::Utc::now();
-            let rows: Vec<(funnelsync::deal::FieldMap, funnelsync::deal::ExtraMap)> = (1..=n_rows)
-                .map(|row| {
-                    let mut fields = funnelsync::deal::FieldMap::new();
-                    let text =
-                        |column: usize| funnelsync::deal::FieldValue::Text(cell(row, column, None));
-                    fields.insert(funnelsync::deal::Field::Company, text(0));
-                    fields.insert(funnelsync::deal::Field::Contact, text(1));
-                    fields.insert(funnelsync::deal::Field::Email, text(2));
-                    fields.insert(funnelsync::deal::Field::Phone, text(3));
-                    fields.insert(funnelsync::deal::Field::Stage, text(4));
-                    fields.insert(
-                        funnelsync::deal::Field::Amount,
-                        funnelsync::deal::FieldValue::Amount(f64::from(1000 + row % 50_000)),
-                    );
-                    fields.insert(funnelsync::deal::Field::Owner, text(6));
-                    fields.insert(funnelsync::deal::Field::NextStep, text(7));
-                    fields.insert(funnelsync::deal::Field::LastContact, text(8));
-                    fields.insert(funnelsync::deal::Field::ExpectedClose, text(9));
-                    let mut extras = funnelsync::deal::ExtraMap::new();
-                    extras.insert("Region".to_string(), cell(row, 10, None));
-                    extras.insert("Notes".to_string(), cell(row, 11, None));
-                    (fields, extras)
-                })
-                .collect();
-            let file_key = sync::file_key(&path);
+            let rows = floor_rows(n_rows);
             let started = Instant::now();
-            let transaction = store.transaction().expect("transaction");
-            let crm = &*transaction;
-            funnelsync::store::mirror::save_head(
-                &transaction,
-                &funnelsync::store::mirror::MirrorHead {
-                    file: file_key.clone(),
-                    source: "bench".into(),
-                    sheet: "Pipeline".into(),
-                    content_hash: String::new(),
-                    header_row: 1,
-                    headers: Vec::new(),
-                    synced_at: now,
-                    config_hash: String::new(),
-                    store_version: None,
-                    synced_version: None,
-                    shown_version: None,
-                    known_error_rows: Vec::new(),
-                },
-            )
-            .expect("head");
-            let mut changes = Vec::with_capacity(rows.len());
-            for (chunk_idx, chunk) in rows.chunks(2048).enumerate() {
-                // As the sync does, each row is encoded once, as it is hashed.
-                let hashes: Vec<(String, Option<funnelsync::deal::RowJson>)> = chunk
-                    .iter()
-                    .map(|(fields, extras)| funnelsync::deal::encode_row(fields, extras))
-                    .collect();
-                let new: Vec<funnelsync::store::NewDeal<'_>> = chunk
-                    .iter()
-                    .zip(&hashes)
-                    .map(|((fields, extras), (_, json))| funnelsync::store::NewDeal {
-                        fields,
-                        extra: extras,
-                        extra_json: json.as_ref().map(|json| json.extras.as_str()),
-                        origin: "bench",
-                        now,
-                        stage_entered_at: None,
-                    })
-                    .collect();
-                let ids = crm.create_deals(&new).expect("deals");
-                let mirror_rows: Vec<funnelsync::store::mirror::MirrorRowRef<'_>> = chunk
-                    .iter()
-                    .zip(&ids)
-                    .zip(&hashes)
-                    .enumerate()
-                    .map(|(offset, (((fields, extras), id), (hash, json)))| {
-                        changes.push(funnelsync::store::ChangeRecord {
-                            id: 0,
-                            run_id: 0,
-                            deal_id: *id,
-                            kind: funnelsync::store::ChangeKind::Create,
-                            field: None,
-                            old_value: None,
-                            new_value: json.as_ref().map(|json| json.fields.clone()),
-                        });
-                        // As the sync does, the mirror row borrows the row's values.
-                        funnelsync::store::mirror::MirrorRowRef {
-                            deal_id: *id,
-                            row_number: (chunk_idx * 2048 + offset + 2) as u32,
-                            row_hash: hash,
-                            raw_hash: Some(*id),
-                            fields,
-                            extras,
-                            json: json.as_ref(),
-                            fields_as_created: json.is_some(),
-                        }
-                    })
-                    .collect();
-                funnelsync::store::mirror::upsert_row_refs(&transaction, &file_key, &mirror_rows)
-                    .expect("mirror");
-            }
-            let run_id = crm
-                .record_run(&funnelsync::store::SyncRun {
-                    id: 0,
-                    source: "bench".into(),
-                    file: file_key,
-                    started_at: now,
-                    finished_at: now,
-                    status: "synced".into(),
-                    counts: Default::default(),
-                    message: None,
-                })
-                .expect("run");
-            crm.record_changes(run_id, &changes).expect("changes");
-            transaction.commit().expect("commit");
+            store_as_funnelsync(&mut store, &sync::file_key(&path), &rows);
             println!("{} {}", started.elapsed().as_secs_f64(), peak_kb());
             return;
         }
         // The reading stage alone: the file streamed through funnelsync's reader (limits, guard,
         // rows), nothing else.
         "stream" => {
-            let n_rows_total = n_rows;
             let config = config_for(folder, file, false);
-            let opened = funnelsync::workbook::open_file(&path, &config.limits).expect("open");
-            let mut stream = funnelsync::workbook::SheetStream::start(
-                opened,
-                None,
-                config.sources[0].encoding,
-                &config.limits,
+            read_through_reader(&path, &config, n_rows);
+        }
+        // The two floors at once, as an import overlaps them: the reader streams the file on its
+        // threads while SQLite stores the (prebuilt) import on this one. No import that reads
+        // through this reader and stores this schema can be faster on this machine.
+        "overlap-floor" => {
+            let config = config_for(folder, file, false);
+            let mut store = Store::open(&config.store).expect("store");
+            let rows = floor_rows(n_rows);
+            let file_key = sync::file_key(&path);
+            let started = Instant::now();
+            std::thread::scope(|scope| {
+                let reading = scope.spawn(|| read_through_reader(&path, &config, n_rows));
+                store_as_funnelsync(&mut store, &file_key, &rows);
+                reading.join().expect("reader");
+            });
+            println!("{} {}", started.elapsed().as_secs_f64(), peak_kb());
+            return;
+        }
+        // The XML guard alone, over the sheet's XML already inflated into memory: what the
+        // guard's thread spends beside calamine's.
+        "guard" => {
+            let config = config_for(folder, file, false);
+            let mut archive =
+                zip::ZipArchive::new(std::fs::File::open(&path).expect("open")).expect("zip");
+            let mut xml = Vec::new();
+            std::io::Read::read_to_end(
+                &mut archive.by_name("xl/worksheets/sheet1.xml").expect("sheet"),
+                &mut xml,
             )
-            .expect("stream");
-            let mut n_rows = 0usize;
-            while let Some(rows) = stream.next_rows().expect("rows") {
-                n_rows += rows.len();
-            }
-            assert!(n_rows as u32 >= n_rows_total);
+            .expect("inflate");
+            let bounds =
+                funnelsync::workbook::xml_guard::Bounds::for_cells(config.limits.max_cell_chars);
+            let started = Instant::now();
+            funnelsync::workbook::xml_guard::check_part(
+                "xl/worksheets/sheet1.xml",
+                xml.as_slice(),
+                bounds,
+            )
+            .expect("the guard passes the sheet");
+            println!("{} {}", started.elapsed().as_secs_f64(), peak_kb());
+            return;
         }
         // For profiling by hand: (re)write the workbook, unchanged or with one cell changed.
         "generate" => {
@@ -570,6 +494,147 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
         other => panic!("unknown phase {other}"),
     }
     println!("{} {}", started.elapsed().as_secs_f64(), peak_kb());
+}
+
+/// The rows the schema floor stores: the bench workbook's values, as cleaned rows.
+fn floor_rows(n_rows: u32) -> Vec<(funnelsync::deal::FieldMap, funnelsync::deal::ExtraMap)> {
+    (1..=n_rows)
+        .map(|row| {
+            let mut fields = funnelsync::deal::FieldMap::new();
+            let text = |column: usize| funnelsync::deal::FieldValue::Text(cell(row, column, None));
+            fields.insert(funnelsync::deal::Field::Company, text(0));
+            fields.insert(funnelsync::deal::Field::Contact, text(1));
+            fields.insert(funnelsync::deal::Field::Email, text(2));
+            fields.insert(funnelsync::deal::Field::Phone, text(3));
+            fields.insert(funnelsync::deal::Field::Stage, text(4));
+            fields.insert(
+                funnelsync::deal::Field::Amount,
+                funnelsync::deal::FieldValue::Amount(f64::from(1000 + row % 50_000)),
+            );
+            fields.insert(funnelsync::deal::Field::Owner, text(6));
+            fields.insert(funnelsync::deal::Field::NextStep, text(7));
+            fields.insert(funnelsync::deal::Field::LastContact, text(8));
+            fields.insert(funnelsync::deal::Field::ExpectedClose, text(9));
+            let mut extras = funnelsync::deal::ExtraMap::new();
+            extras.insert("Region".to_string(), cell(row, 10, None));
+            extras.insert("Notes".to_string(), cell(row, 11, None));
+            (fields, extras)
+        })
+        .collect()
+}
+
+/// Stores prebuilt rows as a first import does: deals, stage history, change records and mirror
+/// rows, batch by batch, in one transaction.
+fn store_as_funnelsync(
+    store: &mut Store,
+    file_key: &str,
+    rows: &[(funnelsync::deal::FieldMap, funnelsync::deal::ExtraMap)],
+) {
+    use funnelsync::store::CrmStore;
+    let now = chrono::Utc::now();
+    let file_key = file_key.to_string();
+    let transaction = store.transaction().expect("transaction");
+    let crm = &*transaction;
+    funnelsync::store::mirror::save_head(
+        &transaction,
+        &funnelsync::store::mirror::MirrorHead {
+            file: file_key.clone(),
+            source: "bench".into(),
+            sheet: "Pipeline".into(),
+            content_hash: String::new(),
+            header_row: 1,
+            headers: Vec::new(),
+            synced_at: now,
+            config_hash: String::new(),
+            store_version: None,
+            synced_version: None,
+            shown_version: None,
+            known_error_rows: Vec::new(),
+        },
+    )
+    .expect("head");
+    let mut changes = Vec::with_capacity(rows.len());
+    for (chunk_idx, chunk) in rows.chunks(2048).enumerate() {
+        // As the sync does, each row is encoded once, as it is hashed.
+        let hashes: Vec<(String, Option<funnelsync::deal::RowJson>)> = chunk
+            .iter()
+            .map(|(fields, extras)| funnelsync::deal::encode_row(fields, extras))
+            .collect();
+        let new: Vec<funnelsync::store::NewDeal<'_>> = chunk
+            .iter()
+            .zip(&hashes)
+            .map(|((fields, extras), (_, json))| funnelsync::store::NewDeal {
+                fields,
+                extra: extras,
+                extra_json: json.as_ref().map(|json| json.extras.as_str()),
+                origin: "bench",
+                now,
+                stage_entered_at: None,
+            })
+            .collect();
+        let ids = crm.create_deals(&new).expect("deals");
+        let mirror_rows: Vec<funnelsync::store::mirror::MirrorRowRef<'_>> = chunk
+            .iter()
+            .zip(&ids)
+            .zip(&hashes)
+            .enumerate()
+            .map(|(offset, (((fields, extras), id), (hash, json)))| {
+                changes.push(funnelsync::store::ChangeRecord {
+                    id: 0,
+                    run_id: 0,
+                    deal_id: *id,
+                    kind: funnelsync::store::ChangeKind::Create,
+                    field: None,
+                    old_value: None,
+                    new_value: json.as_ref().map(|json| json.fields.clone()),
+                });
+                // As the sync does, the mirror row borrows the row's values.
+                funnelsync::store::mirror::MirrorRowRef {
+                    deal_id: *id,
+                    row_number: (chunk_idx * 2048 + offset + 2) as u32,
+                    row_hash: hash,
+                    raw_hash: Some(*id),
+                    fields,
+                    extras,
+                    json: json.as_ref(),
+                    fields_as_created: json.is_some(),
+                }
+            })
+            .collect();
+        funnelsync::store::mirror::upsert_row_refs(&transaction, &file_key, &mirror_rows)
+            .expect("mirror");
+    }
+    let run_id = crm
+        .record_run(&funnelsync::store::SyncRun {
+            id: 0,
+            source: "bench".into(),
+            file: file_key,
+            started_at: now,
+            finished_at: now,
+            status: "synced".into(),
+            counts: Default::default(),
+            message: None,
+        })
+        .expect("run");
+    crm.record_changes(run_id, &changes).expect("changes");
+    transaction.commit().expect("commit");
+}
+
+/// Streams the file through funnelsync's reader (limits, guard, rows) and drops the rows.
+fn read_through_reader(path: &Path, config: &Config, n_rows_total: u32) {
+    let opened = funnelsync::workbook::open_file(path, &config.limits).expect("open");
+    let mut stream = funnelsync::workbook::SheetStream::start(
+        opened,
+        None,
+        config.sources[0].encoding,
+        &config.limits,
+    )
+    .expect("stream");
+    let mut n_rows = 0usize;
+    while let Some(rows) = stream.next_rows().expect("rows") {
+        n_rows += rows.len();
+    }
+    assert!(n_rows as u32 >= n_rows_total);
 }
 
 fn child(phase: &str, folder: &Path, n_rows: u32) -> (f64, u64) {
@@ -611,10 +676,11 @@ fn measure_paired(
     n_rows: u32,
     before_each: &dyn Fn(),
 ) -> ((f64, u64), f64) {
+    let n_pairs = PAIRS.load(std::sync::atomic::Ordering::Relaxed).max(1);
     let mut times = Vec::new();
     let mut ratios = Vec::new();
     let mut peak = 0;
-    for _ in 0..3 {
+    for _ in 0..n_pairs {
         before_each();
         let (base_seconds, _) = child("baseline", folder, n_rows);
         let (seconds, kb) = child(phase, folder, n_rows);
@@ -624,7 +690,11 @@ fn measure_paired(
     }
     times.sort_by(|left, right| left.total_cmp(right));
     ratios.sort_by(|left, right| left.total_cmp(right));
-    ((times[1], peak), times[1] / ratios[1])
+    if let Ok(mut spread) = LAST_SPREAD.lock() {
+        *spread = Some((ratios[0], ratios[n_pairs - 1]));
+    }
+    let middle = n_pairs / 2;
+    ((times[middle], peak), times[middle] / ratios[middle])
 }
 
 /// The median of three runs of a phase (time), with the largest peak memory.
@@ -806,6 +876,9 @@ fn main() {
         run_phase(&phase, &folder, n_rows);
         return;
     }
+    if let Some(n_pairs) = value("--pairs").and_then(|text| text.parse::<usize>().ok()) {
+        PAIRS.store(n_pairs.max(1) | 1, std::sync::atomic::Ordering::Relaxed);
+    }
     // `--only a,b` runs only those figures (the baseline always runs).
     let only: Option<Vec<String>> =
         value("--only").map(|list| list.split(',').map(str::to_string).collect());
@@ -894,8 +967,15 @@ fn main() {
         );
         let (baseline, baseline_kb) = measure("baseline", dir, size, &|| {});
         let line = |name: &str, (seconds, kb): (f64, u64), base: f64, target: &str| {
+            // A paired figure also shows how far its pairs' ratios spread.
+            let spread = LAST_SPREAD
+                .lock()
+                .ok()
+                .and_then(|mut spread| spread.take())
+                .map(|(lowest, highest)| format!("   [pairs {lowest:.2}–{highest:.2}×]"))
+                .unwrap_or_default();
             println!(
-                "  {name:<58} {seconds:>9.3} {:>7.2}× {:>9.1}   {target}",
+                "  {name:<58} {seconds:>9.3} {:>7.2}× {:>9.1}   {target}{spread}",
                 seconds / base,
                 kb as f64 / 1024.0
             );
@@ -919,6 +999,15 @@ fn main() {
             let (floor, floor_base) = measure_paired("schema-floor", dir, size, &|| reset_store());
             line(
                 "floor: SQLite storing an import as funnelsync stores it",
+                floor,
+                floor_base,
+                "",
+            );
+        }
+        if wanted("overlap-floor") {
+            let (floor, floor_base) = measure_paired("overlap-floor", dir, size, &|| reset_store());
+            line(
+                "floor: the two above at once, on the two cores",
                 floor,
                 floor_base,
                 "",

@@ -61,6 +61,9 @@ pub mod internals {
     }
     pub mod workbook {
         pub use crate::workbook::{open_file, read_sheet, SheetStream};
+        pub mod xml_guard {
+            pub use crate::workbook::xml_guard::{check_part, Bounds};
+        }
     }
     pub mod writeback {
         pub use crate::writeback::{plan, write, RowOutcome};

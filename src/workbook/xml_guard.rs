@@ -98,6 +98,35 @@ struct Scanner<'a> {
     string_chars: usize,
     n_strings: u64,
     declared_strings: Option<u64>,
+    /// Whether a part that is not the shared strings takes [`Scanner::feed_plain`] (always, but
+    /// in the test that holds it to the byte-by-byte way).
+    plain_fast: bool,
+}
+
+impl<'a> Scanner<'a> {
+    fn new(part: &'a str, bounds: Bounds) -> Scanner<'a> {
+        Scanner {
+            part,
+            bounds,
+            shared_strings: is_shared_strings(part),
+            in_markup: None,
+            run_bytes: 0,
+            quote: None,
+            previous: [0, 0],
+            name: Vec::with_capacity(32),
+            name_done: false,
+            closing: false,
+            tag_head: Vec::with_capacity(64),
+            in_text: false,
+            phonetic_depth: 0,
+            in_entity: false,
+            entity_bytes: 0,
+            string_chars: 0,
+            n_strings: 0,
+            declared_strings: None,
+            plain_fast: true,
+        }
+    }
 }
 
 impl Scanner<'_> {
@@ -178,6 +207,9 @@ impl Scanner<'_> {
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
+        if self.plain_fast && !self.shared_strings {
+            return self.feed_plain(bytes);
+        }
         let mut position = 0;
         while position < bytes.len() {
             // Fast paths, for the bulk of a sheet: text that is not a shared string only needs
@@ -260,6 +292,92 @@ impl Scanner<'_> {
                         } else {
                             self.refuse_tag()
                         });
+                    }
+                    self.markup_byte(markup, byte)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::feed`] for a part that is not the shared strings, where only the lengths of texts
+    /// and tags, the quotes in tags and the kinds of markup matter: a text is skipped to its `<`
+    /// and a tag from one quote or `>` to the next, a word at a time (the runs of a sheet are a
+    /// few bytes each, too short for a vector search to pay for its call); the rarer markup —
+    /// what follows a `<`, comments, CDATA, instructions — goes byte by byte as in `feed`.
+    fn feed_plain(&mut self, bytes: &[u8]) -> Result<(), Refusal> {
+        let mut position = 0;
+        while position < bytes.len() {
+            let rest = &bytes[position..];
+            match self.in_markup {
+                None => {
+                    let found = find_byte(rest, b'<');
+                    self.run_bytes += found.unwrap_or(rest.len());
+                    if self.run_bytes > self.bounds.text_bytes {
+                        return Err(self.refuse_text());
+                    }
+                    let Some(run) = found else {
+                        return Ok(());
+                    };
+                    self.in_markup = Some(Markup::Opening);
+                    self.run_bytes = 1;
+                    self.in_entity = false;
+                    position += run + 1;
+                }
+                Some(Markup::Element) => {
+                    let found = match self.quote {
+                        Some(quote) => find_byte(rest, quote),
+                        None => find_tag_byte(rest),
+                    };
+                    // The run, and the byte that ends it.
+                    self.run_bytes += found.map_or(rest.len(), |run| run + 1);
+                    if self.run_bytes > self.bounds.tag_bytes {
+                        return Err(self.refuse_tag());
+                    }
+                    let Some(run) = found else {
+                        return Ok(());
+                    };
+                    let byte = rest[run];
+                    match self.quote {
+                        Some(_) => self.quote = None,
+                        None if byte == b'>' => {
+                            self.in_markup = None;
+                            self.run_bytes = 0;
+                            self.previous = [0, 0];
+                        }
+                        None => self.quote = Some(byte),
+                    }
+                    position += run + 1;
+                }
+                // What follows a `<`: most often an element's name, which a part that is not
+                // the shared strings never looks at.
+                Some(Markup::Opening) if !matches!(rest[0], b'!' | b'?') => {
+                    let byte = rest[0];
+                    position += 1;
+                    self.run_bytes += 1;
+                    if self.run_bytes > self.bounds.tag_bytes {
+                        return Err(self.refuse_tag());
+                    }
+                    if byte == b'>' {
+                        self.in_markup = None;
+                        self.run_bytes = 0;
+                        self.previous = [0, 0];
+                    } else {
+                        self.in_markup = Some(Markup::Element);
+                        self.closing = byte == b'/';
+                        self.quote = None;
+                    }
+                }
+                Some(markup) => {
+                    let byte = rest[0];
+                    position += 1;
+                    self.run_bytes += 1;
+                    if markup == Markup::Cdata {
+                        if self.run_bytes > self.bounds.text_bytes {
+                            return Err(self.refuse_text());
+                        }
+                    } else if self.run_bytes > self.bounds.tag_bytes {
+                        return Err(self.refuse_tag());
                     }
                     self.markup_byte(markup, byte)?;
                 }
@@ -360,6 +478,84 @@ impl Scanner<'_> {
     }
 }
 
+/// Eight copies of a byte, one per byte of a word.
+const fn repeated(byte: u8) -> u64 {
+    u64::from_le_bytes([byte; 8])
+}
+
+/// The bytes of `word` equal to `byte`, each marked by its high bit. Only the lowest mark is
+/// sure (a borrow can mark a byte above a true one), and only the lowest is used.
+fn equal_bytes(word: u64, byte: u8) -> u64 {
+    let difference = word ^ repeated(byte);
+    difference.wrapping_sub(repeated(0x01)) & !difference & repeated(0x80)
+}
+
+/// How many words a search looks at itself before it hands a long run to `memchr`.
+const WORDS_BEFORE_MEMCHR: usize = 4;
+
+/// The first position of `needle` in `haystack`: the first words a word at a time, a longer run
+/// by `memchr`.
+fn find_byte(haystack: &[u8], needle: u8) -> Option<usize> {
+    find_in_words(
+        haystack,
+        |word| equal_bytes(word, needle),
+        |byte| byte == needle,
+    )
+    .or_else(|| {
+        let searched = (haystack.len() / 8).min(WORDS_BEFORE_MEMCHR) * 8;
+        if searched < WORDS_BEFORE_MEMCHR * 8 {
+            return None;
+        }
+        memchr::memchr(needle, &haystack[searched..]).map(|position| searched + position)
+    })
+}
+
+/// The first quote or `>` in `haystack`, as [`find_byte`].
+fn find_tag_byte(haystack: &[u8]) -> Option<usize> {
+    let is_tag_byte = |byte: u8| matches!(byte, b'"' | b'\'' | b'>');
+    find_in_words(
+        haystack,
+        |word| equal_bytes(word, b'"') | equal_bytes(word, b'\'') | equal_bytes(word, b'>'),
+        is_tag_byte,
+    )
+    .or_else(|| {
+        let searched = (haystack.len() / 8).min(WORDS_BEFORE_MEMCHR) * 8;
+        if searched < WORDS_BEFORE_MEMCHR * 8 {
+            return None;
+        }
+        memchr::memchr3(b'"', b'\'', b'>', &haystack[searched..])
+            .map(|position| searched + position)
+    })
+}
+
+/// Looks through the first [`WORDS_BEFORE_MEMCHR`] words of `haystack` with `marks` (a word's
+/// matching bytes, as [`equal_bytes`] marks them), and through all of a shorter haystack's last
+/// bytes with `is_match`. `None` says that what was looked at holds no match.
+fn find_in_words(
+    haystack: &[u8],
+    marks: impl Fn(u64) -> u64,
+    is_match: impl Fn(u8) -> bool,
+) -> Option<usize> {
+    let mut words = haystack.chunks_exact(8);
+    for (word_idx, word) in words.by_ref().take(WORDS_BEFORE_MEMCHR).enumerate() {
+        let mut word_bytes = [0u8; 8];
+        word_bytes.copy_from_slice(word);
+        let found = marks(u64::from_le_bytes(word_bytes));
+        if found != 0 {
+            return Some(word_idx * 8 + found.trailing_zeros() as usize / 8);
+        }
+    }
+    if haystack.len() >= WORDS_BEFORE_MEMCHR * 8 {
+        // The rest is memchr's.
+        return None;
+    }
+    let tail = haystack.len() / 8 * 8;
+    haystack[tail..]
+        .iter()
+        .position(|byte| is_match(*byte))
+        .map(|position| tail + position)
+}
+
 /// The `uniqueCount` attribute of an `<sst …>` tag.
 fn unique_count(tag: &[u8]) -> Option<u64> {
     let text = String::from_utf8_lossy(tag);
@@ -385,26 +581,7 @@ pub fn check_part_passing(
     bounds: Bounds,
     pass: &mut dyn FnMut(&[u8]) -> bool,
 ) -> Result<(), Refusal> {
-    let mut scanner = Scanner {
-        part,
-        bounds,
-        shared_strings: is_shared_strings(part),
-        in_markup: None,
-        run_bytes: 0,
-        quote: None,
-        previous: [0, 0],
-        name: Vec::with_capacity(32),
-        name_done: false,
-        closing: false,
-        tag_head: Vec::with_capacity(64),
-        in_text: false,
-        phonetic_depth: 0,
-        in_entity: false,
-        entity_bytes: 0,
-        string_chars: 0,
-        n_strings: 0,
-        declared_strings: None,
-    };
+    let mut scanner = Scanner::new(part, bounds);
     let mut buffer = vec![0u8; 64 << 10];
     let mut checked: Vec<u8> = Vec::new();
     loop {
@@ -450,6 +627,89 @@ mod tests {
                 string_chars,
             },
         )
+    }
+
+    /// Scans `xml` fed in chunks of `chunk_len` bytes, the plain way or byte by byte.
+    fn scan(xml: &[u8], chunk_len: usize, plain_fast: bool) -> Result<(), Refusal> {
+        let bounds = Bounds {
+            text_bytes: 40,
+            tag_bytes: 60,
+            string_chars: 10,
+        };
+        let mut scanner = Scanner::new("xl/worksheets/sheet1.xml", bounds);
+        scanner.plain_fast = plain_fast;
+        for chunk in xml.chunks(chunk_len.max(1)) {
+            scanner.feed(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Pieces of markup, well-formed and not, that random worksheets are made of.
+    const PIECES: &[&str] = &[
+        "<",
+        ">",
+        "\"",
+        "'",
+        "/",
+        "!",
+        "-",
+        "?",
+        "[",
+        "]",
+        "x",
+        " ",
+        "é",
+        "<c r=\"A1\" t=\"s\">",
+        "</c>",
+        "<is><t>",
+        "</t></is>",
+        "<!--",
+        "-->",
+        "<![CDATA[",
+        "]]>",
+        "<?xml v?>",
+        "<!DOCTYPE",
+        "<a b='>'>",
+        "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        "<row r=\"2\"/>",
+    ];
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        #[test]
+        fn the_plain_way_gives_the_verdict_of_the_byte_by_byte_way(
+            picks in proptest::collection::vec(0..PIECES.len(), 0..120),
+            chunk_len in 1usize..90,
+        ) {
+            let xml: String = picks.iter().map(|pick| PIECES[*pick]).collect();
+            proptest::prop_assert_eq!(
+                scan(xml.as_bytes(), chunk_len, true),
+                scan(xml.as_bytes(), chunk_len, false),
+                "{}", xml
+            );
+        }
+    }
+
+    #[test]
+    fn the_plain_way_finds_bytes_near_and_far() {
+        for len in 0..80 {
+            for at in 0..len {
+                let mut haystack = vec![b'x'; len];
+                haystack[at] = b'<';
+                assert_eq!(find_byte(&haystack, b'<'), Some(at), "{len} {at}");
+                haystack[at] = b'\'';
+                assert_eq!(find_tag_byte(&haystack), Some(at), "{len} {at}");
+            }
+            // A byte that is one more than the needle after a match must not be taken for one.
+            let mut haystack = vec![b'x'; len];
+            if len >= 2 {
+                haystack[len - 2] = b'<';
+                haystack[len - 1] = b'=';
+                assert_eq!(find_byte(&haystack, b'<'), Some(len - 2));
+            }
+            assert_eq!(find_byte(&vec![b'x'; len], b'<'), None);
+            assert_eq!(find_tag_byte(&vec![b'x'; len]), None);
+        }
     }
 
     #[test]
