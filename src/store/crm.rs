@@ -364,7 +364,8 @@ impl CrmStore for Db<'_> {
             }
             // Column names come from the closed Field enum, never from input.
             let sql = format!(
-                "INSERT INTO deals ({}{}, extra, created_at, updated_at, stage_entered_at, changed_version) VALUES {}",
+                "{} INTO deals ({}{}, extra, created_at, updated_at, stage_entered_at, changed_version) VALUES {}",
+                self.bulk_insert(),
                 if drawn.is_some() { "id, " } else { "" },
                 field_names.join(", "),
                 value_groups(chunk.len(), n_columns)
@@ -400,7 +401,8 @@ impl CrmStore for Db<'_> {
             }
             if !history.is_empty() {
                 let sql = format!(
-                    "INSERT INTO stage_history (deal_id, from_stage, to_stage, at, source, start_known) VALUES {}",
+                    "{} INTO stage_history (deal_id, from_stage, to_stage, at, source, start_known) VALUES {}",
+                    self.bulk_insert(),
                     value_groups(history.len() / 6, 6)
                 );
                 self.execute_params(&sql, &history)?;
@@ -583,7 +585,8 @@ impl CrmStore for Db<'_> {
                 ]);
             }
             let sql = format!(
-                "INSERT INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES {}",
+                "{} INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES {}",
+                self.bulk_insert(),
                 value_groups(chunk.len(), 6)
             );
             self.execute_params(&sql, &values)?;

@@ -378,9 +378,10 @@ pub fn upsert_row_refs(
             ]);
         }
         let sql = format!(
-            "INSERT INTO mirror_rows (site, file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES {} \
+            "{} INTO mirror_rows (site, file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES {} \
              ON CONFLICT (site, file, deal_id) DO UPDATE SET row_number = excluded.row_number, row_hash = excluded.row_hash, \
              raw_hash = excluded.raw_hash, fields = excluded.fields, extras = excluded.extras",
+            db.bulk_insert(),
             value_groups(chunk.len(), 8)
         );
         db.execute_params(&sql, &values)?;

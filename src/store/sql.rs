@@ -492,6 +492,22 @@ impl<'c> Db<'c> {
         }
     }
 
+    /// How a bulk insert begins: on SQLite `INSERT OR FAIL`, on PostgreSQL a plain `INSERT`.
+    ///
+    /// SQLite backs a statement that writes several rows and may abort half way with a
+    /// statement journal: before the statement first changes a page, the whole page is copied
+    /// there, so that an abort can undo that statement alone. A failed write here fails the whole
+    /// transaction, which is then rolled back, so nothing needs undoing statement by statement:
+    /// with `OR FAIL` a NOT NULL or UNIQUE violation stops at the failing row without undoing the
+    /// rows before it, and the deals of an import are inserted with no journal (a table with an
+    /// immediate foreign key still needs one, for the key's check at the statement's end).
+    pub fn bulk_insert(&self) -> &'static str {
+        match self.link {
+            Link::Sqlite(_) => "INSERT OR FAIL",
+            Link::Postgres(_) => "INSERT",
+        }
+    }
+
     pub fn engine(&self) -> Engine {
         match self.link {
             Link::Sqlite(_) => Engine::Sqlite,
