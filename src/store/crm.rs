@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::sql::sql_params;
-use super::sql::{placeholders, value_groups, Db, Engine, Param, Row, Value};
+use super::sql::{
+    placeholders, value_groups, value_groups_sharing, Db, Engine, Param, Row, StatementText, Value,
+};
 use super::{
     parse_timestamp, timestamp, ChangeKind, ChangeRecord, ConflictRecord, CrmStore, DealFilter,
     NewDeal, RunCounts, StageChange, StoreError, SyncRun,
@@ -328,11 +330,29 @@ impl CrmStore for Db<'_> {
                 None => encode_extra(deal.extra).map(Some),
             })
             .collect::<Result<_, _>>()?;
+        let mut deal_statement = StatementText::new();
+        let mut history_statement = StatementText::new();
         for (chunk_idx, chunk) in deals.chunks(ROWS_PER_INSERT).enumerate() {
             let first_idx = chunk_idx * ROWS_PER_INSERT;
             let drawn = self.new_deal_ids(chunk.len())?;
-            let n_columns = field_names.len() + 5 + usize::from(drawn.is_some());
-            let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * n_columns);
+            // The change counter is the same for every deal, and so, as a rule, is the time:
+            // each is bound once for the statement (see `value_groups_sharing`).
+            let shared_now = times[first_idx..first_idx + chunk.len()]
+                .iter()
+                .all(|deal_times| deal_times.now == times[first_idx].now)
+                .then(|| stamps[times[first_idx].now].1.as_str());
+            let mut columns: Vec<Option<usize>> = Vec::new();
+            if drawn.is_some() {
+                columns.push(None);
+            }
+            columns.extend(field_names.iter().map(|_| None));
+            let now_column = shared_now.map(|_| 2);
+            columns.extend([None, now_column, now_column, None, Some(1)]);
+            let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * columns.len());
+            values.push(Param::Integer(version));
+            if let Some(now_text) = shared_now {
+                values.push(Param::Text(now_text));
+            }
             for (offset, deal) in chunk.iter().enumerate() {
                 let deal_idx = first_idx + offset;
                 if let Some(drawn) = &drawn {
@@ -349,8 +369,10 @@ impl CrmStore for Db<'_> {
                         .or(encoded[deal_idx].as_deref())
                         .unwrap_or("{}"),
                 ));
-                values.push(Param::Text(now_text));
-                values.push(Param::Text(now_text));
+                if shared_now.is_none() {
+                    values.push(Param::Text(now_text));
+                    values.push(Param::Text(now_text));
+                }
                 let has_stage = deal
                     .fields
                     .get(&Field::Stage)
@@ -360,17 +382,21 @@ impl CrmStore for Db<'_> {
                 values.push(entered.map_or(Param::Null, |position| {
                     Param::Text(stamps[position].1.as_str())
                 }));
-                values.push(Param::Integer(version));
             }
             // Column names come from the closed Field enum, never from input.
-            let sql = format!(
-                "{} INTO deals ({}{}, extra, created_at, updated_at, stage_entered_at, changed_version) VALUES {}",
-                self.bulk_insert(),
-                if drawn.is_some() { "id, " } else { "" },
-                field_names.join(", "),
-                value_groups(chunk.len(), n_columns)
+            let sql = deal_statement.get(
+                (chunk.len(), drawn.is_some(), shared_now.is_some()),
+                || {
+                    format!(
+                        "{} INTO deals ({}{}, extra, created_at, updated_at, stage_entered_at, changed_version) VALUES {}",
+                        self.bulk_insert(),
+                        if drawn.is_some() { "id, " } else { "" },
+                        field_names.join(", "),
+                        value_groups_sharing(chunk.len(), &columns)
+                    )
+                },
             );
-            self.execute_params(&sql, &values)?;
+            self.execute_params(sql, &values)?;
             drop(values);
             let chunk_ids: Vec<DealId> = match drawn {
                 Some(drawn) => drawn,
@@ -400,12 +426,14 @@ impl CrmStore for Db<'_> {
                 }
             }
             if !history.is_empty() {
-                let sql = format!(
-                    "{} INTO stage_history (deal_id, from_stage, to_stage, at, source, start_known) VALUES {}",
-                    self.bulk_insert(),
-                    value_groups(history.len() / 6, 6)
-                );
-                self.execute_params(&sql, &history)?;
+                let sql = history_statement.get(history.len() / 6, || {
+                    format!(
+                        "{} INTO stage_history (deal_id, from_stage, to_stage, at, source, start_known) VALUES {}",
+                        self.bulk_insert(),
+                        value_groups(history.len() / 6, 6)
+                    )
+                });
+                self.execute_params(sql, &history)?;
             }
         }
         Ok(ids)
@@ -572,24 +600,41 @@ impl CrmStore for Db<'_> {
     }
 
     fn record_changes(&self, run_id: i64, changes: &[ChangeRecord]) -> Result<(), StoreError> {
+        let mut statement = StatementText::new();
         for chunk in changes.chunks(ROWS_PER_INSERT) {
-            let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 6);
+            // The run, and as a rule the kind (an import's are all creations), are bound once.
+            let shared_kind = chunk
+                .iter()
+                .all(|change| change.kind == chunk[0].kind)
+                .then(|| chunk[0].kind.name());
+            let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 5 + 2);
+            values.push(Param::Integer(run_id));
+            if let Some(kind) = shared_kind {
+                values.push(Param::Text(kind));
+            }
             for change in chunk {
+                values.push(Param::Integer(change.deal_id));
+                if shared_kind.is_none() {
+                    values.push(Param::Text(change.kind.name()));
+                }
                 values.extend([
-                    Param::Integer(run_id),
-                    Param::Integer(change.deal_id),
-                    Param::Text(change.kind.name()),
                     Param::from(change.field.as_deref()),
                     Param::from(change.old_value.as_deref()),
                     Param::from(change.new_value.as_deref()),
                 ]);
             }
-            let sql = format!(
-                "{} INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES {}",
-                self.bulk_insert(),
-                value_groups(chunk.len(), 6)
-            );
-            self.execute_params(&sql, &values)?;
+            let kind_column = shared_kind.map(|_| 2);
+            let sql = statement.get((chunk.len(), kind_column), || {
+                format!(
+                    "{} INTO changes (run_id, deal_id, kind, field, old_value, new_value) VALUES {}",
+                    self.bulk_insert(),
+                    value_groups_sharing(
+                        chunk.len(),
+                        &[Some(1), None, kind_column, None, None, None]
+                    )
+                )
+            });
+            self.execute_params(sql, &values)?;
         }
         Ok(())
     }

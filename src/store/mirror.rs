@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::crm::{IN_CHUNK, ROWS_PER_INSERT};
 use super::sql::sql_params;
-use super::sql::{placeholders, value_groups, Db, Param, Row, Value};
+use super::sql::{placeholders, value_groups_sharing, Db, Param, Row, StatementText, Value};
 use super::{parse_timestamp, timestamp, StoreError};
 use crate::deal::{DealId, ExtraMap, FieldMap, RowIssue, Severity};
 
@@ -339,6 +339,7 @@ pub fn upsert_row_refs(
     file: &str,
     rows: &[MirrorRowRef<'_>],
 ) -> Result<(), StoreError> {
+    let mut statement = StatementText::new();
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         // Rows arrive with their JSON when the sync encoded them as it hashed them; only the
         // others are encoded here. Everything is bound borrowed.
@@ -354,7 +355,9 @@ pub fn upsert_row_refs(
                 ))),
             })
             .collect::<Result<_, StoreError>>()?;
-        let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 8);
+        // The site and the file, the same in every row, are bound once.
+        let mut values: Vec<Param<'_>> = Vec::with_capacity(chunk.len() * 6 + 2);
+        values.extend([Param::Text(db.site()), Param::Text(file)]);
         for (row, encoded) in chunk.iter().zip(&encoded) {
             let (fields, extras) = match (row.json, encoded) {
                 (Some(json), _) => (json.fields.as_str(), json.extras.as_str()),
@@ -367,8 +370,6 @@ pub fn upsert_row_refs(
                 fields
             };
             values.extend([
-                Param::Text(db.site()),
-                Param::Text(file),
                 Param::Integer(row.deal_id),
                 Param::Integer(i64::from(row.row_number)),
                 Param::Text(row.row_hash),
@@ -377,14 +378,19 @@ pub fn upsert_row_refs(
                 Param::Text(extras),
             ]);
         }
-        let sql = format!(
-            "{} INTO mirror_rows (site, file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES {} \
-             ON CONFLICT (site, file, deal_id) DO UPDATE SET row_number = excluded.row_number, row_hash = excluded.row_hash, \
-             raw_hash = excluded.raw_hash, fields = excluded.fields, extras = excluded.extras",
-            db.bulk_insert(),
-            value_groups(chunk.len(), 8)
-        );
-        db.execute_params(&sql, &values)?;
+        let sql = statement.get(chunk.len(), || {
+            format!(
+                "{} INTO mirror_rows (site, file, deal_id, row_number, row_hash, raw_hash, fields, extras) VALUES {} \
+                 ON CONFLICT (site, file, deal_id) DO UPDATE SET row_number = excluded.row_number, row_hash = excluded.row_hash, \
+                 raw_hash = excluded.raw_hash, fields = excluded.fields, extras = excluded.extras",
+                db.bulk_insert(),
+                value_groups_sharing(
+                    chunk.len(),
+                    &[Some(1), Some(2), None, None, None, None, None, None]
+                )
+            )
+        });
+        db.execute_params(sql, &values)?;
     }
     Ok(())
 }

@@ -646,6 +646,68 @@ pub fn value_groups(n_rows: usize, n_columns: usize) -> String {
     vec![group; n_rows].join(",")
 }
 
+/// `n_rows` groups of numbered placeholders for a multi-row insert, where a column is either
+/// `Some(k)`, the k-th value shared by every row (`?k`, bound once: the shared values come first
+/// among the parameters, from 1), or `None`, a value of each row's own (numbered on after the
+/// shared ones, row by row). Binding a text copies it, so a value every row repeats (the file of
+/// a mirror row, the time of an import) is bound once per statement instead of once per row.
+pub fn value_groups_sharing(n_rows: usize, columns: &[Option<usize>]) -> String {
+    use std::fmt::Write;
+    let n_shared = columns.iter().flatten().copied().max().unwrap_or(0);
+    let mut groups = String::with_capacity(n_rows * columns.len() * 7);
+    let mut next = n_shared + 1;
+    for row_idx in 0..n_rows {
+        groups.push_str(if row_idx == 0 { "(" } else { ",(" });
+        for (column_idx, column) in columns.iter().enumerate() {
+            if column_idx > 0 {
+                groups.push(',');
+            }
+            let number = match column {
+                Some(shared) => *shared,
+                None => {
+                    next += 1;
+                    next - 1
+                }
+            };
+            let _ = write!(groups, "?{number}");
+        }
+        groups.push(')');
+    }
+    groups
+}
+
+/// The text of a bulk insert, made again only when what it depends on (`K`: the number of rows,
+/// which values are shared) changed: the chunks of a batch are nearly all alike, and spelling
+/// out a thousand numbered placeholders per chunk cost more than binding them.
+pub struct StatementText<K> {
+    made_for: Option<K>,
+    text: String,
+}
+
+impl<K: PartialEq> Default for StatementText<K> {
+    fn default() -> StatementText<K> {
+        StatementText::new()
+    }
+}
+
+impl<K: PartialEq> StatementText<K> {
+    pub fn new() -> StatementText<K> {
+        StatementText {
+            made_for: None,
+            text: String::new(),
+        }
+    }
+
+    /// The text for `key`, made by `make` unless it was made for the same key last time.
+    pub fn get(&mut self, key: K, make: impl FnOnce() -> String) -> &str {
+        if self.made_for.as_ref() != Some(&key) {
+            self.text = make();
+            self.made_for = Some(key);
+        }
+        &self.text
+    }
+}
+
 /// `?,?,…`: `n` placeholders, for `IN (…)`.
 pub fn placeholders(n: usize) -> String {
     vec!["?"; n].join(",")
@@ -654,6 +716,27 @@ pub fn placeholders(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_values_are_numbered_first_and_each_row_numbers_its_own_on() {
+        let cases: [(usize, &[Option<usize>], &str); 4] = [
+            (2, &[None, None], "(?1,?2),(?3,?4)"),
+            (
+                2,
+                &[Some(1), None, Some(2), None],
+                "(?1,?3,?2,?4),(?1,?5,?2,?6)",
+            ),
+            (3, &[None, Some(1)], "(?2,?1),(?3,?1),(?4,?1)"),
+            (1, &[Some(1)], "(?1)"),
+        ];
+        for (n_rows, columns, expected) in cases {
+            assert_eq!(
+                value_groups_sharing(n_rows, columns),
+                expected,
+                "{columns:?}"
+            );
+        }
+    }
 
     #[test]
     fn placeholders_are_numbered_outside_quoted_text() {
