@@ -995,6 +995,15 @@ fn main() {
                 "",
             );
         }
+        if wanted("guard") {
+            let (guard, guard_base) = measure_paired("guard", dir, size, &|| {});
+            line(
+                "  of which the XML guard's thread (the sheet's XML, inflated)",
+                guard,
+                guard_base,
+                "",
+            );
+        }
         if wanted("schema-floor") {
             let (floor, floor_base) = measure_paired("schema-floor", dir, size, &|| reset_store());
             line(
