@@ -169,13 +169,21 @@ impl FieldValue {
         // Written directly rather than through a strftime pattern, which is parsed each time: a
         // sheet of dates formats one per row and column. Years outside four digits keep chrono's
         // spelling (a sign and more digits).
-        if (0..=9999).contains(&date.year()) {
-            FieldValue::Text(format!(
-                "{:04}-{:02}-{:02}",
-                date.year(),
-                date.month(),
-                date.day()
-            ))
+        if let Ok(year @ 0..=9999) = u32::try_from(date.year()) {
+            // Digit by digit: `format!` took a tenth of cleaning a row of a sheet with two dates.
+            fn push_digits(text: &mut String, value: u32, n_digits: u32) {
+                for position in (0..n_digits).rev() {
+                    let digit = (value / 10u32.pow(position)) % 10;
+                    text.push(char::from(b'0' + digit as u8));
+                }
+            }
+            let mut text = String::with_capacity(10);
+            push_digits(&mut text, year, 4);
+            text.push('-');
+            push_digits(&mut text, date.month(), 2);
+            text.push('-');
+            push_digits(&mut text, date.day(), 2);
+            FieldValue::Text(text)
         } else {
             FieldValue::Text(date.format("%Y-%m-%d").to_string())
         }

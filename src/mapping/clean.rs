@@ -30,7 +30,7 @@ pub fn text(cell: &Cell) -> Cleaned<FieldValue> {
     if let Some(why) = error_value(cell) {
         return Err(why);
     }
-    Ok(FieldValue::Text(cell.to_string().trim().to_string()))
+    Ok(FieldValue::Text(cell.text().trim().to_string()))
 }
 
 /// The deal id in the key column: a whole positive number.
@@ -48,7 +48,7 @@ pub fn email(cell: &Cell) -> Cleaned<FieldValue> {
     if let Some(why) = error_value(cell) {
         return Err(why);
     }
-    let written = cell.to_string();
+    let written = cell.text();
     let mut address = written.trim();
     // "Bob <bob@acme.com>" and "mailto:bob@acme.com" come from pasting out of mail programs.
     if let (Some(start), Some(end)) = (address.rfind('<'), address.rfind('>')) {
@@ -90,8 +90,10 @@ pub fn phone(cell: &Cell) -> Cleaned<FieldValue> {
     }
     let written = match cell {
         // A phone typed into a number cell comes back as a float.
-        Cell::Number(number) if number.fract() == 0.0 => format!("{number:.0}"),
-        other => other.to_string(),
+        Cell::Number(number) if number.fract() == 0.0 => {
+            std::borrow::Cow::Owned(format!("{number:.0}"))
+        }
+        other => other.text(),
     };
     let trimmed = written.trim();
     let mut cleaned = String::new();
@@ -115,7 +117,7 @@ pub fn stage(cell: &Cell, stages: &Stages) -> Cleaned<FieldValue> {
     if let Some(why) = error_value(cell) {
         return Err(why);
     }
-    let written = cell.to_string();
+    let written = cell.text();
     match stages.resolve(&written) {
         Some(stage) => Ok(FieldValue::Text(stage.name.clone())),
         None => Err(format!(
@@ -149,7 +151,7 @@ pub fn currency(cell: &Cell) -> Cleaned<FieldValue> {
     if let Some(why) = error_value(cell) {
         return Err(why);
     }
-    let written = cell.to_string();
+    let written = cell.text();
     match currency_code(&written) {
         Some(code) => Ok(FieldValue::Text(code.to_string())),
         None if written.trim().len() == 3

@@ -265,7 +265,7 @@ pub fn map_row(
                 }),
             },
             ColumnRole::Extra(name) => {
-                extras.insert(name, cell.to_string());
+                extras.insert(name, cell.text().into_owned());
             }
             ColumnRole::Field(field) => {
                 let cleaned = match field.kind() {

@@ -104,6 +104,17 @@ impl Cell {
     }
 }
 
+impl Cell {
+    /// The cell as text, as [`fmt::Display`] writes it: a text cell's own text, borrowed (most
+    /// cells of a pipeline sheet are text, and cleaning them should not copy each twice).
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Cell::Text(text) => std::borrow::Cow::Borrowed(text),
+            other => std::borrow::Cow::Owned(other.to_string()),
+        }
+    }
+}
+
 impl fmt::Display for Cell {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
