@@ -102,9 +102,7 @@ impl Cell {
             _ => false,
         }
     }
-}
 
-impl Cell {
     /// The cell as text, as [`fmt::Display`] writes it: a text cell's own text, borrowed (most
     /// cells of a pipeline sheet are text, and cleaning them should not copy each twice).
     pub fn text(&self) -> std::borrow::Cow<'_, str> {

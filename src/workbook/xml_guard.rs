@@ -321,7 +321,6 @@ impl Scanner<'_> {
                     };
                     self.in_markup = Some(Markup::Opening);
                     self.run_bytes = 1;
-                    self.in_entity = false;
                     position += run + 1;
                 }
                 Some(Markup::Element) => {
@@ -364,7 +363,6 @@ impl Scanner<'_> {
                         self.previous = [0, 0];
                     } else {
                         self.in_markup = Some(Markup::Element);
-                        self.closing = byte == b'/';
                         self.quote = None;
                     }
                 }
@@ -493,48 +491,35 @@ fn equal_bytes(word: u64, byte: u8) -> u64 {
 /// How many words a search looks at itself before it hands a long run to `memchr`.
 const WORDS_BEFORE_MEMCHR: usize = 4;
 
-/// The first position of `needle` in `haystack`: the first words a word at a time, a longer run
-/// by `memchr`.
+/// The first position of `needle` in `haystack`, as [`find_in_words`] looks.
 fn find_byte(haystack: &[u8], needle: u8) -> Option<usize> {
     find_in_words(
         haystack,
         |word| equal_bytes(word, needle),
         |byte| byte == needle,
+        |rest| memchr::memchr(needle, rest),
     )
-    .or_else(|| {
-        let searched = (haystack.len() / 8).min(WORDS_BEFORE_MEMCHR) * 8;
-        if searched < WORDS_BEFORE_MEMCHR * 8 {
-            return None;
-        }
-        memchr::memchr(needle, &haystack[searched..]).map(|position| searched + position)
-    })
 }
 
-/// The first quote or `>` in `haystack`, as [`find_byte`].
+/// The first quote or `>` in `haystack`, as [`find_in_words`] looks.
 fn find_tag_byte(haystack: &[u8]) -> Option<usize> {
-    let is_tag_byte = |byte: u8| matches!(byte, b'"' | b'\'' | b'>');
     find_in_words(
         haystack,
         |word| equal_bytes(word, b'"') | equal_bytes(word, b'\'') | equal_bytes(word, b'>'),
-        is_tag_byte,
+        |byte| matches!(byte, b'"' | b'\'' | b'>'),
+        |rest| memchr::memchr3(b'"', b'\'', b'>', rest),
     )
-    .or_else(|| {
-        let searched = (haystack.len() / 8).min(WORDS_BEFORE_MEMCHR) * 8;
-        if searched < WORDS_BEFORE_MEMCHR * 8 {
-            return None;
-        }
-        memchr::memchr3(b'"', b'\'', b'>', &haystack[searched..])
-            .map(|position| searched + position)
-    })
 }
 
-/// Looks through the first [`WORDS_BEFORE_MEMCHR`] words of `haystack` with `marks` (a word's
-/// matching bytes, as [`equal_bytes`] marks them), and through all of a shorter haystack's last
-/// bytes with `is_match`. `None` says that what was looked at holds no match.
+/// The first match in `haystack`: the first [`WORDS_BEFORE_MEMCHR`] words a word at a time with
+/// `marks` (a word's matching bytes, as [`equal_bytes`] marks them), the last bytes of a shorter
+/// haystack one by one with `is_match`, and what a longer haystack has beyond those words with
+/// `search_rest` (a vector search, which pays for its call only on a long run).
 fn find_in_words(
     haystack: &[u8],
     marks: impl Fn(u64) -> u64,
     is_match: impl Fn(u8) -> bool,
+    search_rest: impl Fn(&[u8]) -> Option<usize>,
 ) -> Option<usize> {
     let mut words = haystack.chunks_exact(8);
     for (word_idx, word) in words.by_ref().take(WORDS_BEFORE_MEMCHR).enumerate() {
@@ -545,9 +530,9 @@ fn find_in_words(
             return Some(word_idx * 8 + found.trailing_zeros() as usize / 8);
         }
     }
-    if haystack.len() >= WORDS_BEFORE_MEMCHR * 8 {
-        // The rest is memchr's.
-        return None;
+    let searched = WORDS_BEFORE_MEMCHR * 8;
+    if haystack.len() >= searched {
+        return search_rest(&haystack[searched..]).map(|position| searched + position);
     }
     let tail = haystack.len() / 8 * 8;
     haystack[tail..]
