@@ -226,16 +226,26 @@ pub fn save_head(db: &Db<'_>, head: &MirrorHead) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The compact index of a file's mirror: (raw hash, deal id) of every row whose raw hash is
-/// known, sorted. What a sync holds of the whole mirror.
-pub fn load_index(db: &Db<'_>, file: &str) -> Result<Vec<(i64, DealId)>, StoreError> {
-    let mut index = db.query(
-        "SELECT raw_hash, deal_id FROM mirror_rows WHERE site = ?1 AND file = ?2 AND raw_hash IS NOT NULL",
+/// The deals a file's mirror holds, and its compact index: (raw hash, deal id) of every row
+/// whose raw hash is known, sorted — what a sync holds of the whole mirror. Both come from one
+/// pass over the rows: a sync reads them before it classes any row, while the reading thread
+/// waits.
+pub fn load_keys(
+    db: &Db<'_>,
+    file: &str,
+) -> Result<(Vec<DealId>, Vec<(i64, DealId)>), StoreError> {
+    let pairs = db.query(
+        "SELECT deal_id, raw_hash FROM mirror_rows WHERE site = ?1 AND file = ?2",
         &sql_params![db.site(), file],
-        |row| Ok((row.get::<i64>(0)?, row.get::<DealId>(1)?)),
+        |row| Ok((row.get::<DealId>(0)?, row.get::<Option<i64>>(1)?)),
     )?;
+    let mut index: Vec<(i64, DealId)> = pairs
+        .iter()
+        .filter_map(|(deal_id, raw_hash)| raw_hash.map(|raw_hash| (raw_hash, *deal_id)))
+        .collect();
     index.sort_unstable();
-    Ok(index)
+    let deal_ids = pairs.into_iter().map(|(deal_id, _)| deal_id).collect();
+    Ok((deal_ids, index))
 }
 
 /// What a mirror row holds as its fields when they are those of its deal's creation record: not

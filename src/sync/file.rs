@@ -600,7 +600,7 @@ fn sync_rows(
             },
         )?;
     }
-    let mirror_deal_ids: Vec<DealId> = mirror::deal_ids(transaction, context.file)?;
+    let (mirror_deal_ids, mirror_index) = mirror::load_keys(transaction, context.file)?;
     let import = mirror_deal_ids.is_empty();
     let key_column = header.key_column();
     // The index of quiet rows is trusted only when the rows were read with the same settings and
@@ -621,7 +621,7 @@ fn sync_rows(
         && since.is_some();
     let (index, changed) = if index_usable {
         (
-            QuietIndex::new(mirror::load_index(transaction, context.file)?),
+            QuietIndex::new(mirror_index),
             crm.ids_changed_since(since.unwrap_or(i64::MAX))?,
         )
     } else {

@@ -98,7 +98,12 @@ impl Cell {
     pub fn is_empty(&self) -> bool {
         match self {
             Cell::Empty => true,
-            Cell::Text(text) => text.trim().is_empty(),
+            // Most texts start with a letter or digit: only the others need trimming to tell.
+            Cell::Text(text) => match text.as_bytes().first() {
+                None => true,
+                Some(first) if first.is_ascii() && !first.is_ascii_whitespace() => false,
+                Some(_) => text.trim().is_empty(),
+            },
             _ => false,
         }
     }
@@ -1435,6 +1440,23 @@ mod tests {
             writer.write_all(&content).expect("write");
         }
         writer.finish().expect("finish").into_inner()
+    }
+
+    #[test]
+    fn a_text_of_whitespace_alone_is_an_empty_cell() {
+        for (text, empty) in [
+            ("", true),
+            (" \t\r\n", true),
+            ("\u{3000}", true),
+            ("\u{a0} ", true),
+            ("a", false),
+            ("  a ", false),
+            ("中", false),
+            ("\u{3000}中", false),
+            ("\u{a0}1", false),
+        ] {
+            assert_eq!(Cell::Text(text.to_string()).is_empty(), empty, "{text:?}");
+        }
     }
 
     #[test]
