@@ -37,7 +37,9 @@ pub struct MirrorSummary {
     pub content_hash: String,
     pub config_hash: Option<String>,
     pub store_version: Option<i64>,
-    pub n_rows: u64,
+    /// Whether the mirror holds any row (counting them all costs a pass over the file's rows,
+    /// which a changed file's sync would wait for before reading a cell: [`count_rows`]).
+    pub has_rows: bool,
 }
 
 /// A row error as stored, with its context.
@@ -91,7 +93,7 @@ fn unencodable(what: &'static str, source: serde_json::Error) -> StoreError {
 pub fn summary(db: &Db<'_>, file: &str) -> Result<Option<MirrorSummary>, StoreError> {
     db.query_row(
         "SELECT content_hash, config_hash, store_version, \
-         (SELECT count(*) FROM mirror_rows WHERE mirror_rows.site = mirror_files.site AND mirror_rows.file = mirror_files.file), sheet \
+         EXISTS (SELECT 1 FROM mirror_rows WHERE mirror_rows.site = mirror_files.site AND mirror_rows.file = mirror_files.file), sheet \
          FROM mirror_files WHERE site = ?1 AND file = ?2",
         &sql_params![db.site(), file],
         |row| {
@@ -99,11 +101,20 @@ pub fn summary(db: &Db<'_>, file: &str) -> Result<Option<MirrorSummary>, StoreEr
                 content_hash: row.get(0)?,
                 config_hash: row.get(1)?,
                 store_version: row.get(2)?,
-                n_rows: row.get::<i64>(3)?.max(0) as u64,
+                has_rows: row.get::<bool>(3)?,
                 sheet: row.get(4)?,
             })
         },
     )
+}
+
+/// How many rows a file's mirror holds.
+pub fn count_rows(db: &Db<'_>, file: &str) -> Result<u64, StoreError> {
+    let n_rows: i64 = db.query_value(
+        "SELECT count(*) FROM mirror_rows WHERE site = ?1 AND file = ?2",
+        &sql_params![db.site(), file],
+    )?;
+    Ok(n_rows.max(0) as u64)
 }
 
 /// The deals a file held at its last sync.
@@ -234,17 +245,23 @@ pub fn load_keys(
     db: &Db<'_>,
     file: &str,
 ) -> Result<(Vec<DealId>, Vec<(i64, DealId)>), StoreError> {
-    let pairs = db.query(
+    // Both are built as the rows come: a list of pairs to split afterwards would hold every row
+    // a third time (24 MB more at Excel's limit).
+    let mut deal_ids: Vec<DealId> = Vec::new();
+    let mut index: Vec<(i64, DealId)> = Vec::new();
+    db.query(
         "SELECT deal_id, raw_hash FROM mirror_rows WHERE site = ?1 AND file = ?2",
         &sql_params![db.site(), file],
-        |row| Ok((row.get::<DealId>(0)?, row.get::<Option<i64>>(1)?)),
+        |row| {
+            let deal_id = row.get::<DealId>(0)?;
+            deal_ids.push(deal_id);
+            if let Some(raw_hash) = row.get::<Option<i64>>(1)? {
+                index.push((raw_hash, deal_id));
+            }
+            Ok(())
+        },
     )?;
-    let mut index: Vec<(i64, DealId)> = pairs
-        .iter()
-        .filter_map(|(deal_id, raw_hash)| raw_hash.map(|raw_hash| (raw_hash, *deal_id)))
-        .collect();
     index.sort_unstable();
-    let deal_ids = pairs.into_iter().map(|(deal_id, _)| deal_id).collect();
     Ok((deal_ids, index))
 }
 

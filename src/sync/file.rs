@@ -144,7 +144,7 @@ pub(super) fn sync(
     // A file synced before whose sheet or header is now gone is held, not just failed: that is
     // how "all rows deleted" would look, and someone should look.
     let summary = mirror::summary(&store.db(), &file)?;
-    let synced_before = summary.as_ref().is_some_and(|summary| summary.n_rows > 0);
+    let synced_before = summary.as_ref().is_some_and(|summary| summary.has_rows);
     // A symbolic link is read only when the source follows links and it leads inside the
     // source's folder; it is read through the file it points to, and never written back.
     let (read_path, is_link) = match crate::watch::admit(source, path) {

@@ -219,7 +219,7 @@ fn unchanged(
     now: DateTime<Utc>,
 ) -> Result<FileReport, StoreError> {
     tracing::debug!(file = %report.file, "content, settings and store unchanged since the last sync; not parsed");
-    report.counts.unchanged = summary.n_rows;
+    report.counts.unchanged = mirror::count_rows(&store.db(), &report.file)?;
     report.sheet = Some(summary.sheet.clone());
     report.status = FileStatus::Unchanged;
     report.store_version = Some(store.crm().version()?);
