@@ -185,23 +185,38 @@ fn config_for(folder: &Path, file: &str, write_back: bool) -> Config {
     Config::load(&path).expect("valid config")
 }
 
-fn sync_once(folder: &Path, file: &str, write_back: bool) -> sync::FileReport {
+/// One sync as the daemon runs it, with the store it ran on. A figure stops when the sync
+/// returns, its rows committed; the store is closed after (`close_store`): the checkpoint of its
+/// log runs on a thread of its own beside what comes next, and closing waits for it.
+fn sync_once(folder: &Path, file: &str, write_back: bool) -> (sync::FileReport, Store) {
     let config = config_for(folder, file, write_back);
     let mut store = Store::open(&config.store).expect("store");
-    sync::sync_file(
+    let report = sync::sync_file(
         &mut store,
         &config,
         &config.sources[0],
         &folder.join(file),
         chrono::Utc::now(),
     )
-    .expect("sync")
+    .expect("sync");
+    (report, store)
+}
+
+/// Closes a store after its figure was printed, saying on stderr how long that took (the
+/// checkpoint still running, and the last connection's own).
+fn close_store(store: Option<Store>) {
+    if let Some(store) = store {
+        let started = Instant::now();
+        drop(store);
+        eprintln!("closing the store: {:.3} s", started.elapsed().as_secs_f64());
+    }
 }
 
 /// One phase, in this (child) process. Prints "seconds peak_kb".
 fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
     let file = "pipeline.xlsx";
     let path = folder.join(file);
+    let mut kept_store: Option<Store> = None;
     let started = Instant::now();
     match phase {
         "baseline" => {
@@ -216,7 +231,8 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             assert!(n_cells >= u64::from(n_rows) * 12);
         }
         "import" => {
-            let report = sync_once(folder, file, false);
+            let (report, store) = sync_once(folder, file, false);
+            kept_store = Some(store);
             assert_eq!(
                 report.counts.created,
                 u64::from(n_rows),
@@ -225,7 +241,8 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             );
         }
         "one-cell" => {
-            let report = sync_once(folder, file, false);
+            let (report, store) = sync_once(folder, file, false);
+            kept_store = Some(store);
             assert_eq!(
                 report.counts.updated, 1,
                 "a one-cell change writes exactly one deal"
@@ -233,7 +250,8 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             assert_eq!(report.counts.created, 0);
         }
         "unchanged" => {
-            let report = sync_once(folder, file, false);
+            let (report, store) = sync_once(folder, file, false);
+            kept_store = Some(store);
             assert_eq!(report.counts.updated + report.counts.created, 0);
         }
         "write-back" => {
@@ -286,7 +304,8 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             return;
         }
         "import-write-back" => {
-            let report = sync_once(folder, file, true);
+            let (report, store) = sync_once(folder, file, true);
+            kept_store = Some(store);
             assert_eq!(report.counts.created, u64::from(n_rows));
             assert_eq!(report.write_back, sync::WriteBack::Written);
         }
@@ -388,8 +407,9 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
                 transaction.commit().expect("commit");
             }
             let started = Instant::now();
-            let report = sync_once(folder, file, true);
+            let (report, store) = sync_once(folder, file, true);
             let seconds = started.elapsed().as_secs_f64();
+            kept_store = Some(store);
             assert_eq!(
                 report.write_back,
                 sync::WriteBack::Written,
@@ -398,6 +418,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
             );
             assert_eq!(report.counts.created + report.counts.updated, 0);
             println!("{seconds} {}", peak_kb());
+            close_store(kept_store);
             return;
         }
         // What SQLite alone needs to store an import the way funnelsync stores it: the same
@@ -494,6 +515,7 @@ fn run_phase(phase: &str, folder: &Path, n_rows: u32) {
         other => panic!("unknown phase {other}"),
     }
     println!("{} {}", started.elapsed().as_secs_f64(), peak_kb());
+    close_store(kept_store);
 }
 
 /// The rows the schema floor stores: the bench workbook's values, as cleaned rows.

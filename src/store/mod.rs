@@ -10,6 +10,7 @@
 //! notifications) asked of [`sql::Db::engine`]. This module must not know about spreadsheets,
 //! column headers or mail servers.
 
+mod checkpoint;
 mod crm;
 pub mod files;
 pub mod jobs;
@@ -238,6 +239,10 @@ pub struct Store {
     location: PathBuf,
     site: String,
     connection: Connection,
+    /// The thread that checkpoints an SQLite store's log (declared after the connection, so that
+    /// it stops after the connection closed). Held for what it does, never read.
+    #[allow(dead_code)]
+    checkpointer: Option<checkpoint::Checkpointer>,
 }
 
 /// What a migration did.
@@ -264,6 +269,7 @@ impl Store {
                     location: PathBuf::from(postgres.shown_url()),
                     site: config.site.clone(),
                     connection: Connection::Postgres(Box::new(sql::PgConnection::new(client))),
+                    checkpointer: None,
                 };
                 let migrated = store.migrate_postgres()?;
                 Ok((store, migrated))
@@ -297,7 +303,7 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        let connection = rusqlite::Connection::open(path).map_err(open_error)?;
+        let mut connection = rusqlite::Connection::open(path).map_err(open_error)?;
         connection
             .busy_timeout(Duration::from_secs(10))
             .map_err(open_error)?;
@@ -311,7 +317,7 @@ impl Store {
         // Switching a new file to WAL takes an exclusive lock without waiting on the busy
         // handler: another process creating the same store at the same moment makes it fail at
         // once with "database is locked". Wait for that process instead.
-        retry_while_busy(|| {
+        let journal_mode = retry_while_busy(|| {
             connection
                 .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
         })
@@ -326,10 +332,29 @@ impl Store {
         connection
             .pragma_update(None, "temp_store", "MEMORY")
             .map_err(open_error)?;
+        // The log is checkpointed on a thread of its own rather than by the commit that grew it
+        // (see `store::checkpoint`); without that thread, SQLite's own way stays.
+        let checkpointer = if journal_mode.eq_ignore_ascii_case("wal") {
+            match checkpoint::Checkpointer::start(path.to_path_buf()) {
+                Ok(checkpointer) => {
+                    connection
+                        .wal_hook(Some(checkpointer.hook()))
+                        .map_err(open_error)?;
+                    Some(checkpointer)
+                }
+                Err(error) => {
+                    tracing::warn!(store = %path.display(), %error, "cannot start the thread that checkpoints the store's log; commits checkpoint it themselves");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let mut store = Store {
             location: path.to_path_buf(),
             site: site.to_string(),
             connection: Connection::Sqlite(connection),
+            checkpointer,
         };
         let migrated = store.migrate_sqlite()?;
         Ok((store, migrated))
@@ -1093,6 +1118,59 @@ mod tests {
             .query_value("SELECT COUNT(*) FROM deals", &[])
             .expect("migrated");
         assert_eq!(n_deals, 0);
+    }
+
+    #[test]
+    fn a_commit_leaves_the_log_to_a_thread_of_its_own_and_closing_leaves_no_log() {
+        let folder = tempfile::tempdir().expect("temp dir");
+        let path = folder.path().join("crm.db");
+        let (store, _) = Store::open_sqlite(&path, "local").expect("open");
+        let file_size = || std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
+        let size_before = file_size();
+        // One commit of ≈ 1,200 pages of 16 KB: past the 1,000 pages that ask for a checkpoint.
+        store
+            .db()
+            .execute_batch(
+                "CREATE TABLE bulk (payload BLOB); \
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1200) \
+                 INSERT INTO bulk SELECT randomblob(16000) FROM n;",
+            )
+            .expect("bulk commit");
+        // SQLite's own way copies the log into the file before the commit returns. Here the
+        // commit only asks: the thread has still to wake, open its connection and copy 19 MB,
+        // so the file cannot have grown by half of that yet.
+        let payload = 1200 * 16000;
+        assert!(
+            file_size() < size_before + payload / 2,
+            "the commit checkpointed the log itself: {} bytes",
+            file_size()
+        );
+        // The thread does it while the store stays open.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while file_size() < size_before + payload && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            file_size() >= size_before + payload,
+            "no checkpoint while the store was open: {} bytes",
+            file_size()
+        );
+        let n_rows: i64 = store
+            .db()
+            .query_value("SELECT COUNT(*) FROM bulk", &[])
+            .expect("count");
+        assert_eq!(n_rows, 1200);
+        drop(store);
+        assert!(
+            !folder.path().join("crm.db-wal").exists(),
+            "the last connection to close checkpoints and removes the log"
+        );
+        let (store, _) = Store::open_sqlite(&path, "local").expect("reopen");
+        let n_rows: i64 = store
+            .db()
+            .query_value("SELECT COUNT(*) FROM bulk", &[])
+            .expect("count");
+        assert_eq!(n_rows, 1200);
     }
 
     #[test]
