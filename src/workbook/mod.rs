@@ -98,10 +98,11 @@ impl Cell {
     pub fn is_empty(&self) -> bool {
         match self {
             Cell::Empty => true,
-            // Most texts start with a letter or digit: only the others need trimming to tell.
+            // Most texts start with a visible ASCII character: only the others need trimming to
+            // tell (a vertical tab is whitespace to `trim`, not to `is_ascii_whitespace`).
             Cell::Text(text) => match text.as_bytes().first() {
                 None => true,
-                Some(first) if first.is_ascii() && !first.is_ascii_whitespace() => false,
+                Some(first) if first.is_ascii_graphic() => false,
                 Some(_) => text.trim().is_empty(),
             },
             _ => false,
@@ -1447,6 +1448,8 @@ mod tests {
         for (text, empty) in [
             ("", true),
             (" \t\r\n", true),
+            ("\u{b}\u{c}", true),
+            ("\u{b}x", false),
             ("\u{3000}", true),
             ("\u{a0} ", true),
             ("a", false),
