@@ -208,7 +208,10 @@ fn close_store(store: Option<Store>) {
     if let Some(store) = store {
         let started = Instant::now();
         drop(store);
-        eprintln!("closing the store: {:.3} s", started.elapsed().as_secs_f64());
+        eprintln!(
+            "closing the store: {:.3} s",
+            started.elapsed().as_secs_f64()
+        );
     }
 }
 

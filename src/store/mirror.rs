@@ -241,10 +241,7 @@ pub fn save_head(db: &Db<'_>, head: &MirrorHead) -> Result<(), StoreError> {
 /// whose raw hash is known, sorted — what a sync holds of the whole mirror. Both come from one
 /// pass over the rows: a sync reads them before it classes any row, while the reading thread
 /// waits.
-pub fn load_keys(
-    db: &Db<'_>,
-    file: &str,
-) -> Result<(Vec<DealId>, Vec<(i64, DealId)>), StoreError> {
+pub fn load_keys(db: &Db<'_>, file: &str) -> Result<(Vec<DealId>, Vec<(i64, DealId)>), StoreError> {
     // Both are built as the rows come: a list of pairs to split afterwards would hold every row
     // a third time (24 MB more at Excel's limit).
     let mut deal_ids: Vec<DealId> = Vec::new();
