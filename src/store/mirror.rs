@@ -238,7 +238,8 @@ pub fn save_head(db: &Db<'_>, head: &MirrorHead) -> Result<(), StoreError> {
 }
 
 /// The deals a file's mirror holds, and its compact index: (raw hash, deal id) of every row
-/// whose raw hash is known, sorted — what a sync holds of the whole mirror. Both come from one
+/// whose raw hash is known, in no particular order (the sync's index sorts them) — what a sync
+/// holds of the whole mirror. Both come from one
 /// pass over the rows: a sync reads them before it classes any row, while the reading thread
 /// waits.
 pub fn load_keys(db: &Db<'_>, file: &str) -> Result<(Vec<DealId>, Vec<(i64, DealId)>), StoreError> {
@@ -258,7 +259,6 @@ pub fn load_keys(db: &Db<'_>, file: &str) -> Result<(Vec<DealId>, Vec<(i64, Deal
             Ok(())
         },
     )?;
-    index.sort_unstable();
     Ok((deal_ids, index))
 }
 

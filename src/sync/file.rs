@@ -67,32 +67,78 @@ impl Pending {
 }
 
 /// The compact index of the mirror: rows by the hash of their cells, each taken once.
+///
+/// A sync looks up every row of the sheet here, in no order the index could follow. A binary
+/// search over 100,000 entries missed the processor's caches on most of its 17 steps (about a
+/// microsecond a row); raw hashes are spread evenly over all 64 bits, so their top bits say
+/// where in the sorted list a hash sits, to within an entry or two, and a lookup reads one
+/// bucket start and one short run of entries.
 #[derive(Debug, Default)]
 pub(super) struct QuietIndex {
+    /// (raw hash, deal id), sorted; a deal id is negated once its row is taken (deal ids are
+    /// positive), so that taking costs no second list to look at.
     entries: Vec<(i64, DealId)>,
-    taken: Vec<bool>,
+    /// Where each bucket's entries start in `entries`, and one past the last bucket's end.
+    bucket_starts: Vec<u32>,
+    /// How many top bits of a hash name its bucket.
+    bucket_bits: u32,
 }
 
 impl QuietIndex {
-    pub fn new(entries: Vec<(i64, DealId)>) -> QuietIndex {
-        let taken = vec![false; entries.len()];
-        QuietIndex { entries, taken }
+    pub fn new(mut entries: Vec<(i64, DealId)>) -> QuietIndex {
+        // A row without a positive deal id cannot be taken as told above; no store hands one out.
+        entries.retain(|(_, deal_id)| *deal_id > 0);
+        entries.sort_unstable();
+        // About two entries a bucket: a bucket start costs 4 bytes against an entry's 16.
+        let bucket_bits = (entries.len() / 2)
+            .max(1)
+            .next_power_of_two()
+            .trailing_zeros();
+        let n_buckets = 1usize << bucket_bits;
+        let mut bucket_starts = Vec::with_capacity(n_buckets + 1);
+        let mut position = 0usize;
+        for bucket in 0..n_buckets {
+            while position < entries.len() && bucket_of(entries[position].0, bucket_bits) < bucket {
+                position += 1;
+            }
+            bucket_starts.push(u32::try_from(position).unwrap_or(u32::MAX));
+        }
+        bucket_starts.push(u32::try_from(entries.len()).unwrap_or(u32::MAX));
+        QuietIndex {
+            entries,
+            bucket_starts,
+            bucket_bits,
+        }
     }
 
     /// The deal of an untaken mirror row with this raw hash, without taking it.
     pub fn find(&self, raw_hash: i64) -> Option<(usize, DealId)> {
-        let first = self.entries.partition_point(|(hash, _)| *hash < raw_hash);
-        (first..self.entries.len())
-            .take_while(|position| self.entries[*position].0 == raw_hash)
-            .find(|position| !self.taken[*position])
-            .map(|position| (position, self.entries[position].1))
+        let bucket = bucket_of(raw_hash, self.bucket_bits);
+        let start = *self.bucket_starts.get(bucket)? as usize;
+        let end = *self.bucket_starts.get(bucket + 1)? as usize;
+        let in_bucket = self.entries.get(start..end)?;
+        let first = start + in_bucket.partition_point(|(hash, _)| *hash < raw_hash);
+        self.entries[first..end]
+            .iter()
+            .take_while(|(hash, _)| *hash == raw_hash)
+            .position(|(_, deal_id)| *deal_id > 0)
+            .map(|offset| (first + offset, self.entries[first + offset].1))
     }
 
     pub fn take(&mut self, position: usize) {
-        if let Some(taken) = self.taken.get_mut(position) {
-            *taken = true;
+        if let Some((_, deal_id)) = self.entries.get_mut(position) {
+            *deal_id = -deal_id.abs();
         }
     }
+}
+
+/// The bucket of a hash: its top `bucket_bits` bits, taken so that buckets follow the hashes'
+/// signed order.
+fn bucket_of(hash: i64, bucket_bits: u32) -> usize {
+    if bucket_bits == 0 {
+        return 0;
+    }
+    (((hash as u64) ^ (1 << 63)) >> (64 - bucket_bits)) as usize
 }
 
 /// What classing a row found.
@@ -1545,5 +1591,48 @@ mod tests {
         index.take(position.expect("a position"));
         let (third, _) = class_of(&index, 20, None, &none);
         assert_eq!(third, RowClass::Pending(None), "a third copy is a new row");
+    }
+
+    proptest::proptest! {
+        /// The bucketed lookup finds what a walk over the sorted entries finds, whatever the
+        /// hashes (the extremes of i64 and repeats included) and whichever rows were taken.
+        #[test]
+        fn the_index_finds_what_a_walk_over_its_entries_finds(
+            entries in proptest::collection::vec(
+                (proptest::prop_oneof![
+                    proptest::prelude::any::<i64>(),
+                    proptest::prelude::Just(i64::MIN),
+                    proptest::prelude::Just(i64::MAX),
+                    proptest::prelude::Just(0i64),
+                    -3i64..3,
+                ], 1i64..50),
+                0..300,
+            ),
+            lookups in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 0..100),
+        ) {
+            let mut index = QuietIndex::new(entries.clone());
+            let mut walked = entries.clone();
+            walked.sort_unstable();
+            let mut taken = vec![false; walked.len()];
+            let walk = |walked: &[(i64, DealId)], taken: &[bool], raw_hash: i64| {
+                walked
+                    .iter()
+                    .enumerate()
+                    .find(|(position, (hash, _))| *hash == raw_hash && !taken[*position])
+                    .map(|(position, (_, deal_id))| (position, *deal_id))
+            };
+            for lookup in lookups {
+                // Look up hashes that are there (and taking them), and one that is not.
+                let raw_hash = if walked.is_empty() { 7 } else { walked[lookup.index(walked.len())].0 };
+                let expected = walk(&walked, &taken, raw_hash);
+                proptest::prop_assert_eq!(index.find(raw_hash), expected);
+                if let Some((position, _)) = expected {
+                    index.take(position);
+                    taken[position] = true;
+                }
+                let absent = raw_hash.wrapping_add(1);
+                proptest::prop_assert_eq!(index.find(absent), walk(&walked, &taken, absent));
+            }
+        }
     }
 }
