@@ -127,7 +127,7 @@ fn record_run(
 /// clears the field; an amount with a currency sign also sets the currency.
 pub fn clean_value(config: &Config, field: Field, written: &str) -> Result<Changes, String> {
     use crate::mapping::clean;
-    let cell = crate::workbook::Cell::Text(written.to_string());
+    let cell = crate::workbook::Cell::Text(written.into());
     if cell.is_empty() {
         return Ok(vec![(field, None)]);
     }

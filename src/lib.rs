@@ -60,7 +60,7 @@ pub mod internals {
         pub use crate::watch::{fingerprint, source_files};
     }
     pub mod workbook {
-        pub use crate::workbook::{open_file, read_sheet, SheetStream};
+        pub use crate::workbook::{count_guarded_cells, open_file, read_sheet, SheetStream};
         pub mod xml_guard {
             pub use crate::workbook::xml_guard::{check_part, Bounds};
         }

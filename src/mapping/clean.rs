@@ -385,7 +385,7 @@ mod tests {
     use chrono::NaiveDateTime;
 
     fn text_cell(text: &str) -> Cell {
-        Cell::Text(text.to_string())
+        Cell::Text(text.into())
     }
 
     fn ymd(year: i32, month: u32, day: u32) -> NaiveDate {
@@ -596,7 +596,7 @@ mod tests {
         /// Cleaning never panics, whatever a rep typed.
         #[test]
         fn cleaning_arbitrary_text_never_panics(text in "\\PC{0,40}") {
-            let cell = Cell::Text(text);
+            let cell = Cell::Text(text.into());
             let _ = amount(&cell);
             let _ = date(&cell, DateOrder::DayMonthYear);
             let _ = date(&cell, DateOrder::YearMonthDay);
@@ -610,19 +610,19 @@ mod tests {
         /// sheet and read again does not drift.
         #[test]
         fn cleaning_is_idempotent(text in "\\PC{0,30}") {
-            let cell = Cell::Text(text);
+            let cell = Cell::Text(text.into());
             if let Ok((value, _)) = amount(&cell) {
-                let again = amount(&Cell::Text(crate::deal::format_amount(value))).map(|(again, _)| again);
+                let again = amount(&Cell::Text(crate::deal::format_amount(value).into())).map(|(again, _)| again);
                 proptest::prop_assert_eq!(again, Ok(value));
             }
             for order in [DateOrder::YearMonthDay, DateOrder::DayMonthYear, DateOrder::MonthDayYear] {
                 if let Ok(day) = date(&cell, order) {
-                    proptest::prop_assert_eq!(date(&Cell::Text(day.format("%Y-%m-%d").to_string()), order), Ok(day));
+                    proptest::prop_assert_eq!(date(&Cell::Text(day.format("%Y-%m-%d").to_string().into()), order), Ok(day));
                 }
             }
             for clean in [email, phone, currency, text_value] {
                 if let Ok(value) = clean(&cell) {
-                    proptest::prop_assert_eq!(clean(&Cell::Text(value.to_string())), Ok(value));
+                    proptest::prop_assert_eq!(clean(&Cell::Text(value.to_string().into())), Ok(value));
                 }
             }
         }

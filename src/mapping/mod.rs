@@ -362,7 +362,7 @@ mod tests {
                     if text.is_empty() {
                         Cell::Empty
                     } else {
-                        Cell::Text(text.to_string())
+                        Cell::Text((*text).into())
                     }
                 })
                 .collect(),

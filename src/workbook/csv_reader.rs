@@ -559,7 +559,7 @@ impl RecordParser {
             }
             if collector.keeps_cells() {
                 self.record
-                    .push((self.column_idx, Cell::Text(value.to_string())));
+                    .push((self.column_idx, Cell::Text(value.into())));
             } else if self.record.is_empty() {
                 // Checking only: one mark says the row has a value.
                 self.record.push((self.column_idx, Cell::Bool(true)));
@@ -666,10 +666,10 @@ mod tests {
         let (rows, format) = read_bytes(&bytes, CsvEncoding::Auto).expect("reads");
         assert_eq!(format.encoding, encoding_rs::GB18030);
         assert_eq!(rows.len(), 3);
-        assert_eq!(rows[1].cell(0), &Cell::Text("甲\n公司".to_string()));
+        assert_eq!(rows[1].cell(0), &Cell::Text("甲\n公司".into()));
         assert_eq!(rows[1].row_number, 2);
         assert_eq!(rows[2].row_number, 4);
-        assert_eq!(rows[2].cell(1), &Cell::Text("成交".to_string()));
+        assert_eq!(rows[2].cell(1), &Cell::Text("成交".into()));
     }
 
     #[test]
@@ -700,7 +700,7 @@ mod tests {
                 );
                 assert_eq!(
                     rows.last().map(|row| row.cell(2).clone()),
-                    Some(Cell::Text((n_rows - 1).to_string()))
+                    Some(Cell::Text((n_rows - 1).to_string().into()))
                 );
             }
         }
@@ -823,7 +823,7 @@ mod tests {
             writer.write_record(&cells).expect("write");
             let bytes = writer.into_inner().expect("bytes");
             let (rows, _) = read_bytes(&bytes, CsvEncoding::Auto).expect("reads");
-            let expected: Vec<Cell> = cells.iter().map(|cell| if cell.trim().is_empty() { Cell::Empty } else { Cell::Text(cell.clone()) }).collect();
+            let expected: Vec<Cell> = cells.iter().map(|cell| if cell.trim().is_empty() { Cell::Empty } else { Cell::Text(cell.as_str().into()) }).collect();
             if expected.iter().any(|cell| !cell.is_empty()) {
                 for (column_idx, cell) in expected.iter().enumerate() {
                     proptest::prop_assert_eq!(rows[1].cell(column_idx), cell);
@@ -839,6 +839,6 @@ mod tests {
         assert!(format.has_bom);
         assert!(format.line_ending_crlf);
         assert_eq!(format.delimiter, b';');
-        assert_eq!(rows[0].cell(0), &Cell::Text("Company".to_string()));
+        assert_eq!(rows[0].cell(0), &Cell::Text("Company".into()));
     }
 }

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use calamine::{Data, DataRef, Reader, SheetType, SheetVisible};
 use chrono::NaiveDateTime;
+use compact_str::CompactString;
 use sha2::{Digest, Sha256};
 
 /// File extensions (lower case) funnelsync reads.
@@ -86,7 +87,10 @@ pub enum CsvEncoding {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
     Empty,
-    Text(String),
+    /// Held inline when at most 24 bytes long, as most cells of a pipeline sheet are: such a
+    /// cell is part of its row, not a string of its own to allocate, hand to the other core and
+    /// free.
+    Text(CompactString),
     Number(f64),
     Bool(bool),
     DateTime(NaiveDateTime),
@@ -1235,8 +1239,8 @@ fn collect_xlsx_cells<RS: Read + Seek>(
             DataRef::Empty => continue,
             DataRef::Int(value) => Cell::Number(value as f64),
             DataRef::Float(value) => Cell::Number(value),
-            DataRef::String(text) => Cell::Text(text),
-            DataRef::SharedString(text) => Cell::Text(text.to_string()),
+            DataRef::String(text) => Cell::Text(text.as_str().into()),
+            DataRef::SharedString(text) => Cell::Text(text.into()),
             DataRef::Bool(value) => Cell::Bool(value),
             DataRef::DateTime(datetime) => match datetime.as_datetime() {
                 Some(datetime) => Cell::DateTime(datetime),
@@ -1257,7 +1261,49 @@ fn iso_cell(text: &str) -> Cell {
                 .map(|date| date.and_time(chrono::NaiveTime::MIN))
         })
         .map(Cell::DateTime)
-        .unwrap_or_else(|_| Cell::Text(text.to_string()))
+        .unwrap_or_else(|_| Cell::Text(text.into()))
+}
+
+/// Streams every cell of an .xlsx's first visible sheet through the same guard as a sync's read
+/// (the zip's parts checked, the worksheet inflated and scanned on the other core as calamine
+/// reads it) and makes nothing of the cells: the least a read that honours `[limits]` on a
+/// hostile share costs. The benchmark's floor for a sync; returns the number of non-empty cells.
+pub fn count_guarded_cells(path: &Path, limits: &Limits) -> Result<u64, WorkbookError> {
+    let file = std::fs::File::open(path).map_err(|source| WorkbookError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let io_error = |source| WorkbookError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let guarded = GuardedZip::over(&file, xml_guard::Bounds::for_cells(limits.max_cell_chars))
+        .map_err(io_error)?;
+    let checked_later: &[String] = guarded.as_ref().map_or(&[], |(_, names)| names);
+    check_zip(path, &file, limits, checked_later)?;
+    let Some((archive, _)) = guarded else {
+        return Err(WorkbookError::Malformed {
+            path: path.to_path_buf(),
+            expected: "plain .xlsx archive",
+            detail: "the guard cannot present this archive as it reads".to_string(),
+        });
+    };
+    let mut workbook: calamine::Xlsx<GuardedZip> =
+        calamine::open_workbook_from_rs(archive).map_err(|error| xlsx_error(path, error))?;
+    let sheet_name = choose_sheet(path, workbook.sheets_metadata(), None)?;
+    let mut reader = workbook
+        .worksheet_cells_reader(&sheet_name)
+        .map_err(|error| xlsx_error(path, error))?;
+    let mut n_cells = 0u64;
+    while let Some(cell) = reader
+        .next_cell_with_formula_metadata()
+        .map_err(|error| xlsx_error(path, error))?
+    {
+        if !matches!(cell.value, DataRef::Empty) {
+            n_cells += 1;
+        }
+    }
+    Ok(n_cells)
 }
 
 /// Reads .xls and .ods through calamine's range API (those formats have no streaming reader).
@@ -1319,7 +1365,7 @@ fn read_with_range(
             Data::Empty => continue,
             Data::Int(value) => Cell::Number(*value as f64),
             Data::Float(value) => Cell::Number(*value),
-            Data::String(text) => Cell::Text(text.clone()),
+            Data::String(text) => Cell::Text(text.as_str().into()),
             Data::Bool(value) => Cell::Bool(*value),
             Data::DateTime(datetime) => match datetime.as_datetime() {
                 Some(datetime) => Cell::DateTime(datetime),
@@ -1364,7 +1410,7 @@ mod tests {
         let row = SheetRow::new(
             7,
             vec![
-                Cell::Text("Acme 东".to_string()),
+                Cell::Text("Acme 东".into()),
                 Cell::Empty,
                 Cell::Number(12.5),
                 Cell::Bool(true),
@@ -1380,8 +1426,13 @@ mod tests {
             hasher.update(&column_idx.to_le_bytes());
             match cell {
                 Cell::Empty => hasher.update(&[0]),
-                Cell::Text(text) | Cell::Error(text) => {
-                    hasher.update(&[if matches!(cell, Cell::Text(_)) { 1 } else { 5 }]);
+                Cell::Text(text) => {
+                    hasher.update(&[1]);
+                    hasher.update(&(text.len() as u64).to_le_bytes());
+                    hasher.update(text.as_bytes());
+                }
+                Cell::Error(text) => {
+                    hasher.update(&[5]);
                     hasher.update(&(text.len() as u64).to_le_bytes());
                     hasher.update(text.as_bytes());
                 }
@@ -1458,7 +1509,7 @@ mod tests {
             ("\u{3000}中", false),
             ("\u{a0}1", false),
         ] {
-            assert_eq!(Cell::Text(text.to_string()).is_empty(), empty, "{text:?}");
+            assert_eq!(Cell::Text(text.into()).is_empty(), empty, "{text:?}");
         }
     }
 
