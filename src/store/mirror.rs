@@ -237,29 +237,30 @@ pub fn save_head(db: &Db<'_>, head: &MirrorHead) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The deals a file's mirror holds, and its compact index: (raw hash, deal id) of every row
-/// whose raw hash is known, in no particular order (the sync's index sorts them) — what a sync
-/// holds of the whole mirror. Both come from one
-/// pass over the rows: a sync reads them before it classes any row, while the reading thread
-/// waits.
-pub fn load_keys(db: &Db<'_>, file: &str) -> Result<(Vec<DealId>, Vec<(i64, DealId)>), StoreError> {
-    // Both are built as the rows come: a list of pairs to split afterwards would hold every row
-    // a third time (24 MB more at Excel's limit).
-    let mut deal_ids: Vec<DealId> = Vec::new();
+/// The keys of a file's mirror rows, what a sync holds of the whole mirror: its compact index,
+/// (raw hash, deal id) of every row whose raw hash is known, in no particular order (the sync's
+/// index sorts them); and the deals of the other rows (none, but for rows of a store older than
+/// raw hashes). Between them they name every deal the file holds. One pass over the rows: a sync
+/// reads them before it classes any row, while the reading thread waits.
+pub fn load_keys(db: &Db<'_>, file: &str) -> Result<(Vec<(i64, DealId)>, Vec<DealId>), StoreError> {
+    // Both are built as the rows come; the deals of hashed rows are not listed apart from the
+    // index (at 100,000 rows that list was 1 MB of the one-cell sync's 7.6 MB heap).
     let mut index: Vec<(i64, DealId)> = Vec::new();
+    let mut other_deal_ids: Vec<DealId> = Vec::new();
     db.query(
         "SELECT deal_id, raw_hash FROM mirror_rows WHERE site = ?1 AND file = ?2",
         &sql_params![db.site(), file],
         |row| {
             let deal_id = row.get::<DealId>(0)?;
-            deal_ids.push(deal_id);
-            if let Some(raw_hash) = row.get::<Option<i64>>(1)? {
-                index.push((raw_hash, deal_id));
+            match row.get::<Option<i64>>(1)? {
+                // The index marks a taken row by negating its deal: it holds positive ones only.
+                Some(raw_hash) if deal_id > 0 => index.push((raw_hash, deal_id)),
+                _ => other_deal_ids.push(deal_id),
             }
             Ok(())
         },
     )?;
-    Ok((deal_ids, index))
+    Ok((index, other_deal_ids))
 }
 
 /// What a mirror row holds as its fields when they are those of its deal's creation record: not

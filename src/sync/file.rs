@@ -85,9 +85,10 @@ pub(super) struct QuietIndex {
 }
 
 impl QuietIndex {
+    /// The entries' deal ids are positive (`mirror::load_keys` keeps any other apart): taking a
+    /// row negates its deal.
     pub fn new(mut entries: Vec<(i64, DealId)>) -> QuietIndex {
-        // A row without a positive deal id cannot be taken as told above; no store hands one out.
-        entries.retain(|(_, deal_id)| *deal_id > 0);
+        debug_assert!(entries.iter().all(|(_, deal_id)| *deal_id > 0));
         entries.sort_unstable();
         // About two entries a bucket: a bucket start costs 4 bytes against an entry's 16.
         let bucket_bits = (entries.len() / 2)
@@ -129,6 +130,11 @@ impl QuietIndex {
         if let Some((_, deal_id)) = self.entries.get_mut(position) {
             *deal_id = -deal_id.abs();
         }
+    }
+
+    /// The deal of every entry, taken or not.
+    pub fn deal_ids(&self) -> impl Iterator<Item = DealId> + '_ {
+        self.entries.iter().map(|(_, deal_id)| deal_id.abs())
     }
 }
 
@@ -646,8 +652,9 @@ fn sync_rows(
             },
         )?;
     }
-    let (mirror_deal_ids, mirror_index) = mirror::load_keys(transaction, context.file)?;
-    let import = mirror_deal_ids.is_empty();
+    let (mirror_index, other_mirror_deal_ids) = mirror::load_keys(transaction, context.file)?;
+    let n_mirror_rows = mirror_index.len() + other_mirror_deal_ids.len();
+    let import = n_mirror_rows == 0;
     let key_column = header.key_column();
     // The index of quiet rows is trusted only when the rows were read with the same settings and
     // the store changes since are known; a file that writes back but has no key column yet needs
@@ -665,13 +672,12 @@ fn sync_rows(
             head.config_hash == source_fingerprint(context.config, context.source)
         })
         && since.is_some();
-    let (index, changed) = if index_usable {
-        (
-            QuietIndex::new(mirror_index),
-            crm.ids_changed_since(since.unwrap_or(i64::MAX))?,
-        )
+    // The index is kept even when it cannot be trusted: it also names the deals the file holds.
+    let index = QuietIndex::new(mirror_index);
+    let changed = if index_usable {
+        crm.ids_changed_since(since.unwrap_or(i64::MAX))?
     } else {
-        (QuietIndex::default(), HashSet::new())
+        HashSet::new()
     };
     let date_columns: Vec<u32> = header
         .roles
@@ -686,6 +692,7 @@ fn sync_rows(
     let mut classifier = Classifier {
         context,
         index,
+        index_usable,
         changed,
         key_column,
         date_columns,
@@ -744,10 +751,13 @@ fn sync_rows(
     });
     // A failing store is fatal; a file that could not be read whole applies nothing.
     applied?;
-    match classed {
-        Ok(classifier) => state.absorb(classifier.gathered),
+    let index = match classed {
+        Ok(classifier) => {
+            state.absorb(classifier.gathered);
+            classifier.index
+        }
         Err(error) => return Ok(Err(Stop::Unreadable(error))),
-    }
+    };
     tracing::debug!(
         file = %context.file,
         quiet = state.n_quiet,
@@ -760,9 +770,9 @@ fn sync_rows(
     let mirror_rows: Vec<MirrorRow> = if import {
         Vec::new()
     } else {
-        let mut wanted: Vec<DealId> = mirror_deal_ids
-            .iter()
-            .copied()
+        let mut wanted: Vec<DealId> = index
+            .deal_ids()
+            .chain(other_mirror_deal_ids.iter().copied())
             .filter(|deal_id| !state.claimed.contains_key(deal_id))
             .collect();
         wanted.extend(state.mirror_wanted.iter().copied());
@@ -776,7 +786,7 @@ fn sync_rows(
         &mirror_rows,
         &mut state,
         (import, force),
-        mirror_deal_ids.len(),
+        n_mirror_rows,
         head.as_ref(),
     )? {
         return Ok(Err(stop));
@@ -836,6 +846,9 @@ struct RowsState {
 struct Classifier<'a> {
     context: &'a Context<'a>,
     index: QuietIndex,
+    /// Whether the index may say a row is quiet (the rows were read with the same settings and
+    /// the store's changes since are known); it names the file's deals either way.
+    index_usable: bool,
     changed: HashSet<DealId>,
     key_column: Option<usize>,
     date_columns: Vec<u32>,
@@ -860,7 +873,11 @@ impl Classifier<'_> {
             let key_cell = self
                 .key_column
                 .map(|column_idx| mapping::clean::deal_id(row.cell(column_idx)));
-            let (class, position) = class_of(&self.index, raw_hash, key_cell, &self.changed);
+            let (class, position) = if self.index_usable {
+                class_of(&self.index, raw_hash, key_cell, &self.changed)
+            } else {
+                (RowClass::Pending(None), None)
+            };
             match class {
                 RowClass::Quiet(deal_id) => {
                     if let Some(position) = position {
@@ -1633,6 +1650,13 @@ mod tests {
                 let absent = raw_hash.wrapping_add(1);
                 proptest::prop_assert_eq!(index.find(absent), walk(&walked, &taken, absent));
             }
+            // Taken or not, every entry still names its deal: the sync learns from them which
+            // deals the file held.
+            let mut listed: Vec<DealId> = index.deal_ids().collect();
+            listed.sort_unstable();
+            let mut held: Vec<DealId> = entries.iter().map(|(_, deal_id)| *deal_id).collect();
+            held.sort_unstable();
+            proptest::prop_assert_eq!(listed, held);
         }
     }
 }
