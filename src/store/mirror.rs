@@ -247,19 +247,21 @@ pub fn load_keys(db: &Db<'_>, file: &str) -> Result<(Vec<(i64, DealId)>, Vec<Dea
     // index (at 100,000 rows that list was 1 MB of the one-cell sync's 7.6 MB heap).
     let mut index: Vec<(i64, DealId)> = Vec::new();
     let mut other_deal_ids: Vec<DealId> = Vec::new();
-    db.query(
-        "SELECT deal_id, raw_hash FROM mirror_rows WHERE site = ?1 AND file = ?2",
-        &sql_params![db.site(), file],
-        |row| {
-            let deal_id = row.get::<DealId>(0)?;
-            match row.get::<Option<i64>>(1)? {
-                // The index marks a taken row by negating its deal: it holds positive ones only.
-                Some(raw_hash) if deal_id > 0 => index.push((raw_hash, deal_id)),
-                _ => other_deal_ids.push(deal_id),
-            }
-            Ok(())
-        },
-    )?;
+    db.with_scan_cache(|| {
+        db.query(
+            "SELECT deal_id, raw_hash FROM mirror_rows WHERE site = ?1 AND file = ?2",
+            &sql_params![db.site(), file],
+            |row| {
+                let deal_id = row.get::<DealId>(0)?;
+                match row.get::<Option<i64>>(1)? {
+                    // The index marks a taken row by negating its deal: it holds positive ones.
+                    Some(raw_hash) if deal_id > 0 => index.push((raw_hash, deal_id)),
+                    _ => other_deal_ids.push(deal_id),
+                }
+                Ok(())
+            },
+        )
+    })?;
     Ok((index, other_deal_ids))
 }
 

@@ -1091,6 +1091,23 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_reads_through_a_small_page_cache_and_gives_the_cache_its_size_back() {
+        let folder = tempfile::tempdir().expect("temp dir");
+        let (store, _) = Store::open_sqlite(&folder.path().join("crm.db"), "local").expect("open");
+        let db = store.db();
+        let cache_size = || -> i64 { db.query_value("PRAGMA cache_size", &[]).expect("size") };
+        let before = cache_size();
+        let during = db.with_scan_cache(|| Ok(cache_size())).expect("scan");
+        assert_eq!(during, -sql::SCAN_CACHE_KIB);
+        assert_eq!(cache_size(), before);
+        // A failed pass gives the size back too.
+        let failed: Result<(), StoreError> =
+            db.with_scan_cache(|| db.execute("SELECT * FROM no_such_table", &[]).map(|_| ()));
+        assert!(failed.is_err());
+        assert_eq!(cache_size(), before);
+    }
+
+    #[test]
     fn a_new_store_takes_large_pages_and_an_existing_one_keeps_its_own() {
         let folder = tempfile::tempdir().expect("temp dir");
         let page_size = |path: &Path| -> i64 {
