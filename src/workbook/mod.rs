@@ -982,22 +982,14 @@ fn stream_format(
     limits: &Limits,
     emit: &mut dyn FnMut(Piece) -> Result<(), WorkbookError>,
 ) -> Result<StreamEnd, WorkbookError> {
-    // An .xlsx's worksheets are checked as calamine reads them, on the other core, when the
-    // archive is plain enough to present that way; every other part is checked before.
-    let guarded = if format == FileFormat::Xlsx {
-        GuardedZip::over(file, xml_guard::Bounds::for_cells(limits.max_cell_chars)).map_err(
-            |source| WorkbookError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        )?
-    } else {
-        None
+    let guarded = match format {
+        FileFormat::Xlsx => guard_xlsx(path, file, limits)?,
+        FileFormat::Ods => {
+            check_zip(path, file, limits, &[])?;
+            None
+        }
+        FileFormat::Csv | FileFormat::Xls => None,
     };
-    if matches!(format, FileFormat::Xlsx | FileFormat::Ods) {
-        let checked_later: &[String] = guarded.as_ref().map_or(&[], |(_, names)| names);
-        check_zip(path, file, limits, checked_later)?;
-    }
     match format {
         FileFormat::Csv => {
             let sheet_name = path
@@ -1014,17 +1006,9 @@ fn stream_format(
         }
         FileFormat::Xlsx => {
             match guarded {
-                Some((archive, _)) => {
-                    let refusal = archive.refusal_slot();
-                    let read = stream_xlsx(path, archive, sheet, limits, emit);
-                    // When the guard stopped a worksheet, calamine only saw its stream end: the
-                    // guard's reason is the one to give.
-                    let refused = refusal.lock().ok().and_then(|mut slot| slot.take());
-                    if let Some(refused) = refused {
-                        return Err(refusal_error(path, refused));
-                    }
-                    read?;
-                }
+                Some(archive) => read_guarded(path, archive, |archive| {
+                    stream_xlsx(path, archive, sheet, limits, emit)
+                })?,
                 None => stream_xlsx(path, BufReader::new(file), sheet, limits, emit)?,
             }
             Ok(StreamEnd::default())
@@ -1033,6 +1017,40 @@ fn stream_format(
             read_with_range(path, file, format, sheet, limits, emit)?;
             Ok(StreamEnd::default())
         }
+    }
+}
+
+/// An .xlsx as calamine should see it: its worksheets checked as calamine reads them, on the
+/// other core, when the archive is plain enough to present that way ([`GuardedZip`]); every other
+/// part (every part, for an archive that is not plain: then `None`) checked here, before.
+fn guard_xlsx(
+    path: &Path,
+    file: &std::fs::File,
+    limits: &Limits,
+) -> Result<Option<GuardedZip>, WorkbookError> {
+    let guarded = GuardedZip::over(file, xml_guard::Bounds::for_cells(limits.max_cell_chars))
+        .map_err(|source| WorkbookError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let checked_later: &[String] = guarded.as_ref().map_or(&[], |(_, names)| names);
+    check_zip(path, file, limits, checked_later)?;
+    Ok(guarded.map(|(archive, _)| archive))
+}
+
+/// Runs `read` over the guarded archive. When the guard stopped a worksheet, calamine only saw
+/// its stream end: the guard's reason is the one to give.
+fn read_guarded<T>(
+    path: &Path,
+    archive: GuardedZip,
+    read: impl FnOnce(GuardedZip) -> Result<T, WorkbookError>,
+) -> Result<T, WorkbookError> {
+    let refusal = archive.refusal_slot();
+    let read = read(archive);
+    let refused = refusal.lock().ok().and_then(|mut slot| slot.take());
+    match refused {
+        Some(refused) => Err(refusal_error(path, refused)),
+        None => read,
     }
 }
 
@@ -1239,7 +1257,7 @@ fn collect_xlsx_cells<RS: Read + Seek>(
             DataRef::Empty => continue,
             DataRef::Int(value) => Cell::Number(value as f64),
             DataRef::Float(value) => Cell::Number(value),
-            DataRef::String(text) => Cell::Text(text.as_str().into()),
+            DataRef::String(text) => Cell::Text(text.into()),
             DataRef::SharedString(text) => Cell::Text(text.into()),
             DataRef::Bool(value) => Cell::Bool(value),
             DataRef::DateTime(datetime) => match datetime.as_datetime() {
@@ -1273,37 +1291,31 @@ pub fn count_guarded_cells(path: &Path, limits: &Limits) -> Result<u64, Workbook
         path: path.to_path_buf(),
         source,
     })?;
-    let io_error = |source| WorkbookError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let guarded = GuardedZip::over(&file, xml_guard::Bounds::for_cells(limits.max_cell_chars))
-        .map_err(io_error)?;
-    let checked_later: &[String] = guarded.as_ref().map_or(&[], |(_, names)| names);
-    check_zip(path, &file, limits, checked_later)?;
-    let Some((archive, _)) = guarded else {
+    let Some(archive) = guard_xlsx(path, &file, limits)? else {
         return Err(WorkbookError::Malformed {
             path: path.to_path_buf(),
             expected: "plain .xlsx archive",
             detail: "the guard cannot present this archive as it reads".to_string(),
         });
     };
-    let mut workbook: calamine::Xlsx<GuardedZip> =
-        calamine::open_workbook_from_rs(archive).map_err(|error| xlsx_error(path, error))?;
-    let sheet_name = choose_sheet(path, workbook.sheets_metadata(), None)?;
-    let mut reader = workbook
-        .worksheet_cells_reader(&sheet_name)
-        .map_err(|error| xlsx_error(path, error))?;
-    let mut n_cells = 0u64;
-    while let Some(cell) = reader
-        .next_cell_with_formula_metadata()
-        .map_err(|error| xlsx_error(path, error))?
-    {
-        if !matches!(cell.value, DataRef::Empty) {
-            n_cells += 1;
+    read_guarded(path, archive, |archive| {
+        let mut workbook: calamine::Xlsx<GuardedZip> =
+            calamine::open_workbook_from_rs(archive).map_err(|error| xlsx_error(path, error))?;
+        let sheet_name = choose_sheet(path, workbook.sheets_metadata(), None)?;
+        let mut reader = workbook
+            .worksheet_cells_reader(&sheet_name)
+            .map_err(|error| xlsx_error(path, error))?;
+        let mut n_cells = 0u64;
+        while let Some(cell) = reader
+            .next_cell_with_formula_metadata()
+            .map_err(|error| xlsx_error(path, error))?
+        {
+            if !matches!(cell.value, DataRef::Empty) {
+                n_cells += 1;
+            }
         }
-    }
-    Ok(n_cells)
+        Ok(n_cells)
+    })
 }
 
 /// Reads .xls and .ods through calamine's range API (those formats have no streaming reader).
